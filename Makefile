@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch is installed first and pinned: an unpinned torch pulls multi-GB CUDA wheels.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DEMO_DIR ?= runs
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# A tiny clause classifier on generated data: CPU, offline, MLflow + checkpoints + export.
+demo: venv
+	LAUNCHER_PROGRESS=1 $(PY) -m launcher train configs/train/clause_tiny.yaml \
+	    --output-dir $(DEMO_DIR) --run-name demo-$$(date +%Y%m%d-%H%M%S)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not distributed and not server"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,136 @@
+"""`launcher` command line: train, eval, predict, synth. Exit codes: 0 ok, 2 bad config/input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from launcher import __version__
+from launcher.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
+    p.add_argument("--version", action="version", version=f"launcher {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a run config", description="Train from a run config. Launch under "
+                       "`accelerate launch -m launcher train ...` for several processes.")
+    t.add_argument("config", help="run config YAML (e.g. configs/train/clause_tiny.yaml)")
+    t.add_argument("--output-dir", help="parent of the run directory (config: output_dir)")
+    t.add_argument("--run-name", help="run directory name (config: run_name; default: the config file's stem)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=3e-5")
+
+    e = sub.add_parser("eval", help="metrics of an exported model on a labelled file (one JSON line)")
+    e.add_argument("model_dir")
+    e.add_argument("--data", required=True, help="JSONL/CSV/Parquet with text and label/labels")
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=32)
+
+    r = sub.add_parser("predict", help="predict labels for texts (JSONL out)")
+    r.add_argument("model_dir")
+    r.add_argument("--input", required=True, help="plain text (one clause per line) or JSONL with a `text` field")
+    r.add_argument("--output", help="JSONL file to write (default: stdout)")
+    r.add_argument("--max-length", type=int, default=512)
+    r.add_argument("--batch-size", type=int, default=32)
+
+    s = sub.add_parser("synth", help="write synthetic clause data (train.jsonl, validation.jsonl)")
+    s.add_argument("out_dir")
+    s.add_argument("--n-train", type=int, default=1000)
+    s.add_argument("--n-validation", type=int, default=250)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def cmd_train(args) -> int:
+    from launcher.config import load_config
+    from launcher.runtime import env_world_size
+
+    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
+                      world_size=env_world_size())
+    from launcher.loop import train
+
+    train(cfg)
+    return 0
+
+
+def _read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix.lower() == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise UserError(f"{path}:{lineno}: expected an object with a string 'text'")
+                texts.append(obj["text"])
+            else:
+                texts.append(line.rstrip("\n"))
+    return texts
+
+
+def cmd_eval(args) -> int:
+    from launcher.data.clauses import LabelEncoder, parse_rows, read_records
+    from launcher.tasks import classification as task
+
+    data = Path(args.data)
+    if not data.is_file():
+        raise UserError(f"--data: {data}: file not found")
+    model, tokenizer, names, multilabel = task.load_exported(args.model_dir)
+    texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
+    import torch
+
+    logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
+    labels = torch.tensor(targets, dtype=torch.float if multilabel else torch.long)
+    metrics = task.compute_metrics(logits, labels, names)
+    metrics["loss"] = float(task.per_example_loss(logits, labels, None).mean())
+    metrics["n"] = len(texts)
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from launcher.tasks import classification as task
+
+    texts = _read_texts(Path(args.input))
+    model, tokenizer, names, multilabel = task.load_exported(args.model_dir)
+    probs = task.probabilities(task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size), multilabel)
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for text, p in zip(texts, probs):
+            out.write(json.dumps({"text": text, **task.prediction_record(p, names, multilabel)}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from launcher.data.synthetic import write_splits
+
+    for path in write_splits(args.out_dir, args.n_train, args.n_validation, args.seed):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2

@@ -1,0 +1,474 @@
+"""Typed run config: YAML + dotted `key=value` overrides -> validated dataclasses.
+
+Every default lives here, next to the field it belongs to, and the comment above
+a field is its documentation. Nothing heavy is imported: a bad config fails in well under a second,
+before torch loads and long before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from launcher.errors import ConfigError
+
+# The 8 UNFAIR-ToS categories (LexGLUE), in the dataset's label-id order.
+UNFAIR_TOS_CATEGORIES = [
+    "Limitation of liability",
+    "Unilateral termination",
+    "Unilateral change",
+    "Content removal",
+    "Contract by using",
+    "Choice of law",
+    "Jurisdiction",
+    "Arbitration",
+]
+BINARY_LABELS = ["fair", "unfair"]
+TINY_MODEL = "tiny"
+
+
+@dataclass
+class TinyModelConfig:
+    # Shape of the randomly initialised BERT built when model.name is "tiny".
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    # Size of the WordPiece vocabulary trained locally on the training texts.
+    vocab_size: int = 2000
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local directory (Hugging Face format), or "tiny" for a random BERT
+    # with a tokenizer trained on the training data (offline; tests and demo).
+    name: str = TINY_MODEL
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class SyntheticDataConfig:
+    # Generate clause-like sentences with a learnable signal instead of reading files.
+    enabled: bool = False
+    n_train: int = 1000
+    n_validation: int = 250
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Local JSONL / CSV / Parquet with `text` and `label` or `labels`.
+    # null: use data.hub_dataset (or data.synthetic when enabled).
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    hub_dataset: str = "coastalcph/lex_glue"
+    hub_config: str = "unfair_tos"
+    # binary: unfair = any category; multilabel: one sigmoid output per label name.
+    mode: Literal["binary", "multilabel"] = "binary"
+    # Class names; null means fair/unfair (binary) or the 8 UNFAIR-ToS categories.
+    label_names: Optional[list[str]] = None
+    max_length: int = 128
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def resolved_label_names(self) -> list[str]:
+        if self.label_names:
+            return list(self.label_names)
+        return list(BINARY_LABELS if self.mode == "binary" else UNFAIR_TOS_CATEGORIES)
+
+
+@dataclass
+class TrainConfig:
+    # Used when max_steps is null.
+    epochs: int = 3
+    # Total optimizer steps; overrides epochs and sets the LR schedule's length.
+    max_steps: Optional[int] = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    # Warmup as a fraction of total steps (ignored when warmup_steps is set).
+    warmup_ratio: float = 0.0
+    warmup_steps: Optional[int] = None
+    # Examples per optimizer step, across all ranks. Invariant under world size:
+    # accumulation = global_batch_size / (micro_batch_size * world_size).
+    global_batch_size: int = 32
+    # Examples per forward pass on one rank.
+    micro_batch_size: int = 8
+    max_grad_norm: Optional[float] = 1.0
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 42
+    # none, or balanced: CE class weights (binary) / BCE pos_weight (multilabel)
+    # from training label frequencies.
+    class_weighting: Literal["none", "balanced"] = "none"
+    # Stop after checkpointing at this step without finishing the schedule
+    # (rehearses an interruption; resume continues to max_steps).
+    halt_at_step: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N optimizer steps (0: only at start and end).
+    every_steps: int = 50
+    at_start: bool = True
+    # Metric that picks the best checkpoint and drives early stopping.
+    metric: str = "macro_f1"
+    # Stop after this many evaluations without improvement (0: never).
+    early_stopping_patience: int = 0
+    micro_batch_size: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N optimizer steps (0: only at the end).
+    every_steps: int = 50
+    # Keep the newest K complete checkpoints, plus the best one by eval.metric.
+    keep_last: int = 2
+    keep_best: bool = True
+    # auto: continue from the run directory's latest complete checkpoint;
+    # never: fail if the run directory exists; or a checkpoint directory path.
+    resume: str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; null: sqlite:///<output_dir>/mlflow.db (no server).
+    uri: Optional[str] = None
+    experiment: str = "launcher"
+    mlflow: bool = True
+    wandb: bool = False
+    wandb_project: str = "launcher"
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    # Record train metrics every N steps; they are sent in batches (see NOTES:
+    # one synchronous MLflow call costs ~33 ms, longer than a tiny step).
+    log_every_steps: int = 1
+    flush_every_steps: int = 25
+
+
+@dataclass
+class RunConfig:
+    task: Literal["classification"] = "classification"
+    # Run directory is output_dir/run_name; run_name defaults to the config file's stem.
+    run_name: Optional[str] = None
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / str(self.run_name)
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return "sqlite:///" + str((Path(self.output_dir) / "mlflow.db").resolve())
+
+
+CLASSIFICATION_METRICS = ("macro_f1", "micro_f1", "loss", "accuracy")
+LOWER_IS_BETTER = {"loss"}
+
+
+# ---------------------------------------------------------------- building
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    if origin is list:
+        return "list of " + _type_name(typing.get_args(tp)[0])
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Convert a YAML/override value to the annotated type, or say what was expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, args[0], where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list; got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}; got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    where = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key; {hint}")
+
+
+def _build(cls, data: dict, prefix: str, problems: list[str]):
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping; got {data!r}")
+        return cls()
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            problems.append(str(_unknown_key(str(key), names, prefix)))
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", problems)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+        except ConfigError as e:
+            problems.extend(e.problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig) -> None:
+    """Place an override into the raw tree, checking the path against the dataclasses."""
+    parts = dotted.split(".")
+    node, node_cls = tree, cls
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node_cls)]
+        prefix = ".".join(parts[:i]) + ("." if i else "")
+        if part not in names:
+            raise _unknown_key(part, names, prefix)
+        tp = _hints(node_cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{dotted}: is a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node, node_cls = child, tp
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides look like key=value (e.g. train.lr=3e-5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] = (),
+    *,
+    output_dir: str | None = None,
+    run_name: str | None = None,
+    world_size: int = 1,
+    check_files: bool = True,
+) -> RunConfig:
+    """Read YAML, apply overrides, build dataclasses, validate. Raises ConfigError."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            key, value = parse_override(item)
+            _set_dotted(tree, key, value)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if output_dir is not None:
+        tree["output_dir"] = output_dir
+    if run_name is not None:
+        tree["run_name"] = run_name
+    cfg = _build(RunConfig, tree, "", problems)
+    if cfg.run_name is None:
+        cfg.run_name = Path(path).stem if path is not None else "run"
+    problems.extend(validate(cfg, world_size=world_size, check_files=check_files))
+    if problems:
+        raise ConfigError(*problems)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -> list[str]:
+    """Every problem at once, each one line naming its field."""
+    out: list[str] = []
+    t, d, e, c = cfg.train, cfg.data, cfg.eval, cfg.checkpoint
+
+    def positive(name: str, value, allow_zero=False):
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            out.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+
+    positive("train.epochs", t.epochs)
+    positive("train.max_steps", t.max_steps)
+    positive("train.lr", t.lr)
+    positive("train.global_batch_size", t.global_batch_size)
+    positive("train.micro_batch_size", t.micro_batch_size)
+    positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    positive("train.max_grad_norm", t.max_grad_norm)
+    positive("train.halt_at_step", t.halt_at_step)
+    positive("data.max_length", d.max_length)
+    positive("eval.every_steps", e.every_steps, allow_zero=True)
+    positive("eval.early_stopping_patience", e.early_stopping_patience, allow_zero=True)
+    positive("eval.micro_batch_size", e.micro_batch_size)
+    positive("checkpoint.every_steps", c.every_steps, allow_zero=True)
+    positive("checkpoint.keep_last", c.keep_last)
+    positive("tracking.log_every_steps", cfg.tracking.log_every_steps)
+    positive("tracking.flush_every_steps", cfg.tracking.flush_every_steps)
+    positive("model.tiny.vocab_size", cfg.model.tiny.vocab_size)
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        out.append(f"train.warmup_ratio: must be in [0, 1); got {t.warmup_ratio}")
+    if t.micro_batch_size > 0 and t.global_batch_size > 0:
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            out.append(
+                f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}"
+            )
+    if cfg.model.tiny.hidden_size % max(cfg.model.tiny.num_heads, 1):
+        out.append("model.tiny.hidden_size: must be divisible by model.tiny.num_heads")
+    if e.metric not in CLASSIFICATION_METRICS:
+        close = difflib.get_close_matches(e.metric, CLASSIFICATION_METRICS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "one of " + ", ".join(CLASSIFICATION_METRICS)
+        out.append(f"eval.metric: unknown metric '{e.metric}'; {hint}")
+    if e.metric == "accuracy" and d.mode != "binary":
+        out.append("eval.metric: accuracy is reported for data.mode=binary only")
+    if d.label_names is not None:
+        if d.mode == "binary" and len(d.label_names) != 2:
+            out.append(f"data.label_names: binary mode needs 2 names (negative, positive); got {len(d.label_names)}")
+        if len(set(d.label_names)) != len(d.label_names):
+            out.append("data.label_names: names must be unique")
+    if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        out.append(f"run_name: must be a plain directory name; got {cfg.run_name!r}")
+    if c.resume not in ("auto", "never") and check_files and not Path(c.resume).is_dir():
+        out.append(f"checkpoint.resume: {c.resume}: no such checkpoint directory (or use auto | never)")
+    if d.synthetic.enabled:
+        positive("data.synthetic.n_train", d.synthetic.n_train)
+        positive("data.synthetic.n_validation", d.synthetic.n_validation)
+        if d.train_file or d.validation_file:
+            out.append("data.synthetic.enabled: set data.train_file/validation_file to null, or disable synthetic data")
+    elif d.train_file or d.validation_file:
+        for key in ("train_file", "validation_file"):
+            value = getattr(d, key)
+            if value is None:
+                out.append(f"data.{key}: required when data.{'validation_file' if key == 'train_file' else 'train_file'} is set")
+            elif check_files and not Path(value).is_file():
+                out.append(f"data.{key}: {value}: file not found")
+            elif not str(value).lower().endswith((".jsonl", ".json", ".csv", ".parquet")):
+                out.append(f"data.{key}: {value}: unsupported format (use .jsonl, .csv or .parquet)")
+    name = cfg.model.name
+    if check_files and name != TINY_MODEL and name.startswith(("/", "./", "../", "~")):
+        if not Path(name).expanduser().is_dir():
+            out.append(f"model.name: {name}: no such model directory")
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) rows: `launcher config --keys` prints them."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_docs(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, _type_name(tp), repr(default)))
+    return rows

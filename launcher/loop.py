@@ -1,0 +1,271 @@
+"""The training loop, readable top to bottom.
+
+It names no backend and holds no rank checks: the runtime decides who prints and
+which ranks exist, the tracker decides who logs, the checkpointer decides when
+to save. Every rank runs every line here, so every collective (save_state, the
+export gather, metric reduction) is reached by all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from launcher import checkpoint as ckpt_lib
+from launcher import report
+from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, to_dict
+from launcher.data import batching, clauses, synthetic
+from launcher.runtime import build_runtime, env_world_size
+from launcher.tasks import classification as task
+from launcher.tracking import start_tracking
+
+
+def _prepare_run_dir(cfg: RunConfig, rt, resume_from) -> Path:
+    run_dir = cfg.run_dir
+
+    def create():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    rt.on_main(create)
+    return run_dir
+
+
+def _data_files(cfg: RunConfig, rt, run_dir: Path) -> tuple[str | None, str | None]:
+    d = cfg.data
+    if not d.synthetic.enabled:
+        return d.train_file, d.validation_file
+    out = run_dir / "data"
+    if not (out / "validation.jsonl").is_file():
+        rt.on_main(synthetic.write_splits, out, d.synthetic.n_train, d.synthetic.n_validation, d.synthetic.seed)
+    return str(out / "train.jsonl"), str(out / "validation.jsonl")
+
+
+def _optimizer(model, cfg: RunConfig, device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused AdamW is what HF Trainer uses by default; it beats the per-tensor loop on CPU too (NOTES.md).
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=device.type in ("cpu", "cuda"))
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=True)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(rt, model, loader, label_names, weights) -> dict:
+    """Metrics over the whole eval set, each example counted once across ranks."""
+    model.eval()
+    logits_all, labels_all, losses = [], [], []
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = task.per_example_loss(logits, batch["labels"], weights)
+        logits, labels, loss = rt.accelerator.gather_for_metrics((logits.float(), batch["labels"], loss))
+        logits_all.append(logits.cpu())
+        labels_all.append(labels.cpu())
+        losses.append(loss.cpu())
+    model.train()
+    metrics = task.compute_metrics(torch.cat(logits_all), torch.cat(labels_all), label_names)
+    metrics["loss"] = float(torch.cat(losses).mean())
+    metrics["n"] = int(sum(len(x) for x in labels_all))
+    return metrics
+
+
+def train(cfg: RunConfig) -> dict:
+    t = cfg.train
+    accumulation = t.global_batch_size // (t.micro_batch_size * env_world_size())
+    rt = build_runtime(t.precision, accumulation)
+    resume_from = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    rt.barrier()  # every rank has decided before rank 0 creates anything
+    run_dir = _prepare_run_dir(cfg, rt, resume_from)
+    rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es), {rt.distributed_type}, {rt.device})")
+    if resume_from is not None:
+        rt.print(f"resuming from {resume_from}")
+
+    # ---- data, tokenizer, model
+    label_names = cfg.data.resolved_label_names()
+    train_file, val_file = _data_files(cfg, rt, run_dir)
+    train_texts, train_targets = clauses.load_split(cfg.data, "train", train_file)
+    val_texts, val_targets = clauses.load_split(cfg.data, "validation", val_file)
+    with rt.main_first():
+        tokenizer = task.load_tokenizer(cfg, run_dir / "tokenizer", train_texts)
+    cache = Path(cfg.output_dir) / ".cache"
+    with rt.main_first():
+        train_ds = batching.tokenize(train_texts, train_targets, tokenizer, cfg.data.max_length, cache)
+        val_ds = batching.tokenize(val_texts, val_targets, tokenizer, cfg.data.max_length, cache)
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)  # identical initial weights on every rank and in every rerun
+    model = task.build_model(cfg, tokenizer)
+    multilabel = cfg.data.mode == "multilabel"
+    weights = task.class_weights(train_ds.targets, multilabel).to(rt.device) if t.class_weighting == "balanced" else None
+
+    sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed)
+    if sampler.steps_per_epoch == 0:
+        from launcher.errors import DataError
+
+        raise DataError(f"{train_file or cfg.data.hub_dataset}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})")
+    total_steps = t.max_steps or t.epochs * sampler.steps_per_epoch
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+
+    from transformers import get_scheduler
+
+    collate = batching.PadCollator(tokenizer.pad_token_id)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval.micro_batch_size or t.micro_batch_size, collate_fn=collate)
+    optimizer = _optimizer(model, cfg, rt.device)
+    model, optimizer, val_loader = rt.accelerator.prepare(model, optimizer, val_loader)
+    # Stepped by hand once per optimizer step: a prepared scheduler steps once per
+    # process, which would make the LR schedule depend on the world size.
+    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer, warmup, total_steps)
+    rt.accelerator.register_for_checkpointing(scheduler)
+
+    higher_is_better = cfg.eval.metric not in LOWER_IS_BETTER
+    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better)
+    state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState()
+    if state.step >= total_steps and (run_dir / "model").is_dir():
+        rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
+        return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
+    tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, state.step if resume_from else None)
+    state.tracker_ids = tracker.ids()
+    n_params = sum(p.numel() for p in model.parameters())
+    tracker.log_params(
+        flatten(to_dict(cfg))
+        | {
+            "derived.world_size": rt.world_size,
+            "derived.gradient_accumulation_steps": accumulation,
+            "derived.steps_per_epoch": sampler.steps_per_epoch,
+            "derived.total_steps": total_steps,
+            "derived.warmup_steps": warmup,
+            "derived.n_train": len(train_ds),
+            "derived.n_validation": len(val_ds),
+            "derived.n_parameters": n_params,
+        }
+    )
+    rt.print(
+        f"{len(train_ds)} train / {len(val_ds)} validation rows, {n_params:,} parameters; "
+        f"{total_steps} steps of {t.global_batch_size} examples "
+        f"({t.micro_batch_size} x {accumulation} accumulation x {rt.world_size} ranks)"
+    )
+
+    try:
+        if state.step == 0 and cfg.eval.at_start:
+            state.first_eval = evaluate(rt, model, val_loader, label_names, weights)
+            tracker.log_metrics({f"eval/{k}": v for k, v in state.first_eval.items()}, step=0)
+            rt.print("step 0 eval: " + report.one_line(state.first_eval))
+        last_eval, last_eval_step = state.first_eval, 0
+        stop_reason = None
+        model.train()
+        window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+        with rt.progress(total_steps, initial=state.step) as bar:
+            for step in range(state.step, total_steps):
+                # Dropout masks depend on (seed, step, rank) only, so a resumed run
+                # draws exactly what the uninterrupted run drew at this step.
+                torch.manual_seed(t.seed * 1_000_003 + step * 1_009 + rt.rank)
+                lr = optimizer.param_groups[0]["lr"]
+                micro_losses = []
+                grad_norm = None
+                for idx in sampler.step_microbatches(step):
+                    batch = _to(collate([train_ds[i] for i in idx]), rt.device)
+                    window_tokens += int(batch["attention_mask"].sum())
+                    with rt.accelerator.accumulate(model):
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        loss = task.loss_fn(logits, batch["labels"], weights)
+                        rt.accelerator.backward(loss)
+                        if rt.accelerator.sync_gradients:
+                            grad_norm = rt.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    micro_losses.append(loss.detach())
+                scheduler.step()
+                state.step, state.epoch, state.metric_at_step = step + 1, sampler.epoch_of(step), None
+                window_steps += 1
+                bar.update(1)
+
+                if state.step % cfg.tracking.log_every_steps == 0 or state.step == total_steps:
+                    stats = torch.stack([torch.stack(micro_losses).mean(), torch.tensor(float(window_tokens), device=rt.device)])
+                    stats = rt.accelerator.reduce(stats.to(rt.device), reduction="sum")
+                    dt = time.perf_counter() - window_t
+                    values = {
+                        "train/loss": float(stats[0]) / rt.world_size,
+                        "train/lr": lr,
+                        "train/samples_per_s": window_steps * t.global_batch_size / dt,
+                        "train/tokens_per_s": float(stats[1]) / dt,
+                        "train/epoch": state.epoch,
+                    }
+                    if grad_norm is not None:
+                        values["train/grad_norm"] = float(grad_norm)
+                    tracker.log_metrics(values, step=state.step)
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}")
+                    window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+
+                last = state.step == total_steps
+                if (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last:
+                    last_eval, last_eval_step = evaluate(rt, model, val_loader, label_names, weights), state.step
+                    tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()}, step=state.step)
+                    stop_reason = _track_best(state, last_eval[cfg.eval.metric], higher_is_better, cfg.eval.early_stopping_patience)
+                    rt.print(f"step {state.step} eval: " + report.one_line(last_eval))
+                if state.step == t.halt_at_step and not last:
+                    stop_reason = stop_reason or "halt"
+                if checkpointer.due(state.step) or last or stop_reason:
+                    tracker.flush()
+                    checkpointer.save(state)
+                elif state.step % cfg.tracking.flush_every_steps == 0:
+                    tracker.flush()
+                if stop_reason:
+                    break
+
+        if stop_reason == "halt":
+            rt.print(f"halted at step {state.step} (train.halt_at_step); resume with checkpoint.resume=auto")
+            tracker.finish(status="KILLED")
+            return {"status": "halted", "step": state.step, "run_dir": str(run_dir)}
+        if stop_reason == "early_stop":
+            rt.print(f"early stop at step {state.step}: no {cfg.eval.metric} improvement in {cfg.eval.early_stopping_patience} evals")
+
+        if last_eval_step != state.step:  # resumed after the last step but before the export
+            last_eval = evaluate(rt, model, val_loader, label_names, weights)
+        model_dir = run_dir / "model"
+        extra = {"launcher.json": json.dumps({"task": cfg.task, "mode": cfg.data.mode, "threshold": task.THRESHOLD, "labels": label_names})}
+        ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra)
+        summary = {"step": state.step, "before": state.first_eval, "after": last_eval, "best_step": state.best_step, "best": state.best_metric}
+        rt.on_main(_write_outputs, run_dir, summary, tracker)
+        rt.print(report.final_table(state.first_eval, last_eval))
+        rt.print(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {cfg.tracking_uri}")
+        if not cfg.tracking.uri:
+            rt.print(f"  browse:    mlflow ui --backend-store-uri {cfg.tracking_uri}")
+        rt.print(f"checkpoints: {run_dir / 'checkpoints'}")
+        rt.print(f"model:       {model_dir}")
+        tracker.finish()
+        return {"status": "finished", "run_dir": str(run_dir), **summary}
+    except BaseException:
+        tracker.finish(status="FAILED")
+        raise
+
+
+def _track_best(state, value: float, higher_is_better: bool, patience: int) -> str | None:
+    state.metric_at_step = value
+    improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        return None
+    state.evals_without_improvement += 1
+    return "early_stop" if patience and state.evals_without_improvement >= patience else None
+
+
+def _write_outputs(run_dir: Path, summary: dict, tracker) -> None:
+    (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+    tracker.flush()
+    plot = report.plot_run(run_dir / "metrics.jsonl", summary["after"], run_dir / "training.png")
+    for path in (run_dir / "config.yaml", run_dir / "final_metrics.json", plot):
+        if path is not None and Path(path).is_file():
+            tracker.log_artifact(path)

@@ -1,0 +1,60 @@
+"""What a person reads: one-line eval summaries, the before/after table, the training plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HEADLINE = ("macro_f1", "micro_f1", "accuracy", "loss")
+
+
+def one_line(metrics: dict) -> str:
+    return "  ".join(f"{k}={metrics[k]:.4f}" for k in HEADLINE if k in metrics)
+
+
+def final_table(before: dict, after: dict) -> str:
+    keys = [k for k in HEADLINE if k in after] + sorted(k for k in after if k.startswith("f1/"))
+    width = max(len(k) for k in keys) + 2
+    lines = [f"{'metric':<{width}}{'step 0':>10}{'final':>10}{'change':>10}", "-" * (width + 30)]
+    for k in keys:
+        a = after[k]
+        if k in before:
+            b = before[k]
+            lines.append(f"{k:<{width}}{b:>10.4f}{a:>10.4f}{a - b:>+10.4f}")
+        else:
+            lines.append(f"{k:<{width}}{'-':>10}{a:>10.4f}{'':>10}")
+    return "\n".join(lines)
+
+
+def plot_run(metrics_jsonl: Path, final: dict, out: Path) -> Path | None:
+    """Loss curves (train and eval) beside final per-class F1, as one PNG."""
+    if not metrics_jsonl.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_jsonl.read_text().splitlines() if l.strip()]
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    per_class = {k[3:]: v for k, v in final.items() if k.startswith("f1/")}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax1.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax1.plot(*zip(*evals), "o-", label="eval loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.set_title("loss")
+    names = list(per_class)
+    ax2.barh(range(len(names)), [per_class[n] for n in names])
+    ax2.set_yticks(range(len(names)), names, fontsize=8)
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel("F1")
+    ax2.set_title(f"final per-class F1 (macro {final.get('macro_f1', 0):.3f})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,207 @@
+"""Clause classification: tokenizer + model, loss, LexGLUE-style metrics, export metadata.
+
+Binary mode is single-label softmax over (negative, positive). Multilabel mode has
+one sigmoid per category; a clause with no category is "fair". Metrics follow
+LexGLUE for UNFAIR-ToS: predictions are sigmoid > 0.5, and an extra "none"
+column (1 when a row has no category) joins both truth and prediction before
+micro/macro-F1, so fair clauses count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.config import TINY_MODEL, RunConfig
+from launcher.errors import ConfigError
+
+THRESHOLD = 0.5
+
+
+# ---------------------------------------------------------------- model
+
+
+def _from_hub(loader, name: str, **kwargs):
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        local = Path(name).expanduser()
+        if local.is_dir():
+            raise ConfigError(f"model.name: {name}: not a loadable Hugging Face model directory ({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.name: cannot load '{name}' from the Hugging Face Hub (no network, or not cached); "
+            "download it where you have access and pass a local directory: model.name=/path/to/model"
+        ) from None
+
+
+def load_tokenizer(cfg: RunConfig, tokenizer_dir: Path, train_texts: list[str] | None):
+    """The run's tokenizer. Tiny models train one on the training texts once and keep it
+    in the run directory, so a resumed run tokenizes exactly as the first one did."""
+    from transformers import AutoTokenizer
+
+    if cfg.model.name != TINY_MODEL:
+        return _from_hub(AutoTokenizer, cfg.model.name)
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    from launcher.data.tokenizer import train_wordpiece
+
+    tok = train_wordpiece(train_texts or [], cfg.model.tiny.vocab_size, cfg.data.max_length)
+    tok.save_pretrained(tokenizer_dir)
+    return tok
+
+
+def label_maps(label_names: list[str]) -> dict:
+    return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def build_model(cfg: RunConfig, tokenizer):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    names = cfg.data.resolved_label_names()
+    problem = "multi_label_classification" if cfg.data.mode == "multilabel" else "single_label_classification"
+    if cfg.model.name == TINY_MODEL:
+        t = cfg.model.tiny
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=max(cfg.data.max_length, 16),
+            hidden_dropout_prob=t.dropout,
+            attention_probs_dropout_prob=t.dropout,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=len(names),
+            problem_type=problem,
+            **label_maps(names),
+        )
+        return AutoModelForSequenceClassification.from_config(config)
+    model = _from_hub(
+        AutoModelForSequenceClassification,
+        cfg.model.name,
+        num_labels=len(names),
+        problem_type=problem,
+        ignore_mismatched_sizes=True,  # a pretrained head with another label count is replaced
+        **label_maps(names),
+    )
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def is_multilabel(model_config) -> bool:
+    return getattr(model_config, "problem_type", None) == "multi_label_classification"
+
+
+# ---------------------------------------------------------------- loss
+
+
+def class_weights(targets: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Balanced weights from training label frequencies.
+
+    binary: CE weight n / (2 * n_c) per class; multilabel: BCE pos_weight = n_neg / n_pos
+    per category (a category never seen positive keeps weight 1).
+    """
+    if multilabel:
+        pos = targets.sum(0)
+        neg = targets.shape[0] - pos
+        return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
+    counts = torch.bincount(targets, minlength=2).float()
+    return torch.where(counts > 0, targets.numel() / (2 * counts.clamp(min=1)), torch.ones_like(counts))
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    logits = logits.float()
+    if labels.dtype.is_floating_point:  # multilabel
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=weights, reduction="none")
+        return loss.mean(-1)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=weights, reduction="none")
+
+
+def loss_fn(logits, labels, weights=None) -> torch.Tensor:
+    """Mean over the micro-batch. With weights, a weighted mean (CE) as torch defines it."""
+    if weights is not None and not labels.dtype.is_floating_point:
+        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
+    return per_example_loss(logits, labels, weights).mean()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    logits = logits.float()
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)
+
+
+def _f1(tp, fp, fn) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict:
+    """macro_f1, micro_f1, f1/<class>, plus accuracy (binary). Inputs: all examples, once each."""
+    logits = logits.float().cpu()
+    labels = labels.cpu()
+    multilabel = labels.dtype.is_floating_point
+    if multilabel:
+        y_true = labels.numpy().astype(bool)
+        y_pred = (torch.sigmoid(logits) > THRESHOLD).numpy()
+        # LexGLUE: an extra "none" column for clauses with no category.
+        y_true = np.concatenate([y_true, ~y_true.any(1, keepdims=True)], 1)
+        y_pred = np.concatenate([y_pred, ~y_pred.any(1, keepdims=True)], 1)
+        names = list(label_names) + ["none"]
+    else:
+        pred = logits.argmax(-1).numpy()
+        k = logits.shape[-1]
+        y_true = np.eye(k, dtype=bool)[labels.numpy()]
+        y_pred = np.eye(k, dtype=bool)[pred]
+        names = list(label_names)
+    tp = (y_true & y_pred).sum(0).astype(float)
+    fp = (~y_true & y_pred).sum(0).astype(float)
+    fn = (y_true & ~y_pred).sum(0).astype(float)
+    per_class = _f1(tp, fp, fn)
+    out = {
+        "macro_f1": float(per_class.mean()),
+        "micro_f1": float(_f1(tp.sum(), fp.sum(), fn.sum())),
+    }
+    if not multilabel:
+        out["accuracy"] = float((y_true == y_pred).all(1).mean())
+    for name, value in zip(names, per_class):
+        out[f"f1/{name}"] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- exported models
+
+
+def load_exported(model_dir: str | Path):
+    """(model, tokenizer, label_names, multilabel) from a `model/` export or any HF classifier dir."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"{model_dir}: no such model directory")
+    model = _from_hub(AutoModelForSequenceClassification, str(model_dir))
+    tokenizer = _from_hub(AutoTokenizer, str(model_dir))
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return model.eval(), tokenizer, names, is_multilabel(model.config)
+
+
+@torch.no_grad()
+def batched_logits(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 32) -> torch.Tensor:
+    limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True, return_tensors="pt")
+        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float())
+    return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
+
+
+def prediction_record(probs: torch.Tensor, names: list[str], multilabel: bool) -> dict:
+    record: dict = {"probs": {n: round(float(p), 6) for n, p in zip(names, probs)}}
+    if multilabel:
+        record["labels"] = [n for n, p in zip(names, probs) if p > THRESHOLD]
+    else:
+        record["label"] = names[int(probs.argmax())]
+    return record
