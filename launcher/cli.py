@@ -127,7 +127,13 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ class WandbTracker(Tracker):
         self.run = wandb.init(
             project=project,
             name=run_name,
-            id=run_id or wandb.util.generate_id(),
+            id=run_id or secrets.token_hex(4),
             resume="allow",
             mode=mode,
             dir=str(directory),

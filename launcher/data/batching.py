@@ -9,6 +9,7 @@ step alone, and a 2-rank run sees exactly the batches a 1-rank run sees.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,15 @@ CACHE_VERSION = 1
 
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    if backend is None:
+        text = f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    else:
+        # The backend's JSON records the truncation/padding of its last call: leave those out,
+        # or the fingerprint (and the cache key) changes as soon as the tokenizer is used.
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

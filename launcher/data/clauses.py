@@ -114,8 +114,11 @@ class LabelEncoder:
                 if key in {c.lower() for c in UNFAIR_TOS_CATEGORIES}:
                     return 1
             raise DataError(f"{where}: 'label' must be 0, 1, {' or '.join(self.names)}, or a category name; got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and value == 0:
-            return [0.0] * len(self.categories)  # 0 = fair = no category
+        no_category = (isinstance(value, int) and not isinstance(value, bool) and value == 0) or (
+            isinstance(value, str) and value.strip().lower() in ("fair", "none") and value.strip().lower() not in self._by_name
+        )
+        if no_category:  # 0 / "fair" = no category
+            return [0.0] * len(self.categories)
         cat = self._category(value, where)
         return [1.0 if i == cat else 0.0 for i in range(len(self.categories))]
 

@@ -1,23 +1,50 @@
-"""A WordPiece tokenizer trained locally on the training texts (tiny models; no download)."""
+"""A WordPiece tokenizer built locally from the training texts (tiny models; no download).
+
+The vocabulary is computed here rather than by `tokenizers`' WordPieceTrainer: that
+trainer breaks frequency ties differently from one process to the next (seen:
+two runs on identical data produced different vocabularies), and a run must be
+reproducible from its config. Vocabulary = special tokens, every character seen
+(alone and as a `##` continuation, so no word is ever unknown), then whole words
+by descending count, ties alphabetical.
+"""
 
 from __future__ import annotations
+
+from collections import Counter
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def build_vocab(texts: list[str], vocab_size: int, normalize, pre_tokenize) -> dict[str, int]:
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenize(normalize(text)))
+    chars = sorted({c for w in words for c in w})
+    tokens = SPECIAL + chars + ["##" + c for c in chars]
+    seen = set(tokens)
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in seen:
+            tokens.append(word)
+            seen.add(word)
+    return {t: i for i, t in enumerate(tokens)}
+
+
 def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    vocab = build_vocab(texts, vocab_size, normalizer.normalize_str, pre.pre_tokenize_str)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(

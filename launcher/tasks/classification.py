@@ -36,6 +36,14 @@ def _from_hub(loader, name: str, **kwargs):
         ) from None
 
 
+def check_model_source(cfg: RunConfig) -> None:
+    """Fail early (ConfigError) when model.name is neither "tiny", a model directory, nor reachable."""
+    if cfg.model.name != TINY_MODEL:
+        from transformers import AutoConfig
+
+        _from_hub(AutoConfig, cfg.model.name)
+
+
 def load_tokenizer(cfg: RunConfig, tokenizer_dir: Path, train_texts: list[str] | None):
     """The run's tokenizer. Tiny models train one on the training texts once and keep it
     in the run directory, so a resumed run tokenizes exactly as the first one did."""

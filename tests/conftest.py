@@ -1,0 +1,60 @@
+"""Shared helpers. Everything runs on CPU, offline: tiny models, generated data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TINY = CONFIGS / "train" / "clause_tiny.yaml"
+
+# No hub at run time: make any accidental hub access fail fast instead of retrying.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+os.environ.update(OFFLINE_ENV)
+
+# Small and fast: 384 rows / 32 per step = 12 steps per epoch; 100 validation rows
+# do not divide by the eval batch, so metrics must still count each row once.
+FAST = [
+    "data.synthetic.n_train=384",
+    "data.synthetic.n_validation=100",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "model.tiny.vocab_size=400",
+]
+
+
+def launcher(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m launcher ...` in a fresh process, as a user would."""
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def mlflow_client(out_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
+
+
+def all_runs(client):
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps]) if exps else []
+
+
+@pytest.fixture(scope="session")
+def trained_binary(tmp_path_factory):
+    """One real training run of the demo recipe (100 steps), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("trained")
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "bin", "train.epochs=2"))
+    return out, out / "bin"

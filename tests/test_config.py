@@ -1,0 +1,129 @@
+"""Config: parsing, overrides, validation, and the exit-2 one-line contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.config import RunConfig, field_docs, load_config
+from launcher.errors import ConfigError
+
+from conftest import CONFIGS, TINY
+
+
+def shipped_configs():
+    return sorted((CONFIGS / "train").rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.name for p in shipped_configs()}
+    assert {"clause_tiny.yaml", "clause_tos.yaml", "clause_tos_multilabel.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.run_name == path.stem
+    # Every key in the file must have landed in the dataclasses (none silently dropped).
+    raw = yaml.safe_load(path.read_text())
+
+    def walk(tree, obj, prefix=""):
+        for k, v in tree.items():
+            assert hasattr(obj, k), f"{prefix}{k} not in config"
+            if isinstance(v, dict):
+                walk(v, getattr(obj, k), f"{prefix}{k}.")
+
+    walk(raw, cfg)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["train.lr=3e-5", "train.max_steps=7", "data.mode=multilabel", "tracking.wandb=true",
+                             "data.label_names=[a, b, c]", "train.max_grad_norm=null"])
+    assert cfg.train.lr == pytest.approx(3e-5) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7
+    assert cfg.data.mode == "multilabel"
+    assert cfg.tracking.wandb is True
+    assert cfg.data.label_names == ["a", "b", "c"]
+    assert cfg.train.max_grad_norm is None
+
+
+def test_default_tracking_uri_is_sqlite_beside_runs(tmp_path):
+    cfg = load_config(TINY, output_dir=str(tmp_path))
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def _run_cli(capsys, args):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, [l for l in captured.err.splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1e-4", "train.lrr: unknown key; did you mean 'train.lr'?"),
+        ("train.gradient_acumulation_steps=1", "train.gradient_acumulation_steps: unknown key; valid keys:"),
+        ("trian.lr=1", "trian: unknown key; did you mean 'train'?"),
+        ("train.lr=fast", "train.lr: expected float; got 'fast'"),
+        ("train.epochs=2.5", "train.epochs: expected int; got 2.5"),
+        ("data.mode=multi", "data.mode: expected one of binary, multilabel; got 'multi'"),
+        ("train.global_batch_size=30", "train.global_batch_size: 30 is not divisible by train.micro_batch_size (16) x world size (1) = 16"),
+        ("eval.metric=macro-f1", "eval.metric: unknown metric 'macro-f1'; did you mean 'macro_f1'?"),
+        ("train.lr=-1", "train.lr: must be > 0; got -1.0"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, override, expected):
+    code, lines = _run_cli(capsys, ["train", str(TINY), "--output-dir", str(tmp_path / "out"), override])
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: " + expected), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_divisibility_uses_world_size(tmp_path, capsys, monkeypatch):
+    # 32 examples per step split over 3 ranks x 16 per micro-batch cannot divide.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, lines = _run_cli(capsys, ["train", str(TINY), "--output-dir", str(tmp_path)])
+    assert code == 2
+    assert lines == ["error: train.global_batch_size: 32 is not divisible by train.micro_batch_size (16) x world size (3) = 48"]
+
+
+def test_missing_data_file_is_named(tmp_path, capsys):
+    code, lines = _run_cli(capsys, ["train", str(TINY), "--output-dir", str(tmp_path / "o"), "data.synthetic.enabled=false",
+                                    f"data.train_file={tmp_path}/nope.jsonl", f"data.validation_file={tmp_path}/nope2.jsonl"])
+    assert code == 2
+    assert lines == [f"error: data.train_file: {tmp_path}/nope.jsonl: file not found",
+                     f"error: data.validation_file: {tmp_path}/nope2.jsonl: file not found"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path, capsys):
+    code, lines = _run_cli(capsys, ["train", str(tmp_path / "none.yaml")])
+    assert code == 2 and lines == [f"error: {tmp_path}/none.yaml: config file not found"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    code, lines = _run_cli(capsys, ["train", str(bad)])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {bad}:") and "not valid YAML" in lines[0]
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["train.lr=0", "train.epochs=0", "data.nope=1"])
+    assert len(e.value.problems) == 3
+
+
+def test_local_model_path_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.name: /no/such/model: no such model directory$"):
+        load_config(TINY, ["model.name=/no/such/model"])
+
+
+def test_field_docs_cover_contract_keys():
+    keys = {row[0] for row in field_docs()}
+    contract = {"model.name", "data.train_file", "data.validation_file", "data.mode", "data.max_length",
+                "train.epochs", "train.max_steps", "train.lr", "train.global_batch_size", "train.micro_batch_size",
+                "train.seed", "checkpoint.every_steps", "checkpoint.resume", "tracking.uri"}
+    assert contract <= keys

@@ -1,0 +1,188 @@
+"""Data: formats, label shapes, names vs ids, file:line errors, sampler sharding, token cache."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from launcher.config import UNFAIR_TOS_CATEGORIES, DataConfig
+from launcher.data import batching, synthetic
+from launcher.data.clauses import load_split
+from launcher.errors import DataError
+
+ROWS = [
+    {"text": "We may end your account at any time.", "labels": [1]},
+    {"text": "You can export your data.", "labels": []},
+    {"text": "Governed by the laws of Ireland; courts of Dublin.", "labels": [5, 6]},
+]
+
+
+def write(tmp_path, fmt, rows):
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        keys = sorted({k for r in rows for k in r})
+        lines = [",".join(keys)]
+        for r in rows:
+            cells = []
+            for k in keys:
+                v = r.get(k, "")
+                v = json.dumps(v) if isinstance(v, list) else str(v)
+                cells.append('"' + v.replace('"', '""') + '"')
+            lines.append(",".join(cells))
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def load(path, mode="binary", **kw):
+    return load_split(DataConfig(mode=mode, **kw), "train", str(path))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_formats_and_both_modes(tmp_path, fmt):
+    path = write(tmp_path, fmt, ROWS)
+    texts, targets = load(path, "binary")
+    assert texts == [r["text"] for r in ROWS]
+    assert targets == [1, 0, 1]
+    _, multi = load(path, "multilabel")
+    assert [[i for i, v in enumerate(t) if v] for t in multi] == [[1], [], [5, 6]]
+    assert all(len(t) == 8 for t in multi)
+
+
+def test_names_and_ids_are_equivalent(tmp_path):
+    by_id = write(tmp_path, "jsonl", [{"text": "a", "labels": [0, 7]}, {"text": "b", "label": 0}])
+    (tmp_path / "n").mkdir()
+    by_name = write(tmp_path / "n", "jsonl", [{"text": "a", "labels": ["limitation of liability", "Arbitration"]},
+                                              {"text": "b", "label": "fair"}])
+    assert load(by_id, "multilabel")[1][0] == load(by_name, "multilabel")[1][0]
+    assert load(by_id)[1] == load(by_name)[1] == [1, 0]
+    # A single category name under `label` means unfair in binary mode.
+    single = write(tmp_path / "n", "jsonl", [{"text": "c", "label": "Choice of law"}, {"text": "d", "label": "unfair"}])
+    assert load(single)[1] == [1, 1]
+
+
+def test_custom_label_names_for_other_tasks(tmp_path):
+    path = write(tmp_path, "jsonl", [{"text": "x", "labels": ["spam"]}, {"text": "y", "labels": ["ham", "spam"]}])
+    _, t = load(path, "multilabel", label_names=["ham", "spam"])
+    assert t == [[0.0, 1.0], [1.0, 1.0]]
+
+
+def test_bad_rows_are_reported_by_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps({"text": "ok", "labels": []}) + "\n"
+        + "{not json\n"
+        + "\n"
+        + json.dumps({"text": "", "labels": []}) + "\n"
+        + json.dumps({"text": "x", "labels": [9]}) + "\n"
+        + json.dumps({"text": "x", "labels": ["Nonsense"]}) + "\n"
+        + json.dumps({"text": "x"}) + "\n"
+        + json.dumps({"text": "x", "label": 12}) + "\n"
+    )
+    with pytest.raises(DataError) as e:
+        load(path, "multilabel")
+    assert e.value.problems[0].startswith(f"{path}:2: not valid JSON")
+    assert e.value.problems[1] == f"{path}:4: missing or empty 'text'"
+    assert e.value.problems[2] == f"{path}:5: category id 9 out of range 0..7"
+    assert e.value.problems[3].startswith(f"{path}:6: unknown category 'Nonsense'")
+    assert e.value.problems[4] == f"{path}:7: needs exactly one of 'label' or 'labels'"
+    assert e.value.problems[5] == f"{path}:8: category id 12 out of range 0..7"
+    # In binary mode the same `label: 2` is not a valid binary label.
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "ok", "label": 0}) + "\n" + json.dumps({"text": "x", "label": 2}) + "\n")
+    with pytest.raises(DataError, match=rf"^{one}:2: 'label' must be 0, 1, fair or unfair, or a category name; got 2$"):
+        load(one, "binary")
+
+
+def test_csv_line_numbers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"fine",0\n"multi\nline text",1\n"",1\n')
+    with pytest.raises(DataError) as e:
+        load(path)
+    assert e.value.problems == [f"{path}:5: missing or empty 'text'"]
+
+
+def test_hub_unreachable_is_one_clear_line():
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(), "train", None)
+    (line,) = e.value.problems
+    assert line.startswith("data.hub_dataset: cannot load coastalcph/lex_glue")
+    assert "data.train_file=" in line
+
+
+def test_synthetic_is_deterministic_and_learnable_shape(tmp_path):
+    a = synthetic.generate_clauses(200, seed=3)
+    assert a == synthetic.generate_clauses(200, seed=3)
+    assert a != synthetic.generate_clauses(200, seed=4)
+    unfair = sum(bool(r["labels"]) for r in a) / len(a)
+    assert 0.25 < unfair < 0.55
+    assert {c for r in a for c in r["labels"]} == set(range(8))
+    train, val = synthetic.write_splits(tmp_path, 50, 20)
+    assert load(train)[0] and len(load(val)[0]) == 20
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_sampler_global_batch_is_world_size_invariant(world):
+    ref = batching.StepSampler(100, 16, 4, 0, 1, seed=7)
+    shards = [batching.StepSampler(100, 16, 16 // (4 * world) and 4, r, world, seed=7) for r in range(world)]
+    assert ref.steps_per_epoch == 6  # 100 // 16; the 4-row tail is dropped
+    for step in range(ref.steps_per_epoch * 2):  # two epochs
+        whole = [i for mb in ref.step_microbatches(step) for i in mb]
+        parts = [[i for mb in s.step_microbatches(step) for i in mb] for s in shards]
+        assert sum(parts, []) == whole  # ranks take disjoint, contiguous slices of the same global batch
+        assert all(len(mb) == 4 for s in shards for mb in s.step_microbatches(step))
+    # Epochs are reshuffled; within an epoch no example repeats.
+    e0 = [i for s in range(6) for mb in ref.step_microbatches(s) for i in mb]
+    e1 = [i for s in range(6, 12) for mb in ref.step_microbatches(s) for i in mb]
+    assert len(set(e0)) == 96 and e0 != e1
+
+
+def test_tokenize_cache_is_reused(tmp_path):
+    from launcher.data.tokenizer import train_wordpiece
+
+    texts = [r["text"] for r in synthetic.generate_clauses(50)]
+    tok = train_wordpiece(texts, 200, 32)
+    a = batching.tokenize(texts, [0] * 50, tok, 32, tmp_path)
+    files = list(tmp_path.glob("tokenized-*.pt"))
+    assert len(files) == 1
+    torch.save({"input_ids": [[1, 2, 3]] * 50}, files[0])  # prove the second call reads the file
+    b = batching.tokenize(texts, [0] * 50, tok, 32, tmp_path)
+    assert b.input_ids[0] == [1, 2, 3] and a.input_ids[0] != [1, 2, 3]
+    batching.tokenize(texts, [0] * 50, tok, 16, tmp_path)  # another max_length: another entry
+    assert len(list(tmp_path.glob("tokenized-*.pt"))) == 2
+
+
+def test_pad_collator_pads_per_batch():
+    c = batching.PadCollator(pad_id=0)
+    out = c([{"input_ids": [5, 6, 7], "labels": torch.tensor(1)}, {"input_ids": [5], "labels": torch.tensor(0)}])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_local_tokenizer_is_reproducible_across_processes(tmp_path):
+    """tokenizers' WordPieceTrainer gave different vocabularies for identical data in two
+    processes; ours must not. Built in two fresh interpreters and compared byte for byte."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from launcher.data.synthetic import generate_clauses; "
+        "from launcher.data.tokenizer import train_wordpiece; "
+        "t = train_wordpiece([r['text'] for r in generate_clauses(300)], 300, 32); "
+        "sys.stdout.write(t.backend_tokenizer.to_str())"
+    )
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert outs[0] == outs[1] and len(outs[0]) > 1000
+    from launcher.data.tokenizer import train_wordpiece
+
+    tok = train_wordpiece(["We may terminate your account"] * 3, 100, 16)
+    ids = tok("We may terminate your tea")["input_ids"]
+    assert tok.unk_token_id not in ids  # an unseen word of seen characters falls back to pieces
+    assert len(ids) > 7 and tok.decode(ids, skip_special_tokens=True) == "we may terminate your tea"

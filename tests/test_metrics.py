@@ -1,0 +1,46 @@
+"""Metrics follow LexGLUE: checked against scikit-learn as an independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from launcher.config import UNFAIR_TOS_CATEGORIES
+from launcher.tasks.classification import class_weights, compute_metrics
+
+
+def test_binary_matches_sklearn():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(97, 2, generator=g)
+    labels = torch.randint(0, 2, (97,), generator=g)
+    m = compute_metrics(logits, labels, ["fair", "unfair"])
+    pred = logits.argmax(-1).numpy()
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert m["micro_f1"] == pytest.approx(f1_score(labels, pred, average="micro"))
+    assert m["accuracy"] == pytest.approx((pred == labels.numpy()).mean())
+    assert m["f1/unfair"] == pytest.approx(f1_score(labels, pred))
+
+
+def test_multilabel_lexglue_none_column_matches_sklearn():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(120, 8, generator=g) - 1.5  # most rows predicted with no category
+    labels = (torch.rand(120, 8, generator=g) < 0.1).float()
+    m = compute_metrics(logits, labels, UNFAIR_TOS_CATEGORIES)
+    y_true = labels.numpy().astype(int)
+    y_pred = (torch.sigmoid(logits) > 0.5).numpy().astype(int)
+    # LexGLUE adds a "none" column: 1 where a clause has no category, in truth and prediction.
+    y_true = np.concatenate([y_true, (y_true.sum(1) == 0)[:, None]], 1)
+    y_pred = np.concatenate([y_pred, (y_pred.sum(1) == 0)[:, None]], 1)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert m["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro", zero_division=0))
+    assert m["f1/none"] == pytest.approx(f1_score(y_true[:, 8], y_pred[:, 8]))
+    assert "accuracy" not in m
+    assert len([k for k in m if k.startswith("f1/")]) == 9
+
+
+def test_balanced_weights():
+    assert class_weights(torch.tensor([0, 0, 0, 1]), multilabel=False).tolist() == pytest.approx([4 / 6, 4 / 2])
+    pw = class_weights(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]), multilabel=True)
+    assert pw.tolist() == [1.0, 1.0]  # 2 neg / 2 pos; a never-positive category keeps 1
