@@ -187,3 +187,23 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     assert saved == json.loads((tmp_path / "ml" / "final_metrics.json").read_text())
     config = json.loads((tmp_path / "ml" / "model" / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 8
+
+
+def test_early_stopping_under_bf16(tmp_path):
+    """With a learning rate too small to change any prediction, macro-F1 cannot improve
+    after the first in-loop eval (step 2), so patience 1 stops the run at step 4: it is
+    checkpointed and exported there, and the MLflow run ends FINISHED at step 4."""
+    proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "es", *FAST,
+                          "train.precision=bf16", "train.lr=1e-9", "train.max_steps=24", "eval.every_steps=2",
+                          "eval.early_stopping_patience=1", "checkpoint.every_steps=100"))
+    assert "early stop at step 4" in proc.stdout
+    run = tmp_path / "es"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]  # the stop step only
+    state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["evals_without_improvement"] == 1 and state["best_step"] == 2
+    assert (run / "model" / "model.safetensors").is_file()
+    client = mlflow_client(tmp_path)
+    (r,) = all_runs(client)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["train.precision"] == "bf16"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/macro_f1")] == [0, 2, 4]
