@@ -46,9 +46,11 @@ class Runtime:
     def device(self):
         return self.accelerator.device
 
-    def print(self, *args, **kwargs) -> None:
+    def print(self, *args) -> None:
         if self.is_main:
-            print(*args, **kwargs, flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)  # above a live progress bar, not inside it
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -64,7 +66,7 @@ class Runtime:
         return result
 
     def progress(self, total: int, initial: int = 0, desc: str = "train"):
-        if not self.is_main or not sys.stderr.isatty() and os.environ.get("LAUNCHER_PROGRESS") != "1":
+        if not self.is_main or (not sys.stderr.isatty() and os.environ.get("LAUNCHER_PROGRESS") != "1"):
             return contextlib.nullcontext(_NoBar())
         from tqdm.auto import tqdm
 
