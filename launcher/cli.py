@@ -58,23 +58,20 @@ def cmd_train(args) -> int:
 
 
 def _read_texts(path: Path) -> list[str]:
+    """Clauses to predict: JSONL rows with `text` (errors as file:line), or plain lines."""
+    from launcher.data.clauses import read_records
+
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"--input: {path}: file not found")
+    if path.suffix.lower() != ".jsonl":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix.lower() == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise UserError(f"{path}:{lineno}: expected an object with a string 'text'")
-                texts.append(obj["text"])
-            else:
-                texts.append(line.rstrip("\n"))
+    for where, record in read_records(path):
+        if isinstance(record, UserError):
+            raise record
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{where}: expected an object with a string 'text'")
+        texts.append(record["text"])
     return texts
 
 

@@ -19,6 +19,7 @@ from launcher import checkpoint as ckpt_lib
 from launcher import report
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, to_dict
 from launcher.data import batching, clauses, synthetic
+from launcher.errors import DataError
 from launcher.runtime import build_runtime, env_world_size
 from launcher.tasks import classification as task
 from launcher.tracking import start_tracking
@@ -36,20 +37,16 @@ def _prepare_run_dir(cfg: RunConfig, rt, resume_from) -> Path:
     return run_dir
 
 
-def _load_data(cfg: RunConfig, rt, run_dir: Path | None):
-    """(train, validation) as (texts, targets). Real data is read before the run directory
-    exists (a bad row creates nothing); synthetic data is generated into it."""
-    d = cfg.data
-    if not d.synthetic.enabled:
-        files = (d.train_file, d.validation_file)
-    elif run_dir is None:
-        return None
-    else:
-        out = run_dir / "data"
-        if not (out / "validation.jsonl").is_file():
-            rt.on_main(synthetic.write_splits, out, d.synthetic.n_train, d.synthetic.n_validation, d.synthetic.seed)
-        files = (str(out / "train.jsonl"), str(out / "validation.jsonl"))
-    return clauses.load_split(d, "train", files[0]), clauses.load_split(d, "validation", files[1])
+def _synthetic_files(cfg: RunConfig, rt, run_dir: Path) -> tuple[str, str]:
+    d, out = cfg.data, run_dir / "data"
+    if not (out / "validation.jsonl").is_file():
+        rt.on_main(synthetic.write_splits, out, d.synthetic.n_train, d.synthetic.n_validation, d.synthetic.seed)
+    return str(out / "train.jsonl"), str(out / "validation.jsonl")
+
+
+def _read_splits(cfg: RunConfig, train_file, val_file):
+    """(train, validation) as (texts, targets): local files, or the hub dataset when both are None."""
+    return clauses.load_split(cfg.data, "train", train_file), clauses.load_split(cfg.data, "validation", val_file)
 
 
 def _optimizer(model, cfg: RunConfig, device) -> torch.optim.Optimizer:
@@ -93,8 +90,10 @@ def train(cfg: RunConfig) -> dict:
     accumulation = t.global_batch_size // (t.micro_batch_size * env_world_size())
     rt = build_runtime(t.precision, accumulation)
     resume_from = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
-    task.check_model_source(cfg)  # a model that cannot load fails before anything is written
-    data = _load_data(cfg, rt, None)
+    # A model or data row that cannot load fails before anything is written. Synthetic
+    # data is generated into the run directory, so it is read once that exists.
+    task.check_model_source(cfg)
+    data = None if cfg.data.synthetic.enabled else _read_splits(cfg, cfg.data.train_file, cfg.data.validation_file)
     rt.barrier()  # every rank has decided before rank 0 creates anything
     run_dir = _prepare_run_dir(cfg, rt, resume_from)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es), {rt.distributed_type}, {rt.device})")
@@ -103,7 +102,9 @@ def train(cfg: RunConfig) -> dict:
 
     # ---- data, tokenizer, model
     label_names = cfg.data.resolved_label_names()
-    (train_texts, train_targets), (val_texts, val_targets) = data or _load_data(cfg, rt, run_dir)
+    if data is None:
+        data = _read_splits(cfg, *_synthetic_files(cfg, rt, run_dir))
+    (train_texts, train_targets), (val_texts, val_targets) = data
     with rt.main_first():
         tokenizer = task.load_tokenizer(cfg, run_dir / "tokenizer", train_texts)
     cache = Path(cfg.output_dir) / ".cache"
@@ -119,8 +120,6 @@ def train(cfg: RunConfig) -> dict:
 
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed)
     if sampler.steps_per_epoch == 0:
-        from launcher.errors import DataError
-
         raise DataError(f"{cfg.data.train_file or 'training data'}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})")
     total_steps = t.max_steps or t.epochs * sampler.steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
