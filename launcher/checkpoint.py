@@ -86,12 +86,18 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     )
 
 
+SKELETON = "skeleton"  # everything of an exported model/ but the weights, inside each checkpoint
+
+
 class Checkpointer:
-    def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool):
+    def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None):
         self.cfg = cfg
         self.root = run_dir / "checkpoints"
         self.rt = rt
         self.higher_is_better = higher_is_better
+        # write_skeleton(dir): model config, tokenizer, label names, so that
+        # `launcher export` can turn the checkpoint into a model offline.
+        self.write_skeleton = write_skeleton
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -108,6 +114,8 @@ class Checkpointer:
         return final
 
     def _seal(self, tmp: Path, final: Path, state: TrainState) -> None:
+        if self.write_skeleton is not None:
+            self.write_skeleton(tmp / SKELETON)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
         (tmp / MARKER).write_text("")
         if final.exists():  # an incomplete leftover from a crash at this step
@@ -134,6 +142,21 @@ class Checkpointer:
         return TrainState.read(path)
 
 
+def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str, str]) -> None:
+    """config.json, tokenizer files and our metadata: an HF model directory minus its weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    for name, text in extra_files.items():
+        (out_dir / name).write_text(text)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
 def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str]) -> None:
     """The final model in Hugging Face format (safetensors) with tokenizer and label names.
 
@@ -147,11 +170,74 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, text in extra_files.items():
-            (tmp / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
+        _replace_dir(tmp, out_dir)
 
     rt.on_main(write)
+
+
+# ---------------------------------------------------------------- offline export
+
+
+def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
+    """The full model state dict held by a checkpoint of any engine, read in this one process."""
+    if (ckpt / "latest").is_file():  # DeepSpeed: per-rank ZeRO shards under the tag named in `latest`
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), "DeepSpeed ZeRO shards (fp32 master weights)"
+    fsdp = sorted(ckpt.glob("pytorch_model_fsdp_0*"))
+    if fsdp and fsdp[0].is_dir():  # FSDP SHARDED_STATE_DICT: a torch.distributed.checkpoint directory
+        import tempfile
+
+        import torch
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(fsdp[0]), f"{tmp}/model.pt")
+            sd = torch.load(f"{tmp}/model.pt", weights_only=True)
+        return sd.get("model", sd), "FSDP sharded state dict"
+    for name in ("model.safetensors", "pytorch_model_fsdp_0.bin", "pytorch_model.bin"):
+        if (ckpt / name).is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(ckpt / name), name
+            import torch
+
+            return torch.load(ckpt / name, weights_only=True), name
+    raise ConfigError(
+        f"{ckpt}: no model weights found (expected model.safetensors, a DeepSpeed `latest` tag, "
+        "or pytorch_model_fsdp_0/)"
+    )
+
+
+def export_checkpoint(ckpt: Path, out_dir: Path) -> str:
+    """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
+
+    No process group: DeepSpeed and FSDP shards are merged in this one process.
+    Returns a description of what was read.
+    """
+    if not (ckpt / MARKER).is_file():
+        raise ConfigError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
+    if not (ckpt / SKELETON / "config.json").is_file():
+        raise ConfigError(f"{ckpt}: no {SKELETON}/config.json (written by launcher since checkpoints carry one)")
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir}: already exists; choose a new output directory")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    state_dict, source = _checkpoint_weights(ckpt)
+    config = AutoConfig.from_pretrained(ckpt / SKELETON)
+    model = AutoModelForSequenceClassification.from_config(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt / SKELETON, tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    _replace_dir(tmp, out_dir)
+    return source

@@ -1,4 +1,4 @@
-"""`launcher` command line: train, eval, predict, synth. Exit codes: 0 ok, 2 bad config/input."""
+"""`launcher` command line: train, eval, predict, plan, export, synth. Exit codes: 0 ok, 2 bad config/input."""
 
 from __future__ import annotations
 
@@ -37,6 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-length", type=int, default=512)
     r.add_argument("--batch-size", type=int, default=32)
 
+    pl = sub.add_parser("plan", help="world size, batch, DeepSpeed autos, memory per GPU, launch command; no process group",
+                        description="Check a run config against an accelerate config (and its DeepSpeed JSON) and print "
+                        "what the launch will do, without starting anything. Exit 2 on any contradiction.")
+    pl.add_argument("config", help="run config YAML")
+    pl.add_argument("--accelerate-config", help="accelerate YAML (e.g. configs/accelerate/deepspeed_zero3.yaml)")
+    pl.add_argument("--nodes", type=int, help="machines (default: num_machines of the accelerate config, else 1)")
+    pl.add_argument("--gpus-per-node", type=int, help="processes per machine (default: from the accelerate config)")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    x = sub.add_parser("export", help="checkpoint (any engine, sharded or not) -> Hugging Face model dir, offline",
+                       description="Merge a checkpoint (DeepSpeed ZeRO shards, FSDP shards, or a plain state) into a "
+                       "Hugging Face safetensors model with tokenizer and labels. Runs in one process, no process group.")
+    x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
+    x.add_argument("out_dir", help="new directory to write (must not exist)")
+
     s = sub.add_parser("synth", help="write synthetic clause data (train.jsonl, validation.jsonl)")
     s.add_argument("out_dir")
     s.add_argument("--n-train", type=int, default=1000)
@@ -54,6 +69,37 @@ def cmd_train(args) -> int:
     from launcher.loop import train
 
     train(cfg)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from launcher import distributed
+    from launcher.config import load_config
+    from launcher.plan import plan
+
+    if (args.nodes is None) != (args.gpus_per_node is None) and args.accelerate_config is None:
+        raise UserError("--nodes and --gpus-per-node go together when there is no --accelerate-config")
+    if args.accelerate_config:
+        launch = distributed.from_yaml(args.accelerate_config)
+    else:
+        launch = distributed.LaunchConfig(source="no accelerate config")
+    nodes = args.nodes or launch.num_machines
+    per_node = args.gpus_per_node or launch.processes_per_machine
+    launch.num_machines, launch.num_processes = nodes, nodes * per_node
+    if not args.accelerate_config and launch.num_processes > 1:
+        launch.distributed_type = "MULTI_GPU"
+    cfg = load_config(args.config, args.overrides, world_size=launch.num_processes)
+    distributed.check_or_raise(cfg, launch)
+    print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from launcher.checkpoint import export_checkpoint
+
+    out = Path(args.out_dir)
+    source = export_checkpoint(Path(args.checkpoint), out)
+    print(f"{out}: Hugging Face model from {source}")
     return 0
 
 
@@ -119,7 +165,8 @@ def cmd_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "export": cmd_export,
+            "synth": cmd_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(x.startswith("-") or "=" not in x for x in extra):
+        if args.command not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        for problem in e.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        from launcher.runtime import env_rank
+
+        if env_rank() == 0:  # every rank found the same problem; one report is enough
+            for problem in e.problems:
+                print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -108,6 +108,9 @@ class TrainConfig:
     # none, or balanced: CE class weights (binary) / BCE pos_weight (multilabel)
     # from training label frequencies.
     class_weighting: Literal["none", "balanced"] = "none"
+    # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
+    # writes a checkpoint) before the process group gives up.
+    collective_timeout_s: int = 1800
     # Stop after checkpointing at this step without finishing the schedule
     # (rehearses an interruption; resume continues to max_steps).
     halt_at_step: Optional[int] = None

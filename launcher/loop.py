@@ -8,6 +8,7 @@ export gather, metric reduction) is reached by all of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -20,7 +21,7 @@ from launcher import report
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, to_dict
 from launcher.data import batching, clauses, synthetic
 from launcher.errors import DataError
-from launcher.runtime import build_runtime, env_world_size
+from launcher.runtime import build_runtime
 from launcher.tasks import classification as task
 from launcher.tracking import start_tracking
 
@@ -87,8 +88,8 @@ def evaluate(rt, model, loader, label_names, weights) -> dict:
 
 def train(cfg: RunConfig) -> dict:
     t = cfg.train
-    accumulation = t.global_batch_size // (t.micro_batch_size * env_world_size())
-    rt = build_runtime(t.precision, accumulation)
+    rt = build_runtime(cfg)
+    accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     resume_from = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
@@ -114,7 +115,8 @@ def train(cfg: RunConfig) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
-    model = task.build_model(cfg, tokenizer)
+    with rt.model_init(random_weights=task.random_init(cfg)):
+        model = task.build_model(cfg, tokenizer)
     multilabel = cfg.data.mode == "multilabel"
     weights = task.class_weights(train_ds.targets, multilabel).to(rt.device) if t.class_weighting == "balanced" else None
 
@@ -136,14 +138,17 @@ def train(cfg: RunConfig) -> dict:
     rt.accelerator.register_for_checkpointing(scheduler)
 
     higher_is_better = cfg.eval.metric not in LOWER_IS_BETTER
-    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better)
+    extra = {"launcher.json": json.dumps({"task": cfg.task, "mode": cfg.data.mode, "threshold": task.THRESHOLD, "labels": label_names})}
+    model_config = rt.accelerator.unwrap_model(model).config
+    skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=model_config, tokenizer=tokenizer, extra_files=extra)
+    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState()
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
     tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, state.step if resume_from else None)
     state.tracker_ids = tracker.ids()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params, held = rt.parameter_counts(model)
     tracker.log_params(
         flatten(to_dict(cfg))
         | {
@@ -162,6 +167,8 @@ def train(cfg: RunConfig) -> dict:
         f"{total_steps} steps of {t.global_batch_size} examples "
         f"({t.micro_batch_size} x {accumulation} accumulation x {rt.world_size} ranks)"
     )
+    if rt.zero_stage == 3:
+        rt.print(f"ZeRO-3: parameters held per rank: {' / '.join(f'{n:,}' for n in held)} of {n_params:,}")
 
     try:
         if state.step == 0 and cfg.eval.at_start:
@@ -174,13 +181,13 @@ def train(cfg: RunConfig) -> dict:
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         with rt.progress(total_steps, initial=state.step) as bar:
             for step in range(state.step, total_steps):
-                # Dropout masks depend on (seed, step, rank) only, so a resumed run
-                # draws exactly what the uninterrupted run drew at this step.
-                torch.manual_seed(t.seed * 1_000_003 + step * 1_009 + rt.rank)
                 lr = optimizer.param_groups[0]["lr"]
                 micro_losses = []
                 grad_norm = None
-                for idx in sampler.step_microbatches(step):
+                for k, idx in enumerate(sampler.step_microbatches(step)):
+                    # Dropout masks depend on (seed, step, micro-batch within the global batch)
+                    # only: a resumed run, and a run on any number of ranks, draw the same masks.
+                    torch.manual_seed(_dropout_seed(t.seed, step, sampler.microbatch_index(k)))
                     batch = _to(collate([train_ds[i] for i in idx]), rt.device)
                     window_tokens += int(batch["attention_mask"].sum())
                     with rt.accelerator.accumulate(model):
@@ -240,7 +247,6 @@ def train(cfg: RunConfig) -> dict:
         if last_eval_step != state.step:  # resumed after the last step but before the export
             last_eval = evaluate(rt, model, val_loader, label_names, weights)
         model_dir = run_dir / "model"
-        extra = {"launcher.json": json.dumps({"task": cfg.task, "mode": cfg.data.mode, "threshold": task.THRESHOLD, "labels": label_names})}
         ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra)
         summary = {"step": state.step, "before": state.first_eval, "after": last_eval, "best_step": state.best_step, "best": state.best_metric}
         rt.on_main(_write_outputs, run_dir, summary, tracker)
@@ -255,6 +261,10 @@ def train(cfg: RunConfig) -> dict:
     except BaseException:
         tracker.finish(status="FAILED")
         raise
+
+
+def _dropout_seed(seed: int, step: int, microbatch: int) -> int:
+    return (seed * 1_000_003 + step) * 100_003 + microbatch
 
 
 def _track_best(state, value: float, higher_is_better: bool, patience: int) -> str | None:

@@ -4,7 +4,9 @@ On a host without a GPU, a plain `Accelerator()` under a multi-process launch
 reports rank 0 of 1 on every rank and skips DDP (shared/NOTES.md). So:
 - CPU, several processes, no DeepSpeed: `Accelerator(cpu=True)` -> MULTI_CPU, DDP.
 - CPU with DeepSpeed: a gloo process group via InitProcessGroupKwargs (cpu=True
-  would silently drop DeepSpeed).
+  would silently drop DeepSpeed), and a DeepSpeedPlugin built from the JSON with
+  every "auto" filled from the run config (launcher.distributed).
+- FSDP on CPU is refused: accelerate only turns FSDP on for GPU process groups.
 After construction the ranks are checked against torch.distributed itself.
 """
 
@@ -13,10 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from launcher.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from launcher.distributed import LaunchConfig
 
 
 def env_world_size() -> int:
@@ -24,8 +30,9 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _deepspeed_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+def env_rank() -> int:
+    """Global rank before any process group exists (0 outside a multi-process launch)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 @dataclass
@@ -36,6 +43,8 @@ class Runtime:
     world_size: int
     num_nodes: int
     distributed_type: str
+    zero_stage: int | None = None
+    zero3_init: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -72,6 +81,38 @@ class Runtime:
 
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
+    @contextlib.contextmanager
+    def model_init(self, random_weights: bool):
+        """Where the model is built. Under ZeRO-3 transformers builds it inside
+        deepspeed.zero.Init, each rank allocating only its shard: right for pretrained
+        weights, but a random init drawn that way differs from a single process's.
+        So random inits (and zero3_init_flag: false) build whole; the engine shards at prepare.
+        """
+        plugin = self.accelerator.state.deepspeed_plugin if self.zero_stage == 3 else None
+        if plugin is None or (self.zero3_init and not random_weights):
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # accelerate 1.15's zero3_init_context_manager(False) leaves it set
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
+
+    def parameter_counts(self, model) -> tuple[int, list[int]]:
+        """(full parameter count, elements held by each rank). A collective: every rank calls it.
+
+        Under ZeRO-3 a parameter's local tensor is a shard (`ds_tensor`) and `numel()` is 0;
+        `ds_numel` is its full size.
+        """
+        import torch
+
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        held = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in model.parameters())
+        per_rank = self.accelerator.gather(torch.tensor([held], device=self.device))
+        return total, [int(x) for x in per_rank.tolist()]
+
     def facts(self) -> dict:
         return {
             "rank": self.rank,
@@ -79,6 +120,7 @@ class Runtime:
             "world_size": self.world_size,
             "num_nodes": self.num_nodes,
             "distributed_type": self.distributed_type,
+            "zero_stage": self.zero_stage,
             "device": str(self.device),
         }
 
@@ -91,20 +133,47 @@ class _NoBar:
         pass
 
 
-def build_runtime(precision: str, gradient_accumulation_steps: int) -> Runtime:
+def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
+    """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
+
+    `launch` defaults to what `accelerate launch` exported into the environment.
+    """
+    from datetime import timedelta
+
+    from launcher import distributed
+
+    t = cfg.train
+    launch = launch or distributed.from_env()
+    distributed.check_or_raise(cfg, launch)  # before any process group starts
+
+    import warnings
+
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+    # DeepSpeed 0.19 calls c10d APIs that torch 2.13 deprecates, once per bucket per step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     has_gpu = torch.cuda.is_available()
-    if precision == "fp16" and not has_gpu:
+    if t.precision == "fp16" and not has_gpu:
         raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    kwargs: dict = {"mixed_precision": precision, "gradient_accumulation_steps": gradient_accumulation_steps}
-    if not has_gpu and env_world_size() > 1:
-        if _deepspeed_requested():
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-        else:
+    if launch.distributed_type == distributed.FSDP and not has_gpu:
+        raise ConfigError(
+            f"{launch.source}: distributed_type FSDP needs CUDA GPUs (accelerate enables FSDP only on GPU "
+            "process groups); rehearse sharded training on CPU with configs/accelerate/deepspeed_zero3.yaml"
+        )
+    world = env_world_size()
+    accumulation = t.global_batch_size // (t.micro_batch_size * world)
+    kwargs: dict = {"mixed_precision": t.precision, "gradient_accumulation_steps": accumulation}
+    timeout = timedelta(seconds=t.collective_timeout_s)
+    if world > 1:
+        # On a GPU-less host the backend must be named: accelerate would otherwise pick none.
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=None if has_gpu else "gloo", timeout=timeout)]
+        if not has_gpu and not launch.uses_deepspeed:
             kwargs["cpu"] = True
+    if launch.uses_deepspeed:
+        ds_config, _ = distributed.resolve_deepspeed(cfg, launch)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=launch.zero3_init)
     accelerator = Accelerator(**kwargs)
     rank, world = accelerator.process_index, accelerator.num_processes
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -115,6 +184,8 @@ def build_runtime(precision: str, gradient_accumulation_steps: int) -> Runtime:
             )
     elif env_world_size() > 1:
         raise RuntimeError(f"WORLD_SIZE={env_world_size()} but no process group was started")
+    if launch.uses_deepspeed and str(accelerator.distributed_type).split(".")[-1] != distributed.DEEPSPEED:
+        raise RuntimeError(f"DeepSpeed was requested but accelerate set up {accelerator.distributed_type}")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return Runtime(
         accelerator=accelerator,
@@ -123,4 +194,6 @@ def build_runtime(precision: str, gradient_accumulation_steps: int) -> Runtime:
         world_size=world,
         num_nodes=max(1, world // max(local_world, 1)),
         distributed_type=str(accelerator.distributed_type).split(".")[-1],
+        zero_stage=launch.zero_stage if launch.uses_deepspeed else None,
+        zero3_init=bool(accelerator.state.deepspeed_plugin.zero3_init_flag) if launch.uses_deepspeed else False,
     )

@@ -210,6 +210,7 @@ def run_tags(facts: dict) -> dict:
         "num_nodes": str(facts["num_nodes"]),
         "distributed_type": facts["distributed_type"],
         "device": facts["device"],
+        **({"zero_stage": str(facts["zero_stage"])} if facts.get("zero_stage") is not None else {}),
     }
     if commit := git_commit():
         tags["git_commit"] = commit

@@ -117,5 +117,9 @@ class StepSampler:
         mine = order[start : start + per_rank].tolist()
         return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
 
+    def microbatch_index(self, k: int) -> int:
+        """Position of this rank's k-th micro-batch within the global batch, the same under any world size."""
+        return self.rank * self.accumulation + k
+
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

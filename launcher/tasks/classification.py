@@ -60,32 +60,67 @@ def load_tokenizer(cfg: RunConfig, tokenizer_dir: Path, train_texts: list[str] |
     return tok
 
 
+def random_init(cfg: RunConfig) -> bool:
+    """True when the model starts from random weights rather than a pretrained checkpoint."""
+    return cfg.model.name == TINY_MODEL
+
+
 def label_maps(label_names: list[str]) -> dict:
     return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
-def build_model(cfg: RunConfig, tokenizer):
-    from transformers import AutoModelForSequenceClassification, BertConfig
+def _problem_type(cfg: RunConfig) -> str:
+    return "multi_label_classification" if cfg.data.mode == "multilabel" else "single_label_classification"
+
+
+def tiny_config(cfg: RunConfig, vocab_size: int, pad_token_id: int):
+    from transformers import BertConfig
+
+    t, names = cfg.model.tiny, cfg.data.resolved_label_names()
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=max(cfg.data.max_length, 16),
+        hidden_dropout_prob=t.dropout,
+        attention_probs_dropout_prob=t.dropout,
+        pad_token_id=pad_token_id,
+        num_labels=len(names),
+        problem_type=_problem_type(cfg),
+        **label_maps(names),
+    )
+
+
+def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
+    """(parameter count, where it came from) without loading weights: the model is built
+    on the meta device from its config. None when the config cannot be read offline."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     names = cfg.data.resolved_label_names()
-    problem = "multi_label_classification" if cfg.data.mode == "multilabel" else "single_label_classification"
     if cfg.model.name == TINY_MODEL:
-        t = cfg.model.tiny
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=max(cfg.data.max_length, 16),
-            hidden_dropout_prob=t.dropout,
-            attention_probs_dropout_prob=t.dropout,
-            pad_token_id=tokenizer.pad_token_id,
-            num_labels=len(names),
-            problem_type=problem,
-            **label_maps(names),
-        )
-        return AutoModelForSequenceClassification.from_config(config)
+        config = tiny_config(cfg, cfg.model.tiny.vocab_size, 0)
+        source = f"tiny BERT, vocabulary at most {cfg.model.tiny.vocab_size}"
+    else:
+        try:
+            config = _from_hub(AutoConfig, cfg.model.name, num_labels=len(names))
+        except ConfigError as e:
+            return None, e.problems[0]
+        source = f"config of {cfg.model.name}"
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return sum(p.numel() for p in model.parameters()), source
+
+
+def build_model(cfg: RunConfig, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    names = cfg.data.resolved_label_names()
+    if cfg.model.name == TINY_MODEL:
+        return AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id))
+    problem = _problem_type(cfg)
     model = _from_hub(
         AutoModelForSequenceClassification,
         cfg.model.name,

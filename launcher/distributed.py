@@ -1,0 +1,340 @@
+"""The launch side of a run: accelerate YAML + DeepSpeed JSON, read, cross-checked, resolved.
+
+The run config owns every number (micro/global batch, accumulation, clipping,
+precision); the DeepSpeed JSON owns the sharding policy and says "auto" for those
+numbers; the accelerate YAML says how many processes on how many machines and
+which engine. `check` finds every contradiction between the three before any
+process group starts (one line each, naming the file and key), and
+`resolve_deepspeed` fills each "auto" from the run config, so the engine never
+falls back to a default of its own (accelerate would fill gradient_clipping with 1.0).
+
+Two readers build the same `LaunchConfig`: `from_yaml` (for `launcher plan` and
+scripts) and `from_env` (inside `accelerate launch`, from the variables it exports).
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import ConfigError
+
+AUTO = "auto"
+DEEPSPEED, FSDP = "DEEPSPEED", "FSDP"
+# Keys of an accelerate YAML's deepspeed_config that duplicate a DeepSpeed JSON key:
+# accelerate refuses them next to deepspeed_config_file, so the JSON is their only home.
+YAML_DS_KEYS = {
+    "zero_stage": "zero_optimization.stage",
+    "offload_optimizer_device": "zero_optimization.offload_optimizer.device",
+    "offload_param_device": "zero_optimization.offload_param.device",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "gradient_clipping",
+    "zero3_save_16bit_model": "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+}
+_ENV_DS = {  # what `accelerate launch` exports for each deepspeed_config key
+    "zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+    "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+    "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+    "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
+    "zero3_save_16bit_model": "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL",
+}
+# Sections the run config owns: launcher builds AdamW and the LR schedule from train.*.
+_OWNED_SECTIONS = {"optimizer": "train.lr / train.weight_decay", "scheduler": "train.scheduler / train.warmup_*"}
+
+
+@dataclass
+class LaunchConfig:
+    source: str  # the accelerate YAML, or a description of the launch environment
+    distributed_type: str = "NO"  # NO | MULTI_CPU | MULTI_GPU | DEEPSPEED | FSDP
+    num_processes: int = 1  # world size, all machines together
+    num_machines: int = 1
+    mixed_precision: str = "no"
+    ds_source: str | None = None  # the DeepSpeed JSON (or the YAML, when its keys define the config)
+    ds: dict | None = None  # the DeepSpeed config as written, "auto" intact
+    ds_yaml_fields: dict = field(default_factory=dict)  # YAML keys that duplicate the JSON
+    zero3_init: bool | None = None
+    fsdp: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # found while reading the files
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.distributed_type == DEEPSPEED
+
+    @property
+    def zero_stage(self) -> int | None:
+        return _get(self.ds, "zero_optimization.stage") if self.ds else None
+
+    def ds_where(self, key: str) -> str:
+        return f"{self.ds_source}: {key}"
+
+    @property
+    def processes_per_machine(self) -> int:
+        return max(1, self.num_processes // max(1, self.num_machines))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _get(tree: dict | None, dotted: str, default=None):
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def read_deepspeed_json(path: str, named_by: str) -> tuple[dict | None, list[str]]:
+    p = Path(path)
+    if not p.is_file():
+        return None, [f"{named_by}: {path}: file not found (relative paths are read from the working directory)"]
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        return None, [f"{path}:{e.lineno}: invalid JSON: {e.msg}"]
+    if not isinstance(data, dict):
+        return None, [f"{path}: expected a JSON object"]
+    return data, []
+
+
+def _ds_from_yaml_keys(fields: dict) -> dict:
+    """The DeepSpeed config accelerate builds when the YAML gives keys instead of a JSON file."""
+    ds: dict = {
+        "train_batch_size": AUTO,
+        "train_micro_batch_size_per_gpu": AUTO,
+        "gradient_accumulation_steps": fields.get("gradient_accumulation_steps", AUTO),
+        "gradient_clipping": fields.get("gradient_clipping", AUTO),
+        "bf16": {"enabled": AUTO},
+        "fp16": {"enabled": AUTO},
+        "zero_optimization": {"stage": int(fields.get("zero_stage", 2))},
+    }
+    for key in ("offload_optimizer_device", "offload_param_device"):
+        if str(fields.get(key, "none")).lower() != "none":
+            _set(ds, YAML_DS_KEYS[key], str(fields[key]).lower())
+    if str(fields.get("zero3_save_16bit_model", "false")).lower() == "true":
+        _set(ds, YAML_DS_KEYS["zero3_save_16bit_model"], True)
+    return ds
+
+
+def _attach_deepspeed(launch: LaunchConfig, fields: dict, config_file: str | None, label: str) -> None:
+    """Fill the DeepSpeed side of `launch` from deepspeed_config fields (YAML or environment)."""
+    if config_file:
+        launch.ds_source = config_file
+        launch.ds, problems = read_deepspeed_json(config_file, f"{label}deepspeed_config_file")
+        launch.problems += problems
+        launch.ds_yaml_fields = {k: v for k, v in fields.items() if k in YAML_DS_KEYS}
+    else:
+        launch.ds_source = f"{launch.source} (deepspeed_config)"
+        launch.ds = _ds_from_yaml_keys(fields)
+
+
+def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: int | None = None) -> LaunchConfig:
+    """Read an accelerate config file; --num_processes/--num_machines style overrides win."""
+    path = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--accelerate-config: {path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of accelerate settings")
+    launch = LaunchConfig(
+        source=path,
+        distributed_type=str(data.get("distributed_type", "NO")).upper(),
+        num_machines=int(num_machines or data.get("num_machines") or 1),
+        mixed_precision=str(data.get("mixed_precision") or "no").lower(),
+    )
+    launch.num_processes = int(num_processes or data.get("num_processes") or 1)
+    if data.get("use_cpu") and launch.distributed_type in ("MULTI_GPU",):
+        launch.distributed_type = "MULTI_CPU"
+    ds_fields = dict(data.get("deepspeed_config") or {})
+    if launch.uses_deepspeed:
+        _attach_deepspeed(launch, ds_fields, ds_fields.get("deepspeed_config_file"), f"{path}: deepspeed_config.")
+        launch.zero3_init = ds_fields.get("zero3_init_flag")
+    else:
+        for key in ("offload_optimizer_device", "offload_param_device"):
+            if str(ds_fields.get(key, "none")).lower() != "none":
+                launch.problems.append(
+                    f"{path}: deepspeed_config.{key} is {ds_fields[key]} but distributed_type is "
+                    f"{launch.distributed_type}: offload needs DeepSpeed (use deepspeed_zero3_offload.yaml)"
+                )
+    launch.fsdp = dict(data.get("fsdp_config") or {})
+    return launch
+
+
+def _parent_config_file() -> str | None:
+    """The --config_file given to `accelerate launch` (our parent process), for error messages."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        if arg in ("--config_file", "--config-file") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(("--config_file=", "--config-file=")):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def from_env(environ: dict | None = None) -> LaunchConfig:
+    """What `accelerate launch` / torchrun told this process, in the same shape as from_yaml."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    source = (_parent_config_file() if environ is None else None) or "accelerate launch"
+    launch = LaunchConfig(
+        source=source,
+        num_processes=world,
+        num_machines=max(1, world // max(1, local_world)),
+        mixed_precision=env.get("ACCELERATE_MIXED_PRECISION", "no").lower(),
+    )
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        launch.distributed_type = DEEPSPEED
+        # Set from the YAML or from flags such as --zero_stage; next to a JSON file each one
+        # is a contradiction or a duplicate (accelerate ignores or refuses it).
+        fields = {k: env[v] for k, v in _ENV_DS.items() if v in env}
+        _attach_deepspeed(launch, fields, env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"), f"{source}: deepspeed_config.")
+        if "ACCELERATE_DEEPSPEED_ZERO3_INIT" in env:
+            launch.zero3_init = env["ACCELERATE_DEEPSPEED_ZERO3_INIT"].lower() == "true"
+    elif env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        launch.distributed_type = FSDP
+    elif world > 1:
+        launch.distributed_type = "MULTI_GPU"  # the runtime decides CPU vs GPU; the checks do not care
+    return launch
+
+
+# ---------------------------------------------------------------- checking
+
+
+def _num(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check(cfg, launch: LaunchConfig) -> list[str]:
+    """Every contradiction between run config, accelerate YAML and DeepSpeed JSON; one line each."""
+    problems = list(launch.problems)
+    t = cfg.train
+    world = launch.num_processes
+    if launch.mixed_precision in ("bf16", "fp16") and launch.mixed_precision != t.precision:
+        problems.append(
+            f"{launch.source}: mixed_precision is {launch.mixed_precision} but train.precision is {t.precision} "
+            "(the run config decides precision: remove it here or set train.precision)"
+        )
+    if launch.distributed_type == FSDP:
+        offload = str(launch.fsdp.get("fsdp_offload_params", "false")).lower() == "true"
+        if offload and launch.ds is not None:
+            problems.append(f"{launch.source}: fsdp_config with deepspeed_config: pick one engine")
+    if not launch.uses_deepspeed or launch.ds is None:
+        return problems
+
+    ds, where = launch.ds, launch.ds_where
+    for key, value in launch.ds_yaml_fields.items():
+        json_key = YAML_DS_KEYS[key]
+        in_json = _get(ds, json_key)
+        clash = (
+            f"is {value} but {launch.ds_source} sets {json_key} to {json.dumps(in_json)}"
+            if in_json not in (None, AUTO) and str(in_json).lower() != str(value).lower()
+            else f"duplicates {launch.ds_source} ({json_key}); accelerate refuses both"
+        )
+        problems.append(f"{launch.source}: deepspeed_config.{key} {clash}: keep it in the JSON only")
+    for section, owner in _OWNED_SECTIONS.items():
+        if section in ds:
+            problems.append(f"{where(section)}: the run config owns this ({owner}); remove the section")
+    if "zero_optimization" not in ds:
+        problems.append(f"{where('zero_optimization')}: missing (set at least its stage)")
+        return problems
+    stage = _get(ds, "zero_optimization.stage")
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{where('zero_optimization.stage')}: {json.dumps(stage)} is not a ZeRO stage (0, 1, 2 or 3)")
+        return problems
+    if world > 0 and t.global_batch_size % (t.micro_batch_size * world) == 0:
+        accumulation = t.global_batch_size // (t.micro_batch_size * world)
+        numbers = {
+            "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+            "gradient_accumulation_steps": (accumulation, f"derived from train.global_batch_size / (train.micro_batch_size x {world} processes)"),
+            "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
+            "gradient_clipping": (t.max_grad_norm or 0.0, "train.max_grad_norm"),
+        }
+        for key, (ours, owner) in numbers.items():
+            value = ds.get(key, AUTO)
+            if value != AUTO and _num(value) != float(ours):
+                problems.append(f"{where(key)}: {json.dumps(value)} but the run has {ours} ({owner}); use \"auto\"")
+    for dtype in ("bf16", "fp16"):
+        enabled = _get(ds, f"{dtype}.enabled", AUTO)
+        if enabled == AUTO:
+            continue
+        if bool(enabled) and t.precision != dtype:
+            problems.append(f"{where(dtype + '.enabled')}: true but train.precision is {t.precision}; use \"auto\"")
+        if not bool(enabled) and t.precision == dtype:
+            problems.append(f"{where(dtype + '.enabled')}: false but train.precision is {dtype}; use \"auto\"")
+    offload_param = str(_get(ds, "zero_optimization.offload_param.device", "none")).lower()
+    offload_opt = str(_get(ds, "zero_optimization.offload_optimizer.device", "none")).lower()
+    if offload_param != "none" and stage != 3:
+        problems.append(f"{where('zero_optimization.offload_param')}: parameter offload needs stage 3 (stage is {stage})")
+    if offload_opt != "none" and stage == 0:
+        problems.append(f"{where('zero_optimization.offload_optimizer')}: optimizer offload needs stage 1, 2 or 3")
+    if stage == 3 and _get(ds, YAML_DS_KEYS["zero3_save_16bit_model"]) is not True:
+        key = "deepspeed_config.zero3_save_16bit_model" if launch.ds_source.endswith("(deepspeed_config)") else YAML_DS_KEYS["zero3_save_16bit_model"]
+        src = launch.source if launch.ds_source.endswith("(deepspeed_config)") else launch.ds_source
+        problems.append(f"{src}: {key} must be true under ZeRO-3: the final export gathers the whole model")
+    return problems
+
+
+def check_or_raise(cfg, launch: LaunchConfig) -> None:
+    problems = check(cfg, launch)
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---------------------------------------------------------------- resolving "auto"
+
+
+def resolve_deepspeed(cfg, launch: LaunchConfig) -> tuple[dict, list[tuple[str, Any, str]]]:
+    """The DeepSpeed config with every run-owned "auto" filled; and (key, value, from) for each fill.
+
+    Size-based keys (reduce_bucket_size, stage3_*) stay "auto": accelerate derives
+    them from the model's hidden size when the engine starts.
+    """
+    t = cfg.train
+    ds = copy.deepcopy(launch.ds or {})
+    accumulation = t.global_batch_size // (t.micro_batch_size * launch.num_processes)
+    fills = {
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (accumulation, f"train.global_batch_size / (micro x {launch.num_processes} processes)"),
+        "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
+        "gradient_clipping": (float(t.max_grad_norm or 0.0), "train.max_grad_norm (0 = off)"),
+        "bf16.enabled": (t.precision == "bf16", "train.precision"),
+        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+    }
+    resolved = []
+    for key, (value, owner) in fills.items():
+        if _get(ds, key, AUTO) == AUTO:
+            _set(ds, key, value)
+            resolved.append((key, value, owner))
+    for key in ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                "zero_optimization.stage3_param_persistence_threshold"):
+        if _get(ds, key) == AUTO:
+            formula = {"reduce_bucket_size": "hidden_size^2", "stage3_prefetch_bucket_size": "0.9 x hidden_size^2",
+                       "stage3_param_persistence_threshold": "10 x hidden_size"}[key.split(".")[-1]]
+            resolved.append((key, AUTO, f"accelerate at start: {formula} of the model"))
+    return ds, resolved

@@ -1,0 +1,176 @@
+"""`launcher plan`: what a launch will do, computed without starting any process group.
+
+World size, batch arithmetic, steps, each DeepSpeed "auto" and what fills it, a
+per-GPU memory estimate for model states under each ZeRO stage, and the exact
+commands to run it. It validates the run config, accelerate YAML and DeepSpeed
+JSON together first, so it doubles as a pre-flight check (exit 2 on a contradiction).
+
+Memory for model states follows the ZeRO paper (Rajbhandari et al., 2020, sec. 3/5):
+with mixed precision and Adam a parameter costs 2 bytes (16-bit weights) + 2 (16-bit
+gradients) + 12 (fp32 master weights, momentum, variance); in full fp32 it costs
+4 + 4 + 8 (no master copy). Over N data-parallel ranks, stage 1 divides the
+optimizer states by N, stage 2 also the gradients, stage 3 also the weights.
+Activations, buffers and fragmentation come on top and are not estimated.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher import distributed
+from launcher.config import RunConfig
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+@dataclass
+class BytesPerParam:
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def bytes_per_param(stage: int, world: int, sixteen_bit: bool, offload_optimizer: bool = False,
+                    offload_params: bool = False) -> tuple[BytesPerParam, BytesPerParam]:
+    """(on each GPU, in host memory) bytes per parameter for one rank's model states."""
+    p, g, o = (2.0, 2.0, 12.0) if sixteen_bit else (4.0, 4.0, 8.0)
+    if stage >= 1:
+        o /= world
+    if stage >= 2:
+        g /= world
+    if stage >= 3:
+        p /= world
+    host = BytesPerParam(0.0, 0.0, 0.0)
+    if offload_optimizer:
+        host.optimizer, o = o, 0.0
+    if offload_params:
+        host.params, p = p, 0.0
+    return BytesPerParam(p, g, o), host
+
+
+def _fmt_frac(full: float, stage_divides: bool, world: int) -> str:
+    return f"{full:g}/{world}" if stage_divides and world > 1 else f"{full:g}"
+
+
+def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool, offload_optimizer: bool,
+                 offload_params: bool, engine: str) -> list[str]:
+    p, g, o = (2, 2, 12) if sixteen_bit else (4, 4, 8)
+    kind = ("16-bit weights and grads, fp32 master + Adam m, v" if sixteen_bit
+            else "fp32 weights, grads and Adam m, v")
+    lines = [f"bytes per parameter ({kind}): params {p} + grads {g} + optimizer {o} = {p + g + o}",
+             f"  {'stage':<10}{'params':>8}{'grads':>8}{'optim':>8}{'B/param':>9}{'per GPU':>12}"]
+    for s in range(4):
+        here, _ = bytes_per_param(s, world, sixteen_bit)
+        size = _size(n_params * here.total) if n_params else "?"
+        mark = "  <- this run" if s == stage else ""
+        name = f"{s} (DDP)" if s == 0 else str(s)
+        lines.append(f"  {name:<10}{_fmt_frac(p, s >= 3, world):>8}{_fmt_frac(g, s >= 2, world):>8}"
+                     f"{_fmt_frac(o, s >= 1, world):>8}{here.total:>9.3g}{size:>12}{mark}")
+    here, host = bytes_per_param(stage, world, sixteen_bit, offload_optimizer, offload_params)
+    if n_params:
+        lines.append(
+            f"this run ({engine}): {n_params:,} params x {here.total:.3g} B = {_size(n_params * here.total)} "
+            f"per GPU for model states"
+            + (f", {_size(n_params * host.total)} per rank in host memory (offload)" if host.total else "")
+        )
+    else:
+        lines.append("this run: parameter count unknown, so no totals (see 'model' above)")
+    lines.append("not included: activations (grow with micro batch x sequence length), buffers, fragmentation")
+    return lines
+
+
+def _rows(cfg: RunConfig) -> tuple[int | None, str]:
+    d = cfg.data
+    if d.synthetic.enabled:
+        return d.synthetic.n_train, "synthetic"
+    if d.train_file is None:
+        return None, f"{d.hub_dataset}/{d.hub_config} (hub; counted when the run starts)"
+    from launcher.data.clauses import load_split
+    from launcher.errors import UserError
+
+    try:
+        texts, _ = load_split(d, "train", d.train_file)
+    except UserError as e:
+        return None, e.problems[0]
+    return len(texts), d.train_file
+
+
+def launch_commands(config_path: str, overrides: list[str], accelerate_config: str | None, launch) -> list[str]:
+    tail = ["-m", "launcher", "train", config_path, *overrides]
+    if accelerate_config is None and launch.num_processes == 1:
+        return [shlex.join(["launcher", "train", config_path, *overrides])]
+    cmd = ["accelerate", "launch"]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    else:
+        cmd += ["--multi_gpu"]
+    cmd += ["--num_machines", str(launch.num_machines), "--num_processes", str(launch.num_processes)]
+    if launch.num_machines > 1:
+        cmd += ["--machine_rank", "NODE_RANK", "--main_process_ip", "HEAD_NODE", "--main_process_port", "29500"]
+    out = [shlex.join(cmd + tail).replace("NODE_RANK", "$NODE_RANK").replace("HEAD_NODE", "$HEAD_NODE")]
+    if launch.num_machines > 1:
+        out.append(f"  (on every node; NODE_RANK 0..{launch.num_machines - 1}, HEAD_NODE = address of node 0)")
+    if Path("slurm/train.sh").is_file():
+        env = []
+        if accelerate_config:
+            env.append(f"ACCELERATE_CONFIG={accelerate_config}")
+        env.append(f"GPUS_PER_NODE={launch.processes_per_machine}")
+        out.append(shlex.join([*env, "sbatch", "--nodes", str(launch.num_machines), "slurm/train.sh", config_path, *overrides]))
+    return out
+
+
+def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
+         launch: "distributed.LaunchConfig") -> str:
+    from launcher.tasks import classification as task
+
+    t = cfg.train
+    world = launch.num_processes
+    accumulation = t.global_batch_size // (t.micro_batch_size * world)
+    stage = launch.zero_stage if launch.uses_deepspeed else (3 if launch.distributed_type == distributed.FSDP else 0)
+    engine = {distributed.DEEPSPEED: f"DeepSpeed ZeRO-{stage}", distributed.FSDP: "FSDP (full shard ~ ZeRO-3)"}.get(
+        launch.distributed_type, "DDP" if world > 1 else "single process")
+    lines = [f"run        {config_path}  ({cfg.task}, model {cfg.model.name}, precision {t.precision})",
+             f"launch     {accelerate_config or 'no accelerate config'}: {engine}, "
+             f"{launch.num_machines} node(s) x {launch.processes_per_machine} process(es) = world size {world}",
+             f"batch      global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accumulation} "
+             f"x {world} process(es)"]
+    rows, source = _rows(cfg)
+    if rows is not None:
+        per_epoch = rows // t.global_batch_size
+        total = t.max_steps or t.epochs * per_epoch
+        how = f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs} epochs"
+        lines.append(f"steps      {rows:,} rows ({source}) / {t.global_batch_size} = {per_epoch:,} steps per epoch; "
+                     f"{how} -> {total:,} optimizer steps")
+    else:
+        lines.append(f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: rows of {source}")
+    if launch.uses_deepspeed:
+        _, fills = distributed.resolve_deepspeed(cfg, launch)
+        lines.append(f"deepspeed  {launch.ds_source}, \"auto\" resolved:")
+        width = max(len(k) for k, _, _ in fills) if fills else 0
+        for key, value, owner in fills:
+            shown = "auto" if value == distributed.AUTO else str(value).lower() if isinstance(value, bool) else value
+            lines.append(f"             {key:<{width}} = {shown}  ({owner})")
+    n_params, where = task.count_parameters(cfg)
+    lines.append(f"model      {n_params:,} parameters ({where})" if n_params else f"model      parameters unknown: {where}")
+    sixteen = launch.uses_deepspeed and t.precision in ("bf16", "fp16")
+    ds = launch.ds or {}
+    offload_opt = str(distributed._get(ds, "zero_optimization.offload_optimizer.device", "none")).lower() != "none"
+    offload_par = str(distributed._get(ds, "zero_optimization.offload_param.device", "none")).lower() != "none"
+    offloaded = [name for name, on in (("optimizer", offload_opt), ("params", offload_par)) if on]
+    if offloaded:
+        engine += f" + CPU offload of {' and '.join(offloaded)}"
+    lines.append("memory     per GPU, model states only:")
+    lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
+    lines.append("command")
+    lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch)]
+    return "\n".join(lines)
