@@ -303,7 +303,7 @@ def check(cfg, launch: LaunchConfig) -> list[str]:
 def check_or_raise(cfg, launch: LaunchConfig) -> None:
     problems = check(cfg, launch)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(*problems)
 
 
 # ---------------------------------------------------------------- resolving "auto"

@@ -97,7 +97,7 @@ def train(cfg: RunConfig) -> dict:
     data = None if cfg.data.synthetic.enabled else _read_splits(cfg, cfg.data.train_file, cfg.data.validation_file)
     rt.barrier()  # every rank has decided before rank 0 creates anything
     run_dir = _prepare_run_dir(cfg, rt, resume_from)
-    rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es), {rt.distributed_type}, {rt.device})")
+    rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
     if resume_from is not None:
         rt.print(f"resuming from {resume_from}")
 
@@ -112,6 +112,8 @@ def train(cfg: RunConfig) -> dict:
     with rt.main_first():
         train_ds = batching.tokenize(train_texts, train_targets, tokenizer, cfg.data.max_length, cache)
         val_ds = batching.tokenize(val_texts, val_targets, tokenizer, cfg.data.max_length, cache)
+    rt.write_rank_file(run_dir, collective_timeout_s=t.collective_timeout_s,
+                       tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache})
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun

@@ -13,10 +13,12 @@ After construction the ranks are checked against torch.distributed itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from launcher.errors import ConfigError
@@ -112,6 +114,29 @@ class Runtime:
         held = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in model.parameters())
         per_rank = self.accelerator.gather(torch.tensor([held], device=self.device))
         return total, [int(x) for x in per_rank.tolist()]
+
+    def write_rank_file(self, run_dir: Path, **extra) -> None:
+        """RUN/ranks/rank-N.json from every rank: what this process really was (the launch's
+        view next to torch.distributed's), so a multi-process run can be audited after the fact."""
+        import socket
+
+        import torch
+
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        facts = self.facts() | {
+            "node_rank": int(os.environ.get("GROUP_RANK", self.rank // max(1, self.world_size // self.num_nodes))),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "torch_distributed": {
+                "rank": torch.distributed.get_rank() if dist else None,
+                "world_size": torch.distributed.get_world_size() if dist else None,
+                "backend": str(torch.distributed.get_backend()) if dist else None,
+            },
+            **extra,
+        }
+        out = run_dir / "ranks" / f"rank-{self.rank:05d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(facts, indent=1))
 
     def facts(self) -> dict:
         return {

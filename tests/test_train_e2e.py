@@ -207,3 +207,24 @@ def test_early_stopping_under_bf16(tmp_path):
     assert r.info.status == "FINISHED"
     assert r.data.params["train.precision"] == "bf16"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/macro_f1")] == [0, 2, 4]
+
+
+def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_path):
+    _, run = trained_binary
+    ckpt = run / "checkpoints" / "step-000100"
+    out = tmp_path / "exported"
+    proc = check(launcher("export", str(ckpt), str(out)))
+    assert "model.safetensors" in proc.stdout  # read from Accelerate's single-process state
+    exported, final = load_file(out / "model.safetensors"), _weights(run)
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    for name in ("config.json", "tokenizer.json", "launcher.json"):
+        assert (out / name).is_file()
+    # Never overwrite, never read a half-written checkpoint: exit 2, one line, nothing touched.
+    again = launcher("export", str(ckpt), str(out))
+    assert again.returncode == 2 and again.stderr.strip() == f"error: {out}: already exists; choose a new output directory"
+    partial = tmp_path / "step-000007"
+    partial.mkdir()
+    bad = launcher("export", str(partial), str(tmp_path / "x"))
+    assert bad.returncode == 2 and "not a complete checkpoint (no COMPLETE marker)" in bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -41,9 +41,10 @@ def cache_key(texts: list[str], targets: list, tokenizer, max_length: int) -> st
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    def __init__(self, input_ids: list[list[int]], targets: torch.Tensor):
+    def __init__(self, input_ids: list[list[int]], targets: torch.Tensor, from_cache: bool = False):
         self.input_ids = input_ids
         self.targets = targets
+        self.from_cache = from_cache  # read from the token cache rather than tokenized here
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -63,7 +64,7 @@ def tokenize(texts, targets, tokenizer, max_length: int, cache_dir: str | Path |
     if cache_dir is not None:
         path = Path(cache_dir) / f"tokenized-{cache_key(texts, targets, tokenizer, max_length)}.pt"
         if path.is_file():
-            return TokenizedDataset(torch.load(path)["input_ids"], targets_t)
+            return TokenizedDataset(torch.load(path)["input_ids"], targets_t, from_cache=True)
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,182 @@
+"""Accelerate YAML x DeepSpeed JSON x run config: reading, the cross-file validator, "auto", plan.
+
+Fast: no process group starts here. The multi-process runs are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher import distributed
+from launcher.cli import main
+from launcher.config import load_config
+from launcher.plan import bytes_per_param
+
+from conftest import CONFIGS, TINY
+
+ACCEL = CONFIGS / "accelerate"
+EXPECTED_YAMLS = {"cpu", "cpu_ddp", "single_gpu", "multi_gpu", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3",
+                  "deepspeed_zero3_offload", "fsdp", "multi_node"}
+
+
+def test_the_usual_set_of_accelerate_configs_ships():
+    assert {p.stem for p in ACCEL.glob("*.yaml")} == EXPECTED_YAMLS
+    assert {p.stem for p in (CONFIGS / "deepspeed").glob("*.json")} == {"zero1", "zero2", "zero3", "zero3_offload"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_YAMLS))
+def test_every_accelerate_config_agrees_with_the_tiny_run_on_two_processes(name, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # DeepSpeed JSON paths are relative to the repository root
+    launch = distributed.from_yaml(ACCEL / f"{name}.yaml", num_processes=2 if name not in ("cpu", "single_gpu") else None)
+    cfg = load_config(TINY, world_size=launch.num_processes)
+    assert distributed.check(cfg, launch) == []
+    if name.startswith("deepspeed"):
+        stage = int(name.removeprefix("deepspeed_zero")[0])
+        assert launch.uses_deepspeed and launch.zero_stage == stage
+        ds = launch.ds
+        # Policy only: every number the run config owns is "auto".
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+            assert ds[key] == "auto", key
+        assert ds["bf16"]["enabled"] == "auto" and "optimizer" not in ds and "scheduler" not in ds
+        if stage == 3:
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_auto_values_are_filled_from_the_run_config(monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    launch = distributed.from_yaml(ACCEL / "deepspeed_zero2.yaml", num_processes=2)
+    cfg = load_config(TINY, ["train.global_batch_size=64", "train.max_grad_norm=0.5", "train.precision=bf16"], world_size=2)
+    ds, fills = distributed.resolve_deepspeed(cfg, launch)
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 2  # 64 / (16 x 2 processes)
+    assert ds["train_batch_size"] == 64
+    assert ds["gradient_clipping"] == 0.5  # not accelerate's own default of 1.0
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 2  # policy untouched
+    assert {k for k, _, _ in fills} >= {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"}
+
+
+def _write(tmp_path, yaml_text: str, json_obj: dict | None = None):
+    if json_obj is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(json_obj, indent=1))
+    (tmp_path / "accel.yaml").write_text(yaml_text)
+    return tmp_path / "accel.yaml"
+
+
+def _ds(**changes) -> dict:
+    base = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
+    for dotted, value in changes.items():
+        node = base
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return base
+
+
+DS_YAML = "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  deepspeed_config_file: {json}\n"
+CONTRADICTIONS = {
+    "bf16 in JSON, fp32 run": (DS_YAML, _ds(bf16__enabled=True), [],
+                               "{json}: bf16.enabled: true but train.precision is no; use \"auto\""),
+    "micro batch disagrees": (DS_YAML, _ds(train_micro_batch_size_per_gpu=8), [],
+                              "{json}: train_micro_batch_size_per_gpu: 8 but the run has 16 (train.micro_batch_size); use \"auto\""),
+    "accumulation disagrees": (DS_YAML, _ds(gradient_accumulation_steps=4), [],
+                               "{json}: gradient_accumulation_steps: 4 but the run has 1 (derived from train.global_batch_size "
+                               "/ (train.micro_batch_size x 2 processes)); use \"auto\""),
+    "ZeRO stage in YAML vs JSON": (DS_YAML + "  zero_stage: 3\n", _ds(), [],
+                                   "{yaml}: deepspeed_config.zero_stage is 3 but {json} sets zero_optimization.stage to 2: "
+                                   "keep it in the JSON only"),
+    "offload without DeepSpeed": ("distributed_type: MULTI_GPU\nnum_processes: 2\ndeepspeed_config:\n  offload_optimizer_device: cpu\n",
+                                  None, [], "{yaml}: deepspeed_config.offload_optimizer_device is cpu but distributed_type is "
+                                  "MULTI_GPU: offload needs DeepSpeed (use deepspeed_zero3_offload.yaml)"),
+    "YAML precision vs run": ("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: bf16\n", None, [],
+                              "{yaml}: mixed_precision is bf16 but train.precision is no (the run config decides precision: "
+                              "remove it here or set train.precision)"),
+    "optimizer in JSON": (DS_YAML, _ds(optimizer={"type": "AdamW", "params": {"lr": 1e-4}}), [],
+                          "{json}: optimizer: the run config owns this (train.lr / train.weight_decay); remove the section"),
+    "param offload below stage 3": (DS_YAML, _ds(zero_optimization__offload_param={"device": "cpu"}), [],
+                                    "{json}: zero_optimization.offload_param: parameter offload needs stage 3 (stage is 2)"),
+    "ZeRO-3 without the 16-bit gather": (DS_YAML, _ds(zero_optimization__stage=3), [],
+                                         "{json}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true "
+                                         "under ZeRO-3: the final export gathers the whole model"),
+    "clipping disagrees": (DS_YAML, _ds(gradient_clipping=5.0), ["train.max_grad_norm=1.0"],
+                           "{json}: gradient_clipping: 5.0 but the run has 1.0 (train.max_grad_norm); use \"auto\""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
+def test_each_contradiction_is_one_line_naming_file_and_key(case, tmp_path, capsys):
+    yaml_text, ds, overrides, expected = CONTRADICTIONS[case]
+    accel = _write(tmp_path, yaml_text.format(json=tmp_path / "ds.json"), ds)
+    code = main(["plan", str(TINY), "--accelerate-config", str(accel), *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["error: " + expected.format(json=tmp_path / "ds.json", yaml=accel)]
+
+
+def test_bad_json_is_reported_with_its_line(tmp_path, capsys):
+    (tmp_path / "ds.json").write_text('{\n  "zero_optimization": {"stage": 2},\n  "bf16": {enabled: true}\n}\n')
+    accel = _write(tmp_path, DS_YAML.format(json=tmp_path / "ds.json"))
+    assert main(["plan", str(TINY), "--accelerate-config", str(accel)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'ds.json'}:3: invalid JSON: Expecting property name enclosed in double quotes"
+
+
+def test_missing_json_names_the_yaml_key(tmp_path, capsys):
+    accel = _write(tmp_path, DS_YAML.format(json=tmp_path / "nope.json"))
+    assert main(["plan", str(TINY), "--accelerate-config", str(accel)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {accel}: deepspeed_config.deepspeed_config_file: {tmp_path / 'nope.json'}: file not found "
+        "(relative paths are read from the working directory)")
+
+
+def test_environment_reader_sees_what_the_yaml_reader_sees(tmp_path):
+    """Inside `accelerate launch` the YAML is gone; its values arrive as variables. Same verdict."""
+    (tmp_path / "ds.json").write_text(json.dumps(_ds(zero_optimization__stage=3)))
+    env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true",
+           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "ds.json"), "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+           "ACCELERATE_CONFIG_DS_FIELDS": "deepspeed_config_file,zero_stage", "ACCELERATE_MIXED_PRECISION": "no"}
+    launch = distributed.from_env(env)
+    assert launch.uses_deepspeed and launch.num_processes == 2 and launch.zero_stage == 3
+    problems = distributed.check(load_config(TINY, world_size=2), launch)
+    assert any("deepspeed_config.zero_stage is 2 but" in p and "zero_optimization.stage to 3" in p for p in problems)
+
+
+def test_bytes_per_parameter_match_the_zero_paper():
+    """ZeRO (Rajbhandari et al. 2020), Figure 1: 7.5B parameters, Adam with mixed precision
+    (K=12), 64 GPUs: 120 GB baseline, 31.4 GB (P_os), 16.6 GB (P_os+g), 1.9 GB (P_os+g+p)."""
+    psi, n = 7.5e9, 64
+    expected_gb = {0: 120.0, 1: 31.4, 2: 16.6, 3: 1.9}
+    for stage, gb in expected_gb.items():
+        gpu, host = bytes_per_param(stage, n, sixteen_bit=True)
+        assert psi * gpu.total / 1e9 == pytest.approx(gb, abs=0.05), stage
+        assert host.total == 0
+    gpu, host = bytes_per_param(3, n, sixteen_bit=True, offload_optimizer=True, offload_params=True)
+    assert gpu.total == pytest.approx(2 / n) and host.total == pytest.approx(14 / n)  # only grads stay
+    assert bytes_per_param(0, 1, sixteen_bit=False)[0].total == 16  # fp32 Adam: 4 + 4 + 8
+
+
+def test_plan_prints_world_batch_autos_memory_and_command(capsys, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    code = main(["plan", str(TINY), "--accelerate-config", "configs/accelerate/deepspeed_zero3.yaml",
+                 "--nodes", "2", "--gpus-per-node", "8", "train.micro_batch_size=2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "DeepSpeed ZeRO-3, 2 node(s) x 8 process(es) = world size 16" in out
+    assert "global 32 = micro 2 x accumulation 1 x 16 process(es)" in out
+    assert "1,600 rows (synthetic) / 32 = 50 steps per epoch; 3 epochs -> 150 optimizer steps" in out
+    assert "train_micro_batch_size_per_gpu" in out and "= 2  (train.micro_batch_size)" in out
+    assert "gradient_clipping" in out and "= 1.0  (train.max_grad_norm" in out
+    # fp32 Adam over 16 ranks under ZeRO-3: (4 + 4 + 8) / 16 = 1 byte per parameter.
+    assert "4/16    4/16    8/16        1" in out and "<- this run" in out
+    assert ("accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_machines 2 "
+            "--num_processes 16 --machine_rank $NODE_RANK --main_process_ip $HEAD_NODE") in out
+
+
+def test_plan_refuses_a_world_size_the_global_batch_cannot_fill(capsys):
+    assert main(["plan", str(TINY), "--nodes", "2", "--gpus-per-node", "8"]) == 2
+    assert "train.global_batch_size: 32 is not divisible" in capsys.readouterr().err
