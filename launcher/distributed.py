@@ -61,7 +61,6 @@ class LaunchConfig:
     ds: dict | None = None  # the DeepSpeed config as written, "auto" intact
     ds_yaml_fields: dict = field(default_factory=dict)  # YAML keys that duplicate the JSON
     zero3_init: bool | None = None
-    fsdp: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # found while reading the files
 
     @property
@@ -162,8 +161,12 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
         mixed_precision=str(data.get("mixed_precision") or "no").lower(),
     )
     launch.num_processes = int(num_processes or data.get("num_processes") or 1)
-    if data.get("use_cpu") and launch.distributed_type in ("MULTI_GPU",):
-        launch.distributed_type = "MULTI_CPU"
+    if launch.num_processes > 1 and (data.get("use_cpu") or launch.distributed_type == "MULTI_CPU"):
+        launch.problems.append(
+            f"{path}: {'use_cpu: true' if data.get('use_cpu') else 'distributed_type: MULTI_CPU'} with num_processes "
+            f"{launch.num_processes}: accelerate launch starts ONE process; for CPU ranks use distributed_type: "
+            "MULTI_GPU without use_cpu (as configs/accelerate/cpu_ddp.yaml does)"
+        )
     ds_fields = dict(data.get("deepspeed_config") or {})
     if launch.uses_deepspeed:
         _attach_deepspeed(launch, ds_fields, ds_fields.get("deepspeed_config_file"), f"{path}: deepspeed_config.")
@@ -175,7 +178,6 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
                     f"{path}: deepspeed_config.{key} is {ds_fields[key]} but distributed_type is "
                     f"{launch.distributed_type}: offload needs DeepSpeed (use deepspeed_zero3_offload.yaml)"
                 )
-    launch.fsdp = dict(data.get("fsdp_config") or {})
     return launch
 
 
@@ -240,10 +242,6 @@ def check(cfg, launch: LaunchConfig) -> list[str]:
             f"{launch.source}: mixed_precision is {launch.mixed_precision} but train.precision is {t.precision} "
             "(the run config decides precision: remove it here or set train.precision)"
         )
-    if launch.distributed_type == FSDP:
-        offload = str(launch.fsdp.get("fsdp_offload_params", "false")).lower() == "true"
-        if offload and launch.ds is not None:
-            problems.append(f"{launch.source}: fsdp_config with deepspeed_config: pick one engine")
     if not launch.uses_deepspeed or launch.ds is None:
         return problems
 

@@ -104,6 +104,10 @@ CONTRADICTIONS = {
     "ZeRO-3 without the 16-bit gather": (DS_YAML, _ds(zero_optimization__stage=3), [],
                                          "{json}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true "
                                          "under ZeRO-3: the final export gathers the whole model"),
+    "MULTI_CPU starts one process": ("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n", None, [],
+                                     "{yaml}: use_cpu: true with num_processes 2: accelerate launch starts ONE process; "
+                                     "for CPU ranks use distributed_type: MULTI_GPU without use_cpu (as "
+                                     "configs/accelerate/cpu_ddp.yaml does)"),
     "clipping disagrees": (DS_YAML, _ds(gradient_clipping=5.0), ["train.max_grad_norm=1.0"],
                            "{json}: gradient_clipping: 5.0 but the run has 1.0 (train.max_grad_norm); use \"auto\""),
 }
@@ -180,3 +184,23 @@ def test_plan_prints_world_batch_autos_memory_and_command(capsys, monkeypatch):
 def test_plan_refuses_a_world_size_the_global_batch_cannot_fill(capsys):
     assert main(["plan", str(TINY), "--nodes", "2", "--gpus-per-node", "8"]) == 2
     assert "train.global_batch_size: 32 is not divisible" in capsys.readouterr().err
+
+
+def test_stack_fact_zero3_init_context_manager_does_not_turn_zero_init_off():
+    """accelerate 1.15: `zero3_init_context_manager(enable=False)` leaves transformers in
+    ZeRO-3 mode, so a model built inside it is still partitioned by zero.Init (whose random
+    init differs from a single process's). runtime.model_init unsets the HF DeepSpeed config
+    instead; the ZeRO-3 test in test_distributed.py shows the resulting weights match."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1},
+                             zero3_init_flag=True)
+    plugin.set_deepspeed_weakref()
+    try:
+        with plugin.zero3_init_context_manager(enable=False):
+            assert is_deepspeed_zero3_enabled()
+        unset_hf_deepspeed_config()
+        assert not is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()

@@ -228,3 +228,24 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
     bad = launcher("export", str(partial), str(tmp_path / "x"))
     assert bad.returncode == 2 and "not a complete checkpoint (no COMPLETE marker)" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_export_reads_the_fsdp_sharded_checkpoint_format(trained_binary, tmp_path):
+    """FSDP cannot run on CPU under accelerate (see README), so FSDP itself is not run here.
+    This pins the reader to the format: accelerate saves FSDP's SHARDED_STATE_DICT as
+    torch.distributed.checkpoint.save({"model": state_dict}) into pytorch_model_fsdp_0/."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    _, run = trained_binary
+    ckpt = tmp_path / "step-000100"
+    shutil.copytree(run / "checkpoints" / "step-000100" / "skeleton", ckpt / "skeleton")
+    final = _weights(run)
+    dcp.save({"model": final}, checkpoint_id=str(ckpt / "pytorch_model_fsdp_0"))
+    (ckpt / "COMPLETE").write_text("")
+    out = tmp_path / "exported"
+    proc = check(launcher("export", str(ckpt), str(out)))
+    assert "FSDP sharded state dict" in proc.stdout
+    exported = load_file(out / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
