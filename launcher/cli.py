@@ -1,4 +1,4 @@
-"""`launcher` command line: train, eval, predict, plan, export, synth. Exit codes: 0 ok, 2 bad config/input."""
+"""`launcher` command line: train, eval, predict, generate, plan, export, synth. Exit codes: 0 ok, 2 bad config/input."""
 
 from __future__ import annotations
 
@@ -26,9 +26,15 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of an exported model on a labelled file (one JSON line)")
     e.add_argument("model_dir")
-    e.add_argument("--data", required=True, help="JSONL/CSV/Parquet with text and label/labels")
+    e.add_argument("--data", required=True, help="classifier: JSONL/CSV/Parquet with text and label/labels; "
+                   "causal LM: JSONL with instruction/output or messages")
     e.add_argument("--max-length", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=32)
+
+    g = sub.add_parser("generate", help="greedy answer of an exported causal LM to one instruction")
+    g.add_argument("model_dir")
+    g.add_argument("--prompt", required=True, help="the instruction; rendered with the run's prompt template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
 
     r = sub.add_parser("predict", help="predict labels for texts (JSONL out)")
     r.add_argument("model_dir")
@@ -121,6 +127,11 @@ def _read_texts(path: Path) -> list[str]:
     return texts
 
 
+def _exported_task(model_dir: str) -> str:
+    meta = Path(model_dir) / "launcher.json"
+    return json.loads(meta.read_text()).get("task", "classification") if meta.is_file() else "classification"
+
+
 def cmd_eval(args) -> int:
     from launcher.data.clauses import LabelEncoder, parse_rows, read_records
     from launcher.tasks import classification as task
@@ -128,6 +139,14 @@ def cmd_eval(args) -> int:
     data = Path(args.data)
     if not data.is_file():
         raise UserError(f"--data: {data}: file not found")
+    if _exported_task(args.model_dir) == "causal_lm":
+        from launcher.data.instructions import read_rows
+        from launcher.tasks import causal_lm
+
+        model, tokenizer, data_cfg = causal_lm.load_exported(args.model_dir)
+        data_cfg.max_length = args.max_length
+        print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, data_cfg, read_rows(data), args.batch_size)))
+        return 0
     model, tokenizer, names, multilabel = task.load_exported(args.model_dir)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
     import torch
@@ -138,6 +157,16 @@ def cmd_eval(args) -> int:
     metrics["loss"] = float(task.per_example_loss(logits, labels, None).mean())
     metrics["n"] = len(texts)
     print(json.dumps(metrics))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from launcher.tasks import causal_lm
+
+    if _exported_task(args.model_dir) != "causal_lm":
+        raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm)")
+    model, tokenizer, data_cfg = causal_lm.load_exported(args.model_dir)
+    print(causal_lm.generate(model, tokenizer, data_cfg, args.prompt, args.max_new_tokens))
     return 0
 
 
@@ -165,7 +194,7 @@ def cmd_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "plan": cmd_plan, "export": cmd_export,
             "synth": cmd_synth}
 
 

@@ -37,7 +37,9 @@ TINY_MODEL = "tiny"
 
 @dataclass
 class TinyModelConfig:
-    # Shape of the randomly initialised BERT built when model.name is "tiny".
+    # Architecture of the random model built when model.name is "tiny": auto is a
+    # BERT encoder for classification and a Llama-style decoder for causal_lm.
+    arch: Literal["auto", "bert", "llama", "gpt2"] = "auto"
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
@@ -48,11 +50,23 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Train low-rank adapters (peft) instead of all weights; the task head stays trainable.
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # Module names to adapt (e.g. [q_proj, v_proj]); "all-linear": every linear layer but the head.
+    target_modules: Any = "all-linear"
+
+
+@dataclass
 class ModelConfig:
     # Hub id, local directory (Hugging Face format), or "tiny" for a random BERT
     # with a tokenizer trained on the training data (offline; tests and demo).
     name: str = TINY_MODEL
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -78,6 +92,15 @@ class DataConfig:
     label_names: Optional[list[str]] = None
     max_length: int = 128
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # causal_lm: prompt for rows with `instruction` (and `input`); the response follows it.
+    prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    # causal_lm: one chat turn, for `messages` rows when the tokenizer has no chat template.
+    chat_turn_template: str = "<|{role}|>\n{content}\n"
+    # causal_lm: rows longer than max_length are cut at max_length (truncate) or left out (drop).
+    truncation: Literal["truncate", "drop"] = "truncate"
+    # causal_lm: concatenate examples into max_length blocks; attention never crosses examples.
+    packing: bool = False
 
     def resolved_label_names(self) -> list[str]:
         if self.label_names:
@@ -121,11 +144,15 @@ class EvalConfig:
     # Evaluate every N optimizer steps (0: only at start and end).
     every_steps: int = 50
     at_start: bool = True
-    # Metric that picks the best checkpoint and drives early stopping.
-    metric: str = "macro_f1"
+    # Metric that picks the best checkpoint and drives early stopping;
+    # null: macro_f1 (classification) or loss (causal_lm).
+    metric: Optional[str] = None
     # Stop after this many evaluations without improvement (0: never).
     early_stopping_patience: int = 0
     micro_batch_size: Optional[int] = None
+    # causal_lm: prompts answered greedily at step 0 and every eval (logged as a table).
+    generation_prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -157,7 +184,7 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "causal_lm"] = "classification"
     # Run directory is output_dir/run_name; run_name defaults to the config file's stem.
     run_name: Optional[str] = None
     output_dir: str = "runs"
@@ -173,6 +200,10 @@ class RunConfig:
         return Path(self.output_dir) / str(self.run_name)
 
     @property
+    def eval_metric(self) -> str:
+        return self.eval.metric or ("loss" if self.task == "causal_lm" else "macro_f1")
+
+    @property
     def tracking_uri(self) -> str:
         if self.tracking.uri:
             return self.tracking.uri
@@ -180,7 +211,8 @@ class RunConfig:
 
 
 CLASSIFICATION_METRICS = ("macro_f1", "micro_f1", "loss", "accuracy")
-LOWER_IS_BETTER = {"loss"}
+CAUSAL_LM_METRICS = ("loss", "perplexity")
+LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 # ---------------------------------------------------------------- building
@@ -204,6 +236,8 @@ def _type_name(tp) -> str:
 
 def _coerce(value: Any, tp, where: str) -> Any:
     """Convert a YAML/override value to the annotated type, or say what was expected."""
+    if tp is Any:  # checked by validate() instead (e.g. a list of names or one keyword)
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -406,10 +440,33 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             )
     if cfg.model.tiny.hidden_size % max(cfg.model.tiny.num_heads, 1):
         out.append("model.tiny.hidden_size: must be divisible by model.tiny.num_heads")
-    if e.metric not in CLASSIFICATION_METRICS:
-        close = difflib.get_close_matches(e.metric, CLASSIFICATION_METRICS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "one of " + ", ".join(CLASSIFICATION_METRICS)
-        out.append(f"eval.metric: unknown metric '{e.metric}'; {hint}")
+    metrics = CAUSAL_LM_METRICS if cfg.task == "causal_lm" else CLASSIFICATION_METRICS
+    if cfg.eval_metric not in metrics:
+        close = difflib.get_close_matches(cfg.eval_metric, metrics, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "one of " + ", ".join(metrics)
+        out.append(f"eval.metric: unknown metric '{cfg.eval_metric}' for task {cfg.task}; {hint}")
+    positive("eval.max_new_tokens", e.max_new_tokens)
+    arch = cfg.model.tiny.arch
+    if arch != "auto" and (arch == "bert") != (cfg.task == "classification"):
+        out.append(f"model.tiny.arch: {arch} does not fit task {cfg.task} (bert: classification; llama, gpt2: causal_lm)")
+    lora = cfg.model.lora
+    if lora.enabled:
+        positive("model.lora.r", lora.r)
+        positive("model.lora.alpha", lora.alpha)
+        if not 0.0 <= lora.dropout < 1.0:
+            out.append(f"model.lora.dropout: must be in [0, 1); got {lora.dropout}")
+        tm = lora.target_modules
+        if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
+            out.append(f"model.lora.target_modules: a list of module names or \"all-linear\"; got {tm!r}")
+    if cfg.task == "causal_lm":
+        for key in ("prompt_template", "prompt_template_no_input"):
+            for needed in ("{instruction}",) + (("{input}",) if key == "prompt_template" else ()):
+                if needed not in getattr(d, key):
+                    out.append(f"data.{key}: must contain {needed}")
+        if "{role}" not in d.chat_turn_template or "{content}" not in d.chat_turn_template:
+            out.append("data.chat_turn_template: must contain {role} and {content}")
+    elif d.packing:
+        out.append("data.packing: only for task causal_lm")
     if e.metric == "accuracy" and d.mode != "binary":
         out.append("eval.metric: accuracy is reported for data.mode=binary only")
     if d.label_names is not None:

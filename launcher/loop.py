@@ -18,11 +18,11 @@ import torch
 
 from launcher import checkpoint as ckpt_lib
 from launcher import report
+from launcher import tasks
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, to_dict
-from launcher.data import batching, clauses, synthetic
+from launcher.data import batching
 from launcher.errors import DataError
 from launcher.runtime import build_runtime
-from launcher.tasks import classification as task
 from launcher.tracking import start_tracking
 
 
@@ -38,16 +38,11 @@ def _prepare_run_dir(cfg: RunConfig, rt, resume_from) -> Path:
     return run_dir
 
 
-def _synthetic_files(cfg: RunConfig, rt, run_dir: Path) -> tuple[str, str]:
-    d, out = cfg.data, run_dir / "data"
+def _synthetic_files(task, rt, run_dir: Path) -> tuple[str, str]:
+    out = run_dir / "data"
     if not (out / "validation.jsonl").is_file():
-        rt.on_main(synthetic.write_splits, out, d.synthetic.n_train, d.synthetic.n_validation, d.synthetic.seed)
+        rt.on_main(task.write_synthetic, out)
     return str(out / "train.jsonl"), str(out / "validation.jsonl")
-
-
-def _read_splits(cfg: RunConfig, train_file, val_file):
-    """(train, validation) as (texts, targets): local files, or the hub dataset when both are None."""
-    return clauses.load_split(cfg.data, "train", train_file), clauses.load_split(cfg.data, "validation", val_file)
 
 
 def _optimizer(model, cfg: RunConfig, device) -> torch.optim.Optimizer:
@@ -67,34 +62,16 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def evaluate(rt, model, loader, label_names, weights) -> dict:
-    """Metrics over the whole eval set, each example counted once across ranks."""
-    model.eval()
-    logits_all, labels_all, losses = [], [], []
-    for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = task.per_example_loss(logits, batch["labels"], weights)
-        logits, labels, loss = rt.accelerator.gather_for_metrics((logits.float(), batch["labels"], loss))
-        logits_all.append(logits.cpu())
-        labels_all.append(labels.cpu())
-        losses.append(loss.cpu())
-    model.train()
-    metrics = task.compute_metrics(torch.cat(logits_all), torch.cat(labels_all), label_names)
-    metrics["loss"] = float(torch.cat(losses).mean())
-    metrics["n"] = int(sum(len(x) for x in labels_all))
-    return metrics
-
-
 def train(cfg: RunConfig) -> dict:
     t = cfg.train
+    task = tasks.for_config(cfg)
     rt = build_runtime(cfg)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     resume_from = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
-    task.check_model_source(cfg)
-    data = None if cfg.data.synthetic.enabled else _read_splits(cfg, cfg.data.train_file, cfg.data.validation_file)
+    task.check_model_source()
+    data = None if cfg.data.synthetic.enabled else task.read_splits(cfg.data.train_file, cfg.data.validation_file)
     rt.barrier()  # every rank has decided before rank 0 creates anything
     run_dir = _prepare_run_dir(cfg, rt, resume_from)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
@@ -102,25 +79,21 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"resuming from {resume_from}")
 
     # ---- data, tokenizer, model
-    label_names = cfg.data.resolved_label_names()
     if data is None:
-        data = _read_splits(cfg, *_synthetic_files(cfg, rt, run_dir))
-    (train_texts, train_targets), (val_texts, val_targets) = data
+        data = task.read_splits(*_synthetic_files(task, rt, run_dir))
+    train_raw, val_raw = data
     with rt.main_first():
-        tokenizer = task.load_tokenizer(cfg, run_dir / "tokenizer", train_texts)
-    cache = Path(cfg.output_dir) / ".cache"
+        tokenizer = task.tokenizer(run_dir / "tokenizer", train_raw)
     with rt.main_first():
-        train_ds = batching.tokenize(train_texts, train_targets, tokenizer, cfg.data.max_length, cache)
-        val_ds = batching.tokenize(val_texts, val_targets, tokenizer, cfg.data.max_length, cache)
+        train_ds, val_ds = task.datasets(train_raw, val_raw, tokenizer, Path(cfg.output_dir) / ".cache")
     rt.write_rank_file(run_dir, collective_timeout_s=t.collective_timeout_s,
                        tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache})
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
-    with rt.model_init(random_weights=task.random_init(cfg)):
-        model = task.build_model(cfg, tokenizer)
-    multilabel = cfg.data.mode == "multilabel"
-    weights = task.class_weights(train_ds.targets, multilabel).to(rt.device) if t.class_weighting == "balanced" else None
+    with rt.model_init(random_weights=task.random_init()):
+        model = task.build_model(tokenizer)
+    task.prepare(train_ds, rt.device)
 
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed)
     if sampler.steps_per_epoch == 0:
@@ -130,7 +103,7 @@ def train(cfg: RunConfig) -> dict:
 
     from transformers import get_scheduler
 
-    collate = batching.PadCollator(tokenizer.pad_token_id)
+    collate = task.collator(tokenizer)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval.micro_batch_size or t.micro_batch_size, collate_fn=collate)
     optimizer = _optimizer(model, cfg, rt.device)
     model, optimizer, val_loader = rt.accelerator.prepare(model, optimizer, val_loader)
@@ -139,8 +112,8 @@ def train(cfg: RunConfig) -> dict:
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer, warmup, total_steps)
     rt.accelerator.register_for_checkpointing(scheduler)
 
-    higher_is_better = cfg.eval.metric not in LOWER_IS_BETTER
-    extra = {"launcher.json": json.dumps({"task": cfg.task, "mode": cfg.data.mode, "threshold": task.THRESHOLD, "labels": label_names})}
+    higher_is_better = cfg.eval_metric not in LOWER_IS_BETTER
+    extra = {"launcher.json": json.dumps(task.metadata())}
     model_config = rt.accelerator.unwrap_model(model).config
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=model_config, tokenizer=tokenizer, extra_files=extra)
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)
@@ -151,6 +124,7 @@ def train(cfg: RunConfig) -> dict:
     tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, state.step if resume_from else None)
     state.tracker_ids = tracker.ids()
     n_params, held = rt.parameter_counts(model)
+    notes, derived = task.describe(train_ds, val_ds)
     tracker.log_params(
         flatten(to_dict(cfg))
         | {
@@ -163,20 +137,24 @@ def train(cfg: RunConfig) -> dict:
             "derived.n_validation": len(val_ds),
             "derived.n_parameters": n_params,
         }
+        | derived
     )
     rt.print(
         f"{len(train_ds)} train / {len(val_ds)} validation rows, {n_params:,} parameters; "
         f"{total_steps} steps of {t.global_batch_size} examples "
         f"({t.micro_batch_size} x {accumulation} accumulation x {rt.world_size} ranks)"
     )
+    for line in notes:
+        rt.print(line)
     if rt.zero_stage == 3:
         rt.print(f"ZeRO-3: parameters held per rank: {' / '.join(f'{n:,}' for n in held)} of {n_params:,}")
 
     try:
         if state.step == 0 and cfg.eval.at_start:
-            state.first_eval = evaluate(rt, model, val_loader, label_names, weights)
+            state.first_eval = task.evaluate(rt, model, val_loader)
             tracker.log_metrics({f"eval/{k}": v for k, v in state.first_eval.items()}, step=0)
             rt.print("step 0 eval: " + report.one_line(state.first_eval))
+            _log_samples(rt, task, model, tokenizer, tracker, run_dir, 0)
         last_eval, last_eval_step = state.first_eval, 0
         stop_reason = None
         model.train()
@@ -191,10 +169,9 @@ def train(cfg: RunConfig) -> dict:
                     # only: a resumed run, and a run on any number of ranks, draw the same masks.
                     torch.manual_seed(_dropout_seed(t.seed, step, sampler.microbatch_index(k)))
                     batch = _to(collate([train_ds[i] for i in idx]), rt.device)
-                    window_tokens += int(batch["attention_mask"].sum())
+                    window_tokens += sum(len(train_ds[i]["input_ids"]) for i in idx)  # real tokens, not padding
                     with rt.accelerator.accumulate(model):
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        loss = task.loss_fn(logits, batch["labels"], weights)
+                        loss = task.loss(model, batch)
                         rt.accelerator.backward(loss)
                         if rt.accelerator.sync_gradients:
                             grad_norm = rt.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
@@ -225,10 +202,11 @@ def train(cfg: RunConfig) -> dict:
 
                 last = state.step == total_steps
                 if (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last:
-                    last_eval, last_eval_step = evaluate(rt, model, val_loader, label_names, weights), state.step
+                    last_eval, last_eval_step = task.evaluate(rt, model, val_loader), state.step
                     tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()}, step=state.step)
-                    stop_reason = _track_best(state, last_eval[cfg.eval.metric], higher_is_better, cfg.eval.early_stopping_patience)
+                    stop_reason = _track_best(state, last_eval[cfg.eval_metric], higher_is_better, cfg.eval.early_stopping_patience)
                     rt.print(f"step {state.step} eval: " + report.one_line(last_eval))
+                    _log_samples(rt, task, model, tokenizer, tracker, run_dir, state.step)
                 if state.step == t.halt_at_step and not last:
                     stop_reason = stop_reason or "halt"
                 if checkpointer.due(state.step) or last or stop_reason:
@@ -244,10 +222,10 @@ def train(cfg: RunConfig) -> dict:
             tracker.finish(status="KILLED")
             return {"status": "halted", "step": state.step, "run_dir": str(run_dir)}
         if stop_reason == "early_stop":
-            rt.print(f"early stop at step {state.step}: no {cfg.eval.metric} improvement in {cfg.eval.early_stopping_patience} evals")
+            rt.print(f"early stop at step {state.step}: no {cfg.eval_metric} improvement in {cfg.eval.early_stopping_patience} evals")
 
         if last_eval_step != state.step:  # resumed after the last step but before the export
-            last_eval = evaluate(rt, model, val_loader, label_names, weights)
+            last_eval = task.evaluate(rt, model, val_loader)
         model_dir = run_dir / "model"
         ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra)
         summary = {"step": state.step, "before": state.first_eval, "after": last_eval, "best_step": state.best_step, "best": state.best_metric}
@@ -263,6 +241,16 @@ def train(cfg: RunConfig) -> dict:
     except BaseException:
         tracker.finish(status="FAILED")
         raise
+
+
+def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) -> None:
+    """Sample generations (every rank generates: a collective under ZeRO-3); rank 0 prints
+    them and records them in RUN/generations.jsonl, the side-by-side table and MLflow."""
+    rows = task.samples(rt, model, tokenizer)
+    if rows:
+        rt.on_main(report.record_generations, run_dir, step, rows, tracker)
+        for r in rows:
+            rt.print(f"  [{step}] {r['prompt']!r} -> {r['response']!r}")
 
 
 def _dropout_seed(seed: int, step: int, microbatch: int) -> int:

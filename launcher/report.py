@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADLINE = ("macro_f1", "micro_f1", "accuracy", "loss")
+HEADLINE = ("macro_f1", "micro_f1", "accuracy", "loss", "perplexity")
 
 
 def one_line(metrics: dict) -> str:
@@ -24,6 +24,25 @@ def final_table(before: dict, after: dict) -> str:
         else:
             lines.append(f"{k:<{width}}{'-':>10}{a:>10.4f}{'':>10}")
     return "\n".join(lines)
+
+
+def record_generations(run_dir: Path, step: int, rows: list[dict], tracker) -> None:
+    """Append this eval's generations to RUN/generations.jsonl (entries from a step this
+    late or later, left by an interrupted attempt, are replaced), rewrite the side-by-side
+    table RUN/generations.md (one column per eval step), and send both to the tracker."""
+    path = run_dir / "generations.jsonl"
+    old = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    entries = [e for e in old if e["step"] < step] + [{"step": step, **r} for r in rows]
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    steps = sorted({e["step"] for e in entries})
+    prompts = list(dict.fromkeys(e["prompt"] for e in entries))
+    cell = {(e["step"], e["prompt"]): e["response"].replace("|", "\\|").replace("\n", " ") for e in entries}
+    lines = ["| prompt | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for p in prompts:
+        lines.append(f"| {p} | " + " | ".join(cell.get((s, p), "") for s in steps) + " |")
+    (run_dir / "generations.md").write_text("\n".join(lines) + "\n")
+    tracker.log_artifact(path)
+    tracker.log_artifact(run_dir / "generations.md")
 
 
 def plot_run(metrics_jsonl: Path, final: dict, out: Path) -> Path | None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections import Counter
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Causal LMs: like Llama's, no pad token (the task decides how to pad, and says so).
+LM_SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
-def build_vocab(texts: list[str], vocab_size: int, normalize, pre_tokenize) -> dict[str, int]:
+def build_vocab(texts: list[str], vocab_size: int, normalize, pre_tokenize, special=SPECIAL) -> dict[str, int]:
     words: Counter = Counter()
     for text in texts:
         words.update(w for w, _ in pre_tokenize(normalize(text)))
     chars = sorted({c for w in words for c in w})
-    tokens = SPECIAL + chars + ["##" + c for c in chars]
+    tokens = list(special) + chars + ["##" + c for c in chars]
     seen = set(tokens)
     for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
         if len(tokens) >= vocab_size:
@@ -31,22 +33,38 @@ def build_vocab(texts: list[str], vocab_size: int, normalize, pre_tokenize) -> d
     return {t: i for i, t in enumerate(tokens)}
 
 
-def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def _wordpiece(texts: list[str], vocab_size: int, special: list[str], unk: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre = pre_tokenizers.BertPreTokenizer()
-    vocab = build_vocab(texts, vocab_size, normalizer.normalize_str, pre.pre_tokenize_str)
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    vocab = build_vocab(texts, vocab_size, normalizer.normalize_str, pre.pre_tokenize_str, special)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=unk))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
+    return tok, vocab
+
+
+def train_lm_tokenizer(texts: list[str], vocab_size: int, max_length: int):
+    """For tiny causal LMs: <s> and </s>, no pad token, no chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok, _ = _wordpiece(texts, vocab_size, LM_SPECIAL, "<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=max_length)
+
+
+def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok, vocab = _wordpiece(texts, vocab_size, SPECIAL, "[UNK]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",

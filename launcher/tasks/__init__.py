@@ -1,0 +1,18 @@
+"""Task adapters: what the one training loop asks of a workload.
+
+Each task object offers: check_model_source, random_init, read_splits, write_synthetic,
+tokenizer, datasets, describe, build_model, collator, prepare, loss, evaluate,
+samples (generations; [] when the task has none) and metadata (launcher.json).
+"""
+
+from __future__ import annotations
+
+
+def for_config(cfg):
+    if cfg.task == "causal_lm":
+        from launcher.tasks.causal_lm import CausalLMTask
+
+        return CausalLMTask(cfg)
+    from launcher.tasks.classification import ClassificationTask
+
+    return ClassificationTask(cfg)

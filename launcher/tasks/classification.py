@@ -248,3 +248,88 @@ def prediction_record(probs: torch.Tensor, names: list[str], multilabel: bool) -
     else:
         record["label"] = names[int(probs.argmax())]
     return record
+
+
+# ---------------------------------------------------------------- the loop's view
+
+
+class ClassificationTask:
+    """What the training loop needs from clause classification (see tasks/__init__.py)."""
+
+    name = "classification"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.label_names = cfg.data.resolved_label_names()
+        self.weights = None
+
+    def check_model_source(self) -> None:
+        check_model_source(self.cfg)
+
+    def random_init(self) -> bool:
+        return random_init(self.cfg)
+
+    def read_splits(self, train_file, val_file):
+        """(texts, targets) per split: local files, or the hub dataset when both are None."""
+        from launcher.data import clauses
+
+        return clauses.load_split(self.cfg.data, "train", train_file), clauses.load_split(self.cfg.data, "validation", val_file)
+
+    def write_synthetic(self, out_dir: Path):
+        from launcher.data import synthetic
+
+        s = self.cfg.data.synthetic
+        synthetic.write_splits(out_dir, s.n_train, s.n_validation, s.seed)
+        return str(out_dir / "train.jsonl"), str(out_dir / "validation.jsonl")
+
+    def tokenizer(self, tokenizer_dir: Path, train_split):
+        return load_tokenizer(self.cfg, tokenizer_dir, train_split[0])
+
+    def datasets(self, train_split, val_split, tokenizer, cache_dir: Path):
+        from launcher.data import batching
+
+        n = self.cfg.data.max_length
+        return batching.tokenize(*train_split, tokenizer, n, cache_dir), batching.tokenize(*val_split, tokenizer, n, cache_dir)
+
+    def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
+        return [], {}
+
+    def build_model(self, tokenizer):
+        return build_model(self.cfg, tokenizer)
+
+    def collator(self, tokenizer):
+        from launcher.data.batching import PadCollator
+
+        return PadCollator(tokenizer.pad_token_id)
+
+    def prepare(self, train_ds, device) -> None:
+        if self.cfg.train.class_weighting == "balanced":
+            self.weights = class_weights(train_ds.targets, self.cfg.data.mode == "multilabel").to(device)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return loss_fn(logits, batch["labels"], self.weights)
+
+    @torch.no_grad()
+    def evaluate(self, rt, model, loader) -> dict:
+        """Metrics over the whole eval set, each example counted once across ranks."""
+        model.eval()
+        logits_all, labels_all, losses = [], [], []
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = per_example_loss(logits, batch["labels"], self.weights)
+            logits, labels, loss = rt.accelerator.gather_for_metrics((logits.float(), batch["labels"], loss))
+            logits_all.append(logits.cpu())
+            labels_all.append(labels.cpu())
+            losses.append(loss.cpu())
+        model.train()
+        metrics = compute_metrics(torch.cat(logits_all), torch.cat(labels_all), self.label_names)
+        metrics["loss"] = float(torch.cat(losses).mean())
+        metrics["n"] = int(sum(len(x) for x in labels_all))
+        return metrics
+
+    def samples(self, rt, model, tokenizer) -> list[dict]:
+        return []
+
+    def metadata(self) -> dict:
+        return {"task": self.name, "mode": self.cfg.data.mode, "threshold": THRESHOLD, "labels": self.label_names}

@@ -1,0 +1,306 @@
+"""Instruction / chat data for causal-LM fine-tuning: rows -> (input_ids, labels), packing, batching.
+
+A row is either `{"instruction", "input"?, "output"}` or `{"messages": [{"role", "content"}, ...]}`
+(roles system / user / assistant). Each row is rendered to text together with the
+character spans the model must learn (the responses, and the end-of-sequence token
+after each); tokenization with offsets then marks every token inside a span as a
+label and every other token -100. So the loss covers responses only, whatever the
+template, and the same code serves our templates and a tokenizer's own chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launcher.config import DataConfig
+from launcher.data.batching import tokenizer_fingerprint
+from launcher.data.clauses import MAX_REPORTED, read_records
+from launcher.errors import DataError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+# ---------------------------------------------------------------- rows
+
+
+def parse_row(record, where: str) -> dict:
+    """A validated row: {"instruction", "input", "output"} or {"messages"}. DataError names file:line."""
+    if isinstance(record, DataError):
+        raise record
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with 'instruction'/'output' or 'messages'")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] needs role (system, user or assistant) and string content")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            raise DataError(f"{where}: missing string '{key}' (or give 'messages')")
+    extra = record.get("input", "")
+    if extra is None:
+        extra = ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: 'input' must be a string")
+    return {"instruction": record["instruction"], "input": extra, "output": record["output"]}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    rows, problems = [], []
+    for where, record in read_records(path):
+        try:
+            rows.append(parse_row(record, where))
+        except DataError as e:
+            problems.extend(e.problems)
+    if problems:
+        more = [f"... and {len(problems) - MAX_REPORTED} more bad rows"] if len(problems) > MAX_REPORTED else []
+        raise DataError(*problems[:MAX_REPORTED], *more)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render(row: dict, cfg: DataConfig, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """(text, trainable character spans) for one row."""
+    eos = tokenizer.eos_token or ""
+    if "messages" not in row:
+        template = cfg.prompt_template if row["input"] else cfg.prompt_template_no_input
+        prompt = template.format(instruction=row["instruction"], input=row["input"])
+        text = prompt + row["output"] + eos
+        return text, [(len(prompt), len(text))]
+    if getattr(tokenizer, "chat_template", None):
+        return _render_chat_template(row["messages"], tokenizer)
+    head, tail = cfg.chat_turn_template.split("{content}", 1)
+    text, spans = "", []
+    for m in row["messages"]:
+        text += head.format(role=m["role"])
+        if m["role"] == "assistant":
+            start = len(text)
+            text += m["content"] + eos
+            spans.append((start, len(text)))
+        else:
+            text += m["content"]
+        text += tail.format(role=m["role"])
+    return text, spans
+
+
+def _render_chat_template(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Spans from the tokenizer's own template: each assistant turn is what rendering it adds
+    after the prompt for it (content and the template's end-of-turn marker)."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not after.startswith(before):
+            raise DataError("the tokenizer's chat template does not render conversations prefix-stably; "
+                            "set data.chat_turn_template and remove the tokenizer's chat template")
+        spans.append((len(before), len(after)))
+    return tokenizer.apply_chat_template(messages, tokenize=False), spans
+
+
+def encode(row: dict, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels copy the ids inside trainable spans and are -100 elsewhere."""
+    text, spans = render(row, cfg, tokenizer)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = list(enc["input_ids"]), []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        inside = b > a and any(s <= a and b <= e for s, e in spans)
+        labels.append(tok if inside else IGNORE)
+    bos = tokenizer.bos_token_id
+    if bos is not None and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
+        ids, labels = [bos] + ids, [IGNORE] + labels
+    return ids, labels
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0  # too long under truncation=drop, or no response token left after truncating
+    tokens: int = 0  # tokens kept (before padding)
+    label_tokens: int = 0
+
+    def line(self, split: str) -> str:
+        return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
+                f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses")
+
+
+@dataclass
+class LMDataset(torch.utils.data.Dataset):
+    """Rows of (input_ids, labels, seq_lens); seq_lens has one entry per packed example."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    seq_lens: list[list[int]]
+    stats: EncodeStats = field(default_factory=EncodeStats)
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "seq_lens": self.seq_lens[i]}
+
+    def packing_efficiency(self, block: int) -> float:
+        """Real tokens / slots when every row is padded to `block` (packed rows fill it)."""
+        return sum(map(len, self.input_ids)) / max(1, block * len(self.input_ids))
+
+
+def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[list, list, EncodeStats]:
+    stats = EncodeStats()
+    all_ids, all_labels = [], []
+    for row in rows:
+        stats.rows += 1
+        ids, labels = encode(row, cfg, tokenizer)
+        if len(ids) > cfg.max_length:
+            if cfg.truncation == "drop":
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        if all(x == IGNORE for x in labels):
+            stats.dropped += 1
+            continue
+        all_ids.append(ids)
+        all_labels.append(labels)
+        stats.tokens += len(ids)
+        stats.label_tokens += sum(x != IGNORE for x in labels)
+    return all_ids, all_labels, stats
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], block: int) -> tuple[list, list, list]:
+    """Greedy, in order: examples are appended to the current block until the next does not fit.
+    No example is split, so every example keeps all its tokens."""
+    out_ids, out_labels, out_lens = [], [], []
+    cur_ids, cur_labels, cur_lens = [], [], []
+    for x, y in zip(ids, labels):
+        if cur_ids and len(cur_ids) + len(x) > block:
+            out_ids.append(cur_ids), out_labels.append(cur_labels), out_lens.append(cur_lens)
+            cur_ids, cur_labels, cur_lens = [], [], []
+        cur_ids, cur_labels, cur_lens = cur_ids + x, cur_labels + y, cur_lens + [len(x)]
+    if cur_ids:
+        out_ids.append(cur_ids), out_labels.append(cur_labels), out_lens.append(cur_lens)
+    return out_ids, out_labels, out_lens
+
+
+def build_dataset(rows: list[dict], cfg: DataConfig, tokenizer, cache_dir: str | Path | None) -> LMDataset:
+    """Encode (and pack) once; reuse `cache_dir/lm-<key>.pt` when the same data and settings were seen."""
+    spec = json.dumps([rows, cfg.prompt_template, cfg.prompt_template_no_input, cfg.chat_turn_template,
+                       cfg.max_length, cfg.truncation, cfg.packing, tokenizer_fingerprint(tokenizer),
+                       getattr(tokenizer, "chat_template", None)], sort_keys=True)
+    path = Path(cache_dir) / f"lm-{hashlib.sha256(spec.encode()).hexdigest()[:24]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        saved = torch.load(path)
+        return LMDataset(saved["ids"], saved["labels"], saved["lens"], EncodeStats(**saved["stats"]), from_cache=True)
+    ids, labels, stats = encode_rows(rows, cfg, tokenizer)
+    if not ids:
+        raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {cfg.max_length}, "
+                        f"data.truncation {cfg.truncation})")
+    lens = [[len(x)] for x in ids]
+    if cfg.packing:
+        ids, labels, lens = pack(ids, labels, cfg.max_length)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({"ids": ids, "labels": labels, "lens": lens, "stats": stats.__dict__}, tmp)
+        tmp.replace(path)
+    return LMDataset(ids, labels, lens, stats)
+
+
+class LMCollator:
+    """Pads to the longest row. Unpacked rows get a 2-D attention mask; packed rows a 4-D
+    additive mask that is causal within each example and blocks attention across examples,
+    with position ids restarting at 0 for every example."""
+
+    def __init__(self, pad_id: int, packed: bool):
+        self.pad_id, self.packed = pad_id, packed
+
+    def __call__(self, rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        n = len(rows)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            mask[i, :k] = 1
+        batch = {"input_ids": ids, "labels": labels}
+        if not self.packed:
+            batch["attention_mask"] = mask
+            return batch
+        segment = torch.full((n, width), -1, dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            start = 0
+            for j, length in enumerate(r["seq_lens"]):
+                segment[i, start : start + length] = j
+                positions[i, start : start + length] = torch.arange(length)
+                start += length
+            positions[i, start:] = torch.arange(width - start)  # padding: its own segment (-1)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+        batch["attention_mask"] = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+        batch["position_ids"] = positions
+        return batch
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+_WORDS = ["amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
+          "lumen", "maple", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "velvet",
+          "willow", "xenon", "yarrow", "zephyr"]
+
+
+def generate_instructions(n: int, seed: int) -> list[dict]:
+    """A memorisable mapping: 'What is the code word for <thing>?' -> a fixed answer per thing.
+
+    A few distinct things repeat many times, so a tiny model can learn every answer;
+    a tenth of the rows are chat-formatted to exercise both formats."""
+    rng = random.Random(seed)
+    vocab = random.Random(0)  # the mapping itself is fixed, so train and validation agree
+    things = [f"{a} {b}" for a, b in zip(_WORDS, reversed(_WORDS))][:8]
+    answers = {t: " ".join(vocab.sample(_WORDS, 2)) for t in things}
+    rows = []
+    for i in range(n):
+        thing = rng.choice(things)
+        question = f"What is the code word for {thing}?"
+        if i % 10 == 9:
+            rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answers[thing]}]})
+        else:
+            rows.append({"instruction": question, "input": "", "output": answers[thing]})
+    return rows
+
+
+def write_instruction_splits(out_dir: str | Path, n_train: int, n_validation: int, seed: int) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "train.jsonl", out_dir / "validation.jsonl"
+    for path, rows in zip(paths, (generate_instructions(n_train, seed), generate_instructions(n_validation, seed + 1))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+    return paths

@@ -1,0 +1,236 @@
+"""Causal-LM instruction fine-tuning: tokenizer and pad policy, model, token-level loss,
+validation loss / perplexity, greedy sample generations, exported-model helpers.
+
+Loss is the mean over response tokens of a micro-batch (labels -100 elsewhere);
+evaluation sums token losses and token counts over all ranks first, so perplexity
+is exp(total loss / total response tokens), each validation example counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from launcher.config import TINY_MODEL, RunConfig
+from launcher.data import instructions
+from launcher.errors import ConfigError, DataError
+from launcher.tasks.classification import _from_hub
+
+
+def tiny_config(cfg: RunConfig, vocab_size: int, tokenizer):
+    from transformers import GPT2Config, LlamaConfig
+
+    t = cfg.model.tiny
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    positions = max(cfg.data.max_length, 16) + cfg.eval.max_new_tokens + 64  # prompts + generations
+    if t.arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=t.hidden_size, n_layer=t.num_layers, n_head=t.num_heads,
+                          n_inner=t.intermediate_size, n_positions=positions, resid_pdrop=t.dropout,
+                          embd_pdrop=t.dropout, attn_pdrop=t.dropout, **ids)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                       num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
+                       intermediate_size=t.intermediate_size, max_position_embeddings=positions,
+                       attention_dropout=t.dropout, tie_word_embeddings=False, **ids)
+
+
+class CausalLMTask:
+    name = "causal_lm"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.pad_note = ""
+
+    # ---- sources and data
+
+    def check_model_source(self) -> None:
+        if self.cfg.model.name != TINY_MODEL:
+            from transformers import AutoConfig
+
+            _from_hub(AutoConfig, self.cfg.model.name)
+
+    def random_init(self) -> bool:
+        return self.cfg.model.name == TINY_MODEL
+
+    def read_splits(self, train_file, val_file):
+        if train_file is None:
+            raise DataError("data.train_file: task causal_lm needs local JSONL files (instruction/output or messages rows)")
+        return instructions.read_rows(train_file), instructions.read_rows(val_file)
+
+    def write_synthetic(self, out_dir: Path):
+        s = self.cfg.data.synthetic
+        return tuple(str(p) for p in instructions.write_instruction_splits(out_dir, s.n_train, s.n_validation, s.seed))
+
+    def tokenizer(self, tokenizer_dir: Path, train_rows):
+        from transformers import AutoTokenizer
+
+        if self.cfg.model.name != TINY_MODEL:
+            tok = _from_hub(AutoTokenizer, self.cfg.model.name)
+        elif (tokenizer_dir / "tokenizer.json").is_file():
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        else:
+            from launcher.data.tokenizer import train_lm_tokenizer
+
+            class _Plain:  # render without special tokens: the tokenizer does not exist yet
+                eos_token, chat_template = "", None
+
+            texts = [instructions.render(r, self.cfg.data, _Plain)[0] for r in train_rows or []]
+            texts += self.cfg.eval.generation_prompts
+            tok = train_lm_tokenizer(texts, self.cfg.model.tiny.vocab_size, self.cfg.data.max_length)
+            tok.save_pretrained(tokenizer_dir)
+        if tok.eos_token_id is None:
+            raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has no EOS token to end responses with")
+        if tok.pad_token_id is None:
+            # Reuse EOS for padding: padded positions get attention 0 and label -100 while
+            # real EOS tokens keep their labels (labels come from spans, not from token ids).
+            tok.pad_token = tok.eos_token
+            self.pad_note = f"tokenizer has no pad token: padding with EOS (id {tok.eos_token_id}), masked out of attention and loss"
+        return tok
+
+    def datasets(self, train_rows, val_rows, tokenizer, cache_dir: Path):
+        d = self.cfg.data
+        train = instructions.build_dataset(train_rows, d, tokenizer, cache_dir)
+        # Validation is never packed: loss per example, and generations need single prompts.
+        val_cfg = type(d)(**{**d.__dict__, "packing": False})
+        val = instructions.build_dataset(val_rows, val_cfg, tokenizer, cache_dir)
+        return train, val
+
+    def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
+        d = self.cfg.data
+        lines = [train_ds.stats.line("train"), val_ds.stats.line("validation")]
+        derived = {"derived.train_truncated": train_ds.stats.truncated, "derived.train_dropped": train_ds.stats.dropped,
+                   "derived.train_response_tokens": train_ds.stats.label_tokens}
+        if d.packing:
+            eff = train_ds.packing_efficiency(d.max_length)
+            lines.append(f"packing: {train_ds.stats.rows - train_ds.stats.dropped} examples in {len(train_ds)} blocks of "
+                         f"{d.max_length} tokens; efficiency {eff:.1%} (real tokens / block slots)")
+            derived["derived.packing_efficiency"] = round(eff, 4)
+        if self.pad_note:
+            lines.append(self.pad_note)
+        return lines, derived
+
+    # ---- model and loss
+
+    def build_model(self, tokenizer):
+        from transformers import AutoModelForCausalLM
+
+        if self.cfg.model.name == TINY_MODEL:
+            # eager attention: the packed 4-D masks are exact there (and in sdpa); see tests.
+            return AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer),
+                                                    attn_implementation="eager")
+        model = _from_hub(AutoModelForCausalLM, self.cfg.model.name)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    def collator(self, tokenizer):
+        return instructions.LMCollator(tokenizer.pad_token_id, self.cfg.data.packing)
+
+    def prepare(self, train_ds, device) -> None:
+        pass
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(**batch).loss
+
+    # ---- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, rt, model, loader) -> dict:
+        """Validation loss and perplexity over response tokens; each example counted once."""
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of token losses, tokens)
+        for batch in loader:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
+                                                       ignore_index=instructions.IGNORE, reduction="none")
+            keep = labels != instructions.IGNORE
+            # gather_for_metrics drops the duplicated rows padding the last batch across ranks
+            per_row = rt.accelerator.gather_for_metrics(torch.stack([(losses * keep).sum(1), keep.sum(1)], 1).double())
+            total += per_row.sum(0).to(total.device)
+        model.train()
+        loss = float(total[0] / total[1].clamp(min=1))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(loader.dataset), "tokens": int(total[1])}
+
+    @torch.no_grad()
+    def samples(self, rt, model, tokenizer) -> list[dict]:
+        """Greedy answers to eval.generation_prompts. Every rank generates (under ZeRO-3 the
+        forward passes are collectives); rank 0 logs them."""
+        prompts = self.cfg.eval.generation_prompts
+        if not prompts:
+            return []
+        unwrapped = rt.accelerator.unwrap_model(model)
+        model.eval()
+        out = []
+        for prompt in prompts:
+            response = generate(unwrapped, tokenizer, self.cfg.data, prompt, self.cfg.eval.max_new_tokens,
+                                device=rt.device, synced_gpus=rt.zero_stage == 3)
+            out.append({"prompt": prompt, "response": response})
+        model.train()
+        return out
+
+    def metadata(self) -> dict:
+        d = self.cfg.data
+        return {"task": self.name, "prompt_template": d.prompt_template, "prompt_template_no_input": d.prompt_template_no_input,
+                "chat_turn_template": d.chat_turn_template}
+
+
+def prompt_ids(prompt: str, data_cfg, tokenizer) -> torch.Tensor:
+    """The model's input for a bare instruction: the prompt template up to where the response starts."""
+    text, _ = instructions.render({"instruction": prompt, "input": "", "output": ""}, data_cfg, type("T", (), {"eos_token": "", "chat_template": None}))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return torch.tensor([ids])
+
+
+def load_exported(model_dir: str | Path):
+    """(model, tokenizer, data config with the run's templates) from a causal-LM `model/` export."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.config import DataConfig
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no such model directory")
+    meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
+    d = DataConfig()
+    for key in ("prompt_template", "prompt_template_no_input", "chat_turn_template"):
+        if key in meta:
+            setattr(d, key, meta[key])
+    model = _from_hub(AutoModelForCausalLM, str(model_dir)).eval()
+    tokenizer = _from_hub(AutoTokenizer, str(model_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, d
+
+
+@torch.no_grad()
+def evaluate_rows(model, tokenizer, data_cfg, rows: list[dict], batch_size: int = 16) -> dict:
+    """`launcher eval` for SFT data, one process: loss and perplexity over response tokens."""
+    ids, labels, stats = instructions.encode_rows(rows, data_cfg, tokenizer)
+    collate = instructions.LMCollator(tokenizer.pad_token_id, packed=False)
+    total_loss, total_tokens = 0.0, 0
+    for i in range(0, len(ids), batch_size):
+        batch = collate([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids[i : i + batch_size], labels[i : i + batch_size])])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        target = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target,
+                                                   ignore_index=instructions.IGNORE, reduction="sum")
+        total_loss += float(losses)
+        total_tokens += int((target != instructions.IGNORE).sum())
+    loss = total_loss / max(1, total_tokens)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(ids), "tokens": total_tokens,
+            "truncated": stats.truncated, "dropped": stats.dropped}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, data_cfg, prompt: str, max_new_tokens: int, device="cpu", synced_gpus=False) -> str:
+    """Greedy answer to one instruction, rendered with the run's prompt template."""
+    ids = prompt_ids(prompt, data_cfg, tokenizer).to(device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,225 @@
+"""Causal-LM instruction fine-tuning: masking, truncation, packing, pad policy, and tiny runs that learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.config import DataConfig, load_config
+from launcher.data import instructions
+from launcher.data.instructions import IGNORE, LMCollator, encode, encode_rows, pack
+from launcher.data.tokenizer import train_lm_tokenizer
+from launcher.errors import DataError
+
+from conftest import CONFIGS, check, launcher, mlflow_client, all_runs
+
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = ["### instruction : ### input : ### response : < | system | > < | user | > < | assistant | >",
+             "what is the code word for amber zephyr ? maple yarrow be brief hello there general kenobi"]
+    return train_lm_tokenizer(texts, 200, 64)
+
+
+@pytest.fixture(scope="module")
+def data_tok():
+    """A tokenizer built from the synthetic rows, as a tiny run builds it."""
+    class Plain:
+        eos_token, chat_template = "", None
+
+    rows = instructions.generate_instructions(200, 0)
+    return train_lm_tokenizer([instructions.render(r, DataConfig(), Plain)[0] for r in rows], 400, 64)
+
+
+def response_text(tok, ids, labels) -> str:
+    return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
+
+
+def test_instruction_row_trains_on_the_response_and_eos_only(tok):
+    cfg = DataConfig()
+    ids, labels = encode({"instruction": "What is the code word for amber zephyr?", "input": "", "output": "maple yarrow"}, cfg, tok)
+    assert ids[0] == tok.bos_token_id and labels[0] == IGNORE
+    kept = [(t, y) for t, y in zip(ids, labels) if y != IGNORE]
+    assert all(t == y for t, y in kept)  # a label is the token itself (the model shifts)
+    assert [t for t, _ in kept] == tok("maple yarrow", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # Everything before the response is prompt: masked, and it decodes to the template.
+    first = next(i for i, y in enumerate(labels) if y != IGNORE)
+    assert tok.decode(ids[1:first]).startswith("# # # instruction")
+    assert set(labels[:first]) == {IGNORE}
+
+
+def test_chat_rows_train_on_every_assistant_turn_only(tok):
+    cfg = DataConfig()
+    row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                        {"role": "assistant", "content": "general kenobi"}, {"role": "user", "content": "what is the code word for amber zephyr?"},
+                        {"role": "assistant", "content": "maple yarrow"}]}
+    ids, labels = encode(row, cfg, tok)
+    assert response_text(tok, ids, labels) == "general kenobi </s> maple yarrow </s>"
+    eos_labels = [i for i, (t, y) in enumerate(zip(ids, labels)) if t == tok.eos_token_id and y != IGNORE]
+    assert len(eos_labels) == 2  # each assistant turn ends with a learned EOS
+    masked = tok.decode([t for t, y in zip(ids, labels) if y == IGNORE])
+    assert "be brief" in masked and "hello there" in masked and "kenobi" not in masked
+
+
+def test_the_tokenizers_own_chat_template_is_used_when_it_has_one(tok):
+    tok2 = train_lm_tokenizer(["[ user ] [ bot ] hello there general kenobi"], 200, 64)
+    tok2.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {{ m.content }}{{ eos_token }}"
+                          "{% else %}[{{ m.role }}] {{ m.content }} {% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}[bot] {% endif %}")
+    row = {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"}]}
+    ids, labels = encode(row, DataConfig(), tok2)
+    assert response_text(tok2, ids, labels) == "general kenobi </s>"
+    assert "[ bot ]" in tok2.decode(ids)  # rendered by the tokenizer's template, not ours
+
+
+def test_truncation_policy_is_counted(tok):
+    long = {"instruction": "hello there " * 40, "input": "", "output": "maple yarrow"}
+    short = {"instruction": "be brief", "input": "", "output": "general kenobi"}
+    cut = DataConfig(max_length=32, truncation="truncate")
+    ids, labels, stats = encode_rows([long, short, short], cut, tok)
+    # The long row loses its response to truncation: nothing left to learn, so it is dropped.
+    assert (stats.rows, stats.truncated, stats.dropped, len(ids)) == (3, 1, 1, 2)
+    ids, labels, stats = encode_rows([long, short], DataConfig(max_length=32, truncation="drop"), tok)
+    assert (stats.truncated, stats.dropped, len(ids)) == (0, 1, 1)
+    full = len(encode(short, cut, tok)[0])  # cutting only the final EOS keeps the row, truncated
+    ids, labels, stats = encode_rows([short], DataConfig(max_length=full - 1), tok)
+    assert (stats.truncated, stats.dropped, len(ids[0])) == (1, 0, full - 1) and labels[0][-1] != tok.eos_token_id
+
+
+def test_malformed_rows_are_reported_as_file_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"instruction": "ok", "output": "fine"}),
+        json.dumps({"instruction": "no output"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}),
+    ]) + "\n")
+    with pytest.raises(DataError) as e:
+        instructions.read_rows(path)
+    assert e.value.problems == [
+        f"{path}:2: missing string 'output' (or give 'messages')",
+        f"{path}:3: not valid JSON (Expecting property name enclosed in double quotes)",
+        f"{path}:4: 'messages' has no assistant turn to learn from",
+        f"{path}:5: messages[0] needs role (system, user or assistant) and string content",
+    ]
+
+
+def test_packing_keeps_every_token_in_order_and_fills_blocks(data_tok):
+    rows = instructions.generate_instructions(40, 0)
+    ids, labels, _ = encode_rows(rows, DataConfig(max_length=64), data_tok)
+    p_ids, p_labels, p_lens = pack(ids, labels, 64)
+    assert sum(p_ids, []) == sum(ids, []) and sum(p_labels, []) == sum(labels, [])
+    assert all(len(b) <= 64 for b in p_ids) and [sum(x) for x in p_lens] == [len(b) for b in p_ids]
+    assert len(p_ids) <= len(ids) / 2  # ~23-token rows: two share each 64-token block
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_examples_do_not_attend_to_each_other(arch, data_tok):
+    """Logits and loss of a packed block equal those of its examples run one by one."""
+    from launcher.tasks.causal_lm import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(SFT, [f"model.tiny.arch={arch}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(cfg, len(data_tok), data_tok), attn_implementation="eager").eval()
+    ids, labels, _ = encode_rows(instructions.generate_instructions(6, 1), DataConfig(max_length=64), data_tok)
+    p_ids, p_labels, p_lens = pack(ids, labels, 64)
+    assert len(p_lens[0]) >= 2
+    packed = LMCollator(data_tok.eos_token_id, packed=True)([{"input_ids": p_ids[0], "labels": p_labels[0], "seq_lens": p_lens[0]}])
+    n = len(p_lens[0])
+    single = LMCollator(data_tok.eos_token_id, packed=False)([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids[:n], labels[:n])])
+    with torch.no_grad():
+        out_packed = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        out_single = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
+    start = 0
+    for i, length in enumerate(p_lens[0]):
+        assert torch.allclose(out_packed[start : start + length], out_single[i, :length], atol=1e-5)
+        start += length
+    with torch.no_grad():  # and so the loss, averaged over the same response tokens
+        packed_loss = model(**packed).loss
+        per_token = [torch.nn.functional.cross_entropy(out_single[i, : len(x) - 1], torch.tensor(y[1:]), ignore_index=IGNORE, reduction="sum")
+                     for i, (x, y) in enumerate(zip(ids[:n], labels[:n]))]
+        count = sum(sum(t != IGNORE for t in y[1:]) for y in labels[:n])
+    assert float(packed_loss) == pytest.approx(float(sum(per_token) / count), rel=1e-5)
+
+
+def test_a_tokenizer_without_pad_pads_with_eos_masked_and_says_so(tmp_path):
+    from launcher.tasks.causal_lm import CausalLMTask
+
+    task = CausalLMTask(load_config(SFT))
+    t = task.tokenizer(tmp_path / "tok", instructions.generate_instructions(20, 0))
+    assert t.pad_token_id == t.eos_token_id and "no pad token: padding with EOS" in task.pad_note
+    ids_a, lab_a = encode({"instruction": "what is the code word", "input": "", "output": "maple"}, DataConfig(), t)
+    ids_b, lab_b = encode({"instruction": "what is the code word for amber zephyr?", "input": "", "output": "maple"}, DataConfig(), t)
+    batch = task.collator(t)([{"input_ids": ids_a, "labels": lab_a, "seq_lens": [len(ids_a)]},
+                              {"input_ids": ids_b, "labels": lab_b, "seq_lens": [len(ids_b)]}])
+    k = len(ids_a)
+    assert k < len(ids_b)
+    assert (batch["input_ids"][0, k:] == t.eos_token_id).all()  # padded with EOS ...
+    assert (batch["labels"][0, k:] == IGNORE).all() and (batch["attention_mask"][0, k:] == 0).all()  # ... masked out
+    assert int(batch["labels"][0, k - 1]) == t.eos_token_id  # while the real EOS is still learned
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _answer(run_dir: Path, question: str) -> str:
+    """The training answer for a question, as the tokenizer renders it back (lowercased, spaced)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    for line in (run_dir / "data" / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("instruction") == question:
+            return tok.decode(tok(row["output"], add_special_tokens=False)["input_ids"])
+    raise AssertionError(question)
+
+
+@pytest.mark.slow
+def test_tiny_sft_learns_the_mapping_and_generates_training_answers(tmp_path):
+    proc = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "sft"))
+    run = tmp_path / "sft"
+    final = json.loads((run / "final_metrics.json").read_text())
+    # Step 0 is ~ln|V| (4.6). A model that ignored the question could at best spread its first
+    # answer token over the 8 answers: ln 8 / 3 response tokens = 0.69 per token. Below 0.3 it
+    # must have learned which answer goes with which question.
+    assert final["before"]["loss"] > 4.0 and final["after"]["loss"] < 0.3
+    assert final["after"]["perplexity"] == pytest.approx(2.718281828 ** final["after"]["loss"], rel=1e-6)
+    assert "tokenizer has no pad token: padding with EOS" in proc.stdout
+    prompts = load_config(SFT).eval.generation_prompts
+    gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    last = {g["prompt"]: g["response"] for g in gens if g["step"] == final["step"]}
+    for prompt in prompts:
+        assert last[prompt] == _answer(run, prompt)
+    table = (run / "generations.md").read_text()
+    assert "| step 0 |" in table and f"| step {final['step']} |" in table
+    # The same from the exported model, in a fresh process.
+    gen = check(launcher("generate", str(run / "model"), "--prompt", prompts[0], "--max-new-tokens", "8"))
+    assert gen.stdout.strip().splitlines()[-1] == _answer(run, prompts[0])
+    ev = json.loads(check(launcher("eval", str(run / "model"), "--data", str(run / "data" / "validation.jsonl"))).stdout.strip().splitlines()[-1])
+    assert ev["loss"] == pytest.approx(final["after"]["loss"], rel=1e-4) and ev["n"] == final["after"]["n"] == 64
+    client = mlflow_client(tmp_path)
+    (mlrun,) = all_runs(client)
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"generations.md", "generations.jsonl"} <= artifacts
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "eval/perplexity")] == [0, 32, 64, 96]
+
+
+@pytest.mark.slow
+def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
+    proc = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "packed",
+                          "model.tiny.arch=gpt2", "data.packing=true", "train.global_batch_size=8", "train.micro_batch_size=4",
+                          "train.epochs=12", "eval.every_steps=0", "checkpoint.every_steps=0"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("packing:"))
+    efficiency = float(line.rsplit("efficiency ", 1)[1].split("%")[0]) / 100
+    assert 0.6 < efficiency <= 1.0  # rows of ~23 tokens in 64-token blocks: two per block at least
+    final = json.loads((tmp_path / "packed" / "final_metrics.json").read_text())
+    assert final["after"]["loss"] < 0.3
+    (mlrun,) = all_runs(mlflow_client(tmp_path))
+    assert float(mlrun.data.params["derived.packing_efficiency"]) == pytest.approx(efficiency, abs=1e-3)
