@@ -142,10 +142,13 @@ class Checkpointer:
         return TrainState.read(path)
 
 
-def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str, str]) -> None:
-    """config.json, tokenizer files and our metadata: an HF model directory minus its weights."""
+def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str, str], peft_config=None) -> None:
+    """config.json, tokenizer files and our metadata: an HF model directory minus its weights
+    (plus adapter_config.json for LoRA runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config.save_pretrained(out_dir)
+    if peft_config is not None:
+        peft_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     for name, text in extra_files.items():
         (out_dir / name).write_text(text)
@@ -157,19 +160,27 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
-def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str]) -> None:
-    """The final model in Hugging Face format (safetensors) with tokenizer and label names.
+def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str], random_base: bool = False) -> None:
+    """The final model in Hugging Face format (safetensors) with tokenizer and label names;
+    for LoRA runs also adapter/ (and base/ when the base was randomly initialised).
 
     `get_state_dict` gathers the full weights (a collective under ZeRO-3/FSDP), so
     every rank calls it; rank 0 writes into a temp dir and renames it into place.
     """
+    from launcher.tasks import lora
+
     state_dict = rt.accelerator.get_state_dict(model)
 
     def write():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if lora.is_peft(unwrapped):
+            base = unwrapped.get_base_model()
+            with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
+                lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
         _replace_dir(tmp, out_dir)
 
@@ -227,17 +238,30 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> str:
         raise ConfigError(f"{ckpt}: no {SKELETON}/config.json (written by launcher since checkpoints carry one)")
     if out_dir.exists():
         raise ConfigError(f"{out_dir}: already exists; choose a new output directory")
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    skeleton = ckpt / SKELETON
+    meta = json.loads((skeleton / "launcher.json").read_text()) if (skeleton / "launcher.json").is_file() else {}
+    auto = AutoModelForCausalLM if meta.get("task") == "causal_lm" else AutoModelForSequenceClassification
     state_dict, source = _checkpoint_weights(ckpt)
-    config = AutoConfig.from_pretrained(ckpt / SKELETON)
-    model = AutoModelForSequenceClassification.from_config(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    config = AutoConfig.from_pretrained(skeleton)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt / SKELETON, tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.copytree(skeleton, tmp)
+    if (skeleton / "adapter_config.json").is_file():
+        from peft import PeftConfig
+
+        from launcher.tasks import lora
+
+        (tmp / "adapter_config.json").unlink()
+        model_class = type(auto.from_config(config))
+        lora.write(PeftConfig.from_pretrained(skeleton), state_dict, tmp, config, model_class, meta.get("random_base", False))
+        source += ", LoRA: adapter/ and merged model"
+    else:
+        model = auto.from_config(config)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.save_pretrained(tmp, safe_serialization=True)
     _replace_dir(tmp, out_dir)
     return source

@@ -58,6 +58,8 @@ class LoraConfig:
     dropout: float = 0.05
     # Module names to adapt (e.g. [q_proj, v_proj]); "all-linear": every linear layer but the head.
     target_modules: Any = "all-linear"
+    # Modules trained in full beside the adapters (a classifier's head is always one).
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass

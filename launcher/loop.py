@@ -40,8 +40,14 @@ def _prepare_run_dir(cfg: RunConfig, rt, resume_from) -> Path:
 
 def _synthetic_files(task, rt, run_dir: Path) -> tuple[str, str]:
     out = run_dir / "data"
-    if not (out / "validation.jsonl").is_file():
-        rt.on_main(task.write_synthetic, out)
+
+    def write():
+        # Rank 0 alone decides: had each rank looked for the file itself, a rank that looked
+        # after rank 0 had written it would skip the barrier the others wait in (seen: a hang).
+        if not (out / "validation.jsonl").is_file():  # a resumed run keeps its data
+            task.write_synthetic(out)
+
+    rt.on_main(write)
     return str(out / "train.jsonl"), str(out / "validation.jsonl")
 
 
@@ -114,8 +120,9 @@ def train(cfg: RunConfig) -> dict:
 
     higher_is_better = cfg.eval_metric not in LOWER_IS_BETTER
     extra = {"launcher.json": json.dumps(task.metadata())}
-    model_config = rt.accelerator.unwrap_model(model).config
-    skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=model_config, tokenizer=tokenizer, extra_files=extra)
+    unwrapped = rt.accelerator.unwrap_model(model)
+    skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
+                                 extra_files=extra, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState()
     if state.step >= total_steps and (run_dir / "model").is_dir():
@@ -123,7 +130,7 @@ def train(cfg: RunConfig) -> dict:
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
     tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, state.step if resume_from else None)
     state.tracker_ids = tracker.ids()
-    n_params, held = rt.parameter_counts(model)
+    n_params, n_trainable, held = rt.parameter_counts(model)
     notes, derived = task.describe(train_ds, val_ds)
     tracker.log_params(
         flatten(to_dict(cfg))
@@ -136,6 +143,7 @@ def train(cfg: RunConfig) -> dict:
             "derived.n_train": len(train_ds),
             "derived.n_validation": len(val_ds),
             "derived.n_parameters": n_params,
+            "derived.n_trainable_parameters": n_trainable,
         }
         | derived
     )
@@ -144,6 +152,8 @@ def train(cfg: RunConfig) -> dict:
         f"{total_steps} steps of {t.global_batch_size} examples "
         f"({t.micro_batch_size} x {accumulation} accumulation x {rt.world_size} ranks)"
     )
+    if n_trainable != n_params:
+        rt.print(f"LoRA: {n_trainable:,} of {n_params:,} parameters trainable ({n_trainable / n_params:.2%})")
     for line in notes:
         rt.print(line)
     if rt.zero_stage == 3:
@@ -227,7 +237,7 @@ def train(cfg: RunConfig) -> dict:
         if last_eval_step != state.step:  # resumed after the last step but before the export
             last_eval = task.evaluate(rt, model, val_loader)
         model_dir = run_dir / "model"
-        ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra)
+        ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra, random_base=task.random_init())
         summary = {"step": state.step, "before": state.first_eval, "after": last_eval, "best_step": state.best_step, "best": state.best_metric}
         rt.on_main(_write_outputs, run_dir, summary, tracker)
         rt.print(report.final_table(state.first_eval, last_eval))

@@ -102,8 +102,8 @@ class Runtime:
         finally:
             plugin.set_deepspeed_weakref()
 
-    def parameter_counts(self, model) -> tuple[int, list[int]]:
-        """(full parameter count, elements held by each rank). A collective: every rank calls it.
+    def parameter_counts(self, model) -> tuple[int, int, list[int]]:
+        """(full parameter count, trainable count, elements held by each rank). A collective.
 
         Under ZeRO-3 a parameter's local tensor is a shard (`ds_tensor`) and `numel()` is 0;
         `ds_numel` is its full size.
@@ -111,9 +111,10 @@ class Runtime:
         import torch
 
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         held = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in model.parameters())
         per_rank = self.accelerator.gather(torch.tensor([held], device=self.device))
-        return total, [int(x) for x in per_rank.tolist()]
+        return total, trainable, [int(x) for x in per_rank.tolist()]
 
     def write_rank_file(self, run_dir: Path, **extra) -> None:
         """RUN/ranks/rank-N.json from every rank: what this process really was (the launch's

@@ -38,11 +38,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+SFT_FAST = ["data.synthetic.n_train=128", "data.synthetic.n_validation=24", "model.tiny.hidden_size=32",
+            "model.tiny.intermediate_size=64", "train.max_steps=8", "eval.every_steps=4", "checkpoint.every_steps=4",
+            "eval.max_new_tokens=4"]
+
+
 def accelerate_launch(launch_args: list[str], out: Path, name: str, *extra: str, port: int | None = None,
-                      wait: bool = True):
+                      wait: bool = True, config: Path = TINY, base: list[str] = FAST + STEPS):
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *launch_args,
-           "--main_process_port", str(port or free_port()), "-m", "launcher", "train", str(TINY),
-           "--output-dir", str(out), "--run-name", name, *FAST, *STEPS, *extra]
+           "--main_process_port", str(port or free_port()), "-m", "launcher", "train", str(config),
+           "--output-dir", str(out), "--run-name", name, *base, *extra]
     env = {**os.environ, **OFFLINE_ENV}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -189,6 +195,35 @@ def test_two_node_rendezvous_on_one_machine(tmp_path, reference):
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert mlrun.data.tags["num_nodes"] == "2"
     assert max_diff(weights(tmp_path / "nodes"), weights(reference[1])) < TOL
+
+
+@pytest.mark.parametrize("accel,extra", [("cpu_ddp", ["data.packing=true"]), ("deepspeed_zero3", ["model.lora.enabled=true"])],
+                         ids=["ddp-packed-full", "zero3-lora"])
+def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
+    """The causal-LM task through the same engines: same weights and generations as one
+    process; under ZeRO-3 the LoRA adapter is exported whole (not the empty file other
+    tools write when they save a sharded PeftModel)."""
+    check(launcher("train", str(SFT), "--output-dir", str(tmp_path / "ref"), "--run-name", "sft", *SFT_FAST, *extra))
+    proc = check(accelerate_launch(["--config_file", str(ACCEL / f"{accel}.yaml"), "--num_processes", "2"],
+                                   tmp_path, "sft", *extra, config=SFT, base=SFT_FAST))
+    assert proc.stdout.count("run directory:") == 1
+    run, ref = tmp_path / "sft", tmp_path / "ref" / "sft"
+    check_ranks(run)
+    assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 9))
+    assert max_diff(weights(run), weights(ref)) < TOL
+    gens = lambda d: (d / "generations.jsonl").read_text()  # noqa: E731
+    assert gens(run) == gens(ref) and "[8] " in proc.stdout  # generated on every rank in step, printed once
+    if "model.lora.enabled=true" in extra:
+        adapter = _adapter(run)
+        assert adapter and all(v.numel() > 0 for v in adapter.values())
+        assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+        assert max_diff(adapter, _adapter(ref)) < TOL
+
+
+def _adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "adapter" / "adapter_model.safetensors")
 
 
 def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):

@@ -119,15 +119,16 @@ def test_packing_keeps_every_token_in_order_and_fills_blocks(data_tok):
     assert len(p_ids) <= len(ids) / 2  # ~23-token rows: two share each 64-token block
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_examples_do_not_attend_to_each_other(arch, data_tok):
+def test_packed_examples_do_not_attend_to_each_other(arch, attn, data_tok):
     """Logits and loss of a packed block equal those of its examples run one by one."""
     from launcher.tasks.causal_lm import tiny_config
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(SFT, [f"model.tiny.arch={arch}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(cfg, len(data_tok), data_tok), attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(cfg, len(data_tok), data_tok), attn_implementation=attn).eval()
     ids, labels, _ = encode_rows(instructions.generate_instructions(6, 1), DataConfig(max_length=64), data_tok)
     p_ids, p_labels, p_lens = pack(ids, labels, 64)
     assert len(p_lens[0]) >= 2

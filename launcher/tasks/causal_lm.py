@@ -119,11 +119,16 @@ class CausalLMTask:
 
         if self.cfg.model.name == TINY_MODEL:
             # eager attention: the packed 4-D masks are exact there (and in sdpa); see tests.
-            return AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer),
-                                                    attn_implementation="eager")
-        model = _from_hub(AutoModelForCausalLM, self.cfg.model.name)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+            model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer),
+                                                     attn_implementation="eager")
+        else:
+            model = _from_hub(AutoModelForCausalLM, self.cfg.model.name)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+        if self.cfg.model.lora.enabled:
+            from launcher.tasks import lora
+
+            model = lora.apply(model, self.cfg.model.lora, self.name)
         return model
 
     def collator(self, tokenizer):
@@ -174,7 +179,7 @@ class CausalLMTask:
 
     def metadata(self) -> dict:
         d = self.cfg.data
-        return {"task": self.name, "prompt_template": d.prompt_template, "prompt_template_no_input": d.prompt_template_no_input,
+        return {"random_base": self.random_init(), "task": self.name, "prompt_template": d.prompt_template, "prompt_template_no_input": d.prompt_template_no_input,
                 "chat_turn_template": d.chat_turn_template}
 
 

@@ -295,7 +295,12 @@ class ClassificationTask:
         return [], {}
 
     def build_model(self, tokenizer):
-        return build_model(self.cfg, tokenizer)
+        model = build_model(self.cfg, tokenizer)
+        if self.cfg.model.lora.enabled:
+            from launcher.tasks import lora
+
+            model = lora.apply(model, self.cfg.model.lora, self.name)
+        return model
 
     def collator(self, tokenizer):
         from launcher.data.batching import PadCollator
@@ -332,4 +337,4 @@ class ClassificationTask:
         return []
 
     def metadata(self) -> dict:
-        return {"task": self.name, "mode": self.cfg.data.mode, "threshold": THRESHOLD, "labels": self.label_names}
+        return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": THRESHOLD, "labels": self.label_names}

@@ -1,0 +1,60 @@
+"""LoRA (peft) for both tasks: wrap a model, count what trains, and export.
+
+Export never calls save_pretrained on the live (possibly ZeRO-3-sharded) model,
+which is how other tools end up writing an empty adapter: every rank gathers the
+full state dict first (checkpoint.export_model), then rank 0 loads it into a fresh,
+whole copy and writes from that: `adapter/` (adapter weights + the trained head),
+the merged full model beside it, and `base/` when the base weights exist nowhere
+else (a randomly initialised tiny model).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+def apply(model, lora_cfg, task: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from launcher.errors import ConfigError
+
+    names = {n.split(".")[-1]: m for n, m in model.named_modules()}
+    if isinstance(lora_cfg.target_modules, list):
+        linear = sorted(n for n, m in names.items() if isinstance(m, torch.nn.Linear))
+        unknown = [t for t in lora_cfg.target_modules if t not in linear]
+        if unknown:
+            raise ConfigError(f"model.lora.target_modules: {', '.join(unknown)} not among the linear layers of "
+                              f"{type(model).__name__} ({', '.join(linear)})")
+    unknown = [m for m in lora_cfg.modules_to_save if m not in names]
+    if unknown:
+        raise ConfigError(f"model.lora.modules_to_save: {', '.join(unknown)} not a module of {type(model).__name__}")
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=lora_cfg.target_modules, task_type=PEFT_TASK[task],
+                        modules_to_save=list(lora_cfg.modules_to_save) or None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # whatever peft refuses beyond the names checked above
+        raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool) -> None:
+    """Rank 0: adapter/, the merged model in out_dir, and base/ if asked, from a gathered
+    state dict. Call where model construction is not partitioned (runtime.model_init)."""
+    from peft import get_peft_model
+
+    fresh = get_peft_model(model_class._from_config(base_config), copy.deepcopy(peft_config))
+    missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
+        raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    copy.deepcopy(fresh).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+    if save_base:  # random initial weights: the adapter is only usable with these
+        fresh.unload().save_pretrained(out_dir / "base", safe_serialization=True)

@@ -1,0 +1,107 @@
+"""LoRA through the same loop: what trains, what is exported, and that merged == base + adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launcher.config import load_config
+from launcher.errors import ConfigError
+
+from conftest import CONFIGS, TINY, all_runs, check, launcher, mlflow_client
+
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+
+
+def _expected_trainable(base, targets, head_names, r):
+    """r x (in + out) per adapted Linear, plus the whole head (peft's modules_to_save)."""
+    total = 0
+    for name, module in base.named_modules():
+        leaf = name.split(".")[-1]
+        if isinstance(module, torch.nn.Linear) and leaf in targets:
+            total += r * (module.in_features + module.out_features)
+        if leaf in head_names:
+            total += sum(p.numel() for p in module.parameters())
+    return total
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_only_adapters_and_head_train_and_the_count_is_exact(task, tmp_path):
+    from launcher import tasks
+
+    config = TINY if task == "classification" else SFT
+    targets = ["query", "value"] if task == "classification" else ["q_proj", "v_proj"]
+    cfg = load_config(config, ["model.lora.enabled=true", "model.lora.r=4", f"model.lora.target_modules=[{','.join(targets)}]"])
+    t = tasks.for_config(cfg)
+    from launcher.data import instructions, synthetic
+
+    rows = (synthetic.generate_clauses(50, 0), None) if task == "classification" else instructions.generate_instructions(20, 0)
+    if task == "classification":
+        tok = t.tokenizer(tmp_path / "tok", ([r["text"] for r in rows[0]], None))
+    else:
+        tok = t.tokenizer(tmp_path / "tok", rows)
+    cfg.model.lora.enabled = False
+    plain = t.build_model(tok)  # the same model without adapters, to count from
+    cfg.model.lora.enabled = True
+    model = t.build_model(tok)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    heads = {"classifier"} if task == "classification" else set()  # a causal LM's head stays frozen
+    expected = _expected_trainable(plain, set(targets), heads, 4)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_unknown_target_module_is_one_clear_line(tmp_path):
+    from launcher import tasks
+
+    cfg = load_config(TINY, ["model.lora.enabled=true", "model.lora.target_modules=[qq_proj]"])
+    t = tasks.for_config(cfg)
+    from launcher.data import synthetic
+
+    tok = t.tokenizer(tmp_path / "tok", ([r["text"] for r in synthetic.generate_clauses(20, 0)], None))
+    with pytest.raises(ConfigError) as e:
+        t.build_model(tok)
+    assert e.value.problems[0].startswith("model.lora.target_modules: ") and "qq_proj" in e.value.problems[0]
+
+
+def test_target_modules_must_be_names_or_all_linear():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.lora.enabled=true", "model.lora.target_modules=3"])
+    assert e.value.problems == ['model.lora.target_modules: a list of module names or "all-linear"; got 3']
+
+
+@pytest.mark.slow
+def test_lora_classifier_learns_and_exports_adapter_base_and_merged_model(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "lora",
+                          "model.lora.enabled=true", "train.lr=5e-3", "train.max_steps=100"))
+    run = tmp_path / "lora"
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("LoRA: "))
+    trainable, total = (int(x.replace(",", "")) for x in line.split()[1::2][:2])
+    assert trainable < total / 5
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["before"]["macro_f1"] < 0.5 and final["after"]["macro_f1"] > 0.9  # frozen random body, trained adapters
+    (mlrun,) = all_runs(mlflow_client(tmp_path))
+    assert int(mlrun.data.params["derived.n_trainable_parameters"]) == trainable
+    adapter = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+    assert sum(v.numel() for v in adapter.values()) == trainable
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # trained, not the zero init
+
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    on_base = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(run / "model" / "base"),
+                                        run / "model" / "adapter").eval()
+    enc = tok(["We may terminate your account at any time.", "You can export your data."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(merged(**enc).logits, on_base(**enc).logits, atol=1e-5)
+
+    out = tmp_path / "exported"  # the offline export of the LoRA checkpoint gives the same model
+    proc = check(launcher("export", str(run / "checkpoints" / "step-000100"), str(out)))
+    assert "LoRA" in proc.stdout
+    a, b = load_file(out / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
