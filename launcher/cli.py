@@ -173,6 +173,9 @@ def cmd_generate(args) -> int:
 def cmd_predict(args) -> int:
     from launcher.tasks import classification as task
 
+    if _exported_task(args.model_dir) == "causal_lm":
+        raise UserError(f"{args.model_dir}: a causal LM; use `launcher generate MODEL_DIR --prompt TEXT`")
+
     texts = _read_texts(Path(args.input))
     model, tokenizer, names, multilabel = task.load_exported(args.model_dir)
     probs = task.probabilities(task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size), multilabel)

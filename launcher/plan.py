@@ -89,22 +89,6 @@ def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool
     return lines
 
 
-def _rows(cfg: RunConfig) -> tuple[int | None, str]:
-    d = cfg.data
-    if d.synthetic.enabled:
-        return d.synthetic.n_train, "synthetic"
-    if d.train_file is None:
-        return None, f"{d.hub_dataset}/{d.hub_config} (hub; counted when the run starts)"
-    from launcher.data.clauses import load_split
-    from launcher.errors import UserError
-
-    try:
-        texts, _ = load_split(d, "train", d.train_file)
-    except UserError as e:
-        return None, e.problems[0]
-    return len(texts), d.train_file
-
-
 def launch_commands(config_path: str, overrides: list[str], accelerate_config: str | None, launch) -> list[str]:
     tail = ["-m", "launcher", "train", config_path, *overrides]
     if accelerate_config is None and launch.num_processes == 1:
@@ -131,8 +115,9 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
 
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
          launch: "distributed.LaunchConfig") -> str:
-    from launcher.tasks import classification as task
+    from launcher import tasks
 
+    task = tasks.for_config(cfg)
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
@@ -144,7 +129,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
              f"{launch.num_machines} node(s) x {launch.processes_per_machine} process(es) = world size {world}",
              f"batch      global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accumulation} "
              f"x {world} process(es)"]
-    rows, source = _rows(cfg)
+    rows, source = task.count_rows()
     if rows is not None:
         per_epoch = rows // t.global_batch_size
         total = t.max_steps or t.epochs * per_epoch
@@ -152,7 +137,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         lines.append(f"steps      {rows:,} rows ({source}) / {t.global_batch_size} = {per_epoch:,} steps per epoch; "
                      f"{how} -> {total:,} optimizer steps")
     else:
-        lines.append(f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: rows of {source}")
+        lines.append(f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: {source}")
     if launch.uses_deepspeed:
         _, fills = distributed.resolve_deepspeed(cfg, launch)
         lines.append(f"deepspeed  {launch.ds_source}, \"auto\" resolved:")
@@ -160,7 +145,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         for key, value, owner in fills:
             shown = "auto" if value == distributed.AUTO else str(value).lower() if isinstance(value, bool) else value
             lines.append(f"             {key:<{width}} = {shown}  ({owner})")
-    n_params, where = task.count_parameters(cfg)
+    n_params, where = task.count_parameters()
     lines.append(f"model      {n_params:,} parameters ({where})" if n_params else f"model      parameters unknown: {where}")
     sixteen = launch.uses_deepspeed and t.precision in ("bf16", "fp16")
     ds = launch.ds or {}

@@ -204,3 +204,31 @@ def test_stack_fact_zero3_init_context_manager_does_not_turn_zero_init_off():
         assert not is_deepspeed_zero3_enabled()
     finally:
         unset_hf_deepspeed_config()
+
+
+def test_readme_plan_example_is_what_plan_prints(tmp_path, capsys, monkeypatch):
+    """The README's annotated example, regenerated: a bert-base-sized local config stands in for legal-bert."""
+    from transformers import BertConfig
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("run        configs/train/clause_tos.yaml")
+    shown = readme[start : readme.index("```", start)].rstrip("\n")
+    model_dir = tmp_path / "legal-bert-base-uncased"
+    BertConfig().save_pretrained(model_dir)
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", "configs/train/clause_tos.yaml", "--accelerate-config", "configs/accelerate/deepspeed_zero3.yaml",
+                 "--nodes", "2", "--gpus-per-node", "4", f"model.name={model_dir}", "train.micro_batch_size=1",
+                 "train.precision=bf16"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n").replace(str(model_dir), "/models/legal-bert-base-uncased")
+    assert printed == shown
+
+
+def test_plan_for_packed_sft_does_not_pretend_to_know_steps_per_epoch(capsys):
+    from conftest import CONFIGS as C
+
+    assert main(["plan", str(C / "train" / "sft_tiny.yaml"), "data.packing=true"]) == 0
+    out = capsys.readouterr().out
+    assert "steps      unknown: 512 synthetic rows are packed into 64-token blocks when the run starts" in out
+    assert "parameters (tiny llama" in out

@@ -2,7 +2,8 @@
 
 Each task object offers: check_model_source, random_init, read_splits, write_synthetic,
 tokenizer, datasets, describe, build_model, collator, prepare, loss, evaluate,
-samples (generations; [] when the task has none) and metadata (launcher.json).
+samples (generations; [] when the task has none), metadata (launcher.json), and for
+`launcher plan` count_parameters and count_rows (no weights loaded, no process group).
 """
 
 from __future__ import annotations

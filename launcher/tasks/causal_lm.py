@@ -177,6 +177,41 @@ class CausalLMTask:
         model.train()
         return out
 
+    def count_parameters(self) -> tuple[int | None, str]:
+        """(parameter count, source) from the model config alone, built on the meta device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if self.cfg.model.name == TINY_MODEL:
+            class _Ids:
+                bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+
+            config = tiny_config(self.cfg, self.cfg.model.tiny.vocab_size, _Ids)
+            source = f"tiny {self.cfg.model.tiny.arch}, vocabulary at most {self.cfg.model.tiny.vocab_size}"
+        else:
+            try:
+                config = _from_hub(AutoConfig, self.cfg.model.name)
+            except ConfigError as e:
+                return None, e.problems[0]
+            source = f"config of {self.cfg.model.name}"
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters()), source
+
+    def count_rows(self) -> tuple[int | None, str]:
+        d = self.cfg.data
+        if d.synthetic.enabled:
+            n, source = d.synthetic.n_train, "synthetic"
+        elif d.train_file:
+            try:
+                n, source = len(instructions.read_rows(d.train_file)), d.train_file
+            except DataError as e:
+                return None, e.problems[0]
+        else:
+            return None, "data.train_file (required for causal_lm)"
+        if d.packing:  # optimizer steps count blocks, known once rows are packed
+            return None, f"{n:,} {source} rows are packed into {d.max_length}-token blocks when the run starts"
+        return n, source
+
     def metadata(self) -> dict:
         d = self.cfg.data
         return {"random_base": self.random_init(), "task": self.name, "prompt_template": d.prompt_template, "prompt_template_no_input": d.prompt_template_no_input,

@@ -336,5 +336,22 @@ class ClassificationTask:
     def samples(self, rt, model, tokenizer) -> list[dict]:
         return []
 
+    def count_parameters(self) -> tuple[int | None, str]:
+        return count_parameters(self.cfg)
+
+    def count_rows(self) -> tuple[int | None, str]:
+        d = self.cfg.data
+        if d.synthetic.enabled:
+            return d.synthetic.n_train, "synthetic"
+        if d.train_file is None:
+            return None, f"rows of {d.hub_dataset}/{d.hub_config} (hub) are counted when the run starts"
+        from launcher.data.clauses import load_split
+        from launcher.errors import UserError
+
+        try:
+            return len(load_split(d, "train", d.train_file)[0]), d.train_file
+        except UserError as e:
+            return None, e.problems[0]
+
     def metadata(self) -> dict:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": THRESHOLD, "labels": self.label_names}
