@@ -31,7 +31,7 @@ test: venv
 	$(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow and not distributed and not server"
+	$(PY) -m pytest -q -m "not slow and not distributed and not server and not slurm"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -72,6 +72,7 @@ def train(cfg: RunConfig) -> dict:
     t = cfg.train
     task = tasks.for_config(cfg)
     rt = build_runtime(cfg)
+    rt.watch_signals()  # from here a SIGTERM/SIGUSR1 means: checkpoint at the next step end, then exit
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     resume_from = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
     # A model or data row that cannot load fails before anything is written. Synthetic
@@ -166,7 +167,7 @@ def train(cfg: RunConfig) -> dict:
             rt.print("step 0 eval: " + report.one_line(state.first_eval))
             _log_samples(rt, task, model, tokenizer, tracker, run_dir, 0)
         last_eval, last_eval_step = state.first_eval, 0
-        stop_reason = None
+        stop_reason, stop_signal = None, None
         model.train()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
         with rt.progress(total_steps, initial=state.step) as bar:
@@ -219,6 +220,9 @@ def train(cfg: RunConfig) -> dict:
                     _log_samples(rt, task, model, tokenizer, tracker, run_dir, state.step)
                 if state.step == t.halt_at_step and not last:
                     stop_reason = stop_reason or "halt"
+                signalled = rt.stop_requested()  # every rank, every step: they must agree on the step
+                if signalled and not last:
+                    stop_reason, stop_signal = stop_reason or "signal", signalled
                 if checkpointer.due(state.step) or last or stop_reason:
                     tracker.flush()
                     checkpointer.save(state)
@@ -227,10 +231,11 @@ def train(cfg: RunConfig) -> dict:
                 if stop_reason:
                     break
 
-        if stop_reason == "halt":
-            rt.print(f"halted at step {state.step} (train.halt_at_step); resume with checkpoint.resume=auto")
+        if stop_reason in ("halt", "signal"):
+            why = "train.halt_at_step" if stop_reason == "halt" else stop_signal
+            rt.print(f"stopped at step {state.step} ({why}); checkpoint saved; run the same command again to resume")
             tracker.finish(status="KILLED")
-            return {"status": "halted", "step": state.step, "run_dir": str(run_dir)}
+            return {"status": "halted" if stop_reason == "halt" else "stopped", "step": state.step, "run_dir": str(run_dir)}
         if stop_reason == "early_stop":
             rt.print(f"early stop at step {state.step}: no {cfg.eval_metric} improvement in {cfg.eval.early_stopping_patience} evals")
 

@@ -63,6 +63,35 @@ class Runtime:
 
             tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)  # above a live progress bar, not inside it
 
+    def watch_signals(self) -> None:
+        """SIGTERM (a scheduler or `kill`) and SIGUSR1 (Slurm's warning before the time limit)
+        ask this rank to stop, as does the file named by LAUNCHER_STOP_FILE once it exists
+        (slurm/train.sh creates it: signalling srun would cancel the job step outright).
+        `stop_requested` turns the requests into one decision."""
+        import signal
+
+        def request(signum, _frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request)
+
+    def stop_requested(self) -> str | None:
+        """Whether any rank was signalled: a collective (max over ranks), so every rank stops
+        at the same step. Returns the signal's name, or None."""
+        import torch
+
+        local = getattr(self, "_stop_signal", None)
+        stop_file = os.environ.get("LAUNCHER_STOP_FILE")
+        if not local and stop_file and os.path.exists(stop_file):  # slurm/train.sh's warning trap
+            local = f"stop file {stop_file}"
+        if self.world_size == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        if self.accelerator.reduce(flag, reduction="max").item() > 0:
+            return local or "a signal to another rank"
+        return None
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

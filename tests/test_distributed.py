@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,7 +133,7 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
     """ZeRO-N on 2 ranks: 6 steps, stop, resume 6 more == 12 steps in one process."""
     launch = ["--config_file", str(ACCEL / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2"]
     first = check(accelerate_launch(launch, tmp_path, "z", "train.halt_at_step=6"))
-    assert "halted at step 6" in first.stdout and first.stdout.count("run directory:") == 1
+    assert "stopped at step 6 (train.halt_at_step)" in first.stdout and first.stdout.count("run directory:") == 1
     assert "(2 process(es) on 1 node(s), DEEPSPEED" in first.stdout
     run = tmp_path / "z"
     shards = {p.name for p in (run / "checkpoints" / "step-000006" / "pytorch_model").iterdir()}
@@ -224,6 +226,32 @@ def _adapter(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(run_dir / "model" / "adapter" / "adapter_model.safetensors")
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resumes(tmp_path, reference):
+    """A scheduler's SIGTERM to the launcher: torchrun passes it to both ranks, they agree
+    on one step, checkpoint it and exit; the same command then resumes to the same weights."""
+    launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
+    proc = accelerate_launch(launch, tmp_path, "sig", wait=False)
+    ranks = tmp_path / "sig" / "ranks"
+    deadline = time.time() + 300
+    while len(list(ranks.glob("rank-*.json"))) < 2:  # both ranks are up and about to train
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1 and "(SIGTERM)" in stopped[0], out[-3000:] + err[-3000:]
+    step = int(stopped[0].split()[3])
+    assert 1 <= step < 12
+    ckpts = sorted(p.name for p in (tmp_path / "sig" / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step-{step:06d}" and (tmp_path / "sig" / "checkpoints" / ckpts[-1] / "COMPLETE").is_file()
+    assert not (tmp_path / "sig" / "model").exists()
+
+    resumed = check(accelerate_launch(launch, tmp_path, "sig"))
+    assert f"resuming from {tmp_path / 'sig' / 'checkpoints' / ckpts[-1]}" in resumed.stdout
+    assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 13))
+    assert max_diff(weights(tmp_path / "sig"), weights(reference[1])) < TOL
 
 
 def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):

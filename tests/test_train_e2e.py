@@ -117,7 +117,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     common = [*FAST, "train.max_steps=24", "checkpoint.every_steps=6", "eval.every_steps=6", "train.warmup_steps=3"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "a"), "--run-name", "r", *common))
     first = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common, "train.halt_at_step=12"))
-    assert "halted at step 12" in first.stdout
+    assert "stopped at step 12 (train.halt_at_step)" in first.stdout
     assert not (tmp_path / "b" / "r" / "model").exists()
     second = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common))
     assert "resuming from" in second.stdout and "step-000012" in second.stdout

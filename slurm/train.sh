@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Train on a Slurm cluster: one `accelerate launch` per node, every count derived from Slurm.
+#
+#   sbatch [--nodes N] [--gpus-per-node G] slurm/train.sh CONFIG [key=value ...]
+#
+# Environment overrides (all optional):
+#   ACCELERATE_CONFIG  accelerate YAML (default configs/accelerate/multi_node.yaml; its
+#                      per-node values are overridden below, so it fits 1..N nodes, GPU or CPU)
+#   GPUS_PER_NODE      processes per node (default: GPUs Slurm gave the job, else 1 on CPU nodes)
+#   OUTPUT_DIR         parent of the run directory (default: the config's output_dir)
+#   RUN_NAME           run directory name (default: the config file's stem), kept across requeues
+#   MAIN_PORT          rendezvous port on the head node (default: 20000 + job id mod 20000)
+#   PYTHON             interpreter with launcher installed (default: python3 on PATH)
+#
+# Preemption: Slurm sends SIGUSR1 to this script 120 s before the time limit (--signal=B:USR1@120);
+# `scancel --signal=USR1 --batch JOB` does the same by hand. The trap creates LAUNCHER_STOP_FILE
+# (signalling srun instead would cancel the job step, killing the ranks mid-step); every rank
+# sees it at the end of a step, they agree on one step, checkpoint it and exit cleanly; then the
+# job requeues itself and the requeued job resumes from that checkpoint into the same MLflow run.
+#SBATCH --job-name=launcher
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: sbatch [--nodes N] slurm/train.sh CONFIG [key=value ...]" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+
+PYTHON=${PYTHON:-python3}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}
+NNODES=${SLURM_NNODES:-1}
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+    # SLURM_GPUS_ON_NODE is set when the job asked for GPUs; a CPU node runs one process.
+    GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-1}
+fi
+NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+RUN_NAME=${RUN_NAME:-$(basename "${CONFIG%.*}")}
+TRAIN_ARGS=("$CONFIG" --run-name "$RUN_NAME")
+if [ -n "${OUTPUT_DIR:-}" ]; then
+    TRAIN_ARGS+=(--output-dir "$OUTPUT_DIR")
+fi
+TRAIN_ARGS+=("$@")
+
+echo "launcher: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${NNODES} node(s) x ${GPUS_PER_NODE}" \
+     "= ${NUM_PROCESSES} process(es), head ${HEAD_NODE}:${MAIN_PORT}, ${ACCELERATE_CONFIG}"
+
+# $SLURM_NODEID is escaped: it must expand on each node inside srun, not here (where it is 0).
+LAUNCH="exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
+    --num_machines $NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_NODEID \
+    --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
+    -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"
+
+if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
+    echo "srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '$LAUNCH'"
+    exit 0
+fi
+
+# On the shared file system, beside the run; the ranks look for it after every step.
+export LAUNCHER_STOP_FILE=${LAUNCHER_STOP_FILE:-${OUTPUT_DIR:-.}/.launcher-stop-${SLURM_JOB_ID}}
+rm -f "$LAUNCHER_STOP_FILE"  # a requeued job starts without the previous attempt's request
+PREEMPTED=0
+on_warning() {
+    PREEMPTED=1
+    echo "launcher: caught the time-limit warning; asking every rank to checkpoint and stop"
+    touch "$LAUNCHER_STOP_FILE"
+}
+trap on_warning USR1 TERM
+
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "$LAUNCH" &
+SRUN_PID=$!
+status=0
+# `wait` returns early when a trapped signal arrives; wait again until srun has really ended.
+while true; do
+    wait "$SRUN_PID" && status=0 || status=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+
+rm -f "$LAUNCHER_STOP_FILE"
+if [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ]; then
+    echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"
