@@ -105,11 +105,10 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
     if launch.num_machines > 1:
         out.append(f"  (on every node; NODE_RANK 0..{launch.num_machines - 1}, HEAD_NODE = address of node 0)")
     if Path("slurm/train.sh").is_file():
-        env = []
-        if accelerate_config:
-            env.append(f"ACCELERATE_CONFIG={accelerate_config}")
-        env.append(f"GPUS_PER_NODE={launch.processes_per_machine}")
-        out.append(shlex.join([*env, "sbatch", "--nodes", str(launch.num_machines), "slurm/train.sh", config_path, *overrides]))
+        # Slurm allocates the GPUs; the script then runs one process per GPU it was given.
+        env = [f"ACCELERATE_CONFIG={accelerate_config}"] if accelerate_config else []
+        out.append(shlex.join([*env, "sbatch", "--nodes", str(launch.num_machines), "--gpus-per-node",
+                               str(launch.processes_per_machine), "slurm/train.sh", config_path, *overrides]))
     return out
 
 

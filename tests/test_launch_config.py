@@ -179,6 +179,9 @@ def test_plan_prints_world_batch_autos_memory_and_command(capsys, monkeypatch):
     assert "4/16    4/16    8/16        1" in out and "<- this run" in out
     assert ("accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_machines 2 "
             "--num_processes 16 --machine_rank $NODE_RANK --main_process_ip $HEAD_NODE") in out
+    # and the Slurm form, which derives the same counts from the allocation
+    assert ("ACCELERATE_CONFIG=configs/accelerate/deepspeed_zero3.yaml sbatch --nodes 2 --gpus-per-node 8 "
+            "slurm/train.sh") in out
 
 
 def test_plan_refuses_a_world_size_the_global_batch_cannot_fill(capsys):
