@@ -109,6 +109,9 @@ ClusterName=launchertest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort=16817
 AuthType=auth/munge
+# A requeued job waits this long before it may start again (default 120 s): the credential
+# of its previous attempt must expire first.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
