@@ -34,6 +34,9 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
+    def log_table(self, rows: list[dict], name: str, step: int) -> None:
+        """Rows of one table (same keys each), appended to the run's table `name`."""
+
     def flush(self) -> None:
         pass
 
@@ -93,6 +96,10 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path, artifact_path=None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, rows, name, step) -> None:
+        # MLflow appends to an existing table artifact; the UI compares it across steps and runs.
+        self.client.log_table(self.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=f"{name}.json")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
@@ -127,6 +134,12 @@ class WandbTracker(Tracker):
 
     def log_artifact(self, path, artifact_path=None) -> None:
         self.run.save(str(path), base_path=str(Path(path).parent), policy="now")
+
+    def log_table(self, rows, name, step) -> None:
+        import wandb
+
+        columns = list(rows[0])
+        self.run.log({name: wandb.Table(columns=columns, data=[[r[k] for k in columns] for r in rows])}, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
@@ -176,6 +189,10 @@ class MultiTracker(Tracker):
     def log_artifact(self, path, artifact_path=None):
         for t in self.trackers:
             t.log_artifact(path, artifact_path)
+
+    def log_table(self, rows, name, step):
+        for t in self.trackers:
+            t.log_table(rows, name, step)
 
     def flush(self):
         for t in self.trackers:

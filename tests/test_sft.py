@@ -208,7 +208,12 @@ def test_tiny_sft_learns_the_mapping_and_generates_training_answers(tmp_path):
     client = mlflow_client(tmp_path)
     (mlrun,) = all_runs(client)
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
-    assert {"generations.md", "generations.jsonl"} <= artifacts
+    assert {"generations.md", "generations.jsonl", "generations.json"} <= artifacts
+    # The MLflow table: one row per prompt and evaluated step, the same answers as the local record.
+    table = json.loads(Path(client.download_artifacts(mlrun.info.run_id, "generations.json", str(tmp_path))).read_text())
+    logged = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert logged == [{"step": g["step"], "prompt": g["prompt"], "response": g["response"]} for g in gens]
+    assert sorted({r["step"] for r in logged}) == [0, 32, 64, 96]
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "eval/perplexity")] == [0, 32, 64, 96]
 
 
@@ -216,7 +221,8 @@ def test_tiny_sft_learns_the_mapping_and_generates_training_answers(tmp_path):
 def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
     proc = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "packed",
                           "model.tiny.arch=gpt2", "data.packing=true", "train.global_batch_size=8", "train.micro_batch_size=4",
-                          "train.epochs=12", "eval.every_steps=0", "checkpoint.every_steps=0"))
+                          "train.epochs=12", "eval.every_steps=0", "checkpoint.every_steps=0",
+                          "tracking.wandb=true", "tracking.wandb_mode=offline"))
     line = next(x for x in proc.stdout.splitlines() if x.startswith("packing:"))
     efficiency = float(line.rsplit("efficiency ", 1)[1].split("%")[0]) / 100
     assert 0.6 < efficiency <= 1.0  # rows of ~23 tokens in 64-token blocks: two per block at least
@@ -224,3 +230,10 @@ def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
     assert final["after"]["loss"] < 0.3
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert float(mlrun.data.params["derived.packing_efficiency"]) == pytest.approx(efficiency, abs=1e-3)
+    # W&B gets the generations as a Table per evaluation (step 0 and the end), files written verbatim.
+    gens = [json.loads(x) for x in (tmp_path / "packed" / "generations.jsonl").read_text().splitlines()]
+    (wb,) = (tmp_path / "packed" / "wandb").glob("wandb/offline-run-*")
+    tables = [json.loads(f.read_text()) for f in sorted(wb.glob("files/media/table/generations_*.table.json"))]
+    rows = sorted(tuple(r) for t in tables for r in t["data"])
+    assert len(tables) == 2 and tables[0]["columns"] == ["step", "prompt", "response"]
+    assert rows == sorted((g["step"], g["prompt"], g["response"]) for g in gens)
