@@ -21,6 +21,7 @@ from launcher.errors import ConfigError
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+OWNER_FILE = "job.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -61,8 +62,35 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """Which checkpoint to start from, or None for a fresh run. Never overwrites a run.
+@dataclass
+class Start:
+    """Where a run starts: a checkpoint, or step 0 (in a new directory, or in place when an
+    earlier attempt of the same scheduler job died before its first checkpoint)."""
+
+    checkpoint: Path | None = None
+    restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
+    tracker_ids: dict = field(default_factory=dict)
+
+
+def read_owner(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = None) -> None:
+    """RUN/job.json: the scheduler job that owns the run directory, and its tracker run ids
+    once tracking has started (a checkpoint carries them too, but may not exist yet)."""
+    tmp = run_dir / f".{OWNER_FILE}.tmp"
+    tmp.write_text(json.dumps({"slurm_job_id": job_id, "tracker_ids": tracker_ids or {}}))
+    tmp.replace(run_dir / OWNER_FILE)
+
+
+def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None) -> Start:
+    """Where to start. Never overwrites a run: a run directory without a complete checkpoint
+    is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
+    requeued after a node died before the first checkpoint), which then starts again in place.
 
     Every rank calls this before any rank creates anything, so all decide alike.
     """
@@ -70,16 +98,19 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
         path = Path(resume)
         if not (path / MARKER).is_file():
             raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
-        return path
+        return Start(checkpoint=path)
     if not run_dir.exists():
-        return None
+        return Start()
     if resume == "never":
         raise ConfigError(
             f"run directory {run_dir} exists and checkpoint.resume=never; pick another --run-name or remove it"
         )
     latest = complete_checkpoints(run_dir / "checkpoints")
     if latest:
-        return latest[-1][1]
+        return Start(checkpoint=latest[-1][1])
+    owner = read_owner(run_dir)
+    if job_id and owner.get("slurm_job_id") == job_id:
+        return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {})
     raise ConfigError(
         f"run directory {run_dir} exists but holds no complete checkpoint to resume; "
         "pick another --run-name or remove it"

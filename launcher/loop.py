@@ -26,13 +26,14 @@ from launcher.runtime import build_runtime
 from launcher.tracking import start_tracking
 
 
-def _prepare_run_dir(cfg: RunConfig, rt, resume_from) -> Path:
+def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
     run_dir = cfg.run_dir
 
     def create():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
+        if start.checkpoint is None:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            ckpt_lib.record_owner(run_dir, rt.job_id, start.tracker_ids)
 
     rt.on_main(create)
     return run_dir
@@ -74,16 +75,20 @@ def train(cfg: RunConfig) -> dict:
     rt = build_runtime(cfg)
     rt.watch_signals()  # from here a SIGTERM/SIGUSR1 means: checkpoint at the next step end, then exit
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
-    resume_from = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id)
+    resume_from = start.checkpoint
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     task.check_model_source()
     data = None if cfg.data.synthetic.enabled else task.read_splits(cfg.data.train_file, cfg.data.validation_file)
     rt.barrier()  # every rank has decided before rank 0 creates anything
-    run_dir = _prepare_run_dir(cfg, rt, resume_from)
+    run_dir = _prepare_run_dir(cfg, rt, start)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
     if resume_from is not None:
         rt.print(f"resuming from {resume_from}")
+    if start.restart_of_job:
+        rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
+                 "stopped before its first checkpoint")
 
     # ---- data, tokenizer, model
     if data is None:
@@ -125,12 +130,16 @@ def train(cfg: RunConfig) -> dict:
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=extra, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)
-    state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState()
+    state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
-    tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, state.step if resume_from else None)
+    # metrics.jsonl keeps records up to the resumed step; a restart in place keeps none (-1).
+    kept_step = state.step if resume_from else (-1 if start.restart_of_job else None)
+    tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, kept_step)
     state.tracker_ids = tracker.ids()
+    if resume_from is None:
+        rt.on_main(ckpt_lib.record_owner, run_dir, rt.job_id, state.tracker_ids)
     n_params, n_trainable, held = rt.parameter_counts(model)
     notes, derived = task.describe(train_ds, val_ds)
     tracker.log_params(

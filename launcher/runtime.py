@@ -57,6 +57,11 @@ class Runtime:
     def device(self):
         return self.accelerator.device
 
+    @property
+    def job_id(self) -> str | None:
+        """The scheduler's job id (Slurm), the same in every requeued attempt of the job."""
+        return os.environ.get("SLURM_JOB_ID") or None
+
     def print(self, *args) -> None:
         if self.is_main:
             from tqdm.auto import tqdm
@@ -177,6 +182,7 @@ class Runtime:
             "distributed_type": self.distributed_type,
             "zero_stage": self.zero_stage,
             "device": str(self.device),
+            "slurm_job_id": self.job_id,
         }
 
 

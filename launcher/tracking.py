@@ -11,7 +11,6 @@ MLflow call costs tens of ms, longer than a tiny training step (NOTES.md).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -231,8 +230,8 @@ def run_tags(facts: dict) -> dict:
     }
     if commit := git_commit():
         tags["git_commit"] = commit
-    if job := os.environ.get("SLURM_JOB_ID"):
-        tags["slurm_job_id"] = job
+    if facts.get("slurm_job_id"):
+        tags["slurm_job_id"] = facts["slurm_job_id"]
     return tags
 
 

@@ -136,3 +136,24 @@ def test_field_docs_cover_contract_keys():
                 "train.epochs", "train.max_steps", "train.lr", "train.global_batch_size", "train.micro_batch_size",
                 "train.seed", "checkpoint.every_steps", "checkpoint.resume", "tracking.uri"}
     assert contract <= keys
+
+
+def test_run_directory_policy(tmp_path):
+    """resolve_resume: a new directory starts fresh; an existing one resumes its newest complete
+    checkpoint; one without a checkpoint is refused unless RUN/job.json names this very job."""
+    from launcher import checkpoint as ck
+
+    run = tmp_path / "r"
+    assert ck.resolve_resume(run, "auto", "7") == ck.Start()
+    run.mkdir()
+    ck.record_owner(run, "7", {"mlflow": "abc"})
+    for job in (None, "8"):  # outside Slurm, or another job: never touched
+        with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+            ck.resolve_resume(run, "auto", job)
+    assert ck.resolve_resume(run, "auto", "7") == ck.Start(restart_of_job="7", tracker_ids={"mlflow": "abc"})
+    with pytest.raises(ConfigError, match="checkpoint.resume=never"):
+        ck.resolve_resume(run, "never", "7")
+    (run / "checkpoints" / ".tmp-step-000006").mkdir(parents=True)  # half-written: not a checkpoint
+    (run / "checkpoints" / "step-000003").mkdir()
+    (run / "checkpoints" / "step-000003" / ck.MARKER).touch()
+    assert ck.resolve_resume(run, "auto", "8") == ck.Start(checkpoint=run / "checkpoints" / "step-000003")

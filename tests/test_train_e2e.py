@@ -189,6 +189,49 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 8
 
 
+def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_place(tmp_path):
+    """A node dies (SIGKILL) before the first checkpoint; Slurm requeues the job with the same
+    job id. The run directory holds no checkpoint, but RUN/job.json says it belongs to this job,
+    so the job starts again from step 0 in it, continuing its MLflow run. Another job is still
+    refused with exit 2 and changes nothing (the whole policy: test_config.py::test_run_directory_policy)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = [*FAST, "train.max_steps=60", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
+    out, run = tmp_path / "b", tmp_path / "b" / "r"
+    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
+    proc = subprocess.Popen(cmd, env={**os.environ, "SLURM_JOB_ID": "4711"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # Killed once its MLflow run exists (recorded in job.json before step 0's evaluation and 60 steps).
+    while not json.loads((run / "job.json").read_text() if (run / "job.json").is_file() else "{}").get("tracker_ids"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
+    owner = json.loads((run / "job.json").read_text())
+    assert owner["slurm_job_id"] == "4711"
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4712"})
+    assert other.returncode == 2 and "holds no complete checkpoint" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4711"}))
+    assert "restarting from step 0 in place: an earlier attempt of job 4711" in again.stdout
+    a, b = _weights(tmp_path / "ref" / "r"), _weights(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    (mlrun,) = all_runs(mlflow_client(out))
+    assert mlrun.info.run_id == owner["tracker_ids"]["mlflow"] and mlrun.data.tags["launcher.attempts"] == "2"
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["slurm_job_id"] == "4711"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert steps == list(range(1, 61))  # the local record holds the new attempt only
+
+
 def test_early_stopping_under_bf16(tmp_path):
     """With a learning rate too small to change any prediction, macro-F1 cannot improve
     after the first in-loop eval (step 2), so patience 1 stops the run at step 4: it is
