@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from launcher import checkpoint as ckpt_lib
 
 from conftest import FAST, TINY, all_runs, check, launcher, mlflow_client
 
@@ -194,12 +201,6 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     job id. The run directory holds no checkpoint, but RUN/job.json says it belongs to this job,
     so the job starts again from step 0 in it, continuing its MLflow run. Another job is still
     refused with exit 2 and changes nothing (the whole policy: test_config.py::test_run_directory_policy)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     common = [*FAST, "train.max_steps=60", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
     out, run = tmp_path / "b", tmp_path / "b" / "r"
@@ -207,13 +208,13 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     proc = subprocess.Popen(cmd, env={**os.environ, "SLURM_JOB_ID": "4711"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     # Killed once its MLflow run exists (recorded in job.json before step 0's evaluation and 60 steps).
-    while not json.loads((run / "job.json").read_text() if (run / "job.json").is_file() else "{}").get("tracker_ids"):
+    while not ckpt_lib.read_owner(run).get("tracker_ids"):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
-    owner = json.loads((run / "job.json").read_text())
+    owner = ckpt_lib.read_owner(run)
     assert owner["slurm_job_id"] == "4711"
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
     other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4712"})
