@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
 from launcher import tasks
@@ -52,6 +53,21 @@ def _synthetic_files(task, rt, run_dir: Path) -> tuple[str, str]:
     return str(out / "train.jsonl"), str(out / "validation.jsonl")
 
 
+def _prepare_data(task, cache, run_dir: Path, train_source, val_source):
+    """(tokenizer, train rows, validation rows): checked and tokenized once per data cache,
+    memory-mapped by every rank. A resumed tiny-model run reuses the tokenizer it saved."""
+    tokenizer = task.tokenizer(run_dir / "tokenizer", train_source, cache)
+    train_ds, val_ds = task.datasets(train_source, val_source, tokenizer, cache)
+    return tokenizer, train_ds, val_ds
+
+
+def _keep_tokenizer(tokenizer, out: Path) -> None:
+    """A tiny model's tokenizer goes into the run directory once: a resumed run reads it back.
+    Rank 0 alone looks for it (inside on_main), so every rank reaches the same barrier."""
+    if not (out / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(out)
+
+
 def _optimizer(model, cfg: RunConfig, device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -80,7 +96,10 @@ def train(cfg: RunConfig) -> dict:
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     task.check_model_source()
-    data = None if cfg.data.synthetic.enabled else task.read_splits(cfg.data.train_file, cfg.data.validation_file)
+    cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"))
+    data = None
+    if not cfg.data.synthetic.enabled:
+        data = _prepare_data(task, cache, cfg.run_dir, *task.sources(cfg.data.train_file, cfg.data.validation_file))
     rt.barrier()  # every rank has decided before rank 0 creates anything
     run_dir = _prepare_run_dir(cfg, rt, start)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
@@ -92,12 +111,10 @@ def train(cfg: RunConfig) -> dict:
 
     # ---- data, tokenizer, model
     if data is None:
-        data = task.read_splits(*_synthetic_files(task, rt, run_dir))
-    train_raw, val_raw = data
-    with rt.main_first():
-        tokenizer = task.tokenizer(run_dir / "tokenizer", train_raw)
-    with rt.main_first():
-        train_ds, val_ds = task.datasets(train_raw, val_raw, tokenizer, Path(cfg.output_dir) / ".cache")
+        data = _prepare_data(task, cache, run_dir, *task.sources(*_synthetic_files(task, rt, run_dir)))
+    tokenizer, train_ds, val_ds = data
+    if task.random_init():
+        rt.on_main(_keep_tokenizer, tokenizer, run_dir / "tokenizer")
     rt.write_rank_file(run_dir, collective_timeout_s=t.collective_timeout_s,
                        tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache})
     from accelerate.utils import set_seed
@@ -107,7 +124,9 @@ def train(cfg: RunConfig) -> dict:
         model = task.build_model(tokenizer)
     task.prepare(train_ds, rt.device)
 
-    sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed)
+    group = cfg.data.group_by_length if cfg.data.group_by_length is not None else task.name == "classification"
+    sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
+                                   lengths=train_ds.lengths, group_by_length=group)
     if sampler.steps_per_epoch == 0:
         raise DataError(f"{cfg.data.train_file or 'training data'}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})")
     total_steps = t.max_steps or t.epochs * sampler.steps_per_epoch
@@ -116,7 +135,8 @@ def train(cfg: RunConfig) -> dict:
     from transformers import get_scheduler
 
     collate = task.collator(tokenizer)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval.micro_batch_size or t.micro_batch_size, collate_fn=collate)
+    val_loader = torch.utils.data.DataLoader(val_ds.order_by_length(), batch_size=cfg.eval.micro_batch_size or t.micro_batch_size,
+                                             collate_fn=collate)
     optimizer = _optimizer(model, cfg, rt.device)
     model, optimizer, val_loader = rt.accelerator.prepare(model, optimizer, val_loader)
     # Stepped by hand once per optimizer step: a prepared scheduler steps once per
@@ -142,6 +162,11 @@ def train(cfg: RunConfig) -> dict:
         rt.on_main(ckpt_lib.record_owner, run_dir, rt.job_id, state.tracker_ids)
     n_params, n_trainable, held = rt.parameter_counts(model)
     notes, derived = task.describe(train_ds, val_ds)
+    padded, padded_random = sampler.padded_fraction(), batching.StepSampler(
+        len(train_ds), t.global_batch_size, t.micro_batch_size, 0, 1, t.seed, lengths=train_ds.lengths).padded_fraction()
+    derived |= {"derived.padded_token_fraction": round(padded, 4), "derived.padded_token_fraction_random": round(padded_random, 4)}
+    notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if group else 'random'} micro-batches"
+                 + (f" (random batches: {padded_random:.1%})" if group else ""))
     tracker.log_params(
         flatten(to_dict(cfg))
         | {
@@ -179,17 +204,20 @@ def train(cfg: RunConfig) -> dict:
         stop_reason, stop_signal = None, None
         model.train()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+        batches = batching.train_batches(train_ds, sampler, state.step, total_steps, collate, cfg.data.num_workers,
+                                         pin_memory=rt.device.type == "cuda")
+        first_step = state.step
         with rt.progress(total_steps, initial=state.step) as bar:
-            for step in range(state.step, total_steps):
+            for step, micro_batches in batches:
                 lr = optimizer.param_groups[0]["lr"]
                 micro_losses = []
                 grad_norm = None
-                for k, idx in enumerate(sampler.step_microbatches(step)):
+                for k, (batch, n_tokens) in enumerate(micro_batches):
                     # Dropout masks depend on (seed, step, micro-batch within the global batch)
                     # only: a resumed run, and a run on any number of ranks, draw the same masks.
                     torch.manual_seed(_dropout_seed(t.seed, step, sampler.microbatch_index(k)))
-                    batch = _to(collate([train_ds[i] for i in idx]), rt.device)
-                    window_tokens += sum(len(train_ds[i]["input_ids"]) for i in idx)  # real tokens, not padding
+                    batch = _to(batch, rt.device)
+                    window_tokens += n_tokens  # real tokens, not padding
                     with rt.accelerator.accumulate(model):
                         loss = task.loss(model, batch)
                         rt.accelerator.backward(loss)
@@ -202,6 +230,8 @@ def train(cfg: RunConfig) -> dict:
                 state.step, state.epoch, state.metric_at_step = step + 1, sampler.epoch_of(step), None
                 window_steps += 1
                 bar.update(1)
+                if step == first_step:
+                    rt.print(f"first optimizer step done {time.time() - launcher.STARTED:.1f} s after start")
 
                 if state.step % cfg.tracking.log_every_steps == 0 or state.step == total_steps:
                     stats = torch.stack([torch.stack(micro_losses).mean(), torch.tensor(float(window_tokens), device=rt.device)])

@@ -97,6 +97,28 @@ class Runtime:
             return local or "a signal to another rank"
         return None
 
+    def shared_token(self) -> str:
+        """A random id that every rank of this job agrees on (a broadcast from rank 0)."""
+        import uuid
+
+        token = uuid.uuid4().hex
+        if self.world_size > 1:
+            import torch
+
+            box = [token]
+            torch.distributed.broadcast_object_list(box, src=0)
+            token = box[0]
+        return token
+
+    def data_cache(self, root):
+        """The prepared-data cache as this rank sees it: local rank 0 of each node may build an
+        entry (one per shared directory, or one per node-local directory); the rest wait for it
+        on the file system, never in a collective (see data/cache.py)."""
+        from launcher.data.cache import Cache
+
+        return Cache(root, self.shared_token(), candidate=self.local_rank == 0, say=self.print,
+                     label=f"rank {self.rank}", others_wait=self.world_size > 1)
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

@@ -58,3 +58,16 @@ def trained_binary(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "bin", "train.epochs=2"))
     return out, out / "bin"
+
+
+def task_tokenizer(task, tmp_path: Path, rows: list[dict]):
+    """A task's tokenizer for rows written to a JSONL file (a tiny model trains its own on them)."""
+    import json
+
+    from launcher.data import sources
+    from launcher.data.cache import Cache
+
+    path = tmp_path / "tokenizer-rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = sources.Source("file", str(path), "train", "data.train_file")
+    return task.tokenizer(tmp_path / "tok", src, Cache(tmp_path / "cache", "test", candidate=True, others_wait=False))

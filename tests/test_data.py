@@ -144,19 +144,38 @@ def test_sampler_global_batch_is_world_size_invariant(world):
     assert len(set(e0)) == 96 and e0 != e1
 
 
+def _clause_split(path, tok, max_length):
+    from launcher.data import pipeline, sources
+    from launcher.data.clauses import ClauseEncoder
+
+    enc = ClauseEncoder("binary", ["fair", "unfair"], tok, max_length)
+    key = {"tokenizer": batching.tokenizer_fingerprint(tok), "max_length": max_length}
+    src = sources.resolve(DataConfig(train_file=str(path)), "train")
+    return pipeline.Split(src, enc, ("input_ids", "labels"), key, check=enc.check)
+
+
 def test_tokenize_cache_is_reused(tmp_path):
+    from launcher.data import pipeline
+    from launcher.data.cache import Cache
     from launcher.data.tokenizer import train_wordpiece
 
-    texts = [r["text"] for r in synthetic.generate_clauses(50)]
-    tok = train_wordpiece(texts, 200, 32)
-    a = batching.tokenize(texts, [0] * 50, tok, 32, tmp_path)
-    files = list(tmp_path.glob("tokenized-*.pt"))
-    assert len(files) == 1
-    torch.save({"input_ids": [[1, 2, 3]] * 50}, files[0])  # prove the second call reads the file
-    b = batching.tokenize(texts, [0] * 50, tok, 32, tmp_path)
-    assert b.input_ids[0] == [1, 2, 3] and a.input_ids[0] != [1, 2, 3]
-    batching.tokenize(texts, [0] * 50, tok, 16, tmp_path)  # another max_length: another entry
-    assert len(list(tmp_path.glob("tokenized-*.pt"))) == 2
+    rows = synthetic.generate_clauses(50)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_wordpiece([r["text"] for r in rows], 200, 32)
+    cache = Cache(tmp_path / "cache", "job-1", candidate=True, others_wait=False)
+    a = pipeline.prepare(_clause_split(path, tok, 32), cache)
+    entries = sorted(p.name for p in (tmp_path / "cache").glob("tokens-*"))
+    assert len(entries) == 1 and not a.from_cache
+    b = pipeline.prepare(_clause_split(path, tok, 32), cache)
+    assert b.from_cache and [b[i] for i in range(50)] == [a[i] for i in range(50)]
+    assert a[0]["input_ids"] == tok(rows[0]["text"], truncation=True, max_length=32)["input_ids"]
+    assert [a[i]["labels"] for i in range(50)] == [int(bool(r["labels"])) for r in rows]
+    pipeline.prepare(_clause_split(path, tok, 16), cache)  # another max_length: another entry
+    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 2
+    path.write_text(path.read_text() + json.dumps(rows[0]) + "\n")  # the file changed: another entry
+    c = pipeline.prepare(_clause_split(path, tok, 32), cache)
+    assert not c.from_cache and len(c) == 51
 
 
 def test_pad_collator_pads_per_batch():

@@ -10,7 +10,7 @@ import torch
 from launcher.config import load_config
 from launcher.errors import ConfigError
 
-from conftest import CONFIGS, TINY, all_runs, check, launcher, mlflow_client
+from conftest import CONFIGS, TINY, all_runs, check, launcher, mlflow_client, task_tokenizer
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -39,9 +39,9 @@ def test_only_adapters_and_head_train_and_the_count_is_exact(task, tmp_path):
 
     rows = (synthetic.generate_clauses(50, 0), None) if task == "classification" else instructions.generate_instructions(20, 0)
     if task == "classification":
-        tok = t.tokenizer(tmp_path / "tok", ([r["text"] for r in rows[0]], None))
+        tok = task_tokenizer(t, tmp_path, rows[0])
     else:
-        tok = t.tokenizer(tmp_path / "tok", rows)
+        tok = task_tokenizer(t, tmp_path, rows)
     cfg.model.lora.enabled = False
     plain = t.build_model(tok)  # the same model without adapters, to count from
     cfg.model.lora.enabled = True
@@ -60,7 +60,7 @@ def test_unknown_target_module_is_one_clear_line(tmp_path):
     t = tasks.for_config(cfg)
     from launcher.data import synthetic
 
-    tok = t.tokenizer(tmp_path / "tok", ([r["text"] for r in synthetic.generate_clauses(20, 0)], None))
+    tok = task_tokenizer(t, tmp_path, synthetic.generate_clauses(20, 0))
     with pytest.raises(ConfigError) as e:
         t.build_model(tok)
     assert e.value.problems[0].startswith("model.lora.target_modules: ") and "qq_proj" in e.value.problems[0]

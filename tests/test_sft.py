@@ -14,7 +14,7 @@ from launcher.data.instructions import IGNORE, LMCollator, encode, encode_rows, 
 from launcher.data.tokenizer import train_lm_tokenizer
 from launcher.errors import DataError
 
-from conftest import CONFIGS, check, launcher, mlflow_client, all_runs
+from conftest import CONFIGS, all_runs, check, launcher, mlflow_client, task_tokenizer
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -154,7 +154,7 @@ def test_a_tokenizer_without_pad_pads_with_eos_masked_and_says_so(tmp_path):
     from launcher.tasks.causal_lm import CausalLMTask
 
     task = CausalLMTask(load_config(SFT))
-    t = task.tokenizer(tmp_path / "tok", instructions.generate_instructions(20, 0))
+    t = task_tokenizer(task, tmp_path, instructions.generate_instructions(20, 0))
     assert t.pad_token_id == t.eos_token_id and "no pad token: padding with EOS" in task.pad_note
     ids_a, lab_a = encode({"instruction": "what is the code word", "input": "", "output": "maple"}, DataConfig(), t)
     ids_b, lab_b = encode({"instruction": "what is the code word for amber zephyr?", "input": "", "output": "maple"}, DataConfig(), t)

@@ -1,21 +1,25 @@
-"""Tokenize once (cached on disk), pad per batch, and shard optimizer steps across ranks.
+"""Batches: pad per micro-batch, and choose each optimizer step's examples for every rank.
 
 The train sampler is a pure function of (seed, epoch, step): the global batch for
 step s is the same examples whatever the world size, and each rank takes a
 contiguous slice of it. So "data position" after a resume is derived from the
-step alone, and a 2-rank run sees exactly the batches a 1-rank run sees.
+step alone, and a 2-rank run sees exactly the batches a 1-rank run sees. With
+length grouping, the global batches are made of examples of similar length
+(still a pure function of seed, epoch and the lengths), so every rank's
+micro-batches carry little padding.
+
+Tokenizing and caching live in data/pipeline.py and data/cache.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
+import numpy as np
 import torch
 
-CACHE_VERSION = 1
+MEGABATCH = 50  # global batches sorted together; HF Trainer's LengthGroupedSampler uses 50 too
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -32,48 +36,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_key(texts: list[str], targets: list, tokenizer, max_length: int) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{tokenizer_fingerprint(tokenizer)}:{max_length}".encode())
-    for text, target in zip(texts, targets):
-        h.update(text.encode())
-        h.update(repr(target).encode())
-    return h.hexdigest()[:24]
-
-
-class TokenizedDataset(torch.utils.data.Dataset):
-    def __init__(self, input_ids: list[list[int]], targets: torch.Tensor, from_cache: bool = False):
-        self.input_ids = input_ids
-        self.targets = targets
-        self.from_cache = from_cache  # read from the token cache rather than tokenized here
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "labels": self.targets[i]}
-
-
-def tokenize(texts, targets, tokenizer, max_length: int, cache_dir: str | Path | None) -> TokenizedDataset:
-    """Tokenize with truncation; reuse `cache_dir/<key>.pt` when the same data was seen before.
-
-    Call under the runtime's main-process-first context: rank 0 writes the cache,
-    the others then read it instead of tokenizing again.
-    """
-    targets_t = torch.tensor(targets, dtype=torch.long if isinstance(targets[0], int) else torch.float)
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"tokenized-{cache_key(texts, targets, tokenizer, max_length)}.pt"
-        if path.is_file():
-            return TokenizedDataset(torch.load(path)["input_ids"], targets_t, from_cache=True)
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"input_ids": ids}, tmp)
-        tmp.replace(path)
-    return TokenizedDataset(ids, targets_t)
-
-
 class PadCollator:
     """Dynamic padding: each batch is padded to its own longest row."""
 
@@ -87,7 +49,9 @@ class PadCollator:
         for i, r in enumerate(rows):
             ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
             mask[i, : len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([r["labels"] for r in rows])}
+        labels = [r["labels"] for r in rows]
+        labels = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class StepSampler:
@@ -95,19 +59,43 @@ class StepSampler:
 
     Each epoch is a permutation seeded by (seed, epoch); the tail that does not fill
     a whole global batch is dropped, so every step has exactly global_batch examples.
+    With `lengths` and group_by_length, the epoch's permutation is cut into mega-batches
+    of MEGABATCH global batches, each sorted by length (longest first), and the global
+    batches are then shuffled with the same seed: similar lengths share a micro-batch,
+    while the order of steps stays random. The epoch's order is built once and kept.
     """
 
-    def __init__(self, n: int, global_batch: int, micro_batch: int, rank: int, world: int, seed: int):
+    def __init__(self, n: int, global_batch: int, micro_batch: int, rank: int, world: int, seed: int,
+                 lengths: np.ndarray | None = None, group_by_length: bool = False):
         if global_batch % (micro_batch * world):
             raise ValueError("global batch must divide by micro batch x world size")
         self.n, self.global_batch, self.micro_batch = n, global_batch, micro_batch
         self.rank, self.world, self.seed = rank, world, seed
         self.steps_per_epoch = n // global_batch
         self.accumulation = global_batch // (micro_batch * world)
+        self.lengths = None if lengths is None else torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+        self.group_by_length = group_by_length and lengths is not None
+        self._epoch, self._order = None, None
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._epoch != epoch:
+            self._epoch, self._order = epoch, self._build_order(epoch)
+        return self._order
+
+    def _build_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        order = torch.randperm(self.n, generator=g)
+        if not self.group_by_length or self.steps_per_epoch == 0:
+            return order
+        steps, size = self.steps_per_epoch, self.global_batch
+        order = order[: steps * size]
+        mega = MEGABATCH * size
+        chunks = []
+        for start in range(0, len(order), mega):
+            chunk = order[start : start + mega]
+            chunks.append(chunk[torch.argsort(-self.lengths[chunk], stable=True)])
+        batches = torch.cat(chunks).view(steps, size)
+        return batches[torch.randperm(steps, generator=g)].reshape(-1)
 
     def step_microbatches(self, step: int) -> list[list[int]]:
         """Index lists for this rank's micro-batches of (0-based) optimizer step `step`."""
@@ -124,3 +112,52 @@ class StepSampler:
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
+
+    def padded_fraction(self, epoch: int = 0) -> float:
+        """Padding / all token slots over one epoch's micro-batches of every rank (each is
+        padded to its longest row). The same under any world size: ranks hold contiguous
+        micro-batch-sized slices of the global batch."""
+        if self.lengths is None or self.steps_per_epoch == 0:
+            return 0.0
+        order = self.epoch_order(epoch)[: self.steps_per_epoch * self.global_batch]
+        per_micro = self.lengths[order].view(-1, self.micro_batch)
+        slots = per_micro.max(1).values.sum() * self.micro_batch
+        return float(1 - per_micro.sum() / slots)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: this rank's micro-batches for steps [start, end), in order."""
+
+    def __init__(self, sampler: StepSampler, start: int, end: int):
+        self.sampler, self.start, self.end = sampler, start, end
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield from self.sampler.step_microbatches(step)
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.sampler.accumulation
+
+
+class CountTokens:
+    """Wraps a collator: (batch, real tokens in it), counted before padding."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, rows: list[dict]):
+        return self.collate(rows), sum(len(r["input_ids"]) for r in rows)
+
+
+def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, num_workers: int, pin_memory: bool):
+    """Yields (step, [(micro-batch, real tokens), ...]) for steps [start, end): exactly the
+    micro-batches the step sampler chooses, collated by worker processes (prefetching
+    while the model computes) and pinned for a fast copy to the GPU."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(sampler, start, end), collate_fn=CountTokens(collate),
+        num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+    it = iter(loader)
+    for step in range(start, end):
+        yield step, [next(it) for _ in range(sampler.accumulation)]

@@ -7,44 +7,13 @@ file:line (CSV and JSONL) or file: row N (Parquet), with what was wrong.
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
-from typing import Any, Iterator
+import tempfile
+from typing import Any
 
 from launcher.config import UNFAIR_TOS_CATEGORIES, DataConfig
+from launcher.data.sources import MAX_REPORTED, read_records  # noqa: F401  (read_records: cli, instructions)
 from launcher.errors import DataError
-
-MAX_REPORTED = 10  # a file with thousands of bad rows gets the first few, then a count
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (where, record) with where = 'file:line' for every row of a local file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, DataError(f"{where}: not valid JSON ({e.msg})")
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for record in reader:
-                yield f"{path}:{reader.line_num}", record
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, record in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}: row {i}", record
-    else:
-        raise DataError(f"{path}: unsupported format (use .jsonl, .csv or .parquet)")
-
 
 def _as_list(value: Any, where: str) -> list:
     """`labels` as a list; CSV cells hold JSON ('[0, 5]') or '|'-separated names."""
@@ -124,18 +93,13 @@ class LabelEncoder:
 
 
 def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], list]:
-    """All rows or a DataError listing the bad ones (first MAX_REPORTED, then a count)."""
+    """All rows of a small file (eval) or a DataError listing the bad ones (first MAX_REPORTED, then a count)."""
     texts, targets, problems, n_bad = [], [], [], 0
     for where, record in records:
         try:
             if isinstance(record, DataError):
                 raise record
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected an object with 'text' and 'label' or 'labels'")
-            text = record.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: missing or empty 'text'")
-            target = encoder.encode(record, where)
+            text, target = check_clause(encoder, record, where)
         except DataError as e:
             n_bad += 1
             if len(problems) < MAX_REPORTED:
@@ -152,27 +116,62 @@ def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], 
     return texts, targets
 
 
+def check_clause(encoder: LabelEncoder, record, where: str):
+    """A clause row's (text, target), or DataError naming `where`."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with 'text' and 'label' or 'labels'")
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: missing or empty 'text'")
+    return text, encoder.encode(record, where)
+
+
+class ClauseEncoder:
+    """A batch of raw clause rows -> (input_ids, labels, length) in one pass of datasets.map.
+    A bad row gets its message in `_error` (see data/pipeline.py) and placeholder tokens.
+    Without a tokenizer the rows are only checked, and `text` is returned instead."""
+
+    def __init__(self, mode: str, label_names: list[str], tokenizer=None, max_length: int = 0):
+        self.encoder = LabelEncoder(mode, label_names)
+        self.empty = 0 if mode == "binary" else [0.0] * len(self.encoder.categories)
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def check(self, where: str, record) -> None:
+        check_clause(self.encoder, record, where)
+
+    def __call__(self, batch: dict) -> dict:
+        from launcher.data.pipeline import ROW, records
+
+        texts, targets, errors = [], [], []
+        for record in records(batch):
+            try:
+                text, target = check_clause(self.encoder, record, ROW)
+                error = ""
+            except DataError as e:
+                text, target, error = "", self.empty, e.problems[0]
+            texts.append(text)
+            targets.append(target)
+            errors.append(error)
+        if self.tokenizer is None:
+            return {"text": texts, "labels": targets, "_error": errors}
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return {"input_ids": ids, "labels": targets, "length": [len(x) for x in ids], "_error": errors}
+
+
 def load_split(cfg: DataConfig, split: str, path: str | None) -> tuple[list[str], list]:
-    """(texts, targets) for one split, from a local file or the hub dataset."""
-    encoder = LabelEncoder(cfg.mode, cfg.resolved_label_names())
-    if path is not None:
-        return parse_rows(read_records(path), encoder, str(path))
-    dataset = load_hub_split(cfg.hub_dataset, cfg.hub_config, split)
-    name = f"{cfg.hub_dataset}/{cfg.hub_config}:{split}"
-    return parse_rows(((f"{name}: row {i}", r) for i, r in enumerate(dataset, 1)), encoder, name)
+    """(texts, targets) of one whole split in memory, checked as training checks it (small
+    data: tests, `plan`). Training itself reads splits through data/pipeline.py."""
+    import dataclasses
 
+    from launcher.data import pipeline, sources
 
-def load_hub_split(dataset: str, config: str, split: str):
-    hint = (
-        f"data.hub_dataset: cannot load {dataset} ({config}, split {split}) from the Hugging Face Hub "
-        "(no network, or not cached); download it where you have access and pass local files: "
-        "data.train_file=train.jsonl data.validation_file=validation.jsonl (text + labels per row)"
-    )
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a core dependency
-        raise DataError(hint) from None
-    try:
-        return datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # the hub client raises many types for "unreachable"
-        raise DataError(f"{hint} [{type(e).__name__}]") from None
+    cfg = dataclasses.replace(cfg, **{f"{split}_file": path}) if split in ("train", "validation") else cfg
+    source = sources.resolve(cfg, split) if split in ("train", "validation") else None
+    encoder = ClauseEncoder(cfg.mode, cfg.resolved_label_names())
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = source.read(tmp, encoder.check)
+        if raw.num_rows == 0:
+            raise DataError(f"{source}: no rows")
+        out = pipeline.map_rows(raw, encoder, keep_in_memory=True)
+        pipeline._raise_bad_rows(out, source)
+        return list(out["text"]), list(out["labels"])

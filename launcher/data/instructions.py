@@ -10,17 +10,14 @@ template, and the same code serves our templates and a tokenizer's own chat temp
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from launcher.config import DataConfig
-from launcher.data.batching import tokenizer_fingerprint
 from launcher.data.clauses import MAX_REPORTED, read_records
 from launcher.errors import DataError
 
@@ -120,14 +117,82 @@ def encode(row: dict, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]
     """(input_ids, labels): labels copy the ids inside trainable spans and are -100 elsewhere."""
     text, spans = render(row, cfg, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = list(enc["input_ids"]), []
-    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+    return _with_labels(list(enc["input_ids"]), enc["offset_mapping"], spans, text, tokenizer)
+
+
+def _with_labels(ids: list[int], offsets, spans, text: str, tokenizer) -> tuple[list[int], list[int]]:
+    labels = []
+    for tok, (a, b) in zip(ids, offsets):
         inside = b > a and any(s <= a and b <= e for s, e in spans)
         labels.append(tok if inside else IGNORE)
     bos = tokenizer.bos_token_id
     if bos is not None and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
         ids, labels = [bos] + ids, [IGNORE] + labels
     return ids, labels
+
+
+class InstructionEncoder:
+    """A batch of raw rows -> token rows in one pass of datasets.map: each row checked
+    (a bad one gets its message in `_error`), rendered, tokenized with the fast tokenizer's
+    batch path, labelled from its spans, and cut or marked for dropping at max_length."""
+
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def check(self, where: str, record) -> None:
+        parse_row(record, where)
+
+    def __call__(self, batch: dict) -> dict:
+        from launcher.data.pipeline import ROW, records
+
+        texts, spans, errors = [], [], []
+        for record in records(batch):
+            try:
+                text, span = render(parse_row(record, ROW), self.cfg, self.tokenizer)
+                error = ""
+            except DataError as e:
+                text, span, error = "", [], e.problems[0]
+            texts.append(text)
+            spans.append(span)
+            errors.append(error)
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "_error", "_drop", "_truncated", "_label_tokens")}
+        for ids, offsets, span, text, error in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors):
+            ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
+            drop = truncated = False
+            if len(ids) > self.cfg.max_length:
+                if self.cfg.truncation == "drop":
+                    drop = True
+                else:
+                    truncated = True
+                    ids, labels = ids[: self.cfg.max_length], labels[: self.cfg.max_length]
+            n_labels = sum(x != IGNORE for x in labels)
+            drop = drop or n_labels == 0 or bool(error)
+            for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
+                         ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels)):
+                out[k].append(v)
+        return out
+
+    def finish(self, ds):
+        """Counts (as EncodeStats), drops the rows to drop, and packs when asked."""
+        import datasets
+        import pyarrow.compute as pc
+
+        table = ds.data.table
+        drop, truncated = table["_drop"], table["_truncated"]
+        keep = pc.invert(drop)
+        stats = EncodeStats(rows=table.num_rows, truncated=int(pc.sum(truncated).as_py() or 0),
+                            dropped=int(pc.sum(drop).as_py() or 0))
+        table = table.filter(keep).drop_columns(["_drop", "_truncated", "_label_tokens"])
+        kept = ds.data.table.filter(keep)
+        stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
+        stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
+        if table.num_rows == 0:
+            raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {self.cfg.max_length}, "
+                            f"data.truncation {self.cfg.truncation})")
+        if self.cfg.packing:
+            table = pack_table(table, self.cfg.max_length)
+        return datasets.Dataset(table), stats.__dict__
 
 
 # ---------------------------------------------------------------- datasets
@@ -144,27 +209,6 @@ class EncodeStats:
     def line(self, split: str) -> str:
         return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
                 f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses")
-
-
-@dataclass
-class LMDataset(torch.utils.data.Dataset):
-    """Rows of (input_ids, labels, seq_lens); seq_lens has one entry per packed example."""
-
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    seq_lens: list[list[int]]
-    stats: EncodeStats = field(default_factory=EncodeStats)
-    from_cache: bool = False
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "seq_lens": self.seq_lens[i]}
-
-    def packing_efficiency(self, block: int) -> float:
-        """Real tokens / slots when every row is padded to `block` (packed rows fill it)."""
-        return sum(map(len, self.input_ids)) / max(1, block * len(self.input_ids))
 
 
 def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[list, list, EncodeStats]:
@@ -204,28 +248,32 @@ def pack(ids: list[list[int]], labels: list[list[int]], block: int) -> tuple[lis
     return out_ids, out_labels, out_lens
 
 
-def build_dataset(rows: list[dict], cfg: DataConfig, tokenizer, cache_dir: str | Path | None) -> LMDataset:
-    """Encode (and pack) once; reuse `cache_dir/lm-<key>.pt` when the same data and settings were seen."""
-    spec = json.dumps([rows, cfg.prompt_template, cfg.prompt_template_no_input, cfg.chat_turn_template,
-                       cfg.max_length, cfg.truncation, cfg.packing, tokenizer_fingerprint(tokenizer),
-                       getattr(tokenizer, "chat_template", None)], sort_keys=True)
-    path = Path(cache_dir) / f"lm-{hashlib.sha256(spec.encode()).hexdigest()[:24]}.pt" if cache_dir else None
-    if path is not None and path.is_file():
-        saved = torch.load(path)
-        return LMDataset(saved["ids"], saved["labels"], saved["lens"], EncodeStats(**saved["stats"]), from_cache=True)
-    ids, labels, stats = encode_rows(rows, cfg, tokenizer)
-    if not ids:
-        raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {cfg.max_length}, "
-                        f"data.truncation {cfg.truncation})")
-    lens = [[len(x)] for x in ids]
-    if cfg.packing:
-        ids, labels, lens = pack(ids, labels, cfg.max_length)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"ids": ids, "labels": labels, "lens": lens, "stats": stats.__dict__}, tmp)
-        tmp.replace(path)
-    return LMDataset(ids, labels, lens, stats)
+def pack_table(table, block: int):
+    """Arrow form of `pack`: the same greedy, in-order blocks, built from offsets without
+    turning token lists into Python objects. Columns: input_ids, labels, seq_lens, length."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = table["length"].to_numpy()
+    starts, used = [], 0
+    for i, n in enumerate(lengths.tolist()):
+        if not starts or used + n > block:
+            starts.append(i)
+            used = 0
+        used += n
+    bounds = np.asarray(starts + [len(lengths)], dtype=np.int64)
+    token_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])[bounds]
+
+    def regroup(column):
+        values = column.combine_chunks().flatten()
+        return pa.LargeListArray.from_arrays(pa.array(token_offsets, pa.int64()), values)
+
+    return pa.table({
+        "input_ids": regroup(table["input_ids"]),
+        "labels": regroup(table["labels"]),
+        "seq_lens": pa.LargeListArray.from_arrays(pa.array(bounds, pa.int64()), pa.array(lengths, pa.int64())),
+        "length": pa.array(np.diff(token_offsets), pa.int64()),
+    })
 
 
 class LMCollator:

@@ -1,7 +1,7 @@
 """Task adapters: what the one training loop asks of a workload.
 
-Each task object offers: check_model_source, random_init, read_splits, write_synthetic,
-tokenizer, datasets, describe, build_model, collator, prepare, loss, evaluate,
+Each task object offers: check_model_source, random_init, sources (where each split's rows
+come from), write_synthetic, tokenizer, datasets (memory-mapped token rows), describe, build_model, collator, prepare, loss, evaluate,
 samples (generations; [] when the task has none), metadata (launcher.json), and for
 `launcher plan` count_parameters and count_rows (no weights loaded, no process group).
 """

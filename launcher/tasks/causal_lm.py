@@ -55,32 +55,49 @@ class CausalLMTask:
     def random_init(self) -> bool:
         return self.cfg.model.name == TINY_MODEL
 
-    def read_splits(self, train_file, val_file):
-        if train_file is None:
-            raise DataError("data.train_file: task causal_lm needs local JSONL files (instruction/output or messages rows)")
-        return instructions.read_rows(train_file), instructions.read_rows(val_file)
+    def sources(self, train_file, val_file):
+        """Where each split's rows come from: local files, save_to_disk directories, or the
+        hub dataset (data.hub_dataset with data.train_split / validation_split)."""
+        import dataclasses
+
+        from launcher.data import sources
+
+        d = dataclasses.replace(self.cfg.data, train_file=train_file, validation_file=val_file)
+        return sources.resolve(d, "train"), sources.resolve(d, "validation")
 
     def write_synthetic(self, out_dir: Path):
         s = self.cfg.data.synthetic
         return tuple(str(p) for p in instructions.write_instruction_splits(out_dir, s.n_train, s.n_validation, s.seed))
 
-    def tokenizer(self, tokenizer_dir: Path, train_rows):
+    def tokenizer(self, saved_dir: Path, train_source, cache):
         from transformers import AutoTokenizer
 
         if self.cfg.model.name != TINY_MODEL:
             tok = _from_hub(AutoTokenizer, self.cfg.model.name)
-        elif (tokenizer_dir / "tokenizer.json").is_file():
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        elif (saved_dir / "tokenizer.json").is_file():
+            tok = AutoTokenizer.from_pretrained(saved_dir)
         else:
+            from launcher.data import pipeline
             from launcher.data.tokenizer import train_lm_tokenizer
 
             class _Plain:  # render without special tokens: the tokenizer does not exist yet
                 eos_token, chat_template = "", None
 
-            texts = [instructions.render(r, self.cfg.data, _Plain)[0] for r in train_rows or []]
-            texts += self.cfg.eval.generation_prompts
-            tok = train_lm_tokenizer(texts, self.cfg.model.tiny.vocab_size, self.cfg.data.max_length)
-            tok.save_pretrained(tokenizer_dir)
+            def train(source):
+                texts = []
+                for record in pipeline.first_rows(source, cache):
+                    try:
+                        texts.append(instructions.render(instructions.parse_row(record, ""), self.cfg.data, _Plain)[0])
+                    except DataError:
+                        pass  # reported with its file:line when the rows are tokenized
+                texts += self.cfg.eval.generation_prompts
+                return train_lm_tokenizer(texts, self.cfg.model.tiny.vocab_size, self.cfg.data.max_length)
+
+            d = self.cfg.data
+            key = {"kind": "lm-wordpiece", "vocab_size": self.cfg.model.tiny.vocab_size, "max_length": d.max_length,
+                   "templates": [d.prompt_template, d.prompt_template_no_input, d.chat_turn_template],
+                   "prompts": self.cfg.eval.generation_prompts}
+            tok = pipeline.tokenizer_from_cache(train_source, cache, key, train)
         if tok.eos_token_id is None:
             raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has no EOS token to end responses with")
         if tok.pad_token_id is None:
@@ -90,22 +107,36 @@ class CausalLMTask:
             self.pad_note = f"tokenizer has no pad token: padding with EOS (id {tok.eos_token_id}), masked out of attention and loss"
         return tok
 
-    def datasets(self, train_rows, val_rows, tokenizer, cache_dir: Path):
+    def datasets(self, train_source, val_source, tokenizer, cache):
+        """Token rows of both splits, checked, tokenized (and packed) once per cache, memory-mapped."""
+        import dataclasses
+
+        from launcher.data import pipeline
+        from launcher.data.batching import tokenizer_fingerprint
+
         d = self.cfg.data
-        train = instructions.build_dataset(train_rows, d, tokenizer, cache_dir)
+        out = []
         # Validation is never packed: loss per example, and generations need single prompts.
-        val_cfg = type(d)(**{**d.__dict__, "packing": False})
-        val = instructions.build_dataset(val_rows, val_cfg, tokenizer, cache_dir)
-        return train, val
+        for src, cfg in ((train_source, d), (val_source, dataclasses.replace(d, packing=False))):
+            encode = instructions.InstructionEncoder(cfg, tokenizer)
+            key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer),
+                   "chat_template": getattr(tokenizer, "chat_template", None), "max_length": cfg.max_length,
+                   "truncation": cfg.truncation, "packing": cfg.packing,
+                   "templates": [cfg.prompt_template, cfg.prompt_template_no_input, cfg.chat_turn_template]}
+            split = pipeline.Split(src, encode, ("input_ids", "labels", "seq_lens"), key, check=encode.check, finish=encode.finish)
+            out.append(pipeline.prepare(split, cache, d.num_proc))
+        return tuple(out)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
         d = self.cfg.data
-        lines = [train_ds.stats.line("train"), val_ds.stats.line("validation")]
-        derived = {"derived.train_truncated": train_ds.stats.truncated, "derived.train_dropped": train_ds.stats.dropped,
-                   "derived.train_response_tokens": train_ds.stats.label_tokens}
+        train_stats = instructions.EncodeStats(**train_ds.meta["stats"])
+        val_stats = instructions.EncodeStats(**val_ds.meta["stats"])
+        lines = [train_stats.line("train"), val_stats.line("validation")]
+        derived = {"derived.train_truncated": train_stats.truncated, "derived.train_dropped": train_stats.dropped,
+                   "derived.train_response_tokens": train_stats.label_tokens}
         if d.packing:
             eff = train_ds.packing_efficiency(d.max_length)
-            lines.append(f"packing: {train_ds.stats.rows - train_ds.stats.dropped} examples in {len(train_ds)} blocks of "
+            lines.append(f"packing: {train_stats.rows - train_stats.dropped} examples in {len(train_ds)} blocks of "
                          f"{d.max_length} tokens; efficiency {eff:.1%} (real tokens / block slots)")
             derived["derived.packing_efficiency"] = round(eff, 4)
         if self.pad_note:
@@ -202,12 +233,17 @@ class CausalLMTask:
         if d.synthetic.enabled:
             n, source = d.synthetic.n_train, "synthetic"
         elif d.train_file:
+            from launcher.data import sources
+
             try:
-                n, source = len(instructions.read_rows(d.train_file)), d.train_file
+                src = sources.resolve(d, "train")
+                n = src.count_rows()  # cheap where the format allows
+                n = n if n is not None else len(instructions.read_rows(d.train_file))
+                source = d.train_file
             except DataError as e:
                 return None, e.problems[0]
         else:
-            return None, "data.train_file (required for causal_lm)"
+            return None, f"rows of {d.hub_dataset} (hub) are counted when the run starts"
         if d.packing:  # optimizer steps count blocks, known once rows are packed
             return None, f"{n:,} {source} rows are packed into {d.max_length}-token blocks when the run starts"
         return n, source

@@ -44,20 +44,24 @@ def check_model_source(cfg: RunConfig) -> None:
         _from_hub(AutoConfig, cfg.model.name)
 
 
-def load_tokenizer(cfg: RunConfig, tokenizer_dir: Path, train_texts: list[str] | None):
-    """The run's tokenizer. Tiny models train one on the training texts once and keep it
-    in the run directory, so a resumed run tokenizes exactly as the first one did."""
+def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
+    """The run's tokenizer. A tiny model's is trained on the training texts (once per data
+    cache) and kept in the run directory, so a resumed run tokenizes exactly as the first one did."""
     from transformers import AutoTokenizer
 
     if cfg.model.name != TINY_MODEL:
         return _from_hub(AutoTokenizer, cfg.model.name)
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    if (saved_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(saved_dir)
+    from launcher.data import pipeline
     from launcher.data.tokenizer import train_wordpiece
 
-    tok = train_wordpiece(train_texts or [], cfg.model.tiny.vocab_size, cfg.data.max_length)
-    tok.save_pretrained(tokenizer_dir)
-    return tok
+    def train(source):
+        texts = [r["text"] for r in pipeline.first_rows(source, cache) if isinstance(r.get("text"), str)]
+        return train_wordpiece(texts, cfg.model.tiny.vocab_size, cfg.data.max_length)
+
+    key = {"kind": "wordpiece", "vocab_size": cfg.model.tiny.vocab_size, "max_length": cfg.data.max_length}
+    return pipeline.tokenizer_from_cache(train_source, cache, key, train)
 
 
 def random_init(cfg: RunConfig) -> bool:
@@ -269,11 +273,15 @@ class ClassificationTask:
     def random_init(self) -> bool:
         return random_init(self.cfg)
 
-    def read_splits(self, train_file, val_file):
-        """(texts, targets) per split: local files, or the hub dataset when both are None."""
-        from launcher.data import clauses
+    def sources(self, train_file, val_file):
+        """Where each split's rows come from (local files or save_to_disk directories; the hub
+        dataset when both are None). Nothing is read yet."""
+        import dataclasses
 
-        return clauses.load_split(self.cfg.data, "train", train_file), clauses.load_split(self.cfg.data, "validation", val_file)
+        from launcher.data import sources
+
+        d = dataclasses.replace(self.cfg.data, train_file=train_file, validation_file=val_file)
+        return sources.resolve(d, "train"), sources.resolve(d, "validation")
 
     def write_synthetic(self, out_dir: Path):
         from launcher.data import synthetic
@@ -282,14 +290,21 @@ class ClassificationTask:
         synthetic.write_splits(out_dir, s.n_train, s.n_validation, s.seed)
         return str(out_dir / "train.jsonl"), str(out_dir / "validation.jsonl")
 
-    def tokenizer(self, tokenizer_dir: Path, train_split):
-        return load_tokenizer(self.cfg, tokenizer_dir, train_split[0])
+    def tokenizer(self, saved_dir: Path, train_source, cache):
+        return load_tokenizer(self.cfg, saved_dir, train_source, cache)
 
-    def datasets(self, train_split, val_split, tokenizer, cache_dir: Path):
-        from launcher.data import batching
+    def datasets(self, train_source, val_source, tokenizer, cache):
+        """Token rows of both splits, checked and tokenized once per cache, memory-mapped."""
+        from launcher.data import pipeline
+        from launcher.data.batching import tokenizer_fingerprint
+        from launcher.data.clauses import ClauseEncoder
 
-        n = self.cfg.data.max_length
-        return batching.tokenize(*train_split, tokenizer, n, cache_dir), batching.tokenize(*val_split, tokenizer, n, cache_dir)
+        d = self.cfg.data
+        encode = ClauseEncoder(d.mode, self.label_names, tokenizer, d.max_length)
+        key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": d.max_length,
+               "mode": d.mode, "labels": self.label_names}
+        return tuple(pipeline.prepare(pipeline.Split(src, encode, ("input_ids", "labels"), key, check=encode.check),
+                                      cache, d.num_proc) for src in (train_source, val_source))
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
         return [], {}
@@ -309,7 +324,7 @@ class ClassificationTask:
 
     def prepare(self, train_ds, device) -> None:
         if self.cfg.train.class_weighting == "balanced":
-            self.weights = class_weights(train_ds.targets, self.cfg.data.mode == "multilabel").to(device)
+            self.weights = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel").to(device)
 
     def loss(self, model, batch) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -345,11 +360,13 @@ class ClassificationTask:
             return d.synthetic.n_train, "synthetic"
         if d.train_file is None:
             return None, f"rows of {d.hub_dataset}/{d.hub_config} (hub) are counted when the run starts"
+        from launcher.data import sources
         from launcher.data.clauses import load_split
         from launcher.errors import UserError
 
         try:
-            return len(load_split(d, "train", d.train_file)[0]), d.train_file
+            n = sources.resolve(d, "train").count_rows()  # cheap where the format allows
+            return (n if n is not None else len(load_split(d, "train", d.train_file)[0])), d.train_file
         except UserError as e:
             return None, e.problems[0]
 

@@ -1,0 +1,283 @@
+"""Where a split's rows come from, and reading them into Arrow through `datasets`.
+
+A split is one of:
+- a local file (`.jsonl`/`.json`, `.csv`, `.parquet`), read by `datasets`' own loaders;
+- a directory written by `Dataset.save_to_disk` (a `DatasetDict` directory picks the split
+  by name), memory-mapped as it is;
+- a hub dataset id (`data.hub_dataset`, `data.hub_config`, split name), or a local dataset
+  directory standing in for one (a folder of data files, as on the hub).
+
+`Source` is cheap to build on every rank: it only looks at paths, sizes and mtimes. Reading
+rows (`read`) is done by the one process that builds the token cache (data/cache.py).
+A row that is wrong is reported as `file:line` (JSONL, CSV), `file: row N` (Parquet,
+Arrow directories) or `dataset/config:split: row N` (hub): `locate` maps row indices back to
+lines by rescanning the file, which happens only when there is something to report.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from launcher.errors import DataError
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MAX_REPORTED = 10  # a file with thousands of bad rows gets the first few, then a count
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # file | saved | hub
+    name: str  # path, or hub id / local dataset directory
+    split: str
+    field: str  # the config key that named it, for messages
+    config: str | None = None  # hub config
+
+    @property
+    def fmt(self) -> str | None:
+        return FORMATS.get(Path(self.name).suffix.lower()) if self.kind == "file" else None
+
+    def __str__(self) -> str:
+        if self.kind == "hub":
+            return f"{self.name}/{self.config}:{self.split}" if self.config else f"{self.name}:{self.split}"
+        if self.kind == "saved":
+            return f"{self.name}:{self.split}" if (Path(self.name) / "dataset_dict.json").is_file() else self.name
+        return self.name
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the rows: path, size and mtime of every file behind them (never
+        their contents). A hub id is its name, config and split: datasets' own cache versions it."""
+        parts = [self.kind, self.name, self.split, self.config or ""]
+        path = Path(self.name)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+        for f in files:
+            st = f.stat()
+            parts.append(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    # ---- reading
+
+    def read(self, cache_dir: Path, check: Callable[[str, dict], None] | None = None):
+        """The rows as a `datasets.Dataset` (raw columns). DataError with one line per problem.
+
+        When the fast reader refuses a JSONL or CSV file (a line that is not JSON, bytes that
+        are not UTF-8, ...), the file is read again line by line and every problem is
+        reported in line order, including the rows that `check(where, record)` rejects."""
+        import datasets
+
+        datasets.disable_progress_bars()
+        if self.kind == "saved":
+            return _load_saved(Path(self.name), self.split, self.field)
+        if self.kind == "hub":
+            return _load_hub(self, cache_dir)
+        path = Path(self.name)
+        try:
+            if self.fmt == "csv":
+                with open(path, encoding="utf-8", newline="") as f:
+                    header = next(csv.reader(f), None)
+                if not header:
+                    raise DataError(f"{path}: no rows")
+                # Every cell as text, empty cells as "": what the row checks expect (a "0" label
+                # and an empty `labels` cell), not pandas' guesses (0.0, NaN).
+                return datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=str(cache_dir),
+                                             converters={c: str for c in header}, keep_default_na=False, na_filter=False)
+            ds = datasets.load_dataset(self.fmt, data_files=str(path), split="train", cache_dir=str(cache_dir))
+            # pyarrow's JSON reader keeps bytes that are not UTF-8 as they are; a full validation
+            # finds them now (one C++ pass) rather than as a decode error in the middle of a map.
+            ds.data.table.validate(full=True)
+            return ds
+        except DataError:
+            raise
+        except Exception as e:  # pyarrow / pandas raise many types for a malformed file
+            raise DataError(*_why_unreadable(path, self.fmt, e, check)) from None
+
+    def locate(self, indices: list[int]) -> dict[int, str]:
+        """'file:line' (or 'file: row N') for 0-based row indices."""
+        wanted = set(indices)
+        if self.kind == "file" and self.fmt == "json" and Path(self.name).suffix.lower() == ".jsonl":
+            out, row = {}, 0
+            with open(self.name, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    if row in wanted:
+                        out[row] = f"{self.name}:{lineno}"
+                        if len(out) == len(wanted):
+                            break
+                    row += 1
+            return {i: out.get(i, f"{self.name}: row {i + 1}") for i in indices}
+        if self.kind == "file" and self.fmt == "csv":
+            out = {}
+            with open(self.name, encoding="utf-8", newline="") as f:
+                reader = csv.reader(f)
+                next(reader, None)
+                for row, _ in enumerate(reader):
+                    if row in wanted:
+                        out[row] = f"{self.name}:{reader.line_num}"
+                        if len(out) == len(wanted):
+                            break
+            return {i: out.get(i, f"{self.name}: row {i + 1}") for i in indices}
+        return {i: f"{self}: row {i + 1}" for i in indices}
+
+    def count_rows(self) -> int | None:
+        """Rows without parsing them where that is cheap (JSONL lines, Parquet metadata)."""
+        path = Path(self.name)
+        if self.kind == "file" and path.suffix.lower() == ".jsonl":
+            with open(path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        if self.kind == "file" and self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.ParquetFile(path).metadata.num_rows
+            except Exception:
+                return None
+        if self.kind == "saved":
+            try:
+                return _load_saved(path, self.split, self.field).num_rows
+            except DataError:
+                return None
+        return None
+
+
+def resolve(data_cfg, split: str) -> Source:
+    """The source of split 'train' or 'validation' from the data config (no rows read)."""
+    field = f"data.{split}_file"
+    path = getattr(data_cfg, f"{split}_file")
+    split_name = getattr(data_cfg, f"{split}_split")
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            if not is_saved_dataset(p):
+                raise DataError(f"{field}: {path}: a directory, but not one written by Dataset.save_to_disk "
+                                "(for a folder of data files use data.hub_dataset=DIR)")
+            return Source("saved", str(p), split_name, field)
+        if not p.is_file():
+            raise DataError(f"{field}: {path}: file not found")
+        if p.suffix.lower() not in FORMATS:
+            raise DataError(f"{field}: {path}: unsupported format (use .jsonl, .csv, .parquet or a save_to_disk directory)")
+        return Source("file", str(p), split_name, field)
+    return Source("hub", data_cfg.hub_dataset, split_name, "data.hub_dataset", data_cfg.hub_config)
+
+
+def _load_saved(path: Path, split: str, field: str):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{field}: {path}: cannot be read as a save_to_disk directory ({_first_line(e)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{field}: {path} has splits {', '.join(loaded)}; none is named '{split}' "
+                            f"(set data.train_split / data.validation_split)")
+        return loaded[split]
+    return loaded
+
+
+def _load_hub(src: Source, cache_dir: Path):
+    import datasets
+
+    local = Path(src.name).expanduser()
+    if local.is_dir():
+        # A local dataset directory standing in for a hub id: its data files, split by file
+        # name as on the hub; a subdirectory named like the config holds that config's files.
+        data_dir = local / src.config if src.config and (local / src.config).is_dir() else local
+        try:
+            return datasets.load_dataset(str(data_dir), split=src.split, cache_dir=str(cache_dir))
+        except ValueError as e:
+            raise DataError(f"data.hub_dataset: {src.name}: no split '{src.split}' ({_first_line(e)}); "
+                            "set data.train_split / data.validation_split") from None
+        except Exception as e:
+            raise DataError(f"data.hub_dataset: {src.name}: cannot be read as a dataset directory ({_first_line(e)})") from None
+    hint = (
+        f"data.hub_dataset: cannot load {src.name} ({src.config}, split {src.split}) from the Hugging Face Hub "
+        "(no network, or not cached); download it where you have access and pass local files: "
+        "data.train_file=train.jsonl data.validation_file=validation.jsonl (or a save_to_disk directory)"
+    )
+    try:
+        return datasets.load_dataset(src.name, src.config, split=src.split, cache_dir=str(cache_dir))
+    except Exception as e:  # the hub client raises many types for "unreachable"
+        raise DataError(f"{hint} [{type(e).__name__}]") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) -> list[str]:
+    """Every problem of a file the fast reader refused (first MAX_REPORTED, then a count),
+    or one line saying what the file is not."""
+    if fmt == "parquet":
+        return [f"{path}: not a readable Parquet file ({_first_line(error)})"]
+    problems, n_bad = [], 0
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if check is not None:
+                check(where, record)
+        except DataError as e:
+            n_bad += 1
+            if len(problems) < MAX_REPORTED:
+                problems.extend(e.problems)
+    if n_bad > len(problems):
+        problems.append(f"{path}: {n_bad - len(problems)} more bad rows not shown")
+    if problems:
+        return problems
+    what = {"json": "JSON lines", "csv": "CSV"}.get(fmt or "", "data")
+    return [f"{path}: cannot be read as {what} ({_first_line(error)})"]
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) with where = 'file:line' for every row of a local file, read in Python.
+    For small files (eval, predict) and for diagnosing files the fast reader refuses: a
+    line that is not UTF-8 or not JSON is yielded as a DataError in place of its record."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, DataError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, DataError(f"{where}: not valid JSON ({e.msg})")
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            try:
+                for record in reader:
+                    yield f"{path}:{reader.line_num}", record
+            except UnicodeDecodeError as e:
+                yield f"{path}:{reader.line_num + 1}", DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {e.start} of its block)")
+            except csv.Error as e:
+                yield f"{path}:{reader.line_num}", DataError(f"{path}:{reader.line_num}: not valid CSV ({e})")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        for i, record in enumerate(table.to_pylist(), 1):
+            yield f"{path}: row {i}", record
+    else:
+        raise DataError(f"{path}: unsupported format (use .jsonl, .csv or .parquet)")
