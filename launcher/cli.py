@@ -166,7 +166,8 @@ def cmd_generate(args) -> int:
     if _exported_task(args.model_dir) != "causal_lm":
         raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm)")
     model, tokenizer, data_cfg = causal_lm.load_exported(args.model_dir)
-    print(causal_lm.generate(model, tokenizer, data_cfg, args.prompt, args.max_new_tokens))
+    print(causal_lm.generate(model, tokenizer, data_cfg, args.prompt, args.max_new_tokens,
+                             chat=getattr(data_cfg, "prompt_format", "instruction") == "chat"))
     return 0
 
 

@@ -69,6 +69,14 @@ class ModelConfig:
     name: str = TINY_MODEL
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else
+    # sdpa. Packed causal-LM rows are exact under each (examples never attend to each other).
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # Weight dtype. auto: float32 wherever the engine keeps no fp32 master copy (one process,
+    # DDP: AdamW would round small updates of bf16 weights to zero; compute is bf16 through
+    # autocast with train.precision=bf16); bfloat16 under DeepSpeed/FSDP with train.precision=bf16
+    # (the engine keeps fp32 masters) and for LoRA's frozen base weights (adapters stay float32).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass
@@ -150,6 +158,9 @@ class TrainConfig:
     # none, or balanced: CE class weights (binary) / BCE pos_weight (multilabel)
     # from training label frequencies.
     class_weighting: Literal["none", "balanced"] = "none"
+    # Recompute each layer's activations in the backward pass (non-reentrant): activation
+    # memory falls from O(layers) to about one layer's, for about a third more compute.
+    gradient_checkpointing: bool = False
     # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
     # writes a checkpoint) before the process group gives up.
     collective_timeout_s: int = 1800

@@ -242,6 +242,7 @@ def check(cfg, launch: LaunchConfig) -> list[str]:
             f"{launch.source}: mixed_precision is {launch.mixed_precision} but train.precision is {t.precision} "
             "(the run config decides precision: remove it here or set train.precision)"
         )
+    problems += _dtype_problems(cfg, launch)
     if not launch.uses_deepspeed or launch.ds is None:
         return problems
 
@@ -296,6 +297,33 @@ def check(cfg, launch: LaunchConfig) -> list[str]:
         src = launch.source if launch.ds_source.endswith("(deepspeed_config)") else launch.ds_source
         problems.append(f"{src}: {key} must be true under ZeRO-3: the final export gathers the whole model")
     return problems
+
+
+def keeps_fp32_masters(launch: LaunchConfig) -> bool:
+    """Whether the engine keeps fp32 master weights of its own (DeepSpeed, FSDP mixed precision)."""
+    return launch.uses_deepspeed or launch.distributed_type == FSDP
+
+
+def _dtype_problems(cfg, launch: LaunchConfig) -> list[str]:
+    dtype, precision = cfg.model.dtype, cfg.train.precision
+    if dtype != "bfloat16":
+        return []
+    if precision != "bf16":
+        return [f"model.dtype: bfloat16 weights with train.precision {precision}: set train.precision=bf16, or model.dtype=auto"]
+    if not keeps_fp32_masters(launch) and not cfg.model.lora.enabled:
+        return [f"model.dtype: bfloat16 under {launch.distributed_type} ({launch.source}) leaves AdamW no fp32 master "
+                "weights (small updates round to zero); use model.dtype=auto (fp32 weights, bf16 compute), "
+                "LoRA, or DeepSpeed/FSDP"]
+    return []
+
+
+def weight_dtype(cfg, launch: LaunchConfig) -> str:
+    """The one dtype policy: what the model's weights are loaded as (see config: model.dtype)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if cfg.train.precision == "bf16" and (keeps_fp32_masters(launch) or cfg.model.lora.enabled):
+        return "bfloat16"
+    return "float32"
 
 
 def check_or_raise(cfg, launch: LaunchConfig) -> None:

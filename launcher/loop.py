@@ -68,11 +68,25 @@ def _keep_tokenizer(tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
-def _optimizer(model, cfg: RunConfig, device) -> torch.optim.Optimizer:
+def no_decay_names(model) -> set[str]:
+    """Parameters that take no weight decay: biases and every parameter of a normalisation
+    layer, by name and module type. Not by shape: under ZeRO-3 a pretrained model's
+    parameters are already partitioned when the optimizer is built, and every one of
+    them looks 0-dimensional (shared/NOTES.md)."""
+    out = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+        for name, _ in module.named_parameters(prefix=module_name, recurse=False):
+            if is_norm or name.endswith("bias"):
+                out.add(name)
+    return out
+
+
+def _optimizer(model, cfg: RunConfig, device, skip: set[str]) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            (no_decay if name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused AdamW is what HF Trainer uses by default; it beats the per-tensor loop on CPU too (NOTES.md).
     try:
@@ -121,7 +135,7 @@ def train(cfg: RunConfig) -> dict:
 
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
     with rt.model_init(random_weights=task.random_init()):
-        model = task.build_model(tokenizer)
+        model = task.build_model(tokenizer, rt.weight_dtype)
     task.prepare(train_ds, rt.device)
 
     group = cfg.data.group_by_length if cfg.data.group_by_length is not None else task.name == "classification"
@@ -137,7 +151,8 @@ def train(cfg: RunConfig) -> dict:
     collate = task.collator(tokenizer)
     val_loader = torch.utils.data.DataLoader(val_ds.order_by_length(), batch_size=cfg.eval.micro_batch_size or t.micro_batch_size,
                                              collate_fn=collate)
-    optimizer = _optimizer(model, cfg, rt.device)
+    no_decay = no_decay_names(model)
+    optimizer = _optimizer(model, cfg, rt.device, no_decay)
     model, optimizer, val_loader = rt.accelerator.prepare(model, optimizer, val_loader)
     # Stepped by hand once per optimizer step: a prepared scheduler steps once per
     # process, which would make the LR schedule depend on the world size.
@@ -210,7 +225,13 @@ def train(cfg: RunConfig) -> dict:
         with rt.progress(total_steps, initial=state.step) as bar:
             for step, micro_batches in batches:
                 lr = optimizer.param_groups[0]["lr"]
-                micro_losses = []
+                # The step minimises the mean over the global batch's items (response tokens,
+                # or examples / class weights): each micro-batch contributes its SUM of item
+                # losses over the global item count, whatever its own size. The engines
+                # average gradients over micro-batches and ranks, hence world x accumulation.
+                items = _global_items(rt, [task.loss_items(b) for b, _ in micro_batches])
+                scale = rt.world_size * accumulation / max(items, 1.0)
+                step_loss = torch.zeros((), device=rt.device)
                 grad_norm = None
                 for k, (batch, n_tokens) in enumerate(micro_batches):
                     # Dropout masks depend on (seed, step, micro-batch within the global batch)
@@ -219,26 +240,27 @@ def train(cfg: RunConfig) -> dict:
                     batch = _to(batch, rt.device)
                     window_tokens += n_tokens  # real tokens, not padding
                     with rt.accelerator.accumulate(model):
-                        loss = task.loss(model, batch)
-                        rt.accelerator.backward(loss)
+                        loss_sum = task.loss_sum(model, batch)
+                        rt.accelerator.backward(loss_sum * scale)
                         if rt.accelerator.sync_gradients:
                             grad_norm = rt.accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
                         optimizer.step()
                         optimizer.zero_grad()
-                    micro_losses.append(loss.detach())
+                    step_loss += loss_sum.detach().float()
                 scheduler.step()
                 state.step, state.epoch, state.metric_at_step = step + 1, sampler.epoch_of(step), None
                 window_steps += 1
                 bar.update(1)
                 if step == first_step:
                     rt.print(f"first optimizer step done {time.time() - launcher.STARTED:.1f} s after start")
+                    rt.write_model_facts(run_dir, model, optimizer, no_decay)
 
                 if state.step % cfg.tracking.log_every_steps == 0 or state.step == total_steps:
-                    stats = torch.stack([torch.stack(micro_losses).mean(), torch.tensor(float(window_tokens), device=rt.device)])
+                    stats = torch.stack([step_loss, torch.tensor(float(window_tokens), device=rt.device)])
                     stats = rt.accelerator.reduce(stats.to(rt.device), reduction="sum")
                     dt = time.perf_counter() - window_t
                     values = {
-                        "train/loss": float(stats[0]) / rt.world_size,
+                        "train/loss": float(stats[0]) / max(items, 1.0),  # the step's global mean
                         "train/lr": lr,
                         "train/samples_per_s": window_steps * t.global_batch_size / dt,
                         "train/tokens_per_s": float(stats[1]) / dt,
@@ -305,6 +327,12 @@ def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) 
         rt.on_main(report.record_generations, run_dir, step, rows, tracker)
         for r in rows:
             rt.print(f"  [{step}] {r['prompt']!r} -> {r['response']!r}")
+
+
+def _global_items(rt, per_micro: list[float]) -> float:
+    """Items (response tokens, examples, class weights) in this step's whole global batch."""
+    local = torch.tensor([float(sum(per_micro))], dtype=torch.float64, device=rt.device)
+    return float(rt.accelerator.reduce(local, reduction="sum")) if rt.world_size > 1 else float(local)
 
 
 def _dropout_seed(seed: int, step: int, microbatch: int) -> int:

@@ -47,6 +47,8 @@ class Runtime:
     distributed_type: str
     zero_stage: int | None = None
     zero3_init: bool = False
+    weight_dtype: str = "float32"  # the dtype policy's answer for this launch (distributed.weight_dtype)
+    keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
 
     @property
     def is_main(self) -> bool:
@@ -195,6 +197,43 @@ class Runtime:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(facts, indent=1))
 
+    def write_model_facts(self, run_dir: Path, model, optimizer, no_decay: set[str]) -> None:
+        """RUN/ranks/model-rank-N.json after the first optimizer step: the dtypes this rank's
+        parameters, fp32 masters and optimizer states really have, and which parameters
+        take weight decay, so a test (or a user) can check the dtype policy per engine."""
+        import hashlib
+        from collections import Counter
+
+        import torch
+
+        def dtypes(tensors) -> dict:
+            return dict(Counter(str(t.dtype).replace("torch.", "") for t in tensors))
+
+        states, masters = [], []
+        opt = optimizer
+        for _ in range(5):  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch's AdamW
+            states += [v for st in getattr(opt, "state", {}).values() if isinstance(st, dict)
+                       for k, v in st.items() if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(v)]
+            for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+                masters += [t for t in getattr(opt, attr, None) or [] if torch.is_tensor(t)]
+            opt = getattr(opt, "optimizer", None)
+            if opt is None:
+                break
+        names = sorted(n for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad)
+        decayed = [n for n in names if n not in no_decay]
+        facts = {
+            "parameters": dtypes(model.parameters()),
+            "trainable": dtypes(p for p in model.parameters() if p.requires_grad),
+            "fp32_masters": dtypes(masters),
+            "optimizer_states": dtypes(states),
+            "decayed": len(decayed),
+            "not_decayed": len(names) - len(decayed),
+            "decayed_sha": hashlib.sha256("\n".join(decayed).encode()).hexdigest()[:16],
+        }
+        out = run_dir / "ranks" / f"model-rank-{self.rank:05d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(facts, indent=1))
+
     def facts(self) -> dict:
         return {
             "rank": self.rank,
@@ -238,6 +277,9 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     # DeepSpeed 0.19 calls c10d APIs that torch 2.13 deprecates, once per bucket per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     has_gpu = torch.cuda.is_available()
+    if has_gpu:  # TF32 matmuls for whatever still runs in fp32 (Ampere and later)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if t.precision == "fp16" and not has_gpu:
         raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     if launch.distributed_type == distributed.FSDP and not has_gpu:
@@ -279,4 +321,6 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
         distributed_type=str(accelerator.distributed_type).split(".")[-1],
         zero_stage=launch.zero_stage if launch.uses_deepspeed else None,
         zero3_init=bool(accelerator.state.deepspeed_plugin.zero3_init_flag) if launch.uses_deepspeed else False,
+        weight_dtype=distributed.weight_dtype(cfg, launch),
+        keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
     )

@@ -141,7 +141,7 @@ def test_every_local_source_gives_the_same_token_rows(tmp_path, tok):
 
     want = tokens(sources.resolve(DataConfig(train_file=str(jsonl)), "train"))
     assert len(want) == 60 and [r["labels"] for r in want] == [r["label"] for r in rows]
-    for name in ("d.csv", "d.parquet", "saved", "dict"):
+    for name in ("d.csv", "d.parquet", "arrow", "dict"):
         src = sources.resolve(DataConfig(train_file=str(tmp_path / name)), "train")
         assert tokens(src) == want, name
     hub = sources.resolve(DataConfig(hub_dataset=str(tmp_path / "hubdir")), "train")

@@ -119,35 +119,74 @@ def test_packing_keeps_every_token_in_order_and_fills_blocks(data_tok):
     assert len(p_ids) <= len(ids) / 2  # ~23-token rows: two share each 64-token block
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_examples_do_not_attend_to_each_other(arch, attn, data_tok):
-    """Logits and loss of a packed block equal those of its examples run one by one."""
-    from launcher.tasks.causal_lm import tiny_config
-    from transformers import AutoModelForCausalLM
+def _tiny_lm(arch: str, attn: str, vocab: int, tok):
+    from transformers import AutoModelForCausalLM, MistralConfig
 
-    cfg = load_config(SFT, [f"model.tiny.arch={arch}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    from launcher.tasks.causal_lm import tiny_config
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(cfg, len(data_tok), data_tok), attn_implementation=attn).eval()
-    ids, labels, _ = encode_rows(instructions.generate_instructions(6, 1), DataConfig(max_length=64), data_tok)
+    if arch == "mistral":  # a sliding window shorter than the examples, so it matters
+        config = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, sliding_window=5,
+                               max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        cfg = load_config(SFT, [f"model.tiny.arch={arch}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+        config = tiny_config(cfg, vocab, tok)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    model.config.use_cache = False  # as training sets it (tasks/modeling.py)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_packed_examples_do_not_attend_to_each_other(arch, attn, data_tok):
+    """Logits and loss of packed rows (two rows of different length, so one ends in padding)
+    equal those of their examples run one by one, with a sliding-window model too; the
+    collator passes position ids only, nothing of size L x L."""
+    model = _tiny_lm(arch, attn, len(data_tok), data_tok)
+    ids, labels, _ = encode_rows(instructions.generate_instructions(12, 1), DataConfig(max_length=64), data_tok)
     p_ids, p_labels, p_lens = pack(ids, labels, 64)
-    assert len(p_lens[0]) >= 2
-    packed = LMCollator(data_tok.eos_token_id, packed=True)([{"input_ids": p_ids[0], "labels": p_labels[0], "seq_lens": p_lens[0]}])
-    n = len(p_lens[0])
+    k = len(p_lens[0])
+    assert k >= 2
+    # A second row holding one example: shorter, so the batch pads it at the end.
+    p_ids[1], p_labels[1], p_lens[1] = ids[k], labels[k], [len(ids[k])]
+    rows = [{"input_ids": p_ids[r], "labels": p_labels[r], "seq_lens": p_lens[r]} for r in (0, 1)]
+    packed = LMCollator(data_tok.eos_token_id, packed=True)(rows)
+    width = packed["input_ids"].shape[1]
+    assert set(packed) == {"input_ids", "labels", "position_ids"}
+    assert all(width not in tuple(v.shape)[2:] and v.dim() == 2 for v in packed.values())
+    n = len(p_lens[0]) + len(p_lens[1])
     single = LMCollator(data_tok.eos_token_id, packed=False)([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids[:n], labels[:n])])
     with torch.no_grad():
-        out_packed = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        out_packed = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
         out_single = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
-    start = 0
-    for i, length in enumerate(p_lens[0]):
-        assert torch.allclose(out_packed[start : start + length], out_single[i, :length], atol=1e-5)
-        start += length
+    i = 0
+    for r in (0, 1):
+        start = 0
+        for length in p_lens[r]:
+            assert torch.allclose(out_packed[r, start : start + length], out_single[i, :length], atol=1e-5), (r, i)
+            start += length
+            i += 1
     with torch.no_grad():  # and so the loss, averaged over the same response tokens
         packed_loss = model(**packed).loss
         per_token = [torch.nn.functional.cross_entropy(out_single[i, : len(x) - 1], torch.tensor(y[1:]), ignore_index=IGNORE, reduction="sum")
                      for i, (x, y) in enumerate(zip(ids[:n], labels[:n]))]
         count = sum(sum(t != IGNORE for t in y[1:]) for y in labels[:n])
     assert float(packed_loss) == pytest.approx(float(sum(per_token) / count), rel=1e-5)
+
+
+def test_stack_fact_packed_rows_need_the_kv_cache_off(data_tok):
+    """transformers finds packed examples from position_ids only when no cache is in use: with
+    use_cache on (a config's default), the second example silently attends to the first.
+    Hence tasks/modeling.py turns the cache off for training."""
+    model = _tiny_lm("llama", "sdpa", len(data_tok), data_tok)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, 4:]).logits[0]
+        off = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, 4:]
+        on = model(input_ids=ids, position_ids=pos, use_cache=True).logits[0, 4:]
+    assert torch.allclose(off, alone, atol=1e-5) and not torch.allclose(on, alone, atol=1e-3)
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_masked_and_says_so(tmp_path):

@@ -146,7 +146,8 @@ class InstructionEncoder:
         from launcher.data.pipeline import ROW, records
 
         texts, spans, errors = [], [], []
-        for record in records(batch):
+        rows = records(batch)
+        for record in rows:
             try:
                 text, span = render(parse_row(record, ROW), self.cfg, self.tokenizer)
                 error = ""
@@ -156,7 +157,9 @@ class InstructionEncoder:
             spans.append(span)
             errors.append(error)
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        chat = [r.get("messages") is not None for r in rows]
         out = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "_error", "_drop", "_truncated", "_label_tokens")}
+        out["_chat"] = chat
         for ids, offsets, span, text, error in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors):
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             drop = truncated = False
@@ -182,8 +185,8 @@ class InstructionEncoder:
         drop, truncated = table["_drop"], table["_truncated"]
         keep = pc.invert(drop)
         stats = EncodeStats(rows=table.num_rows, truncated=int(pc.sum(truncated).as_py() or 0),
-                            dropped=int(pc.sum(drop).as_py() or 0))
-        table = table.filter(keep).drop_columns(["_drop", "_truncated", "_label_tokens"])
+                            dropped=int(pc.sum(drop).as_py() or 0), chat_rows=int(pc.sum(table["_chat"]).as_py() or 0))
+        table = table.filter(keep).drop_columns(["_drop", "_truncated", "_label_tokens", "_chat"])
         kept = ds.data.table.filter(keep)
         stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
         stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
@@ -205,6 +208,7 @@ class EncodeStats:
     dropped: int = 0  # too long under truncation=drop, or no response token left after truncating
     tokens: int = 0  # tokens kept (before padding)
     label_tokens: int = 0
+    chat_rows: int = 0  # rows given as `messages`
 
     def line(self, split: str) -> str:
         return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
@@ -277,9 +281,12 @@ def pack_table(table, block: int):
 
 
 class LMCollator:
-    """Pads to the longest row. Unpacked rows get a 2-D attention mask; packed rows a 4-D
-    additive mask that is causal within each example and blocks attention across examples,
-    with position ids restarting at 0 for every example."""
+    """Pads to the longest row. Unpacked rows get a 2-D attention mask. Packed rows get no
+    mask at all, only position ids that restart at 0 for every example (and for the padding
+    at the end): the model finds the example boundaries from them (transformers' packed-
+    sequence detection: a block-diagonal causal mask under sdpa/eager, varlen kernels under
+    flash attention), so nothing of size L x L is built here and no float mask can disagree
+    with the model's dtype."""
 
     def __init__(self, pad_id: int, packed: bool):
         self.pad_id, self.packed = pad_id, packed
@@ -299,18 +306,12 @@ class LMCollator:
         if not self.packed:
             batch["attention_mask"] = mask
             return batch
-        segment = torch.full((n, width), -1, dtype=torch.long)
         positions = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(rows):
             start = 0
-            for j, length in enumerate(r["seq_lens"]):
-                segment[i, start : start + length] = j
+            for length in list(r["seq_lens"]) + [width - sum(r["seq_lens"])]:
                 positions[i, start : start + length] = torch.arange(length)
                 start += length
-            positions[i, start:] = torch.arange(width - start)  # padding: its own segment (-1)
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-        batch["attention_mask"] = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
         batch["position_ids"] = positions
         return batch
 

@@ -37,12 +37,16 @@ def tiny_config(cfg: RunConfig, vocab_size: int, tokenizer):
                        attention_dropout=t.dropout, tie_word_embeddings=False, **ids)
 
 
+_ONE = torch.tensor(1.0)
+
+
 class CausalLMTask:
     name = "causal_lm"
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.pad_note = ""
+        self.prompt_format = "instruction"  # "chat" when most training rows are conversations
 
     # ---- sources and data
 
@@ -125,6 +129,8 @@ class CausalLMTask:
                    "templates": [cfg.prompt_template, cfg.prompt_template_no_input, cfg.chat_turn_template]}
             split = pipeline.Split(src, encode, ("input_ids", "labels", "seq_lens"), key, check=encode.check, finish=encode.finish)
             out.append(pipeline.prepare(split, cache, d.num_proc))
+        stats = out[0].meta["stats"]
+        self.prompt_format = "chat" if stats.get("chat_rows", 0) * 2 > stats["rows"] else "instruction"
         return tuple(out)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
@@ -145,22 +151,20 @@ class CausalLMTask:
 
     # ---- model and loss
 
-    def build_model(self, tokenizer):
+    def build_model(self, tokenizer, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
 
+        from launcher.tasks import modeling
+
+        attn = modeling.attn_implementation(self.cfg.model)
         if self.cfg.model.name == TINY_MODEL:
-            # eager attention: the packed 4-D masks are exact there (and in sdpa); see tests.
-            model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer),
-                                                     attn_implementation="eager")
+            model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
-            model = _from_hub(AutoModelForCausalLM, self.cfg.model.name)
+            model = _from_hub(AutoModelForCausalLM, self.cfg.model.name, attn_implementation=attn,
+                              dtype=modeling.torch_dtype(dtype))
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
-        if self.cfg.model.lora.enabled:
-            from launcher.tasks import lora
-
-            model = lora.apply(model, self.cfg.model.lora, self.name)
-        return model
+        return modeling.finish(model, self.cfg, self.name, dtype)
 
     def collator(self, tokenizer):
         return instructions.LMCollator(tokenizer.pad_token_id, self.cfg.data.packing)
@@ -168,8 +172,14 @@ class CausalLMTask:
     def prepare(self, train_ds, device) -> None:
         pass
 
-    def loss(self, model, batch) -> torch.Tensor:
-        return model(**batch).loss
+    def loss_items(self, batch) -> float:
+        """Response tokens that are predicted (labels shift by one)."""
+        return float((batch["labels"][:, 1:] != instructions.IGNORE).sum())
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        """Sum of token losses over the micro-batch's response tokens: the model's own loss
+        with num_items_in_batch=1 (its cross-entropy then sums instead of averaging)."""
+        return model(**batch, num_items_in_batch=_ONE).loss
 
     # ---- evaluation
 
@@ -200,13 +210,13 @@ class CausalLMTask:
             return []
         unwrapped = rt.accelerator.unwrap_model(model)
         model.eval()
-        out = []
-        for prompt in prompts:
-            response = generate(unwrapped, tokenizer, self.cfg.data, prompt, self.cfg.eval.max_new_tokens,
-                                device=rt.device, synced_gpus=rt.zero_stage == 3)
-            out.append({"prompt": prompt, "response": response})
+        # ZeRO-3: every rank must run as many forward passes as the longest answer needs.
+        # Otherwise transformers decides (it also detects FSDP-managed modules).
+        responses = generate_batch(unwrapped, tokenizer, self.cfg.data, prompts, self.cfg.eval.max_new_tokens,
+                                   chat=self.prompt_format == "chat", device=rt.device,
+                                   synced_gpus=True if rt.zero_stage == 3 else None)
         model.train()
-        return out
+        return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
 
     def count_parameters(self) -> tuple[int | None, str]:
         """(parameter count, source) from the model config alone, built on the meta device."""
@@ -251,16 +261,27 @@ class CausalLMTask:
     def metadata(self) -> dict:
         d = self.cfg.data
         return {"random_base": self.random_init(), "task": self.name, "prompt_template": d.prompt_template, "prompt_template_no_input": d.prompt_template_no_input,
-                "chat_turn_template": d.chat_turn_template}
+                "chat_turn_template": d.chat_turn_template, "prompt_format": self.prompt_format,
+                "max_length": d.max_length}
 
 
-def prompt_ids(prompt: str, data_cfg, tokenizer) -> torch.Tensor:
-    """The model's input for a bare instruction: the prompt template up to where the response starts."""
-    text, _ = instructions.render({"instruction": prompt, "input": "", "output": ""}, data_cfg, type("T", (), {"eos_token": "", "chat_template": None}))
+def prompt_ids(prompt: str, data_cfg, tokenizer, chat: bool = False) -> list[int]:
+    """The model's input for a bare prompt, in the run's format, up to where the answer starts:
+    the tokenizer's chat template (with the generation prompt) when it has one, else our chat
+    turn template for chat-trained runs, else the instruction template."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    elif chat:
+        head, tail = data_cfg.chat_turn_template.split("{content}", 1)
+        text = head.format(role="user") + prompt + tail.format(role="user") + head.format(role="assistant")
+    else:
+        text, _ = instructions.render({"instruction": prompt, "input": "", "output": ""}, data_cfg,
+                                      type("T", (), {"eos_token": "", "chat_template": None}))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    return torch.tensor([ids])
+    bos = tokenizer.bos_token_id
+    if bos is not None and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
+        ids = [bos] + ids
+    return ids
 
 
 def load_exported(model_dir: str | Path):
@@ -274,13 +295,15 @@ def load_exported(model_dir: str | Path):
         raise ConfigError(f"{model_dir}: no such model directory")
     meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
     d = DataConfig()
-    for key in ("prompt_template", "prompt_template_no_input", "chat_turn_template"):
+    for key in ("prompt_template", "prompt_template_no_input", "chat_turn_template", "max_length"):
         if key in meta:
             setattr(d, key, meta[key])
+    model_dir_format = meta.get("prompt_format", "instruction")
     model = _from_hub(AutoModelForCausalLM, str(model_dir)).eval()
     tokenizer = _from_hub(AutoTokenizer, str(model_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    d.prompt_format = model_dir_format  # read by `launcher generate`
     return model, tokenizer, d
 
 
@@ -304,9 +327,22 @@ def evaluate_rows(model, tokenizer, data_cfg, rows: list[dict], batch_size: int 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, data_cfg, prompt: str, max_new_tokens: int, device="cpu", synced_gpus=False) -> str:
-    """Greedy answer to one instruction, rendered with the run's prompt template."""
-    ids = prompt_ids(prompt, data_cfg, tokenizer).to(device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def generate_batch(model, tokenizer, data_cfg, prompts: list[str], max_new_tokens: int, chat: bool = False,
+                   device="cpu", synced_gpus=None, batch_size: int = 16) -> list[str]:
+    """Greedy answers, prompts batched with left padding (so every answer starts at the same column)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(p, data_cfg, tokenizer, chat) for p in prompts[i : i + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, use_cache=True, synced_gpus=synced_gpus)
+        out += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in gen]
+    return out
+
+
+def generate(model, tokenizer, data_cfg, prompt: str, max_new_tokens: int, device="cpu", chat: bool = False) -> str:
+    """Greedy answer to one prompt in the run's format."""
+    return generate_batch(model, tokenizer, data_cfg, [prompt], max_new_tokens, chat=chat, device=device)[0]

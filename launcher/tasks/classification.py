@@ -118,16 +118,22 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
     return sum(p.numel() for p in model.parameters()), source
 
 
-def build_model(cfg: RunConfig, tokenizer):
+def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
     from transformers import AutoModelForSequenceClassification
 
+    from launcher.tasks.modeling import attn_implementation, torch_dtype
+
     names = cfg.data.resolved_label_names()
+    attn = attn_implementation(cfg.model)
     if cfg.model.name == TINY_MODEL:
-        return AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id))
+        return AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
+                                                              attn_implementation=attn)
     problem = _problem_type(cfg)
     model = _from_hub(
         AutoModelForSequenceClassification,
         cfg.model.name,
+        attn_implementation=attn,
+        dtype=torch_dtype(dtype),
         num_labels=len(names),
         problem_type=problem,
         ignore_mismatched_sizes=True,  # a pretrained head with another label count is replaced
@@ -165,13 +171,6 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=weights, reduction="none")
         return loss.mean(-1)
     return torch.nn.functional.cross_entropy(logits, labels, weight=weights, reduction="none")
-
-
-def loss_fn(logits, labels, weights=None) -> torch.Tensor:
-    """Mean over the micro-batch. With weights, a weighted mean (CE) as torch defines it."""
-    if weights is not None and not labels.dtype.is_floating_point:
-        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
-    return per_example_loss(logits, labels, weights).mean()
 
 
 # ---------------------------------------------------------------- metrics
@@ -309,13 +308,10 @@ class ClassificationTask:
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
         return [], {}
 
-    def build_model(self, tokenizer):
-        model = build_model(self.cfg, tokenizer)
-        if self.cfg.model.lora.enabled:
-            from launcher.tasks import lora
+    def build_model(self, tokenizer, dtype: str = "float32"):
+        from launcher.tasks import modeling
 
-            model = lora.apply(model, self.cfg.model.lora, self.name)
-        return model
+        return modeling.finish(build_model(self.cfg, tokenizer, dtype), self.cfg, self.name, dtype)
 
     def collator(self, tokenizer):
         from launcher.data.batching import PadCollator
@@ -326,9 +322,19 @@ class ClassificationTask:
         if self.cfg.train.class_weighting == "balanced":
             self.weights = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel").to(device)
 
-    def loss(self, model, batch) -> torch.Tensor:
+    def loss_items(self, batch) -> float:
+        """What the step's loss is a mean over: examples, or their class weights (binary
+        with class_weighting: torch's weighted-mean definition of cross-entropy)."""
+        labels = batch["labels"]
+        if self.weights is not None and not labels.dtype.is_floating_point:
+            return float(self.weights.cpu()[labels.cpu()].sum())
+        return float(labels.shape[0])
+
+    def loss_sum(self, model, batch) -> torch.Tensor:
+        """Sum of the micro-batch's (weighted) example losses; the loop divides by loss_items
+        of the whole global batch."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return loss_fn(logits, batch["labels"], self.weights)
+        return per_example_loss(logits, batch["labels"], self.weights).sum()
 
     @torch.no_grad()
     def evaluate(self, rt, model, loader) -> dict:

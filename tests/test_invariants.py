@@ -1,0 +1,197 @@
+"""Invariants that catch GPU-scale bugs on CPU: the same optimizer step whatever the
+micro-batch size, accumulation and world size; activation checkpointing that changes memory
+and not numbers; the dtype policy and weight decay as each engine really applies them.
+
+Tolerance for "the same step": every run sums the same per-item losses and divides by the
+same global item count; they differ only in the order floating-point sums are taken (over
+micro-batches, over ranks). Measured: relative differences of loss and gradient norm below
+1e-6; the test allows 1e-5. Without the token-exact loss, micro-batches of 1-word and 50-word
+answers weigh the same: with per-micro-batch means the accumulated step's loss read
+3.17 against 2.31 for the whole batch on this data (checked by reverting the loop once).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, check, launcher
+
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+ACCEL = CONFIGS / "accelerate"
+REL = 1e-5
+
+pytestmark = pytest.mark.slow
+
+
+def train_series(run: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "train/loss" in r}
+
+
+def assert_same_steps(a: Path, b: Path, steps=(1, 2)) -> None:
+    sa, sb = train_series(a), train_series(b)
+    for s in steps:
+        for key in ("train/loss", "train/grad_norm"):
+            assert sb[s][key] == pytest.approx(sa[s][key], rel=REL), (s, key, sa[s][key], sb[s][key])
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """Absolute: an Adam step moves a weight by about lr (1e-3 here), so 1e-5 catches a
+    different step; relative differences mean nothing for parameters whose gradient is 0
+    (a key bias: softmax ignores it), which stay at their initial noise."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def write_uneven_sft(path: Path, n: int = 48) -> Path:
+    """Answers of 1 word and of 50 words: per-micro-batch means would weigh them alike."""
+    words = "amber basil cedar delta ember fjord garnet harbor indigo juniper".split()
+    rows = []
+    for i in range(n):
+        length = 50 if i % 4 == 0 else 1
+        rows.append({"instruction": f"Say {words[i % 10]} {length} times", "input": "",
+                     "output": " ".join(words[(i + j) % 10] for j in range(length))})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_args(tmp_path: Path) -> list[str]:
+    train = write_uneven_sft(tmp_path / "uneven.jsonl")
+    return ["data.synthetic.enabled=false", f"data.train_file={train}", f"data.validation_file={train}",
+            "data.max_length=96", "model.tiny.dropout=0", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+            "train.max_steps=2", "train.warmup_steps=0", "train.global_batch_size=8", "eval.at_start=false",
+            "eval.every_steps=0", "checkpoint.every_steps=0", "eval.max_new_tokens=2", "train.max_grad_norm=1000"]
+
+
+CLAUSE = FAST + ["model.tiny.dropout=0", "train.max_steps=2", "train.warmup_steps=0", "eval.at_start=false",
+                 "eval.every_steps=0", "checkpoint.every_steps=0", "train.class_weighting=balanced",
+                 "train.max_grad_norm=1000"]
+
+
+def _launch_2(tmp_path: Path, name: str, config: Path, args: list[str], accel: str = "cpu_ddp.yaml"):
+    from test_distributed import accelerate_launch
+
+    return check(accelerate_launch(["--config_file", str(ACCEL / accel), "--num_processes", "2"], tmp_path, name,
+                                   *args, config=config, base=[]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+def test_accumulation_and_ranks_do_not_change_the_step(tmp_path, task):
+    """One global batch of 8 (causal LM: answers of 1 and 50 words) or 32 (classifier with
+    class weights): micro = global, micro x accumulation, and 2 ranks take the same step."""
+    config, args, micro = (SFT, sft_args(tmp_path), (8, 2, 2)) if task == "causal_lm" else (TINY, CLAUSE, (32, 4, 4))
+    check(launcher("train", str(config), "--output-dir", str(tmp_path), "--run-name", "whole", *args,
+                   f"train.micro_batch_size={micro[0]}"))
+    check(launcher("train", str(config), "--output-dir", str(tmp_path), "--run-name", "accum", *args,
+                   f"train.micro_batch_size={micro[1]}"))
+    _launch_2(tmp_path, "ranks", config, [*args, f"train.micro_batch_size={micro[2]}"])
+    for other in ("accum", "ranks"):
+        assert_same_steps(tmp_path / "whole", tmp_path / other)
+        assert max_weight_diff(tmp_path / "whole", tmp_path / other) < 1e-5
+
+
+def test_checkpointing_changes_nothing_in_the_numbers(tmp_path):
+    """Dropout on: recomputation replays the RNG, so loss, gradients and weights are the same;
+    with LoRA (frozen inputs) too."""
+    base = [*sft_args(tmp_path), "model.tiny.dropout=0.1", "train.micro_batch_size=4"]
+    for name, extra in (("plain", []), ("ckpt", ["train.gradient_checkpointing=true"])):
+        check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", name, *base, *extra))
+    assert_same_steps(tmp_path / "plain", tmp_path / "ckpt")
+    assert max_weight_diff(tmp_path / "plain", tmp_path / "ckpt") < 1e-6
+    lora = ["model.lora.enabled=true", "model.lora.modules_to_save=[lm_head]"]
+    for name, extra in (("lora", []), ("lora-ckpt", ["train.gradient_checkpointing=true"])):
+        check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", name, *base, *lora, *extra))
+    assert_same_steps(tmp_path / "lora", tmp_path / "lora-ckpt")
+
+
+_MEMORY_PROBE = """
+import resource, sys, torch
+from transformers import LlamaConfig, AutoModelForCausalLM
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024,
+    num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, use_cache=False),
+    attn_implementation="sdpa")
+model.train()  # checkpointing only recomputes in training mode
+if sys.argv[1] == "1":
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+ids = torch.randint(0, 512, (4, 1024))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model(input_ids=ids, labels=ids).loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_checkpointing_lowers_peak_activation_memory():
+    """A 13M-parameter, 16-layer Llama, 4 x 1024 tokens, one forward and backward in a fresh process:
+    the growth of peak RSS (activations and gradients) with and without checkpointing."""
+    grow = {}
+    for on in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, on], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, **OFFLINE_ENV})
+        grow[on] = int(out.stdout.strip().splitlines()[-1])
+    print(f"peak RSS growth: {grow['0']} MB without checkpointing, {grow['1']} MB with")
+    assert grow["1"] < 0.6 * grow["0"], grow  # measured 976 vs 2206 MB
+
+
+def model_facts(run: Path, rank: int = 0) -> dict:
+    return json.loads((run / "ranks" / f"model-rank-{rank:05d}.json").read_text())
+
+
+@pytest.mark.distributed
+def test_dtypes_per_engine(tmp_path):
+    """bf16 compute: fp32 weights and fp32 Adam states where no engine keeps masters (one
+    process, DDP), bf16 weights with fp32 masters and states under ZeRO-2/3, a bf16 frozen
+    base under fp32 adapters with LoRA."""
+    args = [*CLAUSE, "train.precision=bf16", "train.micro_batch_size=16"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "one", *args))
+    facts = model_facts(tmp_path / "one")
+    assert facts["parameters"] == {"float32": facts["decayed"] + facts["not_decayed"]}
+    assert set(facts["optimizer_states"]) == {"float32"}
+    _launch_2(tmp_path, "ddp", TINY, args)
+    assert model_facts(tmp_path / "ddp", 1)["parameters"] == facts["parameters"]
+    for stage in (2, 3):
+        _launch_2(tmp_path, f"z{stage}", TINY, args, accel=f"deepspeed_zero{stage}.yaml")
+        for rank in (0, 1):
+            z = model_facts(tmp_path / f"z{stage}", rank)
+            assert set(z["parameters"]) == {"bfloat16"}, z
+            assert set(z["fp32_masters"]) == {"float32"} and set(z["optimizer_states"]) == {"float32"}, z
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "lora", *args, "model.lora.enabled=true"))
+    lora = model_facts(tmp_path / "lora")
+    assert set(lora["trainable"]) == {"float32"} and lora["parameters"].get("bfloat16", 0) > 0
+
+
+def test_bf16_weights_without_master_copies_are_refused(tmp_path):
+    proc = launcher("train", str(TINY), "--output-dir", str(tmp_path), *FAST, "train.precision=bf16", "model.dtype=bfloat16")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() + proc.stdout.splitlines() if x.startswith("error:")]
+    assert "model.dtype: bfloat16 under NO" in line and "no fp32 master" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.distributed
+def test_weight_decay_groups_hold_under_zero3_with_pretrained_weights(tmp_path):
+    """A tiny BERT saved with save_pretrained and loaded by name: under ZeRO-3 (zero.Init, every
+    parameter partitioned and 0-dimensional) the same parameters take decay as in one process."""
+    from launcher.data.tokenizer import train_wordpiece
+    from launcher.data import synthetic
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = train_wordpiece([r["text"] for r in synthetic.generate_clauses(300)], 400, 64)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    model.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    args = [*CLAUSE, f"model.name={tmp_path / 'bert'}", "train.micro_batch_size=16"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "one", *args))
+    _launch_2(tmp_path, "z3", TINY, args, accel="deepspeed_zero3.yaml")
+    one, z3 = model_facts(tmp_path / "one"), model_facts(tmp_path / "z3")
+    assert one["not_decayed"] > 10 and one["decayed"] > 10  # biases and LayerNorms vs weight matrices
+    assert (z3["decayed"], z3["not_decayed"], z3["decayed_sha"]) == (one["decayed"], one["not_decayed"], one["decayed_sha"])
