@@ -161,6 +161,10 @@ class TrainConfig:
     # Recompute each layer's activations in the backward pass (non-reentrant): activation
     # memory falls from O(layers) to about one layer's, for about a third more compute.
     gradient_checkpointing: bool = False
+    # causal_lm: apply the LM head to this many response tokens at a time, recomputed in the
+    # backward pass, so sequence x vocabulary float32 logits never exist at once; 0: the
+    # model's own loss (full logits).
+    loss_chunk_tokens: int = 256
     # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
     # writes a checkpoint) before the process group gives up.
     collective_timeout_s: int = 1800
@@ -452,6 +456,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("train.halt_at_step", t.halt_at_step)
     positive("data.max_length", d.max_length)
     positive("data.num_proc", d.num_proc)
+    positive("train.loss_chunk_tokens", t.loss_chunk_tokens, allow_zero=True)
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("eval.every_steps", e.every_steps, allow_zero=True)
     positive("eval.early_stopping_patience", e.early_stopping_patience, allow_zero=True)

@@ -85,8 +85,41 @@ def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool
         )
     else:
         lines.append("this run: parameter count unknown, so no totals (see 'model' above)")
-    lines.append("not included: activations (grow with micro batch x sequence length), buffers, fragmentation")
+    lines.append("not included: buffers, fragmentation (activations: below)")
     return lines
+
+
+def activation_lines(config, cfg: RunConfig) -> list[str]:
+    """Activation and logits memory of one micro-batch on one GPU, with and without activation
+    checkpointing. Per layer, 16-bit activations take s*b*h*(34 + 5*a*s/h) bytes (Korthikanti
+    et al. 2022, eq. 1, no tensor parallelism); the 5*a*s/h term is the attention score
+    matrix, which only eager attention keeps (sdpa and flash attention recompute it).
+    Checkpointing keeps each layer's input (2*s*b*h bytes) plus one layer being recomputed.
+    A causal LM's loss also holds float32 logits and the log-probabilities it saves for the
+    backward pass: 2 x 4 bytes per token and vocabulary entry."""
+    if config is None:
+        return ["activations unknown: no model config"]
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not (h and n_layers and heads):
+        return ["activations unknown: the model config names no hidden size / layers / heads"]
+    t = cfg.train
+    b, s = t.micro_batch_size, cfg.data.max_length
+    scale = 1.0 if t.precision in ("bf16", "fp16") else 2.0  # fp32 activations take twice the bytes
+    eager = cfg.model.attn_implementation == "eager"
+    per_layer = s * b * h * (34 + (5 * heads * s / h if eager else 0)) * scale
+    full, ckpt = n_layers * per_layer, n_layers * 2 * s * b * h * scale + per_layer
+    on = "on" if t.gradient_checkpointing else "off"
+    out = [f"activations per micro-batch ({b} x {s} tokens, {n_layers} layers, hidden {h}): {_size(full)} without "
+           f"checkpointing, {_size(ckpt)} with it (train.gradient_checkpointing is {on})"]
+    if cfg.task == "causal_lm":
+        vocab = getattr(config, "vocab_size", 0) or 0
+        out.append(f"logits     {_size(2 * 4 * b * s * vocab)} per micro-batch (float32 logits and log-probabilities, "
+                   f"vocabulary {vocab:,})")
+    out.append("           moved by train.micro_batch_size, data.max_length, train.gradient_checkpointing, "
+               "model.attn_implementation (eager keeps attention scores)")
+    return ["memory     " + out[0]] + ["           " + x if not x.startswith(" ") else x for x in out[1:]]
 
 
 def launch_commands(config_path: str, overrides: list[str], accelerate_config: str | None, launch) -> list[str]:
@@ -155,6 +188,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         engine += f" + CPU offload of {' and '.join(offloaded)}"
     lines.append("memory     per GPU, model states only:")
     lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
+    lines += activation_lines(getattr(task, "model_config", None), cfg)
     lines.append("command")
     lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch)]
     return "\n".join(lines)

@@ -158,12 +158,36 @@ def test_arrow_packing_equals_the_reference_packer():
     ids = [list(range(k)) for k in rng.integers(3, 40, 500).tolist()]
     labels = [[-100] + x[1:] for x in ids]
     table = pa.table({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]})
-    packed = instructions.pack_table(table, 64).to_pylist()
+    packed = instructions.pack_table(table, 64, "greedy").to_pylist()
     ref_ids, ref_labels, ref_lens = instructions.pack(ids, labels, 64)
     assert [r["input_ids"] for r in packed] == ref_ids
     assert [r["labels"] for r in packed] == ref_labels
     assert [r["seq_lens"] for r in packed] == ref_lens
     assert [r["length"] for r in packed] == [len(x) for x in ref_ids]
+
+
+def test_best_fit_decreasing_packs_every_example_once_into_fewer_blocks():
+    import pyarrow as pa
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(2, 120, 3000).tolist()
+    ids = [[i] * n for i, n in enumerate(lengths)]  # each token names its example
+    table = pa.table({"input_ids": ids, "labels": ids, "length": lengths})
+    bfd = instructions.pack_table(table, 128, "bfd").to_pylist()
+    greedy = instructions.greedy_plan(lengths, 128)
+    assert bfd == instructions.pack_table(table, 128, "bfd").to_pylist()  # deterministic
+    assert all(r["length"] == sum(r["seq_lens"]) <= 128 for r in bfd)
+    seen = []
+    for r in bfd:  # examples stay whole and contiguous, each exactly once
+        start = 0
+        for n in r["seq_lens"]:
+            (example,) = set(r["input_ids"][start : start + n])
+            assert lengths[example] == n
+            seen.append(example)
+            start += n
+    assert sorted(seen) == list(range(3000))
+    total = sum(lengths)
+    assert len(bfd) < 0.9 * len(greedy) and total / (128 * len(bfd)) > 0.97
 
 
 def test_bad_rows_at_scale_are_reported_by_file_and_line(tmp_path, tok):

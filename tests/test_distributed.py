@@ -199,8 +199,9 @@ def test_two_node_rendezvous_on_one_machine(tmp_path, reference):
     assert max_diff(weights(tmp_path / "nodes"), weights(reference[1])) < TOL
 
 
-@pytest.mark.parametrize("accel,extra", [("cpu_ddp", ["data.packing=true"]), ("deepspeed_zero3", ["model.lora.enabled=true"])],
-                         ids=["ddp-packed-full", "zero3-lora"])
+@pytest.mark.parametrize("accel,extra", [("cpu_ddp", ["data.packing=true"]), ("deepspeed_zero3", ["model.lora.enabled=true"]),
+                                         ("deepspeed_zero3", ["data.packing=true"])],
+                         ids=["ddp-packed-full", "zero3-lora", "zero3-packed-full"])
 def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
     """The causal-LM task through the same engines: same weights and generations as one
     process; under ZeRO-3 the LoRA adapter is exported whole (not the empty file other

@@ -195,3 +195,37 @@ def test_weight_decay_groups_hold_under_zero3_with_pretrained_weights(tmp_path):
     one, z3 = model_facts(tmp_path / "one"), model_facts(tmp_path / "z3")
     assert one["not_decayed"] > 10 and one["decayed"] > 10  # biases and LayerNorms vs weight matrices
     assert (z3["decayed"], z3["not_decayed"], z3["decayed_sha"]) == (one["decayed"], one["not_decayed"], one["decayed_sha"])
+
+
+_LOSS_PROBE = """
+import resource, sys, torch
+from transformers import LlamaConfig, AutoModelForCausalLM
+from launcher.tasks import lean_loss
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, use_cache=False),
+    attn_implementation="sdpa").train()
+ids = torch.randint(0, 32000, (1, 2048))
+batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "lean":
+    loss = lean_loss.loss_sum(model, batch, chunk=256)
+else:
+    loss = model(**batch, num_items_in_batch=torch.tensor(1.0)).loss
+loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, float(loss))
+"""
+
+
+def test_lean_loss_lowers_peak_memory():
+    """32k vocabulary, 2,048 tokens: the model's own loss holds float32 logits, their
+    log-probabilities and gradients (~250 MB each); the lean loss one 256-token chunk (33 MB)."""
+    grow, loss = {}, {}
+    for how in ("own", "lean"):
+        out = subprocess.run([sys.executable, "-c", _LOSS_PROBE, how], capture_output=True, text=True, check=True,
+                             cwd=ROOT, env={**__import__("os").environ, **OFFLINE_ENV})
+        mb, value = out.stdout.strip().splitlines()[-1].split()
+        grow[how], loss[how] = int(mb), float(value)
+    print(f"peak RSS growth: {grow['own']} MB with the model's own loss, {grow['lean']} MB lean")
+    assert loss["lean"] == pytest.approx(loss["own"], rel=1e-5)
+    assert grow["lean"] < 0.5 * grow["own"], grow

@@ -235,3 +235,19 @@ def test_plan_for_packed_sft_does_not_pretend_to_know_steps_per_epoch(capsys):
     out = capsys.readouterr().out
     assert "steps      unknown: 512 synthetic rows are packed into 64-token blocks when the run starts" in out
     assert "parameters (tiny llama" in out
+
+
+def test_plan_sizes_activations_and_logits_per_micro_batch(capsys):
+    """Korthikanti et al. 2022: 34*s*b*h bytes per layer for 16-bit activations (sdpa keeps no
+    score matrix), twice that in fp32; checkpointing keeps 2*s*b*h per layer plus one layer."""
+    from conftest import CONFIGS as C
+
+    assert main(["plan", str(C / "train" / "sft_tiny.yaml"), "train.micro_batch_size=4", "train.global_batch_size=8",
+                 "train.gradient_checkpointing=true"]) == 0
+    out = capsys.readouterr().out
+    s, b, h, layers, vocab = 64, 4, 64, 2, 400  # sft_tiny: max_length 64, hidden 64, 2 layers, vocabulary 400
+    full = layers * s * b * h * 34 * 2
+    ckpt = layers * 2 * s * b * h * 2 + s * b * h * 34 * 2
+    assert (f"activations per micro-batch (4 x 64 tokens, 2 layers, hidden 64): {full / 2**20:.2f} MiB without "
+            f"checkpointing, {ckpt / 2**20:.2f} MiB with it (train.gradient_checkpointing is on)") in out
+    assert f"logits     {8 * b * s * vocab / 2**10:.2f} KiB per micro-batch" in out

@@ -276,3 +276,41 @@ def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
     rows = sorted(tuple(r) for t in tables for r in t["data"])
     assert len(tables) == 2 and tables[0]["columns"] == ["step", "prompt", "response"]
     assert rows == sorted((g["step"], g["prompt"], g["response"]) for g in gens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(arch, data_tok):
+    from launcher.tasks.causal_lm import generate, generate_batch, prompt_ids
+
+    model = _tiny_lm(arch, "sdpa", len(data_tok), data_tok)
+    prompts = ["What is the code word for amber zephyr?", "code word?", "What is the code word for delta willow, please?"]
+    assert len({len(prompt_ids(p, DataConfig(), data_tok)) for p in prompts}) == 3  # really padded
+    for chat in (False, True):
+        batched = generate_batch(model, data_tok, DataConfig(), prompts, 6, chat=chat)
+        assert batched == [generate(model, data_tok, DataConfig(), p, 6, chat=chat) for p in prompts]
+    # Chat-trained runs prompt in the chat format, up to the assistant's turn.
+    text = data_tok.decode(prompt_ids("hi there", DataConfig(), data_tok, chat=True))
+    assert text.replace(" ", "").endswith("<|user|>hithere<|assistant|>")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lean_loss_equals_the_models_own_loss_and_gradients(arch, data_tok):
+    """Chunks of 7 labelled tokens (so chunks straddle rows), packed and padded rows."""
+    from launcher.tasks import lean_loss
+
+    model = _tiny_lm(arch, "sdpa", len(data_tok), data_tok).train()
+    ids, labels, _ = encode_rows(instructions.generate_instructions(12, 1), DataConfig(max_length=64), data_tok)
+    p_ids, p_labels, p_lens = pack(ids, labels, 64)
+    p_ids[1], p_labels[1], p_lens[1] = ids[5], labels[5], [len(ids[5])]
+    batch = LMCollator(data_tok.eos_token_id, packed=True)(
+        [{"input_ids": p_ids[r], "labels": p_labels[r], "seq_lens": p_lens[r]} for r in (0, 1)])
+    assert lean_loss.supported(model)
+    own = model(**batch, num_items_in_batch=torch.tensor(1.0)).loss
+    own.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    lean = lean_loss.loss_sum(model, batch, chunk=7)
+    lean.backward()
+    assert lean.item() == pytest.approx(own.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-4), n

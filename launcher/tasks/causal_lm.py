@@ -47,6 +47,7 @@ class CausalLMTask:
         self.cfg = cfg
         self.pad_note = ""
         self.prompt_format = "instruction"  # "chat" when most training rows are conversations
+        self._lean_ok: dict[int, bool] = {}
 
     # ---- sources and data
 
@@ -142,9 +143,12 @@ class CausalLMTask:
                    "derived.train_response_tokens": train_stats.label_tokens}
         if d.packing:
             eff = train_ds.packing_efficiency(d.max_length)
+            greedy = train_stats.tokens / max(1, d.max_length * train_stats.blocks_greedy)
             lines.append(f"packing: {train_stats.rows - train_stats.dropped} examples in {len(train_ds)} blocks of "
-                         f"{d.max_length} tokens; efficiency {eff:.1%} (real tokens / block slots)")
+                         f"{d.max_length} tokens (best-fit decreasing; in order: {train_stats.blocks_greedy}); "
+                         f"efficiency {eff:.1%} (real tokens / block slots; in order: {greedy:.1%})")
             derived["derived.packing_efficiency"] = round(eff, 4)
+            derived["derived.packing_efficiency_in_order"] = round(greedy, 4)
         if self.pad_note:
             lines.append(self.pad_note)
         return lines, derived
@@ -177,8 +181,15 @@ class CausalLMTask:
         return float((batch["labels"][:, 1:] != instructions.IGNORE).sum())
 
     def loss_sum(self, model, batch) -> torch.Tensor:
-        """Sum of token losses over the micro-batch's response tokens: the model's own loss
+        """Sum of token losses over the micro-batch's response tokens. Lean (tasks/lean_loss.py:
+        the head runs on labelled positions only, in checkpointed chunks) unless
+        train.loss_chunk_tokens is 0 or the model scales its logits; else the model's own loss
         with num_items_in_batch=1 (its cross-entropy then sums instead of averaging)."""
+        from launcher.tasks import lean_loss
+
+        chunk = self.cfg.train.loss_chunk_tokens
+        if chunk and self._lean_ok.setdefault(id(model), lean_loss.supported(model)):
+            return lean_loss.loss_sum(model, batch, chunk)
         return model(**batch, num_items_in_batch=_ONE).loss
 
     # ---- evaluation
@@ -189,10 +200,9 @@ class CausalLMTask:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of token losses, tokens)
         for batch in loader:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             labels = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
-                                                       ignore_index=instructions.IGNORE, reduction="none")
+            losses = token_losses(logits[:, :-1], labels)
             keep = labels != instructions.IGNORE
             # gather_for_metrics drops the duplicated rows padding the last batch across ranks
             per_row = rt.accelerator.gather_for_metrics(torch.stack([(losses * keep).sum(1), keep.sum(1)], 1).double())
@@ -234,6 +244,7 @@ class CausalLMTask:
             except ConfigError as e:
                 return None, e.problems[0]
             source = f"config of {self.cfg.model.name}"
+        self.model_config = config  # `launcher plan` sizes activations from it
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return sum(p.numel() for p in model.parameters()), source
@@ -307,6 +318,18 @@ def load_exported(model_dir: str | Path):
     return model, tokenizer, d
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per-token cross-entropy (0 where labels are ignored) in chunks of positions, each
+    upcast to float32 on its own: the whole sequence x vocabulary never exists in float32
+    (with a 152k vocabulary that is 2.5 GB per 1k tokens). For evaluation (no gradients)."""
+    out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    for start in range(0, labels.shape[1], chunk):
+        part = logits[:, start : start + chunk].float()
+        out[:, start : start + chunk] = torch.nn.functional.cross_entropy(
+            part.transpose(1, 2), labels[:, start : start + chunk], ignore_index=instructions.IGNORE, reduction="none")
+    return out
+
+
 @torch.no_grad()
 def evaluate_rows(model, tokenizer, data_cfg, rows: list[dict], batch_size: int = 16) -> dict:
     """`launcher eval` for SFT data, one process: loss and perplexity over response tokens."""
@@ -315,11 +338,9 @@ def evaluate_rows(model, tokenizer, data_cfg, rows: list[dict], batch_size: int 
     total_loss, total_tokens = 0.0, 0
     for i in range(0, len(ids), batch_size):
         batch = collate([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids[i : i + batch_size], labels[i : i + batch_size])])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         target = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target,
-                                                   ignore_index=instructions.IGNORE, reduction="sum")
-        total_loss += float(losses)
+        total_loss += float(token_losses(logits[:, :-1], target).sum())
         total_tokens += int((target != instructions.IGNORE).sum())
     loss = total_loss / max(1, total_tokens)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(ids), "tokens": total_tokens,

@@ -113,6 +113,7 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
         except ConfigError as e:
             return None, e.problems[0]
         source = f"config of {cfg.model.name}"
+    count_parameters.last_config = config  # `launcher plan` sizes activations from it
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
     return sum(p.numel() for p in model.parameters()), source
@@ -358,7 +359,9 @@ class ClassificationTask:
         return []
 
     def count_parameters(self) -> tuple[int | None, str]:
-        return count_parameters(self.cfg)
+        n, source = count_parameters(self.cfg)
+        self.model_config = getattr(count_parameters, "last_config", None) if n is not None else None
+        return n, source
 
     def count_rows(self) -> tuple[int | None, str]:
         d = self.cfg.data
