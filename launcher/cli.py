@@ -1,4 +1,4 @@
-"""`launcher` command line: train, eval, predict, generate, plan, export, synth. Exit codes: 0 ok, 2 bad config/input."""
+"""`launcher` command line: train, eval, predict, generate, plan, export, env, synth. Exit codes: 0 ok, 2 bad config/input."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="run config YAML (e.g. configs/train/clause_tiny.yaml)")
     t.add_argument("--output-dir", help="parent of the run directory (config: output_dir)")
     t.add_argument("--run-name", help="run directory name (config: run_name; default: the config file's stem)")
+    t.add_argument("--accelerate-config", metavar="F", help="validate the run config with this accelerate YAML (and "
+                   "its DeepSpeed JSON) in this process, then start `accelerate launch --config_file F` yourself")
+    t.add_argument("--num-processes", type=int, metavar="N", help="with --accelerate-config: processes in all (all nodes)")
+    t.add_argument("--nodes", type=int, metavar="N", help="with --accelerate-config: number of machines")
+    t.add_argument("--machine-rank", type=int, metavar="R", help="with --nodes: this machine's rank (0 = head)")
+    t.add_argument("--main-process-ip", metavar="H", help="with --nodes: address of machine 0")
+    t.add_argument("--main-process-port", type=int, metavar="P", help="with --accelerate-config: rendezvous port")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=3e-5")
 
     e = sub.add_parser("eval", help="metrics of an exported model on a labelled file (one JSON line)")
@@ -58,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
     x.add_argument("out_dir", help="new directory to write (must not exist)")
 
+    sub.add_parser("env", help="versions, devices and Slurm variables: the block to paste into a bug report")
+
     s = sub.add_parser("synth", help="write synthetic clause data (train.jsonl, validation.jsonl)")
     s.add_argument("out_dir")
     s.add_argument("--n-train", type=int, default=1000)
@@ -70,12 +79,58 @@ def cmd_train(args) -> int:
     from launcher.config import load_config
     from launcher.runtime import env_world_size
 
+    launch_flags = [f for f in ("num_processes", "nodes", "machine_rank", "main_process_ip", "main_process_port")
+                    if getattr(args, f) is not None]
+    if args.accelerate_config:
+        return _train_under_accelerate(args)
+    if launch_flags:
+        raise UserError(f"--{launch_flags[0].replace('_', '-')}: only with --accelerate-config")
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=env_world_size())
     from launcher.loop import train
 
     train(cfg)
     return 0
+
+
+def _train_under_accelerate(args) -> int:
+    """`launcher train CONFIG --accelerate-config F ...`: every check that `accelerate launch
+    -m launcher train` would run on each rank runs here once, so a bad config is one line and
+    exit 2 before any rank starts; then this process becomes `accelerate launch`."""
+    from launcher import distributed
+    from launcher.config import load_config
+    from launcher.runtime import host_problems
+
+    if (args.nodes or 1) > 1 and (args.machine_rank is None or args.main_process_ip is None):
+        raise UserError("--nodes: more than one machine needs --machine-rank and --main-process-ip")
+    launch = distributed.from_yaml(args.accelerate_config, num_processes=args.num_processes, num_machines=args.nodes)
+    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
+                      world_size=launch.num_processes)
+    note = distributed.adopt_precision(cfg, launch)
+    problems = distributed.check(cfg, launch) + host_problems(cfg, launch)
+    if problems:
+        raise UserError(*problems)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    if args.num_processes is not None:
+        cmd += ["--num_processes", str(args.num_processes)]
+    if args.nodes is not None:
+        cmd += ["--num_machines", str(args.nodes)]
+    if args.machine_rank is not None:
+        cmd += ["--machine_rank", str(args.machine_rank)]
+    if args.main_process_ip is not None:
+        cmd += ["--main_process_ip", args.main_process_ip]
+    if args.main_process_port is not None:
+        cmd += ["--main_process_port", str(args.main_process_port)]
+    cmd += ["-m", "launcher", "train", args.config]
+    for flag, value in (("--output-dir", args.output_dir), ("--run-name", args.run_name)):
+        if value is not None:
+            cmd += [flag, value]
+    cmd += list(args.overrides)
+    print(f"checked {args.config} with {args.accelerate_config}"
+          f"{' (' + note + ')' if note else ''}: {launch.num_processes} process(es) on {launch.num_machines} machine(s)",
+          flush=True)
+    os.execv(sys.executable, cmd)  # signals (Slurm's, Ctrl-C) now reach accelerate directly
+    return 0  # pragma: no cover
 
 
 def cmd_plan(args) -> int:
@@ -95,6 +150,7 @@ def cmd_plan(args) -> int:
     if not args.accelerate_config and launch.num_processes > 1:
         launch.distributed_type = "MULTI_GPU"
     cfg = load_config(args.config, args.overrides, world_size=launch.num_processes)
+    distributed.adopt_precision(cfg, launch)
     distributed.check_or_raise(cfg, launch)
     print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch))
     return 0
@@ -190,6 +246,44 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"launcher      {__version__}", f"python        {platform.python_version()} ({sys.executable})",
+             f"platform      {platform.platform()}"]
+    try:
+        import torch
+
+        cuda = torch.version.cuda or "none"
+        lines.append(f"torch         {torch.__version__} (CUDA {cuda})")
+        if torch.cuda.is_available():
+            nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            lines.append(f"gpus          {len(names)} x {names[0]} (NCCL {nccl}, bf16 {torch.cuda.is_bf16_supported()})")
+        else:
+            lines.append("gpus          none visible")
+    except ImportError:
+        lines.append("torch         not installed")
+    for name in ("accelerate", "deepspeed", "transformers", "peft", "datasets", "tokenizers", "mlflow", "wandb",
+                 "flash-attn"):
+        lines.append(f"{name:<14}{version(name)}")
+    slurm = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SLURM_") and k in SLURM_VARS}
+    lines.append("slurm         " + (", ".join(f"{k}={v}" for k, v in slurm.items()) if slurm else "not in a Slurm job"))
+    print("\n".join(lines))
+    return 0
+
+
+SLURM_VARS = {"SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "SLURM_NODEID", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_GPUS_ON_NODE", "SLURM_CPUS_PER_TASK", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"}
+
+
 def cmd_synth(args) -> int:
     from launcher.data.synthetic import write_splits
 
@@ -198,7 +292,7 @@ def cmd_synth(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "plan": cmd_plan, "export": cmd_export,
+COMMANDS = {"env": cmd_env, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "plan": cmd_plan, "export": cmd_export,
             "synth": cmd_synth}
 
 

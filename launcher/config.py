@@ -218,6 +218,10 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
+    # Dotted keys the user set (YAML or override), so a default can yield to another file
+    # (e.g. an accelerate YAML's mixed_precision) while an explicit choice cannot.
+    explicit: typing.ClassVar[frozenset] = frozenset()
+
     task: Literal["classification", "causal_lm"] = "classification"
     # Run directory is output_dir/run_name; run_name defaults to the config file's stem.
     run_name: Optional[str] = None
@@ -280,6 +284,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
         return _coerce(value, args[0], where)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in allowed:
+            return "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
         if value in allowed:
             return value
         raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -426,12 +432,24 @@ def load_config(
     if run_name is not None:
         tree["run_name"] = run_name
     cfg = _build(RunConfig, tree, "", problems)
+    cfg.explicit = frozenset(_dotted_keys(tree))
     if cfg.run_name is None:
         cfg.run_name = Path(path).stem if path is not None else "run"
     problems.extend(validate(cfg, world_size=world_size, check_files=check_files))
     if problems:
         raise ConfigError(*problems)
     return cfg
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every key the YAML file or an override set, as dotted paths (sections and leaves)."""
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, dict):
+            out += _dotted_keys(value, path + ".")
+    return out
 
 
 # ---------------------------------------------------------------- validation

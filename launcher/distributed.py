@@ -113,11 +113,18 @@ def read_deepspeed_json(path: str, named_by: str) -> tuple[dict | None, list[str
 
 def _ds_from_yaml_keys(fields: dict) -> dict:
     """The DeepSpeed config accelerate builds when the YAML gives keys instead of a JSON file."""
+    def number(key: str, kind):  # from the environment every value is a string
+        value = fields.get(key, AUTO)
+        try:
+            return AUTO if value in (AUTO, None, "", "none") else kind(value)
+        except (TypeError, ValueError):
+            return value  # left for `check` to report
+
     ds: dict = {
         "train_batch_size": AUTO,
         "train_micro_batch_size_per_gpu": AUTO,
-        "gradient_accumulation_steps": fields.get("gradient_accumulation_steps", AUTO),
-        "gradient_clipping": fields.get("gradient_clipping", AUTO),
+        "gradient_accumulation_steps": number("gradient_accumulation_steps", int),
+        "gradient_clipping": number("gradient_clipping", float),
         "bf16": {"enabled": AUTO},
         "fp16": {"enabled": AUTO},
         "zero_optimization": {"stage": int(fields.get("zero_stage", 2))},
@@ -230,6 +237,16 @@ def _num(value) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def adopt_precision(cfg, launch: LaunchConfig) -> str | None:
+    """Precision has one owner: the run config when it says so, else the accelerate YAML's
+    mixed_precision (adopted here, and the run says so). Both set and different: `check`."""
+    if launch.mixed_precision in ("bf16", "fp16") and "train.precision" not in cfg.explicit \
+            and cfg.train.precision != launch.mixed_precision:
+        cfg.train.precision = launch.mixed_precision
+        return f"train.precision: {launch.mixed_precision}, adopted from {launch.source} (mixed_precision)"
+    return None
 
 
 def check(cfg, launch: LaunchConfig) -> list[str]:

@@ -117,6 +117,8 @@ def train(cfg: RunConfig) -> dict:
     rt.barrier()  # every rank has decided before rank 0 creates anything
     run_dir = _prepare_run_dir(cfg, rt, start)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
+    for note in rt.notes or []:
+        rt.print(note)
     if resume_from is not None:
         rt.print(f"resuming from {resume_from}")
     if start.restart_of_job:

@@ -135,6 +135,12 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
     if launch.num_machines > 1:
         cmd += ["--machine_rank", "NODE_RANK", "--main_process_ip", "HEAD_NODE", "--main_process_port", "29500"]
     out = [shlex.join(cmd + tail).replace("NODE_RANK", "$NODE_RANK").replace("HEAD_NODE", "$HEAD_NODE")]
+    if accelerate_config:  # the same launch, checked in one process first
+        one = ["launcher", "train", config_path, "--accelerate-config", accelerate_config,
+               "--num-processes", str(launch.num_processes)]
+        if launch.num_machines > 1:
+            one += ["--nodes", str(launch.num_machines), "--machine-rank", "NODE_RANK", "--main-process-ip", "HEAD_NODE"]
+        out.append(shlex.join(one + overrides).replace("NODE_RANK", "$NODE_RANK").replace("HEAD_NODE", "$HEAD_NODE"))
     if launch.num_machines > 1:
         out.append(f"  (on every node; NODE_RANK 0..{launch.num_machines - 1}, HEAD_NODE = address of node 0)")
     if Path("slurm/train.sh").is_file():

@@ -49,6 +49,7 @@ class Runtime:
     zero3_init: bool = False
     weight_dtype: str = "float32"  # the dtype policy's answer for this launch (distributed.weight_dtype)
     keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
+    notes: list = None  # what the launch decided for the run config (printed at start)
 
     @property
     def is_main(self) -> bool:
@@ -255,6 +256,24 @@ class _NoBar:
         pass
 
 
+def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
+    """What this machine cannot run, whatever the files say (one line each)."""
+    import torch
+
+    from launcher import distributed
+
+    has_gpu = torch.cuda.is_available()
+    out = []
+    if cfg.train.precision == "fp16" and not has_gpu:
+        out.append("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if launch.distributed_type == distributed.FSDP and not has_gpu:
+        out.append(
+            f"{launch.source}: distributed_type FSDP needs CUDA GPUs (accelerate enables FSDP only on GPU "
+            "process groups); rehearse sharded training on CPU with configs/accelerate/deepspeed_zero3.yaml"
+        )
+    return out
+
+
 def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
 
@@ -266,6 +285,7 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
 
     t = cfg.train
     launch = launch or distributed.from_env()
+    notes = [n for n in [distributed.adopt_precision(cfg, launch)] if n]
     distributed.check_or_raise(cfg, launch)  # before any process group starts
 
     import warnings
@@ -280,16 +300,19 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     if has_gpu:  # TF32 matmuls for whatever still runs in fp32 (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if t.precision == "fp16" and not has_gpu:
-        raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    if launch.distributed_type == distributed.FSDP and not has_gpu:
-        raise ConfigError(
-            f"{launch.source}: distributed_type FSDP needs CUDA GPUs (accelerate enables FSDP only on GPU "
-            "process groups); rehearse sharded training on CPU with configs/accelerate/deepspeed_zero3.yaml"
-        )
+    problems = host_problems(cfg, launch)
+    if problems:
+        raise ConfigError(*problems)
     world = env_world_size()
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
     kwargs: dict = {"mixed_precision": t.precision, "gradient_accumulation_steps": accumulation}
+    if launch.distributed_type == distributed.FSDP:
+        from accelerate.utils import GradientAccumulationPlugin
+
+        # FSDP under no_sync keeps whole, unsharded gradients on every rank until the last
+        # micro-batch (out of memory on big models): reduce-scatter after every micro-batch.
+        del kwargs["gradient_accumulation_steps"]
+        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=accumulation, sync_each_batch=True)
     timeout = timedelta(seconds=t.collective_timeout_s)
     if world > 1:
         # On a GPU-less host the backend must be named: accelerate would otherwise pick none.
@@ -298,6 +321,10 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
             kwargs["cpu"] = True
     if launch.uses_deepspeed:
         ds_config, _ = distributed.resolve_deepspeed(cfg, launch)
+        # The YAML's deepspeed_config keys (inline, as TRL's configs have them) are folded
+        # into ds_config and checked against it above. accelerate would refuse them next to a
+        # config it did not build itself, so its list of them is cleared for this process.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=launch.zero3_init)
     accelerator = Accelerator(**kwargs)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -323,4 +350,5 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
         zero3_init=bool(accelerator.state.deepspeed_plugin.zero3_init_flag) if launch.uses_deepspeed else False,
         weight_dtype=distributed.weight_dtype(cfg, launch),
         keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
+        notes=notes,
     )

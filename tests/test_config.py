@@ -157,3 +157,14 @@ def test_run_directory_policy(tmp_path):
     (run / "checkpoints" / "step-000003").mkdir()
     (run / "checkpoints" / "step-000003" / ck.MARKER).touch()
     assert ck.resolve_resume(run, "auto", "8") == ck.Start(checkpoint=run / "checkpoints" / "step-000003")
+
+
+def test_a_bare_no_is_the_word_not_false(tmp_path):
+    """YAML 1.1 reads `precision: no` (and the override train.precision=no) as false."""
+    from launcher.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  precision: no\n")
+    assert load_config(path, check_files=False).train.precision == "no"
+    assert load_config(path, ["train.precision=bf16", "train.precision=no"], check_files=False).train.precision == "no"
+    assert load_config(path, ["train.precision=bf16"], check_files=False).explicit >= {"train", "train.precision"}

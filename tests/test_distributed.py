@@ -269,7 +269,7 @@ def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
 
 
 def test_fsdp_is_refused_on_cpu_rather_than_silently_run_as_ddp(tmp_path):
-    proc = accelerate_launch(["--config_file", str(ACCEL / "fsdp.yaml"), "--num_processes", "2"], tmp_path, "fsdp")
+    proc = accelerate_launch(["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "2"], tmp_path, "fsdp")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "distributed_type FSDP needs CUDA GPUs" in errors[0]

@@ -18,7 +18,7 @@ from conftest import CONFIGS, TINY
 
 ACCEL = CONFIGS / "accelerate"
 EXPECTED_YAMLS = {"cpu", "cpu_ddp", "single_gpu", "multi_gpu", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3",
-                  "deepspeed_zero3_offload", "fsdp", "multi_node"}
+                  "deepspeed_zero3_offload", "fsdp1", "fsdp2", "multi_node"}
 
 
 def test_the_usual_set_of_accelerate_configs_ships():
@@ -94,7 +94,8 @@ CONTRADICTIONS = {
     "offload without DeepSpeed": ("distributed_type: MULTI_GPU\nnum_processes: 2\ndeepspeed_config:\n  offload_optimizer_device: cpu\n",
                                   None, [], "{yaml}: deepspeed_config.offload_optimizer_device is cpu but distributed_type is "
                                   "MULTI_GPU: offload needs DeepSpeed (use deepspeed_zero3_offload.yaml)"),
-    "YAML precision vs run": ("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: bf16\n", None, [],
+    # An explicit train.precision that disagrees (an unset one adopts the YAML's: test_bring_your_own_config.py).
+    "YAML precision vs run": ("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: bf16\n", None, ["train.precision=no"],
                               "{yaml}: mixed_precision is bf16 but train.precision is no (the run config decides precision: "
                               "remove it here or set train.precision)"),
     "optimizer in JSON": (DS_YAML, _ds(optimizer={"type": "AdamW", "params": {"lr": 1e-4}}), [],
