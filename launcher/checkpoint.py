@@ -38,6 +38,7 @@ class TrainState:
     # The metric of the eval at this checkpoint's step, if one ran (for keep_best).
     metric_at_step: float | None = None
     first_eval: dict = field(default_factory=dict)
+    best_eval: dict = field(default_factory=dict)  # every metric of the best evaluation
 
     @classmethod
     def read(cls, ckpt: Path) -> "TrainState":
@@ -157,7 +158,7 @@ class Checkpointer:
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.root)
         keep = {step for step, _ in ckpts[-self.cfg.keep_last :]}
-        if self.cfg.keep_best:
+        if self.cfg.keep_best or self.cfg.export == "best":
             scored = [(TrainState.read(p).metric_at_step, step) for step, p in ckpts]
             scored = [(m if self.higher_is_better else -m, -step) for m, step in scored if m is not None]
             if scored:  # best metric; among equals the earliest, as the best-step bookkeeping does
@@ -167,6 +168,14 @@ class Checkpointer:
                 shutil.rmtree(path)
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+    def best(self, state: TrainState) -> Path | None:
+        """The kept checkpoint of the best evaluation, when export is best and it is not the
+        final step (then the live weights are the best already)."""
+        if self.cfg.export != "best" or state.best_step is None or state.best_step == state.step:
+            return None
+        path = self.root / step_dir_name(state.best_step)
+        return path if (path / MARKER).is_file() else None
 
     def load(self, path: Path) -> TrainState:
         self.rt.accelerator.load_state(str(path))

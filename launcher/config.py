@@ -196,6 +196,9 @@ class CheckpointConfig:
     # Keep the newest K complete checkpoints, plus the best one by eval.metric.
     keep_last: int = 2
     keep_best: bool = True
+    # What model/ holds: best, the weights of the evaluation with the best eval.metric (a
+    # checkpoint is saved at every improving evaluation, and kept); last, the final weights.
+    export: Literal["best", "last"] = "best"
     # auto: continue from the run directory's latest complete checkpoint;
     # never: fail if the run directory exists; or a checkpoint directory path.
     resume: str = "auto"

@@ -278,7 +278,7 @@ def train(cfg: RunConfig) -> dict:
                 if (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last:
                     last_eval, last_eval_step = task.evaluate(rt, model, val_loader), state.step
                     tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()}, step=state.step)
-                    stop_reason = _track_best(state, last_eval[cfg.eval_metric], higher_is_better, cfg.eval.early_stopping_patience)
+                    stop_reason = _track_best(state, last_eval, cfg.eval_metric, higher_is_better, cfg.eval.early_stopping_patience)
                     rt.print(f"step {state.step} eval: " + report.one_line(last_eval))
                     _log_samples(rt, task, model, tokenizer, tracker, run_dir, state.step)
                 if state.step == t.halt_at_step and not last:
@@ -286,7 +286,8 @@ def train(cfg: RunConfig) -> dict:
                 signalled = rt.stop_requested()  # every rank, every step: they must agree on the step
                 if signalled and not last:
                     stop_reason, stop_signal = stop_reason or "signal", signalled
-                if checkpointer.due(state.step) or last or stop_reason:
+                improved = state.best_step == state.step and cfg.checkpoint.export == "best"  # model/ may come from here
+                if checkpointer.due(state.step) or last or stop_reason or improved:
                     tracker.flush()
                     checkpointer.save(state)
                 elif state.step % cfg.tracking.flush_every_steps == 0:
@@ -304,11 +305,21 @@ def train(cfg: RunConfig) -> dict:
 
         if last_eval_step != state.step:  # resumed after the last step but before the export
             last_eval = task.evaluate(rt, model, val_loader)
+        exported_step, exported_eval = state.step, last_eval
+        best = checkpointer.best(state)
+        if best is not None:  # checkpoint.export: best (a collective: every rank loads its part)
+            checkpointer.load(best)
+            exported_step, exported_eval = state.best_step, state.best_eval
+            rt.print(f"exporting the best evaluation's weights: step {exported_step} "
+                     f"({cfg.eval_metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[cfg.eval_metric]:.4f})")
         model_dir = run_dir / "model"
         ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra, random_base=task.random_init())
-        summary = {"step": state.step, "before": state.first_eval, "after": last_eval, "best_step": state.best_step, "best": state.best_metric}
+        summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
+                   "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
+        tracker.log_params({"exported.step": exported_step, f"exported.{cfg.eval_metric}": exported_eval.get(cfg.eval_metric)})
         rt.on_main(_write_outputs, run_dir, summary, tracker)
-        rt.print(report.final_table(state.first_eval, last_eval))
+        rt.print(report.final_table(state.first_eval, exported_eval))
+        rt.print(f"exported:    step {exported_step} of {state.step} (checkpoint.export: {cfg.checkpoint.export})")
         rt.print(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {cfg.tracking_uri}")
         if not cfg.tracking.uri:
             rt.print(f"  browse:    mlflow ui --backend-store-uri {cfg.tracking_uri}")
@@ -341,11 +352,13 @@ def _dropout_seed(seed: int, step: int, microbatch: int) -> int:
     return (seed * 1_000_003 + step) * 100_003 + microbatch
 
 
-def _track_best(state, value: float, higher_is_better: bool, patience: int) -> str | None:
+def _track_best(state, metrics: dict, metric: str, higher_is_better: bool, patience: int) -> str | None:
+    value = metrics[metric]
     state.metric_at_step = value
     improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
     if improved:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        state.best_eval = dict(metrics)
         return None
     state.evals_without_improvement += 1
     return "early_stop" if patience and state.evals_without_improvement >= patience else None

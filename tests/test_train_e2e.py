@@ -63,6 +63,11 @@ def test_exactly_one_mlflow_run_with_params_tags_metrics_artifacts(trained_binar
     assert {"config.yaml", "final_metrics.json", "training.png"} <= artifacts
 
 
+def _exported_checkpoint(run):
+    step = json.loads((run / "final_metrics.json").read_text())["exported_step"]
+    return run / "checkpoints" / f"step-{step:06d}"
+
+
 def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_binary):
     from transformers import AutoTokenizer, pipeline
 
@@ -71,11 +76,12 @@ def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_bi
 
     _, run = trained_binary
     texts = [json.loads(l)["text"] for l in (run / "data" / "validation.jsonl").read_text().splitlines()][:64]
-    # The model as the loop held it at the end: rebuilt from the config, weights from the last checkpoint.
+    # The exported model: rebuilt from the config, weights from the checkpoint of the exported
+    # step (checkpoint.export: best -> the best evaluation's, kept for this).
     cfg = load_config(run / "config.yaml", check_files=False)
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     model = build_model(cfg, tok).eval()
-    model.load_state_dict(load_file(run / "checkpoints" / "step-000100" / "model.safetensors"))
+    model.load_state_dict(load_file(_exported_checkpoint(run) / "model.safetensors"))
     exported = load_file(run / "model" / "model.safetensors")
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items() if k in exported)
     with torch.no_grad():
@@ -242,7 +248,10 @@ def test_early_stopping_under_bf16(tmp_path):
                           "eval.early_stopping_patience=1", "checkpoint.every_steps=100"))
     assert "early stop at step 4" in proc.stdout
     run = tmp_path / "es"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]  # the stop step only
+    # The improving eval's step (kept for checkpoint.export: best) and the stop step.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["exported_step"] == 2 and "exporting the best evaluation's weights: step 2" in proc.stdout
     state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["evals_without_improvement"] == 1 and state["best_step"] == 2
     assert (run / "model" / "model.safetensors").is_file()
@@ -255,7 +264,7 @@ def test_early_stopping_under_bf16(tmp_path):
 
 def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_path):
     _, run = trained_binary
-    ckpt = run / "checkpoints" / "step-000100"
+    ckpt = _exported_checkpoint(run)
     out = tmp_path / "exported"
     proc = check(launcher("export", str(ckpt), str(out)))
     assert "model.safetensors" in proc.stdout  # read from Accelerate's single-process state
@@ -293,3 +302,25 @@ def test_export_reads_the_fsdp_sharded_checkpoint_format(trained_binary, tmp_pat
     assert "FSDP sharded state dict" in proc.stdout
     exported = load_file(out / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_path):
+    """A learning rate that overshoots: macro-F1 peaks early. model/ holds that evaluation's
+    weights (launcher eval reproduces its metrics); checkpoint.export=last the final ones."""
+    args = [*FAST, "train.lr=0.05", "train.max_steps=12", "eval.every_steps=2", "checkpoint.every_steps=0",
+            "checkpoint.keep_last=1"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "best", *args))
+    run = tmp_path / "best"
+    final = json.loads((run / "final_metrics.json").read_text())
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval/macro_f1"' in x]
+    evals = {r["step"]: r["eval/macro_f1"] for r in history if r["step"] > 0}
+    best_step = max(sorted(evals), key=lambda s: (evals[s], -s))
+    assert final["exported_step"] == best_step and final["after"]["macro_f1"] == evals[best_step]
+    fresh = json.loads(check(launcher("eval", str(run / "model"), "--data", str(run / "data" / "validation.jsonl"))).stdout)
+    assert fresh["macro_f1"] == evals[best_step] and fresh["loss"] == pytest.approx(final["after"]["loss"], abs=1e-5)
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "last", *args, "checkpoint.export=last"))
+    last = json.loads((tmp_path / "last" / "final_metrics.json").read_text())
+    assert last["exported_step"] == 12 and last["after"] == last["last"]
+    if best_step != 12:  # the two exports then differ
+        assert _weights(run).keys() == _weights(tmp_path / "last").keys()
+        assert any(not torch.equal(_weights(run)[k], _weights(tmp_path / "last")[k]) for k in _weights(run))
