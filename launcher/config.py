@@ -72,6 +72,11 @@ class ModelConfig:
     # Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else
     # sdpa. Packed causal-LM rows are exact under each (examples never attend to each other).
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # Hub revision (branch, tag or commit) of model.name; null: the default branch.
+    revision: Optional[str] = None
+    # Run the model repository's own Python code (custom architectures). Off unless asked:
+    # it executes whatever the repository holds.
+    trust_remote_code: bool = False
     # Weight dtype. auto: float32 wherever the engine keeps no fp32 master copy (one process,
     # DDP: AdamW would round small updates of bf16 weights to zero; compute is bf16 through
     # autocast with train.precision=bf16); bfloat16 under DeepSpeed/FSDP with train.precision=bf16

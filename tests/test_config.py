@@ -168,3 +168,39 @@ def test_a_bare_no_is_the_word_not_false(tmp_path):
     assert load_config(path, check_files=False).train.precision == "no"
     assert load_config(path, ["train.precision=bf16", "train.precision=no"], check_files=False).train.precision == "no"
     assert load_config(path, ["train.precision=bf16"], check_files=False).explicit >= {"train", "train.precision"}
+
+
+def test_hub_failures_say_which_kind(tmp_path):
+    """Offline here, so the hub's own exception types stand in for its answers, wrapped the
+    way transformers wraps them (an OSError raised from them)."""
+    from huggingface_hub import errors as hub
+
+    from launcher.errors import ConfigError
+    from launcher.tasks.classification import _from_hub, hub_problem
+
+    def raised(inner):
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise OSError("transformers says something") from e
+        except OSError as outer:
+            return outer
+
+    import httpx
+
+    def answer(cls, status):
+        request = httpx.Request("GET", "https://huggingface.co/api/models/org/m")
+        return cls(f"{status}", response=httpx.Response(status, request=request))
+
+    assert "is gated or needs authorisation" in hub_problem("org/gated", raised(answer(hub.GatedRepoError, 401)))
+    assert "was not found on the Hugging Face Hub" in hub_problem("org/typo", raised(answer(hub.RepositoryNotFoundError, 404)))
+    assert hub_problem("org/m", raised(answer(hub.RevisionNotFoundError, 404))).startswith("model.revision: no such revision")
+    (tmp_path / "empty").mkdir()
+    assert "not a loadable Hugging Face model directory" in hub_problem(str(tmp_path / "empty"), OSError("no config.json"))
+    # The real thing, offline: an id that is not cached is "no network, or not cached".
+    from transformers import AutoConfig
+
+    with pytest.raises(ConfigError) as e:
+        _from_hub(AutoConfig, "launcher-tests/no-such-model")
+    assert e.value.problems[0].startswith("model.name: cannot load 'launcher-tests/no-such-model' from the Hugging Face Hub (no network")

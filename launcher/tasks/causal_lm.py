@@ -55,7 +55,7 @@ class CausalLMTask:
         if self.cfg.model.name != TINY_MODEL:
             from transformers import AutoConfig
 
-            _from_hub(AutoConfig, self.cfg.model.name)
+            _from_hub(AutoConfig, self.cfg.model.name, self.cfg.model)
 
     def random_init(self) -> bool:
         return self.cfg.model.name == TINY_MODEL
@@ -78,7 +78,7 @@ class CausalLMTask:
         from transformers import AutoTokenizer
 
         if self.cfg.model.name != TINY_MODEL:
-            tok = _from_hub(AutoTokenizer, self.cfg.model.name)
+            tok = _from_hub(AutoTokenizer, self.cfg.model.name, self.cfg.model)
         elif (saved_dir / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(saved_dir)
         else:
@@ -164,7 +164,7 @@ class CausalLMTask:
         if self.cfg.model.name == TINY_MODEL:
             model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
-            model = _from_hub(AutoModelForCausalLM, self.cfg.model.name, attn_implementation=attn,
+            model = _from_hub(AutoModelForCausalLM, self.cfg.model.name, self.cfg.model, attn_implementation=attn,
                               dtype=modeling.torch_dtype(dtype))
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
@@ -240,7 +240,7 @@ class CausalLMTask:
             source = f"tiny {self.cfg.model.tiny.arch}, vocabulary at most {self.cfg.model.tiny.vocab_size}"
         else:
             try:
-                config = _from_hub(AutoConfig, self.cfg.model.name)
+                config = _from_hub(AutoConfig, self.cfg.model.name, self.cfg.model)
             except ConfigError as e:
                 return None, e.problems[0]
             source = f"config of {self.cfg.model.name}"

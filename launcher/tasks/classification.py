@@ -23,17 +23,43 @@ THRESHOLD = 0.5
 # ---------------------------------------------------------------- model
 
 
-def _from_hub(loader, name: str, **kwargs):
+def _from_hub(loader, name: str, model_cfg=None, **kwargs):
+    """loader.from_pretrained(name), or one line saying which of these it was: not a model
+    directory, not found on the hub, gated or unauthorised, or no network (and not cached).
+    `model_cfg` adds model.revision and model.trust_remote_code (off unless asked)."""
+    if model_cfg is not None:
+        kwargs.setdefault("trust_remote_code", bool(model_cfg.trust_remote_code))
+        if model_cfg.revision:
+            kwargs.setdefault("revision", model_cfg.revision)
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
-        local = Path(name).expanduser()
-        if local.is_dir():
-            raise ConfigError(f"model.name: {name}: not a loadable Hugging Face model directory ({str(e).splitlines()[0]})") from None
-        raise ConfigError(
-            f"model.name: cannot load '{name}' from the Hugging Face Hub (no network, or not cached); "
-            "download it where you have access and pass a local directory: model.name=/path/to/model"
-        ) from None
+        raise ConfigError(hub_problem(name, e)) from None
+
+
+def hub_problem(name: str, error: BaseException) -> str:
+    """The one line for a model that would not load (error: what transformers raised)."""
+    from huggingface_hub import errors as hub
+
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    kinds = tuple(type(x) for x in chain)
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return f"model.name: {name}: not a loadable Hugging Face model directory ({first})"
+    if any(issubclass(k, hub.GatedRepoError) for k in kinds) or "gated repo" in str(error).lower():
+        return (f"model.name: '{name}' is gated or needs authorisation on the Hugging Face Hub: accept its licence "
+                "there and log in (HF_TOKEN), or pass a local directory: model.name=/path/to/model")
+    if any(issubclass(k, hub.RevisionNotFoundError) for k in kinds):
+        return f"model.revision: no such revision of '{name}' on the Hugging Face Hub"
+    if any(issubclass(k, hub.RepositoryNotFoundError) for k in kinds) or "not a valid model identifier" in str(error):
+        return (f"model.name: '{name}' was not found on the Hugging Face Hub (check the id), nor is it a local "
+                "directory: model.name=/path/to/model")
+    return (f"model.name: cannot load '{name}' from the Hugging Face Hub (no network, or not cached); "
+            "download it where you have access and pass a local directory: model.name=/path/to/model")
 
 
 def check_model_source(cfg: RunConfig) -> None:
@@ -41,7 +67,7 @@ def check_model_source(cfg: RunConfig) -> None:
     if cfg.model.name != TINY_MODEL:
         from transformers import AutoConfig
 
-        _from_hub(AutoConfig, cfg.model.name)
+        _from_hub(AutoConfig, cfg.model.name, cfg.model)
 
 
 def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
@@ -50,7 +76,7 @@ def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
     from transformers import AutoTokenizer
 
     if cfg.model.name != TINY_MODEL:
-        return _from_hub(AutoTokenizer, cfg.model.name)
+        return _from_hub(AutoTokenizer, cfg.model.name, cfg.model)
     if (saved_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved_dir)
     from launcher.data import pipeline
@@ -109,7 +135,7 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
         source = f"tiny BERT, vocabulary at most {cfg.model.tiny.vocab_size}"
     else:
         try:
-            config = _from_hub(AutoConfig, cfg.model.name, num_labels=len(names))
+            config = _from_hub(AutoConfig, cfg.model.name, cfg.model, num_labels=len(names))
         except ConfigError as e:
             return None, e.problems[0]
         source = f"config of {cfg.model.name}"
@@ -133,6 +159,7 @@ def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
     model = _from_hub(
         AutoModelForSequenceClassification,
         cfg.model.name,
+        cfg.model,
         attn_implementation=attn,
         dtype=torch_dtype(dtype),
         num_labels=len(names),
