@@ -170,6 +170,9 @@ class TrainConfig:
     # backward pass, so sequence x vocabulary float32 logits never exist at once; 0: the
     # model's own loss (full logits).
     loss_chunk_tokens: int = 256
+    # Peak dense TFLOP/s of one GPU at this precision, for train/mfu; null: known for
+    # A100, H100 and H200 (bf16 or TF32), else no MFU is reported.
+    peak_tflops: Optional[float] = None
     # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
     # writes a checkpoint) before the process group gives up.
     collective_timeout_s: int = 1800
@@ -483,6 +486,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("data.max_length", d.max_length)
     positive("data.num_proc", d.num_proc)
     positive("train.loss_chunk_tokens", t.loss_chunk_tokens, allow_zero=True)
+    positive("train.peak_tflops", t.peak_tflops)
     positive("data.num_workers", d.num_workers, allow_zero=True)
     positive("eval.every_steps", e.every_steps, allow_zero=True)
     positive("eval.early_stopping_patience", e.early_stopping_patience, allow_zero=True)

@@ -221,6 +221,7 @@ def train(cfg: RunConfig) -> dict:
         stop_reason, stop_signal = None, None
         model.train()
         window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+        speed = _speedometer(cfg, rt, unwrapped.config, n_params, n_trainable)
         batches = batching.train_batches(train_ds, sampler, state.step, total_steps, collate, cfg.data.num_workers,
                                          pin_memory=rt.device.type == "cuda")
         first_step = state.step
@@ -266,12 +267,15 @@ def train(cfg: RunConfig) -> dict:
                         "train/lr": lr,
                         "train/samples_per_s": window_steps * t.global_batch_size / dt,
                         "train/tokens_per_s": float(stats[1]) / dt,
+                        "train/step_time_s": dt / window_steps,
                         "train/epoch": state.epoch,
                     }
                     if grad_norm is not None:
                         values["train/grad_norm"] = float(grad_norm)
                     tracker.log_metrics(values, step=state.step)
-                    bar.set_postfix(loss=f"{values['train/loss']:.4f}")
+                    values |= speed(values["train/tokens_per_s"])
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:,.0f}",
+                                    **({"mfu": f"{values['train/mfu']:.1%}"} if "train/mfu" in values else {}))
                     window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
 
                 last = state.step == total_steps
@@ -340,6 +344,25 @@ def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) 
         rt.on_main(report.record_generations, run_dir, step, rows, tracker)
         for r in rows:
             rt.print(f"  [{step}] {r['prompt']!r} -> {r['response']!r}")
+
+
+def _speedometer(cfg: RunConfig, rt, model_config, n_params: int, n_trainable: int):
+    """values(tokens per second, all ranks) -> MFU and peak GPU memory (CUDA only)."""
+    from launcher import throughput
+
+    if rt.device.type != "cuda":
+        return lambda tokens_per_s: {}
+    layers, hidden = throughput.model_shape(model_config)
+    per_token = throughput.flops_per_token(n_params, n_trainable, layers, hidden, cfg.data.max_length)
+    peak = throughput.peak_flops(torch.cuda.get_device_name(rt.device), cfg.train.precision, cfg.train.peak_tflops)
+
+    def values(tokens_per_s: float) -> dict:
+        out = {"train/gpu_mem_peak_gb": torch.cuda.max_memory_allocated(rt.device) / 2**30}
+        if peak:
+            out["train/mfu"] = per_token * tokens_per_s / (peak * rt.world_size)
+        return out
+
+    return values
 
 
 def _global_items(rt, per_micro: list[float]) -> float:

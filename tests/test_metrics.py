@@ -44,3 +44,18 @@ def test_balanced_weights():
     assert class_weights(torch.tensor([0, 0, 0, 1]), multilabel=False).tolist() == pytest.approx([4 / 6, 4 / 2])
     pw = class_weights(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]), multilabel=True)
     assert pw.tolist() == [1.0, 1.0]  # 2 neg / 2 pos; a never-positive category keeps 1
+
+
+def test_model_flops_per_token_and_peaks():
+    """PaLM's count: 6N + 12*L*h*s for full fine-tuning; ~4N (+ the attention term alike)
+    with a frozen base; peaks from the data sheets, an explicit one wins, unknown: none."""
+    from launcher import throughput
+
+    n, layers, hidden, seq = 124_000_000, 12, 768, 1024
+    assert throughput.flops_per_token(n, n, layers, hidden, seq) == 6 * n + 12 * layers * hidden * seq
+    lora = throughput.flops_per_token(n, n // 100, layers, hidden, seq)
+    assert lora == pytest.approx(4 * n + 8 * layers * hidden * seq)
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3", "bf16", None) == 989e12
+    assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "no", None) == 156e12
+    assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "bf16", 100.0) == 100e12
+    assert throughput.peak_flops("Tesla T4", "bf16", None) is None

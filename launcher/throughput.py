@@ -1,0 +1,42 @@
+"""Live throughput: model FLOPs per token, the device's peak, and so MFU.
+
+Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the weights
+(2N forward, 4N backward: gradients of activations and of weights) plus 12·L·h·s for
+attention scores and their use (L layers, hidden h, s tokens of context). With frozen base
+weights (LoRA) the backward pass computes no weight gradients for them: about 4N, the
+attention term scaled alike. MFU = achieved FLOP/s / peak FLOP/s; it counts no
+recomputation (activation checkpointing does ~1/3 more work and shows as lower MFU).
+"""
+
+from __future__ import annotations
+
+# Dense bf16 (and TF32, for fp32 runs) tensor-core peaks per GPU, from NVIDIA's data sheets.
+PEAK_TFLOPS = {  # name fragment -> (bf16, tf32)
+    "H200": (989.0, 494.7),
+    "H100": (989.0, 494.7),  # SXM; PCIe parts are slower: set train.peak_tflops
+    "A100": (312.0, 156.0),
+}
+
+
+def flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    frozen = n_trainable < 0.5 * n_params  # LoRA-like: weight gradients only for a small part
+    weights = (4.0 if frozen else 6.0) * n_params
+    attention = 12.0 * n_layers * hidden * seq_len * (4.0 / 6.0 if frozen else 1.0)
+    return weights + attention
+
+
+def peak_flops(device_name: str, precision: str, override_tflops: float | None) -> float | None:
+    """FLOP/s the device can do at this precision; None when unknown (then no MFU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    for fragment, (bf16, tf32) in PEAK_TFLOPS.items():
+        if fragment in device_name:
+            return (bf16 if precision in ("bf16", "fp16") else tf32) * 1e12
+    return None
+
+
+def model_shape(config) -> tuple[int, int]:
+    """(layers, hidden size) of a transformers config, 0s when it names neither."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    return int(layers), int(hidden)
