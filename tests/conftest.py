@@ -71,3 +71,11 @@ def task_tokenizer(task, tmp_path: Path, rows: list[dict]):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src = sources.Source("file", str(path), "train", "data.train_file")
     return task.tokenizer(tmp_path / "tok", src, Cache(tmp_path / "cache", "test", candidate=True, others_wait=False))
+
+
+def exported_checkpoint(run: Path) -> Path:
+    """The checkpoint whose weights model/ holds (checkpoint.export: best may pick an earlier one)."""
+    import json
+
+    step = json.loads((run / "final_metrics.json").read_text())["exported_step"]
+    return run / "checkpoints" / f"step-{step:06d}"

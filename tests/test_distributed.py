@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, launcher, mlflow_client
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -160,7 +160,7 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
     check_export_predicts_like_the_run(run)
     # The offline export of the sharded checkpoint is the same model as the live export.
     out = tmp_path / "exported"
-    proc = check(launcher("export", str(run / "checkpoints" / "step-000012"), str(out)))
+    proc = check(launcher("export", str(exported_checkpoint(run)), str(out)))
     assert "DeepSpeed ZeRO shards" in proc.stdout
     assert max_diff(load_model_weights(out), weights(run)) < 1e-6
 

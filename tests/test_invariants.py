@@ -112,6 +112,17 @@ def test_checkpointing_changes_nothing_in_the_numbers(tmp_path):
     assert_same_steps(tmp_path / "lora", tmp_path / "lora-ckpt")
 
 
+@pytest.mark.distributed
+def test_checkpointing_under_zero3_changes_nothing_either(tmp_path):
+    """Non-reentrant checkpointing with ZeRO-3's parameter hooks: recomputation gathers the
+    partitioned weights again, and the step is the one of an uncheckpointed ZeRO-3 run."""
+    base = [*sft_args(tmp_path), "train.micro_batch_size=2"]
+    _launch_2(tmp_path, "z3", SFT, base, accel="deepspeed_zero3.yaml")
+    _launch_2(tmp_path, "z3-ckpt", SFT, [*base, "train.gradient_checkpointing=true"], accel="deepspeed_zero3.yaml")
+    assert_same_steps(tmp_path / "z3", tmp_path / "z3-ckpt")
+    assert max_weight_diff(tmp_path / "z3", tmp_path / "z3-ckpt") < 1e-6
+
+
 _MEMORY_PROBE = """
 import resource, sys, torch
 from transformers import LlamaConfig, AutoModelForCausalLM

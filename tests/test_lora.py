@@ -10,7 +10,7 @@ import torch
 from launcher.config import load_config
 from launcher.errors import ConfigError
 
-from conftest import CONFIGS, TINY, all_runs, check, launcher, mlflow_client, task_tokenizer
+from conftest import CONFIGS, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, task_tokenizer
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -101,7 +101,7 @@ def test_lora_classifier_learns_and_exports_adapter_base_and_merged_model(tmp_pa
         assert torch.allclose(merged(**enc).logits, on_base(**enc).logits, atol=1e-5)
 
     out = tmp_path / "exported"  # the offline export of the LoRA checkpoint gives the same model
-    proc = check(launcher("export", str(run / "checkpoints" / "step-000100"), str(out)))
+    proc = check(launcher("export", str(exported_checkpoint(run)), str(out)))
     assert "LoRA" in proc.stdout
     a, b = load_file(out / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from launcher import checkpoint as ckpt_lib
 
-from conftest import FAST, TINY, all_runs, check, launcher, mlflow_client
+from conftest import FAST, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +63,6 @@ def test_exactly_one_mlflow_run_with_params_tags_metrics_artifacts(trained_binar
     assert {"config.yaml", "final_metrics.json", "training.png"} <= artifacts
 
 
-def _exported_checkpoint(run):
-    step = json.loads((run / "final_metrics.json").read_text())["exported_step"]
-    return run / "checkpoints" / f"step-{step:06d}"
-
-
 def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_binary):
     from transformers import AutoTokenizer, pipeline
 
@@ -81,7 +76,7 @@ def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_bi
     cfg = load_config(run / "config.yaml", check_files=False)
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     model = build_model(cfg, tok).eval()
-    model.load_state_dict(load_file(_exported_checkpoint(run) / "model.safetensors"))
+    model.load_state_dict(load_file(exported_checkpoint(run) / "model.safetensors"))
     exported = load_file(run / "model" / "model.safetensors")
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items() if k in exported)
     with torch.no_grad():
@@ -264,7 +259,7 @@ def test_early_stopping_under_bf16(tmp_path):
 
 def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_path):
     _, run = trained_binary
-    ckpt = _exported_checkpoint(run)
+    ckpt = exported_checkpoint(run)
     out = tmp_path / "exported"
     proc = check(launcher("export", str(ckpt), str(out)))
     assert "model.safetensors" in proc.stdout  # read from Accelerate's single-process state
