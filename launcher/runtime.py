@@ -125,10 +125,6 @@ class Runtime:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def main_first(self):
-        """Rank 0 does the work (e.g. writes a cache) while the others wait, then they follow."""
-        return self.accelerator.main_process_first()
-
     def on_main(self, fn: Callable, *args, **kwargs):
         """Run fn on rank 0 only, then barrier: file writes that every rank then relies on."""
         result = fn(*args, **kwargs) if self.is_main else None

@@ -1,8 +1,9 @@
 """Causal-LM instruction fine-tuning: tokenizer and pad policy, model, token-level loss,
 validation loss / perplexity, greedy sample generations, exported-model helpers.
 
-Loss is the mean over response tokens of a micro-batch (labels -100 elsewhere);
-evaluation sums token losses and token counts over all ranks first, so perplexity
+Training sums token losses over a micro-batch's response tokens (labels -100 elsewhere);
+the loop divides by the response tokens of the whole global batch. Evaluation sums token
+losses and token counts over all ranks first, so perplexity
 is exp(total loss / total response tokens), each validation example counted once.
 """
 
