@@ -147,6 +147,12 @@ def test_trl_configs_train_on_two_cpu_ranks_and_inline_deepspeed_equals_the_json
     assert "DEEPSPEED" in json_run.stdout
     inline, from_json = _weights(tmp_path / "deepspeed_zero2"), _weights(tmp_path / "json")
     assert inline.keys() == from_json.keys() and all((inline[k] == from_json[k]).all() for k in inline)
+    # accelerate's flags instead of a YAML keep working, and give the same run.
+    flags = check(accelerate_launch(["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+                                     "--mixed_precision", "bf16"], tmp_path, "flags", *RUN, base=[]))
+    assert "DEEPSPEED" in flags.stdout and "train.precision: bf16, adopted from" in flags.stdout
+    by_flags = _weights(tmp_path / "flags")
+    assert max(float((by_flags[k].float() - from_json[k].float()).abs().max()) for k in by_flags) < 1e-6
     single = check(launcher("train", str(TINY), "--accelerate-config", str(write_yaml(tmp_path, "single_gpu")),
                             "--output-dir", str(tmp_path), "--run-name", "single", *RUN))
     assert "(1 process(es) on 1 node(s)" in single.stdout
