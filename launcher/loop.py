@@ -179,8 +179,7 @@ def train(cfg: RunConfig) -> dict:
         rt.on_main(ckpt_lib.record_owner, run_dir, rt.job_id, state.tracker_ids)
     n_params, n_trainable, held = rt.parameter_counts(model)
     notes, derived = task.describe(train_ds, val_ds)
-    padded, padded_random = sampler.padded_fraction(), batching.StepSampler(
-        len(train_ds), t.global_batch_size, t.micro_batch_size, 0, 1, t.seed, lengths=train_ds.lengths).padded_fraction()
+    padded, padded_random = sampler.padded_fraction(), sampler.padded_fraction(grouped=False)
     derived |= {"derived.padded_token_fraction": round(padded, 4), "derived.padded_token_fraction_random": round(padded_random, 4)}
     notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if group else 'random'} micro-batches"
                  + (f" (random batches: {padded_random:.1%})" if group else ""))

@@ -73,7 +73,8 @@ class StepSampler:
         self.rank, self.world, self.seed = rank, world, seed
         self.steps_per_epoch = n // global_batch
         self.accumulation = global_batch // (micro_batch * world)
-        self.lengths = None if lengths is None else torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+        # int32, shared with the dataset's own index when it is int32 already: one copy per rank.
+        self.lengths = None if lengths is None else torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32))
         self.group_by_length = group_by_length and lengths is not None
         self._epoch, self._order = None, None
 
@@ -82,10 +83,10 @@ class StepSampler:
             self._epoch, self._order = epoch, self._build_order(epoch)
         return self._order
 
-    def _build_order(self, epoch: int) -> torch.Tensor:
+    def _build_order(self, epoch: int, group: bool | None = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=g)
-        if not self.group_by_length or self.steps_per_epoch == 0:
+        if not (self.group_by_length if group is None else group) or self.steps_per_epoch == 0:
             return order
         steps, size = self.steps_per_epoch, self.global_batch
         order = order[: steps * size]
@@ -113,16 +114,18 @@ class StepSampler:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def padded_fraction(self, epoch: int = 0) -> float:
+    def padded_fraction(self, epoch: int = 0, grouped: bool | None = None) -> float:
         """Padding / all token slots over one epoch's micro-batches of every rank (each is
         padded to its longest row). The same under any world size: ranks hold contiguous
-        micro-batch-sized slices of the global batch."""
+        micro-batch-sized slices of the global batch. grouped=False: what random batches
+        of the same seed would carry (the comparison the run prints)."""
         if self.lengths is None or self.steps_per_epoch == 0:
             return 0.0
-        order = self.epoch_order(epoch)[: self.steps_per_epoch * self.global_batch]
+        order = self.epoch_order(epoch) if grouped in (None, self.group_by_length) else self._build_order(epoch, grouped)
+        order = order[: self.steps_per_epoch * self.global_batch]
         per_micro = self.lengths[order].view(-1, self.micro_batch)
-        slots = per_micro.max(1).values.sum() * self.micro_batch
-        return float(1 - per_micro.sum() / slots)
+        slots = per_micro.max(1).values.long().sum() * self.micro_batch
+        return float(1 - per_micro.long().sum() / slots)
 
 
 class StepBatches(torch.utils.data.Sampler):

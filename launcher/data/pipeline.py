@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from launcher.data.cache import Cache
+from launcher.data.cache import Cache, key_of
 from launcher.data.sources import MAX_REPORTED, Source
 from launcher.errors import DataError
 
@@ -104,7 +104,7 @@ def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRow
         work = tmp / "work"
         work.mkdir()
         out = map_rows(raw, split.encode, num_proc=n_proc if n_proc > 1 else None, load_from_cache_file=False,
-                       cache_file_name=str(work / "map.arrow"), new_fingerprint=key_of_parts(parts))
+                       cache_file_name=str(work / "map.arrow"), new_fingerprint=key_of(parts))
         _raise_bad_rows(out, split.source)
         out = out.remove_columns("_error")
         stats: dict = {"rows": raw.num_rows}
@@ -125,12 +125,6 @@ def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRow
     ds = datasets.load_from_disk(str(path / "data"))
     meta = json.loads((path / "meta.json").read_text())
     return TokenRows(ds, meta, from_cache=not built_here, columns=split.columns)
-
-
-def key_of_parts(parts: dict) -> str:
-    from launcher.data.cache import key_of
-
-    return key_of(parts)
 
 
 def _raise_bad_rows(out, source: Source) -> None:
