@@ -153,9 +153,8 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
 
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
          launch: "distributed.LaunchConfig") -> str:
-    from launcher import tasks
+    from launcher import sizing
 
-    task = tasks.for_config(cfg)
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
@@ -167,7 +166,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
              f"{launch.num_machines} node(s) x {launch.processes_per_machine} process(es) = world size {world}",
              f"batch      global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accumulation} "
              f"x {world} process(es)"]
-    rows, source = task.count_rows()
+    rows, source = sizing.count_rows(cfg)
     if rows is not None:
         per_epoch = rows // t.global_batch_size
         total = t.max_steps or t.epochs * per_epoch
@@ -183,7 +182,15 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         for key, value, owner in fills:
             shown = "auto" if value == distributed.AUTO else str(value).lower() if isinstance(value, bool) else value
             lines.append(f"             {key:<{width}} = {shown}  ({owner})")
-    n_params, where = task.count_parameters()
+    facts = sizing.model_facts(cfg)  # config.json arithmetic; no torch import
+    if facts is not None:
+        n_params, where, model_config = facts
+    else:  # another family: build it on the meta device (exact, but imports torch + transformers)
+        from launcher import tasks
+
+        task = tasks.for_config(cfg)
+        n_params, where = task.count_parameters()
+        model_config = getattr(task, "model_config", None)
     lines.append(f"model      {n_params:,} parameters ({where})" if n_params else f"model      parameters unknown: {where}")
     sixteen = launch.uses_deepspeed and t.precision in ("bf16", "fp16")
     ds = launch.ds or {}
@@ -194,7 +201,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         engine += f" + CPU offload of {' and '.join(offloaded)}"
     lines.append("memory     per GPU, model states only:")
     lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
-    lines += activation_lines(getattr(task, "model_config", None), cfg)
+    lines += activation_lines(model_config, cfg)
     lines.append("command")
     lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch)]
     return "\n".join(lines)

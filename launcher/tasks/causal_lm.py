@@ -213,6 +213,10 @@ class CausalLMTask:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(loader.dataset), "tokens": int(total[1])}
 
     @torch.no_grad()
+    def tune(self, rt, model, loader) -> None:
+        """No decision rule to tune for a language model."""
+        return None
+
     def samples(self, rt, model, tokenizer) -> list[dict]:
         """Greedy answers to eval.generation_prompts. Every rank generates (under ZeRO-3 the
         forward passes are collectives); rank 0 logs them."""
@@ -251,24 +255,9 @@ class CausalLMTask:
         return sum(p.numel() for p in model.parameters()), source
 
     def count_rows(self) -> tuple[int | None, str]:
-        d = self.cfg.data
-        if d.synthetic.enabled:
-            n, source = d.synthetic.n_train, "synthetic"
-        elif d.train_file:
-            from launcher.data import sources
+        from launcher import sizing
 
-            try:
-                src = sources.resolve(d, "train")
-                n = src.count_rows()  # cheap where the format allows
-                n = n if n is not None else len(instructions.read_rows(d.train_file))
-                source = d.train_file
-            except DataError as e:
-                return None, e.problems[0]
-        else:
-            return None, f"rows of {d.hub_dataset} (hub) are counted when the run starts"
-        if d.packing:  # optimizer steps count blocks, known once rows are packed
-            return None, f"{n:,} {source} rows are packed into {d.max_length}-token blocks when the run starts"
-        return n, source
+        return sizing.count_rows(self.cfg)
 
     def metadata(self) -> dict:
         d = self.cfg.data

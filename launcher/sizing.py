@@ -1,0 +1,122 @@
+"""Model size and shape for `launcher plan`, from config.json arithmetic: no torch, no
+transformers, so planning and validation stay well under a second.
+
+The families the launcher builds or is most often pointed at are counted here (BERT-style
+encoders with a classification head, Llama-style and GPT-2 decoders). Anything else
+returns None and `plan` falls back to building the model on the meta device, which is
+exact for every architecture but imports torch and transformers (seconds). A test
+checks these formulas against that meta-device count for every family listed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from launcher.config import TINY_MODEL, RunConfig
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+
+def tiny_config(cfg: RunConfig) -> dict:
+    """The config.json the tiny random model gets (vocabulary at its upper bound)."""
+    t = cfg.model.tiny
+    if cfg.task == "classification":
+        return {"model_type": "bert", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+                "intermediate_size": t.intermediate_size, "max_position_embeddings": max(cfg.data.max_length, 16),
+                "type_vocab_size": 2}
+    positions = max(cfg.data.max_length, 16) + cfg.eval.max_new_tokens + 64  # as causal_lm.tiny_config
+    if t.arch == "gpt2":
+        return {"model_type": "gpt2", "vocab_size": t.vocab_size, "n_embd": t.hidden_size, "n_layer": t.num_layers,
+                "n_head": t.num_heads, "n_inner": t.intermediate_size, "n_positions": positions}
+    return {"model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_heads,
+            "intermediate_size": t.intermediate_size, "tie_word_embeddings": False}
+
+
+def count(config: dict, task: str, num_labels: int) -> int | None:
+    """Parameters of the model the launcher builds from this config (the task's head
+    included, tied embeddings counted once); None for a family not modelled here."""
+    kind = config.get("model_type")
+    if task == "classification" and kind == "bert":
+        h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        embeddings = (config["vocab_size"] + config.get("max_position_embeddings", 512)
+                      + config.get("type_vocab_size", 2)) * h + 2 * h
+        layer = 4 * h * h + 2 * h * inter + 9 * h + inter  # q k v o, two MLP matrices, biases, 2 LayerNorms
+        return embeddings + n * layer + (h * h + h) + (h * num_labels + num_labels)  # pooler, classifier
+    if task == "causal_lm" and kind in LLAMA_LIKE:
+        h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        kv = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or h // heads
+        bias = bool(config.get("attention_bias", kind == "qwen2"))
+        attn = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o; k, v
+        if bias:  # q, k, v biases (Qwen2 has no o bias; Llama's flag also adds one to o)
+            attn += heads * head_dim + 2 * kv * head_dim + (h if kind != "qwen2" else 0)
+        mlp = 3 * h * inter + (2 * inter + h if config.get("mlp_bias") else 0)
+        vocab = config["vocab_size"] * h
+        tied = config.get("tie_word_embeddings", False)  # the default of all three config classes
+        return vocab * (1 if tied else 2) + n * (attn + mlp + 2 * h) + h
+    if task == "causal_lm" and kind == "gpt2":
+        h, n = config["n_embd"], config["n_layer"]
+        inter = config.get("n_inner") or 4 * h
+        layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * inter + inter) + (inter * h + h)
+        return (config["vocab_size"] + config.get("n_positions", 1024)) * h + n * layer + 2 * h
+    return None
+
+
+def _saved_config(name: str) -> dict | None:
+    path = Path(name) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def model_facts(cfg: RunConfig) -> tuple[int, str, SimpleNamespace] | None:
+    """(parameters, where the figure came from, the config as attributes) for the tiny model
+    or a local pretrained directory of a counted family; None otherwise."""
+    num_labels = len(cfg.data.resolved_label_names())
+    if cfg.model.name == TINY_MODEL:
+        config = tiny_config(cfg)
+        arch = "BERT" if cfg.task == "classification" else cfg.model.tiny.arch
+        where = f"tiny {arch}, vocabulary at most {cfg.model.tiny.vocab_size}"  # as the tasks' own count
+    else:
+        config = _saved_config(cfg.model.name)
+        where = f"config of {cfg.model.name}"
+    n = count(config, cfg.task, num_labels) if config else None
+    return None if n is None else (n, where, SimpleNamespace(**config))
+
+
+def count_rows(cfg: RunConfig) -> tuple[int | None, str]:
+    """(training rows, where from) for the step arithmetic; (None, why) when unknown before
+    the run starts (hub data, packed blocks). Cheap where the format allows (JSONL lines,
+    Parquet metadata); other files are read by the task's own reader."""
+    from launcher.data import sources
+    from launcher.errors import UserError
+
+    d = cfg.data
+    if d.synthetic.enabled:
+        n, where = d.synthetic.n_train, "synthetic"
+    elif d.train_file is None:
+        hub = f"{d.hub_dataset}/{d.hub_config}" if cfg.task == "classification" else d.hub_dataset
+        return None, f"rows of {hub} (hub) are counted when the run starts"
+    else:
+        try:
+            n = sources.resolve(d, "train").count_rows()
+            if n is None and cfg.task == "classification":
+                from launcher.data.clauses import load_split
+
+                n = len(load_split(d, "train", d.train_file)[0])
+            elif n is None:
+                from launcher.data.instructions import read_rows
+
+                n = len(read_rows(d.train_file))
+        except UserError as e:
+            return None, e.problems[0]
+        where = d.train_file
+    if cfg.task == "causal_lm" and d.packing:  # optimizer steps count blocks, known once rows are packed
+        return None, f"{n:,} {where} rows are packed into {d.max_length}-token blocks when the run starts"
+    return n, where
