@@ -203,13 +203,15 @@ def cmd_eval(args) -> int:
         data_cfg.max_length = args.max_length
         print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, data_cfg, read_rows(data), args.batch_size)))
         return 0
-    model, tokenizer, names, multilabel = task.load_exported(args.model_dir)
+    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
     import torch
 
     logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
     labels = torch.tensor(targets, dtype=torch.float if multilabel else torch.long)
-    metrics = task.compute_metrics(logits, labels, names)
+    metrics = task.compute_metrics(logits, labels, names, cuts)  # the export's decision rule
+    if cuts is not None:  # a tuned rule: the 0.5 rule's figures beside it, nothing hidden
+        metrics.update({f"{k}@0.5": v for k, v in task.compute_metrics(logits, labels, names).items()})
     metrics["loss"] = float(task.per_example_loss(logits, labels, None).mean())
     metrics["n"] = len(texts)
     print(json.dumps(metrics))
@@ -234,12 +236,12 @@ def cmd_predict(args) -> int:
         raise UserError(f"{args.model_dir}: a causal LM; use `launcher generate MODEL_DIR --prompt TEXT`")
 
     texts = _read_texts(Path(args.input))
-    model, tokenizer, names, multilabel = task.load_exported(args.model_dir)
+    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)
     probs = task.probabilities(task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size), multilabel)
     out = open(args.output, "w") if args.output else sys.stdout
     try:
         for text, p in zip(texts, probs):
-            out.write(json.dumps({"text": text, **task.prediction_record(p, names, multilabel)}) + "\n")
+            out.write(json.dumps({"text": text, **task.prediction_record(p, names, multilabel, cuts)}) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

@@ -191,6 +191,11 @@ class EvalConfig:
     metric: Optional[str] = None
     # Stop after this many evaluations without improvement (0: never).
     early_stopping_patience: int = 0
+    # classification: after training, tune the decision cut on validation (binary: one
+    # probability cut; multilabel: one per category) and store it in model/launcher.json.
+    # The robust rule: the middle of the plateau of cuts within 0.01 of the best F1,
+    # inside [0.1, 0.9]. Off by default: on a small validation set a free cut overfits.
+    tune_threshold: bool = False
     micro_batch_size: Optional[int] = None
     # causal_lm: prompts answered greedily at step 0 and every eval (logged as a table).
     generation_prompts: list[str] = field(default_factory=list)
@@ -534,6 +539,8 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             out.append("data.chat_turn_template: must contain {role} and {content}")
     elif d.packing:
         out.append("data.packing: only for task causal_lm")
+    if e.tune_threshold and cfg.task != "classification":
+        out.append("eval.tune_threshold: only for task classification")
     if e.metric == "accuracy" and d.mode != "binary":
         out.append("eval.metric: accuracy is reported for data.mode=binary only")
     if d.label_names is not None:

@@ -315,6 +315,12 @@ def train(cfg: RunConfig) -> dict:
             exported_step, exported_eval = state.best_step, state.best_eval
             rt.print(f"exporting the best evaluation's weights: step {exported_step} "
                      f"({cfg.eval_metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[cfg.eval_metric]:.4f})")
+        tuned = task.tune(rt, model, val_loader)  # eval.tune_threshold: the rule goes into launcher.json
+        if tuned is not None:
+            exported_eval = tuned
+            rt.print(f"decision threshold tuned on validation: {task.threshold} "
+                     f"({cfg.eval_metric} {tuned.get(cfg.eval_metric, float('nan')):.4f}; at 0.5: {tuned.get(cfg.eval_metric + '@0.5', float('nan')):.4f})")
+            extra = {"launcher.json": json.dumps(task.metadata())}
         model_dir = run_dir / "model"
         ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra, random_base=task.random_init())
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,

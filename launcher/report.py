@@ -13,7 +13,8 @@ def one_line(metrics: dict) -> str:
 
 
 def final_table(before: dict, after: dict) -> str:
-    keys = [k for k in HEADLINE if k in after] + sorted(k for k in after if k.startswith("f1/"))
+    keys = [k for k in HEADLINE if k in after] + [f"{k}@0.5" for k in HEADLINE if f"{k}@0.5" in after]
+    keys += sorted(k for k in after if k.startswith("f1/"))
     width = max(len(k) for k in keys) + 2
     lines = [f"{'metric':<{width}}{'step 0':>10}{'final':>10}{'change':>10}", "-" * (width + 30)]
     for k in keys:

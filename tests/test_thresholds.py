@@ -1,0 +1,116 @@
+"""eval.tune_threshold: the robust cut, what the export stores, and eval/predict using it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.config import load_config
+from launcher.errors import ConfigError
+from launcher.tasks import classification as clf
+
+from conftest import CONFIGS, FAST, TINY, check, launcher
+
+
+def _binary_logits(p_positive: np.ndarray) -> torch.Tensor:
+    """Two-class logits whose softmax gives these positive-class probabilities."""
+    p = torch.as_tensor(p_positive, dtype=torch.float64)
+    return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], -1).float()
+
+
+def test_plateau_middle_not_the_single_best_point():
+    grid = clf.TUNE_GRID
+    # A broad plateau from 0.30 to 0.60 and one lucky point at 0.80 that beats it by 0.005
+    # (within the tolerance) would pull an arg-max rule to 0.80; the plateau rule stays on
+    # the broad run around the best point only when it is connected to it.
+    scores = np.where((grid >= 0.30) & (grid <= 0.60), 0.90, 0.70)
+    assert clf.plateau_middle(scores) == pytest.approx(0.45)
+    spiked = scores.copy()
+    spiked[np.isclose(grid, 0.80)] = 0.905
+    assert clf.plateau_middle(spiked) == pytest.approx(0.80)  # isolated: the spike is its own plateau
+    bridged = spiked.copy()
+    bridged[(grid > 0.60) & (grid < 0.80)] = 0.897  # within 0.01 of the best: one plateau 0.30..0.80
+    assert clf.plateau_middle(bridged) == pytest.approx(0.55)
+    assert clf.TUNE_GRID.min() >= 0.1 and clf.TUNE_GRID.max() <= 0.9  # a limited range
+
+
+def test_binary_cut_finds_positives_the_half_rule_misses():
+    rng = np.random.default_rng(0)
+    neg = rng.uniform(0.01, 0.15, 300)
+    pos = rng.uniform(0.22, 0.45, 30)  # all below 0.5: the plain rule finds none
+    logits = _binary_logits(np.concatenate([neg, pos]))
+    labels = torch.tensor([0] * 300 + [1] * 30)
+    names = ["fair", "unfair"]
+    cut = clf.tune_cuts(logits, labels, names)
+    assert neg.max() < cut < pos.min()
+    tuned = clf.compute_metrics(logits, labels, names, clf.cut_vector(cut, names, False))
+    plain = clf.compute_metrics(logits, labels, names)
+    assert tuned["macro_f1"] == 1.0 and plain["f1/unfair"] == 0.0
+    # The default rule (cuts None) is the argmax rule.
+    assert plain == clf.compute_metrics(logits, labels, names, None)
+
+
+def test_multilabel_cuts_per_category_and_unseen_category_keeps_half():
+    rng = np.random.default_rng(1)
+    n = 200
+    truth = np.zeros((n, 3), dtype=bool)
+    truth[:20, 0] = True          # category a: positives score 0.3..0.4, negatives < 0.2
+    truth[20:40, 1] = True        # category b: positives score 0.7..0.8, negatives < 0.6
+    probs = np.zeros((n, 3))
+    probs[:, 0] = np.where(truth[:, 0], rng.uniform(0.3, 0.4, n), rng.uniform(0.0, 0.2, n))
+    probs[:, 1] = np.where(truth[:, 1], rng.uniform(0.7, 0.8, n), rng.uniform(0.0, 0.6, n))
+    probs[:, 2] = rng.uniform(0.0, 0.3, n)  # category c: no validation positive
+    logits = torch.logit(torch.as_tensor(probs).clamp(1e-6, 1 - 1e-6)).float()
+    labels = torch.as_tensor(truth, dtype=torch.float)
+    names = ["a", "b", "c"]
+    cuts = clf.tune_cuts(logits, labels, names)
+    assert set(cuts) == set(names) and cuts["c"] == 0.5
+    assert probs[~truth[:, 0], 0].max() < cuts["a"] < probs[truth[:, 0], 0].min()
+    assert probs[~truth[:, 1], 1].max() < cuts["b"] < probs[truth[:, 1], 1].min()
+    tuned = clf.compute_metrics(logits, labels, names, clf.cut_vector(cuts, names, True))
+    assert tuned["f1/a"] == tuned["f1/b"] == 1.0
+    assert tuned["f1/none"] > clf.compute_metrics(logits, labels, names)["f1/none"]
+
+
+def test_prediction_record_follows_the_cut():
+    probs = torch.tensor([0.7, 0.3])
+    names = ["fair", "unfair"]
+    assert clf.prediction_record(probs, names, False)["label"] == "fair"
+    assert clf.prediction_record(probs, names, False, np.array([0.25]))["label"] == "unfair"
+    ml = clf.prediction_record(torch.tensor([0.3, 0.6]), ["a", "b"], True, np.array([0.2, 0.7]))
+    assert ml["labels"] == ["a"]
+
+
+def test_tune_threshold_is_for_classification_only():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "train" / "sft_tiny.yaml", ["eval.tune_threshold=true"])
+    assert "eval.tune_threshold: only for task classification" in e.value.problems
+
+
+@pytest.mark.slow
+def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
+    """A short run tunes the cut on validation: launcher.json stores it, the final metrics
+    carry both rules, and `launcher eval` / `predict` apply the stored cut."""
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "tuned", *FAST,
+                   "train.max_steps=30", "eval.every_steps=10", "eval.tune_threshold=true"))
+    run = tmp_path / "tuned"
+    meta = json.loads((run / "model" / "launcher.json").read_text())
+    cut = meta["threshold"]
+    assert meta["threshold_tuned"] is True and 0.1 <= cut <= 0.9
+    after = json.loads((run / "final_metrics.json").read_text())["after"]
+    assert {"macro_f1", "macro_f1@0.5", "micro_f1@0.5"} <= set(after)
+    data = run / "data" / "validation.jsonl"
+    fresh = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
+    assert fresh["macro_f1"] == pytest.approx(after["macro_f1"], abs=1e-9)
+    assert fresh["macro_f1@0.5"] == pytest.approx(after["macro_f1@0.5"], abs=1e-9)
+    # The tuned rule is at least as good as 0.5 on the set it was tuned on.
+    assert fresh["macro_f1"] >= fresh["macro_f1@0.5"]
+
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()[:60]]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")))
+    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in preds] == ["unfair" if p["probs"]["unfair"] > cut else "fair" for p in preds]
