@@ -214,7 +214,7 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     def write():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = rt.accelerator.unwrap_model(model)
+        unwrapped = rt.unwrap(model)
         if lora.is_peft(unwrapped):
             base = unwrapped.get_base_model()
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition

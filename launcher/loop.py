@@ -163,7 +163,7 @@ def train(cfg: RunConfig) -> dict:
 
     higher_is_better = cfg.eval_metric not in LOWER_IS_BETTER
     extra = {"launcher.json": json.dumps(task.metadata())}
-    unwrapped = rt.accelerator.unwrap_model(model)
+    unwrapped = rt.unwrap(model)
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=extra, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)

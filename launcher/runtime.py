@@ -125,6 +125,20 @@ class Runtime:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def unwrap(self, model):
+        """The bare model. accelerate's unwrap_model imports deepspeed whenever it is installed
+        (about 1 s of start-up, for nothing, in a DDP or single-process run), so without
+        DeepSpeed the DDP / FSDP1 wrappers are stripped here (FSDP2 and plain models are
+        not wrapped)."""
+        if self.zero_stage is not None:
+            return self.accelerator.unwrap_model(model)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
+
+        while isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
+            model = model.module
+        return model
+
     def on_main(self, fn: Callable, *args, **kwargs):
         """Run fn on rank 0 only, then barrier: file writes that every rank then relies on."""
         result = fn(*args, **kwargs) if self.is_main else None
@@ -216,7 +230,7 @@ class Runtime:
             opt = getattr(opt, "optimizer", None)
             if opt is None:
                 break
-        names = sorted(n for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad)
+        names = sorted(n for n, p in self.unwrap(model).named_parameters() if p.requires_grad)
         decayed = [n for n in names if n not in no_decay]
         facts = {
             "parameters": dtypes(model.parameters()),

@@ -223,7 +223,7 @@ class CausalLMTask:
         prompts = self.cfg.eval.generation_prompts
         if not prompts:
             return []
-        unwrapped = rt.accelerator.unwrap_model(model)
+        unwrapped = rt.unwrap(model)
         model.eval()
         # ZeRO-3: every rank must run as many forward passes as the longest answer needs.
         # Otherwise transformers decides (it also detects FSDP-managed modules).
