@@ -193,8 +193,9 @@ class EvalConfig:
     early_stopping_patience: int = 0
     # classification: after training, tune the decision cut on validation (binary: one
     # probability cut; multilabel: one per category) and store it in model/launcher.json.
-    # The robust rule: the middle of the plateau of cuts within 0.01 of the best F1,
-    # inside [0.1, 0.9]. Off by default: on a small validation set a free cut overfits.
+    # The robust rule: keep 0.5 unless it scores more than 0.01 below the best cut in
+    # [0.1, 0.9]; then the middle of the plateau of cuts within 0.01 of the best F1.
+    # Off by default: on a small validation set a free cut overfits.
     tune_threshold: bool = False
     micro_batch_size: Optional[int] = None
     # causal_lm: prompts answered greedily at step 0 and every eval (logged as a table).

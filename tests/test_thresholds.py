@@ -37,6 +37,15 @@ def test_plateau_middle_not_the_single_best_point():
     assert clf.TUNE_GRID.min() >= 0.1 and clf.TUNE_GRID.max() <= 0.9  # a limited range
 
 
+def test_half_stays_unless_it_is_clearly_worse():
+    grid = clf.TUNE_GRID
+    near = np.where(grid <= 0.40, 0.86, 0.855)  # 0.5 within 0.01 of the best: not worth moving
+    assert clf.choose_cut(near) == 0.5
+    far = np.where(grid <= 0.40, 0.86, 0.80)  # 0.5 clearly worse: the plateau 0.10..0.40
+    assert clf.choose_cut(far) == pytest.approx(0.25)
+    assert far[np.isclose(grid, 0.25)][0] > far[np.isclose(grid, 0.5)][0]
+
+
 def test_binary_cut_finds_positives_the_half_rule_misses():
     rng = np.random.default_rng(0)
     neg = rng.uniform(0.01, 0.15, 300)

@@ -272,8 +272,9 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: lis
     return out
 
 
-# Tuning the cut: a grid over a limited range, and the middle of the plateau of cuts
-# scoring within TUNE_TOLERANCE of the best, not the single best point. On UNFAIR-ToS's
+# Tuning the cut: a grid over a limited range; 0.5 stays unless it scores more than
+# TUNE_TOLERANCE below the best, and then the middle of the plateau of cuts scoring within
+# TUNE_TOLERANCE of the best is taken, not the single best point. On UNFAIR-ToS's
 # 45 validation positives the arg-max cut lands at an edge (0.97 in one run) and hurt
 # held-out F1; the plateau's middle moves only as far as the evidence is flat-topped.
 TUNE_GRID = np.round(np.arange(0.10, 0.9001, 0.01), 2)
@@ -293,6 +294,16 @@ def plateau_middle(scores: np.ndarray, grid: np.ndarray = TUNE_GRID, tolerance: 
     return float(grid[(lo + hi) // 2])
 
 
+def choose_cut(scores: np.ndarray, grid: np.ndarray = TUNE_GRID, tolerance: float = TUNE_TOLERANCE) -> float:
+    """0.5 unless it scores clearly (more than `tolerance`) below the best cut; then the
+    middle of the best plateau. A cut that moves therefore scores above 0.5 on the rows it
+    was tuned on, and one that would not clearly help is not taken."""
+    at_half = scores[np.isclose(grid, THRESHOLD)]
+    if at_half.size and at_half[0] >= scores.max() - tolerance:
+        return THRESHOLD
+    return plateau_middle(scores, grid, tolerance)
+
+
 def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]):
     """The tuned "threshold" for launcher.json: binary, one cut on the positive class's
     probability maximising macro-F1; multilabel, one cut per category maximising that
@@ -303,7 +314,7 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
     if not multilabel:
         def macro(cut):
             return compute_metrics(logits, labels, label_names, np.array([cut]))["macro_f1"]
-        return plateau_middle(np.array([macro(c) for c in TUNE_GRID]))
+        return choose_cut(np.array([macro(c) for c in TUNE_GRID]))
     truth = labels.numpy().astype(bool)
     cuts = {}
     for j, name in enumerate(label_names):
@@ -314,7 +325,7 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
         tp = (pred & truth[:, j]).sum(1)
         fp = (pred & ~truth[:, j]).sum(1)
         fn = (~pred & truth[:, j]).sum(1)
-        cuts[name] = plateau_middle(_f1(tp, fp, fn))
+        cuts[name] = choose_cut(_f1(tp, fp, fn))
     return cuts
 
 
