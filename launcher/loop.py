@@ -19,7 +19,7 @@ import torch
 import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
-from launcher import tasks
+from launcher import tasks, tracking
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
@@ -116,6 +116,7 @@ def train(cfg: RunConfig) -> dict:
         data = _prepare_data(task, cache, cfg.run_dir, *task.sources(cfg.data.train_file, cfg.data.validation_file))
     rt.barrier()  # every rank has decided before rank 0 creates anything
     run_dir = _prepare_run_dir(cfg, rt, start)
+    warm_tracker = tracking.warm_up(cfg, rt.is_main)  # overlaps the model load
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
     for note in rt.notes or []:
         rt.print(note)
@@ -173,7 +174,7 @@ def train(cfg: RunConfig) -> dict:
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
     # metrics.jsonl keeps records up to the resumed step; a restart in place keeps none (-1).
     kept_step = state.step if resume_from else (-1 if start.restart_of_job else None)
-    tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, kept_step)
+    tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, kept_step, warm_tracker)
     state.tracker_ids = tracker.ids()
     if resume_from is None:
         rt.on_main(ckpt_lib.record_owner, run_dir, rt.job_id, state.tracker_ids)

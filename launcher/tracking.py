@@ -235,8 +235,33 @@ def run_tags(facts: dict) -> dict:
     return tags
 
 
-def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: dict | None, resume_step: int | None) -> Tracker:
+def warm_up(cfg, is_main: bool):
+    """Start-up overlap: import mlflow and open its store (the default SQLite store creates
+    its tables on first use, about 2 s) in a thread while the model loads. Nothing is
+    created in the store but its schema; start_tracking joins the thread first, and its own
+    errors are reported there, not here."""
+    if not (is_main and cfg.tracking.mlflow):
+        return None
+    import threading
+
+    def touch():
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=cfg.tracking_uri).get_experiment_by_name(cfg.tracking.experiment)
+        except Exception:  # noqa: BLE001 - start_tracking meets the same problem and reports it
+            pass
+
+    thread = threading.Thread(target=touch, name="mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: dict | None, resume_step: int | None,
+                   warm=None) -> Tracker:
     """Real trackers on the logging rank, a no-op everywhere else."""
+    if warm is not None:
+        warm.join()
     if not is_main:
         return Tracker()
     resume_ids = resume_ids or {}
