@@ -25,13 +25,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "unfair_tos"
 
 
 def read(path: Path) -> tuple[list[str], np.ndarray]:
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                texts.append(row["text"])
-                labels.append(int(row["label"]))
+    from _contenders import read_clauses  # the benchmarks' one JSONL text/label reader
+
+    texts, labels = read_clauses(str(path))
     return texts, np.asarray(labels)
 
 
