@@ -326,10 +326,14 @@ def run() -> None:
     ends, time a short job or a Slurm step pays for nothing. So after main() returns, the
     atexit handlers run as usual and stdio is flushed, then the process exits without that
     teardown. Every file the launcher writes is closed by then. An exception still takes
-    the normal path (traceback, teardown). Library callers and tests use main()."""
+    the normal path (traceback, teardown), and so does a run under a profiler or debugger
+    (`python -m cProfile -m launcher ...` writes its report at teardown). Library callers
+    and tests use main()."""
     import atexit
 
     code = main()
+    if sys.getprofile() is not None or sys.gettrace() is not None:  # cProfile, a debugger: let them finish
+        sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
