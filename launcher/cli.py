@@ -89,8 +89,47 @@ def cmd_train(args) -> int:
                       world_size=env_world_size())
     from launcher.loop import train
 
-    train(cfg)
+    created = _what_this_attempt_creates(cfg)
+    try:
+        train(cfg)
+    except UserError:
+        _remove_created(created)
+        raise
     return 0
+
+
+def _what_this_attempt_creates(cfg) -> dict:
+    """Paths a fresh run creates, noted before it starts: the output and run directories and
+    the default MLflow store."""
+    out = Path(cfg.output_dir)
+    store = out / "mlflow.db"
+    return {"output_dir": out if not out.exists() else None,
+            "run_dir": cfg.run_dir if not cfg.run_dir.exists() else None,
+            "store": store if not cfg.tracking.uri and not store.exists() else None}
+
+
+def _remove_created(created: dict) -> None:
+    """Bad input found once the run directory exists (a LoRA target the model lacks, fewer
+    rows than one global batch) leaves nothing behind: what this attempt created goes, on
+    rank 0, unless a checkpoint was completed (work is never deleted)."""
+    import shutil
+
+    from launcher import tracking
+    from launcher.runtime import env_rank
+
+    if env_rank() != 0:
+        return
+    tracking.settle()  # the MLflow warm-up thread may still be creating the store
+    run_dir = created["run_dir"]
+    if run_dir is not None and any((run_dir / "checkpoints").glob("*/COMPLETE")):
+        return
+    if created["output_dir"] is not None:
+        shutil.rmtree(created["output_dir"], ignore_errors=True)
+        return
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if created["store"] is not None:
+        created["store"].unlink(missing_ok=True)
 
 
 def _train_under_accelerate(args) -> int:

@@ -551,11 +551,20 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             out.append("data.label_names: names must be unique")
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         out.append(f"run_name: must be a plain directory name; got {cfg.run_name!r}")
+    if check_files:  # the first existing ancestor of the run directory must be a directory
+        probe = Path(cfg.output_dir) / str(cfg.run_name)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            out.append(f"output_dir: {probe} is a file, not a directory (choose another --output-dir)")
     if c.resume not in ("auto", "never") and check_files and not Path(c.resume).is_dir():
         out.append(f"checkpoint.resume: {c.resume}: no such checkpoint directory (or use auto | never)")
     if d.synthetic.enabled:
         positive("data.synthetic.n_train", d.synthetic.n_train)
         positive("data.synthetic.n_validation", d.synthetic.n_validation)
+        if 0 < d.synthetic.n_train < t.global_batch_size:
+            out.append(f"data.synthetic.n_train: {d.synthetic.n_train} rows is fewer than train.global_batch_size "
+                       f"({t.global_batch_size})")
         if d.train_file or d.validation_file:
             out.append("data.synthetic.enabled: set data.train_file/validation_file to null, or disable synthetic data")
     elif d.train_file or d.validation_file:
@@ -582,7 +591,26 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, as it is written and logged: a password in tracking.uri
+    is replaced by *** (config.yaml, MLflow params and printed lines never carry it)."""
+    tree = dataclasses.asdict(cfg)
+    if isinstance(tree.get("tracking"), dict) and tree["tracking"].get("uri"):
+        tree["tracking"]["uri"] = redact_uri(tree["tracking"]["uri"])
+    return tree
+
+
+def redact_uri(uri: str) -> str:
+    """scheme://user:secret@host/... -> scheme://user:***@host/... (anything else unchanged)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,7 @@ import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
 from launcher import tasks, tracking
-from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, to_dict
+from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
 from launcher.runtime import build_runtime
@@ -110,6 +110,7 @@ def train(cfg: RunConfig) -> dict:
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     task.check_model_source()
+    tracking.check_reachable(cfg)  # every rank: they must agree to stop
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"))
     data = None
     if not cfg.data.synthetic.enabled:
@@ -330,7 +331,7 @@ def train(cfg: RunConfig) -> dict:
         rt.on_main(_write_outputs, run_dir, summary, tracker)
         rt.print(report.final_table(state.first_eval, exported_eval))
         rt.print(f"exported:    step {exported_step} of {state.step} (checkpoint.export: {cfg.checkpoint.export})")
-        rt.print(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {cfg.tracking_uri}")
+        rt.print(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {redact_uri(cfg.tracking_uri)}")
         if not cfg.tracking.uri:
             rt.print(f"  browse:    mlflow ui --backend-store-uri {cfg.tracking_uri}")
         rt.print(f"checkpoints: {run_dir / 'checkpoints'}")

@@ -50,8 +50,14 @@ class MLflowTracker(Tracker):
     name = "mlflow"
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, artifact_root: str | None, tags: dict):
+        import os
+
         from mlflow.tracking import MlflowClient
 
+        from launcher.config import redact_uri
+
+        if redact_uri(uri) != uri:  # mlflow prints "View run ... at <uri>", password included
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         exp = self.client.get_experiment_by_name(experiment)
@@ -235,6 +241,32 @@ def run_tags(facts: dict) -> dict:
     return tags
 
 
+def check_reachable(cfg, timeout_s: float = 5.0) -> None:
+    """An MLflow server that does not answer stops the start within seconds, with one line
+    and before the run directory exists; left to itself the mlflow client retries for
+    minutes without a word. Any HTTP answer (even an error status) counts as reachable."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    from launcher.config import redact_uri
+    from launcher.errors import ConfigError
+
+    uri = cfg.tracking_uri
+    if not cfg.tracking.mlflow or not uri.startswith(("http://", "https://")):
+        return
+    parts = urlsplit(uri)
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health"))
+    try:
+        urllib.request.urlopen(bare, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"tracking.uri: {redact_uri(uri)} does not answer ({reason}); start the server, "
+                          "correct the URI, or set tracking.mlflow=false") from None
+
+
 def warm_up(cfg, is_main: bool):
     """Start-up overlap: import mlflow and open its store (the default SQLite store creates
     its tables on first use, about 2 s) in a thread while the model loads. Nothing is
@@ -254,7 +286,17 @@ def warm_up(cfg, is_main: bool):
 
     thread = threading.Thread(target=touch, name="mlflow-warm-up", daemon=True)
     thread.start()
+    _WARMING.append(thread)
     return thread
+
+
+_WARMING: list = []
+
+
+def settle() -> None:
+    """Wait for a warm-up still touching the store (before removing what a failed start made)."""
+    while _WARMING:
+        _WARMING.pop().join()
 
 
 def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: dict | None, resume_step: int | None,

@@ -1,0 +1,156 @@
+"""What users get wrong, as a table: every malformed config, data file and launch combination
+exits 2 with one line naming the field or file[:line], prints no traceback, and leaves no
+run directory and no MLflow store behind. Each case runs `python -m launcher` in a fresh
+process, as a user would.
+
+Files are written per case by `make(tmp) -> overrides`; `expect` is the start of the one
+`error:` line ({tmp} is the case's directory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, TINY, launcher
+
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+GOOD = '{"text": "We may terminate your account at any time.", "label": 1}\n' * 40
+
+
+def _files(train: str | bytes, name: str = "train.jsonl", validation: str = GOOD):
+    """Overrides for a file-data run whose training file holds `train`."""
+    def make(tmp: Path) -> list[str]:
+        path = tmp / name
+        path.write_bytes(train if isinstance(train, bytes) else train.encode())
+        (tmp / "validation.jsonl").write_text(validation)
+        return ["data.synthetic.enabled=false", f"data.train_file={path}", f"data.validation_file={tmp / 'validation.jsonl'}"]
+    return make
+
+
+def _plain(*overrides: str):
+    return lambda tmp: [o.format(tmp=tmp) for o in overrides]
+
+
+def _write(name: str, text: str, *overrides: str):
+    """Writes `name` (and a good v.jsonl beside it), then the overrides."""
+    def make(tmp: Path) -> list[str]:
+        (tmp / "v.jsonl").write_text(GOOD)
+        (tmp / name).write_text(text.format(tmp=tmp) if "{tmp}" in text else text)
+        return [o.format(tmp=tmp) for o in overrides]
+    return make
+
+
+def _ds_yaml(ds: dict | str, *overrides: str):
+    def make(tmp: Path) -> list[str]:
+        (tmp / "ds.json").write_text(ds if isinstance(ds, str) else json.dumps(ds))
+        (tmp / "accel.yaml").write_text(f"distributed_type: DEEPSPEED\nnum_processes: 2\n"
+                                        f"deepspeed_config:\n  deepspeed_config_file: {tmp / 'ds.json'}\n")
+        return ["--accelerate-config", str(tmp / "accel.yaml"), *overrides]
+    return make
+
+
+ZERO2 = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
+
+# (name, command, config, make, expected start of the error line)
+CASES = [
+    # ---- config keys, types, values
+    ("unknown key", "train", TINY, _plain("train.lrr=1e-4"), "train.lrr: unknown key; did you mean 'train.lr'?"),
+    ("unknown section", "train", TINY, _plain("trian.lr=1"), "trian: unknown key; did you mean 'train'?"),
+    ("float expected", "train", TINY, _plain("train.lr=fast"), "train.lr: expected float; got 'fast'"),
+    ("int expected", "train", TINY, _plain("train.epochs=2.5"), "train.epochs: expected int; got 2.5"),
+    ("enum value", "train", TINY, _plain("data.mode=multi"), "data.mode: expected one of binary, multilabel"),
+    ("negative lr", "train", TINY, _plain("train.lr=-1"), "train.lr: must be > 0"),
+    ("warmup ratio 1.5", "train", TINY, _plain("train.warmup_ratio=1.5"), "train.warmup_ratio: must be in [0, 1)"),
+    ("batch not divisible", "train", TINY, _plain("train.global_batch_size=30"), "train.global_batch_size: 30 is not divisible"),
+    ("unknown metric", "train", TINY, _plain("eval.metric=macro-f1"), "eval.metric: unknown metric 'macro-f1'"),
+    ("accuracy in multilabel", "train", TINY, _plain("data.mode=multilabel", "eval.metric=accuracy"),
+     "eval.metric: accuracy is reported for data.mode=binary only"),
+    ("lora r 0", "train", TINY, _plain("model.lora.enabled=true", "model.lora.r=0"), "model.lora.r: must be > 0"),
+    ("lora dropout 1.5", "train", TINY, _plain("model.lora.enabled=true", "model.lora.dropout=1.5"), "model.lora.dropout: must be in [0, 1)"),
+    ("lora targets not a list", "train", TINY, _plain("model.lora.enabled=true", "model.lora.target_modules=5"),
+     "model.lora.target_modules: a list of module names"),
+    ("heads do not divide hidden", "train", TINY, _plain("model.tiny.num_heads=3"), "model.tiny.hidden_size: must be divisible"),
+    ("llama for classification", "train", TINY, _plain("model.tiny.arch=llama"), "model.tiny.arch: llama does not fit task classification"),
+    ("packing for classification", "train", TINY, _plain("data.packing=true"), "data.packing: only for task causal_lm"),
+    ("threshold for causal LM", "train", SFT, _plain("eval.tune_threshold=true"), "eval.tune_threshold: only for task classification"),
+    ("template without instruction", "train", SFT, lambda tmp: ["data.prompt_template_no_input=Answer {input}"],
+     "data.prompt_template_no_input: must contain {{instruction}}"),
+    ("binary with three names", "train", TINY, _plain("data.label_names=[a,b,c]"), "data.label_names: binary mode needs 2 names"),
+    ("duplicate label names", "train", TINY, _plain("data.label_names=[a,a]"), "data.label_names: names must be unique"),
+    ("run name with a slash", "train", TINY, _plain("--run-name", "a/b"), "run_name: must be a plain directory name"),
+    ("too few synthetic rows", "train", TINY, _plain("data.synthetic.n_train=10"),
+     "data.synthetic.n_train: 10 rows is fewer than train.global_batch_size (32)"),
+    ("synthetic and files", "train", TINY, _plain("data.train_file={tmp}/x.jsonl", "data.validation_file={tmp}/x.jsonl"),
+     "data.synthetic.enabled: set data.train_file/validation_file to null"),
+    ("train without validation", "train", TINY, _write("x.jsonl", GOOD, "data.synthetic.enabled=false", "data.train_file={tmp}/x.jsonl"),
+     "data.validation_file: required when data.train_file is set"),
+    ("missing data file", "train", TINY, _write("v.jsonl", GOOD, "data.synthetic.enabled=false", "data.train_file={tmp}/none.jsonl",
+                                                 "data.validation_file={tmp}/v.jsonl"), "data.train_file: {tmp}/none.jsonl: file not found"),
+    ("unsupported format", "train", TINY, _write("a.txt", "x\n", "data.synthetic.enabled=false", "data.train_file={tmp}/a.txt",
+                                                  "data.validation_file={tmp}/v.jsonl"), "data.train_file: {tmp}/a.txt: unsupported format"),
+    ("directory instead of file", "train", TINY, _write("v.jsonl", GOOD, "data.synthetic.enabled=false", "data.train_file={tmp}",
+                                                         "data.validation_file={tmp}/v.jsonl"), "data.train_file: {tmp}: a directory, but not one"),
+    ("missing local model", "train", TINY, _plain("model.name={tmp}/no-model"), "model.name: {tmp}/no-model"),
+    ("missing resume dir", "train", TINY, _plain("checkpoint.resume={tmp}/ckpt"), "checkpoint.resume: {tmp}/ckpt: no such checkpoint"),
+    ("output dir is a file", "train", TINY, _write("afile", "", "--output-dir", "{tmp}/afile"), "output_dir: {tmp}/afile is a file"),
+    ("config file missing", "train", None, _plain("{tmp}/nope.yaml"), "{tmp}/nope.yaml"),
+    ("config not YAML", "train", None, _write("bad.yaml", "train: [1, 2\n", "{tmp}/bad.yaml"), "{tmp}/bad.yaml"),
+    # ---- data files
+    ("not UTF-8", "train", TINY, _files(b'{"text": "caf\xe9", "label": 0}\n' + GOOD.encode()), "{tmp}/train.jsonl:1: not valid UTF-8"),
+    ("broken JSON line", "train", TINY, _files(GOOD + '{"text": "x", "label": \n'), "{tmp}/train.jsonl:41:"),
+    ("truncated last line", "train", TINY, _files(GOOD + '{"text": "We may chan'), "{tmp}/train.jsonl:41:"),
+    ("a 10 MB line", "train", TINY, _files(GOOD + "x" * 10_000_000 + "\n"), "{tmp}/train.jsonl:41:"),
+    ("not Parquet", "train", TINY, _files("not parquet\n", "train.parquet"), "{tmp}/train.parquet: not a readable Parquet file"),
+    ("CSV row without text", "train", TINY, _files("text,label\n,0\n" + "We may end it at any time.,1\n" * 40, "train.csv"),
+     "{tmp}/train.csv:2: missing or empty 'text'"),
+    ("empty training file", "train", TINY, _files(""), "{tmp}/train.jsonl"),
+    ("label outside the set", "train", TINY, _files('{"text": "x y z", "label": "maybe"}\n' + GOOD), "{tmp}/train.jsonl:1:"),
+    ("category id 9", "train", TINY, lambda tmp: ["data.mode=multilabel", *_files('{"text": "x y z", "labels": [9]}\n' + GOOD.replace('"label": 1', '"labels": [1]'),
+                                                           validation=GOOD.replace('"label": 1', '"labels": [1]'))(tmp)],
+     "{tmp}/train.jsonl:1: category id 9 out of range"),
+    ("text not a string", "train", TINY, _files('{"text": 42, "label": 0}\n' + GOOD), "{tmp}/train.jsonl:1:"),
+    ("no text field", "train", TINY, _files('{"body": "x", "label": 0}\n' + GOOD), "{tmp}/train.jsonl:1:"),
+    ("fewer rows than a batch", "train", TINY, _files(GOOD[: len(GOOD) // 40 * 5]),
+     "{tmp}/train.jsonl: 5 rows is fewer than train.global_batch_size (32)"),
+    # ---- launch combinations
+    ("launch flag without config", "train", TINY, _plain("--num-processes", "2"), "--num-processes: only with --accelerate-config"),
+    ("accelerate config missing", "plan", TINY, _plain("--accelerate-config", "{tmp}/none.yaml"),
+     "--accelerate-config: {tmp}/none.yaml: file not found"),
+    ("DeepSpeed JSON not JSON", "plan", TINY, _ds_yaml('{"zero_optimization": {"stage": 2},\n  "bf16": {enabled: true}}'),
+     "{tmp}/ds.json:2: invalid JSON"),
+    ("DeepSpeed clipping disagrees", "plan", TINY, _ds_yaml({**ZERO2, "gradient_clipping": 5.0}),
+     "{tmp}/ds.json: gradient_clipping: 5.0 but the run has 1.0"),
+    ("batch over 8 GPUs", "plan", TINY, _plain("--nodes", "2", "--gpus-per-node", "8"), "train.global_batch_size: 32 is not divisible"),
+    # ---- model, hub and tracker, found before or after the run directory exists
+    ("hub model offline", "train", TINY, _plain("model.name=no-such-org/no-such-model"), "model.name: cannot load 'no-such-org/no-such-model'"),
+    ("tracker does not answer", "train", TINY, _plain("tracking.uri=http://127.0.0.1:9"), "tracking.uri: http://127.0.0.1:9 does not answer"),
+    ("LoRA target the model lacks", "train", TINY, _plain("model.lora.enabled=true", "model.lora.target_modules=[nonexistent]"),
+     "model.lora.target_modules: nonexistent not among the linear layers"),
+]
+
+
+def test_the_table_is_wide():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name, command, config, make, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, name, command, config, make, expected):
+    work = tmp_path / "in"
+    work.mkdir()
+    out = tmp_path / "out"
+    args = make(work)
+    if command == "train" and "--output-dir" not in args:
+        args = ["--output-dir", str(out), *args]
+    head = [command] + ([str(config)] if config is not None else [])
+    proc = launcher(*head, *args, timeout=120)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    assert len(err) == 1, err
+    assert err[0].startswith("error: " + expected.format(tmp=work)), err[0]
+    # Nothing left behind: no run directory, no MLflow store (a tokenized-data cache may stay).
+    leftovers = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    assert set(leftovers) <= {".cache"}, leftovers
