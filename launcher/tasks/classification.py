@@ -346,8 +346,10 @@ def load_exported(model_dir: str | Path):
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
     meta = Path(model_dir) / "launcher.json"
-    threshold = json.loads(meta.read_text()).get("threshold") if meta.is_file() else None
-    cuts = None if threshold in (None, THRESHOLD) else cut_vector(threshold, names, multilabel)
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    threshold = info.get("threshold")
+    tuned = info.get("threshold_tuned") or threshold not in (None, THRESHOLD)  # a tuned rule, even if it kept 0.5
+    cuts = cut_vector(threshold, names, multilabel) if tuned else None
     return model.eval(), tokenizer, names, multilabel, cuts
 
 
