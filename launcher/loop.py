@@ -24,7 +24,6 @@ from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, reda
 from launcher.data import batching
 from launcher.errors import DataError
 from launcher.runtime import build_runtime
-from launcher.tracking import start_tracking
 
 
 def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
@@ -175,7 +174,7 @@ def train(cfg: RunConfig) -> dict:
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
     # metrics.jsonl keeps records up to the resumed step; a restart in place keeps none (-1).
     kept_step = state.step if resume_from else (-1 if start.restart_of_job else None)
-    tracker = start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, kept_step, warm_tracker)
+    tracker = tracking.start_tracking(cfg, rt.is_main, rt.facts(), run_dir, state.tracker_ids, kept_step, warm_tracker)
     state.tracker_ids = tracker.ids()
     if resume_from is None:
         rt.on_main(ckpt_lib.record_owner, run_dir, rt.job_id, state.tracker_ids)
