@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: venv demo tos test test-fast clean
+.PHONY: venv demo tos test test-fast test-faults clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not distributed and not server and not slurm"
+
+# The full kill-anywhere matrix: 5 kill points x (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + LoRA) on 2 ranks (make test runs 2).
+test-faults: venv
+	$(PY) -m pytest -q -m faults tests/test_faults.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,7 +17,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.errors import ConfigError
+from launcher import faults
+from launcher.errors import ConfigError, RunError
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -71,6 +72,22 @@ class Start:
     checkpoint: Path | None = None
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
     tracker_ids: dict = field(default_factory=dict)
+    # What a killed attempt left half-written: never loaded, never counted for retention;
+    # reported and removed once the run directory is taken.
+    partial: list = field(default_factory=list)
+
+
+def partial_writes(run_dir: Path) -> list[Path]:
+    """Checkpoint directories without their marker (temp dirs of a save that never finished)
+    and a half-written export."""
+    root = run_dir / "checkpoints"
+    found = [p for p in sorted(root.iterdir()) if p.is_dir() and not (p / MARKER).is_file()] if root.is_dir() else []
+    return found + [p for p in (run_dir / "model.tmp",) if p.exists()]
+
+
+def remove_partial(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def read_owner(run_dir: Path) -> dict:
@@ -108,10 +125,10 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None) -> Sta
         )
     latest = complete_checkpoints(run_dir / "checkpoints")
     if latest:
-        return Start(checkpoint=latest[-1][1])
+        return Start(checkpoint=latest[-1][1], partial=partial_writes(run_dir))
     owner = read_owner(run_dir)
     if job_id and owner.get("slurm_job_id") == job_id:
-        return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {})
+        return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
     raise ConfigError(
         f"run directory {run_dir} exists but holds no complete checkpoint to resume; "
         "pick another --run-name or remove it"
@@ -130,6 +147,7 @@ class Checkpointer:
         # write_skeleton(dir): model config, tokenizer, label names, so that
         # `launcher export` can turn the checkpoint into a model offline.
         self.write_skeleton = write_skeleton
+        self.need = 0  # bytes one checkpoint takes (estimate_bytes), set once the model is built
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -140,10 +158,29 @@ class Checkpointer:
             return final  # already saved at this step (e.g. periodic save == last step)
         tmp = self.root / f".tmp-{final.name}"
         self.rt.on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
-        self.rt.accelerator.save_state(str(tmp))  # collective: every rank writes its part
-        self.rt.barrier()
-        self.rt.on_main(self._seal, tmp, final, state)
+        # Every rank writes its part, then they compare notes (a collective, so a rank whose
+        # write failed cannot leave the others waiting in a barrier); rank 0 seals.
+        failure = _attempt(lambda: self.rt.accelerator.save_state(str(tmp)), self.root, self.need)
+        failures = self.rt.gather_objects(failure and failure[0])
+        if not any(failures):
+            faults.point("checkpoint", state.step)
+            failure = _attempt(lambda: self._seal(tmp, final, state), self.root, self.need) if self.rt.is_main else None
+            failures = self.rt.gather_objects(failure and failure[0])
+        if any(failures):
+            self.rt.on_main(shutil.rmtree, tmp, True)
+            self._give_up(state.step, failures, failure)
         return final
+
+    def _give_up(self, step: int, failures: list, own) -> None:
+        """A checkpoint that could not be written: its temp dir is gone, the previous complete
+        checkpoint is untouched. A disk error becomes one line; anything else keeps its traceback."""
+        rank, what = next((r, f) for r, f in enumerate(failures) if f)
+        kept = complete_checkpoints(self.root)
+        kept_line = (f"the last complete checkpoint, {kept[-1][1].name}, is intact; free space and run the same "
+                     "command to resume from it") if kept else "no earlier checkpoint exists"
+        if own is not None and not own[1]:  # this rank failed, and not for want of disk
+            raise own[2]
+        raise RunError(f"checkpoint at step {step} not written: rank {rank}: {what}; {kept_line}")
 
     def _seal(self, tmp: Path, final: Path, state: TrainState) -> None:
         if self.write_skeleton is not None:
@@ -180,6 +217,74 @@ class Checkpointer:
     def load(self, path: Path) -> TrainState:
         self.rt.accelerator.load_state(str(path))
         return TrainState.read(path)
+
+
+def _attempt(write, root: Path, need: int) -> tuple[str, bool, BaseException] | None:
+    """None when write() succeeds; else (a one-line description, a disk error?, the exception).
+    torch.save's zip writer reports a full disk as a RuntimeError ("file write failed",
+    "iostream error", "unexpected pos"), so a failure with less free space left than a
+    checkpoint needs counts as a full disk too."""
+    try:
+        write()
+        return None
+    except Exception as e:  # noqa: BLE001 - the caller reports it and re-raises what is not a disk error
+        line = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if isinstance(e, OSError):
+            return line, True, e
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = None
+        if free is not None and free < need:
+            return f"out of disk space ({_size(free)} free, about {_size(need)} needed; {line})", True, e
+        return line, False, e
+
+
+def estimate_bytes(n_params: int, n_trainable: int, model) -> int:
+    """About what one checkpoint takes: every weight at its stored width, AdamW's two fp32
+    moments per trainable weight, and an fp32 master copy of those when the weights are
+    16-bit (DeepSpeed keeps one). Tokenizer, config and RNG files are small beside these."""
+    width = next(model.parameters()).element_size()
+    return int(n_params * width + n_trainable * (8 + (4 if width < 4 else 0)))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def check_writable(out_dir: Path) -> None:
+    """ConfigError when files cannot be created where the run would write (a read-only file
+    system, no permission), probed with a temp file in output_dir or its nearest existing
+    parent, so nothing is created or left behind."""
+    import tempfile
+
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return  # a file in the way: load_config reports that
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".launcher-write-probe-"):
+            pass
+    except OSError as e:
+        at = "" if probe == out_dir else f" (at {probe})"
+        raise ConfigError(f"output_dir: {out_dir} cannot be written{at}: {e.strerror or e}") from None
+
+
+def check_space(rt, run_dir: Path, need: int) -> int:
+    """ConfigError on every rank when any rank's file system has less free space at the run
+    directory than one checkpoint needs (a collective: they all stop or none does)."""
+    free = shutil.disk_usage(run_dir).free
+    views = rt.gather_objects((free, rt.rank)) if rt.world_size > 1 else [(free, rt.rank)]
+    least, rank = min(views)
+    if least < need:
+        where = f" (as rank {rank} sees it)" if rt.world_size > 1 else ""
+        raise ConfigError(f"output_dir: a checkpoint of this run takes about {_size(need)} but {run_dir}{where} has "
+                          f"{_size(least)} free; free some space or point --output-dir elsewhere")
+    return need
 
 
 def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str, str], peft_config=None) -> None:
@@ -223,6 +328,7 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
+        faults.point("export")
         _replace_dir(tmp, out_dir)
 
     rt.on_main(write)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from launcher import __version__
-from launcher.errors import UserError
+from launcher.errors import RunError, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -355,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             for problem in e.problems:
                 print(f"error: {problem}", file=sys.stderr)
         return 2
+    except RunError as e:  # the machine failed a run that was going well: what happened, what is kept
+        from launcher.runtime import env_rank
+
+        if env_rank() == 0:
+            for problem in e.problems:
+                print(f"error: {problem}", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

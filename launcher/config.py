@@ -231,6 +231,10 @@ class TrackingConfig:
     # one synchronous MLflow call costs ~33 ms, longer than a tiny step).
     log_every_steps: int = 1
     flush_every_steps: int = 25
+    # A tracking server that stops answering mid-run never stops training: calls queue and
+    # are retried (metrics.jsonl has everything). The end of a finished run waits this long
+    # for the server to come back before giving up on what is still queued.
+    outage_wait_s: float = 300.0
 
 
 @dataclass
@@ -501,6 +505,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("checkpoint.keep_last", c.keep_last)
     positive("tracking.log_every_steps", cfg.tracking.log_every_steps)
     positive("tracking.flush_every_steps", cfg.tracking.flush_every_steps)
+    positive("tracking.outage_wait_s", cfg.tracking.outage_wait_s, allow_zero=True)
     positive("model.tiny.vocab_size", cfg.model.tiny.vocab_size)
     if not 0.0 <= t.warmup_ratio < 1.0:
         out.append(f"train.warmup_ratio: must be in [0, 1); got {t.warmup_ratio}")

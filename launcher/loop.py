@@ -19,7 +19,7 @@ import torch
 import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
-from launcher import tasks, tracking
+from launcher import faults, tasks, tracking
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
@@ -110,6 +110,7 @@ def train(cfg: RunConfig) -> dict:
     # data is generated into the run directory, so it is read once that exists.
     task.check_model_source()
     tracking.check_reachable(cfg)  # every rank: they must agree to stop
+    ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"))
     data = None
     if not cfg.data.synthetic.enabled:
@@ -120,6 +121,10 @@ def train(cfg: RunConfig) -> dict:
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
     for note in rt.notes or []:
         rt.print(note)
+    if start.partial:
+        rt.print(f"ignoring what a killed attempt left half-written: {', '.join(p.name for p in start.partial)} "
+                 "(never loaded); removed")
+        rt.on_main(ckpt_lib.remove_partial, start.partial)
     if resume_from is not None:
         rt.print(f"resuming from {resume_from}")
     if start.restart_of_job:
@@ -168,6 +173,11 @@ def train(cfg: RunConfig) -> dict:
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=extra, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)
+    n_params, n_trainable, held = rt.parameter_counts(model)
+    # Room for one more checkpoint, on every rank's view of the run directory, before any
+    # step runs (and before a tracker run exists): a full disk found at the first save
+    # would cost the steps before it.
+    checkpointer.need = ckpt_lib.check_space(rt, run_dir, ckpt_lib.estimate_bytes(n_params, n_trainable, rt.unwrap(model)))
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
@@ -178,7 +188,6 @@ def train(cfg: RunConfig) -> dict:
     state.tracker_ids = tracker.ids()
     if resume_from is None:
         rt.on_main(ckpt_lib.record_owner, run_dir, rt.job_id, state.tracker_ids)
-    n_params, n_trainable, held = rt.parameter_counts(model)
     notes, derived = task.describe(train_ds, val_ds)
     padded, padded_random = sampler.padded_fraction(), sampler.padded_fraction(grouped=False)
     derived |= {"derived.padded_token_fraction": round(padded, 4), "derived.padded_token_fraction_random": round(padded_random, 4)}
@@ -252,6 +261,7 @@ def train(cfg: RunConfig) -> dict:
                     step_loss += loss_sum.detach().float()
                 scheduler.step()
                 state.step, state.epoch, state.metric_at_step = step + 1, sampler.epoch_of(step), None
+                faults.point("step", state.step)
                 window_steps += 1
                 bar.update(1)
                 if step == first_step:
@@ -292,7 +302,7 @@ def train(cfg: RunConfig) -> dict:
                     stop_reason, stop_signal = stop_reason or "signal", signalled
                 improved = state.best_step == state.step and cfg.checkpoint.export == "best"  # model/ may come from here
                 if checkpointer.due(state.step) or last or stop_reason or improved:
-                    tracker.flush()
+                    tracker.flush(wait=True)
                     checkpointer.save(state)
                 elif state.step % cfg.tracking.flush_every_steps == 0:
                     tracker.flush()
@@ -330,9 +340,10 @@ def train(cfg: RunConfig) -> dict:
         rt.on_main(_write_outputs, run_dir, summary, tracker)
         rt.print(report.final_table(state.first_eval, exported_eval))
         rt.print(f"exported:    step {exported_step} of {state.step} (checkpoint.export: {cfg.checkpoint.export})")
-        rt.print(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {redact_uri(cfg.tracking_uri)}")
-        if not cfg.tracking.uri:
-            rt.print(f"  browse:    mlflow ui --backend-store-uri {cfg.tracking_uri}")
+        if cfg.tracking.mlflow:
+            rt.print(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {redact_uri(cfg.tracking_uri)}")
+            if not cfg.tracking.uri:
+                rt.print(f"  browse:    mlflow ui --backend-store-uri {cfg.tracking_uri}")
         rt.print(f"checkpoints: {run_dir / 'checkpoints'}")
         rt.print(f"model:       {model_dir}")
         tracker.finish()

@@ -113,6 +113,16 @@ class Runtime:
             token = box[0]
         return token
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (small and picklable), in rank order, on every rank. A collective."""
+        if self.world_size == 1:
+            return [obj]
+        import torch
+
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def data_cache(self, root):
         """The prepared-data cache as this rank sees it: local rank 0 of each node may build an
         entry (one per shared directory, or one per node-local directory); the rest wait for it

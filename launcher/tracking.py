@@ -5,17 +5,27 @@ trackers, every other rank gets `Tracker()`, whose methods do nothing, so the
 loop calls the tracker unconditionally and holds no rank checks.
 
 Train metrics are buffered and sent in batches (`log_batch`): one synchronous
-MLflow call costs tens of ms, longer than a tiny training step (NOTES.md).
+MLflow call costs tens of ms, longer than a tiny training step (NOTES.md). After the
+run starts, every MLflow call goes through one sender thread in order, so training
+never waits on the server: when it stops answering, the run prints one warning, keeps
+every call queued (metrics.jsonl has them all the while) and retries with backoff; when
+the server returns, the queue drains in order and one line says so. The end of a run
+waits up to `tracking.outage_wait_s` for a server that is down.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import secrets
+import sys
+import threading
 import time
 from pathlib import Path
 
 from launcher import __version__
+from launcher.config import redact_uri
 
 
 class Tracker:
@@ -36,8 +46,8 @@ class Tracker:
     def log_table(self, rows: list[dict], name: str, step: int) -> None:
         """Rows of one table (same keys each), appended to the run's table `name`."""
 
-    def flush(self) -> None:
-        pass
+    def flush(self, wait: bool = False) -> None:
+        """Send what is buffered; wait: until the tracker has it, unless it is down."""
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -46,15 +56,141 @@ class Tracker:
         return {}
 
 
+# Server answers that retrying cannot fix: the call is dropped with a warning.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
+              "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"}
+
+
+def _permanent(error: Exception) -> bool:
+    return getattr(error, "error_code", None) in _PERMANENT
+
+
+def _has_url(error: Exception) -> bool:
+    return "://" in str(error)
+
+
+def _reason(error: Exception) -> str:
+    """A short cause for a failed call, without the URL (it may carry credentials)."""
+    import re
+
+    text = str(error)
+    for pattern in (r"\[Errno -?\d+\] [^'\")]+", r"[Rr]ead timed out", r"error code \d+", r"[A-Z_]{6,}"):
+        if m := re.search(pattern, text):
+            return m.group(0).strip()
+    return type(error).__name__
+
+
+class Sender:
+    """Runs tracker calls in order on one thread. A call that fails for a reason retrying
+    can fix (no connection, a 5xx) stays at the head of the queue and is retried with
+    backoff (1 s doubling to `max_backoff_s`); the first failure prints one warning and
+    the recovery one line. Consecutive metric batches are merged into one call."""
+
+    def __init__(self, where: str, send_metrics, max_backoff_s: float = 30.0, say=None):
+        self.where, self.send_metrics, self.max_backoff_s = where, send_metrics, max_backoff_s
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.queue: collections.deque = collections.deque()  # ("metrics", [Metric]) | ("call", what, fn)
+        self.cond = threading.Condition()
+        self.down_since: float | None = None
+        self.outages, self.busy, self.closed = 0, False, False
+        self.thread = threading.Thread(target=self._run, name="tracker-sender", daemon=True)
+        self.thread.start()
+
+    def put_metrics(self, metrics: list) -> None:
+        if metrics:
+            with self.cond:
+                self.queue.append(("metrics", metrics))
+                self.cond.notify()
+
+    def put_call(self, what: str, fn) -> None:
+        with self.cond:
+            self.queue.append(("call", what, fn))
+            self.cond.notify()
+
+    def pending_metrics(self) -> int:
+        with self.cond:
+            return sum(len(item[1]) for item in self.queue if item[0] == "metrics")
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until everything queued so far is sent (True) or timeout_s passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while self.queue or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.5))
+        return True
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _next(self):
+        """The head of the queue as one call: merged metric batches (up to 1000 values) or a call."""
+        with self.cond:
+            while not self.queue and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return None, 0
+            self.busy = True
+            if self.queue[0][0] == "call":
+                return self.queue[0], 1
+            merged, n = [], 0
+            for item in self.queue:
+                if item[0] != "metrics" or (merged and len(merged) + len(item[1]) > 1000):
+                    break
+                merged.extend(item[1])
+                n += 1
+            return ("metrics", merged), n
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            item, n = self._next()
+            if item is None:
+                return
+            queued = self.pending_metrics() if self.down_since is not None else 0
+            try:
+                if item[0] == "metrics":
+                    self.send_metrics(item[1])
+                else:
+                    item[2]()
+                failed = None
+            except Exception as e:  # noqa: BLE001 - any failure of the tracker must not stop training
+                failed = e
+            with self.cond:
+                if failed is None or _permanent(failed):
+                    for _ in range(n):
+                        self.queue.popleft()
+                self.busy = False
+                self.cond.notify_all()
+            if failed is not None and _permanent(failed):
+                what = "metrics" if item[0] == "metrics" else item[1]
+                self.say(f"warning: tracking: {self.where} refused {what} ({_reason(failed)}): "
+                         f"{str(failed).splitlines()[0][:200] if not _has_url(failed) else 'see the server log'}")
+            elif failed is not None:
+                if self.down_since is None:
+                    self.down_since, self.outages = time.monotonic(), self.outages + 1
+                    self.say(f"warning: tracking: {self.where} is not answering ({_reason(failed)}); "
+                             "training goes on, metrics are kept in metrics.jsonl and sent when it answers again")
+                with self.cond:
+                    if self.cond.wait_for(lambda: self.closed, timeout=backoff):
+                        return  # finish() gave up waiting: what is left stays in metrics.jsonl
+                backoff = min(backoff * 2, self.max_backoff_s)
+            elif self.down_since is not None:
+                self.say(f"tracking: {self.where} answers again after {time.monotonic() - self.down_since:.0f} s; "
+                         f"sending the {queued} metric values queued meanwhile, in order")
+                self.down_since, backoff = None, 1.0
+
+
 class MLflowTracker(Tracker):
     name = "mlflow"
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, artifact_root: str | None, tags: dict):
-        import os
-
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, artifact_root: str | None, tags: dict,
+                 outage_wait_s: float = 300.0):
         from mlflow.tracking import MlflowClient
-
-        from launcher.config import redact_uri
 
         if redact_uri(uri) != uri:  # mlflow prints "View run ... at <uri>", password included
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -65,15 +201,25 @@ class MLflowTracker(Tracker):
             exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
         else:
             exp_id = exp.experiment_id
-        if run_id:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.resumed = True
-        else:
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            self.resumed = False
-        self.client.set_tag(self.run_id, "launcher.attempts", str(int(self._tag("launcher.attempts") or 0) + 1))
+        # Only finding or creating the run waits on the server (the start checked it answers);
+        # from then on every call goes through the sender (see the module docstring).
+        self.run_id = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        self.resumed = bool(run_id)
         self._buffer: list = []
+        self.outage_wait_s = outage_wait_s
+        # The sender retries on its own schedule; the client's own retries (7, backoff factor 2:
+        # minutes per call) would only delay the warning and the recovery. Read per request.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
+        self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
+
+        def attempt():
+            if self.resumed:
+                self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "launcher.attempts", str(int(self._tag("launcher.attempts") or 0) + 1))
+
+        self.sender.put_call("the attempt count", attempt)
 
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)
@@ -81,11 +227,14 @@ class MLflowTracker(Tracker):
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params if self.resumed else {}
-        # MLflow forbids changing a logged param; a resumed run keeps the first values.
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        def send():
+            existing = self.client.get_run(self.run_id).data.params if self.resumed else {}
+            # MLflow forbids changing a logged param; a resumed run keeps the first values.
+            items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+        self.sender.put_call("params", send)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
@@ -93,21 +242,69 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
-    def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+    def backfill(self, records: list[dict]) -> None:
+        """On resume, make the run's history one value per (metric, step): send what
+        metrics.jsonl kept (steps up to the checkpoint) that the run lacks (still queued when
+        an earlier attempt was killed), and from then on skip steps the run already has
+        (logged by the killed attempt past its last checkpoint; the resumed run recomputes
+        the same values)."""
+        from mlflow.entities import Metric
+
+        def send():
+            now = int(time.time() * 1000)
+            keys = {k for r in records for k in r if k != "step"} | set(self.client.get_run(self.run_id).data.metrics)
+            have = {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+            missing = [Metric(k, float(v), now, r["step"]) for r in records for k, v in r.items()
+                       if k != "step" and r["step"] not in have[k]]
+            for i in range(0, len(missing), 1000):
+                self.client.log_batch(self.run_id, metrics=missing[i : i + 1000])
+            for m in missing:
+                have[m.key].add(m.step)
+            self._have = have
+            if missing:
+                self.sender.say(f"tracking: {len(missing)} metric values from metrics.jsonl that the MLflow run "
+                                "lacked were sent")
+
+        self.sender.put_call("metrics kept in metrics.jsonl", send)
+
+    def _send_metrics(self, metrics: list) -> None:
+        if self._have:
+            metrics = [m for m in metrics if m.step not in self._have.get(m.key, ())]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand the buffered metrics to the sender. wait (before a checkpoint): until the server
+        has them, so a run killed later resumes with its MLflow history whole; not while the
+        server is down (training never waits on it then)."""
+        self.sender.put_metrics(self._buffer)
+        self._buffer = []
+        if wait and self.sender.down_since is None:
+            self.sender.drain(30.0)
 
     def log_artifact(self, path, artifact_path=None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.sender.put_call(f"artifact {Path(path).name}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_table(self, rows, name, step) -> None:
         # MLflow appends to an existing table artifact; the UI compares it across steps and runs.
-        self.client.log_table(self.run_id, data={k: [r[k] for r in rows] for k in rows[0]}, artifact_file=f"{name}.json")
+        data = {k: [r[k] for r in rows] for k in rows[0]}
+        self.sender.put_call(f"table {name}", lambda: self.client.log_table(self.run_id, data=data, artifact_file=f"{name}.json"))
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Send everything queued and mark the run ended. A server that is down is waited
+        for up to outage_wait_s (15 s at most when the run failed or was stopped: its
+        checkpoint is saved and the job may have little time left); then the run stays
+        RUNNING in MLflow and the line printed says what was not sent."""
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self.sender.put_call("the run's end", lambda: self.client.set_terminated(self.run_id, status=status))
+        wait = self.outage_wait_s if status == "FINISHED" else min(self.outage_wait_s, 15.0)
+        if not self.sender.drain(0.0) and self.sender.down_since is not None:
+            self.sender.say(f"tracking: waiting up to {wait:.0f} s for {self.sender.where} (tracking.outage_wait_s)")
+        if not self.sender.drain(wait):
+            self.sender.say(f"warning: tracking: {self.sender.where} did not answer within {wait:.0f} s: "
+                            f"{self.sender.pending_metrics()} metric values and the run's end were not sent; "
+                            "all metrics are in the run's metrics.jsonl")
+        self.sender.close()
 
     def ids(self) -> dict:
         return {"mlflow": self.run_id}
@@ -168,10 +365,14 @@ class JsonlTracker(Tracker):
             tmp.replace(path)
         self._f = open(path, "a")
 
+    def records(self) -> list[dict]:
+        self._f.flush()
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         self._f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         self._f.flush()
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -199,9 +400,9 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.log_table(rows, name, step)
 
-    def flush(self):
+    def flush(self, wait=False):
         for t in self.trackers:
-            t.flush()
+            t.flush(wait)
 
     def finish(self, status="FINISHED"):
         for t in self.trackers:
@@ -249,7 +450,6 @@ def check_reachable(cfg, timeout_s: float = 5.0) -> None:
     import urllib.request
     from urllib.parse import urlsplit, urlunsplit
 
-    from launcher.config import redact_uri
     from launcher.errors import ConfigError
 
     uri = cfg.tracking_uri
@@ -314,7 +514,11 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
         artifact_root = None
         if not t.uri:  # default SQLite store: artifacts beside it, not in ./mlruns of the cwd
             artifact_root = (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
-        trackers.append(MLflowTracker(cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags))
+        mlflow = MLflowTracker(cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags,
+                               t.outage_wait_s)
+        if mlflow.resumed:
+            mlflow.backfill(trackers[0].records())
+        trackers.append(mlflow)
     if t.wandb and t.wandb_mode != "disabled":
         trackers.append(WandbTracker(t.wandb_project, cfg.run_name, resume_ids.get("wandb"), t.wandb_mode, run_dir / "wandb", tags))
     return MultiTracker(trackers)

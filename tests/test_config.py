@@ -158,7 +158,8 @@ def test_run_directory_policy(tmp_path):
     (run / "checkpoints" / ".tmp-step-000006").mkdir(parents=True)  # half-written: not a checkpoint
     (run / "checkpoints" / "step-000003").mkdir()
     (run / "checkpoints" / "step-000003" / ck.MARKER).touch()
-    assert ck.resolve_resume(run, "auto", "8") == ck.Start(checkpoint=run / "checkpoints" / "step-000003")
+    assert ck.resolve_resume(run, "auto", "8") == ck.Start(checkpoint=run / "checkpoints" / "step-000003",
+                                                           partial=[run / "checkpoints" / ".tmp-step-000006"])
 
 
 def test_a_bare_no_is_the_word_not_false(tmp_path):

@@ -1,0 +1,29 @@
+"""Fail points for the fault-injection tests. With `LAUNCHER_FAILPOINT=WHERE`, global rank 0
+stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole process tree
+(`accelerate launch`, every rank) exactly there, as a lost node or `kill -9` would.
+(Rank 0 cannot do it alone: torchrun starts each rank in its own session.) WHERE is one of
+
+    step:N          after optimizer step N, before any checkpoint of that step
+    checkpoint:N    inside the save of step N: every rank has written its part, nothing sealed
+    export          inside the export: the weights are written, not yet renamed into place
+
+Unset, each point costs one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_WHERE = os.environ.get("LAUNCHER_FAILPOINT")
+
+
+def point(name: str, step: int | None = None) -> None:
+    if _WHERE is None or _WHERE != (name if step is None else f"{name}:{step}"):
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    import sys
+
+    print(f"failpoint {_WHERE}: rank 0 stopped, waiting to be killed", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)

@@ -1,0 +1,111 @@
+"""A real full disk: the run directory on a small tmpfs (root only, like the Slurm tests).
+
+- less room than one checkpoint: refused before training, exit 2, one line, nothing left;
+- room for one checkpoint but not two: the second save fails midway with a real ENOSPC,
+  the first checkpoint stays whole, one line says so (exit 1); with more room the same
+  command resumes from it and ends with the weights of an uninterrupted run;
+- a read-only file system: refused before anything is created.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, TINY, check, launcher
+
+pytestmark = pytest.mark.slow
+
+ARGS = [*FAST, "train.max_steps=8", "checkpoint.every_steps=4", "checkpoint.keep_last=1", "eval.every_steps=4",
+        "tracking.mlflow=false"]
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size_bytes, read_only=False) -> a fresh tmpfs directory; unmounted at the end."""
+    mounts = []
+
+    def mount(size: int, read_only: bool = False, at: Path | None = None) -> Path:
+        where = at or tmp_path / f"fs{len(mounts)}"
+        where.mkdir(exist_ok=True)
+        opts = f"{'remount,' if at else ''}size={max(size // 1024, 4)}k{',ro' if read_only else ''}"
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if proc.returncode:
+            if os.geteuid() != 0:
+                pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+            raise RuntimeError(f"mount failed: {proc.stderr}")
+        if not at:
+            mounts.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounts):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_full_disk_before_and_during_a_save(tmp_path, tmpfs):
+    cache = ["data.cache_dir=" + str(tmp_path / "cache")]
+    ref = tmp_path / "ref"
+    check(launcher("train", str(TINY), "--output-dir", str(ref), "--run-name", "r", *ARGS, *cache))
+    run = ref / "r"
+    ckpt = max(_du(p) for p in (run / "checkpoints").iterdir())  # one checkpoint
+    # What the run writes before its second save, besides checkpoints: config, data, tokenizer.
+    base = _du(run) - _du(run / "checkpoints") - _du(run / "model") - _du(run / "training.png") - _du(run / "final_metrics.json")
+    assert ckpt > 3 * base > 0, (ckpt, base)  # the checkpoint dominates, so the sizes below are unambiguous
+
+    # 1. Less room than one checkpoint: refused before the first step, nothing left behind.
+    small = tmpfs(base + 2 * 4096 + ckpt // 4)
+    proc = launcher("train", str(TINY), "--output-dir", str(small / "out"), "--run-name", "r", *ARGS, *cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: output_dir: a checkpoint of this run takes about"), proc.stderr
+    assert "Traceback" not in proc.stderr and "first optimizer step" not in proc.stdout
+    assert list(small.iterdir()) == []
+
+    # 2. Room for one checkpoint, not two: the step-8 save runs out of space midway.
+    fs = tmpfs(base + 3 * ckpt // 2)
+    cmd = ["train", str(TINY), "--output-dir", str(fs / "out"), "--run-name", "r", *ARGS, *cache]
+    proc = launcher(*cmd)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "checkpoint at step 8 not written" in lines[0]
+    # ENOSPC as OSError (plain writes) or as torch.save's zip-writer RuntimeError, by which file fills the disk
+    assert "No space left on device" in lines[0] or "out of disk space" in lines[0], lines[0]
+    assert "step-000004, is intact" in lines[0]
+    ckpts = fs / "out" / "r" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004"]  # no temp dir, no half checkpoint
+    assert (ckpts / "step-000004" / "COMPLETE").is_file()
+    assert abs(_du(ckpts / "step-000004") - ckpt) < 4096  # whole: the size of a reference checkpoint
+    assert not (fs / "out" / "r" / "model").exists()
+
+    # 3. More room, the same command: resumes from step 4 and ends where the reference ended.
+    tmpfs(base + 5 * ckpt, at=fs)
+    proc = check(launcher(*cmd))
+    assert "resuming from" in proc.stdout and "step-000004" in proc.stdout
+    got, want = _weights(fs / "out" / "r"), _weights(run)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (got[k] - want[k]).abs().max().item() < 1e-6, k
+
+
+def test_read_only_output_dir_is_refused_before_anything(tmp_path, tmpfs):
+    ro = tmpfs(1 << 20, read_only=True)
+    proc = launcher("train", str(TINY), "--output-dir", str(ro / "runs"), *FAST, "tracking.mlflow=false")
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "output_dir:" in lines[0] and "Read-only file system" in lines[0], proc.stderr
+    assert list(ro.iterdir()) == []
