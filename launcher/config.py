@@ -176,6 +176,10 @@ class TrainConfig:
     # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
     # writes a checkpoint) before the process group gives up.
     collective_timeout_s: int = 1800
+    # A rank with no progress (no step, eval or checkpoint ends) for this long writes its
+    # stacks to RUN/ranks/rank-N.stack and rank 0 reports which ranks are behind and where;
+    # the run goes on (the collective timeout decides). 0: off.
+    hang_timeout_s: float = 600.0
     # Stop after checkpointing at this step without finishing the schedule
     # (rehearses an interruption; resume continues to max_steps).
     halt_at_step: Optional[int] = None
@@ -506,6 +510,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("tracking.log_every_steps", cfg.tracking.log_every_steps)
     positive("tracking.flush_every_steps", cfg.tracking.flush_every_steps)
     positive("tracking.outage_wait_s", cfg.tracking.outage_wait_s, allow_zero=True)
+    positive("train.hang_timeout_s", t.hang_timeout_s, allow_zero=True)
     positive("model.tiny.vocab_size", cfg.model.tiny.vocab_size)
     if not 0.0 <= t.warmup_ratio < 1.0:
         out.append(f"train.warmup_ratio: must be in [0, 1); got {t.warmup_ratio}")

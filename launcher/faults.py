@@ -7,6 +7,9 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
     checkpoint:N    inside the save of step N: every rank has written its part, nothing sealed
     export          inside the export: the weights are written, not yet renamed into place
 
+`LAUNCHER_STALL=RANK:STEP:SECONDS` makes that rank sleep inside optimizer step STEP (after
+its backward passes), the hang the watchdog tests need.
+
 Unset, each point costs one comparison.
 """
 
@@ -16,6 +19,7 @@ import os
 import signal
 
 _WHERE = os.environ.get("LAUNCHER_FAILPOINT")
+_STALL = os.environ.get("LAUNCHER_STALL")
 
 
 def point(name: str, step: int | None = None) -> None:
@@ -27,3 +31,13 @@ def point(name: str, step: int | None = None) -> None:
 
     print(f"failpoint {_WHERE}: rank 0 stopped, waiting to be killed", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def stall(step: int) -> None:
+    if _STALL is None:
+        return
+    rank, at, seconds = _STALL.split(":")
+    if int(rank) == int(os.environ.get("RANK", "0")) and int(at) == step:
+        import time
+
+        time.sleep(float(seconds))

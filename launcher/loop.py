@@ -19,10 +19,10 @@ import torch
 import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
-from launcher import faults, tasks, tracking
+from launcher import faults, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
-from launcher.errors import DataError
+from launcher.errors import DataError, RunError, UserError
 from launcher.runtime import build_runtime
 
 
@@ -220,6 +220,8 @@ def train(cfg: RunConfig) -> dict:
     if rt.zero_stage == 3:
         rt.print(f"ZeRO-3: parameters held per rank: {' / '.join(f'{n:,}' for n in held)} of {n_params:,}")
 
+    dog = watchdog.Watchdog(run_dir / "ranks", rt.rank, rt.world_size, t.hang_timeout_s, rt.print)
+    dog.beat(state.step, "eval" if state.step == 0 and cfg.eval.at_start else "train")
     try:
         if state.step == 0 and cfg.eval.at_start:
             state.first_eval = task.evaluate(rt, model, val_loader)
@@ -259,9 +261,11 @@ def train(cfg: RunConfig) -> dict:
                         optimizer.step()
                         optimizer.zero_grad()
                     step_loss += loss_sum.detach().float()
+                faults.stall(step + 1)
                 scheduler.step()
                 state.step, state.epoch, state.metric_at_step = step + 1, sampler.epoch_of(step), None
                 faults.point("step", state.step)
+                dog.beat(state.step)
                 window_steps += 1
                 bar.update(1)
                 if step == first_step:
@@ -290,6 +294,7 @@ def train(cfg: RunConfig) -> dict:
 
                 last = state.step == total_steps
                 if (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last:
+                    dog.beat(state.step, "eval")
                     last_eval, last_eval_step = task.evaluate(rt, model, val_loader), state.step
                     tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()}, step=state.step)
                     stop_reason = _track_best(state, last_eval, cfg.eval_metric, higher_is_better, cfg.eval.early_stopping_patience)
@@ -303,9 +308,11 @@ def train(cfg: RunConfig) -> dict:
                 improved = state.best_step == state.step and cfg.checkpoint.export == "best"  # model/ may come from here
                 if checkpointer.due(state.step) or last or stop_reason or improved:
                     tracker.flush(wait=True)
+                    dog.beat(state.step, "checkpoint")
                     checkpointer.save(state)
                 elif state.step % cfg.tracking.flush_every_steps == 0:
                     tracker.flush()
+                dog.beat(state.step)
                 if stop_reason:
                     break
 
@@ -333,6 +340,7 @@ def train(cfg: RunConfig) -> dict:
                      f"({cfg.eval_metric} {tuned.get(cfg.eval_metric, float('nan')):.4f}; at 0.5: {tuned.get(cfg.eval_metric + '@0.5', float('nan')):.4f})")
             extra = {"launcher.json": json.dumps(task.metadata())}
         model_dir = run_dir / "model"
+        dog.beat(state.step, "export")
         ckpt_lib.export_model(rt, model, tokenizer, model_dir, extra, random_base=task.random_init())
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
@@ -348,9 +356,13 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"model:       {model_dir}")
         tracker.finish()
         return {"status": "finished", "run_dir": str(run_dir), **summary}
-    except BaseException:
+    except BaseException as e:
+        if not isinstance(e, (UserError, RunError, KeyboardInterrupt)):  # e.g. a collective that timed out
+            watchdog.dump_exception(run_dir / "ranks", rt.rank, e)
         tracker.finish(status="FAILED")
         raise
+    finally:
+        dog.close()
 
 
 def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) -> None:

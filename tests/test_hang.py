@@ -1,0 +1,32 @@
+"""Hang triage on 2 CPU ranks: rank 1 sleeps inside step 5 (LAUNCHER_STALL) for longer than
+train.hang_timeout_s. Every rank writes its stacks to RUN/ranks/rank-N.stack, rank 0 prints
+which rank is behind and where each one is, and the run then finishes normally."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import check
+from test_distributed import ACCEL, accelerate_launch
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def test_a_stalled_rank_is_reported_with_every_ranks_stack(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_STALL", "1:5:20")
+    proc = check(accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "h", "train.hang_timeout_s=5"))
+    ranks = tmp_path / "h" / "ranks"
+    stacks = {r: (ranks / f"rank-{r:05d}.stack").read_text() for r in (0, 1)}
+    assert "in stall" in stacks[1] and "faults.py" in stacks[1]  # rank 1's main thread, caught asleep
+    assert "faults.py" not in stacks[0] and "distributed" in stacks[0]  # rank 0 waits for it in a collective
+    out = proc.stdout.splitlines()
+    start = next(i for i, x in enumerate(out) if x.startswith("hang watchdog: no progress on rank 0"))
+    report = {int(x.split()[1].rstrip(":")): x for x in out[start + 1 : start + 3]}
+    assert "step 4" in report[1] and "BEHIND" in report[1] and "faults.py" in report[1] and "in stall" in report[1], out[start:]
+    assert "step 5" in report[0] and "BEHIND" not in report[0] and "loop.py" in report[0], out[start:]
+    assert sum(x.startswith("hang watchdog: no progress") for x in out) == 1  # one report for one stall
+    assert any("making progress again" in x for x in out)
+    assert "finished" in proc.stdout or (tmp_path / "h" / "model").is_dir()
+    assert not os.environ.get("LAUNCHER_FAILPOINT")
