@@ -78,13 +78,17 @@ def test_train_against_real_server(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri, server_dir = mlflow_server
-    # Credentials in the URI (the server ignores them) must not leak into prints, params or config.yaml.
+    # Credentials in the URI (the server ignores them) and tokens in the environment must not
+    # leak into prints, params, tags or any file the run writes.
     secret_uri = uri.replace("http://", "http://alice:s3cret-pw@")
+    tokens = {"HF_TOKEN": "hf_s3cret-tok", "WANDB_API_KEY": "wandb-s3cret-key", "MLFLOW_TRACKING_TOKEN": "mlf-s3cret-tok"}
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "runs"), "--run-name", "srv", *FAST,
                           "train.max_steps=8", "eval.every_steps=4", "checkpoint.every_steps=4", f"tracking.uri={secret_uri}",
-                          "tracking.experiment=server-test"))
-    assert "s3cret-pw" not in proc.stdout + proc.stderr and "alice:***@" in proc.stdout
+                          "tracking.experiment=server-test", env=tokens))
+    assert "s3cret" not in proc.stdout + proc.stderr and "alice:***@" in proc.stdout
     assert "s3cret-pw" not in (tmp_path / "runs" / "srv" / "config.yaml").read_text()
+    written = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    assert len(written) > 10 and not [f for f in written if b"s3cret" in f.read_bytes()]
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing went to the default local store
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("server-test")
@@ -93,7 +97,7 @@ def test_train_against_real_server(mlflow_server, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 9))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 4, 8]
     assert run.data.params["train.max_steps"] == "8"
-    assert not [k for k, v in run.data.params.items() if "s3cret-pw" in v]
+    assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if "s3cret" in v]
     assert run.data.params["tracking.uri"] == secret_uri.replace("s3cret-pw", "***")
     assert {"config.yaml", "final_metrics.json", "training.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # The artifacts travelled over HTTP into the server's own store.
