@@ -15,6 +15,7 @@ Activations, buffers and fragmentation come on top and are not estimated.
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,8 @@ def activation_lines(config, cfg: RunConfig) -> list[str]:
     return ["memory     " + out[0]] + ["           " + x if not x.startswith(" ") else x for x in out[1:]]
 
 
-def launch_commands(config_path: str, overrides: list[str], accelerate_config: str | None, launch) -> list[str]:
+def launch_commands(config_path: str, overrides: list[str], accelerate_config: str | None, launch,
+                    checkpoint_bytes: float | None = None) -> list[str]:
     tail = ["-m", "launcher", "train", config_path, *overrides]
     if accelerate_config is None and launch.num_processes == 1:
         return [shlex.join(["launcher", "train", config_path, *overrides])]
@@ -148,6 +150,10 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
         env = [f"ACCELERATE_CONFIG={accelerate_config}"] if accelerate_config else []
         out.append(shlex.join([*env, "sbatch", "--nodes", str(launch.num_machines), "--gpus-per-node",
                                str(launch.processes_per_machine), "slurm/train.sh", config_path, *overrides]))
+        lead = os.environ.get("SIGNAL_LEAD_S", "600")
+        size = f" (a checkpoint is about {_size(checkpoint_bytes)})" if checkpoint_bytes else ""
+        out.append(f"  (whole nodes, every CPU to the node's ranks: CPUS_PER_NODE overrides; every rank checkpoints "
+                   f"and stops SIGNAL_LEAD_S={lead} s before the time limit{size})")
     return out
 
 
@@ -203,5 +209,11 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
     lines += activation_lines(model_config, cfg)
     lines.append("command")
-    lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch)]
+    # What one checkpoint holds (checkpoint.estimate_bytes): weights at their width, AdamW's fp32
+    # moments for what trains, fp32 masters when DeepSpeed trains 16-bit weights.
+    ckpt = None
+    if n_params:
+        trained = 0 if cfg.model.lora.enabled else n_params
+        ckpt = n_params * (2 if sixteen else 4) + trained * (8 + (4 if sixteen else 0))
+    lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch, ckpt)]
     return "\n".join(lines)

@@ -11,18 +11,24 @@
 #   RUN_NAME           run directory name (default: the config file's stem), kept across requeues
 #   MAIN_PORT          rendezvous port on the head node (default: 20000 + job id mod 20000)
 #   PYTHON             interpreter with launcher installed (default: python3 on PATH)
+#   CPUS_PER_NODE      CPUs for the node's ranks (default: every CPU the job has on the node; the job
+#                      asks for whole nodes with --exclusive, so collation workers and DeepSpeed's
+#                      CPU Adam are not starved); each rank gets CPUS_PER_NODE / ranks per node threads
+#   SIGNAL_LEAD_S      seconds before the time limit at which every rank is asked to checkpoint and
+#                      stop (default 600: a large checkpoint needs minutes); `launcher plan` shows it
 #
-# Preemption: Slurm sends SIGUSR1 to this script 120 s before the time limit (--signal=B:USR1@120);
-# `scancel --signal=USR1 --batch JOB` does the same by hand. The trap creates LAUNCHER_STOP_FILE
+# Preemption: SIGNAL_LEAD_S before the time limit this script asks every rank to stop (its own
+# timer, from the job's end time; Slurm's --signal=B:USR1@600 below is the fallback when the end
+# time cannot be read); `scancel --signal=USR1 --batch JOB` does the same by hand. The trap creates LAUNCHER_STOP_FILE
 # (signalling srun instead would cancel the job step, killing the ranks mid-step); every rank
 # sees it at the end of a step, they agree on one step, checkpoint it and exit cleanly; then the
 # job requeues itself and the requeued job resumes from that checkpoint into the same MLflow run.
 #SBATCH --job-name=launcher
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=8
+#SBATCH --exclusive
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
@@ -43,6 +49,12 @@ if [ -z "${GPUS_PER_NODE:-}" ]; then
     GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-1}
 fi
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
+CPUS_PER_NODE=${CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE}}
+THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
+[ "$THREADS_PER_RANK" -ge 1 ] || THREADS_PER_RANK=1
+# torchrun would set 1 thread per rank whenever a node runs several; set it from the CPUs instead.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS_PER_RANK}
+SIGNAL_LEAD_S=${SIGNAL_LEAD_S:-600}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 RUN_NAME=${RUN_NAME:-$(basename "${CONFIG%.*}")}
@@ -54,6 +66,8 @@ TRAIN_ARGS+=("$@")
 
 echo "launcher: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${NNODES} node(s) x ${GPUS_PER_NODE}" \
      "= ${NUM_PROCESSES} process(es), head ${HEAD_NODE}:${MAIN_PORT}, ${ACCELERATE_CONFIG}"
+echo "launcher: ${CPUS_PER_NODE} CPUs per node, ${OMP_NUM_THREADS} threads per rank;" \
+     "stop warning ${SIGNAL_LEAD_S} s before the time limit"
 
 # $SLURM_NODEID is escaped: it must expand on each node inside srun, not here (where it is 0).
 LAUNCH="exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
@@ -61,8 +75,9 @@ LAUNCH="exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERA
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
     -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"
 
+SRUN=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
 if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
-    echo "srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '$LAUNCH'"
+    echo "${SRUN[*]} bash -c '$LAUNCH'"
     exit 0
 fi
 
@@ -77,7 +92,20 @@ on_warning() {
 }
 trap on_warning USR1 TERM
 
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "$LAUNCH" &
+# Our own timer: SIGNAL_LEAD_S before the job's end time (Slurm's --signal lead is fixed at submission).
+END_TIME=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
+END_EPOCH=$(date -d "$END_TIME" +%s 2>/dev/null || echo "")
+TIMER_PID=""
+if [ -n "$END_EPOCH" ]; then
+    WAIT_S=$((END_EPOCH - $(date +%s) - SIGNAL_LEAD_S))
+    [ "$WAIT_S" -ge 0 ] || WAIT_S=0
+    # $$ is this script even inside the subshell; ending the subshell ends its sleep too.
+    ( sleep "$WAIT_S" & SLEEPER=$!; trap 'kill $SLEEPER 2>/dev/null; exit 0' TERM
+      wait "$SLEEPER" && echo "launcher: ${SIGNAL_LEAD_S} s to the time limit" && kill -USR1 $$ ) &
+    TIMER_PID=$!
+fi
+
+"${SRUN[@]}" bash -c "$LAUNCH" &
 SRUN_PID=$!
 status=0
 # `wait` returns early when a trapped signal arrives; wait again until srun has really ended.
@@ -86,6 +114,7 @@ while true; do
     kill -0 "$SRUN_PID" 2>/dev/null || break
 done
 
+[ -z "$TIMER_PID" ] || kill "$TIMER_PID" 2>/dev/null || true
 rm -f "$LAUNCHER_STOP_FILE"
 if [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ]; then
     echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"

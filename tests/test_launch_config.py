@@ -183,6 +183,8 @@ def test_plan_prints_world_batch_autos_memory_and_command(capsys, monkeypatch):
     # and the Slurm form, which derives the same counts from the allocation
     assert ("ACCELERATE_CONFIG=configs/accelerate/deepspeed_zero3.yaml sbatch --nodes 2 --gpus-per-node 8 "
             "slurm/train.sh") in out
+    assert "every rank checkpoints and stops SIGNAL_LEAD_S=600 s before the time limit" in out
+    assert "(a checkpoint is about " in out and "CPUS_PER_NODE overrides" in out
 
 
 def test_plan_refuses_a_world_size_the_global_batch_cannot_fill(capsys):

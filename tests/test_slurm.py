@@ -48,12 +48,14 @@ def sbatch(cluster, out: Path, *args: str, wait: bool = False, **env) -> tuple[s
     return job_id, proc
 
 
-def render(cluster, nodes: int, nodelist: str, gpus: str | None = None) -> str:
+def render(cluster, nodes: int, nodelist: str, gpus: str | None = None, **extra: str) -> str:
     env = {**cluster.env, "LAUNCHER_DRY_RUN": "1", "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": nodelist,
-           "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0", "PYTHON": "/venv/bin/python"}
+           "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0", "PYTHON": "/venv/bin/python", **extra}
     if gpus:
         env["SLURM_GPUS_ON_NODE"] = gpus
-    env.pop("GPUS_PER_NODE", None)
+    for name in ("GPUS_PER_NODE", "OMP_NUM_THREADS", "SLURM_CPUS_ON_NODE", "CPUS_PER_NODE", "SIGNAL_LEAD_S"):
+        if name not in extra:
+            env.pop(name, None)
     return check(subprocess.run(["bash", str(SCRIPT), "configs/train/clause_tos.yaml", "train.lr=3e-5"], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=60)).stdout
 
@@ -68,7 +70,19 @@ def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus,
     # Escaped: expands on each node inside srun, not in the batch script (where it is always 0).
     assert "--machine_rank $SLURM_NODEID" in line and "--machine_rank 0" not in line
     assert "-m launcher train configs/train/clause_tos.yaml --run-name clause_tos train.lr=3e-5" in line
-    assert line.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c")
+    assert line.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=")
+
+
+@pytest.mark.parametrize("extra,cpus,threads,lead", [
+    ({"SLURM_CPUS_ON_NODE": "96"}, 96, 12, 600),                                    # the whole node, 8 ranks
+    ({"SLURM_CPUS_ON_NODE": "96", "CPUS_PER_NODE": "32"}, 32, 4, 600),              # overridden
+    ({"SLURM_CPUS_ON_NODE": "4", "SIGNAL_LEAD_S": "900"}, 4, 1, 900),               # fewer CPUs than ranks: 1 thread
+])
+def test_cpus_threads_and_warning_lead(cluster, extra, cpus, threads, lead):
+    out = render(cluster, 1, "gpu7", "8", **extra)
+    line = next(x for x in out.splitlines() if x.startswith("srun "))
+    assert f"--cpus-per-task={cpus} bash -c" in line
+    assert f"launcher: {cpus} CPUs per node, {threads} threads per rank; stop warning {lead} s before the time limit" in out
 
 
 def test_two_node_job_trains_to_completion(cluster, tmp_path):
@@ -116,3 +130,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes_the_same_run(cluster, tm
     assert [m.step for m in sorted(client.get_metric_history(mlrun.info.run_id, "train/loss"), key=lambda m: m.step)] == list(range(1, 13))
     a, b = load_file(run / "model" / "model.safetensors"), load_file(ref / "ref" / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_whole_nodes_by_default_and_oversubscribe_on_the_command_line_undoes_it(cluster):
+    """The header's --exclusive (the node's CPUs for our ranks) yields to `sbatch --oversubscribe`
+    where whole nodes cannot be had (Slurm 22.05: command-line options beat #SBATCH lines)."""
+    seen = {}
+    for extra in ([], ["--oversubscribe", "--cpus-per-task", "1"]):
+        proc = subprocess.run(["sbatch", "--parsable", "--hold", *extra, str(SCRIPT), str(TINY)], env=cluster.env,
+                              capture_output=True, text=True, timeout=60)
+        job = proc.stdout.strip().split(";")[0]
+        assert job, proc.stderr
+        info = subprocess.run(["scontrol", "show", "job", job], env=cluster.env, capture_output=True, text=True).stdout
+        subprocess.run(["scancel", job], env=cluster.env, timeout=60)
+        seen[bool(extra)] = next(x for x in info.split() if x.startswith("OverSubscribe="))
+    assert seen == {False: "OverSubscribe=NO", True: "OverSubscribe=YES"}
