@@ -112,6 +112,32 @@ def _lm_tokenizer(path: str):
     return tok
 
 
+def hand_loop(model, loader, args, loss_of) -> dict:
+    """The loop a person writes: AdamW (fused), forward, backward, clip, step; batches are
+    (input_ids, attention_mask, target) and loss_of(*batch) is the loss."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
+    model.train()
+    first, times, tokens, padded, step = None, [], 0, 0, 0
+    while step < args.steps:
+        for ids, mask, target in loader:
+            t = time.time()
+            loss_of(ids, mask, target).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens, padded = tokens + int(mask.sum()), padded + mask.numel()
+            if first is None:
+                first = time.time() - T0
+            else:
+                times.append(time.time() - t)
+            if step == args.steps:
+                break
+    return {"first_step_s": first, "step_times": times, "nonpad_tokens": tokens, "padded_fraction": 1 - tokens / padded}
+
+
 def raw(args) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -133,27 +159,8 @@ def raw(args) -> dict:
         return ids, mask, torch.tensor([y for _, y in batch])
 
     loader = torch.utils.data.DataLoader(rows, batch_size=args.batch, shuffle=True, collate_fn=collate, drop_last=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
-    model.train()
-    first, times, tokens, padded = None, [], 0, 0
-    step = 0
-    while step < args.steps:
-        for ids, mask, y in loader:
-            t = time.time()
-            loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens, padded = tokens + int(mask.sum()), padded + mask.numel()
-            if first is None:
-                first = time.time() - T0
-            else:
-                times.append(time.time() - t)
-            if step == args.steps:
-                break
-    return {"first_step_s": first, "step_times": times, "nonpad_tokens": tokens, "padded_fraction": 1 - tokens / padded}
+    return hand_loop(model, loader, args,
+                     lambda ids, mask, y: torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y))
 
 
 def _training_args(cls, args, **extra):
@@ -203,25 +210,7 @@ def raw_sft(args) -> dict:
         return ids, mask, labels
 
     loader = torch.utils.data.DataLoader(rows, batch_size=args.batch, shuffle=True, collate_fn=collate, drop_last=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
-    model.train()
-    first, times, tokens, padded, step = None, [], 0, 0, 0
-    while step < args.steps:
-        for ids, mask, labels in loader:
-            t = time.time()
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens, padded = tokens + int(mask.sum()), padded + mask.numel()
-            if first is None:
-                first = time.time() - T0
-            else:
-                times.append(time.time() - t)
-            if step == args.steps:
-                break
-    return {"first_step_s": first, "step_times": times, "nonpad_tokens": tokens, "padded_fraction": 1 - tokens / padded}
+    return hand_loop(model, loader, args, lambda ids, mask, labels: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
 def trainer_sft(args) -> dict:
