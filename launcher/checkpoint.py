@@ -139,7 +139,7 @@ SKELETON = "skeleton"  # everything of an exported model/ but the weights, insid
 
 
 class Checkpointer:
-    def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None):
+    def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None, trainable_only: bool = False):
         self.cfg = cfg
         self.root = run_dir / "checkpoints"
         self.rt = rt
@@ -147,6 +147,16 @@ class Checkpointer:
         # write_skeleton(dir): model config, tokenizer, label names, so that
         # `launcher export` can turn the checkpoint into a model offline.
         self.write_skeleton = write_skeleton
+        # Frozen parameters are left out of every checkpoint (LoRA on a pretrained base): the
+        # engine's own switch under DeepSpeed, a hook on the state dict accelerate saves
+        # otherwise; loading is then non-strict on the model weights only.
+        self.trainable_only = trainable_only
+        self.save_kwargs, self.load_kwargs = {}, {}
+        if trainable_only and rt.zero_stage is not None:
+            self.save_kwargs, self.load_kwargs = {"exclude_frozen_parameters": True}, {"load_module_strict": False}
+        elif trainable_only:
+            rt.accelerator.register_save_state_pre_hook(_drop_frozen)
+            self.load_kwargs = {"strict": False}
         self.need = 0  # bytes one checkpoint takes (estimate_bytes), set once the model is built
 
     def due(self, step: int) -> bool:
@@ -160,7 +170,7 @@ class Checkpointer:
         self.rt.on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
         # Every rank writes its part, then they compare notes (a collective, so a rank whose
         # write failed cannot leave the others waiting in a barrier); rank 0 seals.
-        failure = _attempt(lambda: self.rt.accelerator.save_state(str(tmp)), self.root, self.need)
+        failure = _attempt(lambda: self.rt.accelerator.save_state(str(tmp), **self.save_kwargs), self.root, self.need)
         failures = self.rt.gather_objects(failure and failure[0])
         if not any(failures):
             faults.point("checkpoint", state.step)
@@ -215,8 +225,34 @@ class Checkpointer:
         return path if (path / MARKER).is_file() else None
 
     def load(self, path: Path) -> TrainState:
-        self.rt.accelerator.load_state(str(path))
+        if self.trainable_only and self.rt.zero_stage is None:
+            _check_trainable_saved(path, self.rt.accelerator._models)
+        self.rt.accelerator.load_state(str(path), **self.load_kwargs)
         return TrainState.read(path)
+
+
+def _drop_frozen(models, weights, output_dir) -> None:
+    """accelerate's save pre-hook: each model's state dict without its frozen parameters
+    (buffers stay: they are small and some are not re-derived on load)."""
+    for model, state in zip(models, weights):
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied aliases too
+            if not param.requires_grad:
+                state.pop(name, None)
+
+
+def _check_trainable_saved(ckpt: Path, models) -> None:
+    """A non-strict load must still find every trainable parameter in the checkpoint."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not path.is_file():
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            saved = set(f.keys())
+        lacking = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+        if lacking:
+            raise RunError(f"{ckpt}: lacks trained weights {', '.join(lacking[:3])}; it was not written by this run's model")
 
 
 def _attempt(write, root: Path, need: int) -> tuple[str, bool, BaseException] | None:
@@ -384,6 +420,16 @@ def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
     )
 
 
+def _pretrained_base(auto, meta: dict, config):
+    """The LoRA run's pretrained base, built with the run's own config (labels, head size)."""
+    try:
+        return auto.from_pretrained(meta["base_model"], revision=meta.get("base_revision"), config=config,
+                                    ignore_mismatched_sizes=True)
+    except OSError as e:
+        raise ConfigError(f"{meta['base_model']}: the frozen base of this LoRA checkpoint cannot be loaded "
+                          f"({str(e).splitlines()[0][:200]}); put it there (or HF_HUB_OFFLINE=0 for a hub name)") from None
+
+
 def export_checkpoint(ckpt: Path, out_dir: Path) -> str:
     """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
 
@@ -413,7 +459,12 @@ def export_checkpoint(ckpt: Path, out_dir: Path) -> str:
 
         (tmp / "adapter_config.json").unlink()
         model_class = type(auto.from_config(config))
-        lora.write(PeftConfig.from_pretrained(skeleton), state_dict, tmp, config, model_class, meta.get("random_base", False))
+        base = None
+        if meta.get("checkpoint_weights") == "trainable":  # the frozen base comes from where the run read it
+            base = _pretrained_base(auto, meta, config)
+            source += f", frozen base from {meta['base_model']}"
+        lora.write(PeftConfig.from_pretrained(skeleton), state_dict, tmp, config, model_class, meta.get("random_base", False),
+                   base=base)
         source += ", LoRA: adapter/ and merged model"
     else:
         model = auto.from_config(config)

@@ -170,14 +170,22 @@ def train(cfg: RunConfig) -> dict:
     higher_is_better = cfg.eval_metric not in LOWER_IS_BETTER
     extra = {"launcher.json": json.dumps(task.metadata())}
     unwrapped = rt.unwrap(model)
+    # LoRA on a pretrained base: checkpoints hold what trains (adapters, modules_to_save) and
+    # the optimizer; the frozen base is read again from model.name on resume and by
+    # `launcher export`. A random tiny base exists nowhere else, so it is saved whole.
+    trainable_only = cfg.model.lora.enabled and not task.random_init()
+    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | (
+        {"checkpoint_weights": "trainable", "base_model": cfg.model.name, "base_revision": cfg.model.revision}
+        if trainable_only else {"checkpoint_weights": "all"}))}
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
-                                 extra_files=extra, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
-    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton)
+                                 extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
+    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, higher_is_better, skeleton, trainable_only)
     n_params, n_trainable, held = rt.parameter_counts(model)
     # Room for one more checkpoint, on every rank's view of the run directory, before any
     # step runs (and before a tracker run exists): a full disk found at the first save
     # would cost the steps before it.
-    checkpointer.need = ckpt_lib.check_space(rt, run_dir, ckpt_lib.estimate_bytes(n_params, n_trainable, rt.unwrap(model)))
+    saved = n_trainable if trainable_only else n_params
+    checkpointer.need = ckpt_lib.check_space(rt, run_dir, ckpt_lib.estimate_bytes(saved, n_trainable, rt.unwrap(model)))
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")

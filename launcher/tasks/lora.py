@@ -45,12 +45,13 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool) -> None:
+def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool, base=None) -> None:
     """Rank 0: adapter/, the merged model in out_dir, and base/ if asked, from a gathered
-    state dict. Call where model construction is not partitioned (runtime.model_init)."""
+    state dict. Call where model construction is not partitioned (runtime.model_init).
+    base: the frozen base model when state_dict lacks it (a checkpoint of trainable state)."""
     from peft import get_peft_model
 
-    fresh = get_peft_model(model_class._from_config(base_config), copy.deepcopy(peft_config))
+    fresh = get_peft_model(base if base is not None else model_class._from_config(base_config), copy.deepcopy(peft_config))
     missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
         raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

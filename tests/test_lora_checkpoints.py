@@ -1,0 +1,77 @@
+"""LoRA on a pretrained base: checkpoints hold only what trains (adapters and the head) plus
+the optimizer and schedule; a halted run resumes to the weights of an uninterrupted one
+(the frozen base is read again from model.name), in one process and under ZeRO-2 and
+ZeRO-3 on 2 ranks; `launcher export` of such a checkpoint reads the base from the same place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, check, launcher
+from test_distributed import ACCEL, TOL, accelerate_launch, load_model_weights, max_diff, weights
+from test_pretrained import saved_models  # noqa: F401 - the fixture: a tiny BERT and Llama, save_pretrained
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = ["train.max_steps=12", "eval.every_steps=6", "checkpoint.every_steps=6", "checkpoint.export=last",
+         "data.synthetic.n_train=192", "data.synthetic.n_validation=32", "data.max_length=64"]
+
+
+@pytest.fixture(scope="module")
+def lora_args(saved_models):  # noqa: F811
+    return [f"model.name={saved_models / 'bert'}", "model.lora.enabled=true", *STEPS]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, lora_args):
+    out = tmp_path_factory.mktemp("ref")
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "ref", *lora_args))
+    return out / "ref"
+
+
+def _checkpoint_keys(ckpt) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_one_process_checkpoint_holds_only_trained_weights_and_resumes_exactly(tmp_path, uninterrupted, lora_args):
+    keys = _checkpoint_keys(uninterrupted / "checkpoints" / "step-000012")
+    assert keys and all("lora_" in k or "modules_to_save" in k or k.endswith("_ids") for k in keys), keys
+    assert any("lora_A" in k for k in keys) and any("modules_to_save" in k for k in keys)
+    base_bytes = (uninterrupted / "model" / "model.safetensors").stat().st_size
+    assert (uninterrupted / "checkpoints" / "step-000012" / "model.safetensors").stat().st_size < base_bytes / 4
+    meta = json.loads((uninterrupted / "checkpoints" / "step-000012" / "skeleton" / "launcher.json").read_text())
+    assert meta["checkpoint_weights"] == "trainable" and meta["base_model"] == lora_args[0].split("=", 1)[1]
+
+    halted = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "h", *lora_args,
+                            "train.halt_at_step=6"))
+    assert "stopped at step 6" in halted.stdout
+    resumed = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "h", *lora_args))
+    assert "resuming from" in resumed.stdout
+    assert max_diff(weights(tmp_path / "h"), weights(uninterrupted)) < 1e-6
+
+    # `launcher export` of the trainable-only checkpoint: the base from model.name, the adapter from the checkpoint
+    check(launcher("export", str(uninterrupted / "checkpoints" / "step-000012"), str(tmp_path / "exported")))
+    assert max_diff(load_model_weights(tmp_path / "exported"), weights(uninterrupted)) < 1e-6
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(stage, tmp_path, uninterrupted, lora_args):
+    launch = ["--config_file", str(ACCEL / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2"]
+    halted = accelerate_launch(launch, tmp_path, "z", *lora_args, "train.halt_at_step=6", base=[])
+    assert halted.returncode == 0 and "stopped at step 6" in halted.stdout, halted.stderr[-3000:]
+    states = list((tmp_path / "z" / "checkpoints" / "step-000006").rglob("*model_states.pt"))
+    assert states
+    import torch
+
+    state = torch.load(states[0], weights_only=False)
+    module = state["module"] or {}
+    assert module and all("lora_" in k or "modules_to_save" in k for k in module), list(module)[:5]
+    assert not state.get("frozen_param_fragments")  # DeepSpeed's copy of the frozen base: excluded
+    resumed = check(accelerate_launch(launch, tmp_path, "z", *lora_args, base=[]))
+    assert "resuming from" in resumed.stdout
+    assert max_diff(weights(tmp_path / "z"), weights(uninterrupted)) < TOL
