@@ -75,3 +75,6 @@ def test_zero_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(st
     resumed = check(accelerate_launch(launch, tmp_path, "z", *lora_args, base=[]))
     assert "resuming from" in resumed.stdout
     assert max_diff(weights(tmp_path / "z"), weights(uninterrupted)) < TOL
+    # offline export of the ZeRO shards: adapter and head from them, the frozen base from model.name
+    check(launcher("export", str(tmp_path / "z" / "checkpoints" / "step-000012"), str(tmp_path / "exported")))
+    assert max_diff(load_model_weights(tmp_path / "exported"), weights(tmp_path / "z")) < 1e-6
