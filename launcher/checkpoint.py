@@ -347,6 +347,10 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
 
     `get_state_dict` gathers the full weights (a collective under ZeRO-3/FSDP), so
     every rank calls it; rank 0 writes into a temp dir and renames it into place.
+
+    It is the run's last use of the model: a LoRA export merges the adapters into the
+    gathered tensors in place (lora.write: no second copy), and without ZeRO-3 those are
+    the live model's own weights.
     """
     from launcher.tasks import lora
 

@@ -48,14 +48,29 @@ def is_peft(model) -> bool:
 def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool, base=None) -> None:
     """Rank 0: adapter/, the merged model in out_dir, and base/ if asked, from a gathered
     state dict. Call where model construction is not partitioned (runtime.model_init).
-    base: the frozen base model when state_dict lacks it (a checkpoint of trainable state)."""
+    base: the frozen base model when state_dict lacks it (a checkpoint of trainable state).
+
+    No second copy of the weights: without `base`, the model is a skeleton on the meta device
+    whose parameters become the gathered tensors (load_state_dict(assign=True)), and peft
+    merges each adapter into its weight in place. Only a random tiny base, which must also
+    be written unmerged (base/), is merged on a copy."""
+    import torch
     from peft import get_peft_model
 
-    fresh = get_peft_model(base if base is not None else model_class._from_config(base_config), copy.deepcopy(peft_config))
-    missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
+    if base is None and not save_base:
+        with torch.device("meta"):
+            base = model_class._from_config(base_config)
+        fresh = get_peft_model(base, copy.deepcopy(peft_config))
+        missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
+        still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
+        if still_meta:
+            raise RuntimeError(f"LoRA export: the gathered state lacks {still_meta[:5]}")
+    else:
+        fresh = get_peft_model(base if base is not None else model_class._from_config(base_config), copy.deepcopy(peft_config))
+        missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
         raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     fresh.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    copy.deepcopy(fresh).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
     if save_base:  # random initial weights: the adapter is only usable with these
-        fresh.unload().save_pretrained(out_dir / "base", safe_serialization=True)
+        copy.deepcopy(fresh).unload().save_pretrained(out_dir / "base", safe_serialization=True)
+    fresh.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
