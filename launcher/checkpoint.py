@@ -368,10 +368,43 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
+        faults.stall("export")
         faults.point("export")
         _replace_dir(tmp, out_dir)
 
-    rt.on_main(write)
+    main_writes_others_wait(rt, write, out_dir.parent, "the export")
+
+
+def main_writes_others_wait(rt, write, where: Path, what: str) -> None:
+    """Rank 0 runs write(); the other ranks wait on the shared run directory, not in a
+    collective, so a long write (merging a 70B LoRA export takes many minutes) cannot run
+    into the process group's timeout. A failure on rank 0 stops the others with its message."""
+    import time
+
+    if rt.world_size == 1:
+        write()
+        return
+    token = rt.shared_token()
+    done, failed = where / f".done-{token}", where / f".failed-{token}"
+    if rt.is_main:
+        try:
+            write()
+        except BaseException as e:
+            failed.write_text(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            raise
+        done.write_text("")
+    else:
+        started = last_word = time.monotonic()
+        while not done.exists():
+            if failed.exists():
+                raise RunError(f"rank 0 could not write {what}: {failed.read_text()}")
+            if time.monotonic() - last_word > 60:
+                print(f"rank {rt.rank}: waiting {time.monotonic() - started:.0f} s for rank 0 to write {what}", flush=True)
+                last_word = time.monotonic()
+            time.sleep(0.5)
+    rt.barrier()  # every rank has seen it: now quick
+    if rt.is_main:
+        done.unlink(missing_ok=True)
 
 
 def canonical_key_names(model) -> None:

@@ -7,8 +7,9 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
     checkpoint:N    inside the save of step N: every rank has written its part, nothing sealed
     export          inside the export: the weights are written, not yet renamed into place
 
-`LAUNCHER_STALL=RANK:STEP:SECONDS` makes that rank sleep inside optimizer step STEP (after
-its backward passes), the hang the watchdog tests need.
+`LAUNCHER_STALL=RANK:WHERE:SECONDS` makes that rank sleep, WHERE being a step number (inside
+that optimizer step, after its backward passes: the hang the watchdog tests need) or
+`export` (rank 0 writing the final model while the others wait).
 
 Unset, each point costs one comparison.
 """
@@ -33,11 +34,11 @@ def point(name: str, step: int | None = None) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def stall(step: int) -> None:
+def stall(where: int | str) -> None:
     if _STALL is None:
         return
     rank, at, seconds = _STALL.split(":")
-    if int(rank) == int(os.environ.get("RANK", "0")) and int(at) == step:
+    if int(rank) == int(os.environ.get("RANK", "0")) and at == str(where):
         import time
 
         time.sleep(float(seconds))

@@ -30,3 +30,13 @@ def test_a_stalled_rank_is_reported_with_every_ranks_stack(tmp_path, monkeypatch
     assert any("making progress again" in x for x in out)
     assert "finished" in proc.stdout or (tmp_path / "h" / "model").is_dir()
     assert not os.environ.get("LAUNCHER_FAILPOINT")
+
+
+def test_a_long_export_does_not_run_into_the_collective_timeout(tmp_path, monkeypatch):
+    """Rank 0 takes 12 s to write the export (LAUNCHER_STALL=0:export:12) under a 4 s collective
+    timeout: rank 1 waits on the file system, not in a barrier, and the run finishes."""
+    monkeypatch.setenv("LAUNCHER_STALL", "0:export:12")
+    proc = accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "x", "train.collective_timeout_s=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "x" / "model" / "model.safetensors").is_file()
+    assert not list((tmp_path / "x").glob(".done-*")) and not list((tmp_path / "x").glob(".failed-*"))
