@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model_dir")
     e.add_argument("--data", required=True, help="classifier: JSONL/CSV/Parquet with text and label/labels; "
                    "causal LM: JSONL with instruction/output or messages")
-    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
     e.add_argument("--batch-size", type=int, default=32)
 
     g = sub.add_parser("generate", help="greedy answer of an exported causal LM to one instruction")
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("model_dir")
     r.add_argument("--input", required=True, help="plain text (one clause per line) or JSONL with a `text` field")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
-    r.add_argument("--max-length", type=int, default=512)
+    r.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
     r.add_argument("--batch-size", type=int, default=32)
 
     pl = sub.add_parser("plan", help="world size, batch, DeepSpeed autos, memory per GPU, launch command; no process group",
@@ -239,7 +239,8 @@ def cmd_eval(args) -> int:
         from launcher.tasks import causal_lm
 
         model, tokenizer, data_cfg = causal_lm.load_exported(args.model_dir)
-        data_cfg.max_length = args.max_length
+        if args.max_length:  # else the training max_length the export recorded
+            data_cfg.max_length = args.max_length
         print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, data_cfg, read_rows(data), args.batch_size)))
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)

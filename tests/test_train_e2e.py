@@ -319,3 +319,20 @@ def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_pa
     if best_step != 12:  # the two exports then differ
         assert _weights(run).keys() == _weights(tmp_path / "last").keys()
         assert any(not torch.equal(_weights(run)[k], _weights(tmp_path / "last")[k]) for k in _weights(run))
+
+
+def test_eval_scores_with_the_training_max_length_the_export_recorded(tmp_path):
+    """Trained with data.max_length=12 (most generated clauses are longer): `launcher eval`
+    without --max-length reproduces the run's final eval; --max-length 64 sees longer inputs
+    and scores differently, so the default is not an accident."""
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "short", "data.max_length=12",
+                   "train.max_steps=60", "eval.every_steps=30", "checkpoint.every_steps=30", "checkpoint.export=last",
+                   "data.synthetic.n_validation=100"))
+    run = tmp_path / "short"
+    assert json.loads((run / "model" / "launcher.json").read_text())["max_length"] == 12
+    final = json.loads((run / "final_metrics.json").read_text())["after"]
+    data = str(run / "data" / "validation.jsonl")
+    same = json.loads(check(launcher("eval", str(run / "model"), "--data", data)).stdout.strip().splitlines()[-1])
+    assert same["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    longer = json.loads(check(launcher("eval", str(run / "model"), "--data", data, "--max-length", "64")).stdout.strip().splitlines()[-1])
+    assert abs(longer["loss"] - final["loss"]) > 1e-4, (longer, final)  # 50x the tolerance above

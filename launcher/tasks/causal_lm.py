@@ -300,7 +300,9 @@ def load_exported(model_dir: str | Path):
         if key in meta:
             setattr(d, key, meta[key])
     model_dir_format = meta.get("prompt_format", "instruction")
-    model = _from_hub(AutoModelForCausalLM, str(model_dir)).eval()
+    from launcher.tasks.classification import inference_device
+
+    model = _from_hub(AutoModelForCausalLM, str(model_dir)).to(inference_device()).eval()
     tokenizer = _from_hub(AutoTokenizer, str(model_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -328,6 +330,7 @@ def evaluate_rows(model, tokenizer, data_cfg, rows: list[dict], batch_size: int 
     total_loss, total_tokens = 0.0, 0
     for i in range(0, len(ids), batch_size):
         batch = collate([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids[i : i + batch_size], labels[i : i + batch_size])])
+        batch = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         target = batch["labels"][:, 1:]
         total_loss += float(token_losses(logits[:, :-1], target).sum())
@@ -354,6 +357,6 @@ def generate_batch(model, tokenizer, data_cfg, prompts: list[str], max_new_token
     return out
 
 
-def generate(model, tokenizer, data_cfg, prompt: str, max_new_tokens: int, device="cpu", chat: bool = False) -> str:
-    """Greedy answer to one prompt in the run's format."""
-    return generate_batch(model, tokenizer, data_cfg, [prompt], max_new_tokens, chat=chat, device=device)[0]
+def generate(model, tokenizer, data_cfg, prompt: str, max_new_tokens: int, chat: bool = False) -> str:
+    """Greedy answer to one prompt in the run's format, on the model's device."""
+    return generate_batch(model, tokenizer, data_cfg, [prompt], max_new_tokens, chat=chat, device=model.device)[0]

@@ -332,6 +332,13 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
 # ---------------------------------------------------------------- exported models
 
 
+def inference_device():
+    """Where eval, predict and generate run: the first GPU when there is one (LAUNCHER_DEVICE overrides)."""
+    import os
+
+    return torch.device(os.environ.get("LAUNCHER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_exported(model_dir: str | Path):
     """(model, tokenizer, label_names, multilabel, cuts) from a `model/` export or any HF
     classifier dir; cuts is the decision rule of its launcher.json (None: the 0.5 rule)."""
@@ -350,16 +357,21 @@ def load_exported(model_dir: str | Path):
     threshold = info.get("threshold")
     tuned = info.get("threshold_tuned") or threshold not in (None, THRESHOLD)  # a tuned rule, even if it kept 0.5
     cuts = cut_vector(threshold, names, multilabel) if tuned else None
-    return model.eval(), tokenizer, names, multilabel, cuts
+    model.launcher_max_length = info.get("max_length")  # the training max_length, for eval and predict (not saved)
+    return model.to(inference_device()).eval(), tokenizer, names, multilabel, cuts
 
 
 @torch.no_grad()
-def batched_logits(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 32) -> torch.Tensor:
+def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Logits in batches on the model's device; max_length None: the training max_length the
+    export recorded (else 512), so a model is scored on the inputs it was trained on."""
+    max_length = max_length or getattr(model, "launcher_max_length", None) or 512
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True, return_tensors="pt")
-        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float())
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
 
 
@@ -511,4 +523,5 @@ class ClassificationTask:
 
     def metadata(self) -> dict:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": self.threshold,
-                "threshold_tuned": bool(self.cfg.eval.tune_threshold), "labels": self.label_names}
+                "threshold_tuned": bool(self.cfg.eval.tune_threshold), "labels": self.label_names,
+                "max_length": self.cfg.data.max_length}
