@@ -19,6 +19,7 @@ from pathlib import Path
 
 from launcher import faults
 from launcher.errors import ConfigError, RunError
+from launcher.sizing import human_bytes
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -272,23 +273,8 @@ def _attempt(write, root: Path, need: int) -> tuple[str, bool, BaseException] | 
         except OSError:
             free = None
         if free is not None and free < need:
-            return f"out of disk space ({_size(free)} free, about {_size(need)} needed; {line})", True, e
+            return f"out of disk space ({human_bytes(free)} free, about {human_bytes(need)} needed; {line})", True, e
         return line, False, e
-
-
-def estimate_bytes(n_params: int, n_trainable: int, model) -> int:
-    """About what one checkpoint takes: every weight at its stored width, AdamW's two fp32
-    moments per trainable weight, and an fp32 master copy of those when the weights are
-    16-bit (DeepSpeed keeps one). Tokenizer, config and RNG files are small beside these."""
-    width = next(model.parameters()).element_size()
-    return int(n_params * width + n_trainable * (8 + (4 if width < 4 else 0)))
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def check_writable(out_dir: Path) -> None:
@@ -318,8 +304,8 @@ def check_space(rt, run_dir: Path, need: int) -> int:
     least, rank = min(views)
     if least < need:
         where = f" (as rank {rank} sees it)" if rt.world_size > 1 else ""
-        raise ConfigError(f"output_dir: a checkpoint of this run takes about {_size(need)} but {run_dir}{where} has "
-                          f"{_size(least)} free; free some space or point --output-dir elsewhere")
+        raise ConfigError(f"output_dir: a checkpoint of this run takes about {human_bytes(need)} but {run_dir}{where} has "
+                          f"{human_bytes(least)} free; free some space or point --output-dir elsewhere")
     return need
 
 

@@ -19,7 +19,7 @@ import torch
 import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
-from launcher import faults, tasks, tracking, watchdog
+from launcher import faults, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError, RunError, UserError
@@ -185,7 +185,8 @@ def train(cfg: RunConfig) -> dict:
     # step runs (and before a tracker run exists): a full disk found at the first save
     # would cost the steps before it.
     saved = n_trainable if trainable_only else n_params
-    checkpointer.need = ckpt_lib.check_space(rt, run_dir, ckpt_lib.estimate_bytes(saved, n_trainable, rt.unwrap(model)))
+    width = next(model.parameters()).element_size()
+    checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")

@@ -23,11 +23,8 @@ from pathlib import Path
 from launcher import distributed
 from launcher.config import RunConfig
 
-def _size(n_bytes: float) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.2f} {unit}"
-    return f"{n_bytes:.0f} B"
+from launcher.sizing import checkpoint_bytes
+from launcher.sizing import human_bytes as _size
 
 
 @dataclass
@@ -209,11 +206,8 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
     lines += activation_lines(model_config, cfg)
     lines.append("command")
-    # What one checkpoint holds (checkpoint.estimate_bytes): weights at their width, AdamW's fp32
-    # moments for what trains, fp32 masters when DeepSpeed trains 16-bit weights.
     ckpt = None
-    if n_params:
-        trained = 0 if cfg.model.lora.enabled else n_params
-        ckpt = n_params * (2 if sixteen else 4) + trained * (8 + (4 if sixteen else 0))
+    if n_params:  # LoRA's trained part is small beside the base: counted as none
+        ckpt = checkpoint_bytes(n_params, 0 if cfg.model.lora.enabled else n_params, 2 if sixteen else 4)
     lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch, ckpt)]
     return "\n".join(lines)

@@ -19,6 +19,21 @@ from launcher.config import TINY_MODEL, RunConfig
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
+def human_bytes(n_bytes: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def checkpoint_bytes(n_saved: int, n_trainable: int, width: int) -> int:
+    """About what one checkpoint takes: the saved weights at their width (all of them, or
+    only the trainable ones for LoRA on a pretrained base), AdamW's two fp32 moments per
+    trainable weight, and an fp32 master copy of those when the weights are 16-bit (DeepSpeed
+    keeps one). Tokenizer, config and RNG files are small beside these."""
+    return int(n_saved * width + n_trainable * (8 + (4 if width < 4 else 0)))
+
+
 def tiny_config(cfg: RunConfig) -> dict:
     """The config.json the tiny random model gets (vocabulary at its upper bound)."""
     t = cfg.model.tiny
