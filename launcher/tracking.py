@@ -201,10 +201,14 @@ class MLflowTracker(Tracker):
             exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
         else:
             exp_id = exp.experiment_id
-        # Only finding or creating the run waits on the server (the start checked it answers);
-        # from then on every call goes through the sender (see the module docstring).
+        # Finding or creating the run and counting this attempt wait on the server (the start
+        # checked it answers): an attempt killed a moment later is still counted. From then on
+        # every call goes through the sender (see the module docstring).
         self.run_id = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         self.resumed = bool(run_id)
+        if self.resumed:
+            self.client.update_run(self.run_id, status="RUNNING")
+        self.client.set_tag(self.run_id, "launcher.attempts", str(int(self._tag("launcher.attempts") or 0) + 1))
         self._buffer: list = []
         self.outage_wait_s = outage_wait_s
         # The sender retries on its own schedule; the client's own retries (7, backoff factor 2:
@@ -213,13 +217,6 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
         self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
-
-        def attempt():
-            if self.resumed:
-                self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, "launcher.attempts", str(int(self._tag("launcher.attempts") or 0) + 1))
-
-        self.sender.put_call("the attempt count", attempt)
 
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)
