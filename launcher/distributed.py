@@ -61,6 +61,7 @@ class LaunchConfig:
     ds: dict | None = None  # the DeepSpeed config as written, "auto" intact
     ds_yaml_fields: dict = field(default_factory=dict)  # YAML keys that duplicate the JSON
     zero3_init: bool | None = None
+    fsdp_version: int | None = None  # 1 or 2 under FSDP (accelerate's default is 1)
     problems: list[str] = field(default_factory=list)  # found while reading the files
 
     @property
@@ -174,6 +175,8 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
             f"{launch.num_processes}: accelerate launch starts ONE process; for CPU ranks use distributed_type: "
             "MULTI_GPU without use_cpu (as configs/accelerate/cpu_ddp.yaml does)"
         )
+    if launch.distributed_type == FSDP:
+        launch.fsdp_version = int((data.get("fsdp_config") or {}).get("fsdp_version") or 1)
     ds_fields = dict(data.get("deepspeed_config") or {})
     if launch.uses_deepspeed:
         _attach_deepspeed(launch, ds_fields, ds_fields.get("deepspeed_config_file"), f"{path}: deepspeed_config.")
@@ -224,6 +227,7 @@ def from_env(environ: dict | None = None) -> LaunchConfig:
             launch.zero3_init = env["ACCELERATE_DEEPSPEED_ZERO3_INIT"].lower() == "true"
     elif env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         launch.distributed_type = FSDP
+        launch.fsdp_version = int(env.get("FSDP_VERSION") or 1)
     elif world > 1:
         launch.distributed_type = "MULTI_GPU"  # the runtime decides CPU vs GPU; the checks do not care
     return launch

@@ -161,7 +161,7 @@ def train(cfg: RunConfig) -> dict:
                                              collate_fn=collate)
     no_decay = no_decay_names(model)
     optimizer = _optimizer(model, cfg, rt.device, no_decay)
-    model, optimizer, val_loader = rt.accelerator.prepare(model, optimizer, val_loader)
+    model, optimizer, val_loader = rt.prepare(model, optimizer, val_loader)
     # Stepped by hand once per optimizer step: a prepared scheduler steps once per
     # process, which would make the LR schedule depend on the world size.
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer, warmup, total_steps)
@@ -226,8 +226,9 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"LoRA: {n_trainable:,} of {n_params:,} parameters trainable ({n_trainable / n_params:.2%})")
     for line in notes:
         rt.print(line)
-    if rt.zero_stage == 3:
-        rt.print(f"ZeRO-3: parameters held per rank: {' / '.join(f'{n:,}' for n in held)} of {n_params:,}")
+    if rt.zero_stage == 3 or rt.accelerator.is_fsdp2:
+        engine = "ZeRO-3" if rt.zero_stage == 3 else "FSDP2"
+        rt.print(f"{engine}: parameters held per rank: {' / '.join(f'{n:,}' for n in held)} of {n_params:,}")
 
     dog = watchdog.Watchdog(run_dir / "ranks", rt.rank, rt.world_size, t.hang_timeout_s, rt.print)
     dog.beat(state.step, "eval" if state.step == 0 and cfg.eval.at_start else "train")

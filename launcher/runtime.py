@@ -6,7 +6,11 @@ reports rank 0 of 1 on every rank and skips DDP (shared/NOTES.md). So:
 - CPU with DeepSpeed: a gloo process group via InitProcessGroupKwargs (cpu=True
   would silently drop DeepSpeed), and a DeepSpeedPlugin built from the JSON with
   every "auto" filled from the run config (launcher.distributed).
-- FSDP on CPU is refused: accelerate only turns FSDP on for GPU process groups.
+- FSDP2 on CPU: accelerate only turns FSDP on for GPU process groups, yet torch's
+  FSDP2 (fully_shard) runs on gloo. So on a GPU-less host launcher starts the gloo
+  group and switches accelerate's state to FSDP itself (cpu_fsdp2): the same sharding,
+  DCP checkpoints and accumulation path as on GPUs, rehearsed on a laptop and in CI.
+  FSDP1 on CPU is refused.
 After construction the ranks are checked against torch.distributed itself.
 """
 
@@ -185,15 +189,22 @@ class Runtime:
         """(full parameter count, trainable count, elements held by each rank). A collective.
 
         Under ZeRO-3 a parameter's local tensor is a shard (`ds_tensor`) and `numel()` is 0;
-        `ds_numel` is its full size.
+        `ds_numel` is its full size. Under FSDP2 a parameter is a DTensor: `numel()` is the
+        full size and its local tensor the shard.
         """
         import torch
 
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        held = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in model.parameters())
+        held = sum(_held(p) for p in model.parameters())
         per_rank = self.accelerator.gather(torch.tensor([held], device=self.device))
         return total, trainable, [int(x) for x in per_rank.tolist()]
+
+    def prepare(self, model, optimizer, *rest):
+        """accelerator.prepare, after choosing FSDP2's wrap units (fsdp2_wrap_units)."""
+        if self.accelerator.is_fsdp2:
+            fsdp2_wrap_units(self.accelerator.state.fsdp_plugin, model)
+        return self.accelerator.prepare(model, optimizer, *rest)
 
     def write_rank_file(self, run_dir: Path, **extra) -> None:
         """RUN/ranks/rank-N.json from every rank: what this process really was (the launch's
@@ -268,6 +279,35 @@ class Runtime:
         }
 
 
+def _held(p) -> int:
+    """Elements of parameter p this rank holds."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    local = getattr(p, "_local_tensor", None)  # an FSDP2 DTensor shard
+    return (local if local is not None else p).numel()
+
+
+def fsdp2_wrap_units(plugin, model) -> None:
+    """The transformer classes FSDP2 shards as units: the model's _no_split_modules, less any
+    that hold the input or output embeddings.
+
+    accelerate 1.15 shards every _no_split_modules class, then the input embedding on its
+    own; when the embedding sits inside a class already sharded (BERT, RoBERTa and MiniLM
+    list BertEmbeddings), the second fully_shard sees DTensor parameters and fails
+    ("Invariant encountered: value was None"). The embeddings join their own unit instead.
+    An explicit fsdp_transformer_layer_cls_to_wrap is left as written.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    fn = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if fn is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap is not None:
+        return
+    embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    holders = {type(m).__name__ for m in model.modules()
+               if m not in embeddings and any(e is sub for e in embeddings for sub in m.modules())}
+    plugin.transformer_cls_names_to_wrap = [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in holders]
+
+
 class _NoBar:
     def update(self, n=1):
         pass
@@ -287,11 +327,39 @@ def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
     if cfg.train.precision == "fp16" and not has_gpu:
         out.append("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     if launch.distributed_type == distributed.FSDP and not has_gpu:
-        out.append(
-            f"{launch.source}: distributed_type FSDP needs CUDA GPUs (accelerate enables FSDP only on GPU "
-            "process groups); rehearse sharded training on CPU with configs/accelerate/deepspeed_zero3.yaml"
-        )
+        if launch.fsdp_version != 2:
+            out.append(
+                f"{launch.source}: FSDP1 needs CUDA GPUs (accelerate enables FSDP only on GPU process groups); "
+                "rehearse sharded training on CPU with configs/accelerate/fsdp2.yaml (fsdp_version: 2)"
+            )
+        elif launch.num_processes < 2:
+            out.append(f"{launch.source}: FSDP2 on CPU needs 2 or more processes (--num_processes 2)")
     return out
+
+
+def cpu_fsdp2(accelerator, precision: str) -> None:
+    """Turn a gloo process group's accelerate state into FSDP2, as accelerate does for GPUs.
+
+    accelerate 1.15 builds the FSDP plugin from the launch environment on any host but
+    switches its state to FSDP only for GPU-like process groups (state.py), so on CPU
+    an fsdp2.yaml launch would silently train as plain data parallel. torch's
+    fully_shard, DCP and the accelerate FSDP2 code paths (prepare, accumulate, save_state,
+    get_state_dict) all run on CPU tensors over gloo, so launcher makes the same switch:
+    both state singletons say FSDP and hold the plugin, with the run's mixed precision.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch exported
+    if plugin.fsdp_version != 2:
+        raise RuntimeError(f"FSDP{plugin.fsdp_version} cannot run on CPU; use fsdp_version: 2")
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    assert accelerator.is_fsdp2
 
 
 def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
@@ -337,7 +405,7 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     if world > 1:
         # On a GPU-less host the backend must be named: accelerate would otherwise pick none.
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=None if has_gpu else "gloo", timeout=timeout)]
-        if not has_gpu and not launch.uses_deepspeed:
+        if not has_gpu and launch.distributed_type not in (distributed.DEEPSPEED, distributed.FSDP):
             kwargs["cpu"] = True
     if launch.uses_deepspeed:
         ds_config, _ = distributed.resolve_deepspeed(cfg, launch)
@@ -347,6 +415,8 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
         os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=launch.zero3_init)
     accelerator = Accelerator(**kwargs)
+    if launch.distributed_type == distributed.FSDP and not has_gpu:
+        cpu_fsdp2(accelerator, t.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         true_rank, true_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -358,6 +428,8 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
         raise RuntimeError(f"WORLD_SIZE={env_world_size()} but no process group was started")
     if launch.uses_deepspeed and str(accelerator.distributed_type).split(".")[-1] != distributed.DEEPSPEED:
         raise RuntimeError(f"DeepSpeed was requested but accelerate set up {accelerator.distributed_type}")
+    if launch.distributed_type == distributed.FSDP and not accelerator.is_fsdp2 and launch.fsdp_version == 2:
+        raise RuntimeError(f"FSDP2 was requested but accelerate set up {accelerator.distributed_type}")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return Runtime(
         accelerator=accelerator,

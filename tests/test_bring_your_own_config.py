@@ -101,12 +101,13 @@ def test_the_one_command_form_checks_before_any_rank_starts(tmp_path, capsys, ar
     assert not (tmp_path / "out").exists()
 
 
-def test_fsdp_is_refused_on_a_cpu_host_in_one_line(tmp_path, capsys):
-    for name in ("fsdp1", "fsdp2"):
+def test_fsdp1_and_single_process_fsdp2_are_refused_on_a_cpu_host_in_one_line(tmp_path, capsys):
+    """FSDP2 runs on CPU ranks (test_distributed.py); FSDP1 and a one-process FSDP2 do not."""
+    for name, n, message in (("fsdp1", "2", "FSDP1 needs CUDA GPUs"), ("fsdp2", "1", "FSDP2 on CPU needs 2 or more processes")):
         path = write_yaml(tmp_path, name)
-        assert main(["train", str(TINY), "--accelerate-config", str(path), "--num-processes", "2"]) == 2
+        assert main(["train", str(TINY), "--accelerate-config", str(path), "--num-processes", n]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith(f"error: {path}: distributed_type FSDP needs CUDA GPUs")
+        assert line.startswith(f"error: {path}: {message}")
 
 
 def test_launch_flags_need_an_accelerate_config(capsys):

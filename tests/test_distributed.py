@@ -1,4 +1,4 @@
-"""Two CPU ranks over gloo with the real engines: DDP, DeepSpeed ZeRO-1/2/3 (+offload), two nodes.
+"""Two CPU ranks over gloo with the real engines: DDP, DeepSpeed ZeRO-1/2/3 (+offload), FSDP2, two nodes.
 
 Every run uses the shipped accelerate YAML unchanged (plus --num_processes 2), and is
 compared with a one-process run of the same config: same global batch, same seed.
@@ -268,11 +268,47 @@ def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_fsdp_is_refused_on_cpu_rather_than_silently_run_as_ddp(tmp_path):
-    proc = accelerate_launch(["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "2"], tmp_path, "fsdp")
+def test_fsdp2_halted_and_resumed_equals_one_uninterrupted_process(tmp_path):
+    """FSDP2 (fully_shard) on 2 gloo ranks, the shipped fsdp2.yaml unchanged: accelerate
+    enables FSDP only for GPU process groups, launcher switches it on for CPU (runtime.cpu_fsdp2).
+    Micro-batches of 8: 2 accumulated micro-batches per rank, reduce-scattered after each
+    (sync_each_batch), against one process accumulating 2 x 16. Halted at 6, resumed from
+    the DCP checkpoint, 12 steps in all: the same weights as the uninterrupted process.
+    Dropout off: its masks are drawn per micro-batch, and the micro-batches differ here."""
+    knobs = ["model.tiny.dropout=0"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "one"), "--run-name", "ref", *FAST, *STEPS, *knobs))
+    reference = tmp_path / "one", tmp_path / "one" / "ref"
+    launch = ["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "2"]
+    first = check(accelerate_launch(launch, tmp_path, "f", "train.halt_at_step=6", "train.micro_batch_size=8", *knobs))
+    assert "(2 process(es) on 1 node(s), FSDP" in first.stdout and "8 x 2 accumulation x 2 ranks" in first.stdout
+    line = next(x for x in first.stdout.splitlines() if x.startswith("FSDP2: parameters held per rank"))
+    held, total = line.rsplit(": ", 1)[1].split(" of ")
+    held, total = [int(x.replace(",", "")) for x in held.split(" / ")], int(total.replace(",", ""))
+    assert len(held) == 2 and all(h < total for h in held) and sum(held) >= total  # really sharded
+    run = tmp_path / "f"
+    dcp = run / "checkpoints" / "step-000006" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in dcp.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
+
+    second = check(accelerate_launch(launch, tmp_path, "f", "train.micro_batch_size=8", *knobs))
+    assert f"resuming from {run / 'checkpoints' / 'step-000006'}" in second.stdout
+    check_ranks(run)
+    assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 13))
+    assert metric_steps(tmp_path, "train/grad_norm")[1] == pytest.approx(metric_steps(reference[0], "train/grad_norm")[1], rel=1e-4)
+    assert max_diff(weights(run), weights(reference[1])) < TOL
+    check_export_predicts_like_the_run(run)
+    # The offline export reads the DCP shards: the same model as one process's last checkpoint.
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    proc = check(launcher("export", str(run / "checkpoints" / "step-000012"), str(mine)))
+    assert "FSDP sharded state dict" in proc.stdout
+    check(launcher("export", str(reference[1] / "checkpoints" / "step-000012"), str(theirs)))
+    assert max_diff(load_model_weights(mine), load_model_weights(theirs)) < TOL
+
+
+def test_fsdp1_is_refused_on_cpu_rather_than_silently_run_as_ddp(tmp_path):
+    proc = accelerate_launch(["--config_file", str(ACCEL / "fsdp1.yaml"), "--num_processes", "2"], tmp_path, "fsdp")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "distributed_type FSDP needs CUDA GPUs" in errors[0]
+    assert len(errors) == 1 and "FSDP1 needs CUDA GPUs" in errors[0]
     assert not (tmp_path / "fsdp").exists()
 
 

@@ -107,12 +107,12 @@ def _run_matrix(tmp_path: Path, config: Path, args: list[str], engines: list[str
 
 def test_saved_tiny_bert_through_every_engine(tmp_path, saved_models):
     _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={saved_models / 'bert'}"],
-                ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"], lora=False)
+                ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"], lora=False)
 
 
-def test_saved_tiny_llama_through_zero3_and_zero3_lora(tmp_path, saved_models):
+def test_saved_tiny_llama_through_zero3_and_fsdp2_with_and_without_lora(tmp_path, saved_models):
     _run_matrix(tmp_path, SFT, [*INSTRUCTIONS, f"model.name={saved_models / 'llama'}"],
-                ["deepspeed_zero3", "deepspeed_zero3+lora"], lora=True)
+                ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"], lora=True)
 
 
 def test_real_minilm_through_zero3_and_zero3_lora(tmp_path):

@@ -9,8 +9,8 @@ chunks under activation checkpointing: each chunk's logits exist only while that
 loss is computed, in the forward pass and again in the backward pass. The result is the same
 sum of token losses (tested against the model's own loss, values and gradients).
 
-Models that do more to logits than the head (logit scaling), and ZeRO-3 (see `supported`),
-keep the model's own loss.
+Models that do more to logits than the head (logit scaling), ZeRO-3 and FSDP2 (see
+`supported`), keep the model's own loss.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ def _unwrap(model):
 
 
 def supported(model) -> bool:
-    """Not under ZeRO-3: recomputing the head in the backward pass meets a partitioned
+    """Not under ZeRO-3 or FSDP2: recomputing the head in the backward pass meets a partitioned
     weight there when the head is frozen (LoRA), and checkpointing refuses the changed
     tensor (seen on 2 CPU ranks); those runs keep the model's own loss."""
     causal = _unwrap(model)
     cfg = getattr(causal, "config", None)
     head = causal.get_output_embeddings() if cfg is not None else None
-    partitioned = head is not None and any(hasattr(p, "ds_tensor") for p in head.parameters())
+    # FSDP2 shards the head into DTensors and runs it as its own unit; calling it once per
+    # chunk, again in the backward pass, crashes its hooks (SIGSEGV in backward, 2 CPU ranks).
+    partitioned = head is not None and any(hasattr(p, "ds_tensor") or hasattr(p, "_local_tensor")
+                                           for p in head.parameters())
     return (head is not None and hasattr(causal, "base_model") and causal.base_model is not causal
             and not partitioned and not any(getattr(cfg, k, None) for k in _LOGIT_EXTRAS))
 
