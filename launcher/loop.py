@@ -19,7 +19,7 @@ import torch
 import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
-from launcher import faults, sizing, tasks, tracking, watchdog
+from launcher import faults, hub, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError, RunError, UserError
@@ -108,6 +108,7 @@ def train(cfg: RunConfig) -> dict:
     resume_from = start.checkpoint
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
+    fetched_here = hub.resolve(cfg.model, rt)  # a hub model: once per node, then offline
     task.check_model_source()
     tracking.check_reachable(cfg)  # every rank: they must agree to stop
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
@@ -138,7 +139,8 @@ def train(cfg: RunConfig) -> dict:
     if task.random_init():
         rt.on_main(_keep_tokenizer, tokenizer, run_dir / "tokenizer")
     rt.write_rank_file(run_dir, collective_timeout_s=t.collective_timeout_s,
-                       tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache})
+                       tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache},
+                       model_fetched_here=fetched_here)
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
@@ -175,7 +177,8 @@ def train(cfg: RunConfig) -> dict:
     # `launcher export`. A random tiny base exists nowhere else, so it is saved whole.
     trainable_only = cfg.model.lora.enabled and not task.random_init()
     in_checkpoint = {"launcher.json": json.dumps(task.metadata() | (
-        {"checkpoint_weights": "trainable", "base_model": cfg.model.name, "base_revision": cfg.model.revision}
+        {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
+         "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision)}
         if trainable_only else {"checkpoint_weights": "all"}))}
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))

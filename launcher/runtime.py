@@ -261,6 +261,8 @@ class Runtime:
             "decayed": len(decayed),
             "not_decayed": len(names) - len(decayed),
             "decayed_sha": hashlib.sha256("\n".join(decayed).encode()).hexdigest()[:16],
+            # where from_pretrained read the weights: a hub model's local snapshot (hub.resolve)
+            "loaded_from": getattr(getattr(self.unwrap(model), "config", None), "_name_or_path", None),
         }
         out = run_dir / "ranks" / f"model-rank-{self.rank:05d}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,11 @@ SFT_FAST = ["data.synthetic.n_train=128", "data.synthetic.n_validation=24", "mod
 
 
 def accelerate_launch(launch_args: list[str], out: Path, name: str, *extra: str, port: int | None = None,
-                      wait: bool = True, config: Path = TINY, base: list[str] = FAST + STEPS):
+                      wait: bool = True, config: Path = TINY, base: list[str] = FAST + STEPS, env: dict | None = None):
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *launch_args,
            "--main_process_port", str(port or free_port()), "-m", "launcher", "train", str(config),
            "--output-dir", str(out), "--run-name", name, *base, *extra]
-    env = {**os.environ, **OFFLINE_ENV}
+    env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

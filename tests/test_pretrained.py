@@ -14,6 +14,7 @@ one step: measured under ZeRO-3, single elements of a few tensors differ by up t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,43 @@ def test_real_minilm_through_zero3_and_zero3_lora(tmp_path):
     (transformers' ZeRO-3 load path); the keys must equal one process's."""
     _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={_minilm()}"], ["deepspeed_zero3", "deepspeed_zero3+lora"], lora=True,
                 tol=1e-4)
+
+
+def _hub_cache(root: Path, repo: str, model_dir: Path) -> Path:
+    """A Hugging Face cache holding `repo` at one commit, in the layout huggingface_hub writes
+    (refs/main names the commit; snapshots/<commit>/ holds the files): what a download leaves."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = root / f"models--{repo.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, entry / "snapshots" / commit)
+    return entry / "snapshots" / commit
+
+
+def test_a_hub_model_is_fetched_once_per_node_and_every_rank_loads_the_local_snapshot(tmp_path, saved_models):
+    """model.name=ORG/NAME on 2 ranks of one node: local rank 0 resolves it (from the cache
+    here: no network), rank 1 waits on the file system, and both load the snapshot directory,
+    not the hub name. Same weights as one process loading the directory. A name that is not
+    cached stops both ranks with one line and leaves no run directory."""
+    snapshot = _hub_cache(tmp_path / "hf-cache", "launcher-tests/tiny-bert", saved_models / "bert")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    args = [*CLAUSES, "model.name=launcher-tests/tiny-bert"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "one", *CLAUSES,
+                   f"model.name={saved_models / 'bert'}"))
+    launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
+    check(accelerate_launch(launch, tmp_path, "hub", *args, base=[], env=env))
+    run = tmp_path / "hub"
+    ranks = [json.loads((run / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    assert [r["model_fetched_here"] for r in ranks] == [True, False]
+    assert [model_facts(run, r)["loaded_from"] for r in (0, 1)] == [str(snapshot)] * 2
+    assert max_diff(weights(run), weights(tmp_path / "one")) < TOL
+    assert not list((tmp_path / "hf-cache" / ".launcher").iterdir())  # the node's hand-over files are gone
+
+    proc = accelerate_launch(launch, tmp_path, "missing", *CLAUSES, "model.name=launcher-tests/not-cached", base=[], env=env)
+    assert proc.returncode != 0
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+    assert errors == {"error: model.name: cannot load 'launcher-tests/not-cached' from the Hugging Face Hub (no network, "
+                      "or not cached); download it where you have access and pass a local directory: model.name=/path/to/model"}
+    assert not (tmp_path / "missing").exists() and not list((tmp_path / "hf-cache" / ".launcher").iterdir())

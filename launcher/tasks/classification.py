@@ -33,12 +33,16 @@ def _from_hub(loader, name: str, model_cfg=None, **kwargs):
     """loader.from_pretrained(name), or one line saying which of these it was: not a model
     directory, not found on the hub, gated or unauthorised, or no network (and not cached).
     `model_cfg` adds model.revision and model.trust_remote_code (off unless asked)."""
+    source = name
     if model_cfg is not None:
+        from launcher import hub
+
         kwargs.setdefault("trust_remote_code", bool(model_cfg.trust_remote_code))
-        if model_cfg.revision:
+        source = hub.local_dir(name, model_cfg.revision) or name  # fetched once per node (hub.resolve)
+        if model_cfg.revision and source == name:
             kwargs.setdefault("revision", model_cfg.revision)
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(hub_problem(name, e)) from None
 
@@ -61,7 +65,8 @@ def hub_problem(name: str, error: BaseException) -> str:
                 "there and log in (HF_TOKEN), or pass a local directory: model.name=/path/to/model")
     if any(issubclass(k, hub.RevisionNotFoundError) for k in kinds):
         return f"model.revision: no such revision of '{name}' on the Hugging Face Hub"
-    if any(issubclass(k, hub.RepositoryNotFoundError) for k in kinds) or "not a valid model identifier" in str(error):
+    if (any(issubclass(k, (hub.RepositoryNotFoundError, hub.HFValidationError)) for k in kinds)
+            or "not a valid model identifier" in str(error)):
         return (f"model.name: '{name}' was not found on the Hugging Face Hub (check the id), nor is it a local "
                 "directory: model.name=/path/to/model")
     return (f"model.name: cannot load '{name}' from the Hugging Face Hub (no network, or not cached); "

@@ -1,0 +1,120 @@
+"""Hub models: fetched once per node, then loaded from the local snapshot by every rank.
+
+Left to itself, every rank of an 8-GPU node calls from_pretrained(name) at once: eight
+processes ask the hub for the same files (and hit its rate limits together), and a
+network fault becomes eight different half-downloads. Here the first process of each
+node (local rank 0) fetches the snapshot with huggingface_hub, the other ranks of that
+node wait for it on the file system (not in a collective, so a long download cannot run
+into the process group's timeout), and every rank then loads the local snapshot directory
+with no network at all. A failure on the fetching rank stops its node's other ranks with
+the same one line.
+
+What is fetched: configuration and tokenizer files and the safetensors weights (the
+PyTorch .bin weights only when the repository has no safetensors; never ONNX, TF, Flax
+or OpenVINO copies); the repository's Python files only with model.trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from launcher.config import TINY_MODEL
+from launcher.errors import ConfigError
+
+SMALL = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.vocab", "merges.txt"]
+WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
+BIN_WEIGHTS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
+CODE = ["*.py"]
+
+# (name, revision) -> the local snapshot directory this process loads instead.
+_local: dict[tuple[str, str | None], str] = {}
+
+
+def is_hub_name(name: str) -> bool:
+    return name != TINY_MODEL and not Path(name).expanduser().is_dir()
+
+
+def local_dir(name: str, revision: str | None) -> str | None:
+    """Where resolve() put (name, revision) on this node, if it did."""
+    return _local.get((name, revision))
+
+
+def resolved_revision(name: str, revision: str | None) -> str | None:
+    """The commit a resolved hub model was loaded at (its snapshot directory's name)."""
+    path = local_dir(name, revision)
+    return Path(path).name if path else revision
+
+
+def fetch(model_cfg) -> str:
+    """Download (or find in the cache) the snapshot of model_cfg.name; its local directory.
+    One line (ConfigError) when it cannot: not found, gated, no network, bad revision."""
+    from huggingface_hub import snapshot_download
+
+    from launcher.tasks.classification import hub_problem
+
+    extra = CODE if model_cfg.trust_remote_code else []
+    try:
+        path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=SMALL + WEIGHTS + extra)
+        if not any(Path(path).glob("*.safetensors")):
+            path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=SMALL + BIN_WEIGHTS + extra)
+    except Exception as e:  # hub, HTTP and validation errors have no common base class
+        raise ConfigError(hub_problem(model_cfg.name, e)) from None
+    return path
+
+
+def resolve(model_cfg, rt) -> bool | None:
+    """Make model_cfg.name loadable offline on this node (see the module docstring): True
+    where this process fetched it, False where it waited for its node's fetch, None when
+    there was nothing to fetch (a model directory, or the tiny model)."""
+    if not is_hub_name(model_cfg.name):
+        return None
+    key = (model_cfg.name, model_cfg.revision)
+    if rt.world_size == 1:
+        _local[key] = fetch(model_cfg)
+        return True
+    from huggingface_hub import constants
+
+    token = rt.shared_token()
+    where = Path(constants.HF_HUB_CACHE) / ".launcher"
+    where.mkdir(parents=True, exist_ok=True)
+    stem = where / f"{token}-{socket.gethostname()}"
+    done, failed = stem.with_suffix(".done"), stem.with_suffix(".failed")
+    if rt.local_rank == 0:
+        try:
+            path = fetch(model_cfg)
+        except ConfigError as e:
+            failed.write_text(e.problems[0])
+            _wait_for_acks(stem, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+            raise
+        done.write_text(path)
+    else:
+        started = last_word = time.monotonic()
+        while not done.exists():
+            if failed.exists():
+                problem = failed.read_text()
+                Path(f"{stem}.ack-{rt.local_rank}").write_text("")
+                raise ConfigError(problem)
+            if time.monotonic() - last_word > 60:
+                print(f"rank {rt.rank}: waiting {time.monotonic() - started:.0f} s for local rank 0 to fetch "
+                      f"{model_cfg.name}", flush=True)
+                last_word = time.monotonic()
+            time.sleep(0.2)
+        path = done.read_text()
+    _local[key] = path
+    rt.barrier()  # every rank has read its node's answer: now quick
+    if rt.local_rank == 0:
+        done.unlink(missing_ok=True)
+    return rt.local_rank == 0
+
+
+def _wait_for_acks(stem: Path, peers: int, limit_s: float = 30.0) -> None:
+    """After a failed fetch: let the node's other ranks read the message (each leaves an
+    ack), then remove every hand-over file, so nothing is left in the cache."""
+    deadline = time.monotonic() + limit_s
+    while len(list(stem.parent.glob(f"{stem.name}.ack-*"))) < peers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for f in [stem.with_suffix(".failed"), *stem.parent.glob(f"{stem.name}.ack-*")]:
+        f.unlink(missing_ok=True)
