@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: venv demo tos test test-fast test-faults clean
+.PHONY: venv demo tos test test-fast test-faults test-matrix clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ test-fast: venv
 # The full kill-anywhere matrix: 5 kill points x (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + LoRA) on 2 ranks (make test runs 2).
 test-faults: venv
 	$(PY) -m pytest -q -m faults tests/test_faults.py
+
+# The same checks on more engines: TRL's multi_gpu / ZeRO-1 / ZeRO-3 configs, ZeRO-2 LoRA checkpoints.
+test-matrix: venv
+	$(PY) -m pytest -q -m matrix
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,8 +8,7 @@ download): on CUDA about 125M parameters (hidden 768, 12 layers, 12 heads, MLP 3
 blocks of 512 tokens; on CPU a tiny one in fp32. Cases:
 
 - 1 GPU: attention sdpa, and flash_attention_2 when flash-attn is installed;
-- 2+ GPUs (CPU: 2 ranks): DDP, DeepSpeed ZeRO-2, ZeRO-3, and FSDP2 (CUDA only: accelerate
-  enables FSDP for GPU process groups only).
+- 2+ GPUs (CPU: 2 gloo ranks): DDP, DeepSpeed ZeRO-2, ZeRO-3, and FSDP2.
 
 Each case runs `launcher train` twice: uninterrupted, and halted at half the steps then
 resumed (the same command again). It checks that the loss falls (last logged train loss
@@ -65,7 +64,7 @@ def cases(cuda: bool, gpus: int) -> list[tuple[str, list[str], list[str]]]:
     if n >= 2:
         ddp = "multi_gpu.yaml" if cuda else "cpu_ddp.yaml"
         for name, yaml in (("ddp", ddp), ("zero2", "deepspeed_zero2.yaml"), ("zero3", "deepspeed_zero3.yaml"),
-                           *((("fsdp2", "fsdp2.yaml"),) if cuda else ())):
+                           ("fsdp2", "fsdp2.yaml")):
             out.append((f"{n}x-{name}", ["--config_file", str(ACCEL / yaml), "--num_processes", str(n)], []))
     return out
 

@@ -10,6 +10,7 @@ Every rank calls save/load/export: they are collectives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -153,9 +154,10 @@ class Checkpointer:
         # otherwise; loading is then non-strict on the model weights only.
         self.trainable_only = trainable_only
         self.save_kwargs, self.load_kwargs = {}, {}
+        self.fsdp2 = trainable_only and rt.accelerator.is_fsdp2  # frozen_left_out() around save and load
         if trainable_only and rt.zero_stage is not None:
             self.save_kwargs, self.load_kwargs = {"exclude_frozen_parameters": True}, {"load_module_strict": False}
-        elif trainable_only:
+        elif trainable_only and not self.fsdp2:
             rt.accelerator.register_save_state_pre_hook(_drop_frozen)
             self.load_kwargs = {"strict": False}
         self.need = 0  # bytes one checkpoint takes (estimate_bytes), set once the model is built
@@ -171,7 +173,11 @@ class Checkpointer:
         self.rt.on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
         # Every rank writes its part, then they compare notes (a collective, so a rank whose
         # write failed cannot leave the others waiting in a barrier); rank 0 seals.
-        failure = _attempt(lambda: self.rt.accelerator.save_state(str(tmp), **self.save_kwargs), self.root, self.need)
+        def write():
+            with frozen_left_out(self.rt.accelerator._models if self.fsdp2 else []):
+                self.rt.accelerator.save_state(str(tmp), **self.save_kwargs)
+
+        failure = _attempt(write, self.root, self.need)
         failures = self.rt.gather_objects(failure and failure[0])
         if not any(failures):
             faults.point("checkpoint", state.step)
@@ -226,10 +232,37 @@ class Checkpointer:
         return path if (path / MARKER).is_file() else None
 
     def load(self, path: Path) -> TrainState:
-        if self.trainable_only and self.rt.zero_stage is None:
+        if self.trainable_only and self.rt.zero_stage is None and not self.fsdp2:
             _check_trainable_saved(path, self.rt.accelerator._models)
-        self.rt.accelerator.load_state(str(path), **self.load_kwargs)
+        with frozen_left_out(self.rt.accelerator._models if self.fsdp2 else []):
+            self.rt.accelerator.load_state(str(path), **self.load_kwargs)
         return TrainState.read(path)
+
+
+@contextlib.contextmanager
+def frozen_left_out(models):
+    """FSDP2: the frozen parameters leave each model's state dict while accelerate saves or
+    loads a checkpoint. accelerate's DCP save and load take no filter (and no non-strict
+    load), but both build the dict with model.state_dict() and end in model.load_state_dict():
+    a state-dict hook drops the frozen entries, so DCP writes and reads only what trains, and
+    a load hook forgives exactly those keys as missing (a missing trained weight still fails)."""
+    handles = []
+    for model in models:
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+        def drop(_module, state_dict, _prefix, _meta, frozen=frozen):
+            for name in frozen & state_dict.keys():
+                del state_dict[name]
+
+        def forgive(_module, incompatible, frozen=frozen):
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
+
+        handles += [model.register_state_dict_post_hook(drop), model.register_load_state_dict_post_hook(forgive)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _drop_frozen(models, weights, output_dir) -> None:

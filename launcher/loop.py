@@ -175,8 +175,7 @@ def train(cfg: RunConfig) -> dict:
     # LoRA on a pretrained base: checkpoints hold what trains (adapters, modules_to_save) and
     # the optimizer; the frozen base is read again from model.name on resume and by
     # `launcher export`. A random tiny base exists nowhere else, so it is saved whole.
-    # FSDP2 saves through accelerate's DCP path, which takes no such filter yet: whole weights.
-    trainable_only = cfg.model.lora.enabled and not task.random_init() and not rt.accelerator.is_fsdp2
+    trainable_only = cfg.model.lora.enabled and not task.random_init()
     in_checkpoint = {"launcher.json": json.dumps(task.metadata() | (
         {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
          "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision)}

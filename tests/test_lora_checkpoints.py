@@ -1,7 +1,7 @@
 """LoRA on a pretrained base: checkpoints hold only what trains (adapters and the head) plus
 the optimizer and schedule; a halted run resumes to the weights of an uninterrupted one
 (the frozen base is read again from model.name), in one process and under ZeRO-2 and
-ZeRO-3 on 2 ranks; `launcher export` of such a checkpoint reads the base from the same place."""
+ZeRO-3 and FSDP2 on 2 ranks; `launcher export` of such a checkpoint reads the base from the same place."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_one_process_checkpoint_holds_only_trained_weights_and_resumes_exactly(t
     assert max_diff(load_model_weights(tmp_path / "exported"), weights(uninterrupted)) < 1e-6
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.matrix), 3])
 def test_zero_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(stage, tmp_path, uninterrupted, lora_args):
     launch = ["--config_file", str(ACCEL / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2"]
     halted = accelerate_launch(launch, tmp_path, "z", *lora_args, "train.halt_at_step=6", base=[])
@@ -78,3 +78,21 @@ def test_zero_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(st
     # offline export of the ZeRO shards: adapter and head from them, the frozen base from model.name
     check(launcher("export", str(tmp_path / "z" / "checkpoints" / "step-000012"), str(tmp_path / "exported")))
     assert max_diff(load_model_weights(tmp_path / "exported"), weights(tmp_path / "z")) < 1e-6
+
+
+def test_fsdp2_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(tmp_path, uninterrupted, lora_args):
+    """FSDP2 saves through DCP: the shards hold the adapters, the head and buffers, not the base."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    launch = ["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "2"]
+    halted = check(accelerate_launch(launch, tmp_path, "f", *lora_args, "train.halt_at_step=6", base=[]))
+    assert "stopped at step 6" in halted.stdout
+    dcp = tmp_path / "f" / "checkpoints" / "step-000006" / "pytorch_model_fsdp_0"
+    keys = list(FileSystemReader(str(dcp)).read_metadata().state_dict_metadata)
+    assert any("lora_A" in k for k in keys) and any("modules_to_save" in k for k in keys)
+    assert all("lora_" in k or "modules_to_save" in k or k.endswith("_ids") for k in keys), keys
+    resumed = check(accelerate_launch(launch, tmp_path, "f", *lora_args, base=[]))
+    assert "resuming from" in resumed.stdout
+    assert max_diff(weights(tmp_path / "f"), weights(uninterrupted)) < TOL
+    check(launcher("export", str(tmp_path / "f" / "checkpoints" / "step-000012"), str(tmp_path / "exported")))
+    assert max_diff(load_model_weights(tmp_path / "exported"), weights(tmp_path / "f")) < 1e-6

