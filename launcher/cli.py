@@ -350,19 +350,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        from launcher.runtime import env_rank
-
-        if env_rank() == 0:  # every rank found the same problem; one report is enough
-            for problem in e.problems:
-                print(f"error: {problem}", file=sys.stderr)
+        _report(e.problems)
         return 2
     except RunError as e:  # the machine failed a run that was going well: what happened, what is kept
-        from launcher.runtime import env_rank
-
-        if env_rank() == 0:
-            for problem in e.problems:
-                print(f"error: {problem}", file=sys.stderr)
+        _report(e.problems)
         return 1
+
+
+def _report(problems: list[str]) -> None:
+    """One `error:` line per problem, from one rank.
+
+    Usually every rank finds the same problem, and rank 0 reports it. The other ranks wait
+    first: when rank 0 exits, torchrun stops them (SIGTERM, now fatal), so the report is
+    printed once. Had one of them exited first, torchrun would have stopped rank 0 before
+    it printed: a failed launch with no line at all (seen in CI). A rank still alive after
+    the wait found a problem of its own, and reports it."""
+    import signal
+    import time
+
+    from launcher.runtime import env_rank, env_world_size
+
+    if env_rank() != 0 and env_world_size() > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(REPORT_GRACE_S)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+REPORT_GRACE_S = 5.0
 
 
 def run() -> None:

@@ -264,7 +264,8 @@ def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
     proc = accelerate_launch(["--config_file", str(yaml_file)], tmp_path, "bad")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {tmp_path / 'ds.json'}: bf16.enabled: true but train.precision is no; use \"auto\""]
+    assert errors == [f"error: {tmp_path / 'ds.json'}: bf16.enabled: true but train.precision is no; use \"auto\""], \
+        proc.stderr[-3000:]
     assert not (tmp_path / "bad").exists()
 
 
