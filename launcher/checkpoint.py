@@ -174,10 +174,17 @@ class Checkpointer:
         # Every rank writes its part, then they compare notes (a collective, so a rank whose
         # write failed cannot leave the others waiting in a barrier); rank 0 seals.
         def write():
+            faults.save_error(state.step)
             with frozen_left_out(self.rt.accelerator._models if self.fsdp2 else []):
                 self.rt.accelerator.save_state(str(tmp), **self.save_kwargs)
 
         failure = _attempt(write, self.root, self.need)
+        if failure is not None and not failure[1]:
+            # Not for want of disk: the engine's save failed on this rank. The other ranks may
+            # still be inside its collectives (DCP gathers between phases), where comparing
+            # notes would leave every rank waiting until the collective timeout. This rank stops
+            # now and its exit stops the job; the temp dir is never sealed, so never resumed from.
+            raise failure[2]
         failures = self.rt.gather_objects(failure and failure[0])
         if not any(failures):
             faults.point("checkpoint", state.step)

@@ -11,6 +11,10 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
 that optimizer step, after its backward passes: the hang the watchdog tests need) or
 `export` (rank 0 writing the final model while the others wait).
 
+`LAUNCHER_SAVE_ERROR=RANK:STEP` makes that rank's save of that step fail (a RuntimeError
+before the engine writes), as an engine bug on one rank would, while the others go on
+into the engine's collectives.
+
 Unset, each point costs one comparison.
 """
 
@@ -21,6 +25,7 @@ import signal
 
 _WHERE = os.environ.get("LAUNCHER_FAILPOINT")
 _STALL = os.environ.get("LAUNCHER_STALL")
+_SAVE_ERROR = os.environ.get("LAUNCHER_SAVE_ERROR")
 
 
 def point(name: str, step: int | None = None) -> None:
@@ -42,3 +47,11 @@ def stall(where: int | str) -> None:
         import time
 
         time.sleep(float(seconds))
+
+
+def save_error(step: int) -> None:
+    if _SAVE_ERROR is None:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    if _SAVE_ERROR == f"{rank}:{step}":
+        raise RuntimeError(f"injected save failure (LAUNCHER_SAVE_ERROR) on rank {rank} at step {step}")

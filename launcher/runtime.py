@@ -204,6 +204,7 @@ class Runtime:
         """accelerator.prepare, after choosing FSDP2's wrap units (fsdp2_wrap_units)."""
         if self.accelerator.is_fsdp2:
             fsdp2_wrap_units(self.accelerator.state.fsdp_plugin, model)
+            fsdp2_storage_for_meta(model, optimizer)
         return self.accelerator.prepare(model, optimizer, *rest)
 
     def write_rank_file(self, run_dir: Path, **extra) -> None:
@@ -308,6 +309,36 @@ def fsdp2_wrap_units(plugin, model) -> None:
     holders = {type(m).__name__ for m in model.modules()
                if m not in embeddings and any(e is sub for e in embeddings for sub in m.modules())}
     plugin.transformer_cls_names_to_wrap = [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in holders]
+
+
+def fsdp2_storage_for_meta(model, optimizer) -> list[str]:
+    """Gives every parameter still on the meta device empty CPU storage, in the model and in
+    the optimizer alike; returns their names.
+
+    Under fsdp_cpu_ram_efficient_loading, transformers loads the weights on rank 0 only and
+    leaves the other ranks' parameters as empty CPU tensors, except those missing from the
+    checkpoint (a new classification head), which stay on meta. accelerate 1.15 then maps each
+    optimizer parameter to its sharded one by data_ptr(), and every meta tensor's is 0: the
+    optimizer of rank 1 and up got the head's bias twice and its weight never, so that rank's
+    shard of the weight never trained and the first checkpoint failed in DCP (KeyError) while
+    rank 0 waited in a collective. Values do not matter here: accelerate broadcasts rank 0's
+    weights into every shard at prepare.
+    """
+    import torch
+
+    new: dict = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                if p not in new:
+                    new[p] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                setattr(module, name, new[p])
+    for group in optimizer.param_groups:
+        group["params"] = [new.get(p, p) for p in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len({p.data_ptr() for p in params if p.numel()}) != sum(1 for p in params if p.numel()):
+        raise RuntimeError("FSDP2: two optimizer parameters share storage; accelerate would map them to one shard")
+    return [n for n, p in model.named_parameters() if any(p is q for q in new.values())]
 
 
 class _NoBar:

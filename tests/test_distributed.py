@@ -305,6 +305,22 @@ def test_fsdp2_halted_and_resumed_equals_one_uninterrupted_process(tmp_path):
     assert max_diff(load_model_weights(mine), load_model_weights(theirs)) < TOL
 
 
+def test_a_save_failing_on_one_rank_ends_the_job_with_its_error_not_a_wait_for_the_timeout(tmp_path):
+    """Rank 1's save of step 1 fails (not for want of disk) while rank 0 is inside DCP's
+    collectives. Comparing notes would leave both waiting until the collective timeout (here
+    120 s) and then report only the timeout; rank 1 must stop at once with its own error.
+    Nothing of step 1 is sealed."""
+    launch = ["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "2"]
+    proc = accelerate_launch(launch, tmp_path, "f", "train.max_steps=2", "checkpoint.every_steps=1", "eval.every_steps=0",
+                             "train.collective_timeout_s=120", "train.hang_timeout_s=0", env={"LAUNCHER_SAVE_ERROR": "1:1"},
+                             base=FAST)
+    assert proc.returncode != 0
+    assert "RuntimeError: injected save failure (LAUNCHER_SAVE_ERROR) on rank 1 at step 1" in proc.stderr
+    assert "timed out" not in proc.stderr.lower() and "timeout" not in proc.stderr.lower(), proc.stderr[-3000:]
+    checkpoints = tmp_path / "f" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == [".tmp-step-000001"]  # unsealed: never resumed from
+
+
 def test_fsdp1_is_refused_on_cpu_rather_than_silently_run_as_ddp(tmp_path):
     proc = accelerate_launch(["--config_file", str(ACCEL / "fsdp1.yaml"), "--num_processes", "2"], tmp_path, "fsdp")
     assert proc.returncode != 0

@@ -111,8 +111,9 @@ def _run_matrix(tmp_path: Path, config: Path, args: list[str], engines: list[str
 
 
 def test_saved_tiny_bert_through_every_engine(tmp_path, saved_models):
+    """FSDP2 on a BERT runs with the real MiniLM below (same classes, and a head to initialise)."""
     _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={saved_models / 'bert'}"],
-                ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"], lora=False)
+                ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"], lora=False)
 
 
 def test_saved_tiny_llama_through_zero3_and_fsdp2_with_and_without_lora(tmp_path, saved_models):
@@ -120,11 +121,33 @@ def test_saved_tiny_llama_through_zero3_and_fsdp2_with_and_without_lora(tmp_path
                 ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"], lora=True)
 
 
-def test_real_minilm_through_zero3_and_zero3_lora(tmp_path):
-    """The real pretrained encoder: its ZeRO-3 export once wrote LayerNorm gamma/beta keys
-    (transformers' ZeRO-3 load path); the keys must equal one process's."""
-    _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={_minilm()}"], ["deepspeed_zero3", "deepspeed_zero3+lora"], lora=True,
-                tol=1e-4)
+def test_real_minilm_through_zero3_and_fsdp2_with_and_without_lora(tmp_path):
+    """The real pretrained encoder, whose checkpoint lacks the classification head:
+    - its ZeRO-3 export once wrote LayerNorm gamma/beta keys (transformers' ZeRO-3 load
+      path); the keys must equal one process's;
+    - under FSDP2 the head stayed on the meta device on rank 1 (fsdp_cpu_ram_efficient_loading),
+      and accelerate's data_ptr mapping gave that rank's optimizer the head's bias twice and
+      its weight never: rank 1's shard of the weight did not train (a diff of ~lr here)."""
+    _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={_minilm()}"],
+                ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"], lora=True, tol=1e-4)
+
+
+REST = {  # what make test leaves out above: each engine runs there on another model
+    "bert": ["deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],
+    "llama": ["cpu_ddp", "deepspeed_zero2"],
+    "minilm": ["cpu_ddp", "deepspeed_zero2"],
+}
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("model", sorted(REST))
+def test_the_rest_of_every_model_by_every_engine(model, tmp_path, saved_models):
+    """make test-matrix: with the tests above, every model through 1 process, DDP, ZeRO-2,
+    ZeRO-3, ZeRO-3 + LoRA, FSDP2 and FSDP2 + LoRA."""
+    config, args = (SFT, INSTRUCTIONS) if model == "llama" else (TINY, CLAUSES)
+    name = _minilm() if model == "minilm" else saved_models / model
+    _run_matrix(tmp_path, config, [*args, f"model.name={name}"], REST[model],
+                lora=any(e.endswith("+lora") for e in REST[model]), tol=1e-4 if model == "minilm" else TOL)
 
 
 def _hub_cache(root: Path, repo: str, model_dir: Path) -> Path:
