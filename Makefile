@@ -46,7 +46,8 @@ test-fast: venv
 test-faults: venv
 	$(PY) -m pytest -q -m faults tests/test_faults.py
 
-# The same checks on more engines: TRL's multi_gpu / ZeRO-1 / ZeRO-3 configs, ZeRO-2 LoRA checkpoints.
+# The same checks on more engines: TRL's multi_gpu / ZeRO-1 / ZeRO-3 configs, ZeRO-2 LoRA checkpoints,
+# every pretrained model (tiny BERT, tiny Llama, MiniLM) through every engine.
 test-matrix: venv
 	$(PY) -m pytest -q -m matrix
 
