@@ -237,7 +237,7 @@ def train(cfg: RunConfig) -> dict:
     dog.beat(state.step, "eval" if state.step == 0 and cfg.eval.at_start else "train")
     try:
         if state.step == 0 and cfg.eval.at_start:
-            state.first_eval = task.evaluate(rt, model, val_loader)
+            state.first_eval = task.evaluate(rt, model, dog.beating(val_loader, 0, "eval"))
             tracker.log_metrics({f"eval/{k}": v for k, v in state.first_eval.items()}, step=0)
             rt.print("step 0 eval: " + report.one_line(state.first_eval))
             _log_samples(rt, task, model, tokenizer, tracker, run_dir, 0)
@@ -308,7 +308,7 @@ def train(cfg: RunConfig) -> dict:
                 last = state.step == total_steps
                 if (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0) or last:
                     dog.beat(state.step, "eval")
-                    last_eval, last_eval_step = task.evaluate(rt, model, val_loader), state.step
+                    last_eval, last_eval_step = task.evaluate(rt, model, dog.beating(val_loader, state.step, "eval")), state.step
                     tracker.log_metrics({f"eval/{k}": v for k, v in last_eval.items()}, step=state.step)
                     stop_reason = _track_best(state, last_eval, cfg.eval_metric, higher_is_better, cfg.eval.early_stopping_patience)
                     rt.print(f"step {state.step} eval: " + report.one_line(last_eval))
@@ -338,7 +338,8 @@ def train(cfg: RunConfig) -> dict:
             rt.print(f"early stop at step {state.step}: no {cfg.eval_metric} improvement in {cfg.eval.early_stopping_patience} evals")
 
         if last_eval_step != state.step:  # resumed after the last step but before the export
-            last_eval = task.evaluate(rt, model, val_loader)
+            dog.beat(state.step, "eval")
+            last_eval = task.evaluate(rt, model, dog.beating(val_loader, state.step, "eval"))
         exported_step, exported_eval = state.step, last_eval
         best = checkpointer.best(state)
         if best is not None:  # checkpoint.export: best (a collective: every rank loads its part)
@@ -346,7 +347,7 @@ def train(cfg: RunConfig) -> dict:
             exported_step, exported_eval = state.best_step, state.best_eval
             rt.print(f"exporting the best evaluation's weights: step {exported_step} "
                      f"({cfg.eval_metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[cfg.eval_metric]:.4f})")
-        tuned = task.tune(rt, model, val_loader)  # eval.tune_threshold: the rule goes into launcher.json
+        tuned = task.tune(rt, model, dog.beating(val_loader, state.step, "eval"))  # eval.tune_threshold: the rule goes into launcher.json
         if tuned is not None:
             exported_eval = tuned
             rt.print(f"decision threshold tuned on validation: {task.threshold} "

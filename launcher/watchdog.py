@@ -2,8 +2,9 @@
 its Python stacks to RUN/ranks/rank-N.stack and rank 0 says which ranks are behind, and
 where each one is.
 
-Each rank runs a watchdog thread. The training loop calls `beat(step)` at every step end
-(and around evaluations and checkpoints); the thread writes RUN/ranks/rank-N.progress (step,
+Each rank runs a watchdog thread. The training loop calls `beat(step)` at every step end,
+at every evaluation batch (`beating`) and around checkpoints; the final export is not
+watched (UNWATCHED: slow is not hung there). The thread writes RUN/ranks/rank-N.progress (step,
 phase, wall time) at most once a second, so rank 0 can read every rank's progress from the
 run directory without a collective, which a hung rank could never join. A rank that stops
 beating dumps its stacks with faulthandler (all threads, the main one marked). A rank
@@ -25,6 +26,11 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+# Phases that may be slow without being hung: rank 0 writes the final model (minutes for a
+# big LoRA merge) while the others wait on the file system, in no collective. The gather
+# before it is a collective; train.collective_timeout_s still bounds that.
+UNWATCHED = {"export"}
 
 
 class Watchdog:
@@ -48,6 +54,10 @@ class Watchdog:
     def beat(self, step: int, phase: str = "train") -> None:
         self.step, self.phase, self.last = step, phase, time.monotonic()
 
+    def beating(self, loader, step: int, phase: str) -> "Beating":
+        """`loader`, beating at every batch it yields: a long evaluation is progress."""
+        return Beating(loader, self, step, phase)
+
     def close(self) -> None:
         self.stop.set()
 
@@ -63,7 +73,7 @@ class Watchdog:
         while not self.stop.wait(poll):
             idle = time.monotonic() - self.last
             try:
-                if idle < self.timeout_s:
+                if idle < self.timeout_s or self.phase in UNWATCHED:
                     if self.stalled:
                         self.stalled = False
                         if self.rank == 0:
@@ -110,6 +120,25 @@ class Watchdog:
             behind = " BEHIND" if lowest is not None and p["step"] == lowest and len(set(steps)) > 1 else ""
             lines.append(f"  rank {r}: step {p['step']} ({p['phase']}){behind}, {where(self.path(r, 'stack'))}")
         self.say("\n".join(lines))
+
+
+class Beating:
+    """A data loader that beats its watchdog at every batch; otherwise the loader itself
+    (len, dataset, ...)."""
+
+    def __init__(self, loader, dog: Watchdog, step: int, phase: str):
+        self.loader, self.dog, self.step, self.phase = loader, dog, step, phase
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.dog.beat(self.step, self.phase)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 def dump_exception(ranks_dir: Path, rank: int, error: BaseException) -> None:

@@ -5,15 +5,18 @@ which rank is behind and where each one is, and the run then finishes normally."
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from conftest import check
 from test_distributed import ACCEL, accelerate_launch
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_stalled_rank_is_reported_with_every_ranks_stack(tmp_path, monkeypatch):
     monkeypatch.setenv("LAUNCHER_STALL", "1:5:20")
     proc = check(accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "h", "train.hang_timeout_s=5"))
@@ -32,11 +35,50 @@ def test_a_stalled_rank_is_reported_with_every_ranks_stack(tmp_path, monkeypatch
     assert not os.environ.get("LAUNCHER_FAILPOINT")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_long_export_does_not_run_into_the_collective_timeout(tmp_path, monkeypatch):
     """Rank 0 takes 12 s to write the export (LAUNCHER_STALL=0:export:12) under a 4 s collective
-    timeout: rank 1 waits on the file system, not in a barrier, and the run finishes."""
+    timeout: rank 1 waits on the file system, not in a barrier, and the run finishes. Slow is
+    not hung there: the watchdog (4 s too) reports nothing."""
     monkeypatch.setenv("LAUNCHER_STALL", "0:export:12")
-    proc = accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "x", "train.collective_timeout_s=4")
+    proc = accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "x", "train.collective_timeout_s=4",
+                             "train.hang_timeout_s=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hang watchdog" not in proc.stdout + proc.stderr
+    assert not list((tmp_path / "x" / "ranks").glob("*.stack"))
     assert (tmp_path / "x" / "model" / "model.safetensors").is_file()
     assert not list((tmp_path / "x").glob(".done-*")) and not list((tmp_path / "x").glob(".failed-*"))
+
+
+def test_every_evaluation_batch_counts_as_progress(tmp_path):
+    """An evaluation longer than train.hang_timeout_s is not a hang when its batches keep
+    coming (watchdog.beating); one batch that takes longer than the timeout is."""
+    from launcher.watchdog import Watchdog
+
+    class Slow:
+        dataset = list(range(12))
+
+        def __init__(self, pause):
+            self.pause = pause
+
+        def __iter__(self):
+            for i, pause in enumerate(self.pause):
+                time.sleep(pause)
+                yield i
+
+        def __len__(self):
+            return len(self.pause)
+
+    said = []
+    dog = Watchdog(tmp_path / "ranks", 0, 1, 1.0, said.append)
+    try:
+        loader = dog.beating(Slow([0.1] * 25), 7, "eval")  # 2.5 s in all, 0.1 s between beats
+        assert len(loader) == 25 and loader.dataset == list(range(12))
+        assert list(loader) == list(range(25))
+        assert not said and not (tmp_path / "ranks" / "rank-00000.stack").exists()
+        assert list(dog.beating(Slow([0.0, 3.0]), 8, "eval")) == [0, 1]  # one batch of 3 s
+        assert said and "step 8 (eval)" in said[0], said
+        assert (tmp_path / "ranks" / "rank-00000.stack").exists()
+    finally:
+        dog.close()
