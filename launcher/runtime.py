@@ -311,9 +311,9 @@ def fsdp2_wrap_units(plugin, model) -> None:
     plugin.transformer_cls_names_to_wrap = [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in holders]
 
 
-def fsdp2_storage_for_meta(model, optimizer) -> list[str]:
+def fsdp2_storage_for_meta(model, optimizer) -> None:
     """Gives every parameter still on the meta device empty CPU storage, in the model and in
-    the optimizer alike; returns their names.
+    the optimizer alike.
 
     Under fsdp_cpu_ram_efficient_loading, transformers loads the weights on rank 0 only and
     leaves the other ranks' parameters as empty CPU tensors, except those missing from the
@@ -338,7 +338,6 @@ def fsdp2_storage_for_meta(model, optimizer) -> list[str]:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if len({p.data_ptr() for p in params if p.numel()}) != sum(1 for p in params if p.numel()):
         raise RuntimeError("FSDP2: two optimizer parameters share storage; accelerate would map them to one shard")
-    return [n for n, p in model.named_parameters() if any(p is q for q in new.values())]
 
 
 class _NoBar:
