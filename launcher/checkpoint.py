@@ -485,6 +485,10 @@ def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
 
 def _pretrained_base(auto, meta: dict, config):
     """The LoRA run's pretrained base, built with the run's own config (labels, head size)."""
+    from launcher import models
+
+    if models.gguf_source(meta["base_model"]) is not None:  # read (dequantized) from the GGUF file itself
+        return models.from_pretrained(auto, meta["base_model"], config=config, ignore_mismatched_sizes=True)
     try:
         return auto.from_pretrained(meta["base_model"], revision=meta.get("base_revision"), config=config,
                                     ignore_mismatched_sizes=True)

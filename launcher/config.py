@@ -64,8 +64,9 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # Hub id, local directory (Hugging Face format), or "tiny" for a random BERT
-    # with a tokenizer trained on the training data (offline; tests and demo).
+    # Hub id, local directory (Hugging Face format), a GGUF file (or a directory holding one:
+    # converted once into the data cache, then loaded as a plain model), or "tiny" for a
+    # random model with a tokenizer trained on the training data (offline; tests and demo).
     name: str = TINY_MODEL
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -591,7 +592,10 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             elif not str(value).lower().endswith((".jsonl", ".json", ".csv", ".parquet")) and not Path(value).is_dir():
                 out.append(f"data.{key}: {value}: unsupported format (use .jsonl, .csv, .parquet or a save_to_disk directory)")
     name = cfg.model.name
-    if check_files and name != TINY_MODEL and name.startswith(("/", "./", "../", "~")):
+    if check_files and name != TINY_MODEL and name.lower().endswith(".gguf"):
+        if not Path(name).expanduser().is_file():
+            out.append(f"model.name: {name}: no such GGUF file")
+    elif check_files and name != TINY_MODEL and name.startswith(("/", "./", "../", "~")):
         if not Path(name).expanduser().is_dir():
             out.append(f"model.name: {name}: no such model directory")
     return out

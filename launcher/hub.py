@@ -12,6 +12,9 @@ the same one line.
 What is fetched: configuration and tokenizer files and the safetensors weights (the
 PyTorch .bin weights only when the repository has no safetensors; never ONNX, TF, Flax
 or OpenVINO copies); the repository's Python files only with model.trust_remote_code.
+
+A GGUF file (models.py) goes the same way: converted once into the run's cache, then read
+from there by every rank.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ _local: dict[tuple[str, str | None], str] = {}
 
 
 def is_hub_name(name: str) -> bool:
-    return name != TINY_MODEL and not Path(name).expanduser().is_dir()
+    return name != TINY_MODEL and not Path(name).expanduser().is_dir() and not name.lower().endswith(".gguf")
 
 
 def local_dir(name: str, revision: str | None) -> str | None:
@@ -53,7 +56,7 @@ def fetch(model_cfg) -> str:
     One line (ConfigError) when it cannot: not found, gated, no network, bad revision."""
     from huggingface_hub import snapshot_download
 
-    from launcher.tasks.classification import hub_problem
+    from launcher.models import hub_problem
 
     extra = CODE if model_cfg.trust_remote_code else []
     try:
@@ -65,13 +68,23 @@ def fetch(model_cfg) -> str:
     return path
 
 
-def resolve(model_cfg, rt) -> bool | None:
+def resolve(model_cfg, rt, cache=None) -> bool | None:
     """Make model_cfg.name loadable offline on this node (see the module docstring): True
-    where this process fetched it, False where it waited for its node's fetch, None when
-    there was nothing to fetch (a model directory, or the tiny model)."""
+    where this process fetched it (or converted a GGUF file), False where it waited for its
+    node's fetch or conversion, None when there was nothing to do (a model directory, or the
+    tiny model). A GGUF file is converted into `cache` (data/cache.py: built by one process
+    per cache directory, the others wait on the file system)."""
+    from launcher import models
+
+    key = (model_cfg.name, model_cfg.revision)
+    gguf = models.gguf_source(model_cfg.name)
+    if gguf is not None and cache is not None:
+        path, built = cache.get("model", models.gguf_fingerprint(gguf),
+                                lambda tmp, stage: models.convert_gguf(gguf, tmp, stage))
+        _local[key] = str(path)
+        return built
     if not is_hub_name(model_cfg.name):
         return None
-    key = (model_cfg.name, model_cfg.revision)
     if rt.world_size == 1:
         _local[key] = fetch(model_cfg)
         return True

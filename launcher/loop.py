@@ -108,11 +108,11 @@ def train(cfg: RunConfig) -> dict:
     resume_from = start.checkpoint
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
-    fetched_here = hub.resolve(cfg.model, rt)  # a hub model: once per node, then offline
-    task.check_model_source()
-    tracking.check_reachable(cfg)  # every rank: they must agree to stop
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"))
+    fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
+    task.check_model_source()
+    tracking.check_reachable(cfg)  # every rank: they must agree to stop
     data = None
     if not cfg.data.synthetic.enabled:
         data = _prepare_data(task, cache, cfg.run_dir, *task.sources(cfg.data.train_file, cfg.data.validation_file))

@@ -179,7 +179,7 @@ def test_hub_failures_say_which_kind(tmp_path):
     from huggingface_hub import errors as hub
 
     from launcher.errors import ConfigError
-    from launcher.tasks.classification import _from_hub, hub_problem
+    from launcher.models import from_pretrained, hub_problem
 
     def raised(inner):
         try:
@@ -205,5 +205,5 @@ def test_hub_failures_say_which_kind(tmp_path):
     from transformers import AutoConfig
 
     with pytest.raises(ConfigError) as e:
-        _from_hub(AutoConfig, "launcher-tests/no-such-model")
+        from_pretrained(AutoConfig, "launcher-tests/no-such-model")
     assert e.value.problems[0].startswith("model.name: cannot load 'launcher-tests/no-such-model' from the Hugging Face Hub (no network")

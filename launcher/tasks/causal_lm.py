@@ -18,7 +18,7 @@ import torch
 from launcher.config import TINY_MODEL, RunConfig
 from launcher.data import instructions
 from launcher.errors import ConfigError, DataError
-from launcher.tasks.classification import _from_hub
+from launcher.models import from_pretrained, inference_device
 
 
 def tiny_config(cfg: RunConfig, vocab_size: int, tokenizer):
@@ -56,7 +56,7 @@ class CausalLMTask:
         if self.cfg.model.name != TINY_MODEL:
             from transformers import AutoConfig
 
-            _from_hub(AutoConfig, self.cfg.model.name, self.cfg.model)
+            from_pretrained(AutoConfig, self.cfg.model.name, self.cfg.model)
 
     def random_init(self) -> bool:
         return self.cfg.model.name == TINY_MODEL
@@ -79,7 +79,7 @@ class CausalLMTask:
         from transformers import AutoTokenizer
 
         if self.cfg.model.name != TINY_MODEL:
-            tok = _from_hub(AutoTokenizer, self.cfg.model.name, self.cfg.model)
+            tok = from_pretrained(AutoTokenizer, self.cfg.model.name, self.cfg.model)
         elif (saved_dir / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(saved_dir)
         else:
@@ -165,7 +165,7 @@ class CausalLMTask:
         if self.cfg.model.name == TINY_MODEL:
             model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
-            model = _from_hub(AutoModelForCausalLM, self.cfg.model.name, self.cfg.model, attn_implementation=attn,
+            model = from_pretrained(AutoModelForCausalLM, self.cfg.model.name, self.cfg.model, attn_implementation=attn,
                               dtype=modeling.torch_dtype(dtype))
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
@@ -245,7 +245,7 @@ class CausalLMTask:
             source = f"tiny {self.cfg.model.tiny.arch}, vocabulary at most {self.cfg.model.tiny.vocab_size}"
         else:
             try:
-                config = _from_hub(AutoConfig, self.cfg.model.name, self.cfg.model)
+                config = from_pretrained(AutoConfig, self.cfg.model.name, self.cfg.model)
             except ConfigError as e:
                 return None, e.problems[0]
             source = f"config of {self.cfg.model.name}"
@@ -300,10 +300,8 @@ def load_exported(model_dir: str | Path):
         if key in meta:
             setattr(d, key, meta[key])
     model_dir_format = meta.get("prompt_format", "instruction")
-    from launcher.tasks.classification import inference_device
-
-    model = _from_hub(AutoModelForCausalLM, str(model_dir)).to(inference_device()).eval()
-    tokenizer = _from_hub(AutoTokenizer, str(model_dir))
+    model = from_pretrained(AutoModelForCausalLM, str(model_dir)).to(inference_device()).eval()
+    tokenizer = from_pretrained(AutoTokenizer, str(model_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     d.prompt_format = model_dir_format  # read by `launcher generate`

@@ -22,6 +22,7 @@ import torch
 
 from launcher.config import TINY_MODEL, RunConfig
 from launcher.errors import ConfigError
+from launcher.models import from_pretrained, inference_device
 
 THRESHOLD = 0.5
 
@@ -29,56 +30,12 @@ THRESHOLD = 0.5
 # ---------------------------------------------------------------- model
 
 
-def _from_hub(loader, name: str, model_cfg=None, **kwargs):
-    """loader.from_pretrained(name), or one line saying which of these it was: not a model
-    directory, not found on the hub, gated or unauthorised, or no network (and not cached).
-    `model_cfg` adds model.revision and model.trust_remote_code (off unless asked)."""
-    source = name
-    if model_cfg is not None:
-        from launcher import hub
-
-        kwargs.setdefault("trust_remote_code", bool(model_cfg.trust_remote_code))
-        source = hub.local_dir(name, model_cfg.revision) or name  # fetched once per node (hub.resolve)
-        if model_cfg.revision and source == name:
-            kwargs.setdefault("revision", model_cfg.revision)
-    try:
-        return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(hub_problem(name, e)) from None
-
-
-def hub_problem(name: str, error: BaseException) -> str:
-    """The one line for a model that would not load (error: what transformers raised)."""
-    from huggingface_hub import errors as hub
-
-    chain, e = [], error
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    kinds = tuple(type(x) for x in chain)
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return f"model.name: {name}: not a loadable Hugging Face model directory ({first})"
-    if any(issubclass(k, hub.GatedRepoError) for k in kinds) or "gated repo" in str(error).lower():
-        return (f"model.name: '{name}' is gated or needs authorisation on the Hugging Face Hub: accept its licence "
-                "there and log in (HF_TOKEN), or pass a local directory: model.name=/path/to/model")
-    if any(issubclass(k, hub.RevisionNotFoundError) for k in kinds):
-        return f"model.revision: no such revision of '{name}' on the Hugging Face Hub"
-    if (any(issubclass(k, (hub.RepositoryNotFoundError, hub.HFValidationError)) for k in kinds)
-            or "not a valid model identifier" in str(error)):
-        return (f"model.name: '{name}' was not found on the Hugging Face Hub (check the id), nor is it a local "
-                "directory: model.name=/path/to/model")
-    return (f"model.name: cannot load '{name}' from the Hugging Face Hub (no network, or not cached); "
-            "download it where you have access and pass a local directory: model.name=/path/to/model")
-
-
 def check_model_source(cfg: RunConfig) -> None:
     """Fail early (ConfigError) when model.name is neither "tiny", a model directory, nor reachable."""
     if cfg.model.name != TINY_MODEL:
         from transformers import AutoConfig
 
-        _from_hub(AutoConfig, cfg.model.name, cfg.model)
+        from_pretrained(AutoConfig, cfg.model.name, cfg.model)
 
 
 def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
@@ -87,7 +44,7 @@ def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
     from transformers import AutoTokenizer
 
     if cfg.model.name != TINY_MODEL:
-        return _from_hub(AutoTokenizer, cfg.model.name, cfg.model)
+        return from_pretrained(AutoTokenizer, cfg.model.name, cfg.model)
     if (saved_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved_dir)
     from launcher.data import pipeline
@@ -146,7 +103,7 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
         source = f"tiny BERT, vocabulary at most {cfg.model.tiny.vocab_size}"
     else:
         try:
-            config = _from_hub(AutoConfig, cfg.model.name, cfg.model, num_labels=len(names))
+            config = from_pretrained(AutoConfig, cfg.model.name, cfg.model, num_labels=len(names))
         except ConfigError as e:
             return None, e.problems[0]
         source = f"config of {cfg.model.name}"
@@ -167,7 +124,7 @@ def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
         return AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
                                                               attn_implementation=attn)
     problem = _problem_type(cfg)
-    model = _from_hub(
+    model = from_pretrained(
         AutoModelForSequenceClassification,
         cfg.model.name,
         cfg.model,
@@ -337,13 +294,6 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
 # ---------------------------------------------------------------- exported models
 
 
-def inference_device():
-    """Where eval, predict and generate run: the first GPU when there is one (LAUNCHER_DEVICE overrides)."""
-    import os
-
-    return torch.device(os.environ.get("LAUNCHER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def load_exported(model_dir: str | Path):
     """(model, tokenizer, label_names, multilabel, cuts) from a `model/` export or any HF
     classifier dir; cuts is the decision rule of its launcher.json (None: the 0.5 rule)."""
@@ -353,8 +303,8 @@ def load_exported(model_dir: str | Path):
 
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
-    model = _from_hub(AutoModelForSequenceClassification, str(model_dir))
-    tokenizer = _from_hub(AutoTokenizer, str(model_dir))
+    model = from_pretrained(AutoModelForSequenceClassification, str(model_dir))
+    tokenizer = from_pretrained(AutoTokenizer, str(model_dir))
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
     meta = Path(model_dir) / "launcher.json"

@@ -1,0 +1,147 @@
+"""Where pretrained models come from: one room for loading, so no task imports another to load one.
+
+A model source is a hub id, a local Hugging Face directory, or a GGUF file (a `.gguf` path, or
+a directory holding exactly one `.gguf` and no config.json). transformers reads GGUF by
+dequantizing every tensor into a model that refuses `save_pretrained` and HF Trainer, although
+its weights are plain floats. So a GGUF source is converted once into a plain Hugging Face
+directory (safetensors, float32, tokenizer with its chat template) in the run's cache
+(hub.resolve: one process per node builds it, as for data) and every rank loads that.
+
+`from_pretrained` turns every failure into one line (ConfigError) that says which of these it
+was: not a model directory, not found on the hub, gated, no network, or not a readable GGUF.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from launcher.errors import ConfigError
+
+
+def inference_device():
+    """Where eval, predict and generate run: the first GPU when there is one (LAUNCHER_DEVICE overrides)."""
+    import torch
+
+    return torch.device(os.environ.get("LAUNCHER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file `name` stands for: a `.gguf` file, or a directory with exactly one `.gguf`
+    and no config.json (e.g. the folder a package installs it in); None for anything else."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.resolve()
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0].resolve()
+    return None
+
+
+def gguf_fingerprint(path: Path) -> dict:
+    """What names a conversion: the file (path, size, mtime) and the transformers that reads it."""
+    import transformers
+
+    st = path.stat()
+    return {"gguf": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "transformers": transformers.__version__}
+
+
+def convert_gguf(path: Path, out_dir: Path, stage=lambda text: None) -> None:
+    """A plain Hugging Face directory from a GGUF file: config, tokenizer (chat template
+    included) and float32 safetensors. transformers dequantizes every tensor on load and then
+    marks the model quantized, which only blocks saving: the marks are dropped, the weights
+    are saved as loaded (a reload has identical weights and logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage(f"reading the tokenizer of {path.name}")
+    tokenizer = _gguf_load(AutoTokenizer, path)
+    stage(f"dequantizing {path.name}")
+    model = _gguf_load(AutoModelForCausalLM, path, dtype=torch.float32)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    stage(f"writing {path.name} as safetensors")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _gguf_load(loader, path: Path, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar per tensor, 272 of them
+    try:
+        return loader.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    except ImportError as e:  # the gguf package is missing
+        raise ConfigError(f"model.name: {path}: reading GGUF files needs the gguf package "
+                          f"(pip install gguf; make venv installs it) [{str(e).splitlines()[0][:120]}]") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"model.name: {path}: not a GGUF file transformers can read "
+                          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    finally:
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
+    """loader.from_pretrained(name), or one line saying which kind of failure it was.
+    `model_cfg` adds model.revision and model.trust_remote_code (off unless asked). A hub model
+    or GGUF file that hub.resolve made local is read from there; a GGUF file nobody converted
+    (`launcher plan`, `launcher export` of a LoRA checkpoint) is read directly."""
+    source = name
+    if model_cfg is not None:
+        from launcher import hub
+
+        kwargs.setdefault("trust_remote_code", bool(model_cfg.trust_remote_code))
+        source = hub.local_dir(name, model_cfg.revision) or name  # fetched or converted once per node
+        if model_cfg.revision and source == name:
+            kwargs.setdefault("revision", model_cfg.revision)
+    gguf = gguf_source(source)
+    if gguf is not None:
+        kwargs.pop("trust_remote_code", None)
+        model = _gguf_load(loader, gguf, **kwargs)
+        if hasattr(model, "hf_quantizer"):  # a model: its weights are plain floats now
+            model.hf_quantizer, model.is_quantized = None, False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        return model
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(hub_problem(name, e)) from None
+
+
+def hub_problem(name: str, error: BaseException) -> str:
+    """The one line for a model that would not load (error: what transformers raised)."""
+    from huggingface_hub import errors as hub
+
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    kinds = tuple(type(x) for x in chain)
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return f"model.name: {name}: not a loadable Hugging Face model directory ({first})"
+    if any(issubclass(k, hub.GatedRepoError) for k in kinds) or "gated repo" in str(error).lower():
+        return (f"model.name: '{name}' is gated or needs authorisation on the Hugging Face Hub: accept its licence "
+                "there and log in (HF_TOKEN), or pass a local directory: model.name=/path/to/model")
+    if any(issubclass(k, hub.RevisionNotFoundError) for k in kinds):
+        return f"model.revision: no such revision of '{name}' on the Hugging Face Hub"
+    if (any(issubclass(k, (hub.RepositoryNotFoundError, hub.HFValidationError)) for k in kinds)
+            or "not a valid model identifier" in str(error)):
+        return (f"model.name: '{name}' was not found on the Hugging Face Hub (check the id), nor is it a local "
+                "directory: model.name=/path/to/model")
+    return (f"model.name: cannot load '{name}' from the Hugging Face Hub (no network, or not cached); "
+            "download it where you have access and pass a local directory: model.name=/path/to/model")
