@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="metrics of an exported model on a labelled file (one JSON line)")
     e.add_argument("model_dir")
     e.add_argument("--data", required=True, help="classifier: JSONL/CSV/Parquet with text and label/labels; "
-                   "causal LM: JSONL with instruction/output or messages")
+                   "causal LM: rows with references in the run's shape (its column mapping, instruction/output, "
+                   "messages, prompt/completion or conversations)")
     e.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
     e.add_argument("--batch-size", type=int, default=32)
 
@@ -43,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the instruction; rendered with the run's prompt template")
     g.add_argument("--max-new-tokens", type=int, default=64)
 
-    r = sub.add_parser("predict", help="predict labels for texts (JSONL out)")
+    r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
     r.add_argument("model_dir")
-    r.add_argument("--input", required=True, help="plain text (one clause per line) or JSONL with a `text` field")
+    r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL with a `text` "
+                   "field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
     r.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
     r.add_argument("--batch-size", type=int, default=32)
@@ -238,10 +240,12 @@ def cmd_eval(args) -> int:
         from launcher.data.instructions import read_rows
         from launcher.tasks import causal_lm
 
-        model, tokenizer, data_cfg = causal_lm.load_exported(args.model_dir)
-        if args.max_length:  # else the training max_length the export recorded
-            data_cfg.max_length = args.max_length
-        print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, data_cfg, read_rows(data), args.batch_size)))
+        model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir)
+        rows = read_rows(data, fmt)
+        max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
+        candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
+        print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
+                                                 meta.get("max_new_tokens", 32), args.batch_size)))
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
@@ -263,9 +267,8 @@ def cmd_generate(args) -> int:
 
     if _exported_task(args.model_dir) != "causal_lm":
         raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm)")
-    model, tokenizer, data_cfg = causal_lm.load_exported(args.model_dir)
-    print(causal_lm.generate(model, tokenizer, data_cfg, args.prompt, args.max_new_tokens,
-                             chat=getattr(data_cfg, "prompt_format", "instruction") == "chat"))
+    model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir)
+    print(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
     return 0
 
 
@@ -273,8 +276,7 @@ def cmd_predict(args) -> int:
     from launcher.tasks import classification as task
 
     if _exported_task(args.model_dir) == "causal_lm":
-        raise UserError(f"{args.model_dir}: a causal LM; use `launcher generate MODEL_DIR --prompt TEXT`")
-
+        return _predict_causal_lm(args)
     texts = _read_texts(Path(args.input))
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)
     probs = task.probabilities(task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size), multilabel)
@@ -282,6 +284,58 @@ def cmd_predict(args) -> int:
     try:
         for text, p in zip(texts, probs):
             out.write(json.dumps({"text": text, **task.prediction_record(p, names, multilabel, cuts)}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _predict_causal_lm(args) -> int:
+    """Each input row answered as training taught: its prompt rendered from the columns the
+    prompt needs (a clause's `text` alone for a recipe that maps {text}), the row written back
+    with its greedy `response`; with a closed answer set also `label` (the likeliest candidate)
+    and `probs` (the candidates' likelihoods, normalised over the set)."""
+    import math
+
+    from launcher.data import prompts
+    from launcher.data.clauses import read_records
+    from launcher.tasks import causal_lm, generation
+
+    path = Path(args.input)
+    if not path.is_file():
+        raise UserError(f"--input: {path}: file not found")
+    model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir)
+    records, rows, problems = [], [], []
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        for where, record in read_records(path):
+            try:
+                rows.append(prompts.normalize(record, fmt, where, need_answer=False))
+                records.append(record)
+            except UserError as e:
+                problems.extend(e.problems)
+    else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
+        names = prompts.placeholders(fmt.prompt) if fmt.prompt else []
+        for line in (x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()):
+            record = {names[0]: line} if len(names) == 1 else {"instruction": line}
+            rows.append(prompts.normalize(record, fmt if len(names) == 1 else fmt.replace(prompt=None, response=None),
+                                          str(path), need_answer=False) | {"_bare": len(names) != 1})
+            records.append({"text": line})
+    if problems:
+        raise UserError(*problems[:10])
+    candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
+    to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, args.max_length or meta.get("max_length"))
+    batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
+    _, answered = generation.evaluate(model, batches, tokenizer, candidates, meta.get("max_new_tokens", 32))
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for record, r in zip(records, answered):
+            extra = {"response": r["response"]}
+            if candidates is not None:
+                top = max(r["scores"])
+                weights = [math.exp(x - top) for x in r["scores"]]
+                extra |= {"label": candidates.answers[r["choice"]],
+                          "probs": {a: round(w / sum(weights), 6) for a, w in zip(candidates.answers, weights)}}
+            out.write(json.dumps({**record, **extra}) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

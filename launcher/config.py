@@ -130,6 +130,15 @@ class DataConfig:
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
     # causal_lm: one chat turn, for `messages` rows when the tokenizer has no chat template.
     chat_turn_template: str = "<|{role}|>\n{content}\n"
+    # causal_lm: the system prompt of rows that have none (the first turn under a chat template,
+    # else a paragraph before the instruction); recorded in the export for generate and predict.
+    # null: none is added (a chat template's own default, if any, applies in training and after).
+    system_prompt: Optional[str] = None
+    # causal_lm: the user's turn and the answer built from a row's own columns with {column}
+    # placeholders, e.g. prompt "Is this clause fair?\n\n{text}", response "{category}". null: rows
+    # come as instruction/output, messages, prompt/completion or ShareGPT conversations.
+    prompt: Optional[str] = None
+    response: Optional[str] = None
     # causal_lm: rows longer than max_length are cut at max_length (truncate) or left out (drop).
     truncation: Literal["truncate", "drop"] = "truncate"
     # causal_lm: concatenate examples into max_length blocks; attention never crosses examples.
@@ -203,9 +212,15 @@ class EvalConfig:
     # Off by default: on a small validation set a free cut overfits.
     tune_threshold: bool = False
     micro_batch_size: Optional[int] = None
-    # causal_lm: prompts answered greedily at step 0 and every eval (logged as a table).
+    # causal_lm: prompts answered greedily at step 0 and every eval (logged as a table); empty:
+    # the first validation rows' answers are shown instead.
     generation_prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 32
+    # causal_lm: at every evaluation, answer this many validation rows (the first ones) greedily
+    # and score them against their references: exact_match, and over a closed answer set
+    # (at most 50 distinct training answers) accuracy, macro_f1 and the likeliest candidate's
+    # choice_accuracy, choice_macro_f1. null: every row; 0: none (loss and perplexity only).
+    generate_rows: Optional[int] = None
 
 
 @dataclass
@@ -275,7 +290,7 @@ class RunConfig:
 
 
 CLASSIFICATION_METRICS = ("macro_f1", "micro_f1", "loss", "accuracy")
-CAUSAL_LM_METRICS = ("loss", "perplexity")
+CAUSAL_LM_METRICS = ("loss", "perplexity", "exact_match", "accuracy", "macro_f1", "choice_accuracy", "choice_macro_f1")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -354,6 +369,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 raise bad from None
         raise bad
     if tp is str:
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value.values())) is None:
+            raise ConfigError(f"{where}: expected text; YAML read {{{next(iter(value))}}} as a mapping: quote the "
+                              "template (e.g. prompt: \"Classify: {text}\")")
         if isinstance(value, (dict, list)) or value is None:
             raise bad
         return str(value)
@@ -389,8 +407,10 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig) -> None:
-    """Place an override into the raw tree, checking the path against the dataclasses."""
+def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig, raw: str | None = None) -> None:
+    """Place an override into the raw tree, checking the path against the dataclasses. A text
+    field keeps the override's raw text when YAML read it as something else: data.prompt={text}
+    is a template, not a mapping."""
     parts = dotted.split(".")
     node, node_cls = tree, cls
     for i, part in enumerate(parts):
@@ -402,6 +422,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{dotted}: is a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
+            if raw is not None and isinstance(value, (dict, list)) and tp in (str, Optional[str]):
+                value = raw
             node[part] = value
             return
         if not dataclasses.is_dataclass(tp):
@@ -450,7 +472,7 @@ def load_config(
     for item in overrides:
         try:
             key, value = parse_override(item)
-            _set_dotted(tree, key, value)
+            _set_dotted(tree, key, value, raw=item.split("=", 1)[1])
         except ConfigError as e:
             problems.extend(e.problems)
     if output_dir is not None:
@@ -549,8 +571,22 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
                     out.append(f"data.{key}: must contain {needed}")
         if "{role}" not in d.chat_turn_template or "{content}" not in d.chat_turn_template:
             out.append("data.chat_turn_template: must contain {role} and {content}")
+        from launcher.data.prompts import template_problems
+
+        out += template_problems("data.prompt", d.prompt) + template_problems("data.response", d.response)
+        if (d.prompt is None) != (d.response is None):
+            missing = "data.response" if d.response is None else "data.prompt"
+            out.append(f"{missing}: required with {'data.prompt' if missing == 'data.response' else 'data.response'} "
+                       "(both map columns, e.g. data.prompt='{text}' data.response='{label}')")
+        if e.generate_rows == 0 and cfg.eval_metric not in ("loss", "perplexity"):
+            out.append(f"eval.metric: {cfg.eval_metric} scores generated answers, but eval.generate_rows is 0")
+        positive("eval.generate_rows", e.generate_rows, allow_zero=True)
     elif d.packing:
         out.append("data.packing: only for task causal_lm")
+    if cfg.task != "causal_lm":
+        for key in ("prompt", "response", "system_prompt"):
+            if getattr(d, key) is not None:
+                out.append(f"data.{key}: only for task causal_lm")
     if e.tune_threshold and cfg.task != "classification":
         out.append("eval.tune_threshold: only for task classification")
     if e.metric == "accuracy" and d.mode != "binary":

@@ -159,11 +159,10 @@ def train(cfg: RunConfig) -> dict:
     from transformers import get_scheduler
 
     collate = task.collator(tokenizer)
-    val_loader = torch.utils.data.DataLoader(val_ds.order_by_length(), batch_size=cfg.eval.micro_batch_size or t.micro_batch_size,
-                                             collate_fn=collate)
     no_decay = no_decay_names(model)
     optimizer = _optimizer(model, cfg, rt.device, no_decay)
-    model, optimizer, val_loader = rt.prepare(model, optimizer, val_loader)
+    model, optimizer = rt.prepare(model, optimizer)
+    val_loader = task.eval_loader(rt, val_ds, cfg.eval.micro_batch_size or t.micro_batch_size, tokenizer)
     # Stepped by hand once per optimizer step: a prepared scheduler steps once per
     # process, which would make the LR schedule depend on the world size.
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer, warmup, total_steps)
@@ -383,6 +382,9 @@ def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) 
     """Sample generations (every rank generates: a collective under ZeRO-3); rank 0 prints
     them and records them in RUN/generations.jsonl, the side-by-side table and MLflow."""
     rows = task.samples(rt, model, tokenizer)
+    answered = [r for r in getattr(task, "last_rows", []) if "response" in r]
+    if answered:  # every answer of the evaluation, for error analysis: RUN/predictions/step-N.jsonl
+        rt.on_main(report.record_predictions, run_dir, step, answered, getattr(task, "answers", None))
     if rows:
         rt.on_main(report.record_generations, run_dir, step, rows, tracker)
         for r in rows:

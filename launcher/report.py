@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADLINE = ("macro_f1", "micro_f1", "accuracy", "loss", "perplexity")
+HEADLINE = ("macro_f1", "micro_f1", "accuracy", "exact_match", "choice_accuracy", "choice_macro_f1", "loss", "perplexity")
 
 
 def one_line(metrics: dict) -> str:
@@ -14,7 +14,7 @@ def one_line(metrics: dict) -> str:
 
 def final_table(before: dict, after: dict) -> str:
     keys = [k for k in HEADLINE if k in after] + [f"{k}@0.5" for k in HEADLINE if f"{k}@0.5" in after]
-    keys += sorted(k for k in after if k.startswith("f1/"))
+    keys += sorted(k for k in after if k.startswith("f1/")) + sorted(k for k in after if k.startswith("choice_f1/"))
     width = max(len(k) for k in keys) + 2
     lines = [f"{'metric':<{width}}{'step 0':>10}{'final':>10}{'change':>10}", "-" * (width + 30)]
     for k in keys:
@@ -46,6 +46,22 @@ def record_generations(run_dir: Path, step: int, rows: list[dict], tracker) -> N
     tracker.log_artifact(path)
     tracker.log_artifact(run_dir / "generations.md")
     tracker.log_table([{"step": step, "prompt": r["prompt"], "response": r["response"]} for r in rows], "generations", step)
+
+
+def record_predictions(run_dir: Path, step: int, rows: list[dict], answers: list[str] | None) -> None:
+    """RUN/predictions/step-NNNNNN.jsonl: one line per answered validation row (question,
+    reference, greedy response, and with a closed answer set the likeliest candidate)."""
+    out = run_dir / "predictions"
+    out.mkdir(exist_ok=True)
+    lines = []
+    for r in rows:
+        record = {"index": r["index"], "question": r["question"], "reference": r["reference"], "response": r["response"]}
+        if answers and "choice" in r:
+            record["choice"] = answers[r["choice"]]
+        lines.append(json.dumps(record) + "\n")
+    tmp = out / f"step-{step:06d}.jsonl.tmp"
+    tmp.write_text("".join(lines))
+    tmp.replace(out / f"step-{step:06d}.jsonl")
 
 
 def plot_run(metrics_jsonl: Path, final: dict, out: Path) -> Path | None:

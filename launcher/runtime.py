@@ -104,6 +104,21 @@ class Runtime:
             return local or "a signal to another rank"
         return None
 
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether no rank holds whole parameters (ZeRO-3, FSDP2): every forward pass is then a
+        collective, so ranks must run as many of them (generation stays in step)."""
+        return self.zero_stage == 3 or bool(getattr(self.accelerator, "is_fsdp2", False))
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective)."""
+        if self.world_size == 1:
+            return flag
+        import torch
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="max").item() > 0)
+
     def shared_token(self) -> str:
         """A random id that every rank of this job agrees on (a broadcast from rank 0)."""
         import uuid

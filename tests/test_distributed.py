@@ -216,6 +216,15 @@ def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
     assert max_diff(weights(run), weights(ref)) < TOL
     gens = lambda d: (d / "generations.jsonl").read_text()  # noqa: E731
     assert gens(run) == gens(ref) and "[8] " in proc.stdout  # generated on every rank in step, printed once
+    # Generation-based evaluation: each rank answered its share of the validation rows; gathered,
+    # every row is there once, with the answers and scores one process gives.
+    final, ref_final = (json.loads((d / "final_metrics.json").read_text()) for d in (run, ref))
+    for key in ("exact_match", "choice_accuracy", "choice_macro_f1", "n"):
+        assert final["after"][key] == pytest.approx(ref_final["after"][key], abs=1e-6), key
+    assert final["after"]["loss"] == pytest.approx(ref_final["after"]["loss"], rel=1e-4)
+    rows = [json.loads(x) for x in (run / "predictions" / "step-000008.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(x) for x in (ref / "predictions" / "step-000008.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(final["after"]["n"])) and rows == ref_rows
     if "model.lora.enabled=true" in extra:
         adapter = _adapter(run)
         assert adapter and all(v.numel() > 0 for v in adapter.values())

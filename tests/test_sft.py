@@ -278,18 +278,28 @@ def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
     assert rows == sorted((g["step"], g["prompt"], g["response"]) for g in gens)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_left_padded_generation_equals_one_prompt_at_a_time(arch, data_tok):
-    from launcher.tasks.causal_lm import generate, generate_batch, prompt_ids
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_batched_greedy_answers_equal_transformers_generate_one_prompt_at_a_time(arch, data_tok):
+    """Our decoding (left-padded batches, a prompt cache shared with the choice scoring) against
+    transformers' own generate() on each prompt alone; Mistral's 5-token sliding window is
+    shorter than the prompts, so its cache cannot be cut back and is rebuilt."""
+    from launcher.data.prompts import PromptFormat, prompt_text, token_ids
+    from launcher.tasks.causal_lm import answer_prompts
 
     model = _tiny_lm(arch, "sdpa", len(data_tok), data_tok)
     prompts = ["What is the code word for amber zephyr?", "code word?", "What is the code word for delta willow, please?"]
-    assert len({len(prompt_ids(p, DataConfig(), data_tok)) for p in prompts}) == 3  # really padded
-    for chat in (False, True):
-        batched = generate_batch(model, data_tok, DataConfig(), prompts, 6, chat=chat)
-        assert batched == [generate(model, data_tok, DataConfig(), p, 6, chat=chat) for p in prompts]
+    for style in ("instruction", "chat"):
+        fmt = PromptFormat(style=style)
+        ids = [token_ids(prompt_text({"instruction": p}, fmt, data_tok, bare=True), data_tok) for p in prompts]
+        assert len(set(map(len, ids))) == 3  # really padded
+        batched = answer_prompts(model, data_tok, fmt, prompts, 6)
+        for x, got in zip(ids, batched):
+            out = model.generate(torch.tensor([x]), max_new_tokens=6, do_sample=False, use_cache=True,
+                                 pad_token_id=data_tok.eos_token_id, eos_token_id=data_tok.eos_token_id)[0, len(x):].tolist()
+            out = out[: out.index(data_tok.eos_token_id)] if data_tok.eos_token_id in out else out
+            assert got == data_tok.decode(out, skip_special_tokens=True).strip()
     # Chat-trained runs prompt in the chat format, up to the assistant's turn.
-    text = data_tok.decode(prompt_ids("hi there", DataConfig(), data_tok, chat=True))
+    text = data_tok.decode(token_ids(prompt_text({"instruction": "hi there"}, PromptFormat(style="chat"), data_tok, bare=True), data_tok))
     assert text.replace(" ", "").endswith("<|user|>hithere<|assistant|>")
 
 

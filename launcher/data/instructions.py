@@ -1,11 +1,10 @@
 """Instruction / chat data for causal-LM fine-tuning: rows -> (input_ids, labels), packing, batching.
 
-A row is either `{"instruction", "input"?, "output"}` or `{"messages": [{"role", "content"}, ...]}`
-(roles system / user / assistant). Each row is rendered to text together with the
-character spans the model must learn (the responses, and the end-of-sequence token
-after each); tokenization with offsets then marks every token inside a span as a
-label and every other token -100. So the loss covers responses only, whatever the
-template, and the same code serves our templates and a tokenizer's own chat template.
+Rows in any shape data/prompts.py accepts are rendered to text together with the character
+spans the model must learn (the responses, and the end-of-turn marker after each);
+tokenization with offsets then marks every token inside a span as a label and every other
+token -100. So the loss covers responses only, whatever the template, and the same code
+serves our templates and a tokenizer's own chat template.
 """
 
 from __future__ import annotations
@@ -18,48 +17,34 @@ from pathlib import Path
 import torch
 
 from launcher.config import DataConfig
+from launcher.data import prompts
 from launcher.data.clauses import MAX_REPORTED, read_records
+from launcher.data.prompts import PromptFormat
 from launcher.errors import DataError
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
+ROLES = prompts.ROLES
+CLOSED_SET_MAX = 50  # at most this many distinct answers make a closed set (eval: accuracy, macro-F1, choices)
+
+
+def as_format(cfg, tokenizer) -> PromptFormat:
+    """A PromptFormat, from itself or from a DataConfig (data.* prompt keys)."""
+    return cfg if isinstance(cfg, PromptFormat) else PromptFormat.from_config(cfg, tokenizer)
 
 
 # ---------------------------------------------------------------- rows
 
 
-def parse_row(record, where: str) -> dict:
+def parse_row(record, where: str, fmt: PromptFormat | None = None) -> dict:
     """A validated row: {"instruction", "input", "output"} or {"messages"}. DataError names file:line."""
-    if isinstance(record, DataError):
-        raise record
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with 'instruction'/'output' or 'messages'")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] needs role (system, user or assistant) and string content")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-    for key in ("instruction", "output"):
-        if not isinstance(record.get(key), str):
-            raise DataError(f"{where}: missing string '{key}' (or give 'messages')")
-    extra = record.get("input", "")
-    if extra is None:
-        extra = ""
-    if not isinstance(extra, str):
-        raise DataError(f"{where}: 'input' must be a string")
-    return {"instruction": record["instruction"], "input": extra, "output": record["output"]}
+    return prompts.normalize(record, fmt or PromptFormat(), where)
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def read_rows(path: str | Path, fmt: PromptFormat | None = None, need_answer: bool = True) -> list[dict]:
     rows, problems = [], []
     for where, record in read_records(path):
         try:
-            rows.append(parse_row(record, where))
+            rows.append(prompts.normalize(record, fmt or PromptFormat(), where, need_answer))
         except DataError as e:
             problems.extend(e.problems)
     if problems:
@@ -73,47 +58,12 @@ def read_rows(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------- rendering
 
 
-def render(row: dict, cfg: DataConfig, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """(text, trainable character spans) for one row."""
-    eos = tokenizer.eos_token or ""
-    if "messages" not in row:
-        template = cfg.prompt_template if row["input"] else cfg.prompt_template_no_input
-        prompt = template.format(instruction=row["instruction"], input=row["input"])
-        text = prompt + row["output"] + eos
-        return text, [(len(prompt), len(text))]
-    if getattr(tokenizer, "chat_template", None):
-        return _render_chat_template(row["messages"], tokenizer)
-    head, tail = cfg.chat_turn_template.split("{content}", 1)
-    text, spans = "", []
-    for m in row["messages"]:
-        text += head.format(role=m["role"])
-        if m["role"] == "assistant":
-            start = len(text)
-            text += m["content"] + eos
-            spans.append((start, len(text)))
-        else:
-            text += m["content"]
-        text += tail.format(role=m["role"])
-    return text, spans
+def render(row: dict, cfg, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """(text, trainable character spans) for one row (data/prompts.py decides the text)."""
+    return prompts.render(row, as_format(cfg, tokenizer), tokenizer)
 
 
-def _render_chat_template(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """Spans from the tokenizer's own template: each assistant turn is what rendering it adds
-    after the prompt for it (content and the template's end-of-turn marker)."""
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not after.startswith(before):
-            raise DataError("the tokenizer's chat template does not render conversations prefix-stably; "
-                            "set data.chat_turn_template and remove the tokenizer's chat template")
-        spans.append((len(before), len(after)))
-    return tokenizer.apply_chat_template(messages, tokenize=False), spans
-
-
-def encode(row: dict, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]:
+def encode(row: dict, cfg, tokenizer) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels copy the ids inside trainable spans and are -100 elsewhere."""
     text, spans = render(row, cfg, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -125,42 +75,59 @@ def _with_labels(ids: list[int], offsets, spans, text: str, tokenizer) -> tuple[
     for tok, (a, b) in zip(ids, offsets):
         inside = b > a and any(s <= a and b <= e for s, e in spans)
         labels.append(tok if inside else IGNORE)
-    bos = tokenizer.bos_token_id
-    if bos is not None and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
-        ids, labels = [bos] + ids, [IGNORE] + labels
+    with_bos = prompts.with_bos(ids, text, tokenizer)
+    if len(with_bos) > len(ids):
+        ids, labels = with_bos, [IGNORE] + labels
     return ids, labels
+
+
+def last_answer_start(labels) -> int:
+    """Where the last answer starts: the first token of the last run of labelled tokens (its
+    prompt is everything before; len(labels) when nothing is labelled)."""
+    i = len(labels)
+    while i > 0 and labels[i - 1] == IGNORE:
+        i -= 1
+    while i > 0 and labels[i - 1] != IGNORE:
+        i -= 1
+    return i if any(x != IGNORE for x in labels) else len(labels)
 
 
 class InstructionEncoder:
     """A batch of raw rows -> token rows in one pass of datasets.map: each row checked
     (a bad one gets its message in `_error`), rendered, tokenized with the fast tokenizer's
-    batch path, labelled from its spans, and cut or marked for dropping at max_length."""
+    batch path, labelled from its spans, and cut or marked for dropping at max_length.
+    Beside the tokens it keeps each row's reference answer and question (`answer`, `question`:
+    generation-based evaluation scores against them) and its system prompt (`_system`)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer):
+    def __init__(self, cfg: DataConfig, tokenizer, fmt: PromptFormat | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.fmt = fmt or as_format(cfg, tokenizer)
 
     def check(self, where: str, record) -> None:
-        parse_row(record, where)
+        prompts.normalize(record, self.fmt, where)
+
+    def check_columns(self, columns: list[str], source: str) -> list[str]:
+        return prompts.column_problems(columns, self.fmt, source)
 
     def __call__(self, batch: dict) -> dict:
         from launcher.data.pipeline import ROW, records
 
-        texts, spans, errors = [], [], []
-        rows = records(batch)
-        for record in rows:
+        texts, spans, errors, rows = [], [], [], []
+        for record in records(batch):
             try:
-                text, span = render(parse_row(record, ROW), self.cfg, self.tokenizer)
+                row = prompts.normalize(record, self.fmt, ROW)
+                text, span = prompts.render(row, self.fmt, self.tokenizer)
                 error = ""
             except DataError as e:
-                text, span, error = "", [], e.problems[0]
+                row, text, span, error = None, "", [], e.problems[0]
+            rows.append(row)
             texts.append(text)
             spans.append(span)
             errors.append(error)
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        chat = [r.get("messages") is not None for r in rows]
-        out = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "_error", "_drop", "_truncated", "_label_tokens")}
-        out["_chat"] = chat
-        for ids, offsets, span, text, error in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors):
+        out = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
+                               "_truncated", "_label_tokens", "_chat", "_system")}
+        for ids, offsets, span, text, error, row in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors, rows):
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             drop = truncated = False
             if len(ids) > self.cfg.max_length:
@@ -172,7 +139,11 @@ class InstructionEncoder:
             n_labels = sum(x != IGNORE for x in labels)
             drop = drop or n_labels == 0 or bool(error)
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
-                         ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels)):
+                         ("answer", (prompts.answer(row) or "").strip() if row else ""),
+                         ("question", prompts.question(row) if row else ""),
+                         ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
+                         ("_chat", bool(row) and "messages" in row),
+                         ("_system", prompts.system_of(row, self.fmt) if row else None)):
                 out[k].append(v)
         return out
 
@@ -186,14 +157,22 @@ class InstructionEncoder:
         keep = pc.invert(drop)
         stats = EncodeStats(rows=table.num_rows, truncated=int(pc.sum(truncated).as_py() or 0),
                             dropped=int(pc.sum(drop).as_py() or 0), chat_rows=int(pc.sum(table["_chat"]).as_py() or 0))
-        table = table.filter(keep).drop_columns(["_drop", "_truncated", "_label_tokens", "_chat"])
-        kept = ds.data.table.filter(keep)
+        kept = table.filter(keep)
         stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
         stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
+        if kept.num_rows:
+            systems = pc.unique(kept["_system"])
+            if len(systems) == 1 and systems[0].is_valid:  # every row renders with this system prompt
+                stats.system_prompt = systems[0].as_py()
+            counts = pc.value_counts(kept["answer"])
+            if len(counts) <= CLOSED_SET_MAX:
+                stats.answers = {c["values"].as_py(): c["counts"].as_py() for c in counts}
+        table = kept.drop_columns(["_drop", "_truncated", "_label_tokens", "_chat", "_system"])
         if table.num_rows == 0:
             raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {self.cfg.max_length}, "
                             f"data.truncation {self.cfg.truncation})")
         if self.cfg.packing:
+            table = table.drop_columns(["answer", "question"])
             stats.blocks_greedy = len(greedy_plan(table["length"].to_pylist(), self.cfg.max_length))
             table = pack_table(table, self.cfg.max_length, "bfd")
         return datasets.Dataset(table), stats.__dict__
@@ -209,20 +188,26 @@ class EncodeStats:
     dropped: int = 0  # too long under truncation=drop, or no response token left after truncating
     tokens: int = 0  # tokens kept (before padding)
     label_tokens: int = 0
-    chat_rows: int = 0  # rows given as `messages`
+    chat_rows: int = 0  # rows given as conversations
     blocks_greedy: int = 0  # packed blocks had rows been packed in order (for comparison)
+    system_prompt: str | None = None  # the system prompt every kept row renders with, if they share one
+    answers: dict | None = None  # {answer: rows} when at most CLOSED_SET_MAX distinct answers
 
     def line(self, split: str) -> str:
         return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
                 f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses")
 
 
-def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[list, list, EncodeStats]:
+def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat | None = None,
+                kept: list | None = None) -> tuple[list, list, EncodeStats]:
+    """Token rows of parsed rows, one process (`launcher eval`, tests); `kept` collects the rows
+    that survive max_length, in order."""
     stats = EncodeStats()
     all_ids, all_labels = [], []
+    fmt = fmt or as_format(cfg, tokenizer)
     for row in rows:
         stats.rows += 1
-        ids, labels = encode(row, cfg, tokenizer)
+        ids, labels = encode(row, fmt, tokenizer)
         if len(ids) > cfg.max_length:
             if cfg.truncation == "drop":
                 stats.dropped += 1
@@ -234,6 +219,8 @@ def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[list, lis
             continue
         all_ids.append(ids)
         all_labels.append(labels)
+        if kept is not None:
+            kept.append(row)
         stats.tokens += len(ids)
         stats.label_tokens += sum(x != IGNORE for x in labels)
     return all_ids, all_labels, stats

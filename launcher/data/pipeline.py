@@ -86,6 +86,7 @@ class Split:
     key: dict  # everything besides the source that changes the tokens
     check: Callable[[str, dict], None] | None = None  # (where, record): raises DataError for a bad row
     finish: Callable | None = None  # (Dataset) -> (Dataset, stats dict): drop, pack, count
+    check_columns: Callable[[list, str], list] | None = None  # (column names, source) -> one line per problem
 
 
 def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRows:
@@ -97,6 +98,10 @@ def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRow
         raw = split.source.read(cache.root / "datasets", split.check)
         if raw.num_rows == 0:
             raise DataError(f"{split.source}: no rows")
+        if split.check_columns is not None:  # a file-wide problem is one line, not one per row
+            problems = split.check_columns(list(raw.column_names), str(split.source))
+            if problems:
+                raise DataError(*problems)
         n_proc = min(auto_num_proc(raw.num_rows, num_proc), max(1, raw.num_rows // 1000))
         if n_proc > 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked workers parallelise instead

@@ -1,10 +1,12 @@
 """Causal-LM instruction fine-tuning: tokenizer and pad policy, model, token-level loss,
-validation loss / perplexity, greedy sample generations, exported-model helpers.
+evaluation (response loss and perplexity, greedy answers and closed-set choices scored against
+the references: tasks/generation.py), sample generations, exported-model helpers.
 
 Training sums token losses over a micro-batch's response tokens (labels -100 elsewhere);
 the loop divides by the response tokens of the whole global batch. Evaluation sums token
-losses and token counts over all ranks first, so perplexity
-is exp(total loss / total response tokens), each validation example counted once.
+losses and token counts over every row once, whichever rank evaluated it, so perplexity is
+exp(total loss / total response tokens). Every row becomes text through data/prompts.py, in
+training and in every answer after it, with the format this run recorded in launcher.json.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 import torch
 
 from launcher.config import TINY_MODEL, RunConfig
-from launcher.data import instructions
+from launcher.data import instructions, prompts
+from launcher.data.prompts import PromptFormat
 from launcher.errors import ConfigError, DataError
+from launcher.tasks import generation
 from launcher.models import from_pretrained, inference_device
 
 
@@ -47,7 +51,10 @@ class CausalLMTask:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.pad_note = ""
-        self.prompt_format = "instruction"  # "chat" when most training rows are conversations
+        self.fmt = PromptFormat.from_config(cfg.data, None)  # completed by tokenizer() and datasets()
+        self.answers: list[str] | None = None  # the closed answer set, when the answers form one
+        self.candidates: generation.Candidates | None = None
+        self.last_rows: list[dict] = []  # the latest evaluation's answers, row by row
         self._lean_ok: dict[int, bool] = {}
 
     # ---- sources and data
@@ -89,11 +96,13 @@ class CausalLMTask:
             class _Plain:  # render without special tokens: the tokenizer does not exist yet
                 eos_token, chat_template = "", None
 
+            plain = PromptFormat.from_config(self.cfg.data, _Plain)
+
             def train(source):
                 texts = []
                 for record in pipeline.first_rows(source, cache):
                     try:
-                        texts.append(instructions.render(instructions.parse_row(record, ""), self.cfg.data, _Plain)[0])
+                        texts.append(prompts.render(prompts.normalize(record, plain, ""), plain, _Plain)[0])
                     except DataError:
                         pass  # reported with its file:line when the rows are tokenized
                 texts += self.cfg.eval.generation_prompts
@@ -101,8 +110,7 @@ class CausalLMTask:
 
             d = self.cfg.data
             key = {"kind": "lm-wordpiece", "vocab_size": self.cfg.model.tiny.vocab_size, "max_length": d.max_length,
-                   "templates": [d.prompt_template, d.prompt_template_no_input, d.chat_turn_template],
-                   "prompts": self.cfg.eval.generation_prompts}
+                   "format": plain.to_json(), "prompts": self.cfg.eval.generation_prompts}
             tok = pipeline.tokenizer_from_cache(train_source, cache, key, train)
         if tok.eos_token_id is None:
             raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has no EOS token to end responses with")
@@ -111,10 +119,15 @@ class CausalLMTask:
             # real EOS tokens keep their labels (labels come from spans, not from token ids).
             tok.pad_token = tok.eos_token
             self.pad_note = f"tokenizer has no pad token: padding with EOS (id {tok.eos_token_id}), masked out of attention and loss"
+        self.fmt = PromptFormat.from_config(self.cfg.data, tok)
         return tok
 
     def datasets(self, train_source, val_source, tokenizer, cache):
-        """Token rows of both splits, checked, tokenized (and packed) once per cache, memory-mapped."""
+        """Token rows of both splits, checked, tokenized (and packed) once per cache, memory-mapped.
+        Validation rows keep their reference answers and questions (generation-based evaluation).
+        From the training rows: the prompt style for bare prompts (chat when most rows are
+        conversations), the system prompt they share (recorded for generate and predict), and
+        the closed answer set when the answers form one."""
         import dataclasses
 
         from launcher.data import pipeline
@@ -122,17 +135,23 @@ class CausalLMTask:
 
         d = self.cfg.data
         out = []
-        # Validation is never packed: loss per example, and generations need single prompts.
-        for src, cfg in ((train_source, d), (val_source, dataclasses.replace(d, packing=False))):
-            encode = instructions.InstructionEncoder(cfg, tokenizer)
+        # Validation is never packed: loss per example, and answers need single prompts.
+        for src, cfg, columns in ((train_source, d, ("input_ids", "labels", "seq_lens")),
+                                  (val_source, dataclasses.replace(d, packing=False),
+                                   ("input_ids", "labels", "seq_lens", "answer", "question"))):
+            encode = instructions.InstructionEncoder(cfg, tokenizer, self.fmt)
             key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer),
                    "chat_template": getattr(tokenizer, "chat_template", None), "max_length": cfg.max_length,
-                   "truncation": cfg.truncation, "packing": cfg.packing,
-                   "templates": [cfg.prompt_template, cfg.prompt_template_no_input, cfg.chat_turn_template]}
-            split = pipeline.Split(src, encode, ("input_ids", "labels", "seq_lens"), key, check=encode.check, finish=encode.finish)
+                   "truncation": cfg.truncation, "packing": cfg.packing, "format": self.fmt.to_json()}
+            split = pipeline.Split(src, encode, columns, key, check=encode.check, finish=encode.finish,
+                                   check_columns=encode.check_columns)
             out.append(pipeline.prepare(split, cache, d.num_proc))
-        stats = out[0].meta["stats"]
-        self.prompt_format = "chat" if stats.get("chat_rows", 0) * 2 > stats["rows"] else "instruction"
+        train, val = (ds.meta["stats"] for ds in out)
+        style = "chat" if train.get("chat_rows", 0) * 2 > train["rows"] else "instruction"
+        system = self.fmt.system_prompt if self.fmt.system_prompt is not None else train.get("system_prompt")
+        self.fmt = self.fmt.replace(style=style, system_prompt=system)
+        self.answers = closed_set(train.get("answers"), val.get("answers"))
+        self.candidates = generation.Candidates.build(self.answers, lambda a: continuation(a, self.fmt, tokenizer))
         return tuple(out)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
@@ -195,22 +214,36 @@ class CausalLMTask:
 
     # ---- evaluation
 
+    def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
+        """This rank's share of the validation rows (generation.EvalBatches)."""
+        self._tokenizer = tokenizer
+        return generation.EvalBatches(val_ds, rt.rank, rt.world_size, batch_size, pad_id(tokenizer),
+                                      self.cfg.eval.generate_rows)
+
+    def max_new_tokens(self, val_ds) -> int:
+        """Greedy answers stop EXTRA_TOKENS past the longest reference (a longer one cannot match
+        any), or at eval.max_new_tokens."""
+        longest = max((generation.answer_tokens(labels) for labels in val_ds.ds["labels"]), default=0)
+        return min(self.cfg.eval.max_new_tokens, longest + generation.EXTRA_TOKENS)
+
     @torch.no_grad()
     def evaluate(self, rt, model, loader) -> dict:
-        """Validation loss and perplexity over response tokens; each example counted once."""
+        """Response loss and perplexity over every validation row; greedy answers and closed-set
+        choices for the answered rows, scored against their references (tasks/generation.py)."""
+        if not hasattr(self, "_max_new"):
+            self._max_new = self.max_new_tokens(loader.rows)
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of token losses, tokens)
-        for batch in loader:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            labels = batch["labels"][:, 1:]
-            losses = token_losses(logits[:, :-1], labels)
-            keep = labels != instructions.IGNORE
-            # gather_for_metrics drops the duplicated rows padding the last batch across ranks
-            per_row = rt.accelerator.gather_for_metrics(torch.stack([(losses * keep).sum(1), keep.sum(1)], 1).double())
-            total += per_row.sum(0).to(total.device)
+        unwrapped = rt.unwrap(model)
+        sync = (lambda busy: rt.any_rank(busy)) if rt.shards_parameters else None
+        metrics, self.last_rows = generation.evaluate(
+            unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
+            gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast)
         model.train()
-        loss = float(total[0] / total[1].clamp(min=1))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(loader.dataset), "tokens": int(total[1])}
+        if self.cfg.eval.metric and self.cfg.eval.metric not in metrics:
+            raise DataError(f"eval.metric: {self.cfg.eval.metric} needs a closed set of answers (at most "
+                            f"{instructions.CLOSED_SET_MAX} distinct training answers, each used twice on average); "
+                            "this data has none: use exact_match or loss")
+        return metrics
 
     @torch.no_grad()
     def tune(self, rt, model, loader) -> None:
@@ -218,20 +251,20 @@ class CausalLMTask:
         return None
 
     def samples(self, rt, model, tokenizer) -> list[dict]:
-        """Greedy answers to eval.generation_prompts. Every rank generates (under ZeRO-3 the
-        forward passes are collectives); rank 0 logs them."""
-        prompts = self.cfg.eval.generation_prompts
-        if not prompts:
-            return []
+        """Greedy answers to eval.generation_prompts (every rank answers all of them: under
+        sharded engines each forward is a collective; rank 0 logs them); without configured
+        prompts, the first validation rows' answers from the evaluation that just ran."""
+        prompts_ = self.cfg.eval.generation_prompts
+        if not prompts_:
+            return [{"prompt": r["question"], "response": r["response"], "reference": r["reference"]}
+                    for r in self.last_rows if "response" in r][:SAMPLE_ROWS]
         unwrapped = rt.unwrap(model)
         model.eval()
-        # ZeRO-3: every rank must run as many forward passes as the longest answer needs.
-        # Otherwise transformers decides (it also detects FSDP-managed modules).
-        responses = generate_batch(unwrapped, tokenizer, self.cfg.data, prompts, self.cfg.eval.max_new_tokens,
-                                   chat=self.prompt_format == "chat", device=rt.device,
-                                   synced_gpus=True if rt.zero_stage == 3 else None)
+        sync = (lambda busy: rt.any_rank(busy)) if rt.shards_parameters else None
+        with rt.accelerator.autocast():
+            responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens, sync=sync)
         model.train()
-        return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+        return [{"prompt": p, "response": r} for p, r in zip(prompts_, responses)]
 
     def count_parameters(self) -> tuple[int | None, str]:
         """(parameter count, source) from the model config alone, built on the meta device."""
@@ -260,101 +293,103 @@ class CausalLMTask:
         return sizing.count_rows(self.cfg)
 
     def metadata(self) -> dict:
-        d = self.cfg.data
-        return {"random_base": self.random_init(), "task": self.name, "prompt_template": d.prompt_template, "prompt_template_no_input": d.prompt_template_no_input,
-                "chat_turn_template": d.chat_turn_template, "prompt_format": self.prompt_format,
-                "max_length": d.max_length}
+        """launcher.json: the prompt format every later answer renders with, the closed answer
+        set (predict scores its candidates), and the training max_length."""
+        return {"random_base": self.random_init(), "task": self.name, "prompt": self.fmt.to_json(),
+                "answers": self.answers, "max_length": self.cfg.data.max_length,
+                "max_new_tokens": self.cfg.eval.max_new_tokens}
 
 
-def prompt_ids(prompt: str, data_cfg, tokenizer, chat: bool = False) -> list[int]:
-    """The model's input for a bare prompt, in the run's format, up to where the answer starts:
-    the tokenizer's chat template (with the generation prompt) when it has one, else our chat
-    turn template for chat-trained runs, else the instruction template."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    elif chat:
-        head, tail = data_cfg.chat_turn_template.split("{content}", 1)
-        text = head.format(role="user") + prompt + tail.format(role="user") + head.format(role="assistant")
+SAMPLE_ROWS = 3  # validation rows shown as sample generations when no prompts are configured
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def closed_set(train: dict | None, val: dict | None) -> list[str] | None:
+    """The candidate answers when training answers form a closed set: at most CLOSED_SET_MAX
+    distinct values, each used twice on average (a classification posed as generation); the
+    validation references join them. None for free-form answers."""
+    if not train or sum(train.values()) < 2 * len(train):
+        return None
+    names = sorted((set(train) | set(val or {})) - {""})
+    return names if 1 < len(names) <= instructions.CLOSED_SET_MAX else None
+
+
+def continuation(answer: str, fmt: PromptFormat, tokenizer) -> list[int]:
+    """The ids training puts after a prompt for this answer: the answer and its end-of-turn."""
+    if fmt.chat_template or fmt.style != "chat":
+        probe = {"instruction": "?", "input": "", "output": answer}
     else:
-        text, _ = instructions.render({"instruction": prompt, "input": "", "output": ""}, data_cfg,
-                                      type("T", (), {"eos_token": "", "chat_template": None}))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
-        ids = [bos] + ids
-    return ids
+        probe = {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}]}
+    ids, labels = instructions.encode(probe, fmt, tokenizer)
+    return ids[instructions.last_answer_start(labels):]
+
+
+def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None) -> list[dict]:
+    """Rows to answer (no reference needed): ids of each row's prompt, rendered as training did.
+    A prompt longer than max_length keeps its end (where the question and the answer's start are)."""
+    out = []
+    for row in records:
+        ids = prompts.token_ids(prompts.prompt_text(row, fmt, tokenizer, bare=row.get("_bare", False)), tokenizer)
+        if max_length and len(ids) > max_length:
+            ids = ids[-max_length:]
+        out.append({"input_ids": ids, "labels": None, "answer": prompts.answer(row) if "messages" in row or row.get("output") else None,
+                    "question": prompts.question(row)})
+    return out
+
+
+@torch.no_grad()
+def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_new_tokens: int, sync=None,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy answers to bare prompts (eval.generation_prompts, `launcher generate`), batched."""
+    rows = prompt_rows([{"instruction": t, "input": "", "output": None, "_bare": True} for t in texts], fmt, tokenizer)
+    batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
+    _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync)
+    return [r["response"] for r in answered]
 
 
 def load_exported(model_dir: str | Path):
-    """(model, tokenizer, data config with the run's templates) from a causal-LM `model/` export."""
+    """(model, tokenizer, prompt format, launcher.json) from a causal-LM `model/` export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from launcher.config import DataConfig
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
-    d = DataConfig()
-    for key in ("prompt_template", "prompt_template_no_input", "chat_turn_template", "max_length"):
-        if key in meta:
-            setattr(d, key, meta[key])
-    model_dir_format = meta.get("prompt_format", "instruction")
     model = from_pretrained(AutoModelForCausalLM, str(model_dir)).to(inference_device()).eval()
     tokenizer = from_pretrained(AutoTokenizer, str(model_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    d.prompt_format = model_dir_format  # read by `launcher generate`
-    return model, tokenizer, d
+    fmt = PromptFormat.from_json(meta)
+    if "prompt" not in meta:  # an export from before the format was recorded: what its tokenizer says
+        fmt = fmt.replace(chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    return model, tokenizer, fmt, meta
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Per-token cross-entropy (0 where labels are ignored) in chunks of positions, each
-    upcast to float32 on its own: the whole sequence x vocabulary never exists in float32
-    (with a 152k vocabulary that is 2.5 GB per 1k tokens). For evaluation (no gradients)."""
-    out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, labels.shape[1], chunk):
-        part = logits[:, start : start + chunk].float()
-        out[:, start : start + chunk] = torch.nn.functional.cross_entropy(
-            part.transpose(1, 2), labels[:, start : start + chunk], ignore_index=instructions.IGNORE, reduction="none")
-    return out
+def exported_candidates(meta: dict, fmt: PromptFormat, tokenizer) -> generation.Candidates | None:
+    return generation.Candidates.build(meta.get("answers"), lambda a: continuation(a, fmt, tokenizer))
 
 
 @torch.no_grad()
-def evaluate_rows(model, tokenizer, data_cfg, rows: list[dict], batch_size: int = 16) -> dict:
-    """`launcher eval` for SFT data, one process: loss and perplexity over response tokens."""
-    ids, labels, stats = instructions.encode_rows(rows, data_cfg, tokenizer)
-    collate = instructions.LMCollator(tokenizer.pad_token_id, packed=False)
-    total_loss, total_tokens = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        batch = collate([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids[i : i + batch_size], labels[i : i + batch_size])])
-        batch = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        target = batch["labels"][:, 1:]
-        total_loss += float(token_losses(logits[:, :-1], target).sum())
-        total_tokens += int((target != instructions.IGNORE).sum())
-    loss = total_loss / max(1, total_tokens)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(ids), "tokens": total_tokens,
-            "truncated": stats.truncated, "dropped": stats.dropped}
+def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_length: int, candidates,
+                  max_new_tokens: int, batch_size: int = 16) -> dict:
+    """`launcher eval` for SFT data, one process: the training run's evaluation (loss, perplexity,
+    exact match, closed-set scores) on any rows with references."""
+    from launcher.config import DataConfig
+
+    kept: list[dict] = []
+    ids, labels, stats = instructions.encode_rows(rows, DataConfig(max_length=max_length), tokenizer, fmt, kept)
+    eval_rows = [{"input_ids": x, "labels": y, "answer": (prompts.answer(r) or "").strip(), "question": prompts.question(r)}
+                 for x, y, r in zip(ids, labels, kept)]
+    longest = max((generation.answer_tokens(y) for y in labels), default=0)
+    batches = generation.EvalBatches(eval_rows, 0, 1, batch_size, pad_id(tokenizer))
+    metrics, _ = generation.evaluate(model, batches, tokenizer, candidates,
+                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS))
+    return metrics | {"truncated": stats.truncated, "dropped": stats.dropped}
 
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, data_cfg, prompts: list[str], max_new_tokens: int, chat: bool = False,
-                   device="cpu", synced_gpus=None, batch_size: int = 16) -> list[str]:
-    """Greedy answers, prompts batched with left padding (so every answer starts at the same column)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(p, data_cfg, tokenizer, chat) for p in prompts[i : i + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, use_cache=True, synced_gpus=synced_gpus)
-        out += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in gen]
-    return out
-
-
-def generate(model, tokenizer, data_cfg, prompt: str, max_new_tokens: int, chat: bool = False) -> str:
+def generate(model, tokenizer, fmt: PromptFormat, prompt: str, max_new_tokens: int) -> str:
     """Greedy answer to one prompt in the run's format, on the model's device."""
-    return generate_batch(model, tokenizer, data_cfg, [prompt], max_new_tokens, chat=chat, device=model.device)[0]
+    return answer_prompts(model, tokenizer, fmt, [prompt], max_new_tokens)[0]

@@ -398,6 +398,13 @@ class ClassificationTask:
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
         return [], {}
 
+    def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
+        """Validation batches, shortest rows first, dealt to the ranks by accelerate (its
+        gather_for_metrics then counts every row once)."""
+        loader = torch.utils.data.DataLoader(val_ds.order_by_length(), batch_size=batch_size,
+                                             collate_fn=self.collator(tokenizer))
+        return rt.accelerator.prepare_data_loader(loader)
+
     def build_model(self, tokenizer, dtype: str = "float32"):
         from launcher.tasks import modeling
 

@@ -1,0 +1,332 @@
+"""One prompt function: how a causal-LM row becomes text, in training and in every answer after it.
+
+Training, evaluation, sample generations and `launcher generate` / `eval` / `predict` all call
+`render` (training text and the spans to learn) or `prompt_text` (what the model sees before it
+answers), reading a `PromptFormat`: the run's choice of template, system prompt and column
+mapping, recorded in the export's launcher.json. A row's training text is its generation prompt
+plus the response and the end-of-turn marker, so a model is asked at inference exactly what it
+was taught with.
+
+Rows come in the shapes people have, each normalised to one of two forms:
+- `{"instruction", "input"?, "output"}` (Alpaca), or TRL's `{"prompt": str, "completion": str}`
+  (the prompt is the user's turn), or any columns mapped by `data.prompt` / `data.response`
+  (`{column}` placeholders, e.g. prompt "Classify: {text}", response "{category}");
+- `{"messages": [{"role", "content"}]}` (OpenAI / TRL conversational), TRL's conversational
+  prompt/completion (two lists of messages), or ShareGPT `{"conversations": [{"from", "value"}]}`.
+
+How each form renders:
+- the tokenizer has a chat template: every row is a conversation (an instruction row is a user
+  turn, its input appended after a blank line), rendered by that template; `data.system_prompt`
+  becomes the first turn of rows that have none (null: none is added, and the template's own
+  default, if it has one, applies in training and at inference alike);
+- no chat template (tiny models, base models): instruction rows use `data.prompt_template`
+  (Alpaca), conversations `data.chat_turn_template`; the system prompt, when set, goes first.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass
+
+from launcher.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+SHAPES = ("instruction/output, messages, prompt/completion or conversations (ShareGPT)")
+DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+DEFAULT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+DEFAULT_CHAT_TURN = "<|{role}|>\n{content}\n"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Everything that decides how a row becomes text (launcher.json's "prompt")."""
+
+    chat_template: bool = False  # the tokenizer's own chat template renders every row
+    style: str = "instruction"  # no chat template: bare prompts render as instruction | chat
+    system_prompt: str | None = None
+    prompt: str | None = None  # data.prompt: the user's turn built from a row's columns
+    response: str | None = None  # data.response: the answer built from a row's columns
+    prompt_template: str = DEFAULT_TEMPLATE
+    prompt_template_no_input: str = DEFAULT_TEMPLATE_NO_INPUT
+    chat_turn_template: str = DEFAULT_CHAT_TURN
+
+    @classmethod
+    def from_config(cls, data_cfg, tokenizer, **changes) -> "PromptFormat":
+        return cls(chat_template=bool(getattr(tokenizer, "chat_template", None)), system_prompt=data_cfg.system_prompt,
+                   prompt=data_cfg.prompt, response=data_cfg.response, prompt_template=data_cfg.prompt_template,
+                   prompt_template_no_input=data_cfg.prompt_template_no_input,
+                   chat_turn_template=data_cfg.chat_turn_template).replace(**changes)
+
+    def replace(self, **changes) -> "PromptFormat":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, meta: dict) -> "PromptFormat":
+        """From launcher.json: its "prompt" object, or the flat keys exports had before it."""
+        fields = {f for f in cls.__dataclass_fields__}
+        if isinstance(meta.get("prompt"), dict):
+            return cls(**{k: v for k, v in meta["prompt"].items() if k in fields})
+        old = {k: meta[k] for k in ("prompt_template", "prompt_template_no_input", "chat_turn_template") if k in meta}
+        return cls(style=meta.get("prompt_format", "instruction"), **old)
+
+
+# ---------------------------------------------------------------- column mapping
+
+
+def placeholders(template: str) -> list[str]:
+    """The column names a data.prompt / data.response template uses."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def template_problems(key: str, template: str | None) -> list[str]:
+    """A data.prompt / data.response that cannot work whatever the data: one line each."""
+    if template is None:
+        return []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return [f"{key}: {template!r} is not a valid template ({e}); write columns as {{name}} and a literal brace as {{{{"]
+    names = [name for _, name, _, _ in parsed if name is not None]
+    if not names:
+        return [f"{key}: {template!r} names no column; use {{column}} placeholders, e.g. {{text}}"]
+    bad = [n for n in names if n == "" or n.isdigit() or any(c in n for c in ".[]")]
+    if bad:
+        return [f"{key}: placeholder {{{bad[0]}}} is not a column name; use {{column}} placeholders, e.g. {{text}}"]
+    specs = [spec or conv for _, name, spec, conv in parsed if name is not None and (spec or conv)]
+    if specs:
+        return [f"{key}: placeholders take no format spec or conversion ({specs[0]!r}); use plain {{column}}"]
+    return []
+
+
+def _fill(template: str, record: dict, key: str, where: str) -> str:
+    values = {}
+    for name in placeholders(template):
+        value = record.get(name)
+        if value is None:
+            raise DataError(f"{where}: no '{name}' value for {key} ({template!r})")
+        values[name] = value if isinstance(value, str) else str(value)
+    return template.format_map(values)
+
+
+def column_problems(columns: list[str], fmt: PromptFormat, source: str) -> list[str]:
+    """Checks on a whole file before any row is rendered: every placeholder names one of its
+    columns, and without a mapping some column of a known shape exists. One line each."""
+    have = set(columns)
+    listed = ", ".join(columns) or "none"
+    if fmt.prompt is not None:
+        out = []
+        for key, template in (("data.prompt", fmt.prompt), ("data.response", fmt.response)):
+            missing = [n for n in placeholders(template or "") if n not in have]
+            if missing:
+                out.append(f"{key}: {{{missing[0]}}} is not a column of {source} (its columns: {listed})")
+        return out
+    if not have & {"instruction", "messages", "prompt", "conversations"}:
+        hint = ", ".join(f"{{{c}}}" for c in columns[:2]) or "{column}"
+        return [f"{source}: no {SHAPES} columns (its columns: {listed}); map yours with "
+                f"data.prompt='...{hint.split(', ')[0]}...' data.response='{hint.split(', ')[-1]}'"]
+    return []
+
+
+# ---------------------------------------------------------------- rows
+
+
+def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -> dict:
+    """A checked row: {"instruction", "input", "output"} or {"messages"}. DataError names file:line.
+    need_answer False (predict, generate): the answer may be missing (output None; messages
+    that end before the assistant's turn)."""
+    if isinstance(record, DataError):
+        raise record
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with {SHAPES}")
+    if fmt.prompt is not None:
+        output = _fill(fmt.response, record, "data.response", where) if need_answer and fmt.response else None
+        return {"instruction": _fill(fmt.prompt, record, "data.prompt", where), "input": "", "output": output}
+    if "messages" in record:
+        return {"messages": _messages(record["messages"], where, "messages", need_answer)}
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
+        out = []
+        for i, t in enumerate(turns):
+            role = SHAREGPT_ROLES.get(str(t.get("from", t.get("role"))).lower()) if isinstance(t, dict) else None
+            content = t.get("value", t.get("content")) if isinstance(t, dict) else None
+            if role is None or not isinstance(content, str):
+                raise DataError(f"{where}: conversations[{i}] needs from (human, gpt or system) and a string value")
+            out.append({"role": role, "content": content})
+        return {"messages": _messages(out, where, "conversations", need_answer)}
+    if "prompt" in record:
+        prompt, completion = record["prompt"], record.get("completion")
+        if isinstance(prompt, list):  # TRL's conversational prompt-completion
+            completion = completion if completion is not None else []
+            if not isinstance(completion, list):
+                raise DataError(f"{where}: a 'prompt' list of messages needs a 'completion' list of messages")
+            return {"messages": _messages(prompt + completion, where, "prompt/completion", need_answer)}
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: 'prompt' must be a string or a list of messages")
+        if completion is None and need_answer:
+            raise DataError(f"{where}: missing string 'completion' beside 'prompt'")
+        if completion is not None and not isinstance(completion, str):
+            raise DataError(f"{where}: 'completion' must be a string")
+        return {"instruction": prompt, "input": "", "output": completion}
+    if not isinstance(record.get("instruction"), str):
+        raise DataError(f"{where}: no {SHAPES} (its keys: {', '.join(map(str, record)) or 'none'}); "
+                        "map columns with data.prompt / data.response")
+    output = record.get("output")
+    if need_answer and not isinstance(output, str):
+        raise DataError(f"{where}: missing string 'output' (or give 'messages')")
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: 'input' must be a string")
+    return {"instruction": record["instruction"], "input": extra, "output": output if isinstance(output, str) else None}
+
+
+def _messages(messages, where: str, key: str, need_answer: bool) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {key}[{i}] needs role (system, user or assistant) and string content")
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: '{key}' has no assistant turn to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def answer(row: dict) -> str | None:
+    """The row's reference answer: the output, or the last assistant turn (None when absent)."""
+    if "messages" not in row:
+        return row["output"]
+    last = _last_assistant(row["messages"])
+    return row["messages"][last]["content"] if last is not None else None
+
+
+def question(row: dict) -> str:
+    """What the user asked last (for reports): the instruction (and input), or the last user turn."""
+    if "messages" not in row:
+        return row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+    users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def with_answer(row: dict, text: str) -> dict:
+    """The same row answered with `text` (its last assistant turn replaced, or added)."""
+    if "messages" not in row:
+        return {**row, "output": text}
+    messages = list(row["messages"])
+    last = _last_assistant(messages)
+    if last is not None and last == len(messages) - 1:
+        messages[last] = {"role": "assistant", "content": text}
+    else:
+        messages.append({"role": "assistant", "content": text})
+    return {"messages": messages}
+
+
+def system_of(row: dict, fmt: PromptFormat) -> str | None:
+    """The system prompt the row renders with (its own first turn, else the format's)."""
+    if "messages" in row and row["messages"][0]["role"] == "system":
+        return row["messages"][0]["content"]
+    return fmt.system_prompt
+
+
+def _last_assistant(messages: list[dict]) -> int | None:
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return idx[-1] if idx else None
+
+
+def _conversation(row: dict, fmt: PromptFormat) -> list[dict]:
+    """The row as chat messages, with the format's system prompt first when it has none."""
+    if "messages" in row:
+        messages = list(row["messages"])
+    else:
+        user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        messages = [{"role": "user", "content": user}]
+        if row["output"] is not None:
+            messages.append({"role": "assistant", "content": row["output"]})
+    if fmt.system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    return messages
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """(training text, trainable character spans): each answer and the end-of-turn after it."""
+    eos = tokenizer.eos_token or ""
+    if fmt.chat_template:
+        messages = _conversation(row, fmt)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not after.startswith(before):
+                raise DataError("the tokenizer's chat template does not render conversations prefix-stably; "
+                                "set data.chat_turn_template and remove the tokenizer's chat template")
+            spans.append((len(before), len(after)))
+        return tokenizer.apply_chat_template(messages, tokenize=False), spans
+    system = _system_block(row, fmt)
+    if "messages" not in row:
+        prompt = system + _instruction_prompt(row, fmt)
+        text = prompt + row["output"] + eos
+        return text, [(len(prompt), len(text))]
+    head, tail = fmt.chat_turn_template.split("{content}", 1)
+    text, spans = "", []
+    for m in _conversation(row, fmt):
+        text += head.format(role=m["role"])
+        if m["role"] == "assistant":
+            start = len(text)
+            text += m["content"] + eos
+            spans.append((start, len(text)))
+        else:
+            text += m["content"]
+        text += tail.format(role=m["role"])
+    return text, spans
+
+
+def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> str:
+    """What the model reads before its answer: the training text up to the last answer (for a
+    row without one, up to where it would start). Cut from `render` itself, so the identity
+    training text = prompt + answer + end-of-turn holds by construction. `bare`: a prompt
+    typed by a user ({"instruction": TEXT}), a chat turn when the run trained on conversations."""
+    if "messages" not in row:
+        row = {"input": "", "output": None, **row}
+        if bare and not fmt.chat_template and fmt.style == "chat":
+            row = {"messages": [{"role": "user", "content": question(row)}]}
+    if answer(row) is None:
+        row = with_answer(row, "")
+    text, spans = render(row, fmt, tokenizer)
+    return text[: spans[-1][0]]
+
+
+def _instruction_prompt(row: dict, fmt: PromptFormat) -> str:
+    template = fmt.prompt_template if row["input"] else fmt.prompt_template_no_input
+    return template.format(instruction=row["instruction"], input=row["input"])
+
+
+def _system_block(row: dict, fmt: PromptFormat) -> str:
+    """Without a chat template, an instruction row's system prompt is a paragraph before it."""
+    if "messages" in row or not fmt.system_prompt:
+        return ""
+    return fmt.system_prompt + "\n\n"
+
+
+def token_ids(text: str, tokenizer) -> list[int]:
+    """The ids of rendered text: no special tokens added, except a BOS the text lacks."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return with_bos(ids, text, tokenizer)
+
+
+def with_bos(ids: list[int], text: str, tokenizer) -> list[int]:
+    bos = tokenizer.bos_token_id
+    if bos is not None and not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)):
+        return [bos] + ids
+    return ids

@@ -1,0 +1,293 @@
+"""One prompt function, data in the shapes people have, and generation-based evaluation, on tiny
+models and tokenizers (the real SmolLM2 is tests/test_smollm2.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.config import DataConfig, load_config
+from launcher.data import instructions, prompts
+from launcher.data.instructions import IGNORE, encode, last_answer_start
+from launcher.data.prompts import PromptFormat
+from launcher.data.tokenizer import train_lm_tokenizer
+from launcher.errors import ConfigError, DataError
+from launcher.tasks import generation
+
+from conftest import CONFIGS, check, launcher
+
+SFT = CONFIGS / "train" / "sft_tiny.yaml"
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {{ m.content }}{{ eos_token }}"
+                 "{% else %}[{{ m.role }}] {{ m.content }} {% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}[bot] {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    words = ("### instruction : input response < | system | > < | user | > < | assistant | > [ bot ] [ user ] [ system ] "
+             "is this clause fair ? the provider may change terms at any time unfair other arbitration be brief "
+             "hello there general kenobi answer with one word").split()
+    return train_lm_tokenizer([" ".join(words)], 300, 128)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = CHAT_TEMPLATE
+    return t
+
+
+ROWS = [
+    {"instruction": "is this clause fair?", "input": "the provider may change terms at any time", "output": "unfair"},
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                  {"role": "assistant", "content": "general kenobi"}, {"role": "user", "content": "is this clause fair?"},
+                  {"role": "assistant", "content": "other"}]},
+]
+
+
+# ---------------------------------------------------------------- one prompt function
+
+
+@pytest.mark.parametrize("template", [False, True], ids=["templates", "chat-template"])
+@pytest.mark.parametrize("system", [None, "answer with one word"])
+def test_training_text_is_the_generation_prompt_plus_the_answer(template, system, tok, chat_tok):
+    """For every row shape, with and without a chat template and a system prompt: the text a row
+    trains on is exactly the prompt it is answered from plus its answer and end-of-turn, and the
+    training tokens start with the prompt's tokens (what generate and predict feed the model)."""
+    t = chat_tok if template else tok
+    fmt = PromptFormat.from_config(DataConfig(system_prompt=system), t)
+    assert fmt.chat_template == template
+    for row in ROWS:
+        text, spans = prompts.render(row, fmt, t)
+        prompt = prompts.prompt_text(row, fmt, t)
+        start, end = spans[-1]
+        assert text[:start] == prompt and text[start:end] == prompts.answer(row) + t.eos_token
+        ids, labels = encode(row, fmt, t)
+        prompt_ids = prompts.token_ids(prompt, t)
+        assert ids[: len(prompt_ids)] == prompt_ids and last_answer_start(labels) == len(prompt_ids)
+        if system and "messages" not in row:  # the configured system prompt reaches rows without one
+            assert system in prompt
+    # A conversation with its own system prompt keeps it; the configured one fills in elsewhere.
+    assert "be brief" in prompts.prompt_text(ROWS[1], fmt, t) and (system is None or system not in prompts.prompt_text(ROWS[1], fmt, t))
+
+
+def test_the_recorded_format_renders_the_same_after_a_round_trip(chat_tok):
+    fmt = PromptFormat.from_config(DataConfig(system_prompt="be brief", prompt="{text}", response="{label}"), chat_tok)
+    again = PromptFormat.from_json(json.loads(json.dumps({"prompt": fmt.to_json()})))
+    assert again == fmt
+    row = prompts.normalize({"text": "the provider may change terms", "label": "unfair"}, again, "x")
+    assert prompts.prompt_text(row, again, chat_tok) == prompts.prompt_text(row, fmt, chat_tok)
+    # An export from before the format was recorded: its flat template keys still apply.
+    old = PromptFormat.from_json({"prompt_template": "Q: {instruction} {input}\nA: ", "prompt_format": "chat"})
+    assert old.prompt_template == "Q: {instruction} {input}\nA: " and old.style == "chat"
+
+
+# ---------------------------------------------------------------- shapes and column mapping
+
+
+def test_every_accepted_row_shape_renders_like_its_plain_equivalent(chat_tok):
+    fmt = PromptFormat.from_config(DataConfig(), chat_tok)
+    plain = prompts.render({"messages": [{"role": "user", "content": "hello there"},
+                                         {"role": "assistant", "content": "general kenobi"}]}, fmt, chat_tok)
+    shapes = [
+        {"instruction": "hello there", "output": "general kenobi"},
+        {"prompt": "hello there", "completion": "general kenobi"},  # TRL prompt-completion
+        {"prompt": [{"role": "user", "content": "hello there"}],  # TRL conversational
+         "completion": [{"role": "assistant", "content": "general kenobi"}]},
+        {"conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "general kenobi"}]},
+    ]
+    for record in shapes:
+        assert prompts.render(prompts.normalize(record, fmt, "f:1"), fmt, chat_tok) == plain, record
+    mapped = fmt.replace(prompt="{sentence}", response="{verdict}")
+    assert prompts.render(prompts.normalize({"sentence": "hello there", "verdict": "general kenobi", "id": 3}, mapped, "f:1"),
+                          mapped, chat_tok) == plain
+
+
+def test_a_bad_placeholder_is_one_line_at_config_time():
+    for value, says in (("{}", "is not a column name"), ("{a.b}", "is not a column name"), ("no columns", "names no column"),
+                        ("{text!r}", "no format spec or conversion"), ("{text", "is not a valid template")):
+        with pytest.raises(ConfigError) as e:
+            load_config(SFT, [f"data.prompt={value}", "data.response={label}"], check_files=False)
+        assert len(e.value.problems) == 1 and e.value.problems[0].startswith("data.prompt: ") and says in e.value.problems[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(SFT, ["data.prompt={text}"], check_files=False)
+    assert e.value.problems == ["data.response: required with data.prompt (both map columns, e.g. data.prompt='{text}' "
+                                "data.response='{label}')"]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_columns_a_file_lacks_are_one_line_and_a_row_without_a_value_names_its_line(tmp_path):
+    """Run through `launcher train` (exit 2, one line, nothing left behind): a placeholder naming
+    no column of the file; no mapping and no known shape; a row whose mapped value is missing."""
+    rows = [{"text": f"clause {i}", "category": "Other" if i % 2 else "Arbitration"} for i in range(40)]
+    train = _write(tmp_path / "train.jsonl", rows)
+    args = ["train", str(SFT), "--output-dir", str(tmp_path / "out"), "data.synthetic.enabled=false",
+            f"data.train_file={train}", f"data.validation_file={train}"]
+    proc = launcher(*args, "data.prompt=Classify: {tex}", "data.response={category}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: data.prompt: {{tex}} is not a column of {train} (its columns: text, category)"]
+    proc = launcher(*args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: {train}: no instruction/output, messages, prompt/completion or conversations "
+                                  "(ShareGPT) columns (its columns: text, category); map yours with data.prompt=")
+    _write(train, rows[:5] + [{"text": "clause without a category"}] + rows[6:])
+    proc = launcher(*args, "data.prompt=Classify: {text}", "data.response={category}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {train}:6: no 'category' value for data.response ('{{category}}')"]
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_scores_on_answers_we_control():
+    """Exact match after normalisation; over a closed set, greedy answers as classes (an answer
+    outside the set counts against its reference) and likelihood choices, F1 per class as
+    scikit-learn computes it."""
+    from sklearn.metrics import f1_score
+
+    cands = generation.Candidates(["Arbitration", "Other", "Unilateral change"], [[1], [2], [3]])
+    refs = ["Other", "Other", "Arbitration", "Unilateral change", "Other"]
+    responses = ["other.", "The Other", "arbitration!", "Unfair: unilateral change", "Arbitration"]
+    choices = [1, 0, 0, 2, 1]
+    rows = [{"index": i, "loss": 0.5 * i, "tokens": i + 1, "reference": r, "response": g, "choice": c}
+            for i, (r, g, c) in enumerate(zip(refs, responses, choices))]
+    m = generation.score(rows, cands)
+    assert m["exact_match"] == pytest.approx(3 / 5)  # punctuation, case and articles do not count
+    assert m["loss"] == pytest.approx(sum(0.5 * i for i in range(5)) / 15) and m["n"] == 5
+    greedy = ["Other", "Other", "Arbitration", None, "Arbitration"]
+    chosen = [cands.answers[c] for c in choices]
+    for prefix, pred in (("", greedy), ("choice_", chosen)):
+        assert m[f"{prefix}accuracy"] == pytest.approx(sum(p == r for p, r in zip(pred, refs)) / 5)
+        labels = sorted({*refs, *(p for p in pred if p)})
+        want = f1_score(refs, [p or "(none)" for p in pred], labels=labels, average=None, zero_division=0)
+        assert [m[f"{prefix}f1/{name}"] for name in labels] == pytest.approx(list(want))
+        assert m[f"{prefix}macro_f1"] == pytest.approx(float(want.mean()))
+    assert "accuracy" not in generation.score(rows, None) and "exact_match" in generation.score(rows, None)
+
+
+def test_closed_sets():
+    from launcher.tasks.causal_lm import closed_set
+
+    assert closed_set({"a": 5, "b": 3}, {"a": 2, "c": 1}) == ["a", "b", "c"]
+    assert closed_set({f"answer {i}": 1 for i in range(30)}, None) is None  # free-form: every answer once
+    assert closed_set({f"x{i}": 3 for i in range(51)}, None) is None and closed_set(None, {"a": 9}) is None
+
+
+def test_ranks_share_the_rows_once_and_run_as_many_batches():
+    rows = [{"input_ids": list(range(3 + i % 5)), "labels": [IGNORE] * 2 + list(range(2, 3 + i % 5)), "answer": "a",
+             "question": "q"} for i in range(11)]
+    for world in (1, 2, 3):
+        shards = [generation.EvalBatches(rows, r, world, 2, 0, generate_rows=7) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1  # the same number of forward passes on every rank
+        seen, answered = [], []
+        for s in shards:
+            for b in s:
+                seen += [i for i in b["index"] if i >= 0]
+                answered += [i for i in b["index"] if i >= 0 and b["generate"]]
+        assert sorted(seen) == list(range(11)) and sorted(answered) == list(range(7))
+
+
+def _tiny_model(tok, arch="llama"):
+    from transformers import AutoModelForCausalLM
+
+    from launcher.tasks.causal_lm import tiny_config
+
+    torch.manual_seed(0)
+    cfg = load_config(SFT, [f"model.tiny.arch={arch}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64"])
+    model = AutoModelForCausalLM.from_config(tiny_config(cfg, len(tok), tok)).eval()
+    model.config.use_cache = False  # as training leaves it
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(arch, tok):
+    """The evaluation's single forward (prompts left-padded, answers after them, the head only on
+    answer positions; multi-turn rows everywhere) against the model's own loss on right-padded
+    rows; each candidate's score from the prompt cache against a plain forward of prompt + candidate."""
+    from launcher.tasks.causal_lm import continuation
+
+    model = _tiny_model(tok, arch)
+    fmt = PromptFormat.from_config(DataConfig(), tok)
+    records = [ROWS[0], {**ROWS[0], "input": "", "output": "other"}, {**ROWS[0], "instruction": "be brief"}, ROWS[1]]
+    enc = [encode(r, fmt, tok) for r in records]
+    answers = ["arbitration", "other", "unfair"]
+    cands = generation.Candidates(answers, [continuation(a, fmt, tok) for a in answers])
+    for group in (enc[:3], enc):  # single-answer rows, then with a two-turn conversation
+        rows = [{"input_ids": x, "labels": y, "answer": "", "question": ""} for x, y in group]
+        batch = generation.collate(rows, list(range(len(rows))), tok.eos_token_id, generate=True)
+        results = generation.run_batch(model, batch, cands, {tok.eos_token_id}, 4)
+        collate = instructions.LMCollator(tok.eos_token_id, packed=False)
+        plain = collate([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in group])
+        with torch.no_grad():
+            own = model(**plain, num_items_in_batch=torch.tensor(1.0)).loss
+        assert sum(r["loss"] for r in results) == pytest.approx(float(own), rel=1e-5)
+        assert [r["tokens"] for r in results] == [sum(t != IGNORE for t in y[1:]) for _, y in group]
+    for (x, y), r in zip(enc, results):
+        prompt = x[: last_answer_start(y)]
+        for c, tokens in enumerate(cands.tokens):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + tokens])).logits[0].float(), -1)
+            want = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens))
+            assert r["scores"][c] == pytest.approx(want, abs=1e-4)
+        assert r["choice"] == max(range(len(answers)), key=lambda c: r["scores"][c])
+
+
+@pytest.mark.slow
+def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_rows(tmp_path):
+    """eval.metric=choice_macro_f1 drives the export; `launcher eval` on the validation file gives
+    the run's own final metrics; `launcher predict` answers rows that carry only the prompt's
+    columns (mapped with data.prompt) and plain lines, with the likeliest candidate and its probs."""
+    rows = []
+    import random
+
+    rng = random.Random(0)
+    things = ["amber", "basil", "cedar", "delta", "ember", "fjord"]
+    answer = {t: a for t, a in zip(things, ["maple", "raven", "onyx", "maple", "quartz", "raven"])}
+    for i in range(200):
+        t = rng.choice(things)
+        rows.append({"thing": t, "colour": answer[t], "id": i})
+    train = _write(tmp_path / "train.jsonl", rows[:160])
+    val = _write(tmp_path / "val.jsonl", rows[160:])
+    out = tmp_path / "out"
+    common = ["data.synthetic.enabled=false", f"data.train_file={train}", f"data.validation_file={val}",
+              "data.prompt=What is the code word for {thing}?", "data.response={colour}", "eval.generation_prompts=[]",
+              "train.epochs=12", "eval.every_steps=10", "checkpoint.every_steps=0", "eval.metric=choice_macro_f1"]
+    proc = check(launcher("train", str(SFT), "--output-dir", str(out), "--run-name", "map", *common))
+    run = out / "map"
+    final = json.loads((run / "final_metrics.json").read_text())
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(m["step"], m["eval/choice_macro_f1"]) for m in metrics if "eval/choice_macro_f1" in m]
+    best_step, best = max(evals, key=lambda sv: (sv[1], -sv[0]))
+    assert final["exported_step"] == best_step and final["after"]["choice_macro_f1"] == pytest.approx(best)
+    assert final["after"]["choice_macro_f1"] > 0.9 and final["before"]["choice_macro_f1"] < 0.7
+    assert "choice_macro_f1" in proc.stdout.split("step 0 eval:")[1].splitlines()[0]
+    meta = json.loads((run / "model" / "launcher.json").read_text())
+    assert meta["answers"] == ["maple", "onyx", "quartz", "raven"] and meta["prompt"]["prompt"].endswith("{thing}?")
+    samples = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    assert samples[0]["prompt"] == "What is the code word for " + rows[160]["thing"] + "?"  # from the validation rows
+    ev = json.loads(check(launcher("eval", str(run / "model"), "--data", str(val))).stdout.strip().splitlines()[-1])
+    for key in ("loss", "exact_match", "choice_accuracy", "choice_macro_f1", "n"):
+        assert ev[key] == pytest.approx(final["after"][key], rel=1e-4), key
+    queries = _write(tmp_path / "queries.jsonl", [{"thing": t} for t in things])  # no answer column at all
+    pred_out = tmp_path / "pred.jsonl"
+    check(launcher("predict", str(run / "model"), "--input", str(queries), "--output", str(pred_out)))
+    pred = [json.loads(x) for x in pred_out.read_text().splitlines()]
+    assert [p["thing"] for p in pred] == things
+    assert sum(p["label"] == answer[p["thing"]] for p in pred) >= 5
+    assert all(set(p["probs"]) == set(meta["answers"]) and sum(p["probs"].values()) == pytest.approx(1, abs=1e-4)
+               and p["label"] == max(p["probs"], key=p["probs"].get) for p in pred)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(things) + "\n")  # plain lines fill the prompt's one column
+    plain = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(lines))).stdout.splitlines()
+             if x.startswith("{")]
+    assert [p["label"] for p in plain] == [p["label"] for p in pred] and [p["response"] for p in plain] == [p["response"] for p in pred]
