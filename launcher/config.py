@@ -139,6 +139,9 @@ class DataConfig:
     # come as instruction/output, messages, prompt/completion or ShareGPT conversations.
     prompt: Optional[str] = None
     response: Optional[str] = None
+    # causal_lm: train on at most this many rows per distinct answer (a fixed-seed choice, the
+    # same in every run): balances a classification posed as generation. null: every row.
+    max_rows_per_answer: Optional[int] = None
     # causal_lm: rows longer than max_length are cut at max_length (truncate) or left out (drop).
     truncation: Literal["truncate", "drop"] = "truncate"
     # causal_lm: concatenate examples into max_length blocks; attention never crosses examples.
@@ -581,15 +584,16 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         if e.generate_rows == 0 and cfg.eval_metric not in ("loss", "perplexity"):
             out.append(f"eval.metric: {cfg.eval_metric} scores generated answers, but eval.generate_rows is 0")
         positive("eval.generate_rows", e.generate_rows, allow_zero=True)
+        positive("data.max_rows_per_answer", d.max_rows_per_answer)
     elif d.packing:
         out.append("data.packing: only for task causal_lm")
     if cfg.task != "causal_lm":
-        for key in ("prompt", "response", "system_prompt"):
+        for key in ("prompt", "response", "system_prompt", "max_rows_per_answer"):
             if getattr(d, key) is not None:
                 out.append(f"data.{key}: only for task causal_lm")
     if e.tune_threshold and cfg.task != "classification":
         out.append("eval.tune_threshold: only for task classification")
-    if e.metric == "accuracy" and d.mode != "binary":
+    if e.metric == "accuracy" and d.mode != "binary" and cfg.task == "classification":
         out.append("eval.metric: accuracy is reported for data.mode=binary only")
     if d.label_names is not None:
         if d.mode == "binary" and len(d.label_names) != 2:
@@ -606,6 +610,11 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             out.append(f"output_dir: {probe} is a file, not a directory (choose another --output-dir)")
     if c.resume not in ("auto", "never") and check_files and not Path(c.resume).is_dir():
         out.append(f"checkpoint.resume: {c.resume}: no such checkpoint directory (or use auto | never)")
+    if (cfg.task == "causal_lm" and not d.synthetic.enabled and d.train_file is None
+            and d.hub_dataset == DataConfig.hub_dataset):
+        out.append("data.train_file: no instruction data given; pass data.train_file=train.jsonl "
+                   "data.validation_file=validation.jsonl (rows: instruction/output, messages, prompt/completion, "
+                   "conversations, or any columns with data.prompt / data.response), or data.hub_dataset=ID")
     if d.synthetic.enabled:
         positive("data.synthetic.n_train", d.synthetic.n_train)
         positive("data.synthetic.n_validation", d.synthetic.n_validation)

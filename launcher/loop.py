@@ -152,7 +152,7 @@ def train(cfg: RunConfig) -> dict:
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group)
     if sampler.steps_per_epoch == 0:
-        raise DataError(f"{cfg.data.train_file or 'training data'}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})")
+        raise DataError(_too_few_rows(cfg, train_ds))
     total_steps = t.max_steps or t.epochs * sampler.steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
 
@@ -389,6 +389,19 @@ def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) 
         rt.on_main(report.record_generations, run_dir, step, rows, tracker)
         for r in rows:
             rt.print(f"  [{step}] {r['prompt']!r} -> {r['response']!r}")
+
+
+def _too_few_rows(cfg: RunConfig, train_ds) -> str:
+    """One global batch does not fit the training data: counted in rows, as the user wrote them."""
+    d, t = cfg.data, cfg.train
+    where = d.train_file or "training data"
+    stats = train_ds.meta.get("stats") or {}
+    if d.packing:
+        rows = stats.get("rows", 0) - stats.get("dropped", 0)
+        return (f"{where}: {rows} rows pack into {len(train_ds)} blocks of {d.max_length} tokens, and with data.packing "
+                f"train.global_batch_size ({t.global_batch_size}) counts blocks: lower it to {len(train_ds)} or less "
+                "(and train.micro_batch_size with it), or set data.packing=false")
+    return f"{where}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})"
 
 
 def _speedometer(cfg: RunConfig, rt, model_config, n_params: int, n_trainable: int):

@@ -67,7 +67,13 @@ def convert_gguf(path: Path, out_dir: Path, stage=lambda text: None) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     stage(f"writing {path.name} as safetensors")
-    model.save_pretrained(out_dir, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
 
 
@@ -76,7 +82,9 @@ def _gguf_load(loader, path: Path, **kwargs):
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a bar per tensor, 272 of them
+    hf_logging.disable_progress_bar()
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader draws its own bar, one step per tensor
     try:
         return loader.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     except ImportError as e:  # the gguf package is missing
@@ -86,6 +94,10 @@ def _gguf_load(loader, path: Path, **kwargs):
         raise ConfigError(f"model.name: {path}: not a GGUF file transformers can read "
                           f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
     finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
         hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
 

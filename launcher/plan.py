@@ -87,6 +87,47 @@ def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool
     return lines
 
 
+def lora_trainable(cfg: RunConfig) -> int | None:
+    """Parameters a LoRA run trains (adapters and modules_to_save), counted on the model built
+    on the meta device and wrapped by peft exactly as training wraps it. None when the model
+    config cannot be read offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from launcher import tasks
+    from launcher.tasks import lora
+
+    task = tasks.for_config(cfg)
+    n, _ = task.count_parameters()
+    config = getattr(task, "model_config", None)
+    if n is None or config is None:
+        return None
+    auto = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = lora.apply(auto.from_config(config), cfg.model.lora, task.name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_memory_lines(n_params: int, n_train: int, base_dtype: str, stage: int, world: int, sixteen_bit: bool,
+                      engine: str) -> list[str]:
+    """Model states of a LoRA run: the frozen base in its dtype (no gradients, no optimizer
+    state), and the trained part in fp32 with gradients and AdamW moments (plus the engine's
+    fp32 master copy under 16-bit DeepSpeed). ZeRO divides as for full training."""
+    frozen = n_params - n_train
+    base_bytes = 2.0 if base_dtype == "bfloat16" else 4.0
+    here, _ = bytes_per_param(stage, world, False)  # trained weights stay fp32: 4 + 4 + 8
+    master = (4.0 / world if stage >= 1 else 4.0) if sixteen_bit else 0.0
+    base_here = base_bytes / world if stage >= 3 else base_bytes
+    trained = here.total + master
+    lines = [f"frozen base {frozen:>15,} x {base_here:.3g} B ({base_dtype}{f' / {world} ranks' if stage >= 3 and world > 1 else ''})"
+             f" = {_size(frozen * base_here)}",
+             f"trained     {n_train:>15,} x {trained:.3g} B (fp32 weights {here.params:g} + grads {here.grads:g} + "
+             f"AdamW {here.optimizer:g}{f' + master {master:g}' if master else ''}) = {_size(n_train * trained)}",
+             f"this run ({engine}): {_size(frozen * base_here + n_train * trained)} per GPU for model states",
+             "not included: buffers, fragmentation (activations: below)"]
+    return lines
+
+
 def activation_lines(config, cfg: RunConfig) -> list[str]:
     """Activation and logits memory of one micro-batch on one GPU, with and without activation
     checkpointing. Per layer, 16-bit activations take s*b*h*(34 + 5*a*s/h) bytes (Korthikanti
@@ -202,12 +243,24 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     offloaded = [name for name, on in (("optimizer", offload_opt), ("params", offload_par)) if on]
     if offloaded:
         engine += f" + CPU offload of {' and '.join(offloaded)}"
-    lines.append("memory     per GPU, model states only:")
-    lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
+    n_train = lora_trainable(cfg) if cfg.model.lora.enabled and n_params else None
+    if n_train:
+        base_dtype = distributed.weight_dtype(cfg, launch)
+        lines.append(f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
+                     f"{n_train / n_params:.2%}):")
+        lines += ["             " + x for x in lora_memory_lines(n_params, n_train, base_dtype, stage, world, sixteen, engine)]
+    else:
+        lines.append("memory     per GPU, model states only:")
+        lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
     lines += activation_lines(model_config, cfg)
-    lines.append("command")
     ckpt = None
-    if n_params:  # LoRA's trained part is small beside the base: counted as none
-        ckpt = checkpoint_bytes(n_params, 0 if cfg.model.lora.enabled else n_params, 2 if sixteen else 4)
+    if n_params:
+        trainable_only = bool(n_train) and cfg.model.name != "tiny"  # a random tiny base is saved whole
+        saved = n_train if trainable_only else n_params
+        ckpt = checkpoint_bytes(saved, n_train or n_params, 4 if trainable_only or not sixteen else 2)
+        what = ("LoRA on a pretrained base: the trained weights (adapters, heads) and their AdamW state; the frozen "
+                "base is read again from model.name" if trainable_only else "every weight and the AdamW state of what trains")
+        lines.append(f"checkpoint about {_size(ckpt)} per save ({what})")
+    lines.append("command")
     lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch, ckpt)]
     return "\n".join(lines)

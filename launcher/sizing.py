@@ -134,4 +134,7 @@ def count_rows(cfg: RunConfig) -> tuple[int | None, str]:
         where = d.train_file
     if cfg.task == "causal_lm" and d.packing:  # optimizer steps count blocks, known once rows are packed
         return None, f"{n:,} {where} rows are packed into {d.max_length}-token blocks when the run starts"
+    if cfg.task == "causal_lm" and d.max_rows_per_answer:
+        return None, (f"{n:,} {where} rows, at most {d.max_rows_per_answer} per answer (data.max_rows_per_answer): "
+                      "counted when the run starts")
     return n, where

@@ -52,6 +52,21 @@ def _ds_yaml(ds: dict | str, *overrides: str):
     return make
 
 
+CLAUSE_ROWS = "".join(json.dumps({"text": f"We may end it at any time ({i}).", "category": "Other" if i % 2 else "Arbitration"}) + "\n"
+                      for i in range(40))
+LLM = CONFIGS / "train" / "llm_sft_lora.yaml"
+
+
+def _sft_files(train: str, *overrides: str):
+    """Overrides for an SFT run on files: `train` is the training file and the validation file."""
+    def make(tmp: Path) -> list[str]:
+        (tmp / "train.jsonl").write_text(train)
+        (tmp / "validation.jsonl").write_text(train)
+        return ["data.synthetic.enabled=false", f"data.train_file={tmp / 'train.jsonl'}",
+                f"data.validation_file={tmp / 'validation.jsonl'}", *overrides]
+    return make
+
+
 ZERO2 = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
 
 # (name, command, config, make, expected start of the error line)
@@ -115,6 +130,30 @@ CASES = [
     ("no text field", "train", TINY, _files('{"body": "x", "label": 0}\n' + GOOD), "{tmp}/train.jsonl:1:"),
     ("fewer rows than a batch", "train", TINY, _files(GOOD[: len(GOOD) // 40 * 5]),
      "{tmp}/train.jsonl: 5 rows is fewer than train.global_batch_size (32)"),
+    # ---- instruction data and LLM recipes
+    ("LLM recipe without data", "train", LLM, _plain(), "data.train_file: no instruction data given; pass data.train_file="),
+    ("placeholder not a column name", "train", SFT, lambda tmp: ["data.prompt=Classify {}", "data.response={category}"],
+     "data.prompt: placeholder {{}} is not a column name"),
+    ("prompt without response", "train", SFT, lambda tmp: ["data.prompt=Classify {text}"], "data.response: required with data.prompt"),
+    ("prompt names no column", "train", SFT, _sft_files(CLAUSE_ROWS, "data.prompt=Classify {tex}", "data.response={category}"),
+     "data.prompt: {{tex}} is not a column of {tmp}/train.jsonl (its columns: text, category)"),
+    ("instruction data of no known shape", "train", SFT, _sft_files(CLAUSE_ROWS),
+     "{tmp}/train.jsonl: no instruction/output, messages, prompt/completion or conversations (ShareGPT) columns"),
+    ("mapped value missing in a row", "train", SFT,
+     _sft_files('{"text": "no category here"}\n' + CLAUSE_ROWS, "data.prompt=Classify {text}", "data.response={category}"),
+     "{tmp}/train.jsonl:1: no 'category' value for data.response"),
+    ("ShareGPT turn without a value", "train", SFT, _sft_files('{"conversations": [{"from": "human"}]}\n' + CLAUSE_ROWS.replace(
+        '"text"', '"instruction"').replace('"category"', '"output"')), "{tmp}/train.jsonl:1: conversations[0] needs from"),
+    ("choice metric on free-form answers", "train", SFT,
+     _sft_files("".join(json.dumps({"instruction": f"q{i}", "output": f"answer number {i}"}) + "\n" for i in range(40)),
+                "eval.metric=choice_macro_f1", "data.prompt=null", "train.max_steps=1"),
+     "eval.metric: choice_macro_f1 needs a closed set of answers"),
+    ("packed blocks fewer than a batch", "train", SFT,
+     _sft_files(CLAUSE_ROWS.replace('"text"', '"instruction"').replace('"category"', '"output"'), "data.packing=true"),
+     "{tmp}/train.jsonl: 40 rows pack into"),
+    ("GGUF file missing", "train", SFT, _plain("model.name={tmp}/model.gguf"), "model.name: {tmp}/model.gguf: no such GGUF file"),
+    ("not a GGUF file", "train", SFT, _write("model.gguf", "not gguf at all", "model.name={tmp}/model.gguf"),
+     "model.name: {tmp}/model.gguf: not a GGUF file transformers can read"),
     # ---- launch combinations
     ("launch flag without config", "train", TINY, _plain("--num-processes", "2"), "--num-processes: only with --accelerate-config"),
     ("accelerate config missing", "plan", TINY, _plain("--accelerate-config", "{tmp}/none.yaml"),

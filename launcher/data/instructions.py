@@ -167,6 +167,11 @@ class InstructionEncoder:
             counts = pc.value_counts(kept["answer"])
             if len(counts) <= CLOSED_SET_MAX:
                 stats.answers = {c["values"].as_py(): c["counts"].as_py() for c in counts}
+        cap = getattr(self.cfg, "max_rows_per_answer", None)
+        if cap:
+            kept, stats.capped = cap_answers(kept, cap)
+            stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
+            stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
         table = kept.drop_columns(["_drop", "_truncated", "_label_tokens", "_chat", "_system"])
         if table.num_rows == 0:
             raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {self.cfg.max_length}, "
@@ -176,6 +181,26 @@ class InstructionEncoder:
             stats.blocks_greedy = len(greedy_plan(table["length"].to_pylist(), self.cfg.max_length))
             table = pack_table(table, self.cfg.max_length, "bfd")
         return datasets.Dataset(table), stats.__dict__
+
+
+def cap_answers(table, cap: int):
+    """At most `cap` rows per distinct answer, chosen by a fixed-seed shuffle (the same rows in
+    every run and on every rank), kept in file order; and {answer: rows left out}."""
+    import numpy as np
+    import pyarrow as pa
+
+    answers = table["answer"].to_pylist()
+    by_answer: dict[str, list[int]] = {}
+    for i, a in enumerate(answers):
+        by_answer.setdefault(a, []).append(i)
+    rng = np.random.default_rng(0)
+    keep, left_out = [], {}
+    for a, rows in by_answer.items():
+        if len(rows) > cap:
+            left_out[a] = len(rows) - cap
+            rows = sorted(rng.permutation(rows)[:cap].tolist())
+        keep += rows
+    return table.take(pa.array(sorted(keep), pa.int64())), left_out
 
 
 # ---------------------------------------------------------------- datasets
@@ -192,6 +217,7 @@ class EncodeStats:
     blocks_greedy: int = 0  # packed blocks had rows been packed in order (for comparison)
     system_prompt: str | None = None  # the system prompt every kept row renders with, if they share one
     answers: dict | None = None  # {answer: rows} when at most CLOSED_SET_MAX distinct answers
+    capped: dict | None = None  # {answer: rows left out by data.max_rows_per_answer}
 
     def line(self, split: str) -> str:
         return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "

