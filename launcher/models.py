@@ -13,6 +13,7 @@ was: not a model directory, not found on the hub, gated, no network, or not a re
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def _gguf_load(loader, path: Path, **kwargs):
 # ---------------------------------------------------------------- loading
 
 
+_configs: dict = {}  # (loader, GGUF path, mtime) -> its config, read once per process
+
+
 def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     """loader.from_pretrained(name), or one line saying which kind of failure it was.
     `model_cfg` adds model.revision and model.trust_remote_code (off unless asked). A hub model
@@ -121,7 +125,12 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     gguf = gguf_source(source)
     if gguf is not None:
         kwargs.pop("trust_remote_code", None)
+        key = (loader.__name__, str(gguf), gguf.stat().st_mtime_ns)
+        if not kwargs and loader.__name__ == "AutoConfig" and key in _configs:  # reading GGUF metadata takes seconds
+            return copy.deepcopy(_configs[key])
         model = _gguf_load(loader, gguf, **kwargs)
+        if not kwargs and loader.__name__ == "AutoConfig":
+            _configs[key] = copy.deepcopy(model)
         if hasattr(model, "hf_quantizer"):  # a model: its weights are plain floats now
             model.hf_quantizer, model.is_quantized = None, False
             if hasattr(model.config, "quantization_config"):
