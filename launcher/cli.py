@@ -323,7 +323,11 @@ def _predict_causal_lm(args) -> int:
     if problems:
         raise UserError(*problems[:10])
     candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
-    to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, args.max_length or meta.get("max_length"))
+    # Training saw no prompt longer than its max_length (such rows have no answer left), so
+    # none is cut to it here; only --max-length, or the model's own positions, cut one.
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limit = args.max_length or (positions - meta.get("max_new_tokens", 32) if positions else None)
+    to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, candidates, meta.get("max_new_tokens", 32))
     out = open(args.output, "w") if args.output else sys.stdout

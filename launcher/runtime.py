@@ -106,9 +106,20 @@ class Runtime:
 
     @property
     def shards_parameters(self) -> bool:
-        """Whether no rank holds whole parameters (ZeRO-3, FSDP2): every forward pass is then a
-        collective, so ranks must run as many of them (generation stays in step)."""
-        return self.zero_stage == 3 or bool(getattr(self.accelerator, "is_fsdp2", False))
+        """Whether no rank holds whole parameters (ZeRO-3, FSDP of either version): every forward
+        pass is then a collective, so ranks must run as many of them (generation stays in step)."""
+        return self.zero_stage == 3 or self.distributed_type == "FSDP" or bool(getattr(self.accelerator, "is_fsdp2", False))
+
+    def inference_model(self, model):
+        """The module to run forward passes on outside training (evaluation, generation): the bare
+        model, except under FSDP1, whose root wrapper gathers the parameters it owns (the
+        embeddings, the head) around each forward."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp1 = model
+        while hasattr(fsdp1, "module") and not isinstance(fsdp1, FullyShardedDataParallel):
+            fsdp1 = fsdp1.module
+        return fsdp1 if isinstance(fsdp1, FullyShardedDataParallel) else self.unwrap(model)
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (a collective)."""

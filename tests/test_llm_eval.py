@@ -87,6 +87,30 @@ def test_the_recorded_format_renders_the_same_after_a_round_trip(chat_tok):
     assert old.prompt_template == "Q: {instruction} {input}\nA: " and old.style == "chat"
 
 
+def test_a_conversation_awaiting_an_answer_is_answered_after_its_last_turn(chat_tok, tok):
+    """predict on [user, assistant, user]: the prompt runs to the assistant turn after the last
+    user turn, not to the earlier answer."""
+    row = {"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"},
+                        {"role": "user", "content": "is this clause fair?"}]}
+    for t in (chat_tok, tok):
+        fmt = PromptFormat.from_config(DataConfig(), t)
+        prompt = prompts.prompt_text(prompts.normalize(row, fmt, "x", need_answer=False), fmt, t)
+        full = prompts.render(prompts.with_answer(row, "unfair"), fmt, t)[0]
+        assert "is this clause fair?" in prompt and full.startswith(prompt) and full[len(prompt):].startswith("unfair")
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tok):
+    import copy
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}")
+    fmt = PromptFormat.from_config(DataConfig(system_prompt="be brief"), strict)
+    with pytest.raises(DataError) as e:
+        prompts.render(ROWS[0], fmt, strict)
+    assert "chat template refuses this conversation (System role not supported)" in e.value.problems[0]
+
+
 # ---------------------------------------------------------------- shapes and column mapping
 
 
@@ -186,15 +210,15 @@ def test_closed_sets():
 def test_ranks_share_the_rows_once_and_run_as_many_batches():
     rows = [{"input_ids": list(range(3 + i % 5)), "labels": [IGNORE] * 2 + list(range(2, 3 + i % 5)), "answer": "a",
              "question": "q"} for i in range(11)]
-    for world in (1, 2, 3):
-        shards = [generation.EvalBatches(rows, r, world, 2, 0, generate_rows=7) for r in range(world)]
+    for world, n_gen in ((1, 7), (2, 7), (3, 7), (4, 3), (8, 7)):  # groups smaller than the world too
+        shards = [generation.EvalBatches(rows, r, world, 2, 0, generate_rows=n_gen) for r in range(world)]
         assert len({len(s) for s in shards}) == 1  # the same number of forward passes on every rank
         seen, answered = [], []
         for s in shards:
             for b in s:
                 seen += [i for i in b["index"] if i >= 0]
                 answered += [i for i in b["index"] if i >= 0 and b["generate"]]
-        assert sorted(seen) == list(range(11)) and sorted(answered) == list(range(7))
+        assert sorted(seen) == list(range(11)) and sorted(answered) == list(range(n_gen))
 
 
 def _tiny_model(tok, arch="llama"):
@@ -232,6 +256,11 @@ def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(
             own = model(**plain, num_items_in_batch=torch.tensor(1.0)).loss
         assert sum(r["loss"] for r in results) == pytest.approx(float(own), rel=1e-5)
         assert [r["tokens"] for r in results] == [sum(t != IGNORE for t in y[1:]) for _, y in group]
+    # A cache that cannot be cut (or another rank that could not cut its own) is rebuilt from the
+    # prompts: the same answers and scores.
+    rebuilt = generation.run_batch(model, batch, cands, {tok.eos_token_id}, 4, sync=lambda _: True)
+    for a, b in zip(results, rebuilt):
+        assert a["response_ids"] == b["response_ids"] and a["scores"] == pytest.approx(b["scores"], abs=1e-5)
     for (x, y), r in zip(enc, results):
         prompt = x[: last_answer_start(y)]
         for c, tokens in enumerate(cands.tokens):

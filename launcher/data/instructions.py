@@ -73,7 +73,9 @@ def encode(row: dict, cfg, tokenizer) -> tuple[list[int], list[int]]:
 def _with_labels(ids: list[int], offsets, spans, text: str, tokenizer) -> tuple[list[int], list[int]]:
     labels = []
     for tok, (a, b) in zip(ids, offsets):
-        inside = b > a and any(s <= a and b <= e for s, e in spans)
+        # A token is learned when it lies inside an answer's span; one with no characters of its
+        # own (some SentencePiece markers) when it starts inside one: the model must produce it.
+        inside = any(s <= a and b <= e for s, e in spans) if b > a else any(s <= a < e for s, e in spans)
         labels.append(tok if inside else IGNORE)
     with_bos = prompts.with_bos(ids, text, tokenizer)
     if len(with_bos) > len(ids):
@@ -118,8 +120,9 @@ class InstructionEncoder:
                 row = prompts.normalize(record, self.fmt, ROW)
                 text, span = prompts.render(row, self.fmt, self.tokenizer)
                 error = ""
-            except DataError as e:
-                row, text, span, error = None, "", [], e.problems[0]
+            except DataError as e:  # the message names the row (file:line) once the map is done
+                problem = e.problems[0]
+                row, text, span, error = None, "", [], problem if problem.startswith(ROW) else f"{ROW}: {problem}"
             rows.append(row)
             texts.append(text)
             spans.append(span)
@@ -139,7 +142,7 @@ class InstructionEncoder:
             n_labels = sum(x != IGNORE for x in labels)
             drop = drop or n_labels == 0 or bool(error)
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
-                         ("answer", (prompts.answer(row) or "").strip() if row else ""),
+                         ("answer", (prompts.answer(row) or "") if row else ""),
                          ("question", prompts.question(row) if row else ""),
                          ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
                          ("_chat", bool(row) and "messages" in row),

@@ -207,6 +207,11 @@ def answer(row: dict) -> str | None:
     return row["messages"][last]["content"] if last is not None else None
 
 
+def awaits_answer(row: dict) -> bool:
+    """A row to be answered: no output, or a conversation whose last turn is not the assistant's."""
+    return answer(row) is None if "messages" not in row else row["messages"][-1]["role"] != "assistant"
+
+
 def question(row: dict) -> str:
     """What the user asked last (for reports): the instruction (and input), or the last user turn."""
     if "messages" not in row:
@@ -266,13 +271,13 @@ def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
+            after = _apply_template(tokenizer, messages[: i + 1])
             if not after.startswith(before):
                 raise DataError("the tokenizer's chat template does not render conversations prefix-stably; "
                                 "set data.chat_turn_template and remove the tokenizer's chat template")
             spans.append((len(before), len(after)))
-        return tokenizer.apply_chat_template(messages, tokenize=False), spans
+        return _apply_template(tokenizer, messages), spans
     system = _system_block(row, fmt)
     if "messages" not in row:
         prompt = system + _instruction_prompt(row, fmt)
@@ -301,10 +306,24 @@ def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> 
         row = {"input": "", "output": None, **row}
         if bare and not fmt.chat_template and fmt.style == "chat":
             row = {"messages": [{"role": "user", "content": question(row)}]}
-    if answer(row) is None:
+    if awaits_answer(row):  # where the next answer would start (after the last turn, for predict)
         row = with_answer(row, "")
     text, spans = render(row, fmt, tokenizer)
     return text[: spans[-1][0]]
+
+
+def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template; a conversation it refuses (a system turn it does not
+    support, roles that must alternate) is a data problem, not a crash."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # transformers then cannot render any template either: let it say so
+        TemplateError = ()  # noqa: N806
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise DataError(f"the tokenizer's chat template refuses this conversation ({e}); "
+                        "check the roles, or set data.system_prompt=null if the template takes no system turn") from None
 
 
 def _instruction_prompt(row: dict, fmt: PromptFormat) -> str:

@@ -153,6 +153,11 @@ class CausalLMTask:
         self.fmt = self.fmt.replace(style=style, system_prompt=system)
         self.answers = closed_set(train.get("answers"), val.get("answers"))
         self.candidates = generation.Candidates.build(self.answers, lambda a: continuation(a, self.fmt, tokenizer))
+        metric = self.cfg.eval.metric
+        if metric in generation.CLOSED_SET_METRICS and self.answers is None:  # found now, not at the first evaluation
+            raise DataError(f"eval.metric: {metric} needs a closed set of answers (at most "
+                            f"{instructions.CLOSED_SET_MAX} distinct training answers, each used twice on average); "
+                            "this data has none: use exact_match or loss")
         return tuple(out)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
@@ -245,16 +250,12 @@ class CausalLMTask:
         if not hasattr(self, "_max_new"):
             self._max_new = self.max_new_tokens(loader.rows)
         model.eval()
-        unwrapped = rt.unwrap(model)
+        unwrapped = rt.inference_model(model)
         sync = (lambda busy: rt.any_rank(busy)) if rt.shards_parameters else None
         metrics, self.last_rows = generation.evaluate(
             unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
             gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast)
         model.train()
-        if self.cfg.eval.metric and self.cfg.eval.metric not in metrics:
-            raise DataError(f"eval.metric: {self.cfg.eval.metric} needs a closed set of answers (at most "
-                            f"{instructions.CLOSED_SET_MAX} distinct training answers, each used twice on average); "
-                            "this data has none: use exact_match or loss")
         return metrics
 
     @torch.no_grad()
@@ -270,7 +271,7 @@ class CausalLMTask:
         if not prompts_:
             return [{"prompt": r["question"], "response": r["response"], "reference": r["reference"]}
                     for r in self.last_rows if "response" in r][:SAMPLE_ROWS]
-        unwrapped = rt.unwrap(model)
+        unwrapped = rt.inference_model(model)
         model.eval()
         sync = (lambda busy: rt.any_rank(busy)) if rt.shards_parameters else None
         with rt.accelerator.autocast():
@@ -341,7 +342,8 @@ def continuation(answer: str, fmt: PromptFormat, tokenizer) -> list[int]:
 
 def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None) -> list[dict]:
     """Rows to answer (no reference needed): ids of each row's prompt, rendered as training did.
-    A prompt longer than max_length keeps its end (where the question and the answer's start are)."""
+    A prompt longer than max_length (asked for, or the model's positions) keeps its end: the
+    question and the marker after which the answer starts."""
     out = []
     for row in records:
         ids = prompts.token_ids(prompts.prompt_text(row, fmt, tokenizer, bare=row.get("_bare", False)), tokenizer)
@@ -375,8 +377,9 @@ def load_exported(model_dir: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = PromptFormat.from_json(meta)
-    if "prompt" not in meta:  # an export from before the format was recorded: what its tokenizer says
-        fmt = fmt.replace(chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    if "prompt" not in meta:  # an export from before the format was recorded: its chat template
+        # rendered conversations, and bare prompts only when the run had trained on conversations
+        fmt = fmt.replace(chat_template=bool(getattr(tokenizer, "chat_template", None)) and fmt.style == "chat")
     return model, tokenizer, fmt, meta
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE = -100
+CLOSED_SET_METRICS = ("accuracy", "macro_f1", "choice_accuracy", "choice_macro_f1")
 EXTRA_TOKENS = 8  # greedy answers stop this many tokens past the longest reference
 
 
@@ -98,17 +99,17 @@ class EvalBatches:
                 continue
             order = idx[np.argsort(lengths[idx], kind="stable")]
             share = math.ceil(len(order) / world)
-            mine = list(order[rank::world])
-            mine = [int(i) for i in mine] + [-1] * (share - len(mine))
-            self.groups.append((flag, mine))
+            mine = [int(i) for i in order[rank::world]]
+            self.groups.append((flag, mine + [-1] * (share - len(mine)), int(order[0])))
         self.n_rows, self.n_generate = n, n_gen
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(m) / self.batch_size) for _, m in self.groups)
+        return sum(math.ceil(len(m) / self.batch_size) for _, m, _ in self.groups)
 
     def __iter__(self):
-        for generate, mine in self.groups:
-            last = next((i for i in reversed(mine) if i >= 0), None)
+        for generate, mine, spare in self.groups:
+            # A rank short of rows repeats its last one (or the group's first, when it has none).
+            last = next((i for i in reversed(mine) if i >= 0), spare)
             for start in range(0, len(mine), self.batch_size):
                 part = mine[start : start + self.batch_size]
                 rows = [self.rows[i if i >= 0 else last] for i in part]
@@ -172,7 +173,7 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
     if not answering:
         return results
     cache = _prompt_cache(model, getattr(out, kv), ids[:, :width], prompt_mask := mask[:, :width],
-                          positions[:, :width], width)
+                          positions[:, :width], width, sync)
     first_logp = torch.log_softmax(logits[:, first].float(), -1)
     if candidates is not None:
         scores = torch.zeros((n, len(candidates.answers)), dtype=torch.float64, device=device)
@@ -186,7 +187,7 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
                 logp = torch.log_softmax(step.logits.float(), -1)
                 target = torch.tensor(tokens[1:], device=device).expand(n, -1)
                 scores[:, c] += logp.gather(-1, target[..., None])[..., 0].double().sum(1)
-                cache = _prompt_cache(model, cache, ids[:, :width], prompt_mask, positions[:, :width], width)
+                cache = _prompt_cache(model, cache, ids[:, :width], prompt_mask, positions[:, :width], width, sync)
         for i in range(n):
             results[i]["scores"] = [float(s) for s in scores[i]]
             results[i]["choice"] = int(scores[i].argmax())
@@ -196,19 +197,23 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
     return results
 
 
-def _prompt_cache(model, cache, prompt_ids, prompt_mask, positions, width: int):
+def _prompt_cache(model, cache, prompt_ids, prompt_mask, positions, width: int, sync=None):
     """The cache cut back to the prompts (their first `width` columns). Caches that cannot be cut
-    (sliding-window layers) are rebuilt from the prompts."""
+    (sliding-window layers past their window) are rebuilt from the prompts, on every rank when
+    any rank must (`sync`): each rebuild is a forward pass, a collective under sharded engines."""
     extra = cache.get_seq_length() - width
-    if extra == 0:
-        return cache
-    if getattr(cache, "is_croppable", False):
+    cut = extra == 0
+    if not cut and getattr(cache, "is_croppable", False):
         try:
             cache.crop(-extra)  # transformers 5: a negative count removes that many positions
-            if cache.get_seq_length() == width:
-                return cache
+            cut = cache.get_seq_length() == width
         except (RuntimeError, ValueError):
             pass
+    rebuild = not cut
+    if sync is not None:
+        rebuild = sync(rebuild)
+    if not rebuild:
+        return cache
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     return getattr(out, _cache_name())
 
