@@ -14,6 +14,7 @@ was: not a model directory, not found on the hub, gated, no network, or not a re
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -68,14 +69,32 @@ def convert_gguf(path: Path, out_dir: Path, stage=lambda text: None) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     stage(f"writing {path.name} as safetensors")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    finally:
-        hf_logging.enable_progress_bar()
+    write_weights(model, out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def write_weights(model, out_dir: Path) -> None:
+    """config.json, generation_config.json and model.safetensors of `model`, written by this
+    process whatever its rank. Not save_pretrained: once torch.distributed is up, transformers
+    (5.24, `should_save_on_this_rank`) writes nothing on any process but global rank 0, even
+    with is_main_process=True, and returns as if it had saved; the conversion is built by
+    whichever node's first rank takes the cache lock. Storage shared by tied weights (the
+    output head tied to the embeddings) is written once, under its first name, as
+    save_pretrained does, and from_pretrained ties it again."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if storage in seen:
+            continue
+        seen.add(storage)
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _gguf_load(loader, path: Path, **kwargs):
@@ -84,8 +103,12 @@ def _gguf_load(loader, path: Path, **kwargs):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader draws its own bar, one step per tensor
+    # The GGUF reader draws its own tqdm bar, one step per tensor, whatever transformers'
+    # progress-bar setting (and TQDM_DISABLE is read when tqdm is imported): silenced here.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         return loader.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     except ImportError as e:  # the gguf package is missing
@@ -95,10 +118,7 @@ def _gguf_load(loader, path: Path, **kwargs):
         raise ConfigError(f"model.name: {path}: not a GGUF file transformers can read "
                           f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
     finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+        gguf_utils.tqdm = bar
         hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
 

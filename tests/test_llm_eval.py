@@ -320,3 +320,54 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     plain = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(lines))).stdout.splitlines()
              if x.startswith("{")]
     assert [p["label"] for p in plain] == [p["label"] for p in pred] and [p["response"] for p in plain] == [p["response"] for p in pred]
+
+
+_RANK_1_WRITES = """
+import os, sys, torch
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM
+from launcher import models
+
+torch.distributed.init_process_group("gloo")
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+if torch.distributed.get_rank() == 1:
+    model.save_pretrained(out / "save_pretrained", is_main_process=True)
+    models.write_weights(model, out / "written")
+    torch.save(model.state_dict(), out / "weights.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_gguf_conversion_is_written_by_whichever_rank_builds_it(tmp_path):
+    """The conversion is built by the first node's rank to take the cache lock, not always rank 0.
+    Pinned stack fact: with torch.distributed up, transformers' save_pretrained writes nothing on
+    a rank other than 0, even with is_main_process=True (a multi-node run once loaded an empty
+    entry). models.write_weights writes on any rank, tied weights once, and reloads to the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_1_WRITES, str(tmp_path)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    assert not (tmp_path / "save_pretrained" / "config.json").exists()  # the stack fact (transformers 5.24)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    written = tmp_path / "written"
+    assert sorted(p.name for p in written.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert "lm_head.weight" not in load_file(written / "model.safetensors")  # tied: stored once
+    reloaded = AutoModelForCausalLM.from_pretrained(written)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    want = torch.load(tmp_path / "weights.pt")
+    got = reloaded.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
