@@ -15,17 +15,32 @@ that optimizer step, after its backward passes: the hang the watchdog tests need
 before the engine writes), as an engine bug on one rank would, while the others go on
 into the engine's collectives.
 
-Unset, each point costs one comparison.
+The hooks act only in the test suite (LAUNCHER_TESTING=1, which tests/conftest.py sets): in
+any other run a stray hook variable would stop or stall a rank, so it is ignored with one
+warning line. Unset, each point costs one comparison.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
-_WHERE = os.environ.get("LAUNCHER_FAILPOINT")
-_STALL = os.environ.get("LAUNCHER_STALL")
-_SAVE_ERROR = os.environ.get("LAUNCHER_SAVE_ERROR")
+HOOKS = ("LAUNCHER_FAILPOINT", "LAUNCHER_STALL", "LAUNCHER_SAVE_ERROR")
+
+
+def _hooks() -> tuple[str | None, str | None, str | None]:
+    values = tuple(os.environ.get(name) for name in HOOKS)
+    if os.environ.get("LAUNCHER_TESTING") == "1" or not any(values):
+        return values
+    if int(os.environ.get("RANK", "0")) == 0:
+        named = ", ".join(name for name, value in zip(HOOKS, values) if value)
+        print(f"warning: ignoring {named}: fault-injection hooks act only in the test suite (LAUNCHER_TESTING=1)",
+              file=sys.stderr, flush=True)
+    return None, None, None
+
+
+_WHERE, _STALL, _SAVE_ERROR = _hooks()
 
 
 def point(name: str, step: int | None = None) -> None:
@@ -33,8 +48,6 @@ def point(name: str, step: int | None = None) -> None:
         return
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    import sys
-
     print(f"failpoint {_WHERE}: rank 0 stopped, waiting to be killed", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGSTOP)
 

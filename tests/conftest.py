@@ -17,6 +17,7 @@ TINY = CONFIGS / "train" / "clause_tiny.yaml"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
 os.environ.update(OFFLINE_ENV)
+os.environ["LAUNCHER_TESTING"] = "1"  # the fault-injection hooks (launcher/faults.py) act only in tests
 
 # Small and fast: 384 rows / 32 per step = 12 steps per epoch; 100 validation rows
 # do not divide by the eval batch, so metrics must still count each row once.
