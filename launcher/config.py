@@ -248,8 +248,9 @@ class TrackingConfig:
     experiment: str = "launcher"
     mlflow: bool = True
     wandb: bool = False
-    wandb_project: str = "launcher"
-    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    # null: W&B's own environment decides (WANDB_PROJECT, else "launcher"; WANDB_MODE, else online).
+    wandb_project: Optional[str] = None
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
     # Record train metrics every N steps; they are sent in batches (see NOTES:
     # one synchronous MLflow call costs ~33 ms, longer than a tiny step).
     log_every_steps: int = 1

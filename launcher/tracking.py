@@ -516,6 +516,10 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
         if mlflow.resumed:
             mlflow.backfill(trackers[0].records())
         trackers.append(mlflow)
-    if t.wandb and t.wandb_mode != "disabled":
-        trackers.append(WandbTracker(t.wandb_project, cfg.run_name, resume_ids.get("wandb"), t.wandb_mode, run_dir / "wandb", tags))
+    # The config wins where it says something; otherwise W&B's own variables do, as in any
+    # W&B program (a cluster's WANDB_MODE=offline used to be overridden by a default "online").
+    mode = t.wandb_mode or os.environ.get("WANDB_MODE") or "online"
+    if t.wandb and mode != "disabled":
+        project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
+        trackers.append(WandbTracker(project, cfg.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags))
     return MultiTracker(trackers)

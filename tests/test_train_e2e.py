@@ -179,9 +179,11 @@ def test_bad_data_row_and_unreachable_model_create_nothing(tmp_path):
 
 
 def test_multilabel_run_with_wandb_offline(tmp_path):
+    """Offline as W&B users ask for it, through WANDB_MODE (no config key: the environment
+    decides; an online W&B here would fail to log in)."""
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "ml", *FAST,
                           "data.mode=multilabel", "train.class_weighting=balanced", "train.max_steps=12",
-                          "eval.every_steps=6", "tracking.wandb=true", "tracking.wandb_mode=offline"))
+                          "eval.every_steps=6", "tracking.wandb=true", env={"WANDB_MODE": "offline"}))
     assert "f1/Arbitration" in proc.stdout and "f1/none" in proc.stdout
     runs = list((tmp_path / "ml" / "wandb").glob("wandb/offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "ml").rglob("*"))
