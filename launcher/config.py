@@ -659,18 +659,49 @@ def to_dict(cfg) -> dict:
     return tree
 
 
+# Query parameters that carry credentials in store and server URIs (a SQLAlchemy
+# `?password=`, a signed URL's `?sig=`, a gateway's `?token=` or `?api_key=`).
+SECRET_QUERY_KEYS = ("token", "key", "secret", "password", "passwd", "pwd", "auth", "sig", "signature", "credential")
+
+
 def redact_uri(uri: str) -> str:
-    """scheme://user:secret@host/... -> scheme://user:***@host/... (anything else unchanged)."""
+    """scheme://user:secret@host/...?token=secret -> scheme://user:***@host/...?token=***
+    (the password, and every query value whose name says it is a credential; anything else
+    unchanged)."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(uri)
     except ValueError:
         return uri
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if parts.password is not None:  # a netloc: urlunsplit gives the URI back as written
+        host = parts.netloc.rsplit("@", 1)[1]
+        uri = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if parts.query:  # rewritten in place: urlunsplit would turn sqlite:///a.db into sqlite:/a.db
+        fields = []
+        for field in parts.query.split("&"):
+            name, eq, value = field.partition("=")
+            secret = eq and value and any(k in name.lower() for k in SECRET_QUERY_KEYS)
+            fields.append(f"{name}=***" if secret else field)
+        uri = uri.replace(f"?{parts.query}", "?" + "&".join(fields), 1)
+    return uri
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` (an exception message, a log line) with every secret of `uri` replaced, wherever
+    and however the URI appears in it."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    text = text.replace(uri, redact_uri(uri))
+    try:
+        parts = urlsplit(uri)
+        secrets = [parts.password] if parts.password else []
+        secrets += [v for k, v in parse_qsl(parts.query) if v and any(s in k.lower() for s in SECRET_QUERY_KEYS)]
+    except ValueError:
+        return text
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

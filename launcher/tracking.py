@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from launcher import __version__
-from launcher.config import redact_uri
+from launcher.config import redact_text, redact_uri
+from launcher.errors import ConfigError, UserError
 
 
 class Tracker:
@@ -51,6 +52,11 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+    def abandon(self) -> None:
+        """Undo this tracker's start: a tracker started after it failed to start, so the run
+        ends before its first step (best effort; nothing is waited for)."""
+        self.finish("FAILED")
 
     def ids(self) -> dict:
         return {}
@@ -303,6 +309,18 @@ class MLflowTracker(Tracker):
                             "all metrics are in the run's metrics.jsonl")
         self.sender.close()
 
+    def abandon(self) -> None:
+        """The run this attempt created is deleted (its run directory goes too); a resumed
+        run, which this attempt set RUNNING, ends FAILED."""
+        self.sender.close()
+        try:
+            if self.resumed:
+                self.client.set_terminated(self.run_id, status="FAILED")
+            else:
+                self.client.delete_run(self.run_id)
+        except Exception:  # noqa: BLE001 - the start is failing already; its one line says why
+            pass
+
     def ids(self) -> dict:
         return {"mlflow": self.run_id}
 
@@ -511,8 +529,8 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
         artifact_root = None
         if not t.uri:  # default SQLite store: artifacts beside it, not in ./mlruns of the cwd
             artifact_root = (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
-        mlflow = MLflowTracker(cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags,
-                               t.outage_wait_s)
+        mlflow = _starting(f"MLflow at {redact_uri(cfg.tracking_uri)}", cfg.tracking_uri, trackers, lambda: MLflowTracker(
+            cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags, t.outage_wait_s))
         if mlflow.resumed:
             mlflow.backfill(trackers[0].records())
         trackers.append(mlflow)
@@ -521,5 +539,23 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
     mode = t.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     if t.wandb and mode != "disabled":
         project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
-        trackers.append(WandbTracker(project, cfg.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags))
+        trackers.append(_starting(f"W&B ({mode})", cfg.tracking_uri, trackers, lambda: WandbTracker(
+            project, cfg.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
+            hint="; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false"))
     return MultiTracker(trackers)
+
+
+def _starting(what: str, uri: str, started: list, start, hint: str = ""):
+    """start(), or one line (exit 2) when a tracker cannot start: no traceback, the URI's
+    secrets redacted from whatever the library said, and the trackers already started
+    undone (an MLflow run this attempt created is deleted, a resumed one ends FAILED), so
+    the corrected rerun finds nothing in its way."""
+    try:
+        return start()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every library failure becomes the one line
+        for tracker in started:
+            tracker.abandon()
+        said = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"tracking: {what} did not start: {redact_text(said, uri)[:300]}{hint}") from None
