@@ -81,8 +81,16 @@ if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check t
     exit 0
 fi
 
-# On the shared file system, beside the run; the ranks look for it after every step.
-export LAUNCHER_STOP_FILE=${LAUNCHER_STOP_FILE:-${OUTPUT_DIR:-.}/.launcher-stop-${SLURM_JOB_ID}}
+# The ranks look for the stop file after every step, and one rank seeing it stops them all at
+# the same step. This script runs on the job's first node, where a rank always runs, so the
+# file lives in a directory private to this job on that node (0700, mktemp): nobody else who
+# can write to the working or output directory can stop the job.
+STOP_DIR=""
+if [ -z "${LAUNCHER_STOP_FILE:-}" ]; then
+    STOP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/launcher-stop-${SLURM_JOB_ID}.XXXXXX")
+    LAUNCHER_STOP_FILE=$STOP_DIR/stop
+fi
+export LAUNCHER_STOP_FILE
 rm -f "$LAUNCHER_STOP_FILE"  # a requeued job starts without the previous attempt's request
 PREEMPTED=0
 on_warning() {
@@ -116,6 +124,7 @@ done
 
 [ -z "$TIMER_PID" ] || kill "$TIMER_PID" 2>/dev/null || true
 rm -f "$LAUNCHER_STOP_FILE"
+[ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true
 if [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ]; then
     echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
     scontrol requeue "$SLURM_JOB_ID"
