@@ -112,6 +112,9 @@ class DataConfig:
     # Built once by one process per cache directory: a directory every node sees is built
     # once per job; a node-local one (e.g. /tmp) once on every node.
     cache_dir: Optional[str] = None
+    # A cache your group shares: created group-writable (2770) and used when a group member
+    # owns it. Off: the cache is private (0700) and refused when another user owns it.
+    cache_shared: bool = False
     # Processes that tokenize a split; null: 1 below 20,000 rows, else the CPUs (at most 8).
     num_proc: Optional[int] = None
     # Batches of similar length (sorted within mega-batches of 50 global batches, then

@@ -109,7 +109,7 @@ def train(cfg: RunConfig) -> dict:
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
-    cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"))
+    cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
     task.check_model_source()
     tracking.check_reachable(cfg)  # every rank: they must agree to stop

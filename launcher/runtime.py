@@ -153,14 +153,14 @@ class Runtime:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def data_cache(self, root):
+    def data_cache(self, root, shared: bool = False):
         """The prepared-data cache as this rank sees it: local rank 0 of each node may build an
         entry (one per shared directory, or one per node-local directory); the rest wait for it
         on the file system, never in a collective (see data/cache.py)."""
         from launcher.data.cache import Cache
 
         return Cache(root, self.shared_token(), candidate=self.local_rank == 0, say=self.print,
-                     label=f"rank {self.rank}", others_wait=self.world_size > 1)
+                     label=f"rank {self.rank}", others_wait=self.world_size > 1, shared=shared)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

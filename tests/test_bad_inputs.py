@@ -10,6 +10,7 @@ Files are written per case by `make(tmp) -> overrides`; `expect` is the start of
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,16 @@ def _ds_yaml(ds: dict | str, *overrides: str):
         (tmp / "accel.yaml").write_text(f"distributed_type: DEEPSPEED\nnum_processes: 2\n"
                                         f"deepspeed_config:\n  deepspeed_config_file: {tmp / 'ds.json'}\n")
         return ["--accelerate-config", str(tmp / "accel.yaml"), *overrides]
+    return make
+
+
+def _cache_dir(mode: int, uid: int | None = None):
+    def make(tmp: Path) -> list[str]:
+        (tmp / "cache").mkdir()
+        os.chmod(tmp / "cache", mode)
+        if uid is not None:
+            os.chown(tmp / "cache", uid, -1)  # needs root, as the Slurm tests do
+        return [f"data.cache_dir={tmp / 'cache'}"]
     return make
 
 
@@ -168,6 +179,11 @@ CASES = [
     ("tracker does not answer", "train", TINY, _plain("tracking.uri=http://127.0.0.1:9"), "tracking.uri: http://127.0.0.1:9 does not answer"),
     ("LoRA target the model lacks", "train", TINY, _plain("model.lora.enabled=true", "model.lora.target_modules=[nonexistent]"),
      "model.lora.target_modules: nonexistent not among the linear layers"),
+    ("tracker URI with a query token does not answer", "train", TINY, _plain("tracking.uri=http://127.0.0.1:9/?token=s3cret"),
+     "tracking.uri: http://127.0.0.1:9/?token=*** does not answer"),
+    # ---- a data cache strangers could fill
+    ("world-writable cache", "train", TINY, _cache_dir(0o777), "data.cache_dir: {tmp}/cache may be written by anyone (mode 777)"),
+    ("another user's cache", "train", TINY, _cache_dir(0o755, uid=54321), "data.cache_dir: {tmp}/cache belongs to another user (uid 54321)"),
 ]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
+import stat
 import subprocess
 import sys
 import time
@@ -355,3 +357,82 @@ def test_two_ranks_tokenize_once_and_a_second_run_reuses_the_cache(tmp_path):
     a, b = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list((tmp_path / ".cache").glob("*.lock")) and not list((tmp_path / ".cache").glob("*.tmp-*"))
+
+
+def _name(parts: dict) -> str:
+    return "tokens-" + __import__("launcher.data.cache", fromlist=["key_of"]).key_of(parts)
+
+
+def test_a_silent_lock_from_another_host_is_taken_over_with_one_line(tmp_path):
+    """A builder killed on another node leaves a lock no pid check can judge: once it has not
+    changed for stale_after_s (the waiter's clock), it is taken over, and the line names it."""
+    lock = tmp_path / f"{_name({'k': 1})}.lock"
+    lock.write_text(json.dumps({"token": "old-job", "host": "node-that-died", "pid": 1, "who": "rank 8 (host node-that-died, pid 1)"}))
+    said = []
+    path, built = Cache(tmp_path, "new-job", True, say=said.append, poll_s=0.05, stale_after_s=0.5).get(
+        "tokens", {"k": 1}, lambda tmp, stage: (tmp / "rows").write_text("x"))
+    assert built and (path / "rows").read_text() == "x" and not lock.exists()
+    (line,) = [s for s in said if s.startswith("taking over")]
+    assert re.fullmatch(rf"taking over {re.escape(lock.name)}, left by rank 8 \(host node-that-died, pid 1\) \(unchanged for \d+ s\)", line)
+    assert not list(tmp_path.glob("*.stale-*"))
+
+
+def _slow_builder(root: str, out):
+    def build(tmp, stage):
+        time.sleep(2.0)  # four times stale_after_s: only the heartbeat keeps the lock alive
+        (tmp / "rows").write_text(str(os.getpid()))
+
+    path, built = Cache(root, "job-a", True, say=lambda s: None, poll_s=0.05, heartbeat_s=0.1, stale_after_s=0.5).get(
+        "tokens", {"k": 1}, build)
+    out.put(("a", built, (path / "rows").read_text()))
+
+
+def test_a_live_builder_keeps_its_lock_by_beating_and_a_silent_one_of_this_job_stops_the_wait(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    builder = ctx.Process(target=_slow_builder, args=(str(tmp_path / "c"), out))
+    builder.start()
+    lock = tmp_path / "c" / f"{_name({'k': 1})}.lock"
+    deadline = time.monotonic() + 30
+    while not lock.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    said = []
+    path, built = Cache(tmp_path / "c", "job-b", True, say=said.append, poll_s=0.05, stale_after_s=0.5).get(
+        "tokens", {"k": 1}, lambda tmp, stage: (tmp / "rows").write_text("b"))
+    assert out.get(timeout=30) == ("a", True, str(builder.pid))
+    builder.join(10)
+    assert not built and (path / "rows").read_text() == str(builder.pid)
+    assert not [s for s in said if s.startswith("taking over")]
+    # A lock of this very job that stops changing: its builder hung; the wait ends in one line.
+    hung = tmp_path / "h" / f"{_name({'k': 2})}.lock"
+    hung.parent.mkdir(mode=0o700)
+    hung.write_text(json.dumps({"token": "job-c", "host": "h", "pid": 1, "who": "rank 0 (host h, pid 1)"}))
+    with pytest.raises(RuntimeError, match=r"rank 0 \(host h, pid 1\) building .* has shown no sign of life for \d+ s"):
+        Cache(tmp_path / "h", "job-c", False, poll_s=0.05, stale_after_s=0.3).get("tokens", {"k": 2}, None)
+
+
+def test_a_cache_root_is_private_and_an_entry_is_checked_before_use(tmp_path):
+    from launcher.errors import ConfigError
+
+    root = tmp_path / "new" / "cache"
+    Cache(root, "t", True, others_wait=False)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    shared = tmp_path / "team"
+    Cache(shared, "t", True, others_wait=False, shared=True)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o2770
+    os.chown(shared, 54321, os.getgid())  # a teammate's, in our group: used when declared shared
+    Cache(shared, "t", True, others_wait=False, shared=True)
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        Cache(shared, "t", True, others_wait=False)
+    os.chmod(shared, 0o2777)
+    with pytest.raises(ConfigError, match=r"may be written by anyone \(mode 2777\)"):
+        Cache(shared, "t", True, others_wait=False, shared=True)
+    # An entry that does not hold what its name says (planted, or from another key) is refused.
+    cache = Cache(root, "t", True, others_wait=False)
+    path, built = cache.get("tokens", {"k": 1}, lambda tmp, stage: (tmp / "rows").write_text("x"))
+    assert built and json.loads((path / "launcher-key.json").read_text())["key"] == {"k": 1}
+    assert cache.get("tokens", {"k": 1}, None) == (path, False)
+    (path / "launcher-key.json").write_text(json.dumps({"key": {"k": 2}}))
+    with pytest.raises(ConfigError, match="does not hold what its name says"):
+        cache.get("tokens", {"k": 1}, None)

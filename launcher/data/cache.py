@@ -14,8 +14,20 @@ Every other process waits for the entry by polling the file system, never in a c
 a tokenization longer than the process-group timeout (train.collective_timeout_s) cannot
 time it out. The waiting ranks print which process builds and at which stage every 30 s.
 A build that fails records its error in the lock file under the job's token, so waiting
-ranks stop with the same message; a lock left by a dead process of an earlier job is taken
-over (same host: its pid is gone; any host: it recorded a failure).
+ranks stop with the same message.
+
+No wait is unbounded. The builder rewrites its lock every `heartbeat_s` (a beat counter, and
+the stage). A lock left by an earlier job is taken over, with one line naming it, when its
+process is gone (same host), when it recorded a failure, or when it has not changed for
+`stale_after_s` by the waiter's own clock (any host: a builder killed on another node, or a
+lock planted there). A lock of this job that stops beating (its builder hung) stops the
+waiting ranks with one line instead of a wait forever.
+
+Trust (a cache is often put in /tmp on a multi-user node): the root is created private to
+the user (0700) and refused when another user owns it or anyone may write to it, unless it
+is declared shared with a group (data.cache_shared: created 2770, group members accepted).
+Every entry records what it holds and who built it (launcher-key.json), and is checked
+against its name before use.
 """
 
 from __future__ import annotations
@@ -25,18 +37,33 @@ import json
 import os
 import shutil
 import socket
+import stat
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from launcher.errors import DataError, UserError
+from launcher.errors import ConfigError, DataError, UserError
 
-CACHE_VERSION = 2  # bump when the layout or the meaning of an entry changes
+CACHE_VERSION = 3  # bump when the layout or the meaning of an entry changes (3: builder recorded)
 
 
 def key_of(parts: dict) -> str:
     text = json.dumps({"v": CACHE_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _key_text(parts: dict) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,14 +76,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_root(root: Path, shared: bool = False) -> None:
+    """Create the cache root private to this user (2770 for a group-shared cache), or refuse,
+    in one line, a root that strangers could fill: another user's (unless shared), or one
+    anyone may write to."""
+    where = "data.cache_dir"
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(mode=0o2770 if shared else 0o700)
+        except FileExistsError:  # another rank made it first
+            pass
+        else:
+            os.chmod(root, 0o2770 if shared else 0o700)  # mkdir's mode passes through the umask
+    st = root.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{where}: {root} is not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        raise ConfigError(f"{where}: {root} may be written by anyone (mode {stat.S_IMODE(st.st_mode):o}): another user "
+                          f"could plant entries or locks in it; use a directory of your own, or chmod o-w it")
+    if st.st_uid != os.getuid() and not (shared and st.st_gid in os.getgroups() + [os.getgid()]):
+        raise ConfigError(f"{where}: {root} belongs to another user (uid {st.st_uid}); use a directory of your own, "
+                          f"or set data.cache_shared=true for a cache your group shares (group-owned, not world-writable)")
+
+
 class Cache:
     def __init__(self, root: str | Path, token: str, candidate: bool, say: Callable[[str], None] = print,
                  label: str = "this process", others_wait: bool = True, poll_s: float = 0.2,
-                 report_every_s: float = 30.0):
+                 report_every_s: float = 30.0, heartbeat_s: float = 10.0, stale_after_s: float = 120.0,
+                 shared: bool = False):
         self.root = Path(root)
         self.others_wait = others_wait  # False in a one-process run: a failure then leaves no lock behind
         self.token, self.candidate, self.say, self.label = token, candidate, say, label
         self.poll_s, self.report_every_s = poll_s, report_every_s
+        self.heartbeat_s, self.stale_after_s, self.shared = heartbeat_s, stale_after_s, shared
+        check_root(self.root, shared)
 
     def get(self, kind: str, parts: dict, build: Callable[[Path, Callable[[str], None]], None]) -> tuple[Path, bool]:
         """(entry directory, built by this process). `build(tmp_dir, stage)` fills tmp_dir and
@@ -64,10 +118,16 @@ class Cache:
         name = f"{kind}-{key_of(parts)}"
         final, lock = self.root / name, self.root / f"{name}.lock"
         started, last_report = time.monotonic(), time.monotonic()
+        seen, seen_since = None, time.monotonic()  # the lock's last content, and since when (our clock)
         while True:
             if final.is_dir():
+                self._check_entry(final, parts)
                 return final, False
-            holder = self._read(lock)
+            text = self._read_text(lock)
+            if text != seen:
+                seen, seen_since = text, time.monotonic()
+            holder = self._parse(text)
+            silent = holder is not None and time.monotonic() - seen_since >= self.stale_after_s
             if holder is None:
                 if self.candidate and self._take(lock, kind):
                     self._build(final, lock, parts, build)
@@ -76,9 +136,15 @@ class Cache:
                 cls = DataError if holder.get("user_error") else RuntimeError
                 raise cls(*holder["failed"]) if cls is DataError else cls(
                     f"{holder.get('who')} failed to build {final}: {holder['failed'][0]}")
-            elif holder.get("token") != self.token and self.candidate and self._stale(holder):
-                self._remove(lock)
+            elif holder.get("token") != self.token and self.candidate and (self._stale(holder) or silent):
+                if self._take_over(lock, text):
+                    why = "it recorded a failure" if holder.get("failed") else (
+                        f"unchanged for {time.monotonic() - seen_since:.0f} s" if silent else "its process is gone")
+                    self.say(f"taking over {lock.name}, left by {holder.get('who', 'an unknown process')} ({why})")
                 continue
+            elif holder.get("token") == self.token and silent:
+                raise RuntimeError(f"{holder.get('who')} building {final} has shown no sign of life for "
+                                   f"{time.monotonic() - seen_since:.0f} s (its lock {lock} stopped beating)")
             now = time.monotonic()
             if holder is not None and now - last_report >= self.report_every_s:
                 last_report = now
@@ -112,12 +178,30 @@ class Cache:
             self._holder["stage"] = text
             self._write(lock, self._holder)
 
+        stop = threading.Event()
+
+        def beat() -> None:  # waiters read a lock that stops changing as a dead builder
+            while not stop.wait(self.heartbeat_s):
+                self._holder["beat"] = self._holder.get("beat", 0) + 1
+                self._write(lock, self._holder)
+
+        beating = threading.Thread(target=beat, name="cache-heartbeat", daemon=True)
+        beating.start()
         try:
             tmp.mkdir(parents=True)
             build(tmp, stage)
-            (tmp / "launcher-key.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str))
-            os.replace(tmp, final)
+            built_by = {"user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+            (tmp / "launcher-key.json").write_text(json.dumps({"key": json.loads(_key_text(parts)), "built_by": built_by},
+                                                              indent=1, sort_keys=True))
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.is_dir():  # another builder won a take-over race: its entry is as good
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException as e:
+            stop.set()
+            beating.join()
             shutil.rmtree(tmp, ignore_errors=True)
             problems = list(e.problems) if isinstance(e, UserError) else [f"{type(e).__name__}: {e}"]
             if self.others_wait:
@@ -125,22 +209,65 @@ class Cache:
             else:
                 self._remove(lock)
             raise
+        stop.set()
+        beating.join()
         self._remove(lock)
+
+    def _check_entry(self, final: Path, parts: dict) -> None:
+        """An entry is used only if it says it holds what its name says (and is ours, unless shared)."""
+        try:
+            recorded = json.loads((final / "launcher-key.json").read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if recorded != json.loads(_key_text(parts)):
+            raise ConfigError(f"data.cache_dir: {final} does not hold what its name says (its launcher-key.json "
+                              f"is missing or differs); delete it and run again")
+        if not self.shared and final.stat().st_uid != os.getuid():
+            raise ConfigError(f"data.cache_dir: {final} was made by another user (uid {final.stat().st_uid}); "
+                              f"delete it, or use a cache directory of your own")
 
     # ---- lock file helpers
 
     @staticmethod
-    def _read(lock: Path) -> dict | None:
+    def _read_text(lock: Path) -> str | None:
         try:
-            return json.loads(lock.read_text() or "{}")
+            return lock.read_text()
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, OSError):
+        except OSError:
+            return ""
+
+    @staticmethod
+    def _parse(text: str | None) -> dict | None:
+        if text is None:
+            return None
+        try:
+            return json.loads(text or "{}")
+        except json.JSONDecodeError:
             return {}  # being written: look again shortly
+
+    def _take_over(self, lock: Path, seen: str | None) -> bool:
+        """Remove a stale lock whose content is still `seen`. Moved aside first and checked, so
+        that a waiter on another node that decided the same a moment earlier, and has made a
+        fresh lock since, does not lose it: a lock that is not the one judged stale goes back."""
+        aside = lock.with_name(f"{lock.name}.stale-{socket.gethostname()}-{os.getpid()}")
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            return False
+        if aside.read_text() != seen:
+            try:
+                os.link(aside, lock)  # put back, unless a newer lock is there already
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     @staticmethod
     def _write(lock: Path, data: dict) -> None:
-        tmp = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
+        tmp = lock.with_name(f"{lock.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # stage and heartbeat both write
         tmp.write_text(json.dumps(data))
         os.replace(tmp, lock)  # the lock path never stops existing
 
