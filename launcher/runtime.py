@@ -437,12 +437,15 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     import warnings
 
     import torch
+
+    has_gpu = torch.cuda.is_available()
+    if not has_gpu:  # DeepSpeed, imported by the export of any run, warns that it "was unable to detect" a GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     # DeepSpeed 0.19 calls c10d APIs that torch 2.13 deprecates, once per bucket per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    has_gpu = torch.cuda.is_available()
     if has_gpu:  # TF32 matmuls for whatever still runs in fp32 (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
