@@ -18,11 +18,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher import faults
+from launcher import faults, trust
 from launcher.errors import ConfigError, RunError
 from launcher.sizing import human_bytes
+from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
 
-MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 OWNER_FILE = "job.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -107,10 +107,12 @@ def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = N
     tmp.replace(run_dir / OWNER_FILE)
 
 
-def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None) -> Start:
+def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, trusted: bool = False) -> Start:
     """Where to start. Never overwrites a run: a run directory without a complete checkpoint
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
     requeued after a node died before the first checkpoint), which then starts again in place.
+    A checkpoint named by path, outside the run directory, is loaded only if this user's
+    launcher wrote it or `trusted` (checkpoint.trust) says so: loading it unpickles.
 
     Every rank calls this before any rank creates anything, so all decide alike.
     """
@@ -118,6 +120,8 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None) -> Sta
         path = Path(resume)
         if not (path / MARKER).is_file():
             raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
+        own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
+        trust.require(path, trusted or own, "checkpoint.resume", "set checkpoint.trust=true")
         return Start(checkpoint=path)
     if not run_dir.exists():
         return Start()
@@ -210,7 +214,7 @@ class Checkpointer:
         if self.write_skeleton is not None:
             self.write_skeleton(tmp / SKELETON)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
-        (tmp / MARKER).write_text("")
+        (tmp / MARKER).write_text(trust.sign(tmp))  # last: every file is in, and signed (trust.py)
         if final.exists():  # an incomplete leftover from a crash at this step
             shutil.rmtree(final)
         tmp.rename(final)
@@ -497,14 +501,18 @@ def _pretrained_base(auto, meta: dict, config):
                           f"({str(e).splitlines()[0][:200]}); put it there (or HF_HUB_OFFLINE=0 for a hub name)") from None
 
 
-def export_checkpoint(ckpt: Path, out_dir: Path) -> str:
+def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False) -> str:
     """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
 
     No process group: DeepSpeed and FSDP shards are merged in this one process.
-    Returns a description of what was read.
+    Returns a description of what was read. Shards that are pickles (ZeRO's, FSDP's DCP
+    metadata) are read only from a checkpoint this user's launcher wrote, or when `trusted`.
     """
     if not (ckpt / MARKER).is_file():
         raise ConfigError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
+    if (ckpt / "latest").is_file() or any(p.is_dir() for p in ckpt.glob("pytorch_model_fsdp_0*")):
+        trust.require(ckpt, trusted, "launcher export", "pass --trust-checkpoint",
+                      only=tuple(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != SKELETON))
     if not (ckpt / SKELETON / "config.json").is_file():
         raise ConfigError(f"{ckpt}: no {SKELETON}/config.json (written by launcher since checkpoints carry one)")
     if out_dir.exists():

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                        "Hugging Face safetensors model with tokenizer and labels. Runs in one process, no process group.")
     x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-NNNNNN")
     x.add_argument("out_dir", help="new directory to write (must not exist)")
+    x.add_argument("--trust-checkpoint", action="store_true",
+                   help="read ZeRO or FSDP shards (pickles: loading runs code) of a checkpoint your launcher did not "
+                   "write, such as another user's or a download")
 
     sub.add_parser("env", help="versions, devices and Slurm variables: the block to paste into a bug report")
 
@@ -201,7 +204,7 @@ def cmd_export(args) -> int:
     from launcher.checkpoint import export_checkpoint
 
     out = Path(args.out_dir)
-    source = export_checkpoint(Path(args.checkpoint), out)
+    source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint)
     print(f"{out}: Hugging Face model from {source}")
     return 0
 

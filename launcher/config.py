@@ -242,6 +242,9 @@ class CheckpointConfig:
     # auto: continue from the run directory's latest complete checkpoint;
     # never: fail if the run directory exists; or a checkpoint directory path.
     resume: str = "auto"
+    # Load a checkpoint named in checkpoint.resume that your launcher did not write (another
+    # user's, a download): resuming unpickles it, which can run any code.
+    trust: bool = False
 
 
 @dataclass

@@ -104,7 +104,7 @@ def train(cfg: RunConfig) -> dict:
     rt = build_runtime(cfg)
     rt.watch_signals()  # from here a SIGTERM/SIGUSR1 means: checkpoint at the next step end, then exit
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
-    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id)
+    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
     resume_from = start.checkpoint
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
 os.environ.update(OFFLINE_ENV)
 os.environ["LAUNCHER_TESTING"] = "1"  # the fault-injection hooks (launcher/faults.py) act only in tests
+# The key that signs checkpoints (launcher/trust.py): the suite's own, not the user's ~/.config.
+os.environ.setdefault("LAUNCHER_KEY_FILE", str(Path(tempfile.mkdtemp(prefix="launcher-key-")) / "checkpoint.key"))
 
 # Small and fast: 384 rows / 32 per step = 12 steps per epoch; 100 validation rows
 # do not divide by the eval batch, so metrics must still count each row once.

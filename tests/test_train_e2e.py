@@ -295,7 +295,10 @@ def test_export_reads_the_fsdp_sharded_checkpoint_format(trained_binary, tmp_pat
     dcp.save({"model": final}, checkpoint_id=str(ckpt / "pytorch_model_fsdp_0"))
     (ckpt / "COMPLETE").write_text("")
     out = tmp_path / "exported"
-    proc = check(launcher("export", str(ckpt), str(out)))
+    # Made by hand, so unsigned: its DCP metadata is a pickle, read only when trusted.
+    refused = launcher("export", str(ckpt), str(out))
+    assert refused.returncode == 2 and "pytorch_model_fsdp_0/.metadata, which can run any code" in refused.stderr
+    proc = check(launcher("export", str(ckpt), str(out), "--trust-checkpoint"))
     assert "FSDP sharded state dict" in proc.stdout
     exported = load_file(out / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from conftest import TINY, check, launcher
 
 
@@ -48,3 +50,76 @@ def test_a_tracker_that_cannot_start_is_one_line_leaves_nothing_and_never_shows_
     assert run.data.params["tracking.uri"] == uri.replace("s3cret-tok", "***")
     assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if "s3cret" in v]
     assert "s3cret" not in (tmp_path / "out" / "r" / "config.yaml").read_text()
+
+
+_PAYLOAD = """
+import os, pickle, sys
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {sys.argv[2]}",))
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(Payload(), f)
+"""
+
+
+def test_a_checkpoint_from_elsewhere_is_not_unpickled_unless_trusted(tmp_path):
+    """A checkpoint signed under another user's key (LAUNCHER_KEY_FILE stands for the other
+    user) is refused before anything is unpickled, even after its random state was replaced by a
+    payload; one of this user's own is resumed without a word; `checkpoint.trust=true` loads a
+    foreign one that is harmless."""
+    import json
+    import subprocess
+    import sys
+
+    base = ["train", str(TINY), "--output-dir", str(tmp_path), "train.max_steps=3", "checkpoint.every_steps=2",
+            "eval.at_start=false", "eval.every_steps=0"]
+    check(launcher(*base, "--run-name", "theirs", env={"LAUNCHER_KEY_FILE": str(tmp_path / "their.key")}))
+    check(launcher(*base, "--run-name", "mine"))
+    theirs, mine = (tmp_path / n / "checkpoints" / "step-000002" for n in ("theirs", "mine"))
+    assert json.loads((mine / "COMPLETE").read_text())["signature"]
+
+    # Their checkpoint, with a payload in place of its random state: refused, payload never run.
+    poisoned = tmp_path / "poisoned"
+    subprocess.run(["cp", "-r", str(theirs), str(poisoned)], check=True)
+    subprocess.run([sys.executable, "-c", _PAYLOAD, str(poisoned / "random_states_0.pkl"), str(tmp_path / "pwned")], check=True)
+    proc = launcher(*base, "--run-name", "a", f"checkpoint.resume={poisoned}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: checkpoint.resume: {poisoned} was not written by your launcher (no signature "
+                                "of yours, or its files changed since), and loading it unpickles ")
+    assert "random_states_0.pkl" in errors[0] and errors[0].endswith(
+        ", which can run any code; set checkpoint.trust=true if you trust where it came from")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "a").exists()
+
+    # This user's own checkpoint, named by path from another run: resumed.
+    proc = check(launcher(*base, "--run-name", "b", f"checkpoint.resume={mine}"))
+    assert "resum" in proc.stdout.lower() and (tmp_path / "b" / "model").is_dir()
+    # Theirs, harmless and trusted by the user: resumed to the same final weights as mine.
+    check(launcher(*base, "--run-name", "c", f"checkpoint.resume={theirs}", "checkpoint.trust=true"))
+    from safetensors.torch import load_file
+
+    for run in ("b", "c"):
+        want, got = load_file(tmp_path / "mine" / "model" / "model.safetensors"), load_file(tmp_path / run / "model" / "model.safetensors")
+        assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_export_reads_shards_of_a_foreign_checkpoint_only_when_trusted(tmp_path):
+    """ZeRO shards are pickles: a checkpoint without this user's signature is refused before
+    DeepSpeed's reader opens them."""
+    ckpt = tmp_path / "step-000002"
+    (ckpt / "skeleton").mkdir(parents=True)
+    (ckpt / "skeleton" / "config.json").write_text("{}")
+    (ckpt / "COMPLETE").write_text("")
+    (ckpt / "latest").write_text("global_step2")
+    (ckpt / "global_step2").mkdir()
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _PAYLOAD, str(ckpt / "global_step2" / "mp_rank_00_model_states.pt"),
+                    str(tmp_path / "pwned")], check=True)
+    proc = launcher("export", str(ckpt), str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: launcher export: {ckpt} was not written by your launcher (no signature of yours, or its files changed "
+        "since), and loading it unpickles global_step2/mp_rank_00_model_states.pt, which can run any code; pass "
+        "--trust-checkpoint if you trust where it came from")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
