@@ -260,6 +260,9 @@ class TrackingConfig:
     # Record train metrics every N steps; they are sent in batches (see NOTES:
     # one synchronous MLflow call costs ~33 ms, longer than a tiny step).
     log_every_steps: int = 1
+    # Off a terminal (Slurm, nohup), where there is no progress bar: a plain line with step,
+    # loss, lr, tokens/s and ETA at most this often (and at the last step); 0: none.
+    print_every_s: float = 30.0
     flush_every_steps: int = 25
     # A tracking server that stops answering mid-run never stops training: calls queue and
     # are retried (metrics.jsonl has everything). The end of a finished run waits this long
@@ -543,6 +546,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("tracking.log_every_steps", cfg.tracking.log_every_steps)
     positive("tracking.flush_every_steps", cfg.tracking.flush_every_steps)
     positive("tracking.outage_wait_s", cfg.tracking.outage_wait_s, allow_zero=True)
+    positive("tracking.print_every_s", cfg.tracking.print_every_s, allow_zero=True)
     positive("train.hang_timeout_s", t.hang_timeout_s, allow_zero=True)
     positive("model.tiny.vocab_size", cfg.model.tiny.vocab_size)
     if not 0.0 <= t.warmup_ratio < 1.0:

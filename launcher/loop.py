@@ -248,7 +248,7 @@ def train(cfg: RunConfig) -> dict:
         batches = batching.train_batches(train_ds, sampler, state.step, total_steps, collate, cfg.data.num_workers,
                                          pin_memory=rt.device.type == "cuda")
         first_step = state.step
-        with rt.progress(total_steps, initial=state.step) as bar:
+        with rt.progress(total_steps, initial=state.step, every_s=cfg.tracking.print_every_s) as bar:
             for step, micro_batches in batches:
                 lr = optimizer.param_groups[0]["lr"]
                 # The step minimises the mean over the global batch's items (response tokens,
@@ -300,7 +300,7 @@ def train(cfg: RunConfig) -> dict:
                         values["train/grad_norm"] = float(grad_norm)
                     tracker.log_metrics(values, step=state.step)
                     values |= speed(values["train/tokens_per_s"])
-                    bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:,.0f}",
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{values['train/tokens_per_s']:,.0f}",
                                     **({"mfu": f"{values['train/mfu']:.1%}"} if "train/mfu" in values else {}))
                     window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
 

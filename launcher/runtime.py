@@ -185,9 +185,13 @@ class Runtime:
         self.barrier()
         return result
 
-    def progress(self, total: int, initial: int = 0, desc: str = "train"):
-        if not self.is_main or (not sys.stderr.isatty() and os.environ.get("LAUNCHER_PROGRESS") != "1"):
+    def progress(self, total: int, initial: int = 0, desc: str = "train", every_s: float = 30.0):
+        """A tqdm bar on a terminal; elsewhere (Slurm, nohup, CI logs) a plain line at most
+        every `every_s` seconds and at the end, with the bar's numbers and an ETA."""
+        if not self.is_main:
             return contextlib.nullcontext(_NoBar())
+        if not sys.stderr.isatty() and os.environ.get("LAUNCHER_PROGRESS") != "1":
+            return contextlib.nullcontext(_PlainProgress(total, initial, every_s, self.print) if every_s > 0 else _NoBar())
         from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
@@ -372,6 +376,36 @@ class _NoBar:
 
     def set_postfix(self, *a, **k):
         pass
+
+
+class _PlainProgress(_NoBar):
+    """The progress bar's content as plain lines, for logs: `step 40/400 (10%)  loss=0.4312
+    lr=2.0e-05  tok_s=5,120  eta 12m30s`, printed when the step's numbers arrive (set_postfix)
+    and `every_s` has passed since the last line, and at the last step."""
+
+    def __init__(self, total: int, initial: int, every_s: float, say):
+        import time
+
+        self.total, self.n, self.first, self.every_s, self.say = total, initial, initial, every_s, say
+        self.started = self.last = time.monotonic()
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, *a, **values):
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.every_s and self.n < self.total:
+            return
+        self.last = now
+        done = self.n - self.first
+        eta = (self.total - self.n) * (now - self.started) / done if done else 0.0
+        minutes, seconds = divmod(int(eta), 60)
+        hours, minutes = divmod(minutes, 60)
+        eta_text = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+        shown = "  ".join(f"{k}={v}" for k, v in values.items())
+        self.say(f"step {self.n}/{self.total} ({self.n / max(self.total, 1):.0%})  {shown}  eta {eta_text}")
 
 
 def host_problems(cfg, launch: "LaunchConfig") -> list[str]:

@@ -341,3 +341,22 @@ def test_eval_scores_with_the_training_max_length_the_export_recorded(tmp_path):
     assert same["loss"] == pytest.approx(final["loss"], rel=1e-5)
     longer = json.loads(check(launcher("eval", str(run / "model"), "--data", data, "--max-length", "64")).stdout.strip().splitlines()[-1])
     assert abs(longer["loss"] - final["loss"]) > 1e-4, (longer, final)  # 50x the tolerance above
+
+
+def test_off_a_terminal_progress_is_plain_lines_with_loss_lr_and_eta(tmp_path):
+    """Under Slurm or nohup there is no bar: plain lines carry the step's numbers, at most every
+    tracking.print_every_s, and always the last step's; 0 turns them off."""
+    import re
+
+    common = ["train", str(TINY), "--output-dir", str(tmp_path), *FAST, "train.max_steps=6", "eval.every_steps=0"]
+    proc = check(launcher(*common, "--run-name", "often", "tracking.print_every_s=0.000001"))
+    lines = [line for line in proc.stdout.splitlines() if re.match(r"step \d+/6 ", line)]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [1, 2, 3, 4, 5, 6]
+    pattern = r"step \d/6 \(\d+%\)  loss=\d\.\d{4}  lr=\d\.\de[+-]\d\d  tok_s=[\d,]+  eta \d+m\d\ds"
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+    assert lines[-1].startswith("step 6/6 (100%)") and lines[-1].endswith("eta 0m00s")
+    records = [json.loads(x) for x in (tmp_path / "often" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    assert [f"loss={losses[s]:.4f}" in line for s, line in zip(range(1, 7), lines)] == [True] * 6
+    quiet = check(launcher(*common, "--run-name", "quiet", "tracking.print_every_s=0"))
+    assert not [line for line in quiet.stdout.splitlines() if re.match(r"step \d+/6 ", line)]
