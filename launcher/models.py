@@ -159,6 +159,9 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     try:
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
+        if source != name:  # the snapshot is on disk: whatever failed, it was not the network
+            said = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ConfigError(f"model.name: '{name}' is downloaded ({source}) but does not load: {said}") from None
         raise ConfigError(hub_problem(name, e)) from None
 
 
