@@ -457,6 +457,9 @@ def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
         import contextlib
         import io
 
+        from launcher.runtime import quiet_deepspeed_on_cpu
+
+        quiet_deepspeed_on_cpu()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard

@@ -699,17 +699,23 @@ def redact_uri(uri: str) -> str:
 
 def redact_text(text: str, uri: str) -> str:
     """`text` (an exception message, a log line) with every secret of `uri` replaced, wherever
-    and however the URI appears in it."""
-    from urllib.parse import parse_qsl, urlsplit
+    and however the URI appears in it: as written or percent-decoded (libraries print either).
+    Values under 4 characters are replaced only inside the URI itself (`?auth=1` would
+    otherwise turn every "1" of the text into ***)."""
+    from urllib.parse import unquote, urlsplit
 
-    text = text.replace(uri, redact_uri(uri))
+    text = text.replace(uri, redact_uri(uri)).replace(unquote(uri), redact_uri(uri))
     try:
         parts = urlsplit(uri)
-        secrets = [parts.password] if parts.password else []
-        secrets += [v for k, v in parse_qsl(parts.query) if v and any(s in k.lower() for s in SECRET_QUERY_KEYS)]
     except ValueError:
         return text
-    for secret in sorted(set(secrets), key=len, reverse=True):
+    secrets = [parts.password] if parts.password else []
+    for field in parts.query.split("&") if parts.query else []:
+        name, _, value = field.partition("=")
+        if value and any(k in name.lower() for k in SECRET_QUERY_KEYS):
+            secrets.append(value)
+    found = {v for s in secrets for v in (s, unquote(s)) if len(v) >= 4}
+    for secret in sorted(found, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 

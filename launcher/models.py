@@ -83,12 +83,17 @@ def write_weights(model, out_dir: Path) -> None:
     save_pretrained does, and from_pretrained ties it again."""
     from safetensors.torch import save_file
 
+    from transformers.core_model_loading import revert_weight_conversion
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not getattr(model.config, "architectures", None):  # the GGUF reader leaves it unset; serving tools read it
+        model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    # The checkpoint's own key names, as save_pretrained writes them (fused MoE experts unfused).
+    for name, tensor in revert_weight_conversion(model, model.state_dict()).items():
         storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if storage in seen:
             continue

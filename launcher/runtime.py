@@ -454,6 +454,15 @@ def cpu_fsdp2(accelerator, precision: str) -> None:
     assert accelerator.is_fsdp2
 
 
+def quiet_deepspeed_on_cpu() -> None:
+    """On a host without a GPU, tell DeepSpeed so (what it would pick) before it is imported:
+    otherwise it warns that it "was unable to detect" one, in every run that exports a model."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
 
@@ -473,8 +482,7 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     import torch
 
     has_gpu = torch.cuda.is_available()
-    if not has_gpu:  # DeepSpeed, imported by the export of any run, warns that it "was unable to detect" a GPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_deepspeed_on_cpu()
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 

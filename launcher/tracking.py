@@ -212,9 +212,13 @@ class MLflowTracker(Tracker):
         # every call goes through the sender (see the module docstring).
         self.run_id = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         self.resumed = bool(run_id)
-        if self.resumed:
-            self.client.update_run(self.run_id, status="RUNNING")
-        self.client.set_tag(self.run_id, "launcher.attempts", str(int(self._tag("launcher.attempts") or 0) + 1))
+        try:
+            if self.resumed:
+                self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "launcher.attempts", str(int(self._tag("launcher.attempts") or 0) + 1))
+        except Exception:
+            self._undo()  # the start fails (tracking._starting says why): leave no run behind
+            raise
         self._buffer: list = []
         self.outage_wait_s = outage_wait_s
         # The sender retries on its own schedule; the client's own retries (7, backoff factor 2:
@@ -312,9 +316,12 @@ class MLflowTracker(Tracker):
         self.sender.close()
 
     def abandon(self) -> None:
+        self.sender.close()
+        self._undo()
+
+    def _undo(self) -> None:
         """The run this attempt created is deleted (its run directory goes too); a resumed
         run, which this attempt set RUNNING, ends FAILED."""
-        self.sender.close()
         try:
             if self.resumed:
                 self.client.set_terminated(self.run_id, status="FAILED")

@@ -10,16 +10,20 @@ is trusted (`checkpoint.trust=true`, `launcher export --trust-checkpoint`):
 
 - Sealing a checkpoint signs it: the COMPLETE marker holds an HMAC-SHA256, under a key
   private to this user (`~/.config/launcher/checkpoint.key`, 0600; LAUNCHER_KEY_FILE
-  overrides; made on first use), of every file's relative path and size. One stat per file:
-  no pass over the bytes of a multi-GB checkpoint.
+  overrides; made on first use), of every file's relative path and size, and of the bytes
+  of every pickle up to CONTENT_LIMIT (random states, scheduler, custom objects, DCP
+  metadata, a LoRA run's optimizer): a stat per file and a few MB read, never a pass over a
+  multi-GB optimizer state.
 - Loading checks it. A checkpoint from elsewhere (another user's, a download), or one whose
   files changed since, is refused in one line naming the pickles it would load.
 - The run's own checkpoints, found by auto-resume in its run directory, are trusted as before,
   and a checkpoint holding no pickle that would be loaded (an export from model.safetensors)
   needs nothing.
+- A key that cannot be made or read (a read-only home) never costs a checkpoint: the marker
+  is written unsigned, with one warning; such checkpoints resume by path with checkpoint.trust.
 
-The signature says who wrote the checkpoint, not that its bytes are intact: a file replaced by
-one of the same size, by someone who can write to the user's own files, still passes.
+What it does not cover: a pickle larger than CONTENT_LIMIT (a full fine-tune's optimizer
+state) swapped for another of the same size in a copy of a signed checkpoint still passes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import hmac
 import json
 import os
+import sys
 from pathlib import Path
 
 from launcher.errors import ConfigError
@@ -35,6 +40,8 @@ from launcher.errors import ConfigError
 MARKER = "COMPLETE"
 # File names that are pickles (loading them runs code), as the engines write them.
 PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth", ".metadata")
+CONTENT_LIMIT = 64 * 2**20  # pickles up to this size are signed by content, larger ones by size
+_warned: list = []
 
 
 def key_file() -> Path:
@@ -45,44 +52,67 @@ def key_file() -> Path:
 
 
 def _key(create: bool) -> bytes | None:
+    """The user's key; None when there is none (and create is False). Made atomically: a
+    crash or a racing job never leaves an empty key behind. Raises OSError/ValueError when
+    it cannot be made or read."""
     path = key_file()
     if not path.is_file():
         if not create:
             return None
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:  # another job made it a moment ago
+            os.link(tmp, path)  # no clobber: a key another job made a moment ago wins
+        except FileExistsError:
             pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(os.urandom(32).hex())
-    text = path.read_text().strip()
-    return bytes.fromhex(text) if text else None
+        finally:
+            tmp.unlink(missing_ok=True)
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < 16:
+        raise ValueError(f"{path}: not a launcher key (delete it: a new one is made)")
+    return key
 
 
-def _manifest(ckpt: Path) -> str:
-    files = sorted((p.relative_to(ckpt).as_posix(), p.stat().st_size) for p in ckpt.rglob("*")
-                   if p.is_file() and p.name != MARKER)
-    return json.dumps(files)
+def _manifest(ckpt: Path) -> bytes:
+    """What the signature covers: every file's path and size, and the bytes of small pickles."""
+    digest = hashlib.sha256()
+    for p in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER):
+        size = p.stat().st_size
+        digest.update(json.dumps([p.relative_to(ckpt).as_posix(), size]).encode())
+        if p.name.endswith(PICKLE_SUFFIXES) and size <= CONTENT_LIMIT:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    return digest.digest()
 
 
 def sign(ckpt: Path) -> str:
-    """The COMPLETE marker's text for a checkpoint whose files are all written."""
-    key = _key(create=True)
-    digest = hmac.new(key, _manifest(ckpt).encode(), hashlib.sha256).hexdigest()
-    return json.dumps({"signature": digest, "key": "hmac-sha256 of (path, size) under the user's checkpoint key"})
+    """The COMPLETE marker's text for a checkpoint whose files are all written. Never raises
+    for want of a key: the checkpoint is worth more than its signature."""
+    try:
+        key = _key(create=True)
+        signature = hmac.new(key, _manifest(ckpt), hashlib.sha256).hexdigest()
+    except (OSError, ValueError) as e:
+        if not _warned:
+            _warned.append(e)
+            print(f"warning: checkpoints are written unsigned ({key_file()}: {' '.join(str(e).split())[:200]}); "
+                  "resuming one by path will need checkpoint.trust=true", file=sys.stderr, flush=True)
+        return json.dumps({"signature": None})
+    return json.dumps({"signature": signature, "covers": "paths, sizes, small pickles' bytes; hmac-sha256, user key"})
 
 
 def signed_by_this_user(ckpt: Path) -> bool:
     try:
         recorded = json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
-    except (OSError, ValueError, AttributeError):
+        key = _key(create=False)
+        if not recorded or key is None:
+            return False
+        return hmac.compare_digest(recorded, hmac.new(key, _manifest(ckpt), hashlib.sha256).hexdigest())
+    except (OSError, ValueError, AttributeError):  # unreadable, or files going away under us
         return False
-    key = _key(create=False)
-    if not recorded or key is None:
-        return False
-    return hmac.compare_digest(recorded, hmac.new(key, _manifest(ckpt).encode(), hashlib.sha256).hexdigest())
 
 
 def pickles(ckpt: Path, only: tuple[str, ...] = ()) -> list[str]:
@@ -100,6 +130,11 @@ def require(ckpt: Path, trusted: bool, where: str, flag: str, only: tuple[str, .
     if not risky:
         return
     shown = ", ".join(risky[:3]) + (f" and {len(risky) - 3} more" if len(risky) > 3 else "")
-    raise ConfigError(f"{where}: {ckpt} was not written by your launcher (no signature of yours, or its files changed "
-                      f"since), and loading it unpickles {shown}, which can run any code; {flag} if you trust where it "
-                      "came from")
+    try:
+        unsigned = not json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
+    except (OSError, ValueError, AttributeError):
+        unsigned = True
+    why = ("its COMPLETE marker is unsigned: written by hand, by a launcher before signing, or without a key" if unsigned
+           else "no signature of yours, or its files changed since")
+    raise ConfigError(f"{where}: {ckpt} was not written by your launcher ({why}), and loading it unpickles {shown}, "
+                      f"which can run any code; {flag} if you trust where it came from")

@@ -81,13 +81,15 @@ if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check t
     exit 0
 fi
 
-# The ranks look for the stop file after every step, and one rank seeing it stops them all at
-# the same step. This script runs on the job's first node, where a rank always runs, so the
-# file lives in a directory private to this job on that node (0700, mktemp): nobody else who
-# can write to the working or output directory can stop the job.
+# The ranks look for the stop file after every step; one rank seeing it stops them all at the
+# same step. It lives on the shared file system beside the runs (node-local /tmp may be private
+# to a container), in a directory private to this job (mktemp -d: 0700), so nobody else who
+# can write to the output or working directory can stop the job by creating it.
 STOP_DIR=""
 if [ -z "${LAUNCHER_STOP_FILE:-}" ]; then
-    STOP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/launcher-stop-${SLURM_JOB_ID}.XXXXXX")
+    STOP_PARENT=${OUTPUT_DIR:-$PWD}
+    mkdir -p "$STOP_PARENT"
+    STOP_DIR=$(mktemp -d "$STOP_PARENT/.launcher-stop-${SLURM_JOB_ID}.XXXXXX")
     LAUNCHER_STOP_FILE=$STOP_DIR/stop
 fi
 export LAUNCHER_STOP_FILE

@@ -231,3 +231,15 @@ def test_hub_failures_say_which_kind(tmp_path):
     line = e.value.problems[0]
     assert line.startswith(f"model.name: 'org/new-model' is downloaded ({snapshot}) but does not load: ")
     assert "a-model-type-of-2030" in line and "no network" not in line
+
+
+def test_credentials_in_a_tracking_uri_are_redacted_however_they_appear():
+    from launcher.config import redact_text, redact_uri
+
+    assert redact_uri("http://a:pw@h:5000/x?token=abc&x=1") == "http://a:***@h:5000/x?token=***&x=1"
+    assert redact_uri("postgresql://u@h/db?password=zz&sslmode=require") == "postgresql://u@h/db?password=***&sslmode=require"
+    assert redact_uri("sqlite:///runs/mlflow.db") == "sqlite:///runs/mlflow.db"  # unchanged, not sqlite:/runs
+    # In a library's message: as written, percent-decoded, or on its own; short values only in the URI.
+    uri = "https://h/?sig=a%2Fbcd&auth=1"
+    said = "failed: https://h/?sig=a/bcd&auth=1 (a%2Fbcd, a/bcd) after 1 try"
+    assert redact_text(said, uri) == "failed: https://h/?sig=***&auth=*** (***, ***) after 1 try"

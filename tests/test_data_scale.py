@@ -408,7 +408,9 @@ def test_a_live_builder_keeps_its_lock_by_beating_and_a_silent_one_of_this_job_s
     hung = tmp_path / "h" / f"{_name({'k': 2})}.lock"
     hung.parent.mkdir(mode=0o700)
     hung.write_text(json.dumps({"token": "job-c", "host": "h", "pid": 1, "who": "rank 0 (host h, pid 1)"}))
-    with pytest.raises(RuntimeError, match=r"rank 0 \(host h, pid 1\) building .* has shown no sign of life for \d+ s"):
+    from launcher.errors import RunError
+
+    with pytest.raises(RunError, match=r"rank 0 \(host h, pid 1\) building .* has shown no sign of life for \d+ s"):
         Cache(tmp_path / "h", "job-c", False, poll_s=0.05, stale_after_s=0.3).get("tokens", {"k": 2}, None)
 
 
@@ -436,3 +438,21 @@ def test_a_cache_root_is_private_and_an_entry_is_checked_before_use(tmp_path):
     (path / "launcher-key.json").write_text(json.dumps({"key": {"k": 2}}))
     with pytest.raises(ConfigError, match="does not hold what its name says"):
         cache.get("tokens", {"k": 1}, None)
+
+
+def test_a_builder_that_was_taken_over_leaves_its_successors_lock_alone(tmp_path):
+    """A builder paused past stale_after_s (a suspended job, a stalled file system) finds another
+    holder in its lock when it resumes: it neither beats into that lock nor removes it."""
+    lock = tmp_path / f"{_name({'k': 1})}.lock"
+    successor = json.dumps({"token": "job-b", "host": "h2", "pid": 2, "nonce": "theirs", "who": "rank 0 (host h2, pid 2)"})
+
+    def build(tmp, stage):
+        lock.write_text(successor)  # taken over while this builder was paused
+        time.sleep(0.3)  # heartbeats come due
+        stage("writing")
+        (tmp / "rows").write_text("x")
+
+    path, built = Cache(tmp_path, "job-a", True, say=lambda s: None, heartbeat_s=0.05, others_wait=True).get(
+        "tokens", {"k": 1}, build)
+    assert built and (path / "rows").read_text() == "x"
+    assert lock.read_text() == successor

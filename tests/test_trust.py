@@ -91,6 +91,19 @@ def test_a_checkpoint_from_elsewhere_is_not_unpickled_unless_trusted(tmp_path):
         ", which can run any code; set checkpoint.trust=true if you trust where it came from")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "a").exists()
 
+    # A copy of this user's own checkpoint, its random state swapped for a payload of the same
+    # size (padded: unpickling stops at the payload's end): the signature covers small pickles' bytes.
+    swapped = tmp_path / "swapped"
+    subprocess.run(["cp", "-r", str(mine), str(swapped)], check=True)
+    state = swapped / "random_states_0.pkl"
+    size = state.stat().st_size
+    subprocess.run([sys.executable, "-c", _PAYLOAD, str(state), str(tmp_path / "pwned")], check=True)
+    state.write_bytes(state.read_bytes().ljust(size, b"\0"))
+    assert state.stat().st_size == size
+    proc = launcher(*base, "--run-name", "a", f"checkpoint.resume={swapped}")
+    assert proc.returncode == 2 and "no signature of yours, or its files changed since" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+
     # This user's own checkpoint, named by path from another run: resumed.
     proc = check(launcher(*base, "--run-name", "b", f"checkpoint.resume={mine}"))
     assert "resum" in proc.stdout.lower() and (tmp_path / "b" / "model").is_dir()
@@ -119,7 +132,24 @@ def test_export_reads_shards_of_a_foreign_checkpoint_only_when_trusted(tmp_path)
                     str(tmp_path / "pwned")], check=True)
     proc = launcher("export", str(ckpt), str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"error: launcher export: {ckpt} was not written by your launcher (no signature of yours, or its files changed "
-        "since), and loading it unpickles global_step2/mp_rank_00_model_states.pt, which can run any code; pass "
-        "--trust-checkpoint if you trust where it came from")
+        f"error: launcher export: {ckpt} was not written by your launcher (its COMPLETE marker is unsigned: written by "
+        "hand, by a launcher before signing, or without a key), and loading it unpickles "
+        "global_step2/mp_rank_00_model_states.pt, which can run any code; pass --trust-checkpoint if you trust where it "
+        "came from")
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_key_that_cannot_be_made_never_costs_a_checkpoint(tmp_path):
+    """A read-only home (common on compute nodes): checkpoints are written unsigned, with one
+    warning, and resume in their own run directory as always."""
+    env = {"LAUNCHER_KEY_FILE": "/proc/no-such-dir/checkpoint.key"}
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", "train.max_steps=4",
+            "checkpoint.every_steps=1", "eval.at_start=false", "eval.every_steps=0"]
+    proc = check(launcher(*args, "train.halt_at_step=2", env=env))
+    warnings = [line for line in proc.stderr.splitlines() if "checkpoints are written unsigned" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoints are written unsigned (/proc/no-such-dir/")
+    import json
+
+    assert json.loads((tmp_path / "r" / "checkpoints" / "step-000002" / "COMPLETE").read_text()) == {"signature": None}
+    resumed = check(launcher(*args, env=env))
+    assert "resum" in resumed.stdout.lower() and (tmp_path / "r" / "model").is_dir()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import stat
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from launcher.errors import ConfigError, DataError, UserError
+from launcher.errors import ConfigError, DataError, RunError, UserError
 
 CACHE_VERSION = 3  # bump when the layout or the meaning of an entry changes (3: builder recorded)
 
@@ -92,6 +93,9 @@ def check_root(root: Path, shared: bool = False) -> None:
     st = root.stat()
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{where}: {root} is not a directory")
+    if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {root} cannot be read and written by you (mode {stat.S_IMODE(st.st_mode):o}); "
+                          "use a directory of your own")
     if st.st_mode & stat.S_IWOTH:
         raise ConfigError(f"{where}: {root} may be written by anyone (mode {stat.S_IMODE(st.st_mode):o}): another user "
                           f"could plant entries or locks in it; use a directory of your own, or chmod o-w it")
@@ -143,7 +147,7 @@ class Cache:
                     self.say(f"taking over {lock.name}, left by {holder.get('who', 'an unknown process')} ({why})")
                 continue
             elif holder.get("token") == self.token and silent:
-                raise RuntimeError(f"{holder.get('who')} building {final} has shown no sign of life for "
+                raise RunError(f"{holder.get('who')} building {final} has shown no sign of life for "
                                    f"{time.monotonic() - seen_since:.0f} s (its lock {lock} stopped beating)")
             now = time.monotonic()
             if holder is not None and now - last_report >= self.report_every_s:
@@ -162,37 +166,58 @@ class Cache:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        if self.shared:
+            os.fchmod(fd, 0o664)  # group members must read it (whatever the umask) to wait on it
+        # The nonce tells this builder's lock from a successor's: a builder paused long enough
+        # to be taken over must not overwrite or remove the new holder's lock.
         self._holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                         "who": f"{self.label} (host {socket.gethostname()}, pid {os.getpid()})",
-                        "since": time.time(), "stage": f"building {kind}"}
+                        "since": time.time(), "stage": f"building {kind}", "nonce": secrets.token_hex(8)}
         with os.fdopen(fd, "w") as f:
             json.dump(self._holder, f)
         return True
 
+    def _ours(self, lock: Path) -> bool:
+        try:
+            return self._parse(self._read_text(lock)).get("nonce") == self._holder["nonce"]
+        except (AttributeError, ConfigError):
+            return False
+
+    def _update(self, lock: Path) -> bool:
+        """Rewrite our lock (stage, beat) if it is still ours; False once it was taken over."""
+        if not self._ours(lock):
+            return False
+        self._write(lock, self._holder, self.shared)
+        return True
+
     def _build(self, final: Path, lock: Path, parts: dict, build) -> None:
-        for old in self.root.glob(f"{final.name}.tmp-*"):  # left by a killed builder; we hold the lock
-            shutil.rmtree(old, ignore_errors=True)
-        tmp = self.root / f"{final.name}.tmp-{os.getpid()}"
-
-        def stage(text: str) -> None:
-            self._holder["stage"] = text
-            self._write(lock, self._holder)
-
         stop = threading.Event()
 
         def beat() -> None:  # waiters read a lock that stops changing as a dead builder
             while not stop.wait(self.heartbeat_s):
                 self._holder["beat"] = self._holder.get("beat", 0) + 1
-                self._write(lock, self._holder)
+                if not self._update(lock):
+                    return
 
         beating = threading.Thread(target=beat, name="cache-heartbeat", daemon=True)
-        beating.start()
+        beating.start()  # before anything slow, such as removing a killed builder's leftovers
+
+        def stage(text: str) -> None:
+            self._holder["stage"] = text
+            self._update(lock)
+
+        tmp = self.root / f"{final.name}.tmp-{os.getpid()}"
         try:
+            for old in self.root.glob(f"{final.name}.tmp-*"):  # left by a killed builder; we hold the lock
+                shutil.rmtree(old, ignore_errors=True)
             tmp.mkdir(parents=True)
             build(tmp, stage)
             built_by = {"user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
             (tmp / "launcher-key.json").write_text(json.dumps({"key": json.loads(_key_text(parts)), "built_by": built_by},
                                                               indent=1, sort_keys=True))
+            if self.shared:  # readable by the group whatever the umask
+                for path in [tmp, *tmp.rglob("*")]:
+                    os.chmod(path, os.stat(path).st_mode | (0o050 if path.is_dir() else 0o040))
             try:
                 os.replace(tmp, final)
             except OSError:
@@ -204,14 +229,16 @@ class Cache:
             beating.join()
             shutil.rmtree(tmp, ignore_errors=True)
             problems = list(e.problems) if isinstance(e, UserError) else [f"{type(e).__name__}: {e}"]
-            if self.others_wait:
-                self._write(lock, {**self._holder, "failed": problems, "user_error": isinstance(e, UserError)})
-            else:
-                self._remove(lock)
+            if self._ours(lock):
+                if self.others_wait:
+                    self._write(lock, {**self._holder, "failed": problems, "user_error": isinstance(e, UserError)}, self.shared)
+                else:
+                    self._remove(lock)
             raise
         stop.set()
         beating.join()
-        self._remove(lock)
+        if self._ours(lock):
+            self._remove(lock)
 
     def _check_entry(self, final: Path, parts: dict) -> None:
         """An entry is used only if it says it holds what its name says (and is ours, unless shared)."""
@@ -234,6 +261,9 @@ class Cache:
             return lock.read_text()
         except FileNotFoundError:
             return None
+        except PermissionError:  # never read as a silent lock (that would take over a live builder)
+            raise ConfigError(f"data.cache_dir: cannot read {lock} (permission denied): a cache shared with a group needs "
+                              "data.cache_shared=true in every job that uses it") from None
         except OSError:
             return ""
 
@@ -260,15 +290,20 @@ class Cache:
                 os.link(aside, lock)  # put back, unless a newer lock is there already
             except FileExistsError:
                 pass
+            except OSError:  # a file system without hard links: put back unless one is there
+                if not lock.exists():
+                    os.replace(aside, lock)
             aside.unlink(missing_ok=True)
             return False
         aside.unlink(missing_ok=True)
         return True
 
     @staticmethod
-    def _write(lock: Path, data: dict) -> None:
+    def _write(lock: Path, data: dict, shared: bool = False) -> None:
         tmp = lock.with_name(f"{lock.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # stage and heartbeat both write
         tmp.write_text(json.dumps(data))
+        if shared:
+            os.chmod(tmp, 0o664)
         os.replace(tmp, lock)  # the lock path never stops existing
 
     @staticmethod
