@@ -295,7 +295,7 @@ def run_train(out: Path, name: str, config: Path, *extra: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+@pytest.mark.parametrize("task", [pytest.param("classification", marks=pytest.mark.matrix), "causal_lm"])
 def test_save_to_disk_and_local_hub_directory_train_like_jsonl(tmp_path, task):
     """The same rows as JSONL files, as a save_to_disk DatasetDict, and as a local dataset
     directory passed where a hub id goes: identical runs (same final metrics, same weights)."""
