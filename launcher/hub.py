@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+from launcher import models
 from launcher.config import TINY_MODEL
 from launcher.errors import ConfigError
 
@@ -32,22 +33,13 @@ WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
 BIN_WEIGHTS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 CODE = ["*.py"]
 
-# (name, revision) -> the local snapshot directory this process loads instead.
-_local: dict[tuple[str, str | None], str] = {}
-
-
 def is_hub_name(name: str) -> bool:
     return name != TINY_MODEL and not Path(name).expanduser().is_dir() and not name.lower().endswith(".gguf")
 
 
-def local_dir(name: str, revision: str | None) -> str | None:
-    """Where resolve() put (name, revision) on this node, if it did."""
-    return _local.get((name, revision))
-
-
 def resolved_revision(name: str, revision: str | None) -> str | None:
     """The commit a resolved hub model was loaded at (its snapshot directory's name)."""
-    path = local_dir(name, revision)
+    path = models.local_dir(name, revision)
     return Path(path).name if path else revision
 
 
@@ -74,19 +66,17 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
     node's fetch or conversion, None when there was nothing to do (a model directory, or the
     tiny model). A GGUF file is converted into `cache` (data/cache.py: built by one process
     per cache directory, the others wait on the file system)."""
-    from launcher import models
-
     key = (model_cfg.name, model_cfg.revision)
     gguf = models.gguf_source(model_cfg.name)
     if gguf is not None and cache is not None:
         path, built = cache.get("model", models.gguf_fingerprint(gguf),
                                 lambda tmp, stage: models.convert_gguf(gguf, tmp, stage))
-        _local[key] = str(path)
+        models.LOCAL[key] = str(path)
         return built
     if not is_hub_name(model_cfg.name):
         return None
     if rt.world_size == 1:
-        _local[key] = fetch(model_cfg)
+        models.LOCAL[key] = fetch(model_cfg)
         return True
     from huggingface_hub import constants
 
@@ -116,7 +106,7 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
                 last_word = time.monotonic()
             time.sleep(0.2)
         path = done.read_text()
-    _local[key] = path
+    models.LOCAL[key] = path
     rt.barrier()  # every rank has read its node's answer: now quick
     if rt.local_rank == 0:
         done.unlink(missing_ok=True)

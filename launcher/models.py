@@ -131,6 +131,16 @@ def _gguf_load(loader, path: Path, **kwargs):
 # ---------------------------------------------------------------- loading
 
 
+# (name, revision) -> the local directory this process loads instead: a hub snapshot or a GGUF
+# conversion that hub.resolve made on this node.
+LOCAL: dict[tuple[str, str | None], str] = {}
+
+
+def local_dir(name: str, revision: str | None) -> str | None:
+    """Where hub.resolve put (name, revision) on this node, if it did."""
+    return LOCAL.get((name, revision))
+
+
 _configs: dict = {}  # (loader, GGUF path, mtime) -> its config, read once per process
 
 
@@ -141,10 +151,8 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     (`launcher plan`, `launcher export` of a LoRA checkpoint) is read directly."""
     source = name
     if model_cfg is not None:
-        from launcher import hub
-
         kwargs.setdefault("trust_remote_code", bool(model_cfg.trust_remote_code))
-        source = hub.local_dir(name, model_cfg.revision) or name  # fetched or converted once per node
+        source = local_dir(name, model_cfg.revision) or name  # fetched or converted once per node
         if model_cfg.revision and source == name:
             kwargs.setdefault("revision", model_cfg.revision)
     gguf = gguf_source(source)

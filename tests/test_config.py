@@ -216,18 +216,18 @@ def test_hub_failures_say_which_kind(tmp_path):
         from_pretrained(AutoConfig, "launcher-tests/no-such-model")
     assert e.value.problems[0].startswith("model.name: cannot load 'launcher-tests/no-such-model' from the Hugging Face Hub (no network")
     # Once the snapshot is on disk, a failure is the model's, said as it is: not "no network".
-    from launcher import hub
+    from launcher import models
     from launcher.config import ModelConfig
 
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     (snapshot / "config.json").write_text('{"model_type": "a-model-type-of-2030"}')
-    hub._local[("org/new-model", None)] = str(snapshot)
+    models.LOCAL[("org/new-model", None)] = str(snapshot)
     try:
         with pytest.raises(ConfigError) as e:
             from_pretrained(AutoConfig, "org/new-model", ModelConfig(name="org/new-model"))
     finally:
-        del hub._local[("org/new-model", None)]
+        del models.LOCAL[("org/new-model", None)]
     line = e.value.problems[0]
     assert line.startswith(f"model.name: 'org/new-model' is downloaded ({snapshot}) but does not load: ")
     assert "a-model-type-of-2030" in line and "no network" not in line
