@@ -48,15 +48,13 @@ def fetch(model_cfg) -> str:
     One line (ConfigError) when it cannot: not found, gated, no network, bad revision."""
     from huggingface_hub import snapshot_download
 
-    from launcher.models import hub_problem
-
     extra = CODE if model_cfg.trust_remote_code else []
     try:
         path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=SMALL + WEIGHTS + extra)
         if not any(Path(path).glob("*.safetensors")):
             path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=SMALL + BIN_WEIGHTS + extra)
     except Exception as e:  # hub, HTTP and validation errors have no common base class
-        raise ConfigError(hub_problem(model_cfg.name, e)) from None
+        raise ConfigError(models.hub_problem(model_cfg.name, e)) from None
     return path
 
 
