@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,7 @@ class Checkpointer:
         final = self.root / step_dir_name(state.step)
         if (final / MARKER).is_file():
             return final  # already saved at this step (e.g. periodic save == last step)
+        started = time.monotonic()
         tmp = self.root / f".tmp-{final.name}"
         self.rt.on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
         # Every rank writes its part, then they compare notes (a collective, so a rank whose
@@ -197,6 +199,8 @@ class Checkpointer:
         if any(failures):
             self.rt.on_main(shutil.rmtree, tmp, True)
             self._give_up(state.step, failures, failure)
+        if self.rt.preemption is not None:
+            self.rt.preemption.saved(state.step, time.monotonic() - started)
         return final
 
     def _give_up(self, step: int, failures: list, own) -> None:
@@ -247,7 +251,10 @@ class Checkpointer:
             _check_trainable_saved(path, self.rt.accelerator._models)
         with frozen_left_out(self.rt.accelerator._models if self.fsdp2 else []):
             self.rt.accelerator.load_state(str(path), **self.load_kwargs)
-        return TrainState.read(path)
+        state = TrainState.read(path)
+        if self.rt.preemption is not None:
+            self.rt.preemption.saved(state.step)
+        return state
 
 
 @contextlib.contextmanager

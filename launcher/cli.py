@@ -173,7 +173,11 @@ def _train_under_accelerate(args) -> int:
     print(f"checked {args.config} with {args.accelerate_config}"
           f"{' (' + note + ')' if note else ''}: {launch.num_processes} process(es) on {launch.num_machines} machine(s)",
           flush=True)
-    os.execv(sys.executable, cmd)  # signals (Slurm's, Ctrl-C) now reach accelerate directly
+    from launcher.preemption import launch_env
+
+    # signals (Slurm's, Ctrl-C) now reach accelerate directly; torchrun's grace after a SIGTERM
+    # is raised unless set, so the scheduler's own grace decides (preemption.py)
+    os.execve(sys.executable, cmd, launch_env(dict(os.environ)))
     return 0  # pragma: no cover
 
 

@@ -299,6 +299,7 @@ def train(cfg: RunConfig) -> dict:
                     if grad_norm is not None:
                         values["train/grad_norm"] = float(grad_norm)
                     tracker.log_metrics(values, step=state.step)
+                    rt.preemption.stepped(values["train/step_time_s"])
                     values |= speed(values["train/tokens_per_s"])
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{values['train/tokens_per_s']:,.0f}",
                                     **({"mfu": f"{values['train/mfu']:.1%}"} if "train/mfu" in values else {}))

@@ -261,6 +261,10 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         what = ("LoRA on a pretrained base: the trained weights (adapters, heads) and their AdamW state; the frozen "
                 "base is read again from model.name" if trainable_only else "every weight and the AdamW state of what trains")
         lines.append(f"checkpoint about {_size(ckpt)} per save ({what})")
+        if world > 1:
+            from launcher import preemption
+
+            lines += preemption.plan_line(ckpt, launch.num_machines).split("\n")
     lines.append("command")
     lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch, ckpt)]
     return "\n".join(lines)

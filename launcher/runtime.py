@@ -54,6 +54,7 @@ class Runtime:
     weight_dtype: str = "float32"  # the dtype policy's answer for this launch (distributed.weight_dtype)
     keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
     notes: list = None  # what the launch decided for the run config (printed at start)
+    preemption: Any = None  # preemption.Preemption once watch_signals has run
 
     @property
     def is_main(self) -> bool:
@@ -82,8 +83,15 @@ class Runtime:
         `stop_requested` turns the requests into one decision."""
         import signal
 
+        from launcher.preemption import Preemption
+
+        self.preemption = Preemption(self.is_main)
+
         def request(signum, _frame):
+            first = getattr(self, "_stop_signal", None) is None
             self._stop_signal = signal.Signals(signum).name
+            if first:
+                self.preemption.on_signal(self._stop_signal)
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request)

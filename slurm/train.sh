@@ -16,6 +16,9 @@
 #                      CPU Adam are not starved); each rank gets CPUS_PER_NODE / ranks per node threads
 #   SIGNAL_LEAD_S      seconds before the time limit at which every rank is asked to checkpoint and
 #                      stop (default 600: a large checkpoint needs minutes); `launcher plan` shows it
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+#                      seconds torchrun waits after forwarding a SIGTERM before it SIGKILLs the ranks
+#                      (default here 600; torch's own is 30, too short for a big step plus checkpoint)
 #
 # Preemption: SIGNAL_LEAD_S before the time limit this script asks every rank to stop (its own
 # timer, from the job's end time; Slurm's --signal=B:USR1@600 below is the fallback when the end
@@ -23,6 +26,8 @@
 # (signalling srun instead would cancel the job step, killing the ranks mid-step); every rank
 # sees it at the end of a step, they agree on one step, checkpoint it and exit cleanly; then the
 # job requeues itself and the requeued job resumes from that checkpoint into the same MLflow run.
+# Preemption (PreemptMode=REQUEUE/CANCEL) SIGTERMs every process at once: the ranks checkpoint
+# the step in progress and exit, within the partition's GraceTime (Slurm's default is 0: no grace).
 #SBATCH --job-name=launcher
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -55,6 +60,9 @@ THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
 # torchrun would set 1 thread per rank whenever a node runs several; set it from the CPUs instead.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS_PER_RANK}
 SIGNAL_LEAD_S=${SIGNAL_LEAD_S:-600}
+# After a SIGTERM (preemption, scancel) torchrun gives the ranks this long to checkpoint before it
+# SIGKILLs them (torch's default is 30 s); Slurm's GraceTime / KillWait then decide.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 RUN_NAME=${RUN_NAME:-$(basename "${CONFIG%.*}")}

@@ -265,6 +265,38 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resumes(tmp_
     assert max_diff(weights(tmp_path / "sig"), weights(reference[1])) < TOL
 
 
+def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_goes(tmp_path, reference):
+    """torchrun SIGKILLs the ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after it forwards a
+    SIGTERM (2 s here; 30 by default). Rank 0 stalls 60 s inside step 7, so the stop at the end
+    of that step never comes: the moment the signal arrives, rank 0 says the resume goes back to
+    step 6, the last sealed checkpoint, and the same command then does exactly that."""
+    launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "LAUNCHER_STALL": "0:7:60"}
+    proc = accelerate_launch(launch, tmp_path, "grace", wait=False, env=env)
+    sealed = tmp_path / "grace" / "checkpoints" / "step-000006" / "COMPLETE"
+    deadline = time.time() + 300
+    while not sealed.is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)  # rank 0 is inside the stalled step 7
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - sent < 30, (out[-3000:], err[-3000:])  # killed, not stopped
+    said = [line for line in err.splitlines() if line.startswith("launcher: SIGTERM")]
+    assert said == ["launcher: SIGTERM: every rank checkpoints at the end of the step in progress and exits; if they "
+                    "are killed before that within 2 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), the resume goes back to "
+                    "step 6 (checkpoints/step-000006)"], err[-3000:]
+    assert not any(line.startswith("stopped at step") for line in out.splitlines())
+    assert sorted(p.name for p in (tmp_path / "grace" / "checkpoints").iterdir() if not p.name.startswith(".")) \
+        == ["step-000006"]
+
+    resumed = check(accelerate_launch(launch, tmp_path, "grace"))
+    assert f"resuming from {tmp_path / 'grace' / 'checkpoints' / 'step-000006'}" in resumed.stdout
+    assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 13))  # each step once, none lost
+    assert max_diff(weights(tmp_path / "grace"), weights(reference[1])) < TOL
+
+
 def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({**json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text()),
                                                   "bf16": {"enabled": True}}))

@@ -231,6 +231,24 @@ def test_readme_plan_example_is_what_plan_prints(tmp_path, capsys, monkeypatch):
     assert printed == shown
 
 
+def test_plan_warns_when_a_checkpoint_cannot_be_written_within_the_grace_after_a_sigterm(tmp_path, capsys, monkeypatch):
+    from transformers import BertConfig
+
+    from conftest import ROOT
+
+    BertConfig().save_pretrained(tmp_path / "bert")  # a 1.43 GiB checkpoint: ~2 s at the assumed 1 GB/s
+    monkeypatch.chdir(ROOT)
+    args = ["plan", "configs/train/clause_tos.yaml", "--accelerate-config", "configs/accelerate/deepspeed_zero3.yaml",
+            "--nodes", "1", "--gpus-per-node", "2", f"model.name={tmp_path / 'bert'}", "train.micro_batch_size=4"]
+    warning = "warning    the checkpoint alone takes longer than the grace"
+    for grace, warned in (("1", True), ("5", False)):
+        monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", grace)
+        assert main(args) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert any(x.startswith(f"preemption after a SIGTERM the ranks have {grace} s ") for x in lines)
+        assert any(x.startswith(warning) for x in lines) == warned
+
+
 def test_plan_for_packed_sft_does_not_pretend_to_know_steps_per_epoch(capsys):
     from conftest import CONFIGS as C
 
