@@ -268,6 +268,15 @@ class TrackingConfig:
     # are retried (metrics.jsonl has everything). The end of a finished run waits this long
     # for the server to come back before giving up on what is still queued.
     outage_wait_s: float = 300.0
+    # MLflow: the exported model as the run's logged model (its files as the model's
+    # artifacts), and registered as a new version of this name when set.
+    log_model: bool = True
+    register_model: Optional[str] = None
+    # MLflow: the train and validation data as run inputs (name, digest, source, rows).
+    log_datasets: bool = True
+    # MLflow's system metrics (CPU, memory, disk, network; GPUs with pynvml), sampled every N
+    # seconds on rank 0; 0: off.
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass
@@ -546,6 +555,9 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("tracking.log_every_steps", cfg.tracking.log_every_steps)
     positive("tracking.flush_every_steps", cfg.tracking.flush_every_steps)
     positive("tracking.outage_wait_s", cfg.tracking.outage_wait_s, allow_zero=True)
+    positive("tracking.system_metrics_every_s", cfg.tracking.system_metrics_every_s, allow_zero=True)
+    if cfg.tracking.register_model is not None and not (cfg.tracking.mlflow and cfg.tracking.log_model):
+        out.append("tracking.register_model: needs tracking.mlflow and tracking.log_model true")
     positive("tracking.print_every_s", cfg.tracking.print_every_s, allow_zero=True)
     positive("train.hang_timeout_s", t.hang_timeout_s, allow_zero=True)
     positive("model.tiny.vocab_size", cfg.model.tiny.vocab_size)

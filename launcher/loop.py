@@ -219,6 +219,9 @@ def train(cfg: RunConfig) -> dict:
         }
         | derived
     )
+    if cfg.tracking.log_datasets:
+        tracker.log_inputs([{"name": Path(d.source).name or d.source, "digest": d.digest, "source": d.source,
+                             "context": context, "rows": len(d)} for d, context in ((train_ds, "training"), (val_ds, "validation"))])
     rt.print(
         f"{len(train_ds)} train / {len(val_ds)} validation rows, {n_params:,} parameters; "
         f"{total_steps} steps of {t.global_batch_size} examples "
@@ -360,6 +363,8 @@ def train(cfg: RunConfig) -> dict:
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         tracker.log_params({"exported.step": exported_step, f"exported.{cfg.eval_metric}": exported_eval.get(cfg.eval_metric)})
         rt.on_main(_write_outputs, run_dir, summary, tracker)
+        if cfg.tracking.log_model:
+            tracker.log_model(model_dir, exported_step, cfg.tracking.register_model)
         rt.print(report.final_table(state.first_eval, exported_eval))
         rt.print(f"exported:    step {exported_step} of {state.step} (checkpoint.export: {cfg.checkpoint.export})")
         if cfg.tracking.mlflow:

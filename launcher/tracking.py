@@ -47,6 +47,12 @@ class Tracker:
     def log_table(self, rows: list[dict], name: str, step: int) -> None:
         """Rows of one table (same keys each), appended to the run's table `name`."""
 
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """The data the run read: dicts of name, digest, source, context (training/validation), rows."""
+
+    def log_model(self, model_dir: Path, step: int, register_as: str | None = None) -> None:
+        """The exported model directory, as the run's model."""
+
     def flush(self, wait: bool = False) -> None:
         """Send what is buffered; wait: until the tracker has it, unless it is down."""
 
@@ -195,7 +201,7 @@ class MLflowTracker(Tracker):
     name = "mlflow"
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, artifact_root: str | None, tags: dict,
-                 outage_wait_s: float = 300.0):
+                 outage_wait_s: float = 300.0, system_metrics_every_s: float = 0.0):
         from mlflow.tracking import MlflowClient
 
         if redact_uri(uri) != uri:  # mlflow prints "View run ... at <uri>", password included
@@ -207,6 +213,7 @@ class MLflowTracker(Tracker):
             exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
         else:
             exp_id = exp.experiment_id
+        self.experiment_id, self.run_name = exp_id, run_name
         # Finding or creating the run and counting this attempt wait on the server (the start
         # checked it answers): an attempt killed a moment later is still counted. From then on
         # every call goes through the sender (see the module docstring).
@@ -229,6 +236,19 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
         self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
+        self.system = None
+        if system_metrics_every_s > 0:
+            # MLflow's own monitor (psutil; GPUs through pynvml when installed): the run's
+            # "System metrics" tab. It stops by itself once the run is no longer RUNNING.
+            import logging
+
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
+
+            self.system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_every_s,
+                                               resume_logging=self.resumed, tracking_uri=uri)
+            self.system.start()
 
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)
@@ -294,6 +314,41 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path, artifact_path=None) -> None:
         self.sender.put_call(f"artifact {Path(path).name}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Run inputs (the run's "Datasets" column). A resumed run logs them again: MLflow keeps
+        one entry per (dataset, context)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entries = [DatasetInput(Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                                        source=json.dumps({"uri": d["source"]}),
+                                        profile=json.dumps({"num_rows": d["rows"]})),
+                                [InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        self.sender.put_call("datasets", lambda: self.client.log_inputs(self.run_id, datasets=entries))
+
+    def log_model(self, model_dir, step, register_as=None) -> None:
+        """The export as an MLflow logged model of this run (the run's "Logged models"), its
+        files as the model's artifacts; registered as a new version of `register_as` when set."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        def send():
+            model = self.client.create_logged_model(self.experiment_id, name=self.run_name,
+                                                    source_run_id=self.run_id, model_type="transformers",
+                                                    params={"step": str(step)})
+            self.client.log_model_artifacts(model.model_id, str(model_dir))
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
+            if register_as:
+                try:
+                    self.client.create_registered_model(register_as)
+                except Exception as e:  # noqa: BLE001 - it exists: a new version of it
+                    if "ALREADY_EXISTS" not in str(getattr(e, "error_code", "")) + str(e):
+                        raise
+                version = self.client.create_model_version(register_as, f"models:/{model.model_id}",
+                                                           run_id=self.run_id, model_id=model.model_id)
+                self.sender.say(f"MLflow: registered model {register_as} version {version.version}")
+
+        self.sender.put_call("the model", send)
+
     def log_table(self, rows, name, step) -> None:
         # MLflow appends to an existing table artifact; the UI compares it across steps and runs.
         data = {k: [r[k] for r in rows] for k in rows[0]}
@@ -305,6 +360,7 @@ class MLflowTracker(Tracker):
         checkpoint is saved and the job may have little time left); then the run stays
         RUNNING in MLflow and the line printed says what was not sent."""
         self.flush()
+        self._stop_system_metrics()
         self.sender.put_call("the run's end", lambda: self.client.set_terminated(self.run_id, status=status))
         wait = self.outage_wait_s if status == "FINISHED" else min(self.outage_wait_s, 15.0)
         if not self.sender.drain(0.0) and self.sender.down_since is not None:
@@ -315,7 +371,13 @@ class MLflowTracker(Tracker):
                             "all metrics are in the run's metrics.jsonl")
         self.sender.close()
 
+    def _stop_system_metrics(self) -> None:
+        if self.system is not None:
+            self.system.finish()  # its last samples go out before the run ends
+            self.system = None
+
     def abandon(self) -> None:
+        self._stop_system_metrics()
         self.sender.close()
         self._undo()
 
@@ -423,6 +485,14 @@ class MultiTracker(Tracker):
     def log_table(self, rows, name, step):
         for t in self.trackers:
             t.log_table(rows, name, step)
+
+    def log_inputs(self, datasets):
+        for t in self.trackers:
+            t.log_inputs(datasets)
+
+    def log_model(self, model_dir, step, register_as=None):
+        for t in self.trackers:
+            t.log_model(model_dir, step, register_as)
 
     def flush(self, wait=False):
         for t in self.trackers:
@@ -539,7 +609,8 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
         if not t.uri:  # default SQLite store: artifacts beside it, not in ./mlruns of the cwd
             artifact_root = (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
         mlflow = _starting(f"MLflow at {redact_uri(cfg.tracking_uri)}", cfg.tracking_uri, trackers, lambda: MLflowTracker(
-            cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags, t.outage_wait_s))
+            cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags, t.outage_wait_s,
+            t.system_metrics_every_s))
         if mlflow.resumed:
             mlflow.backfill(trackers[0].records())
         trackers.append(mlflow)

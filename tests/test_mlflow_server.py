@@ -84,7 +84,8 @@ def test_train_against_real_server(mlflow_server, tmp_path):
     tokens = {"HF_TOKEN": "hf_s3cret-tok", "WANDB_API_KEY": "wandb-s3cret-key", "MLFLOW_TRACKING_TOKEN": "mlf-s3cret-tok"}
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "runs"), "--run-name", "srv", *FAST,
                           "train.max_steps=8", "eval.every_steps=4", "checkpoint.every_steps=4", f"tracking.uri={secret_uri}",
-                          "tracking.experiment=server-test", env=tokens))
+                          "tracking.experiment=server-test", "tracking.register_model=clauses-tiny",
+                          "tracking.system_metrics_every_s=1", env=tokens))
     assert "s3cret" not in proc.stdout + proc.stderr and "alice:***@" in proc.stdout
     assert "s3cret-pw" not in (tmp_path / "runs" / "srv" / "config.yaml").read_text()
     written = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
@@ -102,6 +103,28 @@ def test_train_against_real_server(mlflow_server, tmp_path):
     assert {"config.yaml", "final_metrics.json", "training.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # The artifacts travelled over HTTP into the server's own store.
     assert list((server_dir / "server-artifacts").rglob("final_metrics.json"))
+
+    # What MLflow users look for in a run: its data, its model, its machine.
+    inputs = {(d.dataset.name, d.tags[0].value): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {("train.jsonl", "training"), ("validation.jsonl", "validation")}
+    assert json.loads(inputs["train.jsonl", "training"].profile)["num_rows"] == int(run.data.params["derived.n_train"])
+    assert json.loads(inputs["validation.jsonl", "validation"].source)["uri"].endswith("validation.jsonl")
+    exported = json.loads((tmp_path / "runs" / "srv" / "final_metrics.json").read_text())["exported_step"]
+    (output,) = run.outputs.model_outputs
+    assert output.step == exported
+    model = client.get_logged_model(output.model_id)
+    assert (model.name, model.status.name, model.source_run_id) == ("srv", "READY", run.info.run_id)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    fetched = Path(mlflow.artifacts.download_artifacts(f"models:/{output.model_id}", dst_path=str(tmp_path / "fetched")))
+    local = tmp_path / "runs" / "srv" / "model"
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in local.iterdir())
+    assert (fetched / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    (version,) = client.search_model_versions("name='clauses-tiny'")
+    assert (version.version, version.run_id, version.source) == ("1", run.info.run_id, f"models:/{output.model_id}")
+    assert "MLflow: registered model clauses-tiny version 1" in proc.stdout + proc.stderr
+    assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")  # from rank 0, each second
 
 
 def _wait_for(predicate, what: str, timeout: float, proc: subprocess.Popen | None = None):

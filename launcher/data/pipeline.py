@@ -40,8 +40,11 @@ def auto_num_proc(n_rows: int, requested: int | None) -> int:
 class TokenRows(torch.utils.data.Dataset):
     """A split's token rows, memory-mapped. Items are dicts of the listed columns."""
 
-    def __init__(self, ds, meta: dict, from_cache: bool, columns: tuple[str, ...]):
+    def __init__(self, ds, meta: dict, from_cache: bool, columns: tuple[str, ...], source: str = "", digest: str = ""):
         self.ds = ds.select_columns(list(columns))
+        # What the rows came from, and the cache key of their tokens (the source's path, size and
+        # mtime with every tokenization setting): what a tracker records as the run's input.
+        self.source, self.digest = source, digest
         self.meta = meta
         self.from_cache = from_cache  # read from the cache rather than tokenized here
         self.columns = columns
@@ -69,6 +72,7 @@ class TokenRows(torch.utils.data.Dataset):
         order = np.argsort(self.lengths, kind="stable")
         view.ds, view.meta, view.from_cache, view.columns = self.ds.select(order), self.meta, self.from_cache, self.columns
         view.lengths = self.lengths[order]
+        view.source, view.digest = self.source, self.digest
         return view
 
     def packing_efficiency(self, block: int) -> float:
@@ -129,7 +133,8 @@ def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRow
 
     ds = datasets.load_from_disk(str(path / "data"))
     meta = json.loads((path / "meta.json").read_text())
-    return TokenRows(ds, meta, from_cache=not built_here, columns=split.columns)
+    return TokenRows(ds, meta, from_cache=not built_here, columns=split.columns, source=str(split.source),
+                     digest=key_of(parts))
 
 
 def _raise_bad_rows(out, source: Source) -> None:
