@@ -497,7 +497,7 @@ def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
     )
 
 
-def _pretrained_base(auto, meta: dict, config):
+def _pretrained_base(auto, meta: dict, config, code: dict):
     """The LoRA run's pretrained base, built with the run's own config (labels, head size)."""
     from launcher import models
 
@@ -505,18 +505,19 @@ def _pretrained_base(auto, meta: dict, config):
         return models.from_pretrained(auto, meta["base_model"], config=config, ignore_mismatched_sizes=True)
     try:
         return auto.from_pretrained(meta["base_model"], revision=meta.get("base_revision"), config=config,
-                                    ignore_mismatched_sizes=True)
+                                    ignore_mismatched_sizes=True, **code)
     except OSError as e:
         raise ConfigError(f"{meta['base_model']}: the frozen base of this LoRA checkpoint cannot be loaded "
                           f"({str(e).splitlines()[0][:200]}); put it there (or HF_HUB_OFFLINE=0 for a hub name)") from None
 
 
-def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False) -> str:
+def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
     """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
 
     No process group: DeepSpeed and FSDP shards are merged in this one process.
     Returns a description of what was read. Shards that are pickles (ZeRO's, FSDP's DCP
     metadata) are read only from a checkpoint this user's launcher wrote, or when `trusted`.
+    A model whose config names Python files (auto_map) is built only with `trust_remote_code`.
     """
     if not (ckpt / MARKER).is_file():
         raise ConfigError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
@@ -532,8 +533,11 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False) -> str:
     skeleton = ckpt / SKELETON
     meta = json.loads((skeleton / "launcher.json").read_text()) if (skeleton / "launcher.json").is_file() else {}
     auto = AutoModelForCausalLM if meta.get("task") == "causal_lm" else AutoModelForSequenceClassification
+    from launcher.models import remote_code_gate
+
+    code = remote_code_gate(skeleton, trust_remote_code)
     state_dict, source = _checkpoint_weights(ckpt)
-    config = AutoConfig.from_pretrained(skeleton)
+    config = AutoConfig.from_pretrained(skeleton, **code)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(skeleton, tmp)
@@ -543,16 +547,16 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False) -> str:
         from launcher.tasks import lora
 
         (tmp / "adapter_config.json").unlink()
-        model_class = type(auto.from_config(config))
+        model_class = type(auto.from_config(config, **code))
         base = None
         if meta.get("checkpoint_weights") == "trainable":  # the frozen base comes from where the run read it
-            base = _pretrained_base(auto, meta, config)
+            base = _pretrained_base(auto, meta, config, code)
             source += f", frozen base from {meta['base_model']}"
         lora.write(PeftConfig.from_pretrained(skeleton), state_dict, tmp, config, model_class, meta.get("random_base", False),
                    base=base)
         source += ", LoRA: adapter/ and merged model"
     else:
-        model = auto.from_config(config)
+        model = auto.from_config(config, **code)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

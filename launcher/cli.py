@@ -12,6 +12,10 @@ from launcher import __version__
 from launcher.errors import RunError, UserError
 
 
+
+REMOTE_CODE_HELP = ("load a model whose config or tokenizer config names Python files shipped with it "
+                    "(auto_map): loading runs them")
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
     p.add_argument("--version", action="version", version=f"launcher {__version__}")
@@ -38,11 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                    "messages, prompt/completion or conversations)")
     e.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     g = sub.add_parser("generate", help="greedy answer of an exported causal LM to one instruction")
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True, help="the instruction; rendered with the run's prompt template")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
     r.add_argument("model_dir")
@@ -51,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
     r.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
     r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     pl = sub.add_parser("plan", help="world size, batch, DeepSpeed autos, memory per GPU, launch command; no process group",
                         description="Check a run config against an accelerate config (and its DeepSpeed JSON) and print "
@@ -69,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--trust-checkpoint", action="store_true",
                    help="read ZeRO or FSDP shards (pickles: loading runs code) of a checkpoint your launcher did not "
                    "write, such as another user's or a download")
+    x.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     sub.add_parser("env", help="versions, devices and Slurm variables: the block to paste into a bug report")
 
@@ -208,7 +216,8 @@ def cmd_export(args) -> int:
     from launcher.checkpoint import export_checkpoint
 
     out = Path(args.out_dir)
-    source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint)
+    source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint,
+                               trust_remote_code=args.trust_remote_code)
     print(f"{out}: Hugging Face model from {source}")
     return 0
 
@@ -247,14 +256,14 @@ def cmd_eval(args) -> int:
         from launcher.data.instructions import read_rows
         from launcher.tasks import causal_lm
 
-        model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir)
+        model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
         rows = read_rows(data, fmt)
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
         print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
                                                  meta.get("max_new_tokens", 32), args.batch_size)))
         return 0
-    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)
+    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
     import torch
 
@@ -274,7 +283,7 @@ def cmd_generate(args) -> int:
 
     if _exported_task(args.model_dir) != "causal_lm":
         raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm)")
-    model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir)
+    model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     print(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
     return 0
 
@@ -285,7 +294,7 @@ def cmd_predict(args) -> int:
     if _exported_task(args.model_dir) == "causal_lm":
         return _predict_causal_lm(args)
     texts = _read_texts(Path(args.input))
-    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir)
+    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     probs = task.probabilities(task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size), multilabel)
     out = open(args.output, "w") if args.output else sys.stdout
     try:
@@ -311,7 +320,7 @@ def _predict_causal_lm(args) -> int:
     path = Path(args.input)
     if not path.is_file():
         raise UserError(f"--input: {path}: file not found")
-    model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir)
+    model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     records, rows, problems = [], [], []
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         for where, record in read_records(path):

@@ -14,6 +14,7 @@ was: not a model directory, not found on the hub, gated, no network, or not a re
 from __future__ import annotations
 
 import copy
+import json
 import functools
 import os
 from pathlib import Path
@@ -142,6 +143,27 @@ def local_dir(name: str, revision: str | None) -> str | None:
 
 
 _configs: dict = {}  # (loader, GGUF path, mtime) -> its config, read once per process
+
+
+def remote_code_gate(model_dir: str | Path, trusted: bool, flag: str = "--trust-remote-code") -> dict:
+    """from_pretrained's trust_remote_code for a local model directory. A directory whose
+    config.json or tokenizer_config.json maps classes to Python files shipped beside it
+    (`auto_map`) runs those files when loaded: refused in one line unless `trusted`."""
+    shipped = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / name
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue  # the loader itself says what is wrong with the file
+        for ref in (auto_map or {}).values():
+            for item in ref if isinstance(ref, list) else [ref]:
+                if isinstance(item, str):
+                    shipped.add(item.split("--")[-1].split(".")[0] + ".py")
+    if shipped and not trusted:
+        raise ConfigError(f"{model_dir}: loading it runs Python code shipped with the model ({', '.join(sorted(shipped))}, "
+                          f"named by auto_map); pass {flag} if you trust it")
+    return {"trust_remote_code": bool(trusted)}
 
 
 def from_pretrained(loader, name: str, model_cfg=None, **kwargs):

@@ -153,3 +153,59 @@ def test_a_key_that_cannot_be_made_never_costs_a_checkpoint(tmp_path):
     assert json.loads((tmp_path / "r" / "checkpoints" / "step-000002" / "COMPLETE").read_text()) == {"signature": None}
     resumed = check(launcher(*args, env=env))
     assert "resum" in resumed.stdout.lower() and (tmp_path / "r" / "model").is_dir()
+
+
+CUSTOM_CODE = """import os, pathlib
+pathlib.Path(os.environ["CUSTOM_CODE_RAN"]).write_text("ran")
+from transformers import BertConfig, BertForSequenceClassification
+
+
+class CustomConfig(BertConfig):
+    pass
+
+
+class CustomModel(BertForSequenceClassification):
+    config_class = CustomConfig
+"""
+
+
+def test_a_model_that_ships_python_code_is_loaded_only_with_trust_remote_code(tmp_path, trained_binary):
+    """An export (or a checkpoint's skeleton) whose config.json maps classes to Python files
+    beside it runs them when loaded: eval, predict and export refuse it in one line, without
+    running it, and load it with --trust-remote-code."""
+    import json
+    import shutil
+
+    from conftest import exported_checkpoint
+
+    _, run = trained_binary
+    model_dir = tmp_path / "custom"
+    shutil.copytree(run / "model", model_dir)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(exported_checkpoint(run), ckpt)
+    auto_map = {"AutoConfig": "modeling_custom.CustomConfig",
+                "AutoModelForSequenceClassification": "modeling_custom.CustomModel"}
+    for where in (model_dir, ckpt / "skeleton"):
+        assert (where / "config.json").is_file()
+        config = json.loads((where / "config.json").read_text())
+        (where / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+        (where / "modeling_custom.py").write_text(CUSTOM_CODE)
+    marker = tmp_path / "ran"
+    env = {"CUSTOM_CODE_RAN": str(marker), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    (tmp_path / "in.txt").write_text("We may terminate your account at any time.\n")
+    data = run / "data" / "validation.jsonl"
+    commands = {"eval": ["eval", str(model_dir), "--data", str(data)],
+                "predict": ["predict", str(model_dir), "--input", str(tmp_path / "in.txt")],
+                "export": ["export", str(ckpt), str(tmp_path / "out")]}
+    for name, args in commands.items():
+        refused = launcher(*args, env=env)
+        where = ckpt / "skeleton" if name == "export" else model_dir
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            f"error: {where}: loading it runs Python code shipped with the model (modeling_custom.py, named by "
+            "auto_map); pass --trust-remote-code if you trust it"), (name, refused.stderr[-2000:])
+        assert not marker.exists() and not (tmp_path / "out").exists()
+    for name, args in commands.items():
+        ran = check(launcher(*args, "--trust-remote-code", env=env))
+        assert marker.read_text() == "ran", name
+        marker.unlink()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"] == auto_map

@@ -22,7 +22,7 @@ from launcher.data import instructions, prompts
 from launcher.data.prompts import PromptFormat
 from launcher.errors import ConfigError, DataError
 from launcher.tasks import generation
-from launcher.models import from_pretrained, inference_device
+from launcher.models import from_pretrained, inference_device, remote_code_gate
 
 
 def tiny_config(cfg: RunConfig, vocab_size: int, tokenizer):
@@ -364,7 +364,7 @@ def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_ne
     return [r["response"] for r in answered]
 
 
-def load_exported(model_dir: str | Path):
+def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     """(model, tokenizer, prompt format, launcher.json) from a causal-LM `model/` export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -372,8 +372,9 @@ def load_exported(model_dir: str | Path):
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
-    model = from_pretrained(AutoModelForCausalLM, str(model_dir)).to(inference_device()).eval()
-    tokenizer = from_pretrained(AutoTokenizer, str(model_dir))
+    code = remote_code_gate(model_dir, trust_remote_code)
+    model = from_pretrained(AutoModelForCausalLM, str(model_dir), **code).to(inference_device()).eval()
+    tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = PromptFormat.from_json(meta)

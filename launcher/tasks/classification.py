@@ -22,7 +22,7 @@ import torch
 
 from launcher.config import TINY_MODEL, RunConfig
 from launcher.errors import ConfigError
-from launcher.models import from_pretrained, inference_device
+from launcher.models import from_pretrained, inference_device, remote_code_gate
 
 THRESHOLD = 0.5
 
@@ -294,7 +294,7 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
 # ---------------------------------------------------------------- exported models
 
 
-def load_exported(model_dir: str | Path):
+def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     """(model, tokenizer, label_names, multilabel, cuts) from a `model/` export or any HF
     classifier dir; cuts is the decision rule of its launcher.json (None: the 0.5 rule)."""
     import json
@@ -303,8 +303,9 @@ def load_exported(model_dir: str | Path):
 
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
-    model = from_pretrained(AutoModelForSequenceClassification, str(model_dir))
-    tokenizer = from_pretrained(AutoTokenizer, str(model_dir))
+    code = remote_code_gate(model_dir, trust_remote_code)
+    model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)
+    tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
     meta = Path(model_dir) / "launcher.json"
