@@ -184,6 +184,10 @@ CASES = [
     # ---- a data cache strangers could fill
     ("world-writable cache", "train", TINY, _cache_dir(0o777), "data.cache_dir: {tmp}/cache may be written by anyone (mode 777)"),
     ("another user's cache", "train", TINY, _cache_dir(0o755, uid=54321), "data.cache_dir: {tmp}/cache belongs to another user (uid 54321)"),
+    ("register without MLflow", "train", TINY, _plain("tracking.mlflow=false", "tracking.register_model=clauses"),
+     "tracking.register_model: needs tracking.mlflow and tracking.log_model true"),
+    ("negative system metrics interval", "train", TINY, _plain("tracking.system_metrics_every_s=-1"),
+     "tracking.system_metrics_every_s: must be >= 0"),
 ]
 
 
