@@ -2,9 +2,10 @@
 
 Left to itself, every rank of an 8-GPU node calls from_pretrained(name) at once: eight
 processes ask the hub for the same files (and hit its rate limits together), and a
-network fault becomes eight different half-downloads. Here the first process of each
-node (local rank 0) fetches the snapshot with huggingface_hub, the other ranks of that
-node wait for it on the file system (not in a collective, so a long download cannot run
+network fault becomes eight different half-downloads. Here one process per Hugging Face
+cache fetches the snapshot with huggingface_hub: global rank 0 when the nodes share the
+cache (a shared file system), else the first process of each node (local rank 0). The
+other ranks wait for it on the file system (not in a collective, so a long download cannot run
 into the process group's timeout), and every rank then loads the local snapshot directory
 with no network at all. A failure on the fetching rank stops its node's other ranks with
 the same one line.
@@ -19,6 +20,7 @@ from there by every rank.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -43,16 +45,39 @@ def resolved_revision(name: str, revision: str | None) -> str | None:
     return Path(path).name if path else revision
 
 
+def _index_files(index: Path) -> list[str] | None:
+    """The index file and the shards its weight_map names; None without a readable index."""
+    try:
+        return [index.name, *sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no index, or a broken one: the loader says what is wrong with it
+
+
+def weight_patterns(snapshot: Path) -> list[list[str]]:
+    """The weight files to fetch, in order of preference, once the small files are local.
+    A sharded checkpoint's index names its shards exactly, so a repository that also holds a
+    consolidated copy (Mistral's `consolidated.safetensors`) is not downloaded twice. Without
+    an index: `model.safetensors`, then any safetensors, then the PyTorch .bin files (pickles:
+    the last resort), by their own index when there is one."""
+    sharded = _index_files(snapshot / "model.safetensors.index.json")
+    if sharded:
+        return [sharded]
+    return [["model.safetensors"], WEIGHTS, _index_files(snapshot / "pytorch_model.bin.index.json") or BIN_WEIGHTS]
+
+
 def fetch(model_cfg) -> str:
     """Download (or find in the cache) the snapshot of model_cfg.name; its local directory.
-    One line (ConfigError) when it cannot: not found, gated, no network, bad revision."""
+    One line (ConfigError) when it cannot: not found, gated, no network, bad revision.
+    The small files first (config, tokenizer, weight index), then exactly the weights."""
     from huggingface_hub import snapshot_download
 
-    extra = CODE if model_cfg.trust_remote_code else []
+    small = SMALL + (CODE if model_cfg.trust_remote_code else [])
     try:
-        path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=SMALL + WEIGHTS + extra)
-        if not any(Path(path).glob("*.safetensors")):
-            path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=SMALL + BIN_WEIGHTS + extra)
+        path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=small)
+        for weights in weight_patterns(Path(path)):
+            path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=small + weights)
+            if any(Path(path).glob("*.safetensors")) or any(Path(path).glob("pytorch_model*.bin")):
+                break
     except Exception as e:  # hub, HTTP and validation errors have no common base class
         raise ConfigError(models.hub_problem(model_cfg.name, e)) from None
     return path
@@ -81,14 +106,25 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
     token = rt.shared_token()
     where = Path(constants.HF_HUB_CACHE) / ".launcher"
     where.mkdir(parents=True, exist_ok=True)
-    stem = where / f"{token}-{socket.gethostname()}"
+    # One download per cache, not per node: global rank 0 leaves a file in its cache, and a
+    # node that sees it shares that cache (a shared file system), so its ranks wait for rank
+    # 0's download instead of fetching the same blobs at the same time.
+    probe = where / f"{token}.probe"
+    if rt.rank == 0:
+        probe.write_text(socket.gethostname())
+    rt.barrier()
+    shared = probe.is_file()
+    fetcher = rt.rank == 0 if shared else rt.local_rank == 0
+    peers = rt.world_size if shared else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    stem = where / (token if shared else f"{token}-{socket.gethostname()}")
     done, failed = stem.with_suffix(".done"), stem.with_suffix(".failed")
-    if rt.local_rank == 0:
+    if fetcher:
         try:
             path = fetch(model_cfg)
         except ConfigError as e:
             failed.write_text(e.problems[0])
-            _wait_for_acks(stem, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+            _wait_for_acks(stem, peers - 1)
+            probe.unlink(missing_ok=True)
             raise
         done.write_text(path)
     else:
@@ -96,19 +132,21 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
         while not done.exists():
             if failed.exists():
                 problem = failed.read_text()
-                Path(f"{stem}.ack-{rt.local_rank}").write_text("")
+                Path(f"{stem}.ack-{rt.rank}").write_text("")
                 raise ConfigError(problem)
             if time.monotonic() - last_word > 60:
-                print(f"rank {rt.rank}: waiting {time.monotonic() - started:.0f} s for local rank 0 to fetch "
-                      f"{model_cfg.name}", flush=True)
+                print(f"rank {rt.rank}: waiting {time.monotonic() - started:.0f} s for "
+                      f"{'rank 0' if shared else 'local rank 0'} to fetch {model_cfg.name}", flush=True)
                 last_word = time.monotonic()
             time.sleep(0.2)
         path = done.read_text()
     models.LOCAL[key] = path
-    rt.barrier()  # every rank has read its node's answer: now quick
-    if rt.local_rank == 0:
+    rt.barrier()  # every rank has read the answer: now quick
+    if fetcher:
         done.unlink(missing_ok=True)
-    return rt.local_rank == 0
+    if rt.rank == 0:
+        probe.unlink(missing_ok=True)
+    return fetcher
 
 
 def _wait_for_acks(stem: Path, peers: int, limit_s: float = 30.0) -> None:

@@ -243,3 +243,23 @@ def test_credentials_in_a_tracking_uri_are_redacted_however_they_appear():
     uri = "https://h/?sig=a%2Fbcd&auth=1"
     said = "failed: https://h/?sig=a/bcd&auth=1 (a%2Fbcd, a/bcd) after 1 try"
     assert redact_text(said, uri) == "failed: https://h/?sig=***&auth=*** (***, ***) after 1 try"
+
+
+def test_hub_weights_are_chosen_from_the_index_so_nothing_is_downloaded_twice(tmp_path):
+    """A Mistral-style repository holds sharded safetensors with their index and a
+    consolidated copy: the index names exactly the shards to fetch. Without an index the
+    single model.safetensors comes first and the .bin pickles last, by their own index."""
+    import json
+
+    from launcher.hub import BIN_WEIGHTS, WEIGHTS, weight_patterns
+
+    shards = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors",
+              "c.weight": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a.weight": "pytorch_model-1.bin"}}))
+    assert weight_patterns(tmp_path) == [["model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                          "model-00002-of-00002.safetensors"]]
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert weight_patterns(tmp_path) == [["model.safetensors"], WEIGHTS, ["pytorch_model.bin.index.json", "pytorch_model-1.bin"]]
+    (tmp_path / "pytorch_model.bin.index.json").write_text("{not json")
+    assert weight_patterns(tmp_path) == [["model.safetensors"], WEIGHTS, BIN_WEIGHTS]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, TINY, check, launcher
-from test_distributed import ACCEL, accelerate_launch, max_diff, weights
+from test_distributed import ACCEL, accelerate_launch, free_port, max_diff, weights
 from test_invariants import model_facts
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -181,6 +181,19 @@ def test_a_hub_model_is_fetched_once_per_node_and_every_rank_loads_the_local_sna
     assert [model_facts(run, r)["loaded_from"] for r in (0, 1)] == [str(snapshot)] * 2
     assert max_diff(weights(run), weights(tmp_path / "one")) < TOL
     assert not list((tmp_path / "hf-cache" / ".launcher").iterdir())  # the node's hand-over files are gone
+
+    # Two nodes sharing one cache (a shared file system): one download for the job, by rank 0.
+    port = free_port()
+    nodes = [accelerate_launch(["--config_file", str(ACCEL / "multi_node.yaml"), "--num_machines", "2",
+                                "--num_processes", "2", "--machine_rank", str(r), "--main_process_ip", "127.0.0.1"],
+                               tmp_path, "nodes", *args, base=[], env=env, port=port, wait=False) for r in (0, 1)]
+    for p in nodes:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    ranks = [json.loads((tmp_path / "nodes" / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
+    assert [(r["node_rank"], r["local_rank"], r["model_fetched_here"]) for r in ranks] == [(0, 0, True), (1, 0, False)]
+    assert max_diff(weights(tmp_path / "nodes"), weights(tmp_path / "one")) < TOL
+    assert not list((tmp_path / "hf-cache" / ".launcher").iterdir())
 
     proc = accelerate_launch(launch, tmp_path, "missing", *CLAUSES, "model.name=launcher-tests/not-cached", base=[], env=env)
     assert proc.returncode != 0
