@@ -402,15 +402,20 @@ class WandbTracker(Tracker):
     def __init__(self, project: str, run_name: str, run_id: str | None, mode: str, directory: Path, tags: dict):
         import wandb
 
+        # W&B's own variables hold where launcher has no say of its own: WANDB_DIR (else the run
+        # directory), WANDB_NAME, WANDB_RUN_ID (a new run's id), WANDB_TAGS (added to launcher's),
+        # and the ones wandb.init reads itself (WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_NOTES, ...).
+        directory = Path(os.environ.get("WANDB_DIR") or directory)
         directory.mkdir(parents=True, exist_ok=True)
+        own = [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
         self.run = wandb.init(
             project=project,
-            name=run_name,
-            id=run_id or secrets.token_hex(4),
+            name=os.environ.get("WANDB_NAME") or run_name,
+            id=run_id or os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4),
             resume="allow",
             mode=mode,
             dir=str(directory),
-            tags=[f"{k}={v}" for k, v in tags.items()][:20],
+            tags=(own + [f"{k}={v}" for k, v in tags.items()])[:20],
         )
         self.run_id = self.run.id
 

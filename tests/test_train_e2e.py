@@ -180,18 +180,23 @@ def test_bad_data_row_and_unreachable_model_create_nothing(tmp_path):
 
 def test_multilabel_run_with_wandb_offline(tmp_path):
     """Offline as W&B users ask for it, through WANDB_MODE (no config key: the environment
-    decides; an online W&B here would fail to log in)."""
+    decides; an online W&B here would fail to log in), and W&B's other variables hold too:
+    WANDB_DIR, WANDB_TAGS, WANDB_RUN_GROUP."""
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-home"), "WANDB_TAGS": "team-legal,sweep-7",
+           "WANDB_RUN_GROUP": "group-tos"}
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "ml", *FAST,
                           "data.mode=multilabel", "train.class_weighting=balanced", "train.max_steps=12",
-                          "eval.every_steps=6", "tracking.wandb=true", env={"WANDB_MODE": "offline"}))
+                          "eval.every_steps=6", "tracking.wandb=true", env=env))
     assert "f1/Arbitration" in proc.stdout and "f1/none" in proc.stdout
-    runs = list((tmp_path / "ml" / "wandb").glob("wandb/offline-run-*"))
+    assert not (tmp_path / "ml" / "wandb").exists()
+    runs = list((tmp_path / "wandb-home").glob("wandb/offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "ml").rglob("*"))
     # wandb 0.31 keeps offline history in a binary log with no Python reader; its records
     # hold metric keys as plain protobuf strings, and saved files are copied verbatim.
     (log,) = runs[0].glob("run-*.wandb")
     data = log.read_bytes()
-    for key in (b"train/loss", b"eval/macro_f1", b"eval/f1/Arbitration", b"train.global_batch_size"):
+    for key in (b"train/loss", b"eval/macro_f1", b"eval/f1/Arbitration", b"train.global_batch_size", b"team-legal",
+                b"sweep-7", b"group-tos"):
         assert key in data, key
     saved = json.loads((runs[0] / "files" / "final_metrics.json").read_text())
     assert saved == json.loads((tmp_path / "ml" / "final_metrics.json").read_text())
