@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: venv demo tos tos-llm test test-fast test-faults test-matrix clean
+.PHONY: venv demo tos tos-llm test test-fast test-faults test-matrix test-load clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,11 @@ test-faults: venv
 # every pretrained model (tiny BERT, tiny Llama, MiniLM) through every engine.
 test-matrix: venv
 	$(PY) -m pytest -q -m matrix
+
+# Four 2-rank jobs at once on one real MLflow server (two through a 1 s-latency proxy) and one
+# data cache, one of them killed and resumed: every step logged once, the cache built once.
+test-load: venv
+	$(PY) -m pytest -q -s -m load tests/test_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

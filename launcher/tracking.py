@@ -541,10 +541,16 @@ def run_tags(facts: dict) -> dict:
     return tags
 
 
-def check_reachable(cfg, timeout_s: float = 5.0) -> None:
+def check_reachable(cfg, timeout_s: float = 5.0, answer_s: float = 60.0) -> None:
     """An MLflow server that does not answer stops the start within seconds, with one line
     and before the run directory exists; left to itself the mlflow client retries for
-    minutes without a word. Any HTTP answer (even an error status) counts as reachable."""
+    minutes without a word. Any HTTP answer (even an error status) counts as reachable.
+
+    Two deadlines: `timeout_s` to connect (a refused or unroutable address), `answer_s` for
+    the answer of a server that accepted the connection. A team's server busy with many
+    jobs can take seconds to answer; one 5 s deadline for both stopped such jobs at start
+    (seen with 4 jobs through a 1 s-latency link)."""
+    import socket
     import urllib.error
     import urllib.request
     from urllib.parse import urlsplit, urlunsplit
@@ -556,14 +562,26 @@ def check_reachable(cfg, timeout_s: float = 5.0) -> None:
         return
     parts = urlsplit(uri)
     bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health"))
+
+    def fail(reason) -> ConfigError:
+        return ConfigError(f"tracking.uri: {redact_uri(uri)} does not answer ({reason}); start the server, "
+                           "correct the URI, or set tracking.mlflow=false")
+
     try:
-        urllib.request.urlopen(bare, timeout=timeout_s).close()
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number
+        raise fail(e) from None
+    if host and not (urllib.request.getproxies() and not urllib.request.proxy_bypass(host)):  # no HTTP proxy between
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise fail(e.strerror or e) from None
+    try:
+        urllib.request.urlopen(bare, timeout=answer_s).close()
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise ConfigError(f"tracking.uri: {redact_uri(uri)} does not answer ({reason}); start the server, "
-                          "correct the URI, or set tracking.mlflow=false") from None
+        raise fail(getattr(e, "reason", None) or e) from None
 
 
 def warm_up(cfg, is_main: bool):

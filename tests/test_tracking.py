@@ -6,6 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from conftest import TINY
 from launcher.tracking import Sender
 
 
@@ -82,3 +85,46 @@ def test_drain_gives_up_at_its_deadline_and_close_stops_the_thread():
     sender.close()
     sender.thread.join(5)
     assert not sender.thread.is_alive() and server.batches == []
+
+
+def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
+    """Connecting is one deadline, the answer another: a server that accepts the connection
+    and answers 2 s later passes a 1 s connect deadline (a team's server under load); a
+    closed port fails at once with one line."""
+    import socket
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from launcher.config import load_config
+    from launcher.errors import ConfigError
+    from launcher.tracking import check_reachable
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(2.0)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = load_config(str(TINY), [f"tracking.uri=http://127.0.0.1:{server.server_address[1]}"], output_dir=str(tmp_path))
+        started = time.monotonic()
+        check_reachable(cfg, timeout_s=1.0)
+        assert time.monotonic() - started >= 2.0
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    cfg = load_config(str(TINY), [f"tracking.uri=http://127.0.0.1:{closed}"], output_dir=str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"tracking.uri: http://127.0.0.1:{closed} does not answer \(Connection refused\)"):
+        check_reachable(cfg, timeout_s=1.0)
+    assert time.monotonic() - started < 1.0
