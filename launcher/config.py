@@ -245,6 +245,9 @@ class CheckpointConfig:
     # Load a checkpoint named in checkpoint.resume that your launcher did not write (another
     # user's, a download): resuming unpickles it, which can run any code.
     trust: bool = False
+    # A resume in the run's directory with a changed task, model, data, seed, global batch or
+    # optimisation: refuse (another run), or allow (listed and recorded like any other change).
+    resume_changed: Literal["refuse", "allow"] = "refuse"
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import report
-from launcher import faults, hub, sizing, tasks, tracking, watchdog
+from launcher import config_changes, faults, hub, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError, RunError, UserError
@@ -106,6 +106,7 @@ def train(cfg: RunConfig) -> dict:
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
     resume_from = start.checkpoint
+    changed = config_changes.check_resume(cfg, resume_from)  # another run's config: one line, nothing built
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
@@ -128,6 +129,8 @@ def train(cfg: RunConfig) -> dict:
         rt.on_main(ckpt_lib.remove_partial, start.partial)
     if resume_from is not None:
         rt.print(f"resuming from {resume_from}")
+        for line in rt.on_main(config_changes.record, run_dir, int(resume_from.name.split('-')[-1]), changed, cfg) or []:
+            rt.print(line)
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
@@ -190,6 +193,9 @@ def train(cfg: RunConfig) -> dict:
     width = next(model.parameters()).element_size()
     checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
+    if changed:  # a longer schedule: the next step's lr is the new schedule's, not the restored one
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
@@ -218,6 +224,7 @@ def train(cfg: RunConfig) -> dict:
             "derived.n_trainable_parameters": n_trainable,
         }
         | derived
+        | (config_changes.params(state.step, changed) if resume_from is not None else {})
     )
     if cfg.tracking.log_datasets:
         tracker.log_inputs([{"name": Path(d.source).name or d.source, "digest": d.digest, "source": d.source,

@@ -365,3 +365,50 @@ def test_off_a_terminal_progress_is_plain_lines_with_loss_lr_and_eta(tmp_path):
     assert [f"loss={losses[s]:.4f}" in line for s, line in zip(range(1, 7), lines)] == [True] * 6
     quiet = check(launcher(*common, "--run-name", "quiet", "tracking.print_every_s=0"))
     assert not [line for line in quiet.stdout.splitlines() if re.match(r"step \d+/6 ", line)]
+
+
+def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
+    """Halted at 6 of 12. Resuming with another lr would train a run neither config
+    describes: one line, exit 2, nothing touched (checkpoint.resume_changed=allow lets it
+    through). Resuming with max_steps 18 extends the run: the changes are listed, kept in
+    config_history.jsonl, config.yaml and the MLflow params, and the lr continues on the new
+    18-step schedule from step 7."""
+    from launcher import config_changes
+    from launcher.config import load_config
+
+    common = [*FAST, "checkpoint.every_steps=6", "eval.every_steps=6", "train.warmup_steps=2"]
+    run = tmp_path / "r"
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
+    check(launcher(*args, "train.max_steps=12", "train.halt_at_step=6"))
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    refused = launcher(*args, "train.max_steps=12", "train.lr=1e-4")
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: checkpoint.resume: {run} would resume from step-000006 with train.lr: 0.001 -> 0.0001: that trains a "
+        "run neither config describes; restore the values, choose a new --run-name, or set checkpoint.resume_changed=allow")
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    allowed = load_config(TINY, [*common, "train.lr=1e-4", "checkpoint.resume_changed=allow"], output_dir=str(tmp_path),
+                          run_name="r")
+    assert config_changes.check_resume(allowed, run / "checkpoints" / "step-000006")["train.lr"] == (0.001, 0.0001)
+
+    extended = check(launcher(*args, "train.max_steps=18"))
+    lines = extended.stdout.splitlines()
+    at = lines.index("resuming with a changed config (config_history.jsonl):")
+    assert lines[at + 1 : at + 3] == ["  train.halt_at_step: 6 -> None", "  train.max_steps: 12 -> 18"]
+    (history,) = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history["resumed_at_step"] == 6 and history["changed"] == {"train.halt_at_step": [6, None], "train.max_steps": [12, 18]}
+    assert load_config(run / "config.yaml", check_files=False).train.max_steps == 18
+    client = mlflow_client(tmp_path)
+    (mlrun,) = all_runs(client)
+    assert mlrun.data.params["resumed_at_6.train.max_steps"] == "12 -> 18" and mlrun.data.params["train.max_steps"] == "12"
+    lrs = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "train/lr")}
+    assert sorted(lrs) == list(range(1, 19))
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = get_scheduler("linear", opt, 2, 18)
+    expected = {}
+    for step in range(1, 19):  # the lr a step uses is the schedule's value before its own scheduler step
+        expected[step] = opt.param_groups[0]["lr"]
+        sched.step()
+    assert [lrs[s] for s in range(7, 19)] == pytest.approx([expected[s] for s in range(7, 19)])

@@ -1,0 +1,101 @@
+"""A resume compares configs: what changed since the run directory's config.yaml, and whether
+the change continues the same run or would make it another one.
+
+Continuing the same run: keys that only change the future or how the same global batch is
+split and watched (more steps or epochs, halt, micro-batch size, eval, checkpoint and
+tracking cadence, timeouts, data workers and cache). They are accepted, listed in one block,
+appended to RUN/config_history.jsonl and logged to the MLflow run, and config.yaml becomes
+the new config.
+
+Another run: the task, the model (name, size, LoRA, dtype), the data (files, fields, length,
+packing, order), the seed, the global batch and the optimisation (lr, schedule, warmup,
+decay, clipping, precision, class weights). Resuming with any of them changed trains a run
+that neither config describes; refused in one line unless checkpoint.resume_changed=allow.
+
+A longer schedule (train.max_steps or train.epochs raised) continues from the checkpoint's
+step on the new schedule: the learning rate at step s is the new schedule's value at s
+(the scheduler's closures are rebuilt from the config; only its step count is restored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Another run when changed (prefixes match whole sections or keys).
+RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revision", "model.dtype",
+                "data.", "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
+                "train.global_batch_size", "train.max_grad_norm", "train.precision", "train.seed",
+                "train.class_weighting")
+# Within data.: where and how fast the same rows are read.
+DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
+# Where, not what: never listed.
+UNLISTED = ("output_dir", "run_name", "checkpoint.resume", "checkpoint.trust", "checkpoint.resume_changed")
+
+
+def _defines_run(key: str) -> bool:
+    if key.startswith(DATA_PLUMBING):
+        return False
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RUN_DEFINING)
+
+
+def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """(accepted, refused): key -> (was, now), against the config.yaml at `saved`."""
+    from launcher.config import flatten, load_config, to_dict
+    from launcher.errors import ConfigError
+
+    try:
+        before = flatten(to_dict(load_config(saved, check_files=False)))
+    except ConfigError:  # written by a launcher with other keys: nothing to compare against
+        return {}, {}
+    now = flatten(to_dict(cfg))
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
+            if before.get(k) != now.get(k) and not k.startswith(UNLISTED)}
+    refused = {k: v for k, v in diff.items() if _defines_run(k)}
+    return {k: v for k, v in diff.items() if k not in refused}, refused
+
+
+def describe(diff: dict) -> str:
+    return ", ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in diff.items())
+
+
+def check_resume(cfg, checkpoint: Path | None) -> dict:
+    """Before anything is built: the accepted changes of a resume in the run's own directory,
+    or ConfigError (one line) for a change that makes it another run. A checkpoint from
+    elsewhere (checkpoint.resume=PATH outside the run directory) starts a new run from it:
+    nothing to compare."""
+    from launcher.errors import ConfigError
+
+    saved = cfg.run_dir / "config.yaml"
+    if checkpoint is None or not saved.is_file() or Path(checkpoint).resolve().parent.parent != cfg.run_dir.resolve():
+        return {}
+    accepted, refused = changes(saved, cfg)
+    if refused and cfg.checkpoint.resume_changed != "allow":
+        raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
+                          f"{describe(refused)}: that trains a run neither config describes; restore the values, "
+                          "choose a new --run-name, or set checkpoint.resume_changed=allow")
+    return {**accepted, **refused}
+
+
+def record(run_dir: Path, step: int, diff: dict, cfg) -> list[str]:
+    """Rank 0, once the run directory is in use: the history line, config.yaml made current,
+    and the lines to print."""
+    import json
+    import time
+
+    from launcher.config import dump_yaml
+
+    if not diff:
+        return []
+    with open(run_dir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), "resumed_at_step": step,
+                            "changed": {k: [was, now] for k, (was, now) in diff.items()}}, default=str) + "\n")
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(dump_yaml(cfg))
+    tmp.replace(run_dir / "config.yaml")
+    return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
+
+
+def params(step: int, diff: dict) -> dict:
+    """MLflow params of this attempt's changes (a resumed run's first values stay as logged)."""
+    return {f"resumed_at_{step}.{k}": f"{was!r} -> {now!r}" for k, (was, now) in diff.items()}
