@@ -43,12 +43,49 @@ class TrainState:
     metric_at_step: float | None = None
     first_eval: dict = field(default_factory=dict)
     best_eval: dict = field(default_factory=dict)  # every metric of the best evaluation
+    # Who wrote the checkpoint: its shards only fit the same engine (and, sharded, the same
+    # number of ranks). None in checkpoints from before they were recorded.
+    world_size: int | None = None
+    engine: str | None = None
 
     @classmethod
     def read(cls, ckpt: Path) -> "TrainState":
         data = json.loads((ckpt / STATE_FILE).read_text())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def engine_of(rt) -> str:
+    """The engine as far as a checkpoint's layout goes: one process and DDP save the same
+    full state ("full"); DeepSpeed and FSDP2 save shards per rank."""
+    if rt.zero_stage is not None:
+        return f"deepspeed-zero{rt.zero_stage}"
+    if getattr(rt.accelerator, "is_fsdp2", False) or rt.distributed_type == "FSDP":
+        return "fsdp2"
+    return "full"
+
+
+def check_layout(ckpt: Path, rt) -> str | None:
+    """Before loading: a checkpoint written by another engine, or sharded over another number
+    of ranks, is one line (ConfigError); a full state written by another number of ranks
+    loads anywhere, and the line returned says so. The batch order and the global batch do
+    not depend on the world size, so the run continues exactly."""
+    if not (ckpt / STATE_FILE).is_file():
+        return None
+    state = TrainState.read(ckpt)
+    if state.engine is None or state.world_size is None:
+        return None
+    engine = engine_of(rt)
+    if state.engine != engine:
+        raise ConfigError(f"{ckpt}: written by {state.engine} on {state.world_size} rank(s); this launch is {engine}: "
+                          "resume with the engine that wrote it (its accelerate config)")
+    if state.world_size == rt.world_size:
+        return None
+    if engine != "full":
+        raise ConfigError(f"{ckpt}: {engine} shards written by {state.world_size} rank(s) do not load on {rt.world_size} "
+                          f"(resharding is not supported yet): resume on {state.world_size} ranks")
+    return (f"resuming step {state.step} written by {state.world_size} rank(s) on {rt.world_size}: the full state loads "
+            "anywhere, and the batch order and global batch do not depend on the number of ranks")
 
 
 def step_dir_name(step: int) -> str:
@@ -215,6 +252,7 @@ class Checkpointer:
         raise RunError(f"checkpoint at step {step} not written: rank {rank}: {what}; {kept_line}")
 
     def _seal(self, tmp: Path, final: Path, state: TrainState) -> None:
+        state.world_size, state.engine = self.rt.world_size, engine_of(self.rt)
         if self.write_skeleton is not None:
             self.write_skeleton(tmp / SKELETON)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))

@@ -107,6 +107,7 @@ def train(cfg: RunConfig) -> dict:
     start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
     resume_from = start.checkpoint
     changed = config_changes.check_resume(cfg, resume_from)  # another run's config: one line, nothing built
+    moved = ckpt_lib.check_layout(resume_from, rt) if resume_from is not None else None  # another engine: one line
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
@@ -129,6 +130,8 @@ def train(cfg: RunConfig) -> dict:
         rt.on_main(ckpt_lib.remove_partial, start.partial)
     if resume_from is not None:
         rt.print(f"resuming from {resume_from}")
+        if moved:
+            rt.print(moved)
         for line in rt.on_main(config_changes.record, run_dir, int(resume_from.name.split('-')[-1]), changed, cfg) or []:
             rt.print(line)
     if start.restart_of_job:

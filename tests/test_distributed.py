@@ -147,6 +147,11 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
         assert len(held) == 2 and all(h < int(total.replace(",", "")) for h in held)
         assert sum(held) >= int(total.replace(",", ""))
 
+    # Shards of 2 ranks on 1 process: one line, nothing loaded (DeepSpeed would say it with a traceback).
+    one = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "z", *FAST, *STEPS)
+    assert one.returncode == 2 and one.stderr.strip().splitlines()[-1] == (
+        f"error: {run / 'checkpoints' / 'step-000006'}: written by deepspeed-zero{stage} on 2 rank(s); this launch is "
+        "full: resume with the engine that wrote it (its accelerate config)"), one.stderr[-2000:]
     second = check(accelerate_launch(launch, tmp_path, "z"))
     assert "resuming from" in second.stdout and "step-000006" in second.stdout
     check_ranks(run)
@@ -269,7 +274,7 @@ def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_
     """torchrun SIGKILLs the ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after it forwards a
     SIGTERM (2 s here; 30 by default). Rank 0 stalls 60 s inside step 7, so the stop at the end
     of that step never comes: the moment the signal arrives, rank 0 says the resume goes back to
-    step 6, the last sealed checkpoint, and the same command then does exactly that."""
+    step 6, the last sealed checkpoint, and the resume (on one process) does exactly that."""
     launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
     env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "LAUNCHER_STALL": "0:7:60"}
     proc = accelerate_launch(launch, tmp_path, "grace", wait=False, env=env)
@@ -291,8 +296,11 @@ def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_
     assert sorted(p.name for p in (tmp_path / "grace" / "checkpoints").iterdir() if not p.name.startswith(".")) \
         == ["step-000006"]
 
-    resumed = check(accelerate_launch(launch, tmp_path, "grace"))
+    # The requeue lands on one process: a full (DDP) state loads anywhere, and the batch order
+    # and global batch do not depend on the number of ranks, so the run still ends exactly.
+    resumed = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "grace", *FAST, *STEPS))
     assert f"resuming from {tmp_path / 'grace' / 'checkpoints' / 'step-000006'}" in resumed.stdout
+    assert "resuming step 6 written by 2 rank(s) on 1: the full state loads anywhere" in resumed.stdout
     assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 13))  # each step once, none lost
     assert max_diff(weights(tmp_path / "grace"), weights(reference[1])) < TOL
 
