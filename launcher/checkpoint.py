@@ -57,11 +57,11 @@ class TrainState:
 
 def engine_of(rt) -> str:
     """The engine as far as a checkpoint's layout goes: one process and DDP save the same
-    full state ("full"); DeepSpeed and FSDP2 save shards per rank."""
+    full state ("full"); DeepSpeed and FSDP (FSDP2 here; FSDP1 is refused on CPU) save shards per rank."""
     if rt.zero_stage is not None:
         return f"deepspeed-zero{rt.zero_stage}"
     if getattr(rt.accelerator, "is_fsdp2", False) or rt.distributed_type == "FSDP":
-        return "fsdp2"
+        return "fsdp"
     return "full"
 
 

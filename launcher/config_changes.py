@@ -74,7 +74,7 @@ def check_resume(cfg, checkpoint: Path | None) -> dict:
         raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
                           f"{describe(refused)}: that trains a run neither config describes; restore the values, "
                           "choose a new --run-name, or set checkpoint.resume_changed=allow")
-    return {**accepted, **refused}
+    return dict(sorted({**accepted, **refused}.items()))
 
 
 def record(run_dir: Path, step: int, diff: dict, cfg) -> list[str]:

@@ -132,7 +132,7 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"resuming from {resume_from}")
         if moved:
             rt.print(moved)
-        for line in rt.on_main(config_changes.record, run_dir, int(resume_from.name.split('-')[-1]), changed, cfg) or []:
+        for line in rt.on_main(config_changes.record, run_dir, ckpt_lib.TrainState.read(resume_from).step, changed, cfg) or []:
             rt.print(line)
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
@@ -196,9 +196,11 @@ def train(cfg: RunConfig) -> dict:
     width = next(model.parameters()).element_size()
     checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
-    if changed:  # a longer schedule: the next step's lr is the new schedule's, not the restored one
+    if changed:  # the next step's lr is the new config's schedule's, not the restored one
+        if "train.lr" in changed:  # allowed: the restored scheduler kept the old peak
+            scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
         for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * fn(scheduler.last_epoch)
+            group["initial_lr"], group["lr"] = base, base * fn(scheduler.last_epoch)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}

@@ -158,8 +158,11 @@ def remote_code_gate(model_dir: str | Path, trusted: bool, flag: str = "--trust-
             continue  # the loader itself says what is wrong with the file
         for ref in (auto_map or {}).values():
             for item in ref if isinstance(ref, list) else [ref]:
-                if isinstance(item, str):
-                    shipped.add(item.split("--")[-1].split(".")[0] + ".py")
+                # "module.Class" names a file beside the model; "repo--module.Class" another
+                # repository's (fetched only with trust_remote_code, never offline); a file that
+                # is not there (a config that keeps auto_map for a class transformers has) runs nothing.
+                if isinstance(item, str) and "--" not in item and (Path(model_dir) / (item.split(".")[0] + ".py")).is_file():
+                    shipped.add(item.split(".")[0] + ".py")
     if shipped and not trusted:
         raise ConfigError(f"{model_dir}: loading it runs Python code shipped with the model ({', '.join(sorted(shipped))}, "
                           f"named by auto_map); pass {flag} if you trust it")

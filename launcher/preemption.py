@@ -49,7 +49,10 @@ def launch_env(env: dict) -> dict:
 
 def plan_line(checkpoint_bytes: float, nodes: int) -> str:
     """`launcher plan`: the grace after a SIGTERM against the checkpoint's estimated write time."""
-    grace = int(os.environ.get(ENV) or GRACE_DEFAULT_S)
+    try:
+        grace = int(os.environ.get(ENV) or GRACE_DEFAULT_S)
+    except ValueError:
+        grace = GRACE_DEFAULT_S
     write_s = checkpoint_bytes / (PLAN_WRITE_BYTES_PER_S * max(nodes, 1))
     line = (f"preemption after a SIGTERM the ranks have {grace} s to end the step in progress and write a checkpoint "
             f"(~{write_s:,.0f} s at {PLAN_WRITE_BYTES_PER_S / 1e9:.0f} GB/s per node, assumed); {ENV} sets it: "

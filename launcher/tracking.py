@@ -246,9 +246,13 @@ class MLflowTracker(Tracker):
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
 
-            self.system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_every_s,
-                                               resume_logging=self.resumed, tracking_uri=uri)
-            self.system.start()
+            try:
+                self.system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_every_s,
+                                                   resume_logging=self.resumed, tracking_uri=uri)
+                self.system.start()
+            except Exception as e:  # noqa: BLE001 - a monitor is worth a warning, never the run
+                self.system = None
+                self.sender.say(f"warning: MLflow system metrics off: {redact_text(str(e), uri)[:200]}")
 
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)
@@ -330,10 +334,14 @@ class MLflowTracker(Tracker):
         files as the model's artifacts; registered as a new version of `register_as` when set."""
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
+        made: list = []  # the sender retries a call from its start: create the model once
+
         def send():
-            model = self.client.create_logged_model(self.experiment_id, name=self.run_name,
-                                                    source_run_id=self.run_id, model_type="transformers",
-                                                    params={"step": str(step)})
+            if not made:
+                made.append(self.client.create_logged_model(self.experiment_id, name=self.run_name,
+                                                            source_run_id=self.run_id, model_type="transformers",
+                                                            params={"step": str(step)}))
+            model = made[0]
             self.client.log_model_artifacts(model.model_id, str(model_dir))
             self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
             self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step)])
@@ -372,9 +380,13 @@ class MLflowTracker(Tracker):
         self.sender.close()
 
     def _stop_system_metrics(self) -> None:
-        if self.system is not None:
-            self.system.finish()  # its last samples go out before the run ends
-            self.system = None
+        if self.system is None:
+            return
+        if self.sender.down_since is None:
+            self.system.finish()  # joins its thread and sends its last samples before the run ends
+        else:  # the server is down: its last samples are not worth a blocked end (20 s per call)
+            self.system._shutdown_event.set()
+        self.system = None
 
     def abandon(self) -> None:
         self._stop_system_metrics()
@@ -571,7 +583,7 @@ def check_reachable(cfg, timeout_s: float = 5.0, answer_s: float = 60.0) -> None
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:  # a port that is not a number
         raise fail(e) from None
-    if host and not (urllib.request.getproxies() and not urllib.request.proxy_bypass(host)):  # no HTTP proxy between
+    if host and not (urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host)):  # no proxy between
         try:
             socket.create_connection((host, port), timeout=timeout_s).close()
         except OSError as e:

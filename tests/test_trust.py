@@ -209,3 +209,22 @@ def test_a_model_that_ships_python_code_is_loaded_only_with_trust_remote_code(tm
         assert marker.read_text() == "ran", name
         marker.unlink()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"] == auto_map
+
+
+def test_auto_map_without_its_files_runs_nothing_and_needs_no_flag(tmp_path):
+    """Some configs keep auto_map for a class transformers now has built in (Phi-3's), or name
+    another repository's code ("repo--module.Class"): no file beside the model runs, so no flag."""
+    import json
+
+    from launcher.errors import ConfigError
+    from launcher.models import remote_code_gate
+
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
+                                                                   "AutoModel": "org/repo--modeling_x.XModel"}}))
+    assert remote_code_gate(tmp_path, False) == {"trust_remote_code": False}
+    (tmp_path / "configuration_phi3.py").write_text("")
+    try:
+        remote_code_gate(tmp_path, False)
+        raise AssertionError("a shipped file must be refused")
+    except ConfigError as e:
+        assert "(configuration_phi3.py, named by auto_map)" in str(e)
