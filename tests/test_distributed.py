@@ -366,7 +366,10 @@ def test_a_save_failing_on_one_rank_ends_the_job_with_its_error_not_a_wait_for_t
                              base=FAST)
     assert proc.returncode != 0
     assert "RuntimeError: injected save failure (LAUNCHER_SAVE_ERROR) on rank 1 at step 1" in proc.stderr
-    assert "timed out" not in proc.stderr.lower() and "timeout" not in proc.stderr.lower(), proc.stderr[-3000:]
+    # torchrun SIGTERMs rank 0 once rank 1 has failed; rank 0's line about that names torchrun's
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which is not a collective timeout.
+    said = "\n".join(x for x in proc.stderr.splitlines() if not x.startswith("launcher: SIGTERM")).lower()
+    assert "timed out" not in said and "timeout" not in said, proc.stderr[-3000:]
     checkpoints = tmp_path / "f" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == [".tmp-step-000001"]  # unsealed: never resumed from
 

@@ -52,9 +52,15 @@ def _kill_tree_when_stopped(proc, timeout: float = 600) -> None:
     """Wait until a process of the launch stops at the fail point, then SIGKILL them all."""
     root = psutil.Process(proc.pid)
     deadline = time.monotonic() + timeout
+    def stopped(p) -> bool:
+        try:
+            return p.status() == psutil.STATUS_STOPPED
+        except psutil.NoSuchProcess:  # a short-lived child (git, a compiler probe) ended meanwhile
+            return False
+
     while True:
         tree = [root, *root.children(recursive=True)]
-        if any(p.status() == psutil.STATUS_STOPPED for p in tree if p.is_running()):
+        if any(stopped(p) for p in tree):
             break
         assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before its fail point: {proc.communicate()}"
         assert time.monotonic() < deadline, "the fail point was never reached"

@@ -43,6 +43,13 @@ def test_four_jobs_share_one_tracker_and_one_cache_without_a_lost_step(tmp_path)
     port = free_port()
     server = _start_server(tmp_path, port)
     direct = f"http://127.0.0.1:{port}"
+    try:
+        _run_and_check(tmp_path, direct)
+    finally:  # whatever failed, the server goes (it would outlive the test)
+        _stop_server(server)
+
+
+def _run_and_check(tmp_path, direct: str) -> None:
     slow = LatencyProxy(direct, delay_s=1.0)
     try:
         check(launcher("synth", str(tmp_path / "data"), "--n-train", "384", "--n-validation", "100"))
@@ -74,24 +81,21 @@ def test_four_jobs_share_one_tracker_and_one_cache_without_a_lost_step(tmp_path)
         wall = time.monotonic() - started
     finally:
         slow.close()
-    try:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=direct)
-        runs = client.search_runs([client.get_experiment_by_name("load").experiment_id])
-        assert sorted(r.info.run_name for r in runs) == ["j0", "j1", "j2", "j3"]  # one run per job, the killed one too
-        step_times = {}
-        for run in runs:
-            assert run.info.status == "FINISHED", run.info.run_name
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-            assert sorted(steps) == list(range(1, STEPS + 1)), (run.info.run_name, steps)  # each once, none lost
-            assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 10, 20, 30]
-            step_times[run.info.run_name] = statistics.median(
-                m.value for m in client.get_metric_history(run.info.run_id, "train/step_time_s"))
-        assert {r.info.run_name: r.data.tags["launcher.attempts"] for r in runs}["j3"] == "2"
-        assert "resuming from" in outs["j3"]
-    finally:
-        _stop_server(server)
+    client = MlflowClient(tracking_uri=direct)
+    runs = client.search_runs([client.get_experiment_by_name("load").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["j0", "j1", "j2", "j3"]  # one run per job, the killed one too
+    step_times = {}
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, STEPS + 1)), (run.info.run_name, steps)  # each once, none lost
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 10, 20, 30]
+        step_times[run.info.run_name] = statistics.median(
+            m.value for m in client.get_metric_history(run.info.run_id, "train/step_time_s"))
+    assert {r.info.run_name: r.data.tags["launcher.attempts"] for r in runs}["j3"] == "2"
+    assert "resuming from" in outs["j3"]
     # The cache: one tokenizer and one token entry per split, built by one process for all jobs.
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if p.is_dir() and "-" in p.name)
     assert entries == ["tokenizer", "tokens", "tokens"], entries
