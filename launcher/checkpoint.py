@@ -65,14 +65,11 @@ def engine_of(rt) -> str:
     return "full"
 
 
-def check_layout(ckpt: Path, rt) -> str | None:
+def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     """Before loading: a checkpoint written by another engine, or sharded over another number
     of ranks, is one line (ConfigError); a full state written by another number of ranks
     loads anywhere, and the line returned says so. The batch order and the global batch do
     not depend on the world size, so the run continues exactly."""
-    if not (ckpt / STATE_FILE).is_file():
-        return None
-    state = TrainState.read(ckpt)
     if state.engine is None or state.world_size is None:
         return None
     engine = engine_of(rt)

@@ -96,6 +96,18 @@ def record(run_dir: Path, step: int, diff: dict, cfg) -> list[str]:
     return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
 
 
+def follow_schedule(scheduler, optimizer, diff: dict, lr: float) -> None:
+    """After a resume with changes: the next step's lr is the new config's schedule's, not the
+    one the checkpoint restored into the optimizer (an allowed train.lr also replaces the peak
+    the restored scheduler kept)."""
+    if not diff:
+        return
+    if "train.lr" in diff:
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * fn(scheduler.last_epoch)
+
+
 def params(step: int, diff: dict) -> dict:
     """MLflow params of this attempt's changes (a resumed run's first values stay as logged)."""
     return {f"resumed_at_{step}.{k}": f"{was!r} -> {now!r}" for k, (was, now) in diff.items()}

@@ -107,7 +107,8 @@ def train(cfg: RunConfig) -> dict:
     start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
     resume_from = start.checkpoint
     changed = config_changes.check_resume(cfg, resume_from)  # another run's config: one line, nothing built
-    moved = ckpt_lib.check_layout(resume_from, rt) if resume_from is not None else None  # another engine: one line
+    resumed = ckpt_lib.TrainState.read(resume_from) if resume_from is not None else None
+    moved = ckpt_lib.check_layout(resume_from, resumed, rt) if resumed else None  # another engine: one line
     # A model or data row that cannot load fails before anything is written. Synthetic
     # data is generated into the run directory, so it is read once that exists.
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
@@ -132,7 +133,7 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"resuming from {resume_from}")
         if moved:
             rt.print(moved)
-        for line in rt.on_main(config_changes.record, run_dir, ckpt_lib.TrainState.read(resume_from).step, changed, cfg) or []:
+        for line in rt.on_main(config_changes.record, run_dir, resumed.step, changed, cfg) or []:
             rt.print(line)
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
@@ -196,11 +197,7 @@ def train(cfg: RunConfig) -> dict:
     width = next(model.parameters()).element_size()
     checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
     state = checkpointer.load(resume_from) if resume_from is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
-    if changed:  # the next step's lr is the new config's schedule's, not the restored one
-        if "train.lr" in changed:  # allowed: the restored scheduler kept the old peak
-            scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
-        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = base, base * fn(scheduler.last_epoch)
+    config_changes.follow_schedule(scheduler, optimizer, changed, t.lr)
     if state.step >= total_steps and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {state.step}; nothing to do")
         return {"status": "already_finished", "step": state.step, "run_dir": str(run_dir)}
@@ -232,8 +229,7 @@ def train(cfg: RunConfig) -> dict:
         | (config_changes.params(state.step, changed) if resume_from is not None else {})
     )
     if cfg.tracking.log_datasets:
-        tracker.log_inputs([{"name": Path(d.source).name or d.source, "digest": d.digest, "source": d.source,
-                             "context": context, "rows": len(d)} for d, context in ((train_ds, "training"), (val_ds, "validation"))])
+        tracker.log_inputs(tracking.data_inputs(train_ds, val_ds))
     rt.print(
         f"{len(train_ds)} train / {len(val_ds)} validation rows, {n_params:,} parameters; "
         f"{total_steps} steps of {t.global_batch_size} examples "

@@ -553,6 +553,12 @@ def run_tags(facts: dict) -> dict:
     return tags
 
 
+def data_inputs(train_ds, val_ds) -> list[dict]:
+    """The run's data as Tracker.log_inputs takes it (pipeline.TokenRows: source and digest)."""
+    return [{"name": Path(d.source).name or d.source, "digest": d.digest, "source": d.source, "context": context,
+             "rows": len(d)} for d, context in ((train_ds, "training"), (val_ds, "validation"))]
+
+
 def check_reachable(cfg, timeout_s: float = 5.0, answer_s: float = 60.0) -> None:
     """An MLflow server that does not answer stops the start within seconds, with one line
     and before the run directory exists; left to itself the mlflow client retries for
