@@ -55,16 +55,6 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def engine_of(rt) -> str:
-    """The engine as far as a checkpoint's layout goes: one process and DDP save the same
-    full state ("full"); DeepSpeed and FSDP (FSDP2 here; FSDP1 is refused on CPU) save shards per rank."""
-    if rt.zero_stage is not None:
-        return f"deepspeed-zero{rt.zero_stage}"
-    if getattr(rt.accelerator, "is_fsdp2", False) or rt.distributed_type == "FSDP":
-        return "fsdp"
-    return "full"
-
-
 def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     """Before loading: a checkpoint written by another engine, or sharded over another number
     of ranks, is one line (ConfigError); a full state written by another number of ranks
@@ -72,7 +62,7 @@ def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     not depend on the world size, so the run continues exactly."""
     if state.engine is None or state.world_size is None:
         return None
-    engine = engine_of(rt)
+    engine = rt.engine
     if state.engine != engine:
         raise ConfigError(f"{ckpt}: written by {state.engine} on {state.world_size} rank(s); this launch is {engine}: "
                           "resume with the engine that wrote it (its accelerate config)")
@@ -249,7 +239,7 @@ class Checkpointer:
         raise RunError(f"checkpoint at step {step} not written: rank {rank}: {what}; {kept_line}")
 
     def _seal(self, tmp: Path, final: Path, state: TrainState) -> None:
-        state.world_size, state.engine = self.rt.world_size, engine_of(self.rt)
+        state.world_size, state.engine = self.rt.world_size, self.rt.engine
         if self.write_skeleton is not None:
             self.write_skeleton(tmp / SKELETON)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))

@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
         raise UserError(f"--{launch_flags[0].replace('_', '-')}: only with --accelerate-config")
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=env_world_size())
-    from launcher.loop import train
+    from launcher.trainer import train
 
     created = _what_this_attempt_creates(cfg)
     try:

@@ -113,6 +113,25 @@ class Runtime:
         return None
 
     @property
+    def engine(self) -> str:
+        """The engine as far as a checkpoint's layout goes: one process and DDP save the same full
+        state ("full"); DeepSpeed ("deepspeed-zeroN") and FSDP ("fsdp") save shards per rank."""
+        if self.zero_stage is not None:
+            return f"deepspeed-zero{self.zero_stage}"
+        if getattr(self.accelerator, "is_fsdp2", False) or self.distributed_type == "FSDP":
+            return "fsdp"
+        return "full"
+
+    @property
+    def engine_label(self) -> str:
+        """The engine for people: DDP, ZeRO-3, FSDP2, ..."""
+        if self.zero_stage is not None:
+            return f"ZeRO-{self.zero_stage}"
+        if getattr(self.accelerator, "is_fsdp2", False):
+            return "FSDP2"
+        return {"FSDP": "FSDP", "NO": "one process"}.get(self.distributed_type, "DDP")
+
+    @property
     def shards_parameters(self) -> bool:
         """Whether no rank holds whole parameters (ZeRO-3, FSDP of either version): every forward
         pass is then a collective, so ranks must run as many of them (generation stays in step)."""

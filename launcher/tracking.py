@@ -67,6 +67,15 @@ class Tracker:
     def ids(self) -> dict:
         return {}
 
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """An exception ends the run: its tracker run ends FAILED (a halt or the end of the
+        schedule finish it themselves, KILLED or FINISHED)."""
+        if error is not None:
+            self.finish(status="FAILED")
+
 
 # Server answers that retrying cannot fix: the call is dropped with a warning.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",

@@ -61,6 +61,18 @@ class Watchdog:
     def close(self) -> None:
         self.stop.set()
 
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """The run ends: an exception that is not the user's (a collective that timed out) is
+        written beside the stacks first."""
+        from launcher.errors import RunError, UserError
+
+        if error is not None and not isinstance(error, (UserError, RunError, KeyboardInterrupt)):
+            dump_exception(self.dir, self.rank, error)
+        self.close()
+
     def _write_progress(self, stalled_for: float | None = None) -> None:
         record = {"rank": self.rank, "step": self.step, "phase": self.phase, "time": time.time(),
                   "stalled_for_s": stalled_for, "main_thread": f"0x{self.main_ident:016x}"}
@@ -155,7 +167,7 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
 
 
 def where(stack_file: Path) -> str:
-    """'at launcher/loop.py:241 in train (innermost: .../distributed_c10d.py:2950 in all_reduce)'
+    """'at launcher/trainer.py:241 in train_step (innermost: .../distributed_c10d.py:2950 in all_reduce)'
     from a faulthandler dump: the main thread's innermost frame in our code, and its innermost."""
     try:
         text = stack_file.read_text()

@@ -1,0 +1,659 @@
+"""The training entry, readable top to bottom: `train` checks, sets up, steps, finishes.
+
+- `preflight`: everything that can refuse the run, on every rank, before anything is written.
+- `open_run`, `build`, `start_tracker`: the run directory, then the pieces (`Parts`: data,
+  model, optimizer, scheduler, sampler, checkpointer, resumed state), then the tracker run.
+- `Trainer.run`: the steps. `Trainer.train_step` is one token-exact optimizer step; the
+  `Schedule` says what is due after it (log, evaluate, halt, checkpoint); `Window` is the
+  logging window.
+- `Trainer.finish`: the best weights, the decision threshold, the export, the summary.
+
+It names no backend and holds no rank checks: the runtime decides who prints and which ranks
+exist, the tracker decides who logs, the checkpointer decides when to save. Every rank runs
+every line here, so every collective (save_state, the export gather, metric reduction) is
+reached by all of them; each method below says which of its lines are collectives.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import launcher
+from launcher import checkpoint as ckpt_lib
+from launcher import config_changes, faults, hub, report, sizing, tasks, tracking, watchdog
+from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
+from launcher.data import batching
+from launcher.errors import DataError
+from launcher.runtime import build_runtime
+
+
+def train(cfg: RunConfig) -> dict:
+    """`launcher train` on every rank: the run's summary (status, step, run directory, metrics)."""
+    task = tasks.for_config(cfg)
+    rt = build_runtime(cfg)
+    rt.watch_signals()  # from here SIGTERM, SIGUSR1, SIGINT mean: checkpoint at the end of the step, then exit
+    pre = preflight(cfg, rt, task)
+    run_dir, warm_tracker = open_run(cfg, rt, pre)
+    parts = build(cfg, rt, task, pre, run_dir)
+    if parts.state.step >= parts.total_steps and (run_dir / "model").is_dir():
+        rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do")
+        return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
+    tracker = start_tracker(cfg, parts, pre, warm_tracker)
+    trainer = Trainer(cfg, parts, tracker)
+    with trainer.dog, tracker:  # on any exception: the tracker run FAILED, the ranks' stacks kept
+        stop = trainer.run()
+        if stop in ("halt", "signal"):
+            return trainer.stopped(stop)
+        return trainer.finish(stop)
+
+
+# ---- setup: checks, run directory, pieces, tracker
+
+
+@dataclass
+class Preflight:
+    """What every rank checked before any rank wrote anything."""
+
+    start: ckpt_lib.Start
+    changed: dict  # accepted config changes of a resume: key -> (was, now)
+    resumed: ckpt_lib.TrainState | None
+    moved: str | None  # a full state resumed on another number of ranks: the line saying so
+    cache: Any
+    fetched_here: bool
+    data: tuple | None  # (tokenizer, train rows, validation rows); None for synthetic data
+
+
+def preflight(cfg: RunConfig, rt, task) -> Preflight:
+    """Everything that can refuse the run, each in one line, before anything is written: the
+    resume (another run's config, another engine), a full disk, the model source, a tracker
+    that cannot be reached, a data row that cannot load. Ends with a barrier: every rank has
+    decided before rank 0 creates anything."""
+    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
+    changed = config_changes.check_resume(cfg, start.checkpoint)
+    resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
+    moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if resumed else None
+    ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
+    cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
+    fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
+    task.check_model_source()
+    tracking.check_reachable(cfg)  # every rank: they must agree to stop
+    data = None  # synthetic data is generated into the run directory, so it is read once that exists
+    if not cfg.data.synthetic.enabled:
+        data = _prepare_data(task, cache, cfg.run_dir, *task.sources(cfg.data.train_file, cfg.data.validation_file))
+    rt.barrier()
+    return Preflight(start, changed, resumed, moved, cache, fetched_here, data)
+
+
+def open_run(cfg: RunConfig, rt, pre: Preflight):
+    """The run directory taken (rank 0 writes config.yaml and the owner record of a new run),
+    what a killed attempt left half-written removed, and the resume announced. Returns the
+    directory and the tracker's warm-up, which overlaps the model load."""
+    start = pre.start
+    run_dir = _prepare_run_dir(cfg, rt, start)
+    warm_tracker = tracking.warm_up(cfg, rt.is_main)
+    rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
+    for note in rt.notes or []:
+        rt.print(note)
+    if start.partial:
+        rt.print(f"ignoring what a killed attempt left half-written: {', '.join(p.name for p in start.partial)} "
+                 "(never loaded); removed")
+        rt.on_main(ckpt_lib.remove_partial, start.partial)
+    if start.checkpoint is not None:
+        rt.print(f"resuming from {start.checkpoint}")
+        if pre.moved:
+            rt.print(pre.moved)
+        for line in rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg) or []:
+            rt.print(line)
+    if start.restart_of_job:
+        rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
+                 "stopped before its first checkpoint")
+    return run_dir, warm_tracker
+
+
+@dataclass
+class Parts:
+    """What `build` made; the Trainer's pieces."""
+
+    rt: Any
+    task: Any
+    run_dir: Path
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: batching.StepSampler
+    collate: Any
+    val_loader: Any
+    checkpointer: ckpt_lib.Checkpointer
+    state: ckpt_lib.TrainState
+    total_steps: int
+    warmup: int
+    accumulation: int
+    no_decay: set
+    n_params: int
+    n_trainable: int
+    held: list
+    group_by_length: bool
+
+
+def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
+    """Data, model, optimizer, scheduler, sampler and checkpointer, then the resumed state
+    loaded into them (a collective: every rank loads its part)."""
+    t = cfg.train
+    data = pre.data or _prepare_data(task, pre.cache, run_dir, *task.sources(*_synthetic_files(task, rt, run_dir)))
+    tokenizer, train_ds, val_ds = data
+    if task.random_init():
+        rt.on_main(_keep_tokenizer, tokenizer, run_dir / "tokenizer")
+    rt.write_rank_file(run_dir, collective_timeout_s=t.collective_timeout_s,
+                       tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache},
+                       model_fetched_here=pre.fetched_here)
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    set_seed(t.seed)  # identical initial weights on every rank and in every rerun
+    with rt.model_init(random_weights=task.random_init()):
+        model = task.build_model(tokenizer, rt.weight_dtype)
+    task.prepare(train_ds, rt.device)
+    group = cfg.data.group_by_length if cfg.data.group_by_length is not None else task.name == "classification"
+    sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
+                                   lengths=train_ds.lengths, group_by_length=group)
+    if sampler.steps_per_epoch == 0:
+        raise DataError(_too_few_rows(cfg, train_ds))
+    total_steps = t.max_steps or t.epochs * sampler.steps_per_epoch
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+    no_decay = no_decay_names(model)
+    model, optimizer = rt.prepare(model, _optimizer(model, t, rt.device, no_decay))
+    val_loader = task.eval_loader(rt, val_ds, cfg.eval.micro_batch_size or t.micro_batch_size, tokenizer)
+    # Stepped by hand once per optimizer step: a prepared scheduler steps once per
+    # process, which would make the LR schedule depend on the world size.
+    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer, warmup, total_steps)
+    rt.accelerator.register_for_checkpointing(scheduler)
+    n_params, n_trainable, held = rt.parameter_counts(model)
+    checkpointer = _checkpointer(cfg, rt, task, model, tokenizer, run_dir, n_params, n_trainable)
+    start = pre.start
+    state = checkpointer.load(start.checkpoint) if start.checkpoint is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
+    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr)
+    accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
+    return Parts(rt, task, run_dir, tokenizer, train_ds, val_ds, model, optimizer, scheduler, sampler, task.collator(tokenizer),
+                 val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
+
+
+def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_params: int, n_trainable: int):
+    """The checkpointer, with room for one more checkpoint checked on every rank's view of the
+    run directory before any step runs: a full disk found at the first save would cost the
+    steps before it. LoRA on a pretrained base: checkpoints hold what trains (adapters,
+    modules_to_save) and the optimizer; the frozen base is read again from model.name on resume
+    and by `launcher export`. A random tiny base exists nowhere else, so it is saved whole."""
+    unwrapped = rt.unwrap(model)
+    trainable_only = cfg.model.lora.enabled and not task.random_init()
+    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | (
+        {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
+         "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision)}
+        if trainable_only else {"checkpoint_weights": "all"}))}
+    skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
+                                 extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
+    checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, cfg.eval_metric not in LOWER_IS_BETTER, skeleton,
+                                         trainable_only)
+    width = next(model.parameters()).element_size()
+    saved = n_trainable if trainable_only else n_params
+    checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
+    return checkpointer
+
+
+def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tracker:
+    """The tracker run (a resumed run's own), its params and inputs, and the run described in a
+    few lines. metrics.jsonl keeps records up to the resumed step; a restart in place keeps none."""
+    rt, state, start = p.rt, p.state, pre.start
+    kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job else None)
+    tracker = tracking.start_tracking(cfg, rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
+    state.tracker_ids = tracker.ids()
+    if start.checkpoint is None:
+        rt.on_main(ckpt_lib.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
+    notes, derived = p.task.describe(p.train_ds, p.val_ds)
+    padded, padded_random = p.sampler.padded_fraction(), p.sampler.padded_fraction(grouped=False)
+    notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if p.group_by_length else 'random'} micro-batches"
+                 + (f" (random batches: {padded_random:.1%})" if p.group_by_length else ""))
+    tracker.log_params(
+        flatten(to_dict(cfg))
+        | {
+            "derived.world_size": rt.world_size,
+            "derived.gradient_accumulation_steps": p.accumulation,
+            "derived.steps_per_epoch": p.sampler.steps_per_epoch,
+            "derived.total_steps": p.total_steps,
+            "derived.warmup_steps": p.warmup,
+            "derived.n_train": len(p.train_ds),
+            "derived.n_validation": len(p.val_ds),
+            "derived.n_parameters": p.n_params,
+            "derived.n_trainable_parameters": p.n_trainable,
+            "derived.padded_token_fraction": round(padded, 4),
+            "derived.padded_token_fraction_random": round(padded_random, 4),
+        }
+        | derived
+        | (config_changes.params(state.step, pre.changed) if start.checkpoint is not None else {})
+    )
+    if cfg.tracking.log_datasets:
+        tracker.log_inputs(tracking.data_inputs(p.train_ds, p.val_ds))
+    t = cfg.train
+    rt.print(f"{len(p.train_ds)} train / {len(p.val_ds)} validation rows, {p.n_params:,} parameters; "
+             f"{p.total_steps} steps of {t.global_batch_size} examples "
+             f"({t.micro_batch_size} x {p.accumulation} accumulation x {rt.world_size} ranks)")
+    if p.n_trainable != p.n_params:
+        rt.print(f"LoRA: {p.n_trainable:,} of {p.n_params:,} parameters trainable ({p.n_trainable / p.n_params:.2%})")
+    for line in notes:
+        rt.print(line)
+    if rt.shards_parameters:
+        rt.print(f"{rt.engine_label}: parameters held per rank: {' / '.join(f'{n:,}' for n in p.held)} of {p.n_params:,}")
+    return tracker
+
+
+# ---- the steps
+
+
+@dataclass
+class Schedule:
+    """What is due after optimizer step `step` (counted from 1): functions of the step and the
+    config alone, so every rank decides alike without talking."""
+
+    total: int
+    log_every: int
+    eval_every: int
+    flush_every: int
+    halt_at: int | None
+
+    def last(self, step: int) -> bool:
+        return step == self.total
+
+    def log(self, step: int) -> bool:
+        return step % self.log_every == 0 or self.last(step)
+
+    def eval(self, step: int) -> bool:
+        return bool(self.eval_every and step % self.eval_every == 0) or self.last(step)
+
+    def halt(self, step: int) -> bool:
+        return step == self.halt_at and not self.last(step)
+
+    def flush(self, step: int) -> bool:
+        return step % self.flush_every == 0
+
+
+@dataclass
+class StepStats:
+    """One optimizer step: this rank's loss sum (on the device: no host sync), the global item
+    count it is divided by, this rank's real tokens, the lr it ran at, the clipped grad norm."""
+
+    loss_sum: torch.Tensor
+    items: float
+    tokens: int
+    lr: float
+    grad_norm: Any
+
+
+class Window:
+    """The logging window (tracking.log_every_steps): the steps' losses stay on the device until
+    the window is logged, then one reduce carries them all. train/loss is the window's mean of
+    the steps' global mean losses."""
+
+    def __init__(self):
+        self.t0, self.steps = time.perf_counter(), []
+
+    def add(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+    def values(self, rt, global_batch: int, epoch: float) -> dict:
+        """A collective (sum over ranks). Starts the next window."""
+        n, last = len(self.steps), self.steps[-1]
+        tokens = torch.tensor(float(sum(s.tokens for s in self.steps)), device=rt.device)
+        stats = rt.accelerator.reduce(torch.stack([s.loss_sum for s in self.steps] + [tokens]).to(rt.device), reduction="sum")
+        dt = time.perf_counter() - self.t0
+        values = {
+            "train/loss": sum(float(stats[i]) / max(s.items, 1.0) for i, s in enumerate(self.steps)) / n,
+            "train/lr": last.lr,
+            "train/samples_per_s": n * global_batch / dt,
+            "train/tokens_per_s": float(stats[-1]) / dt,
+            "train/step_time_s": dt / n,
+            "train/epoch": epoch,
+        }
+        if last.grad_norm is not None:
+            values["train/grad_norm"] = float(last.grad_norm)
+        self.t0, self.steps = time.perf_counter(), []
+        return values
+
+
+class Trainer:
+    """The steps of a built run and its end. Every method runs on every rank, in step."""
+
+    def __init__(self, cfg: RunConfig, parts: Parts, tracker):
+        self.cfg, self.p, self.tracker = cfg, parts, tracker
+        self.rt, self.state, self.model = parts.rt, parts.state, parts.model
+        c = cfg.tracking
+        self.schedule = Schedule(parts.total_steps, c.log_every_steps, cfg.eval.every_steps, c.flush_every_steps,
+                                 cfg.train.halt_at_step)
+        self.dog = watchdog.Watchdog(parts.run_dir / "ranks", self.rt.rank, self.rt.world_size, cfg.train.hang_timeout_s,
+                                     self.rt.print)
+        self.speed = _speedometer(cfg, self.rt, self.rt.unwrap(parts.model).config, parts.n_params, parts.n_trainable)
+        self.last_eval, self.last_eval_step = None, 0
+        self.stop_signal = None
+
+    def run(self) -> str | None:
+        """From the resumed step to the end of the schedule: None, or why it stopped earlier
+        ("early_stop", "halt", "signal")."""
+        p, state, cfg = self.p, self.state, self.cfg
+        at_start = state.step == 0 and cfg.eval.at_start
+        self.dog.beat(state.step, "eval" if at_start else "train")
+        if at_start:
+            state.first_eval = self.evaluate(0)
+        self.last_eval, self.last_eval_step = state.first_eval, 0
+        self.model.train()
+        window, first_step = Window(), state.step
+        batches = batching.train_batches(p.train_ds, p.sampler, state.step, p.total_steps, p.collate, cfg.data.num_workers,
+                                         pin_memory=self.rt.device.type == "cuda")
+        with self.rt.progress(p.total_steps, initial=state.step, every_s=cfg.tracking.print_every_s) as bar:
+            for step, micro_batches in batches:
+                window.add(self.train_step(step, micro_batches))
+                state.step, state.epoch, state.metric_at_step = step + 1, p.sampler.epoch_of(step), None
+                faults.point("step", state.step)
+                self.dog.beat(state.step)
+                bar.update(1)
+                if step == first_step:
+                    self.rt.print(f"first optimizer step done {time.time() - launcher.STARTED:.1f} s after start")
+                    self.rt.write_model_facts(p.run_dir, self.model, p.optimizer, p.no_decay)
+                stop = self.after_step(window, bar)
+                if stop:
+                    return stop
+        return None
+
+    def train_step(self, step: int, micro_batches: list) -> StepStats:
+        """One optimizer step (`step` counts from 0). It minimises the mean over the global batch's
+        items (response tokens, or examples / class weights): each micro-batch contributes its
+        SUM of item losses over the global item count, whatever its own size. The engines
+        average gradients over micro-batches and ranks, hence world x accumulation. Collectives:
+        the item count, and the engine's gradient reduction."""
+        p, rt, model = self.p, self.rt, self.model
+        acc = rt.accelerator
+        items = _global_items(rt, [p.task.loss_items(b) for b, _ in micro_batches])
+        scale = rt.world_size * p.accumulation / max(items, 1.0)
+        loss_sum, tokens, grad_norm = torch.zeros((), device=rt.device), 0, None
+        lr = p.optimizer.param_groups[0]["lr"]
+        for k, (batch, n_tokens) in enumerate(micro_batches):
+            # Dropout masks depend on (seed, step, micro-batch within the global batch) only:
+            # a resumed run, and a run on any number of ranks, draw the same masks.
+            torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, p.sampler.microbatch_index(k)))
+            tokens += n_tokens  # real tokens, not padding
+            with acc.accumulate(model):
+                loss = p.task.loss_sum(model, _to(batch, rt.device))
+                acc.backward(loss * scale)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm or float("inf"))
+                p.optimizer.step()
+                p.optimizer.zero_grad()
+            loss_sum += loss.detach().float()
+        faults.stall(step + 1)
+        if not getattr(p.optimizer, "step_was_skipped", False):  # fp16: a step skipped on overflow keeps its lr
+            p.scheduler.step()
+        return StepStats(loss_sum, items, tokens, lr, grad_norm)
+
+    def after_step(self, window: Window, bar) -> str | None:
+        """What the Schedule says is due after the step: log, evaluate (collectives), halt, stop
+        on a signal (a collective: every rank stops at the same step), checkpoint. Returns why
+        the run stops here, or None."""
+        state, s, cfg = self.state, self.schedule, self.cfg
+        step, stop = state.step, None
+        if s.log(step):
+            self.log(window.values(self.rt, cfg.train.global_batch_size, state.epoch), bar)
+        if s.eval(step):
+            self.last_eval, self.last_eval_step = self.evaluate(step), step
+            stop = _track_best(state, self.last_eval, cfg.eval_metric, cfg.eval_metric not in LOWER_IS_BETTER,
+                               cfg.eval.early_stopping_patience)
+        if s.halt(step):
+            stop = stop or "halt"
+        signalled = self.rt.stop_requested()
+        if signalled and not s.last(step):
+            stop, self.stop_signal = stop or "signal", signalled
+        improved = state.best_step == step and cfg.checkpoint.export == "best"  # model/ may come from here
+        if self.p.checkpointer.due(step) or s.last(step) or stop or improved:
+            self.tracker.flush(wait=True)
+            self.dog.beat(step, "checkpoint")
+            self.p.checkpointer.save(state)
+        elif s.flush(step):
+            self.tracker.flush()
+        self.dog.beat(step)
+        return stop
+
+    def log(self, values: dict, bar) -> None:
+        values |= self.speed(values["train/tokens_per_s"])
+        self.tracker.log_metrics(values, step=self.state.step)
+        self.rt.preemption.stepped(values["train/step_time_s"])
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.1e}",
+                        tok_s=f"{values['train/tokens_per_s']:,.0f}",
+                        **({"mfu": f"{values['train/mfu']:.1%}"} if "train/mfu" in values else {}))
+
+    def metrics(self, step: int) -> dict:
+        """The validation metrics (a collective; every batch is progress for the watchdog)."""
+        self.dog.beat(step, "eval")
+        return self.p.task.evaluate(self.rt, self.model, self.dog.beating(self.p.val_loader, step, "eval"))
+
+    def evaluate(self, step: int) -> dict:
+        """The validation metrics logged and printed, and the sample generations."""
+        metrics = self.metrics(step)
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        self.rt.print(f"step {step} eval: " + report.one_line(metrics))
+        _log_samples(self.rt, self.p.task, self.model, self.p.tokenizer, self.tracker, self.p.run_dir, step)
+        return metrics
+
+    # ---- the end
+
+    def stopped(self, stop: str) -> dict:
+        """A halt or a signal: the checkpoint is saved; the tracker run ends KILLED, to go on."""
+        why = "train.halt_at_step" if stop == "halt" else self.stop_signal
+        self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
+        self.tracker.finish(status="KILLED")
+        return {"status": "halted" if stop == "halt" else "stopped", "step": self.state.step, "run_dir": str(self.p.run_dir)}
+
+    def finish(self, stop: str | None) -> dict:
+        """The end of the schedule or an early stop: the weights to export (the last, or the best
+        evaluation's: a collective load), the decision threshold tuned, the export gathered and
+        written, the summary logged."""
+        p, rt, state, cfg = self.p, self.rt, self.state, self.cfg
+        metric = cfg.eval_metric
+        if stop == "early_stop":
+            rt.print(f"early stop at step {state.step}: no {metric} improvement in {cfg.eval.early_stopping_patience} evals")
+        if self.last_eval_step != state.step:  # resumed after the last step but before the export
+            self.last_eval = self.metrics(state.step)
+        exported_step, exported_eval = state.step, self.last_eval
+        best = p.checkpointer.best(state)
+        if best is not None:  # checkpoint.export: best
+            p.checkpointer.load(best)
+            exported_step, exported_eval = state.best_step, state.best_eval
+            rt.print(f"exporting the best evaluation's weights: step {exported_step} "
+                     f"({metric} {state.best_metric:.4f}; the last step, {state.step}, had {self.last_eval[metric]:.4f})")
+        tuned = p.task.tune(rt, self.model, self.dog.beating(p.val_loader, state.step, "eval"))  # eval.tune_threshold
+        if tuned is not None:
+            exported_eval = tuned
+            rt.print(f"decision threshold tuned on validation: {p.task.threshold} ({metric} "
+                     f"{tuned.get(metric, float('nan')):.4f}; at 0.5: {tuned.get(metric + '@0.5', float('nan')):.4f})")
+        model_dir = p.run_dir / "model"
+        self.dog.beat(state.step, "export")
+        ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir, {"launcher.json": json.dumps(p.task.metadata())},
+                              random_base=p.task.random_init())
+        summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": self.last_eval,
+                   "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
+        self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})
+        rt.on_main(_write_outputs, p.run_dir, summary, self.tracker)
+        if cfg.tracking.log_model:
+            self.tracker.log_model(model_dir, exported_step, cfg.tracking.register_model)
+        rt.print(report.final_table(state.first_eval, exported_eval))
+        for line in _where_things_are(cfg, state, exported_step, p.run_dir):
+            rt.print(line)
+        self.tracker.finish()
+        return {"status": "finished", "run_dir": str(p.run_dir), **summary}
+
+
+def _where_things_are(cfg: RunConfig, state, exported_step: int, run_dir: Path) -> list[str]:
+    lines = [f"exported:    step {exported_step} of {state.step} (checkpoint.export: {cfg.checkpoint.export})"]
+    if cfg.tracking.mlflow:
+        lines.append(f"MLflow run:  {state.tracker_ids.get('mlflow', '-')} at {redact_uri(cfg.tracking_uri)}")
+        if not cfg.tracking.uri:
+            lines.append(f"  browse:    mlflow ui --backend-store-uri {cfg.tracking_uri}")
+    return lines + [f"checkpoints: {run_dir / 'checkpoints'}", f"model:       {run_dir / 'model'}"]
+
+
+# ---- helpers
+
+
+def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
+    run_dir = cfg.run_dir
+
+    def create():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if start.checkpoint is None:
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            ckpt_lib.record_owner(run_dir, rt.job_id, start.tracker_ids)
+
+    rt.on_main(create)
+    return run_dir
+
+
+def _synthetic_files(task, rt, run_dir: Path) -> tuple[str, str]:
+    out = run_dir / "data"
+
+    def write():
+        # Rank 0 alone decides: had each rank looked for the file itself, a rank that looked
+        # after rank 0 had written it would skip the barrier the others wait in (seen: a hang).
+        if not (out / "validation.jsonl").is_file():  # a resumed run keeps its data
+            task.write_synthetic(out)
+
+    rt.on_main(write)
+    return str(out / "train.jsonl"), str(out / "validation.jsonl")
+
+
+def _prepare_data(task, cache, run_dir: Path, train_source, val_source):
+    """(tokenizer, train rows, validation rows): checked and tokenized once per data cache,
+    memory-mapped by every rank. A resumed tiny-model run reuses the tokenizer it saved."""
+    tokenizer = task.tokenizer(run_dir / "tokenizer", train_source, cache)
+    train_ds, val_ds = task.datasets(train_source, val_source, tokenizer, cache)
+    return tokenizer, train_ds, val_ds
+
+
+def _keep_tokenizer(tokenizer, out: Path) -> None:
+    """A tiny model's tokenizer goes into the run directory once: a resumed run reads it back.
+    Rank 0 alone looks for it (inside on_main), so every rank reaches the same barrier."""
+    if not (out / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(out)
+
+
+def no_decay_names(model) -> set[str]:
+    """Parameters that take no weight decay: biases and every parameter of a normalisation
+    layer, by name and module type. Not by shape: under ZeRO-3 a pretrained model's
+    parameters are already partitioned when the optimizer is built, and every one of
+    them looks 0-dimensional (shared/NOTES.md)."""
+    out = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+        for name, _ in module.named_parameters(prefix=module_name, recurse=False):
+            if is_norm or name.endswith("bias"):
+                out.add(name)
+    return out
+
+
+def _optimizer(model, t, device, skip: set[str]) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (train section `t`), without decay for `skip`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused AdamW is what HF Trainer uses by default; it beats the per-tensor loop on CPU too (NOTES.md).
+    try:
+        return torch.optim.AdamW(groups, lr=t.lr, fused=device.type in ("cpu", "cuda"))
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=t.lr, foreach=True)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) -> None:
+    """Sample generations (every rank generates: a collective under ZeRO-3); rank 0 prints
+    them and records them in RUN/generations.jsonl, the side-by-side table and MLflow."""
+    rows = task.samples(rt, model, tokenizer)
+    answered = [r for r in getattr(task, "last_rows", []) if "response" in r]
+    if answered:  # every answer of the evaluation, for error analysis: RUN/predictions/step-N.jsonl
+        rt.on_main(report.record_predictions, run_dir, step, answered, getattr(task, "answers", None))
+    if rows:
+        rt.on_main(report.record_generations, run_dir, step, rows, tracker)
+        for r in rows:
+            rt.print(f"  [{step}] {r['prompt']!r} -> {r['response']!r}")
+
+
+def _too_few_rows(cfg: RunConfig, train_ds) -> str:
+    """One global batch does not fit the training data: counted in rows, as the user wrote them."""
+    d, t = cfg.data, cfg.train
+    where = d.train_file or "training data"
+    stats = train_ds.meta.get("stats") or {}
+    if d.packing:
+        rows = stats.get("rows", 0) - stats.get("dropped", 0)
+        return (f"{where}: {rows} rows pack into {len(train_ds)} blocks of {d.max_length} tokens, and with data.packing "
+                f"train.global_batch_size ({t.global_batch_size}) counts blocks: lower it to {len(train_ds)} or less "
+                "(and train.micro_batch_size with it), or set data.packing=false")
+    return f"{where}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})"
+
+
+def _speedometer(cfg: RunConfig, rt, model_config, n_params: int, n_trainable: int):
+    """values(tokens per second, all ranks) -> MFU and peak GPU memory (CUDA only)."""
+    from launcher import throughput
+
+    if rt.device.type != "cuda":
+        return lambda tokens_per_s: {}
+    layers, hidden = throughput.model_shape(model_config)
+    per_token = throughput.flops_per_token(n_params, n_trainable, layers, hidden, cfg.data.max_length)
+    peak = throughput.peak_flops(torch.cuda.get_device_name(rt.device), cfg.train.precision, cfg.train.peak_tflops)
+
+    def values(tokens_per_s: float) -> dict:
+        out = {"train/gpu_mem_peak_gb": torch.cuda.max_memory_allocated(rt.device) / 2**30}
+        if peak:
+            out["train/mfu"] = per_token * tokens_per_s / (peak * rt.world_size)
+        return out
+
+    return values
+
+
+def _global_items(rt, per_micro: list[float]) -> float:
+    """Items (response tokens, examples, class weights) in this step's whole global batch."""
+    local = torch.tensor([float(sum(per_micro))], dtype=torch.float64, device=rt.device)
+    return float(rt.accelerator.reduce(local, reduction="sum")) if rt.world_size > 1 else float(local)
+
+
+def _dropout_seed(seed: int, step: int, microbatch: int) -> int:
+    return (seed * 1_000_003 + step) * 100_003 + microbatch
+
+
+def _track_best(state, metrics: dict, metric: str, higher_is_better: bool, patience: int) -> str | None:
+    value = metrics[metric]
+    state.metric_at_step = value
+    improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        state.best_eval = dict(metrics)
+        return None
+    state.evals_without_improvement += 1
+    return "early_stop" if patience and state.evals_without_improvement >= patience else None
+
+
+def _write_outputs(run_dir: Path, summary: dict, tracker) -> None:
+    (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+    tracker.flush()
+    plot = report.plot_run(run_dir / "metrics.jsonl", summary["after"], run_dir / "training.png")
+    for path in (run_dir / "config.yaml", run_dir / "final_metrics.json", plot):
+        if path is not None and Path(path).is_file():
+            tracker.log_artifact(path)
