@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: venv demo tos tos-llm test test-fast test-faults test-matrix test-load clean
+.PHONY: venv demo tos tos-llm test test-fast typecheck test-faults test-matrix test-load clean
 
 venv: $(STAMP)
 
@@ -46,11 +46,16 @@ tos-llm: venv
 	$(PY) -m launcher train configs/train/tos_llm_lora.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
 	$(PY) benchmarks/tos_llm_table.py $(DEMO_DIR)/tos_llm_lora
 
-test: venv
+test: typecheck
 	$(PY) -m pytest -q
 
-test-fast: venv
+test-fast: typecheck
 	$(PY) -m pytest -q -m "not slow and not distributed and not server and not slurm"
+
+# mypy on the files [tool.mypy] lists (pyproject.toml): the task protocols both tasks must meet,
+# the trainer, the launch wrapper.
+typecheck: venv
+	$(PY) -m mypy
 
 # The full kill-anywhere matrix: 5 kill points x (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + LoRA) on 2 ranks (make test runs 2).
 test-faults: venv

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from launcher import faults, trust
 from launcher.errors import ConfigError, RunError
+from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
 
@@ -62,7 +63,7 @@ def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     not depend on the world size, so the run continues exactly."""
     if state.engine is None or state.world_size is None:
         return None
-    engine = rt.engine
+    engine = rt.engine.name
     if state.engine != engine:
         raise ConfigError(f"{ckpt}: written by {state.engine} on {state.world_size} rank(s); this launch is {engine}: "
                           "resume with the engine that wrote it (its accelerate config)")
@@ -98,6 +99,7 @@ class Start:
 
     checkpoint: Path | None = None
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
+    interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint
     tracker_ids: dict = field(default_factory=dict)
     # What a killed attempt left half-written: never loaded, never counted for retention;
     # reported and removed once the run directory is taken.
@@ -135,7 +137,8 @@ def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = N
 def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, trusted: bool = False) -> Start:
     """Where to start. Never overwrites a run: a run directory without a complete checkpoint
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
-    requeued after a node died before the first checkpoint), which then starts again in place.
+    requeued after a node died before the first checkpoint), which then starts again in place,
+    as does a run that a second Ctrl-C ended before its first checkpoint (its INTERRUPTED mark).
     A checkpoint named by path, outside the run directory, is loaded only if this user's
     launcher wrote it or `trusted` (checkpoint.trust) says so: loading it unpickles.
 
@@ -160,6 +163,8 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
     owner = read_owner(run_dir)
     if job_id and owner.get("slurm_job_id") == job_id:
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
+    if (run_dir / INTERRUPTED).is_file():
+        return Start(interrupted=True, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
     raise ConfigError(
         f"run directory {run_dir} exists but holds no complete checkpoint to resume; "
         "pick another --run-name or remove it"
@@ -178,17 +183,14 @@ class Checkpointer:
         # write_skeleton(dir): model config, tokenizer, label names, so that
         # `launcher export` can turn the checkpoint into a model offline.
         self.write_skeleton = write_skeleton
-        # Frozen parameters are left out of every checkpoint (LoRA on a pretrained base): the
-        # engine's own switch under DeepSpeed, a hook on the state dict accelerate saves
-        # otherwise; loading is then non-strict on the model weights only.
+        # Frozen parameters are left out of every checkpoint (LoRA on a pretrained base), as the
+        # engine allows (engines.Engine.frozen_policy); loading is then non-strict on the model
+        # weights only.
         self.trainable_only = trainable_only
-        self.save_kwargs, self.load_kwargs = {}, {}
-        self.fsdp2 = trainable_only and rt.accelerator.is_fsdp2  # frozen_left_out() around save and load
-        if trainable_only and rt.zero_stage is not None:
-            self.save_kwargs, self.load_kwargs = {"exclude_frozen_parameters": True}, {"load_module_strict": False}
-        elif trainable_only and not self.fsdp2:
+        self.frozen = rt.engine.frozen_policy(trainable_only)
+        self.save_kwargs, self.load_kwargs = self.frozen.save_kwargs or {}, self.frozen.load_kwargs or {}
+        if self.frozen.save_hook:
             rt.accelerator.register_save_state_pre_hook(_drop_frozen)
-            self.load_kwargs = {"strict": False}
         self.need = 0  # bytes one checkpoint takes (estimate_bytes), set once the model is built
 
     def due(self, step: int) -> bool:
@@ -205,7 +207,7 @@ class Checkpointer:
         # write failed cannot leave the others waiting in a barrier); rank 0 seals.
         def write():
             faults.save_error(state.step)
-            with frozen_left_out(self.rt.accelerator._models if self.fsdp2 else []):
+            with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
                 self.rt.accelerator.save_state(str(tmp), **self.save_kwargs)
 
         failure = _attempt(write, self.root, self.need)
@@ -239,7 +241,7 @@ class Checkpointer:
         raise RunError(f"checkpoint at step {step} not written: rank {rank}: {what}; {kept_line}")
 
     def _seal(self, tmp: Path, final: Path, state: TrainState) -> None:
-        state.world_size, state.engine = self.rt.world_size, self.rt.engine
+        state.world_size, state.engine = self.rt.world_size, self.rt.engine.name
         if self.write_skeleton is not None:
             self.write_skeleton(tmp / SKELETON)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
@@ -272,9 +274,9 @@ class Checkpointer:
         return path if (path / MARKER).is_file() else None
 
     def load(self, path: Path) -> TrainState:
-        if self.trainable_only and self.rt.zero_stage is None and not self.fsdp2:
+        if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
-        with frozen_left_out(self.rt.accelerator._models if self.fsdp2 else []):
+        with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
             self.rt.accelerator.load_state(str(path), **self.load_kwargs)
         state = TrainState.read(path)
         if self.rt.preemption is not None:
@@ -489,7 +491,7 @@ def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
         import contextlib
         import io
 
-        from launcher.runtime import quiet_deepspeed_on_cpu
+        from launcher.engines import quiet_deepspeed_on_cpu
 
         quiet_deepspeed_on_cpu()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -151,7 +151,7 @@ def _train_under_accelerate(args) -> int:
     exit 2 before any rank starts; then this process becomes `accelerate launch`."""
     from launcher import distributed
     from launcher.config import load_config
-    from launcher.runtime import host_problems
+    from launcher.engines import host_problems
 
     if (args.nodes or 1) > 1 and (args.machine_rank is None or args.main_process_ip is None):
         raise UserError("--nodes: more than one machine needs --machine-rank and --main-process-ip")
@@ -162,7 +162,7 @@ def _train_under_accelerate(args) -> int:
     problems = distributed.check(cfg, launch) + host_problems(cfg, launch)
     if problems:
         raise UserError(*problems)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    cmd = [sys.executable, "-m", "launcher.launch", "--config_file", args.accelerate_config]  # accelerate launch, Ctrl-C a stop
     if args.num_processes is not None:
         cmd += ["--num_processes", str(args.num_processes)]
     if args.nodes is not None:
@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:  # the machine failed a run that was going well: what happened, what is kept
         _report(e.problems)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training watches for it (a training run stops at a step end)
+        print("launcher: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def _report(problems: list[str]) -> None:

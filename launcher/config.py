@@ -175,6 +175,10 @@ class TrainConfig:
     micro_batch_size: int = 8
     max_grad_norm: Optional[float] = 1.0
     precision: Literal["no", "bf16", "fp16"] = "no"
+    # With bf16/fp16: gradients are reduced across ranks in fp32 (DeepSpeed's
+    # communication_data_type, FSDP's reduce and output dtypes); false: in the compute dtype,
+    # half the gradient traffic for a less exact sum. DDP reduces fp32 gradients either way.
+    reduce_in_fp32: bool = True
     seed: int = 42
     # none, or balanced: CE class weights (binary) / BCE pos_weight (multilabel)
     # from training label frequencies.
@@ -569,9 +573,12 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     if t.micro_batch_size > 0 and t.global_batch_size > 0:
         per_step = t.micro_batch_size * world_size
         if t.global_batch_size % per_step:
+            fits = [m for m in range(t.micro_batch_size, 0, -1) if t.global_batch_size % (m * world_size) == 0][:3]
+            hint = (f"; train.micro_batch_size {' or '.join(map(str, fits))} would divide it" if fits else
+                    f"; no micro-batch size does on {world_size} ranks: use a number of ranks that divides it")
             out.append(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}"
+                f"train.micro_batch_size ({t.micro_batch_size}) x world size ({world_size}) = {per_step}{hint}"
             )
     if cfg.model.tiny.hidden_size % max(cfg.model.tiny.num_heads, 1):
         out.append("model.tiny.hidden_size: must be divisible by model.tiny.num_heads")

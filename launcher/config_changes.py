@@ -25,7 +25,7 @@ from typing import Any
 # Another run when changed (prefixes match whole sections or keys).
 RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revision", "model.dtype",
                 "data.", "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
-                "train.global_batch_size", "train.max_grad_norm", "train.precision", "train.seed",
+                "train.global_batch_size", "train.max_grad_norm", "train.precision", "train.reduce_in_fp32", "train.seed",
                 "train.class_weighting")
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")

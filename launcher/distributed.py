@@ -373,6 +373,8 @@ def resolve_deepspeed(cfg, launch: LaunchConfig) -> tuple[dict, list[tuple[str, 
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
     }
+    if t.precision != "no" and t.reduce_in_fp32:  # DeepSpeed's default: the compute dtype (engines.py)
+        fills["communication_data_type"] = ("fp32", "train.reduce_in_fp32")
     resolved = []
     for key, (value, owner) in fills.items():
         if _get(ds, key, AUTO) == AUTO:

@@ -74,6 +74,11 @@ class Preemption:
         self.step_s: float | None = None
         self.save_s: float | None = None
         self.warned = False
+        self.run_dir = None  # set once the run directory is taken: a second Ctrl-C marks it
+
+    def back_to(self) -> str:
+        return (f"step {self.saved_step} (checkpoints/step-{self.saved_step:06d})" if self.saved_step
+                else "step 0: no checkpoint is sealed yet")
 
     def stepped(self, seconds: float) -> None:
         self.step_s = seconds
@@ -97,12 +102,35 @@ class Preemption:
         streams (the handler may have interrupted a print)."""
         if not self.is_main:
             return
-        back = (f"step {self.saved_step} (checkpoints/step-{self.saved_step:06d})" if self.saved_step
-                else "step 0: no checkpoint is sealed yet")
         within = f" within {self.grace} s ({ENV})" if self.grace is not None else ""
         line = (f"launcher: {name}: every rank checkpoints at the end of the step in progress and exits; "
-                f"if they are killed before that{within}, the resume goes back to {back}\n")
-        try:
-            os.write(2, line.encode())
-        except OSError:
-            pass
+                f"if they are killed before that{within}, the resume goes back to {self.back_to()}")
+        if name == "SIGINT":
+            line += "; Ctrl-C again exits at once"
+        _say(line)
+
+    def exit_now(self, name: str) -> None:
+        """A second Ctrl-C, from the signal handler: exit at once, no traceback. Before the first
+        checkpoint, rank 0 marks the run directory, so the same command starts it again in place
+        (checkpoint.resolve_resume) instead of refusing a directory with nothing to resume."""
+        if self.is_main:
+            if self.run_dir is not None and self.saved_step is None:
+                try:
+                    os.close(os.open(os.path.join(self.run_dir, INTERRUPTED), os.O_CREAT | os.O_WRONLY, 0o644))
+                except OSError:
+                    pass
+            _say(f"launcher: {name} again: exiting now, without a checkpoint; the same command resumes from "
+                 f"{self.back_to()}")
+        os._exit(130)
+
+
+INTERRUPTED = ".interrupted"  # in a run directory: stopped at once before its first checkpoint
+
+
+def _say(line: str) -> None:
+    """One line on stderr without Python's buffered streams (a signal handler may have
+    interrupted a print)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass

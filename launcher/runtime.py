@@ -1,17 +1,9 @@
 """Builds the Accelerator from config + environment; the one home of rank facts.
 
-On a host without a GPU, a plain `Accelerator()` under a multi-process launch
-reports rank 0 of 1 on every rank and skips DDP (shared/NOTES.md). So:
-- CPU, several processes, no DeepSpeed: `Accelerator(cpu=True)` -> MULTI_CPU, DDP.
-- CPU with DeepSpeed: a gloo process group via InitProcessGroupKwargs (cpu=True
-  would silently drop DeepSpeed), and a DeepSpeedPlugin built from the JSON with
-  every "auto" filled from the run config (launcher.distributed).
-- FSDP2 on CPU: accelerate only turns FSDP on for GPU process groups, yet torch's
-  FSDP2 (fully_shard) runs on gloo. So on a GPU-less host launcher starts the gloo
-  group and switches accelerate's state to FSDP itself (cpu_fsdp2): the same sharding,
-  DCP checkpoints and accumulation path as on GPUs, rehearsed on a laptop and in CI.
-  FSDP1 on CPU is refused.
-After construction the ranks are checked against torch.distributed itself.
+On a host without a GPU, a plain `Accelerator()` under a multi-process launch reports rank 0
+of 1 on every rank and skips DDP (shared/NOTES.md); launcher.engines chooses the arguments
+that make each engine real on CPU too (gloo for DDP and DeepSpeed, FSDP2 switched on over
+gloo). After construction the ranks are checked against torch.distributed itself.
 """
 
 from __future__ import annotations
@@ -25,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from launcher import engines
+from launcher.engines import Engine, full_numel, held
 from launcher.errors import ConfigError
 
 if typing.TYPE_CHECKING:
@@ -41,6 +35,9 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+SAME_KEY_PRESS_S = 0.5  # two SIGINTs closer than this are one Ctrl-C delivered twice
+
+
 @dataclass
 class Runtime:
     accelerator: Any
@@ -49,8 +46,7 @@ class Runtime:
     world_size: int
     num_nodes: int
     distributed_type: str
-    zero_stage: int | None = None
-    zero3_init: bool = False
+    engine: Engine = Engine()  # every engine decision (launcher.engines)
     weight_dtype: str = "float32"  # the dtype policy's answer for this launch (distributed.weight_dtype)
     keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
     notes: list = None  # what the launch decided for the run config (printed at start)
@@ -77,23 +73,33 @@ class Runtime:
             tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)  # above a live progress bar, not inside it
 
     def watch_signals(self) -> None:
-        """SIGTERM (a scheduler or `kill`) and SIGUSR1 (Slurm's warning before the time limit)
-        ask this rank to stop, as does the file named by LAUNCHER_STOP_FILE once it exists
-        (slurm/train.sh creates it: signalling srun would cancel the job step outright).
-        `stop_requested` turns the requests into one decision."""
+        """SIGTERM (a scheduler or `kill`), SIGUSR1 (Slurm's warning before the time limit) and
+        SIGINT (Ctrl-C) ask this rank to stop at the end of the step, as does the file named by
+        LAUNCHER_STOP_FILE once it exists (slurm/train.sh creates it: signalling srun would
+        cancel the job step outright). `stop_requested` turns the requests into one decision.
+        A second Ctrl-C exits at once (preemption.Preemption.exit_now); one key press that
+        arrives twice (a terminal's process group and a parent that forwards it) counts once."""
         import signal
+        import time
 
         from launcher.preemption import Preemption
 
         self.preemption = Preemption(self.is_main)
+        interrupted_at = []
 
         def request(signum, _frame):
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                now = time.monotonic()
+                if interrupted_at and now - interrupted_at[0] > SAME_KEY_PRESS_S:
+                    self.preemption.exit_now(name)
+                interrupted_at.append(now)
             first = getattr(self, "_stop_signal", None) is None
-            self._stop_signal = signal.Signals(signum).name
+            self._stop_signal = name
             if first:
                 self.preemption.on_signal(self._stop_signal)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, request)
 
     def stop_requested(self) -> str | None:
@@ -111,31 +117,6 @@ class Runtime:
         if self.accelerator.reduce(flag, reduction="max").item() > 0:
             return local or "a signal to another rank"
         return None
-
-    @property
-    def engine(self) -> str:
-        """The engine as far as a checkpoint's layout goes: one process and DDP save the same full
-        state ("full"); DeepSpeed ("deepspeed-zeroN") and FSDP ("fsdp") save shards per rank."""
-        if self.zero_stage is not None:
-            return f"deepspeed-zero{self.zero_stage}"
-        if getattr(self.accelerator, "is_fsdp2", False) or self.distributed_type == "FSDP":
-            return "fsdp"
-        return "full"
-
-    @property
-    def engine_label(self) -> str:
-        """The engine for people: DDP, ZeRO-3, FSDP2, ..."""
-        if self.zero_stage is not None:
-            return f"ZeRO-{self.zero_stage}"
-        if getattr(self.accelerator, "is_fsdp2", False):
-            return "FSDP2"
-        return {"FSDP": "FSDP", "NO": "one process"}.get(self.distributed_type, "DDP")
-
-    @property
-    def shards_parameters(self) -> bool:
-        """Whether no rank holds whole parameters (ZeRO-3, FSDP of either version): every forward
-        pass is then a collective, so ranks must run as many of them (generation stays in step)."""
-        return self.zero_stage == 3 or self.distributed_type == "FSDP" or bool(getattr(self.accelerator, "is_fsdp2", False))
 
     def inference_model(self, model):
         """The module to run forward passes on outside training (evaluation, generation): the bare
@@ -197,7 +178,7 @@ class Runtime:
         (about 1 s of start-up, for nothing, in a DDP or single-process run), so without
         DeepSpeed the DDP / FSDP1 wrappers are stripped here (FSDP2 and plain models are
         not wrapped)."""
-        if self.zero_stage is not None:
+        if self.engine.deepspeed:
             return self.accelerator.unwrap_model(model)
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.nn.parallel import DistributedDataParallel
@@ -230,10 +211,10 @@ class Runtime:
         weights, but a random init drawn that way differs from a single process's.
         So random inits (and zero3_init_flag: false) build whole; the engine shards at prepare.
         """
-        plugin = self.accelerator.state.deepspeed_plugin if self.zero_stage == 3 else None
-        if plugin is None or (self.zero3_init and not random_weights):
+        if not self.engine.builds_whole_under_zero3(random_weights):
             yield
             return
+        plugin = self.accelerator.state.deepspeed_plugin
         from transformers.integrations import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # accelerate 1.15's zero3_init_context_manager(False) leaves it set
@@ -245,23 +226,21 @@ class Runtime:
     def parameter_counts(self, model) -> tuple[int, int, list[int]]:
         """(full parameter count, trainable count, elements held by each rank). A collective.
 
-        Under ZeRO-3 a parameter's local tensor is a shard (`ds_tensor`) and `numel()` is 0;
-        `ds_numel` is its full size. Under FSDP2 a parameter is a DTensor: `numel()` is the
-        full size and its local tensor the shard.
+        Sharded parameters count whole (engines.full_numel) and held as the shard (engines.held).
         """
         import torch
 
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        held = sum(_held(p) for p in model.parameters())
-        per_rank = self.accelerator.gather(torch.tensor([held], device=self.device))
+        total = sum(full_numel(p) for p in model.parameters())
+        trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+        here = sum(held(p) for p in model.parameters())
+        per_rank = self.accelerator.gather(torch.tensor([here], device=self.device))
         return total, trainable, [int(x) for x in per_rank.tolist()]
 
     def prepare(self, model, optimizer, *rest):
         """accelerator.prepare, after choosing FSDP2's wrap units (fsdp2_wrap_units)."""
-        if self.accelerator.is_fsdp2:
-            fsdp2_wrap_units(self.accelerator.state.fsdp_plugin, model)
-            fsdp2_storage_for_meta(model, optimizer)
+        if self.engine.fsdp2:
+            engines.fsdp2_wrap_units(self.accelerator.state.fsdp_plugin, model)
+            engines.fsdp2_storage_for_meta(model, optimizer)
         return self.accelerator.prepare(model, optimizer, *rest)
 
     def write_rank_file(self, run_dir: Path, **extra) -> None:
@@ -316,6 +295,7 @@ class Runtime:
             "trainable": dtypes(p for p in model.parameters() if p.requires_grad),
             "fp32_masters": dtypes(masters),
             "optimizer_states": dtypes(states),
+            "reduce_dtypes": engines.reduce_dtypes(model),
             "decayed": len(decayed),
             "not_decayed": len(names) - len(decayed),
             "decayed_sha": hashlib.sha256("\n".join(decayed).encode()).hexdigest()[:16],
@@ -333,68 +313,10 @@ class Runtime:
             "world_size": self.world_size,
             "num_nodes": self.num_nodes,
             "distributed_type": self.distributed_type,
-            "zero_stage": self.zero_stage,
+            "zero_stage": self.engine.zero_stage,
             "device": str(self.device),
             "slurm_job_id": self.job_id,
         }
-
-
-def _held(p) -> int:
-    """Elements of parameter p this rank holds."""
-    if hasattr(p, "ds_tensor"):
-        return p.ds_tensor.numel()
-    local = getattr(p, "_local_tensor", None)  # an FSDP2 DTensor shard
-    return (local if local is not None else p).numel()
-
-
-def fsdp2_wrap_units(plugin, model) -> None:
-    """The transformer classes FSDP2 shards as units: the model's _no_split_modules, less any
-    that hold the input or output embeddings.
-
-    accelerate 1.15 shards every _no_split_modules class, then the input embedding on its
-    own; when the embedding sits inside a class already sharded (BERT, RoBERTa and MiniLM
-    list BertEmbeddings), the second fully_shard sees DTensor parameters and fails
-    ("Invariant encountered: value was None"). The embeddings join their own unit instead.
-    An explicit fsdp_transformer_layer_cls_to_wrap is left as written.
-    """
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    fn = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
-    if fn is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap is not None:
-        return
-    embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-    holders = {type(m).__name__ for m in model.modules()
-               if m not in embeddings and any(e is sub for e in embeddings for sub in m.modules())}
-    plugin.transformer_cls_names_to_wrap = [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in holders]
-
-
-def fsdp2_storage_for_meta(model, optimizer) -> None:
-    """Gives every parameter still on the meta device empty CPU storage, in the model and in
-    the optimizer alike.
-
-    Under fsdp_cpu_ram_efficient_loading, transformers loads the weights on rank 0 only and
-    leaves the other ranks' parameters as empty CPU tensors, except those missing from the
-    checkpoint (a new classification head), which stay on meta. accelerate 1.15 then maps each
-    optimizer parameter to its sharded one by data_ptr(), and every meta tensor's is 0: the
-    optimizer of rank 1 and up got the head's bias twice and its weight never, so that rank's
-    shard of the weight never trained and the first checkpoint failed in DCP (KeyError) while
-    rank 0 waited in a collective. Values do not matter here: accelerate broadcasts rank 0's
-    weights into every shard at prepare.
-    """
-    import torch
-
-    new: dict = {}
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.is_meta:
-                if p not in new:
-                    new[p] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-                setattr(module, name, new[p])
-    for group in optimizer.param_groups:
-        group["params"] = [new.get(p, p) for p in group["params"]]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len({p.data_ptr() for p in params if p.numel()}) != sum(1 for p in params if p.numel()):
-        raise RuntimeError("FSDP2: two optimizer parameters share storage; accelerate would map them to one shard")
 
 
 class _NoBar:
@@ -435,67 +357,11 @@ class _PlainProgress(_NoBar):
         self.say(f"step {self.n}/{self.total} ({self.n / max(self.total, 1):.0%})  {shown}  eta {eta_text}")
 
 
-def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
-    """What this machine cannot run, whatever the files say (one line each)."""
-    import torch
-
-    from launcher import distributed
-
-    has_gpu = torch.cuda.is_available()
-    out = []
-    if cfg.train.precision == "fp16" and not has_gpu:
-        out.append("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    if launch.distributed_type == distributed.FSDP and not has_gpu:
-        if launch.fsdp_version != 2:
-            out.append(
-                f"{launch.source}: FSDP1 needs CUDA GPUs (accelerate enables FSDP only on GPU process groups); "
-                "rehearse sharded training on CPU with configs/accelerate/fsdp2.yaml (fsdp_version: 2)"
-            )
-        elif launch.num_processes < 2:
-            out.append(f"{launch.source}: FSDP2 on CPU needs 2 or more processes (--num_processes 2)")
-    return out
-
-
-def cpu_fsdp2(accelerator, precision: str) -> None:
-    """Turn a gloo process group's accelerate state into FSDP2, as accelerate does for GPUs.
-
-    accelerate 1.15 builds the FSDP plugin from the launch environment on any host but
-    switches its state to FSDP only for GPU-like process groups (state.py), so on CPU
-    an fsdp2.yaml launch would silently train as plain data parallel. torch's
-    fully_shard, DCP and the accelerate FSDP2 code paths (prepare, accumulate, save_state,
-    get_state_dict) all run on CPU tensors over gloo, so launcher makes the same switch:
-    both state singletons say FSDP and hold the plugin, with the run's mixed precision.
-    """
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch exported
-    if plugin.fsdp_version != 2:
-        raise RuntimeError(f"FSDP{plugin.fsdp_version} cannot run on CPU; use fsdp_version: 2")
-    if precision != "no":
-        plugin.set_mixed_precision(precision)
-    state = AcceleratorState()
-    state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    assert accelerator.is_fsdp2
-
-
-def quiet_deepspeed_on_cpu() -> None:
-    """On a host without a GPU, tell DeepSpeed so (what it would pick) before it is imported:
-    otherwise it warns that it "was unable to detect" one, in every run that exports a model."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
 
     `launch` defaults to what `accelerate launch` exported into the environment.
     """
-    from datetime import timedelta
 
     from launcher import distributed
 
@@ -509,44 +375,24 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
     import torch
 
     has_gpu = torch.cuda.is_available()
-    quiet_deepspeed_on_cpu()
+    engines.quiet_deepspeed_on_cpu()
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     # DeepSpeed 0.19 calls c10d APIs that torch 2.13 deprecates, once per bucket per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if has_gpu:  # TF32 matmuls for whatever still runs in fp32 (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    problems = host_problems(cfg, launch)
+    problems = engines.host_problems(cfg, launch)
     if problems:
         raise ConfigError(*problems)
     world = env_world_size()
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
-    kwargs: dict = {"mixed_precision": t.precision, "gradient_accumulation_steps": accumulation}
-    if launch.distributed_type == distributed.FSDP:
-        from accelerate.utils import GradientAccumulationPlugin
-
-        # FSDP under no_sync keeps whole, unsharded gradients on every rank until the last
-        # micro-batch (out of memory on big models): reduce-scatter after every micro-batch.
-        del kwargs["gradient_accumulation_steps"]
-        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=accumulation, sync_each_batch=True)
-    timeout = timedelta(seconds=t.collective_timeout_s)
-    if world > 1:
-        # On a GPU-less host the backend must be named: accelerate would otherwise pick none.
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=None if has_gpu else "gloo", timeout=timeout)]
-        if not has_gpu and launch.distributed_type not in (distributed.DEEPSPEED, distributed.FSDP):
-            kwargs["cpu"] = True
-    if launch.uses_deepspeed:
-        ds_config, _ = distributed.resolve_deepspeed(cfg, launch)
-        # The YAML's deepspeed_config keys (inline, as TRL's configs have them) are folded
-        # into ds_config and checked against it above. accelerate would refuse them next to a
-        # config it did not build itself, so its list of them is cleared for this process.
-        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=launch.zero3_init)
+    kwargs = engines.accelerator_kwargs(cfg, launch, accumulation, world, has_gpu)
     accelerator = Accelerator(**kwargs)
     if launch.distributed_type == distributed.FSDP and not has_gpu:
-        cpu_fsdp2(accelerator, t.precision)
+        engines.cpu_fsdp2(accelerator, t.precision)
+    engines.fsdp_reduce_in_fp32(accelerator, t.reduce_in_fp32)
     rank, world = accelerator.process_index, accelerator.num_processes
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         true_rank, true_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -556,10 +402,7 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
             )
     elif env_world_size() > 1:
         raise RuntimeError(f"WORLD_SIZE={env_world_size()} but no process group was started")
-    if launch.uses_deepspeed and str(accelerator.distributed_type).split(".")[-1] != distributed.DEEPSPEED:
-        raise RuntimeError(f"DeepSpeed was requested but accelerate set up {accelerator.distributed_type}")
-    if launch.distributed_type == distributed.FSDP and not accelerator.is_fsdp2 and launch.fsdp_version == 2:
-        raise RuntimeError(f"FSDP2 was requested but accelerate set up {accelerator.distributed_type}")
+    engine = engines.built(accelerator, launch)  # the engine asked for, or RuntimeError
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return Runtime(
         accelerator=accelerator,
@@ -568,8 +411,7 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
         world_size=world,
         num_nodes=max(1, world // max(local_world, 1)),
         distributed_type=str(accelerator.distributed_type).split(".")[-1],
-        zero_stage=launch.zero_stage if launch.uses_deepspeed else None,
-        zero3_init=bool(accelerator.state.deepspeed_plugin.zero3_init_flag) if launch.uses_deepspeed else False,
+        engine=engine,
         weight_dtype=distributed.weight_dtype(cfg, launch),
         keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
         notes=notes,

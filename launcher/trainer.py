@@ -32,6 +32,7 @@ from launcher import config_changes, faults, hub, report, sizing, tasks, trackin
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
+from launcher.preemption import INTERRUPTED
 from launcher.runtime import build_runtime
 
 
@@ -67,7 +68,7 @@ class Preflight:
     resumed: ckpt_lib.TrainState | None
     moved: str | None  # a full state resumed on another number of ranks: the line saying so
     cache: Any
-    fetched_here: bool
+    fetched_here: bool | None  # None: not a hub model
     data: tuple | None  # (tokenizer, train rows, validation rows); None for synthetic data
 
 
@@ -79,7 +80,7 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
     changed = config_changes.check_resume(cfg, start.checkpoint)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
-    moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if resumed else None
+    moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
@@ -106,7 +107,7 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
         rt.print(f"ignoring what a killed attempt left half-written: {', '.join(p.name for p in start.partial)} "
                  "(never loaded); removed")
         rt.on_main(ckpt_lib.remove_partial, start.partial)
-    if start.checkpoint is not None:
+    if start.checkpoint is not None and pre.resumed is not None:
         rt.print(f"resuming from {start.checkpoint}")
         if pre.moved:
             rt.print(pre.moved)
@@ -115,6 +116,9 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
+    if start.interrupted:
+        rt.print("restarting from step 0 in place: the last attempt was interrupted (Ctrl-C) before its first checkpoint")
+    rt.preemption.run_dir = run_dir
     return run_dir, warm_tracker
 
 
@@ -214,7 +218,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     """The tracker run (a resumed run's own), its params and inputs, and the run described in a
     few lines. metrics.jsonl keeps records up to the resumed step; a restart in place keeps none."""
     rt, state, start = p.rt, p.state, pre.start
-    kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job else None)
+    kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job or start.interrupted else None)
     tracker = tracking.start_tracking(cfg, rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
     state.tracker_ids = tracker.ids()
     if start.checkpoint is None:
@@ -240,6 +244,8 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
         }
         | derived
         | (config_changes.params(state.step, pre.changed) if start.checkpoint is not None else {})
+        | ({f"resumed_at_{state.step}.world_size": f"{pre.resumed.world_size} -> {rt.world_size}"}
+           if pre.moved and pre.resumed else {})  # a resume on another number of ranks
     )
     if cfg.tracking.log_datasets:
         tracker.log_inputs(tracking.data_inputs(p.train_ds, p.val_ds))
@@ -251,8 +257,8 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
         rt.print(f"LoRA: {p.n_trainable:,} of {p.n_params:,} parameters trainable ({p.n_trainable / p.n_params:.2%})")
     for line in notes:
         rt.print(line)
-    if rt.shards_parameters:
-        rt.print(f"{rt.engine_label}: parameters held per rank: {' / '.join(f'{n:,}' for n in p.held)} of {p.n_params:,}")
+    if rt.engine.shards_parameters:
+        rt.print(f"{rt.engine.label}: parameters held per rank: {' / '.join(f'{n:,}' for n in p.held)} of {p.n_params:,}")
     return tracker
 
 
@@ -341,8 +347,9 @@ class Trainer:
         self.dog = watchdog.Watchdog(parts.run_dir / "ranks", self.rt.rank, self.rt.world_size, cfg.train.hang_timeout_s,
                                      self.rt.print)
         self.speed = _speedometer(cfg, self.rt, self.rt.unwrap(parts.model).config, parts.n_params, parts.n_trainable)
-        self.last_eval, self.last_eval_step = None, 0
-        self.stop_signal = None
+        self.last_eval: dict = {}
+        self.last_eval_step = 0
+        self.stop_signal: str | None = None
 
     def run(self) -> str | None:
         """From the resumed step to the end of the schedule: None, or why it stopped earlier
@@ -411,8 +418,9 @@ class Trainer:
         if s.log(step):
             self.log(window.values(self.rt, cfg.train.global_batch_size, state.epoch), bar)
         if s.eval(step):
-            self.last_eval, self.last_eval_step = self.evaluate(step), step
-            stop = _track_best(state, self.last_eval, cfg.eval_metric, cfg.eval_metric not in LOWER_IS_BETTER,
+            metrics = self.last_eval = self.evaluate(step)
+            self.last_eval_step = step
+            stop = _track_best(state, metrics, cfg.eval_metric, cfg.eval_metric not in LOWER_IS_BETTER,
                                cfg.eval.early_stopping_patience)
         if s.halt(step):
             stop = stop or "halt"
@@ -467,25 +475,24 @@ class Trainer:
         metric = cfg.eval_metric
         if stop == "early_stop":
             rt.print(f"early stop at step {state.step}: no {metric} improvement in {cfg.eval.early_stopping_patience} evals")
-        if self.last_eval_step != state.step:  # resumed after the last step but before the export
-            self.last_eval = self.metrics(state.step)
-        exported_step, exported_eval = state.step, self.last_eval
+        last_eval = self.last_eval if self.last_eval_step == state.step else self.metrics(state.step)  # resumed
+        exported_step, exported_eval = state.step, last_eval  # after the last step but before the export
         best = p.checkpointer.best(state)
-        if best is not None:  # checkpoint.export: best
+        if best is not None and state.best_step is not None:  # checkpoint.export: best
             p.checkpointer.load(best)
             exported_step, exported_eval = state.best_step, state.best_eval
             rt.print(f"exporting the best evaluation's weights: step {exported_step} "
-                     f"({metric} {state.best_metric:.4f}; the last step, {state.step}, had {self.last_eval[metric]:.4f})")
+                     f"({metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[metric]:.4f})")
         tuned = p.task.tune(rt, self.model, self.dog.beating(p.val_loader, state.step, "eval"))  # eval.tune_threshold
         if tuned is not None:
             exported_eval = tuned
-            rt.print(f"decision threshold tuned on validation: {p.task.threshold} ({metric} "
+            rt.print(f"decision threshold tuned on validation: {getattr(p.task, 'threshold', None)} ({metric} "
                      f"{tuned.get(metric, float('nan')):.4f}; at 0.5: {tuned.get(metric + '@0.5', float('nan')):.4f})")
         model_dir = p.run_dir / "model"
         self.dog.beat(state.step, "export")
         ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir, {"launcher.json": json.dumps(p.task.metadata())},
                               random_base=p.task.random_init())
-        summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": self.last_eval,
+        summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})
         rt.on_main(_write_outputs, p.run_dir, summary, self.tracker)
@@ -518,6 +525,7 @@ def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
         if start.checkpoint is None:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             ckpt_lib.record_owner(run_dir, rt.job_id, start.tracker_ids)
+            (run_dir / INTERRUPTED).unlink(missing_ok=True)  # this attempt restarts in place
 
     rt.on_main(create)
     return run_dir
@@ -567,7 +575,8 @@ def no_decay_names(model) -> set[str]:
 
 def _optimizer(model, t, device, skip: set[str]) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (train section `t`), without decay for `skip`."""
-    decay, no_decay = [], []
+    decay: list = []
+    no_decay: list = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name in skip else decay).append(p)

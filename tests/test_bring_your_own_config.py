@@ -83,7 +83,8 @@ def test_an_explicit_precision_that_disagrees_is_one_line_and_exit_2(tmp_path, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num-processes", "3"], "train.global_batch_size: 32 is not divisible by train.micro_batch_size (16) x world size (3) = 48"),
+    (["--num-processes", "3"], "train.global_batch_size: 32 is not divisible by train.micro_batch_size (16) x world size (3) = 48; "
+                               "no micro-batch size does on 3 ranks: use a number of ranks that divides it"),
     (["--num-processes", "2", "train.max_grad_norm=0.5"], None),  # fine: the inline block holds no clipping
     (["--nodes", "2"], "--nodes: more than one machine needs --machine-rank and --main-process-ip"),
 ])

@@ -108,7 +108,13 @@ def test_divisibility_uses_world_size(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     code, lines = _run_cli(capsys, ["train", str(TINY), "--output-dir", str(tmp_path)])
     assert code == 2
-    assert lines == ["error: train.global_batch_size: 32 is not divisible by train.micro_batch_size (16) x world size (3) = 48"]
+    assert lines == ["error: train.global_batch_size: 32 is not divisible by train.micro_batch_size (16) x world size (3) = 48; "
+                     "no micro-batch size does on 3 ranks: use a number of ranks that divides it"]
+    # 48 on 3 ranks: the micro-batch sizes that would divide it, largest first, at most the current one
+    code, lines = _run_cli(capsys, ["train", str(TINY), "--output-dir", str(tmp_path), "train.global_batch_size=48",
+                                    "train.micro_batch_size=5"])
+    assert lines == ["error: train.global_batch_size: 48 is not divisible by train.micro_batch_size (5) x world size (3) = 15; "
+                     "train.micro_batch_size 4 or 2 or 1 would divide it"]
 
 
 def test_missing_data_file_is_named(tmp_path, capsys):

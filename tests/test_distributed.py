@@ -303,6 +303,8 @@ def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_
     assert "resuming step 6 written by 2 rank(s) on 1: the full state loads anywhere" in resumed.stdout
     assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 13))  # each step once, none lost
     assert max_diff(weights(tmp_path / "grace"), weights(reference[1])) < TOL
+    (mlrun,) = all_runs(mlflow_client(tmp_path))  # the same run records the move
+    assert mlrun.data.params["resumed_at_6.world_size"] == "2 -> 1" and mlrun.data.params["derived.world_size"] == "2"
 
 
 def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
@@ -321,7 +323,7 @@ def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
 
 def test_fsdp2_halted_and_resumed_equals_one_uninterrupted_process(tmp_path):
     """FSDP2 (fully_shard) on 2 gloo ranks, the shipped fsdp2.yaml unchanged: accelerate
-    enables FSDP only for GPU process groups, launcher switches it on for CPU (runtime.cpu_fsdp2).
+    enables FSDP only for GPU process groups, launcher switches it on for CPU (engines.cpu_fsdp2).
     Micro-batches of 8: 2 accumulated micro-batches per rank, reduce-scattered after each
     (sync_each_batch), against one process accumulating 2 x 16. Halted at 6, resumed from
     the DCP checkpoint, 12 steps in all: the same weights as the uninterrupted process.

@@ -30,7 +30,7 @@ def test_launcher_train_gives_torchrun_its_grace_unless_the_user_set_one(monkeyp
     with pytest.raises(SystemExit):
         main(args)
     assert [env[preemption.ENV] for _, env in seen] == [str(preemption.GRACE_DEFAULT_S), "45"]
-    assert seen[0][0][1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert seen[0][0][1:4] == ["-m", "launcher.launch", "--config_file"]
 
 
 def test_a_step_plus_checkpoint_longer_than_the_grace_is_warned_once(monkeypatch, capsys):

@@ -152,6 +152,14 @@ class CountTokens:
         return self.collate(rows), sum(len(r["input_ids"]) for r in rows)
 
 
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """A loader worker shares the terminal's process group: Ctrl-C is the training process's
+    to handle (a stop at the end of the step), not a reason for the worker to die under it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, num_workers: int, pin_memory: bool):
     """Yields (step, [(micro-batch, real tokens), ...]) for steps [start, end): exactly the
     micro-batches the step sampler chooses, collated by worker processes (prefetching
@@ -159,7 +167,7 @@ def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(sampler, start, end), collate_fn=CountTokens(collate),
         num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=_ignore_ctrl_c,
     )
     it = iter(loader)
     for step in range(start, end):

@@ -1,17 +1,93 @@
-"""Task adapters: what the one training loop asks of a workload.
+"""Task adapters: what the one training loop asks of a workload, split by concern below
+(`TaskData`, `TaskModel`, `TaskEvaluation`, `TaskSizing`; `Task` is all four). The type checker
+(`make test-fast`) holds both tasks to them.
 
-Each task object offers: check_model_source, random_init, sources (where each split's rows
-come from), write_synthetic, tokenizer, datasets (memory-mapped token rows), describe, build_model, collator, prepare, loss, evaluate,
-tune (a decision rule fitted on validation before export; None when off),
-samples (generations; [] when the task has none), metadata (launcher.json), and for
-`launcher plan` count_parameters and count_rows (no weights loaded, no process group;
-plan asks launcher.sizing first, which needs neither torch nor transformers).
+`launcher plan` asks only `TaskSizing`, after launcher.sizing, which needs neither torch nor
+transformers: no weights loaded, no process group.
 """
 
 from __future__ import annotations
 
+import typing
+from pathlib import Path
+from typing import Any, Protocol
 
-def for_config(cfg):
+if typing.TYPE_CHECKING:
+    import torch
+
+
+class TaskData(Protocol):
+    """Where rows come from and how they become memory-mapped token rows."""
+
+    name: str
+
+    def check_model_source(self) -> None:
+        """The model directory or hub name can be read (one line otherwise), before anything is written."""
+
+    def random_init(self) -> bool:
+        """A tiny random model (its tokenizer is trained and kept in the run directory)."""
+
+    def sources(self, train_file: str | None, val_file: str | None) -> tuple[Any, Any]:
+        """Each split's source (files, a saved dataset, a hub dataset)."""
+
+    def write_synthetic(self, out_dir: Path) -> None:
+        """data.synthetic: train.jsonl and validation.jsonl written into out_dir."""
+
+    def tokenizer(self, saved_dir: Path, train_source: Any, cache: Any) -> Any: ...
+
+    def datasets(self, train_source: Any, val_source: Any, tokenizer: Any, cache: Any) -> tuple[Any, Any]:
+        """(train rows, validation rows): checked and tokenized once per data cache."""
+
+    def describe(self, train_ds: Any, val_ds: Any) -> tuple[list[str], dict]:
+        """Lines to print about the data, and `derived.*` params to log."""
+
+    def collator(self, tokenizer: Any) -> Any: ...
+
+    def eval_loader(self, rt: Any, val_ds: Any, batch_size: int, tokenizer: Any) -> Any: ...
+
+
+class TaskModel(Protocol):
+    """The model and the token-exact loss: a micro-batch's SUM of item losses, and its item count."""
+
+    def build_model(self, tokenizer: Any, dtype: str = "float32") -> Any: ...
+
+    def prepare(self, train_ds: Any, device: Any) -> None:
+        """What the loss needs from the training rows (class weights), once they are known."""
+
+    def loss_items(self, batch: dict) -> float:
+        """Items (response tokens, examples or class weights) the micro-batch's loss sums over."""
+
+    def loss_sum(self, model: Any, batch: dict) -> torch.Tensor: ...
+
+
+class TaskEvaluation(Protocol):
+    """Evaluation (a collective: every rank runs it), the decision rule, generations, metadata."""
+
+    def evaluate(self, rt: Any, model: Any, loader: Any) -> dict: ...
+
+    def tune(self, rt: Any, model: Any, loader: Any) -> dict | None:
+        """eval.tune_threshold: the rule fitted on validation before the export; None when off."""
+
+    def samples(self, rt: Any, model: Any, tokenizer: Any) -> list[dict]:
+        """Sample generations ([] when the task has none)."""
+
+    def metadata(self) -> dict:
+        """launcher.json beside the exported model."""
+
+
+class TaskSizing(Protocol):
+    """`launcher plan`: sizes without loading weights."""
+
+    def count_parameters(self) -> tuple[int | None, str]: ...
+
+    def count_rows(self) -> tuple[int | None, str]: ...
+
+
+class Task(TaskData, TaskModel, TaskEvaluation, TaskSizing, Protocol):
+    """Everything `launcher train` asks of a workload."""
+
+
+def for_config(cfg) -> Task:
     if cfg.task == "causal_lm":
         from launcher.tasks.causal_lm import CausalLMTask
 

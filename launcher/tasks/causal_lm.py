@@ -251,7 +251,7 @@ class CausalLMTask:
             self._max_new = self.max_new_tokens(loader.rows)
         model.eval()
         unwrapped = rt.inference_model(model)
-        sync = (lambda busy: rt.any_rank(busy)) if rt.shards_parameters else None
+        sync = (lambda busy: rt.any_rank(busy)) if rt.engine.shards_parameters else None
         metrics, self.last_rows = generation.evaluate(
             unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
             gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast)
@@ -273,7 +273,7 @@ class CausalLMTask:
                     for r in self.last_rows if "response" in r][:SAMPLE_ROWS]
         unwrapped = rt.inference_model(model)
         model.eval()
-        sync = (lambda busy: rt.any_rank(busy)) if rt.shards_parameters else None
+        sync = (lambda busy: rt.any_rank(busy)) if rt.engine.shards_parameters else None
         with rt.accelerator.autocast():
             responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens, sync=sync)
         model.train()

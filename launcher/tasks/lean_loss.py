@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from launcher import engines
+
 IGNORE = -100
 # Config attributes of models whose logits are more than lm_head(hidden): use their own loss.
 _LOGIT_EXTRAS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -39,8 +41,7 @@ def supported(model) -> bool:
     head = causal.get_output_embeddings() if cfg is not None else None
     # FSDP2 shards the head into DTensors and runs it as its own unit; calling it once per
     # chunk, again in the backward pass, crashes its hooks (SIGSEGV in backward, 2 CPU ranks).
-    partitioned = head is not None and any(hasattr(p, "ds_tensor") or hasattr(p, "_local_tensor")
-                                           for p in head.parameters())
+    partitioned = head is not None and any(engines.is_partitioned(p) for p in head.parameters())
     return (head is not None and hasattr(causal, "base_model") and causal.base_model is not causal
             and not partitioned and not any(getattr(cfg, k, None) for k in _LOGIT_EXTRAS))
 

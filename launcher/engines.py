@@ -1,0 +1,318 @@
+"""Every engine decision, in one room: one process and DDP (a "full" state on every rank),
+DeepSpeed ZeRO-1/2/3, FSDP (FSDP2 on CPU and GPUs; FSDP1 on GPUs only).
+
+The runtime holds an `Engine` (`rt.engine`); the trainer, the checkpointer, the tasks and the
+lean loss ask it questions instead of testing an engine's name or reading its internals
+(`ds_tensor`, `ds_numel`, `_local_tensor`, `is_fsdp2`): those live here. How each engine is
+configured from an accelerate YAML is launcher.distributed's (the launch, before any process
+exists); how it is built is runtime.build_runtime's.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from dataclasses import dataclass
+
+if typing.TYPE_CHECKING:
+    from launcher.distributed import LaunchConfig
+
+
+@dataclass(frozen=True)
+class Engine:
+    kind: str = "full"  # "full" (one process, DDP), "deepspeed", "fsdp"
+    zero_stage: int | None = None
+    fsdp2: bool = False
+    zero3_init: bool = False  # DeepSpeed's zero3_init_flag: pretrained weights load shard by shard
+
+    @classmethod
+    def of(cls, accelerator, zero_stage: int | None, zero3_init: bool = False) -> "Engine":
+        if zero_stage is not None:
+            return cls("deepspeed", zero_stage, zero3_init=zero3_init)
+        fsdp2 = bool(getattr(accelerator, "is_fsdp2", False))
+        if fsdp2 or str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
+            return cls("fsdp", fsdp2=fsdp2)
+        return cls()
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.kind == "deepspeed"
+
+    @property
+    def name(self) -> str:
+        """The checkpoint layout: one process and DDP save the same full state ("full");
+        DeepSpeed ("deepspeed-zeroN") and FSDP ("fsdp") save shards per rank."""
+        return f"deepspeed-zero{self.zero_stage}" if self.deepspeed else self.kind
+
+    @property
+    def label(self) -> str:
+        """For people: DDP (or one process), ZeRO-N, FSDP2, FSDP."""
+        if self.deepspeed:
+            return f"ZeRO-{self.zero_stage}"
+        if self.kind == "fsdp":
+            return "FSDP2" if self.fsdp2 else "FSDP"
+        return "DDP"
+
+    @property
+    def shards_parameters(self) -> bool:
+        """No rank holds whole parameters (ZeRO-3, FSDP): every forward pass is then a
+        collective, so ranks must run as many of them (generation stays in step)."""
+        return self.zero_stage == 3 or self.kind == "fsdp"
+
+    def builds_sharded(self, random_weights: bool) -> bool:
+        """ZeRO-3 with zero3_init builds a pretrained model inside deepspeed.zero.Init, each rank
+        allocating only its shard. A random init drawn that way differs from a single
+        process's, so random inits build whole and the engine shards them at prepare."""
+        return self.zero_stage == 3 and self.zero3_init and not random_weights
+
+    def builds_whole_under_zero3(self, random_weights: bool) -> bool:
+        """ZeRO-3 whose model must be built whole (transformers' deepspeed.zero.Init switched off),
+        then sharded by the engine at prepare: a random init, or zero3_init_flag: false."""
+        return self.zero_stage == 3 and not self.builds_sharded(random_weights)
+
+    def frozen_policy(self, trainable_only: bool) -> "FrozenPolicy":
+        """How a checkpoint leaves out frozen parameters (LoRA on a pretrained base)."""
+        if not trainable_only:
+            return FrozenPolicy()
+        if self.deepspeed:  # the engine's own switch
+            return FrozenPolicy(save_kwargs={"exclude_frozen_parameters": True}, load_kwargs={"load_module_strict": False})
+        if self.fsdp2:  # DCP takes no filter: state-dict hooks around save and load (checkpoint.frozen_left_out)
+            return FrozenPolicy(state_dict_hooks=True)
+        # DDP / one process: a hook on the state dict accelerate saves; loading non-strict on the
+        # model weights only, after checking that every trained weight is there
+        return FrozenPolicy(load_kwargs={"strict": False}, save_hook=True, check_saved=True)
+
+
+@dataclass(frozen=True)
+class FrozenPolicy:
+    save_kwargs: dict | None = None
+    load_kwargs: dict | None = None
+    save_hook: bool = False  # accelerate's save_state pre-hook drops the frozen weights
+    state_dict_hooks: bool = False  # the model's own state dict leaves them out (FSDP2)
+    check_saved: bool = False  # before loading: every trainable weight is in the checkpoint
+
+
+def reduce_dtypes(model) -> list[str]:
+    """The dtypes this rank's gradients are reduced in, as the engine holds them: DeepSpeed's
+    communication_data_type; each FSDP2 parameter's own (its reduce dtype, else the dtype it
+    computes in); otherwise the trainable parameters' (DDP reduces gradients as they are)."""
+    found = set()
+    comm = getattr(model, "communication_data_type", None)  # a DeepSpeedEngine
+    if comm is not None:
+        found.add(comm)
+    for module in model.modules():
+        state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+        group = state._fsdp_param_group if state is not None else None
+        for fp in group.fsdp_params if group is not None else []:
+            if fp.sharded_param.requires_grad:
+                found.add(fp.reduce_dtype or fp.param_dtype or fp.orig_dtype)
+    if not found:
+        found = {p.dtype for p in model.parameters() if p.requires_grad}
+    return sorted(str(d).replace("torch.", "") for d in found)
+
+
+def full_numel(p) -> int:
+    """A parameter's whole size: under ZeRO-3 `numel()` is 0 and `ds_numel` the size; an FSDP2
+    DTensor's `numel()` is already the whole size."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def held(p) -> int:
+    """Elements of parameter p this rank holds: a ZeRO-3 shard (`ds_tensor`), an FSDP2 DTensor's
+    local shard, or the whole parameter."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    local = getattr(p, "_local_tensor", None)
+    return (local if local is not None else p).numel()
+
+
+def is_partitioned(p) -> bool:
+    """The parameter is a shard on this rank (ZeRO-3 or FSDP2), not a whole tensor."""
+    return hasattr(p, "ds_tensor") or hasattr(p, "_local_tensor")
+
+
+# ---- building the engine (runtime.build_runtime)
+#
+# On a host without a GPU, a plain `Accelerator()` under a multi-process launch reports rank 0
+# of 1 on every rank and skips DDP (shared/NOTES.md). So:
+# - CPU, several processes, no DeepSpeed: `Accelerator(cpu=True)` -> MULTI_CPU, DDP.
+# - CPU with DeepSpeed: a gloo process group via InitProcessGroupKwargs (cpu=True would silently
+#   drop DeepSpeed), and a DeepSpeedPlugin built from the JSON with every "auto" filled from the
+#   run config (launcher.distributed).
+# - FSDP2 on CPU: accelerate only turns FSDP on for GPU process groups, yet torch's FSDP2
+#   (fully_shard) runs on gloo. So on a GPU-less host launcher starts the gloo group and switches
+#   accelerate's state to FSDP itself (cpu_fsdp2): the same sharding, DCP checkpoints and
+#   accumulation path as on GPUs, rehearsed on a laptop and in CI. FSDP1 on CPU is refused.
+
+
+def fsdp_reduce_in_fp32(accelerator, on: bool) -> None:
+    """FSDP with bf16/fp16 compute: accelerate's policy reduces gradients, and returns the
+    model's outputs, in the compute dtype (reduce_dtype = output_dtype = bf16), so a loss sum
+    comes back in bf16. train.reduce_in_fp32 makes both fp32, as torchtitan does; parameters
+    still compute in the low dtype. (DeepSpeed's communication_data_type is filled into its
+    JSON: distributed.resolve_deepspeed.)"""
+    import dataclasses
+
+    import torch
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if not on or policy is None or isinstance(policy, dict) or getattr(policy, "param_dtype", None) in (None, torch.float32):
+        return
+    wider = {"reduce_dtype": torch.float32}
+    if hasattr(policy, "output_dtype"):  # FSDP2's MixedPrecisionPolicy
+        wider["output_dtype"] = torch.float32
+    plugin.mixed_precision_policy = dataclasses.replace(policy, **wider)
+
+
+def built(accelerator, launch: "LaunchConfig") -> Engine:
+    """The engine accelerate really set up, which must be the one the launch asked for."""
+    from launcher import distributed
+
+    if launch.uses_deepspeed and str(accelerator.distributed_type).split(".")[-1] != distributed.DEEPSPEED:
+        raise RuntimeError(f"DeepSpeed was requested but accelerate set up {accelerator.distributed_type}")
+    if launch.distributed_type == distributed.FSDP and not accelerator.is_fsdp2 and launch.fsdp_version == 2:
+        raise RuntimeError(f"FSDP2 was requested but accelerate set up {accelerator.distributed_type}")
+    if launch.uses_deepspeed:
+        return Engine.of(accelerator, launch.zero_stage, bool(accelerator.state.deepspeed_plugin.zero3_init_flag))
+    return Engine.of(accelerator, None)
+
+
+def accelerator_kwargs(cfg, launch: "LaunchConfig", accumulation: int, world: int, has_gpu: bool) -> dict:
+    """The Accelerator's arguments for this launch's engine."""
+    from datetime import timedelta
+
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    from launcher import distributed
+
+    t = cfg.train
+    kwargs: dict = {"mixed_precision": t.precision, "gradient_accumulation_steps": accumulation}
+    if launch.distributed_type == distributed.FSDP:
+        from accelerate.utils import GradientAccumulationPlugin
+
+        # FSDP under no_sync keeps whole, unsharded gradients on every rank until the last
+        # micro-batch (out of memory on big models): reduce-scatter after every micro-batch.
+        del kwargs["gradient_accumulation_steps"]
+        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=accumulation, sync_each_batch=True)
+    if world > 1:
+        # On a GPU-less host the backend must be named: accelerate would otherwise pick none.
+        timeout = timedelta(seconds=t.collective_timeout_s)
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=None if has_gpu else "gloo", timeout=timeout)]
+        if not has_gpu and launch.distributed_type not in (distributed.DEEPSPEED, distributed.FSDP):
+            kwargs["cpu"] = True
+    if launch.uses_deepspeed:
+        ds_config, _ = distributed.resolve_deepspeed(cfg, launch)
+        # The YAML's deepspeed_config keys (inline, as TRL's configs have them) are folded
+        # into ds_config and checked against it above. accelerate would refuse them next to a
+        # config it did not build itself, so its list of them is cleared for this process.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=launch.zero3_init)
+    return kwargs
+
+
+def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
+    """What this machine cannot run, whatever the files say (one line each)."""
+    import torch
+
+    from launcher import distributed
+
+    has_gpu = torch.cuda.is_available()
+    out = []
+    if cfg.train.precision == "fp16" and not has_gpu:
+        out.append("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if launch.distributed_type == distributed.FSDP and not has_gpu:
+        if launch.fsdp_version != 2:
+            out.append(
+                f"{launch.source}: FSDP1 needs CUDA GPUs (accelerate enables FSDP only on GPU process groups); "
+                "rehearse sharded training on CPU with configs/accelerate/fsdp2.yaml (fsdp_version: 2)"
+            )
+        elif launch.num_processes < 2:
+            out.append(f"{launch.source}: FSDP2 on CPU needs 2 or more processes (--num_processes 2)")
+    return out
+
+
+def cpu_fsdp2(accelerator, precision: str) -> None:
+    """Turn a gloo process group's accelerate state into FSDP2, as accelerate does for GPUs.
+
+    accelerate 1.15 builds the FSDP plugin from the launch environment on any host but
+    switches its state to FSDP only for GPU-like process groups (state.py), so on CPU
+    an fsdp2.yaml launch would silently train as plain data parallel. torch's
+    fully_shard, DCP and the accelerate FSDP2 code paths (prepare, accumulate, save_state,
+    get_state_dict) all run on CPU tensors over gloo, so launcher makes the same switch:
+    both state singletons say FSDP and hold the plugin, with the run's mixed precision.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch exported
+    if plugin.fsdp_version != 2:
+        raise RuntimeError(f"FSDP{plugin.fsdp_version} cannot run on CPU; use fsdp_version: 2")
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    assert accelerator.is_fsdp2
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """On a host without a GPU, tell DeepSpeed so (what it would pick) before it is imported:
+    otherwise it warns that it "was unable to detect" one, in every run that exports a model."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def fsdp2_wrap_units(plugin, model) -> None:
+    """The transformer classes FSDP2 shards as units: the model's _no_split_modules, less any
+    that hold the input or output embeddings.
+
+    accelerate 1.15 shards every _no_split_modules class, then the input embedding on its
+    own; when the embedding sits inside a class already sharded (BERT, RoBERTa and MiniLM
+    list BertEmbeddings), the second fully_shard sees DTensor parameters and fails
+    ("Invariant encountered: value was None"). The embeddings join their own unit instead.
+    An explicit fsdp_transformer_layer_cls_to_wrap is left as written.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    fn = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if fn is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap is not None:
+        return
+    embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    holders = {type(m).__name__ for m in model.modules()
+               if m not in embeddings and any(e is sub for e in embeddings for sub in m.modules())}
+    plugin.transformer_cls_names_to_wrap = [n for n in (getattr(model, "_no_split_modules", None) or []) if n not in holders]
+
+
+def fsdp2_storage_for_meta(model, optimizer) -> None:
+    """Gives every parameter still on the meta device empty CPU storage, in the model and in
+    the optimizer alike.
+
+    Under fsdp_cpu_ram_efficient_loading, transformers loads the weights on rank 0 only and
+    leaves the other ranks' parameters as empty CPU tensors, except those missing from the
+    checkpoint (a new classification head), which stay on meta. accelerate 1.15 then maps each
+    optimizer parameter to its sharded one by data_ptr(), and every meta tensor's is 0: the
+    optimizer of rank 1 and up got the head's bias twice and its weight never, so that rank's
+    shard of the weight never trained and the first checkpoint failed in DCP (KeyError) while
+    rank 0 waited in a collective. Values do not matter here: accelerate broadcasts rank 0's
+    weights into every shard at prepare.
+    """
+    import torch
+
+    new: dict = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                if p not in new:
+                    new[p] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                setattr(module, name, new[p])
+    for group in optimizer.param_groups:
+        group["params"] = [new.get(p, p) for p in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len({p.data_ptr() for p in params if p.numel()}) != sum(1 for p in params if p.numel()):
+        raise RuntimeError("FSDP2: two optimizer parameters share storage; accelerate would map them to one shard")
+
+

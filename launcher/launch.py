@@ -1,0 +1,51 @@
+"""`accelerate launch`, as `launcher train --accelerate-config` runs it, with Ctrl-C as a stop.
+
+torchrun (the engine under `accelerate launch`) turns a SIGINT into an exception: it forwards
+the signal to the ranks, waits for them, then re-raises it, so a stop that went well still ends
+in its traceback; and a second Ctrl-C reaches the ranks as a SIGTERM, which they take as the
+stop they are already making. So torchrun is told to leave SIGINT alone (its
+--signals-to-handle, which it exports as TORCHELASTIC_SIGNALS_TO_HANDLE) and this process forwards
+each Ctrl-C to the ranks itself: the first asks them to checkpoint at the end of the step and
+exit (runtime.watch_signals); the second makes them exit at once, and this process then exits
+130 with their one line instead of torchrun's failure report. SIGTERM keeps torchrun's own
+handling (forwarded; SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, preemption.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+HANDLED_BY_TORCHRUN = "SIGTERM,SIGHUP,SIGQUIT"  # torch's default list, less SIGINT
+
+
+def main() -> None:
+    import psutil  # an accelerate dependency
+
+    pressed = []
+
+    def forward(signum, _frame):
+        pressed.append(signum)
+        for child in psutil.Process().children():  # the ranks torchrun started (each in a session of its own)
+            try:
+                child.send_signal(signal.SIGINT)
+            except psutil.Error:
+                pass
+
+    signal.signal(signal.SIGINT, forward)
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(sys.argv[1:])
+    # torchrun's --signals-to-handle (accelerate hands torchrun every argument it knows by name)
+    args.signals_to_handle = HANDLED_BY_TORCHRUN
+    try:
+        launch_command(args)
+    except ChildFailedError:
+        if len(pressed) >= 2:  # the ranks exited at once, as the second Ctrl-C asked; they said so
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

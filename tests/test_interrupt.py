@@ -1,0 +1,130 @@
+"""Ctrl-C is a stop: the first SIGINT checkpoints at the end of the step in progress and exits
+with the resume line, like a scheduler's SIGTERM; a second one exits at once, in one line and
+without a traceback. Before the first checkpoint, what that leaves does not block the same
+command: it starts again in place. On one process (`launcher train`) and on two ranks
+(`launcher train --accelerate-config`, whose launch forwards each Ctrl-C to the ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, launcher, mlflow_client
+from launcher import checkpoint as ckpt_lib
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.max_steps=12", "eval.every_steps=6", "checkpoint.every_steps=6"]
+DDP = ["--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--num-processes", "2"]
+
+
+def _ports(launch: list[str]) -> list[str]:
+    from test_distributed import free_port
+
+    return [*launch, "--main-process-port", str(free_port())] if launch else []
+
+
+def _start(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r",
+           *FAST, *STEPS, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _once_tracking(proc: subprocess.Popen, run: Path) -> None:
+    """Waits until the run's tracker run exists (recorded in RUN/job.json before step 1)."""
+    deadline = time.time() + 300
+    while not ckpt_lib.read_owner(run).get("tracker_ids"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "model.safetensors")
+
+
+def _same(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *FAST, *STEPS))
+    return _weights(out / "r")
+
+
+def _steps_logged(out: Path) -> list[int]:
+    client = mlflow_client(out)
+    (run,) = all_runs(client)  # one MLflow run across the attempts
+    assert run.info.status == "FINISHED"
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+
+
+@pytest.mark.parametrize("launch", [pytest.param([], id="one-process"),
+                                    pytest.param(DDP, id="two-ranks", marks=pytest.mark.distributed)])
+def test_ctrl_c_checkpoints_at_the_step_end_and_the_same_command_resumes_exactly(launch, tmp_path, reference):
+    run, launch = tmp_path / "r", _ports(launch)
+    proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:3:4"})  # rank 0 takes 4 s more in step 3
+    _once_tracking(proc, run)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err and "SignalException" not in err, (out[-3000:], err[-3000:])
+    said = [x for x in err.splitlines() if x.startswith("launcher: SIGINT")]
+    assert said == ["launcher: SIGINT: every rank checkpoints at the end of the step in progress and exits; if they "
+                    "are killed before that" + (" within 600 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)" if launch else "")
+                    + ", the resume goes back to step 0: no checkpoint is sealed yet; Ctrl-C again exits at once"], err[-3000:]
+    stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
+    assert len(stopped) == 1 and stopped[0].endswith("(SIGINT); checkpoint saved; run the same command again to resume"), out
+    step = int(stopped[0].split()[3])
+    assert 1 <= step < 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{step:06d}"]
+    assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file() and not (run / "model").exists()
+
+    again = check(launcher("train", str(TINY), *launch, "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS))
+    assert f"resuming from {run / 'checkpoints' / f'step-{step:06d}'}" in again.stdout
+    assert _same(_weights(run), reference) < 1e-5
+    assert _steps_logged(tmp_path) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("launch", [pytest.param([], id="one-process"),
+                                    pytest.param(DDP, id="two-ranks", marks=pytest.mark.distributed)])
+def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_place(launch, tmp_path, reference):
+    """Rank 0 stalls a minute in step 1; two Ctrl-C a second apart end the run in seconds, with
+    exit 130, one line and no traceback. No checkpoint was sealed, so the run directory is
+    marked, and the same command starts again from step 0 in it, in the same MLflow run."""
+    run, launch = tmp_path / "r", _ports(launch)
+    proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:1:60"})
+    _once_tracking(proc, run)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.time() - sent < 20, (proc.returncode, out[-3000:], err[-3000:])
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    said = [x for x in err.splitlines() if x.startswith("launcher: SIGINT again")]
+    assert said == ["launcher: SIGINT again: exiting now, without a checkpoint; the same command resumes from step 0: "
+                    "no checkpoint is sealed yet"], err[-3000:]
+    assert not any(x.startswith("stopped at step") for x in out.splitlines())
+    assert not list((run / "checkpoints").glob("step-*"))
+    assert (run / ".interrupted").is_file()
+
+    again = check(launcher("train", str(TINY), *launch, "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS))
+    assert "restarting from step 0 in place: the last attempt was interrupted (Ctrl-C) before its first checkpoint" \
+        in again.stdout
+    assert not (run / ".interrupted").exists()
+    assert _same(_weights(run), reference) < 1e-5
+    assert _steps_logged(tmp_path) == list(range(1, 13))
+    records = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert records == list(range(1, 13))
