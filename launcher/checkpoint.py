@@ -175,8 +175,10 @@ SKELETON = "skeleton"  # everything of an exported model/ but the weights, insid
 
 
 class Checkpointer:
-    def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None, trainable_only: bool = False):
+    def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None, trainable_only: bool = False,
+                 export_dtype: str = "float32"):
         self.cfg = cfg
+        self.export_dtype = export_dtype  # checkpoint.export_dtype, resolved
         self.root = run_dir / "checkpoints"
         self.rt = rt
         self.higher_is_better = higher_is_better
@@ -405,12 +407,15 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
-def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str], random_base: bool = False) -> None:
-    """The final model in Hugging Face format (safetensors) with tokenizer and label names;
-    for LoRA runs also adapter/ (and base/ when the base was randomly initialised).
+def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str], random_base: bool = False,
+                 dtype: str = "float32", masters: Path | None = None) -> None:
+    """The final model in Hugging Face format (safetensors, in `dtype`) with tokenizer and label
+    names; for LoRA runs also adapter/ (and base/ when the base was randomly initialised).
 
     `get_state_dict` gathers the full weights (a collective under ZeRO-3/FSDP), so
-    every rank calls it; rank 0 writes into a temp dir and renames it into place.
+    every rank calls it; rank 0 writes into a temp dir and renames it into place. With
+    `masters` (the same on every rank: engines.Engine.export_reads_masters) rank 0 reads the
+    fp32 master weights from that checkpoint instead, as `launcher export` does.
 
     It is the run's last use of the model: a LoRA export merges the adapters into the
     gathered tensors in place (lora.write: no second copy), and without ZeRO-3 those are
@@ -418,25 +423,46 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     """
     from launcher.tasks import lora
 
-    state_dict = rt.accelerator.get_state_dict(model)
+    gathered = None if masters is not None else rt.accelerator.get_state_dict(model)
 
     def write():
+        state_dict = cast_floats(gathered if gathered is not None else _checkpoint_weights(masters)[0], dtype)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.unwrap(model)
         if lora.is_peft(unwrapped):
             base = unwrapped.get_base_model()
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
-                lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base)
+                lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base, dtype=dtype)
         else:
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
+        _record_dtype(tmp, dtype)
         faults.stall("export")
         faults.point("export")
         _replace_dir(tmp, out_dir)
 
     main_writes_others_wait(rt, write, out_dir.parent, "the export")
+
+
+def cast_floats(state_dict: dict, dtype: str) -> dict:
+    """The floating-point tensors in `dtype` (in place of the dict's entries; others as they are)."""
+    import torch
+
+    target = getattr(torch, dtype)
+    for k, v in state_dict.items():
+        if torch.is_tensor(v) and v.is_floating_point() and v.dtype != target:
+            state_dict[k] = v.to(target)
+    return state_dict
+
+
+def _record_dtype(model_dir: Path, dtype: str) -> None:
+    """config.json says the dtype the weights are in (save_pretrained writes the live model's)."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main_writes_others_wait(rt, write, where: Path, what: str) -> None:
@@ -564,6 +590,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
 
     code = remote_code_gate(skeleton, trust_remote_code)
     state_dict, source = _checkpoint_weights(ckpt)
+    dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
+    if dtype:
+        cast_floats(state_dict, dtype)
+        source += f", exported in {dtype}"
     config = AutoConfig.from_pretrained(skeleton, **code)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -580,13 +610,17 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
             base = _pretrained_base(auto, meta, config, code)
             source += f", frozen base from {meta['base_model']}"
         lora.write(PeftConfig.from_pretrained(skeleton), state_dict, tmp, config, model_class, meta.get("random_base", False),
-                   base=base)
+                   base=base, dtype=dtype)
         source += ", LoRA: adapter/ and merged model"
     else:
         model = auto.from_config(config, **code)
+        if dtype:
+            model.to(getattr(__import__("torch"), dtype))
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.save_pretrained(tmp, safe_serialization=True)
+        if dtype:
+            _record_dtype(tmp, dtype)
     _replace_dir(tmp, out_dir)
     return source

@@ -243,6 +243,11 @@ class CheckpointConfig:
     # What model/ holds: best, the weights of the evaluation with the best eval.metric (a
     # checkpoint is saved at every improving evaluation, and kept); last, the final weights.
     export: Literal["best", "last"] = "best"
+    # The dtype of model/'s weights, the same from the run and from `launcher export`: auto,
+    # the dtype the base model's config.json declares (float32 for a tiny random model or
+    # when it declares none). Under DeepSpeed an export wider than the trained weights is
+    # read from the fp32 master weights of the exported step's checkpoint.
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: continue from the run directory's latest complete checkpoint;
     # never: fail if the run directory exists; or a checkpoint directory path.
     resume: str = "auto"
@@ -264,7 +269,7 @@ class TrackingConfig:
     # null: W&B's own environment decides (WANDB_PROJECT, else "launcher"; WANDB_MODE, else online).
     wandb_project: Optional[str] = None
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
-    # Record train metrics every N steps; they are sent in batches (see NOTES:
+    # Record train metrics every N steps (train/loss: the mean of those steps' losses); they are sent in batches (see NOTES:
     # one synchronous MLflow call costs ~33 ms, longer than a tiny step).
     log_every_steps: int = 1
     # Off a terminal (Slurm, nohup), where there is no progress bar: a plain line with step,

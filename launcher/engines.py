@@ -70,6 +70,12 @@ class Engine:
         then sharded by the engine at prepare: a random init, or zero3_init_flag: false."""
         return self.zero_stage == 3 and not self.builds_sharded(random_weights)
 
+    def export_reads_masters(self, weight_dtype: str, export_dtype: str, lora: bool) -> bool:
+        """DeepSpeed trains 16-bit weights over fp32 masters: an export wider than the weights is
+        read from the masters (in the exported step's checkpoint), as `launcher export` reads
+        it, not widened from the 16-bit copy. (A LoRA export merges the live adapters.)"""
+        return self.deepspeed and not lora and _BITS.get(export_dtype, 32) > _BITS.get(weight_dtype, 32)
+
     def frozen_policy(self, trainable_only: bool) -> "FrozenPolicy":
         """How a checkpoint leaves out frozen parameters (LoRA on a pretrained base)."""
         if not trainable_only:
@@ -81,6 +87,9 @@ class Engine:
         # DDP / one process: a hook on the state dict accelerate saves; loading non-strict on the
         # model weights only, after checking that every trained weight is there
         return FrozenPolicy(load_kwargs={"strict": False}, save_hook=True, check_saved=True)
+
+
+_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
 @dataclass(frozen=True)
@@ -229,6 +238,9 @@ def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
             )
         elif launch.num_processes < 2:
             out.append(f"{launch.source}: FSDP2 on CPU needs 2 or more processes (--num_processes 2)")
+        elif cfg.train.precision == "bf16":  # seen: "mixed dtype (CPU): expect parameter to have scalar type of Float"
+            out.append(f"{launch.source}: FSDP2 with train.precision=bf16 does not run on CPU (under autocast, layer "
+                       "norms meet FSDP's bf16 parameters); rehearse it with train.precision=no")
     return out
 
 

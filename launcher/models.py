@@ -203,6 +203,16 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
         raise ConfigError(hub_problem(name, e)) from None
 
 
+def declared_dtype(model_cfg) -> str | None:
+    """The dtype model.name's config.json declares (`dtype`, or transformers 4's `torch_dtype`),
+    read from the config alone: a loaded model's config says the dtype it was loaded in."""
+    from transformers import AutoConfig
+
+    config = from_pretrained(AutoConfig, model_cfg.name, model_cfg)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
 def hub_problem(name: str, error: BaseException) -> str:
     """The one line for a model that would not load (error: what transformers raised)."""
     from huggingface_hub import errors as hub

@@ -192,6 +192,16 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
                  val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
 
 
+def _export_dtype(cfg: RunConfig, task) -> str:
+    """checkpoint.export_dtype resolved: auto is the dtype the base model declares."""
+    if cfg.checkpoint.export_dtype != "auto":
+        return cfg.checkpoint.export_dtype
+    from launcher import models
+
+    declared = None if task.random_init() else models.declared_dtype(cfg.model)
+    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+
+
 def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_params: int, n_trainable: int):
     """The checkpointer, with room for one more checkpoint checked on every rank's view of the
     run directory before any step runs: a full disk found at the first save would cost the
@@ -200,14 +210,15 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
     and by `launcher export`. A random tiny base exists nowhere else, so it is saved whole."""
     unwrapped = rt.unwrap(model)
     trainable_only = cfg.model.lora.enabled and not task.random_init()
-    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | (
+    export_dtype = _export_dtype(cfg, task)
+    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | {"export_dtype": export_dtype} | (
         {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
          "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision)}
         if trainable_only else {"checkpoint_weights": "all"}))}
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, cfg.eval_metric not in LOWER_IS_BETTER, skeleton,
-                                         trainable_only)
+                                         trainable_only, export_dtype)
     width = next(model.parameters()).element_size()
     saved = n_trainable if trainable_only else n_params
     checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
@@ -488,10 +499,14 @@ class Trainer:
             exported_eval = tuned
             rt.print(f"decision threshold tuned on validation: {getattr(p.task, 'threshold', None)} ({metric} "
                      f"{tuned.get(metric, float('nan')):.4f}; at 0.5: {tuned.get(metric + '@0.5', float('nan')):.4f})")
-        model_dir = p.run_dir / "model"
+        model_dir, dtype = p.run_dir / "model", p.checkpointer.export_dtype
+        masters = p.checkpointer.root / ckpt_lib.step_dir_name(exported_step)  # the exported step's checkpoint
         self.dog.beat(state.step, "export")
-        ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir, {"launcher.json": json.dumps(p.task.metadata())},
-                              random_base=p.task.random_init())
+        ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir,
+                              {"launcher.json": json.dumps(p.task.metadata() | {"export_dtype": dtype})},
+                              random_base=p.task.random_init(), dtype=dtype,
+                              masters=masters if rt.engine.export_reads_masters(rt.weight_dtype, dtype, cfg.model.lora.enabled)
+                              else None)
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})

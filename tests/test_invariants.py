@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, check, launcher
 
@@ -179,15 +180,69 @@ def test_dtypes_per_engine(tmp_path):
             assert set(z["parameters"]) == {"bfloat16"}, z
             assert set(z["fp32_masters"]) == {"float32"} and set(z["optimizer_states"]) == {"float32"}, z
             assert z["reduce_dtypes"] == ["float32"], z
+    # The export (auto: float32, as the tiny model's config says) is read from the fp32 masters,
+    # not widened from the bf16 weights: the same tensors as `launcher export` of that checkpoint.
+    from safetensors.torch import load_file
+
+    step = json.loads((tmp_path / "z2" / "final_metrics.json").read_text())["exported_step"]
+    check(launcher("export", str(tmp_path / "z2" / "checkpoints" / f"step-{step:06d}"), str(tmp_path / "z2-offline")))
+    online, offline = (load_file(d / "model.safetensors") for d in (tmp_path / "z2" / "model", tmp_path / "z2-offline"))
+    assert {v.dtype for v in online.values()} == {torch.float32}
+    assert online.keys() == offline.keys() and all(torch.equal(online[k], offline[k]) for k in online)
+    assert any(not torch.equal(online[k], online[k].bfloat16().float()) for k in online)  # not a widened bf16 copy
     _launch_2(tmp_path, "z2-bf16", TINY, [*args, "train.reduce_in_fp32=false"], accel="deepspeed_zero2.yaml")
     assert model_facts(tmp_path / "z2-bf16")["reduce_dtypes"] == ["bfloat16"]
-    _launch_2(tmp_path, "fsdp2", TINY, args, accel="fsdp2.yaml")
-    for rank in (0, 1):
-        f = model_facts(tmp_path / "fsdp2", rank)
-        assert set(f["parameters"]) == {"float32"} and f["reduce_dtypes"] == ["float32"], f  # bf16 compute, fp32 shards
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "lora", *args, "model.lora.enabled=true"))
     lora = model_facts(tmp_path / "lora")
     assert set(lora["trainable"]) == {"float32"} and lora["parameters"].get("bfloat16", 0) > 0
+
+
+_FSDP2_PROBE = """
+import json, sys, torch, torch.distributed as dist
+from types import SimpleNamespace
+from accelerate.utils import FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import fully_shard
+from launcher import engines
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+plugin.set_mixed_precision("bf16")  # what accelerate does for train.precision=bf16
+default = plugin.mixed_precision_policy
+engines.fsdp_reduce_in_fp32(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), sys.argv[2] == "1")
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+for layer in (model[0], model[2], model):
+    fully_shard(layer, mp_policy=plugin.mixed_precision_policy)
+out = model(torch.randn(4, 8))
+out.sum().backward()
+print(json.dumps({"accelerate": [str(default.reduce_dtype), str(default.output_dtype)],
+                  "reduce_dtypes": engines.reduce_dtypes(model), "output": str(out.dtype)}))
+"""
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_fsdp2_reduces_in_fp32_where_accelerate_would_in_bf16(fp32):
+    """accelerate's FSDP2 policy for bf16 reduces gradients and returns outputs in bf16 (pinned
+    here); train.reduce_in_fp32 widens both, read back from the sharded parameters FSDP2 built.
+    (A whole bf16 FSDP2 run does not fit CPU: layer norms meet bf16 parameters under autocast;
+    launcher refuses it there, below.)"""
+    from test_distributed import free_port
+
+    proc = subprocess.run([sys.executable, "-c", _FSDP2_PROBE, str(free_port()), "1" if fp32 else "0"],
+                          capture_output=True, text=True, env={**__import__("os").environ, **OFFLINE_ENV}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["accelerate"] == ["torch.bfloat16", "torch.bfloat16"]
+    wide = "float32" if fp32 else "bfloat16"
+    assert facts["reduce_dtypes"] == [wide] and facts["output"] == f"torch.{wide}", facts
+
+
+def test_fsdp2_with_bf16_on_cpu_is_one_line_before_any_rank_starts(tmp_path):
+    proc = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--accelerate-config", str(ACCEL / "fsdp2.yaml"),
+                    "--num-processes", "2", *FAST, "train.precision=bf16")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"error: {ACCEL / 'fsdp2.yaml'}: FSDP2 with train.precision=bf16 does not run on CPU (under "
+                    "autocast, layer norms meet FSDP's bf16 parameters); rehearse it with train.precision=no")
+    assert not list(tmp_path.iterdir())
 
 
 def test_bf16_weights_without_master_copies_are_refused(tmp_path):

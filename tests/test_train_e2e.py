@@ -285,6 +285,38 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+def test_a_logging_window_reports_the_mean_loss_of_its_steps(tmp_path):
+    """tracking.log_every_steps=4: train/loss at step 4 and 8 is the mean of the four steps'
+    losses a run logging every step records (the steps themselves are the same)."""
+    common = [*FAST, "train.max_steps=8", "eval.every_steps=1000", "eval.at_start=false", "checkpoint.every_steps=1000"]
+    losses = {}
+    for every in (1, 4):
+        check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", f"w{every}", *common,
+                       f"tracking.log_every_steps={every}", "tracking.mlflow=false"))
+        records = [json.loads(x) for x in (tmp_path / f"w{every}" / "metrics.jsonl").read_text().splitlines()]
+        losses[every] = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    assert sorted(losses[4]) == [4, 8]
+    for end in (4, 8):
+        assert losses[4][end] == pytest.approx(sum(losses[1][s] for s in range(end - 3, end + 1)) / 4, rel=1e-6)
+
+
+def test_export_dtype_is_the_same_from_the_run_and_from_launcher_export(tmp_path):
+    """checkpoint.export_dtype=bfloat16 on an fp32 run: model/ holds bf16 weights and says so,
+    and `launcher export` of the exported step's checkpoint writes the same tensors."""
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "b", *FAST, "train.max_steps=4",
+                   "eval.every_steps=2", "checkpoint.every_steps=2", "checkpoint.export=last",
+                   "checkpoint.export_dtype=bfloat16"))
+    run = tmp_path / "b"
+    online = _weights(run)
+    assert {v.dtype for v in online.values()} == {torch.bfloat16}
+    assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((run / "model" / "launcher.json").read_text())["export_dtype"] == "bfloat16"
+    proc = check(launcher("export", str(run / "checkpoints" / "step-000004"), str(tmp_path / "offline")))
+    assert "exported in bfloat16" in proc.stdout
+    offline = load_file(tmp_path / "offline" / "model.safetensors")
+    assert offline.keys() == online.keys() and all(torch.equal(offline[k], online[k]) for k in online)
+
+
 def test_export_reads_the_fsdp_sharded_checkpoint_format(trained_binary, tmp_path):
     """FSDP cannot run on CPU under accelerate (see README), so FSDP itself is not run here.
     This pins the reader to the format: accelerate saves FSDP's SHARDED_STATE_DICT as

@@ -45,7 +45,8 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool, base=None) -> None:
+def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool, base=None,
+          dtype: str | None = None) -> None:
     """Rank 0: adapter/, the merged model in out_dir, and base/ if asked, from a gathered
     state dict. Call where model construction is not partitioned (runtime.model_init).
     base: the frozen base model when state_dict lacks it (a checkpoint of trainable state).
@@ -70,6 +71,8 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
         missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
         raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if dtype:  # checkpoint.export_dtype: adapters, base and merged model alike
+        fresh.to(getattr(torch, dtype))
     fresh.save_pretrained(out_dir / "adapter", safe_serialization=True)
     if save_base:  # random initial weights: the adapter is only usable with these
         copy.deepcopy(fresh).unload().save_pretrained(out_dir / "base", safe_serialization=True)
