@@ -49,7 +49,7 @@ def train(cfg: RunConfig) -> dict:
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     tracker = start_tracker(cfg, parts, pre, warm_tracker)
     trainer = Trainer(cfg, parts, tracker)
-    with trainer.dog, tracker:  # on any exception: the tracker run FAILED, the ranks' stacks kept
+    with tracker, trainer.dog:  # on any exception: the stacks kept first (the dog exits first), then the tracker run FAILED
         stop = trainer.run()
         if stop in ("halt", "signal"):
             return trainer.stopped(stop)
