@@ -150,6 +150,12 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
             raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
         own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
         trust.require(path, trusted or own, "checkpoint.resume", "set checkpoint.trust=true")
+        step = TrainState.read(path).step
+        later = [p for s, p in complete_checkpoints(run_dir / "checkpoints") if s >= step and p.resolve() != path.resolve()]
+        if later:  # its saves would meet (and rotation would keep) another history's checkpoints
+            raise ConfigError(f"checkpoint.resume: {resume} is step {step}, but {run_dir / 'checkpoints'} already holds "
+                              f"{', '.join(p.name for p in later)} of another history; resume into another --run-name, "
+                              "or remove those to go back")
         return Start(checkpoint=path)
     if not run_dir.exists():
         return Start()
@@ -194,14 +200,19 @@ class Checkpointer:
         if self.frozen.save_hook:
             rt.accelerator.register_save_state_pre_hook(_drop_frozen)
         self.need = 0  # bytes one checkpoint takes (estimate_bytes), set once the model is built
+        # The checkpoint this attempt last sealed or loaded: it holds the live weights' step
+        # (its fp32 masters feed a wider DeepSpeed export).
+        self.last: Path | None = None
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
     def save(self, state: TrainState) -> Path:
         final = self.root / step_dir_name(state.step)
-        if (final / MARKER).is_file():
-            return final  # already saved at this step (e.g. periodic save == last step)
+        if self.last is not None and final.resolve() == self.last.resolve():
+            return final  # already saved (or loaded) at this step: a periodic save == the last step
+        # (No other sealed checkpoint of this step can be here: a resume by path into a run
+        # directory holding checkpoints of that step or later is refused, resolve_resume.)
         started = time.monotonic()
         tmp = self.root / f".tmp-{final.name}"
         self.rt.on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
@@ -229,6 +240,7 @@ class Checkpointer:
             self._give_up(state.step, failures, failure)
         if self.rt.preemption is not None:
             self.rt.preemption.saved(state.step, time.monotonic() - started)
+        self.last = final
         return final
 
     def _give_up(self, step: int, failures: list, own) -> None:
@@ -251,6 +263,7 @@ class Checkpointer:
         if final.exists():  # an incomplete leftover from a crash at this step
             shutil.rmtree(final)
         tmp.rename(final)
+        (self.root.parent / INTERRUPTED).unlink(missing_ok=True)  # a checkpoint now resumes it
         self._rotate()
 
     def _rotate(self) -> None:
@@ -283,6 +296,7 @@ class Checkpointer:
         state = TrainState.read(path)
         if self.rt.preemption is not None:
             self.rt.preemption.saved(state.step)
+        self.last = path
         return state
 
 
@@ -451,9 +465,13 @@ def cast_floats(state_dict: dict, dtype: str) -> dict:
     import torch
 
     target = getattr(torch, dtype)
+    done: dict = {}  # tied weights (one storage under two names) stay one tensor after the cast
     for k, v in state_dict.items():
         if torch.is_tensor(v) and v.is_floating_point() and v.dtype != target:
-            state_dict[k] = v.to(target)
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+            if key not in done:
+                done[key] = v.to(target)
+            state_dict[k] = done[key]
     return state_dict
 
 

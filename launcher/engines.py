@@ -70,11 +70,13 @@ class Engine:
         then sharded by the engine at prepare: a random init, or zero3_init_flag: false."""
         return self.zero_stage == 3 and not self.builds_sharded(random_weights)
 
-    def export_reads_masters(self, weight_dtype: str, export_dtype: str, lora: bool) -> bool:
-        """DeepSpeed trains 16-bit weights over fp32 masters: an export wider than the weights is
-        read from the masters (in the exported step's checkpoint), as `launcher export` reads
-        it, not widened from the 16-bit copy. (A LoRA export merges the live adapters.)"""
-        return self.deepspeed and not lora and _BITS.get(export_dtype, 32) > _BITS.get(weight_dtype, 32)
+    def export_reads_masters(self, precision: str, export_dtype: str, lora: bool) -> bool:
+        """DeepSpeed trains 16-bit weights (train.precision bf16 or fp16) over fp32 masters: an
+        export in any other dtype (wider, or the other 16-bit format) is read from the masters
+        of the exported step's checkpoint, as `launcher export` reads it, not cast from the
+        16-bit copy. (A LoRA export merges the live adapters.)"""
+        trained = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+        return self.deepspeed and not lora and trained is not None and export_dtype != trained
 
     def frozen_policy(self, trainable_only: bool) -> "FrozenPolicy":
         """How a checkpoint leaves out frozen parameters (LoRA on a pretrained base)."""
@@ -87,9 +89,6 @@ class Engine:
         # DDP / one process: a hook on the state dict accelerate saves; loading non-strict on the
         # model weights only, after checking that every trained weight is there
         return FrozenPolicy(load_kwargs={"strict": False}, save_hook=True, check_saved=True)
-
-
-_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ handling (forwarded; SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, preemption.py
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 
 HANDLED_BY_TORCHRUN = "SIGTERM,SIGHUP,SIGQUIT"  # torch's default list, less SIGINT
@@ -26,7 +27,10 @@ def main() -> None:
 
     def forward(signum, _frame):
         pressed.append(signum)
-        for child in psutil.Process().children():  # the ranks torchrun started (each in a session of its own)
+        # Every child: torchrun's ranks run in sessions of their own, out of the terminal's
+        # reach. A one-process config's rank shares the terminal's group and gets a typed
+        # Ctrl-C twice, within milliseconds: one press to it (runtime.SAME_KEY_PRESS_S).
+        for child in psutil.Process().children():
             try:
                 child.send_signal(signal.SIGINT)
             except psutil.Error:
@@ -45,6 +49,9 @@ def main() -> None:
         if len(pressed) >= 2:  # the ranks exited at once, as the second Ctrl-C asked; they said so
             sys.exit(130)
         raise
+    except subprocess.CalledProcessError as failed:  # one process: its own error line is printed already
+        code = failed.returncode
+        sys.exit(130 if len(pressed) >= 2 else code if code > 0 else 128 - code)  # killed by signal N: 128 + N
 
 
 if __name__ == "__main__":

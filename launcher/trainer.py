@@ -48,12 +48,13 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do")
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     tracker = start_tracker(cfg, parts, pre, warm_tracker)
-    trainer = Trainer(cfg, parts, tracker)
-    with tracker, trainer.dog:  # on any exception: the stacks kept first (the dog exits first), then the tracker run FAILED
-        stop = trainer.run()
-        if stop in ("halt", "signal"):
-            return trainer.stopped(stop)
-        return trainer.finish(stop)
+    with tracker:  # on any exception: the stacks kept first (the dog exits first), then the tracker run FAILED
+        trainer = Trainer(cfg, parts, tracker)
+        with trainer.dog:
+            stop = trainer.run()
+            if stop in ("halt", "signal"):
+                return trainer.stopped(stop)
+            return trainer.finish(stop)
 
 
 # ---- setup: checks, run directory, pieces, tracker
@@ -99,6 +100,9 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     directory and the tracker's warm-up, which overlaps the model load."""
     start = pre.start
     run_dir = _prepare_run_dir(cfg, rt, start)
+    rt.preemption.run_dir = run_dir  # from here a second Ctrl-C before a checkpoint marks it
+    if pre.resumed is not None:
+        rt.preemption.saved(pre.resumed.step)  # (the resumed checkpoint counts, loaded or not yet)
     warm_tracker = tracking.warm_up(cfg, rt.is_main)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
     for note in rt.notes or []:
@@ -118,7 +122,6 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
                  "stopped before its first checkpoint")
     if start.interrupted:
         rt.print("restarting from step 0 in place: the last attempt was interrupted (Ctrl-C) before its first checkpoint")
-    rt.preemption.run_dir = run_dir
     return run_dir, warm_tracker
 
 
@@ -500,13 +503,14 @@ class Trainer:
             rt.print(f"decision threshold tuned on validation: {getattr(p.task, 'threshold', None)} ({metric} "
                      f"{tuned.get(metric, float('nan')):.4f}; at 0.5: {tuned.get(metric + '@0.5', float('nan')):.4f})")
         model_dir, dtype = p.run_dir / "model", p.checkpointer.export_dtype
-        masters = p.checkpointer.root / ckpt_lib.step_dir_name(exported_step)  # the exported step's checkpoint
+        # The checkpoint last sealed or loaded holds the exported step: the last step is always
+        # saved, a resume at the end loads it, and export: best loads the best one above.
+        reads_masters = rt.engine.export_reads_masters(cfg.train.precision, dtype, cfg.model.lora.enabled)
         self.dog.beat(state.step, "export")
         ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir,
                               {"launcher.json": json.dumps(p.task.metadata() | {"export_dtype": dtype})},
                               random_base=p.task.random_init(), dtype=dtype,
-                              masters=masters if rt.engine.export_reads_masters(rt.weight_dtype, dtype, cfg.model.lora.enabled)
-                              else None)
+                              masters=p.checkpointer.last if reads_masters else None)
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})

@@ -50,11 +50,34 @@ def accelerate_launch(launch_args: list[str], out: Path, name: str, *extra: str,
                       wait: bool = True, config: Path = TINY, base: list[str] = FAST + STEPS, env: dict | None = None):
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *launch_args,
            "--main_process_port", str(port or free_port()), "-m", "launcher", "train", str(config),
-           "--output-dir", str(out), "--run-name", name, *base, *extra]
+           "--output-dir", str(out), "--run-name", name, "train.hang_timeout_s=300", *base, *extra]
     env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_or_show_stacks(cmd, env, out / name)
+
+
+def run_or_show_stacks(cmd: list[str], env: dict, run_dir: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """subprocess.run; a launch still running after `timeout` is killed with its ranks and fails
+    the test with its output and the stacks the hang watchdog wrote (train.hang_timeout_s)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):  # the ranks: sessions of their own
+                child.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError):
+            pass  # it ended just now
+        out, err = proc.communicate()
+        stacks = "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in sorted(run_dir.glob("ranks/*.stack")))
+        raise AssertionError(f"{' '.join(cmd[:8])} ... still running after {timeout} s\nSTDOUT:\n{out[-3000:]}\n"
+                             f"STDERR:\n{err[-4000:]}\nSTACKS:\n{stacks or '(none written)'}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def weights(run_dir: Path) -> dict:

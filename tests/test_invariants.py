@@ -190,8 +190,21 @@ def test_dtypes_per_engine(tmp_path):
     assert {v.dtype for v in online.values()} == {torch.float32}
     assert online.keys() == offline.keys() and all(torch.equal(online[k], offline[k]) for k in online)
     assert any(not torch.equal(online[k], online[k].bfloat16().float()) for k in online)  # not a widened bf16 copy
-    _launch_2(tmp_path, "z2-bf16", TINY, [*args, "train.reduce_in_fp32=false"], accel="deepspeed_zero2.yaml")
+    # A run resumed by path from that last checkpoint (nothing left to train) exports it alike:
+    # the masters come from the checkpoint it loaded, outside its own run directory.
+    _launch_2(tmp_path, "z2-again", TINY, [*args, f"checkpoint.resume={tmp_path / 'z2' / 'checkpoints' / f'step-{step:06d}'}"],
+              accel="deepspeed_zero2.yaml")
+    again = load_file(tmp_path / "z2-again" / "model" / "model.safetensors")
+    assert all(torch.equal(online[k], again[k]) for k in online)
+    # float16 from bf16 training is read from the masters too (not rounded twice), as offline.
+    _launch_2(tmp_path, "z2-bf16", TINY, [*args, "train.reduce_in_fp32=false", "checkpoint.export_dtype=float16"],
+              accel="deepspeed_zero2.yaml")
     assert model_facts(tmp_path / "z2-bf16")["reduce_dtypes"] == ["bfloat16"]
+    step = json.loads((tmp_path / "z2-bf16" / "final_metrics.json").read_text())["exported_step"]
+    check(launcher("export", str(tmp_path / "z2-bf16" / "checkpoints" / f"step-{step:06d}"), str(tmp_path / "z2h-offline")))
+    online, offline = (load_file(d / "model.safetensors") for d in (tmp_path / "z2-bf16" / "model", tmp_path / "z2h-offline"))
+    assert {v.dtype for v in online.values()} == {torch.float16}
+    assert all(torch.equal(online[k], offline[k]) for k in online)
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "lora", *args, "model.lora.enabled=true"))
     lora = model_facts(tmp_path / "lora")
     assert set(lora["trainable"]) == {"float32"} and lora["parameters"].get("bfloat16", 0) > 0

@@ -317,6 +317,39 @@ def test_export_dtype_is_the_same_from_the_run_and_from_launcher_export(tmp_path
     assert offline.keys() == online.keys() and all(torch.equal(offline[k], online[k]) for k in online)
 
 
+def test_a_resume_by_path_into_a_directory_with_that_step_or_later_is_refused(tmp_path):
+    """checkpoint.resume=PATH of step 2 into a run directory that holds step 4 (another
+    history): its saves would meet those checkpoints and rotation would keep theirs. One line;
+    the run directory's own latest checkpoint, named by path, resumes."""
+    from launcher.checkpoint import MARKER, STATE_FILE, ConfigError, resolve_resume
+
+    def ckpt(path: Path, step: int) -> Path:
+        path.mkdir(parents=True)
+        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        (path / MARKER).write_text("{}")
+        return path
+
+    run = tmp_path / "run"
+    own = ckpt(run / "checkpoints" / "step-000004", 4)
+    elsewhere = ckpt(tmp_path / "other" / "step-000002", 2)
+    with pytest.raises(ConfigError, match=r"is step 2, but .* already holds step-000004 of another history"):
+        resolve_resume(run, str(elsewhere), trusted=True)
+    assert resolve_resume(run, str(own)).checkpoint == own
+    assert resolve_resume(tmp_path / "fresh", str(elsewhere), trusted=True).checkpoint == elsewhere
+
+
+def test_an_export_cast_keeps_tied_weights_one_tensor():
+    """checkpoint.export_dtype casts the gathered weights; a tied embedding and head (SmolLM2
+    ties them) must stay one tensor, which save_pretrained then writes once."""
+    from launcher.checkpoint import cast_floats
+
+    emb = torch.randn(8, 4)
+    out = cast_floats({"embed.weight": emb, "lm_head.weight": emb, "other": emb.clone(), "ids": torch.arange(3)}, "bfloat16")
+    assert out["embed.weight"].dtype == torch.bfloat16 and out["embed.weight"] is out["lm_head.weight"]
+    assert out["other"] is not out["embed.weight"] and torch.equal(out["other"], out["embed.weight"])
+    assert out["ids"].dtype == torch.int64 and emb.dtype == torch.float32  # the live tensor is not cast
+
+
 def test_export_reads_the_fsdp_sharded_checkpoint_format(trained_binary, tmp_path):
     """FSDP cannot run on CPU under accelerate (see README), so FSDP itself is not run here.
     This pins the reader to the format: accelerate saves FSDP's SHARDED_STATE_DICT as
