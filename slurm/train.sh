@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Train on a Slurm cluster: one `accelerate launch` per node, every count derived from Slurm.
 #
-#   sbatch [--nodes N] [--gpus-per-node G] slurm/train.sh CONFIG [key=value ...]
+#   sbatch [--nodes N | --nodes MIN-MAX] [--gpus-per-node G] slurm/train.sh CONFIG [key=value ...]
+#
+# Every count comes from what Slurm gave this attempt: with a node range a requeued job may
+# start on fewer or more nodes, and the run resumes at that world size where its checkpoint
+# allows (launcher says so in one line, or refuses in one).
 #
 # Environment overrides (all optional):
 #   ACCELERATE_CONFIG  accelerate YAML (default configs/accelerate/multi_node.yaml; its
@@ -30,7 +34,6 @@
 # the step in progress and exit, within the partition's GraceTime (Slurm's default is 0: no grace).
 #SBATCH --job-name=launcher
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@600
@@ -83,7 +86,10 @@ LAUNCH="exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERA
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
     -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"
 
-SRUN=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
+# One task per node, stated in full here rather than in the header: an allocation's
+# --ntasks-per-node=1 makes Slurm count the job's tasks from the minimum of a node range
+# (`--nodes 1-2` then always gets 1 node; seen on Slurm 22.05).
+SRUN=(srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
 if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
     echo "${SRUN[*]} bash -c '$LAUNCH'"
     exit 0

@@ -40,8 +40,8 @@ def _env(cluster, out: Path, **extra) -> dict:
     return {**cluster.env, **OFFLINE_ENV, "PYTHON": sys.executable, "OUTPUT_DIR": str(out), **extra}
 
 
-def sbatch(cluster, out: Path, *args: str, wait: bool = False, **env) -> tuple[str, subprocess.CompletedProcess]:
-    cmd = ["sbatch", "--parsable", "--nodes", "2", "--cpus-per-task", "2", "--output", str(out / "slurm-%j.out"),
+def sbatch(cluster, out: Path, *args: str, wait: bool = False, nodes: str = "2", **env) -> tuple[str, subprocess.CompletedProcess]:
+    cmd = ["sbatch", "--parsable", "--nodes", nodes, "--cpus-per-task", "2", "--output", str(out / "slurm-%j.out"),
            *(["--wait"] if wait else []), str(SCRIPT), str(TINY), *FAST, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(cluster, out, **env), capture_output=True, text=True, timeout=900)
     job_id = proc.stdout.strip().split(";")[0].splitlines()[0] if proc.stdout.strip() else ""
@@ -70,7 +70,7 @@ def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus,
     # Escaped: expands on each node inside srun, not in the batch script (where it is always 0).
     assert "--machine_rank $SLURM_NODEID" in line and "--machine_rank 0" not in line
     assert "-m launcher train configs/train/clause_tos.yaml --run-name clause_tos train.lr=3e-5" in line
-    assert line.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=")
+    assert line.startswith(f"srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task=")
 
 
 @pytest.mark.parametrize("extra,cpus,threads,lead", [
@@ -100,32 +100,42 @@ def test_two_node_job_trains_to_completion(cluster, tmp_path):
     assert mlrun.data.tags["slurm_job_id"] == job and mlrun.data.tags["num_nodes"] == "2"
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_the_same_run(cluster, tmp_path):
+def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_same_run(cluster, tmp_path):
+    """`sbatch --nodes 1-2`: the first attempt gets both nodes; while it checkpoints and stops,
+    one node is drained, so the requeued job gets one. It resumes the 2-rank checkpoint on 1
+    rank (a full DDP state), in the same MLflow run, to the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
     ref = tmp_path / "ref"
     check(launcher("train", str(TINY), "--output-dir", str(ref), "--run-name", "ref", *FAST, *STEPS))
-    job, proc = sbatch(cluster, tmp_path, *STEPS)
+    job, proc = sbatch(cluster, tmp_path, *STEPS, nodes="1-2")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "clause_tiny"
     deadline = time.time() + 600
-    while len(list((run / "ranks").glob("rank-*.json"))) < 2:  # both ranks are up
+    while len(list((run / "ranks").glob("rank-*.json"))) < 2:  # both ranks are up: 2 nodes
         assert time.time() < deadline and cluster.job_state(job)["JobState"] in ("PENDING", "RUNNING")
         time.sleep(0.2)
+    drain = ["scontrol", "update", "nodename=n2"]
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=30)
-    # The job requeues itself and Slurm starts it again after AuthInfo=cred_expire (10 s here,
-    # 120 s by default). Forcing an earlier start (scontrol update StartTime=now) races the
-    # revoked credential of the first attempt: "Killing non-startable batch job: Job credential
-    # revoked", exit 1, and no output (seen here in 1 run of 3).
-    state = cluster.wait_job(job)
+    subprocess.run([*drain, "state=drain", "reason=shrink"], env=cluster.env, check=True, timeout=30)
+    try:
+        # The job requeues itself and Slurm starts it again after AuthInfo=cred_expire (10 s here,
+        # 120 s by default). Forcing an earlier start (scontrol update StartTime=now) races the
+        # revoked credential of the first attempt: "Killing non-startable batch job: Job credential
+        # revoked", exit 1, and no output (seen here in 1 run of 3).
+        state = cluster.wait_job(job)
+    finally:
+        subprocess.run([*drain, "state=resume"], env=cluster.env, timeout=30)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED" and int(state.get("Restarts", 0)) >= 1, ({k: state.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts", "BatchHost")}, log[-4000:])
     stopped = [x for x in log.splitlines() if x.startswith("stopped at step")]
     assert len(stopped) == 1, log[-4000:]
     step = int(stopped[0].split()[3])
     assert "requeueing job" in log and f"resuming from {run / 'checkpoints' / f'step-{step:06d}'}" in log
+    assert "2 node(s) x 1 = 2 process(es)" in log and "1 node(s) x 1 = 1 process(es)" in log, log[-4000:]
     (mlrun,) = all_runs(mlflow_client(tmp_path))  # the requeued job continued the same MLflow run
     assert mlrun.data.tags["launcher.attempts"] == "2"
+    assert mlrun.data.params[f"resumed_at_{step}.world_size"] == "2 -> 1"
     client = mlflow_client(tmp_path)
     assert [m.step for m in sorted(client.get_metric_history(mlrun.info.run_id, "train/loss"), key=lambda m: m.step)] == list(range(1, 13))
     a, b = load_file(run / "model" / "model.safetensors"), load_file(ref / "ref" / "model" / "model.safetensors")
