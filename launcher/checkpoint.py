@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import time
@@ -182,9 +183,12 @@ SKELETON = "skeleton"  # everything of an exported model/ but the weights, insid
 
 class Checkpointer:
     def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None, trainable_only: bool = False,
-                 export_dtype: str = "float32"):
+                 export_dtype: str = "float32", reads_masters: bool = False):
         self.cfg = cfg
         self.export_dtype = export_dtype  # checkpoint.export_dtype, resolved
+        # The export is read from DeepSpeed's fp32 masters (engines.Engine.export_reads_masters):
+        # then export: best keeps a full checkpoint of the best step, else a weights-only snapshot.
+        self.reads_masters = reads_masters
         self.root = run_dir / "checkpoints"
         self.rt = rt
         self.higher_is_better = higher_is_better
@@ -269,7 +273,7 @@ class Checkpointer:
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.root)
         keep = {step for step, _ in ckpts[-self.cfg.keep_last :]}
-        if self.cfg.keep_best or self.cfg.export == "best":
+        if self.cfg.keep_best or (self.cfg.export == "best" and self.reads_masters):
             scored = [(TrainState.read(p).metric_at_step, step) for step, p in ckpts]
             scored = [(m if self.higher_is_better else -m, -step) for m, step in scored if m is not None]
             if scored:  # best metric; among equals the earliest, as the best-step bookkeeping does
@@ -422,7 +426,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 
 def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str], random_base: bool = False,
-                 dtype: str = "float32", masters: Path | None = None) -> None:
+                 dtype: str = "float32", masters: Path | None = None, snapshot: dict | None = None) -> None:
     """The final model in Hugging Face format (safetensors, in `dtype`) with tokenizer and label
     names; for LoRA runs also adapter/ (and base/ when the base was randomly initialised).
 
@@ -431,20 +435,26 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     `masters` (the same on every rank: engines.Engine.export_reads_masters) rank 0 reads the
     fp32 master weights from that checkpoint instead, as `launcher export` does.
 
-    It is the run's last use of the model: a LoRA export merges the adapters into the
-    gathered tensors in place (lora.write: no second copy), and without ZeRO-3 those are
-    the live model's own weights.
+    The final export is the run's last use of the model: a LoRA export merges the adapters
+    into the gathered tensors in place (lora.write: no second copy), and without ZeRO-3 those
+    are the live model's own weights. A `snapshot` (the best evaluation's, mid-run: tensors
+    to keep beside it, by file name) merges into a copy instead, and training goes on.
     """
     from launcher.tasks import lora
 
     gathered = None if masters is not None else rt.accelerator.get_state_dict(model)
+    fault = "export" if snapshot is None else "best"
 
     def write():
+        from safetensors.torch import save_file
+
         state_dict = cast_floats(gathered if gathered is not None else _checkpoint_weights(masters)[0], dtype)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.unwrap(model)
         if lora.is_peft(unwrapped):
+            if snapshot is not None:  # the merge must not reach the live weights
+                state_dict = {k: v.clone() for k, v in state_dict.items()}
             base = unwrapped.get_base_model()
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
                 lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base, dtype=dtype)
@@ -452,12 +462,60 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
+        for name, tensors in (snapshot or {}).items():
+            save_file(tensors, str(tmp / name))
         _record_dtype(tmp, dtype)
-        faults.stall("export")
-        faults.point("export")
+        faults.stall(fault)
+        faults.point(fault)
         _replace_dir(tmp, out_dir)
 
-    main_writes_others_wait(rt, write, out_dir.parent, "the export")
+    main_writes_others_wait(rt, write, out_dir.parent, "the export" if snapshot is None else "the best snapshot")
+
+
+# ---------------------------------------------------------------- the best evaluation's snapshot
+
+BEST = "best"  # RUN/best: the best evaluation's weights only, as an export (checkpoint.export: best)
+BEST_FILE = "best.json"  # in it: the step; beside it EVAL_OUTPUTS, what a decision rule is tuned on
+EVAL_OUTPUTS = "eval_outputs.safetensors"
+
+
+def best_snapshot(run_dir: Path, step: int | None) -> Path | None:
+    """RUN/best when it holds the weights of `step` (a snapshot is replaced when beaten)."""
+    snap = run_dir / BEST
+    try:
+        held = json.loads((snap / BEST_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return snap if step is not None and held == step else None
+
+
+def snapshot_outputs(snap: Path) -> dict | None:
+    """The evaluation outputs kept beside a snapshot (None when the task keeps none)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(snap / EVAL_OUTPUTS)) if (snap / EVAL_OUTPUTS).is_file() else None
+
+
+def adopt_snapshot(snap: Path, model_dir: Path, launcher_json: str) -> None:
+    """Rank 0: model/ becomes the snapshot (hard links, no copy of the weights; a copy where the
+    file system has none), with launcher.json as the run ends it (a tuned threshold)."""
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(snap, tmp, copy_function=link)
+    for name in (BEST_FILE, EVAL_OUTPUTS):
+        (tmp / name).unlink(missing_ok=True)
+    (tmp / "launcher.json").unlink()  # a link to the snapshot's: written anew, not through it
+    (tmp / "launcher.json").write_text(launcher_json)
+    faults.point("export")
+    _replace_dir(tmp, model_dir)
+    shutil.rmtree(snap, ignore_errors=True)  # model/ holds it now
 
 
 def cast_floats(state_dict: dict, dtype: str) -> dict:

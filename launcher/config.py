@@ -196,9 +196,10 @@ class TrainConfig:
     # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
     # writes a checkpoint) before the process group gives up.
     collective_timeout_s: int = 1800
-    # A rank with no progress (no step, eval or checkpoint ends) for this long writes its
-    # stacks to RUN/ranks/rank-N.stack and rank 0 reports which ranks are behind and where;
-    # the run goes on (the collective timeout decides). 0: off.
+    # A rank with no progress (no step or eval batch ends) for this long writes its stacks
+    # to RUN/ranks/rank-N.stack and rank 0 reports which ranks are behind and where; the run
+    # goes on (the collective timeout decides). Checkpoints and exports are slow, not hung:
+    # not watched. 0: off.
     hang_timeout_s: float = 600.0
     # Stop after checkpointing at this step without finishing the schedule
     # (rehearses an interruption; resume continues to max_steps).
@@ -240,13 +241,15 @@ class CheckpointConfig:
     # Keep the newest K complete checkpoints, plus the best one by eval.metric.
     keep_last: int = 2
     keep_best: bool = True
-    # What model/ holds: best, the weights of the evaluation with the best eval.metric (a
-    # checkpoint is saved at every improving evaluation, and kept); last, the final weights.
+    # What model/ holds: best, the weights of the evaluation with the best eval.metric (kept
+    # as a weights-only snapshot in RUN/best, in export_dtype, replaced when beaten; under
+    # DeepSpeed with another export dtype than the 16-bit weights, a full checkpoint of that
+    # step); last, the final weights.
     export: Literal["best", "last"] = "best"
     # The dtype of model/'s weights, the same from the run and from `launcher export`: auto,
     # the dtype the base model's config.json declares (float32 for a tiny random model or
-    # when it declares none). Under DeepSpeed an export wider than the trained weights is
-    # read from the fp32 master weights of the exported step's checkpoint.
+    # when it declares none). Under DeepSpeed an export in another dtype than the trained
+    # 16-bit weights is read from the fp32 master weights of the exported step's checkpoint.
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: continue from the run directory's latest complete checkpoint;
     # never: fail if the run directory exists; or a checkpoint directory path.

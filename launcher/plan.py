@@ -195,6 +195,38 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
     return out
 
 
+def _write_s(n_bytes: float, nodes: int) -> str:
+    from launcher.preemption import PLAN_WRITE_BYTES_PER_S
+
+    seconds = n_bytes / (PLAN_WRITE_BYTES_PER_S * max(nodes, 1))
+    return f"{seconds:,.{1 if seconds < 10 else 0}f} s at {PLAN_WRITE_BYTES_PER_S / 1e9:.0f} GB/s per node (assumed)"
+
+
+def _export_dtype(cfg: RunConfig, model_config) -> str:
+    """checkpoint.export_dtype as the run resolves it (auto: the dtype config.json declares)."""
+    if cfg.checkpoint.export_dtype != "auto":
+        return cfg.checkpoint.export_dtype
+    if cfg.model.name == "tiny" or model_config is None:
+        return "float32"
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+    declared = str(get("dtype") or get("torch_dtype") or "float32").replace("torch.", "")
+    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _best_lines(cfg: RunConfig, model_config, n_params: int, sixteen: bool, nodes: int) -> list[str]:
+    """checkpoint.export: best: what an improving evaluation writes."""
+    if cfg.checkpoint.export != "best" or cfg.eval.every_steps <= 0:
+        return []
+    dtype = _export_dtype(cfg, model_config)
+    trained = {"bf16": "bfloat16", "fp16": "float16"}[cfg.train.precision] if sixteen else None
+    if trained and dtype != trained and not cfg.model.lora.enabled:
+        return [f"best       a full checkpoint at each improving evaluation (checkpoint.export: best): the {dtype} "
+                f"export is read from DeepSpeed's fp32 masters, which only a checkpoint holds"]
+    size = n_params * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return [f"best       about {_size(size)} at each improving evaluation (checkpoint.export: best): its weights only, in "
+            f"{dtype}, replaced when beaten, ~{_write_s(size, 1)} from rank 0"]
+
+
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
          launch: "distributed.LaunchConfig") -> str:
     from launcher import sizing
@@ -260,7 +292,8 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         ckpt = checkpoint_bytes(saved, n_train or n_params, 4 if trainable_only or not sixteen else 2)
         what = ("LoRA on a pretrained base: the trained weights (adapters, heads) and their AdamW state; the frozen "
                 "base is read again from model.name" if trainable_only else "every weight and the AdamW state of what trains")
-        lines.append(f"checkpoint about {_size(ckpt)} per save ({what})")
+        lines.append(f"checkpoint about {_size(ckpt)} per save ({what}), ~{_write_s(ckpt, launch.num_machines)} to write")
+        lines += _best_lines(cfg, model_config, n_params, sixteen, launch.num_machines)
         if world > 1:
             from launcher import preemption
 

@@ -191,6 +191,10 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     state = checkpointer.load(start.checkpoint) if start.checkpoint is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
     config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
+    # accelerate restores its micro-batch counter as the writer counted it; on another number
+    # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
+    # 2 ranks x 1 resumed as 1 process x 2 stepped the optimizer after each half-batch.
+    rt.accelerator.step = state.step * accumulation
     return Parts(rt, task, run_dir, tokenizer, train_ds, val_ds, model, optimizer, scheduler, sampler, task.collator(tokenizer),
                  val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
 
@@ -221,7 +225,8 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, cfg.eval_metric not in LOWER_IS_BETTER, skeleton,
-                                         trainable_only, export_dtype)
+                                         trainable_only, export_dtype,
+                                         rt.engine.export_reads_masters(cfg.train.precision, export_dtype, cfg.model.lora.enabled))
     width = next(model.parameters()).element_size()
     saved = n_trainable if trainable_only else n_params
     checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))
@@ -364,6 +369,9 @@ class Trainer:
         self.last_eval: dict = {}
         self.last_eval_step = 0
         self.stop_signal: str | None = None
+        # DeepSpeed's fp32 masters feed an export in another dtype than the 16-bit weights: they
+        # live in full checkpoints only, so then the best evaluation's weights are one as well.
+        self.reads_masters = parts.checkpointer.reads_masters
 
     def run(self) -> str | None:
         """From the resumed step to the end of the schedule: None, or why it stopped earlier
@@ -441,15 +449,33 @@ class Trainer:
         signalled = self.rt.stop_requested()
         if signalled and not s.last(step):
             stop, self.stop_signal = stop or "signal", signalled
-        improved = state.best_step == step and cfg.checkpoint.export == "best"  # model/ may come from here
-        if self.p.checkpointer.due(step) or s.last(step) or stop or improved:
+        improved = state.best_step == step and cfg.checkpoint.export == "best" and not s.last(step)  # model/ may come from here
+        if self.p.checkpointer.due(step) or s.last(step) or stop or (improved and self.reads_masters):
             self.tracker.flush(wait=True)
             self.dog.beat(step, "checkpoint")
             self.p.checkpointer.save(state)
         elif s.flush(step):
             self.tracker.flush()
+        if improved and not self.reads_masters:
+            self.snapshot_best(step)
         self.dog.beat(step)
         return stop
+
+    def snapshot_best(self, step: int) -> None:
+        """checkpoint.export: best: the improving evaluation's weights only, as an export in the
+        export dtype (RUN/best, replaced when beaten), with the evaluation outputs a decision
+        rule is tuned on. A fraction of a full checkpoint (fp32 masters and Adam's moments)."""
+        p = self.p
+        self.dog.beat(step, "export")
+        outputs = p.task.eval_outputs()
+        ckpt_lib.export_model(self.rt, self.model, p.tokenizer, p.run_dir / ckpt_lib.BEST,
+                              {"launcher.json": self._launcher_json(), ckpt_lib.BEST_FILE: json.dumps({"step": step})},
+                              random_base=p.task.random_init(), dtype=p.checkpointer.export_dtype,
+                              snapshot={ckpt_lib.EVAL_OUTPUTS: outputs} if outputs else {})
+        self.dog.beat(step)
+
+    def _launcher_json(self) -> str:
+        return json.dumps(self.p.task.metadata() | {"export_dtype": self.p.checkpointer.export_dtype})
 
     def log(self, values: dict, bar) -> None:
         values |= self.speed(values["train/tokens_per_s"])
@@ -491,26 +517,35 @@ class Trainer:
             rt.print(f"early stop at step {state.step}: no {metric} improvement in {cfg.eval.early_stopping_patience} evals")
         last_eval = self.last_eval if self.last_eval_step == state.step else self.metrics(state.step)  # resumed
         exported_step, exported_eval = state.step, last_eval  # after the last step but before the export
-        best = p.checkpointer.best(state)
-        if best is not None and state.best_step is not None:  # checkpoint.export: best
-            p.checkpointer.load(best)
-            exported_step, exported_eval = state.best_step, state.best_eval
-            rt.print(f"exporting the best evaluation's weights: step {exported_step} "
-                     f"({metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[metric]:.4f})")
-        tuned = p.task.tune(rt, self.model, self.dog.beating(p.val_loader, state.step, "eval"))  # eval.tune_threshold
+        snapshot, outputs = None, None
+        if cfg.checkpoint.export == "best" and state.best_step is not None and state.best_step != state.step:
+            snapshot = ckpt_lib.best_snapshot(p.run_dir, state.best_step)  # weights only
+            full = None if snapshot is not None else p.checkpointer.best(state)  # or that step's checkpoint
+            if snapshot is not None or full is not None:
+                if full is not None:
+                    p.checkpointer.load(full)
+                outputs = ckpt_lib.snapshot_outputs(snapshot) if snapshot is not None else None
+                exported_step, exported_eval = state.best_step, state.best_eval
+                rt.print(f"exporting the best evaluation's weights: step {exported_step} "
+                         f"({metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[metric]:.4f})")
+            else:  # a resume that did not evaluate that step again (its eval cadence changed)
+                rt.print(f"the best evaluation's weights (step {state.best_step}) were not kept; exporting the last step's")
+        tuned = p.task.tune(rt, self.model, self.dog.beating(p.val_loader, state.step, "eval"), outputs)  # eval.tune_threshold
         if tuned is not None:
             exported_eval = tuned
             rt.print(f"decision threshold tuned on validation: {getattr(p.task, 'threshold', None)} ({metric} "
                      f"{tuned.get(metric, float('nan')):.4f}; at 0.5: {tuned.get(metric + '@0.5', float('nan')):.4f})")
         model_dir, dtype = p.run_dir / "model", p.checkpointer.export_dtype
-        # The checkpoint last sealed or loaded holds the exported step: the last step is always
-        # saved, a resume at the end loads it, and export: best loads the best one above.
-        reads_masters = rt.engine.export_reads_masters(cfg.train.precision, dtype, cfg.model.lora.enabled)
         self.dog.beat(state.step, "export")
-        ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir,
-                              {"launcher.json": json.dumps(p.task.metadata() | {"export_dtype": dtype})},
-                              random_base=p.task.random_init(), dtype=dtype,
-                              masters=p.checkpointer.last if reads_masters else None)
+        if snapshot is not None:
+            ckpt_lib.main_writes_others_wait(rt, lambda: ckpt_lib.adopt_snapshot(snapshot, model_dir, self._launcher_json()),
+                                             p.run_dir, "the export")
+        else:  # the live weights; DeepSpeed's other-dtype export from the masters of the checkpoint last
+            # sealed or loaded, which holds the exported step (the last step is always saved, a resume
+            # at the end loads it, and export: best loaded the best one above)
+            ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir, {"launcher.json": self._launcher_json()},
+                                  random_base=p.task.random_init(), dtype=dtype,
+                                  masters=p.checkpointer.last if self.reads_masters else None)
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})

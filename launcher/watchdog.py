@@ -3,8 +3,8 @@ its Python stacks to RUN/ranks/rank-N.stack and rank 0 says which ranks are behi
 where each one is.
 
 Each rank runs a watchdog thread. The training loop calls `beat(step)` at every step end,
-at every evaluation batch (`beating`) and around checkpoints; the final export is not
-watched (UNWATCHED: slow is not hung there). The thread writes RUN/ranks/rank-N.progress (step,
+at every evaluation batch (`beating`) and around checkpoints; checkpoints and exports are
+not watched (UNWATCHED: slow is not hung there). The thread writes RUN/ranks/rank-N.progress (step,
 phase, wall time) at most once a second, so rank 0 can read every rank's progress from the
 run directory without a collective, which a hung rank could never join. A rank that stops
 beating dumps its stacks with faulthandler (all threads, the main one marked). A rank
@@ -27,10 +27,12 @@ import time
 import traceback
 from pathlib import Path
 
-# Phases that may be slow without being hung: rank 0 writes the final model (minutes for a
-# big LoRA merge) while the others wait on the file system, in no collective. The gather
-# before it is a collective; train.collective_timeout_s still bounds that.
-UNWATCHED = {"export"}
+# Phases that may be slow without being hung: rank 0 writes the final model or the best
+# evaluation's snapshot (minutes for a big LoRA merge) while the others wait on the file
+# system, in no collective; every rank writes its part of a checkpoint (many minutes at 70B
+# on a slow file system). Their collectives (the gather before an export, the engine's
+# and launcher's own during a save) are still bounded by train.collective_timeout_s.
+UNWATCHED = {"export", "checkpoint"}
 
 
 class Watchdog:

@@ -330,6 +330,21 @@ def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_
     assert mlrun.data.params["resumed_at_6.world_size"] == "2 -> 1" and mlrun.data.params["derived.world_size"] == "2"
 
 
+def test_an_odd_step_of_two_ranks_resumes_on_one_process_exactly(tmp_path, reference):
+    """2 ranks x 1 micro-batch halted at step 3, resumed as 1 process x 2 accumulated: the
+    accumulation boundaries are the new world's (accelerate restores its micro-batch counter
+    as the writer counted it: 3, odd, stepped the optimizer after every half-batch). The first
+    loss after the resume is the uninterrupted run's at that step, and so are the weights."""
+    check(accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "odd", "train.halt_at_step=3"))
+    resumed = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "odd", *FAST, *STEPS))
+    assert "resuming step 3 written by 2 rank(s) on 1" in resumed.stdout
+    steps, losses = metric_steps(tmp_path, "train/loss")
+    ref_steps, ref_losses = metric_steps(reference[0], "train/loss")
+    assert steps == ref_steps == list(range(1, 13))
+    assert losses[3] == pytest.approx(ref_losses[3], abs=1e-6)  # step 4: the first after the resume
+    assert max_diff(weights(tmp_path / "odd"), weights(reference[1])) < TOL
+
+
 def test_contradiction_stops_every_rank_before_a_process_group(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({**json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text()),
                                                   "bf16": {"enabled": True}}))

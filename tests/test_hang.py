@@ -82,3 +82,22 @@ def test_every_evaluation_batch_counts_as_progress(tmp_path):
         assert (tmp_path / "ranks" / "rank-00000.stack").exists()
     finally:
         dog.close()
+
+
+def test_a_long_checkpoint_is_slow_not_hung(tmp_path):
+    """A save (phase "checkpoint") longer than train.hang_timeout_s is not reported: writing a
+    70B checkpoint can take many minutes; its collectives keep the collective timeout. The
+    same silence in training is."""
+    from launcher.watchdog import Watchdog
+
+    said = []
+    dog = Watchdog(tmp_path / "ranks", 0, 1, 1.0, said.append)
+    try:
+        dog.beat(3, "checkpoint")
+        time.sleep(2.5)
+        assert not said and not (tmp_path / "ranks" / "rank-00000.stack").exists()
+        dog.beat(3, "train")
+        time.sleep(2.5)
+        assert said and "step 3 (train)" in said[0], said
+    finally:
+        dog.close()

@@ -250,10 +250,12 @@ def test_early_stopping_under_bf16(tmp_path):
                           "eval.early_stopping_patience=1", "checkpoint.every_steps=100"))
     assert "early stop at step 4" in proc.stdout
     run = tmp_path / "es"
-    # The improving eval's step (kept for checkpoint.export: best) and the stop step.
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    # The stop step's checkpoint only: the improving eval's weights were kept as a weights-only
+    # snapshot (RUN/best), which became model/.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["exported_step"] == 2 and "exporting the best evaluation's weights: step 2" in proc.stdout
+    assert not (run / "best").exists() and not (run / "model" / "best.json").exists()
     state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["evals_without_improvement"] == 1 and state["best_step"] == 2
     assert (run / "model" / "model.safetensors").is_file()
@@ -374,11 +376,15 @@ def test_export_reads_the_fsdp_sharded_checkpoint_format(trained_binary, tmp_pat
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
 
-def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_path, lora):
     """A learning rate that overshoots: macro-F1 peaks early. model/ holds that evaluation's
-    weights (launcher eval reproduces its metrics); checkpoint.export=last the final ones."""
+    weights (launcher eval reproduces its metrics), kept as a weights-only snapshot when it
+    improved (no full checkpoint of that step is written); checkpoint.export=last the final
+    ones. Snapshots leave training alone (a LoRA snapshot merges on a copy): both runs end
+    with the same last checkpoint."""
     args = [*FAST, "train.lr=0.05", "train.max_steps=12", "eval.every_steps=2", "checkpoint.every_steps=0",
-            "checkpoint.keep_last=1"]
+            "checkpoint.keep_last=1", *(["model.lora.enabled=true", "train.lr=0.2"] if lora else [])]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "best", *args))
     run = tmp_path / "best"
     final = json.loads((run / "final_metrics.json").read_text())
@@ -391,9 +397,12 @@ def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_pa
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "last", *args, "checkpoint.export=last"))
     last = json.loads((tmp_path / "last" / "final_metrics.json").read_text())
     assert last["exported_step"] == 12 and last["after"] == last["last"]
-    if best_step != 12:  # the two exports then differ
-        assert _weights(run).keys() == _weights(tmp_path / "last").keys()
-        assert any(not torch.equal(_weights(run)[k], _weights(tmp_path / "last")[k]) for k in _weights(run))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000012"] and not (run / "best").exists()
+    ends = [load_file(r / "checkpoints" / "step-000012" / "model.safetensors") for r in (run, tmp_path / "last")]
+    assert ends[0].keys() == ends[1].keys() and all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    assert best_step != 12  # the two exports differ
+    assert _weights(run).keys() == _weights(tmp_path / "last").keys()
+    assert any(not torch.equal(_weights(run)[k], _weights(tmp_path / "last")[k]) for k in _weights(run))
 
 
 def test_eval_scores_with_the_training_max_length_the_export_recorded(tmp_path):

@@ -65,8 +65,13 @@ class TaskEvaluation(Protocol):
 
     def evaluate(self, rt: Any, model: Any, loader: Any) -> dict: ...
 
-    def tune(self, rt: Any, model: Any, loader: Any) -> dict | None:
-        """eval.tune_threshold: the rule fitted on validation before the export; None when off."""
+    def tune(self, rt: Any, model: Any, loader: Any, outputs: dict | None = None) -> dict | None:
+        """eval.tune_threshold: the rule fitted on validation before the export; None when off.
+        `outputs`: the exported evaluation's, kept with the best snapshot (eval_outputs), in
+        place of evaluating the model again."""
+
+    def eval_outputs(self) -> dict | None:
+        """What tune needs of the evaluation that just ran (tensors; None when nothing)."""
 
     def samples(self, rt: Any, model: Any, tokenizer: Any) -> list[dict]:
         """Sample generations ([] when the task has none)."""

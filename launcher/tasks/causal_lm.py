@@ -259,8 +259,11 @@ class CausalLMTask:
         return metrics
 
     @torch.no_grad()
-    def tune(self, rt, model, loader) -> None:
+    def tune(self, rt, model, loader, outputs=None) -> None:
         """No decision rule to tune for a language model."""
+        return None
+
+    def eval_outputs(self) -> None:
         return None
 
     def samples(self, rt, model, tokenizer) -> list[dict]:

@@ -440,12 +440,18 @@ class ClassificationTask:
         logits, labels, metrics = self._evaluate(rt, model, loader)
         return metrics
 
-    def tune(self, rt, model, loader) -> dict | None:
+    def tune(self, rt, model, loader, outputs: dict | None = None) -> dict | None:
         """eval.tune_threshold: tune the cut(s) on this eval set and return its metrics under
-        the tuned rule, the 0.5 rule's beside them as `<metric>@0.5`; None when off."""
+        the tuned rule, the 0.5 rule's beside them as `<metric>@0.5`; None when off. From
+        `outputs` (eval_outputs of the exported evaluation) when given, else a new evaluation."""
         if not self.cfg.eval.tune_threshold:
             return None
-        logits, labels, plain = self._evaluate(rt, model, loader)
+        if outputs is not None:
+            logits, labels = outputs["logits"], outputs["labels"]
+            plain = compute_metrics(logits, labels, self.label_names)
+            plain |= {"loss": float(outputs["loss"]), "n": int(len(labels))}
+        else:
+            logits, labels, plain = self._evaluate(rt, model, loader)
         multilabel = labels.dtype.is_floating_point
         self.threshold = tune_cuts(logits, labels, self.label_names)
         tuned = compute_metrics(logits, labels, self.label_names, cut_vector(self.threshold, self.label_names, multilabel))
@@ -469,7 +475,12 @@ class ClassificationTask:
         metrics = compute_metrics(logits, labels, self.label_names)
         metrics["loss"] = float(torch.cat(losses).mean())
         metrics["n"] = int(len(labels))
+        self._outputs = {"logits": logits, "labels": labels, "loss": torch.tensor(metrics["loss"])}
         return logits, labels, metrics
+
+    def eval_outputs(self) -> dict | None:
+        """The last evaluation's logits, labels and loss, when a threshold is tuned on them."""
+        return getattr(self, "_outputs", None) if self.cfg.eval.tune_threshold else None
 
     def samples(self, rt, model, tokenizer) -> list[dict]:
         return []
