@@ -70,11 +70,12 @@ def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
                           "resume with the engine that wrote it (its accelerate config)")
     if state.world_size == rt.world_size:
         return None
-    if engine != "full":
+    if not rt.engine.reshards_on_load:
         raise ConfigError(f"{ckpt}: {engine} shards written by {state.world_size} rank(s) do not load on {rt.world_size} "
                           f"(resharding is not supported yet): resume on {state.world_size} ranks")
-    return (f"resuming step {state.step} written by {state.world_size} rank(s) on {rt.world_size}: the full state loads "
-            "anywhere, and the batch order and global batch do not depend on the number of ranks")
+    how = "the full state loads anywhere" if engine == "full" else "DCP reshards the FSDP2 model and optimizer state"
+    return (f"resuming step {state.step} written by {state.world_size} rank(s) on {rt.world_size}: {how}, and the batch "
+            "order and global batch do not depend on the number of ranks")
 
 
 def step_dir_name(step: int) -> str:

@@ -54,6 +54,13 @@ class Engine:
         return "DDP"
 
     @property
+    def reshards_on_load(self) -> bool:
+        """Whether a checkpoint of this layout loads on another number of ranks: a full state
+        anywhere; FSDP2's DCP shards are resharded by torch.distributed.checkpoint (model and
+        optimizer: accelerate loads both through DCP's sharded state dicts)."""
+        return self.name == "full" or self.fsdp2
+
+    @property
     def shards_parameters(self) -> bool:
         """No rank holds whole parameters (ZeRO-3, FSDP): every forward pass is then a
         collective, so ranks must run as many of them (generation stays in step)."""

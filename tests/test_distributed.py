@@ -364,7 +364,9 @@ def test_fsdp2_halted_and_resumed_equals_one_uninterrupted_process(tmp_path):
     enables FSDP only for GPU process groups, launcher switches it on for CPU (engines.cpu_fsdp2).
     Micro-batches of 8: 2 accumulated micro-batches per rank, reduce-scattered after each
     (sync_each_batch), against one process accumulating 2 x 16. Halted at 6, resumed from
-    the DCP checkpoint, 12 steps in all: the same weights as the uninterrupted process.
+    the DCP checkpoint on 4 ranks (one thread each): DCP reshards the model and the optimizer
+    state (a re-initialised Adam would not end at these weights), 12 steps in all: the same
+    weights as the uninterrupted process, and the same first loss after the resume.
     Dropout off: its masks are drawn per micro-batch, and the micro-batches differ here."""
     knobs = ["model.tiny.dropout=0"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "one"), "--run-name", "ref", *FAST, *STEPS, *knobs))
@@ -380,10 +382,14 @@ def test_fsdp2_halted_and_resumed_equals_one_uninterrupted_process(tmp_path):
     dcp = run / "checkpoints" / "step-000006" / "pytorch_model_fsdp_0"
     assert sorted(p.name for p in dcp.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
 
-    second = check(accelerate_launch(launch, tmp_path, "f", "train.micro_batch_size=8", *knobs))
+    four = ["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "4"]
+    second = check(accelerate_launch(four, tmp_path, "f", "train.micro_batch_size=8", *knobs, env={"OMP_NUM_THREADS": "1"}))
     assert f"resuming from {run / 'checkpoints' / 'step-000006'}" in second.stdout
-    check_ranks(run)
-    assert metric_steps(tmp_path, "train/loss")[0] == list(range(1, 13))
+    assert "resuming step 6 written by 2 rank(s) on 4: DCP reshards the FSDP2 model and optimizer state" in second.stdout
+    check_ranks(run, 4)
+    steps, losses = metric_steps(tmp_path, "train/loss")
+    assert steps == list(range(1, 13))
+    assert losses[6] == pytest.approx(metric_steps(reference[0], "train/loss")[1][6], abs=1e-6)  # step 7
     assert metric_steps(tmp_path, "train/grad_norm")[1] == pytest.approx(metric_steps(reference[0], "train/grad_norm")[1], rel=1e-4)
     assert max_diff(weights(run), weights(reference[1])) < TOL
     check_export_predicts_like_the_run(run)
