@@ -187,9 +187,12 @@ class Checkpointer:
                  export_dtype: str = "float32", reads_masters: bool = False):
         self.cfg = cfg
         self.export_dtype = export_dtype  # checkpoint.export_dtype, resolved
-        # The export is read from DeepSpeed's fp32 masters (engines.Engine.export_reads_masters):
-        # then export: best keeps a full checkpoint of the best step, else a weights-only snapshot.
+        # The export is read from DeepSpeed's fp32 masters (engines.Engine.export_reads_masters).
         self.reads_masters = reads_masters
+        # export: best keeps the best evaluation as a checkpoint of that step where a snapshot
+        # would not do: the masters are only in a checkpoint, and a LoRA checkpoint of what
+        # trains is far smaller than the merged model. Else as a weights-only snapshot.
+        self.best_in_checkpoint = reads_masters or trainable_only
         self.root = run_dir / "checkpoints"
         self.rt = rt
         self.higher_is_better = higher_is_better
@@ -274,7 +277,7 @@ class Checkpointer:
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.root)
         keep = {step for step, _ in ckpts[-self.cfg.keep_last :]}
-        if self.cfg.keep_best or (self.cfg.export == "best" and self.reads_masters):
+        if self.cfg.keep_best or (self.cfg.export == "best" and self.best_in_checkpoint):
             scored = [(TrainState.read(p).metric_at_step, step) for step, p in ckpts]
             scored = [(m if self.higher_is_better else -m, -step) for m, step in scored if m is not None]
             if scored:  # best metric; among equals the earliest, as the best-step bookkeeping does
@@ -421,9 +424,14 @@ def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """tmp becomes out_dir; a complete out_dir exists at every moment (the old one is moved
+    aside first, removed last)."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        out_dir.rename(old)
     tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str], random_base: bool = False,
@@ -439,12 +447,15 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     The final export is the run's last use of the model: a LoRA export merges the adapters
     into the gathered tensors in place (lora.write: no second copy), and without ZeRO-3 those
     are the live model's own weights. A `snapshot` (the best evaluation's, mid-run: tensors
-    to keep beside it, by file name) merges into a copy instead, and training goes on.
+    to keep beside it, by file name) leaves them alone, and training goes on.
     """
     from launcher.tasks import lora
 
     gathered = None if masters is not None else rt.accelerator.get_state_dict(model)
     fault = "export" if snapshot is None else "best"
+    # A LoRA snapshot is taken only on a random base (a pretrained base's best is a checkpoint
+    # of what trains: Checkpointer.best_in_checkpoint), which lora.write merges on a copy.
+    assert snapshot is None or random_base or not lora.is_peft(rt.unwrap(model))
 
     def write():
         from safetensors.torch import save_file
@@ -454,8 +465,6 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.unwrap(model)
         if lora.is_peft(unwrapped):
-            if snapshot is not None:  # the merge must not reach the live weights
-                state_dict = {k: v.clone() for k, v in state_dict.items()}
             base = unwrapped.get_base_model()
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
                 lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base, dtype=dtype)
@@ -480,14 +489,22 @@ BEST_FILE = "best.json"  # in it: the step; beside it EVAL_OUTPUTS, what a decis
 EVAL_OUTPUTS = "eval_outputs.safetensors"
 
 
-def best_snapshot(run_dir: Path, step: int | None) -> Path | None:
-    """RUN/best when it holds the weights of `step` (a snapshot is replaced when beaten)."""
+def best_snapshot(run_dir: Path, step: int | None, dtype: str, outputs_needed: bool) -> Path | None:
+    """RUN/best when it holds the weights of `step` in `dtype` (a resume may have changed
+    checkpoint.export_dtype) and, when a threshold is tuned, the outputs to tune it on."""
     snap = run_dir / BEST
     try:
-        held = json.loads((snap / BEST_FILE).read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+        held = json.loads((snap / BEST_FILE).read_text())
+    except (OSError, ValueError):
         return None
-    return snap if step is not None and held == step else None
+    fits = isinstance(held, dict) and step is not None and held.get("step") == step and held.get("export_dtype") == dtype
+    return snap if fits and (not outputs_needed or (snap / EVAL_OUTPUTS).is_file()) else None
+
+
+def remove_best(run_dir: Path) -> None:
+    """RUN/best and what a killed replace left beside it, once the run has ended."""
+    for name in (BEST, BEST + ".tmp", BEST + ".old"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def snapshot_outputs(snap: Path) -> dict | None:
@@ -515,8 +532,7 @@ def adopt_snapshot(snap: Path, model_dir: Path, launcher_json: str) -> None:
     (tmp / "launcher.json").unlink()  # a link to the snapshot's: written anew, not through it
     (tmp / "launcher.json").write_text(launcher_json)
     faults.point("export")
-    _replace_dir(tmp, model_dir)
-    shutil.rmtree(snap, ignore_errors=True)  # model/ holds it now
+    _replace_dir(tmp, model_dir)  # RUN/best stays until the run's outputs are written (remove_best)
 
 
 def cast_floats(state_dict: dict, dtype: str) -> dict:

@@ -242,9 +242,9 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_best: bool = True
     # What model/ holds: best, the weights of the evaluation with the best eval.metric (kept
-    # as a weights-only snapshot in RUN/best, in export_dtype, replaced when beaten; under
-    # DeepSpeed with another export dtype than the 16-bit weights, a full checkpoint of that
-    # step); last, the final weights.
+    # as a weights-only snapshot in RUN/best, in export_dtype, replaced when beaten; a
+    # checkpoint of that step instead for LoRA on a pretrained base, and under DeepSpeed with
+    # another export dtype than the 16-bit weights); last, the final weights.
     export: Literal["best", "last"] = "best"
     # The dtype of model/'s weights, the same from the run and from `launcher export`: auto,
     # the dtype the base model's config.json declares (float32 for a tiny random model or

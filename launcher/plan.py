@@ -219,10 +219,15 @@ def _best_lines(cfg: RunConfig, model_config, n_params: int, sixteen: bool, node
         return []
     dtype = _export_dtype(cfg, model_config)
     trained = {"bf16": "bfloat16", "fp16": "float16"}[cfg.train.precision] if sixteen else None
-    if trained and dtype != trained and not cfg.model.lora.enabled:
+    lora = cfg.model.lora.enabled
+    if trained and dtype != trained and not lora:
         return [f"best       a full checkpoint at each improving evaluation (checkpoint.export: best): the {dtype} "
                 f"export is read from DeepSpeed's fp32 masters, which only a checkpoint holds"]
-    size = n_params * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    if lora and cfg.model.name != "tiny":
+        return ["best       a checkpoint at each improving evaluation (checkpoint.export: best): LoRA's checkpoint of "
+                "what trains is smaller than the merged model"]
+    # (a LoRA run on a random tiny base also writes adapter/ and base/ beside the merged model)
+    size = n_params * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype] * (2 if lora else 1)
     return [f"best       about {_size(size)} at each improving evaluation (checkpoint.export: best): its weights only, in "
             f"{dtype}, replaced when beaten, ~{_write_s(size, 1)} from rank 0"]
 

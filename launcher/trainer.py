@@ -44,7 +44,9 @@ def train(cfg: RunConfig) -> dict:
     pre = preflight(cfg, rt, task)
     run_dir, warm_tracker = open_run(cfg, rt, pre)
     parts = build(cfg, rt, task, pre, run_dir)
-    if parts.state.step >= parts.total_steps and (run_dir / "model").is_dir():
+    patience, waited = cfg.eval.early_stopping_patience, parts.state.evals_without_improvement
+    ended = parts.state.step >= parts.total_steps or (patience > 0 and waited >= patience)  # or stopped early
+    if ended and (run_dir / "model").is_dir():
         rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do")
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     tracker = start_tracker(cfg, parts, pre, warm_tracker)
@@ -382,6 +384,7 @@ class Trainer:
         if at_start:
             state.first_eval = self.evaluate(0)
         self.last_eval, self.last_eval_step = state.first_eval, 0
+        self._snapshot_resumed_best()
         self.model.train()
         window, first_step = Window(), state.step
         batches = batching.train_batches(p.train_ds, p.sampler, state.step, p.total_steps, p.collate, cfg.data.num_workers,
@@ -450,29 +453,48 @@ class Trainer:
         if signalled and not s.last(step):
             stop, self.stop_signal = stop or "signal", signalled
         improved = state.best_step == step and cfg.checkpoint.export == "best" and not s.last(step)  # model/ may come from here
-        if self.p.checkpointer.due(step) or s.last(step) or stop or (improved and self.reads_masters):
+        in_checkpoint = self.p.checkpointer.best_in_checkpoint
+        if improved and not in_checkpoint:  # before the checkpoint that records it as the best
+            self.snapshot_best(step)
+        if self.p.checkpointer.due(step) or s.last(step) or stop or (improved and in_checkpoint):
             self.tracker.flush(wait=True)
             self.dog.beat(step, "checkpoint")
             self.p.checkpointer.save(state)
         elif s.flush(step):
             self.tracker.flush()
-        if improved and not self.reads_masters:
-            self.snapshot_best(step)
         self.dog.beat(step)
         return stop
 
     def snapshot_best(self, step: int) -> None:
         """checkpoint.export: best: the improving evaluation's weights only, as an export in the
         export dtype (RUN/best, replaced when beaten), with the evaluation outputs a decision
-        rule is tuned on. A fraction of a full checkpoint (fp32 masters and Adam's moments)."""
+        rule is tuned on: the weights alone, without the fp32 masters and Adam's moments of a
+        checkpoint (a third of a full MiniLM checkpoint in float32)."""
         p = self.p
         self.dog.beat(step, "export")
         outputs = p.task.eval_outputs()
         ckpt_lib.export_model(self.rt, self.model, p.tokenizer, p.run_dir / ckpt_lib.BEST,
-                              {"launcher.json": self._launcher_json(), ckpt_lib.BEST_FILE: json.dumps({"step": step})},
+                              {"launcher.json": self._launcher_json(),
+                               ckpt_lib.BEST_FILE: json.dumps({"step": step, "export_dtype": p.checkpointer.export_dtype})},
                               random_base=p.task.random_init(), dtype=p.checkpointer.export_dtype,
                               snapshot={ckpt_lib.EVAL_OUTPUTS: outputs} if outputs else {})
         self.dog.beat(step)
+
+    def _snapshot_resumed_best(self) -> None:
+        """A run resumed (say, extended) from the checkpoint of its best evaluation, which was its
+        last step then and so never snapshotted: the snapshot is taken now, from those weights,
+        before a later checkpoint makes that one rotate away."""
+        p, state, cfg = self.p, self.state, self.cfg
+        if (cfg.checkpoint.export != "best" or p.checkpointer.best_in_checkpoint or state.step == 0
+                or state.best_step != state.step or self.schedule.last(state.step)):
+            return
+        needed = p.task.eval_outputs_needed()
+        held = ckpt_lib.best_snapshot(p.run_dir, state.step, p.checkpointer.export_dtype, needed) if self.rt.is_main else None
+        if self.rt.gather_objects(held is not None)[0]:
+            return
+        if needed:  # the outputs a threshold is tuned on, from these weights
+            self.metrics(state.step)
+        self.snapshot_best(state.step)
 
     def _launcher_json(self) -> str:
         return json.dumps(self.p.task.metadata() | {"export_dtype": self.p.checkpointer.export_dtype})
@@ -519,17 +541,23 @@ class Trainer:
         exported_step, exported_eval = state.step, last_eval  # after the last step but before the export
         snapshot, outputs = None, None
         if cfg.checkpoint.export == "best" and state.best_step is not None and state.best_step != state.step:
-            snapshot = ckpt_lib.best_snapshot(p.run_dir, state.best_step)  # weights only
-            full = None if snapshot is not None else p.checkpointer.best(state)  # or that step's checkpoint
-            if snapshot is not None or full is not None:
+            # Rank 0 looks and every rank follows: what comes next is a collective.
+            found = ckpt_lib.best_snapshot(p.run_dir, state.best_step, p.checkpointer.export_dtype,
+                                           p.task.eval_outputs_needed()) if rt.is_main else None
+            full = p.checkpointer.best(state) if rt.is_main and found is None else None
+            found, full = rt.gather_objects((found, full))[0]
+            if found is not None or full is not None:
                 if full is not None:
+                    self.dog.beat(state.step, "checkpoint")
                     p.checkpointer.load(full)
+                snapshot = found
                 outputs = ckpt_lib.snapshot_outputs(snapshot) if snapshot is not None else None
                 exported_step, exported_eval = state.best_step, state.best_eval
                 rt.print(f"exporting the best evaluation's weights: step {exported_step} "
                          f"({metric} {state.best_metric:.4f}; the last step, {state.step}, had {last_eval[metric]:.4f})")
-            else:  # a resume that did not evaluate that step again (its eval cadence changed)
-                rt.print(f"the best evaluation's weights (step {state.best_step}) were not kept; exporting the last step's")
+            else:  # e.g. a resume that changed the export dtype, or did not evaluate that step again
+                rt.print(f"the best evaluation's weights (step {state.best_step}) were not kept as this run needs them; "
+                         "exporting the last step's")
         tuned = p.task.tune(rt, self.model, self.dog.beating(p.val_loader, state.step, "eval"), outputs)  # eval.tune_threshold
         if tuned is not None:
             exported_eval = tuned
@@ -550,6 +578,7 @@ class Trainer:
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})
         rt.on_main(_write_outputs, p.run_dir, summary, self.tracker)
+        rt.on_main(ckpt_lib.remove_best, p.run_dir)  # model/ holds what it had to give
         if cfg.tracking.log_model:
             self.tracker.log_model(model_dir, exported_step, cfg.tracking.register_model)
         rt.print(report.final_table(state.first_eval, exported_eval))

@@ -43,7 +43,7 @@
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: sbatch [--nodes N] slurm/train.sh CONFIG [key=value ...]" >&2
+    echo "usage: sbatch [--nodes N | --nodes MIN-MAX] slurm/train.sh CONFIG [key=value ...]" >&2
     exit 2
 fi
 CONFIG=$1

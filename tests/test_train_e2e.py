@@ -256,6 +256,12 @@ def test_early_stopping_under_bf16(tmp_path):
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["exported_step"] == 2 and "exporting the best evaluation's weights: step 2" in proc.stdout
     assert not (run / "best").exists() and not (run / "model" / "best.json").exists()
+    exported = _weights(run)
+    again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "es", *FAST,
+                           "train.precision=bf16", "train.lr=1e-9", "train.max_steps=24", "eval.every_steps=2",
+                           "eval.early_stopping_patience=1", "checkpoint.every_steps=100"))
+    assert "already finished at step 4" in again.stdout  # an early stop is an end: model/ stays the best's
+    assert all(torch.equal(exported[k], v) for k, v in _weights(run).items())
     state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["evals_without_improvement"] == 1 and state["best_step"] == 2
     assert (run / "model" / "model.safetensors").is_file()
@@ -338,6 +344,23 @@ def test_a_resume_by_path_into_a_directory_with_that_step_or_later_is_refused(tm
         resolve_resume(run, str(elsewhere), trusted=True)
     assert resolve_resume(run, str(own)).checkpoint == own
     assert resolve_resume(tmp_path / "fresh", str(elsewhere), trusted=True).checkpoint == elsewhere
+
+
+def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp_path):
+    """The only evaluation of a 4-step run is its last step, so the best is the live weights and
+    no snapshot is taken. Extended to 8 steps without evaluations (and without keeping that
+    checkpoint), checkpoint.export: best must still export step 4: the resume snapshots the
+    weights it loaded, before a later checkpoint rotates their checkpoint away."""
+    args = [*FAST, "eval.every_steps=4", "checkpoint.every_steps=4", "checkpoint.keep_last=1", "checkpoint.keep_best=false",
+            "tracking.mlflow=false"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *args, "train.max_steps=4"))
+    run = tmp_path / "x"
+    first = _weights(run)
+    proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *args, "train.max_steps=8",
+                          "eval.every_steps=0"))
+    assert "exporting the best evaluation's weights: step 4" in proc.stdout
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000008"] and not (run / "best").exists()
+    assert all(torch.equal(first[k], v) for k, v in _weights(run).items())
 
 
 def test_an_export_cast_keeps_tied_weights_one_tensor():

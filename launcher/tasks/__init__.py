@@ -73,6 +73,9 @@ class TaskEvaluation(Protocol):
     def eval_outputs(self) -> dict | None:
         """What tune needs of the evaluation that just ran (tensors; None when nothing)."""
 
+    def eval_outputs_needed(self) -> bool:
+        """Whether tune needs eval_outputs (a decision rule is tuned)."""
+
     def samples(self, rt: Any, model: Any, tokenizer: Any) -> list[dict]:
         """Sample generations ([] when the task has none)."""
 

@@ -266,6 +266,9 @@ class CausalLMTask:
     def eval_outputs(self) -> None:
         return None
 
+    def eval_outputs_needed(self) -> bool:
+        return False
+
     def samples(self, rt, model, tokenizer) -> list[dict]:
         """Greedy answers to eval.generation_prompts (every rank answers all of them: under
         sharded engines each forward is a collective; rank 0 logs them); without configured

@@ -480,7 +480,10 @@ class ClassificationTask:
 
     def eval_outputs(self) -> dict | None:
         """The last evaluation's logits, labels and loss, when a threshold is tuned on them."""
-        return getattr(self, "_outputs", None) if self.cfg.eval.tune_threshold else None
+        return getattr(self, "_outputs", None) if self.eval_outputs_needed() else None
+
+    def eval_outputs_needed(self) -> bool:
+        return bool(self.cfg.eval.tune_threshold)
 
     def samples(self, rt, model, tokenizer) -> list[dict]:
         return []
