@@ -424,12 +424,14 @@ def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """tmp becomes out_dir; a complete out_dir exists at every moment (the old one is moved
-    aside first, removed last)."""
-    old = out_dir.with_name(out_dir.name + ".old")
+    """tmp becomes out_dir. An out_dir being replaced is moved aside to out_dir.old first and
+    removed last, so a complete copy exists at every moment under one of the two names."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = out_dir.with_name(out_dir.name + ".old")  # (best_snapshot also looks here)
     shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
+    out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -492,17 +494,21 @@ EVAL_OUTPUTS = "eval_outputs.safetensors"
 def best_snapshot(run_dir: Path, step: int | None, dtype: str, outputs_needed: bool) -> Path | None:
     """RUN/best when it holds the weights of `step` in `dtype` (a resume may have changed
     checkpoint.export_dtype) and, when a threshold is tuned, the outputs to tune it on."""
-    snap = run_dir / BEST
-    try:
-        held = json.loads((snap / BEST_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    fits = isinstance(held, dict) and step is not None and held.get("step") == step and held.get("export_dtype") == dtype
-    return snap if fits and (not outputs_needed or (snap / EVAL_OUTPUTS).is_file()) else None
+    for snap in (run_dir / BEST, run_dir / (BEST + ".old")):  # .old: killed between _replace_dir's renames
+        try:
+            held = json.loads((snap / BEST_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        fits = isinstance(held, dict) and step is not None and held.get("step") == step and held.get("export_dtype") == dtype
+        if fits and (not outputs_needed or (snap / EVAL_OUTPUTS).is_file()):
+            return snap
+    return None
 
 
 def remove_best(run_dir: Path) -> None:
-    """RUN/best and what a killed replace left beside it, once the run has ended."""
+    """RUN/best and what a killed replace left beside it, at a run's end that did not export
+    from it (a snapshot that became model/ stays: hard links, and a later extension of the
+    run exports it again if nothing beats it)."""
     for name in (BEST, BEST + ".tmp", BEST + ".old"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
@@ -532,7 +538,7 @@ def adopt_snapshot(snap: Path, model_dir: Path, launcher_json: str) -> None:
     (tmp / "launcher.json").unlink()  # a link to the snapshot's: written anew, not through it
     (tmp / "launcher.json").write_text(launcher_json)
     faults.point("export")
-    _replace_dir(tmp, model_dir)  # RUN/best stays until the run's outputs are written (remove_best)
+    _replace_dir(tmp, model_dir)  # RUN/best stays (remove_best)
 
 
 def cast_floats(state_dict: dict, dtype: str) -> dict:

@@ -45,18 +45,29 @@ def train(cfg: RunConfig) -> dict:
     run_dir, warm_tracker = open_run(cfg, rt, pre)
     parts = build(cfg, rt, task, pre, run_dir)
     patience, waited = cfg.eval.early_stopping_patience, parts.state.evals_without_improvement
-    ended = parts.state.step >= parts.total_steps or (patience > 0 and waited >= patience)  # or stopped early
-    if ended and (run_dir / "model").is_dir():
+    stopped_early = 0 < patience <= waited
+    if (parts.state.step >= parts.total_steps or stopped_early) and _exported_at(run_dir, rt) == parts.state.step:
         rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do")
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     tracker = start_tracker(cfg, parts, pre, warm_tracker)
     with tracker:  # on any exception: the stacks kept first (the dog exits first), then the tracker run FAILED
         trainer = Trainer(cfg, parts, tracker)
         with trainer.dog:
-            stop = trainer.run()
+            stop = "early_stop" if stopped_early else trainer.run()  # (killed before its export: that, now)
             if stop in ("halt", "signal"):
                 return trainer.stopped(stop)
             return trainer.finish(stop)
+
+
+def _exported_at(run_dir: Path, rt) -> int | None:
+    """The step whose end wrote model/ and final_metrics.json (rank 0 reads; every rank follows)."""
+    step = None
+    if rt.is_main and (run_dir / "model").is_dir():
+        try:
+            step = json.loads((run_dir / "final_metrics.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return rt.gather_objects(step)[0]
 
 
 # ---- setup: checks, run directory, pieces, tracker
@@ -578,7 +589,8 @@ class Trainer:
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
         self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})
         rt.on_main(_write_outputs, p.run_dir, summary, self.tracker)
-        rt.on_main(ckpt_lib.remove_best, p.run_dir)  # model/ holds what it had to give
+        if snapshot is None:
+            rt.on_main(ckpt_lib.remove_best, p.run_dir)  # a snapshot of no use any more
         if cfg.tracking.log_model:
             self.tracker.log_model(model_dir, exported_step, cfg.tracking.register_model)
         rt.print(report.final_table(state.first_eval, exported_eval))

@@ -255,7 +255,7 @@ def test_early_stopping_under_bf16(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["exported_step"] == 2 and "exporting the best evaluation's weights: step 2" in proc.stdout
-    assert not (run / "best").exists() and not (run / "model" / "best.json").exists()
+    assert not (run / "model" / "best.json").exists()
     exported = _weights(run)
     again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "es", *FAST,
                            "train.precision=bf16", "train.lr=1e-9", "train.max_steps=24", "eval.every_steps=2",
@@ -270,6 +270,12 @@ def test_early_stopping_under_bf16(tmp_path):
     assert r.info.status == "FINISHED"
     assert r.data.params["train.precision"] == "bf16"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/macro_f1")] == [0, 2, 4]
+    # More patience continues the run; nothing beats step 2, whose snapshot is exported again.
+    more = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "es", *FAST,
+                          "train.precision=bf16", "train.lr=1e-9", "train.max_steps=24", "eval.every_steps=2",
+                          "eval.early_stopping_patience=2", "checkpoint.every_steps=100"))
+    assert "early stop at step 6" in more.stdout and "exporting the best evaluation's weights: step 2" in more.stdout
+    assert all(torch.equal(exported[k], v) for k, v in _weights(run).items())
 
 
 def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_path):
@@ -359,7 +365,7 @@ def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *args, "train.max_steps=8",
                           "eval.every_steps=0"))
     assert "exporting the best evaluation's weights: step 4" in proc.stdout
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000008"] and not (run / "best").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000008"]
     assert all(torch.equal(first[k], v) for k, v in _weights(run).items())
 
 
@@ -420,7 +426,7 @@ def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_pa
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "last", *args, "checkpoint.export=last"))
     last = json.loads((tmp_path / "last" / "final_metrics.json").read_text())
     assert last["exported_step"] == 12 and last["after"] == last["last"]
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000012"] and not (run / "best").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000012"]
     ends = [load_file(r / "checkpoints" / "step-000012" / "model.safetensors") for r in (run, tmp_path / "last")]
     assert ends[0].keys() == ends[1].keys() and all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
     assert best_step != 12  # the two exports differ
