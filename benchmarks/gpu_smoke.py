@@ -7,7 +7,9 @@ Workload: instruction fine-tuning with packing on a random Llama built from a co
 download): on CUDA about 125M parameters (hidden 768, 12 layers, 12 heads, MLP 3072), bf16,
 blocks of 512 tokens; on CPU a tiny one in fp32. Cases:
 
-- 1 GPU: attention sdpa, and flash_attention_2 when flash-attn is installed;
+- 1 GPU: attention sdpa, and flash_attention_2 when flash-attn is installed, with a check
+  that a flattened packed micro-batch's per-example logits under flash attention equal
+  each example's alone (the loss falling would not show examples attending to each other);
 - 2+ GPUs (CPU: 2 gloo ranks): DDP, DeepSpeed ZeRO-2, ZeRO-3, and FSDP2.
 
 Each case runs `launcher train` twice: uninterrupted, and halted at half the steps then
@@ -116,6 +118,35 @@ def run_case(name, accel, extra, base, out: Path, cuda: bool, port: int) -> dict
     return result
 
 
+def flash_packing_case() -> dict:
+    """bf16 tiny Llama under flash attention: two packed rows (micro-batch 2) collated as a
+    training step sees them (flattened, cu_seq_lens) give each example the logits it has
+    alone (flash attention on the unpadded example). bf16 kernels differ by ulps between
+    sequence lengths, so the bound is 2e-2 on logits of order 1."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from launcher.data.instructions import LMCollator
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, use_cache=False)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="flash_attention_2", dtype=torch.bfloat16).cuda().eval()
+    examples = [torch.randint(1, 512, (n,)).tolist() for n in (37, 64, 11, 90, 23)]
+    rows = [{"input_ids": sum(examples[:3], []), "labels": sum(examples[:3], []), "seq_lens": [37, 64, 11]},
+            {"input_ids": sum(examples[3:], []), "labels": sum(examples[3:], []), "seq_lens": [90, 23]}]
+    batch = LMCollator(0, packed=True, flatten=True)(rows)
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        flat = model(**inputs).logits[0].float()
+        worst, start = 0.0, 0
+        for x in examples:
+            alone = model(input_ids=torch.tensor([x], device="cuda")).logits[0].float()
+            worst = max(worst, float((flat[start : start + len(x)] - alone).abs().max()))
+            start += len(x)
+    return {"case": "1gpu-flash-packed-logits", "max_abs_diff": worst, "ok": worst < 2e-2}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -133,6 +164,10 @@ def main(argv=None) -> int:
     where = f"{gpus} x {torch.cuda.get_device_name(0)}" if cuda else "CPU (gloo, fp32, tiny model)"
     print(f"{where}; {steps} steps per run; cases: {' '.join(c[0] for c in todo)}; runs under {out}", flush=True)
     results = []
+    if cuda and importlib.util.find_spec("flash_attn") is not None and (not args.only or "1gpu-flash-packed-logits" in args.only):
+        r = flash_packing_case()
+        results.append(r)
+        print(f"{'PASS' if r['ok'] else 'FAIL'} {r['case']}: max |diff| {r['max_abs_diff']:.4g}", flush=True)
     for i, (name, accel, extra) in enumerate(todo):
         r = run_case(name, accel, extra, base, out, cuda, 29400 + 10 * i)
         results.append(r)

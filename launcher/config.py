@@ -70,8 +70,10 @@ class ModelConfig:
     name: str = TINY_MODEL
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else
-    # sdpa. Packed causal-LM rows are exact under each (examples never attend to each other).
+    # Attention kernel. auto: flash_attention_2 for bf16/fp16 runs on CUDA when flash-attn is
+    # installed (it cannot run fp32), else sdpa. Packed causal-LM rows are exact under each:
+    # under flash attention each micro-batch is flattened into one row with its examples'
+    # boundaries (cu_seq_lens), so examples never attend to each other.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     # Hub revision (branch, tag or commit) of model.name; null: the default branch.
     revision: Optional[str] = None

@@ -34,6 +34,7 @@ from launcher.data import batching
 from launcher.errors import DataError
 from launcher.preemption import INTERRUPTED
 from launcher.runtime import build_runtime
+from launcher.tasks import modeling
 
 
 def train(cfg: RunConfig) -> dict:
@@ -99,6 +100,7 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
     task.check_model_source()
+    modeling.attn_implementation(cfg.model, cfg.train.precision)  # a kernel this precision and host can run
     tracking.check_reachable(cfg)  # every rank: they must agree to stop
     data = None  # synthetic data is generated into the run directory, so it is read once that exists
     if not cfg.data.synthetic.enabled:
@@ -684,7 +686,8 @@ def _optimizer(model, t, device, skip: set[str]) -> torch.optim.Optimizer:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch's tensors on the device (a flattened packed batch also holds ints)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _log_samples(rt, task, model, tokenizer, tracker, run_dir: Path, step: int) -> None:

@@ -175,6 +175,96 @@ def test_packed_examples_do_not_attend_to_each_other(arch, attn, data_tok):
     assert float(packed_loss) == pytest.approx(float(sum(per_token) / count), rel=1e-5)
 
 
+def _packed_rows(data_tok):
+    """Two packed rows of different length (the second holds one example) and the examples."""
+    ids, labels, _ = encode_rows(instructions.generate_instructions(12, 1), DataConfig(max_length=64), data_tok)
+    p_ids, p_labels, p_lens = pack(ids, labels, 64)
+    k = len(p_lens[0])
+    p_ids[1], p_labels[1], p_lens[1] = ids[k], labels[k], [len(ids[k])]
+    rows = [{"input_ids": p_ids[r], "labels": p_labels[r], "seq_lens": p_lens[r]} for r in (0, 1)]
+    return rows, ids[: k + 1], labels[: k + 1]
+
+
+def test_flattened_micro_batch_equals_its_examples_and_carries_the_varlen_boundaries(data_tok):
+    """Under flash attention a micro-batch of packed rows becomes one padding-free row: its
+    per-example logits and its loss equal the examples run one by one (sdpa finds the
+    boundaries from the position ids of a one-row batch), it predicts the same response
+    tokens as the unflattened rows, and its cu_seq_lens/max_length are what transformers
+    itself derives from those position ids for the flash varlen kernel (int32 offsets)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    model = _tiny_lm("llama", "sdpa", len(data_tok), data_tok)
+    rows, ids, labels = _packed_rows(data_tok)
+    flat = LMCollator(data_tok.eos_token_id, packed=True, flatten=True)(rows)
+    packed = LMCollator(data_tok.eos_token_id, packed=True)(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert flat["input_ids"].shape == (1, total) and packed["input_ids"].shape[0] == 2  # no padding left
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(flat["position_ids"])
+    assert flat["cu_seq_lens_q"].dtype == torch.int32 and flat["cu_seq_lens_q"].tolist() == cu_q.tolist() == cu_k.tolist()
+    assert flat["cu_seq_lens_q"].tolist()[-1] == total and len(flat["cu_seq_lens_q"]) == len(ids) + 1
+    assert flat["max_length_q"] == flat["max_length_k"] == int(max_q) == int(max_k) == max(len(x) for x in ids)
+    assert int((flat["labels"][:, 1:] != IGNORE).sum()) == int((packed["labels"][:, 1:] != IGNORE).sum())
+    single = LMCollator(data_tok.eos_token_id, packed=False)([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids, labels)])
+    with torch.no_grad():  # the varlen arguments ride along as the trainer passes them; sdpa ignores them
+        out_flat = model(**{k: v for k, v in flat.items() if k != "labels"}).logits[0]
+        out_single = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
+        flat_loss = model(**flat).loss
+    start = 0
+    for i, x in enumerate(ids):
+        assert torch.allclose(out_flat[start : start + len(x)], out_single[i, : len(x)], atol=1e-5), i
+        start += len(x)
+    per_token = [torch.nn.functional.cross_entropy(out_single[i, : len(x) - 1], torch.tensor(y[1:]), ignore_index=IGNORE, reduction="sum")
+                 for i, (x, y) in enumerate(zip(ids, labels))]
+    count = sum(sum(t != IGNORE for t in y[1:]) for y in labels)
+    assert float(flat_loss) == pytest.approx(float(sum(per_token) / count), rel=1e-5)
+
+
+def test_an_examples_first_token_is_never_a_target_in_packed_rows(data_tok):
+    """A response that starts its example (no prompt tokens) is not predicted from the example
+    packed before it, as it is not in a row of its own: the packed loss equals the per-example
+    sum, flattened or not."""
+    model = _tiny_lm("llama", "sdpa", len(data_tok), data_tok)
+    rows, ids, labels = _packed_rows(data_tok)
+    labels = [list(x) for x in labels]
+    labels[1][0] = ids[1][0]  # the second example of the first packed row: its first token labelled
+    rows[0]["labels"] = [t for y in labels[: len(rows[0]["seq_lens"])] for t in y]
+    single = LMCollator(data_tok.eos_token_id, packed=False)([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in zip(ids, labels)])
+    with torch.no_grad():
+        out_single = model(input_ids=single["input_ids"], attention_mask=single["attention_mask"]).logits
+        want = sum(torch.nn.functional.cross_entropy(out_single[i, : len(x) - 1], torch.tensor(y[1:]), ignore_index=IGNORE, reduction="sum")
+                   for i, (x, y) in enumerate(zip(ids, labels)))
+        count = sum(sum(t != IGNORE for t in y[1:]) for y in labels)
+        for flatten in (False, True):
+            batch = LMCollator(data_tok.eos_token_id, packed=True, flatten=flatten)(rows)
+            assert int((batch["labels"][:, 1:] != IGNORE).sum()) == count
+            assert float(model(**batch).loss) == pytest.approx(float(want / count), rel=1e-5), flatten
+
+
+def test_auto_attention_picks_flash_only_for_16_bit_runs_and_flattens_packed_batches(monkeypatch):
+    """On a host where flash attention could run (CUDA and flash-attn, pretended here), auto
+    takes it for bf16/fp16 runs only: its kernels cannot run fp32. The causal-LM task's
+    collator then flattens packed micro-batches; under sdpa it does not."""
+    import importlib.util
+
+    from launcher.tasks import modeling
+    from launcher.tasks.causal_lm import CausalLMTask
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    cfg = load_config(SFT, ["data.packing=true"])
+    assert [modeling.attn_implementation(cfg.model, p) for p in ("no", "bf16", "fp16")] == ["sdpa", "flash_attention_2", "flash_attention_2"]
+
+    class Tok:
+        pad_token_id = 0
+
+    assert CausalLMTask(cfg).collator(Tok).flatten is False  # sft_tiny: precision no
+    cfg = load_config(SFT, ["data.packing=true", "train.precision=bf16"])
+    assert CausalLMTask(cfg).collator(Tok).flatten is True
+    cfg = load_config(SFT, ["data.packing=false", "train.precision=bf16"])
+    assert CausalLMTask(cfg).collator(Tok).flatten is False
+
+
 def test_stack_fact_packed_rows_need_the_kv_cache_off(data_tok):
     """transformers finds packed examples from position_ids only when no cache is in use: with
     use_cache on (a config's default), the second example silently attends to the first.

@@ -9,6 +9,7 @@ serves our templates and a tokenizer's own chat template.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -361,14 +362,27 @@ class LMCollator:
     """Pads to the longest row. Unpacked rows get a 2-D attention mask. Packed rows get no
     mask at all, only position ids that restart at 0 for every example (and for the padding
     at the end): the model finds the example boundaries from them (transformers' packed-
-    sequence detection: a block-diagonal causal mask under sdpa/eager, varlen kernels under
-    flash attention), so nothing of size L x L is built here and no float mask can disagree
-    with the model's dtype."""
+    sequence detection: a block-diagonal causal mask under sdpa/eager), so nothing of size
+    L x L is built here and no float mask can disagree with the model's dtype.
 
-    def __init__(self, pad_id: int, packed: bool):
-        self.pad_id, self.packed = pad_id, packed
+    Under flash attention that detection only works for a batch of one row (with more, its
+    kernel gets no mask and every example attends to those packed before it), so `flatten`
+    joins the micro-batch's rows into one padding-free row and passes the boundaries
+    themselves: cu_seq_lens_q/k (int32 offsets of every example) and max_length_q/k, the
+    varlen kernel's arguments, as transformers' DataCollatorWithFlattening emits them. (That
+    collator takes unpacked examples; these rows arrive packed, with their lengths.)
+
+    In packed rows an example's first token is never a target (as in a row of its own, where
+    nothing precedes it): the previous example's last token must not learn to predict it."""
+
+    def __init__(self, pad_id: int, packed: bool, flatten: bool = False):
+        self.pad_id, self.packed, self.flatten = pad_id, packed, flatten and packed
 
     def __call__(self, rows: list[dict]) -> dict:
+        if self.flatten:
+            rows = [{"input_ids": [t for r in rows for t in r["input_ids"]],
+                     "labels": [t for r in rows for t in r["labels"]],
+                     "seq_lens": [n for r in rows for n in r["seq_lens"]]}]
         width = max(len(r["input_ids"]) for r in rows)
         n = len(rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -388,8 +402,15 @@ class LMCollator:
             start = 0
             for length in list(r["seq_lens"]) + [width - sum(r["seq_lens"])]:
                 positions[i, start : start + length] = torch.arange(length)
+                if length:
+                    labels[i, start] = IGNORE
                 start += length
         batch["position_ids"] = positions
+        if self.flatten:
+            lens = rows[0]["seq_lens"]
+            offsets = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = offsets
+            batch["max_length_q"] = batch["max_length_k"] = int(max(lens))
         return batch
 
 

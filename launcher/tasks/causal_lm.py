@@ -197,7 +197,7 @@ class CausalLMTask:
 
         from launcher.tasks import modeling
 
-        attn = modeling.attn_implementation(self.cfg.model)
+        attn = modeling.attn_implementation(self.cfg.model, self.cfg.train.precision)
         if self.cfg.model.name == TINY_MODEL:
             model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
@@ -208,7 +208,14 @@ class CausalLMTask:
         return modeling.finish(model, self.cfg, self.name, dtype)
 
     def collator(self, tokenizer):
-        return instructions.LMCollator(tokenizer.pad_token_id, self.cfg.data.packing)
+        """Packed rows under flash attention are flattened into one padding-free row per
+        micro-batch with the examples' boundaries (instructions.LMCollator): transformers finds
+        packed examples from position ids alone only in a batch of one row."""
+        from launcher.tasks import modeling
+
+        flash = modeling.attn_implementation(self.cfg.model, self.cfg.train.precision) == "flash_attention_2"
+        return instructions.LMCollator(tokenizer.pad_token_id, self.cfg.data.packing,
+                                       flatten=self.cfg.data.packing and flash)
 
     def prepare(self, train_ds, device) -> None:
         pass

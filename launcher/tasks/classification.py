@@ -119,7 +119,7 @@ def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
     from launcher.tasks.modeling import attn_implementation, torch_dtype
 
     names = cfg.data.resolved_label_names()
-    attn = attn_implementation(cfg.model)
+    attn = attn_implementation(cfg.model, cfg.train.precision)
     if cfg.model.name == TINY_MODEL:
         return AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
                                                               attn_implementation=attn)

@@ -8,15 +8,22 @@ import importlib.util
 from launcher.errors import ConfigError
 
 
-def attn_implementation(model_cfg) -> str:
-    """auto: flash attention 2 on CUDA when the package is installed, sdpa otherwise."""
+def attn_implementation(model_cfg, precision: str) -> str:
+    """The attention kernel. auto: flash attention 2 for a bf16/fp16 run on CUDA with the
+    flash-attn package installed, sdpa otherwise (the kernels run in 16 bits only, so an fp32
+    run would crash at its first forward). An explicit flash_attention_2 that cannot run is
+    one line (ConfigError), the fp32 case first: it is wrong on any machine."""
     import torch
 
     choice = model_cfg.attn_implementation
-    cuda = torch.cuda.is_available()
+    sixteen = precision in ("bf16", "fp16")
+    available = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":
-        return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
-    if choice == "flash_attention_2" and not (cuda and importlib.util.find_spec("flash_attn")):
+        return "flash_attention_2" if sixteen and available else "sdpa"
+    if choice == "flash_attention_2" and not sixteen:
+        raise ConfigError(f"model.attn_implementation: flash_attention_2 runs in bf16 or fp16 only, and "
+                          f"train.precision is {precision} (fp32): set train.precision=bf16, or use auto or sdpa")
+    if choice == "flash_attention_2" and not available:
         raise ConfigError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
                           "use auto or sdpa")
     return choice
