@@ -233,14 +233,21 @@ def _tiny_model(tok, arch="llama"):
     return model
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["model-logits", "lean-head"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(arch, tok):
+def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(arch, lean, tok):
     """The evaluation's single forward (prompts left-padded, answers after them, the head only on
     answer positions; multi-turn rows everywhere) against the model's own loss on right-padded
-    rows; each candidate's score from the prompt cache against a plain forward of prompt + candidate."""
+    rows; each candidate's score from the prompt cache against a plain forward of prompt + candidate.
+    With the lean head (what training evaluations and `launcher eval` use), the forward keeps one
+    position of logits and the head scores hidden states in chunks of 5 positions (chunks straddle
+    rows): the same numbers."""
+    from launcher.tasks import lean_loss
     from launcher.tasks.causal_lm import continuation
 
     model = _tiny_model(tok, arch)
+    head = lean_loss.eval_head(model, 5) if lean else None
+    assert (head is not None) == lean
     fmt = PromptFormat.from_config(DataConfig(), tok)
     records = [ROWS[0], {**ROWS[0], "input": "", "output": "other"}, {**ROWS[0], "instruction": "be brief"}, ROWS[1]]
     enc = [encode(r, fmt, tok) for r in records]
@@ -249,7 +256,7 @@ def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(
     for group in (enc[:3], enc):  # single-answer rows, then with a two-turn conversation
         rows = [{"input_ids": x, "labels": y, "answer": "", "question": ""} for x, y in group]
         batch = generation.collate(rows, list(range(len(rows))), tok.eos_token_id, generate=True)
-        results = generation.run_batch(model, batch, cands, {tok.eos_token_id}, 4)
+        results = generation.run_batch(model, batch, cands, {tok.eos_token_id}, 4, head=head)
         collate = instructions.LMCollator(tok.eos_token_id, packed=False)
         plain = collate([{"input_ids": x, "labels": y, "seq_lens": [len(x)]} for x, y in group])
         with torch.no_grad():
@@ -258,7 +265,7 @@ def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(
         assert [r["tokens"] for r in results] == [sum(t != IGNORE for t in y[1:]) for _, y in group]
     # A cache that cannot be cut (or another rank that could not cut its own) is rebuilt from the
     # prompts: the same answers and scores.
-    rebuilt = generation.run_batch(model, batch, cands, {tok.eos_token_id}, 4, sync=lambda _: True)
+    rebuilt = generation.run_batch(model, batch, cands, {tok.eos_token_id}, 4, sync=lambda _: True, head=head)
     for a, b in zip(results, rebuilt):
         assert a["response_ids"] == b["response_ids"] and a["scores"] == pytest.approx(b["scores"], abs=1e-5)
     for (x, y), r in zip(enc, results):

@@ -259,9 +259,12 @@ class CausalLMTask:
         model.eval()
         unwrapped = rt.inference_model(model)
         sync = (lambda busy: rt.any_rank(busy)) if rt.engine.shards_parameters else None
+        from launcher.tasks import lean_loss
+
         metrics, self.last_rows = generation.evaluate(
             unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
-            gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast)
+            gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
+            head=lean_loss.eval_head(unwrapped, self.cfg.train.loss_chunk_tokens))
         model.train()
         return metrics
 
@@ -401,6 +404,9 @@ def exported_candidates(meta: dict, fmt: PromptFormat, tokenizer) -> generation.
     return generation.Candidates.build(meta.get("answers"), lambda a: continuation(a, fmt, tokenizer))
 
 
+EVAL_CHUNK_TOKENS = 256  # `launcher eval`'s head chunk (train.loss_chunk_tokens's default)
+
+
 @torch.no_grad()
 def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_length: int, candidates,
                   max_new_tokens: int, batch_size: int = 16) -> dict:
@@ -414,8 +420,11 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
                  for x, y, r in zip(ids, labels, kept)]
     longest = max((generation.answer_tokens(y) for y in labels), default=0)
     batches = generation.EvalBatches(eval_rows, 0, 1, batch_size, pad_id(tokenizer))
+    from launcher.tasks import lean_loss
+
     metrics, _ = generation.evaluate(model, batches, tokenizer, candidates,
-                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS))
+                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS),
+                                     head=lean_loss.eval_head(model, EVAL_CHUNK_TOKENS))
     return metrics | {"truncated": stats.truncated, "dropped": stats.dropped}
 
 

@@ -145,10 +145,12 @@ def collate(rows: list[dict], indices: list[int], pad_id: int, generate: bool) -
 
 @torch.no_grad()
 def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[int], max_new: int,
-              sync=None) -> list[dict]:
+              sync=None, head=None) -> list[dict]:
     """Per row: index, loss sum and token count over its labels, and when the batch is answered,
     the greedy response ids and each candidate's log-likelihood. sync(flag) -> whether any rank
-    still decodes (sharded engines); None: this process alone decides."""
+    still decodes (sharded engines); None: this process alone decides. head: a lean_loss.Head,
+    which scores the labelled positions from the hidden states a chunk at a time (no batch x
+    length x vocabulary logits); None: the model's own logits."""
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     width, n = batch["width"], ids.shape[0]
@@ -160,21 +162,27 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
     keep = ids.shape[1] - width + 1 if single else 0
     answering = batch["generate"] and (candidates is not None or max_new > 0)
     kv = _cache_name()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=answering, logits_to_keep=keep)
-    logits = out.logits
-    first = width - 1 if not single else 0  # the column of `logits` that reads the last prompt token
-    if single:
-        losses = _token_losses(logits[:, :-1], labels[:, width:])
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": answering}
+    start = width - 1 if single else 0  # the first position whose prediction is scored
+    if head is not None:
+        from launcher.tasks import lean_loss
+
+        out, hidden = lean_loss.forward_hidden(model, **inputs)
+        losses = head.token_losses(hidden[:, start:-1], labels[:, start + 1 :])
+        first_logits = head.logits(hidden[:, width - 1])
     else:
-        losses = _token_losses(logits[:, :-1], labels[:, 1:])
-    counted = labels[:, width:] != IGNORE if single else labels[:, 1:] != IGNORE
+        out = model(**inputs, logits_to_keep=keep)
+        logits = out.logits  # from column `start` on
+        losses = _token_losses(logits[:, :-1], labels[:, start + 1 :])
+        first_logits = logits[:, width - 1 - start]
+    counted = labels[:, start + 1 :] != IGNORE
     results = [{"index": batch["index"][i], "loss": float(losses[i].sum()), "tokens": int(counted[i].sum())}
                for i in range(n)]
     if not answering:
         return results
     cache = _prompt_cache(model, getattr(out, kv), ids[:, :width], prompt_mask := mask[:, :width],
                           positions[:, :width], width, sync)
-    first_logp = torch.log_softmax(logits[:, first].float(), -1)
+    first_logp = torch.log_softmax(first_logits.float(), -1)
     if candidates is not None:
         scores = torch.zeros((n, len(candidates.answers)), dtype=torch.float64, device=device)
         for c, tokens in enumerate(candidates.tokens):
@@ -264,16 +272,17 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 256) 
 
 
 def evaluate(model, batches, tokenizer, candidates: Candidates | None, max_new: int, sync=None, gather=None,
-             autocast=None) -> tuple[dict, list[dict]]:
+             autocast=None, head=None) -> tuple[dict, list[dict]]:
     """(metrics, one record per row in index order) over every rank's batches. gather(list) ->
-    every rank's lists (a collective); autocast: the run's autocast context factory."""
+    every rank's lists (a collective); autocast: the run's autocast context factory; head: see
+    run_batch."""
     import contextlib
 
     stop_ids = stop_token_ids(tokenizer, model)
     records = []
     for batch in batches:
         with autocast() if autocast is not None else contextlib.nullcontext():
-            results = run_batch(model, batch, candidates, stop_ids, max_new, sync)
+            results = run_batch(model, batch, candidates, stop_ids, max_new, sync, head)
         for r, ans, q in zip(results, batch["answer"], batch["question"]):
             if r["index"] < 0:
                 continue

@@ -11,6 +11,11 @@ sum of token losses (tested against the model's own loss, values and gradients).
 
 Models that do more to logits than the head (logit scaling), ZeRO-3 and FSDP2 (see
 `supported`), keep the model's own loss.
+
+Evaluation takes the same path without gradients (`Head`): the model's forward keeps one
+position of logits, and the head runs on the positions that are scored, a chunk at a time,
+so no batch x length x vocabulary tensor exists (with a 152k vocabulary, 8 x 2k tokens of
+fp32 logits are 9.3 GiB).
 """
 
 from __future__ import annotations
@@ -46,17 +51,21 @@ def supported(model) -> bool:
             and not partitioned and not any(getattr(cfg, k, None) for k in _LOGIT_EXTRAS))
 
 
-def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+def _logits(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    return logits
 
 
-def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
-    """Sum of cross-entropy over the batch's response tokens (labels shift by one)."""
+def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, softcap: float | None,
+                reduction: str = "sum") -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(_logits(hidden, head, softcap), labels, reduction=reduction)
+
+
+def forward_hidden(model, **inputs):
+    """(the model's output with one position of logits, the decoder's final hidden states)."""
     causal = _unwrap(model)
-    head = causal.get_output_embeddings()
     captured = {}
 
     def keep(_module, _inputs, output):
@@ -64,11 +73,47 @@ def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
 
     handle = causal.base_model.register_forward_hook(keep)
     try:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        model(**inputs, logits_to_keep=1)
+        out = model(**inputs, logits_to_keep=1)
     finally:
         handle.remove()
-    hidden = captured["hidden"]
+    return out, captured["hidden"]
+
+
+class Head:
+    """The model's output head run outside its forward, for evaluation (no gradients): logits
+    of a few positions, or per-token losses a chunk of positions at a time."""
+
+    def __init__(self, model, chunk: int):
+        causal = _unwrap(model)
+        self.head, self.chunk = causal.get_output_embeddings(), chunk
+        self.softcap = getattr(causal.config, "final_logit_softcapping", None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _logits(hidden, self.head, self.softcap)
+
+    def token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each position's prediction of `targets` (float32; 0 where ignored)."""
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        where = targets != IGNORE
+        h, t = hidden[where], targets[where]
+        parts = [_chunk_loss(h[s : s + self.chunk], t[s : s + self.chunk], self.head, self.softcap, "none")
+                 for s in range(0, t.shape[0], self.chunk)]
+        if parts:
+            out[where] = torch.cat(parts)
+        return out
+
+
+def eval_head(model, chunk: int) -> Head | None:
+    """The lean evaluation head where the lean loss runs (`supported`), else None: the model's
+    own logits."""
+    return Head(model, chunk) if chunk and supported(model) else None
+
+
+def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
+    """Sum of cross-entropy over the batch's response tokens (labels shift by one)."""
+    causal = _unwrap(model)
+    head = causal.get_output_embeddings()
+    _, hidden = forward_hidden(model, **{k: v for k, v in batch.items() if k != "labels"})
     targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1
     where = targets != IGNORE
     hidden, targets = hidden[where], targets[where]
