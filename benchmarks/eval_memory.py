@@ -44,8 +44,8 @@ def one(mode: str, rows: int, tokens: int, layers: int) -> dict:
         ids = torch.randint(1, config.vocab_size, (tokens,)).tolist()
         batch_rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "answer": "", "question": ""})
     batch = generation.collate(batch_rows, list(range(rows)), 0, generate=False)
-    head = lean_loss.eval_head(model, 256) if mode == "lean" else None
-    assert (head is not None) == (mode == "lean")
+    assert lean_loss.supported(model)
+    head = lean_loss.Head(model, 256) if mode == "lean" else None
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results = generation.run_batch(model, batch, None, set(), 0, head=head)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -195,6 +195,8 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     no_decay = no_decay_names(model)
     model, optimizer = rt.prepare(model, _optimizer(model, t, rt.device, no_decay))
+    if (line := task.check_loss(rt, model, val_ds)) is not None:
+        rt.print(line)
     val_loader = task.eval_loader(rt, val_ds, cfg.eval.micro_batch_size or t.micro_batch_size, tokenizer)
     # Stepped by hand once per optimizer step: a prepared scheduler steps once per
     # process, which would make the LR schedule depend on the world size.
@@ -434,8 +436,11 @@ class Trainer:
             # a resumed run, and a run on any number of ranks, draw the same masks.
             torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, p.sampler.microbatch_index(k)))
             tokens += n_tokens  # real tokens, not padding
+            # Under the run's autocast: a loss computed outside the model's forward (the chunked
+            # head) then runs in the same dtype as the model's own head would.
             with acc.accumulate(model):
-                loss = p.task.loss_sum(model, _to(batch, rt.device))
+                with acc.autocast():
+                    loss = p.task.loss_sum(model, _to(batch, rt.device))
                 acc.backward(loss * scale)
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), self.cfg.train.max_grad_norm or float("inf"))

@@ -246,8 +246,8 @@ def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(
     from launcher.tasks.causal_lm import continuation
 
     model = _tiny_model(tok, arch)
-    head = lean_loss.eval_head(model, 5) if lean else None
-    assert (head is not None) == lean
+    assert lean_loss.supported(model)
+    head = lean_loss.Head(model, 5) if lean else None
     fmt = PromptFormat.from_config(DataConfig(), tok)
     records = [ROWS[0], {**ROWS[0], "input": "", "output": "other"}, {**ROWS[0], "instruction": "be brief"}, ROWS[1]]
     enc = [encode(r, fmt, tok) for r in records]

@@ -40,7 +40,8 @@ INSTRUCTIONS = [*STEPS, "data.synthetic.n_train=64", "data.synthetic.n_validatio
 def saved_models(tmp_path_factory):
     """A tiny BERT classifier and a tiny Llama, each with its tokenizer, as save_pretrained writes them."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import (BertConfig, BertForSequenceClassification, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
 
     from launcher.data import instructions, synthetic
     from launcher.data.tokenizer import train_lm_tokenizer, train_wordpiece
@@ -62,6 +63,11 @@ def saved_models(tmp_path_factory):
                                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
                                  bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)).save_pretrained(root / "llama")
     lm_tok.save_pretrained(root / "llama")
+    # A Granite divides its logits by logits_scaling: the model's forward does more than its head.
+    GraniteForCausalLM(GraniteConfig(vocab_size=len(lm_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, logits_scaling=4.0,
+                                     bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)).save_pretrained(root / "granite")
+    lm_tok.save_pretrained(root / "granite")
     return root
 
 
@@ -130,6 +136,29 @@ def test_real_minilm_through_zero3_and_fsdp2_with_and_without_lora(tmp_path):
       its weight never: rank 1's shard of the weight did not train (a diff of ~lr here)."""
     _run_matrix(tmp_path, TINY, [*CLAUSES, f"model.name={_minilm()}"],
                 ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"], lora=True, tol=1e-4)
+
+
+def test_a_model_that_scales_its_logits_falls_back_to_its_own_loss_with_one_line(tmp_path, saved_models):
+    """The chunked loss's self-check catches a Granite (logits / logits_scaling) before the
+    first step: one line, and the run's losses, evaluation and weights equal a run that
+    never chunks (train.loss_chunk_tokens=0). A Llama keeps the chunked loss, silently."""
+    args = [*INSTRUCTIONS, "eval.at_start=true", f"model.name={saved_models / 'granite'}"]
+    checked = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "checked", *args))
+    own = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "own", *args,
+                         "train.loss_chunk_tokens=0"))
+    lines = [x for x in checked.stdout.splitlines() if "loss_chunk_tokens" in x]
+    assert len(lines) == 1 and "differs from GraniteForCausalLM's own loss" in lines[0], checked.stdout[-3000:]
+    assert "loss_chunk_tokens" not in own.stdout
+
+    def metrics(run):
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r.get("step"), r.get("train/loss"), r.get("eval/loss")) for r in records if "train/loss" in r or "eval/loss" in r]
+
+    assert metrics("checked") == metrics("own") and len(metrics("own")) >= 3
+    assert max_diff(weights(tmp_path / "checked"), weights(tmp_path / "own")) == 0.0
+    llama = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "llama", *INSTRUCTIONS,
+                           f"model.name={saved_models / 'llama'}"))
+    assert "loss_chunk_tokens" not in llama.stdout
 
 
 REST = {  # what make test leaves out above: each engine runs there on another model

@@ -396,6 +396,41 @@ def test_batched_greedy_answers_equal_transformers_generate_one_prompt_at_a_time
     assert text.replace(" ", "").endswith("<|user|>hithere<|assistant|>")
 
 
+def test_the_lean_loss_self_check_passes_a_plain_head_and_catches_scaled_logits(data_tok):
+    """No list of logit-scaling models: the chunked loss is compared with the model's own on a
+    row. A Llama passes; a Granite (logits divided by logits_scaling) and a model whose
+    forward cannot keep fewer logits are refused with the reason; the check leaves the
+    model's mode and the RNG as they were."""
+    from transformers import GraniteConfig, GraniteForCausalLM, LlamaForCausalLM
+
+    from launcher.tasks import lean_loss
+
+    ids, labels, _ = encode_rows(instructions.generate_instructions(4, 1), DataConfig(max_length=64), data_tok)
+    rows = [{"input_ids": x, "labels": y} for x, y in zip(ids, labels)]
+    batch = lean_loss.check_batch([{"input_ids": ids[0], "labels": [IGNORE] * len(ids[0])}] + rows)
+    assert batch["input_ids"].tolist() == [ids[0]] and batch["labels"].tolist() == [labels[0]]  # the first with a label
+    llama = _tiny_lm("llama", "sdpa", len(data_tok), data_tok).train()
+    want = torch.manual_seed(3) and torch.rand(3)
+    torch.manual_seed(3)
+    assert lean_loss.self_check(llama, batch, 7) is None
+    assert llama.training and torch.equal(torch.rand(3), want)
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=len(data_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0))
+    granite.config.use_cache = False
+    assert lean_loss.supported(granite)  # structurally it could run...
+    why = lean_loss.self_check(granite, batch, 7)
+    assert why and "differs from GraniteForCausalLM's own loss" in why  # ...but its logits are scaled
+
+    class NoKeep(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   num_items_in_batch=num_items_in_batch)
+
+    no_keep = NoKeep(llama.config)
+    assert lean_loss.self_check(no_keep, batch, 7) == "NoKeep.forward takes no logits_to_keep"
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lean_loss_equals_the_models_own_loss_and_gradients(arch, data_tok):
     """Chunks of 7 labelled tokens (so chunks straddle rows), packed and padded rows."""

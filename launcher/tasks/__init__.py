@@ -57,6 +57,10 @@ class TaskModel(Protocol):
     def loss_items(self, batch: dict) -> float:
         """Items (response tokens, examples or class weights) the micro-batch's loss sums over."""
 
+    def check_loss(self, rt: Any, model: Any, val_ds: Any) -> str | None:
+        """Once per attempt, on the prepared model, before any step or evaluation: whether a
+        cheaper loss stands in for the model's own (one line when not; every rank alike)."""
+
     def loss_sum(self, model: Any, batch: dict) -> torch.Tensor: ...
 
 

@@ -55,7 +55,7 @@ class CausalLMTask:
         self.answers: list[str] | None = None  # the closed answer set, when the answers form one
         self.candidates: generation.Candidates | None = None
         self.last_rows: list[dict] = []  # the latest evaluation's answers, row by row
-        self._lean_ok: dict[int, bool] = {}
+        self._lean: bool | None = None  # the chunked loss and lean evaluation (check_loss decides)
 
     # ---- sources and data
 
@@ -224,16 +224,35 @@ class CausalLMTask:
         """Response tokens that are predicted (labels shift by one)."""
         return float((batch["labels"][:, 1:] != instructions.IGNORE).sum())
 
+    def check_loss(self, rt, model, val_ds) -> str | None:
+        """Whether the chunked loss and evaluation's lean head stand in for the model's own
+        loss and logits: compared once per attempt (lean_loss.self_check) on the first
+        validation row with a label, before anything trains or evaluates. Every rank compares
+        the same row with the same weights, so every rank decides alike. A line when not."""
+        from launcher.tasks import lean_loss
+
+        chunk, bare, why = self.cfg.train.loss_chunk_tokens, rt.inference_model(model), None
+        self._lean = bool(chunk) and lean_loss.supported(bare)
+        if self._lean:
+            batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
+            if batch is not None:
+                with rt.accelerator.autocast():
+                    why = lean_loss.self_check(bare, batch, chunk)
+            self._lean = why is None
+        return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used" if why else None
+
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Sum of token losses over the micro-batch's response tokens. Lean (tasks/lean_loss.py:
         the head runs on labelled positions only, in checkpointed chunks) unless
-        train.loss_chunk_tokens is 0 or the model scales its logits; else the model's own loss
-        with num_items_in_batch=1 (its cross-entropy then sums instead of averaging)."""
+        train.loss_chunk_tokens is 0, the engine shards the head, or check_loss found it
+        differs; else the model's own loss with num_items_in_batch=1 (its cross-entropy then
+        sums instead of averaging)."""
         from launcher.tasks import lean_loss
 
-        chunk = self.cfg.train.loss_chunk_tokens
-        if chunk and self._lean_ok.setdefault(id(model), lean_loss.supported(model)):
-            return lean_loss.loss_sum(model, batch, chunk)
+        if self._lean is None:  # (not checked: a caller outside the trainer)
+            self._lean = bool(self.cfg.train.loss_chunk_tokens) and lean_loss.supported(model)
+        if self._lean:
+            return lean_loss.loss_sum(model, batch, self.cfg.train.loss_chunk_tokens)
         return model(**batch, num_items_in_batch=_ONE).loss
 
     # ---- evaluation
@@ -264,7 +283,7 @@ class CausalLMTask:
         metrics, self.last_rows = generation.evaluate(
             unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
             gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
-            head=lean_loss.eval_head(unwrapped, self.cfg.train.loss_chunk_tokens))
+            head=lean_loss.Head(unwrapped, self.cfg.train.loss_chunk_tokens) if self._lean else None)
         model.train()
         return metrics
 
@@ -422,9 +441,10 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     batches = generation.EvalBatches(eval_rows, 0, 1, batch_size, pad_id(tokenizer))
     from launcher.tasks import lean_loss
 
+    check = lean_loss.check_batch(eval_rows, next(model.parameters()).device)
+    head, _ = lean_loss.eval_head(model, EVAL_CHUNK_TOKENS, check)
     metrics, _ = generation.evaluate(model, batches, tokenizer, candidates,
-                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS),
-                                     head=lean_loss.eval_head(model, EVAL_CHUNK_TOKENS))
+                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS), head=head)
     return metrics | {"truncated": stats.truncated, "dropped": stats.dropped}
 
 

@@ -428,6 +428,10 @@ class ClassificationTask:
             return float(self.weights.cpu()[labels.cpu()].sum())
         return float(labels.shape[0])
 
+    def check_loss(self, rt, model, val_ds) -> None:
+        """The loss is the model's own logits through (weighted) cross-entropy: nothing to check."""
+        return None
+
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Sum of the micro-batch's (weighted) example losses; the loop divides by loss_items
         of the whole global batch."""

@@ -9,8 +9,11 @@ chunks under activation checkpointing: each chunk's logits exist only while that
 loss is computed, in the forward pass and again in the backward pass. The result is the same
 sum of token losses (tested against the model's own loss, values and gradients).
 
-Models that do more to logits than the head (logit scaling), ZeRO-3 and FSDP2 (see
-`supported`), keep the model's own loss.
+ZeRO-3 and FSDP2 (see `supported`) keep the model's own loss. Elsewhere `self_check` compares
+the two once, on a validation row, before the run uses it: a model that does more to its
+logits than its head (logit scaling: Granite's logits_scaling, Falcon-H1's
+lm_head_multiplier, remote-code muP models) or that cannot keep fewer logits falls back to
+its own loss, with one line. No list of such models is kept: the comparison finds them.
 
 Evaluation takes the same path without gradients (`Head`): the model's forward keeps one
 position of logits, and the head runs on the positions that are scored, a chunk at a time,
@@ -25,8 +28,8 @@ import torch
 from launcher import engines
 
 IGNORE = -100
-# Config attributes of models whose logits are more than lm_head(hidden): use their own loss.
-_LOGIT_EXTRAS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+SELF_CHECK_RTOL = 1e-3  # far above fp32/bf16 summation noise (about 1e-6), far below a logit scale
+SELF_CHECK_TOKENS = 512  # the compared row is cut to this: its full logits are built once
 
 
 def _unwrap(model):
@@ -47,8 +50,47 @@ def supported(model) -> bool:
     # FSDP2 shards the head into DTensors and runs it as its own unit; calling it once per
     # chunk, again in the backward pass, crashes its hooks (SIGSEGV in backward, 2 CPU ranks).
     partitioned = head is not None and any(engines.is_partitioned(p) for p in head.parameters())
-    return (head is not None and hasattr(causal, "base_model") and causal.base_model is not causal
-            and not partitioned and not any(getattr(cfg, k, None) for k in _LOGIT_EXTRAS))
+    return head is not None and hasattr(causal, "base_model") and causal.base_model is not causal and not partitioned
+
+
+def self_check(model, batch: dict, chunk: int) -> str | None:
+    """None when the chunked loss equals the model's own loss on `batch` (SELF_CHECK_RTOL,
+    relative); else why it cannot stand in for it. Runs in eval mode (no dropout) without
+    gradients and leaves the RNG as it found it (a resumed run draws the same masks)."""
+    import inspect
+
+    causal = _unwrap(model)
+    params = inspect.signature(causal.forward).parameters.values()
+    if not any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return f"{type(causal).__name__}.forward takes no logits_to_keep"
+    devices = [batch["input_ids"].device] if batch["input_ids"].device.type == "cuda" else []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            one = torch.tensor(1.0, device=batch["input_ids"].device)
+            own = float(model(**batch, num_items_in_batch=one).loss)
+            lean = float(loss_sum(model, batch, chunk))
+    except (TypeError, ValueError, RuntimeError) as e:
+        return f"it fails on this model ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    finally:
+        model.train(was)
+    rel = abs(lean - own) / max(abs(own), 1e-12)
+    if rel > SELF_CHECK_RTOL:
+        return (f"it differs from {type(causal).__name__}'s own loss by {rel:.1%} on a validation row "
+                "(the model does more to its logits than its output head)")
+    return None
+
+
+def check_batch(rows, device=None) -> dict | None:
+    """The first of `rows` (input_ids, labels) with a predicted label in its first
+    SELF_CHECK_TOKENS tokens, as a one-row training batch on `device`; None if none has."""
+    for r in rows:
+        ids, labels = list(r["input_ids"])[:SELF_CHECK_TOKENS], list(r["labels"])[:SELF_CHECK_TOKENS]
+        if any(y != IGNORE for y in labels[1:]):
+            t = torch.tensor([ids], device=device)
+            return {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": torch.tensor([labels], device=device)}
+    return None
 
 
 def _logits(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
@@ -103,10 +145,13 @@ class Head:
         return out
 
 
-def eval_head(model, chunk: int) -> Head | None:
-    """The lean evaluation head where the lean loss runs (`supported`), else None: the model's
-    own logits."""
-    return Head(model, chunk) if chunk and supported(model) else None
+def eval_head(model, chunk: int, check: dict | None) -> tuple[Head | None, str | None]:
+    """(the lean evaluation head, or None: the model's own logits; why not, when the
+    self-check on `check` refused it). Used where the lean loss is `supported`."""
+    if not chunk or not supported(model):
+        return None, None
+    why = self_check(model, check, chunk) if check is not None else None
+    return (None, why) if why else (Head(model, chunk), None)
 
 
 def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
