@@ -336,11 +336,19 @@ def frozen_left_out(models):
 
 def _drop_frozen(models, weights, output_dir) -> None:
     """accelerate's save pre-hook: each model's state dict without its frozen parameters
-    (buffers stay: they are small and some are not re-derived on load)."""
+    (buffers stay: they are small and some are not re-derived on load), nor the extra state
+    a quantized frozen layer writes beside its weight (NF4: WEIGHT.absmax, .quant_map, ...;
+    int8: LAYER.SCB, .weight_format): the base is quantized again, identically, from the
+    model source at load."""
     for model, state in zip(models, weights):
+        keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        keep |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
         for name, param in model.named_parameters(remove_duplicate=False):  # tied aliases too
             if not param.requires_grad:
                 state.pop(name, None)
+                layer = name.rpartition(".")[0] + "."
+                for key in [k for k in state if k.startswith(layer) and k not in keep]:
+                    del state[key]
 
 
 def _check_trainable_saved(ckpt: Path, models) -> None:
@@ -451,9 +459,14 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     are the live model's own weights. A `snapshot` (the best evaluation's, mid-run: tensors
     to keep beside it, by file name) leaves them alone, and training goes on.
     """
+    from launcher import quantization
     from launcher.tasks import lora
 
-    gathered = None if masters is not None else rt.accelerator.get_state_dict(model)
+    # A quantized base (one process: engines.host_problems) is exported dequantized: its live
+    # weights as float32, so the merged model is plain (quantization.py).
+    quantized = quantization.is_quantized(rt.unwrap(model))
+    gathered = (None if masters is not None else quantization.dequantized_state_dict(rt.unwrap(model)) if quantized
+                else rt.accelerator.get_state_dict(model))
     fault = "export" if snapshot is None else "best"
     # A LoRA snapshot is taken only on a random base (a pretrained base's best is a checkpoint
     # of what trains: Checkpointer.best_in_checkpoint), which lora.write merges on a copy.
@@ -466,14 +479,15 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.unwrap(model)
+        config = quantization.plain_config(unwrapped.config) if quantized else unwrapped.config
         if lora.is_peft(unwrapped):
             base = unwrapped.get_base_model()
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
-                lora.write(unwrapped.peft_config["default"], state_dict, tmp, base.config, type(base), random_base, dtype=dtype)
+                lora.write(unwrapped.peft_config["default"], state_dict, tmp, config, type(base), random_base, dtype=dtype)
         else:
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        write_skeleton(tmp, unwrapped.config, tokenizer, extra_files)
+        write_skeleton(tmp, config, tokenizer, extra_files)
         for name, tensors in (snapshot or {}).items():
             save_file(tensors, str(tmp / name))
         _record_dtype(tmp, dtype)
@@ -650,9 +664,13 @@ def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
 
 
 def _pretrained_base(auto, meta: dict, config, code: dict):
-    """The LoRA run's pretrained base, built with the run's own config (labels, head size)."""
-    from launcher import models
+    """The LoRA run's pretrained base, built with the run's own config (labels, head size);
+    a quantized base (QLoRA) as the plain model of its dequantized weights."""
+    from launcher import models, quantization
 
+    if meta.get("base_quantization"):
+        return quantization.load_dequantized(auto, meta["base_model"], meta["base_quantization"], meta["base_dtype"],
+                                             quantization.plain_config(config), revision=meta.get("base_revision"), **code)
     if models.gguf_source(meta["base_model"]) is not None:  # read (dequantized) from the GGUF file itself
         return models.from_pretrained(auto, meta["base_model"], config=config, ignore_mismatched_sizes=True)
     try:
@@ -694,6 +712,10 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         cast_floats(state_dict, dtype)
         source += f", exported in {dtype}"
     config = AutoConfig.from_pretrained(skeleton, **code)
+    if meta.get("base_quantization"):  # the export is the dequantized base with the adapters merged
+        from launcher.quantization import plain_config
+
+        config = plain_config(config)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(skeleton, tmp)

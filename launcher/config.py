@@ -60,6 +60,8 @@ class LoraConfig:
     target_modules: Any = "all-linear"
     # Modules trained in full beside the adapters (a classifier's head is always one).
     modules_to_save: list[str] = field(default_factory=list)
+    # DoRA (peft): each adapted weight also learns its per-column magnitude.
+    use_dora: bool = False
 
 
 @dataclass
@@ -70,6 +72,10 @@ class ModelConfig:
     name: str = TINY_MODEL
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # causal_lm with LoRA on a pretrained model: load the frozen base through bitsandbytes in
+    # 4-bit NF4 (QLoRA) or 8-bit; the adapters train in fp32. One process for now. The
+    # merged export dequantizes the base and adds the adapters: a plain model.
+    quantization: Literal["none", "nf4", "int8"] = "none"
     # Attention kernel. auto: flash_attention_2 for bf16/fp16 runs on CUDA when flash-attn is
     # installed (it cannot run fp32), else sdpa. Packed causal-LM rows are exact under each:
     # under flash attention each micro-batch is flattened into one row with its examples'
@@ -635,6 +641,18 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         for key in ("prompt", "response", "system_prompt", "max_rows_per_answer"):
             if getattr(d, key) is not None:
                 out.append(f"data.{key}: only for task causal_lm")
+    q = cfg.model.quantization
+    if q != "none":
+        if cfg.task != "causal_lm":
+            out.append(f"model.quantization: {q} is for task causal_lm")
+        elif not lora.enabled:
+            out.append(f"model.quantization: {q} trains LoRA adapters on a frozen quantized base: set model.lora.enabled=true")
+        elif cfg.model.name == TINY_MODEL:
+            out.append(f"model.quantization: {q} loads pretrained weights (model.name: a directory, GGUF or hub name), "
+                       "not the tiny random model")
+        elif q == "int8" and lora.use_dora:  # seen: bitsandbytes 0.50's int8 matmul fails inside DoRA's forward
+            out.append("model.lora.use_dora: not with model.quantization=int8 (bitsandbytes' 8-bit layers fail under "
+                       "DoRA); use nf4")
     if e.tune_threshold and cfg.task != "classification":
         out.append("eval.tune_threshold: only for task classification")
     if e.metric == "accuracy" and d.mode != "binary" and cfg.task == "classification":

@@ -10,6 +10,8 @@ exists); how it is built is runtime.build_runtime's.
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import typing
 from dataclasses import dataclass
@@ -247,6 +249,12 @@ def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
         elif cfg.train.precision == "bf16":  # seen: "mixed dtype (CPU): expect parameter to have scalar type of Float"
             out.append(f"{launch.source}: FSDP2 with train.precision=bf16 does not run on CPU (under autocast, layer "
                        "norms meet FSDP's bf16 parameters); rehearse it with train.precision=no")
+    q = cfg.model.quantization
+    if q != "none" and (launch.num_processes > 1 or launch.distributed_type != "NO"):
+        out.append(f"model.quantization: {q} runs on one process for now (bitsandbytes' packed base weights under "
+                   f"DDP, ZeRO and FSDP2 are not tested here); launch without {launch.source}")
+    if q != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        out.append(f"model.quantization: {q} needs the bitsandbytes package (pip install 'launcher[qlora]')")
     return out
 
 

@@ -238,6 +238,7 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
     in_checkpoint = {"launcher.json": json.dumps(task.metadata() | {"export_dtype": export_dtype} | (
         {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
          "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision)}
+        | ({"base_dtype": rt.weight_dtype} if cfg.model.quantization != "none" else {})
         if trainable_only else {"checkpoint_weights": "all"}))}
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,
                                  extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))

@@ -201,8 +201,14 @@ class CausalLMTask:
         if self.cfg.model.name == TINY_MODEL:
             model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
+            quantized = {}
+            if self.cfg.model.quantization != "none":  # QLoRA: the frozen base in 4 or 8 bits (quantization.py)
+                from launcher import quantization
+
+                quantized = {"quantization_config": quantization.bnb_config(self.cfg.model.quantization, modeling.torch_dtype(dtype)),
+                             "device_map": {"": quantization.load_device()}}
             model = from_pretrained(AutoModelForCausalLM, self.cfg.model.name, self.cfg.model, attn_implementation=attn,
-                              dtype=modeling.torch_dtype(dtype))
+                                    dtype=modeling.torch_dtype(dtype), **quantized)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         return modeling.finish(model, self.cfg, self.name, dtype)
@@ -343,9 +349,10 @@ class CausalLMTask:
     def metadata(self) -> dict:
         """launcher.json: the prompt format every later answer renders with, the closed answer
         set (predict scores its candidates), and the training max_length."""
+        q = self.cfg.model.quantization  # the adapter/ of a QLoRA run trained on this quantized base
         return {"random_base": self.random_init(), "task": self.name, "prompt": self.fmt.to_json(),
                 "answers": self.answers, "max_length": self.cfg.data.max_length,
-                "max_new_tokens": self.cfg.eval.max_new_tokens}
+                "max_new_tokens": self.cfg.eval.max_new_tokens} | ({"base_quantization": q} if q != "none" else {})
 
 
 SAMPLE_ROWS = 3  # validation rows shown as sample generations when no prompts are configured

@@ -34,7 +34,7 @@ def apply(model, lora_cfg, task: str):
         raise ConfigError(f"model.lora.modules_to_save: {', '.join(unknown)} not a module of {type(model).__name__}")
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=lora_cfg.target_modules, task_type=PEFT_TASK[task],
-                        modules_to_save=list(lora_cfg.modules_to_save) or None)
+                        modules_to_save=list(lora_cfg.modules_to_save) or None, use_dora=lora_cfg.use_dora)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # whatever peft refuses beyond the names checked above

@@ -41,7 +41,15 @@ def finish(model, cfg, task: str, dtype: str = "float32"):
     dtype policy chose bf16 weights for an engine that keeps fp32 masters."""
     import torch
 
-    if model.dtype != torch_dtype(dtype):
+    from launcher import quantization
+
+    if quantization.is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and keeps its unquantized parameters (norms, embeddings) in fp32;
+        # checkpointing is enabled below, as for any model.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif model.dtype != torch_dtype(dtype):
         model = model.to(torch_dtype(dtype))
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # training never reuses keys/values; generation asks for them itself
