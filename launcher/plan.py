@@ -104,26 +104,49 @@ def lora_trainable(cfg: RunConfig) -> int | None:
         return None
     auto = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = lora.apply(auto.from_config(config), cfg.model.lora, task.name)
+        base = auto.from_config(config)
+        # What bitsandbytes quantizes: every linear layer's weight but the output head's.
+        lora_trainable.quantized = sum(m.weight.numel() for m in base.modules()
+                                       if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings())
+        model = lora.apply(base, cfg.model.lora, task.name)
+    lora_trainable.frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# Bytes per quantized weight: NF4 packs two per byte plus one 8-bit absmax per block of 64
+# (double quantization), and one fp32 scale per 256 of those; int8, one byte (its per-row
+# fp32 scales are negligible).
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
+
 def lora_memory_lines(n_params: int, n_train: int, base_dtype: str, stage: int, world: int, sixteen_bit: bool,
-                      engine: str) -> list[str]:
+                      engine: str, quantization: str = "none", n_quantized: int = 0, n_frozen: int | None = None) -> list[str]:
     """Model states of a LoRA run: the frozen base in its dtype (no gradients, no optimizer
     state), and the trained part in fp32 with gradients and AdamW moments (plus the engine's
-    fp32 master copy under 16-bit DeepSpeed). ZeRO divides as for full training."""
-    frozen = n_params - n_train
+    fp32 master copy under 16-bit DeepSpeed). ZeRO divides as for full training. A quantized
+    base (one process) holds its linear weights at QUANTIZED_BYTES and the rest of the frozen
+    parameters in fp32 (peft's prepare_model_for_kbit_training upcasts them). n_frozen: the
+    wrapped model's frozen count (adapters are parameters the base lacks); else n_params -
+    n_train."""
+    frozen = n_params - n_train if n_frozen is None else n_frozen
     base_bytes = 2.0 if base_dtype == "bfloat16" else 4.0
     here, _ = bytes_per_param(stage, world, False)  # trained weights stay fp32: 4 + 4 + 8
     master = (4.0 / world if stage >= 1 else 4.0) if sixteen_bit else 0.0
     base_here = base_bytes / world if stage >= 3 else base_bytes
     trained = here.total + master
-    lines = [f"frozen base {frozen:>15,} x {base_here:.3g} B ({base_dtype}{f' / {world} ranks' if stage >= 3 and world > 1 else ''})"
-             f" = {_size(frozen * base_here)}",
+    if quantization != "none":
+        q, rest = QUANTIZED_BYTES[quantization], frozen - n_quantized
+        base_total = n_quantized * q + rest * 4.0
+        base_line = [f"frozen base {n_quantized:>15,} x {q:.3g} B ({quantization}) = {_size(n_quantized * q)}",
+                     f"  and       {rest:>15,} x 4 B (fp32: embeddings, norms, head) = {_size(rest * 4.0)}"]
+    else:
+        base_total = frozen * base_here
+        base_line = [f"frozen base {frozen:>15,} x {base_here:.3g} B ({base_dtype}"
+                     f"{f' / {world} ranks' if stage >= 3 and world > 1 else ''}) = {_size(base_total)}"]
+    lines = [*base_line,
              f"trained     {n_train:>15,} x {trained:.3g} B (fp32 weights {here.params:g} + grads {here.grads:g} + "
              f"AdamW {here.optimizer:g}{f' + master {master:g}' if master else ''}) = {_size(n_train * trained)}",
-             f"this run ({engine}): {_size(frozen * base_here + n_train * trained)} per GPU for model states",
+             f"this run ({engine}): {_size(base_total + n_train * trained)} per GPU for model states",
              "not included: buffers, fragmentation (activations: below)"]
     return lines
 
@@ -285,7 +308,9 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         base_dtype = distributed.weight_dtype(cfg, launch)
         lines.append(f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
                      f"{n_train / n_params:.2%}):")
-        lines += ["             " + x for x in lora_memory_lines(n_params, n_train, base_dtype, stage, world, sixteen, engine)]
+        lines += ["             " + x for x in lora_memory_lines(n_params, n_train, base_dtype, stage, world, sixteen, engine,
+                                                                  cfg.model.quantization, lora_trainable.quantized,
+                                                                  lora_trainable.frozen)]
     else:
         lines.append("memory     per GPU, model states only:")
         lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]

@@ -118,3 +118,30 @@ def test_quantization_is_refused_where_it_cannot_run(tmp_path):
     assert host_problems(cfg, ddp) == ["model.quantization: nf4 runs on one process for now (bitsandbytes' packed base "
                                        "weights under DDP, ZeRO and FSDP2 are not tested here); launch without cpu_ddp.yaml"]
     assert host_problems(cfg, LaunchConfig(source="one process")) == []
+
+
+def test_plan_counts_a_quantized_base_as_bitsandbytes_stores_it(saved_models):  # noqa: F811
+    """`launcher plan` counts what bitsandbytes quantizes (every linear weight but the head's) at
+    NF4's bytes per weight: the loaded model holds exactly that many weights, packed two per
+    byte, with one 8-bit absmax per 64 (the per-tensor lookup tables, ~1 KiB each, are left
+    out: noise at real sizes); the rest of the frozen base stays fp32."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher import quantization
+
+    base_dir = saved_models / "llama"
+    proc = check(launcher("plan", str(SFT), f"model.name={base_dir}", "model.lora.enabled=true", "model.quantization=nf4"))
+    n_q = int(re.search(r"frozen base +([\d,]+) x 0\.516 B \(nf4\)", proc.stdout).group(1).replace(",", ""))
+    n_rest = int(re.search(r"and +([\d,]+) x 4 B \(fp32", proc.stdout).group(1).replace(",", ""))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization.bnb_config("nf4", torch.float32),
+                                                 device_map={"": "cpu"}, dtype=torch.float32)
+    layers = [m for m in model.modules() if quantization._kind(m) == "nf4"]
+    assert sum(m.weight.numel() for m in layers) * 2 == n_q  # packed: two 4-bit weights per byte
+    assert sum(m.weight.quant_state.absmax.numel() for m in layers) == n_q // 64
+    assert all(m.weight.quant_state.absmax.dtype == torch.uint8 for m in layers)  # double quantization
+    plain = sum(p.numel() for n, p in model.named_parameters() if not any(n.startswith(k) for k in
+                                                                         [x for x, m in model.named_modules() if m in layers]))
+    assert plain == n_rest
