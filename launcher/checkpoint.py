@@ -341,14 +341,17 @@ def _drop_frozen(models, weights, output_dir) -> None:
     int8: LAYER.SCB, .weight_format): the base is quantized again, identically, from the
     model source at load."""
     for model, state in zip(models, weights):
-        keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-        keep |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-        for name, param in model.named_parameters(remove_duplicate=False):  # tied aliases too
+        params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too
+        frozen_layers = set()
+        for name, param in params.items():
             if not param.requires_grad:
                 state.pop(name, None)
-                layer = name.rpartition(".")[0] + "."
-                for key in [k for k in state if k.startswith(layer) and k not in keep]:
-                    del state[key]
+                frozen_layers.add(name.rpartition(".")[0])
+        buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        for key in [k for k in state if k not in params and k not in buffers]:  # extra state: a quantized layer's
+            parts = key.split(".")
+            if any(".".join(parts[:i]) in frozen_layers for i in range(1, len(parts))):
+                del state[key]
 
 
 def _check_trainable_saved(ckpt: Path, models) -> None:

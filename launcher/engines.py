@@ -130,7 +130,11 @@ def reduce_dtypes(model) -> list[str]:
 
 def full_numel(p) -> int:
     """A parameter's whole size: under ZeRO-3 `numel()` is 0 and `ds_numel` the size; an FSDP2
-    DTensor's `numel()` is already the whole size."""
+    DTensor's `numel()` is already the whole size; a bitsandbytes 4-bit weight packs two
+    values per element, its quantization state knows the shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(shape.numel())
     return getattr(p, "ds_numel", p.numel())
 
 

@@ -32,6 +32,10 @@ def load_device() -> torch.device:
 
 
 def is_quantized(model) -> bool:
+    import sys
+
+    if "bitsandbytes" not in sys.modules:  # a quantized model imported it; no import per module here
+        return False
     return any(_kind(m) for m in model.modules())
 
 
@@ -66,8 +70,10 @@ def dequantized_weight(module) -> torch.Tensor:
 
 
 def dequantized_state_dict(model) -> dict:
-    """The model's state dict with every quantized weight replaced by its float32 value and
-    bitsandbytes' quantization state entries left out (names as the unquantized model has them)."""
+    """The model's state dict on the CPU, every quantized weight replaced by its float32 value
+    and bitsandbytes' quantization state entries left out (names as the unquantized model has
+    them). Each weight is dequantized on its device and moved off it at once: the whole model
+    in fp32 is 8x its NF4 size and would not fit beside it on the GPU."""
     state = model.state_dict()
     for name, module in model.named_modules():
         if _kind(module) is None:
@@ -75,8 +81,8 @@ def dequantized_state_dict(model) -> dict:
         key = f"{name}.weight"
         for k in [k for k in state if k.startswith(key + ".") or k in (f"{name}.SCB", f"{name}.weight_format")]:
             del state[k]
-        state[key] = dequantized_weight(module)
-    return state
+        state[key] = dequantized_weight(module).cpu()
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def plain_config(config):
@@ -96,8 +102,10 @@ def load_dequantized(auto, name: str, kind: str, dtype: str, config, **kwargs):
     compute = getattr(torch, dtype)
     quantized = models.from_pretrained(auto, name, config=config, quantization_config=bnb_config(kind, compute),
                                        device_map={"": load_device()}, dtype=compute, **kwargs)
-    plain = auto.from_config(plain_config(quantized.config))
-    missing, unexpected = plain.load_state_dict(dequantized_state_dict(quantized), strict=False)
+    with torch.device("meta"):  # no random init of a whole fp32 model: the tensors are assigned
+        plain = auto.from_config(plain_config(quantized.config))
+    missing, unexpected = plain.load_state_dict(dequantized_state_dict(quantized), strict=False, assign=True)
+    missing += [n for n, p in plain.named_parameters() if p.is_meta and n not in missing]
     if missing or unexpected:
         raise RuntimeError(f"{name}: the dequantized base does not fit its model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

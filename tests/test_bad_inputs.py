@@ -18,6 +18,17 @@ import pytest
 from conftest import CONFIGS, TINY, launcher
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
+
+
+def _flash_runs() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+_FLASH_RUNS = _flash_runs()  # where flash attention can run, its refusal cannot be tested
 GOOD = '{"text": "We may terminate your account at any time.", "label": 1}\n' * 40
 
 
@@ -164,8 +175,8 @@ CASES = [
      "{tmp}/train.jsonl: 40 rows pack into"),
     ("flash attention in fp32", "train", SFT, _plain("model.attn_implementation=flash_attention_2"),
      "model.attn_implementation: flash_attention_2 runs in bf16 or fp16 only, and train.precision is no (fp32)"),
-    ("flash attention without a GPU", "train", SFT, _plain("model.attn_implementation=flash_attention_2", "train.precision=bf16"),
-     "model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package"),
+    *([("flash attention without a GPU", "train", SFT, _plain("model.attn_implementation=flash_attention_2", "train.precision=bf16"),
+        "model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package")] if not _FLASH_RUNS else []),
     ("GGUF file missing", "train", SFT, _plain("model.name={tmp}/model.gguf"), "model.name: {tmp}/model.gguf: no such GGUF file"),
     ("not a GGUF file", "train", SFT, _write("model.gguf", "not gguf at all", "model.name={tmp}/model.gguf"),
      "model.name: {tmp}/model.gguf: not a GGUF file transformers can read"),

@@ -400,7 +400,8 @@ def test_the_lean_loss_self_check_passes_a_plain_head_and_catches_scaled_logits(
     """No list of logit-scaling models: the chunked loss is compared with the model's own on a
     row. A Llama passes; a Granite (logits divided by logits_scaling) and a model whose
     forward cannot keep fewer logits are refused with the reason; the check leaves the
-    model's mode and the RNG as they were."""
+    model in training mode. The row compared is the first with a label, cut to a window
+    around its first label when its prompt is long."""
     from transformers import GraniteConfig, GraniteForCausalLM, LlamaForCausalLM
 
     from launcher.tasks import lean_loss
@@ -410,10 +411,11 @@ def test_the_lean_loss_self_check_passes_a_plain_head_and_catches_scaled_logits(
     batch = lean_loss.check_batch([{"input_ids": ids[0], "labels": [IGNORE] * len(ids[0])}] + rows)
     assert batch["input_ids"].tolist() == [ids[0]] and batch["labels"].tolist() == [labels[0]]  # the first with a label
     llama = _tiny_lm("llama", "sdpa", len(data_tok), data_tok).train()
-    want = torch.manual_seed(3) and torch.rand(3)
-    torch.manual_seed(3)
-    assert lean_loss.self_check(llama, batch, 7) is None
-    assert llama.training and torch.equal(torch.rand(3), want)
+    assert lean_loss.self_check(llama, batch, 7) is None and llama.training
+    long = {"input_ids": list(range(3, 603)), "labels": [IGNORE] * 580 + list(range(583, 603))}
+    cut = lean_loss.check_batch([long])
+    assert cut["input_ids"].shape[1] == 276 and int((cut["labels"] != IGNORE).sum()) == 20  # from 256 before the label
+    assert lean_loss.check_batch([{"input_ids": [1, 2], "labels": [5, IGNORE]}]) is None  # nothing predicted
     torch.manual_seed(0)
     granite = GraniteForCausalLM(GraniteConfig(vocab_size=len(data_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0))

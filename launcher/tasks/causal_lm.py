@@ -63,6 +63,12 @@ class CausalLMTask:
         if self.cfg.model.name != TINY_MODEL:
             from transformers import AutoConfig
 
+            from launcher.models import gguf_source
+
+            if self.cfg.model.quantization != "none" and gguf_source(self.cfg.model.name) is not None:
+                raise ConfigError(f"model.quantization: {self.cfg.model.quantization} is not supported on a GGUF "
+                                  "model.name yet; save the model as a directory once (transformers: from_pretrained "
+                                  "with gguf_file, then save_pretrained) and name that")
             from_pretrained(AutoConfig, self.cfg.model.name, self.cfg.model)
 
     def random_init(self) -> bool:
@@ -238,12 +244,15 @@ class CausalLMTask:
         from launcher.tasks import lean_loss
 
         chunk, bare, why = self.cfg.train.loss_chunk_tokens, rt.inference_model(model), None
-        self._lean = bool(chunk) and lean_loss.supported(bare)
+        self._lean = bool(chunk) and lean_loss.supported(bare)  # (the same on every rank: one engine)
         if self._lean:
             batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
+            why = lean_loss.NO_CHECK_ROW  # unchecked, it could be silently wrong: the model's own loss
             if batch is not None:
                 with rt.accelerator.autocast():
                     why = lean_loss.self_check(bare, batch, chunk)
+            if rt.any_rank(why is not None):  # one rank's refusal (an out-of-memory, say) stops all
+                why = why or "another rank's comparison failed"
             self._lean = why is None
         return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used" if why else None
 

@@ -28,7 +28,10 @@ import torch
 from launcher import engines
 
 IGNORE = -100
-SELF_CHECK_RTOL = 1e-3  # far above fp32/bf16 summation noise (about 1e-6), far below a logit scale
+# Relative: fp32 paths agree to ~1e-7; under bf16 autocast the chunked head's matmuls have
+# other shapes than the full one and round differently per token, which averages out in the
+# sum; any logit scale moves the loss by far more.
+SELF_CHECK_RTOL = 1e-3
 SELF_CHECK_TOKENS = 512  # the compared row is cut to this: its full logits are built once
 
 
@@ -82,14 +85,22 @@ def self_check(model, batch: dict, chunk: int) -> str | None:
     return None
 
 
+NO_CHECK_ROW = "no validation row has a label to compare it on"
+
+
 def check_batch(rows, device=None) -> dict | None:
-    """The first of `rows` (input_ids, labels) with a predicted label in its first
-    SELF_CHECK_TOKENS tokens, as a one-row training batch on `device`; None if none has."""
+    """The first of `rows` (input_ids, labels) with a predicted label, as a one-row training
+    batch on `device`: at most SELF_CHECK_TOKENS tokens, the window starting up to half of
+    that before its first label (a long prompt is cut from the left). None if none has one."""
     for r in rows:
-        ids, labels = list(r["input_ids"])[:SELF_CHECK_TOKENS], list(r["labels"])[:SELF_CHECK_TOKENS]
-        if any(y != IGNORE for y in labels[1:]):
-            t = torch.tensor([ids], device=device)
-            return {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": torch.tensor([labels], device=device)}
+        ids, labels = list(r["input_ids"]), list(r["labels"])
+        first = next((i for i, y in enumerate(labels) if i > 0 and y != IGNORE), None)
+        if first is None:
+            continue
+        start = max(0, first - SELF_CHECK_TOKENS // 2)
+        ids, labels = ids[start : start + SELF_CHECK_TOKENS], labels[start : start + SELF_CHECK_TOKENS]
+        t = torch.tensor([ids], device=device)
+        return {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": torch.tensor([labels], device=device)}
     return None
 
 
@@ -150,7 +161,7 @@ def eval_head(model, chunk: int, check: dict | None) -> tuple[Head | None, str |
     self-check on `check` refused it). Used where the lean loss is `supported`."""
     if not chunk or not supported(model):
         return None, None
-    why = self_check(model, check, chunk) if check is not None else None
+    why = self_check(model, check, chunk) if check is not None else NO_CHECK_ROW
     return (None, why) if why else (Head(model, chunk), None)
 
 
