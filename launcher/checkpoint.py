@@ -673,7 +673,7 @@ def _pretrained_base(auto, meta: dict, config, code: dict):
 
     if meta.get("base_quantization"):
         return quantization.load_dequantized(auto, meta["base_model"], meta["base_quantization"], meta["base_dtype"],
-                                             quantization.plain_config(config), revision=meta.get("base_revision"), **code)
+                                             config, revision=meta.get("base_revision"), **code)
     if models.gguf_source(meta["base_model"]) is not None:  # read (dequantized) from the GGUF file itself
         return models.from_pretrained(auto, meta["base_model"], config=config, ignore_mismatched_sizes=True)
     try:
@@ -715,7 +715,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         cast_floats(state_dict, dtype)
         source += f", exported in {dtype}"
     config = AutoConfig.from_pretrained(skeleton, **code)
-    if meta.get("base_quantization"):  # the export is the dequantized base with the adapters merged
+    if meta.get("base_quantization"):  # the export (and the base rebuilt for it) is a plain model
         from launcher.quantization import plain_config
 
         config = plain_config(config)

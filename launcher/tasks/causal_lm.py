@@ -243,17 +243,14 @@ class CausalLMTask:
         the same row with the same weights, so every rank decides alike. A line when not."""
         from launcher.tasks import lean_loss
 
-        chunk, bare, why = self.cfg.train.loss_chunk_tokens, rt.inference_model(model), None
-        self._lean = bool(chunk) and lean_loss.supported(bare)  # (the same on every rank: one engine)
-        if self._lean:
-            batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
-            why = lean_loss.NO_CHECK_ROW  # unchecked, it could be silently wrong: the model's own loss
-            if batch is not None:
-                with rt.accelerator.autocast():
-                    why = lean_loss.self_check(bare, batch, chunk)
-            if rt.any_rank(why is not None):  # one rank's refusal (an out-of-memory, say) stops all
-                why = why or "another rank's comparison failed"
-            self._lean = why is None
+        bare = rt.inference_model(model)
+        batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
+        with rt.accelerator.autocast():
+            head, why = lean_loss.eval_head(bare, self.cfg.train.loss_chunk_tokens, batch)
+        # Both None: no chunked loss here (off, or the engine shards the head), alike on every rank.
+        if (head is not None or why is not None) and rt.any_rank(why is not None):  # one rank's refusal stops all
+            head, why = None, why or "another rank's comparison failed"
+        self._lean = head is not None
         return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used" if why else None
 
     def loss_sum(self, model, batch) -> torch.Tensor:
