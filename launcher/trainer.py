@@ -28,7 +28,7 @@ import torch
 
 import launcher
 from launcher import checkpoint as ckpt_lib
-from launcher import config_changes, faults, hub, report, sizing, tasks, tracking, watchdog
+from launcher import config_changes, faults, hub, report, schedules, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
@@ -180,7 +180,6 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
                        tokenized_here={"train": not train_ds.from_cache, "validation": not val_ds.from_cache},
                        model_fetched_here=pre.fetched_here)
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
     with rt.model_init(random_weights=task.random_init()):
@@ -200,7 +199,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     val_loader = task.eval_loader(rt, val_ds, cfg.eval.micro_batch_size or t.micro_batch_size, tokenizer)
     # Stepped by hand once per optimizer step: a prepared scheduler steps once per
     # process, which would make the LR schedule depend on the world size.
-    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer, warmup, total_steps)
+    scheduler = schedules.lr_scheduler(t.scheduler, optimizer, warmup, total_steps)
     rt.accelerator.register_for_checkpointing(scheduler)
     n_params, n_trainable, held = rt.parameter_counts(model)
     checkpointer = _checkpointer(cfg, rt, task, model, tokenizer, run_dir, n_params, n_trainable)
