@@ -215,6 +215,10 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
+    def _clear_tmp(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
     def save(self, state: TrainState) -> Path:
         final = self.root / step_dir_name(state.step)
         if self.last is not None and final.resolve() == self.last.resolve():
@@ -223,7 +227,7 @@ class Checkpointer:
         # directory holding checkpoints of that step or later is refused, resolve_resume.)
         started = time.monotonic()
         tmp = self.root / f".tmp-{final.name}"
-        self.rt.on_main(lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(tmp, ignore_errors=True)))
+        self.rt.on_main(self._clear_tmp, tmp)
         # Every rank writes its part, then they compare notes (a collective, so a rank whose
         # write failed cannot leave the others waiting in a barrier); rank 0 seals.
         def write():
@@ -733,7 +737,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         if meta.get("checkpoint_weights") == "trainable":  # the frozen base comes from where the run read it
             base = _pretrained_base(auto, meta, config, code)
             source += f", frozen base from {meta['base_model']}"
-        lora.write(PeftConfig.from_pretrained(skeleton), state_dict, tmp, config, model_class, meta.get("random_base", False),
+        lora.write(PeftConfig.from_pretrained(str(skeleton)), state_dict, tmp, config, model_class, meta.get("random_base", False),
                    base=base, dtype=dtype)
         source += ", LoRA: adapter/ and merged model"
     else:

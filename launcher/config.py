@@ -12,6 +12,7 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -493,7 +494,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(
     path: str | os.PathLike | None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     *,
     output_dir: str | None = None,
     run_name: str | None = None,
@@ -794,6 +795,6 @@ def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(field_docs(tp, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((prefix + f.name, _type_name(tp), repr(default)))
     return rows

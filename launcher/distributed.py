@@ -314,8 +314,9 @@ def check(cfg, launch: LaunchConfig) -> list[str]:
     if offload_opt != "none" and stage == 0:
         problems.append(f"{where('zero_optimization.offload_optimizer')}: optimizer offload needs stage 1, 2 or 3")
     if stage == 3 and _get(ds, YAML_DS_KEYS["zero3_save_16bit_model"]) is not True:
-        key = "deepspeed_config.zero3_save_16bit_model" if launch.ds_source.endswith("(deepspeed_config)") else YAML_DS_KEYS["zero3_save_16bit_model"]
-        src = launch.source if launch.ds_source.endswith("(deepspeed_config)") else launch.ds_source
+        inline = (launch.ds_source or "").endswith("(deepspeed_config)")
+        key = "deepspeed_config.zero3_save_16bit_model" if inline else YAML_DS_KEYS["zero3_save_16bit_model"]
+        src = launch.source if inline else launch.ds_source
         problems.append(f"{src}: {key} must be true under ZeRO-3: the final export gathers the whole model")
     return problems
 

@@ -178,7 +178,8 @@ def fsdp_reduce_in_fp32(accelerator, on: bool) -> None:
 
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     policy = getattr(plugin, "mixed_precision_policy", None)
-    if not on or policy is None or isinstance(policy, dict) or getattr(policy, "param_dtype", None) in (None, torch.float32):
+    if not on or plugin is None or policy is None or isinstance(policy, dict) or \
+            getattr(policy, "param_dtype", None) in (None, torch.float32):
         return
     wider = {"reduce_dtype": torch.float32}
     if hasattr(policy, "output_dtype"):  # FSDP2's MixedPrecisionPolicy

@@ -30,7 +30,8 @@ HOOKS = ("LAUNCHER_FAILPOINT", "LAUNCHER_STALL", "LAUNCHER_SAVE_ERROR")
 
 
 def _hooks() -> tuple[str | None, str | None, str | None]:
-    values = tuple(os.environ.get(name) for name in HOOKS)
+    fail, stall, save = (os.environ.get(name) for name in HOOKS)
+    values = (fail, stall, save)
     if os.environ.get("LAUNCHER_TESTING") == "1" or not any(values):
         return values
     if int(os.environ.get("RANK", "0")) == 0:

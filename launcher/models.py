@@ -217,7 +217,8 @@ def hub_problem(name: str, error: BaseException) -> str:
     """The one line for a model that would not load (error: what transformers raised)."""
     from huggingface_hub import errors as hub
 
-    chain, e = [], error
+    chain: list[BaseException] = []
+    e: BaseException | None = error
     while e is not None and len(chain) < 10:
         chain.append(e)
         e = e.__cause__ or e.__context__

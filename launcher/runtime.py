@@ -49,7 +49,7 @@ class Runtime:
     engine: Engine = Engine()  # every engine decision (launcher.engines)
     weight_dtype: str = "float32"  # the dtype policy's answer for this launch (distributed.weight_dtype)
     keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
-    notes: list = None  # what the launch decided for the run config (printed at start)
+    notes: list | None = None  # what the launch decided for the run config (printed at start)
     preemption: Any = None  # preemption.Preemption once watch_signals has run
 
     @property
@@ -85,7 +85,7 @@ class Runtime:
         from launcher.preemption import Preemption
 
         self.preemption = Preemption(self.is_main)
-        interrupted_at = []
+        interrupted_at: list = []
 
         def request(signum, _frame):
             name = signal.Signals(signum).name

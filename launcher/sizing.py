@@ -94,6 +94,7 @@ def model_facts(cfg: RunConfig) -> tuple[int, str, SimpleNamespace] | None:
     """(parameters, where the figure came from, the config as attributes) for the tiny model
     or a local pretrained directory of a counted family; None otherwise."""
     num_labels = len(cfg.data.resolved_label_names())
+    config: dict | None
     if cfg.model.name == TINY_MODEL:
         config = tiny_config(cfg)
         arch = "BERT" if cfg.task == "classification" else cfg.model.tiny.arch
@@ -101,7 +102,9 @@ def model_facts(cfg: RunConfig) -> tuple[int, str, SimpleNamespace] | None:
     else:
         config = _saved_config(cfg.model.name)
         where = f"config of {cfg.model.name}"
-    n = count(config, cfg.task, num_labels) if config else None
+    if not config:
+        return None
+    n = count(config, cfg.task, num_labels)
     return None if n is None else (n, where, SimpleNamespace(**config))
 
 
@@ -113,6 +116,7 @@ def count_rows(cfg: RunConfig) -> tuple[int | None, str]:
     from launcher.errors import UserError
 
     d = cfg.data
+    n: int | None
     if d.synthetic.enabled:
         n, where = d.synthetic.n_train, "synthetic"
     elif d.train_file is None:

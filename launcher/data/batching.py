@@ -49,8 +49,8 @@ class PadCollator:
         for i, r in enumerate(rows):
             ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
             mask[i, : len(r["input_ids"])] = 1
-        labels = [r["labels"] for r in rows]
-        labels = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+        each = [r["labels"] for r in rows]
+        labels = torch.stack(each) if isinstance(each[0], torch.Tensor) else torch.tensor(each)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -76,7 +76,8 @@ class StepSampler:
         # int32, shared with the dataset's own index when it is int32 already: one copy per rank.
         self.lengths = None if lengths is None else torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32))
         self.group_by_length = group_by_length and lengths is not None
-        self._epoch, self._order = None, None
+        self._epoch: int | None = None
+        self._order = torch.empty(0, dtype=torch.long)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if self._epoch != epoch:
@@ -86,7 +87,7 @@ class StepSampler:
     def _build_order(self, epoch: int, group: bool | None = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=g)
-        if not (self.group_by_length if group is None else group) or self.steps_per_epoch == 0:
+        if not (self.group_by_length if group is None else group) or self.steps_per_epoch == 0 or self.lengths is None:
             return order
         steps, size = self.steps_per_epoch, self.global_batch
         order = order[: steps * size]

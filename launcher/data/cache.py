@@ -42,7 +42,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from launcher.errors import ConfigError, DataError, RunError, UserError
 
@@ -170,7 +170,7 @@ class Cache:
             os.fchmod(fd, 0o664)  # group members must read it (whatever the umask) to wait on it
         # The nonce tells this builder's lock from a successor's: a builder paused long enough
         # to be taken over must not overwrite or remove the new holder's lock.
-        self._holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+        self._holder: dict[str, Any] = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                         "who": f"{self.label} (host {socket.gethostname()}, pid {os.getpid()})",
                         "since": time.time(), "stage": f"building {kind}", "nonce": secrets.token_hex(8)}
         with os.fdopen(fd, "w") as f:
@@ -179,7 +179,7 @@ class Cache:
 
     def _ours(self, lock: Path) -> bool:
         try:
-            return self._parse(self._read_text(lock)).get("nonce") == self._holder["nonce"]
+            return (self._parse(self._read_text(lock)) or {}).get("nonce") == self._holder["nonce"]
         except (AttributeError, ConfigError):
             return False
 

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def first_rows(source: Source, cache: Cache, check=None, n: int = TOKENIZER_ROWS
         yield from records(batch)
 
 
-def tokenizer_from_cache(source: Source, cache: Cache, key: dict, train: Callable[[Source], object]):
+def tokenizer_from_cache(source: Source, cache: Cache, key: dict, train: Callable[[Source], Any]):
     """A tokenizer trained on a source's rows, built once per cache like token rows."""
     from transformers import AutoTokenizer
 

@@ -315,13 +315,16 @@ def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The tokenizer's chat template; a conversation it refuses (a system turn it does not
     support, roles that must alternate) is a data problem, not a crash."""
+    refused: tuple[type[BaseException], ...] = ()
     try:
         from jinja2 import TemplateError
+
+        refused = (TemplateError,)
     except ImportError:  # transformers then cannot render any template either: let it say so
-        TemplateError = ()  # noqa: N806
+        pass
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
+    except refused as e:
         raise DataError(f"the tokenizer's chat template refuses this conversation ({e}); "
                         "check the roles, or set data.system_prompt=null if the template takes no system turn") from None
 

@@ -220,7 +220,8 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
     or one line saying what the file is not."""
     if fmt == "parquet":
         return [f"{path}: not a readable Parquet file ({_first_line(error)})"]
-    problems, n_bad = [], 0
+    problems: list[str] = []
+    n_bad = 0
     for where, record in read_records(path):
         try:
             if isinstance(record, DataError):

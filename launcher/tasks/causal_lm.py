@@ -171,7 +171,7 @@ class CausalLMTask:
         train_stats = instructions.EncodeStats(**train_ds.meta["stats"])
         val_stats = instructions.EncodeStats(**val_ds.meta["stats"])
         lines = [train_stats.line("train"), val_stats.line("validation")]
-        derived = {"derived.train_truncated": train_stats.truncated, "derived.train_dropped": train_stats.dropped,
+        derived: dict[str, float] = {"derived.train_truncated": train_stats.truncated, "derived.train_dropped": train_stats.dropped,
                    "derived.train_response_tokens": train_stats.label_tokens}
         if d.packing:
             eff = train_ds.packing_efficiency(d.max_length)
@@ -380,6 +380,7 @@ def closed_set(train: dict | None, val: dict | None) -> list[str] | None:
 
 def continuation(answer: str, fmt: PromptFormat, tokenizer) -> list[int]:
     """The ids training puts after a prompt for this answer: the answer and its end-of-turn."""
+    probe: dict
     if fmt.chat_template or fmt.style != "chat":
         probe = {"instruction": "?", "input": "", "output": answer}
     else:

@@ -292,7 +292,7 @@ def evaluate(model, batches, tokenizer, candidates: Candidates | None, max_new: 
             records.append(r)
     if gather is not None:
         records = [r for part in gather(records) for r in part]
-    by_index = {}
+    by_index: dict = {}
     for r in records:
         by_index.setdefault(r["index"], r)
     rows = [by_index[i] for i in sorted(by_index)]
