@@ -158,7 +158,7 @@ def _train_under_accelerate(args) -> int:
     launch = distributed.from_yaml(args.accelerate_config, num_processes=args.num_processes, num_machines=args.nodes)
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=launch.num_processes)
-    note = distributed.adopt_precision(cfg, launch)
+    cfg, note = distributed.adopt_precision(cfg, launch)
     problems = distributed.check(cfg, launch) + host_problems(cfg, launch)
     if problems:
         raise UserError(*problems)
@@ -206,7 +206,7 @@ def cmd_plan(args) -> int:
     if not args.accelerate_config and launch.num_processes > 1:
         launch.distributed_type = "MULTI_GPU"
     cfg = load_config(args.config, args.overrides, world_size=launch.num_processes)
-    distributed.adopt_precision(cfg, launch)
+    cfg, _ = distributed.adopt_precision(cfg, launch)
     distributed.check_or_raise(cfg, launch)
     print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch))
     return 0

@@ -243,14 +243,19 @@ def _num(value) -> float | None:
         return None
 
 
-def adopt_precision(cfg, launch: LaunchConfig) -> str | None:
-    """Precision has one owner: the run config when it says so, else the accelerate YAML's
-    mixed_precision (adopted here, and the run says so). Both set and different: `check`."""
+def adopt_precision(cfg, launch: LaunchConfig):
+    """(the config to run, a line saying what was adopted, or None). Precision has one owner:
+    the run config when it says so, else the accelerate YAML's mixed_precision, adopted into a
+    copy (the given config is left as it is: whatever was built from it stays true). Both set
+    and different: `check`. Resolved once, before anything is built from the config."""
+    import dataclasses
+
     if launch.mixed_precision in ("bf16", "fp16") and "train.precision" not in cfg.explicit \
             and cfg.train.precision != launch.mixed_precision:
-        cfg.train.precision = launch.mixed_precision
-        return f"train.precision: {launch.mixed_precision}, adopted from {launch.source} (mixed_precision)"
-    return None
+        adopted = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=launch.mixed_precision))
+        adopted.explicit = cfg.explicit
+        return adopted, f"train.precision: {launch.mixed_precision}, adopted from {launch.source} (mixed_precision)"
+    return cfg, None
 
 
 def check(cfg, launch: LaunchConfig) -> list[str]:

@@ -357,17 +357,24 @@ class _PlainProgress(_NoBar):
         self.say(f"step {self.n}/{self.total} ({self.n / max(self.total, 1):.0%})  {shown}  eta {eta_text}")
 
 
-def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
-    """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
+def resolve_launch(cfg, launch: "LaunchConfig | None" = None):
+    """(the config to run, the launch, notes): what `accelerate launch` exported into the
+    environment (or `launch`), with the values the run adopts from it resolved into the config,
+    before anything is built from it. Nothing is written into the given config."""
+    from launcher import distributed
 
-    `launch` defaults to what `accelerate launch` exported into the environment.
-    """
+    launch = launch or distributed.from_env()
+    cfg, note = distributed.adopt_precision(cfg, launch)
+    return cfg, launch, [note] if note else []
+
+
+def build_runtime(cfg, launch: "LaunchConfig", notes: list[str] | None = None) -> Runtime:
+    """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
+    `cfg` and `launch` as resolve_launch returns them; `notes` are printed at start."""
 
     from launcher import distributed
 
     t = cfg.train
-    launch = launch or distributed.from_env()
-    notes = [n for n in [distributed.adopt_precision(cfg, launch)] if n]
     distributed.check_or_raise(cfg, launch)  # before any process group starts
 
     import warnings
@@ -414,5 +421,5 @@ def build_runtime(cfg, launch: "LaunchConfig | None" = None) -> Runtime:
         engine=engine,
         weight_dtype=distributed.weight_dtype(cfg, launch),
         keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
-        notes=notes,
+        notes=list(notes or []),
     )

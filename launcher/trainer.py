@@ -33,14 +33,15 @@ from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, reda
 from launcher.data import batching
 from launcher.errors import DataError
 from launcher.preemption import INTERRUPTED
-from launcher.runtime import build_runtime
+from launcher.runtime import build_runtime, resolve_launch
 from launcher.tasks import modeling
 
 
 def train(cfg: RunConfig) -> dict:
     """`launcher train` on every rank: the run's summary (status, step, run directory, metrics)."""
+    cfg, launch, notes = resolve_launch(cfg)  # adopted values first: the task is built from the run's own config
     task = tasks.for_config(cfg)
-    rt = build_runtime(cfg)
+    rt = build_runtime(cfg, launch, notes)
     rt.watch_signals()  # from here SIGTERM, SIGUSR1, SIGINT mean: checkpoint at the end of the step, then exit
     pre = preflight(cfg, rt, task)
     run_dir, warm_tracker = open_run(cfg, rt, pre)

@@ -61,7 +61,11 @@ def test_every_common_config_validates_and_precision_is_adopted(tmp_path, name):
     """No precision in the run config: the YAML's mixed_precision is adopted, and said so."""
     launch = distributed.from_yaml(write_yaml(tmp_path, name), num_processes=2 if name != "single_gpu" else None)
     cfg = load_config(TINY, world_size=launch.num_processes)
-    note = distributed.adopt_precision(cfg, launch)
+    given = cfg.train.precision
+    cfg_in = cfg
+    cfg, note = distributed.adopt_precision(cfg, launch)
+    assert cfg_in.train.precision == given  # adopted into a copy: nothing built from the given config goes stale
+    assert cfg.explicit == cfg_in.explicit
     assert distributed.check(cfg, launch) == []
     if TRL[name].get("mixed_precision", "bf16") == "bf16":
         assert cfg.train.precision == "bf16" and note.startswith("train.precision: bf16, adopted from")
