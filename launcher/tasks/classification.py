@@ -355,6 +355,7 @@ class ClassificationTask:
         self.cfg = cfg
         self.label_names = cfg.data.resolved_label_names()
         self.weights = None
+        self.weights_cpu = None  # loss_items reads these every step: no device-to-host copy there
         self.threshold = THRESHOLD  # launcher.json's decision rule; tune() may replace it
 
     def check_model_source(self) -> None:
@@ -418,14 +419,15 @@ class ClassificationTask:
 
     def prepare(self, train_ds, device) -> None:
         if self.cfg.train.class_weighting == "balanced":
-            self.weights = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel").to(device)
+            self.weights_cpu = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel")
+            self.weights = self.weights_cpu.to(device)
 
     def loss_items(self, batch) -> float:
         """What the step's loss is a mean over: examples, or their class weights (binary
         with class_weighting: torch's weighted-mean definition of cross-entropy)."""
         labels = batch["labels"]
-        if self.weights is not None and not labels.dtype.is_floating_point:
-            return float(self.weights.cpu()[labels.cpu()].sum())
+        if self.weights_cpu is not None and not labels.dtype.is_floating_point:
+            return float(self.weights_cpu[labels.cpu()].sum())
         return float(labels.shape[0])
 
     def check_loss(self, rt, model, val_ds) -> None:
