@@ -74,7 +74,7 @@ def read_instructions(path: str, tok=None) -> list[tuple[str, str]]:
 def sft_rows(tok, path: str, max_length: int) -> list[dict]:
     """input_ids = BOS + prompt + response + EOS, labels -100 over BOS and the prompt, cut at max_length."""
     rows = []
-    chat = bool(getattr(tok, "chat_template", None))
+    chat = isinstance(read_rows(path)[0].get("prompt"), list)  # conversational rows: the chat template renders them
     for prompt, response in read_instructions(path, tok):
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(response, add_special_tokens=False)["input_ids"]

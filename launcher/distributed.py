@@ -20,11 +20,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from launcher.errors import ConfigError
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
 
 AUTO = "auto"
 DEEPSPEED, FSDP = "DEEPSPEED", "FSDP"
@@ -243,7 +246,7 @@ def _num(value) -> float | None:
         return None
 
 
-def adopt_precision(cfg, launch: LaunchConfig):
+def adopt_precision(cfg: RunConfig, launch: LaunchConfig) -> tuple[RunConfig, str | None]:
     """(the config to run, a line saying what was adopted, or None). Precision has one owner:
     the run config when it says so, else the accelerate YAML's mixed_precision, adopted into a
     copy (the given config is left as it is: whatever was built from it stays true). Both set
@@ -252,8 +255,9 @@ def adopt_precision(cfg, launch: LaunchConfig):
 
     if launch.mixed_precision in ("bf16", "fp16") and "train.precision" not in cfg.explicit \
             and cfg.train.precision != launch.mixed_precision:
-        adopted = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=launch.mixed_precision))
-        adopted.explicit = cfg.explicit
+        precision: Any = launch.mixed_precision  # bf16 or fp16, as tested above
+        adopted = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+        setattr(adopted, "explicit", cfg.explicit)  # per instance (load_config sets it), not a field: copied by hand
         return adopted, f"train.precision: {launch.mixed_precision}, adopted from {launch.source} (mixed_precision)"
     return cfg, None
 

@@ -93,8 +93,10 @@ def sign(ckpt: Path) -> str:
     """The COMPLETE marker's text for a checkpoint whose files are all written. Never raises
     for want of a key: the checkpoint is worth more than its signature."""
     try:
-        key = _key(create=True)  # never None when made on demand
-        signature = hmac.new(key or b"", _manifest(ckpt), hashlib.sha256).hexdigest()
+        key = _key(create=True)
+        if key is None:  # made on demand: cannot happen, but never sign with an empty key
+            raise ValueError("no checkpoint key")
+        signature = hmac.new(key, _manifest(ckpt), hashlib.sha256).hexdigest()
     except (OSError, ValueError) as e:
         if not _warned:
             _warned.append(e)
