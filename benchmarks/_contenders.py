@@ -53,13 +53,13 @@ def read_rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_instructions(path: str, tok=None) -> list[tuple[str, str]]:
+def read_instructions(rows: list[dict], tok=None) -> list[tuple[str, str]]:
     """(prompt, response) texts: Alpaca rows rendered as the launcher renders them by default;
     conversational prompt/completion rows (lists of messages) by the tokenizer's chat template,
     the response being what the template adds after the generation prompt (the answer and its
     end-of-turn marker)."""
     pairs = []
-    for row in read_rows(path):
+    for row in rows:
         if isinstance(row.get("prompt"), list):
             prompt = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
             full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
@@ -73,9 +73,9 @@ def read_instructions(path: str, tok=None) -> list[tuple[str, str]]:
 
 def sft_rows(tok, path: str, max_length: int) -> list[dict]:
     """input_ids = BOS + prompt + response + EOS, labels -100 over BOS and the prompt, cut at max_length."""
-    rows = []
-    chat = isinstance(read_rows(path)[0].get("prompt"), list)  # conversational rows: the chat template renders them
-    for prompt, response in read_instructions(path, tok):
+    rows, records = [], read_rows(path)
+    chat = isinstance(records[0].get("prompt"), list)  # conversational rows: the chat template renders them
+    for prompt, response in read_instructions(records, tok):
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(response, add_special_tokens=False)["input_ids"]
         if not chat:  # the template's end-of-turn marker ends a chat answer; EOS a bare one
@@ -277,7 +277,7 @@ def trl_sft(args) -> dict:
     if rows and isinstance(rows[0].get("prompt"), list):  # conversational: TRL applies the chat template itself
         data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     else:
-        data = Dataset.from_list([{"prompt": p, "completion": r} for p, r in read_instructions(args.data)])
+        data = Dataset.from_list([{"prompt": p, "completion": r} for p, r in read_instructions(rows)])
     tokens, clock = {"n": 0, "padded": 0}, step_clock()
     # SFTConfig defaults to bf16 and activation checkpointing; the contenders all run fp32
     # without recomputation (bf16 autocast on a CPU without bf16 units is ~10x slower).

