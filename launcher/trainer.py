@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from launcher.errors import DataError
 from launcher.preemption import INTERRUPTED
 from launcher.runtime import build_runtime, resolve_launch
 from launcher.tasks import modeling
+
+# The test suite (LAUNCHER_TESTING=1) checks every step's item count against an all-reduce.
+CHECK_ITEMS = os.environ.get("LAUNCHER_TESTING") == "1"
 
 
 def train(cfg: RunConfig) -> dict:
@@ -155,6 +159,7 @@ class Parts:
     optimizer: Any
     scheduler: Any
     sampler: batching.StepSampler
+    row_items: torch.Tensor  # task.row_items of the training rows
     collate: Any
     val_loader: Any
     checkpointer: ckpt_lib.Checkpointer
@@ -186,6 +191,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     with rt.model_init(random_weights=task.random_init()):
         model = task.build_model(tokenizer, rt.weight_dtype)
     task.prepare(train_ds, rt.device)
+    row_items = task.row_items(train_ds)
     group = cfg.data.group_by_length if cfg.data.group_by_length is not None else task.name == "classification"
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group)
@@ -212,7 +218,8 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
     # 2 ranks x 1 resumed as 1 process x 2 stepped the optimizer after each half-batch.
     rt.accelerator.step = state.step * accumulation
-    return Parts(rt, task, run_dir, tokenizer, train_ds, val_ds, model, optimizer, scheduler, sampler, task.collator(tokenizer),
+    return Parts(rt, task, run_dir, tokenizer, train_ds, val_ds, model, optimizer, scheduler, sampler, row_items,
+                 task.collator(tokenizer),
                  val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
 
 
@@ -424,11 +431,13 @@ class Trainer:
         """One optimizer step (`step` counts from 0). It minimises the mean over the global batch's
         items (response tokens, or examples / class weights): each micro-batch contributes its
         SUM of item losses over the global item count, whatever its own size. The engines
-        average gradients over micro-batches and ranks, hence world x accumulation. Collectives:
-        the item count, and the engine's gradient reduction."""
+        average gradients over micro-batches and ranks, hence world x accumulation. The item count
+        is summed from the step's rows, which every rank knows: no collective counts it."""
         p, rt, model = self.p, self.rt, self.model
         acc = rt.accelerator
-        items = _global_items(rt, [p.task.loss_items(b) for b, _ in micro_batches])
+        items = float(p.row_items[p.sampler.step_indices(step)].sum())  # no collective: see row_items
+        if CHECK_ITEMS:
+            _check_items(rt, step, items, [p.task.loss_items(b) for b, _ in micro_batches])
         scale = rt.world_size * p.accumulation / max(items, 1.0)
         loss_sum, tokens, grad_norm = torch.zeros((), device=rt.device), 0, None
         lr = p.optimizer.param_groups[0]["lr"]
@@ -741,10 +750,14 @@ def _speedometer(cfg: RunConfig, rt, model_config, n_params: int, n_trainable: i
     return values
 
 
-def _global_items(rt, per_micro: list[float]) -> float:
-    """Items (response tokens, examples, class weights) in this step's whole global batch."""
+def _check_items(rt, step: int, items: float, per_micro: list[float]) -> None:
+    """The test suite's cross-check (CHECK_ITEMS) of a step's item count, summed from the rows
+    it holds (task.row_items), against what the collated micro-batches of every rank hold
+    (task.loss_items, all-reduced: the collective the row sums replace)."""
     local = torch.tensor([float(sum(per_micro))], dtype=torch.float64, device=rt.device)
-    return float(rt.accelerator.reduce(local, reduction="sum")) if rt.world_size > 1 else float(local)
+    counted = float(rt.accelerator.reduce(local, reduction="sum")) if rt.world_size > 1 else float(local)
+    if abs(counted - items) > 1e-9 * max(abs(counted), 1.0):
+        raise AssertionError(f"step {step + 1}: {items} items from the rows' counts, {counted} in the batches")
 
 
 def _dropout_seed(seed: int, step: int, microbatch: int) -> int:

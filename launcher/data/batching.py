@@ -99,13 +99,16 @@ class StepSampler:
         batches = torch.cat(chunks).view(steps, size)
         return batches[torch.randperm(steps, generator=g)].reshape(-1)
 
+    def step_indices(self, step: int) -> torch.Tensor:
+        """The whole global batch of (0-based) optimizer step `step`, every rank's rows in rank
+        order: the same tensor on every rank and under any world size."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[pos * self.global_batch : (pos + 1) * self.global_batch]
+
     def step_microbatches(self, step: int) -> list[list[int]]:
         """Index lists for this rank's micro-batches of (0-based) optimizer step `step`."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
         per_rank = self.global_batch // self.world
-        start = pos * self.global_batch + self.rank * per_rank
-        mine = order[start : start + per_rank].tolist()
+        mine = self.step_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
         return [mine[i : i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
 
     def microbatch_index(self, k: int) -> int:

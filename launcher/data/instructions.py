@@ -358,6 +358,28 @@ def pack_table(table, block: int, strategy: str = "bfd"):
     })
 
 
+def response_items(ds, rows_per_block: int = 65_536):
+    """Per row of a split (a `datasets.Dataset` with labels and seq_lens): the tokens the loss
+    predicts once LMCollator has batched the row, as CausalLMTask.loss_items counts them:
+    labels that are not IGNORE, except each example's first token (nothing of its own example
+    precedes it; in a packed row the collator masks it, in a row of one example the shift by
+    one drops it). Vectorised over Arrow offsets, a block of rows at a time; int64."""
+    import numpy as np
+
+    out = [np.zeros(0, dtype=np.int64)]
+    for table in ds.with_format("arrow").iter(batch_size=rows_per_block):
+        labels, seq_lens = table["labels"].combine_chunks(), table["seq_lens"].combine_chunks()
+        offsets = labels.offsets.to_numpy()
+        offsets = offsets - offsets[0]  # a slice of a longer array keeps its parent's offsets
+        target = labels.flatten().to_numpy(zero_copy_only=False) != IGNORE
+        lengths = seq_lens.flatten().to_numpy(zero_copy_only=False)
+        starts = np.cumsum(lengths) - lengths  # every example's first token; a row's examples fill it
+        target[starts[lengths > 0]] = False
+        running = np.concatenate([[0], np.cumsum(target, dtype=np.int64)])
+        out.append(running[offsets[1:]] - running[offsets[:-1]])
+    return np.concatenate(out)
+
+
 class LMCollator:
     """Pads to the longest row. Unpacked rows get a 2-D attention mask. Packed rows get no
     mask at all, only position ids that restart at 0 for every example (and for the padding

@@ -57,6 +57,12 @@ class TaskModel(Protocol):
     def loss_items(self, batch: dict) -> float:
         """Items (response tokens, examples or class weights) the micro-batch's loss sums over."""
 
+    def row_items(self, train_ds: Any) -> torch.Tensor:
+        """loss_items of every training row on its own (float64, one per row; after prepare):
+        what a row adds to the item count of any batch that holds it. A step's global item
+        count is then a sum over the step's rows, which every rank knows (the sampler is a
+        pure function of the step), so it needs no collective."""
+
     def check_loss(self, rt: Any, model: Any, val_ds: Any) -> str | None:
         """Once per attempt, on the prepared model, before any step or evaluation: whether a
         cheaper loss stands in for the model's own (one line when not; every rank alike)."""

@@ -236,6 +236,10 @@ class CausalLMTask:
         """Response tokens that are predicted (labels shift by one)."""
         return float((batch["labels"][:, 1:] != instructions.IGNORE).sum())
 
+    def row_items(self, train_ds) -> torch.Tensor:
+        """Each row's predicted response tokens (instructions.response_items)."""
+        return torch.from_numpy(instructions.response_items(train_ds.ds)).double()
+
     def check_loss(self, rt, model, val_ds) -> str | None:
         """Whether the chunked loss and evaluation's lean head stand in for the model's own
         loss and logits: compared once per attempt (lean_loss.self_check) on the first

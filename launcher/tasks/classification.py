@@ -427,8 +427,15 @@ class ClassificationTask:
         with class_weighting: torch's weighted-mean definition of cross-entropy)."""
         labels = batch["labels"]
         if self.weights_cpu is not None and not labels.dtype.is_floating_point:
-            return float(self.weights_cpu[labels.cpu()].sum())
+            return float(self.weights_cpu.double()[labels.cpu()].sum())
         return float(labels.shape[0])
+
+    def row_items(self, train_ds) -> torch.Tensor:
+        """1 per example, or its class's weight (binary with class_weighting)."""
+        labels = train_ds.column("labels")
+        if self.weights_cpu is not None and not labels.dtype.is_floating_point:
+            return self.weights_cpu.double()[labels]
+        return torch.ones(len(labels), dtype=torch.float64)
 
     def check_loss(self, rt, model, val_ds) -> None:
         """The loss is the model's own logits through (weighted) cross-entropy: nothing to check."""
