@@ -10,10 +10,11 @@ exists); how it is built is runtime.build_runtime's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-
 import os
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 if typing.TYPE_CHECKING:
@@ -145,6 +146,40 @@ def held(p) -> int:
         return p.ds_tensor.numel()
     local = getattr(p, "_local_tensor", None)
     return (local if local is not None else p).numel()
+
+
+@contextlib.contextmanager
+def for_generation(engine: Engine, model, bare, device) -> Iterator[tuple[typing.Any, bool, str | None]]:
+    """(module, lockstep, note) for evaluation and generation: the module to run forward passes
+    on (`bare`, the inference model), whether each of them is a collective there (every rank
+    must then run as many: generation keeps the ranks in step), and a line saying what was
+    done to make them cheaper (None when nothing).
+
+    Under ZeRO-3 a forward all-gathers every layer, so a generated token costs a whole-model
+    all-gather. When the whole model fits in half this rank's free memory, it is gathered once around evaluation
+    and DeepSpeed's per-module hooks lifted meanwhile (deepspeed's own
+    unwrap_model_for_generation): forwards are local, the ranks need not keep in step, and the
+    shards are restored after. FSDP keeps its per-forward gathers."""
+    need = sum(full_numel(p) * p.element_size() for p in bare.parameters())
+    if engine.zero_stage == 3 and need <= _free_bytes(device) // 2:
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(model):
+            yield bare, False, (f"ZeRO-3: evaluation gathers the whole model once ({need / 2**20:,.0f} MiB per rank), "
+                                "not once per generated token")
+        return
+    yield bare, engine.shards_parameters, None
+
+
+def _free_bytes(device) -> int:
+    """This rank's share of free memory: the GPU's, or on CPU the host's available memory over
+    the ranks on this node."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return pages // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def is_partitioned(p) -> bool:

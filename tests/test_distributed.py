@@ -245,6 +245,9 @@ def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
     assert max_diff(weights(run), weights(ref)) < TOL
     gens = lambda d: (d / "generations.jsonl").read_text()  # noqa: E731
     assert gens(run) == gens(ref) and "[8] " in proc.stdout  # generated on every rank in step, printed once
+    # ZeRO-3 gathers the whole model once around evaluation (deepspeed's unwrap_model_for_generation):
+    # the same answers, and the shards come back for the steps after it (eval every 4 steps).
+    assert ("evaluation gathers the whole model once" in proc.stdout) == (accel == "deepspeed_zero3")
     # Generation-based evaluation: each rank answered its share of the validation rows; gathered,
     # every row is there once, with the answers and scores one process gives.
     final, ref_final = (json.loads((d / "final_metrics.json").read_text()) for d in (run, ref))

@@ -56,6 +56,7 @@ class CausalLMTask:
         self.candidates: generation.Candidates | None = None
         self.last_rows: list[dict] = []  # the latest evaluation's answers, row by row
         self._lean: bool | None = None  # the chunked loss and lean evaluation (check_loss decides)
+        self._said_generation_note = False  # engines.for_generation's line, printed at the first evaluation
 
     # ---- sources and data
 
@@ -292,14 +293,17 @@ class CausalLMTask:
         if not hasattr(self, "_max_new"):
             self._max_new = self.max_new_tokens(loader.rows)
         model.eval()
-        unwrapped = rt.inference_model(model)
-        sync = (lambda busy: rt.any_rank(busy)) if rt.engine.shards_parameters else None
+        from launcher import engines
         from launcher.tasks import lean_loss
 
-        metrics, self.last_rows = generation.evaluate(
-            unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
-            gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
-            head=lean_loss.Head(unwrapped, self.cfg.train.loss_chunk_tokens) if self._lean else None)
+        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device) as (unwrapped, lockstep, note):
+            if note and not self._said_generation_note:
+                rt.print(note)
+                self._said_generation_note = True
+            metrics, self.last_rows = generation.evaluate(
+                unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=_sync(rt, lockstep),
+                gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
+                head=lean_loss.Head(unwrapped, self.cfg.train.loss_chunk_tokens) if self._lean else None)
         model.train()
         return metrics
 
@@ -322,11 +326,13 @@ class CausalLMTask:
         if not prompts_:
             return [{"prompt": r["question"], "response": r["response"], "reference": r["reference"]}
                     for r in self.last_rows if "response" in r][:SAMPLE_ROWS]
-        unwrapped = rt.inference_model(model)
+        from launcher import engines
+
         model.eval()
-        sync = (lambda busy: rt.any_rank(busy)) if rt.engine.shards_parameters else None
-        with rt.accelerator.autocast():
-            responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens, sync=sync)
+        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device) as (unwrapped, lockstep, _):
+            with rt.accelerator.autocast():
+                responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens,
+                                           sync=_sync(rt, lockstep))
         model.train()
         return [{"prompt": p, "response": r} for p, r in zip(prompts_, responses)]
 
@@ -366,6 +372,12 @@ class CausalLMTask:
 
 
 SAMPLE_ROWS = 3  # validation rows shown as sample generations when no prompts are configured
+
+
+def _sync(rt, lockstep: bool):
+    """generation's `sync`: whether any rank is still busy (a collective), when forwards are
+    collectives and every rank must run as many (engines.for_generation)."""
+    return (lambda busy: rt.any_rank(busy)) if lockstep else None
 
 
 def pad_id(tokenizer) -> int:
