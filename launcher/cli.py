@@ -272,7 +272,9 @@ def cmd_eval(args) -> int:
     metrics = task.compute_metrics(logits, labels, names, cuts)  # the export's decision rule
     if cuts is not None:  # a tuned rule: the 0.5 rule's figures beside it, nothing hidden
         metrics.update({f"{k}@0.5": v for k, v in task.compute_metrics(logits, labels, names).items()})
-    metrics["loss"] = float(task.per_example_loss(logits, labels, None).mean())
+    weights = getattr(model, "launcher_class_weights", None)  # the run's: the same evaluation loss as its own
+    weights = None if weights is None else torch.tensor(weights, dtype=torch.float)
+    metrics["loss"] = task.mean_loss(task.per_example_loss(logits, labels, weights), labels, weights)
     metrics["n"] = len(texts)
     print(json.dumps(metrics))
     return 0

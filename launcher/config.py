@@ -190,7 +190,7 @@ class TrainConfig:
     reduce_in_fp32: bool = True
     seed: int = 42
     # none, or balanced: CE class weights (binary) / BCE pos_weight (multilabel)
-    # from training label frequencies.
+    # from training label frequencies; eval/loss then weighs alike (launcher eval too).
     class_weighting: Literal["none", "balanced"] = "none"
     # Recompute each layer's activations in the backward pass (non-reentrant): activation
     # memory falls from O(layers) to about one layer's, for about a third more compute.

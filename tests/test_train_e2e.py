@@ -437,16 +437,32 @@ def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_pa
 def test_eval_scores_with_the_training_max_length_the_export_recorded(tmp_path):
     """Trained with data.max_length=12 (most generated clauses are longer): `launcher eval`
     without --max-length reproduces the run's final eval; --max-length 64 sees longer inputs
-    and scores differently, so the default is not an accident."""
+    and scores differently, so the default is not an accident.
+
+    With class weights the evaluation loss is the training objective's: torch's class-weighted
+    mean, the run's and `launcher eval`'s alike (the export records the weights)."""
+    from launcher.data.clauses import LabelEncoder, parse_rows, read_records
+    from launcher.tasks import classification
+
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "short", "data.max_length=12",
                    "train.max_steps=60", "eval.every_steps=30", "checkpoint.every_steps=30", "checkpoint.export=last",
-                   "data.synthetic.n_validation=100"))
+                   "data.synthetic.n_validation=100", "train.class_weighting=balanced"))
     run = tmp_path / "short"
-    assert json.loads((run / "model" / "launcher.json").read_text())["max_length"] == 12
+    meta = json.loads((run / "model" / "launcher.json").read_text())
+    assert meta["max_length"] == 12
     final = json.loads((run / "final_metrics.json").read_text())["after"]
     data = str(run / "data" / "validation.jsonl")
     same = json.loads(check(launcher("eval", str(run / "model"), "--data", data)).stdout.strip().splitlines()[-1])
     assert same["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    model, tok, names, _, _ = classification.load_exported(run / "model")
+    texts, targets = parse_rows(read_records(Path(data)), LabelEncoder("binary", names), data)
+    logits = classification.batched_logits(model, tok, texts)
+    weights = torch.tensor(meta["class_weights"])
+    assert len(set(meta["class_weights"])) == 2  # the generated clauses are not balanced: the weights matter
+    by_hand = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), weight=weights)
+    assert final["loss"] == pytest.approx(float(by_hand), rel=1e-5)
+    unweighted = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets))
+    assert abs(float(unweighted) - final["loss"]) > 1e-3  # another definition would show
     longer = json.loads(check(launcher("eval", str(run / "model"), "--data", data, "--max-length", "64")).stdout.strip().splitlines()[-1])
     assert abs(longer["loss"] - final["loss"]) > 1e-4, (longer, final)  # 50x the tolerance above
 

@@ -169,6 +169,16 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.
     return torch.nn.functional.cross_entropy(logits, labels, weight=weights, reduction="none")
 
 
+def mean_loss(per_example: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """The training objective's mean of per_example_loss, the one evaluation loss (the run's
+    and `launcher eval`'s): with class weights on single-label classes, the weighted mean
+    (torch's definition: sum of w_y * loss over sum of w_y, what a step divides by, loss_items);
+    otherwise the mean over examples (multi-label pos_weight is inside each example's loss)."""
+    if weights is not None and not labels.dtype.is_floating_point:
+        return float(per_example.double().sum() / weights.double()[labels].sum())
+    return float(per_example.double().mean())
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -314,6 +324,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     tuned = info.get("threshold_tuned") or threshold not in (None, THRESHOLD)  # a tuned rule, even if it kept 0.5
     cuts = cut_vector(threshold, names, multilabel) if tuned else None
     model.launcher_max_length = info.get("max_length")  # the training max_length, for eval and predict (not saved)
+    model.launcher_class_weights = info.get("class_weights")  # the evaluation loss's weights (mean_loss)
     return model.to(inference_device()).eval(), tokenizer, names, multilabel, cuts
 
 
@@ -486,7 +497,7 @@ class ClassificationTask:
         model.train()
         logits, labels = torch.cat(logits_all), torch.cat(labels_all)
         metrics = compute_metrics(logits, labels, self.label_names)
-        metrics["loss"] = float(torch.cat(losses).mean())
+        metrics["loss"] = mean_loss(torch.cat(losses), labels, self.weights_cpu)
         metrics["n"] = int(len(labels))
         self._outputs = {"logits": logits, "labels": labels, "loss": torch.tensor(metrics["loss"])}
         return logits, labels, metrics
@@ -514,4 +525,6 @@ class ClassificationTask:
     def metadata(self) -> dict:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": self.threshold,
                 "threshold_tuned": bool(self.cfg.eval.tune_threshold), "labels": self.label_names,
-                "max_length": self.cfg.data.max_length}
+                "max_length": self.cfg.data.max_length,
+                # the training loss's class weights: `launcher eval` reports the run's evaluation loss
+                "class_weights": None if self.weights_cpu is None else self.weights_cpu.tolist()}
