@@ -68,6 +68,13 @@ def saved_models(tmp_path_factory):
                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, logits_scaling=4.0,
                                      bos_token_id=lm_tok.bos_token_id, eos_token_id=lm_tok.eos_token_id)).save_pretrained(root / "granite")
     lm_tok.save_pretrained(root / "granite")
+    # A Llama checkpoint for clause classification (a causal LM; the head comes at load), whose
+    # tokenizer, as most decoder LMs', has no pad token.
+    cls_tok = train_lm_tokenizer([r["text"] for r in synthetic.generate_clauses(300)], 400, 64)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(cls_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                 bos_token_id=cls_tok.bos_token_id, eos_token_id=cls_tok.eos_token_id)).save_pretrained(root / "llama_cls")
+    cls_tok.save_pretrained(root / "llama_cls")
     return root
 
 
@@ -161,10 +168,46 @@ def test_a_model_that_scales_its_logits_falls_back_to_its_own_loss_with_one_line
     assert "loss_chunk_tokens" not in llama.stdout
 
 
+def test_a_decoder_llm_classifies_clauses_with_lora_reading_each_texts_last_token(tmp_path, saved_models):
+    """A Llama checkpoint as a clause classifier, LoRA on its body and the new score head
+    trained whole (peft's SEQ_CLS keeps it among the saved modules). Its tokenizer has no pad
+    token: the run pads with EOS and says so. The merged export loads in plain transformers;
+    its logits for a right-padded batch, a left-padded one and `launcher predict` all equal
+    each text's alone (transformers' head reads the last token that is not the pad token)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "cls", *CLAUSES,
+                          "train.max_steps=4", f"model.name={saved_models / 'llama_cls'}", "model.lora.enabled=true"))
+    assert "tokenizer has no pad token: padding with EOS" in proc.stdout
+    run = tmp_path / "cls"
+    with safe_open(str(run / "model" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any(k.startswith("base_model.model.score.") for k in f.keys())  # the head, whole
+    model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id
+    texts = [json.loads(x)["text"] for x in (run / "data" / "validation.jsonl").read_text().splitlines()[:6]]
+    assert len({len(tok(t)["input_ids"]) for t in texts}) > 1  # batches need padding
+    with torch.no_grad():
+        alone = torch.cat([model(**tok(t, return_tensors="pt")).logits for t in texts])
+        for side in ("right", "left"):
+            tok.padding_side = side
+            batched = model(**tok(texts, return_tensors="pt", padding=True)).logits
+            assert torch.allclose(batched, alone, atol=1e-5), side
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")))
+    probs = [json.loads(x)["probs"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    want = torch.softmax(alone, -1)
+    names = [model.config.id2label[i] for i in range(2)]
+    assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), want, atol=1e-4)
+
+
 REST = {  # what make test leaves out above: each engine runs there on another model
     "bert": ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],
     "llama": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"],
     "minilm": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3+lora", "fsdp2+lora"],
+    "llama_cls": ["cpu_ddp", "deepspeed_zero3+lora", "fsdp2+lora"],  # a decoder LM as a clause classifier
 }
 
 
@@ -173,7 +216,7 @@ REST = {  # what make test leaves out above: each engine runs there on another m
 def test_the_rest_of_every_model_by_every_engine(model, tmp_path, saved_models):
     """make test-matrix: with the tests above, every model through 1 process, DDP, ZeRO-2,
     ZeRO-3, ZeRO-3 + LoRA, FSDP2 and FSDP2 + LoRA."""
-    config, args = (SFT, INSTRUCTIONS) if model == "llama" else (TINY, CLAUSES)
+    config, args = (SFT, INSTRUCTIONS) if model == "llama" else (TINY, CLAUSES)  # llama_cls: clauses
     name = _minilm() if model == "minilm" else saved_models / model
     _run_matrix(tmp_path, config, [*args, f"model.name={name}"], REST[model],
                 lora=any(e.endswith("+lora") for e in REST[model]), tol=1e-4 if model == "minilm" else TOL)

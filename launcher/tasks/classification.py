@@ -368,6 +368,7 @@ class ClassificationTask:
         self.weights = None
         self.weights_cpu = None  # loss_items reads these every step: no device-to-host copy there
         self.threshold = THRESHOLD  # launcher.json's decision rule; tune() may replace it
+        self.pad_note = ""
 
     def check_model_source(self) -> None:
         check_model_source(self.cfg)
@@ -393,7 +394,17 @@ class ClassificationTask:
         return str(out_dir / "train.jsonl"), str(out_dir / "validation.jsonl")
 
     def tokenizer(self, saved_dir: Path, train_source, cache):
-        return load_tokenizer(self.cfg, saved_dir, train_source, cache)
+        """A decoder LM's tokenizer often has no pad token: it pads with EOS then (masked out of
+        attention). Its sequence-classification head reads the last token that is not the pad
+        token (transformers' rule), which under right padding is the text's own last token."""
+        tok = load_tokenizer(self.cfg, saved_dir, train_source, cache)
+        if tok.pad_token_id is None:
+            if tok.eos_token_id is None:
+                raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has neither a pad nor an EOS token to pad with")
+            tok.pad_token = tok.eos_token
+            self.pad_note = (f"tokenizer has no pad token: padding with EOS (id {tok.eos_token_id}), masked out of attention; "
+                             "the head reads each text's last token")
+        return tok
 
     def datasets(self, train_source, val_source, tokenizer, cache):
         """Token rows of both splits, checked and tokenized once per cache, memory-mapped."""
@@ -409,7 +420,7 @@ class ClassificationTask:
                                       cache, d.num_proc) for src in (train_source, val_source))
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        return [], {}
+        return ([self.pad_note] if self.pad_note else []), {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
         """Validation batches, shortest rows first, dealt to the ranks by accelerate (its
