@@ -149,7 +149,7 @@ def held(p) -> int:
 
 
 @contextlib.contextmanager
-def for_generation(engine: Engine, model, bare, device) -> Iterator[tuple[typing.Any, bool, str | None]]:
+def for_generation(engine: Engine, model, bare, device, any_rank) -> Iterator[tuple[typing.Any, bool, str | None]]:
     """(module, lockstep, note) for evaluation and generation: the module to run forward passes
     on (`bare`, the inference model), whether each of them is a collective there (every rank
     must then run as many: generation keeps the ranks in step), and a line saying what was
@@ -159,9 +159,12 @@ def for_generation(engine: Engine, model, bare, device) -> Iterator[tuple[typing
     all-gather. When the whole model fits in half this rank's free memory, it is gathered once around evaluation
     and DeepSpeed's per-module hooks lifted meanwhile (deepspeed's own
     unwrap_model_for_generation): forwards are local, the ranks need not keep in step, and the
-    shards are restored after. FSDP keeps its per-forward gathers."""
+    shards are restored after. FSDP keeps its per-forward gathers. any_rank(flag): whether
+    the flag holds on any rank (runtime.any_rank)."""
     need = sum(full_numel(p) * p.element_size() for p in bare.parameters())
-    if engine.zero_stage == 3 and need <= _free_bytes(device) // 2:
+    # The gather is a collective: every rank must decide alike (any_rank: a collective too),
+    # though each measures its own free memory.
+    if engine.zero_stage == 3 and not any_rank(need > _free_bytes(device) // 2):
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
         with unwrap_model_for_generation(model):

@@ -296,7 +296,7 @@ class CausalLMTask:
         from launcher import engines
         from launcher.tasks import lean_loss
 
-        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device) as (unwrapped, lockstep, note):
+        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device, rt.any_rank) as (unwrapped, lockstep, note):
             if note and not self._said_generation_note:
                 rt.print(note)
                 self._said_generation_note = True
@@ -329,7 +329,7 @@ class CausalLMTask:
         from launcher import engines
 
         model.eval()
-        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device) as (unwrapped, lockstep, _):
+        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device, rt.any_rank) as (unwrapped, lockstep, _):
             with rt.accelerator.autocast():
                 responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens,
                                            sync=_sync(rt, lockstep))
