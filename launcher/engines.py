@@ -158,8 +158,8 @@ def for_generation(engine: Engine, model, bare, device, any_rank) -> Iterator[tu
     Under ZeRO-3 a forward all-gathers every layer, so a generated token costs a whole-model
     all-gather. When the whole model fits in half this rank's free memory, it is gathered once around evaluation
     and DeepSpeed's per-module hooks lifted meanwhile (deepspeed's own
-    unwrap_model_for_generation): forwards are local, the ranks need not keep in step, and the
-    shards are restored after. FSDP keeps its per-forward gathers. any_rank(flag): whether
+    unwrap_model_for_generation): forwards need no all-gather, and the shards are restored
+    after. FSDP keeps its per-forward gathers. any_rank(flag): whether
     the flag holds on any rank (runtime.any_rank)."""
     need = sum(full_numel(p) * p.element_size() for p in bare.parameters())
     # The gather is a collective: every rank must decide alike (any_rank: a collective too),
@@ -167,9 +167,12 @@ def for_generation(engine: Engine, model, bare, device, any_rank) -> Iterator[tu
     if engine.zero_stage == 3 and not any_rank(need > _free_bytes(device) // 2):
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
+        # Still in lockstep: the hook DeepSpeed leaves on the root module broadcasts in the
+        # first forward passes after its hooks come back (its trace is rebuilt), so ranks must
+        # run as many of them; the per-token flag costs nothing beside an all-gather.
         with unwrap_model_for_generation(model):
-            yield bare, False, (f"ZeRO-3: evaluation gathers the whole model once ({need / 2**20:,.0f} MiB per rank), "
-                                "not once per generated token")
+            yield bare, True, (f"ZeRO-3: evaluation gathers the whole model once ({need / 2**20:,.0f} MiB per rank), "
+                               "not once per generated token")
         return
     yield bare, engine.shards_parameters, None
 

@@ -70,8 +70,8 @@ def test_an_examples_first_token_is_not_counted_anywhere_in_a_packed_row():
     packed = datasets.Dataset.from_dict({"input_ids": [ids[0] + ids[1], ids[2]], "labels": [labels[0] + labels[1], labels[2]],
                                          "seq_lens": [[3, 2], [4]]})
     want = [2 + 1, 2]
-    for block in (1, 2):
-        assert instructions.response_items(packed, rows_per_block=block).tolist() == want
+    for rows in (1, 2):  # the longest row has 5 tokens
+        assert instructions.response_items(packed, tokens_per_block=5 * rows).tolist() == want
     batch = LMCollator(0, packed=True)(list(packed))
     assert int((batch["labels"][:, 1:] != IGNORE).sum()) == sum(want)
 

@@ -76,13 +76,16 @@ class StepSampler:
         # int32, shared with the dataset's own index when it is int32 already: one copy per rank.
         self.lengths = None if lengths is None else torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32))
         self.group_by_length = group_by_length and lengths is not None
-        self._epoch: int | None = None
-        self._order = torch.empty(0, dtype=torch.long)
+        self._orders: dict[int, torch.Tensor] = {}
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        if self._epoch != epoch:
-            self._epoch, self._order = epoch, self._build_order(epoch)
-        return self._order
+        """The epoch's order, built once. Two epochs are kept: the loader's workers run ahead
+        into the next epoch while the step (step_indices) still reads this one."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = self._build_order(epoch)
+        return self._orders[epoch]
 
     def _build_order(self, epoch: int, group: bool | None = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

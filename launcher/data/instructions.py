@@ -358,16 +358,19 @@ def pack_table(table, block: int, strategy: str = "bfd"):
     })
 
 
-def response_items(ds, rows_per_block: int = 65_536):
+def response_items(ds, tokens_per_block: int = 1 << 24):
     """Per row of a split (a `datasets.Dataset` with labels and seq_lens): the tokens the loss
     predicts once LMCollator has batched the row, as CausalLMTask.loss_items counts them:
     labels that are not IGNORE, except each example's first token (nothing of its own example
     precedes it; in a packed row the collator masks it, in a row of one example the shift by
-    one drops it). Vectorised over Arrow offsets, a block of rows at a time; int64."""
+    one drops it). Vectorised over Arrow offsets, a block of about `tokens_per_block` tokens
+    at a time (a few hundred MB of host memory whatever the row length); int64."""
     import numpy as np
+    import pyarrow.compute as pc
 
+    longest = max(1, pc.max(pc.list_value_length(ds.data.column("labels"))).as_py() or 1)
     out = [np.zeros(0, dtype=np.int64)]
-    for table in ds.with_format("arrow").iter(batch_size=rows_per_block):
+    for table in ds.with_format("arrow").iter(batch_size=max(1, tokens_per_block // longest)):
         labels, seq_lens = table["labels"].combine_chunks(), table["seq_lens"].combine_chunks()
         offsets = labels.offsets.to_numpy()
         offsets = offsets - offsets[0]  # a slice of a longer array keeps its parent's offsets

@@ -135,7 +135,7 @@ def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
         ignore_mismatched_sizes=True,  # a pretrained head with another label count is replaced
         **label_maps(names),
     )
-    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+    if tokenizer.pad_token_id is not None:  # the id batches are padded with: a decoder's head skips it
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
