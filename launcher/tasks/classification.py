@@ -75,6 +75,7 @@ def tiny_config(cfg: RunConfig, vocab_size: int, pad_token_id: int):
     from transformers import BertConfig
 
     t, names = cfg.model.tiny, cfg.data.resolved_label_names()
+    heads: dict = {"num_labels": len(names), "problem_type": _problem_type(cfg), **label_maps(names)}  # PretrainedConfig's
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=t.hidden_size,
@@ -85,15 +86,14 @@ def tiny_config(cfg: RunConfig, vocab_size: int, pad_token_id: int):
         hidden_dropout_prob=t.dropout,
         attention_probs_dropout_prob=t.dropout,
         pad_token_id=pad_token_id,
-        num_labels=len(names),
-        problem_type=_problem_type(cfg),
-        **label_maps(names),
+        **heads,
     )
 
 
-def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
-    """(parameter count, where it came from) without loading weights: the model is built
-    on the meta device from its config. None when the config cannot be read offline."""
+def count_parameters(cfg: RunConfig) -> tuple[int | None, str, object]:
+    """(parameter count, where it came from, the model config) without loading weights: the
+    model is built on the meta device from its config. None (and no config) when the config
+    cannot be read offline."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -105,12 +105,11 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str]:
         try:
             config = from_pretrained(AutoConfig, cfg.model.name, cfg.model, num_labels=len(names))
         except ConfigError as e:
-            return None, e.problems[0]
+            return None, e.problems[0], None
         source = f"config of {cfg.model.name}"
-    count_parameters.last_config = config  # `launcher plan` sizes activations from it
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    return sum(p.numel() for p in model.parameters()), source
+    return sum(p.numel() for p in model.parameters()), source, config
 
 
 def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
@@ -365,8 +364,8 @@ class ClassificationTask:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.label_names = cfg.data.resolved_label_names()
-        self.weights = None
-        self.weights_cpu = None  # loss_items reads these every step: no device-to-host copy there
+        self.weights: torch.Tensor | None = None
+        self.weights_cpu: torch.Tensor | None = None  # loss_items reads these: no device-to-host copy there
         self.threshold = THRESHOLD  # launcher.json's decision rule; tune() may replace it
         self.pad_note = ""
 
@@ -524,8 +523,7 @@ class ClassificationTask:
         return []
 
     def count_parameters(self) -> tuple[int | None, str]:
-        n, source = count_parameters(self.cfg)
-        self.model_config = getattr(count_parameters, "last_config", None) if n is not None else None
+        n, source, self.model_config = count_parameters(self.cfg)  # `launcher plan` sizes activations from it
         return n, source
 
     def count_rows(self) -> tuple[int | None, str]:
