@@ -45,12 +45,19 @@ def gguf_source(name: str) -> Path | None:
     return None
 
 
+# The layout convert_gguf writes; raised when it changes, so a data cache converts again.
+# 2: a tied output head is written under the embeddings' name (1 wrote it as lm_head.weight).
+CONVERSION_LAYOUT = 2
+
+
 def gguf_fingerprint(path: Path) -> dict:
-    """What names a conversion: the file (path, size, mtime) and the transformers that reads it."""
+    """What names a conversion: the file (path, size, mtime), the transformers that reads it
+    and the layout this launcher writes."""
     import transformers
 
     st = path.stat()
-    return {"gguf": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "transformers": transformers.__version__}
+    return {"gguf": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "transformers": transformers.__version__,
+            "layout": CONVERSION_LAYOUT}
 
 
 def convert_gguf(path: Path, out_dir: Path, stage=lambda text: None) -> None:
@@ -80,8 +87,10 @@ def write_weights(model, out_dir: Path) -> None:
     (5.24, `should_save_on_this_rank`) writes nothing on any process but global rank 0, even
     with is_main_process=True, and returns as if it had saved; the conversion is built by
     whichever node's first rank takes the cache lock. Storage shared by tied weights (the
-    output head tied to the embeddings) is written once, under its first name, as
-    save_pretrained does, and from_pretrained ties it again."""
+    output head tied to the embeddings) is written once, under the tie's source name (the
+    embeddings), as save_pretrained does, and from_pretrained ties it again. Under the head's
+    name instead, a class without that head (a sequence classifier on the same checkpoint)
+    would find no embeddings and start them from random."""
     from safetensors.torch import save_file
 
     from transformers.core_model_loading import revert_weight_conversion
@@ -93,8 +102,12 @@ def write_weights(model, out_dir: Path) -> None:
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     tensors, seen = {}, set()
-    # The checkpoint's own key names, as save_pretrained writes them (fused MoE experts unfused).
-    for name, tensor in revert_weight_conversion(model, model.state_dict()).items():
+    # The checkpoint's own key names, as save_pretrained writes them (fused MoE experts unfused);
+    # a tie's targets after every other name, so shared storage keeps its source's name.
+    state = revert_weight_conversion(model, model.state_dict())
+    targets = set(getattr(model, "all_tied_weights_keys", None) or {})
+    for name in sorted(state, key=lambda n: n in targets):
+        tensor = state[name]
         storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if storage in seen:
             continue
@@ -201,6 +214,16 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
             said = " ".join(str(e).split())[:300] or type(e).__name__
             raise ConfigError(f"model.name: '{name}' is downloaded ({source}) but does not load: {said}") from None
         raise ConfigError(hub_problem(name, e)) from None
+
+
+def pad_with_eos(tokenizer, effect: str) -> str:
+    """A tokenizer without a pad token (most decoder LLMs') pads with its EOS token, which the
+    caller has checked exists. Returns the run's one line saying so and what padding does
+    (`effect`), or "" when the tokenizer has a pad token."""
+    if tokenizer.pad_token_id is not None:
+        return ""
+    tokenizer.pad_token = tokenizer.eos_token
+    return f"tokenizer has no pad token: padding with EOS (id {tokenizer.eos_token_id}), {effect}"
 
 
 def declared_dtype(model_cfg) -> str | None:

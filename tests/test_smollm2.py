@@ -87,8 +87,18 @@ def test_the_gguf_file_is_converted_once_by_one_of_two_racing_nodes(run):
 
     tensor = next(t for t in GGUFReader(str(smollm2_gguf())).tensors if t.name == "blk.3.ffn_down.weight")
     want = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).float()
-    got = load_file(entry / "model.safetensors")["model.layers.3.mlp.down_proj.weight"]
+    weights = load_file(entry / "model.safetensors")
+    got = weights["model.layers.3.mlp.down_proj.weight"]
     assert got.shape == want.shape and torch.equal(got, want)
+    # The tied output head is stored once, under the embeddings' name (as save_pretrained does):
+    # a sequence classifier on this checkpoint, which has no output head, finds its embeddings.
+    assert "model.embed_tokens.weight" in weights and "lm_head.weight" not in weights
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    embeddings = weights["model.embed_tokens.weight"]
+    classifier = AutoModelForSequenceClassification.from_pretrained(entry, num_labels=2)
+    assert torch.equal(classifier.model.embed_tokens.weight, embeddings)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(entry).lm_head.weight, embeddings)
 
 
 def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokenizer(run):
