@@ -741,7 +741,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
                    base=base, dtype=dtype)
         source += ", LoRA: adapter/ and merged model"
     else:
-        model = auto.from_config(config, **code)
+        from launcher.tasks import pooling
+
+        model = pooling.apply(auto.from_config(config, **code), pooling.saved(config))
         if dtype:
             model.to(getattr(__import__("torch"), dtype))
         missing, unexpected = model.load_state_dict(state_dict, strict=False)

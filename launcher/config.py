@@ -92,6 +92,11 @@ class ModelConfig:
     # autocast with train.precision=bf16); bfloat16 under DeepSpeed/FSDP with train.precision=bf16
     # (the engine keeps fp32 masters) and for LoRA's frozen base weights (adapters stay float32).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # classification: how the head reads a text. cls: the architecture's own head (a BERT
+    # encoder's dense+tanh pooler over [CLS]; a decoder LLM's last token). mean: the mean of the
+    # last hidden states over the text's tokens, as sentence encoders (all-MiniLM-L6-v2) were
+    # trained to be read; BERT-family encoders only. The export records it for eval and predict.
+    pooling: Literal["cls", "mean"] = "cls"
 
 
 @dataclass
@@ -654,6 +659,8 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         elif q == "int8" and lora.use_dora:  # seen: bitsandbytes 0.50's int8 matmul fails inside DoRA's forward
             out.append("model.lora.use_dora: not with model.quantization=int8 (bitsandbytes' 8-bit layers fail under "
                        "DoRA); use nf4")
+    if cfg.model.pooling != "cls" and cfg.task != "classification":
+        out.append(f"model.pooling: {cfg.model.pooling} is for task classification")
     if e.tune_threshold and cfg.task != "classification":
         out.append("eval.tune_threshold: only for task classification")
     if e.metric == "accuracy" and d.mode != "binary" and cfg.task == "classification":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # Another run when changed (prefixes match whole sections or keys).
-RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revision", "model.dtype",
+RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revision", "model.dtype", "model.pooling",
                 "data.", "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
                 "train.global_batch_size", "train.max_grad_norm", "train.precision", "train.reduce_in_fp32", "train.seed",
                 "train.class_weighting")

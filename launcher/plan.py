@@ -95,7 +95,7 @@ def lora_trainable(cfg: RunConfig) -> int | None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from launcher import tasks
-    from launcher.tasks import lora
+    from launcher.tasks import lora, pooling
 
     task = tasks.for_config(cfg)
     n, _ = task.count_parameters()
@@ -104,7 +104,7 @@ def lora_trainable(cfg: RunConfig) -> int | None:
         return None
     auto = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        base = auto.from_config(config)
+        base = pooling.apply(auto.from_config(config), cfg.model.pooling)
         # What bitsandbytes quantizes: every linear layer's weight but the output head's.
         lora_trainable.quantized = sum(m.weight.numel() for m in base.modules()
                                        if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings())

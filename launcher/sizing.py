@@ -51,16 +51,18 @@ def tiny_config(cfg: RunConfig) -> dict:
             "intermediate_size": t.intermediate_size, "tie_word_embeddings": False}
 
 
-def count(config: dict, task: str, num_labels: int) -> int | None:
+def count(config: dict, task: str, num_labels: int, pooling: str = "cls") -> int | None:
     """Parameters of the model the launcher builds from this config (the task's head
-    included, tied embeddings counted once); None for a family not modelled here."""
+    included, tied embeddings counted once; mean pooling replaces BERT's pooler with none);
+    None for a family not modelled here."""
     kind = config.get("model_type")
     if task == "classification" and kind == "bert":
         h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
         embeddings = (config["vocab_size"] + config.get("max_position_embeddings", 512)
                       + config.get("type_vocab_size", 2)) * h + 2 * h
         layer = 4 * h * h + 2 * h * inter + 9 * h + inter  # q k v o, two MLP matrices, biases, 2 LayerNorms
-        return embeddings + n * layer + (h * h + h) + (h * num_labels + num_labels)  # pooler, classifier
+        pooler = h * h + h if pooling == "cls" else 0
+        return embeddings + n * layer + pooler + (h * num_labels + num_labels)  # pooler, classifier
     if task == "causal_lm" and kind in LLAMA_LIKE:
         h, inter, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
         heads = config["num_attention_heads"]
@@ -104,7 +106,7 @@ def model_facts(cfg: RunConfig) -> tuple[int, str, SimpleNamespace] | None:
         where = f"config of {cfg.model.name}"
     if not config:
         return None
-    n = count(config, cfg.task, num_labels)
+    n = count(config, cfg.task, num_labels, cfg.model.pooling)
     return None if n is None else (n, where, SimpleNamespace(**config))
 
 

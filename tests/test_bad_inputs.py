@@ -112,6 +112,7 @@ CASES = [
     ("heads do not divide hidden", "train", TINY, _plain("model.tiny.num_heads=3"), "model.tiny.hidden_size: must be divisible"),
     ("llama for classification", "train", TINY, _plain("model.tiny.arch=llama"), "model.tiny.arch: llama does not fit task classification"),
     ("packing for classification", "train", TINY, _plain("data.packing=true"), "data.packing: only for task causal_lm"),
+    ("mean pooling for a causal LM", "train", SFT, _plain("model.pooling=mean"), "model.pooling: mean is for task classification"),
     ("threshold for causal LM", "train", SFT, _plain("eval.tune_threshold=true"), "eval.tune_threshold: only for task classification"),
     ("template without instruction", "train", SFT, lambda tmp: ["data.prompt_template_no_input=Answer {input}"],
      "data.prompt_template_no_input: must contain {{instruction}}"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, TINY, check, launcher
+from conftest import CONFIGS, TINY, check, exported_checkpoint, launcher
 from test_distributed import ACCEL, accelerate_launch, free_port, max_diff, weights
 from test_invariants import model_facts
 
@@ -203,11 +203,67 @@ def test_a_decoder_llm_classifies_clauses_with_lora_reading_each_texts_last_toke
     assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), want, atol=1e-4)
 
 
+def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, saved_models):
+    """model.pooling=mean on a saved BERT: the export leaves out the [CLS] pooler and records
+    the pooling; `launcher predict` equals a hand computation from the exported weights in
+    plain torch (the base model's last hidden states averaged over each text's tokens, then
+    the classifier), which a [CLS] reading of the same weights does not. `launcher export` of
+    the checkpoints, full and LoRA (trainable state on the pretrained base), gives the run's
+    own exports. A model without a [CLS] pooler (a decoder LLM) is refused in one line before
+    the run directory exists."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, BertModel
+
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "mean", *CLAUSES,
+                   "train.max_steps=4", f"model.name={saved_models / 'bert'}", "model.pooling=mean"))
+    export = tmp_path / "mean" / "model"
+    assert json.loads((export / "config.json").read_text())["launcher_pooling"] == "mean"
+    head = load_file(export / "model.safetensors")
+    assert not any("pooler" in k for k in head) and {"classifier.weight", "classifier.bias"} <= set(head)
+    texts = [json.loads(x)["text"] for x in (tmp_path / "mean" / "data" / "validation.jsonl").read_text().splitlines()[:6]]
+    tok = AutoTokenizer.from_pretrained(export)
+    assert len({len(tok(t)["input_ids"]) for t in texts}) > 1  # a batch pads: the mean must skip the padding
+    base = BertModel.from_pretrained(export, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        enc = tok(texts, return_tensors="pt", padding=True)
+        hidden = base(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        mean = (hidden * mask).sum(1) / mask.sum(1)
+        logits = mean @ head["classifier.weight"].T + head["classifier.bias"]
+        first = hidden[:, 0] @ head["classifier.weight"].T + head["classifier.bias"]
+    assert not torch.allclose(torch.softmax(first, -1), torch.softmax(logits, -1), atol=1e-3)  # the pooling matters
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    proc = check(launcher("predict", str(export), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl"),
+                          env={"TRANSFORMERS_VERBOSITY": "warning"}))
+    assert "LOAD REPORT" not in proc.stdout + proc.stderr  # none about the [CLS] pooler left out
+    probs = [json.loads(x)["probs"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    names = [json.loads((export / "config.json").read_text())["id2label"][str(i)] for i in range(2)]
+    assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), torch.softmax(logits, -1), atol=1e-5)
+
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "mean-lora", *CLAUSES,
+                   "train.max_steps=4", f"model.name={saved_models / 'bert'}", "model.pooling=mean", "model.lora.enabled=true"))
+    for run in ("mean", "mean-lora"):
+        check(launcher("export", str(exported_checkpoint(tmp_path / run)), str(tmp_path / f"{run}-offline")))
+        assert json.loads((tmp_path / f"{run}-offline" / "config.json").read_text())["launcher_pooling"] == "mean"
+        offline = load_file(tmp_path / f"{run}-offline" / "model.safetensors")
+        assert offline.keys() == load_file(tmp_path / run / "model" / "model.safetensors").keys()
+        assert max_diff(offline, load_file(tmp_path / run / "model" / "model.safetensors")) < 1e-6, run
+
+    refused = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "llama-mean", *CLAUSES,
+                       f"model.name={saved_models / 'llama_cls'}", "model.pooling=mean")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    lines = [x for x in refused.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "model.pooling: mean replaces a BERT-family encoder's [CLS] pooler" in lines[0], lines
+    assert not (tmp_path / "llama-mean").exists()
+
+
 REST = {  # what make test leaves out above: each engine runs there on another model
     "bert": ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],
     "llama": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"],
     "minilm": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3+lora", "fsdp2+lora"],
     "llama_cls": ["cpu_ddp", "deepspeed_zero3+lora", "fsdp2+lora"],  # a decoder LM as a clause classifier
+    "bert_mean": ["cpu_ddp", "deepspeed_zero3", "fsdp2+lora"],  # model.pooling=mean
 }
 
 
@@ -217,7 +273,8 @@ def test_the_rest_of_every_model_by_every_engine(model, tmp_path, saved_models):
     """make test-matrix: with the tests above, every model through 1 process, DDP, ZeRO-2,
     ZeRO-3, ZeRO-3 + LoRA, FSDP2 and FSDP2 + LoRA."""
     config, args = (SFT, INSTRUCTIONS) if model == "llama" else (TINY, CLAUSES)  # llama_cls: clauses
-    name = _minilm() if model == "minilm" else saved_models / model
+    name = _minilm() if model == "minilm" else saved_models / model.removesuffix("_mean")
+    args = [*args, "model.pooling=mean"] if model.endswith("_mean") else args
     _run_matrix(tmp_path, config, [*args, f"model.name={name}"], REST[model],
                 lora=any(e.endswith("+lora") for e in REST[model]), tol=1e-4 if model == "minilm" else TOL)
 

@@ -26,10 +26,11 @@ def _meta_count(cfg) -> int:
 @pytest.mark.parametrize("config, overrides", [
     (TINY, []),
     (TINY, ["data.mode=multilabel"]),
+    (TINY, ["model.pooling=mean"]),
     (SFT, []),
     (SFT, ["model.tiny.arch=gpt2"]),
     (SFT, ["model.tiny.arch=llama", "model.tiny.hidden_size=96", "model.tiny.num_heads=3", "data.max_length=300"]),
-], ids=["bert-binary", "bert-multilabel", "llama", "gpt2", "llama-wider"])
+], ids=["bert-binary", "bert-multilabel", "bert-mean-pooled", "llama", "gpt2", "llama-wider"])
 def test_tiny_counts_match_the_built_model(config, overrides):
     cfg = load_config(config, overrides)
     n, _, shape = sizing.model_facts(cfg)

@@ -22,7 +22,8 @@ import torch
 
 from launcher.config import TINY_MODEL, RunConfig
 from launcher.errors import ConfigError
-from launcher.models import from_pretrained, inference_device, remote_code_gate
+from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
+from launcher.tasks import pooling
 
 THRESHOLD = 0.5
 
@@ -33,9 +34,16 @@ THRESHOLD = 0.5
 def check_model_source(cfg: RunConfig) -> None:
     """Fail early (ConfigError) when model.name is neither "tiny", a model directory, nor reachable."""
     if cfg.model.name != TINY_MODEL:
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from_pretrained(AutoConfig, cfg.model.name, cfg.model)
+        config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
+        if cfg.model.pooling == "mean":  # a model without a [CLS] pooler is one line here, before the run starts
+            try:
+                with torch.device("meta"):
+                    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+            except ValueError as e:  # no sequence-classification class for this architecture
+                raise ConfigError(f"model.name: {cfg.model.name}: {str(e).splitlines()[0][:200]}") from None
+            pooling.check(model, cfg.model.name)
 
 
 def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
@@ -109,6 +117,7 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str, object]:
         source = f"config of {cfg.model.name}"
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
+        pooling.apply(model, cfg.model.pooling, cfg.model.name)
     return sum(p.numel() for p in model.parameters()), source, config
 
 
@@ -120,8 +129,9 @@ def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
     names = cfg.data.resolved_label_names()
     attn = attn_implementation(cfg.model, cfg.train.precision)
     if cfg.model.name == TINY_MODEL:
-        return AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
-                                                              attn_implementation=attn)
+        model = AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
+                                                               attn_implementation=attn)
+        return pooling.apply(model, cfg.model.pooling)
     problem = _problem_type(cfg)
     model = from_pretrained(
         AutoModelForSequenceClassification,
@@ -136,7 +146,7 @@ def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
     )
     if tokenizer.pad_token_id is not None:  # the id batches are padded with: a decoder's head skips it
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return pooling.apply(model, cfg.model.pooling, cfg.model.name)
 
 
 def is_multilabel(model_config) -> bool:
@@ -313,7 +323,9 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     code = remote_code_gate(model_dir, trust_remote_code)
-    model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)
+    with pooling.quiet_missing_pooler(model_dir):
+        model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)
+    pooling.apply(model, pooling.saved(model.config), str(model_dir))
     tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
@@ -397,12 +409,9 @@ class ClassificationTask:
         attention). Its sequence-classification head reads the last token that is not the pad
         token (transformers' rule), which under right padding is the text's own last token."""
         tok = load_tokenizer(self.cfg, saved_dir, train_source, cache)
-        if tok.pad_token_id is None:
-            if tok.eos_token_id is None:
-                raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has neither a pad nor an EOS token to pad with")
-            tok.pad_token = tok.eos_token
-            self.pad_note = (f"tokenizer has no pad token: padding with EOS (id {tok.eos_token_id}), masked out of attention; "
-                             "the head reads each text's last token")
+        if tok.pad_token_id is None and tok.eos_token_id is None:
+            raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has neither a pad nor an EOS token to pad with")
+        self.pad_note = pad_with_eos(tok, "masked out of attention; the head reads each text's last token")
         return tok
 
     def datasets(self, train_source, val_source, tokenizer, cache):

@@ -1,0 +1,105 @@
+"""How an encoder classifier reads a text: model.pooling.
+
+cls (the default): the architecture's own head. For BERT-family encoders that is a dense+tanh
+pooler over the [CLS] token; a decoder LLM's head reads the text's last token.
+
+mean: the mean of the last hidden states over the text's tokens (attention mask 1), the
+pooling sentence encoders such as all-MiniLM-L6-v2 were trained with (sentence-transformers),
+whose [CLS] pooler was never trained for anything. The base model's pooler is replaced by a
+parameterless module; the model's own dropout and classifier read its output. The model stays
+its transformers class, so engines, LoRA, checkpoints and the export treat it as any
+classifier. Its config records `launcher_pooling: mean`, and launcher's eval, predict and
+export read that back. Plain transformers would load such an export with a new random pooler
+over [CLS] (it warns that `pooler.dense` is newly initialised): read it with launcher, or apply
+`use_mean_pooling` to the loaded model.
+
+The attention mask reaches the pooler through a forward pre-hook on the base model, which
+stores it on the pooler for that one forward (the pooler's call in transformers passes the
+hidden states only). The hook is a module-level function that finds the pooler on the module
+it runs for, so a copied model pools with its own mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.errors import ConfigError
+
+CONFIG_KEY = "launcher_pooling"  # in the model config (config.json of the export)
+
+
+class MeanPooler(nn.Module):
+    """Masked mean of the last hidden states, in place of a base model's [CLS] pooler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask, self.mask = self.mask, None
+        h = hidden_states.float()  # a sum over up to max_length tokens: not in bf16
+        if mask is None:
+            return h.mean(dim=1).to(hidden_states.dtype)
+        m = mask[:, : h.shape[1]].to(h.dtype).unsqueeze(-1)
+        return ((h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).to(hidden_states.dtype)
+
+
+def _keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        mask = args[1]
+    module.pooler.mask = mask
+
+
+def check(model: nn.Module, model_name: str) -> None:
+    """One line (ConfigError) when the model has no [CLS] pooler that mean pooling can replace."""
+    if not isinstance(getattr(model.base_model, "pooler", None), nn.Module):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ConfigError(f"model.pooling: mean replaces a BERT-family encoder's [CLS] pooler, and {model_name} "
+                          f"({kind}) has none: use model.pooling=cls")
+
+
+def use_mean_pooling(model: nn.Module, model_name: str = "the model") -> nn.Module:
+    """Replace the base model's pooler with MeanPooler (in place; returns the model). Once:
+    a model that pools by the mean already is returned as it is."""
+    base: Any = model.base_model
+    if isinstance(getattr(base, "pooler", None), MeanPooler):
+        return model
+    check(model, model_name)
+    base.pooler = MeanPooler()
+    base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
+    setattr(model.config, CONFIG_KEY, "mean")
+    return model
+
+
+def apply(model: nn.Module, pooling: str | None, model_name: str = "the model") -> nn.Module:
+    """The pooling a config or an export names (None or cls: the model's own head)."""
+    return use_mean_pooling(model, model_name) if pooling == "mean" else model
+
+
+def saved(model_config) -> str:
+    """The pooling an export's config records (cls when it records none)."""
+    return getattr(model_config, CONFIG_KEY, None) or "cls"
+
+
+@contextlib.contextmanager
+def quiet_missing_pooler(model_dir: str | Path):
+    """Loading a mean-pooled export: transformers' load report would list the [CLS] pooler
+    (left out of the export, replaced right after the load) as newly initialised weights."""
+    config = Path(model_dir) / "config.json"
+    mean = config.is_file() and json.loads(config.read_text()).get(CONFIG_KEY) == "mean"
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    if mean:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
