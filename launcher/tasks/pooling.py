@@ -66,7 +66,7 @@ def check(model: nn.Module, model_name: str) -> None:
                           f"({kind}) has none: use model.pooling=cls")
 
 
-def use_mean_pooling(model: nn.Module, model_name: str = "the model") -> nn.Module:
+def use_mean_pooling(model: Any, model_name: str = "the model") -> Any:
     """Replace the base model's pooler with MeanPooler (in place; returns the model). Once:
     a model that pools by the mean already is returned as it is."""
     base: Any = model.base_model
@@ -79,7 +79,7 @@ def use_mean_pooling(model: nn.Module, model_name: str = "the model") -> nn.Modu
     return model
 
 
-def apply(model: nn.Module, pooling: str | None, model_name: str = "the model") -> nn.Module:
+def apply(model: Any, pooling: str | None, model_name: str = "the model") -> Any:
     """The pooling a config or an export names (None or cls: the model's own head)."""
     return use_mean_pooling(model, model_name) if pooling == "mean" else model
 
