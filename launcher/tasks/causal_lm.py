@@ -11,6 +11,7 @@ training and in every answer after it, with the format this run recorded in laun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from launcher.data import instructions, prompts
 from launcher.data.prompts import PromptFormat
 from launcher.errors import ConfigError, DataError
 from launcher.tasks import generation
-from launcher.models import from_pretrained, inference_device, remote_code_gate
+from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
 
 
 def tiny_config(cfg: RunConfig, vocab_size: int, tokenizer):
@@ -121,11 +122,9 @@ class CausalLMTask:
             tok = pipeline.tokenizer_from_cache(train_source, cache, key, train)
         if tok.eos_token_id is None:
             raise ConfigError(f"model.name: {self.cfg.model.name}: the tokenizer has no EOS token to end responses with")
-        if tok.pad_token_id is None:
-            # Reuse EOS for padding: padded positions get attention 0 and label -100 while
-            # real EOS tokens keep their labels (labels come from spans, not from token ids).
-            tok.pad_token = tok.eos_token
-            self.pad_note = f"tokenizer has no pad token: padding with EOS (id {tok.eos_token_id}), masked out of attention and loss"
+        # Padded positions get attention 0 and label -100 while real EOS tokens keep their
+        # labels (labels come from spans, not from token ids).
+        self.pad_note = pad_with_eos(tok, "masked out of attention and loss")
         self.fmt = PromptFormat.from_config(self.cfg.data, tok)
         return tok
 
@@ -293,15 +292,11 @@ class CausalLMTask:
         if not hasattr(self, "_max_new"):
             self._max_new = self.max_new_tokens(loader.rows)
         model.eval()
-        from launcher import engines
         from launcher.tasks import lean_loss
 
-        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device, rt.any_rank) as (unwrapped, lockstep, note):
-            if note and not self._said_generation_note:
-                rt.print(note)
-                self._said_generation_note = True
+        with self._generating(rt, model) as (unwrapped, sync):
             metrics, self.last_rows = generation.evaluate(
-                unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=_sync(rt, lockstep),
+                unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
                 gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
                 head=lean_loss.Head(unwrapped, self.cfg.train.loss_chunk_tokens) if self._lean else None)
         model.train()
@@ -318,6 +313,18 @@ class CausalLMTask:
     def eval_outputs_needed(self) -> bool:
         return False
 
+    @contextlib.contextmanager
+    def _generating(self, rt, model):
+        """(the module to run, generation's `sync`) for evaluation and samples, as the engine
+        wants them (engines.for_generation); its one line printed the first time."""
+        from launcher import engines
+
+        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device, rt.any_rank) as (unwrapped, lockstep, note):
+            if note and not self._said_generation_note:
+                rt.print(note)
+                self._said_generation_note = True
+            yield unwrapped, _sync(rt, lockstep)
+
     def samples(self, rt, model, tokenizer) -> list[dict]:
         """Greedy answers to eval.generation_prompts (every rank answers all of them: under
         sharded engines each forward is a collective; rank 0 logs them); without configured
@@ -326,13 +333,9 @@ class CausalLMTask:
         if not prompts_:
             return [{"prompt": r["question"], "response": r["response"], "reference": r["reference"]}
                     for r in self.last_rows if "response" in r][:SAMPLE_ROWS]
-        from launcher import engines
-
         model.eval()
-        with engines.for_generation(rt.engine, model, rt.inference_model(model), rt.device, rt.any_rank) as (unwrapped, lockstep, _):
-            with rt.accelerator.autocast():
-                responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens,
-                                           sync=_sync(rt, lockstep))
+        with self._generating(rt, model) as (unwrapped, sync), rt.accelerator.autocast():
+            responses = answer_prompts(unwrapped, tokenizer, self.fmt, prompts_, self.cfg.eval.max_new_tokens, sync=sync)
         model.train()
         return [{"prompt": p, "response": r} for p, r in zip(prompts_, responses)]
 
