@@ -95,7 +95,7 @@ class ModelConfig:
     # classification: how the head reads a text. cls: the architecture's own head (a BERT
     # encoder's dense+tanh pooler over [CLS]; a decoder LLM's last token). mean: the mean of the
     # last hidden states over the text's tokens, as sentence encoders (all-MiniLM-L6-v2) were
-    # trained to be read; BERT-family encoders only. The export records it for eval and predict.
+    # trained to be read; BERT-family encoders only. The export records it for eval, predict, export.
     pooling: Literal["cls", "mean"] = "cls"
 
 
