@@ -16,6 +16,7 @@ for binary, {category: cut} for multilabel); eval and predict then use them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,15 +35,18 @@ THRESHOLD = 0.5
 def check_model_source(cfg: RunConfig) -> None:
     """Fail early (ConfigError) when model.name is neither "tiny", a model directory, nor reachable."""
     if cfg.model.name != TINY_MODEL:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
         config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
-        if cfg.model.pooling == "mean":  # a model without a [CLS] pooler is one line here, before the run starts
-            try:
-                with torch.device("meta"):
-                    model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-            except ValueError as e:  # no sequence-classification class for this architecture
-                raise ConfigError(f"model.name: {cfg.model.name}: {str(e).splitlines()[0][:200]}") from None
+        if cfg.model.pooling == "mean" and type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+            # A model without a [CLS] pooler is one line here, before the run starts. The class is
+            # built directly on the meta device: from_config would, under ZeRO-3, initialise it
+            # inside deepspeed.zero.Init with collectives (each rank checks alone). Remote-code
+            # classes are checked when the model is built.
+            with torch.device("meta"):
+                model_class: Any = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+                model = model_class(config)
             pooling.check(model, cfg.model.name)
 
 
