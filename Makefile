@@ -64,8 +64,8 @@ test: typecheck
 test-fast: typecheck
 	$(PYTEST) -m "not slow and not distributed and not server and not slurm"
 
-# mypy on launcher/ as [tool.mypy] sets it (pyproject.toml): every module but the four it
-# still excludes; the task protocols both tasks must meet included.
+# mypy on launcher/ as [tool.mypy] sets it (pyproject.toml): every module, the task
+# protocols both tasks must meet included.
 typecheck: venv
 	$(PY) -m mypy
 

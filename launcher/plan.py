@@ -87,10 +87,18 @@ def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool
     return lines
 
 
-def lora_trainable(cfg: RunConfig) -> int | None:
-    """Parameters a LoRA run trains (adapters and modules_to_save), counted on the model built
-    on the meta device and wrapped by peft exactly as training wraps it. None when the model
-    config cannot be read offline."""
+@dataclass(frozen=True)
+class LoraCount:
+    """What a LoRA run's wrapped model holds: the parameters that train (adapters and
+    modules_to_save), those that stay frozen, and the weights bitsandbytes would quantize."""
+    trainable: int
+    frozen: int
+    quantized: int
+
+
+def lora_trainable(cfg: RunConfig) -> LoraCount | None:
+    """Counted on the model built on the meta device and wrapped by peft exactly as training
+    wraps it. None when the model config cannot be read offline."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -106,11 +114,11 @@ def lora_trainable(cfg: RunConfig) -> int | None:
     with torch.device("meta"):
         base = pooling.apply(auto.from_config(config), cfg.model.pooling)
         # What bitsandbytes quantizes: every linear layer's weight but the output head's.
-        lora_trainable.quantized = sum(m.weight.numel() for m in base.modules()
-                                       if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings())
+        quantized = sum(m.weight.numel() for m in base.modules()
+                        if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings())
         model = lora.apply(base, cfg.model.lora, task.name)
-    lora_trainable.frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return LoraCount(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     frozen=sum(p.numel() for p in model.parameters() if not p.requires_grad), quantized=quantized)
 
 
 # Bytes per quantized weight: NF4 packs two per byte plus one 8-bit absmax per block of 64
@@ -255,6 +263,29 @@ def _best_lines(cfg: RunConfig, model_config, n_params: int, sixteen: bool, node
             f"{dtype}, replaced when beaten, ~{_write_s(size, 1)} from rank 0"]
 
 
+def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params: int | None,
+                    lora_count: LoraCount | None, stage: int, sixteen: bool, engine: str) -> list[str]:
+    """Per-GPU model-state memory: a LoRA run's frozen base and trained part, or every ZeRO
+    stage's split of a full run (with the launch's CPU offload)."""
+    world = launch.num_processes
+    ds = launch.ds or {}
+    offload_opt = str(distributed._get(ds, "zero_optimization.offload_optimizer.device", "none")).lower() != "none"
+    offload_par = str(distributed._get(ds, "zero_optimization.offload_param.device", "none")).lower() != "none"
+    offloaded = [name for name, on in (("optimizer", offload_opt), ("params", offload_par)) if on]
+    if offloaded:
+        engine += f" + CPU offload of {' and '.join(offloaded)}"
+    if lora_count and n_params:
+        n_train = lora_count.trainable
+        head = (f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
+                f"{n_train / n_params:.2%}):")
+        body = lora_memory_lines(n_params, n_train, distributed.weight_dtype(cfg, launch), stage, world, sixteen, engine,
+                                 cfg.model.quantization, lora_count.quantized, lora_count.frozen)
+    else:
+        head = "memory     per GPU, model states only:"
+        body = memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)
+    return [head] + ["             " + x for x in body]
+
+
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
          launch: "distributed.LaunchConfig") -> str:
     from launcher import sizing
@@ -262,7 +293,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
-    stage = launch.zero_stage if launch.uses_deepspeed else (3 if launch.distributed_type == distributed.FSDP else 0)
+    stage = (launch.zero_stage or 0) if launch.uses_deepspeed else (3 if launch.distributed_type == distributed.FSDP else 0)
     engine = {distributed.DEEPSPEED: f"DeepSpeed ZeRO-{stage}", distributed.FSDP: "FSDP (full shard ~ ZeRO-3)"}.get(
         launch.distributed_type, "DDP" if world > 1 else "single process")
     lines = [f"run        {config_path}  ({cfg.task}, model {cfg.model.name}, precision {t.precision})",
@@ -287,6 +318,8 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
             shown = "auto" if value == distributed.AUTO else str(value).lower() if isinstance(value, bool) else value
             lines.append(f"             {key:<{width}} = {shown}  ({owner})")
     facts = sizing.model_facts(cfg)  # config.json arithmetic; no torch import
+    n_params: int | None
+    model_config: object | None
     if facts is not None:
         n_params, where, model_config = facts
     else:  # another family: build it on the meta device (exact, but imports torch + transformers)
@@ -297,28 +330,14 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         model_config = getattr(task, "model_config", None)
     lines.append(f"model      {n_params:,} parameters ({where})" if n_params else f"model      parameters unknown: {where}")
     sixteen = launch.uses_deepspeed and t.precision in ("bf16", "fp16")
-    ds = launch.ds or {}
-    offload_opt = str(distributed._get(ds, "zero_optimization.offload_optimizer.device", "none")).lower() != "none"
-    offload_par = str(distributed._get(ds, "zero_optimization.offload_param.device", "none")).lower() != "none"
-    offloaded = [name for name, on in (("optimizer", offload_opt), ("params", offload_par)) if on]
-    if offloaded:
-        engine += f" + CPU offload of {' and '.join(offloaded)}"
-    n_train = lora_trainable(cfg) if cfg.model.lora.enabled and n_params else None
-    if n_train:
-        base_dtype = distributed.weight_dtype(cfg, launch)
-        lines.append(f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
-                     f"{n_train / n_params:.2%}):")
-        lines += ["             " + x for x in lora_memory_lines(n_params, n_train, base_dtype, stage, world, sixteen, engine,
-                                                                  cfg.model.quantization, lora_trainable.quantized,
-                                                                  lora_trainable.frozen)]
-    else:
-        lines.append("memory     per GPU, model states only:")
-        lines += ["             " + x for x in memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)]
+    lora_count = lora_trainable(cfg) if cfg.model.lora.enabled and n_params else None
+    n_train = lora_count.trainable if lora_count else None
+    lines += _memory_section(cfg, launch, n_params, lora_count, stage, sixteen, engine)
     lines += activation_lines(model_config, cfg)
     ckpt = None
     if n_params:
         trainable_only = bool(n_train) and cfg.model.name != "tiny"  # a random tiny base is saved whole
-        saved = n_train if trainable_only else n_params
+        saved = n_train if trainable_only and n_train else n_params
         ckpt = checkpoint_bytes(saved, n_train or n_params, 4 if trainable_only or not sixteen else 2)
         what = ("LoRA on a pretrained base: the trained weights (adapters, heads) and their AdamW state; the frozen "
                 "base is read again from model.name" if trainable_only else "every weight and the AdamW state of what trains")

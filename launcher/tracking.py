@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 from launcher import __version__
 from launcher.config import redact_text, redact_uri
@@ -226,7 +227,10 @@ class MLflowTracker(Tracker):
         # Finding or creating the run and counting this attempt wait on the server (the start
         # checked it answers): an attempt killed a moment later is still counted. From then on
         # every call goes through the sender (see the module docstring).
-        self.run_id = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        created = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        if not created:
+            raise RuntimeError("the tracking server created a run without an id")
+        self.run_id: str = created
         self.resumed = bool(run_id)
         try:
             if self.resumed:
@@ -434,7 +438,7 @@ class WandbTracker(Tracker):
             name=os.environ.get("WANDB_NAME") or run_name,
             id=run_id or os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4),
             resume="allow",
-            mode=mode,
+            mode=cast(Any, mode),  # as wandb reads WANDB_MODE itself: its settings also take "dryrun" and "run"
             dir=str(directory),
             tags=(own + [f"{k}={v}" for k, v in tags.items()])[:20],
         )
@@ -652,7 +656,8 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
         return Tracker()
     resume_ids = resume_ids or {}
     tags = run_tags(facts)
-    trackers: list[Tracker] = [JsonlTracker(run_dir / "metrics.jsonl", resume_step)]
+    jsonl = JsonlTracker(run_dir / "metrics.jsonl", resume_step)
+    trackers: list[Tracker] = [jsonl]
     t = cfg.tracking
     if t.mlflow:
         artifact_root = None
@@ -662,7 +667,7 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
             cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags, t.outage_wait_s,
             t.system_metrics_every_s))
         if mlflow.resumed:
-            mlflow.backfill(trackers[0].records())
+            mlflow.backfill(jsonl.records())
         trackers.append(mlflow)
     # The config wins where it says something; otherwise W&B's own variables do, as in any
     # W&B program (a cluster's WANDB_MODE=offline used to be overridden by a default "online").

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from launcher.config import UNFAIR_TOS_CATEGORIES, DataConfig
 from launcher.data.sources import MAX_REPORTED, read_records  # noqa: F401  (read_records: cli, instructions)
@@ -94,7 +95,10 @@ class LabelEncoder:
 
 def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], list]:
     """All rows of a small file (eval) or a DataError listing the bad ones (first MAX_REPORTED, then a count)."""
-    texts, targets, problems, n_bad = [], [], [], 0
+    texts: list[str] = []
+    targets: list = []
+    problems: list[str] = []
+    n_bad = 0
     for where, record in records:
         try:
             if isinstance(record, DataError):
@@ -158,18 +162,18 @@ class ClauseEncoder:
         return {"input_ids": ids, "labels": targets, "length": [len(x) for x in ids], "_error": errors}
 
 
-def load_split(cfg: DataConfig, split: str, path: str | None) -> tuple[list[str], list]:
+def load_split(cfg: DataConfig, split: Literal["train", "validation"], path: str | None) -> tuple[list[str], list]:
     """(texts, targets) of one whole split in memory, checked as training checks it (small
     data: tests, `plan`). Training itself reads splits through data/pipeline.py."""
     import dataclasses
 
     from launcher.data import pipeline, sources
 
-    cfg = dataclasses.replace(cfg, **{f"{split}_file": path}) if split in ("train", "validation") else cfg
-    source = sources.resolve(cfg, split) if split in ("train", "validation") else None
+    cfg = dataclasses.replace(cfg, train_file=path) if split == "train" else dataclasses.replace(cfg, validation_file=path)
+    source = sources.resolve(cfg, split)
     encoder = ClauseEncoder(cfg.mode, cfg.resolved_label_names())
     with tempfile.TemporaryDirectory() as tmp:
-        raw = source.read(tmp, encoder.check)
+        raw = source.read(Path(tmp), encoder.check)
         if raw.num_rows == 0:
             raise DataError(f"{source}: no rows")
         out = pipeline.map_rows(raw, encoder, keep_in_memory=True)

@@ -129,7 +129,7 @@ class InstructionEncoder:
             spans.append(span)
             errors.append(error)
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        out = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
                                "_truncated", "_label_tokens", "_chat", "_system")}
         for ids, offsets, span, text, error, row in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors, rows):
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
@@ -259,21 +259,30 @@ def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat 
 def pack(ids: list[list[int]], labels: list[list[int]], block: int) -> tuple[list, list, list]:
     """Greedy, in order: examples are appended to the current block until the next does not fit.
     No example is split, so every example keeps all its tokens."""
-    out_ids, out_labels, out_lens = [], [], []
-    cur_ids, cur_labels, cur_lens = [], [], []
+    out_ids: list[list[int]] = []
+    out_labels: list[list[int]] = []
+    out_lens: list[list[int]] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    cur_lens: list[int] = []
     for x, y in zip(ids, labels):
         if cur_ids and len(cur_ids) + len(x) > block:
-            out_ids.append(cur_ids), out_labels.append(cur_labels), out_lens.append(cur_lens)
+            out_ids.append(cur_ids)
+            out_labels.append(cur_labels)
+            out_lens.append(cur_lens)
             cur_ids, cur_labels, cur_lens = [], [], []
         cur_ids, cur_labels, cur_lens = cur_ids + x, cur_labels + y, cur_lens + [len(x)]
     if cur_ids:
-        out_ids.append(cur_ids), out_labels.append(cur_labels), out_lens.append(cur_lens)
+        out_ids.append(cur_ids)
+        out_labels.append(cur_labels)
+        out_lens.append(cur_lens)
     return out_ids, out_labels, out_lens
 
 
 def greedy_plan(lengths: list[int], block: int) -> list[list[int]]:
     """Blocks of `pack`: rows in order, a new block when the next row does not fit."""
-    plan, used = [], 0
+    plan: list[list[int]] = []
+    used = 0
     for i, n in enumerate(lengths):
         if not plan or used + n > block:
             plan.append([])
@@ -418,7 +427,7 @@ class LMCollator:
             ids[i, :k] = torch.tensor(r["input_ids"])
             labels[i, :k] = torch.tensor(r["labels"])
             mask[i, :k] = 1
-        batch = {"input_ids": ids, "labels": labels}
+        batch: dict[str, torch.Tensor | int] = {"input_ids": ids, "labels": labels}
         if not self.packed:
             batch["attention_mask"] = mask
             return batch
@@ -426,7 +435,7 @@ class LMCollator:
         for i, r in enumerate(rows):
             start = 0
             for length in list(r["seq_lens"]) + [width - sum(r["seq_lens"])]:
-                positions[i, start : start + length] = torch.arange(length)
+                positions[i, start : start + length] = torch.arange(int(length))
                 if length:
                     labels[i, start] = IGNORE
                 start += length
@@ -456,7 +465,7 @@ def generate_instructions(n: int, seed: int) -> list[dict]:
     vocab = random.Random(0)  # the mapping itself is fixed, so train and validation agree
     things = [f"{a} {b}" for a, b in zip(_WORDS, reversed(_WORDS))][:8]
     answers = {t: " ".join(vocab.sample(_WORDS, 2)) for t in things}
-    rows = []
+    rows: list[dict] = []
     for i in range(n):
         thing = rng.choice(things)
         question = f"What is the code word for {thing}?"
