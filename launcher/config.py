@@ -341,6 +341,28 @@ class RunConfig:
         return "sqlite:///" + str((Path(self.output_dir) / "mlflow.db").resolve())
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a task reads of a run: its model, data and evaluation sections, and the training
+    settings that shape its model or its loss. A task gets this, never the whole RunConfig
+    (which holds launch, checkpoint and tracking settings it has no business with)."""
+
+    task: Literal["classification", "causal_lm"]
+    model: ModelConfig
+    data: DataConfig
+    eval: EvalConfig
+    precision: Literal["no", "bf16", "fp16"]  # the resolved one: it picks the attention kernel
+    gradient_checkpointing: bool
+    loss_chunk_tokens: int  # causal_lm: the lean loss's chunk
+    class_weighting: Literal["none", "balanced"]  # classification
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "TaskConfig":
+        t = cfg.train
+        return cls(cfg.task, cfg.model, cfg.data, cfg.eval, t.precision, t.gradient_checkpointing, t.loss_chunk_tokens,
+                   t.class_weighting)
+
+
 CLASSIFICATION_METRICS = ("macro_f1", "micro_f1", "loss", "accuracy")
 CAUSAL_LM_METRICS = ("loss", "perplexity", "exact_match", "accuracy", "macro_f1", "choice_accuracy", "choice_macro_f1")
 LOWER_IS_BETTER = {"loss", "perplexity"}

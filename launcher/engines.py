@@ -110,6 +110,25 @@ class FrozenPolicy:
     check_saved: bool = False  # before loading: every trainable weight is in the checkpoint
 
 
+@contextlib.contextmanager
+def model_init(engine: Engine, accelerator, random_weights: bool) -> Iterator[None]:
+    """Where the model is built. Under ZeRO-3 transformers builds it inside
+    deepspeed.zero.Init, each rank allocating only its shard: right for pretrained weights,
+    but a random init drawn that way differs from a single process's. So random inits (and
+    zero3_init_flag: false) build whole, and the engine shards them at prepare."""
+    if not engine.builds_whole_under_zero3(random_weights):
+        yield
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # accelerate 1.15's zero3_init_context_manager(False) leaves it set
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def reduce_dtypes(model) -> list[str]:
     """The dtypes this rank's gradients are reduced in, as the engine holds them: DeepSpeed's
     communication_data_type; each FSDP2 parameter's own (its reduce dtype, else the dtype it

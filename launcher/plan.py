@@ -301,7 +301,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
              f"{launch.num_machines} node(s) x {launch.processes_per_machine} process(es) = world size {world}",
              f"batch      global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accumulation} "
              f"x {world} process(es)"]
-    rows, source = sizing.count_rows(cfg)
+    rows, source = sizing.count_rows(cfg.task, cfg.data)
     if rows is not None:
         per_epoch = rows // t.global_batch_size
         total = t.max_steps or t.epochs * per_epoch

@@ -104,17 +104,13 @@ class Runtime:
 
     def stop_requested(self) -> str | None:
         """Whether any rank was signalled: a collective (max over ranks), so every rank stops
-        at the same step. Returns the signal's name, or None."""
-        import torch
-
+        at the same step. Returns the signal's name, or None. It runs after every step, on the
+        host only (any_rank): the step's kernels are not waited for."""
         local = getattr(self, "_stop_signal", None)
         stop_file = os.environ.get("LAUNCHER_STOP_FILE")
         if not local and stop_file and os.path.exists(stop_file):  # slurm/train.sh's warning trap
             local = f"stop file {stop_file}"
-        if self.world_size == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        if self.accelerator.reduce(flag, reduction="max").item() > 0:
+        if self.any_rank(bool(local)):
             return local or "a signal to another rank"
         return None
 
@@ -130,13 +126,27 @@ class Runtime:
         return fsdp1 if isinstance(fsdp1, FullyShardedDataParallel) else self.unwrap(model)
 
     def any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on any rank (a collective)."""
+        """Whether `flag` holds on any rank (a collective). The flag is a host value, so it is
+        reduced on the host, over a CPU (gloo) group beside the engine's: a flag on the device
+        would cost a copy there and a device-to-host sync that waits for every queued kernel."""
         if self.world_size == 1:
             return flag
         import torch
+        import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(t, reduction="max").item() > 0)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group())
+        return bool(t.item())
+
+    def _host_group(self):
+        """The process group for host-side flags: the default one where it already runs on
+        gloo (CPU launches), else a gloo group over every rank, made once. Every rank makes it
+        at the same call, as a collective requires (any_rank is one)."""
+        import torch.distributed as dist
+
+        if getattr(self, "_host_pg", None) is None:
+            self._host_pg = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return self._host_pg
 
     def shared_token(self) -> str:
         """A random id that every rank of this job agrees on (a broadcast from rank 0)."""
@@ -204,24 +214,9 @@ class Runtime:
 
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-    @contextlib.contextmanager
     def model_init(self, random_weights: bool):
-        """Where the model is built. Under ZeRO-3 transformers builds it inside
-        deepspeed.zero.Init, each rank allocating only its shard: right for pretrained
-        weights, but a random init drawn that way differs from a single process's.
-        So random inits (and zero3_init_flag: false) build whole; the engine shards at prepare.
-        """
-        if not self.engine.builds_whole_under_zero3(random_weights):
-            yield
-            return
-        plugin = self.accelerator.state.deepspeed_plugin
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # accelerate 1.15's zero3_init_context_manager(False) leaves it set
-        try:
-            yield
-        finally:
-            plugin.set_deepspeed_weakref()
+        """Where the model is built (engines.model_init decides how)."""
+        return engines.model_init(self.engine, self.accelerator, random_weights)
 
     def parameter_counts(self, model) -> tuple[int, int, list[int]]:
         """(full parameter count, trainable count, elements held by each rank). A collective.

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from launcher.config import TINY_MODEL, RunConfig
+from launcher.config import TINY_MODEL, DataConfig, RunConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
@@ -110,24 +110,23 @@ def model_facts(cfg: RunConfig) -> tuple[int, str, SimpleNamespace] | None:
     return None if n is None else (n, where, SimpleNamespace(**config))
 
 
-def count_rows(cfg: RunConfig) -> tuple[int | None, str]:
+def count_rows(task: str, d: DataConfig) -> tuple[int | None, str]:
     """(training rows, where from) for the step arithmetic; (None, why) when unknown before
     the run starts (hub data, packed blocks). Cheap where the format allows (JSONL lines,
     Parquet metadata); other files are read by the task's own reader."""
     from launcher.data import sources
     from launcher.errors import UserError
 
-    d = cfg.data
     n: int | None
     if d.synthetic.enabled:
         n, where = d.synthetic.n_train, "synthetic"
     elif d.train_file is None:
-        hub = f"{d.hub_dataset}/{d.hub_config}" if cfg.task == "classification" else d.hub_dataset
+        hub = f"{d.hub_dataset}/{d.hub_config}" if task == "classification" else d.hub_dataset
         return None, f"rows of {hub} (hub) are counted when the run starts"
     else:
         try:
             n = sources.resolve(d, "train").count_rows()
-            if n is None and cfg.task == "classification":
+            if n is None and task == "classification":
                 from launcher.data.clauses import load_split
 
                 n = len(load_split(d, "train", d.train_file)[0])
@@ -138,9 +137,9 @@ def count_rows(cfg: RunConfig) -> tuple[int | None, str]:
         except UserError as e:
             return None, e.problems[0]
         where = d.train_file
-    if cfg.task == "causal_lm" and d.packing:  # optimizer steps count blocks, known once rows are packed
+    if task == "causal_lm" and d.packing:  # optimizer steps count blocks, known once rows are packed
         return None, f"{n:,} {where} rows are packed into {d.max_length}-token blocks when the run starts"
-    if cfg.task == "causal_lm" and d.max_rows_per_answer:
+    if task == "causal_lm" and d.max_rows_per_answer:
         return None, (f"{n:,} {where} rows, at most {d.max_rows_per_answer} per answer (data.max_rows_per_answer): "
                       "counted when the run starts")
     return n, where

@@ -54,3 +54,37 @@ def test_outside_torchrun_nobody_knows_the_grace_and_nothing_is_claimed(monkeypa
     p.stepped(1e6)
     p.saved(1, 1e6)
     assert p.grace is None and capsys.readouterr().err == ""
+
+
+def _stop_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from launcher.runtime import Runtime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # No accelerator: the decision is made on the host alone, or this raises.
+    rt = Runtime(accelerator=None, rank=rank, local_rank=rank, world_size=2, num_nodes=1, distributed_type="MULTI_CPU")
+    said = [rt.stop_requested()]
+    if rank == 1:
+        rt._stop_signal = "SIGTERM"  # as watch_signals' handler sets it: this rank alone was signalled
+    said.append(rt.stop_requested())
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(said))
+
+
+@pytest.mark.distributed
+def test_a_signal_to_one_rank_stops_every_rank_decided_on_the_host(tmp_path):
+    """The per-step stop decision is a max over ranks of a host flag: rank 0, never signalled,
+    learns of rank 1's SIGTERM at the same call, without the accelerator (no device copy, no
+    device-to-host sync)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stop_worker, args=(port, str(tmp_path / "said")), nprocs=2)
+    assert (tmp_path / "said.0").read_text() == repr([None, "a signal to another rank"])
+    assert (tmp_path / "said.1").read_text() == repr([None, "SIGTERM"])

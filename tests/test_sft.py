@@ -246,8 +246,8 @@ def test_auto_attention_picks_flash_only_for_16_bit_runs_and_flattens_packed_bat
     collator then flattens packed micro-batches; under sdpa it does not."""
     import importlib.util
 
+    from launcher import tasks
     from launcher.tasks import modeling
-    from launcher.tasks.causal_lm import CausalLMTask
 
     real = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -258,11 +258,11 @@ def test_auto_attention_picks_flash_only_for_16_bit_runs_and_flattens_packed_bat
     class Tok:
         pad_token_id = 0
 
-    assert CausalLMTask(cfg).collator(Tok).flatten is False  # sft_tiny: precision no
+    assert tasks.for_config(cfg).collator(Tok).flatten is False  # sft_tiny: precision no
     cfg = load_config(SFT, ["data.packing=true", "train.precision=bf16"])
-    assert CausalLMTask(cfg).collator(Tok).flatten is True
+    assert tasks.for_config(cfg).collator(Tok).flatten is True
     cfg = load_config(SFT, ["data.packing=false", "train.precision=bf16"])
-    assert CausalLMTask(cfg).collator(Tok).flatten is False
+    assert tasks.for_config(cfg).collator(Tok).flatten is False
 
 
 def test_stack_fact_packed_rows_need_the_kv_cache_off(data_tok):
@@ -280,9 +280,9 @@ def test_stack_fact_packed_rows_need_the_kv_cache_off(data_tok):
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_masked_and_says_so(tmp_path):
-    from launcher.tasks.causal_lm import CausalLMTask
+    from launcher import tasks
 
-    task = CausalLMTask(load_config(SFT))
+    task = tasks.for_config(load_config(SFT))
     t = task_tokenizer(task, tmp_path, instructions.generate_instructions(20, 0))
     assert t.pad_token_id == t.eos_token_id and "no pad token: padding with EOS" in task.pad_note
     ids_a, lab_a = encode({"instruction": "what is the code word", "input": "", "output": "maple"}, DataConfig(), t)

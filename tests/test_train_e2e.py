@@ -66,7 +66,7 @@ def test_exactly_one_mlflow_run_with_params_tags_metrics_artifacts(trained_binar
 def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_binary):
     from transformers import AutoTokenizer, pipeline
 
-    from launcher.config import load_config
+    from launcher.config import TaskConfig, load_config
     from launcher.tasks.classification import build_model
 
     _, run = trained_binary
@@ -75,7 +75,7 @@ def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_bi
     # step (checkpoint.export: best -> the best evaluation's, kept for this).
     cfg = load_config(run / "config.yaml", check_files=False)
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
-    model = build_model(cfg, tok).eval()
+    model = build_model(TaskConfig.of(cfg), tok).eval()
     model.load_state_dict(load_file(exported_checkpoint(run) / "model.safetensors"))
     exported = load_file(run / "model" / "model.safetensors")
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items() if k in exported)

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 if typing.TYPE_CHECKING:
     import torch
 
+    from launcher.config import RunConfig
+
 
 class TaskData(Protocol):
     """Where rows come from and how they become memory-mapped token rows."""
@@ -105,11 +107,15 @@ class Task(TaskData, TaskModel, TaskEvaluation, TaskSizing, Protocol):
     """Everything `launcher train` asks of a workload."""
 
 
-def for_config(cfg) -> Task:
-    if cfg.task == "causal_lm":
+def for_config(cfg: "RunConfig") -> Task:
+    """The run's task, handed its own part of the config (TaskConfig)."""
+    from launcher.config import TaskConfig
+
+    task_cfg = TaskConfig.of(cfg)
+    if task_cfg.task == "causal_lm":
         from launcher.tasks.causal_lm import CausalLMTask
 
-        return CausalLMTask(cfg)
+        return CausalLMTask(task_cfg)
     from launcher.tasks.classification import ClassificationTask
 
-    return ClassificationTask(cfg)
+    return ClassificationTask(task_cfg)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import TINY_MODEL, RunConfig
+from launcher.config import TINY_MODEL, TaskConfig
 from launcher.data import instructions, prompts
 from launcher.data.prompts import PromptFormat
 from launcher.errors import ConfigError, DataError
@@ -26,7 +26,7 @@ from launcher.tasks import generation
 from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
 
 
-def tiny_config(cfg: RunConfig, vocab_size: int, tokenizer):
+def tiny_config(cfg: TaskConfig, vocab_size: int, tokenizer):
     from transformers import GPT2Config, LlamaConfig
 
     t = cfg.model.tiny
@@ -49,7 +49,7 @@ _ONE = torch.tensor(1.0)
 class CausalLMTask:
     name = "causal_lm"
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         self.pad_note = ""
         self.fmt = PromptFormat.from_config(cfg.data, None)  # completed by tokenizer() and datasets()
@@ -203,7 +203,7 @@ class CausalLMTask:
 
         from launcher.tasks import modeling
 
-        attn = modeling.attn_implementation(self.cfg.model, self.cfg.train.precision)
+        attn = modeling.attn_implementation(self.cfg.model, self.cfg.precision)
         if self.cfg.model.name == TINY_MODEL:
             model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
@@ -225,7 +225,7 @@ class CausalLMTask:
         packed examples from position ids alone only in a batch of one row."""
         from launcher.tasks import modeling
 
-        flash = modeling.attn_implementation(self.cfg.model, self.cfg.train.precision) == "flash_attention_2"
+        flash = modeling.attn_implementation(self.cfg.model, self.cfg.precision) == "flash_attention_2"
         return instructions.LMCollator(tokenizer.pad_token_id, self.cfg.data.packing,
                                        flatten=self.cfg.data.packing and flash)
 
@@ -250,7 +250,7 @@ class CausalLMTask:
         bare = rt.inference_model(model)
         batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
         with rt.accelerator.autocast():
-            head, why = lean_loss.eval_head(bare, self.cfg.train.loss_chunk_tokens, batch)
+            head, why = lean_loss.eval_head(bare, self.cfg.loss_chunk_tokens, batch)
         # Both None: no chunked loss here (off, or the engine shards the head), alike on every rank.
         if (head is not None or why is not None) and rt.any_rank(why is not None):  # one rank's refusal stops all
             head, why = None, why or "another rank's comparison failed"
@@ -266,9 +266,9 @@ class CausalLMTask:
         from launcher.tasks import lean_loss
 
         if self._lean is None:  # (not checked: a caller outside the trainer)
-            self._lean = bool(self.cfg.train.loss_chunk_tokens) and lean_loss.supported(model)
+            self._lean = bool(self.cfg.loss_chunk_tokens) and lean_loss.supported(model)
         if self._lean:
-            return lean_loss.loss_sum(model, batch, self.cfg.train.loss_chunk_tokens)
+            return lean_loss.loss_sum(model, batch, self.cfg.loss_chunk_tokens)
         return model(**batch, num_items_in_batch=_ONE).loss
 
     # ---- evaluation
@@ -298,7 +298,7 @@ class CausalLMTask:
             metrics, self.last_rows = generation.evaluate(
                 unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
                 gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
-                head=lean_loss.Head(unwrapped, self.cfg.train.loss_chunk_tokens) if self._lean else None)
+                head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean else None)
         model.train()
         return metrics
 
@@ -363,7 +363,7 @@ class CausalLMTask:
     def count_rows(self) -> tuple[int | None, str]:
         from launcher import sizing
 
-        return sizing.count_rows(self.cfg)
+        return sizing.count_rows(self.cfg.task, self.cfg.data)
 
     def metadata(self) -> dict:
         """launcher.json: the prompt format every later answer renders with, the closed answer

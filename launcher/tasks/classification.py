@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.config import TINY_MODEL, RunConfig
+from launcher.config import TINY_MODEL, TaskConfig
 from launcher.errors import ConfigError
 from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
 from launcher.tasks import pooling
@@ -32,7 +32,7 @@ THRESHOLD = 0.5
 # ---------------------------------------------------------------- model
 
 
-def check_model_source(cfg: RunConfig) -> None:
+def check_model_source(cfg: TaskConfig) -> None:
     """Fail early (ConfigError) when model.name is neither "tiny", a model directory, nor reachable."""
     if cfg.model.name != TINY_MODEL:
         from transformers import AutoConfig
@@ -50,7 +50,7 @@ def check_model_source(cfg: RunConfig) -> None:
             pooling.check(model, cfg.model.name)
 
 
-def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
+def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):
     """The run's tokenizer. A tiny model's is trained on the training texts (once per data
     cache) and kept in the run directory, so a resumed run tokenizes exactly as the first one did."""
     from transformers import AutoTokenizer
@@ -70,7 +70,7 @@ def load_tokenizer(cfg: RunConfig, saved_dir: Path, train_source, cache):
     return pipeline.tokenizer_from_cache(train_source, cache, key, train)
 
 
-def random_init(cfg: RunConfig) -> bool:
+def random_init(cfg: TaskConfig) -> bool:
     """True when the model starts from random weights rather than a pretrained checkpoint."""
     return cfg.model.name == TINY_MODEL
 
@@ -79,11 +79,11 @@ def label_maps(label_names: list[str]) -> dict:
     return {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
 
 
-def _problem_type(cfg: RunConfig) -> str:
+def _problem_type(cfg: TaskConfig) -> str:
     return "multi_label_classification" if cfg.data.mode == "multilabel" else "single_label_classification"
 
 
-def tiny_config(cfg: RunConfig, vocab_size: int, pad_token_id: int):
+def tiny_config(cfg: TaskConfig, vocab_size: int, pad_token_id: int):
     from transformers import BertConfig
 
     t, names = cfg.model.tiny, cfg.data.resolved_label_names()
@@ -102,7 +102,7 @@ def tiny_config(cfg: RunConfig, vocab_size: int, pad_token_id: int):
     )
 
 
-def count_parameters(cfg: RunConfig) -> tuple[int | None, str, object]:
+def count_parameters(cfg: TaskConfig) -> tuple[int | None, str, object]:
     """(parameter count, where it came from, the model config) without loading weights: the
     model is built on the meta device from its config. None (and no config) when the config
     cannot be read offline."""
@@ -125,13 +125,13 @@ def count_parameters(cfg: RunConfig) -> tuple[int | None, str, object]:
     return sum(p.numel() for p in model.parameters()), source, config
 
 
-def build_model(cfg: RunConfig, tokenizer, dtype: str = "float32"):
+def build_model(cfg: TaskConfig, tokenizer, dtype: str = "float32"):
     from transformers import AutoModelForSequenceClassification
 
     from launcher.tasks.modeling import attn_implementation, torch_dtype
 
     names = cfg.data.resolved_label_names()
-    attn = attn_implementation(cfg.model, cfg.train.precision)
+    attn = attn_implementation(cfg.model, cfg.precision)
     if cfg.model.name == TINY_MODEL:
         model = AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
                                                                attn_implementation=attn)
@@ -377,7 +377,7 @@ class ClassificationTask:
 
     name = "classification"
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         self.label_names = cfg.data.resolved_label_names()
         self.weights: torch.Tensor | None = None
@@ -452,7 +452,7 @@ class ClassificationTask:
         return PadCollator(tokenizer.pad_token_id)
 
     def prepare(self, train_ds, device) -> None:
-        if self.cfg.train.class_weighting == "balanced":
+        if self.cfg.class_weighting == "balanced":
             self.weights_cpu = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel")
             self.weights = self.weights_cpu.to(device)
 
@@ -542,7 +542,7 @@ class ClassificationTask:
     def count_rows(self) -> tuple[int | None, str]:
         from launcher import sizing
 
-        return sizing.count_rows(self.cfg)
+        return sizing.count_rows(self.cfg.task, self.cfg.data)
 
     def metadata(self) -> dict:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": self.threshold,

@@ -4,8 +4,12 @@ checkpointing, no KV cache while training, LoRA. One place, so the tasks cannot 
 from __future__ import annotations
 
 import importlib.util
+import typing
 
 from launcher.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from launcher.config import TaskConfig
 
 
 def attn_implementation(model_cfg, precision: str) -> str:
@@ -35,7 +39,7 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def finish(model, cfg, task: str, dtype: str = "float32"):
+def finish(model, cfg: "TaskConfig", task: str, dtype: str = "float32"):
     """Dtype, checkpointing, cache and LoRA on a freshly built model (in that order: peft
     wraps the model whose layers already recompute). Whatever trains is float32 unless the
     dtype policy chose bf16 weights for an engine that keeps fp32 masters."""
@@ -53,14 +57,14 @@ def finish(model, cfg, task: str, dtype: str = "float32"):
         model = model.to(torch_dtype(dtype))
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # training never reuses keys/values; generation asks for them itself
-    if cfg.train.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA), ZeRO-3's parameter hooks and
         # keyword arguments; recomputation replays the RNG, so dropout masks are the same.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
         from launcher.tasks import lora
 
-        if cfg.train.gradient_checkpointing:
+        if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         model = lora.apply(model, cfg.model.lora, task)
         for p in model.parameters():  # adapters and trained heads keep fp32 over a bf16 base
