@@ -345,7 +345,8 @@ class RunConfig:
 class TaskConfig:
     """What a task reads of a run: its model, data and evaluation sections, and the training
     settings that shape its model or its loss. A task gets this, never the whole RunConfig
-    (which holds launch, checkpoint and tracking settings it has no business with)."""
+    (which holds launch, checkpoint and tracking settings it has no business with). Frozen at
+    this level only: the sections are the RunConfig's own objects, not copies."""
 
     task: Literal["classification", "causal_lm"]
     model: ModelConfig

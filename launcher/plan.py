@@ -274,7 +274,7 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params
     offloaded = [name for name, on in (("optimizer", offload_opt), ("params", offload_par)) if on]
     if offloaded:
         engine += f" + CPU offload of {' and '.join(offloaded)}"
-    if lora_count and n_params:
+    if lora_count and lora_count.trainable and n_params:
         n_train = lora_count.trainable
         head = (f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
                 f"{n_train / n_params:.2%}):")

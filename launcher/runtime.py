@@ -38,6 +38,12 @@ def env_rank() -> int:
 SAME_KEY_PRESS_S = 0.5  # two SIGINTs closer than this are one Ctrl-C delivered twice
 
 
+def reduces_cpu_tensors(backend: str) -> bool:
+    """Whether a process group of this backend string ("gloo", "nccl", "cpu:gloo,cuda:nccl")
+    all-reduces CPU tensors."""
+    return any(part.split(":")[-1] == "gloo" for part in str(backend).split(","))
+
+
 @dataclass
 class Runtime:
     accelerator: Any
@@ -51,6 +57,7 @@ class Runtime:
     keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
     notes: list | None = None  # what the launch decided for the run config (printed at start)
     preemption: Any = None  # preemption.Preemption once watch_signals has run
+    collective_timeout_s: float = 1800.0  # train.collective_timeout_s: the host-flag group's too
 
     @property
     def is_main(self) -> bool:
@@ -139,13 +146,18 @@ class Runtime:
         return bool(t.item())
 
     def _host_group(self):
-        """The process group for host-side flags: the default one where it already runs on
-        gloo (CPU launches), else a gloo group over every rank, made once. Every rank makes it
-        at the same call, as a collective requires (any_rank is one)."""
+        """The process group for host-side flags: the default one where it already reduces CPU
+        tensors with gloo (CPU launches, "cpu:gloo,cuda:nccl"), else a gloo group over every
+        rank, made once, with the run's collective timeout. Every rank makes it at the same
+        call, as a collective requires (any_rank is one). Across nodes gloo uses the interface
+        the host name resolves to; GLOO_SOCKET_IFNAME names another (as NCCL_SOCKET_IFNAME)."""
+        from datetime import timedelta
+
         import torch.distributed as dist
 
         if getattr(self, "_host_pg", None) is None:
-            self._host_pg = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._host_pg = (dist.group.WORLD if reduces_cpu_tensors(dist.get_backend()) else
+                             dist.new_group(backend="gloo", timeout=timedelta(seconds=self.collective_timeout_s)))
         return self._host_pg
 
     def shared_token(self) -> str:
@@ -417,4 +429,5 @@ def build_runtime(cfg, launch: "LaunchConfig", notes: list[str] | None = None) -
         weight_dtype=distributed.weight_dtype(cfg, launch),
         keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
         notes=list(notes or []),
+        collective_timeout_s=cfg.train.collective_timeout_s,
     )

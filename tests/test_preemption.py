@@ -56,28 +56,34 @@ def test_outside_torchrun_nobody_knows_the_grace_and_nothing_is_claimed(monkeypa
     assert p.grace is None and capsys.readouterr().err == ""
 
 
-def _stop_worker(rank: int, port: int, out: str) -> None:
+def _stop_worker(rank: int, port: int, out: str, side_group: bool) -> None:
     import torch.distributed as dist
 
-    from launcher.runtime import Runtime
+    from launcher import runtime
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if side_group:  # as under NCCL: the flags get a gloo group of their own
+        runtime.reduces_cpu_tensors = lambda backend: False
     # No accelerator: the decision is made on the host alone, or this raises.
-    rt = Runtime(accelerator=None, rank=rank, local_rank=rank, world_size=2, num_nodes=1, distributed_type="MULTI_CPU")
+    rt = runtime.Runtime(accelerator=None, rank=rank, local_rank=rank, world_size=2, num_nodes=1,
+                         distributed_type="MULTI_CPU", collective_timeout_s=60)
     said = [rt.stop_requested()]
     if rank == 1:
         rt._stop_signal = "SIGTERM"  # as watch_signals' handler sets it: this rank alone was signalled
     said.append(rt.stop_requested())
+    said.append(rt._host_group() is dist.group.WORLD)
     dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as f:
         f.write(repr(said))
 
 
 @pytest.mark.distributed
-def test_a_signal_to_one_rank_stops_every_rank_decided_on_the_host(tmp_path):
+@pytest.mark.parametrize("side_group", [False, True], ids=["default-gloo-group", "own-gloo-group"])
+def test_a_signal_to_one_rank_stops_every_rank_decided_on_the_host(tmp_path, side_group):
     """The per-step stop decision is a max over ranks of a host flag: rank 0, never signalled,
     learns of rank 1's SIGTERM at the same call, without the accelerator (no device copy, no
-    device-to-host sync)."""
+    device-to-host sync); over the default group when it reduces CPU tensors, else over a gloo
+    group of its own (an NCCL launch)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -85,6 +91,12 @@ def test_a_signal_to_one_rank_stops_every_rank_decided_on_the_host(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_stop_worker, args=(port, str(tmp_path / "said")), nprocs=2)
-    assert (tmp_path / "said.0").read_text() == repr([None, "a signal to another rank"])
-    assert (tmp_path / "said.1").read_text() == repr([None, "SIGTERM"])
+    mp.spawn(_stop_worker, args=(port, str(tmp_path / "said"), side_group), nprocs=2)
+    assert (tmp_path / "said.0").read_text() == repr([None, "a signal to another rank", not side_group])
+    assert (tmp_path / "said.1").read_text() == repr([None, "SIGTERM", not side_group])
+
+
+def test_which_process_groups_reduce_cpu_tensors():
+    from launcher.runtime import reduces_cpu_tensors
+
+    assert [reduces_cpu_tensors(b) for b in ("gloo", "nccl", "cpu:gloo,cuda:nccl", "cuda:nccl")] == [True, False, True, False]
