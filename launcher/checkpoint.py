@@ -59,9 +59,10 @@ class TrainState:
 
 def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     """Before loading: a checkpoint written by another engine, or sharded over another number
-    of ranks, is one line (ConfigError); a full state written by another number of ranks
-    loads anywhere, and the line returned says so. The batch order and the global batch do
-    not depend on the world size, so the run continues exactly."""
+    of ranks by an engine whose shards are not resharded (engines.Engine.reshards_on_load), is
+    one line (ConfigError); a full state, FSDP2 and ZeRO-1/2 shards written by another number
+    of ranks load, and the line returned says how. The batch order and the global batch do not
+    depend on the world size, so the run continues exactly."""
     if state.engine is None or state.world_size is None:
         return None
     engine = rt.engine.name
@@ -72,9 +73,8 @@ def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
         return None
     if not rt.engine.reshards_on_load:
         raise ConfigError(f"{ckpt}: {engine} shards written by {state.world_size} rank(s) do not load on {rt.world_size} "
-                          f"(resharding is not supported yet): resume on {state.world_size} ranks")
-    how = "the full state loads anywhere" if engine == "full" else "DCP reshards the FSDP2 model and optimizer state"
-    return (f"resuming step {state.step} written by {state.world_size} rank(s) on {rt.world_size}: {how}, and the batch "
+                          f"(resharding {rt.engine.label} shards is not supported): resume on {state.world_size} ranks")
+    return (f"resuming step {state.step} written by {state.world_size} rank(s) on {rt.world_size}: {rt.engine.reshard_how}, and the batch "
             "order and global batch do not depend on the number of ranks")
 
 
@@ -301,16 +301,48 @@ class Checkpointer:
         return path if (path / MARKER).is_file() else None
 
     def load(self, path: Path) -> TrainState:
+        state = TrainState.read(path)
         if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
-        with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
-            self.rt.accelerator.load_state(str(path), **self.load_kwargs)
-        state = TrainState.read(path)
+        if self.rt.engine.deepspeed and state.world_size not in (None, self.rt.world_size):
+            self._load_universal(path)
+        else:
+            with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
+                self.rt.accelerator.load_state(str(path), **self.load_kwargs)
         if self.rt.preemption is not None:
             self.rt.preemption.saved(state.step)
         self.last = path
         return state
 
+    def _load_universal(self, path: Path) -> None:
+        """ZeRO shards of another world size: rank 0 converts them once into RUN/universal/STEP
+        (engines.universal_view) while the other ranks wait on the file system, not in a
+        collective that a long conversion could time out; every rank loads it; it is removed
+        once loaded (the next checkpoint is written at this world size)."""
+        from launcher import engines
+
+        view = self.root.parent / "universal" / path.name
+        failed = view.with_name(f"{view.name}.failed")
+        if self.rt.is_main and not view.is_dir():
+            failed.unlink(missing_ok=True)
+            self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({view})")
+            try:
+                engines.universal_view(path, view)
+            except Exception as e:
+                failed.write_text(" ".join(str(e).split())[:300] or type(e).__name__)
+                raise
+        deadline = time.monotonic() + self.rt.collective_timeout_s
+        while not view.is_dir():
+            if failed.is_file():
+                raise RunError(f"{path}: converting its ZeRO shards failed on rank 0: {failed.read_text()}")
+            if time.monotonic() > deadline:
+                raise RunError(f"{path}: rank 0 did not convert its ZeRO shards within {self.rt.collective_timeout_s:g} s "
+                               "(train.collective_timeout_s)")
+            time.sleep(0.5)
+        acc = self.rt.accelerator
+        with engines.universal_load(acc._models[0], acc._optimizers[0]):
+            acc.load_state(str(view), **self.load_kwargs)
+        self.rt.on_main(shutil.rmtree, view, ignore_errors=True)
 
 @contextlib.contextmanager
 def frozen_left_out(models):

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
+import sys
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 if typing.TYPE_CHECKING:
     from launcher.distributed import LaunchConfig
@@ -60,8 +63,19 @@ class Engine:
     def reshards_on_load(self) -> bool:
         """Whether a checkpoint of this layout loads on another number of ranks: a full state
         anywhere; FSDP2's DCP shards are resharded by torch.distributed.checkpoint (model and
-        optimizer: accelerate loads both through DCP's sharded state dicts)."""
-        return self.name == "full" or self.fsdp2
+        optimizer: accelerate loads both through DCP's sharded state dicts); ZeRO-1/2 shards
+        through DeepSpeed's universal checkpoint (universal_view, universal_load). Not ZeRO-3's:
+        its universal load restores the weights exactly, but the run then drifts from the
+        uninterrupted one (1e-4 in the weights six steps on, on CPU), so it is refused."""
+        return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (0, 1, 2))
+
+    @property
+    def reshard_how(self) -> str:
+        """How a checkpoint of another world size loads, for the resume line."""
+        if self.deepspeed:
+            return (f"its ZeRO-{self.zero_stage} shards are converted to DeepSpeed's universal checkpoint, "
+                    "which partitions the weights, fp32 masters and Adam moments anew")
+        return "DCP reshards the FSDP2 model and optimizer state" if self.fsdp2 else "the full state loads anywhere"
 
     @property
     def shards_parameters(self) -> bool:
@@ -127,6 +141,60 @@ def model_init(engine: Engine, accelerator, random_weights: bool) -> Iterator[No
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+# What accelerate names DeepSpeed's checkpoint tag (its save_state's ckpt_id).
+DEEPSPEED_TAG = "pytorch_model"
+
+
+def universal_view(ckpt: Path, view: Path) -> None:
+    """DeepSpeed's universal checkpoint of `ckpt`'s ZeRO shards, at `view`: per parameter, the
+    whole fp32 master and Adam moments, which any number of ranks partitions again on load.
+    Written by one process, with DeepSpeed's own converter (ds_to_universal, serially: no
+    process pool inside a training process), into a temporary directory renamed at the end.
+    Beside it, links to accelerate's files of `ckpt` (RNG states, scheduler), so that
+    accelerate's load_state reads `view` as it reads a checkpoint."""
+    import shutil
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = view.with_name(f".tmp-{view.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # inject_missing_state: DeepSpeed records the universal-checkpoint facts for tensor-parallel
+    # models only; a plain data-parallel model's shards need them added to convert.
+    said = io.StringIO()  # the converter's progress: shown only if it fails
+    try:
+        with contextlib.redirect_stdout(said):
+            ds_to_universal.main(SimpleNamespace(
+                input_folder=str(ckpt / DEEPSPEED_TAG), output_folder=str(tmp / DEEPSPEED_TAG), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    except BaseException:
+        sys.stdout.write(said.getvalue())
+        raise
+    for f in ckpt.iterdir():
+        if f.is_file() and f.name != "latest":
+            os.symlink(f.resolve(), tmp / f.name)
+    os.replace(tmp, view)
+
+
+@contextlib.contextmanager
+def universal_load(model, optimizer) -> Iterator[None]:
+    """Around accelerate's load_state of a universal_view: the DeepSpeed engine reads its
+    load_universal switch at every load (and only then), so it is on for this one; a later
+    load of an ordinary checkpoint (the best, at the end) finds it off. ZeRO-3's universal
+    load gives every parameter group the first group's hyperparameters (stage3.py), which
+    would put weight decay on the no-decay group: the groups' own are put back."""
+    fixed = ("weight_decay", "betas", "eps")
+    own = [{k: g[k] for k in fixed if k in g} for g in optimizer.param_groups]
+    model._config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        model._config.load_universal_checkpoint = False
+    for group, values in zip(optimizer.param_groups, own):
+        group.update(values)
 
 
 def reduce_dtypes(model) -> list[str]:

@@ -176,6 +176,11 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
     assert one.returncode == 2 and one.stderr.strip().splitlines()[-1] == (
         f"error: {run / 'checkpoints' / 'step-000006'}: written by deepspeed-zero{stage} on 2 rank(s); this launch is "
         "full: resume with the engine that wrote it (its accelerate config)"), one.stderr[-2000:]
+    if stage == 3:  # nor on one ZeRO-3 process: its universal load does not continue exactly (engines.py)
+        one = accelerate_launch(launch[:2] + ["--num_processes", "1"], tmp_path, "z")
+        assert one.returncode != 0 and (  # the launcher's one line, then torchrun's report of the exit
+            f"error: {run / 'checkpoints' / 'step-000006'}: deepspeed-zero3 shards written by 2 rank(s) do not load on "
+            "1 (resharding ZeRO-3 shards is not supported): resume on 2 ranks") in one.stderr.splitlines(), one.stderr[-2000:]
     second = check(accelerate_launch(launch, tmp_path, "z"))
     assert "resuming from" in second.stdout and "step-000006" in second.stdout
     check_ranks(run)
@@ -193,6 +198,36 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
     proc = check(launcher("export", str(exported_checkpoint(run)), str(out)))
     assert "DeepSpeed ZeRO shards" in proc.stdout
     assert max_diff(load_model_weights(out), weights(run)) < 1e-6
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.matrix)])
+def test_zero_shards_resume_on_another_number_of_ranks_exactly(stage, tmp_path, reference):
+    """ZeRO-N in three attempts: 2 ranks halt at step 4, 1 rank at 8, 2 ranks end at 12. Each
+    resume at another world size converts the shards to DeepSpeed's universal checkpoint (fp32
+    masters and Adam moments, partitioned anew), says so, and continues exactly: the first loss
+    after each resume is the uninterrupted run's at that step, and the weights end equal to one
+    process's. One MLflow run holds every step once and each world-size change."""
+    config = ["--config_file", str(ACCEL / f"deepspeed_zero{stage}.yaml")]
+    said = []
+    for world, halt in ((2, 4), (1, 8), (2, None)):
+        proc = check(accelerate_launch(config + ["--num_processes", str(world)], tmp_path, "z",
+                                       *([f"train.halt_at_step={halt}"] if halt else [])))
+        said += [x for x in proc.stdout.splitlines() if x.startswith(("resuming step", "converting"))]
+    run = tmp_path / "z"
+    how = (f"its ZeRO-{stage} shards are converted to DeepSpeed's universal checkpoint, which partitions the weights, "
+           "fp32 masters and Adam moments anew, and the batch order and global batch do not depend on the number of ranks")
+    assert said == [f"resuming step 4 written by 2 rank(s) on 1: {how}",
+                    f"converting step-000004's ZeRO shards to a universal checkpoint ({run / 'universal' / 'step-000004'})",
+                    f"resuming step 8 written by 1 rank(s) on 2: {how}",
+                    f"converting step-000008's ZeRO shards to a universal checkpoint ({run / 'universal' / 'step-000008'})"]
+    assert not list((run / "universal").iterdir())  # each conversion removed once loaded
+    steps, losses = metric_steps(tmp_path, "train/loss")
+    ref_steps, ref_losses = metric_steps(reference[0], "train/loss")
+    assert steps == ref_steps == list(range(1, 13))
+    assert losses[4] == pytest.approx(ref_losses[4], abs=1e-6) and losses[8] == pytest.approx(ref_losses[8], abs=1e-6)
+    (mlrun,) = all_runs(mlflow_client(tmp_path))
+    assert mlrun.data.params["resumed_at_4.world_size"] == "2 -> 1" and mlrun.data.params["resumed_at_8.world_size"] == "1 -> 2"
+    assert max_diff(weights(run), weights(reference[1])) < TOL
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero3_offload"])
