@@ -304,8 +304,8 @@ class Checkpointer:
         state = TrainState.read(path)
         if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
-        if self.rt.engine.deepspeed and state.world_size not in (None, self.rt.world_size):
-            self._load_universal(path)
+        if state.world_size not in (None, self.rt.world_size) and self.rt.engine.deepspeed:
+            self._load_universal(path)  # (check_layout refused the ZeRO stages it cannot take)
         else:
             with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
                 self.rt.accelerator.load_state(str(path), **self.load_kwargs)
@@ -315,22 +315,27 @@ class Checkpointer:
         return state
 
     def _load_universal(self, path: Path) -> None:
-        """ZeRO shards of another world size: rank 0 converts them once into RUN/universal/STEP
-        (engines.universal_view) while the other ranks wait on the file system, not in a
-        collective that a long conversion could time out; every rank loads it; it is removed
-        once loaded (the next checkpoint is written at this world size)."""
+        """ZeRO shards of another world size: rank 0 converts them into RUN/universal/STEP.TOKEN
+        (engines.universal_view; TOKEN is this attempt's, so nothing an earlier attempt left is
+        read) while the other ranks wait on the file system, not in a collective that a long
+        conversion could time out; every rank loads it; rank 0 removes it once every rank has
+        (the next checkpoint is written at this world size), and whatever killed attempts left."""
         from launcher import engines
 
-        view = self.root.parent / "universal" / path.name
-        failed = view.with_name(f"{view.name}.failed")
-        if self.rt.is_main and not view.is_dir():
-            failed.unlink(missing_ok=True)
-            self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({view})")
+        token = self.rt.shared_token()  # a collective: every rank loads here
+        universal = self.root.parent / "universal"
+        view = universal / f"{path.name}.{token}"
+        failed = universal / f"{path.name}.{token}.failed"
+        if self.rt.is_main:
+            shutil.rmtree(universal, ignore_errors=True)  # an earlier attempt's, killed before it removed its own
+            universal.mkdir(parents=True)
+            self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({universal})")
             try:
                 engines.universal_view(path, view)
             except Exception as e:
-                failed.write_text(" ".join(str(e).split())[:300] or type(e).__name__)
-                raise
+                said = " ".join(str(e).split())[:300] or type(e).__name__
+                failed.write_text(said)
+                raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint failed: {said}") from None
         deadline = time.monotonic() + self.rt.collective_timeout_s
         while not view.is_dir():
             if failed.is_file():
@@ -342,7 +347,8 @@ class Checkpointer:
         acc = self.rt.accelerator
         with engines.universal_load(acc._models[0], acc._optimizers[0]):
             acc.load_state(str(view), **self.load_kwargs)
-        self.rt.on_main(shutil.rmtree, view, ignore_errors=True)
+        self.rt.barrier()  # every rank has read its RNG state and the scheduler through the view's links
+        self.rt.on_main(shutil.rmtree, universal, ignore_errors=True)
 
 @contextlib.contextmanager
 def frozen_left_out(models):

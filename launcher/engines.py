@@ -67,7 +67,7 @@ class Engine:
         through DeepSpeed's universal checkpoint (universal_view, universal_load). Not ZeRO-3's:
         its universal load restores the weights exactly, but the run then drifts from the
         uninterrupted one (1e-4 in the weights six steps on, on CPU), so it is refused."""
-        return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (0, 1, 2))
+        return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (1, 2))
 
     @property
     def reshard_how(self) -> str:
@@ -166,16 +166,16 @@ def universal_view(ckpt: Path, view: Path) -> None:
     # models only; a plain data-parallel model's shards need them added to convert.
     said = io.StringIO()  # the converter's progress: shown only if it fails
     try:
-        with contextlib.redirect_stdout(said):
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
             ds_to_universal.main(SimpleNamespace(
                 input_folder=str(ckpt / DEEPSPEED_TAG), output_folder=str(tmp / DEEPSPEED_TAG), num_extract_workers=1,
                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
     except BaseException:
-        sys.stdout.write(said.getvalue())
+        sys.stderr.write(said.getvalue())
         raise
-    for f in ckpt.iterdir():
+    for f in ckpt.iterdir():  # relative links: nodes may mount the run directory at other paths
         if f.is_file() and f.name != "latest":
-            os.symlink(f.resolve(), tmp / f.name)
+            os.symlink(os.path.relpath(f, tmp), tmp / f.name)
     os.replace(tmp, view)
 
 
@@ -183,9 +183,12 @@ def universal_view(ckpt: Path, view: Path) -> None:
 def universal_load(model, optimizer) -> Iterator[None]:
     """Around accelerate's load_state of a universal_view: the DeepSpeed engine reads its
     load_universal switch at every load (and only then), so it is on for this one; a later
-    load of an ordinary checkpoint (the best, at the end) finds it off. ZeRO-3's universal
-    load gives every parameter group the first group's hyperparameters (stage3.py), which
-    would put weight decay on the no-decay group: the groups' own are put back."""
+    load of an ordinary checkpoint (the best, at the end) finds it off. The groups' own
+    weight decay, betas and eps are put back after it: ZeRO-3's universal load (not offered:
+    Engine.reshards_on_load) gives every group the first one's (stage3.py), which would put
+    weight decay on the no-decay group."""
+    import torch
+
     fixed = ("weight_decay", "betas", "eps")
     own = [{k: g[k] for k in fixed if k in g} for g in optimizer.param_groups]
     model._config.load_universal_checkpoint = True
@@ -195,6 +198,18 @@ def universal_load(model, optimizer) -> Iterator[None]:
         model._config.load_universal_checkpoint = False
     for group, values in zip(optimizer.param_groups, own):
         group.update(values)
+    # The universal load puts Adam's step counter into the state as it was saved (on the CPU),
+    # where torch's own load_state_dict moves it to the parameter's device for a fused or
+    # capturable optimizer, whose kernels expect it there.
+    inner = getattr(getattr(model, "optimizer", None), "optimizer", None)
+    if inner is None:
+        return
+    for group in inner.param_groups:
+        if group.get("fused") or group.get("capturable"):
+            for p in group["params"]:
+                state = inner.state.get(p, {})
+                if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def reduce_dtypes(model) -> list[str]:

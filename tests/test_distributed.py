@@ -217,10 +217,10 @@ def test_zero_shards_resume_on_another_number_of_ranks_exactly(stage, tmp_path, 
     how = (f"its ZeRO-{stage} shards are converted to DeepSpeed's universal checkpoint, which partitions the weights, "
            "fp32 masters and Adam moments anew, and the batch order and global batch do not depend on the number of ranks")
     assert said == [f"resuming step 4 written by 2 rank(s) on 1: {how}",
-                    f"converting step-000004's ZeRO shards to a universal checkpoint ({run / 'universal' / 'step-000004'})",
+                    f"converting step-000004's ZeRO shards to a universal checkpoint ({run / 'universal'})",
                     f"resuming step 8 written by 1 rank(s) on 2: {how}",
-                    f"converting step-000008's ZeRO shards to a universal checkpoint ({run / 'universal' / 'step-000008'})"]
-    assert not list((run / "universal").iterdir())  # each conversion removed once loaded
+                    f"converting step-000008's ZeRO shards to a universal checkpoint ({run / 'universal'})"]
+    assert not (run / "universal").exists()  # each conversion removed once every rank loaded it
     steps, losses = metric_steps(tmp_path, "train/loss")
     ref_steps, ref_losses = metric_steps(reference[0], "train/loss")
     assert steps == ref_steps == list(range(1, 13))
