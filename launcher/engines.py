@@ -64,10 +64,9 @@ class Engine:
         """Whether a checkpoint of this layout loads on another number of ranks: a full state
         anywhere; FSDP2's DCP shards are resharded by torch.distributed.checkpoint (model and
         optimizer: accelerate loads both through DCP's sharded state dicts); ZeRO-1/2 shards
-        through DeepSpeed's universal checkpoint (universal_view, universal_load). Not ZeRO-3's:
-        its universal load restores the weights exactly, but the run then drifts from the
-        uninterrupted one (1e-4 in the weights six steps on, on CPU), so it is refused."""
-        return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (1, 2))
+        through DeepSpeed's universal checkpoint (universal_view, universal_load). Not ZeRO-0's
+        (no optimizer shards to convert)."""
+        return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (1, 2, 3))
 
     @property
     def reshard_how(self) -> str:
@@ -184,9 +183,8 @@ def universal_load(model, optimizer) -> Iterator[None]:
     """Around accelerate's load_state of a universal_view: the DeepSpeed engine reads its
     load_universal switch at every load (and only then), so it is on for this one; a later
     load of an ordinary checkpoint (the best, at the end) finds it off. The groups' own
-    weight decay, betas and eps are put back after it: ZeRO-3's universal load (not offered:
-    Engine.reshards_on_load) gives every group the first one's (stage3.py), which would put
-    weight decay on the no-decay group."""
+    weight decay, betas and eps are put back after it: ZeRO-3's universal load gives every
+    group the first one's (stage3.py), which would put weight decay on the no-decay group."""
     import torch
 
     fixed = ("weight_decay", "betas", "eps")
@@ -198,18 +196,19 @@ def universal_load(model, optimizer) -> Iterator[None]:
         model._config.load_universal_checkpoint = False
     for group, values in zip(optimizer.param_groups, own):
         group.update(values)
-    # The universal load puts Adam's step counter into the state as it was saved (on the CPU),
-    # where torch's own load_state_dict moves it to the parameter's device for a fused or
-    # capturable optimizer, whose kernels expect it there.
+    # Adam's step counter: ZeRO-3's universal load hands one tensor to every sub-group's state
+    # (stage3.py), and each sub-group's optimizer step then adds 1 to it in place, so every
+    # sub-group after the first corrects its moments' bias for a later step than it is at.
+    # Each state gets its own copy; on the parameter's device for a fused or capturable
+    # optimizer, whose kernels expect it there (torch's own load_state_dict does both).
     inner = getattr(getattr(model, "optimizer", None), "optimizer", None)
     if inner is None:
         return
-    for group in inner.param_groups:
-        if group.get("fused") or group.get("capturable"):
-            for p in group["params"]:
-                state = inner.state.get(p, {})
-                if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
-                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+    on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
+    for p, state in inner.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = step.detach().to(device=p.device if on_device else step.device, copy=True)
 
 
 def reduce_dtypes(model) -> list[str]:
