@@ -327,14 +327,15 @@ class Checkpointer:
         view = universal / f"{path.name}.{token}"
         failed = universal / f"{path.name}.{token}.failed"
         if self.rt.is_main:
-            shutil.rmtree(universal, ignore_errors=True)  # an earlier attempt's, killed before it removed its own
-            universal.mkdir(parents=True)
             self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({universal})")
             try:
+                shutil.rmtree(universal, ignore_errors=True)  # an earlier attempt's, killed before it removed its own
+                universal.mkdir(parents=True, exist_ok=True)
                 engines.universal_view(path, view)
             except Exception as e:
                 said = " ".join(str(e).split())[:300] or type(e).__name__
-                failed.write_text(said)
+                with contextlib.suppress(OSError):  # the others stop on it; else at their timeout
+                    failed.write_text(said)
                 raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint failed: {said}") from None
         deadline = time.monotonic() + self.rt.collective_timeout_s
         while not view.is_dir():

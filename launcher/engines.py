@@ -63,7 +63,7 @@ class Engine:
     def reshards_on_load(self) -> bool:
         """Whether a checkpoint of this layout loads on another number of ranks: a full state
         anywhere; FSDP2's DCP shards are resharded by torch.distributed.checkpoint (model and
-        optimizer: accelerate loads both through DCP's sharded state dicts); ZeRO-1/2 shards
+        optimizer: accelerate loads both through DCP's sharded state dicts); ZeRO-1/2/3 shards
         through DeepSpeed's universal checkpoint (universal_view, universal_load). Not ZeRO-0's
         (no optimizer shards to convert)."""
         return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (1, 2, 3))
