@@ -60,7 +60,7 @@ class TrainState:
 def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     """Before loading: a checkpoint written by another engine, or sharded over another number
     of ranks by an engine whose shards are not resharded (engines.Engine.reshards_on_load), is
-    one line (ConfigError); a full state, FSDP2 and ZeRO-1/2 shards written by another number
+    one line (ConfigError); a full state, FSDP2 and ZeRO-1/2/3 shards written by another number
     of ranks load, and the line returned says how. The batch order and the global batch do not
     depend on the world size, so the run continues exactly."""
     if state.engine is None or state.world_size is None:
@@ -315,41 +315,32 @@ class Checkpointer:
         return state
 
     def _load_universal(self, path: Path) -> None:
-        """ZeRO shards of another world size: rank 0 converts them into RUN/universal/STEP.TOKEN
-        (engines.universal_view; TOKEN is this attempt's, so nothing an earlier attempt left is
-        read) while the other ranks wait on the file system, not in a collective that a long
-        conversion could time out; every rank loads it; rank 0 removes it once every rank has
-        (the next checkpoint is written at this world size), and whatever killed attempts left."""
+        """ZeRO shards of another world size: rank 0 converts them into RUN/universal/STEP
+        (engines.universal_view; whatever a killed attempt left there is removed first) while the
+        others wait on the file system (main_writes_others_wait); every rank loads it; rank 0
+        removes it once every rank has (the next checkpoint is written at this world size)."""
         from launcher import engines
 
-        token = self.rt.shared_token()  # a collective: every rank loads here
         universal = self.root.parent / "universal"
-        view = universal / f"{path.name}.{token}"
-        failed = universal / f"{path.name}.{token}.failed"
-        if self.rt.is_main:
+        view = universal / path.name
+
+        def convert():
             self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({universal})")
+            shutil.rmtree(universal, ignore_errors=True)
+            universal.mkdir(parents=True, exist_ok=True)
             try:
-                shutil.rmtree(universal, ignore_errors=True)  # an earlier attempt's, killed before it removed its own
-                universal.mkdir(parents=True, exist_ok=True)
                 engines.universal_view(path, view)
             except Exception as e:
                 said = " ".join(str(e).split())[:300] or type(e).__name__
-                with contextlib.suppress(OSError):  # the others stop on it; else at their timeout
-                    failed.write_text(said)
                 raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint failed: {said}") from None
-        deadline = time.monotonic() + self.rt.collective_timeout_s
-        while not view.is_dir():
-            if failed.is_file():
-                raise RunError(f"{path}: converting its ZeRO shards failed on rank 0: {failed.read_text()}")
-            if time.monotonic() > deadline:
-                raise RunError(f"{path}: rank 0 did not convert its ZeRO shards within {self.rt.collective_timeout_s:g} s "
-                               "(train.collective_timeout_s)")
-            time.sleep(0.5)
+
+        main_writes_others_wait(self.rt, convert, self.root.parent, f"the universal checkpoint of {path.name}")
         acc = self.rt.accelerator
         with engines.universal_load(acc._models[0], acc._optimizers[0]):
             acc.load_state(str(view), **self.load_kwargs)
         self.rt.barrier()  # every rank has read its RNG state and the scheduler through the view's links
         self.rt.on_main(shutil.rmtree, universal, ignore_errors=True)
+
 
 @contextlib.contextmanager
 def frozen_left_out(models):
