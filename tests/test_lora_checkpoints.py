@@ -1,7 +1,7 @@
 """LoRA on a pretrained base: checkpoints hold only what trains (adapters and the head) plus
 the optimizer and schedule; a halted run resumes to the weights of an uninterrupted one
 (the frozen base is read again from model.name), in one process and under ZeRO-2 and
-ZeRO-3 and FSDP2 on 2 ranks; `launcher export` of such a checkpoint reads the base from the same place."""
+ZeRO-3 and FSDP2 on 2 ranks, and under ZeRO-3 on another number of ranks; `launcher export` of such a checkpoint reads the base from the same place."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import pytest
 
 from conftest import TINY, check, launcher
-from test_distributed import ACCEL, TOL, accelerate_launch, load_model_weights, max_diff, weights
+from test_distributed import ACCEL, TOL, accelerate_launch, load_model_weights, max_diff, metric_steps, weights
 from test_pretrained import saved_models  # noqa: F401 - the fixture: a tiny BERT and Llama, save_pretrained
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -96,3 +96,26 @@ def test_fsdp2_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(t
     assert max_diff(weights(tmp_path / "f"), weights(uninterrupted)) < TOL
     check(launcher("export", str(tmp_path / "f" / "checkpoints" / "step-000012"), str(tmp_path / "exported")))
     assert max_diff(load_model_weights(tmp_path / "exported"), weights(tmp_path / "f")) < 1e-6
+
+
+@pytest.mark.matrix  # the conversion itself runs in make test (test_distributed, ZeRO-2 and ZeRO-3)
+def test_zero3_lora_checkpoint_resumes_on_another_number_of_ranks(tmp_path, uninterrupted, lora_args):
+    """ZeRO-3 with LoRA on a pretrained base in three attempts: 2 ranks halt at step 4, 1 rank
+    at 8, 2 ranks end at 12. The trainable-only shards (adapters and head, their fp32 masters
+    and Adam moments) are converted to DeepSpeed's universal checkpoint at each change of the
+    number of ranks; the frozen base is read from model.name as at any resume. The weights end
+    equal to the uninterrupted one-process run's, and the first loss after each resume is its loss
+    at that step."""
+    config = ["--config_file", str(ACCEL / "deepspeed_zero3.yaml")]
+    said = []
+    for world, halt in ((2, 4), (1, 8), (2, None)):
+        proc = check(accelerate_launch(config + ["--num_processes", str(world)], tmp_path, "z", *lora_args,
+                                       *([f"train.halt_at_step={halt}"] if halt else []), base=[]))
+        said += [x.split(":")[0] for x in proc.stdout.splitlines() if x.startswith("resuming step")]
+    assert said == ["resuming step 4 written by 2 rank(s) on 1", "resuming step 8 written by 1 rank(s) on 2"]
+    assert not (tmp_path / "z" / "universal").exists()
+    steps, losses = metric_steps(tmp_path, "train/loss")
+    ref_steps, ref_losses = metric_steps(uninterrupted.parent, "train/loss")
+    assert steps == ref_steps == list(range(1, 13))
+    assert losses[4] == pytest.approx(ref_losses[4], abs=1e-6) and losses[8] == pytest.approx(ref_losses[8], abs=1e-6)
+    assert max_diff(weights(tmp_path / "z"), weights(uninterrupted)) < TOL
