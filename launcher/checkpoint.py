@@ -304,8 +304,8 @@ class Checkpointer:
         state = TrainState.read(path)
         if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
-        if state.world_size not in (None, self.rt.world_size) and self.rt.engine.deepspeed:
-            self._load_universal(path)  # (check_layout refused the ZeRO stages it cannot take)
+        if state.world_size is not None and state.world_size != self.rt.world_size and self.rt.engine.deepspeed:
+            self._load_universal(path, state.world_size)  # (check_layout refused the ZeRO stages it cannot take)
         else:
             with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
                 self.rt.accelerator.load_state(str(path), **self.load_kwargs)
@@ -314,7 +314,7 @@ class Checkpointer:
         self.last = path
         return state
 
-    def _load_universal(self, path: Path) -> None:
+    def _load_universal(self, path: Path, world: int) -> None:
         """ZeRO shards of another world size: rank 0 converts them into RUN/universal/STEP
         (engines.universal_view; whatever a killed attempt left there is removed first) while the
         others wait on the file system (main_writes_others_wait); every rank loads it; rank 0
@@ -328,9 +328,19 @@ class Checkpointer:
             self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({universal})")
             shutil.rmtree(universal, ignore_errors=True)
             universal.mkdir(parents=True, exist_ok=True)
+            # The converter's slices and the merged states are on disk together before it removes
+            # the slices, and it copies the model states: at most twice the shards, checked first
+            # (a conversion filling the disk would also fill it for the run's next checkpoint).
+            need, free = 2 * engines.zero_shard_bytes(path), shutil.disk_usage(universal).free
+            if free < need:
+                shutil.rmtree(universal, ignore_errors=True)
+                raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint needs about "
+                               f"{human_bytes(need)} free in {universal.parent} but {human_bytes(free)} is free; free "
+                               f"some space, or resume on {world} rank(s), which needs no conversion")
             try:
                 engines.universal_view(path, view)
             except Exception as e:
+                shutil.rmtree(universal, ignore_errors=True)  # nothing half-written stays
                 said = " ".join(str(e).split())[:300] or type(e).__name__
                 raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint failed: {said}") from None
 

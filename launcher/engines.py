@@ -178,6 +178,11 @@ def universal_view(ckpt: Path, view: Path) -> None:
     os.replace(tmp, view)
 
 
+def zero_shard_bytes(ckpt: Path) -> int:
+    """The size of a checkpoint's DeepSpeed shards (model and optimizer states, all ranks)."""
+    return sum(f.stat().st_size for f in (ckpt / DEEPSPEED_TAG).rglob("*") if f.is_file())
+
+
 @contextlib.contextmanager
 def universal_load(model, optimizer) -> Iterator[None]:
     """Around accelerate's load_state of a universal_view: the DeepSpeed engine reads its
