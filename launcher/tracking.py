@@ -22,12 +22,35 @@ import secrets
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from launcher import __version__
-from launcher.config import redact_text, redact_uri
+from launcher.config import TrackingConfig, redact_text, redact_uri
 from launcher.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the trackers read of a run, resolved once: its tracking section (a copy), the
+    store's URI (the default SQLite store lives beside the runs), where that default store
+    keeps artifacts (None: the server decides), and the run's name. The trackers get this,
+    not the whole run config."""
+
+    section: TrackingConfig
+    uri: str
+    run_name: str
+    artifact_root: str | None
+
+    @classmethod
+    def of(cls, cfg: "RunConfig") -> "Setup":
+        # default SQLite store: artifacts beside it, not in ./mlruns of the working directory
+        root = None if cfg.tracking.uri else (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
+        return cls(replace(cfg.tracking), cfg.tracking_uri, str(cfg.run_name), root)  # (as cfg.run_dir names it)
 
 
 class Tracker:
@@ -572,7 +595,7 @@ def data_inputs(train_ds, val_ds) -> list[dict]:
              "rows": len(d)} for d, context in ((train_ds, "training"), (val_ds, "validation"))]
 
 
-def check_reachable(cfg, timeout_s: float = 5.0, answer_s: float = 60.0) -> None:
+def check_reachable(setup: Setup, timeout_s: float = 5.0, answer_s: float = 60.0) -> None:
     """An MLflow server that does not answer stops the start within seconds, with one line
     and before the run directory exists; left to itself the mlflow client retries for
     minutes without a word. Any HTTP answer (even an error status) counts as reachable.
@@ -588,8 +611,8 @@ def check_reachable(cfg, timeout_s: float = 5.0, answer_s: float = 60.0) -> None
 
     from launcher.errors import ConfigError
 
-    uri = cfg.tracking_uri
-    if not cfg.tracking.mlflow or not uri.startswith(("http://", "https://")):
+    uri = setup.uri
+    if not setup.section.mlflow or not uri.startswith(("http://", "https://")):
         return
     parts = urlsplit(uri)
     bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], path=parts.path.rstrip("/") + "/health"))
@@ -615,12 +638,12 @@ def check_reachable(cfg, timeout_s: float = 5.0, answer_s: float = 60.0) -> None
         raise fail(getattr(e, "reason", None) or e) from None
 
 
-def warm_up(cfg, is_main: bool):
+def warm_up(setup: Setup, is_main: bool):
     """Start-up overlap: import mlflow and open its store (the default SQLite store creates
     its tables on first use, about 2 s) in a thread while the model loads. Nothing is
     created in the store but its schema; start_tracking joins the thread first, and its own
     errors are reported there, not here."""
-    if not (is_main and cfg.tracking.mlflow):
+    if not (is_main and setup.section.mlflow):
         return None
     import threading
 
@@ -628,7 +651,7 @@ def warm_up(cfg, is_main: bool):
         try:
             from mlflow.tracking import MlflowClient
 
-            MlflowClient(tracking_uri=cfg.tracking_uri).get_experiment_by_name(cfg.tracking.experiment)
+            MlflowClient(tracking_uri=setup.uri).get_experiment_by_name(setup.section.experiment)
         except Exception:  # noqa: BLE001 - start_tracking meets the same problem and reports it
             pass
 
@@ -647,8 +670,8 @@ def settle() -> None:
         _WARMING.pop().join()
 
 
-def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: dict | None, resume_step: int | None,
-                   warm=None) -> Tracker:
+def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resume_ids: dict | None,
+                   resume_step: int | None, warm=None) -> Tracker:
     """Real trackers on the logging rank, a no-op everywhere else."""
     if warm is not None:
         warm.join()
@@ -658,13 +681,10 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
     tags = run_tags(facts)
     jsonl = JsonlTracker(run_dir / "metrics.jsonl", resume_step)
     trackers: list[Tracker] = [jsonl]
-    t = cfg.tracking
+    t, uri = setup.section, setup.uri
     if t.mlflow:
-        artifact_root = None
-        if not t.uri:  # default SQLite store: artifacts beside it, not in ./mlruns of the cwd
-            artifact_root = (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
-        mlflow = _starting(f"MLflow at {redact_uri(cfg.tracking_uri)}", cfg.tracking_uri, trackers, lambda: MLflowTracker(
-            cfg.tracking_uri, t.experiment, cfg.run_name, resume_ids.get("mlflow"), artifact_root, tags, t.outage_wait_s,
+        mlflow = _starting(f"MLflow at {redact_uri(uri)}", uri, trackers, lambda: MLflowTracker(
+            uri, t.experiment, setup.run_name, resume_ids.get("mlflow"), setup.artifact_root, tags, t.outage_wait_s,
             t.system_metrics_every_s))
         if mlflow.resumed:
             mlflow.backfill(jsonl.records())
@@ -674,8 +694,8 @@ def start_tracking(cfg, is_main: bool, facts: dict, run_dir: Path, resume_ids: d
     mode = t.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     if t.wandb and mode != "disabled":
         project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
-        trackers.append(_starting(f"W&B ({mode})", cfg.tracking_uri, trackers, lambda: WandbTracker(
-            project, cfg.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
+        trackers.append(_starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
+            project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
             hint="; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false"))
     return MultiTracker(trackers)
 

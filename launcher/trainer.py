@@ -106,7 +106,7 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
     task.check_model_source()
     modeling.attn_implementation(cfg.model, cfg.train.precision)  # a kernel this precision and host can run
-    tracking.check_reachable(cfg)  # every rank: they must agree to stop
+    tracking.check_reachable(tracking.Setup.of(cfg))  # every rank: they must agree to stop
     data = None  # synthetic data is generated into the run directory, so it is read once that exists
     if not cfg.data.synthetic.enabled:
         data = _prepare_data(task, cache, cfg.run_dir, *task.sources(cfg.data.train_file, cfg.data.validation_file))
@@ -123,7 +123,7 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     rt.preemption.run_dir = run_dir  # from here a second Ctrl-C before a checkpoint marks it
     if pre.resumed is not None:
         rt.preemption.saved(pre.resumed.step)  # (the resumed checkpoint counts, loaded or not yet)
-    warm_tracker = tracking.warm_up(cfg, rt.is_main)
+    warm_tracker = tracking.warm_up(tracking.Setup.of(cfg), rt.is_main)
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
     for note in rt.notes or []:
         rt.print(note)
@@ -263,7 +263,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     few lines. metrics.jsonl keeps records up to the resumed step; a restart in place keeps none."""
     rt, state, start = p.rt, p.state, pre.start
     kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job or start.interrupted else None)
-    tracker = tracking.start_tracking(cfg, rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
+    tracker = tracking.start_tracking(tracking.Setup.of(cfg), rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
     state.tracker_ids = tracker.ids()
     if start.checkpoint is None:
         rt.on_main(ckpt_lib.record_owner, p.run_dir, rt.job_id, state.tracker_ids)

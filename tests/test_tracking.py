@@ -98,7 +98,7 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
 
     from launcher.config import load_config
     from launcher.errors import ConfigError
-    from launcher.tracking import check_reachable
+    from launcher.tracking import Setup, check_reachable
 
     class Slow(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -115,7 +115,7 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
     try:
         cfg = load_config(str(TINY), [f"tracking.uri=http://127.0.0.1:{server.server_address[1]}"], output_dir=str(tmp_path))
         started = time.monotonic()
-        check_reachable(cfg, timeout_s=1.0)
+        check_reachable(Setup.of(cfg), timeout_s=1.0)
         assert time.monotonic() - started >= 2.0
     finally:
         server.shutdown()
@@ -126,5 +126,5 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
     cfg = load_config(str(TINY), [f"tracking.uri=http://127.0.0.1:{closed}"], output_dir=str(tmp_path))
     started = time.monotonic()
     with pytest.raises(ConfigError, match=rf"tracking.uri: http://127.0.0.1:{closed} does not answer \(Connection refused\)"):
-        check_reachable(cfg, timeout_s=1.0)
+        check_reachable(Setup.of(cfg), timeout_s=1.0)
     assert time.monotonic() - started < 1.0
