@@ -304,8 +304,8 @@ class Checkpointer:
         state = TrainState.read(path)
         if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
-        if state.world_size is not None and state.world_size != self.rt.world_size and self.rt.engine.deepspeed:
-            self._load_universal(path, state.world_size)  # (check_layout refused the ZeRO stages it cannot take)
+        if state.world_size is not None and state.world_size != self.rt.world_size and self.rt.engine.converts_to_universal:
+            self._load_universal(path, state.world_size)  # (check_layout refused what cannot load here)
         else:
             with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
                 self.rt.accelerator.load_state(str(path), **self.load_kwargs)

@@ -69,6 +69,12 @@ class Engine:
         return self.name == "full" or self.fsdp2 or (self.deepspeed and self.zero_stage in (1, 2, 3))
 
     @property
+    def converts_to_universal(self) -> bool:
+        """Whether a checkpoint of another world size is converted before it loads (ZeRO shards,
+        to DeepSpeed's universal checkpoint: universal_view, universal_load)."""
+        return self.deepspeed and self.reshards_on_load
+
+    @property
     def reshard_how(self) -> str:
         """How a checkpoint of another world size loads, for the resume line."""
         if self.deepspeed:
@@ -408,6 +414,50 @@ def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
     if q != "none" and importlib.util.find_spec("bitsandbytes") is None:
         out.append(f"model.quantization: {q} needs the bitsandbytes package (pip install 'launcher[qlora]')")
     return out
+
+
+def unwrap(engine: Engine, accelerator, model):
+    """The bare model. accelerate's unwrap_model imports deepspeed whenever it is installed
+    (about 1 s of start-up, for nothing, in a DDP or single-process run), so without
+    DeepSpeed the DDP / FSDP1 wrappers are stripped here (FSDP2 and plain models are
+    not wrapped)."""
+    if engine.deepspeed:
+        return accelerator.unwrap_model(model)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
+        model = model.module
+    return model
+
+
+def inference_model(engine: Engine, accelerator, model):
+    """The module to run forward passes on outside training (evaluation, generation): the bare
+    model, except under FSDP1, whose root wrapper gathers the parameters it owns (the
+    embeddings, the head) around each forward."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp1 = model
+    while hasattr(fsdp1, "module") and not isinstance(fsdp1, FullyShardedDataParallel):
+        fsdp1 = fsdp1.module
+    return fsdp1 if isinstance(fsdp1, FullyShardedDataParallel) else unwrap(engine, accelerator, model)
+
+
+def prepare(engine: Engine, accelerator, model, optimizer, *rest):
+    """accelerator.prepare; for FSDP2 after choosing its wrap units (fsdp2_wrap_units) and giving
+    meta-device parameters storage (fsdp2_storage_for_meta)."""
+    if engine.fsdp2:
+        fsdp2_wrap_units(accelerator.state.fsdp_plugin, model)
+        fsdp2_storage_for_meta(model, optimizer)
+    return accelerator.prepare(model, optimizer, *rest)
+
+
+def fsdp2_on_cpu(accelerator, launch: "LaunchConfig", precision: str, has_gpu: bool) -> None:
+    """An FSDP launch on a host without a GPU: cpu_fsdp2 (accelerate would run it as DDP)."""
+    from launcher import distributed
+
+    if launch.distributed_type == distributed.FSDP and not has_gpu:
+        cpu_fsdp2(accelerator, precision)
 
 
 def cpu_fsdp2(accelerator, precision: str) -> None:

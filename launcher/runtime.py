@@ -122,15 +122,8 @@ class Runtime:
         return None
 
     def inference_model(self, model):
-        """The module to run forward passes on outside training (evaluation, generation): the bare
-        model, except under FSDP1, whose root wrapper gathers the parameters it owns (the
-        embeddings, the head) around each forward."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        fsdp1 = model
-        while hasattr(fsdp1, "module") and not isinstance(fsdp1, FullyShardedDataParallel):
-            fsdp1 = fsdp1.module
-        return fsdp1 if isinstance(fsdp1, FullyShardedDataParallel) else self.unwrap(model)
+        """The module to run forward passes on outside training (engines.inference_model)."""
+        return engines.inference_model(self.engine, self.accelerator, model)
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (a collective). The flag is a host value, so it is
@@ -196,18 +189,8 @@ class Runtime:
         self.accelerator.wait_for_everyone()
 
     def unwrap(self, model):
-        """The bare model. accelerate's unwrap_model imports deepspeed whenever it is installed
-        (about 1 s of start-up, for nothing, in a DDP or single-process run), so without
-        DeepSpeed the DDP / FSDP1 wrappers are stripped here (FSDP2 and plain models are
-        not wrapped)."""
-        if self.engine.deepspeed:
-            return self.accelerator.unwrap_model(model)
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.nn.parallel import DistributedDataParallel
-
-        while isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
-            model = model.module
-        return model
+        """The bare model (engines.unwrap)."""
+        return engines.unwrap(self.engine, self.accelerator, model)
 
     def on_main(self, fn: Callable, *args, **kwargs):
         """Run fn on rank 0 only, then barrier: file writes that every rank then relies on."""
@@ -244,11 +227,8 @@ class Runtime:
         return total, trainable, [int(x) for x in per_rank.tolist()]
 
     def prepare(self, model, optimizer, *rest):
-        """accelerator.prepare, after choosing FSDP2's wrap units (fsdp2_wrap_units)."""
-        if self.engine.fsdp2:
-            engines.fsdp2_wrap_units(self.accelerator.state.fsdp_plugin, model)
-            engines.fsdp2_storage_for_meta(model, optimizer)
-        return self.accelerator.prepare(model, optimizer, *rest)
+        """The model, optimizer and the rest prepared by the engine (engines.prepare)."""
+        return engines.prepare(self.engine, self.accelerator, model, optimizer, *rest)
 
     def write_rank_file(self, run_dir: Path, **extra) -> None:
         """RUN/ranks/rank-N.json from every rank: what this process really was (the launch's
@@ -404,8 +384,7 @@ def build_runtime(cfg, launch: "LaunchConfig", notes: list[str] | None = None) -
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
     kwargs = engines.accelerator_kwargs(cfg, launch, accumulation, world, has_gpu)
     accelerator = Accelerator(**kwargs)
-    if launch.distributed_type == distributed.FSDP and not has_gpu:
-        engines.cpu_fsdp2(accelerator, t.precision)
+    engines.fsdp2_on_cpu(accelerator, launch, t.precision, has_gpu)
     engines.fsdp_reduce_in_fp32(accelerator, t.reduce_in_fp32)
     rank, world = accelerator.process_index, accelerator.num_processes
     if torch.distributed.is_available() and torch.distributed.is_initialized():
