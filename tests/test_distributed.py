@@ -195,27 +195,30 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
     assert max_diff(load_model_weights(out), weights(run)) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", pytest.param("zero1", marks=pytest.mark.matrix),
-                                  pytest.param("zero3_offload", marks=pytest.mark.matrix)])
-def test_zero_shards_resume_on_another_number_of_ranks_exactly(name, tmp_path, reference):
-    """ZeRO-N in three attempts: 2 ranks halt at step 4, 1 rank at 8, 2 ranks end at 12. Each
-    resume at another world size converts the shards to DeepSpeed's universal checkpoint (fp32
-    masters and Adam moments, partitioned anew), says so, and continues exactly: the first loss
-    after each resume is the uninterrupted run's at that step, and the weights end equal to one
-    process's. One MLflow run holds every step once and each world-size change."""
-    config, stage = ["--config_file", str(ACCEL / f"deepspeed_{name}.yaml")], name[4]
+@pytest.mark.parametrize("name", ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3",
+                                  pytest.param("deepspeed_zero1", marks=pytest.mark.matrix),
+                                  pytest.param("deepspeed_zero3_offload", marks=pytest.mark.matrix)])
+def test_a_run_resumes_on_another_number_of_ranks_exactly(name, tmp_path, reference):
+    """Three attempts: 2 ranks halt at step 4, 1 rank at 8, 2 ranks end at 12. DDP's full state
+    loads anywhere; ZeRO-N shards are converted at each resume at another world size to
+    DeepSpeed's universal checkpoint (fp32 masters and Adam moments, partitioned anew), which
+    is said. Each continues exactly: the first loss after each resume is the uninterrupted
+    run's at that step, and the weights end equal to one process's. One MLflow run holds
+    every step once and each world-size change."""
+    config = ["--config_file", str(ACCEL / f"{name}.yaml")]
     said = []
     for world, halt in ((2, 4), (1, 8), (2, None)):
         proc = check(accelerate_launch(config + ["--num_processes", str(world)], tmp_path, "z",
                                        *([f"train.halt_at_step={halt}"] if halt else [])))
         said += [x for x in proc.stdout.splitlines() if x.startswith(("resuming step", "converting"))]
     run = tmp_path / "z"
-    how = (f"its ZeRO-{stage} shards are converted to DeepSpeed's universal checkpoint, which partitions the weights, "
-           "fp32 masters and Adam moments anew, and the batch order and global batch do not depend on the number of ranks")
-    assert said == [f"resuming step 4 written by 2 rank(s) on 1: {how}",
-                    f"converting step-000004's ZeRO shards to a universal checkpoint ({run / 'universal'})",
-                    f"resuming step 8 written by 1 rank(s) on 2: {how}",
-                    f"converting step-000008's ZeRO shards to a universal checkpoint ({run / 'universal'})"]
+    how = (f"its ZeRO-{name[14]} shards are converted to DeepSpeed's universal checkpoint, which partitions the weights, "
+           "fp32 masters and Adam moments anew" if name.startswith("deepspeed") else "the full state loads anywhere")
+    how += ", and the batch order and global batch do not depend on the number of ranks"
+    converting = [f"converting step-00000{step}'s ZeRO shards to a universal checkpoint ({run / 'universal'})"
+                  for step in (4, 8)] if name.startswith("deepspeed") else ["", ""]
+    assert said == [x for x in (f"resuming step 4 written by 2 rank(s) on 1: {how}", converting[0],
+                                f"resuming step 8 written by 1 rank(s) on 2: {how}", converting[1]) if x]
     assert not (run / "universal").exists()  # each conversion removed once every rank loaded it
     steps, losses = metric_steps(tmp_path, "train/loss")
     ref_steps, ref_losses = metric_steps(reference[0], "train/loss")
@@ -398,33 +401,38 @@ def test_fsdp2_halted_and_resumed_equals_one_uninterrupted_process(tmp_path):
     """FSDP2 (fully_shard) on 2 gloo ranks, the shipped fsdp2.yaml unchanged: accelerate
     enables FSDP only for GPU process groups, launcher switches it on for CPU (engines.cpu_fsdp2).
     Micro-batches of 8: 2 accumulated micro-batches per rank, reduce-scattered after each
-    (sync_each_batch), against one process accumulating 2 x 16. Halted at 6, resumed from
-    the DCP checkpoint on 4 ranks (one thread each): DCP reshards the model and the optimizer
-    state (a re-initialised Adam would not end at these weights), 12 steps in all: the same
-    weights as the uninterrupted process, and the same first loss after the resume.
-    Dropout off: its masks are drawn per micro-batch, and the micro-batches differ here."""
+    (sync_each_batch), against one process accumulating 2 x 16. Halted at 4, resumed from
+    the DCP checkpoint on 4 ranks (one thread each) and halted at 8, then resumed on 2 to step
+    12: DCP reshards the model and the optimizer state both ways (a re-initialised Adam would
+    not end at these weights): the same weights as the uninterrupted process, and the same
+    first loss after each resume. Dropout off: its masks are drawn per micro-batch, and the
+    micro-batches differ here."""
     knobs = ["model.tiny.dropout=0"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "one"), "--run-name", "ref", *FAST, *STEPS, *knobs))
     reference = tmp_path / "one", tmp_path / "one" / "ref"
     launch = ["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "2"]
-    first = check(accelerate_launch(launch, tmp_path, "f", "train.halt_at_step=6", "train.micro_batch_size=8", *knobs))
+    first = check(accelerate_launch(launch, tmp_path, "f", "train.halt_at_step=4", "train.micro_batch_size=8", *knobs))
     assert "(2 process(es) on 1 node(s), FSDP" in first.stdout and "8 x 2 accumulation x 2 ranks" in first.stdout
     line = next(x for x in first.stdout.splitlines() if x.startswith("FSDP2: parameters held per rank"))
     held, total = line.rsplit(": ", 1)[1].split(" of ")
     held, total = [int(x.replace(",", "")) for x in held.split(" / ")], int(total.replace(",", ""))
     assert len(held) == 2 and all(h < total for h in held) and sum(held) >= total  # really sharded
     run = tmp_path / "f"
-    dcp = run / "checkpoints" / "step-000006" / "pytorch_model_fsdp_0"
+    dcp = run / "checkpoints" / "step-000004" / "pytorch_model_fsdp_0"
     assert sorted(p.name for p in dcp.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
 
     four = ["--config_file", str(ACCEL / "fsdp2.yaml"), "--num_processes", "4"]
-    second = check(accelerate_launch(four, tmp_path, "f", "train.micro_batch_size=8", *knobs, env={"OMP_NUM_THREADS": "1"}))
-    assert f"resuming from {run / 'checkpoints' / 'step-000006'}" in second.stdout
-    assert "resuming step 6 written by 2 rank(s) on 4: DCP reshards the FSDP2 model and optimizer state" in second.stdout
+    second = check(accelerate_launch(four, tmp_path, "f", "train.halt_at_step=8", "train.micro_batch_size=8", *knobs,
+                                     env={"OMP_NUM_THREADS": "1"}))
+    assert f"resuming from {run / 'checkpoints' / 'step-000004'}" in second.stdout
+    assert "resuming step 4 written by 2 rank(s) on 4: DCP reshards the FSDP2 model and optimizer state" in second.stdout
     check_ranks(run, 4)
+    third = check(accelerate_launch(launch, tmp_path, "f", "train.micro_batch_size=8", *knobs))
+    assert "resuming step 8 written by 4 rank(s) on 2: DCP reshards the FSDP2 model and optimizer state" in third.stdout
     steps, losses = metric_steps(tmp_path, "train/loss")
+    ref_losses = metric_steps(reference[0], "train/loss")[1]
     assert steps == list(range(1, 13))
-    assert losses[6] == pytest.approx(metric_steps(reference[0], "train/loss")[1][6], abs=1e-6)  # step 7
+    assert losses[4] == pytest.approx(ref_losses[4], abs=1e-6) and losses[8] == pytest.approx(ref_losses[8], abs=1e-6)
     assert metric_steps(tmp_path, "train/grad_norm")[1] == pytest.approx(metric_steps(reference[0], "train/grad_norm")[1], rel=1e-4)
     assert max_diff(weights(run), weights(reference[1])) < TOL
     check_export_predicts_like_the_run(run)
