@@ -323,20 +323,22 @@ class Checkpointer:
 
         universal = self.root.parent / "universal"
         view = universal / path.name
+        acc = self.rt.accelerator
 
         def convert():
-            self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({universal})")
             shutil.rmtree(universal, ignore_errors=True)
             universal.mkdir(parents=True, exist_ok=True)
-            # The converter's slices and the merged states are on disk together before it removes
-            # the slices, and it copies the model states: at most twice the shards, checked first
-            # (a conversion filling the disk would also fill it for the run's next checkpoint).
-            need, free = 2 * engines.zero_shard_bytes(path), shutil.disk_usage(universal).free
+            # Checked first: a conversion that fills the disk would fill it for the run's next
+            # checkpoint too (a refusal frees what a killed attempt left, above).
+            trained = sum(1 for p in acc._models[0].parameters() if p.requires_grad)
+            need = engines.universal_need(path, self.rt.engine.zero_stage, trained, world)
+            free = shutil.disk_usage(universal).free
             if free < need:
                 shutil.rmtree(universal, ignore_errors=True)
                 raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint needs about "
                                f"{human_bytes(need)} free in {universal.parent} but {human_bytes(free)} is free; free "
-                               f"some space, or resume on {world} rank(s), which needs no conversion")
+                               f"some space, or run on {world} rank(s), where it needs no conversion")
+            self.rt.print(f"converting {path.name}'s ZeRO shards to a universal checkpoint ({universal})")
             try:
                 engines.universal_view(path, view)
             except Exception as e:
@@ -345,7 +347,6 @@ class Checkpointer:
                 raise RunError(f"{path}: converting its ZeRO shards to a universal checkpoint failed: {said}") from None
 
         main_writes_others_wait(self.rt, convert, self.root.parent, f"the universal checkpoint of {path.name}")
-        acc = self.rt.accelerator
         with engines.universal_load(acc._models[0], acc._optimizers[0]):
             acc.load_state(str(view), **self.load_kwargs)
         self.rt.barrier()  # every rank has read its RNG state and the scheduler through the view's links
@@ -640,7 +641,10 @@ def main_writes_others_wait(rt, write, where: Path, what: str) -> None:
         try:
             write()
         except BaseException as e:
-            failed.write_text(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            try:
+                failed.write_text(f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}")  # (two paths fit)
+            except OSError:  # a full disk: rank 0's own error is the one to report (the launcher ends the others)
+                pass
             raise
         done.write_text("")
     else:

@@ -184,9 +184,20 @@ def universal_view(ckpt: Path, view: Path) -> None:
     os.replace(tmp, view)
 
 
-def zero_shard_bytes(ckpt: Path) -> int:
-    """The size of a checkpoint's DeepSpeed shards (model and optimizer states, all ranks)."""
-    return sum(f.stat().st_size for f in (ckpt / DEEPSPEED_TAG).rglob("*") if f.is_file())
+def universal_need(ckpt: Path, zero_stage: int | None, tensors: int, writers: int) -> int:
+    """About the most disk universal_view of `ckpt` takes at once (an upper bound). The
+    converter's per-rank slices and the merged per-parameter states (fp32 master, Adam moments,
+    step) are on disk together before it removes the slices: twice the optimizer shards; it
+    copies the model states (counted twice here too: margin). Under ZeRO-3 it also writes rank
+    0's whole optimizer file as zero/optimizer_state.pt (ds_to_universal's stage-3
+    optimizer-state save) before the slices go. Each of the `tensors` trained tensors gets 4
+    small files per writing rank and 4 merged ones: a file system block (4 KiB) each at least,
+    which is what a small model's conversion is mostly made of."""
+    files = [f for f in (ckpt / DEEPSPEED_TAG).rglob("*") if f.is_file()]
+    need = 2 * sum(f.stat().st_size for f in files) + tensors * 4 * (writers + 1) * 4096
+    if zero_stage == 3:
+        need += sum(f.stat().st_size for f in files if f.name.startswith("zero_pp_rank_0_") and "optim_states" in f.name)
+    return need
 
 
 @contextlib.contextmanager
