@@ -83,6 +83,25 @@ def fetch(model_cfg) -> str:
     return path
 
 
+def fetch_small(model_cfg) -> str | None:
+    """For `launcher plan`: a hub model's configuration and tokenizer files, without its
+    weights, made local for this process (models.LOCAL; from the cache when offline). The one
+    line (models.hub_problem) when they cannot be had; None for a model that is no hub name.
+    huggingface_hub's snapshot call fails at once without a network, where transformers' own
+    file download retries for about 25 s, printing each retry."""
+    if not is_hub_name(model_cfg.name):
+        return None
+    from huggingface_hub import snapshot_download
+
+    small = SMALL + (CODE if model_cfg.trust_remote_code else [])
+    try:
+        models.LOCAL[(model_cfg.name, model_cfg.revision)] = snapshot_download(
+            model_cfg.name, revision=model_cfg.revision, allow_patterns=small)
+    except Exception as e:  # hub, HTTP and validation errors have no common base class
+        return models.hub_problem(model_cfg.name, e)
+    return None
+
+
 def resolve(model_cfg, rt, cache=None) -> bool | None:
     """Make model_cfg.name loadable offline on this node (see the module docstring): True
     where this process fetched it (or converted a GGUF file), False where it waited for its

@@ -272,3 +272,24 @@ def test_plan_sizes_activations_and_logits_per_micro_batch(capsys):
     assert (f"activations per micro-batch (4 x 64 tokens, 2 layers, hidden 64): {full / 2**20:.2f} MiB without "
             f"checkpointing, {ckpt / 2**20:.2f} MiB with it (train.gradient_checkpointing is on)") in out
     assert f"logits     {8 * b * s * vocab / 2**10:.2f} KiB per micro-batch" in out
+
+
+def test_plan_of_a_hub_model_it_cannot_fetch_says_so_in_its_line_without_retrying():
+    """Without a network (here: a hub endpoint that refuses connections, offline mode off),
+    transformers' own download of config.json retries five times over about 25 s, printing
+    each retry; plan asks huggingface_hub's snapshot call, which fails at once, and prints the
+    model's one line in its place."""
+    import socket
+
+    from conftest import launcher
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}
+    proc = launcher("plan", str(CONFIGS / "train" / "clause_tiny.yaml"), "model.name=launcher-tests/no-such-model",
+                    env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("model      parameters unknown: model.name: cannot load 'launcher-tests/no-such-model' from the Hugging "
+            "Face Hub (no network") in proc.stdout
+    assert "Retry" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
