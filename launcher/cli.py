@@ -159,7 +159,7 @@ def _train_under_accelerate(args) -> int:
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=launch.num_processes)
     cfg, note = distributed.adopt_precision(cfg, launch)
-    problems = distributed.check(cfg, launch) + host_problems(cfg, launch)
+    problems = distributed.check(cfg.train, cfg.model, launch) + host_problems(cfg.train, cfg.model, launch)
     if problems:
         raise UserError(*problems)
     cmd = [sys.executable, "-m", "launcher.launch", "--config_file", args.accelerate_config]  # accelerate launch, Ctrl-C a stop
@@ -207,7 +207,7 @@ def cmd_plan(args) -> int:
         launch.distributed_type = "MULTI_GPU"
     cfg = load_config(args.config, args.overrides, world_size=launch.num_processes)
     cfg, _ = distributed.adopt_precision(cfg, launch)
-    distributed.check_or_raise(cfg, launch)
+    distributed.check_or_raise(cfg.train, cfg.model, launch)
     print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch))
     return 0
 

@@ -27,7 +27,7 @@ import yaml
 from launcher.errors import ConfigError
 
 if TYPE_CHECKING:
-    from launcher.config import RunConfig
+    from launcher.config import ModelConfig, RunConfig, TrainConfig
 
 AUTO = "auto"
 DEEPSPEED, FSDP = "DEEPSPEED", "FSDP"
@@ -262,17 +262,17 @@ def adopt_precision(cfg: RunConfig, launch: LaunchConfig) -> tuple[RunConfig, st
     return cfg, None
 
 
-def check(cfg, launch: LaunchConfig) -> list[str]:
-    """Every contradiction between run config, accelerate YAML and DeepSpeed JSON; one line each."""
+def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]:
+    """Every contradiction between the run config (its train section and model dtype), the
+    accelerate YAML and the DeepSpeed JSON; one line each."""
     problems = list(launch.problems)
-    t = cfg.train
     world = launch.num_processes
     if launch.mixed_precision in ("bf16", "fp16") and launch.mixed_precision != t.precision:
         problems.append(
             f"{launch.source}: mixed_precision is {launch.mixed_precision} but train.precision is {t.precision} "
             "(the run config decides precision: remove it here or set train.precision)"
         )
-    problems += _dtype_problems(cfg, launch)
+    problems += _dtype_problems(t, model, launch)
     if not launch.uses_deepspeed or launch.ds is None:
         return problems
 
@@ -335,30 +335,30 @@ def keeps_fp32_masters(launch: LaunchConfig) -> bool:
     return launch.uses_deepspeed or launch.distributed_type == FSDP
 
 
-def _dtype_problems(cfg, launch: LaunchConfig) -> list[str]:
-    dtype, precision = cfg.model.dtype, cfg.train.precision
+def _dtype_problems(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]:
+    dtype, precision = model.dtype, t.precision
     if dtype != "bfloat16":
         return []
     if precision != "bf16":
         return [f"model.dtype: bfloat16 weights with train.precision {precision}: set train.precision=bf16, or model.dtype=auto"]
-    if not keeps_fp32_masters(launch) and not cfg.model.lora.enabled:
+    if not keeps_fp32_masters(launch) and not model.lora.enabled:
         return [f"model.dtype: bfloat16 under {launch.distributed_type} ({launch.source}) leaves AdamW no fp32 master "
                 "weights (small updates round to zero); use model.dtype=auto (fp32 weights, bf16 compute), "
                 "LoRA, or DeepSpeed/FSDP"]
     return []
 
 
-def weight_dtype(cfg, launch: LaunchConfig) -> str:
+def weight_dtype(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> str:
     """The one dtype policy: what the model's weights are loaded as (see config: model.dtype)."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    if cfg.train.precision == "bf16" and (keeps_fp32_masters(launch) or cfg.model.lora.enabled):
+    if model.dtype != "auto":
+        return model.dtype
+    if t.precision == "bf16" and (keeps_fp32_masters(launch) or model.lora.enabled):
         return "bfloat16"
     return "float32"
 
 
-def check_or_raise(cfg, launch: LaunchConfig) -> None:
-    problems = check(cfg, launch)
+def check_or_raise(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> None:
+    problems = check(t, model, launch)
     if problems:
         raise ConfigError(*problems)
 
@@ -366,16 +366,16 @@ def check_or_raise(cfg, launch: LaunchConfig) -> None:
 # ---------------------------------------------------------------- resolving "auto"
 
 
-def resolve_deepspeed(cfg, launch: LaunchConfig) -> tuple[dict, list[tuple[str, Any, str]]]:
-    """The DeepSpeed config with every run-owned "auto" filled; and (key, value, from) for each fill.
+def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig) -> tuple[dict, list[tuple[str, Any, str]]]:
+    """The DeepSpeed config with every run-owned "auto" filled from the train section; and
+    (key, value, from) for each fill.
 
     Size-based keys (reduce_bucket_size, stage3_*) stay "auto": accelerate derives
     them from the model's hidden size when the engine starts.
     """
-    t = cfg.train
     ds = copy.deepcopy(launch.ds or {})
     accumulation = t.global_batch_size // (t.micro_batch_size * launch.num_processes)
-    fills = {
+    fills: dict[str, tuple[Any, str]] = {
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (accumulation, f"train.global_batch_size / (micro x {launch.num_processes} processes)"),
         "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
@@ -385,7 +385,7 @@ def resolve_deepspeed(cfg, launch: LaunchConfig) -> tuple[dict, list[tuple[str, 
     }
     if t.precision != "no" and t.reduce_in_fp32:  # DeepSpeed's default: the compute dtype (engines.py)
         fills["communication_data_type"] = ("fp32", "train.reduce_in_fp32")
-    resolved = []
+    resolved: list[tuple[str, Any, str]] = []
     for key, (value, owner) in fills.items():
         if _get(ds, key, AUTO) == AUTO:
             _set(ds, key, value)

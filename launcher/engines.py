@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if typing.TYPE_CHECKING:
+    from launcher.config import ModelConfig, TrainConfig
     from launcher.distributed import LaunchConfig
 
 
@@ -364,15 +365,14 @@ def built(accelerator, launch: "LaunchConfig") -> Engine:
     return Engine.of(accelerator, None)
 
 
-def accelerator_kwargs(cfg, launch: "LaunchConfig", accumulation: int, world: int, has_gpu: bool) -> dict:
-    """The Accelerator's arguments for this launch's engine."""
+def accelerator_kwargs(t: "TrainConfig", launch: "LaunchConfig", accumulation: int, world: int, has_gpu: bool) -> dict:
+    """The Accelerator's arguments for this launch's engine (from the run's train section)."""
     from datetime import timedelta
 
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     from launcher import distributed
 
-    t = cfg.train
     kwargs: dict = {"mixed_precision": t.precision, "gradient_accumulation_steps": accumulation}
     if launch.distributed_type == distributed.FSDP:
         from accelerate.utils import GradientAccumulationPlugin
@@ -388,7 +388,7 @@ def accelerator_kwargs(cfg, launch: "LaunchConfig", accumulation: int, world: in
         if not has_gpu and launch.distributed_type not in (distributed.DEEPSPEED, distributed.FSDP):
             kwargs["cpu"] = True
     if launch.uses_deepspeed:
-        ds_config, _ = distributed.resolve_deepspeed(cfg, launch)
+        ds_config, _ = distributed.resolve_deepspeed(t, launch)
         # The YAML's deepspeed_config keys (inline, as TRL's configs have them) are folded
         # into ds_config and checked against it above. accelerate would refuse them next to a
         # config it did not build itself, so its list of them is cleared for this process.
@@ -397,7 +397,7 @@ def accelerator_kwargs(cfg, launch: "LaunchConfig", accumulation: int, world: in
     return kwargs
 
 
-def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
+def host_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> list[str]:
     """What this machine cannot run, whatever the files say (one line each)."""
     import torch
 
@@ -405,7 +405,7 @@ def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
 
     has_gpu = torch.cuda.is_available()
     out = []
-    if cfg.train.precision == "fp16" and not has_gpu:
+    if t.precision == "fp16" and not has_gpu:
         out.append("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     if launch.distributed_type == distributed.FSDP and not has_gpu:
         if launch.fsdp_version != 2:
@@ -415,10 +415,10 @@ def host_problems(cfg, launch: "LaunchConfig") -> list[str]:
             )
         elif launch.num_processes < 2:
             out.append(f"{launch.source}: FSDP2 on CPU needs 2 or more processes (--num_processes 2)")
-        elif cfg.train.precision == "bf16":  # seen: "mixed dtype (CPU): expect parameter to have scalar type of Float"
+        elif t.precision == "bf16":  # seen: "mixed dtype (CPU): expect parameter to have scalar type of Float"
             out.append(f"{launch.source}: FSDP2 with train.precision=bf16 does not run on CPU (under autocast, layer "
                        "norms meet FSDP's bf16 parameters); rehearse it with train.precision=no")
-    q = cfg.model.quantization
+    q = model.quantization
     if q != "none" and (launch.num_processes > 1 or launch.distributed_type != "NO"):
         out.append(f"model.quantization: {q} runs on one process for now (bitsandbytes' packed base weights under "
                    f"DDP, ZeRO and FSDP2 are not tested here); launch without {launch.source}")

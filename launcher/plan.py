@@ -278,7 +278,7 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params
         n_train = lora_count.trainable
         head = (f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
                 f"{n_train / n_params:.2%}):")
-        body = lora_memory_lines(n_params, n_train, distributed.weight_dtype(cfg, launch), stage, world, sixteen, engine,
+        body = lora_memory_lines(n_params, n_train, distributed.weight_dtype(cfg.train, cfg.model, launch), stage, world, sixteen, engine,
                                  cfg.model.quantization, lora_count.quantized, lora_count.frozen)
     else:
         head = "memory     per GPU, model states only:"
@@ -317,7 +317,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     else:
         lines.append(f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: {source}")
     if launch.uses_deepspeed:
-        _, fills = distributed.resolve_deepspeed(cfg, launch)
+        _, fills = distributed.resolve_deepspeed(cfg.train, launch)
         lines.append(f"deepspeed  {launch.ds_source}, \"auto\" resolved:")
         width = max(len(k) for k, _, _ in fills) if fills else 0
         for key, value, owner in fills:

@@ -22,6 +22,7 @@ from launcher.engines import Engine, full_numel, held
 from launcher.errors import ConfigError
 
 if typing.TYPE_CHECKING:
+    from launcher.config import ModelConfig, TrainConfig
     from launcher.distributed import LaunchConfig
 
 
@@ -355,14 +356,15 @@ def resolve_launch(cfg, launch: "LaunchConfig | None" = None):
     return cfg, launch, [note] if note else []
 
 
-def build_runtime(cfg, launch: "LaunchConfig", notes: list[str] | None = None) -> Runtime:
-    """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree.
-    `cfg` and `launch` as resolve_launch returns them; `notes` are printed at start."""
+def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig", notes: list[str] | None = None) -> Runtime:
+    """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree: from
+    the run's train section and model section (its dtype, LoRA and quantization decide the
+    weights' dtype and what this host can run), as resolve_launch returns them, and the
+    launch; `notes` are printed at start."""
 
     from launcher import distributed
 
-    t = cfg.train
-    distributed.check_or_raise(cfg, launch)  # before any process group starts
+    distributed.check_or_raise(t, model, launch)  # before any process group starts
 
     import warnings
 
@@ -377,12 +379,12 @@ def build_runtime(cfg, launch: "LaunchConfig", notes: list[str] | None = None) -
     if has_gpu:  # TF32 matmuls for whatever still runs in fp32 (Ampere and later)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    problems = engines.host_problems(cfg, launch)
+    problems = engines.host_problems(t, model, launch)
     if problems:
         raise ConfigError(*problems)
     world = env_world_size()
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
-    kwargs = engines.accelerator_kwargs(cfg, launch, accumulation, world, has_gpu)
+    kwargs = engines.accelerator_kwargs(t, launch, accumulation, world, has_gpu)
     accelerator = Accelerator(**kwargs)
     engines.fsdp2_on_cpu(accelerator, launch, t.precision, has_gpu)
     engines.fsdp_reduce_in_fp32(accelerator, t.reduce_in_fp32)
@@ -405,8 +407,8 @@ def build_runtime(cfg, launch: "LaunchConfig", notes: list[str] | None = None) -
         num_nodes=max(1, world // max(local_world, 1)),
         distributed_type=str(accelerator.distributed_type).split(".")[-1],
         engine=engine,
-        weight_dtype=distributed.weight_dtype(cfg, launch),
+        weight_dtype=distributed.weight_dtype(t, model, launch),
         keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
         notes=list(notes or []),
-        collective_timeout_s=cfg.train.collective_timeout_s,
+        collective_timeout_s=t.collective_timeout_s,
     )

@@ -45,7 +45,7 @@ def train(cfg: RunConfig) -> dict:
     """`launcher train` on every rank: the run's summary (status, step, run directory, metrics)."""
     cfg, launch, notes = resolve_launch(cfg)  # adopted values first: the task is built from the run's own config
     task = tasks.for_config(cfg)
-    rt = build_runtime(cfg, launch, notes)
+    rt = build_runtime(cfg.train, cfg.model, launch, notes)
     rt.watch_signals()  # from here SIGTERM, SIGUSR1, SIGINT mean: checkpoint at the end of the step, then exit
     pre = preflight(cfg, rt, task)
     run_dir, warm_tracker = open_run(cfg, rt, pre)

@@ -66,13 +66,13 @@ def test_every_common_config_validates_and_precision_is_adopted(tmp_path, name):
     cfg, note = distributed.adopt_precision(cfg, launch)
     assert cfg_in.train.precision == given  # adopted into a copy: nothing built from the given config goes stale
     assert cfg.explicit == cfg_in.explicit
-    assert distributed.check(cfg, launch) == []
+    assert distributed.check(cfg.train, cfg.model, launch) == []
     if TRL[name].get("mixed_precision", "bf16") == "bf16":
         assert cfg.train.precision == "bf16" and note.startswith("train.precision: bf16, adopted from")
     else:
         assert cfg.train.precision == "no" and note is None
     if name.startswith("deepspeed"):
-        resolved, _ = distributed.resolve_deepspeed(cfg, launch)
+        resolved, _ = distributed.resolve_deepspeed(cfg.train, launch)
         assert resolved["zero_optimization"]["stage"] == int(name[-1]) and resolved["bf16"]["enabled"] is True
 
 

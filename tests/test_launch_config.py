@@ -31,7 +31,7 @@ def test_every_accelerate_config_agrees_with_the_tiny_run_on_two_processes(name,
     monkeypatch.chdir(CONFIGS.parent)  # DeepSpeed JSON paths are relative to the repository root
     launch = distributed.from_yaml(ACCEL / f"{name}.yaml", num_processes=2 if name not in ("cpu", "single_gpu") else None)
     cfg = load_config(TINY, world_size=launch.num_processes)
-    assert distributed.check(cfg, launch) == []
+    assert distributed.check(cfg.train, cfg.model, launch) == []
     if name.startswith("deepspeed"):
         stage = int(name.removeprefix("deepspeed_zero")[0])
         assert launch.uses_deepspeed and launch.zero_stage == stage
@@ -48,7 +48,7 @@ def test_auto_values_are_filled_from_the_run_config(monkeypatch):
     monkeypatch.chdir(CONFIGS.parent)
     launch = distributed.from_yaml(ACCEL / "deepspeed_zero2.yaml", num_processes=2)
     cfg = load_config(TINY, ["train.global_batch_size=64", "train.max_grad_norm=0.5", "train.precision=bf16"], world_size=2)
-    ds, fills = distributed.resolve_deepspeed(cfg, launch)
+    ds, fills = distributed.resolve_deepspeed(cfg.train, launch)
     assert ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 2  # 64 / (16 x 2 processes)
     assert ds["train_batch_size"] == 64
@@ -147,7 +147,8 @@ def test_environment_reader_sees_what_the_yaml_reader_sees(tmp_path):
            "ACCELERATE_CONFIG_DS_FIELDS": "deepspeed_config_file,zero_stage", "ACCELERATE_MIXED_PRECISION": "no"}
     launch = distributed.from_env(env)
     assert launch.uses_deepspeed and launch.num_processes == 2 and launch.zero_stage == 3
-    problems = distributed.check(load_config(TINY, world_size=2), launch)
+    cfg = load_config(TINY, world_size=2)
+    problems = distributed.check(cfg.train, cfg.model, launch)
     assert any("deepspeed_config.zero_stage is 2 but" in p and "zero_optimization.stage to 3" in p for p in problems)
 
 
