@@ -83,17 +83,18 @@ def fetch(model_cfg) -> str:
     return path
 
 
-def fetch_small(model_cfg) -> str | None:
-    """For `launcher plan`: a hub model's configuration and tokenizer files, without its
-    weights, made local for this process (models.LOCAL; from the cache when offline). The one
-    line (models.hub_problem) when they cannot be had; None for a model that is no hub name.
-    huggingface_hub's snapshot call fails at once without a network, where transformers' own
-    file download retries for about 25 s, printing each retry."""
+def fetch_config(model_cfg) -> str | None:
+    """For `launcher plan`: a hub model's config.json (and its code with
+    model.trust_remote_code), nothing else, made local for this process (models.LOCAL; from
+    the cache when offline). The one line (models.hub_problem) when it cannot be had; None
+    for a model that is no hub name, and when it was had. huggingface_hub's snapshot call
+    fails at once without a network, where transformers' own file download retries for
+    about 25 s, printing each retry."""
     if not is_hub_name(model_cfg.name):
         return None
     from huggingface_hub import snapshot_download
 
-    small = SMALL + (CODE if model_cfg.trust_remote_code else [])
+    small = ["config.json"] + (CODE if model_cfg.trust_remote_code else [])
     try:
         models.LOCAL[(model_cfg.name, model_cfg.revision)] = snapshot_download(
             model_cfg.name, revision=model_cfg.revision, allow_patterns=small)

@@ -286,15 +286,9 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params
     return [head] + ["             " + x for x in body]
 
 
-def _hub_small(cfg: RunConfig) -> str | None:
-    from launcher import hub
-
-    return hub.fetch_small(cfg.model)
-
-
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
          launch: "distributed.LaunchConfig") -> str:
-    from launcher import sizing
+    from launcher import hub, sizing
 
     t = cfg.train
     world = launch.num_processes
@@ -328,7 +322,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     model_config: object | None
     if facts is not None:
         n_params, where, model_config = facts
-    elif (problem := _hub_small(cfg)) is not None:  # a hub model that cannot be had: no retries
+    elif (problem := hub.fetch_config(cfg.model)) is not None:  # a hub model that cannot be had: no retries
         n_params, where, model_config = None, problem, None
     else:  # another family: build it on the meta device (exact, but imports torch + transformers)
         from launcher import tasks

@@ -358,9 +358,9 @@ def resolve_launch(cfg, launch: "LaunchConfig | None" = None):
 
 def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig", notes: list[str] | None = None) -> Runtime:
     """The Accelerator for this process, after the run/accelerate/DeepSpeed configs agree: from
-    the run's train section and model section (its dtype, LoRA and quantization decide the
-    weights' dtype and what this host can run), as resolve_launch returns them, and the
-    launch; `notes` are printed at start."""
+    the train and model sections of the config resolve_launch returns (the model's dtype, LoRA
+    and quantization decide the weights' dtype and what this host can run), and the launch;
+    `notes` are printed at start."""
 
     from launcher import distributed
 

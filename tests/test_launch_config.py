@@ -287,10 +287,33 @@ def test_plan_of_a_hub_model_it_cannot_fetch_says_so_in_its_line_without_retryin
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed}",
+           "HF_HUB_VERBOSITY": "warning"}  # (the retries are said at warning level)
     proc = launcher("plan", str(CONFIGS / "train" / "clause_tiny.yaml"), "model.name=launcher-tests/no-such-model",
                     env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("model      parameters unknown: model.name: cannot load 'launcher-tests/no-such-model' from the Hugging "
             "Face Hub (no network") in proc.stdout
     assert "Retry" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+
+
+def test_plan_counts_a_hub_model_from_its_cached_config_offline(tmp_path):
+    """A hub model whose config.json is in the Hugging Face cache: plan counts it offline from
+    that file alone (no weights in the cache)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import launcher
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--launcher-tests--cached-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config.save_pretrained(repo / "snapshots" / commit)
+    proc = launcher("plan", str(CONFIGS / "train" / "clause_tiny.yaml"), "model.name=launcher-tests/cached-bert",
+                    env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("model "))
+    assert line.endswith("parameters (config of launcher-tests/cached-bert)"), line
+    config.num_labels = len(load_config(CONFIGS / "train" / "clause_tiny.yaml").data.resolved_label_names())
+    assert int(line.split()[1].replace(",", "")) == sum(p.numel() for p in BertForSequenceClassification(config).parameters())
