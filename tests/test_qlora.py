@@ -48,6 +48,7 @@ def _reference_logits(base_dir, model_dir, kind: str, ids):
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization.bnb_config(kind, torch.float32),
                                                 device_map={"": "cpu"}, dtype=torch.float32)
     assert quantization.is_quantized(base)
+    quantization.keep_one_layout(base)
     with torch.no_grad():
         return PeftModel.from_pretrained(base, model_dir / "adapter").eval()(input_ids=ids).logits
 
@@ -149,3 +150,44 @@ def test_plan_counts_a_quantized_base_as_bitsandbytes_stores_it(saved_models):  
     plain = sum(p.numel() for n, p in model.named_parameters() if not any(n.startswith(k) for k in
                                                                          [x for x, m in model.named_modules() if m in layers]))
     assert plain == n_rest
+
+
+def test_a_4bit_layer_reads_the_same_weights_in_evaluation_as_in_training(tmp_path):
+    """bitsandbytes 0.50, on a CPU with AVX512-BF16, rewrites a 4-bit weight into a packed
+    inference layout the first time its layer runs in eval mode without gradients. Where this
+    CPU has that instruction set, the fact is pinned on a copy loaded without
+    `keep_one_layout` (the weight read back changes). The run's loading keeps one layout:
+    evaluation gives the training-mode logits exactly and the weight the export reads is the
+    one that trained."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from launcher import quantization
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128)).save_pretrained(tmp_path / "base")
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map={"": "cpu"}, dtype=torch.float32,
+                                                    quantization_config=quantization.bnb_config("nf4", torch.float32))
+
+    def evaluate_then_read(model):
+        layer = model.model.layers[0].self_attn.q_proj
+        before = quantization.dequantized_weight(layer).clone()
+        model.train()
+        trained = model(input_ids=ids).logits.detach()
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(input_ids=ids).logits
+        return before, quantization.dequantized_weight(layer), trained, evaluated
+
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    if bnb.functional.has_avx512bf16():  # the stack's behaviour that keep_one_layout exists for
+        before, after, _, _ = evaluate_then_read(load())
+        assert not torch.equal(before, after)
+    model = load()
+    quantization.keep_one_layout(model)
+    before, after, trained, evaluated = evaluate_then_read(model)
+    assert torch.equal(before, after)
+    assert torch.equal(trained, evaluated)

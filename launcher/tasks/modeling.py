@@ -53,6 +53,7 @@ def finish(model, cfg: "TaskConfig", task: str, dtype: str = "float32"):
         # Freezes the base and keeps its unquantized parameters (norms, embeddings) in fp32;
         # checkpointing is enabled below, as for any model.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        quantization.keep_one_layout(model)
     elif model.dtype != torch_dtype(dtype):
         model = model.to(torch_dtype(dtype))
     if getattr(model.config, "use_cache", None):
