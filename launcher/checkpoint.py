@@ -725,11 +725,11 @@ def _pretrained_base(auto, meta: dict, config, code: dict):
     if models.gguf_source(meta["base_model"]) is not None:  # read (dequantized) from the GGUF file itself
         return models.from_pretrained(auto, meta["base_model"], config=config, ignore_mismatched_sizes=True)
     try:
-        return auto.from_pretrained(meta["base_model"], revision=meta.get("base_revision"), config=config,
-                                    ignore_mismatched_sizes=True, **code)
-    except OSError as e:
+        return models.from_pretrained(auto, meta["base_model"], revision=meta.get("base_revision"), config=config,
+                                      ignore_mismatched_sizes=True, **code)
+    except ConfigError as e:
         raise ConfigError(f"{meta['base_model']}: the frozen base of this LoRA checkpoint cannot be loaded "
-                          f"({str(e).splitlines()[0][:200]}); put it there (or HF_HUB_OFFLINE=0 for a hub name)") from None
+                          f"({e.problems[0][:200]}); put it there (or HF_HUB_OFFLINE=0 for a hub name)") from None
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
@@ -785,9 +785,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
                    base=base, dtype=dtype)
         source += ", LoRA: adapter/ and merged model"
     else:
-        from launcher.tasks import pooling
+        from launcher import models
 
-        model = pooling.apply(auto.from_config(config, **code), pooling.saved(config))
+        model = models.from_config(auto, config, **code)
         if dtype:
             model.to(getattr(__import__("torch"), dtype))
         missing, unexpected = model.load_state_dict(state_dict, strict=False)

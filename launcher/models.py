@@ -182,11 +182,36 @@ def remote_code_gate(model_dir: str | Path, trusted: bool, flag: str = "--trust-
     return {"trust_remote_code": bool(trusted)}
 
 
+def from_config(auto, config, **kwargs):
+    """A model built from its config alone (random or meta weights): `auto` is an Auto class or
+    a model class. With from_pretrained, every model launcher builds is built here, so a
+    classifier always reads a text the way its config records (launcher.tasks.pooling)."""
+    from launcher.tasks import pooling
+
+    build = auto.from_config if hasattr(auto, "from_config") else auto._from_config
+    return pooling.follow(build(config, **kwargs))
+
+
 def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     """loader.from_pretrained(name), or one line saying which kind of failure it was.
-    `model_cfg` adds model.revision and model.trust_remote_code (off unless asked). A hub model
-    or GGUF file that hub.resolve made local is read from there; a GGUF file nobody converted
-    (`launcher plan`, `launcher export` of a LoRA checkpoint) is read directly."""
+    `model_cfg` adds model.revision and model.trust_remote_code (off unless asked), and
+    model.pooling, recorded in the config or model loaded. A model reads a text the way its
+    config records (launcher.tasks.pooling), as from_config's do. A hub model or GGUF file that
+    hub.resolve made local is read from there; a GGUF file nobody converted (`launcher plan`,
+    `launcher export` of a LoRA checkpoint) is read directly."""
+    from transformers import PretrainedConfig
+
+    from launcher.tasks import pooling
+
+    with pooling.quiet_missing_pooler(local_dir(name, getattr(model_cfg, "revision", None)) or name):
+        loaded = _from_pretrained(loader, name, model_cfg, **kwargs)
+    config = loaded if isinstance(loaded, PretrainedConfig) else getattr(loaded, "config", None)
+    if model_cfg is not None and isinstance(config, PretrainedConfig):
+        pooling.record(config, getattr(model_cfg, "pooling", None))
+    return pooling.follow(loaded, name)
+
+
+def _from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     source = name
     if model_cfg is not None:
         kwargs.setdefault("trust_remote_code", bool(model_cfg.trust_remote_code))

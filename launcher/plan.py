@@ -102,8 +102,8 @@ def lora_trainable(cfg: RunConfig) -> LoraCount | None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from launcher import tasks
-    from launcher.tasks import lora, pooling
+    from launcher import models, tasks
+    from launcher.tasks import lora
 
     task = tasks.for_config(cfg)
     n, _ = task.count_parameters()
@@ -112,7 +112,7 @@ def lora_trainable(cfg: RunConfig) -> LoraCount | None:
         return None
     auto = AutoModelForCausalLM if cfg.task == "causal_lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        base = pooling.apply(auto.from_config(config), cfg.model.pooling)
+        base = models.from_config(auto, config)  # pooled as the config records (count_parameters)
         # What bitsandbytes quantizes: every linear layer's weight but the output head's.
         quantized = sum(m.weight.numel() for m in base.modules()
                         if isinstance(m, torch.nn.Linear) and m is not base.get_output_embeddings())

@@ -118,7 +118,7 @@ def load_dequantized(auto, name: str, kind: str, dtype: str, config, **kwargs):
     quantized = models.from_pretrained(auto, name, config=config, quantization_config=bnb_config(kind, compute),
                                        device_map={"": load_device()}, dtype=compute, **kwargs)
     with torch.device("meta"):  # no random init of a whole fp32 model: the tensors are assigned
-        plain = auto.from_config(plain_config(quantized.config))
+        plain = models.from_config(auto, plain_config(quantized.config))
     missing, unexpected = plain.load_state_dict(dequantized_state_dict(quantized), strict=False, assign=True)
     missing += [n for n, p in plain.named_parameters() if p.is_meta and n not in missing]
     if missing or unexpected:

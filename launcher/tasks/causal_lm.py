@@ -23,7 +23,7 @@ from launcher.data import instructions, prompts
 from launcher.data.prompts import PromptFormat
 from launcher.errors import ConfigError, DataError
 from launcher.tasks import generation
-from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
+from launcher.models import from_config, from_pretrained, inference_device, pad_with_eos, remote_code_gate
 
 
 def tiny_config(cfg: TaskConfig, vocab_size: int, tokenizer):
@@ -205,7 +205,7 @@ class CausalLMTask:
 
         attn = modeling.attn_implementation(self.cfg.model, self.cfg.precision)
         if self.cfg.model.name == TINY_MODEL:
-            model = AutoModelForCausalLM.from_config(tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
+            model = from_config(AutoModelForCausalLM, tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
             quantized = {}
             if self.cfg.model.quantization != "none":  # QLoRA: the frozen base in 4 or 8 bits (quantization.py)
@@ -357,7 +357,7 @@ class CausalLMTask:
             source = f"config of {self.cfg.model.name}"
         self.model_config = config  # `launcher plan` sizes activations from it
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = from_config(AutoModelForCausalLM, config)
         return sum(p.numel() for p in model.parameters()), source
 
     def count_rows(self) -> tuple[int | None, str]:

@@ -23,6 +23,7 @@ import torch
 
 from launcher.config import TINY_MODEL, TaskConfig
 from launcher.errors import ConfigError
+from launcher import models
 from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
 from launcher.tasks import pooling
 
@@ -88,7 +89,7 @@ def tiny_config(cfg: TaskConfig, vocab_size: int, pad_token_id: int):
 
     t, names = cfg.model.tiny, cfg.data.resolved_label_names()
     heads: dict = {"num_labels": len(names), "problem_type": _problem_type(cfg), **label_maps(names)}  # PretrainedConfig's
-    return BertConfig(
+    config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=t.hidden_size,
         num_hidden_layers=t.num_layers,
@@ -100,6 +101,8 @@ def tiny_config(cfg: TaskConfig, vocab_size: int, pad_token_id: int):
         pad_token_id=pad_token_id,
         **heads,
     )
+    pooling.record(config, cfg.model.pooling)  # models.from_config builds it that way
+    return config
 
 
 def count_parameters(cfg: TaskConfig) -> tuple[int | None, str, object]:
@@ -120,8 +123,7 @@ def count_parameters(cfg: TaskConfig) -> tuple[int | None, str, object]:
             return None, e.problems[0], None
         source = f"config of {cfg.model.name}"
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-        pooling.apply(model, cfg.model.pooling, cfg.model.name)
+        model = models.from_config(AutoModelForSequenceClassification, config)
     return sum(p.numel() for p in model.parameters()), source, config
 
 
@@ -133,9 +135,8 @@ def build_model(cfg: TaskConfig, tokenizer, dtype: str = "float32"):
     names = cfg.data.resolved_label_names()
     attn = attn_implementation(cfg.model, cfg.precision)
     if cfg.model.name == TINY_MODEL:
-        model = AutoModelForSequenceClassification.from_config(tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
-                                                               attn_implementation=attn)
-        return pooling.apply(model, cfg.model.pooling)
+        return models.from_config(AutoModelForSequenceClassification,
+                                  tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id), attn_implementation=attn)
     problem = _problem_type(cfg)
     model = from_pretrained(
         AutoModelForSequenceClassification,
@@ -150,7 +151,7 @@ def build_model(cfg: TaskConfig, tokenizer, dtype: str = "float32"):
     )
     if tokenizer.pad_token_id is not None:  # the id batches are padded with: a decoder's head skips it
         model.config.pad_token_id = tokenizer.pad_token_id
-    return pooling.apply(model, cfg.model.pooling, cfg.model.name)
+    return model
 
 
 def is_multilabel(model_config) -> bool:
@@ -327,9 +328,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     code = remote_code_gate(model_dir, trust_remote_code)
-    with pooling.quiet_missing_pooler(model_dir):
-        model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)
-    pooling.apply(model, pooling.saved(model.config), str(model_dir))
+    model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)  # pooled as it records
     tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)

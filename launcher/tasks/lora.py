@@ -58,19 +58,19 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
     import torch
     from peft import get_peft_model
 
-    from launcher.tasks import pooling
+    from launcher import models
 
     if base is None and not save_base:
         with torch.device("meta"):
-            base = pooling.apply(model_class._from_config(base_config), pooling.saved(base_config))
+            base = models.from_config(model_class, base_config)
         fresh = get_peft_model(base, copy.deepcopy(peft_config))
         missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
         still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
         if still_meta:
             raise RuntimeError(f"LoRA export: the gathered state lacks {still_meta[:5]}")
     else:
-        base = base if base is not None else model_class._from_config(base_config)
-        fresh = get_peft_model(pooling.apply(base, pooling.saved(base_config)), copy.deepcopy(peft_config))
+        base = base if base is not None else models.from_config(model_class, base_config)
+        fresh = get_peft_model(base, copy.deepcopy(peft_config))
         missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
         raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

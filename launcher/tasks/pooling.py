@@ -8,8 +8,13 @@ pooling sentence encoders such as all-MiniLM-L6-v2 were trained with (sentence-t
 a training that never used the [CLS] pooler. The base model's pooler is replaced by a
 parameterless module; the model's own dropout and classifier read its output. The model stays
 its transformers class, so engines, LoRA, checkpoints and the export treat it as any
-classifier. Its config records `launcher_pooling: mean`, and launcher's eval, predict and
-export read that back. Plain transformers would load such an export with a new random pooler
+classifier.
+
+The model config carries the choice (`launcher_pooling: mean`, `record`), and the config is
+the only carrier: `launcher.models.from_config` and `models.from_pretrained`, which build every
+model launcher makes, apply what the config they build from records (`follow`). So the run,
+`plan`, eval, predict, the LoRA merge and the offline export cannot disagree, and a new build
+path cannot forget it. Plain transformers would load such an export with a new random pooler
 over [CLS] (it warns that `pooler.dense` is newly initialised): read it with launcher, or apply
 `use_mean_pooling` to the loaded model.
 
@@ -85,8 +90,21 @@ def apply(model: Any, pooling: str | None, model_name: str = "the model") -> Any
 
 
 def saved(model_config) -> str:
-    """The pooling an export's config records (cls when it records none)."""
+    """The pooling a model config records (cls when it records none)."""
     return getattr(model_config, CONFIG_KEY, None) or "cls"
+
+
+def record(model_config, pooling: str | None) -> None:
+    """Write model.pooling into the config a model is then built from (mean only: a cls
+    config stays as transformers writes it)."""
+    if pooling == "mean":
+        setattr(model_config, CONFIG_KEY, "mean")
+
+
+def follow(model: Any, model_name: str = "the model") -> Any:
+    """The pooling the model's own config records (models.from_config and from_pretrained)."""
+    config = getattr(model, "config", None)
+    return apply(model, saved(config), model_name) if config is not None and hasattr(model, "base_model") else model
 
 
 @contextlib.contextmanager
