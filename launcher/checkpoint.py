@@ -331,7 +331,7 @@ class Checkpointer:
             # Checked first: a conversion that fills the disk would fill it for the run's next
             # checkpoint too (a refusal frees what a killed attempt left, above).
             trained = sum(1 for p in acc._models[0].parameters() if p.requires_grad)
-            need = engines.universal_need(path, self.rt.engine.zero_stage, trained, world)
+            need = engines.universal_need(path, self.rt.engine, trained, world)
             free = shutil.disk_usage(universal).free
             if free < need:
                 shutil.rmtree(universal, ignore_errors=True)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from launcher import engines
 from launcher.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -330,18 +331,13 @@ def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]
     return problems
 
 
-def keeps_fp32_masters(launch: LaunchConfig) -> bool:
-    """Whether the engine keeps fp32 master weights of its own (DeepSpeed, FSDP mixed precision)."""
-    return launch.uses_deepspeed or launch.distributed_type == FSDP
-
-
 def _dtype_problems(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]:
     dtype, precision = model.dtype, t.precision
     if dtype != "bfloat16":
         return []
     if precision != "bf16":
         return [f"model.dtype: bfloat16 weights with train.precision {precision}: set train.precision=bf16, or model.dtype=auto"]
-    if not keeps_fp32_masters(launch) and not model.lora.enabled:
+    if not engines.keeps_fp32_masters(launch) and not model.lora.enabled:
         return [f"model.dtype: bfloat16 under {launch.distributed_type} ({launch.source}) leaves AdamW no fp32 master "
                 "weights (small updates round to zero); use model.dtype=auto (fp32 weights, bf16 compute), "
                 "LoRA, or DeepSpeed/FSDP"]
@@ -352,7 +348,7 @@ def weight_dtype(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> st
     """The one dtype policy: what the model's weights are loaded as (see config: model.dtype)."""
     if model.dtype != "auto":
         return model.dtype
-    if t.precision == "bf16" and (keeps_fp32_masters(launch) or model.lora.enabled):
+    if t.precision == "bf16" and (engines.keeps_fp32_masters(launch) or model.lora.enabled):
         return "bfloat16"
     return "float32"
 

@@ -185,7 +185,7 @@ def universal_view(ckpt: Path, view: Path) -> None:
     os.replace(tmp, view)
 
 
-def universal_need(ckpt: Path, zero_stage: int | None, tensors: int, writers: int) -> int:
+def universal_need(ckpt: Path, engine: Engine, tensors: int, writers: int) -> int:
     """About the most disk universal_view of `ckpt` takes at once (an upper bound). The
     converter's per-rank slices and the merged per-parameter states (fp32 master, Adam moments,
     step) are on disk together before it removes the slices: twice the optimizer shards; it
@@ -196,7 +196,7 @@ def universal_need(ckpt: Path, zero_stage: int | None, tensors: int, writers: in
     which is what a small model's conversion is mostly made of."""
     files = [f for f in (ckpt / DEEPSPEED_TAG).rglob("*") if f.is_file()]
     need = 2 * sum(f.stat().st_size for f in files) + tensors * 4 * (writers + 1) * 4096
-    if zero_stage == 3:
+    if engine.zero_stage == 3:
         need += sum(f.stat().st_size for f in files if f.name.startswith("zero_pp_rank_0_") and "optim_states" in f.name)
     return need
 
@@ -350,6 +350,33 @@ def fsdp_reduce_in_fp32(accelerator, on: bool) -> None:
     if hasattr(policy, "output_dtype"):  # FSDP2's MixedPrecisionPolicy
         wider["output_dtype"] = torch.float32
     plugin.mixed_precision_policy = dataclasses.replace(policy, **wider)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What `launcher plan` needs of the engine a launch asks for, before any process exists."""
+
+    label: str  # for people: DeepSpeed ZeRO-N, FSDP, DDP, single process
+    shard_stage: int  # what is partitioned, in ZeRO's terms (FSDP's full shard is 3)
+    sixteen_bit_copy: bool  # a 16-bit copy of the weights beside the fp32 masters (DeepSpeed mixed precision)
+
+
+def planned(launch: "LaunchConfig", precision: str) -> Planned:
+    from launcher import distributed
+
+    if launch.uses_deepspeed:
+        stage = launch.zero_stage or 0
+        return Planned(f"DeepSpeed ZeRO-{stage}", stage, precision in ("bf16", "fp16"))
+    if launch.distributed_type == distributed.FSDP:
+        return Planned("FSDP (full shard ~ ZeRO-3)", 3, False)
+    return Planned("DDP" if launch.num_processes > 1 else "single process", 0, False)
+
+
+def keeps_fp32_masters(launch: "LaunchConfig") -> bool:
+    """Whether the engine keeps fp32 master weights of its own (DeepSpeed, FSDP mixed precision)."""
+    from launcher import distributed
+
+    return launch.uses_deepspeed or launch.distributed_type == distributed.FSDP
 
 
 def built(accelerator, launch: "LaunchConfig") -> Engine:

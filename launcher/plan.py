@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import distributed
+from launcher import distributed, engines
 from launcher.config import RunConfig
 
 from launcher.sizing import checkpoint_bytes
@@ -293,9 +293,8 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
-    stage = (launch.zero_stage or 0) if launch.uses_deepspeed else (3 if launch.distributed_type == distributed.FSDP else 0)
-    engine = {distributed.DEEPSPEED: f"DeepSpeed ZeRO-{stage}", distributed.FSDP: "FSDP (full shard ~ ZeRO-3)"}.get(
-        launch.distributed_type, "DDP" if world > 1 else "single process")
+    planned = engines.planned(launch, t.precision)
+    stage, engine = planned.shard_stage, planned.label
     lines = [f"run        {config_path}  ({cfg.task}, model {cfg.model.name}, precision {t.precision})",
              f"launch     {accelerate_config or 'no accelerate config'}: {engine}, "
              f"{launch.num_machines} node(s) x {launch.processes_per_machine} process(es) = world size {world}",
@@ -331,7 +330,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         n_params, where = task.count_parameters()
         model_config = getattr(task, "model_config", None)
     lines.append(f"model      {n_params:,} parameters ({where})" if n_params else f"model      parameters unknown: {where}")
-    sixteen = launch.uses_deepspeed and t.precision in ("bf16", "fp16")
+    sixteen = planned.sixteen_bit_copy
     lora_count = lora_trainable(cfg) if cfg.model.lora.enabled and n_params else None
     n_train = lora_count.trainable if lora_count else None
     lines += _memory_section(cfg, launch, n_params, lora_count, stage, sixteen, engine)

@@ -408,7 +408,7 @@ def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
         distributed_type=str(accelerator.distributed_type).split(".")[-1],
         engine=engine,
         weight_dtype=distributed.weight_dtype(t, model, launch),
-        keeps_fp32_masters=distributed.keeps_fp32_masters(launch),
+        keeps_fp32_masters=engines.keeps_fp32_masters(launch),
         notes=list(notes or []),
         collective_timeout_s=t.collective_timeout_s,
     )
