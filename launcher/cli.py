@@ -149,9 +149,8 @@ def _train_under_accelerate(args) -> int:
     """`launcher train CONFIG --accelerate-config F ...`: every check that `accelerate launch
     -m launcher train` would run on each rank runs here once, so a bad config is one line and
     exit 2 before any rank starts; then this process becomes `accelerate launch`."""
-    from launcher import distributed
+    from launcher import distributed, engines
     from launcher.config import load_config
-    from launcher.engines import host_problems
 
     if (args.nodes or 1) > 1 and (args.machine_rank is None or args.main_process_ip is None):
         raise UserError("--nodes: more than one machine needs --machine-rank and --main-process-ip")
@@ -159,7 +158,7 @@ def _train_under_accelerate(args) -> int:
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=launch.num_processes)
     cfg, note = distributed.adopt_precision(cfg, launch)
-    problems = distributed.check(cfg.train, cfg.model, launch) + host_problems(cfg.train, cfg.model, launch)
+    problems = engines.launch_problems(cfg.train, cfg.model, launch) + engines.host_problems(cfg.train, cfg.model, launch)
     if problems:
         raise UserError(*problems)
     cmd = [sys.executable, "-m", "launcher.launch", "--config_file", args.accelerate_config]  # accelerate launch, Ctrl-C a stop
@@ -190,7 +189,7 @@ def _train_under_accelerate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from launcher import distributed
+    from launcher import distributed, engines
     from launcher.config import load_config
     from launcher.plan import plan
 
@@ -207,7 +206,7 @@ def cmd_plan(args) -> int:
         launch.distributed_type = "MULTI_GPU"
     cfg = load_config(args.config, args.overrides, world_size=launch.num_processes)
     cfg, _ = distributed.adopt_precision(cfg, launch)
-    distributed.check_or_raise(cfg.train, cfg.model, launch)
+    engines.check_or_raise(cfg.train, cfg.model, launch)
     print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch))
     return 0
 

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from launcher import engines
 from launcher.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -273,7 +272,6 @@ def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]
             f"{launch.source}: mixed_precision is {launch.mixed_precision} but train.precision is {t.precision} "
             "(the run config decides precision: remove it here or set train.precision)"
         )
-    problems += _dtype_problems(t, model, launch)
     if not launch.uses_deepspeed or launch.ds is None:
         return problems
 
@@ -329,34 +327,6 @@ def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]
         src = launch.source if inline else launch.ds_source
         problems.append(f"{src}: {key} must be true under ZeRO-3: the final export gathers the whole model")
     return problems
-
-
-def _dtype_problems(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]:
-    dtype, precision = model.dtype, t.precision
-    if dtype != "bfloat16":
-        return []
-    if precision != "bf16":
-        return [f"model.dtype: bfloat16 weights with train.precision {precision}: set train.precision=bf16, or model.dtype=auto"]
-    if not engines.keeps_fp32_masters(launch) and not model.lora.enabled:
-        return [f"model.dtype: bfloat16 under {launch.distributed_type} ({launch.source}) leaves AdamW no fp32 master "
-                "weights (small updates round to zero); use model.dtype=auto (fp32 weights, bf16 compute), "
-                "LoRA, or DeepSpeed/FSDP"]
-    return []
-
-
-def weight_dtype(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> str:
-    """The one dtype policy: what the model's weights are loaded as (see config: model.dtype)."""
-    if model.dtype != "auto":
-        return model.dtype
-    if t.precision == "bf16" and (engines.keeps_fp32_masters(launch) or model.lora.enabled):
-        return "bfloat16"
-    return "float32"
-
-
-def check_or_raise(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> None:
-    problems = check(t, model, launch)
-    if problems:
-        raise ConfigError(*problems)
 
 
 # ---------------------------------------------------------------- resolving "auto"

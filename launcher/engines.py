@@ -379,6 +379,44 @@ def keeps_fp32_masters(launch: "LaunchConfig") -> bool:
     return launch.uses_deepspeed or launch.distributed_type == distributed.FSDP
 
 
+def dtype_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> list[str]:
+    """bf16 weights where no engine keeps fp32 masters for them (one line each)."""
+    if model.dtype != "bfloat16":
+        return []
+    if t.precision != "bf16":
+        return [f"model.dtype: bfloat16 weights with train.precision {t.precision}: set train.precision=bf16, or model.dtype=auto"]
+    if not keeps_fp32_masters(launch) and not model.lora.enabled:
+        return [f"model.dtype: bfloat16 under {launch.distributed_type} ({launch.source}) leaves AdamW no fp32 master "
+                "weights (small updates round to zero); use model.dtype=auto (fp32 weights, bf16 compute), "
+                "LoRA, or DeepSpeed/FSDP"]
+    return []
+
+
+def weight_dtype(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> str:
+    """The one dtype policy: what the model's weights are loaded as (see config: model.dtype)."""
+    if model.dtype != "auto":
+        return model.dtype
+    if t.precision == "bf16" and (keeps_fp32_masters(launch) or model.lora.enabled):
+        return "bfloat16"
+    return "float32"
+
+
+def launch_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> list[str]:
+    """Every contradiction between the run's train and model sections and the launch files
+    (distributed.check), and the dtype policy's; one line each."""
+    from launcher import distributed
+
+    return distributed.check(t, model, launch) + dtype_problems(t, model, launch)
+
+
+def check_or_raise(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> None:
+    from launcher.errors import ConfigError
+
+    problems = launch_problems(t, model, launch)
+    if problems:
+        raise ConfigError(*problems)
+
+
 def built(accelerator, launch: "LaunchConfig") -> Engine:
     """The engine accelerate really set up, which must be the one the launch asked for."""
     from launcher import distributed

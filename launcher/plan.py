@@ -278,7 +278,7 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params
         n_train = lora_count.trainable
         head = (f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
                 f"{n_train / n_params:.2%}):")
-        body = lora_memory_lines(n_params, n_train, distributed.weight_dtype(cfg.train, cfg.model, launch), stage, world, sixteen, engine,
+        body = lora_memory_lines(n_params, n_train, engines.weight_dtype(cfg.train, cfg.model, launch), stage, world, sixteen, engine,
                                  cfg.model.quantization, lora_count.quantized, lora_count.frozen)
     else:
         head = "memory     per GPU, model states only:"

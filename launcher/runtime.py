@@ -54,7 +54,7 @@ class Runtime:
     num_nodes: int
     distributed_type: str
     engine: Engine = Engine()  # every engine decision (launcher.engines)
-    weight_dtype: str = "float32"  # the dtype policy's answer for this launch (distributed.weight_dtype)
+    weight_dtype: str = "float32"  # the dtype policy's answer for this launch (engines.weight_dtype)
     keeps_fp32_masters: bool = False  # the engine holds fp32 master weights (DeepSpeed, FSDP)
     notes: list | None = None  # what the launch decided for the run config (printed at start)
     preemption: Any = None  # preemption.Preemption once watch_signals has run
@@ -362,9 +362,7 @@ def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
     and quantization decide the weights' dtype and what this host can run), and the launch;
     `notes` are printed at start."""
 
-    from launcher import distributed
-
-    distributed.check_or_raise(t, model, launch)  # before any process group starts
+    engines.check_or_raise(t, model, launch)  # before any process group starts
 
     import warnings
 
@@ -407,7 +405,7 @@ def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
         num_nodes=max(1, world // max(local_world, 1)),
         distributed_type=str(accelerator.distributed_type).split(".")[-1],
         engine=engine,
-        weight_dtype=distributed.weight_dtype(t, model, launch),
+        weight_dtype=engines.weight_dtype(t, model, launch),
         keeps_fp32_masters=engines.keeps_fp32_masters(launch),
         notes=list(notes or []),
         collective_timeout_s=t.collective_timeout_s,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import distributed
+from launcher import distributed, engines
 from launcher.cli import main
 from launcher.config import load_config
 
@@ -66,7 +66,7 @@ def test_every_common_config_validates_and_precision_is_adopted(tmp_path, name):
     cfg, note = distributed.adopt_precision(cfg, launch)
     assert cfg_in.train.precision == given  # adopted into a copy: nothing built from the given config goes stale
     assert cfg.explicit == cfg_in.explicit
-    assert distributed.check(cfg.train, cfg.model, launch) == []
+    assert engines.launch_problems(cfg.train, cfg.model, launch) == []
     if TRL[name].get("mixed_precision", "bf16") == "bf16":
         assert cfg.train.precision == "bf16" and note.startswith("train.precision: bf16, adopted from")
     else:

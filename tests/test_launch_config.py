@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from launcher import distributed
+from launcher import distributed, engines
 from launcher.cli import main
 from launcher.config import load_config
 from launcher.plan import bytes_per_param
@@ -31,7 +31,7 @@ def test_every_accelerate_config_agrees_with_the_tiny_run_on_two_processes(name,
     monkeypatch.chdir(CONFIGS.parent)  # DeepSpeed JSON paths are relative to the repository root
     launch = distributed.from_yaml(ACCEL / f"{name}.yaml", num_processes=2 if name not in ("cpu", "single_gpu") else None)
     cfg = load_config(TINY, world_size=launch.num_processes)
-    assert distributed.check(cfg.train, cfg.model, launch) == []
+    assert engines.launch_problems(cfg.train, cfg.model, launch) == []
     if name.startswith("deepspeed"):
         stage = int(name.removeprefix("deepspeed_zero")[0])
         assert launch.uses_deepspeed and launch.zero_stage == stage
