@@ -251,6 +251,16 @@ def pad_with_eos(tokenizer, effect: str) -> str:
     return f"tokenizer has no pad token: padding with EOS (id {tokenizer.eos_token_id}), {effect}"
 
 
+def export_dtype(setting: str, declared=None) -> str:
+    """checkpoint.export_dtype resolved, for the run and for `launcher plan` alike: auto is the
+    dtype the base model's config declares (`declared`: None for a random tiny model, or a
+    config that declares none or another dtype: float32)."""
+    if setting != "auto":
+        return setting
+    name = str(declared or "float32").replace("torch.", "")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
 def declared_dtype(model_cfg) -> str | None:
     """The dtype model.name's config.json declares (`dtype`, or transformers 4's `torch_dtype`),
     read from the config alone: a loaded model's config says the dtype it was loaded in."""

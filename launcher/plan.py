@@ -235,13 +235,13 @@ def _write_s(n_bytes: float, nodes: int) -> str:
 
 def _export_dtype(cfg: RunConfig, model_config) -> str:
     """checkpoint.export_dtype as the run resolves it (auto: the dtype config.json declares)."""
-    if cfg.checkpoint.export_dtype != "auto":
-        return cfg.checkpoint.export_dtype
-    if cfg.model.name == "tiny" or model_config is None:
-        return "float32"
-    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
-    declared = str(get("dtype") or get("torch_dtype") or "float32").replace("torch.", "")
-    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+    from launcher import models
+
+    declared = None
+    if cfg.model.name != "tiny" and model_config is not None:
+        get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+        declared = get("dtype") or get("torch_dtype")
+    return models.export_dtype(cfg.checkpoint.export_dtype, declared)
 
 
 def _best_lines(cfg: RunConfig, model_config, n_params: int, sixteen: bool, nodes: int) -> list[str]:

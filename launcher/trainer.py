@@ -225,12 +225,10 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
 
 def _export_dtype(cfg: RunConfig, task) -> str:
     """checkpoint.export_dtype resolved: auto is the dtype the base model declares."""
-    if cfg.checkpoint.export_dtype != "auto":
-        return cfg.checkpoint.export_dtype
     from launcher import models
 
-    declared = None if task.random_init() else models.declared_dtype(cfg.model)
-    return declared if declared in ("float32", "bfloat16", "float16") else "float32"
+    auto = cfg.checkpoint.export_dtype == "auto" and not task.random_init()
+    return models.export_dtype(cfg.checkpoint.export_dtype, models.declared_dtype(cfg.model) if auto else None)
 
 
 def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_params: int, n_trainable: int):
