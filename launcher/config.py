@@ -190,7 +190,8 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: Literal["no", "bf16", "fp16"] = "no"
     # With bf16/fp16: gradients are reduced across ranks in fp32 (DeepSpeed's
-    # communication_data_type, FSDP's reduce and output dtypes); false: in the compute dtype,
+    # communication_data_type, and under ZeRO-2/3 its grad_accum_dtype for the sum over
+    # micro-batches; FSDP's reduce and output dtypes); false: in the compute dtype,
     # half the gradient traffic for a less exact sum. DDP reduces fp32 gradients either way.
     reduce_in_fp32: bool = True
     seed: int = 42

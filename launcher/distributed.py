@@ -351,6 +351,11 @@ def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig) -> tuple[dict, list[
     }
     if t.precision != "no" and t.reduce_in_fp32:  # DeepSpeed's default: the compute dtype (engines.py)
         fills["communication_data_type"] = ("fp32", "train.reduce_in_fp32")
+        if launch.zero_stage in (2, 3):
+            # Micro-batch gradients are summed in the weights' 16-bit dtype by default. Not
+            # filled for ZeRO-1: there DeepSpeed answers fp32 with its BF16_Optimizer, another
+            # optimizer with another checkpoint layout.
+            fills["data_types.grad_accum_dtype"] = ("fp32", "train.reduce_in_fp32")
     resolved: list[tuple[str, Any, str]] = []
     for key, (value, owner) in fills.items():
         if _get(ds, key, AUTO) == AUTO:

@@ -253,6 +253,16 @@ def reduce_dtypes(model) -> list[str]:
     return sorted(str(d).replace("torch.", "") for d in found)
 
 
+def accumulate_dtypes(model) -> list[str]:
+    """The dtypes this rank sums micro-batch gradients in: DeepSpeed's ZeRO optimizer's
+    gradient accumulation dtype; otherwise the trainable parameters' (their .grad, and FSDP2's
+    sharded gradients, have the parameters' dtype)."""
+    optimizer = getattr(model, "optimizer", None)  # a DeepSpeedEngine's
+    dtype = getattr(optimizer, "gradient_accumulation_dtype", None) or getattr(optimizer, "grad_acc_dtype", None)
+    found = {dtype} if dtype is not None else {p.dtype for p in model.parameters() if p.requires_grad}
+    return sorted(str(d).replace("torch.", "") for d in found)
+
+
 def full_numel(p) -> int:
     """A parameter's whole size: under ZeRO-3 `numel()` is 0 and `ds_numel` the size; an FSDP2
     DTensor's `numel()` is already the whole size; a bitsandbytes 4-bit weight packs two

@@ -39,13 +39,15 @@ class BytesPerParam:
 
 
 def bytes_per_param(stage: int, world: int, sixteen_bit: bool, offload_optimizer: bool = False,
-                    offload_params: bool = False) -> tuple[BytesPerParam, BytesPerParam]:
-    """(on each GPU, in host memory) bytes per parameter for one rank's model states."""
+                    offload_params: bool = False, fp32_grad_partitions: bool = False) -> tuple[BytesPerParam, BytesPerParam]:
+    """(on each GPU, in host memory) bytes per parameter for one rank's model states.
+    fp32_grad_partitions: ZeRO-2/3 sum each rank's gradient partition in fp32
+    (data_types.grad_accum_dtype), 4 bytes for each of its parameters rather than 2."""
     p, g, o = (2.0, 2.0, 12.0) if sixteen_bit else (4.0, 4.0, 8.0)
     if stage >= 1:
         o /= world
     if stage >= 2:
-        g /= world
+        g = (4.0 if fp32_grad_partitions else g) / world
     if stage >= 3:
         p /= world
     host = BytesPerParam(0.0, 0.0, 0.0)
@@ -61,20 +63,24 @@ def _fmt_frac(full: float, stage_divides: bool, world: int) -> str:
 
 
 def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool, offload_optimizer: bool,
-                 offload_params: bool, engine: str) -> list[str]:
+                 offload_params: bool, engine: str, fp32_grad_partitions: bool = False) -> list[str]:
     p, g, o = (2, 2, 12) if sixteen_bit else (4, 4, 8)
+    fp32_grads = fp32_grad_partitions and sixteen_bit
     kind = ("16-bit weights and grads, fp32 master + Adam m, v" if sixteen_bit
             else "fp32 weights, grads and Adam m, v")
+    if fp32_grads:
+        kind += "; stages 2 and 3 sum their gradient partition in fp32"
     lines = [f"bytes per parameter ({kind}): params {p} + grads {g} + optimizer {o} = {p + g + o}",
              f"  {'stage':<10}{'params':>8}{'grads':>8}{'optim':>8}{'B/param':>9}{'per GPU':>12}"]
     for s in range(4):
-        here, _ = bytes_per_param(s, world, sixteen_bit)
+        here, _ = bytes_per_param(s, world, sixteen_bit, fp32_grad_partitions=fp32_grads)
         size = _size(n_params * here.total) if n_params else "?"
         mark = "  <- this run" if s == stage else ""
         name = f"{s} (DDP)" if s == 0 else str(s)
-        lines.append(f"  {name:<10}{_fmt_frac(p, s >= 3, world):>8}{_fmt_frac(g, s >= 2, world):>8}"
+        grads = 4 if fp32_grads and s >= 2 else g
+        lines.append(f"  {name:<10}{_fmt_frac(p, s >= 3, world):>8}{_fmt_frac(grads, s >= 2, world):>8}"
                      f"{_fmt_frac(o, s >= 1, world):>8}{here.total:>9.3g}{size:>12}{mark}")
-    here, host = bytes_per_param(stage, world, sixteen_bit, offload_optimizer, offload_params)
+    here, host = bytes_per_param(stage, world, sixteen_bit, offload_optimizer, offload_params, fp32_grads)
     if n_params:
         lines.append(
             f"this run ({engine}): {n_params:,} params x {here.total:.3g} B = {_size(n_params * here.total)} "
@@ -268,7 +274,8 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params
     """Per-GPU model-state memory: a LoRA run's frozen base and trained part, or every ZeRO
     stage's split of a full run (with the launch's CPU offload)."""
     world = launch.num_processes
-    ds = launch.ds or {}
+    ds = distributed.resolve_deepspeed(cfg.train, launch)[0] if launch.uses_deepspeed else {}
+    fp32_grads = str(distributed._get(ds, "data_types.grad_accum_dtype", "")).lower() in ("fp32", "float32")
     offload_opt = str(distributed._get(ds, "zero_optimization.offload_optimizer.device", "none")).lower() != "none"
     offload_par = str(distributed._get(ds, "zero_optimization.offload_param.device", "none")).lower() != "none"
     offloaded = [name for name, on in (("optimizer", offload_opt), ("params", offload_par)) if on]
@@ -282,7 +289,7 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params
                                  cfg.model.quantization, lora_count.quantized, lora_count.frozen)
     else:
         head = "memory     per GPU, model states only:"
-        body = memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine)
+        body = memory_lines(n_params, stage, world, sixteen, offload_opt, offload_par, engine, fp32_grads)
     return [head] + ["             " + x for x in body]
 
 

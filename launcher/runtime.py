@@ -284,6 +284,7 @@ class Runtime:
             "fp32_masters": dtypes(masters),
             "optimizer_states": dtypes(states),
             "reduce_dtypes": engines.reduce_dtypes(model),
+            "accumulate_dtypes": engines.accumulate_dtypes(model),
             "decayed": len(decayed),
             "not_decayed": len(names) - len(decayed),
             "decayed_sha": hashlib.sha256("\n".join(decayed).encode()).hexdigest()[:16],

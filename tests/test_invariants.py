@@ -166,20 +166,22 @@ def model_facts(run: Path, rank: int = 0) -> dict:
 def test_dtypes_per_engine(tmp_path):
     """bf16 compute: fp32 weights and fp32 Adam states where no engine keeps masters (one
     process; DDP never casts), bf16 weights with fp32 masters and states under ZeRO-2/3, a bf16 frozen
-    base under fp32 adapters with LoRA. Gradients are reduced in fp32 by every engine (DeepSpeed's
-    default would be bf16, accelerate's FSDP2 policy bf16), unless train.reduce_in_fp32=false."""
+    base under fp32 adapters with LoRA. Gradients are reduced, and summed over micro-batches, in
+    fp32 by every engine (DeepSpeed's default would be bf16 for both, accelerate's FSDP2 policy
+    bf16), unless train.reduce_in_fp32=false."""
     args = [*CLAUSE, "train.precision=bf16", "train.micro_batch_size=16"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "one", *args))
     facts = model_facts(tmp_path / "one")
     assert facts["parameters"] == {"float32": facts["decayed"] + facts["not_decayed"]}
     assert set(facts["optimizer_states"]) == {"float32"} and facts["reduce_dtypes"] == ["float32"]
+    assert facts["accumulate_dtypes"] == ["float32"]
     for stage in (2, 3):
         _launch_2(tmp_path, f"z{stage}", TINY, args, accel=f"deepspeed_zero{stage}.yaml")
         for rank in (0, 1):
             z = model_facts(tmp_path / f"z{stage}", rank)
             assert set(z["parameters"]) == {"bfloat16"}, z
             assert set(z["fp32_masters"]) == {"float32"} and set(z["optimizer_states"]) == {"float32"}, z
-            assert z["reduce_dtypes"] == ["float32"], z
+            assert z["reduce_dtypes"] == ["float32"] and z["accumulate_dtypes"] == ["float32"], z
     # The export (auto: float32, as the tiny model's config says) is read from the fp32 masters,
     # not widened from the bf16 weights: the same tensors as `launcher export` of that checkpoint.
     from safetensors.torch import load_file
@@ -200,6 +202,7 @@ def test_dtypes_per_engine(tmp_path):
     _launch_2(tmp_path, "z2-bf16", TINY, [*args, "train.reduce_in_fp32=false", "checkpoint.export_dtype=float16"],
               accel="deepspeed_zero2.yaml")
     assert model_facts(tmp_path / "z2-bf16")["reduce_dtypes"] == ["bfloat16"]
+    assert model_facts(tmp_path / "z2-bf16")["accumulate_dtypes"] == ["bfloat16"]  # DeepSpeed's own default
     step = json.loads((tmp_path / "z2-bf16" / "final_metrics.json").read_text())["exported_step"]
     check(launcher("export", str(tmp_path / "z2-bf16" / "checkpoints" / f"step-{step:06d}"), str(tmp_path / "z2h-offline")))
     online, offline = (load_file(d / "model.safetensors") for d in (tmp_path / "z2-bf16" / "model", tmp_path / "z2h-offline"))
