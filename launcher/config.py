@@ -36,7 +36,7 @@ BINARY_LABELS = ["fair", "unfair"]
 TINY_MODEL = "tiny"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TinyModelConfig:
     # Architecture of the random model built when model.name is "tiny": auto is a
     # BERT encoder for classification and a Llama-style decoder for causal_lm.
@@ -50,7 +50,7 @@ class TinyModelConfig:
     dropout: float = 0.1
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     # Train low-rank adapters (peft) instead of all weights; the task head stays trainable.
     enabled: bool = False
@@ -65,7 +65,7 @@ class LoraConfig:
     use_dora: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # Hub id, local directory (Hugging Face format), a GGUF file (or a directory holding one:
     # converted once into the data cache, then loaded as a plain model), or "tiny" for a
@@ -99,7 +99,7 @@ class ModelConfig:
     pooling: Literal["cls", "mean"] = "cls"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticDataConfig:
     # Generate clause-like sentences with a learnable signal instead of reading files.
     enabled: bool = False
@@ -108,7 +108,7 @@ class SyntheticDataConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     # Local JSONL / CSV / Parquet file, or a directory written by Dataset.save_to_disk
     # (a DatasetDict directory: the split is picked by data.train_split / validation_split).
@@ -170,7 +170,7 @@ class DataConfig:
         return list(BINARY_LABELS if self.mode == "binary" else UNFAIR_TOS_CATEGORIES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # Used when max_steps is null.
     epochs: int = 3
@@ -222,7 +222,7 @@ class TrainConfig:
     halt_at_step: Optional[int] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     # Evaluate every N optimizer steps (0: only at start and end).
     every_steps: int = 50
@@ -250,7 +250,7 @@ class EvalConfig:
     generate_rows: Optional[int] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     # Save every N optimizer steps (0: only at the end).
     every_steps: int = 50
@@ -278,7 +278,7 @@ class CheckpointConfig:
     resume_changed: Literal["refuse", "allow"] = "refuse"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     # MLflow tracking URI; null: sqlite:///<output_dir>/mlflow.db (no server).
     uri: Optional[str] = None
@@ -310,7 +310,7 @@ class TrackingConfig:
     system_metrics_every_s: float = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     # Dotted keys the user set (YAML or override), so a default can yield to another file
     # (e.g. an accelerate YAML's mixed_precision) while an explicit choice cannot.
@@ -555,13 +555,20 @@ def load_config(
         tree["output_dir"] = output_dir
     if run_name is not None:
         tree["run_name"] = run_name
-    cfg = _build(RunConfig, tree, "", problems)
-    cfg.explicit = frozenset(_dotted_keys(tree))
-    if cfg.run_name is None:
-        cfg.run_name = Path(path).stem if path is not None else "run"
+    explicit = frozenset(_dotted_keys(tree))
+    if tree.get("run_name") is None:
+        tree["run_name"] = Path(path).stem if path is not None else "run"
+    cfg = with_explicit(_build(RunConfig, tree, "", problems), explicit)
     problems.extend(validate(cfg, world_size=world_size, check_files=check_files))
     if problems:
         raise ConfigError(*problems)
+    return cfg
+
+
+def with_explicit(cfg: RunConfig, keys: frozenset) -> RunConfig:
+    """cfg, recording the dotted keys the user set. Per instance, not a field (it is not a
+    setting): set past the frozen dataclass's guard, once, where the instance is made."""
+    object.__setattr__(cfg, "explicit", keys)
     return cfg
 
 

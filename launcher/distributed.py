@@ -253,11 +253,13 @@ def adopt_precision(cfg: RunConfig, launch: LaunchConfig) -> tuple[RunConfig, st
     and different: `check`. Resolved once, before anything is built from the config."""
     import dataclasses
 
+    from launcher.config import with_explicit
+
     if launch.mixed_precision in ("bf16", "fp16") and "train.precision" not in cfg.explicit \
             and cfg.train.precision != launch.mixed_precision:
         precision: Any = launch.mixed_precision  # bf16 or fp16, as tested above
-        adopted = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-        setattr(adopted, "explicit", cfg.explicit)  # per instance (load_config sets it), not a field: copied by hand
+        adopted = with_explicit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision)),
+                                cfg.explicit)  # per instance (load_config sets it), not a field: copied by hand
         return adopted, f"train.precision: {launch.mixed_precision}, adopted from {launch.source} (mixed_precision)"
     return cfg, None
 

@@ -269,3 +269,16 @@ def test_hub_weights_are_chosen_from_the_index_so_nothing_is_downloaded_twice(tm
     assert weight_patterns(tmp_path) == [["model.safetensors"], WEIGHTS, ["pytorch_model.bin.index.json", "pytorch_model-1.bin"]]
     (tmp_path / "pytorch_model.bin.index.json").write_text("{not json")
     assert weight_patterns(tmp_path) == [["model.safetensors"], WEIGHTS, BIN_WEIGHTS]
+
+
+def test_a_built_config_is_frozen_at_every_level():
+    """Resolved once, before anything is built from it: no component can change a setting
+    another one already read (a copy with the change is the way: dataclasses.replace)."""
+    import dataclasses
+
+    cfg = load_config(TINY, ["train.lr=0.002"])
+    for section, name, value in ((cfg, "task", "causal_lm"), (cfg.train, "precision", "bf16"),
+                                 (cfg.model.lora, "enabled", True), (cfg.tracking, "mlflow", False)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, name, value)
+    assert cfg.run_name == TINY.stem and "train.lr" in cfg.explicit and "run_name" not in cfg.explicit

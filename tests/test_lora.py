@@ -42,9 +42,9 @@ def test_only_adapters_and_head_train_and_the_count_is_exact(task, tmp_path):
         tok = task_tokenizer(t, tmp_path, rows[0])
     else:
         tok = task_tokenizer(t, tmp_path, rows)
-    cfg.model.lora.enabled = False
-    plain = t.build_model(tok)  # the same model without adapters, to count from
-    cfg.model.lora.enabled = True
+    plain_cfg = load_config(config, ["model.lora.enabled=false", "model.lora.r=4",
+                                     f"model.lora.target_modules=[{','.join(targets)}]"])
+    plain = tasks.for_config(plain_cfg).build_model(tok)  # the same model without adapters, to count from
     model = t.build_model(tok)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
