@@ -234,14 +234,28 @@ def universal_load(model, optimizer) -> Iterator[None]:
             state["step"] = step.detach().to(device=p.device if on_device else step.device, copy=True)
 
 
+# DDP's own record of its buckets' dtypes (c10 type names) and of a compressing comm hook.
+_DDP_DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
+_DDP_HOOKS = {"fp16_compress_hook": "float16", "bf16_compress_hook": "bfloat16"}
+
+
 def reduce_dtypes(model) -> list[str]:
     """The dtypes this rank's gradients are reduced in, as the engine holds them: DeepSpeed's
     communication_data_type; each FSDP2 parameter's own (its reduce dtype, else the dtype it
-    computes in); otherwise the trainable parameters' (DDP reduces gradients as they are)."""
+    computes in); DDP's buckets' as its reducer logged them, or its compress hook's;
+    otherwise (one process: nothing is reduced) the trainable parameters'."""
+    import torch
+
     found = set()
     comm = getattr(model, "communication_data_type", None)  # a DeepSpeedEngine
     if comm is not None:
         found.add(comm)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        logged = model._get_ddp_logging_data()  # filled at construction; comm_hook once one is registered
+        hook = logged.get("comm_hook")
+        if hook:
+            return [_DDP_HOOKS.get(hook, hook)]
+        return sorted(_DDP_DTYPES.get(d.strip(), d.strip()) for d in str(logged.get("dtypes", "")).split(",") if d.strip())
     for module in model.modules():
         state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
         group = state._fsdp_param_group if state is not None else None

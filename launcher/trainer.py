@@ -435,7 +435,7 @@ class Trainer:
         acc = rt.accelerator
         items = float(p.row_items[p.sampler.step_indices(step)].sum())  # no collective: see row_items
         if CHECK_ITEMS:
-            _check_items(rt, step, items, [p.task.loss_items(b) for b, _ in micro_batches])
+            _check_items(rt, p.run_dir, step, items, [p.task.loss_items(b) for b, _ in micro_batches])
         scale = rt.world_size * p.accumulation / max(items, 1.0)
         loss_sum, tokens, grad_norm = torch.zeros((), device=rt.device), 0, None
         lr = p.optimizer.param_groups[0]["lr"]
@@ -748,12 +748,15 @@ def _speedometer(cfg: RunConfig, rt, model_config, n_params: int, n_trainable: i
     return values
 
 
-def _check_items(rt, step: int, items: float, per_micro: list[float]) -> None:
+def _check_items(rt, run_dir: Path, step: int, items: float, per_micro: list[float]) -> None:
     """The test suite's cross-check (CHECK_ITEMS) of a step's item count, summed from the rows
     it holds (task.row_items), against what the collated micro-batches of every rank hold
-    (task.loss_items, all-reduced: the collective the row sums replace)."""
+    (task.loss_items, all-reduced: the collective the row sums replace). Each rank also
+    records the three numbers (RUN/ranks/items-rank-N.jsonl) for the tests to read."""
     local = torch.tensor([float(sum(per_micro))], dtype=torch.float64, device=rt.device)
     counted = float(rt.accelerator.reduce(local, reduction="sum")) if rt.world_size > 1 else float(local)
+    with open(run_dir / "ranks" / f"items-rank-{rt.rank:05d}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step + 1, "from_rows": items, "here": float(local), "all_reduced": counted}) + "\n")
     if abs(counted - items) > 1e-9 * max(abs(counted), 1.0):
         raise AssertionError(f"step {step + 1}: {items} items from the rows' counts, {counted} in the batches")
 

@@ -87,7 +87,10 @@ def _launch_2(tmp_path: Path, name: str, config: Path, args: list[str], accel: s
 @pytest.mark.parametrize("task", ["causal_lm", "classification"])
 def test_accumulation_and_ranks_do_not_change_the_step(tmp_path, task):
     """One global batch of 8 (causal LM: answers of 1 and 50 words) or 32 (classifier with
-    class weights): micro = global, micro x accumulation, and 2 ranks take the same step."""
+    class weights): micro = global, micro x accumulation, and 2 ranks take the same step.
+    The item count the loss divides by, summed on each rank from the step's rows without a
+    collective, equals the all-reduce of what each rank's batches hold (the test suite runs
+    that all-reduce beside it and records both)."""
     config, args, micro = (SFT, sft_args(tmp_path), (8, 2, 2)) if task == "causal_lm" else (TINY, CLAUSE, (32, 4, 4))
     check(launcher("train", str(config), "--output-dir", str(tmp_path), "--run-name", "whole", *args,
                    f"train.micro_batch_size={micro[0]}"))
@@ -97,6 +100,45 @@ def test_accumulation_and_ranks_do_not_change_the_step(tmp_path, task):
     for other in ("accum", "ranks"):
         assert_same_steps(tmp_path / "whole", tmp_path / other)
         assert max_weight_diff(tmp_path / "whole", tmp_path / other) < 1e-5
+    (whole,), (rank0, rank1) = items_checked(tmp_path / "whole", 1), items_checked(tmp_path / "ranks", 2)
+    assert [r["step"] for r in rank0] == [r["step"] for r in rank1] == [r["step"] for r in whole] == [1, 2]
+    for one, a, b in zip(whole, rank0, rank1):
+        assert a["from_rows"] == b["from_rows"] and a["all_reduced"] == b["all_reduced"], (a, b)
+        assert a["from_rows"] == pytest.approx(a["all_reduced"], rel=1e-9) == one["from_rows"], (one, a)
+        assert a["here"] + b["here"] == a["all_reduced"] and 0 < a["here"] < a["all_reduced"], (a, b)
+
+
+def items_checked(run: Path, world: int) -> list[list[dict]]:
+    """Each rank's records of its steps' item counts: from the rows, in its batches, all-reduced."""
+    return [[json.loads(line) for line in (run / "ranks" / f"items-rank-{r:05d}.jsonl").read_text().splitlines()]
+            for r in range(world)]
+
+
+_DDP_PROBE = """
+import os, torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from launcher import engines
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).bfloat16(), torch.nn.Linear(4, 4).bfloat16())
+model[2].requires_grad_(False)
+print(engines.reduce_dtypes(torch.nn.parallel.DistributedDataParallel(model)))
+hooked = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+hooked.register_comm_hook(None, default_hooks.fp16_compress_hook)
+print(engines.reduce_dtypes(hooked))
+"""
+
+
+def test_ddp_reports_the_dtypes_its_reducer_really_uses():
+    """What the model facts report for DDP is read from DDP's own record: its buckets' dtypes
+    (trainable parameters only: a frozen bf16 layer is no bucket), or the dtype a registered
+    compress hook sends."""
+    from test_distributed import free_port
+
+    out = subprocess.run([sys.executable, "-c", _DDP_PROBE], capture_output=True, text=True, cwd=ROOT,
+                         env={**__import__("os").environ, **OFFLINE_ENV, "PORT": str(free_port())})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["['bfloat16', 'float32']", "['float16']"]
 
 
 def test_checkpointing_changes_nothing_in_the_numbers(tmp_path):
@@ -175,6 +217,11 @@ def test_dtypes_per_engine(tmp_path):
     assert facts["parameters"] == {"float32": facts["decayed"] + facts["not_decayed"]}
     assert set(facts["optimizer_states"]) == {"float32"} and facts["reduce_dtypes"] == ["float32"]
     assert facts["accumulate_dtypes"] == ["float32"]
+    # DDP's reducer records its buckets' dtype (and a compressing comm hook, had one been set).
+    _launch_2(tmp_path, "ddp", TINY, args, accel="cpu_ddp.yaml")
+    for rank in (0, 1):
+        ddp = model_facts(tmp_path / "ddp", rank)
+        assert set(ddp["parameters"]) == {"float32"} and ddp["reduce_dtypes"] == ["float32"], ddp
     for stage in (2, 3):
         _launch_2(tmp_path, f"z{stage}", TINY, args, accel=f"deepspeed_zero{stage}.yaml")
         for rank in (0, 1):
