@@ -212,9 +212,6 @@ class Checkpointer:
         # (its fp32 masters feed a wider DeepSpeed export).
         self.last: Path | None = None
 
-    def due(self, step: int) -> bool:
-        return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
-
     def _clear_tmp(self, tmp: Path) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -334,9 +334,11 @@ def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]
 # ---------------------------------------------------------------- resolving "auto"
 
 
-def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig) -> tuple[dict, list[tuple[str, Any, str]]]:
-    """The DeepSpeed config with every run-owned "auto" filled from the train section; and
-    (key, value, from) for each fill.
+def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig, policy: dict[str, tuple[Any, str]] | None = None,
+                      ) -> tuple[dict, list[tuple[str, Any, str]]]:
+    """The DeepSpeed config with every run-owned "auto" filled from the train section, and the
+    engine's `policy` (key -> (value, from); engines.deepspeed_config gives its own) filled
+    where the JSON leaves the key unset; and (key, value, from) for each fill.
 
     Size-based keys (reduce_bucket_size, stage3_*) stay "auto": accelerate derives
     them from the model's hidden size when the engine starts.
@@ -351,13 +353,7 @@ def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig) -> tuple[dict, list[
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
     }
-    if t.precision != "no" and t.reduce_in_fp32:  # DeepSpeed's default: the compute dtype (engines.py)
-        fills["communication_data_type"] = ("fp32", "train.reduce_in_fp32")
-        if launch.zero_stage in (2, 3):
-            # Micro-batch gradients are summed in the weights' 16-bit dtype by default. Not
-            # filled for ZeRO-1: there DeepSpeed answers fp32 with its BF16_Optimizer, another
-            # optimizer with another checkpoint layout.
-            fills["data_types.grad_accum_dtype"] = ("fp32", "train.reduce_in_fp32")
+    fills |= policy or {}
     resolved: list[tuple[str, Any, str]] = []
     for key, (value, owner) in fills.items():
         if _get(ds, key, AUTO) == AUTO:

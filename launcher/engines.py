@@ -360,7 +360,7 @@ def fsdp_reduce_in_fp32(accelerator, on: bool) -> None:
     model's outputs, in the compute dtype (reduce_dtype = output_dtype = bf16), so a loss sum
     comes back in bf16. train.reduce_in_fp32 makes both fp32, as torchtitan does; parameters
     still compute in the low dtype. (DeepSpeed's communication_data_type is filled into its
-    JSON: distributed.resolve_deepspeed.)"""
+    JSON: deepspeed_policy.)"""
     import dataclasses
 
     import torch
@@ -454,6 +454,28 @@ def built(accelerator, launch: "LaunchConfig") -> Engine:
     return Engine.of(accelerator, None)
 
 
+def deepspeed_policy(t: "TrainConfig", launch: "LaunchConfig") -> dict[str, tuple[typing.Any, str]]:
+    """DeepSpeed config keys this engine policy sets where the JSON leaves them unset: with
+    bf16/fp16 and train.reduce_in_fp32, gradients are reduced in fp32 (DeepSpeed's default:
+    the compute dtype) and, under ZeRO-2/3, summed over micro-batches in fp32 (default: the
+    weights' 16-bit dtype). Not the sum under ZeRO-1: there DeepSpeed answers fp32 with its
+    BF16_Optimizer, another optimizer with another checkpoint layout."""
+    if not launch.uses_deepspeed or t.precision == "no" or not t.reduce_in_fp32:
+        return {}
+    policy: dict[str, tuple[typing.Any, str]] = {"communication_data_type": ("fp32", "train.reduce_in_fp32")}
+    if launch.zero_stage in (2, 3):
+        policy["data_types.grad_accum_dtype"] = ("fp32", "train.reduce_in_fp32")
+    return policy
+
+
+def deepspeed_config(t: "TrainConfig", launch: "LaunchConfig") -> tuple[dict, list[tuple[str, typing.Any, str]]]:
+    """The DeepSpeed config the engine starts with, and what was filled (distributed.resolve_deepspeed
+    with this module's policy)."""
+    from launcher import distributed
+
+    return distributed.resolve_deepspeed(t, launch, deepspeed_policy(t, launch))
+
+
 def accelerator_kwargs(t: "TrainConfig", launch: "LaunchConfig", accumulation: int, world: int, has_gpu: bool) -> dict:
     """The Accelerator's arguments for this launch's engine (from the run's train section)."""
     from datetime import timedelta
@@ -477,7 +499,7 @@ def accelerator_kwargs(t: "TrainConfig", launch: "LaunchConfig", accumulation: i
         if not has_gpu and launch.distributed_type not in (distributed.DEEPSPEED, distributed.FSDP):
             kwargs["cpu"] = True
     if launch.uses_deepspeed:
-        ds_config, _ = distributed.resolve_deepspeed(t, launch)
+        ds_config, _ = deepspeed_config(t, launch)
         # The YAML's deepspeed_config keys (inline, as TRL's configs have them) are folded
         # into ds_config and checked against it above. accelerate would refuse them next to a
         # config it did not build itself, so its list of them is cleared for this process.

@@ -269,12 +269,11 @@ def _best_lines(cfg: RunConfig, model_config, n_params: int, sixteen: bool, node
             f"{dtype}, replaced when beaten, ~{_write_s(size, 1)} from rank 0"]
 
 
-def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", n_params: int | None,
+def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", ds: dict, n_params: int | None,
                     lora_count: LoraCount | None, stage: int, sixteen: bool, engine: str) -> list[str]:
     """Per-GPU model-state memory: a LoRA run's frozen base and trained part, or every ZeRO
     stage's split of a full run (with the launch's CPU offload)."""
     world = launch.num_processes
-    ds = distributed.resolve_deepspeed(cfg.train, launch)[0] if launch.uses_deepspeed else {}
     fp32_grads = str(distributed._get(ds, "data_types.grad_accum_dtype", "")).lower() in ("fp32", "float32")
     offload_opt = str(distributed._get(ds, "zero_optimization.offload_optimizer.device", "none")).lower() != "none"
     offload_par = str(distributed._get(ds, "zero_optimization.offload_param.device", "none")).lower() != "none"
@@ -316,8 +315,8 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
                      f"{how} -> {total:,} optimizer steps")
     else:
         lines.append(f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: {source}")
+    ds, fills = engines.deepspeed_config(cfg.train, launch) if launch.uses_deepspeed else ({}, [])
     if launch.uses_deepspeed:
-        _, fills = distributed.resolve_deepspeed(cfg.train, launch)
         lines.append(f"deepspeed  {launch.ds_source}, \"auto\" resolved:")
         width = max(len(k) for k, _, _ in fills) if fills else 0
         for key, value, owner in fills:
@@ -340,7 +339,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
     sixteen = planned.sixteen_bit_copy
     lora_count = lora_trainable(cfg) if cfg.model.lora.enabled and n_params else None
     n_train = lora_count.trainable if lora_count else None
-    lines += _memory_section(cfg, launch, n_params, lora_count, stage, sixteen, engine)
+    lines += _memory_section(cfg, launch, ds, n_params, lora_count, stage, sixteen, engine)
     lines += activation_lines(model_config, cfg)
     ckpt = None
     if n_params:

@@ -315,6 +315,7 @@ class Schedule:
     total: int
     log_every: int
     eval_every: int
+    checkpoint_every: int
     flush_every: int
     halt_at: int | None
 
@@ -329,6 +330,12 @@ class Schedule:
 
     def halt(self, step: int) -> bool:
         return step == self.halt_at and not self.last(step)
+
+    def checkpoint(self, step: int) -> bool:
+        """checkpoint.every_steps, and the last step (what the export is made from). A stop (a
+        halt, a signal, an early stop) and a new best kept in a checkpoint also save one:
+        those are decided by the step's outcome, in Trainer.after_step."""
+        return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or self.last(step)
 
     def flush(self, step: int) -> bool:
         return step % self.flush_every == 0
@@ -384,8 +391,8 @@ class Trainer:
         self.cfg, self.p, self.tracker = cfg, parts, tracker
         self.rt, self.state, self.model = parts.rt, parts.state, parts.model
         c = cfg.tracking
-        self.schedule = Schedule(parts.total_steps, c.log_every_steps, cfg.eval.every_steps, c.flush_every_steps,
-                                 cfg.train.halt_at_step)
+        self.schedule = Schedule(parts.total_steps, c.log_every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps,
+                                 c.flush_every_steps, cfg.train.halt_at_step)
         self.dog = watchdog.Watchdog(parts.run_dir / "ranks", self.rt.rank, self.rt.world_size, cfg.train.hang_timeout_s,
                                      self.rt.print)
         self.speed = _speedometer(cfg, self.rt, self.rt.unwrap(parts.model).config, parts.n_params, parts.n_trainable)
@@ -482,7 +489,7 @@ class Trainer:
         in_checkpoint = self.p.checkpointer.best_in_checkpoint
         if improved and not in_checkpoint:  # before the checkpoint that records it as the best
             self.snapshot_best(step)
-        if self.p.checkpointer.due(step) or s.last(step) or stop or (improved and in_checkpoint):
+        if s.checkpoint(step) or stop or (improved and in_checkpoint):
             self.tracker.flush(wait=True)
             self.dog.beat(step, "checkpoint")
             self.p.checkpointer.save(state)

@@ -48,7 +48,7 @@ def test_auto_values_are_filled_from_the_run_config(monkeypatch):
     monkeypatch.chdir(CONFIGS.parent)
     launch = distributed.from_yaml(ACCEL / "deepspeed_zero2.yaml", num_processes=2)
     cfg = load_config(TINY, ["train.global_batch_size=64", "train.max_grad_norm=0.5", "train.precision=bf16"], world_size=2)
-    ds, fills = distributed.resolve_deepspeed(cfg.train, launch)
+    ds, fills = engines.deepspeed_config(cfg.train, launch)
     assert ds["train_micro_batch_size_per_gpu"] == 16
     assert ds["gradient_accumulation_steps"] == 2  # 64 / (16 x 2 processes)
     assert ds["train_batch_size"] == 64
@@ -56,6 +56,11 @@ def test_auto_values_are_filled_from_the_run_config(monkeypatch):
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 2  # policy untouched
     assert {k for k, _, _ in fills} >= {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"}
+    # The engine policy: reduced and summed in fp32 (DeepSpeed's defaults: bf16), unless the JSON says.
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    off = load_config(TINY, ["train.global_batch_size=64", "train.precision=bf16", "train.reduce_in_fp32=false"], world_size=2)
+    ds_off, _ = engines.deepspeed_config(off.train, launch)
+    assert "communication_data_type" not in ds_off and "grad_accum_dtype" not in ds_off.get("data_types", {})
 
 
 def _write(tmp_path, yaml_text: str, json_obj: dict | None = None):
