@@ -38,16 +38,27 @@ class BytesPerParam:
         return self.params + self.grads + self.optimizer
 
 
+def unsharded_bytes(stage: int, sixteen_bit: bool, fp32_grad_partitions: bool = False) -> BytesPerParam:
+    """Bytes per parameter of each model state before a ZeRO stage divides it by the world
+    size: 16-bit weights and gradients with fp32 masters and Adam's m, v (2 + 2 + 12), or
+    all in fp32 (4 + 4 + 8). fp32_grad_partitions: ZeRO-2/3 with 16-bit weights sum each
+    rank's gradient partition in fp32 (data_types.grad_accum_dtype), 4 bytes rather than 2."""
+    p, g, o = (2.0, 2.0, 12.0) if sixteen_bit else (4.0, 4.0, 8.0)
+    if stage >= 2 and fp32_grad_partitions:
+        g = 4.0
+    return BytesPerParam(p, g, o)
+
+
 def bytes_per_param(stage: int, world: int, sixteen_bit: bool, offload_optimizer: bool = False,
                     offload_params: bool = False, fp32_grad_partitions: bool = False) -> tuple[BytesPerParam, BytesPerParam]:
-    """(on each GPU, in host memory) bytes per parameter for one rank's model states.
-    fp32_grad_partitions: ZeRO-2/3 sum each rank's gradient partition in fp32
-    (data_types.grad_accum_dtype), 4 bytes for each of its parameters rather than 2."""
-    p, g, o = (2.0, 2.0, 12.0) if sixteen_bit else (4.0, 4.0, 8.0)
+    """(on each GPU, in host memory) bytes per parameter for one rank's model states: ZeRO-1
+    divides the optimizer states, ZeRO-2 the gradients too, ZeRO-3 the weights too."""
+    full = unsharded_bytes(stage, sixteen_bit, fp32_grad_partitions)
+    p, g, o = full.params, full.grads, full.optimizer
     if stage >= 1:
         o /= world
     if stage >= 2:
-        g = (4.0 if fp32_grad_partitions else g) / world
+        g /= world
     if stage >= 3:
         p /= world
     host = BytesPerParam(0.0, 0.0, 0.0)
@@ -64,22 +75,23 @@ def _fmt_frac(full: float, stage_divides: bool, world: int) -> str:
 
 def memory_lines(n_params: int | None, stage: int, world: int, sixteen_bit: bool, offload_optimizer: bool,
                  offload_params: bool, engine: str, fp32_grad_partitions: bool = False) -> list[str]:
-    p, g, o = (2, 2, 12) if sixteen_bit else (4, 4, 8)
     fp32_grads = fp32_grad_partitions and sixteen_bit
     kind = ("16-bit weights and grads, fp32 master + Adam m, v" if sixteen_bit
             else "fp32 weights, grads and Adam m, v")
     if fp32_grads:
         kind += "; stages 2 and 3 sum their gradient partition in fp32"
-    lines = [f"bytes per parameter ({kind}): params {p} + grads {g} + optimizer {o} = {p + g + o}",
+    ddp = unsharded_bytes(0, sixteen_bit)
+    lines = [f"bytes per parameter ({kind}): params {ddp.params:g} + grads {ddp.grads:g} + optimizer {ddp.optimizer:g} "
+             f"= {ddp.total:g}",
              f"  {'stage':<10}{'params':>8}{'grads':>8}{'optim':>8}{'B/param':>9}{'per GPU':>12}"]
     for s in range(4):
         here, _ = bytes_per_param(s, world, sixteen_bit, fp32_grad_partitions=fp32_grads)
+        full = unsharded_bytes(s, sixteen_bit, fp32_grads)
         size = _size(n_params * here.total) if n_params else "?"
         mark = "  <- this run" if s == stage else ""
         name = f"{s} (DDP)" if s == 0 else str(s)
-        grads = 4 if fp32_grads and s >= 2 else g
-        lines.append(f"  {name:<10}{_fmt_frac(p, s >= 3, world):>8}{_fmt_frac(grads, s >= 2, world):>8}"
-                     f"{_fmt_frac(o, s >= 1, world):>8}{here.total:>9.3g}{size:>12}{mark}")
+        lines.append(f"  {name:<10}{_fmt_frac(full.params, s >= 3, world):>8}{_fmt_frac(full.grads, s >= 2, world):>8}"
+                     f"{_fmt_frac(full.optimizer, s >= 1, world):>8}{here.total:>9.3g}{size:>12}{mark}")
     here, host = bytes_per_param(stage, world, sixteen_bit, offload_optimizer, offload_params, fp32_grads)
     if n_params:
         lines.append(
