@@ -773,7 +773,12 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         from launcher.tasks import lora
 
         (tmp / "adapter_config.json").unlink()
-        model_class = type(auto.from_config(config, **code))
+        import torch
+
+        from launcher import models
+
+        with torch.device("meta"):  # only its class is wanted (remote code resolves it): no weights made
+            model_class = type(models.from_config(auto, config, **code))
         base = None
         if meta.get("checkpoint_weights") == "trainable":  # the frozen base comes from where the run read it
             base = _pretrained_base(auto, meta, config, code)
