@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher import faults, trust
+from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError
 from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
@@ -316,8 +316,6 @@ class Checkpointer:
         (engines.universal_view; whatever a killed attempt left there is removed first) while the
         others wait on the file system (main_writes_others_wait); every rank loads it; rank 0
         removes it once every rank has (the next checkpoint is written at this world size)."""
-        from launcher import engines
-
         universal = self.root.parent / "universal"
         view = universal / path.name
         acc = self.rt.accelerator
@@ -520,7 +518,7 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     def write():
         from safetensors.torch import save_file
 
-        state_dict = cast_floats(gathered if gathered is not None else _checkpoint_weights(masters)[0], dtype)
+        state_dict = cast_floats(gathered if gathered is not None else engines.merged_weights(masters)[0], dtype)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = rt.unwrap(model)
@@ -672,45 +670,6 @@ def canonical_key_names(model) -> None:
 # ---------------------------------------------------------------- offline export
 
 
-def _checkpoint_weights(ckpt: Path) -> tuple[dict, str]:
-    """The full model state dict held by a checkpoint of any engine, read in this one process."""
-    if (ckpt / "latest").is_file():  # DeepSpeed: per-rank ZeRO shards under the tag named in `latest`
-        import contextlib
-        import io
-
-        from launcher.engines import quiet_deepspeed_on_cpu
-
-        quiet_deepspeed_on_cpu()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), "DeepSpeed ZeRO shards (fp32 master weights)"
-    fsdp = sorted(ckpt.glob("pytorch_model_fsdp_0*"))
-    if fsdp and fsdp[0].is_dir():  # FSDP SHARDED_STATE_DICT: a torch.distributed.checkpoint directory
-        import tempfile
-
-        import torch
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(str(fsdp[0]), f"{tmp}/model.pt")
-            sd = torch.load(f"{tmp}/model.pt", weights_only=True)
-        return sd.get("model", sd), "FSDP sharded state dict"
-    for name in ("model.safetensors", "pytorch_model_fsdp_0.bin", "pytorch_model.bin"):
-        if (ckpt / name).is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(ckpt / name), name
-            import torch
-
-            return torch.load(ckpt / name, weights_only=True), name
-    raise ConfigError(
-        f"{ckpt}: no model weights found (expected model.safetensors, a DeepSpeed `latest` tag, "
-        "or pytorch_model_fsdp_0/)"
-    )
-
-
 def _pretrained_base(auto, meta: dict, config, code: dict):
     """The LoRA run's pretrained base, built with the run's own config (labels, head size);
     a quantized base (QLoRA) as the plain model of its dequantized weights."""
@@ -754,7 +713,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     from launcher.models import remote_code_gate
 
     code = remote_code_gate(skeleton, trust_remote_code)
-    state_dict, source = _checkpoint_weights(ckpt)
+    state_dict, source = engines.merged_weights(ckpt)
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:
         cast_floats(state_dict, dtype)

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.errors import ConfigError
+
 if typing.TYPE_CHECKING:
     from launcher.config import ModelConfig, TrainConfig
     from launcher.distributed import LaunchConfig
@@ -183,6 +185,45 @@ def universal_view(ckpt: Path, view: Path) -> None:
         if f.is_file() and f.name != "latest":
             os.symlink(os.path.relpath(f, tmp), tmp / f.name)
     os.replace(tmp, view)
+
+
+def merged_weights(ckpt: Path) -> tuple[dict, str]:
+    """The full model state dict held by a checkpoint of any engine, read in this one process
+    (`launcher export`, and the fp32 masters an export reads): each engine's own layout on
+    disk. Returns it and a description of what was read."""
+    if (ckpt / "latest").is_file():  # DeepSpeed: per-rank ZeRO shards under the tag named in `latest`
+        import contextlib
+        import io
+
+        quiet_deepspeed_on_cpu()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), "DeepSpeed ZeRO shards (fp32 master weights)"
+    fsdp = sorted(ckpt.glob("pytorch_model_fsdp_0*"))
+    if fsdp and fsdp[0].is_dir():  # FSDP SHARDED_STATE_DICT: a torch.distributed.checkpoint directory
+        import tempfile
+
+        import torch
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(fsdp[0]), f"{tmp}/model.pt")
+            sd = torch.load(f"{tmp}/model.pt", weights_only=True)
+        return sd.get("model", sd), "FSDP sharded state dict"
+    for name in ("model.safetensors", "pytorch_model_fsdp_0.bin", "pytorch_model.bin"):
+        if (ckpt / name).is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(ckpt / name), name
+            import torch
+
+            return torch.load(ckpt / name, weights_only=True), name
+    raise ConfigError(
+        f"{ckpt}: no model weights found (expected model.safetensors, a DeepSpeed `latest` tag, "
+        "or pytorch_model_fsdp_0/)"
+    )
 
 
 def universal_need(ckpt: Path, engine: Engine, tensors: int, writers: int) -> int:
@@ -434,8 +475,6 @@ def launch_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfi
 
 
 def check_or_raise(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> None:
-    from launcher.errors import ConfigError
-
     problems = launch_problems(t, model, launch)
     if problems:
         raise ConfigError(*problems)
