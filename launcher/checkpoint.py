@@ -688,6 +688,42 @@ def _pretrained_base(auto, meta: dict, config, code: dict):
                           f"({e.problems[0][:200]}); put it there (or HF_HUB_OFFLINE=0 for a hub name)") from None
 
 
+def _export_lora(skeleton: Path, tmp: Path, auto, config, code: dict, meta: dict, state_dict: dict, dtype) -> str:
+    """A LoRA checkpoint's export (adapter/, the merged model): the frozen base read again from
+    where the run read it when the checkpoint holds only what trained. Says what it added."""
+    import torch
+    from peft import PeftConfig
+
+    from launcher import models
+    from launcher.tasks import lora
+
+    with torch.device("meta"):  # only its class is wanted (remote code resolves it): no weights made
+        model_class = type(models.from_config(auto, config, **code))
+    base, source = None, ""
+    if meta.get("checkpoint_weights") == "trainable":
+        base = _pretrained_base(auto, meta, config, code)
+        source = f", frozen base from {meta['base_model']}"
+    lora.write(PeftConfig.from_pretrained(str(skeleton)), state_dict, tmp, config, model_class, meta.get("random_base", False),
+               base=base, dtype=dtype)
+    return source + ", LoRA: adapter/ and merged model"
+
+
+def _export_whole(ckpt: Path, tmp: Path, auto, config, code: dict, state_dict: dict, dtype) -> None:
+    import torch
+
+    from launcher import models
+
+    model = models.from_config(auto, config, **code)
+    if dtype:
+        model.to(getattr(torch, dtype))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    if dtype:
+        _record_dtype(tmp, dtype)
+
+
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
     """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
 
@@ -727,35 +763,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(skeleton, tmp)
     if (skeleton / "adapter_config.json").is_file():
-        from peft import PeftConfig
-
-        from launcher.tasks import lora
-
         (tmp / "adapter_config.json").unlink()
-        import torch
-
-        from launcher import models
-
-        with torch.device("meta"):  # only its class is wanted (remote code resolves it): no weights made
-            model_class = type(models.from_config(auto, config, **code))
-        base = None
-        if meta.get("checkpoint_weights") == "trainable":  # the frozen base comes from where the run read it
-            base = _pretrained_base(auto, meta, config, code)
-            source += f", frozen base from {meta['base_model']}"
-        lora.write(PeftConfig.from_pretrained(str(skeleton)), state_dict, tmp, config, model_class, meta.get("random_base", False),
-                   base=base, dtype=dtype)
-        source += ", LoRA: adapter/ and merged model"
+        source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
     else:
-        from launcher import models
-
-        model = models.from_config(auto, config, **code)
-        if dtype:
-            model.to(getattr(__import__("torch"), dtype))
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.save_pretrained(tmp, safe_serialization=True)
-        if dtype:
-            _record_dtype(tmp, dtype)
+        _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
     _replace_dir(tmp, out_dir)
     return source
