@@ -327,6 +327,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with `changes` (whole sections), keeping the record of the user's explicit keys
+        (dataclasses.replace alone would drop it)."""
+        return with_explicit(dataclasses.replace(self, **changes), self.explicit)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / str(self.run_name)
@@ -346,8 +351,8 @@ class RunConfig:
 class TaskConfig:
     """What a task reads of a run: its model, data and evaluation sections, and the training
     settings that shape its model or its loss. A task gets this, never the whole RunConfig
-    (which holds launch, checkpoint and tracking settings it has no business with). Frozen at
-    this level only: the sections are the RunConfig's own objects, not copies."""
+    (which holds launch, checkpoint and tracking settings it has no business with). The
+    sections are the RunConfig's own objects, not copies: frozen like it."""
 
     task: Literal["classification", "causal_lm"]
     model: ModelConfig

@@ -253,13 +253,10 @@ def adopt_precision(cfg: RunConfig, launch: LaunchConfig) -> tuple[RunConfig, st
     and different: `check`. Resolved once, before anything is built from the config."""
     import dataclasses
 
-    from launcher.config import with_explicit
-
     if launch.mixed_precision in ("bf16", "fp16") and "train.precision" not in cfg.explicit \
             and cfg.train.precision != launch.mixed_precision:
         precision: Any = launch.mixed_precision  # bf16 or fp16, as tested above
-        adopted = with_explicit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision)),
-                                cfg.explicit)  # per instance (load_config sets it), not a field: copied by hand
+        adopted = cfg.replace(train=dataclasses.replace(cfg.train, precision=precision))
         return adopted, f"train.precision: {launch.mixed_precision}, adopted from {launch.source} (mixed_precision)"
     return cfg, None
 
@@ -334,7 +331,7 @@ def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]
 # ---------------------------------------------------------------- resolving "auto"
 
 
-def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig, policy: dict[str, tuple[Any, str]] | None = None,
+def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig, policy: dict[str, tuple[Any, str]],
                       ) -> tuple[dict, list[tuple[str, Any, str]]]:
     """The DeepSpeed config with every run-owned "auto" filled from the train section, and the
     engine's `policy` (key -> (value, from); engines.deepspeed_config gives its own) filled
@@ -353,7 +350,7 @@ def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig, policy: dict[str, tu
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
     }
-    fills |= policy or {}
+    fills |= policy
     resolved: list[tuple[str, Any, str]] = []
     for key, (value, owner) in fills.items():
         if _get(ds, key, AUTO) == AUTO:

@@ -3,9 +3,11 @@ DeepSpeed ZeRO-1/2/3, FSDP (FSDP2 on CPU and GPUs; FSDP1 on GPUs only).
 
 The runtime holds an `Engine` (`rt.engine`); the trainer, the checkpointer, the tasks and the
 lean loss ask it questions instead of testing an engine's name or reading its internals
-(`ds_tensor`, `ds_numel`, `_local_tensor`, `is_fsdp2`): those live here. How each engine is
-configured from an accelerate YAML is launcher.distributed's (the launch, before any process
-exists); how it is built is runtime.build_runtime's.
+(`ds_tensor`, `ds_numel`, `_local_tensor`, `is_fsdp2`): those live here, with the policies an
+engine is started with (fp32 reduction: deepspeed_policy, fsdp_reduce_in_fp32) and how its
+checkpoints merge offline (merged_weights). Reading and cross-checking the accelerate YAML
+and DeepSpeed JSON is launcher.distributed's (the launch, before any process exists);
+building the Accelerator is runtime.build_runtime's.
 """
 
 from __future__ import annotations
@@ -292,11 +294,12 @@ def reduce_dtypes(model) -> list[str]:
     if comm is not None:
         found.add(comm)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        logged = model._get_ddp_logging_data()  # filled at construction; comm_hook once one is registered
+        logged = model._get_ddp_logging_data() if getattr(model, "logger", None) is not None else {}
         hook = logged.get("comm_hook")
         if hook:
-            return [_DDP_HOOKS.get(hook, hook)]
-        return sorted(_DDP_DTYPES.get(d.strip(), d.strip()) for d in str(logged.get("dtypes", "")).split(",") if d.strip())
+            return [_DDP_HOOKS.get(hook, hook)]  # another hook (PowerSGD, ...): its name, not a guess
+        if logged.get("dtypes"):
+            return sorted(_DDP_DTYPES.get(d.strip(), d.strip()) for d in str(logged["dtypes"]).split(",") if d.strip())
     for module in model.modules():
         state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
         group = state._fsdp_param_group if state is not None else None

@@ -72,7 +72,7 @@ def test_every_common_config_validates_and_precision_is_adopted(tmp_path, name):
     else:
         assert cfg.train.precision == "no" and note is None
     if name.startswith("deepspeed"):
-        resolved, _ = distributed.resolve_deepspeed(cfg.train, launch)
+        resolved, _ = engines.deepspeed_config(cfg.train, launch)
         assert resolved["zero_optimization"]["stage"] == int(name[-1]) and resolved["bf16"]["enabled"] is True
 
 

@@ -273,7 +273,8 @@ def test_hub_weights_are_chosen_from_the_index_so_nothing_is_downloaded_twice(tm
 
 def test_a_built_config_is_frozen_at_every_level():
     """Resolved once, before anything is built from it: no component can change a setting
-    another one already read (a copy with the change is the way: dataclasses.replace)."""
+    another one already read (a copy with the change is the way: RunConfig.replace, which keeps
+    the record of the keys the user set)."""
     import dataclasses
 
     cfg = load_config(TINY, ["train.lr=0.002"])
@@ -282,3 +283,5 @@ def test_a_built_config_is_frozen_at_every_level():
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(section, name, value)
     assert cfg.run_name == TINY.stem and "train.lr" in cfg.explicit and "run_name" not in cfg.explicit
+    copy = cfg.replace(train=dataclasses.replace(cfg.train, precision="bf16"))
+    assert copy.train.precision == "bf16" and cfg.train.precision == "no" and copy.explicit == cfg.explicit

@@ -217,7 +217,8 @@ def test_dtypes_per_engine(tmp_path):
     assert facts["parameters"] == {"float32": facts["decayed"] + facts["not_decayed"]}
     assert set(facts["optimizer_states"]) == {"float32"} and facts["reduce_dtypes"] == ["float32"]
     assert facts["accumulate_dtypes"] == ["float32"]
-    # DDP's reducer records its buckets' dtype (and a compressing comm hook, had one been set).
+    # DDP's reducer records its buckets' dtype, read here on both ranks (that a compressing comm
+    # hook would be read as its dtype: test_ddp_reports_the_dtypes_its_reducer_really_uses).
     _launch_2(tmp_path, "ddp", TINY, args, accel="cpu_ddp.yaml")
     for rank in (0, 1):
         ddp = model_facts(tmp_path / "ddp", rank)
