@@ -401,8 +401,8 @@ def is_partitioned(p) -> bool:
 
 def fsdp_reduce_in_fp32(accelerator, on: bool) -> None:
     """FSDP with bf16/fp16 compute: accelerate's policy reduces gradients, and returns the
-    model's outputs, in the compute dtype (reduce_dtype = output_dtype = bf16), so a loss sum
-    comes back in bf16. train.reduce_in_fp32 makes both fp32, as torchtitan does; parameters
+    model's outputs, in the compute dtype (reduce_dtype = bf16; output_dtype bf16, or None from
+    accelerate 1.16: the outputs stay bf16 all the same), so a loss sum comes back in bf16. train.reduce_in_fp32 makes both fp32, as torchtitan does; parameters
     still compute in the low dtype. (DeepSpeed's communication_data_type is filled into its
     JSON: deepspeed_policy.)"""
     import dataclasses
