@@ -306,9 +306,15 @@ def reduce_dtypes(model) -> list[str]:
         for fp in group.fsdp_params if group is not None else []:
             if fp.sharded_param.requires_grad:
                 found.add(fp.reduce_dtype or fp.param_dtype or fp.orig_dtype)
-    if not found:
-        found = {p.dtype for p in model.parameters() if p.requires_grad}
-    return sorted(str(d).replace("torch.", "") for d in found)
+    return _dtype_names(found or _trainable_dtypes(model))
+
+
+def _trainable_dtypes(model) -> set:
+    return {p.dtype for p in model.parameters() if p.requires_grad}
+
+
+def _dtype_names(dtypes) -> list[str]:
+    return sorted(str(d).replace("torch.", "") for d in dtypes)
 
 
 def accumulate_dtypes(model) -> list[str]:
@@ -317,8 +323,7 @@ def accumulate_dtypes(model) -> list[str]:
     sharded gradients, have the parameters' dtype)."""
     optimizer = getattr(model, "optimizer", None)  # a DeepSpeedEngine's
     dtype = getattr(optimizer, "gradient_accumulation_dtype", None) or getattr(optimizer, "grad_acc_dtype", None)
-    found = {dtype} if dtype is not None else {p.dtype for p in model.parameters() if p.requires_grad}
-    return sorted(str(d).replace("torch.", "") for d in found)
+    return _dtype_names({dtype} if dtype is not None else _trainable_dtypes(model))
 
 
 def full_numel(p) -> int:
@@ -402,7 +407,8 @@ def is_partitioned(p) -> bool:
 def fsdp_reduce_in_fp32(accelerator, on: bool) -> None:
     """FSDP with bf16/fp16 compute: accelerate's policy reduces gradients, and returns the
     model's outputs, in the compute dtype (reduce_dtype = bf16; output_dtype bf16, or None from
-    accelerate 1.16: the outputs stay bf16 all the same), so a loss sum comes back in bf16. train.reduce_in_fp32 makes both fp32, as torchtitan does; parameters
+    accelerate 1.16: the outputs stay bf16 all the same), so a loss sum comes back in bf16.
+    train.reduce_in_fp32 makes both fp32, as torchtitan does; parameters
     still compute in the low dtype. (DeepSpeed's communication_data_type is filled into its
     JSON: deepspeed_policy.)"""
     import dataclasses
