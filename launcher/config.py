@@ -201,10 +201,11 @@ class TrainConfig:
     # Recompute each layer's activations in the backward pass (non-reentrant): activation
     # memory falls from O(layers) to about one layer's, for about a third more compute.
     gradient_checkpointing: bool = False
-    # causal_lm: apply the LM head to this many response tokens at a time, recomputed in the
-    # backward pass, so sequence x vocabulary float32 logits never exist at once (evaluation
-    # too); checked once against the model's own loss before the first step, which is used
-    # instead (one line) when they differ; 0: the model's own loss (full logits).
+    # causal_lm: apply the LM head to this many response tokens at a time, their gradients
+    # made in the forward pass, so sequence x vocabulary float32 logits never exist at once
+    # (evaluation too; every engine); checked once against the model's own loss before the
+    # first step, which is used instead (one line) when they differ; 0: the model's own loss
+    # (full logits).
     loss_chunk_tokens: int = 256
     # Peak dense TFLOP/s of one GPU at this precision, for train/mfu; null: known for
     # A100, H100 and H200 (bf16 or TF32), else no MFU is reported.

@@ -451,8 +451,8 @@ class Trainer:
             # a resumed run, and a run on any number of ranks, draw the same masks.
             torch.manual_seed(_dropout_seed(self.cfg.train.seed, step, p.sampler.microbatch_index(k)))
             tokens += n_tokens  # real tokens, not padding
-            # Under the run's autocast: a loss computed outside the model's forward (the chunked
-            # head) then runs in the same dtype as the model's own head would.
+            # Under the run's autocast, as a prepared model's own forward runs: the self-check and
+            # any loss a task computes beside the forward get the same dtypes.
             with acc.accumulate(model):
                 with acc.autocast():
                     loss = p.task.loss_sum(model, _to(batch, rt.device))

@@ -299,6 +299,26 @@ def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
         assert max_diff(adapter, _adapter(ref)) < TOL
 
 
+@pytest.mark.parametrize("accel", ["deepspeed_zero3", "fsdp2"])
+def test_the_chunked_loss_on_sharded_engines_equals_the_models_own_loss(accel, tmp_path):
+    """ZeRO-3 and FSDP2 hold the output head's weight whole only while its module runs; the
+    chunked loss runs there (lean_loss.head_computes_loss), its gradients made in the forward
+    pass. Two ranks with the chunked loss (chunks of 7 tokens, so chunks straddle rows) train
+    the weights, and evaluate the loss, that one process gives with the model's own loss; each
+    export says which loss trained it."""
+    ref_dir = tmp_path / "ref"
+    check(launcher("train", str(SFT), "--output-dir", str(ref_dir), "--run-name", "sft", *SFT_FAST, "train.loss_chunk_tokens=0"))
+    proc = check(accelerate_launch(["--config_file", str(ACCEL / f"{accel}.yaml"), "--num_processes", "2"],
+                                   tmp_path, "sft", "train.loss_chunk_tokens=7", config=SFT, base=SFT_FAST))
+    run, ref = tmp_path / "sft", ref_dir / "sft"
+    assert "loss_chunk_tokens" not in proc.stdout + proc.stderr  # the self-check passed on every rank
+    meta = lambda d: json.loads((d / "model" / "launcher.json").read_text())  # noqa: E731
+    assert meta(run)["train_loss"] == "chunked" and meta(ref)["train_loss"] == "model"
+    assert max_diff(weights(run), weights(ref)) < TOL
+    final, ref_final = (json.loads((d / "final_metrics.json").read_text()) for d in (run, ref))
+    assert final["after"]["loss"] == pytest.approx(ref_final["after"]["loss"], rel=1e-4)
+
+
 def _adapter(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -430,15 +430,48 @@ def test_the_lean_loss_self_check_passes_a_plain_head_and_catches_scaled_logits(
                                    num_items_in_batch=num_items_in_batch)
 
     no_keep = NoKeep(llama.config)
-    assert lean_loss.self_check(no_keep, batch, 7) == "NoKeep.forward takes no logits_to_keep"
+    # The chunked loss needs no logits_to_keep (the head sees every position); evaluation's lean
+    # head does (it keeps one position of logits), so a model without it evaluates on its own logits.
+    assert lean_loss.self_check(no_keep, batch, 7) is None
+    assert lean_loss.whole_head(llama) and not lean_loss.whole_head(no_keep)
+    assert lean_loss.eval_head(no_keep, 7, batch) == (None, None)
+
+    class LastOnly(LlamaForCausalLM):  # without labels, calls its head on the last position only
+        def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kw):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   num_items_in_batch=num_items_in_batch, logits_to_keep=0 if labels is not None else 1)
+
+    why = lean_loss.self_check(LastOnly(llama.config), batch, 7)
+    assert why and why.startswith("it fails on this model (ValueError: the output head was called on (1, 1, 32)")
+    odd = LlamaForCausalLM(llama.config)  # a head whose forward is not nn.Linear's (a peft or bitsandbytes layer)
+    odd.lm_head.__class__ = type("ScaledHead", (torch.nn.Linear,), {"forward": lambda self, x: 2 * super(type(self), self).forward(x)})
+    assert not lean_loss.supported(odd)
+    assert lean_loss.self_check(odd, batch, 7) == "its output head is a ScaledHead, not a plain linear layer"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "llama-head-bias", "llama-lora"])
 def test_lean_loss_equals_the_models_own_loss_and_gradients(arch, data_tok):
-    """Chunks of 7 labelled tokens (so chunks straddle rows), packed and padded rows."""
+    """Chunks of 7 labelled tokens (so chunks straddle rows), packed and padded rows. The head
+    computes its gradients in the forward pass (lean_loss.HeadLoss): checked with tied
+    embeddings (gpt2), a final logit softcap (gemma2), a head with a bias, and a frozen head
+    under LoRA (no weight gradient is made for it)."""
     from launcher.tasks import lean_loss
 
-    model = _tiny_lm(arch, "sdpa", len(data_tok), data_tok).train()
+    if arch == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(data_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                               final_logit_softcapping=0.2, use_cache=False)).train()
+    else:
+        model = _tiny_lm(arch.split("-")[0], "sdpa", len(data_tok), data_tok).train()
+    if arch == "llama-head-bias":
+        model.lm_head = torch.nn.Linear(32, len(data_tok), bias=True)
+    if arch == "llama-lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids, labels, _ = encode_rows(instructions.generate_instructions(12, 1), DataConfig(max_length=64), data_tok)
     p_ids, p_labels, p_lens = pack(ids, labels, 64)
     p_ids[1], p_labels[1], p_lens[1] = ids[5], labels[5], [len(ids[5])]
@@ -447,10 +480,14 @@ def test_lean_loss_equals_the_models_own_loss_and_gradients(arch, data_tok):
     assert lean_loss.supported(model)
     own = model(**batch, num_items_in_batch=torch.tensor(1.0)).loss
     own.backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    want = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     lean = lean_loss.loss_sum(model, batch, chunk=7)
     lean.backward()
     assert lean.item() == pytest.approx(own.item(), rel=1e-5)
     for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-4), n
+        assert (p.grad is None) == (want[n] is None), n
+        assert p.grad is None or torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-4), n
+    assert (model.get_output_embeddings().weight.grad is None) == (arch == "llama-lora")
+    if arch == "gemma2":  # the softcap matters here, and is the model's own again afterwards
+        assert model.config.final_logit_softcapping == 0.2

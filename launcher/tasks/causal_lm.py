@@ -56,7 +56,8 @@ class CausalLMTask:
         self.answers: list[str] | None = None  # the closed answer set, when the answers form one
         self.candidates: generation.Candidates | None = None
         self.last_rows: list[dict] = []  # the latest evaluation's answers, row by row
-        self._lean: bool | None = None  # the chunked loss and lean evaluation (check_loss decides)
+        self._lean: bool | None = None  # the chunked loss (check_loss decides)
+        self._lean_eval = False  # evaluation's lean head (where the head's weight is whole)
         self._said_generation_note = False  # engines.for_generation's line, printed at the first evaluation
 
     # ---- sources and data
@@ -241,26 +242,31 @@ class CausalLMTask:
         return torch.from_numpy(instructions.response_items(train_ds.ds)).double()
 
     def check_loss(self, rt, model, val_ds) -> str | None:
-        """Whether the chunked loss and evaluation's lean head stand in for the model's own
-        loss and logits: compared once per attempt (lean_loss.self_check) on the first
-        validation row with a label, before anything trains or evaluates. Every rank compares
-        the same row with the same weights, so every rank decides alike. A line when not."""
+        """Whether the chunked loss (and evaluation's lean head, where the head's weight is whole
+        on every rank) stands in for the model's own loss and logits: compared once per attempt
+        (lean_loss.self_check) on the first validation row with a label, before anything trains
+        or evaluates. Every rank compares the same row with the same weights, so every rank
+        decides alike. A line when not."""
         from launcher.tasks import lean_loss
 
+        chunk = self.cfg.loss_chunk_tokens
+        self._lean = self._lean_eval = False
+        if not chunk:
+            return None
         bare = rt.inference_model(model)
         batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
         with rt.accelerator.autocast():
-            head, why = lean_loss.eval_head(bare, self.cfg.loss_chunk_tokens, batch)
-        # Both None: no chunked loss here (off, or the engine shards the head), alike on every rank.
-        if (head is not None or why is not None) and rt.any_rank(why is not None):  # one rank's refusal stops all
-            head, why = None, why or "another rank's comparison failed"
-        self._lean = head is not None
+            why = lean_loss.self_check(bare, batch, chunk) if batch is not None else lean_loss.NO_CHECK_ROW
+        if rt.any_rank(why is not None):  # one rank's refusal stops all
+            why = why or "another rank's comparison failed"
+        self._lean = why is None
+        self._lean_eval = self._lean and not rt.any_rank(not lean_loss.whole_head(bare))
         return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used" if why else None
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Sum of token losses over the micro-batch's response tokens. Lean (tasks/lean_loss.py:
-        the head runs on labelled positions only, in checkpointed chunks) unless
-        train.loss_chunk_tokens is 0, the engine shards the head, or check_loss found it
+        the output head sums the losses of the labelled positions, a chunk at a time, inside
+        the model's forward) unless train.loss_chunk_tokens is 0 or check_loss found it
         differs; else the model's own loss with num_items_in_batch=1 (its cross-entropy then
         sums instead of averaging)."""
         from launcher.tasks import lean_loss
@@ -298,7 +304,7 @@ class CausalLMTask:
             metrics, self.last_rows = generation.evaluate(
                 unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
                 gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
-                head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean else None)
+                head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean_eval else None)
         model.train()
         return metrics
 
@@ -367,11 +373,14 @@ class CausalLMTask:
 
     def metadata(self) -> dict:
         """launcher.json: the prompt format every later answer renders with, the closed answer
-        set (predict scores its candidates), and the training max_length."""
+        set (predict scores its candidates), the training max_length, and which loss trained
+        it (train_loss: "chunked", or the "model"'s own)."""
         q = self.cfg.model.quantization  # the adapter/ of a QLoRA run trained on this quantized base
-        return {"random_base": self.random_init(), "task": self.name, "prompt": self.fmt.to_json(),
+        return ({"random_base": self.random_init(), "task": self.name, "prompt": self.fmt.to_json(),
                 "answers": self.answers, "max_length": self.cfg.data.max_length,
-                "max_new_tokens": self.cfg.eval.max_new_tokens} | ({"base_quantization": q} if q != "none" else {})
+                "max_new_tokens": self.cfg.eval.max_new_tokens,
+                "train_loss": None if self._lean is None else "chunked" if self._lean else "model"}
+                | ({"base_quantization": q} if q != "none" else {}))
 
 
 SAMPLE_ROWS = 3  # validation rows shown as sample generations when no prompts are configured

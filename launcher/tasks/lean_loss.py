@@ -2,26 +2,30 @@
 
 The model's own loss computes logits for every position and upcasts them to float32;
 cross-entropy then keeps float32 log-probabilities of the same size for the backward pass.
-With a 152k vocabulary that is about 2.5 GB per 1k tokens. Here the model runs through its
-(wrapped: DDP, DeepSpeed, peft) forward with `logits_to_keep=1`, the final hidden states are
-taken from its decoder, and the head is applied only to positions that have a label, in
-chunks under activation checkpointing: each chunk's logits exist only while that chunk's
-loss is computed, in the forward pass and again in the backward pass. The result is the same
-sum of token losses (tested against the model's own loss, values and gradients).
+With a 152k vocabulary that is about 2.5 GB per 1k tokens. Here the model runs its own
+(wrapped: DDP, DeepSpeed, FSDP2, peft) forward, and its output head module, when the model
+calls it, returns the sum of the token losses instead of logits (`HeadLoss`): only positions
+that have a label go through the head, a chunk at a time, and each chunk's gradients (for the
+hidden states and the head's weight) are computed in the forward pass, as fused
+linear-cross-entropy kernels do. So no chunk's logits outlive it, nothing is recomputed in the
+backward pass, and the weight is only read inside the head module's own forward: the one place
+ZeRO-3 and FSDP2 hold it whole. The result is the same sum of token losses (tested against the
+model's own loss, values and gradients, on one process and under ZeRO-3 and FSDP2).
 
-ZeRO-3 and FSDP2 (see `supported`) keep the model's own loss. Elsewhere `self_check` compares
-the two once, on a validation row, before the run uses it: a model that does more to its
-logits than its head (logit scaling: Granite's logits_scaling, Falcon-H1's
-lm_head_multiplier, remote-code muP models) or that cannot keep fewer logits falls back to
-its own loss, with one line. No list of such models is kept: the comparison finds them.
+`self_check` compares the two once, on a validation row, before the run uses it: a model that
+does more to its logits than its head (logit scaling: Granite's logits_scaling, Falcon-H1's
+lm_head_multiplier, remote-code muP models) or whose head is not a plain linear layer falls
+back to its own loss, with one line. No list of such models is kept: the comparison finds them.
 
-Evaluation takes the same path without gradients (`Head`): the model's forward keeps one
-position of logits, and the head runs on the positions that are scored, a chunk at a time,
-so no batch x length x vocabulary tensor exists (with a 152k vocabulary, 8 x 2k tokens of
-fp32 logits are 9.3 GiB).
+Evaluation takes a lighter path without gradients (`Head`, where the head's weight is whole on
+this rank): the model's forward keeps one position of logits, and the head runs on the
+positions that are scored, a chunk at a time, so no batch x length x vocabulary tensor exists
+(with a 152k vocabulary, 8 x 2k tokens of fp32 logits are 9.3 GiB).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -43,29 +47,49 @@ def _unwrap(model):
     return model
 
 
-def supported(model) -> bool:
-    """Not under ZeRO-3 or FSDP2: recomputing the head in the backward pass meets a partitioned
-    weight there when the head is frozen (LoRA), and checkpointing refuses the changed
-    tensor (seen on 2 CPU ranks); those runs keep the model's own loss."""
+def _head(model):
     causal = _unwrap(model)
-    cfg = getattr(causal, "config", None)
-    head = causal.get_output_embeddings() if cfg is not None else None
-    # FSDP2 shards the head into DTensors and runs it as its own unit; calling it once per
-    # chunk, again in the backward pass, crashes its hooks (SIGSEGV in backward, 2 CPU ranks).
-    partitioned = head is not None and any(engines.is_partitioned(p) for p in head.parameters())
-    return head is not None and hasattr(causal, "base_model") and causal.base_model is not causal and not partitioned
+    return causal.get_output_embeddings() if getattr(causal, "config", None) is not None else None
+
+
+def head_problem(model) -> str | None:
+    """Why the output head cannot compute the loss itself: it must be a plain linear layer
+    (FSDP2's and DeepSpeed's hooks leave its forward alone; a peft-wrapped or quantized head
+    computes something else)."""
+    head = _head(model)
+    if head is None:
+        return f"{type(_unwrap(model)).__name__} has no output head"
+    if type(head).forward is not torch.nn.Linear.forward:
+        return f"its output head is a {type(head).__name__}, not a plain linear layer"
+    return None
+
+
+def supported(model) -> bool:
+    """The chunked loss can run on this model (self_check then compares it with the model's own)."""
+    return head_problem(model) is None
+
+
+def whole_head(model) -> bool:
+    """Evaluation's `Head` can run: the head's weight is whole on this rank (not a ZeRO-3 or
+    FSDP2 shard: `Head` reads it outside the module's forward), and the model has a decoder
+    (`base_model`) whose hidden states forward_hidden can catch, and keeps fewer logits."""
+    import inspect
+
+    causal, head = _unwrap(model), _head(model)
+    params = inspect.signature(causal.forward).parameters.values()
+    keeps = any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return (supported(model) and keeps and getattr(causal, "base_model", causal) is not causal
+            and not any(engines.is_partitioned(p) for p in head.parameters()))
 
 
 def self_check(model, batch: dict, chunk: int) -> str | None:
     """None when the chunked loss equals the model's own loss on `batch` (SELF_CHECK_RTOL,
     relative); else why it cannot stand in for it. Runs in eval mode (no dropout) without
-    gradients and leaves the RNG as it found it (a resumed run draws the same masks)."""
-    import inspect
-
+    gradients and leaves the RNG as it found it (a resumed run draws the same masks). Under
+    ZeRO-3 and FSDP2 both forwards are collectives: every rank must check the same row."""
     causal = _unwrap(model)
-    params = inspect.signature(causal.forward).parameters.values()
-    if not any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return f"{type(causal).__name__}.forward takes no logits_to_keep"
+    if (why := head_problem(model)) is not None:
+        return why
     devices = [batch["input_ids"].device] if batch["input_ids"].device.type == "cuda" else []
     was = model.training
     model.eval()
@@ -158,26 +182,97 @@ class Head:
 
 def eval_head(model, chunk: int, check: dict | None) -> tuple[Head | None, str | None]:
     """(the lean evaluation head, or None: the model's own logits; why not, when the
-    self-check on `check` refused it). Used where the lean loss is `supported`."""
-    if not chunk or not supported(model):
+    self-check on `check` refused it). Used where the head's weight is whole (`whole_head`)."""
+    if not chunk or not whole_head(model):
         return None, None
     why = self_check(model, check, chunk) if check is not None else NO_CHECK_ROW
     return (None, why) if why else (Head(model, chunk), None)
 
 
+class HeadLoss(torch.autograd.Function):
+    """Sum over rows of cross-entropy(softcap(hidden @ weight.T + bias), targets), `chunk` rows at
+    a time. The gradients for hidden, weight and bias are computed chunk by chunk in the forward
+    pass and only scaled in the backward pass, so the backward needs neither the logits nor the
+    weight (which ZeRO-3 and FSDP2 hold whole only while the head module runs). The matmuls run
+    under the caller's autocast, as the head's own would; the softmax and the weight's gradient
+    sum are float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, softcap: float | None, grads: bool):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if grads and hidden.requires_grad else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                  if grads and weight.requires_grad else None)
+        grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                  if grads and bias is not None and bias.requires_grad else None)
+        for start in range(0, targets.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            raw = torch.nn.functional.linear(h, weight, bias)
+            logits = raw.float()
+            if softcap:
+                squashed = torch.tanh(logits / softcap)
+                logits = squashed * softcap
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot
+            g[torch.arange(t.shape[0], device=g.device), t] -= 1.0
+            if softcap:
+                g.mul_(1.0 - squashed * squashed)
+            g = g.to(raw.dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.t() @ h).float()
+            if grad_b is not None:
+                grad_b += g.float().sum(0)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                     None if grad_b is None else grad_b.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
+        return (*scaled, None, None, None, None)
+
+
+@contextlib.contextmanager
+def head_computes_loss(model, targets: torch.Tensor, chunk: int):
+    """While inside, the model's output head, when its forward calls it on the hidden states of
+    every position (batch x length x hidden), returns the sum of the token losses against
+    `targets` (batch x length; IGNORE where unscored) instead of logits. Its forward is replaced
+    on the instance, so the engines' hooks around the module (ZeRO-3's gather, FSDP2's unshard,
+    and the gradient reductions after backward) run as for any forward of it. A final logit
+    softcap moves from the model's forward into the loss, where it applies to the logits."""
+    causal, head = _unwrap(model), _head(model)
+    cfg = causal.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    grads = torch.is_grad_enabled()
+
+    def forward(hidden, *args, **kwargs):
+        if args or kwargs or tuple(hidden.shape[:-1]) != tuple(targets.shape):
+            raise ValueError(f"the output head was called on {tuple(hidden.shape)} for {tuple(targets.shape)} targets")
+        where = targets != IGNORE
+        return HeadLoss.apply(hidden[where], head.weight, head.bias, targets[where], chunk, softcap, grads)
+
+    head.forward = forward
+    if softcap:
+        cfg.final_logit_softcapping = None
+    try:
+        yield
+    finally:
+        del head.forward
+        if softcap:
+            cfg.final_logit_softcapping = softcap
+
+
 def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
-    """Sum of cross-entropy over the batch's response tokens (labels shift by one)."""
-    causal = _unwrap(model)
-    head = causal.get_output_embeddings()
-    _, hidden = forward_hidden(model, **{k: v for k, v in batch.items() if k != "labels"})
+    """Sum of cross-entropy over the batch's response tokens (labels shift by one), computed by
+    the output head inside the model's forward (head_computes_loss)."""
     targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1
-    where = targets != IGNORE
-    hidden, targets = hidden[where], targets[where]
-    softcap = getattr(causal.config, "final_logit_softcapping", None)
-    if targets.numel() == 0:  # keep the graph: every rank must run the same backward
-        return hidden.sum().float() * 0.0
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk):
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_loss, hidden[start : start + chunk], targets[start : start + chunk], head, softcap, use_reentrant=False)
-    return total
+    with head_computes_loss(model, targets, chunk):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})  # every position reaches the head
+    return out.logits
