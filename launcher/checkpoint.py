@@ -518,10 +518,10 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     def write():
         from safetensors.torch import save_file
 
-        state_dict = cast_floats(gathered if gathered is not None else engines.merged_weights(masters)[0], dtype)
+        unwrapped = rt.unwrap(model)
+        state_dict = retie(unwrapped, cast_floats(gathered if gathered is not None else engines.merged_weights(masters)[0], dtype))
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = rt.unwrap(model)
         config = quantization.plain_config(unwrapped.config) if quantized else unwrapped.config
         if lora.is_peft(unwrapped):
             base = unwrapped.get_base_model()
@@ -654,6 +654,25 @@ def main_writes_others_wait(rt, write, where: Path, what: str) -> None:
     rt.barrier()  # every rank has seen it: now quick
     if rt.is_main:
         done.unlink(missing_ok=True)
+
+
+def retie(model, state_dict: dict) -> dict:
+    """Parameters the live model shares under several names (tied input and output embeddings)
+    become one tensor again in `state_dict`, so the export writes them once under the first
+    name, as save_pretrained does for a model in one process. The state dicts FSDP2 gathers and
+    DeepSpeed's fp32 masters hold a copy per name: the export then held `lm_head.weight`
+    beside the embeddings (SmolLM2 under ZeRO-2 and FSDP2). Copies that differ stay apart."""
+    import torch
+
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in names.values():
+        held = [n for n in group if n in state_dict]
+        for n in held[1:]:
+            if state_dict[n] is not state_dict[held[0]] and torch.equal(state_dict[n], state_dict[held[0]]):
+                state_dict[n] = state_dict[held[0]]
+    return state_dict
 
 
 def canonical_key_names(model) -> None:

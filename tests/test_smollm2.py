@@ -175,3 +175,82 @@ def test_plan_sizes_a_lora_checkpoint_as_the_run_wrote_it(run):
                           "model.lora.enabled=false"))
     full_line = next(x for x in full.stdout.splitlines() if x.startswith("checkpoint about "))
     assert float(full_line.split()[2]) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[full_line.split()[3]] > 20 * planned
+
+
+ENGINES = ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
+
+
+def _engine_args(tmp: Path, mode: str) -> list[str]:
+    """Two steps of 4 clauses on the fixture's rows and conversion cache; the final weights in
+    float32 (SmolLM2's config declares bf16, which would round away the differences compared)."""
+    return [f"model.name={smollm2_gguf().parent}", f"data.train_file={tmp / 'train.jsonl'}",
+            f"data.validation_file={tmp / 'validation.jsonl'}", f"data.cache_dir={tmp / 'cache'}",
+            "data.max_rows_per_answer=null", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "eval.micro_batch_size=6", "eval.max_new_tokens=6", "checkpoint.export=last", "checkpoint.export_dtype=float32",
+            "checkpoint.keep_last=1", f"model.lora.enabled={'true' if mode == 'lora' else 'false'}"]
+
+
+@pytest.fixture(scope="module")
+def one_process(run):
+    """The one-process run of each mode (full, lora), made once for every engine compared with it."""
+    tmp, made = run[0], {}
+
+    def get(mode: str) -> Path:
+        if mode not in made:
+            check(launcher("train", str(RECIPE), "--output-dir", str(tmp / f"one-{mode}"), "--run-name", mode,
+                           *_engine_args(tmp, mode)))
+            made[mode] = tmp / f"one-{mode}" / mode
+        return made[mode]
+
+    return get
+
+
+@pytest.mark.parametrize("engine,mode", [pytest.param(e, m, marks=[] if (e, m) == ("fsdp2", "full") else [pytest.mark.matrix])
+                                         for e in ENGINES for m in ("full", "lora")])
+def test_smollm2_through_every_engine_equals_one_process(engine, mode, run, one_process):
+    """The real model on 2 CPU ranks, full fine-tuning and LoRA, under DDP, ZeRO-2, ZeRO-3 and
+    FSDP2, with the chunked loss: the same losses and gradient norms as one process, step by
+    step, and the same exported weights (and adapter); the tied output head is still the
+    embeddings in every export; the generation-based evaluation gives one process's answers,
+    scores and loss.
+
+    The weights' tolerance: two ranks sum float32 gradients in another order than one process
+    (relative differences ~1e-7). Adam's first steps move a weight by about lr (3e-4) whatever
+    its gradient's size, so where a gradient is near zero by cancellation, that rounding moves
+    the step by a visible fraction of lr: measured under DDP, 49 of 134.5M weights differed by
+    more than 1e-5, at most 6.3e-5. So: at most 1 in 1e6 weights beyond 1e-5 (3% of a step),
+    none beyond lr / 2. Adam hides a gradient scaled wrong (its step is scale-free), which the
+    gradient norms compared at 1e-4 catch."""
+    from test_distributed import TOL, accelerate_launch, load_model_weights, max_diff, metric_steps
+
+    tmp, ref = run[0], one_process(mode)
+    proc = check(accelerate_launch(["--config_file", str(CONFIGS / "accelerate" / f"{engine}.yaml"), "--num_processes", "2"],
+                                   tmp / f"{engine}-{mode}", mode, config=RECIPE, base=_engine_args(tmp, mode)))
+    out = tmp / f"{engine}-{mode}" / mode
+    assert "2 process(es)" in proc.stdout and "loss_chunk_tokens" not in proc.stdout  # the chunked loss ran
+    assert json.loads((out / "model" / "launcher.json").read_text())["train_loss"] == "chunked"
+    for key in ("train/loss", "train/grad_norm"):
+        steps, values = metric_steps(out.parent, key)
+        ref_steps, ref_values = metric_steps(ref.parent, key)
+        assert steps == ref_steps == [1, 2] and values == pytest.approx(ref_values, rel=1e-4), key
+    mine, want = load_model_weights(out / "model"), load_model_weights(ref / "model")
+    assert "lm_head.weight" not in mine and mine.keys() == want.keys()
+    beyond = sum(int(((mine[k] - want[k]).abs() > TOL).sum()) for k in mine)
+    assert beyond <= sum(v.numel() for v in mine.values()) // 10**6 and max_diff(mine, want) < 1.5e-4, beyond
+    if mode == "lora":
+        from safetensors.torch import load_file
+
+        adapter, ref_adapter = (load_file(d / "model" / "adapter" / "adapter_model.safetensors") for d in (out, ref))
+        assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()) and max_diff(adapter, ref_adapter) < 1.5e-4
+    (base,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]  # the converted SmolLM2
+    assert max_diff(mine, load_model_weights(base)) > 10 * TOL  # two steps moved the weights (Adam: about lr each)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    final, ref_final = (json.loads((d / "final_metrics.json").read_text()) for d in (out, ref))
+    for key in ("exact_match", "choice_accuracy", "choice_macro_f1", "n", "generated"):
+        assert final["after"][key] == pytest.approx(ref_final["after"][key], abs=1e-6), key
+    assert final["after"]["loss"] == pytest.approx(ref_final["after"]["loss"], rel=1e-4)
+    rows, ref_rows = ([json.loads(x) for x in (d / "predictions" / "step-000002.jsonl").read_text().splitlines()] for d in (out, ref))
+    assert [r["response"] for r in rows] == [r["response"] for r in ref_rows] and len(rows) == 12
