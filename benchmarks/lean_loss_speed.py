@@ -4,6 +4,7 @@ forward and backward only (no optimizer), in one process.
 
     python benchmarks/lean_loss_speed.py                 # LoRA dropout 0.05, as the recipe
     python benchmarks/lean_loss_speed.py --dropout 0     # without LoRA dropout
+    python benchmarks/lean_loss_speed.py --full          # full fine-tuning: the head's weight trains too
 
 Batches: the first --batches x 8 rows of the shared UNFAIR-ToS training clauses, in the
 recipe's prompt, rendered by SmolLM2's chat template, padded to each batch's longest row;
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--full", action="store_true", help="full fine-tuning (no LoRA): the tied head's weight gets a gradient")
     p.add_argument("--chunk", type=int, default=1024, help="train.loss_chunk_tokens")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -63,13 +65,15 @@ def main(argv=None) -> int:
         batches.append({**enc, "labels": labels})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    if not args.full:
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     losses = {"own": lambda b: model(**b).loss * float((b["labels"][:, 1:] != -100).sum()),
               "lean": lambda b: lean_loss.loss_sum(model, b, args.chunk),
               "recompute": lambda b: recompute_loss(model, b, args.chunk)}
-    print(f"batches: {[tuple(b['input_ids'].shape) for b in batches]}, LoRA dropout {args.dropout}, "
+    print(f"batches: {[tuple(b['input_ids'].shape) for b in batches]}, "
+          f"{'full fine-tuning' if args.full else f'LoRA dropout {args.dropout}'}, "
           f"{torch.get_num_threads()} threads", flush=True)
     timed: dict[str, list[float]] = {name: [] for name in losses}
     for _ in range(2):
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
             timed[name].append(sum(seconds[1:]))
             print(f"{name:<5} {sum(seconds[1:]):7.2f} s  (per batch: {', '.join(f'{s:.2f}' for s in seconds)})", flush=True)
     best = {name: min(v) for name, v in timed.items()}
-    print(json.dumps({"dropout": args.dropout, "seconds": timed, "speedup_lean_vs_own": round(best["own"] / best["lean"], 3),
+    print(json.dumps({"full": args.full, "dropout": None if args.full else args.dropout, "seconds": timed, "speedup_lean_vs_own": round(best["own"] / best["lean"], 3),
                       "speedup_lean_vs_recompute": round(best["recompute"] / best["lean"], 3)}))
     return 0
 

@@ -315,6 +315,8 @@ def test_the_chunked_loss_on_sharded_engines_equals_the_models_own_loss(accel, t
     meta = lambda d: json.loads((d / "model" / "launcher.json").read_text())  # noqa: E731
     assert meta(run)["train_loss"] == "chunked" and meta(ref)["train_loss"] == "model"
     assert max_diff(weights(run), weights(ref)) < TOL
+    for key in ("train/loss", "train/grad_norm"):  # Adam's steps would hide gradients scaled wrong; the norm does not
+        assert metric_steps(tmp_path, key)[1] == pytest.approx(metric_steps(ref_dir, key)[1], rel=1e-4), key
     final, ref_final = (json.loads((d / "final_metrics.json").read_text()) for d in (run, ref))
     assert final["after"]["loss"] == pytest.approx(ref_final["after"]["loss"], rel=1e-4)
 

@@ -443,6 +443,22 @@ def test_the_lean_loss_self_check_passes_a_plain_head_and_catches_scaled_logits(
 
     why = lean_loss.self_check(LastOnly(llama.config), batch, 7)
     assert why and why.startswith("it fails on this model (ValueError: the output head was called on (1, 1, 32)")
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class Halved(LlamaForCausalLM):  # changes the hidden states between its decoder and its head
+        def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, logits_to_keep=0, **kw):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state * 0.5
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size,
+                                                                   num_items_in_batch=num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    halved = Halved(llama.config)
+    # The chunked loss runs inside its forward and sees what the head sees; evaluation's lean
+    # head reads the decoder's output, so it is checked on its own and refused here.
+    assert lean_loss.whole_head(halved) and lean_loss.self_check(halved, batch, 7) is None
+    why = lean_loss.self_check(halved, batch, 7, evaluation=True)
+    assert why and "differs from Halved's own loss" in why and lean_loss.eval_head(halved, 7, batch) == (None, why)
     odd = LlamaForCausalLM(llama.config)  # a head whose forward is not nn.Linear's (a peft or bitsandbytes layer)
     odd.lm_head.__class__ = type("ScaledHead", (torch.nn.Linear,), {"forward": lambda self, x: 2 * super(type(self), self).forward(x)})
     assert not lean_loss.supported(odd)
@@ -479,11 +495,11 @@ def test_lean_loss_equals_the_models_own_loss_and_gradients(arch, data_tok):
         [{"input_ids": p_ids[r], "labels": p_labels[r], "seq_lens": p_lens[r]} for r in (0, 1)])
     assert lean_loss.supported(model)
     own = model(**batch, num_items_in_batch=torch.tensor(1.0)).loss
-    own.backward()
+    (own * 0.37).backward()  # a scale, as accumulation and loss scaling apply: the head's gradients follow it
     want = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     lean = lean_loss.loss_sum(model, batch, chunk=7)
-    lean.backward()
+    (lean * 0.37).backward()
     assert lean.item() == pytest.approx(own.item(), rel=1e-5)
     for n, p in model.named_parameters():
         assert (p.grad is None) == (want[n] is None), n

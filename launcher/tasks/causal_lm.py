@@ -260,8 +260,19 @@ class CausalLMTask:
         if rt.any_rank(why is not None):  # one rank's refusal stops all
             why = why or "another rank's comparison failed"
         self._lean = why is None
-        self._lean_eval = self._lean and not rt.any_rank(not lean_loss.whole_head(bare))
-        return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used" if why else None
+        if why:
+            return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used"
+        # Evaluation's head reads the decoder's hidden states and the head's weight outside the
+        # model's forward (lean_loss.Head): where the weight is whole on every rank, and when
+        # that too equals the model's own loss.
+        if batch is None or rt.any_rank(not lean_loss.whole_head(bare)):  # (batch: checked above)
+            return None
+        with rt.accelerator.autocast():
+            why = lean_loss.self_check(bare, batch, chunk, evaluation=True)
+        if rt.any_rank(why is not None):
+            why = why or "another rank's comparison failed"
+        self._lean_eval = why is None
+        return f"train.loss_chunk_tokens: evaluation's lean head is off: {why}; evaluation uses the model's logits" if why else None
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Sum of token losses over the micro-batch's response tokens. Lean (tasks/lean_loss.py:

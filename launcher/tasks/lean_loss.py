@@ -82,12 +82,14 @@ def whole_head(model) -> bool:
             and not any(engines.is_partitioned(p) for p in head.parameters()))
 
 
-def self_check(model, batch: dict, chunk: int) -> str | None:
-    """None when the chunked loss equals the model's own loss on `batch` (SELF_CHECK_RTOL,
-    relative); else why it cannot stand in for it. Runs in eval mode (no dropout) without
-    gradients and leaves the RNG as it found it (a resumed run draws the same masks). Under
-    ZeRO-3 and FSDP2 both forwards are collectives: every rank must check the same row."""
+def self_check(model, batch: dict, chunk: int, evaluation: bool = False) -> str | None:
+    """None when the chunked loss (`loss_sum`; with `evaluation`, the lean evaluation head's,
+    `eval_loss_sum`) equals the model's own loss on `batch` (SELF_CHECK_RTOL, relative); else
+    why it cannot stand in for it. Runs in eval mode (no dropout) without gradients and leaves
+    the RNG as it found it (a resumed run draws the same masks). Under ZeRO-3 and FSDP2 both
+    forwards are collectives: every rank must check the same row."""
     causal = _unwrap(model)
+    lean_sum = eval_loss_sum if evaluation else loss_sum
     if (why := head_problem(model)) is not None:
         return why
     devices = [batch["input_ids"].device] if batch["input_ids"].device.type == "cuda" else []
@@ -97,9 +99,9 @@ def self_check(model, batch: dict, chunk: int) -> str | None:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             one = torch.tensor(1.0, device=batch["input_ids"].device)
             own = float(model(**batch, num_items_in_batch=one).loss)
-            lean = float(loss_sum(model, batch, chunk))
-    except (TypeError, ValueError, RuntimeError) as e:
-        return f"it fails on this model ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            lean = float(lean_sum(model, batch, chunk))
+    except Exception as e:  # noqa: BLE001 - any failure on this model means: use its own loss
+        return f"it fails on this model ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
     finally:
         model.train(was)
     rel = abs(lean - own) / max(abs(own), 1e-12)
@@ -180,12 +182,21 @@ class Head:
         return out
 
 
+def eval_loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
+    """The batch's response-token loss sum as evaluation's `Head` computes it: the decoder's
+    hidden states caught by forward_hidden, the head applied outside the model's forward.
+    A model that changes them between its decoder and its head differs here."""
+    _, hidden = forward_hidden(model, **{k: v for k, v in batch.items() if k != "labels"})
+    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    return Head(model, chunk).token_losses(hidden, targets).sum()
+
+
 def eval_head(model, chunk: int, check: dict | None) -> tuple[Head | None, str | None]:
     """(the lean evaluation head, or None: the model's own logits; why not, when the
     self-check on `check` refused it). Used where the head's weight is whole (`whole_head`)."""
     if not chunk or not whole_head(model):
         return None, None
-    why = self_check(model, check, chunk) if check is not None else NO_CHECK_ROW
+    why = self_check(model, check, chunk, evaluation=True) if check is not None else NO_CHECK_ROW
     return (None, why) if why else (Head(model, chunk), None)
 
 
@@ -200,7 +211,7 @@ class HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int, softcap: float | None, grads: bool):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if grads and hidden.requires_grad else None
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if grads and hidden.requires_grad else None
         grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                   if grads and weight.requires_grad else None)
         grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
@@ -223,19 +234,24 @@ class HeadLoss(torch.autograd.Function):
             g = g.to(raw.dtype)
             if grad_h is not None:
                 grad_h[start : start + chunk] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ h).float()
+            if grad_w is not None:  # in place: no float32 copy of a vocabulary x hidden product
+                if g.dtype == h.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w.add_(g.t() @ h)
             if grad_b is not None:
                 grad_b += g.float().sum(0)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype))
+        # Kept in float32 until backward scales them (a loss scale, 1 / accumulation): rounding
+        # to fp16 before that could overflow a sum the scale would have kept in range.
+        ctx.grads = grad_h, grad_w, grad_b
+        ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.grads
+        scale = grad_out.float()
+        scaled = [None if g is None else (g * scale).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
         ctx.grads = None
-        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
         return (*scaled, None, None, None, None)
 
 
@@ -246,25 +262,36 @@ def head_computes_loss(model, targets: torch.Tensor, chunk: int):
     `targets` (batch x length; IGNORE where unscored) instead of logits. Its forward is replaced
     on the instance, so the engines' hooks around the module (ZeRO-3's gather, FSDP2's unshard,
     and the gradient reductions after backward) run as for any forward of it. A final logit
-    softcap moves from the model's forward into the loss, where it applies to the logits."""
+    softcap moves from the model's forward into the loss, where it applies to the logits.
+
+    Yields the list of what the head was called on. A call it does not expect (other shapes,
+    more arguments) gets plain logits, so the forward, and the engines' hooks, complete as
+    usual; loss_sum then refuses the result."""
     causal, head = _unwrap(model), _head(model)
     cfg = causal.config
     softcap = getattr(cfg, "final_logit_softcapping", None)
     grads = torch.is_grad_enabled()
+    calls: list[str] = []
 
     def forward(hidden, *args, **kwargs):
-        if args or kwargs or tuple(hidden.shape[:-1]) != tuple(targets.shape):
-            raise ValueError(f"the output head was called on {tuple(hidden.shape)} for {tuple(targets.shape)} targets")
+        expected = not args and not kwargs and tuple(hidden.shape[:-1]) == tuple(targets.shape)
+        calls.append("" if expected else f"{tuple(hidden.shape)} for {tuple(targets.shape)} targets")
+        if not expected:
+            return torch.nn.functional.linear(hidden, head.weight, head.bias)
         where = targets != IGNORE
         return HeadLoss.apply(hidden[where], head.weight, head.bias, targets[where], chunk, softcap, grads)
 
+    before = head.__dict__.get("forward")  # an instance forward of its own (a dispatch hook), kept
     head.forward = forward
     if softcap:
         cfg.final_logit_softcapping = None
     try:
-        yield
+        yield calls
     finally:
-        del head.forward
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
         if softcap:
             cfg.final_logit_softcapping = softcap
 
@@ -273,6 +300,9 @@ def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
     """Sum of cross-entropy over the batch's response tokens (labels shift by one), computed by
     the output head inside the model's forward (head_computes_loss)."""
     targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1
-    with head_computes_loss(model, targets, chunk):
+    with head_computes_loss(model, targets, chunk) as calls:
         out = model(**{k: v for k, v in batch.items() if k != "labels"})  # every position reaches the head
+    if calls != [""] or out.logits.dim() != 0:
+        what = "; ".join(c or "the expected shape" for c in calls) or "never"
+        raise ValueError(f"the output head was called on {what} (once, on every position, expected)")
     return out.logits
