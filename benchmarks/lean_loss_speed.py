@@ -16,6 +16,11 @@ A third contender, `recompute`, is the lean loss as the launcher computed it bef
 made its gradients in the forward pass: the head applied to the decoder's hidden states
 outside the model's forward, in chunks under activation checkpointing (each chunk's logits
 computed again in the backward pass). Kept here to show what the change is worth.
+
+The contenders above draw LoRA's dropout masks with torch's own `nn.Dropout`. A fourth,
+`lean_cpu_masks`, is the lean loss with the masks every model the launcher builds draws on CPU
+(launcher/tasks/dropout.py): the launcher's training step as it runs. Not with --full or
+--dropout 0 (no dropout to draw).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
 
     from throughput import smollm2  # this directory: the same conversion the throughput benchmark loads
 
-    from launcher.tasks import lean_loss
+    from launcher.tasks import dropout, lean_loss
 
     model_dir = smollm2(Path(tempfile.mkdtemp(prefix="lean-speed-")))
     recipe = yaml.safe_load((ROOT / "configs/train/tos_llm_lora.yaml").read_text())["data"]
@@ -72,12 +77,17 @@ def main(argv=None) -> int:
     losses = {"own": lambda b: model(**b).loss * float((b["labels"][:, 1:] != -100).sum()),
               "lean": lambda b: lean_loss.loss_sum(model, b, args.chunk),
               "recompute": lambda b: recompute_loss(model, b, args.chunk)}
+    drops = [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
+    if drops:
+        losses["lean_cpu_masks"] = losses["lean"]
     print(f"batches: {[tuple(b['input_ids'].shape) for b in batches]}, "
           f"{'full fine-tuning' if args.full else f'LoRA dropout {args.dropout}'}, "
           f"{torch.get_num_threads()} threads", flush=True)
     timed: dict[str, list[float]] = {name: [] for name in losses}
     for _ in range(2):
         for name, fn in losses.items():
+            for m in drops:
+                m.__class__ = dropout.CpuDropout if name == "lean_cpu_masks" else torch.nn.Dropout
             seconds = []
             for b in batches:
                 t = time.perf_counter()
@@ -85,10 +95,11 @@ def main(argv=None) -> int:
                 seconds.append(time.perf_counter() - t)
                 model.zero_grad(set_to_none=True)
             timed[name].append(sum(seconds[1:]))
-            print(f"{name:<5} {sum(seconds[1:]):7.2f} s  (per batch: {', '.join(f'{s:.2f}' for s in seconds)})", flush=True)
+            print(f"{name:<14} {sum(seconds[1:]):7.2f} s  (per batch: {', '.join(f'{s:.2f}' for s in seconds)})", flush=True)
     best = {name: min(v) for name, v in timed.items()}
     print(json.dumps({"full": args.full, "dropout": None if args.full else args.dropout, "seconds": timed, "speedup_lean_vs_own": round(best["own"] / best["lean"], 3),
-                      "speedup_lean_vs_recompute": round(best["recompute"] / best["lean"], 3)}))
+                      "speedup_lean_vs_recompute": round(best["recompute"] / best["lean"], 3),
+                      "speedup_cpu_masks": round(best["lean"] / best["lean_cpu_masks"], 3) if drops else None}))
     return 0
 
 

@@ -132,7 +132,7 @@ class DataConfig:
     # Processes that tokenize a split; null: 1 below 20,000 rows, else the CPUs (at most 8).
     num_proc: Optional[int] = None
     # Batches of similar length (sorted within mega-batches of 50 global batches, then
-    # shuffled): far less padding. null: on for classification, off for causal_lm.
+    # shuffled; the longest first): far less padding. null: on for classification, off for causal_lm.
     group_by_length: Optional[bool] = None
     # DataLoader worker processes that collate micro-batches (0: in the training process).
     num_workers: int = 1

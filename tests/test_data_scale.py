@@ -81,6 +81,25 @@ def test_grouped_steps_are_a_pure_function_of_seed_and_step():
     assert batching.StepSampler(2000, 32, 8, 0, 1, seed=2, **kw).step_microbatches(0) != seen[0]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_grouped_epochs_start_with_their_longest_row(world):
+    """Each epoch's first step holds that epoch's longest row (distinct lengths, so it is one
+    row), on one rank or two, as HF's length-grouped sampler does: a run whose longest batch
+    does not fit fails at its first step. Ungrouped epochs stay plain permutations."""
+    lengths = np.random.default_rng(0).permutation(np.arange(10, 1010)).astype(np.int32)
+    steps = 1000 // 32
+    for epoch in range(3):
+        samplers = [batching.StepSampler(1000, 32, 8, r, world, seed=4, lengths=lengths, group_by_length=True)
+                    for r in range(world)]
+        used = [i for s in range(epoch * steps, (epoch + 1) * steps) for i in samplers[0].step_indices(s).tolist()]
+        first = [i for smp in samplers for mb in smp.step_microbatches(epoch * steps) for i in mb]
+        assert int(lengths[first].max()) == int(lengths[used].max()), epoch
+        assert len(set(used)) == steps * 32  # still each row once
+    plain = batching.StepSampler(1000, 32, 8, 0, 1, seed=4, lengths=lengths)
+    g = torch.Generator().manual_seed(4 * 100_003)
+    assert plain.step_indices(0).tolist() == torch.randperm(1000, generator=g)[:32].tolist()
+
+
 def test_grouping_cuts_padding_and_keeps_step_order_random():
     lengths = skewed_lengths(20_000)
     grouped = batching.StepSampler(20_000, 32, 32, 0, 1, seed=0, lengths=lengths, group_by_length=True)

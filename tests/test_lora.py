@@ -105,3 +105,70 @@ def test_lora_classifier_learns_and_exports_adapter_base_and_merged_model(tmp_pa
     assert "LoRA" in proc.stdout
     a, b = load_file(out / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# ---------------------------------------------------------------- dropout masks on CPU
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p_and_backpropagates_its_mask(p):
+    """CpuDropout (the masks every model launcher builds draws on CPU): the kept fraction is
+    1 - p within 6 standard deviations, kept elements are scaled by 1 / (1 - p), neighbours
+    (the two halves of one 64-bit draw) are independent, the gradient is the same mask, and
+    torch.manual_seed fixes the masks."""
+    from launcher.tasks.dropout import CpuDropout
+
+    n = 2_000_000
+    x = torch.rand(n) + 1.0  # no zeros: a zero in the output is a dropped element
+    drop = CpuDropout(p).train()
+    torch.manual_seed(3)
+    xg = x.clone().requires_grad_()
+    y = drop(xg)
+    kept = y != 0
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(float(kept.float().mean()) - (1 - p)) < 6 * sd
+    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-6)
+    pairs = kept.view(-1, 2)  # elements 2k and 2k+1 come from one 64-bit draw
+    both = float((~pairs[:, 0] & ~pairs[:, 1]).float().mean())
+    assert abs(both - p * p) < 6 * (p * p * (1 - p * p) / (n // 2)) ** 0.5
+    g = torch.randn(n)
+    y.backward(g)
+    assert torch.equal(xg.grad, torch.where(kept, g, 0.0) * (1 / (1 - p)))
+    torch.manual_seed(3)
+    assert torch.equal(drop(x) != 0, kept)  # same seed, same mask
+    assert not torch.equal(drop(x) != 0, kept)  # the next draw is another mask
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_built_models_draw_cpu_dropout_masks_that_activation_checkpointing_replays(tmp_path):
+    """Every nn.Dropout of a built model, LoRA's included, is a CpuDropout (still an
+    nn.Dropout). Activation checkpointing recomputes the forward in backward; the masks must be
+    the same then, or the gradients would belong to another network: a LoRA model with dropout
+    0.3 gets the same gradients with and without checkpointing, and other gradients in
+    evaluation mode (so dropout acted)."""
+    from launcher import tasks
+    from launcher.data import instructions
+    from launcher.tasks.dropout import CpuDropout
+
+    over = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.3", "model.lora.target_modules=all-linear"]
+    t = tasks.for_config(load_config(SFT, over))
+    tok = task_tokenizer(t, tmp_path, instructions.generate_instructions(20, 0))
+    ids = torch.randint(5, len(tok), (2, 12))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+    def grads(checkpointing: bool, train: bool) -> dict:
+        torch.manual_seed(0)
+        model = tasks.for_config(load_config(SFT, [*over, f"train.gradient_checkpointing={str(checkpointing).lower()}"])).build_model(tok)
+        drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(type(m) is CpuDropout for m in drops)
+        assert any("lora_dropout" in n for n, m in model.named_modules() if type(m) is CpuDropout)
+        model.train(train)
+        torch.manual_seed(1)
+        model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed, evaluated = grads(False, True), grads(True, True), grads(False, False)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7), name
+    assert any(not torch.allclose(plain[n], evaluated[n], rtol=1e-3, atol=1e-6) for n in plain)

@@ -356,14 +356,16 @@ def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp
     """The only evaluation of a 4-step run is its last step, so the best is the live weights and
     no snapshot is taken. Extended to 8 steps without evaluations (and without keeping that
     checkpoint), checkpoint.export: best must still export step 4: the resume snapshots the
-    weights it loaded, before a later checkpoint rotates their checkpoint away."""
+    weights it loaded, before a later checkpoint rotates their checkpoint away. The extension
+    runs at a learning rate of 0.5, so its final evaluation loss is far worse than step 4's
+    whatever the draw (a tiny model's macro-F1 after 4 steps can be beaten by chance)."""
     args = [*FAST, "eval.every_steps=4", "checkpoint.every_steps=4", "checkpoint.keep_last=1", "checkpoint.keep_best=false",
-            "tracking.mlflow=false"]
+            "tracking.mlflow=false", "eval.metric=loss"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *args, "train.max_steps=4"))
     run = tmp_path / "x"
     first = _weights(run)
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *args, "train.max_steps=8",
-                          "eval.every_steps=0"))
+                          "eval.every_steps=0", "train.lr=0.5", "checkpoint.resume_changed=allow"))
     assert "exporting the best evaluation's weights: step 4" in proc.stdout
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000008"]
     assert all(torch.equal(first[k], v) for k, v in _weights(run).items())

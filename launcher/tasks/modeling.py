@@ -1,5 +1,6 @@
 """What both tasks do to a model after building it: the attention kernel, activation
-checkpointing, no KV cache while training, LoRA. One place, so the tasks cannot drift."""
+checkpointing, no KV cache while training, LoRA, dropout masks drawn fast on CPU. One place,
+so the tasks cannot drift."""
 
 from __future__ import annotations
 
@@ -71,4 +72,7 @@ def finish(model, cfg: "TaskConfig", task: str, dtype: str = "float32"):
         for p in model.parameters():  # adapters and trained heads keep fp32 over a bf16 base
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+    from launcher.tasks import dropout
+
+    dropout.fast_cpu_masks(model)  # after LoRA: its dropouts too
     return model
