@@ -49,6 +49,9 @@ class TrainState:
     # number of ranks). None in checkpoints from before they were recorded.
     world_size: int | None = None
     engine: str | None = None
+    # Length-grouped epochs begin with their longest batch (data/batching.py) in runs that
+    # record True; a checkpoint without the field resumes in the order it was written with.
+    longest_batch_first: bool = False
 
     @classmethod
     def read(cls, ckpt: Path) -> "TrainState":

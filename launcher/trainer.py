@@ -211,7 +211,10 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     n_params, n_trainable, held = rt.parameter_counts(model)
     checkpointer = _checkpointer(cfg, rt, task, model, tokenizer, run_dir, n_params, n_trainable)
     start = pre.start
-    state = checkpointer.load(start.checkpoint) if start.checkpoint is not None else ckpt_lib.TrainState(tracker_ids=start.tracker_ids)
+    state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
+             else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
+    if not state.longest_batch_first:  # written before epochs began with their longest batch: its order goes on
+        sampler.longest_first = False
     config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number

@@ -100,6 +100,26 @@ def test_grouped_epochs_start_with_their_longest_row(world):
     assert plain.step_indices(0).tolist() == torch.randperm(1000, generator=g)[:32].tolist()
 
 
+def test_a_checkpoint_from_before_longest_first_epochs_resumes_in_its_own_order(tmp_path):
+    """A checkpoint's state without `longest_batch_first` was written when grouped epochs did not
+    begin with their longest batch: its run goes on in that order (the same batches, the
+    longest not moved), so no row is repeated or skipped across the upgrade."""
+    from launcher.checkpoint import STATE_FILE, TrainState
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 5, "epoch": 0}))
+    assert TrainState.read(tmp_path).longest_batch_first is False
+    lengths = np.random.default_rng(1).permutation(np.arange(10, 1010)).astype(np.int32)
+    new = batching.StepSampler(1000, 32, 8, 0, 1, seed=4, lengths=lengths, group_by_length=True)
+    old = batching.StepSampler(1000, 32, 8, 0, 1, seed=4, lengths=lengths, group_by_length=True)
+    assert [old.step_indices(s).tolist() for s in range(31)] == [new.step_indices(s).tolist() for s in range(31)]
+    old.longest_first = False  # as the trainer sets it after loading such a state
+    before = [old.step_indices(s).tolist() for s in range(31)]
+    after = [new.step_indices(s).tolist() for s in range(31)]
+    assert before != after and sorted(map(tuple, before)) == sorted(map(tuple, after))  # only moved
+    moved = [k for k in range(31) if before[k] != after[k]]
+    assert moved[0] == 0 and after[0] == before[moved[1]] and after[moved[1]] == before[0]
+
+
 def test_grouping_cuts_padding_and_keeps_step_order_random():
     lengths = skewed_lengths(20_000)
     grouped = batching.StepSampler(20_000, 32, 32, 0, 1, seed=0, lengths=lengths, group_by_length=True)

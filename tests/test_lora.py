@@ -116,7 +116,7 @@ def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p_and_backpropa
     1 - p within 6 standard deviations, kept elements are scaled by 1 / (1 - p), neighbours
     (the two halves of one 64-bit draw) are independent, the gradient is the same mask, and
     torch.manual_seed fixes the masks."""
-    from launcher.tasks.dropout import CpuDropout
+    from launcher.tasks.dropout import CpuDropout, keep_mask
 
     n = 2_000_000
     x = torch.rand(n) + 1.0  # no zeros: a zero in the output is a dropped element
@@ -131,6 +131,8 @@ def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p_and_backpropa
     pairs = kept.view(-1, 2)  # elements 2k and 2k+1 come from one 64-bit draw
     both = float((~pairs[:, 0] & ~pairs[:, 1]).float().mean())
     assert abs(both - p * p) < 6 * (p * p * (1 - p * p) / (n // 2)) ** 0.5
+    saved = y.grad_fn.next_functions[0][0]._saved_condition  # what backward keeps: the bool mask
+    assert saved.dtype == torch.bool and torch.equal(saved, kept)
     g = torch.randn(n)
     y.backward(g)
     assert torch.equal(xg.grad, torch.where(kept, g, 0.0) * (1 / (1 - p)))
@@ -138,6 +140,7 @@ def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p_and_backpropa
     assert torch.equal(drop(x) != 0, kept)  # same seed, same mask
     assert not torch.equal(drop(x) != 0, kept)  # the next draw is another mask
     assert torch.equal(drop.eval()(x), x)
+    assert not keep_mask((1000,), 1 - 2**-40).any()  # a threshold past int32's range drops everything
 
 
 def test_built_models_draw_cpu_dropout_masks_that_activation_checkpointing_replays(tmp_path):

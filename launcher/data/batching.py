@@ -67,7 +67,7 @@ class StepSampler:
     """
 
     def __init__(self, n: int, global_batch: int, micro_batch: int, rank: int, world: int, seed: int,
-                 lengths: np.ndarray | None = None, group_by_length: bool = False):
+                 lengths: np.ndarray | None = None, group_by_length: bool = False, longest_first: bool = True):
         if global_batch % (micro_batch * world):
             raise ValueError("global batch must divide by micro batch x world size")
         self.n, self.global_batch, self.micro_batch = n, global_batch, micro_batch
@@ -78,6 +78,18 @@ class StepSampler:
         self.lengths = None if lengths is None else torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32))
         self.group_by_length = group_by_length and lengths is not None
         self._orders: dict[int, torch.Tensor] = {}
+        self.longest_first = longest_first
+
+    @property
+    def longest_first(self) -> bool:
+        return self._longest_first
+
+    @longest_first.setter
+    def longest_first(self, value: bool) -> None:
+        """False: the grouped order of checkpoints written before epochs began with their longest
+        batch (a resume across that change keeps the order it was written with)."""
+        self._longest_first = value
+        self._orders.clear()
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The epoch's order, built once. Two epochs are kept: the loader's workers run ahead
@@ -105,8 +117,9 @@ class StepSampler:
         # does so too): a run whose longest micro-batch does not fit in memory fails at its
         # first step, not hours in, and the allocator's first touch of the largest activations
         # (0.8-1 s per new largest shape for SmolLM2 on CPU) is paid once, at the start.
-        first = int(self.lengths[batches].max(1).values.argmax())
-        batches[[0, first]] = batches[[first, 0]]
+        if self.longest_first:
+            first = int(self.lengths[batches].max(1).values.argmax())
+            batches[[0, first]] = batches[[first, 0]]
         return batches.reshape(-1)
 
     def step_indices(self, step: int) -> torch.Tensor:

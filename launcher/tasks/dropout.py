@@ -5,7 +5,9 @@ On CPU `torch.bernoulli_` draws from one serial Mersenne twister, about 4.5 ns a
 separately: a fifth of a SmolLM2 + LoRA training step went to it. numpy's SFC64 makes 64
 random bits in about 1 ns. `CpuDropout` is `nn.Dropout` with its masks drawn that way; the
 model's own modules are re-classed in place, so parameters, hooks and `isinstance` checks are
-untouched, and on CUDA, in evaluation or in place it is `nn.Dropout` itself.
+untouched, and on CUDA, in evaluation or in place it is `nn.Dropout` itself. Attention
+dropout that a model hands to its attention kernel as a probability (SDPA's dropout_p) never
+calls the module and stays torch's.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ def keep_mask(shape, p: float) -> torch.Tensor:
     torch.manual_seed fixes the masks, a checkpointed RNG state resumes them and activation
     checkpointing (which restores torch's RNG state) replays them."""
     n = math.prod(shape)
+    drop = round(p * 2**32)
+    if drop >= 2**32:  # p within 2^-33 of 1: the threshold would not fit in an int32
+        return torch.zeros(shape, dtype=torch.bool)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]
     # Uniform over the 2^32 int32 values, of which 2^32 - round(p * 2^32) are kept.
-    return torch.from_numpy(bits).view(shape) >= round(p * 2**32) - 2**31
+    return torch.from_numpy(bits).view(shape) >= drop - 2**31
 
 
 class CpuDropout(torch.nn.Dropout):
