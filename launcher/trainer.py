@@ -193,11 +193,10 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     task.prepare(train_ds, rt.device)
     row_items = task.row_items(train_ds)
     group = cfg.data.group_by_length if cfg.data.group_by_length is not None else task.name == "classification"
-    sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
-                                   lengths=train_ds.lengths, group_by_length=group)
-    if sampler.steps_per_epoch == 0:
+    steps_per_epoch = batching.steps_per_epoch(len(train_ds), t.global_batch_size)
+    if steps_per_epoch == 0:
         raise DataError(_too_few_rows(cfg, train_ds))
-    total_steps = t.max_steps or t.epochs * sampler.steps_per_epoch
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     no_decay = no_decay_names(model)
     model, optimizer = rt.prepare(model, _optimizer(model, t, rt.device, no_decay))
@@ -213,8 +212,9 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     start = pre.start
     state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
-    if not state.longest_batch_first:  # written before epochs began with their longest batch: its order goes on
-        sampler.longest_first = False
+    # A checkpoint written before epochs began with their longest batch goes on in its own order.
+    sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
+                                   lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
     config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number

@@ -54,6 +54,11 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    """Optimizer steps in an epoch of n rows: the tail that does not fill a global batch is dropped."""
+    return n // global_batch
+
+
 class StepSampler:
     """Micro-batches of one rank for optimizer steps [start_step, ...), epoch after epoch.
 
@@ -72,24 +77,15 @@ class StepSampler:
             raise ValueError("global batch must divide by micro batch x world size")
         self.n, self.global_batch, self.micro_batch = n, global_batch, micro_batch
         self.rank, self.world, self.seed = rank, world, seed
-        self.steps_per_epoch = n // global_batch
+        self.steps_per_epoch = steps_per_epoch(n, global_batch)
         self.accumulation = global_batch // (micro_batch * world)
         # int32, shared with the dataset's own index when it is int32 already: one copy per rank.
         self.lengths = None if lengths is None else torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int32))
         self.group_by_length = group_by_length and lengths is not None
-        self._orders: dict[int, torch.Tensor] = {}
+        # False: the grouped order of checkpoints written before epochs began with their longest
+        # batch (a resume across that change keeps the order it was written with).
         self.longest_first = longest_first
-
-    @property
-    def longest_first(self) -> bool:
-        return self._longest_first
-
-    @longest_first.setter
-    def longest_first(self, value: bool) -> None:
-        """False: the grouped order of checkpoints written before epochs began with their longest
-        batch (a resume across that change keeps the order it was written with)."""
-        self._longest_first = value
-        self._orders.clear()
+        self._orders: dict[int, torch.Tensor] = {}
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The epoch's order, built once. Two epochs are kept: the loader's workers run ahead

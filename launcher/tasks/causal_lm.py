@@ -255,24 +255,25 @@ class CausalLMTask:
             return None
         bare = rt.inference_model(model)
         batch = lean_loss.check_batch((val_ds[i] for i in range(min(len(val_ds), 64))), rt.device)
-        with rt.accelerator.autocast():
-            why = lean_loss.self_check(bare, batch, chunk) if batch is not None else lean_loss.NO_CHECK_ROW
-        if rt.any_rank(why is not None):  # one rank's refusal stops all
-            why = why or "another rank's comparison failed"
-        self._lean = why is None
-        if why:
+
+        def refusal(evaluation: bool) -> str | None:  # one rank's refusal stops all
+            with rt.accelerator.autocast():
+                why = (lean_loss.self_check(bare, batch, chunk, evaluation) if batch is not None
+                       else lean_loss.NO_CHECK_ROW)
+            return (why or "another rank's comparison failed") if rt.any_rank(why is not None) else None
+
+        if why := refusal(evaluation=False):
             return f"train.loss_chunk_tokens: the chunked loss is off: {why}; the model's own loss is used"
+        self._lean = True
         # Evaluation's head reads the decoder's hidden states and the head's weight outside the
         # model's forward (lean_loss.Head): where the weight is whole on every rank, and when
         # that too equals the model's own loss.
-        if batch is None or rt.any_rank(not lean_loss.whole_head(bare)):  # (batch: checked above)
+        if rt.any_rank(not lean_loss.whole_head(bare)):
             return None
-        with rt.accelerator.autocast():
-            why = lean_loss.self_check(bare, batch, chunk, evaluation=True)
-        if rt.any_rank(why is not None):
-            why = why or "another rank's comparison failed"
-        self._lean_eval = why is None
-        return f"train.loss_chunk_tokens: evaluation's lean head is off: {why}; evaluation uses the model's logits" if why else None
+        if why := refusal(evaluation=True):
+            return f"train.loss_chunk_tokens: evaluation's lean head is off: {why}; evaluation uses the model's logits"
+        self._lean_eval = True
+        return None
 
     def loss_sum(self, model, batch) -> torch.Tensor:
         """Sum of token losses over the micro-batch's response tokens. Lean (tasks/lean_loss.py:

@@ -46,11 +46,8 @@ class CpuDropout(torch.nn.Dropout):
         return torch.where(keep_mask(x.shape, self.p), x, 0.0).mul_(1 / (1 - self.p))
 
 
-def fast_cpu_masks(model) -> int:
-    """Every plain `nn.Dropout` in the model (LoRA's included) becomes a `CpuDropout`; how many."""
-    changed = 0
+def fast_cpu_masks(model) -> None:
+    """Every plain `nn.Dropout` in the model (LoRA's included) becomes a `CpuDropout`, in place."""
     for module in model.modules():
         if type(module) is torch.nn.Dropout:
             module.__class__ = CpuDropout
-            changed += 1
-    return changed

@@ -130,11 +130,22 @@ def check_batch(rows, device=None) -> dict | None:
     return None
 
 
+def targets_of(labels: torch.Tensor) -> torch.Tensor:
+    """What each position predicts: the next position's label (IGNORE after the last)."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the final logit softcap applied to float32 `logits`, tanh(logits / softcap) for its
+    gradient); `logits` and None without a cap."""
+    if not softcap:
+        return logits, None
+    squashed = torch.tanh(logits / softcap)
+    return squashed * softcap, squashed
+
+
 def _logits(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return _capped(head(hidden).float(), softcap)[0]
 
 
 def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, softcap: float | None,
@@ -187,8 +198,7 @@ def eval_loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
     hidden states caught by forward_hidden, the head applied outside the model's forward.
     A model that changes them between its decoder and its head differs here."""
     _, hidden = forward_hidden(model, **{k: v for k, v in batch.items() if k != "labels"})
-    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    return Head(model, chunk).token_losses(hidden, targets).sum()
+    return Head(model, chunk).token_losses(hidden, targets_of(batch["labels"])).sum()
 
 
 def eval_head(model, chunk: int, check: dict | None) -> tuple[Head | None, str | None]:
@@ -219,17 +229,14 @@ class HeadLoss(torch.autograd.Function):
         for start in range(0, targets.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             raw = torch.nn.functional.linear(h, weight, bias)
-            logits = raw.float()
-            if softcap:
-                squashed = torch.tanh(logits / softcap)
-                logits = squashed * softcap
+            logits, squashed = _capped(raw.float(), softcap)
             lse = torch.logsumexp(logits, -1)
             total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
             g = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot
             g[torch.arange(t.shape[0], device=g.device), t] -= 1.0
-            if softcap:
+            if squashed is not None:
                 g.mul_(1.0 - squashed * squashed)
             g = g.to(raw.dtype)
             if grad_h is not None:
@@ -299,7 +306,7 @@ def head_computes_loss(model, targets: torch.Tensor, chunk: int):
 def loss_sum(model, batch: dict, chunk: int) -> torch.Tensor:
     """Sum of cross-entropy over the batch's response tokens (labels shift by one), computed by
     the output head inside the model's forward (head_computes_loss)."""
-    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)  # position t predicts t+1
+    targets = targets_of(batch["labels"])
     with head_computes_loss(model, targets, chunk) as calls:
         out = model(**{k: v for k, v in batch.items() if k != "labels"})  # every position reaches the head
     if calls != [""] or out.logits.dim() != 0:
