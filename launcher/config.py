@@ -95,7 +95,8 @@ class ModelConfig:
     # classification: how the head reads a text. cls: the architecture's own head (a BERT
     # encoder's dense+tanh pooler over [CLS]; a decoder LLM's last token). mean: the mean of the
     # last hidden states over the text's tokens, as sentence encoders (all-MiniLM-L6-v2) were
-    # trained to be read; BERT-family encoders only. The export records it for eval, predict, export.
+    # trained to be read; BERT-family encoders and decoder LLMs (Llama-family and GPT-2 heads).
+    # The export records it for eval, predict, export.
     pooling: Literal["cls", "mean"] = "cls"
 
 

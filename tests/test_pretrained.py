@@ -209,8 +209,7 @@ def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, save
     plain torch (the base model's last hidden states averaged over each text's tokens, then
     the classifier), which a [CLS] reading of the same weights does not. `launcher export` of
     the checkpoints, full and LoRA (trainable state on the pretrained base), gives the run's
-    own exports. A model without a [CLS] pooler (a decoder LLM) is refused in one line before
-    the run directory exists."""
+    own exports."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BertModel
@@ -250,12 +249,60 @@ def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, save
         assert offline.keys() == load_file(tmp_path / run / "model" / "model.safetensors").keys()
         assert max_diff(offline, load_file(tmp_path / run / "model" / "model.safetensors")) < 1e-6, run
 
-    refused = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "llama-mean", *CLAUSES,
-                       f"model.name={saved_models / 'llama_cls'}", "model.pooling=mean")
+
+
+def test_mean_pooling_on_a_decoder_llm_reads_the_mean_of_each_texts_tokens(tmp_path, saved_models):
+    """model.pooling=mean on a Llama classifier with LoRA: the merged export records the pooling
+    and holds plain transformers weights; `launcher predict` equals a hand computation from them
+    (the base model's last hidden states averaged over each text's real tokens, then the score
+    head), for right- and left-padded batches alike, which the head's own last-token reading
+    does not; so does transformers' own class once `use_mean_pooling` is applied. 2 ranks
+    under ZeRO-3 + LoRA train the adapter one process trains. A model with neither a [CLS] pooler nor a decoder's head (DistilBERT's) is refused in one line before
+    the run directory exists."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig,
+                              DistilBertForSequenceClassification, LlamaModel)
+
+    from launcher.tasks.pooling import use_mean_pooling
+
+    args = [*CLAUSES, f"model.name={saved_models / 'llama_cls'}", "model.pooling=mean"]
+    _run_matrix(tmp_path, TINY, args, ["deepspeed_zero3+lora"], lora=True)
+    export = tmp_path / "one-lora" / "model"
+    assert json.loads((export / "config.json").read_text())["launcher_pooling"] == "mean"
+    head = load_file(export / "model.safetensors")["score.weight"]
+    texts = [json.loads(x)["text"] for x in (tmp_path / "one-lora" / "data" / "validation.jsonl").read_text().splitlines()[:6]]
+    tok = AutoTokenizer.from_pretrained(export)
+    assert len({len(tok(t)["input_ids"]) for t in texts}) > 1  # a batch pads: the mean must skip the padding
+    base = LlamaModel.from_pretrained(export).eval()
+    with torch.no_grad():
+        hand = {}
+        for side in ("right", "left"):
+            tok.padding_side = side
+            enc = tok(texts, return_tensors="pt", padding=True)
+            hidden = base(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            hand[side] = ((hidden * mask).sum(1) / mask.sum(1)) @ head.T
+            last = hidden[:, -1] if side == "left" else hidden[torch.arange(len(texts)), enc["attention_mask"].sum(1) - 1]
+        assert torch.allclose(hand["right"], hand["left"], atol=1e-5)
+        assert not torch.allclose(torch.softmax(last @ head.T, -1), torch.softmax(hand["left"], -1), atol=1e-3)
+        plain = use_mean_pooling(AutoModelForSequenceClassification.from_pretrained(export).eval())  # as its docstring says
+        assert torch.allclose(plain(**enc).logits, hand["left"], atol=1e-5)
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    check(launcher("predict", str(export), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")))
+    probs = [json.loads(x)["probs"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    names = [json.loads((export / "config.json").read_text())["id2label"][str(i)] for i in range(2)]
+    assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), torch.softmax(hand["right"], -1), atol=1e-5)
+
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                         pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "distilbert")
+    tok.save_pretrained(tmp_path / "distilbert")
+    refused = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "distil-mean", *CLAUSES,
+                       f"model.name={tmp_path / 'distilbert'}", "model.pooling=mean")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     lines = [x for x in refused.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and "model.pooling: mean replaces a BERT-family encoder's [CLS] pooler" in lines[0], lines
-    assert not (tmp_path / "llama-mean").exists()
+    assert len(lines) == 1 and "has neither: use model.pooling=cls" in lines[0], lines
+    assert not (tmp_path / "distil-mean").exists()
 
 
 REST = {  # what make test leaves out above: each engine runs there on another model

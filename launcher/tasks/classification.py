@@ -41,14 +41,19 @@ def check_model_source(cfg: TaskConfig) -> None:
 
         config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
         if cfg.model.pooling == "mean" and type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-            # A model without a [CLS] pooler is one line here, before the run starts. The class is
-            # built directly on the meta device: from_config would, under ZeRO-3, initialise it
-            # inside deepspeed.zero.Init with collectives (each rank checks alone). Remote-code
-            # classes are checked when the model is built.
-            with torch.device("meta"):
-                model_class: Any = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
-                model = model_class(config)
-            pooling.check(model, cfg.model.name)
+            # A model with neither a [CLS] pooler nor a decoder's head is one line here, before
+            # the run starts. The class is built directly on the meta device: from_config would,
+            # under ZeRO-3, initialise it inside deepspeed.zero.Init with collectives (each rank
+            # checks alone). transformers' generic decoder classifiers (Llama and kin) build their
+            # body with from_config themselves, which under ZeRO-3 initialises meta weights and
+            # fails: they are decoders by their class. Remote-code classes are checked when built.
+            from transformers.modeling_layers import GenericForSequenceClassification
+
+            model_class: Any = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+            if not issubclass(model_class, GenericForSequenceClassification):
+                with torch.device("meta"):
+                    model = model_class(config)
+                pooling.check(model, cfg.model.name)
 
 
 def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):

@@ -1,27 +1,31 @@
-"""How an encoder classifier reads a text: model.pooling.
+"""How a classifier reads a text: model.pooling.
 
 cls (the default): the architecture's own head. For BERT-family encoders that is a dense+tanh
 pooler over the [CLS] token; a decoder LLM's head reads the text's last token.
 
-mean: the mean of the last hidden states over the text's tokens (attention mask 1), the
-pooling sentence encoders such as all-MiniLM-L6-v2 were trained with (sentence-transformers),
-a training that never used the [CLS] pooler. The base model's pooler is replaced by a
-parameterless module; the model's own dropout and classifier read its output. The model stays
-its transformers class, so engines, LoRA, checkpoints and the export treat it as any
-classifier.
+mean: the mean of the last hidden states over the text's tokens (attention mask 1).
+- Encoders: the pooling sentence encoders such as all-MiniLM-L6-v2 were trained with
+  (sentence-transformers), a training that never used the [CLS] pooler. The base model's pooler
+  is replaced by a parameterless module; the model's own dropout and classifier read its output.
+- Decoder LLMs (a `score` head that reads the last real token, e.g. LlamaForSequenceClassification):
+  a forward hook on the base model puts each text's masked mean at every position of its last
+  hidden states, so the head's own choice of position reads the mean, whichever it picks. The
+  head has no parameters to replace, and the export's weights are plain transformers ones.
+In both, the model stays its transformers class, so engines, LoRA, checkpoints and the export
+treat it as any classifier.
 
 The model config carries the choice (`launcher_pooling: mean`, `record`), and the config is
 the only carrier: `launcher.models.from_config` and `models.from_pretrained`, which build every
 model launcher makes, apply what the config they build from records (`follow`). So the run,
 `plan`, eval, predict, the LoRA merge and the offline export cannot disagree, and a new build
-path cannot forget it. Plain transformers would load such an export with a new random pooler
-over [CLS] (it warns that `pooler.dense` is newly initialised): read it with launcher, or apply
-`use_mean_pooling` to the loaded model.
+path cannot forget it. Plain transformers reads such an export its own way: an encoder gets a
+new random pooler over [CLS] (it warns that `pooler.dense` is newly initialised), a decoder
+reads the last token. Read it with launcher, or apply `use_mean_pooling` to the loaded model.
 
-The attention mask reaches the pooler through a forward pre-hook on the base model, which
-stores it on the pooler for that one forward (the pooler's call in transformers passes the
-hidden states only). The hook is a module-level function that finds the pooler on the module
-it runs for, so a copied model pools with its own mask.
+The attention mask reaches the pooling through a forward pre-hook on the base model, which
+stores it for that one forward (the pooler's call in transformers passes the hidden states
+only). The hooks are module-level functions that find what they need on the module they run
+for, so a copied model pools with its own mask.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ from launcher.errors import ConfigError
 CONFIG_KEY = "launcher_pooling"  # in the model config (config.json of the export)
 
 
+def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, hidden): the mean over each row's tokens whose mask is 1 (all when no mask)."""
+    h = hidden_states.float()  # a sum over up to max_length tokens: not in bf16
+    if mask is None:
+        return h.mean(dim=1).to(hidden_states.dtype)
+    m = mask[:, : h.shape[1]].to(h.dtype).unsqueeze(-1)
+    return ((h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).to(hidden_states.dtype)
+
+
 class MeanPooler(nn.Module):
     """Masked mean of the last hidden states, in place of a base model's [CLS] pooler."""
 
@@ -49,37 +62,62 @@ class MeanPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask, self.mask = self.mask, None
-        h = hidden_states.float()  # a sum over up to max_length tokens: not in bf16
-        if mask is None:
-            return h.mean(dim=1).to(hidden_states.dtype)
-        m = mask[:, : h.shape[1]].to(h.dtype).unsqueeze(-1)
-        return ((h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).to(hidden_states.dtype)
+        return masked_mean(hidden_states, mask)
 
 
-def _keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
+def _mask_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
         mask = args[1]
-    module.pooler.mask = mask
+    return mask
+
+
+def _keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
+    module.pooler.mask = _mask_of(args, kwargs)
+
+
+def _keep_decoder_mask(module: Any, args: tuple, kwargs: dict) -> None:
+    module.launcher_pooling_mask = _mask_of(args, kwargs)
+
+
+def _mean_at_every_position(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """The decoder's last hidden states with each row's masked mean at every position: the
+    head, a linear map of one position, then reads the mean wherever it reads."""
+    mask, module.launcher_pooling_mask = getattr(module, "launcher_pooling_mask", None), None
+    hidden = output.last_hidden_state
+    output.last_hidden_state = masked_mean(hidden, mask).unsqueeze(1).expand_as(hidden)
+    return output
+
+
+def _decoder(model: Any) -> bool:
+    """A decoder classifier whose linear `score` head reads one position of the base model's
+    last hidden states (transformers' ...ForSequenceClassification for Llama, GPT-2 and kin)."""
+    return isinstance(getattr(model, "score", None), nn.Linear) and model.base_model is not model
 
 
 def check(model: nn.Module, model_name: str) -> None:
-    """One line (ConfigError) when the model has no [CLS] pooler that mean pooling can replace."""
-    if not isinstance(getattr(model.base_model, "pooler", None), nn.Module):
+    """One line (ConfigError) when the model has neither a [CLS] pooler that mean pooling can
+    replace nor a decoder's one-position head."""
+    if not isinstance(getattr(model.base_model, "pooler", None), nn.Module) and not _decoder(model):
         kind = getattr(model.config, "model_type", type(model).__name__)
-        raise ConfigError(f"model.pooling: mean replaces a BERT-family encoder's [CLS] pooler, and {model_name} "
-                          f"({kind}) has none: use model.pooling=cls")
+        raise ConfigError(f"model.pooling: mean replaces a BERT-family encoder's [CLS] pooler or a decoder's "
+                          f"last-token head, and {model_name} ({kind}) has neither: use model.pooling=cls")
 
 
 def use_mean_pooling(model: Any, model_name: str = "the model") -> Any:
-    """Replace the base model's pooler with MeanPooler (in place; returns the model). Once:
-    a model that pools by the mean already is returned as it is."""
+    """Pool by the masked mean (in place; returns the model). Once: a model that pools by the
+    mean already is returned as it is."""
     base: Any = model.base_model
-    if isinstance(getattr(base, "pooler", None), MeanPooler):
+    if isinstance(getattr(base, "pooler", None), MeanPooler) or hasattr(base, "launcher_pooling_mask"):
         return model
     check(model, model_name)
-    base.pooler = MeanPooler()
-    base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
+    if isinstance(getattr(base, "pooler", None), nn.Module):
+        base.pooler = MeanPooler()
+        base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
+    else:
+        base.launcher_pooling_mask = None
+        base.register_forward_pre_hook(_keep_decoder_mask, with_kwargs=True)
+        base.register_forward_hook(_mean_at_every_position, with_kwargs=True)
     setattr(model.config, CONFIG_KEY, "mean")
     return model
 
