@@ -250,16 +250,17 @@ def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, save
         assert max_diff(offline, load_file(tmp_path / run / "model" / "model.safetensors")) < 1e-6, run
 
 
-
 def test_mean_pooling_on_a_decoder_llm_reads_the_mean_of_each_texts_tokens(tmp_path, saved_models):
     """model.pooling=mean on a Llama classifier with LoRA: the merged export records the pooling
     and holds plain transformers weights; `launcher predict` equals a hand computation from them
     (the base model's last hidden states averaged over each text's real tokens, then the score
     head), for right- and left-padded batches alike, which the head's own last-token reading
-    does not; so does transformers' own class once `use_mean_pooling` is applied. 2 ranks
+    does not; so does transformers' own class once `use_mean_pooling` is applied, alone or under
+    a peft adapter. The same run reading the last token trains another adapter. 2 ranks
     under ZeRO-3 + LoRA train the adapter one process trains. A model with neither a [CLS] pooler nor a decoder's head (DistilBERT's) is refused in one line before
     the run directory exists."""
     import torch
+    from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig,
                               DistilBertForSequenceClassification, LlamaModel)
@@ -288,6 +289,14 @@ def test_mean_pooling_on_a_decoder_llm_reads_the_mean_of_each_texts_tokens(tmp_p
         assert not torch.allclose(torch.softmax(last @ head.T, -1), torch.softmax(hand["left"], -1), atol=1e-3)
         plain = use_mean_pooling(AutoModelForSequenceClassification.from_pretrained(export).eval())  # as its docstring says
         assert torch.allclose(plain(**enc).logits, hand["left"], atol=1e-5)
+        # Under a new adapter (peft wraps the head; B starts at zero, so the logits stay).
+        wrapped = get_peft_model(AutoModelForSequenceClassification.from_pretrained(export),
+                                 LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"], r=2))
+        assert torch.allclose(use_mean_pooling(wrapped).eval()(**enc).logits, hand["left"], atol=1e-5)
+    # Training read the mean too: the same run with the last token trains another adapter.
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "last-lora", *CLAUSES,
+                   f"model.name={saved_models / 'llama_cls'}", "model.lora.enabled=true"))
+    assert max_diff(_adapter(tmp_path / "last-lora"), _adapter(tmp_path / "one-lora")) > 1e-4
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     check(launcher("predict", str(export), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")))
     probs = [json.loads(x)["probs"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]

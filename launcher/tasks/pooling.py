@@ -31,6 +31,7 @@ for, so a copied model pools with its own mask.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -65,25 +66,29 @@ class MeanPooler(nn.Module):
         return masked_mean(hidden_states, mask)
 
 
-def _mask_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _mask_of(module: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The attention mask a base model's forward was called with, by keyword or by position
+    (its place differs: BERT's second argument, GPT-2's third)."""
     mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1:
-        mask = args[1]
+    if mask is None and args:
+        mask = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
     return mask
 
 
 def _keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
-    module.pooler.mask = _mask_of(args, kwargs)
+    module.pooler.mask = _mask_of(module, args, kwargs)
 
 
 def _keep_decoder_mask(module: Any, args: tuple, kwargs: dict) -> None:
-    module.launcher_pooling_mask = _mask_of(args, kwargs)
+    module.launcher_pooling_mask = _mask_of(module, args, kwargs)
 
 
 def _mean_at_every_position(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
     """The decoder's last hidden states with each row's masked mean at every position: the
     head, a linear map of one position, then reads the mean wherever it reads."""
     mask, module.launcher_pooling_mask = getattr(module, "launcher_pooling_mask", None), None
+    if isinstance(output, tuple):  # return_dict=False, which some heads pass on: hidden states first
+        return (masked_mean(output[0], mask).unsqueeze(1).expand_as(output[0]), *output[1:])
     hidden = output.last_hidden_state
     output.last_hidden_state = masked_mean(hidden, mask).unsqueeze(1).expand_as(hidden)
     return output
@@ -92,7 +97,9 @@ def _mean_at_every_position(module: Any, args: tuple, kwargs: dict, output: Any)
 def _decoder(model: Any) -> bool:
     """A decoder classifier whose linear `score` head reads one position of the base model's
     last hidden states (transformers' ...ForSequenceClassification for Llama, GPT-2 and kin)."""
-    return isinstance(getattr(model, "score", None), nn.Linear) and model.base_model is not model
+    score = getattr(model, "score", None)
+    score = getattr(score, "original_module", score)  # peft's ModulesToSaveWrapper around the head
+    return isinstance(score, nn.Linear) and model.base_model is not model
 
 
 def check(model: nn.Module, model_name: str) -> None:
@@ -106,7 +113,13 @@ def check(model: nn.Module, model_name: str) -> None:
 
 def use_mean_pooling(model: Any, model_name: str = "the model") -> Any:
     """Pool by the masked mean (in place; returns the model). Once: a model that pools by the
-    mean already is returned as it is."""
+    mean already is returned as it is. A peft model (an adapter loaded on its base) is pooled
+    through the model it wraps."""
+    from launcher.tasks.lora import is_peft
+
+    if is_peft(model):
+        use_mean_pooling(model.get_base_model(), model_name)
+        return model
     base: Any = model.base_model
     if isinstance(getattr(base, "pooler", None), MeanPooler) or hasattr(base, "launcher_pooling_mask"):
         return model
@@ -142,7 +155,9 @@ def record(model_config, pooling: str | None) -> None:
 def follow(model: Any, model_name: str = "the model") -> Any:
     """The pooling the model's own config records (models.from_config and from_pretrained)."""
     config = getattr(model, "config", None)
-    return apply(model, saved(config), model_name) if config is not None and hasattr(model, "base_model") else model
+    # A classifier's only: a classifier export loaded as a causal LM reads tokens, not texts.
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    return apply(model, saved(config), model_name) if classifier and hasattr(model, "base_model") else model
 
 
 @contextlib.contextmanager
