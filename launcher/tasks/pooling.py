@@ -34,6 +34,7 @@ import contextlib
 import inspect
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,11 @@ def use_mean_pooling(model: Any, model_name: str = "the model") -> Any:
     """Pool by the masked mean (in place; returns the model). Once: a model that pools by the
     mean already is returned as it is. A peft model (an adapter loaded on its base) is pooled
     through the model it wraps."""
-    from launcher.tasks.lora import is_peft
-
-    if is_peft(model):
+    # Asked of peft itself, not of launcher.tasks.lora (which builds models, and models pool:
+    # an import cycle); a model is a peft model only once peft is imported, so a plain one
+    # costs no import.
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
         use_mean_pooling(model.get_base_model(), model_name)
         return model
     base: Any = model.base_model
