@@ -396,6 +396,23 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _number(value: Any, tp: type, bad: ConfigError) -> Any:
+    """An int or float from a number or its text (YAML 1.1 reads "3e-5" as a string); a bool,
+    or a fraction where an int is expected, raises `bad`."""
+    if isinstance(value, bool):
+        raise bad
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) or (tp is float and isinstance(value, float)):
+        return tp(value)
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            raise bad from None
+    raise bad
+
+
 def _coerce(value: Any, tp, where: str) -> Any:
     """Convert a YAML/override value to the annotated type, or say what was expected."""
     if tp is Any:  # checked by validate() instead (e.g. a list of names or one keyword)
@@ -427,30 +444,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+    if tp in (int, float):
+        return _number(value, tp, bad)
     if tp is str:
         if isinstance(value, dict) and len(value) == 1 and next(iter(value.values())) is None:
             raise ConfigError(f"{where}: expected text; YAML read {{{next(iter(value))}}} as a mapping: quote the "

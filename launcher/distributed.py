@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
@@ -261,6 +261,33 @@ def adopt_precision(cfg: RunConfig, launch: LaunchConfig) -> tuple[RunConfig, st
     return cfg, None
 
 
+def _ds_number_problems(ds: dict, where: Callable[[str], str], t: TrainConfig, world: int) -> list[str]:
+    """The DeepSpeed JSON's batch sizes, clipping and precision against the run config's
+    (each may be "auto", which launcher fills)."""
+    out: list[str] = []
+    if world > 0 and t.global_batch_size % (t.micro_batch_size * world) == 0:
+        accumulation = t.global_batch_size // (t.micro_batch_size * world)
+        numbers = {
+            "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+            "gradient_accumulation_steps": (accumulation, f"derived from train.global_batch_size / (train.micro_batch_size x {world} processes)"),
+            "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
+            "gradient_clipping": (t.max_grad_norm or 0.0, "train.max_grad_norm"),
+        }
+        for key, (ours, owner) in numbers.items():
+            value = ds.get(key, AUTO)
+            if value != AUTO and _num(value) != float(ours):
+                out.append(f"{where(key)}: {json.dumps(value)} but the run has {ours} ({owner}); use \"auto\"")
+    for dtype in ("bf16", "fp16"):
+        enabled = _get(ds, f"{dtype}.enabled", AUTO)
+        if enabled == AUTO:
+            continue
+        if bool(enabled) and t.precision != dtype:
+            out.append(f"{where(dtype + '.enabled')}: true but train.precision is {t.precision}; use \"auto\"")
+        if not bool(enabled) and t.precision == dtype:
+            out.append(f"{where(dtype + '.enabled')}: false but train.precision is {dtype}; use \"auto\"")
+    return out
+
+
 def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]:
     """Every contradiction between the run config (its train section and model dtype), the
     accelerate YAML and the DeepSpeed JSON; one line each."""
@@ -294,26 +321,7 @@ def check(t: TrainConfig, model: ModelConfig, launch: LaunchConfig) -> list[str]
     if stage not in (0, 1, 2, 3):
         problems.append(f"{where('zero_optimization.stage')}: {json.dumps(stage)} is not a ZeRO stage (0, 1, 2 or 3)")
         return problems
-    if world > 0 and t.global_batch_size % (t.micro_batch_size * world) == 0:
-        accumulation = t.global_batch_size // (t.micro_batch_size * world)
-        numbers = {
-            "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
-            "gradient_accumulation_steps": (accumulation, f"derived from train.global_batch_size / (train.micro_batch_size x {world} processes)"),
-            "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
-            "gradient_clipping": (t.max_grad_norm or 0.0, "train.max_grad_norm"),
-        }
-        for key, (ours, owner) in numbers.items():
-            value = ds.get(key, AUTO)
-            if value != AUTO and _num(value) != float(ours):
-                problems.append(f"{where(key)}: {json.dumps(value)} but the run has {ours} ({owner}); use \"auto\"")
-    for dtype in ("bf16", "fp16"):
-        enabled = _get(ds, f"{dtype}.enabled", AUTO)
-        if enabled == AUTO:
-            continue
-        if bool(enabled) and t.precision != dtype:
-            problems.append(f"{where(dtype + '.enabled')}: true but train.precision is {t.precision}; use \"auto\"")
-        if not bool(enabled) and t.precision == dtype:
-            problems.append(f"{where(dtype + '.enabled')}: false but train.precision is {dtype}; use \"auto\"")
+    problems += _ds_number_problems(ds, where, t, world)
     offload_param = str(_get(ds, "zero_optimization.offload_param.device", "none")).lower()
     offload_opt = str(_get(ds, "zero_optimization.offload_optimizer.device", "none")).lower()
     if offload_param != "none" and stage != 3:

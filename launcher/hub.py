@@ -148,18 +148,7 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
             raise
         done.write_text(path)
     else:
-        started = last_word = time.monotonic()
-        while not done.exists():
-            if failed.exists():
-                problem = failed.read_text()
-                Path(f"{stem}.ack-{rt.rank}").write_text("")
-                raise ConfigError(problem)
-            if time.monotonic() - last_word > 60:
-                print(f"rank {rt.rank}: waiting {time.monotonic() - started:.0f} s for "
-                      f"{'rank 0' if shared else 'local rank 0'} to fetch {model_cfg.name}", flush=True)
-                last_word = time.monotonic()
-            time.sleep(0.2)
-        path = done.read_text()
+        path = _wait_for_fetch(stem, rt.rank, f"{'rank 0' if shared else 'local rank 0'} to fetch {model_cfg.name}")
     models.LOCAL[key] = path
     rt.barrier()  # every rank has read the answer: now quick
     if fetcher:
@@ -167,6 +156,23 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
     if rt.rank == 0:
         probe.unlink(missing_ok=True)
     return fetcher
+
+
+def _wait_for_fetch(stem: Path, rank: int, what: str) -> str:
+    """A rank that does not fetch: the fetched path once `stem`.done appears, or the fetcher's
+    one line (ConfigError) from `stem`.failed, acknowledged so the fetcher can clean up."""
+    done, failed = stem.with_suffix(".done"), stem.with_suffix(".failed")
+    started = last_word = time.monotonic()
+    while not done.exists():
+        if failed.exists():
+            problem = failed.read_text()
+            Path(f"{stem}.ack-{rank}").write_text("")
+            raise ConfigError(problem)
+        if time.monotonic() - last_word > 60:
+            print(f"rank {rank}: waiting {time.monotonic() - started:.0f} s for {what}", flush=True)
+            last_word = time.monotonic()
+        time.sleep(0.2)
+    return done.read_text()
 
 
 def _wait_for_acks(stem: Path, peers: int, limit_s: float = 30.0) -> None:

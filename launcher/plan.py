@@ -304,10 +304,40 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", ds: dict
     return [head] + ["             " + x for x in body]
 
 
-def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
-         launch: "distributed.LaunchConfig") -> str:
+def _steps_line(cfg: RunConfig) -> str:
+    """Rows, steps per epoch and optimizer steps, from the data's row count when it can be had."""
+    from launcher import sizing
+
+    t = cfg.train
+    rows, source = sizing.count_rows(cfg.task, cfg.data)
+    if rows is None:
+        return f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: {source}"
+    per_epoch = rows // t.global_batch_size
+    total = t.max_steps or t.epochs * per_epoch
+    how = f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs} epochs"
+    return (f"steps      {rows:,} rows ({source}) / {t.global_batch_size} = {per_epoch:,} steps per epoch; "
+            f"{how} -> {total:,} optimizer steps")
+
+
+def _model_size(cfg: RunConfig) -> tuple[int | None, str, object | None]:
+    """(parameter count or None, where it comes from or why it is unknown, the model config)."""
     from launcher import hub, sizing
 
+    facts = sizing.model_facts(cfg)  # config.json arithmetic; no torch import
+    if facts is not None:
+        return facts
+    if (problem := hub.fetch_config(cfg.model)) is not None:  # a hub model that cannot be had: no retries
+        return None, problem, None
+    # Another family: build it on the meta device (exact, but imports torch + transformers).
+    from launcher import tasks
+
+    task = tasks.for_config(cfg)
+    n_params, where = task.count_parameters()
+    return n_params, where, getattr(task, "model_config", None)
+
+
+def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
+         launch: "distributed.LaunchConfig") -> str:
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
@@ -318,15 +348,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
              f"{launch.num_machines} node(s) x {launch.processes_per_machine} process(es) = world size {world}",
              f"batch      global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accumulation} "
              f"x {world} process(es)"]
-    rows, source = sizing.count_rows(cfg.task, cfg.data)
-    if rows is not None:
-        per_epoch = rows // t.global_batch_size
-        total = t.max_steps or t.epochs * per_epoch
-        how = f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs} epochs"
-        lines.append(f"steps      {rows:,} rows ({source}) / {t.global_batch_size} = {per_epoch:,} steps per epoch; "
-                     f"{how} -> {total:,} optimizer steps")
-    else:
-        lines.append(f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: {source}")
+    lines.append(_steps_line(cfg))
     ds, fills = engines.deepspeed_config(cfg.train, launch) if launch.uses_deepspeed else ({}, [])
     if launch.uses_deepspeed:
         lines.append(f"deepspeed  {launch.ds_source}, \"auto\" resolved:")
@@ -334,19 +356,7 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
         for key, value, owner in fills:
             shown = "auto" if value == distributed.AUTO else str(value).lower() if isinstance(value, bool) else value
             lines.append(f"             {key:<{width}} = {shown}  ({owner})")
-    facts = sizing.model_facts(cfg)  # config.json arithmetic; no torch import
-    n_params: int | None
-    model_config: object | None
-    if facts is not None:
-        n_params, where, model_config = facts
-    elif (problem := hub.fetch_config(cfg.model)) is not None:  # a hub model that cannot be had: no retries
-        n_params, where, model_config = None, problem, None
-    else:  # another family: build it on the meta device (exact, but imports torch + transformers)
-        from launcher import tasks
-
-        task = tasks.for_config(cfg)
-        n_params, where = task.count_parameters()
-        model_config = getattr(task, "model_config", None)
+    n_params, where, model_config = _model_size(cfg)
     lines.append(f"model      {n_params:,} parameters ({where})" if n_params else f"model      parameters unknown: {where}")
     sixteen = planned.sixteen_bit_copy
     lora_count = lora_trainable(cfg) if cfg.model.lora.enabled and n_params else None
