@@ -31,11 +31,11 @@ def _ports(launch: list[str]) -> list[str]:
     return [*launch, "--main-process-port", str(free_port())] if launch else []
 
 
-def _start(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def _start(out: Path, *extra: str, env: dict | None = None, own_group: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r",
            *FAST, *STEPS, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=own_group)
 
 
 def _once_tracking(proc: subprocess.Popen, run: Path) -> None:
@@ -128,3 +128,49 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
     assert _steps_logged(tmp_path) == list(range(1, 13))
     records = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert records == list(range(1, 13))
+
+
+def _loader_workers(pid: int) -> list[int]:
+    """The data loader's worker processes among pid's children (torch names them pt_data_worker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if _comm(int(c)) == "pt_data_worker"]
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_path, reference):
+    """Slurm's preemption and `kill -TERM -PGID` signal every process of the job, the data
+    loader's worker too (data.num_workers: 1, the default). The worker leaves the stop to the
+    training process, which checkpoints at the end of the step in progress and exits cleanly
+    (a worker killed under it would raise mid-step, with a traceback and no checkpoint); the
+    worker ends with it, and the same command resumes to the uninterrupted run's weights."""
+    run = tmp_path / "r"
+    proc = _start(tmp_path, "data.num_workers=1", env={"LAUNCHER_STALL": "0:3:4"}, own_group=True)
+    deadline = time.time() + 300
+    while not (workers := _loader_workers(proc.pid)):  # training has started: its loader's worker is up
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, (out[-3000:], err[-3000:])
+    stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
+    assert len(stopped) == 1 and stopped[0].endswith("(SIGTERM); checkpoint saved; run the same command again to resume"), out
+    step = int(stopped[0].split()[3])
+    assert 1 <= step < 6  # the step the signal lands in depends on timing; the equalities below do not
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{step:06d}"]
+    assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file() and not (run / "model").exists()
+    deadline = time.time() + 30
+    while any(_comm(w) == "pt_data_worker" for w in workers):  # the worker ended too, none is left behind
+        assert time.time() < deadline, workers
+        time.sleep(0.1)
+
+    again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS))
+    assert f"resuming from {run / 'checkpoints' / f'step-{step:06d}'}" in again.stdout
+    assert _same(_weights(run), reference) < 1e-5
+    assert _steps_logged(tmp_path) == list(range(1, 13))

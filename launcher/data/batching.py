@@ -175,12 +175,18 @@ class CountTokens:
         return self.collate(rows), sum(len(r["input_ids"]) for r in rows)
 
 
-def _ignore_ctrl_c(_worker_id: int) -> None:
-    """A loader worker shares the terminal's process group: Ctrl-C is the training process's
-    to handle (a stop at the end of the step), not a reason for the worker to die under it."""
+def _leave_stops_to_training(_worker_id: int) -> None:
+    """A loader worker shares the training process's process group, which a terminal's Ctrl-C
+    (SIGINT), a scheduler's preemption (Slurm SIGTERMs every process of the job) and
+    `kill -TERM -PGID` all signal. Each is the training process's to handle (a stop at the end
+    of the step), not a reason for the worker to die under it: a worker killed by a signal
+    raises in the training process, mid-step, with a traceback and no checkpoint. The worker
+    still ends with its loader, or within seconds of the training process dying (torch's
+    worker watchdog)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # runtime.watch_signals's stops
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, num_workers: int, pin_memory: bool):
@@ -190,7 +196,7 @@ def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(sampler, start, end), collate_fn=CountTokens(collate),
         num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
-        persistent_workers=False, worker_init_fn=_ignore_ctrl_c,
+        persistent_workers=False, worker_init_fn=_leave_stops_to_training,
     )
     it = iter(loader)
     for step in range(start, end):
