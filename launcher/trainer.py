@@ -16,6 +16,7 @@ reached by all of them; each method below says which of its lines are collective
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -420,7 +421,9 @@ class Trainer:
         window, first_step = Window(), state.step
         batches = batching.train_batches(p.train_ds, p.sampler, state.step, p.total_steps, p.collate, cfg.data.num_workers,
                                          pin_memory=self.rt.device.type == "cuda")
-        with self.rt.progress(p.total_steps, initial=state.step, every_s=cfg.tracking.print_every_s) as bar:
+        # closing: an early stop or an error in the step stops the loader's workers now.
+        with contextlib.closing(batches), \
+                self.rt.progress(p.total_steps, initial=state.step, every_s=cfg.tracking.print_every_s) as bar:
             for step, micro_batches in batches:
                 window.add(self.train_step(step, micro_batches))
                 state.step, state.epoch, state.metric_at_step = step + 1, p.sampler.epoch_of(step), None

@@ -6,6 +6,7 @@ command: it starts again in place. On one process (`launcher train`) and on two 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -131,17 +132,30 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
 
 
 def _loader_workers(pid: int) -> list[int]:
-    """The data loader's worker processes among pid's children (torch names them pt_data_worker)."""
+    """pid's data loader workers that already ignore SIGTERM (torch names a worker
+    pt_data_worker before its worker_init_fn runs: a signal in between would kill it)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if _comm(int(c)) == "pt_data_worker"]
+    return [int(c) for c in children if _worker_alive(int(c)) and _ignores_sigterm(int(c))]
 
 
-def _comm(pid: int) -> str | None:
+def _worker_alive(pid: int) -> bool:
+    """Whether pid is a live (not zombie) data loader worker; /proc/PID/stat reads
+    `pid (comm) state ...`."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    return None if stat.rsplit(")", 1)[1].split()[0] == "Z" else Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+    return name == "pt_data_worker" and rest.split()[0] != "Z"
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    ignored = next(int(x.split()[1], 16) for x in status.splitlines() if x.startswith("SigIgn:"))
+    return bool(ignored & (1 << (signal.SIGTERM - 1)))
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_path, reference):
@@ -152,25 +166,58 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
     worker ends with it, and the same command resumes to the uninterrupted run's weights."""
     run = tmp_path / "r"
     proc = _start(tmp_path, "data.num_workers=1", env={"LAUNCHER_STALL": "0:3:4"}, own_group=True)
-    deadline = time.time() + 300
-    while not (workers := _loader_workers(proc.pid)):  # training has started: its loader's worker is up
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "Traceback" not in err, (out[-3000:], err[-3000:])
-    stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
-    assert len(stopped) == 1 and stopped[0].endswith("(SIGTERM); checkpoint saved; run the same command again to resume"), out
-    step = int(stopped[0].split()[3])
-    assert 1 <= step < 6  # the step the signal lands in depends on timing; the equalities below do not
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{step:06d}"]
-    assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file() and not (run / "model").exists()
-    deadline = time.time() + 30
-    while any(_comm(w) == "pt_data_worker" for w in workers):  # the worker ended too, none is left behind
-        assert time.time() < deadline, workers
-        time.sleep(0.1)
+    try:
+        deadline = time.time() + 300
+        while not (workers := _loader_workers(proc.pid)):  # training has started: its loader's worker is up
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in err, (out[-3000:], err[-3000:])
+        stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
+        assert len(stopped) == 1 and stopped[0].endswith("(SIGTERM); checkpoint saved; run the same command again to resume"), out
+        step = int(stopped[0].split()[3])
+        assert 1 <= step < 6  # the step the signal lands in depends on timing; the equalities below do not
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{step:06d}"]
+        assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file() and not (run / "model").exists()
+        deadline = time.time() + 30
+        while any(_worker_alive(w) for w in workers):  # the worker ended too, none is left behind
+            assert time.time() < deadline, workers
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group outlives a failed test
 
     again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS))
     assert f"resuming from {run / 'checkpoints' / f'step-{step:06d}'}" in again.stdout
     assert _same(_weights(run), reference) < 1e-5
     assert _steps_logged(tmp_path) == list(range(1, 13))
+
+
+# A loader's worker raises in the training process, from train_batches: the error ends the
+# process, with the worker stopped, not left to the interpreter's exit.
+WORKER_ERROR = """
+from launcher.data import batching
+
+class Steps:  # what train_batches asks of a StepSampler: one micro-batch of one row per step
+    accumulation = 1
+    def step_microbatches(self, step):
+        return [[step]]
+
+def collate(rows):
+    if rows[0]["input_ids"] == [3]:
+        raise ValueError("a bad row in the worker")
+    return rows
+
+rows = [{"input_ids": [i]} for i in range(10)]
+for step, _ in batching.train_batches(rows, Steps(), 0, 10, collate, num_workers=1, pin_memory=False):
+    pass
+"""
+
+
+def test_an_error_in_a_loader_worker_ends_the_process_with_the_worker():
+    """Workers ignore SIGTERM, so the interpreter's exit, which SIGTERMs daemon processes and
+    waits for them, would hang on one still running: train_batches stops them itself on every
+    way out (an error in the step: the fault-injected save in test_trust ends the same way)."""
+    proc = subprocess.run([sys.executable, "-c", WORKER_ERROR], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "ValueError: a bad row in the worker" in proc.stderr, proc.stderr[-3000:]

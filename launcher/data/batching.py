@@ -181,8 +181,8 @@ def _leave_stops_to_training(_worker_id: int) -> None:
     `kill -TERM -PGID` all signal. Each is the training process's to handle (a stop at the end
     of the step), not a reason for the worker to die under it: a worker killed by a signal
     raises in the training process, mid-step, with a traceback and no checkpoint. The worker
-    still ends with its loader, or within seconds of the training process dying (torch's
-    worker watchdog)."""
+    still ends with its loader (train_batches stops it on every way out), or within seconds
+    of the training process dying (torch's worker watchdog, between batches)."""
     import signal
 
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # runtime.watch_signals's stops
@@ -199,5 +199,15 @@ def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, 
         persistent_workers=False, worker_init_fn=_leave_stops_to_training,
     )
     it = iter(loader)
-    for step in range(start, end):
-        yield step, [next(it) for _ in range(sampler.accumulation)]
+    try:
+        for step in range(start, end):
+            yield step, [next(it) for _ in range(sampler.accumulation)]
+    finally:
+        # Every way out (the last step, close(), an error in a worker or in the step) stops the
+        # workers here. Left to the interpreter's exit, which SIGTERMs daemon processes and then
+        # waits for them, workers that ignore SIGTERM (_leave_stops_to_training) would hang it;
+        # and an error's traceback keeps the iterator alive until then. torch's own shutdown
+        # (done event, join, then terminate) is a method of its multi-process iterator only.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
