@@ -21,7 +21,12 @@ back the resume goes if the ranks are killed before their checkpoint is sealed.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+# The signals that ask a run to stop at the end of the step (runtime.watch_signals); loader
+# workers ignore them (data.batching), leaving the stop to the training process.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # read by torch.distributed.launcher.api.LaunchConfig
 TORCH_DEFAULT_S = 30

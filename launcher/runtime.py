@@ -90,7 +90,7 @@ class Runtime:
         import signal
         import time
 
-        from launcher.preemption import Preemption
+        from launcher.preemption import STOP_SIGNALS, Preemption
 
         self.preemption = Preemption(self.is_main)
         interrupted_at: list = []
@@ -107,7 +107,7 @@ class Runtime:
             if first:
                 self.preemption.on_signal(self._stop_signal)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, request)
 
     def stop_requested(self) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,11 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 os.environ.update(OFFLINE_ENV)
 os.environ["LAUNCHER_TESTING"] = "1"  # the fault-injection hooks (launcher/faults.py) act only in tests
 # The key that signs checkpoints (launcher/trust.py): the suite's own, not the user's ~/.config.
-os.environ.setdefault("LAUNCHER_KEY_FILE", str(Path(tempfile.mkdtemp(prefix="launcher-key-")) / "checkpoint.key"))
+# Made by the first process of the session (pytest-xdist's workers inherit it), which removes it.
+if "LAUNCHER_KEY_FILE" not in os.environ:
+    _KEY_DIR = tempfile.mkdtemp(prefix="launcher-key-")
+    atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
+    os.environ["LAUNCHER_KEY_FILE"] = str(Path(_KEY_DIR) / "checkpoint.key")
 
 # Small and fast: 384 rows / 32 per step = 12 steps per epoch; 100 validation rows
 # do not divide by the eval batch, so metrics must still count each row once.

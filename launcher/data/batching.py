@@ -185,7 +185,9 @@ def _leave_stops_to_training(_worker_id: int) -> None:
     of the training process dying (torch's worker watchdog, between batches)."""
     import signal
 
-    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # runtime.watch_signals's stops
+    from launcher.preemption import STOP_SIGNALS
+
+    for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
 
 
