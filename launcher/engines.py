@@ -583,6 +583,33 @@ def host_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
                    f"DDP, ZeRO and FSDP2 are not tested here); launch without {launch.source}")
     if q != "none" and importlib.util.find_spec("bitsandbytes") is None:
         out.append(f"model.quantization: {q} needs the bitsandbytes package (pip install 'launcher[qlora]')")
+    if launch.uses_deepspeed:
+        out += [f"{lock}: a DeepSpeed kernel build left this lock {age // 60} minutes ago and did not finish "
+                "(killed?); every DeepSpeed launch waits on it forever: delete it unless a build is running"
+                for lock, age in stale_build_locks()]
+    return out
+
+
+BUILD_LOCK_STALE_S = 600  # a DeepSpeed kernel builds in a minute or two; a lock this old was left behind
+
+
+def stale_build_locks(now: float | None = None) -> list[tuple[Path, int]]:
+    """Locks of torch's extension builds (which DeepSpeed compiles its kernels with, e.g. its
+    CPU shared-memory collectives) older than BUILD_LOCK_STALE_S, with their age in seconds.
+    torch's builder creates `<build dir>/lock` and deletes it when the build ends; a build
+    killed mid-way leaves it, and later builders wait for it without a word, forever."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    out = []
+    for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
+        with contextlib.suppress(OSError):  # gone meanwhile: the build ended
+            age = int(now - lock.stat().st_mtime)
+            if age > BUILD_LOCK_STALE_S:
+                out.append((lock, age))
     return out
 
 
