@@ -63,6 +63,10 @@ class LoraConfig:
     modules_to_save: list[str] = field(default_factory=list)
     # DoRA (peft): each adapted weight also learns its per-column magnitude.
     use_dora: bool = False
+    # Adapt only these transformer blocks (0 = nearest the input; e.g. [20, ..., 29]): the
+    # backward pass stops at the lowest one, so the upper third of a deep model trains in
+    # about half the time. None: every block.
+    layers_to_transform: Optional[list[int]] = None
 
 
 @dataclass(frozen=True)
@@ -656,6 +660,9 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         tm = lora.target_modules
         if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
             out.append(f"model.lora.target_modules: a list of module names or \"all-linear\"; got {tm!r}")
+        layers = lora.layers_to_transform
+        if layers is not None and (not layers or min(layers) < 0):
+            out.append(f"model.lora.layers_to_transform: a non-empty list of block numbers from 0; got {layers!r}")
     if cfg.task == "causal_lm":
         for key in ("prompt_template", "prompt_template_no_input"):
             for needed in ("{instruction}",) + (("{input}",) if key == "prompt_template" else ()):

@@ -72,14 +72,71 @@ def test_target_modules_must_be_names_or_all_linear():
     assert e.value.problems == ['model.lora.target_modules: a list of module names or "all-linear"; got 3']
 
 
+@pytest.mark.parametrize("task, arch", [("classification", "bert"), ("causal_lm", "llama"), ("causal_lm", "gpt2")])
+def test_layers_to_transform_adapts_only_those_blocks_and_the_backward_pass_stops_at_the_lowest(task, arch, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from launcher import tasks
+    from launcher.data import instructions, synthetic
+
+    config = TINY if task == "classification" else SFT
+    common = ["model.lora.r=4", "model.tiny.num_layers=3", f"model.tiny.arch={arch}"]
+    cfg = load_config(config, ["model.lora.enabled=true", "model.lora.layers_to_transform=[1,2]", *common])
+    t = tasks.for_config(cfg)
+    rows = synthetic.generate_clauses(50, 0) if task == "classification" else instructions.generate_instructions(20, 0)
+    tok = task_tokenizer(t, tmp_path, rows)
+    torch.manual_seed(0)
+    plain = tasks.for_config(load_config(config, common)).build_model(tok)
+    model = t.build_model(tok)
+
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(".1." in n or ".2." in n for n in lora)
+    def numbered(m):
+        return [b for n, b in m.named_modules() if n.split(".")[-1].isdigit() and n.split(".")[-2] in ("layer", "layers", "h")]
+
+    blocks = numbered(plain)
+    assert len(blocks) == 3
+    linears = [m for b in blocks[1:] for m in b.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    heads = {"classifier"} if task == "classification" else set()
+    expected = sum(4 * sum(m.weight.shape) for m in linears) + _expected_trainable(plain, set(), heads, 4)
+    assert linears and sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+    needs_grad = {}  # block number -> whether its output joins the backward graph
+    for i, block in enumerate(numbered(model)):
+        block.register_forward_hook(lambda _m, _i, out, i=i: needs_grad.__setitem__(
+            i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    ids = torch.randint(5, 100, (2, 6))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]) if heads else ids)
+    out.loss.backward()
+    assert needs_grad == {0: False, 1: True, 2: True}
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in lora)
+
+
+def test_layers_to_transform_names_the_blocks_the_model_has(tmp_path):
+    from launcher import tasks
+    from launcher.data import synthetic
+
+    cfg = load_config(TINY, ["model.lora.enabled=true", "model.lora.layers_to_transform=[1,2,7]"])
+    t = tasks.for_config(cfg)
+    tok = task_tokenizer(t, tmp_path, synthetic.generate_clauses(20, 0))
+    with pytest.raises(ConfigError) as e:
+        t.build_model(tok)
+    assert e.value.problems == ["model.lora.layers_to_transform: 2, 7 not a block of BertForSequenceClassification "
+                                "(blocks 0-1)"]
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["model.lora.enabled=true", "model.lora.layers_to_transform=[-1]"])
+    assert e.value.problems == ["model.lora.layers_to_transform: a non-empty list of block numbers from 0; got [-1]"]
+
+
 @pytest.mark.slow
-def test_lora_classifier_learns_and_exports_adapter_base_and_merged_model(tmp_path):
+@pytest.mark.parametrize("blocks", [[], ["model.lora.layers_to_transform=[1]"]], ids=["every-block", "upper-block"])
+def test_lora_classifier_learns_and_exports_adapter_base_and_merged_model(tmp_path, blocks):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "lora",
-                          "model.lora.enabled=true", "train.lr=5e-3", "train.max_steps=100"))
+                          "model.lora.enabled=true", "train.lr=5e-3", "train.max_steps=100", *blocks))
     run = tmp_path / "lora"
     line = next(x for x in proc.stdout.splitlines() if x.startswith("LoRA: "))
     trainable, total = (int(x.replace(",", "")) for x in line.split()[1::2][:2])

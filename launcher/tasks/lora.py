@@ -32,13 +32,43 @@ def apply(model, lora_cfg, task: str):
     unknown = [m for m in lora_cfg.modules_to_save if m not in names]
     if unknown:
         raise ConfigError(f"model.lora.modules_to_save: {', '.join(unknown)} not a module of {type(model).__name__}")
+    targets, layers = lora_cfg.target_modules, lora_cfg.layers_to_transform
+    if layers is not None:
+        targets = _in_blocks(model, targets, layers)
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules, task_type=PEFT_TASK[task],
+                        target_modules=targets, task_type=PEFT_TASK[task], layers_to_transform=layers,
                         modules_to_save=list(lora_cfg.modules_to_save) or None, use_dora=lora_cfg.use_dora)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # whatever peft refuses beyond the names checked above
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def _in_blocks(model, targets, layers: list[int]) -> list[str]:
+    """The target names for layers_to_transform, checked against the model's blocks. peft
+    takes only a list of names with it: "all-linear" becomes every linear layer inside a
+    numbered block (the head and a pooler sit outside any block)."""
+    import re
+
+    import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    from launcher.errors import ConfigError
+
+    in_block: dict[str, set[int]] = {}  # leaf name -> the blocks it occurs in
+    for name, module in model.named_modules():
+        block = re.search(r"\.(\d+)\.", name)
+        if block and isinstance(module, (torch.nn.Linear, Conv1D)):
+            in_block.setdefault(name.split(".")[-1], set()).add(int(block.group(1)))
+    n_blocks = 1 + max((max(b) for b in in_block.values()), default=-1)
+    outside = sorted(n for n in layers if n >= n_blocks)
+    if outside:
+        has = f"blocks 0-{n_blocks - 1}" if n_blocks else "no numbered blocks with linear layers"
+        raise ConfigError(f"model.lora.layers_to_transform: {', '.join(map(str, outside))} not a block of "
+                          f"{type(model).__name__} ({has})")
+    if targets != "all-linear":
+        return list(targets)
+    return sorted(in_block)
 
 
 def is_peft(model) -> bool:
