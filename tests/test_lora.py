@@ -53,17 +53,21 @@ def test_only_adapters_and_head_train_and_the_count_is_exact(task, tmp_path):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
 
 
-def test_unknown_target_module_is_one_clear_line(tmp_path):
+def _refused_at_build(tmp_path, *overrides: str) -> list[str]:
+    """The problems building the tiny classifier with LoRA and these overrides raises."""
     from launcher import tasks
-
-    cfg = load_config(TINY, ["model.lora.enabled=true", "model.lora.target_modules=[qq_proj]"])
-    t = tasks.for_config(cfg)
     from launcher.data import synthetic
 
+    t = tasks.for_config(load_config(TINY, ["model.lora.enabled=true", *overrides]))
     tok = task_tokenizer(t, tmp_path, synthetic.generate_clauses(20, 0))
     with pytest.raises(ConfigError) as e:
         t.build_model(tok)
-    assert e.value.problems[0].startswith("model.lora.target_modules: ") and "qq_proj" in e.value.problems[0]
+    return e.value.problems
+
+
+def test_unknown_target_module_is_one_clear_line(tmp_path):
+    problems = _refused_at_build(tmp_path, "model.lora.target_modules=[qq_proj]")
+    assert problems[0].startswith("model.lora.target_modules: ") and "qq_proj" in problems[0]
 
 
 def test_target_modules_must_be_names_or_all_linear():
@@ -113,16 +117,8 @@ def test_layers_to_transform_adapts_only_those_blocks_and_the_backward_pass_stop
 
 
 def test_layers_to_transform_names_the_blocks_the_model_has(tmp_path):
-    from launcher import tasks
-    from launcher.data import synthetic
-
-    cfg = load_config(TINY, ["model.lora.enabled=true", "model.lora.layers_to_transform=[1,2,7]"])
-    t = tasks.for_config(cfg)
-    tok = task_tokenizer(t, tmp_path, synthetic.generate_clauses(20, 0))
-    with pytest.raises(ConfigError) as e:
-        t.build_model(tok)
-    assert e.value.problems == ["model.lora.layers_to_transform: 2, 7 not a block of BertForSequenceClassification "
-                                "(blocks 0-1)"]
+    assert _refused_at_build(tmp_path, "model.lora.layers_to_transform=[1,2,7]") == [
+        "model.lora.layers_to_transform: 2, 7 not a block of BertForSequenceClassification (blocks 0-1)"]
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["model.lora.enabled=true", "model.lora.layers_to_transform=[-1]"])
     assert e.value.problems == ["model.lora.layers_to_transform: a non-empty list of block numbers from 0; got [-1]"]
