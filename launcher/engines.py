@@ -584,32 +584,48 @@ def host_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
     if q != "none" and importlib.util.find_spec("bitsandbytes") is None:
         out.append(f"model.quantization: {q} needs the bitsandbytes package (pip install 'launcher[qlora]')")
     if launch.uses_deepspeed:
-        out += [f"{lock}: a DeepSpeed kernel build left this lock {age // 60} minutes ago and did not finish "
-                "(killed?); every DeepSpeed launch waits on it forever: delete it unless a build is running"
+        out += [f"{lock}: a DeepSpeed kernel build left this lock {age // 60} minutes ago and nothing in its folder "
+                "changed since (killed?); every DeepSpeed launch waits on it forever: delete it unless a build is running"
                 for lock, age in stale_build_locks()]
     return out
 
 
-BUILD_LOCK_STALE_S = 600  # a DeepSpeed kernel builds in a minute or two; a lock this old was left behind
+BUILD_LOCK_STALE_S = 600  # a DeepSpeed kernel builds in a minute or a few; a lock this old was left behind
 
 
 def stale_build_locks(now: float | None = None) -> list[tuple[Path, int]]:
-    """Locks of torch's extension builds (which DeepSpeed compiles its kernels with, e.g. its
-    CPU shared-memory collectives) older than BUILD_LOCK_STALE_S, with their age in seconds.
-    torch's builder creates `<build dir>/lock` and deletes it when the build ends; a build
-    killed mid-way leaves it, and later builders wait for it without a word, forever."""
+    """DeepSpeed kernel build locks that a killed build left, with their age in seconds.
+    DeepSpeed compiles its kernels (e.g. its CPU shared-memory collectives) with torch's
+    extension builder, which creates `<build dir>/lock` once and deletes it when the build
+    ends; a build killed mid-way leaves it, and later builders wait for it without a word,
+    forever. Stale: neither the lock nor anything in its build directory changed for
+    BUILD_LOCK_STALE_S (a running build writes its objects there). Only this interpreter's
+    build folder (as torch names it) and DeepSpeed's kernel names are looked at."""
+    import re
     import time
 
+    import torch
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:  # torch.utils.cpp_extension._get_build_directory's folder
+        accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                 f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        root = os.path.join(get_default_build_root(),
+                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}")
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations or not os.path.isdir(root):
+        return []
+    builders = Path(spec.submodule_search_locations[0]) / "ops" / "op_builder"
+    names = {m for f in builders.rglob("*.py") for m in re.findall(r'^\s+NAME = "(\w+)"', f.read_text(), re.M)}
     now = time.time() if now is None else now
     out = []
-    for lock in sorted(root.glob("*/*/lock")) + sorted(root.glob("*/lock")):
-        with contextlib.suppress(OSError):  # gone meanwhile: the build ended
-            age = int(now - lock.stat().st_mtime)
-            if age > BUILD_LOCK_STALE_S:
-                out.append((lock, age))
+    for name in sorted(names):
+        lock = Path(root) / name / "lock"
+        with contextlib.suppress(OSError):  # no lock, or gone meanwhile: the build ended
+            changed = max(p.stat().st_mtime for p in [lock, *lock.parent.rglob("*")])
+            if now - changed > BUILD_LOCK_STALE_S:
+                out.append((lock, int(now - lock.stat().st_mtime)))
     return out
 
 

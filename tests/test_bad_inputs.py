@@ -231,30 +231,36 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, name, comm
     assert set(leftovers) <= {".cache"}, leftovers
 
 
-def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_wait(tmp_path):
+def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_wait(tmp_path, monkeypatch):
     """torch's extension builder (which compiles DeepSpeed's kernels, e.g. its CPU shared-memory
     collectives, at the first launch) waits forever for a lock that a killed build left."""
     from launcher import engines
 
     ext = tmp_path / "ext"
-    (ext / "deepspeed_shm_comm").mkdir(parents=True)
-    (ext / "other_op").mkdir()
-    stale, fresh = ext / "deepspeed_shm_comm" / "lock", ext / "other_op" / "lock"
-    stale.touch()
-    fresh.touch()
-    two_hours_ago = stale.stat().st_mtime - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(ext)
-    try:
-        assert engines.stale_build_locks() == [(stale, pytest.approx(7200, abs=60))]
-    finally:
-        del os.environ["TORCH_EXTENSIONS_DIR"]
+
+    def lock(name: str, age_s: int, fresh_file: bool = False) -> Path:
+        (ext / name).mkdir(parents=True)
+        path = ext / name / "lock"
+        for f in (path, ext / name / "build.ninja"):
+            f.touch()
+            os.utime(f, (f.stat().st_mtime - age_s,) * 2)
+        if fresh_file:  # a build at work writes its objects
+            (ext / name / "shm.o").touch()
+        return path
+
+    stale = lock("deepspeed_shm_comm", 7200)
+    lock("cpu_adam", 7200, fresh_file=True)  # an old lock, but its build is still writing
+    lock("fused_adam", 60)  # a build that began a minute ago
+    lock("someone_elses_op", 7200)  # not a kernel DeepSpeed builds
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    assert engines.stale_build_locks() == [(stale, pytest.approx(7200, abs=60))]
 
     out = tmp_path / "out"
     proc = launcher("train", str(TINY), "--accelerate-config", str(CONFIGS / "accelerate" / "deepspeed_zero2.yaml"),
-                    "--num-processes", "2", "--output-dir", str(out), env={"TORCH_EXTENSIONS_DIR": str(ext)}, timeout=120)
+                    "--num-processes", "2", "--output-dir", str(out), timeout=120)
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert err == [f"error: {stale}: a DeepSpeed kernel build left this lock 120 minutes ago and did not finish "
-                   "(killed?); every DeepSpeed launch waits on it forever: delete it unless a build is running"]
+    assert err == [f"error: {stale}: a DeepSpeed kernel build left this lock 120 minutes ago and nothing in its "
+                   "folder changed since (killed?); every DeepSpeed launch waits on it forever: delete it unless a "
+                   "build is running"]
     assert not out.exists() or {p.name for p in out.iterdir()} <= {".cache"}
