@@ -1,7 +1,7 @@
 """The SmolLM2 clause classifier's speed levers on this CPU, side by side: bf16 autocast, and
 LoRA on the upper ten of its thirty blocks, each against fp32 LoRA on every block.
 
-    python benchmarks/cpu_recipe_speed.py                 # 30 steps, 2 rounds, about 18 minutes
+    python benchmarks/cpu_recipe_speed.py                 # 30 steps, 2 rounds, about 15 minutes
     python benchmarks/cpu_recipe_speed.py --steps 20 --rounds 3 --model PATH --contenders fp32 bf16
 
 Each contender is `launcher train configs/train/clause_tos_llm_cls.yaml` as users run it,

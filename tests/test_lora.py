@@ -76,15 +76,18 @@ def test_target_modules_must_be_names_or_all_linear():
     assert e.value.problems == ['model.lora.target_modules: a list of module names or "all-linear"; got 3']
 
 
-@pytest.mark.parametrize("task, arch", [("classification", "bert"), ("causal_lm", "llama"), ("causal_lm", "gpt2")])
-def test_layers_to_transform_adapts_only_those_blocks_and_the_backward_pass_stops_at_the_lowest(task, arch, tmp_path):
+@pytest.mark.parametrize("task, arch, checkpointing", [("classification", "bert", False), ("causal_lm", "llama", False),
+                                                      ("causal_lm", "gpt2", False), ("causal_lm", "llama", True)])
+def test_layers_to_transform_adapts_only_those_blocks_and_the_backward_pass_stops_at_the_lowest(task, arch, checkpointing,
+                                                                                                tmp_path):
     from transformers.pytorch_utils import Conv1D
 
     from launcher import tasks
     from launcher.data import instructions, synthetic
 
     config = TINY if task == "classification" else SFT
-    common = ["model.lora.r=4", "model.tiny.num_layers=3", f"model.tiny.arch={arch}"]
+    common = ["model.lora.r=4", "model.tiny.num_layers=3", f"model.tiny.arch={arch}",
+              f"train.gradient_checkpointing={checkpointing}"]
     cfg = load_config(config, ["model.lora.enabled=true", "model.lora.layers_to_transform=[1,2]", *common])
     t = tasks.for_config(cfg)
     rows = synthetic.generate_clauses(50, 0) if task == "classification" else instructions.generate_instructions(20, 0)
@@ -110,6 +113,8 @@ def test_layers_to_transform_adapts_only_those_blocks_and_the_backward_pass_stop
         block.register_forward_hook(lambda _m, _i, out, i=i: needs_grad.__setitem__(
             i, (out[0] if isinstance(out, tuple) else out).requires_grad))
     ids = torch.randint(5, 100, (2, 6))
+    model.train()  # where activation checkpointing acts
+    assert model.is_gradient_checkpointing == checkpointing
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]) if heads else ids)
     out.loss.backward()
     assert needs_grad == {0: False, 1: True, 2: True}
@@ -119,6 +124,16 @@ def test_layers_to_transform_adapts_only_those_blocks_and_the_backward_pass_stop
 def test_layers_to_transform_names_the_blocks_the_model_has(tmp_path):
     assert _refused_at_build(tmp_path, "model.lora.layers_to_transform=[1,2,7]") == [
         "model.lora.layers_to_transform: 2, 7 not a block of BertForSequenceClassification (blocks 0-1)"]
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from launcher.tasks import lora
+
+    two_stacks = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, vocab_size=50))
+    with pytest.raises(ConfigError) as e:  # peft would adapt block 1 of the encoder and of the decoder
+        lora.apply(two_stacks, load_config(SFT, ["model.lora.enabled=true", "model.lora.layers_to_transform=[1]"]).model.lora,
+                   "causal_lm")
+    assert e.value.problems == ["model.lora.layers_to_transform: T5ForConditionalGeneration has more than one stack of "
+                                "numbered blocks (decoder.block, encoder.block); leave it unset to adapt every block"]
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["model.lora.enabled=true", "model.lora.layers_to_transform=[-1]"])
     assert e.value.problems == ["model.lora.layers_to_transform: a non-empty list of block numbers from 0; got [-1]"]

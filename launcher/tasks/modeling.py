@@ -66,9 +66,15 @@ def finish(model, cfg: "TaskConfig", task: str, dtype: str = "float32"):
     if cfg.model.lora.enabled:
         from launcher.tasks import lora
 
+        # transformers (gradient_checkpointing_enable, above) and peft (get_peft_model) each make
+        # the embeddings' output require a gradient, which reentrant checkpointing needs. The
+        # non-reentrant kind needs none, and with one the backward pass would run through every
+        # block, also those below model.lora.layers_to_transform: both hooks go.
         if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
+            model.disable_input_require_grads()
         model = lora.apply(model, cfg.model.lora, task)
+        if cfg.gradient_checkpointing:
+            model.disable_input_require_grads()
         for p in model.parameters():  # adapters and trained heads keep fp32 over a bf16 base
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
