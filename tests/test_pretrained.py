@@ -318,7 +318,7 @@ REST = {  # what make test leaves out above: each engine runs there on another m
     "bert": ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],
     "llama": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"],
     "minilm": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3+lora", "fsdp2+lora"],
-    "llama_cls": ["cpu_ddp", "deepspeed_zero3+lora", "fsdp2+lora"],  # a decoder LM as a clause classifier
+    "llama_cls": ["cpu_ddp", "deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],  # a decoder LM as a clause classifier
     "bert_mean": ["cpu_ddp", "deepspeed_zero3", "fsdp2+lora"],  # model.pooling=mean
 }
 

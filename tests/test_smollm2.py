@@ -20,6 +20,7 @@ from conftest import CONFIGS, OFFLINE_ENV, ROOT, check, launcher
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 RECIPE = CONFIGS / "train" / "tos_llm_lora.yaml"
+CLS_RECIPE = CONFIGS / "train" / "clause_tos_llm_cls.yaml"
 CLAUSES = ROOT.parent / "shared" / "data" / "unfair_tos"
 
 
@@ -175,6 +176,60 @@ def test_plan_sizes_a_lora_checkpoint_as_the_run_wrote_it(run):
                           "model.lora.enabled=false"))
     full_line = next(x for x in full.stdout.splitlines() if x.startswith("checkpoint about "))
     assert float(full_line.split()[2]) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[full_line.split()[3]] > 20 * planned
+
+
+def test_the_shipped_clause_classifier_recipe_trains_smollm2_as_it_says(run):
+    """clause_tos_llm_cls.yaml as shipped (LoRA on blocks 20-29 of 30, the new head whole, mean
+    pooling), for two steps on the fixture's clauses and conversion cache: the adapter holds LoRA
+    weights in blocks 20-29 only, every linear layer of each, and the head; the merged export
+    keeps the converted model's blocks 0-19 and embeddings exactly and moved blocks 20-29;
+    `launcher eval` on the export gives the run's final loss and scores, and `predict` gives
+    what plain transformers computes once `use_mean_pooling` is applied."""
+    import re
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from launcher.tasks.pooling import use_mean_pooling
+
+    tmp = run[0]
+    check(launcher("train", str(CLS_RECIPE), "--output-dir", str(tmp / "cls"), "--run-name", "cls",
+                   f"model.name={smollm2_gguf().parent}", f"data.train_file={tmp / 'train.jsonl'}",
+                   f"data.validation_file={tmp / 'validation.jsonl'}", f"data.cache_dir={tmp / 'cache'}",
+                   "data.max_length=64", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+                   "checkpoint.export=last", "checkpoint.export_dtype=float32"))
+    export = tmp / "cls" / "cls" / "model"
+    adapter = load_file(export / "adapter" / "adapter_model.safetensors")
+    lora = [k for k in adapter if "lora_" in k]
+    blocks = {int(re.search(r"\.layers\.(\d+)\.", k).group(1)) for k in lora}
+    linear = {re.search(r"\.(\w+)\.lora_", k).group(1) for k in lora}
+    assert blocks == set(range(20, 30)) and linear == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(lora) == 2 * len(blocks) * len(linear)  # A and B of each
+    assert any(k.startswith("base_model.model.score.") for k in adapter)  # the head, whole
+    assert json.loads((export / "config.json").read_text())["launcher_pooling"] == "mean"
+    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]  # the converted SmolLM2
+    mine, base = load_file(export / "model.safetensors"), load_file(entry / "model.safetensors")
+    block = {k: int(m.group(1)) for k in mine if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    below = [k for k in mine if block.get(k, 0) < 20 and k != "score.weight"]
+    assert "model.embed_tokens.weight" in below and all(torch.equal(mine[k], base[k]) for k in below)
+    assert all(not torch.equal(mine[k], base[k]) for k in mine if block.get(k, 0) >= 20 and k.endswith("proj.weight"))
+
+    final = json.loads((tmp / "cls" / "cls" / "final_metrics.json").read_text())["after"]
+    ev = json.loads(check(launcher("eval", str(export), "--data", str(tmp / "validation.jsonl"))).stdout.strip().splitlines()[-1])
+    for key in ("macro_f1", "micro_f1", "accuracy"):
+        assert ev[key] == pytest.approx(final[key], abs=1e-6), key
+    assert ev["loss"] == pytest.approx(final["loss"], rel=1e-4)
+    texts = [json.loads(x)["text"] for x in (tmp / "validation.jsonl").read_text().splitlines()]
+    (tmp / "cls-in.txt").write_text("\n".join(texts) + "\n")
+    check(launcher("predict", str(export), "--input", str(tmp / "cls-in.txt"), "--output", str(tmp / "cls-p.jsonl")))
+    probs = [json.loads(x)["probs"] for x in (tmp / "cls-p.jsonl").read_text().splitlines()]
+    model = use_mean_pooling(AutoModelForSequenceClassification.from_pretrained(export).eval())
+    tok = AutoTokenizer.from_pretrained(export)
+    with torch.no_grad():
+        want = torch.cat([torch.softmax(model(**tok(t, return_tensors="pt", truncation=True, max_length=64)).logits, -1)
+                          for t in texts])
+    names = [model.config.id2label[i] for i in range(2)]
+    assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), want, atol=1e-4)
 
 
 ENGINES = ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]

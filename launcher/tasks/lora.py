@@ -55,17 +55,16 @@ def _in_blocks(model, targets, layers: list[int]) -> list[str]:
 
     from launcher.errors import ConfigError
 
-    in_block: dict[str, set[int]] = {}  # leaf name -> the blocks it occurs in
-    stacks = set()
+    in_block, stacks, n_blocks = set(), set(), 0  # leaf names of linear layers inside blocks
     for name, module in model.named_modules():
         block = re.search(r"\.(\d+)\.", name)
         if block and isinstance(module, (torch.nn.Linear, Conv1D)):
-            in_block.setdefault(name.split(".")[-1], set()).add(int(block.group(1)))
+            in_block.add(name.split(".")[-1])
             stacks.add(name[: block.start()])
+            n_blocks = max(n_blocks, int(block.group(1)) + 1)
     if len(stacks) > 1:  # peft would adapt block N of every stack (an encoder's and a decoder's)
         raise ConfigError(f"model.lora.layers_to_transform: {type(model).__name__} has more than one stack of "
                           f"numbered blocks ({', '.join(sorted(stacks))}); leave it unset to adapt every block")
-    n_blocks = 1 + max((max(b) for b in in_block.values()), default=-1)
     outside = sorted(n for n in layers if n >= n_blocks)
     if outside:
         has = f"blocks 0-{n_blocks - 1}" if n_blocks else "no numbered blocks with linear layers"
