@@ -326,8 +326,8 @@ REST = {  # what make test leaves out above: each engine runs there on another m
 @pytest.mark.matrix
 @pytest.mark.parametrize("model", sorted(REST))
 def test_the_rest_of_every_model_by_every_engine(model, tmp_path, saved_models):
-    """make test-matrix: with the tests above, every model through 1 process, DDP, ZeRO-2,
-    ZeRO-3, ZeRO-3 + LoRA, FSDP2 and FSDP2 + LoRA."""
+    """make test-matrix: each model through 1 process and the engines REST names; with the tests
+    above, each of DDP, ZeRO-2, ZeRO-3, ZeRO-3 + LoRA, FSDP2 and FSDP2 + LoRA on several models."""
     config, args = (SFT, INSTRUCTIONS) if model == "llama" else (TINY, CLAUSES)  # llama_cls: clauses
     name = _minilm() if model == "minilm" else saved_models / model.removesuffix("_mean")
     args = [*args, "model.pooling=mean"] if model.endswith("_mean") else args

@@ -196,7 +196,7 @@ def test_the_shipped_clause_classifier_recipe_trains_smollm2_as_it_says(run):
     check(launcher("train", str(CLS_RECIPE), "--output-dir", str(tmp / "cls"), "--run-name", "cls",
                    f"model.name={smollm2_gguf().parent}", f"data.train_file={tmp / 'train.jsonl'}",
                    f"data.validation_file={tmp / 'validation.jsonl'}", f"data.cache_dir={tmp / 'cache'}",
-                   "data.max_length=64", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+                   "data.max_length=32", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
                    "checkpoint.export=last", "checkpoint.export_dtype=float32"))
     export = tmp / "cls" / "cls" / "model"
     adapter = load_file(export / "adapter" / "adapter_model.safetensors")
@@ -205,14 +205,16 @@ def test_the_shipped_clause_classifier_recipe_trains_smollm2_as_it_says(run):
     linear = {re.search(r"\.(\w+)\.lora_", k).group(1) for k in lora}
     assert blocks == set(range(20, 30)) and linear == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert len(lora) == 2 * len(blocks) * len(linear)  # A and B of each
-    assert any(k.startswith("base_model.model.score.") for k in adapter)  # the head, whole
+    assert "base_model.model.score.weight" in adapter  # the head, whole
     assert json.loads((export / "config.json").read_text())["launcher_pooling"] == "mean"
     (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]  # the converted SmolLM2
     mine, base = load_file(export / "model.safetensors"), load_file(entry / "model.safetensors")
     block = {k: int(m.group(1)) for k in mine if (m := re.match(r"model\.layers\.(\d+)\.", k))}
-    below = [k for k in mine if block.get(k, 0) < 20 and k != "score.weight"]
-    assert "model.embed_tokens.weight" in below and all(torch.equal(mine[k], base[k]) for k in below)
-    assert all(not torch.equal(mine[k], base[k]) for k in mine if block.get(k, 0) >= 20 and k.endswith("proj.weight"))
+    below = [k for k in mine if block.get(k, 0) < 20 and k != "score.weight"]  # the embeddings and final norm too
+    assert {block[k] for k in below if k in block} == set(range(20)) and "model.embed_tokens.weight" in below
+    assert all(torch.equal(mine[k], base[k]) for k in below)
+    adapted = [k for k in mine if block.get(k, 0) >= 20 and k.endswith("proj.weight")]
+    assert len(adapted) == 10 * 7 and all(not torch.equal(mine[k], base[k]) for k in adapted)
 
     final = json.loads((tmp / "cls" / "cls" / "final_metrics.json").read_text())["after"]
     ev = json.loads(check(launcher("eval", str(export), "--data", str(tmp / "validation.jsonl"))).stdout.strip().splitlines()[-1])
@@ -225,8 +227,10 @@ def test_the_shipped_clause_classifier_recipe_trains_smollm2_as_it_says(run):
     probs = [json.loads(x)["probs"] for x in (tmp / "cls-p.jsonl").read_text().splitlines()]
     model = use_mean_pooling(AutoModelForSequenceClassification.from_pretrained(export).eval())
     tok = AutoTokenizer.from_pretrained(export)
+    limit = json.loads((export / "launcher.json").read_text())["max_length"]  # what predict truncates to
+    assert limit == 32 and max(len(tok(t)["input_ids"]) for t in texts) > limit  # some text is cut
     with torch.no_grad():
-        want = torch.cat([torch.softmax(model(**tok(t, return_tensors="pt", truncation=True, max_length=64)).logits, -1)
+        want = torch.cat([torch.softmax(model(**tok(t, return_tensors="pt", truncation=True, max_length=limit)).logits, -1)
                           for t in texts])
     names = [model.config.id2label[i] for i in range(2)]
     assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), want, atol=1e-4)

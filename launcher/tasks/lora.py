@@ -55,7 +55,7 @@ def _in_blocks(model, targets, layers: list[int]) -> list[str]:
 
     from launcher.errors import ConfigError
 
-    in_block, stacks, n_blocks = set(), set(), 0  # leaf names of linear layers inside blocks
+    in_block, stacks, n_blocks = set(), set(), 0  # linear leaf names inside blocks; their stacks; block count
     for name, module in model.named_modules():
         block = re.search(r"\.(\d+)\.", name)
         if block and isinstance(module, (torch.nn.Linear, Conv1D)):
