@@ -38,6 +38,12 @@ def _clauses(split: str, per_kind: int) -> list[dict]:
     return [r for pair in zip(fair, unfair) for r in pair]
 
 
+def _converted(tmp: Path) -> Path:
+    """The one directory the fixture's run converted SmolLM2 into, in its data cache."""
+    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]
+    return entry
+
+
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -74,7 +80,7 @@ def test_the_gguf_file_is_converted_once_by_one_of_two_racing_nodes(run):
     facts = [json.loads((run_dir / "ranks" / f"rank-{r:05d}.json").read_text()) for r in (0, 1)]
     assert [f["local_rank"] for f in facts] == [0, 0]  # both were candidates
     assert sorted(f["model_fetched_here"] for f in facts) == [False, True]  # one converted, the other waited
-    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]
+    entry = _converted(tmp)
     assert not list((tmp / "cache").glob("model-*.lock")) and not list((tmp / "cache").glob("*.tmp-*"))
     loaded = [json.loads((run_dir / "ranks" / f"model-rank-{r:05d}.json").read_text())["loaded_from"] for r in (0, 1)]
     assert loaded == [str(entry)] * 2  # every rank read the plain directory, not the GGUF file
@@ -113,7 +119,7 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
     from launcher.data.instructions import encode, last_answer_start
 
     tmp, _, _, _ = run
-    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]
+    entry = _converted(tmp)
     tok = AutoTokenizer.from_pretrained(entry)
     cfg = load_config(RECIPE, check_files=False)
     fmt = prompts.PromptFormat.from_config(cfg.data, tok)
@@ -207,7 +213,7 @@ def test_the_shipped_clause_classifier_recipe_trains_smollm2_as_it_says(run):
     assert len(lora) == 2 * len(blocks) * len(linear)  # A and B of each
     assert "base_model.model.score.weight" in adapter  # the head, whole
     assert json.loads((export / "config.json").read_text())["launcher_pooling"] == "mean"
-    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]  # the converted SmolLM2
+    entry = _converted(tmp)
     mine, base = load_file(export / "model.safetensors"), load_file(entry / "model.safetensors")
     block = {k: int(m.group(1)) for k in mine if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     below = [k for k in mine if block.get(k, 0) < 20 and k != "score.weight"]  # the embeddings and final norm too
@@ -301,7 +307,7 @@ def test_smollm2_through_every_engine_equals_one_process(engine, mode, run, one_
 
         adapter, ref_adapter = (load_file(d / "model" / "adapter" / "adapter_model.safetensors") for d in (out, ref))
         assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items()) and max_diff(adapter, ref_adapter) < 1.5e-4
-    (base,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]  # the converted SmolLM2
+    base = _converted(tmp)
     assert max_diff(mine, load_model_weights(base)) > 10 * TOL  # two steps moved the weights (Adam: about lr each)
     from transformers import AutoModelForCausalLM
 
@@ -325,7 +331,7 @@ def test_qlora_on_smollm2_trains_and_exports_the_quantized_base_plus_the_adapter
     from transformers import AutoModelForCausalLM
 
     tmp = run[0]
-    (entry,) = [p for p in (tmp / "cache").glob("model-*") if p.is_dir()]
+    entry = _converted(tmp)
     args = [a for a in _engine_args(tmp, "lora") if not a.startswith(("model.name=", "train.max_steps="))]
     check(launcher("train", str(RECIPE), "--output-dir", str(tmp / "qlora"), "--run-name", "nf4", *args,
                    f"model.name={entry}", "model.quantization=nf4", "train.max_steps=6", "train.lr=1e-3"))
