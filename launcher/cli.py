@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL with a `text` "
                    "field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
-    r.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
+    r.add_argument("--max-length", type=int, help="classifier: default the training max_length the export recorded "
+                   "(else 512); causal LM: prompts are cut only at this, or at the model's positions")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 

@@ -354,7 +354,7 @@ def resolve_deepspeed(t: TrainConfig, launch: LaunchConfig, policy: dict[str, tu
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (accumulation, f"train.global_batch_size / (micro x {launch.num_processes} processes)"),
         "train_batch_size": (t.global_batch_size, "train.global_batch_size"),
-        "gradient_clipping": (float(t.max_grad_norm or 0.0), "train.max_grad_norm (0 = off)"),
+        "gradient_clipping": (float(t.max_grad_norm or 0.0), "train.max_grad_norm (null = off)"),
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),
     }

@@ -21,9 +21,20 @@ def test_config_reference_lists_every_key_with_its_default():
 
 
 def test_readme_names_only_shipped_configs_and_real_subcommands():
-    for name in set(re.findall(r"configs/train/([\w.]+\.yaml)", README)):
+    named = set(re.findall(r"configs/train/([\w.]+\.yaml)", README))
+    assert len(named) > 5, named
+    for name in named:
         assert (ROOT / "configs" / "train" / name).is_file(), name
     commands = set(_parser()._subparsers._group_actions[0].choices)
-    for cmd in set(re.findall(r"^launcher (\w+)", README, re.M)):
+    used = set(re.findall(r"^launcher (\w+)", README, re.M))
+    assert {"train", "eval", "predict", "export"} <= used, used
+    for cmd in used:
         assert cmd in commands, cmd
     assert "make demo" in README and "make test" in README
+
+
+def test_the_count_of_bad_inputs_the_readme_gives_is_the_table_s():
+    import test_bad_inputs
+
+    said = re.search(r"`tests/test_bad_inputs.py` holds (\d+) such inputs", README)
+    assert said and int(said.group(1)) == len(test_bad_inputs.CASES)
