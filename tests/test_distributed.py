@@ -355,11 +355,11 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resumes(tmp_
 
 def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_goes(tmp_path, reference):
     """torchrun SIGKILLs the ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after it forwards a
-    SIGTERM (2 s here; 30 by default). Rank 0 stalls 60 s inside step 7, so the stop at the end
+    SIGTERM (2 s here; 30 by default). Rank 0 stalls an hour inside step 7, so the stop at the end
     of that step never comes: the moment the signal arrives, rank 0 says the resume goes back to
     step 6, the last sealed checkpoint, and the resume (on one process) does exactly that."""
     launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
-    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "LAUNCHER_STALL": "0:7:60"}
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2", "LAUNCHER_STALL": "0:7:3600"}
     proc = accelerate_launch(launch, tmp_path, "grace", wait=False, env=env)
     sealed = tmp_path / "grace" / "checkpoints" / "step-000006" / "COMPLETE"
     deadline = time.time() + 300
@@ -368,9 +368,8 @@ def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_
         time.sleep(0.1)
     time.sleep(1.0)  # rank 0 is inside the stalled step 7
     proc.send_signal(signal.SIGTERM)
-    sent = time.time()
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and time.time() - sent < 30, (out[-3000:], err[-3000:])  # killed, not stopped
+    out, err = proc.communicate(timeout=300)  # the stall lasts an hour: an exit at all is the kill
+    assert proc.returncode != 0, (out[-3000:], err[-3000:])  # killed, not stopped
     said = [line for line in err.splitlines() if line.startswith("launcher: SIGTERM")]
     assert said == ["launcher: SIGTERM: every rank checkpoints at the end of the step in progress and exits; if they "
                     "are killed before that within 2 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), the resume goes back to "

@@ -4,7 +4,6 @@ which rank is behind and where each one is, and the run then finishes normally."
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -31,8 +30,7 @@ def test_a_stalled_rank_is_reported_with_every_ranks_stack(tmp_path, monkeypatch
     assert "step 5" in report[0] and "BEHIND" not in report[0] and "trainer.py" in report[0], out[start:]
     assert sum(x.startswith("hang watchdog: no progress") for x in out) == 1  # one report for one stall
     assert any("making progress again" in x for x in out)
-    assert "finished" in proc.stdout or (tmp_path / "h" / "model").is_dir()
-    assert not os.environ.get("LAUNCHER_FAILPOINT")
+    assert (tmp_path / "h" / "model" / "model.safetensors").is_file()  # then the run finished
 
 
 @pytest.mark.slow

@@ -101,18 +101,17 @@ def test_ctrl_c_checkpoints_at_the_step_end_and_the_same_command_resumes_exactly
 @pytest.mark.parametrize("launch", [pytest.param([], id="one-process"),
                                     pytest.param(DDP, id="two-ranks", marks=pytest.mark.distributed)])
 def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_place(launch, tmp_path, reference):
-    """Rank 0 stalls a minute in step 1; two Ctrl-C a second apart end the run in seconds, with
+    """Rank 0 stalls an hour in step 1; two Ctrl-C a second apart end the run at once, with
     exit 130, one line and no traceback. No checkpoint was sealed, so the run directory is
     marked, and the same command starts again from step 0 in it, in the same MLflow run."""
     run, launch = tmp_path / "r", _ports(launch)
-    proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:1:60"})
+    proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:1:3600"})
     _once_tracking(proc, run)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
-    sent = time.time()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and time.time() - sent < 20, (proc.returncode, out[-3000:], err[-3000:])
+    out, err = proc.communicate(timeout=120)  # the stall lasts an hour: an exit at all is "at once"
+    assert proc.returncode == 130, (proc.returncode, out[-3000:], err[-3000:])
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     said = [x for x in err.splitlines() if x.startswith("launcher: SIGINT again")]
     assert said == ["launcher: SIGINT again: exiting now, without a checkpoint; the same command resumes from step 0: "

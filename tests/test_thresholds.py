@@ -118,8 +118,33 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     # The tuned rule is at least as good as 0.5 on the set it was tuned on.
     assert fresh["macro_f1"] >= fresh["macro_f1@0.5"]
 
-    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()[:60]]
-    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
-    check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")))
-    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    (tmp_path / "in.txt").write_text("\n".join(r["text"] for r in rows) + "\n")
+
+    def predict() -> list[dict]:
+        check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")))
+        return [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+
+    preds = predict()
     assert [p["label"] for p in preds] == ["unfair" if p["probs"]["unfair"] > cut else "fair" for p in preds]
+
+    # The tuned cut may well be 0.5 (it moves only when 0.5 is clearly worse), where the
+    # stored cut and argmax agree. So store a cut that changes decisions, the median of the
+    # unfair probabilities, and check that eval and predict both follow it.
+    probs = np.array([p["probs"]["unfair"] for p in preds])
+    moved = float(np.median(probs))
+    meta["threshold"] = moved
+    (run / "model" / "launcher.json").write_text(json.dumps(meta))
+    decided = probs > moved
+    assert decided.sum() != (probs > 0.5).sum()
+    assert [p["label"] for p in predict()] == ["unfair" if d else "fair" for d in decided]
+    truth = np.array([bool(r["labels"]) for r in rows])  # binary mode: any unfair category
+
+    def f1(pos, gold):
+        tp = (pos & gold).sum()
+        return 2 * tp / max(pos.sum() + gold.sum(), 1)
+
+    expected = (f1(decided, truth) + f1(~decided, ~truth)) / 2
+    moved_eval = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
+    assert moved_eval["macro_f1"] == pytest.approx(expected, abs=1e-6)
+    assert moved_eval["macro_f1@0.5"] == pytest.approx(fresh["macro_f1@0.5"], abs=1e-9)

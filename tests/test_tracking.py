@@ -81,7 +81,7 @@ def test_drain_gives_up_at_its_deadline_and_close_stops_the_thread():
     sender.put_metrics([1])
     t = time.monotonic()
     assert not sender.drain(0.5)
-    assert time.monotonic() - t < 2
+    assert time.monotonic() - t < 10  # the server stays down: without the deadline this never returns
     sender.close()
     sender.thread.join(5)
     assert not sender.thread.is_alive() and server.batches == []
@@ -100,9 +100,12 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
     from launcher.errors import ConfigError
     from launcher.tracking import Setup, check_reachable
 
+    answered = threading.Event()
+
     class Slow(BaseHTTPRequestHandler):
         def do_GET(self):
             time.sleep(2.0)
+            answered.set()  # before the answer leaves, so the client cannot see it first
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -114,9 +117,8 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         cfg = load_config(str(TINY), [f"tracking.uri=http://127.0.0.1:{server.server_address[1]}"], output_dir=str(tmp_path))
-        started = time.monotonic()
         check_reachable(Setup.of(cfg), timeout_s=1.0)
-        assert time.monotonic() - started >= 2.0
+        assert answered.is_set()  # it waited past the 1 s connect deadline for the answer
     finally:
         server.shutdown()
         server.server_close()
@@ -124,7 +126,6 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     cfg = load_config(str(TINY), [f"tracking.uri=http://127.0.0.1:{closed}"], output_dir=str(tmp_path))
-    started = time.monotonic()
+    # Refused, not timed out: the connection attempt's own answer, not the deadline's.
     with pytest.raises(ConfigError, match=rf"tracking.uri: http://127.0.0.1:{closed} does not answer \(Connection refused\)"):
         check_reachable(Setup.of(cfg), timeout_s=1.0)
-    assert time.monotonic() - started < 1.0

@@ -78,7 +78,8 @@ def test_export_loads_in_pipeline_and_predicts_like_the_trained_model(trained_bi
     model = build_model(TaskConfig.of(cfg), tok).eval()
     model.load_state_dict(load_file(exported_checkpoint(run) / "model.safetensors"))
     exported = load_file(run / "model" / "model.safetensors")
-    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items() if k in exported)
+    assert set(exported) == set(model.state_dict())
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         enc = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
         mine = [model.config.id2label[i] for i in model(**enc).logits.argmax(-1).tolist()]

@@ -106,7 +106,7 @@ def test_a_checkpoint_from_elsewhere_is_not_unpickled_unless_trusted(tmp_path):
 
     # This user's own checkpoint, named by path from another run: resumed.
     proc = check(launcher(*base, "--run-name", "b", f"checkpoint.resume={mine}"))
-    assert "resum" in proc.stdout.lower() and (tmp_path / "b" / "model").is_dir()
+    assert f"resuming from {mine}" in proc.stdout.splitlines() and (tmp_path / "b" / "model").is_dir()
     # Theirs, harmless and trusted by the user: resumed to the same final weights as mine.
     check(launcher(*base, "--run-name", "c", f"checkpoint.resume={theirs}", "checkpoint.trust=true"))
     from safetensors.torch import load_file
@@ -152,7 +152,8 @@ def test_a_key_that_cannot_be_made_never_costs_a_checkpoint(tmp_path):
 
     assert json.loads((tmp_path / "r" / "checkpoints" / "step-000002" / "COMPLETE").read_text()) == {"signature": None}
     resumed = check(launcher(*args, env=env))
-    assert "resum" in resumed.stdout.lower() and (tmp_path / "r" / "model").is_dir()
+    step2 = tmp_path / "r" / "checkpoints" / "step-000002"
+    assert f"resuming from {step2}" in resumed.stdout.splitlines() and (tmp_path / "r" / "model").is_dir()
 
 
 CUSTOM_CODE = """import os, pathlib
