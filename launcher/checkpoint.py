@@ -739,8 +739,14 @@ def _export_whole(ckpt: Path, tmp: Path, auto, config, code: dict, state_dict: d
     if dtype:
         model.to(getattr(torch, dtype))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # A tied weight (GPT-2's, Qwen2's lm_head) is saved once by accelerate's safetensors writer;
+    # it is filled all the same when it shares its tensor with one that was loaded.
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {tensors[k].data_ptr() for k in state_dict if k in tensors}
+    missing = [k for k in missing if tensors[k].data_ptr() not in loaded]
     if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(f"{ckpt}: its weights do not fit the model in {SKELETON}/config.json: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(tmp, safe_serialization=True)
     if dtype:
         _record_dtype(tmp, dtype)
@@ -783,11 +789,15 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         config = plain_config(config)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(skeleton, tmp)
-    if (skeleton / "adapter_config.json").is_file():
-        (tmp / "adapter_config.json").unlink()
-        source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
-    else:
-        _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
+    try:
+        shutil.copytree(skeleton, tmp)
+        if (skeleton / "adapter_config.json").is_file():
+            (tmp / "adapter_config.json").unlink()
+            source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
+        else:
+            _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
+    except BaseException:  # nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace_dir(tmp, out_dir)
     return source

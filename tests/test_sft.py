@@ -507,3 +507,27 @@ def test_lean_loss_equals_the_models_own_loss_and_gradients(arch, data_tok):
     assert (model.get_output_embeddings().weight.grad is None) == (arch == "llama-lora")
     if arch == "gemma2":  # the softcap matters here, and is the model's own again afterwards
         assert model.config.final_logit_softcapping == 0.2
+
+
+def test_export_of_a_tied_gpt2_checkpoint_is_the_runs_model(tmp_path):
+    """GPT-2 ties lm_head to the token embeddings; accelerate's safetensors writer saves the pair
+    once. `launcher export` of the checkpoint still gives every weight of the run's own export,
+    and a checkpoint whose weights do not fit its config is one line, exit 2, nothing left."""
+    from safetensors.torch import load_file, save_file
+
+    check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "g", "model.tiny.arch=gpt2",
+                   "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=0", "eval.at_start=false"))
+    ckpt = tmp_path / "g" / "checkpoints" / "step-000004"
+    saved = load_file(ckpt / "model.safetensors")
+    assert "lm_head.weight" not in saved and "transformer.wte.weight" in saved  # the tied pair, saved once
+    check(launcher("export", str(ckpt), str(tmp_path / "out")))
+    mine, run = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "g" / "model" / "model.safetensors")
+    assert mine.keys() == run.keys() and all(torch.equal(mine[k], run[k]) for k in run)
+
+    del saved["transformer.h.0.mlp.c_fc.weight"]
+    save_file(saved, ckpt / "model.safetensors")
+    proc = launcher("export", str(ckpt), str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: {ckpt}: its weights do not fit the model in skeleton/config.json: missing "
+                                   "['transformer.h.0.mlp.c_fc.weight'], unexpected []")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.tmp").exists()
