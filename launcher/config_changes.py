@@ -7,9 +7,10 @@ tracking cadence, timeouts, data workers and cache). They are accepted, listed i
 appended to RUN/config_history.jsonl and logged to the MLflow run, and config.yaml becomes
 the new config.
 
-Another run: the task, the model (name, size, LoRA, dtype), the data (files, fields, length,
-packing, order), the seed, the global batch and the optimisation (lr, schedule, warmup,
-decay, clipping, precision, class weights). Resuming with any of them changed trains a run
+Another run: the task, the model (name, size, LoRA, dtype, pooling, quantization), the data
+(files, fields, length, packing, order), the seed, the global batch, the optimisation (lr,
+schedule, warmup, decay, clipping, precision, class weights) and the metric that picks the
+best checkpoint. Resuming with any of them changed trains a run
 that neither config describes; refused in one line unless checkpoint.resume_changed=allow.
 
 A longer schedule (train.max_steps or train.epochs raised) continues from the checkpoint's
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 # Another run when changed (prefixes match whole sections or keys).
+# eval.metric too: the best checkpoint, its rotation and early stopping compare values of one metric.
 RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revision", "model.dtype", "model.pooling",
-                "data.", "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
-                "train.global_batch_size", "train.max_grad_norm", "train.precision", "train.reduce_in_fp32", "train.seed",
-                "train.class_weighting")
+                "model.quantization", "data.", "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio",
+                "train.warmup_steps", "train.global_batch_size", "train.max_grad_norm", "train.precision",
+                "train.reduce_in_fp32", "train.seed", "train.class_weighting", "eval.metric")
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
 # Where, not what: never listed.

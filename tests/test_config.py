@@ -285,3 +285,16 @@ def test_a_built_config_is_frozen_at_every_level():
     assert cfg.run_name == TINY.stem and "train.lr" in cfg.explicit and "run_name" not in cfg.explicit
     copy = cfg.replace(train=dataclasses.replace(cfg.train, precision="bf16"))
     assert copy.train.precision == "bf16" and cfg.train.precision == "no" and copy.explicit == cfg.explicit
+
+
+def test_a_resume_with_another_best_metric_or_quantization_is_another_run(tmp_path):
+    """What picks the best checkpoint (its rotation, early stopping) and what the frozen base is
+    are part of the run; the cadence of evaluations is not."""
+    from launcher.config import dump_yaml
+    from launcher.config_changes import _defines_run, changes
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(load_config(TINY)))
+    accepted, refused = changes(saved, load_config(TINY, ["eval.metric=loss", "eval.every_steps=7"]))
+    assert list(refused) == ["eval.metric"] and list(accepted) == ["eval.every_steps"], (refused, accepted)
+    assert _defines_run("model.quantization") and not _defines_run("model.attn_implementation")
