@@ -106,6 +106,9 @@ class Start:
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
     interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint
     tracker_ids: dict = field(default_factory=dict)
+    # Another run's checkpoint (checkpoint.resume=PATH outside the run directory): this run
+    # starts from it as a new run, with its own config.yaml, job.json and tracker run.
+    forked_from: Path | None = None
     # What a killed attempt left half-written: never loaded, never counted for retention;
     # reported and removed once the run directory is taken.
     partial: list = field(default_factory=list)
@@ -131,11 +134,16 @@ def read_owner(run_dir: Path) -> dict:
         return {}
 
 
-def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = None) -> None:
-    """RUN/job.json: the scheduler job that owns the run directory, and its tracker run ids
-    once tracking has started (a checkpoint carries them too, but may not exist yet)."""
+def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = None, started_from: Path | None = None) -> None:
+    """RUN/job.json: the scheduler job that owns the run directory, its tracker run ids once
+    tracking has started (a checkpoint carries them too, but may not exist yet), and the other
+    run's checkpoint it started from, if any (kept when the ids are recorded later)."""
+    owner = {"slurm_job_id": job_id, "tracker_ids": tracker_ids or {}}
+    source = str(started_from.resolve()) if started_from else read_owner(run_dir).get("started_from")
+    if source:
+        owner["started_from"] = source
     tmp = run_dir / f".{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps({"slurm_job_id": job_id, "tracker_ids": tracker_ids or {}}))
+    tmp.write_text(json.dumps(owner))
     tmp.replace(run_dir / OWNER_FILE)
 
 
@@ -154,6 +162,10 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
         if not (path / MARKER).is_file():
             raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
         own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
+        owner = read_owner(run_dir) if not own else {}
+        mine = complete_checkpoints(run_dir / "checkpoints")
+        if owner.get("started_from") == str(path.resolve()) and mine:  # the same command again (a requeue):
+            return Start(checkpoint=mine[-1][1], partial=partial_writes(run_dir))  # this run's own latest
         trust.require(path, trusted or own, "checkpoint.resume", "set checkpoint.trust=true")
         step = TrainState.read(path).step
         later = [p for s, p in complete_checkpoints(run_dir / "checkpoints") if s >= step and p.resolve() != path.resolve()]
@@ -161,7 +173,11 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
             raise ConfigError(f"checkpoint.resume: {resume} is step {step}, but {run_dir / 'checkpoints'} already holds "
                               f"{', '.join(p.name for p in later)} of another history; resume into another --run-name, "
                               "or remove those to go back")
-        return Start(checkpoint=path)
+        if own:
+            return Start(checkpoint=path)
+        again = owner.get("started_from") == str(path.resolve())  # this run died before its first checkpoint
+        return Start(checkpoint=path, forked_from=path, tracker_ids=(owner.get("tracker_ids") or {}) if again else {},
+                     partial=partial_writes(run_dir) if run_dir.is_dir() else [])
     if not run_dir.exists():
         return Start()
     if resume == "never":

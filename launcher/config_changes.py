@@ -61,15 +61,22 @@ def describe(diff: dict) -> str:
     return ", ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in diff.items())
 
 
-def check_resume(cfg, checkpoint: Path | None) -> dict:
+def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     """Before anything is built: the accepted changes of a resume in the run's own directory,
-    or ConfigError (one line) for a change that makes it another run. A checkpoint from
-    elsewhere (checkpoint.resume=PATH outside the run directory) starts a new run from it:
-    nothing to compare."""
+    or ConfigError (one line) for a change that makes it another run. A checkpoint of another
+    run (checkpoint.resume=PATH outside the run directory) starts a new run from it: every
+    change against that run's config.yaml is accepted (and followed: a new lr is the new
+    schedule's from the next step)."""
     from launcher.errors import ConfigError
 
+    if checkpoint is None:
+        return {}
+    if forked:
+        source = Path(checkpoint).resolve().parent.parent / "config.yaml"
+        accepted, refused = changes(source, cfg) if source.is_file() else ({}, {})
+        return dict(sorted({**accepted, **refused}.items()))
     saved = cfg.run_dir / "config.yaml"
-    if checkpoint is None or not saved.is_file() or Path(checkpoint).resolve().parent.parent != cfg.run_dir.resolve():
+    if not saved.is_file() or Path(checkpoint).resolve().parent.parent != cfg.run_dir.resolve():
         return {}
     accepted, refused = changes(saved, cfg)
     if refused and cfg.checkpoint.resume_changed != "allow":

@@ -99,7 +99,7 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     that cannot be reached, a data row that cannot load. Ends with a barrier: every rank has
     decided before rank 0 creates anything."""
     start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
-    changed = config_changes.check_resume(cfg, start.checkpoint)
+    changed = config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
@@ -134,6 +134,9 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
         rt.on_main(ckpt_lib.remove_partial, start.partial)
     if start.checkpoint is not None and pre.resumed is not None:
         rt.print(f"resuming from {start.checkpoint}")
+        if start.forked_from is not None:
+            rt.print("  another run's checkpoint: this is a new run (its own config.yaml and tracker run); that run is "
+                     "left as it is")
         if pre.moved:
             rt.print(pre.moved)
         for line in rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg) or []:
@@ -213,6 +216,8 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     start = pre.start
     state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
+    if start.forked_from is not None:  # the other run's tracker run is not this one's
+        state.tracker_ids = dict(start.tracker_ids)
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
@@ -267,7 +272,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job or start.interrupted else None)
     tracker = tracking.start_tracking(tracking.Setup.of(cfg), rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
     state.tracker_ids = tracker.ids()
-    if start.checkpoint is None:
+    if start.checkpoint is None or start.forked_from is not None:
         rt.on_main(ckpt_lib.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
     notes, derived = p.task.describe(p.train_ds, p.val_ds)
     padded, padded_random = p.sampler.padded_fraction(), p.sampler.padded_fraction(grouped=False)
@@ -290,6 +295,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
         }
         | derived
         | (config_changes.params(state.step, pre.changed) if start.checkpoint is not None else {})
+        | ({"started_from": str(start.forked_from.resolve())} if start.forked_from is not None else {})
         | ({f"resumed_at_{state.step}.world_size": f"{pre.resumed.world_size} -> {rt.world_size}"}
            if pre.moved and pre.resumed else {})  # a resume on another number of ranks
     )
@@ -645,9 +651,9 @@ def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
 
     def create():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if start.checkpoint is None:
+        if start.checkpoint is None or start.forked_from is not None:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            ckpt_lib.record_owner(run_dir, rt.job_id, start.tracker_ids)
+            ckpt_lib.record_owner(run_dir, rt.job_id, start.tracker_ids, start.forked_from)
             (run_dir / INTERRUPTED).unlink(missing_ok=True)  # this attempt restarts in place
 
     rt.on_main(create)

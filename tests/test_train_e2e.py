@@ -531,3 +531,42 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
         expected[step] = opt.param_groups[0]["lr"]
         sched.step()
     assert [lrs[s] for s in range(7, 19)] == pytest.approx([expected[s] for s in range(7, 19)])
+
+
+def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_onto_its_own(tmp_path):
+    """checkpoint.resume=PATH of another run, with a new --run-name and lr: a new run directory
+    (config.yaml, job.json), a new MLflow run (the source run keeps only its own steps), the
+    new lr's schedule from the next step, and the same command again after a halt goes on
+    from this run's own latest checkpoint, in the same MLflow run."""
+    from launcher.config import load_config
+
+    common = ["--output-dir", str(tmp_path), *FAST, "checkpoint.every_steps=2", "eval.every_steps=0",
+              "eval.at_start=false", "train.warmup_steps=2", "train.max_steps=8"]
+    check(launcher("train", str(TINY), "--run-name", "src", *common, "train.halt_at_step=4"))
+    source = tmp_path / "src" / "checkpoints" / "step-000004"
+    fork = ["train", str(TINY), "--run-name", "fork", *common, f"checkpoint.resume={source}", "train.lr=1e-4"]
+    first = check(launcher(*fork, "train.halt_at_step=6"))
+    assert f"resuming from {source}" in first.stdout.splitlines()
+    assert "  train.lr: 0.001 -> 0.0001" in first.stdout.splitlines()
+    run = tmp_path / "fork"
+    assert load_config(run / "config.yaml", check_files=False).train.lr == 1e-4
+    assert json.loads((run / "job.json").read_text())["started_from"] == str(source.resolve())
+
+    again = check(launcher(*fork))  # a requeue: the same command
+    assert f"resuming from {run / 'checkpoints' / 'step-000006'}" in again.stdout.splitlines()
+    client = mlflow_client(tmp_path)
+    runs = {r.info.run_name: r for r in all_runs(client)}
+    assert sorted(runs) == ["fork", "src"]
+    steps = {name: [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] for name, r in runs.items()}
+    assert steps == {"src": [1, 2, 3, 4], "fork": [5, 6, 7, 8]}
+    assert runs["fork"].data.params["started_from"] == str(source.resolve())
+    lrs = {m.step: m.value for m in client.get_metric_history(runs["fork"].info.run_id, "train/lr")}
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    sched = get_scheduler("linear", opt, 2, 8)
+    expected = {}
+    for step in range(1, 9):
+        expected[step] = opt.param_groups[0]["lr"]
+        sched.step()
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)])
