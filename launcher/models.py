@@ -241,6 +241,32 @@ def _from_pretrained(loader, name: str, model_cfg=None, **kwargs):
         raise ConfigError(hub_problem(name, e)) from None
 
 
+# The module names of learned absolute position tables (BERT, RoBERTa and kin; GPT-2; OPT):
+# a token past the table's end indexes outside it. Rotary and relative positions have no table.
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model) -> int | None:
+    """The tokens a model with a learned absolute position table can read (RoBERTa's starts
+    after its padding index), or None."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            pad = module.padding_idx
+            return module.num_embeddings - (pad + 1 if pad is not None else 0)
+    return None
+
+
+def check_positions(model, max_length: int, name: str) -> None:
+    """data.max_length within the model's position table: past it the first long row fails
+    inside the embedding (an index error; a device assert on GPU), not as one line here."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"data.max_length: {max_length} is more tokens than {name} has positions for ({limit}); "
+                          f"set data.max_length={limit} or less")
+
+
 def pad_with_eos(tokenizer, effect: str) -> str:
     """A tokenizer without a pad token (most decoder LLMs') pads with its EOS token, which the
     caller has checked exists. Returns the run's one line saying so and what padding does

@@ -30,7 +30,7 @@ import torch
 
 import launcher
 from launcher import checkpoint as ckpt_lib
-from launcher import config_changes, faults, hub, report, schedules, sizing, tasks, tracking, watchdog
+from launcher import config_changes, faults, hub, models, report, schedules, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
@@ -194,6 +194,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
     with rt.model_init(random_weights=task.random_init()):
         model = task.build_model(tokenizer, rt.weight_dtype)
+    models.check_positions(model, cfg.data.max_length, cfg.model.name)
     task.prepare(train_ds, rt.device)
     row_items = task.row_items(train_ds)
     group = cfg.data.group_by_length if cfg.data.group_by_length is not None else task.name == "classification"
@@ -234,7 +235,6 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
 
 def _export_dtype(cfg: RunConfig, task) -> str:
     """checkpoint.export_dtype resolved: auto is the dtype the base model declares."""
-    from launcher import models
 
     auto = cfg.checkpoint.export_dtype == "auto" and not task.random_init()
     return models.export_dtype(cfg.checkpoint.export_dtype, models.declared_dtype(cfg.model) if auto else None)

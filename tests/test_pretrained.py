@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, TINY, check, exported_checkpoint, launcher
+from conftest import CONFIGS, FAST, TINY, check, exported_checkpoint, launcher
 from test_distributed import ACCEL, accelerate_launch, free_port, max_diff, weights
 from test_invariants import model_facts
 
@@ -386,3 +386,29 @@ def test_a_hub_model_is_fetched_once_per_node_and_every_rank_loads_the_local_sna
     assert errors == {"error: model.name: cannot load 'launcher-tests/not-cached' from the Hugging Face Hub (no network, "
                       "or not cached); download it where you have access and pass a local directory: model.name=/path/to/model"}
     assert not (tmp_path / "missing").exists() and not list((tmp_path / "hf-cache" / ".launcher").iterdir())
+
+
+def test_a_max_length_past_the_models_position_table_is_one_line_before_any_step(tmp_path, saved_models):
+    """Past a learned position table the first long row would fail inside the embedding (an
+    index error on CPU, a device assert on GPU); rotary positions have no table."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaModel
+
+    from launcher.models import position_limit
+
+    with torch.device("meta"):
+        assert position_limit(RobertaModel(RobertaConfig(max_position_embeddings=514, pad_token_id=1))) == 512
+        assert position_limit(GPT2LMHeadModel(GPT2Config(n_positions=300))) == 300
+    out = tmp_path / "out"
+    proc = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "long", *FAST,
+                    f"model.name={saved_models / 'bert'}", "data.max_length=600")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: data.max_length: 600 is more tokens than {saved_models / 'bert'} has positions for (512); "
+        "set data.max_length=512 or less"]
+    leftovers = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    assert leftovers <= {".cache"}, leftovers  # no run directory, no MLflow store
+    llama = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "rotary", *FAST,
+                           f"model.name={saved_models / 'llama_cls'}", "data.max_length=300", "train.max_steps=1",
+                           "eval.every_steps=0", "eval.at_start=false"))
+    assert (tmp_path / "rotary" / "model").is_dir(), llama.stdout[-2000:]

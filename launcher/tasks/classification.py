@@ -24,7 +24,7 @@ import torch
 from launcher.config import TINY_MODEL, TaskConfig
 from launcher.errors import ConfigError
 from launcher import models
-from launcher.models import from_pretrained, inference_device, pad_with_eos, remote_code_gate
+from launcher.models import from_pretrained, inference_device, pad_with_eos, position_limit, remote_code_gate
 from launcher.tasks import pooling
 
 THRESHOLD = 0.5
@@ -352,7 +352,7 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = 
     """Logits in batches on the model's device; max_length None: the training max_length the
     export recorded (else 512), so a model is scored on the inputs it was trained on."""
     max_length = max_length or getattr(model, "launcher_max_length", None) or 512
-    limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+    limit = min(max_length, position_limit(model) or getattr(model.config, "max_position_embeddings", max_length))
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True, return_tensors="pt")
