@@ -570,3 +570,19 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
         expected[step] = opt.param_groups[0]["lr"]
         sched.step()
     assert [lrs[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)])
+
+
+def test_eval_reads_a_json_array_as_training_does(trained_binary, tmp_path):
+    """Training's reader takes a .json file holding one array of rows; eval gives those rows
+    the same scores as the same rows in JSONL, and a broken array is one line naming the file."""
+    _, run = trained_binary
+    data = run / "data" / "validation.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    (tmp_path / "val.json").write_text(json.dumps(rows, indent=1))
+    lines = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
+    array = json.loads(check(launcher("eval", str(run / "model"), "--data", str(tmp_path / "val.json"))).stdout)
+    assert array == lines and array["n"] == len(rows)
+    (tmp_path / "broken.json").write_text(json.dumps(rows[:3], indent=1)[:-3])
+    bad = launcher("eval", str(run / "model"), "--data", str(tmp_path / "broken.json"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [x for x in bad.stderr.splitlines() if x.startswith("error:")][0].startswith(f"error: {tmp_path / 'broken.json'}:")

@@ -240,13 +240,32 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
     return [f"{path}: cannot be read as {what} ({_first_line(error)})"]
 
 
+def _starts_with(path: Path, token: bytes) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(token)
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    for i, record in enumerate(rows, 1):
+        yield f"{path}: row {i}", record
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) with where = 'file:line' for every row of a local file, read in Python.
     For small files (eval, predict) and for diagnosing files the fast reader refuses: a
     line that is not UTF-8 or not JSON is yielded as a DataError in place of its record."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".json" and _starts_with(path, b"["):  # one JSON array, as training's reader takes it
+        yield from _json_array(path)
+    elif suffix in (".jsonl", ".json"):
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
