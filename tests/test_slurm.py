@@ -98,6 +98,11 @@ def test_two_node_job_trains_to_completion(cluster, tmp_path):
     assert (run / "checkpoints" / "step-000012" / "COMPLETE").is_file() and (run / "model" / "model.safetensors").is_file()
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert mlrun.data.tags["slurm_job_id"] == job and mlrun.data.tags["num_nodes"] == "2"
+    from safetensors.torch import load_file  # the weights of one process on the same config
+
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "ref", *FAST, *STEPS))
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(tmp_path / "ref" / "ref" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_same_run(cluster, tmp_path):
