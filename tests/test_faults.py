@@ -71,7 +71,7 @@ def _kill_tree_when_stopped(proc, timeout: float = 600) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL or proc.returncode != 0
+    assert proc.returncode == -signal.SIGKILL  # the launch itself was killed, not ended
 
 
 @pytest.mark.parametrize("engine,point", CASES)

@@ -487,6 +487,8 @@ def test_off_a_terminal_progress_is_plain_lines_with_loss_lr_and_eta(tmp_path):
     assert [f"loss={losses[s]:.4f}" in line for s, line in zip(range(1, 7), lines)] == [True] * 6
     quiet = check(launcher(*common, "--run-name", "quiet", "tracking.print_every_s=0"))
     assert not [line for line in quiet.stdout.splitlines() if re.match(r"step \d+/6 ", line)]
+    hourly = check(launcher(*common, "--run-name", "hourly", "tracking.print_every_s=3600"))
+    assert [line.split()[1] for line in hourly.stdout.splitlines() if re.match(r"step \d+/6 ", line)] == ["6/6"]
 
 
 def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
