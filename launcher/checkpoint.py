@@ -158,26 +158,7 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
     Every rank calls this before any rank creates anything, so all decide alike.
     """
     if resume not in ("auto", "never"):
-        path = Path(resume)
-        if not (path / MARKER).is_file():
-            raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
-        own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
-        owner = read_owner(run_dir) if not own else {}
-        mine = complete_checkpoints(run_dir / "checkpoints")
-        if owner.get("started_from") == str(path.resolve()) and mine:  # the same command again (a requeue):
-            return Start(checkpoint=mine[-1][1], partial=partial_writes(run_dir))  # this run's own latest
-        trust.require(path, trusted or own, "checkpoint.resume", "set checkpoint.trust=true")
-        step = TrainState.read(path).step
-        later = [p for s, p in complete_checkpoints(run_dir / "checkpoints") if s >= step and p.resolve() != path.resolve()]
-        if later:  # its saves would meet (and rotation would keep) another history's checkpoints
-            raise ConfigError(f"checkpoint.resume: {resume} is step {step}, but {run_dir / 'checkpoints'} already holds "
-                              f"{', '.join(p.name for p in later)} of another history; resume into another --run-name, "
-                              "or remove those to go back")
-        if own:
-            return Start(checkpoint=path)
-        again = owner.get("started_from") == str(path.resolve())  # this run died before its first checkpoint
-        return Start(checkpoint=path, forked_from=path, tracker_ids=(owner.get("tracker_ids") or {}) if again else {},
-                     partial=partial_writes(run_dir) if run_dir.is_dir() else [])
+        return _resume_by_path(run_dir, resume, trusted)
     if not run_dir.exists():
         return Start()
     if resume == "never":
@@ -196,6 +177,35 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
         f"run directory {run_dir} exists but holds no complete checkpoint to resume; "
         "pick another --run-name or remove it"
     )
+
+
+def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
+    """checkpoint.resume=PATH. One of the run's own goes back to it; another run's starts this
+    run from it (forked_from) in a new directory, and the same command again (a requeue) goes
+    on from this run's own latest checkpoint, or starts again from PATH if it has none yet."""
+    path = Path(resume)
+    own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
+    owner = read_owner(run_dir)
+    ours = not own and owner.get("started_from") == str(path.resolve())
+    mine = complete_checkpoints(run_dir / "checkpoints")
+    if ours and mine:  # PATH itself may have been rotated away in its run since
+        return Start(checkpoint=mine[-1][1], partial=partial_writes(run_dir))
+    if not (path / MARKER).is_file():
+        raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
+    trust.require(path, trusted or own, "checkpoint.resume", "set checkpoint.trust=true")
+    step = TrainState.read(path).step
+    later = [p for s, p in mine if s >= step and p.resolve() != path.resolve()]
+    if later:  # its saves would meet (and rotation would keep) another history's checkpoints
+        raise ConfigError(f"checkpoint.resume: {resume} is step {step}, but {run_dir / 'checkpoints'} already holds "
+                          f"{', '.join(p.name for p in later)} of another history; resume into another --run-name, "
+                          "or remove those to go back")
+    if own:
+        return Start(checkpoint=path)
+    if run_dir.exists() and not ours:
+        raise ConfigError(f"checkpoint.resume: {resume} is another run's checkpoint, and {run_dir} already exists: "
+                          "a run started from it needs a new --run-name")
+    return Start(checkpoint=path, forked_from=path, tracker_ids=(owner.get("tracker_ids") or {}) if ours else {},
+                 partial=partial_writes(run_dir) if ours else [])
 
 
 SKELETON = "skeleton"  # everything of an exported model/ but the weights, inside each checkpoint

@@ -29,6 +29,11 @@ RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revis
                 "model.quantization", "data.", "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio",
                 "train.warmup_steps", "train.global_batch_size", "train.max_grad_norm", "train.precision",
                 "train.reduce_in_fp32", "train.seed", "train.class_weighting", "eval.metric")
+# What the checkpoint's weights must fit: never changed from another run's checkpoint.
+MODEL_SHAPE = ("task", "model.name", "model.tiny.arch", "model.tiny.hidden_size", "model.tiny.num_layers",
+               "model.tiny.num_heads", "model.tiny.intermediate_size", "model.tiny.vocab_size", "model.lora.enabled",
+               "model.lora.r", "model.lora.target_modules", "model.lora.modules_to_save", "model.lora.use_dora",
+               "model.lora.layers_to_transform", "model.pooling", "model.quantization", "data.mode")
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
 # Where, not what: never listed.
@@ -74,6 +79,10 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     if forked:
         source = Path(checkpoint).resolve().parent.parent / "config.yaml"
         accepted, refused = changes(source, cfg) if source.is_file() else ({}, {})
+        shape = {k: v for k, v in {**accepted, **refused}.items() if k in MODEL_SHAPE}
+        if shape:
+            raise ConfigError(f"checkpoint.resume: {checkpoint} was written with {describe(shape)}: its weights do not "
+                              "load into this model; keep those values")
         return dict(sorted({**accepted, **refused}.items()))
     saved = cfg.run_dir / "config.yaml"
     if not saved.is_file() or Path(checkpoint).resolve().parent.parent != cfg.run_dir.resolve():
@@ -105,13 +114,14 @@ def record(run_dir: Path, step: int, diff: dict, cfg) -> list[str]:
     return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
 
 
-def follow_schedule(scheduler, optimizer, diff: dict, lr: float) -> None:
-    """After a resume with changes: the next step's lr is the new config's schedule's, not the
-    one the checkpoint restored into the optimizer (an allowed train.lr also replaces the peak
-    the restored scheduler kept)."""
-    if not diff:
+def follow_schedule(scheduler, optimizer, diff: dict, lr: float, always: bool = False) -> None:
+    """After a resume with changes (`always`: from another run's checkpoint, whose config may
+    have changed since): the next step's lr is the new config's schedule's, not the one the
+    checkpoint restored into the optimizer (train.lr also replaces the peak the restored
+    scheduler kept)."""
+    if not diff and not always:
         return
-    if "train.lr" in diff:
+    if "train.lr" in diff or always:
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = base, base * fn(scheduler.last_epoch)

@@ -110,7 +110,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     tracking.check_reachable(tracking.Setup.of(cfg))  # every rank: they must agree to stop
     data = None  # synthetic data is generated into the run directory, so it is read once that exists
     if not cfg.data.synthetic.enabled:
-        data = _prepare_data(task, cache, cfg.run_dir, *task.sources(cfg.data.train_file, cfg.data.validation_file))
+        data = _prepare_data(task, cache, _tokenizer_dir(cfg.run_dir, start),
+                             *task.sources(cfg.data.train_file, cfg.data.validation_file))
     rt.barrier()
     return Preflight(start, changed, resumed, moved, cache, fetched_here, data)
 
@@ -182,7 +183,8 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     """Data, model, optimizer, scheduler, sampler and checkpointer, then the resumed state
     loaded into them (a collective: every rank loads its part)."""
     t = cfg.train
-    data = pre.data or _prepare_data(task, pre.cache, run_dir, *task.sources(*_synthetic_files(task, rt, run_dir)))
+    data = pre.data or _prepare_data(task, pre.cache, _tokenizer_dir(run_dir, pre.start),
+                                     *task.sources(*_synthetic_files(task, rt, run_dir)))
     tokenizer, train_ds, val_ds = data
     if task.random_init():
         rt.on_main(_keep_tokenizer, tokenizer, run_dir / "tokenizer")
@@ -217,12 +219,13 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     start = pre.start
     state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
-    if start.forked_from is not None:  # the other run's tracker run is not this one's
+    if start.forked_from is not None:  # the other run's tracker run and best evaluation are not this one's
         state.tracker_ids = dict(start.tracker_ids)
+        state.best_metric, state.best_step, state.best_eval, state.evals_without_improvement = None, None, {}, 0
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
-    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr)
+    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, always=start.forked_from is not None)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
@@ -673,12 +676,20 @@ def _synthetic_files(task, rt, run_dir: Path) -> tuple[str, str]:
     return str(out / "train.jsonl"), str(out / "validation.jsonl")
 
 
-def _prepare_data(task, cache, run_dir: Path, train_source, val_source):
+def _prepare_data(task, cache, tokenizer_dir: Path, train_source, val_source):
     """(tokenizer, train rows, validation rows): checked and tokenized once per data cache,
     memory-mapped by every rank. A resumed tiny-model run reuses the tokenizer it saved."""
-    tokenizer = task.tokenizer(run_dir / "tokenizer", train_source, cache)
+    tokenizer = task.tokenizer(tokenizer_dir, train_source, cache)
     train_ds, val_ds = task.datasets(train_source, val_source, tokenizer, cache)
     return tokenizer, train_ds, val_ds
+
+
+def _tokenizer_dir(run_dir: Path, start: ckpt_lib.Start) -> Path:
+    """Where a tiny model's tokenizer is kept: the run directory, or for a run started from
+    another run's checkpoint, that checkpoint's (trained on that run's data)."""
+    if start.forked_from is not None and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        return start.forked_from / ckpt_lib.SKELETON
+    return run_dir / "tokenizer"
 
 
 def _keep_tokenizer(tokenizer, out: Path) -> None:

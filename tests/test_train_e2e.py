@@ -536,31 +536,51 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
 
 
 def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_onto_its_own(tmp_path):
-    """checkpoint.resume=PATH of another run, with a new --run-name and lr: a new run directory
-    (config.yaml, job.json), a new MLflow run (the source run keeps only its own steps), the
-    new lr's schedule from the next step, and the same command again after a halt goes on
-    from this run's own latest checkpoint, in the same MLflow run."""
+    """checkpoint.resume=PATH of another run, with a new --run-name, lr and data: a new run
+    directory (config.yaml, job.json), a new MLflow run (the source run keeps only its own
+    steps), the source's tokenizer, no best evaluation of the source's, and the new lr's
+    schedule from the next step. The same command again after a halt goes on from this run's
+    own latest checkpoint, in the same MLflow run, even once PATH is gone. A change the
+    weights cannot fit, or an existing directory, is one line."""
+    import shutil
+
     from launcher.config import load_config
 
-    common = ["--output-dir", str(tmp_path), *FAST, "checkpoint.every_steps=2", "eval.every_steps=0",
+    common = ["--output-dir", str(tmp_path), *FAST, "checkpoint.every_steps=2", "eval.every_steps=2",
               "eval.at_start=false", "train.warmup_steps=2", "train.max_steps=8"]
     check(launcher("train", str(TINY), "--run-name", "src", *common, "train.halt_at_step=4"))
+    check(launcher("train", str(TINY), "--run-name", "other", *common, "train.halt_at_step=2"))
     source = tmp_path / "src" / "checkpoints" / "step-000004"
-    fork = ["train", str(TINY), "--run-name", "fork", *common, f"checkpoint.resume={source}", "train.lr=1e-4"]
+    start = [f"checkpoint.resume={source}", "train.lr=1e-4"]
+    for name, extra, said in (
+            ("wider", ["model.tiny.hidden_size=64"], f"checkpoint.resume: {source} was written with "
+             "model.tiny.hidden_size: 32 -> 64: its weights do not load into this model; keep those values"),
+            ("other", [], f"checkpoint.resume: {source} is another run's checkpoint, and {tmp_path / 'other'} already "
+             "exists: a run started from it needs a new --run-name")):
+        proc = launcher("train", str(TINY), "--run-name", name, *common, *start, *extra)
+        assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [f"error: {said}"]
+    assert not (tmp_path / "wider").exists()
+
+    fork = ["train", str(TINY), "--run-name", "fork", *common, *start, "data.synthetic.seed=1"]
     first = check(launcher(*fork, "train.halt_at_step=6"))
     assert f"resuming from {source}" in first.stdout.splitlines()
     assert "  train.lr: 0.001 -> 0.0001" in first.stdout.splitlines()
     run = tmp_path / "fork"
     assert load_config(run / "config.yaml", check_files=False).train.lr == 1e-4
     assert json.loads((run / "job.json").read_text())["started_from"] == str(source.resolve())
+    # Other data, the same vocabulary: the tokenizer the checkpoint's weights were trained with.
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == (tmp_path / "src" / "tokenizer" / "tokenizer.json").read_text()
 
+    shutil.rmtree(source)  # rotated away in its run, say
     again = check(launcher(*fork))  # a requeue: the same command
     assert f"resuming from {run / 'checkpoints' / 'step-000006'}" in again.stdout.splitlines()
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["best_step"] in (6, 8) and final["exported_step"] in (6, 8)  # not the source's steps 2 or 4
     client = mlflow_client(tmp_path)
     runs = {r.info.run_name: r for r in all_runs(client)}
-    assert sorted(runs) == ["fork", "src"]
+    assert sorted(runs) == ["fork", "other", "src"]
     steps = {name: [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] for name, r in runs.items()}
-    assert steps == {"src": [1, 2, 3, 4], "fork": [5, 6, 7, 8]}
+    assert steps["src"] == [1, 2, 3, 4] and steps["fork"] == [5, 6, 7, 8]
     assert runs["fork"].data.params["started_from"] == str(source.resolve())
     lrs = {m.step: m.value for m in client.get_metric_history(runs["fork"].info.run_id, "train/lr")}
     from transformers import get_scheduler
@@ -584,6 +604,12 @@ def test_eval_reads_a_json_array_as_training_does(trained_binary, tmp_path):
     lines = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
     array = json.loads(check(launcher("eval", str(run / "model"), "--data", str(tmp_path / "val.json"))).stdout)
     assert array == lines and array["n"] == len(rows)
+    # predict too: the rows' texts, not the array's lines.
+    (tmp_path / "val.jsonl").write_text(data.read_text())
+    for name in ("val.json", "val.jsonl"):
+        check(launcher("predict", str(run / "model"), "--input", str(tmp_path / name), "--output", str(tmp_path / f"{name}.out")))
+    assert (tmp_path / "val.json.out").read_text() == (tmp_path / "val.jsonl.out").read_text()
+    assert len((tmp_path / "val.json.out").read_text().splitlines()) == len(rows)
     (tmp_path / "broken.json").write_text(json.dumps(rows[:3], indent=1)[:-3])
     bad = launcher("eval", str(run / "model"), "--data", str(tmp_path / "broken.json"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
