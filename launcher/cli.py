@@ -223,12 +223,13 @@ def cmd_export(args) -> int:
 
 
 def _read_texts(path: Path) -> list[str]:
-    """Clauses to predict: JSONL rows with `text` (errors as file:line), or plain lines."""
+    """Clauses to predict: JSONL rows (or a .json array of rows) with `text` (errors as
+    file:line), or plain lines."""
     from launcher.data.clauses import read_records
 
     if not path.is_file():
         raise UserError(f"--input: {path}: file not found")
-    if path.suffix.lower() != ".jsonl":
+    if path.suffix.lower() not in (".jsonl", ".json"):
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
     for where, record in read_records(path):

@@ -253,8 +253,8 @@ def position_limit(model) -> int | None:
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
-            pad = module.padding_idx
-            return module.num_embeddings - (pad + 1 if pad is not None else 0)
+            pad = module.padding_idx  # OPT, BART and kin shift their positions by an offset instead
+            return module.num_embeddings - (pad + 1 if pad is not None else 0) - getattr(module, "offset", 0)
     return None
 
 

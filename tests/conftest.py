@@ -51,6 +51,23 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """proc.communicate, but a launch that outlives the timeout is killed with every process
+    under it (a stalled rank would otherwise sleep on after the test failed)."""
+    import psutil
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.communicate(timeout=60)
+        raise
+
+
 def mlflow_client(out_dir: Path):
     from mlflow.tracking import MlflowClient
 

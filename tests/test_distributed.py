@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
+from conftest import (CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, communicate_or_kill, exported_checkpoint,
+                      launcher, mlflow_client)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -371,7 +372,7 @@ def test_sigterm_with_a_step_longer_than_the_grace_says_how_far_back_the_resume_
         time.sleep(0.1)
     time.sleep(1.0)  # rank 0 is inside the stalled step 7
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)  # the stall lasts an hour: an exit at all is the kill
+    out, err = communicate_or_kill(proc, 300)  # the stall lasts an hour: an exit at all is the kill
     assert proc.returncode != 0, (out[-3000:], err[-3000:])  # killed, not stopped
     said = [line for line in err.splitlines() if line.startswith("launcher: SIGTERM")]
     assert said == ["launcher: SIGTERM: every rank checkpoints at the end of the step in progress and exits; if they "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, launcher, mlflow_client
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, communicate_or_kill, launcher, mlflow_client
 from launcher import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)  # the stall lasts an hour: an exit at all is "at once"
+    out, err = communicate_or_kill(proc, 120)  # the stall lasts an hour: an exit at all is "at once"
     assert proc.returncode == 130, (proc.returncode, out[-3000:], err[-3000:])
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     said = [x for x in err.splitlines() if x.startswith("launcher: SIGINT again")]

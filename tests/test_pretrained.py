@@ -392,13 +392,14 @@ def test_a_max_length_past_the_models_position_table_is_one_line_before_any_step
     """Past a learned position table the first long row would fail inside the embedding (an
     index error on CPU, a device assert on GPU); rotary positions have no table."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaModel
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTModel, RobertaConfig, RobertaModel
 
     from launcher.models import position_limit
 
     with torch.device("meta"):
         assert position_limit(RobertaModel(RobertaConfig(max_position_embeddings=514, pad_token_id=1))) == 512
         assert position_limit(GPT2LMHeadModel(GPT2Config(n_positions=300))) == 300
+        assert position_limit(OPTModel(OPTConfig(max_position_embeddings=256, num_hidden_layers=1))) == 256  # offset 2
     out = tmp_path / "out"
     proc = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "long", *FAST,
                     f"model.name={saved_models / 'bert'}", "data.max_length=600")
