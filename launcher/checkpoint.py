@@ -822,8 +822,8 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
             source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
         else:
             _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
+        _replace_dir(tmp, out_dir)
     except BaseException:  # nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, out_dir)
     return source
