@@ -33,7 +33,9 @@ RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revis
 MODEL_SHAPE = ("task", "model.name", "model.tiny.arch", "model.tiny.hidden_size", "model.tiny.num_layers",
                "model.tiny.num_heads", "model.tiny.intermediate_size", "model.tiny.vocab_size", "model.lora.enabled",
                "model.lora.r", "model.lora.target_modules", "model.lora.modules_to_save", "model.lora.use_dora",
-               "model.lora.layers_to_transform", "model.pooling", "model.quantization", "data.mode")
+               "model.lora.layers_to_transform", "model.pooling", "model.quantization", "data.mode", "data.label_names")
+# A tiny model's position table is sized from these.
+TINY_SHAPE = ("data.max_length", "eval.max_new_tokens")
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
 # Where, not what: never listed.
@@ -72,6 +74,7 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     run (checkpoint.resume=PATH outside the run directory) starts a new run from it: every
     change against that run's config.yaml is accepted (and followed: a new lr is the new
     schedule's from the next step)."""
+    from launcher.config import TINY_MODEL
     from launcher.errors import ConfigError
 
     if checkpoint is None:
@@ -79,7 +82,8 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     if forked:
         source = Path(checkpoint).resolve().parent.parent / "config.yaml"
         accepted, refused = changes(source, cfg) if source.is_file() else ({}, {})
-        shape = {k: v for k, v in {**accepted, **refused}.items() if k in MODEL_SHAPE}
+        fixed = MODEL_SHAPE + (TINY_SHAPE if cfg.model.name == TINY_MODEL else ())
+        shape = {k: v for k, v in {**accepted, **refused}.items() if k in fixed}
         if shape:
             raise ConfigError(f"checkpoint.resume: {checkpoint} was written with {describe(shape)}: its weights do not "
                               "load into this model; keep those values")
@@ -114,17 +118,20 @@ def record(run_dir: Path, step: int, diff: dict, cfg) -> list[str]:
     return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
 
 
-def follow_schedule(scheduler, optimizer, diff: dict, lr: float, always: bool = False) -> None:
+def follow_schedule(scheduler, optimizer, diff: dict, lr: float, weight_decay: float, always: bool = False) -> None:
     """After a resume with changes (`always`: from another run's checkpoint, whose config may
     have changed since): the next step's lr is the new config's schedule's, not the one the
     checkpoint restored into the optimizer (train.lr also replaces the peak the restored
-    scheduler kept)."""
+    scheduler kept), and the decaying group's weight decay is the new config's (the optimizer's
+    restored groups carry the old one; the second group never decays)."""
     if not diff and not always:
         return
     if "train.lr" in diff or always:
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = base, base * fn(scheduler.last_epoch)
+    if "train.weight_decay" in diff or always:
+        optimizer.param_groups[0]["weight_decay"] = weight_decay
 
 
 def params(step: int, diff: dict) -> dict:

@@ -219,13 +219,15 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     start = pre.start
     state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
-    if start.forked_from is not None:  # the other run's tracker run and best evaluation are not this one's
+    if start.forked_from is not None:  # the other run's tracker run and evaluations are not this one's
         state.tracker_ids = dict(start.tracker_ids)
         state.best_metric, state.best_step, state.best_eval, state.evals_without_improvement = None, None, {}, 0
+        state.first_eval = {}
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
-    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, always=start.forked_from is not None)
+    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, t.weight_decay,
+                                   always=start.forked_from is not None)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
@@ -721,7 +723,7 @@ def _optimizer(model, t, device, skip: set[str]) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused AdamW is what HF Trainer uses by default; it beats the per-tensor loop on CPU too (NOTES.md).
+    # Fused AdamW is what HF Trainer uses by default; it beats the per-tensor loop on CPU too (measured here).
     try:
         return torch.optim.AdamW(groups, lr=t.lr, fused=device.type in ("cpu", "cuda"))
     except (RuntimeError, TypeError):

@@ -547,24 +547,27 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
     from launcher.config import load_config
 
     common = ["--output-dir", str(tmp_path), *FAST, "checkpoint.every_steps=2", "eval.every_steps=2",
-              "eval.at_start=false", "train.warmup_steps=2", "train.max_steps=8"]
-    check(launcher("train", str(TINY), "--run-name", "src", *common, "train.halt_at_step=4"))
+              "train.warmup_steps=2", "train.max_steps=8"]
+    check(launcher("train", str(TINY), "--run-name", "src", *common, "train.halt_at_step=4", "eval.at_start=true"))
+    assert json.loads((tmp_path / "src" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())["first_eval"]
     check(launcher("train", str(TINY), "--run-name", "other", *common, "train.halt_at_step=2"))
     source = tmp_path / "src" / "checkpoints" / "step-000004"
     start = [f"checkpoint.resume={source}", "train.lr=1e-4"]
     for name, extra, said in (
             ("wider", ["model.tiny.hidden_size=64"], f"checkpoint.resume: {source} was written with "
              "model.tiny.hidden_size: 32 -> 64: its weights do not load into this model; keep those values"),
+            ("longer", ["data.max_length=96"], f"checkpoint.resume: {source} was written with "  # the position table
+             "data.max_length: 64 -> 96: its weights do not load into this model; keep those values"),
             ("other", [], f"checkpoint.resume: {source} is another run's checkpoint, and {tmp_path / 'other'} already "
              "exists: a run started from it needs a new --run-name")):
         proc = launcher("train", str(TINY), "--run-name", name, *common, *start, *extra)
         assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [f"error: {said}"]
-    assert not (tmp_path / "wider").exists()
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "longer").exists()
 
-    fork = ["train", str(TINY), "--run-name", "fork", *common, *start, "data.synthetic.seed=1"]
+    fork = ["train", str(TINY), "--run-name", "fork", *common, *start, "data.synthetic.seed=1", "train.weight_decay=0.05"]
     first = check(launcher(*fork, "train.halt_at_step=6"))
     assert f"resuming from {source}" in first.stdout.splitlines()
-    assert "  train.lr: 0.001 -> 0.0001" in first.stdout.splitlines()
+    assert {"  train.lr: 0.001 -> 0.0001", "  train.weight_decay: 0.01 -> 0.05"} <= set(first.stdout.splitlines())
     run = tmp_path / "fork"
     assert load_config(run / "config.yaml", check_files=False).train.lr == 1e-4
     assert json.loads((run / "job.json").read_text())["started_from"] == str(source.resolve())
@@ -574,8 +577,12 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
     shutil.rmtree(source)  # rotated away in its run, say
     again = check(launcher(*fork))  # a requeue: the same command
     assert f"resuming from {run / 'checkpoints' / 'step-000006'}" in again.stdout.splitlines()
+    # The optimizer restored the source's groups; the decaying one takes the new weight decay.
+    groups = torch.load(run / "checkpoints" / "step-000008" / "optimizer.bin", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["best_step"] in (6, 8) and final["exported_step"] in (6, 8)  # not the source's steps 2 or 4
+    assert final["before"] == {}  # the source's step-0 evaluation is not this run's
     client = mlflow_client(tmp_path)
     runs = {r.info.run_name: r for r in all_runs(client)}
     assert sorted(runs) == ["fork", "other", "src"]
