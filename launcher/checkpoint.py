@@ -623,6 +623,7 @@ def adopt_snapshot(snap: Path, model_dir: Path, launcher_json: str) -> None:
         (tmp / name).unlink(missing_ok=True)
     (tmp / "launcher.json").unlink()  # a link to the snapshot's: written anew, not through it
     (tmp / "launcher.json").write_text(launcher_json)
+    faults.stall("export")
     faults.point("export")
     _replace_dir(tmp, model_dir)  # RUN/best stays (remove_best)
 

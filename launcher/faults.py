@@ -9,7 +9,9 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
 
 `LAUNCHER_STALL=RANK:WHERE:SECONDS` makes that rank sleep, WHERE being a step number (inside
 that optimizer step, after its backward passes: the hang the watchdog tests need) or
-`export` (rank 0 writing the final model while the others wait).
+`export` (rank 0 writing the final model while the others wait, whether it writes the live
+weights or adopts the best evaluation's snapshot). It says so on stderr, so a test knows the
+stall happened.
 
 `LAUNCHER_SAVE_ERROR=RANK:STEP` makes that rank's save of that step fail (a RuntimeError
 before the engine writes), as an engine bug on one rank would, while the others go on
@@ -60,6 +62,7 @@ def stall(where: int | str) -> None:
     if int(rank) == int(os.environ.get("RANK", "0")) and at == str(where):
         import time
 
+        print(f"LAUNCHER_STALL: rank {rank} sleeps {seconds} s at {where}", file=sys.stderr, flush=True)
         time.sleep(float(seconds))
 
 
