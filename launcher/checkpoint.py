@@ -22,12 +22,12 @@ from pathlib import Path
 
 from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError
+from launcher.owner import read_owner, started_from
 from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
 
 STATE_FILE = "trainer_state.json"
-OWNER_FILE = "job.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -58,6 +58,13 @@ class TrainState:
         data = json.loads((ckpt / STATE_FILE).read_text())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def for_new_run(self, tracker_ids: dict) -> "TrainState":
+        """The state a run started from another run's checkpoint goes on with: its step, epoch
+        and batch order, but its own tracker runs and none of the other run's evaluations (no
+        best to export, no step-0 evaluation, patience counted afresh)."""
+        return dataclasses.replace(self, tracker_ids=dict(tracker_ids), best_metric=None, best_step=None, best_eval={},
+                                   evals_without_improvement=0, metric_at_step=None, first_eval={})
 
 
 def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
@@ -127,26 +134,6 @@ def remove_partial(paths: list[Path]) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def read_owner(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / OWNER_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = None, started_from: Path | None = None) -> None:
-    """RUN/job.json: the scheduler job that owns the run directory, its tracker run ids once
-    tracking has started (a checkpoint carries them too, but may not exist yet), and the other
-    run's checkpoint it started from, if any (kept when the ids are recorded later)."""
-    owner = {"slurm_job_id": job_id, "tracker_ids": tracker_ids or {}}
-    source = str(started_from.resolve()) if started_from else read_owner(run_dir).get("started_from")
-    if source:
-        owner["started_from"] = source
-    tmp = run_dir / f".{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps(owner))
-    tmp.replace(run_dir / OWNER_FILE)
-
-
 def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, trusted: bool = False) -> Start:
     """Where to start. Never overwrites a run: a run directory without a complete checkpoint
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
@@ -185,8 +172,7 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
     on from this run's own latest checkpoint, or starts again from PATH if it has none yet."""
     path = Path(resume)
     own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
-    owner = read_owner(run_dir)
-    ours = not own and owner.get("started_from") == str(path.resolve())
+    ours = not own and started_from(run_dir, path)
     mine = complete_checkpoints(run_dir / "checkpoints")
     if ours and mine:  # PATH itself may have been rotated away in its run since
         return Start(checkpoint=mine[-1][1], partial=partial_writes(run_dir))
@@ -204,7 +190,7 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
     if run_dir.exists() and not ours:
         raise ConfigError(f"checkpoint.resume: {resume} is another run's checkpoint, and {run_dir} already exists: "
                           "a run started from it needs a new --run-name")
-    return Start(checkpoint=path, forked_from=path, tracker_ids=(owner.get("tracker_ids") or {}) if ours else {},
+    return Start(checkpoint=path, forked_from=path, tracker_ids=(read_owner(run_dir).get("tracker_ids") or {}) if ours else {},
                  partial=partial_writes(run_dir) if ours else [])
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from launcher import owner
 from launcher.errors import ConfigError
 
 # The 8 UNFAIR-ToS categories (LexGLUE), in the dataset's label-id order.
@@ -719,7 +720,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         if probe.exists() and not probe.is_dir():
             out.append(f"output_dir: {probe} is a file, not a directory (choose another --output-dir)")
     if c.resume not in ("auto", "never") and check_files and not Path(c.resume).is_dir() \
-            and not _started_from(cfg.run_dir, c.resume):
+            and not owner.started_from(cfg.run_dir, c.resume):  # a requeue: its source may be gone
         out.append(f"checkpoint.resume: {c.resume}: no such checkpoint directory (or use auto | never)")
     if (cfg.task == "causal_lm" and not d.synthetic.enabled and d.train_file is None
             and d.hub_dataset == DataConfig.hub_dataset):
@@ -833,17 +834,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _started_from(run_dir: Path, resume: str) -> bool:
-    """The run directory's job.json says this run started from that checkpoint: the same
-    command again (a requeue) goes on from the run's own, even if that one is gone since."""
-    import json
-
-    try:
-        return json.loads((run_dir / "job.json").read_text()).get("started_from") == str(Path(resume).resolve())
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

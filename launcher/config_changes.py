@@ -79,23 +79,26 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
 
     if checkpoint is None:
         return {}
+    written_in = Path(checkpoint).resolve().parent.parent  # RUN of RUN/checkpoints/step-N
     if forked:
-        source = Path(checkpoint).resolve().parent.parent / "config.yaml"
-        accepted, refused = changes(source, cfg) if source.is_file() else ({}, {})
+        source = written_in / "config.yaml"
+        if not source.is_file():  # a checkpoint copied out of its run: nothing to compare with
+            return {}
+        accepted, refused = changes(source, cfg)
         fixed = MODEL_SHAPE + (TINY_SHAPE if cfg.model.name == TINY_MODEL else ())
         shape = {k: v for k, v in {**accepted, **refused}.items() if k in fixed}
         if shape:
             raise ConfigError(f"checkpoint.resume: {checkpoint} was written with {describe(shape)}: its weights do not "
                               "load into this model; keep those values")
-        return dict(sorted({**accepted, **refused}.items()))
-    saved = cfg.run_dir / "config.yaml"
-    if not saved.is_file() or Path(checkpoint).resolve().parent.parent != cfg.run_dir.resolve():
-        return {}
-    accepted, refused = changes(saved, cfg)
-    if refused and cfg.checkpoint.resume_changed != "allow":
-        raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
-                          f"{describe(refused)}: that trains a run neither config describes; restore the values, "
-                          "choose a new --run-name, or set checkpoint.resume_changed=allow")
+    else:
+        saved = cfg.run_dir / "config.yaml"
+        if not saved.is_file() or written_in != cfg.run_dir.resolve():
+            return {}
+        accepted, refused = changes(saved, cfg)
+        if refused and cfg.checkpoint.resume_changed != "allow":
+            raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
+                              f"{describe(refused)}: that trains a run neither config describes; restore the values, "
+                              "choose a new --run-name, or set checkpoint.resume_changed=allow")
     return dict(sorted({**accepted, **refused}.items()))
 
 

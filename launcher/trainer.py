@@ -30,7 +30,7 @@ import torch
 
 import launcher
 from launcher import checkpoint as ckpt_lib
-from launcher import config_changes, faults, hub, models, report, schedules, sizing, tasks, tracking, watchdog
+from launcher import config_changes, faults, hub, models, owner, report, schedules, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import DataError
@@ -219,10 +219,8 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     start = pre.start
     state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
-    if start.forked_from is not None:  # the other run's tracker run and evaluations are not this one's
-        state.tracker_ids = dict(start.tracker_ids)
-        state.best_metric, state.best_step, state.best_eval, state.evals_without_improvement = None, None, {}, 0
-        state.first_eval = {}
+    if start.forked_from is not None:
+        state = state.for_new_run(start.tracker_ids)
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
@@ -278,7 +276,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     tracker = tracking.start_tracking(tracking.Setup.of(cfg), rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
     state.tracker_ids = tracker.ids()
     if start.checkpoint is None or start.forked_from is not None:
-        rt.on_main(ckpt_lib.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
+        rt.on_main(owner.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
     notes, derived = p.task.describe(p.train_ds, p.val_ds)
     padded, padded_random = p.sampler.padded_fraction(), p.sampler.padded_fraction(grouped=False)
     notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if p.group_by_length else 'random'} micro-batches"
@@ -658,7 +656,7 @@ def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start.checkpoint is None or start.forked_from is not None:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            ckpt_lib.record_owner(run_dir, rt.job_id, start.tracker_ids, start.forked_from)
+            owner.record_owner(run_dir, rt.job_id, start.tracker_ids, start.forked_from)
             (run_dir / INTERRUPTED).unlink(missing_ok=True)  # this attempt restarts in place
 
     rt.on_main(create)

@@ -157,12 +157,12 @@ def test_field_docs_cover_contract_keys():
 def test_run_directory_policy(tmp_path):
     """resolve_resume: a new directory starts fresh; an existing one resumes its newest complete
     checkpoint; one without a checkpoint is refused unless RUN/job.json names this very job."""
-    from launcher import checkpoint as ck
+    from launcher import checkpoint as ck, owner
 
     run = tmp_path / "r"
     assert ck.resolve_resume(run, "auto", "7") == ck.Start()
     run.mkdir()
-    ck.record_owner(run, "7", {"mlflow": "abc"})
+    owner.record_owner(run, "7", {"mlflow": "abc"})
     for job in (None, "8"):  # outside Slurm, or another job: never touched
         with pytest.raises(ConfigError, match="holds no complete checkpoint"):
             ck.resolve_resume(run, "auto", job)

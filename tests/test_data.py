@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from launcher.config import UNFAIR_TOS_CATEGORIES, DataConfig
+from launcher.config import DataConfig
 from launcher.data import batching, synthetic
 from launcher.data.clauses import load_split
 from launcher.errors import DataError

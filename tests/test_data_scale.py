@@ -23,7 +23,7 @@ from launcher.data.cache import Cache
 from launcher.data.clauses import ClauseEncoder
 from launcher.errors import DataError
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, check, launcher
+from conftest import CONFIGS, FAST, TINY, check, launcher
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 

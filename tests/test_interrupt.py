@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, communicate_or_kill, launcher, mlflow_client
-from launcher import checkpoint as ckpt_lib
+from launcher import owner
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _start(out: Path, *extra: str, env: dict | None = None, own_group: bool = Fa
 def _once_tracking(proc: subprocess.Popen, run: Path) -> None:
     """Waits until the run's tracker run exists (recorded in RUN/job.json before step 1)."""
     deadline = time.time() + 300
-    while not ckpt_lib.read_owner(run).get("tracker_ids"):
+    while not owner.read_owner(run).get("tracker_ids"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
 

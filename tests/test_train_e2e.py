@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import checkpoint as ckpt_lib
+from launcher import owner
 
 from conftest import FAST, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
 
@@ -217,14 +217,14 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     proc = subprocess.Popen(cmd, env={**os.environ, "SLURM_JOB_ID": "4711"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     # Killed once its MLflow run exists (recorded in job.json before step 0's evaluation and 60 steps).
-    while not ckpt_lib.read_owner(run).get("tracker_ids"):
+    while not owner.read_owner(run).get("tracker_ids"):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
-    owner = ckpt_lib.read_owner(run)
-    assert owner["slurm_job_id"] == "4711"
+    job = owner.read_owner(run)
+    assert job["slurm_job_id"] == "4711"
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
     other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4712"})
     assert other.returncode == 2 and "holds no complete checkpoint" in other.stderr
@@ -236,7 +236,7 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     a, b = _weights(tmp_path / "ref" / "r"), _weights(run)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     (mlrun,) = all_runs(mlflow_client(out))
-    assert mlrun.info.run_id == owner["tracker_ids"]["mlflow"] and mlrun.data.tags["launcher.attempts"] == "2"
+    assert mlrun.info.run_id == job["tracker_ids"]["mlflow"] and mlrun.data.tags["launcher.attempts"] == "2"
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["slurm_job_id"] == "4711"
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert steps == list(range(1, 61))  # the local record holds the new attempt only

@@ -206,7 +206,7 @@ def test_a_model_that_ships_python_code_is_loaded_only_with_trust_remote_code(tm
             "auto_map); pass --trust-remote-code if you trust it"), (name, refused.stderr[-2000:])
         assert not marker.exists() and not (tmp_path / "out").exists()
     for name, args in commands.items():
-        ran = check(launcher(*args, "--trust-remote-code", env=env))
+        check(launcher(*args, "--trust-remote-code", env=env))
         assert marker.read_text() == "ran", name
         marker.unlink()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"] == auto_map
