@@ -28,6 +28,7 @@ from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
 
 STATE_FILE = "trainer_state.json"
+RUN_CONFIG = "config.yaml"  # in a checkpoint: the run config it was written under
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -199,8 +200,11 @@ SKELETON = "skeleton"  # everything of an exported model/ but the weights, insid
 
 class Checkpointer:
     def __init__(self, cfg, run_dir: Path, rt, higher_is_better: bool, write_skeleton=None, trainable_only: bool = False,
-                 export_dtype: str = "float32", reads_masters: bool = False):
+                 export_dtype: str = "float32", reads_masters: bool = False, run_config: str | None = None):
         self.cfg = cfg
+        # The run's config as YAML, kept in each checkpoint (RUN_CONFIG): a run started from it
+        # elsewhere is compared with the config that wrote it, wherever the checkpoint was copied.
+        self.run_config = run_config
         self.export_dtype = export_dtype  # checkpoint.export_dtype, resolved
         # The export is read from DeepSpeed's fp32 masters (engines.Engine.export_reads_masters).
         self.reads_masters = reads_masters
@@ -283,6 +287,8 @@ class Checkpointer:
         if self.write_skeleton is not None:
             self.write_skeleton(tmp / SKELETON)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
+        if self.run_config is not None:
+            (tmp / RUN_CONFIG).write_text(self.run_config)
         (tmp / MARKER).write_text(trust.sign(tmp))  # last: every file is in, and signed (trust.py)
         if final.exists():  # an incomplete leftover from a crash at this step
             shutil.rmtree(final)

@@ -72,7 +72,7 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     """Before anything is built: the accepted changes of a resume in the run's own directory,
     or ConfigError (one line) for a change that makes it another run. A checkpoint of another
     run (checkpoint.resume=PATH outside the run directory) starts a new run from it: every
-    change against that run's config.yaml is accepted (and followed: a new lr is the new
+    change against the config it was written under is accepted (and followed: a new lr is the new
     schedule's from the next step)."""
     from launcher.config import TINY_MODEL
     from launcher.errors import ConfigError
@@ -80,9 +80,9 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     if checkpoint is None:
         return {}
     written_in = Path(checkpoint).resolve().parent.parent  # RUN of RUN/checkpoints/step-N
-    if forked:
-        source = written_in / "config.yaml"
-        if not source.is_file():  # a checkpoint copied out of its run: nothing to compare with
+    if forked:  # the config the checkpoint was written under (checkpoint.RUN_CONFIG), else its run's
+        source = next((p for p in (Path(checkpoint) / "config.yaml", written_in / "config.yaml") if p.is_file()), None)
+        if source is None:  # copied out of its run by a launcher that kept no config in it
             return {}
         accepted, refused = changes(source, cfg)
         fixed = MODEL_SHAPE + (TINY_SHAPE if cfg.model.name == TINY_MODEL else ())

@@ -261,7 +261,8 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
                                  extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, cfg.eval_metric not in LOWER_IS_BETTER, skeleton,
                                          trainable_only, export_dtype,
-                                         rt.engine.export_reads_masters(cfg.train.precision, export_dtype, cfg.model.lora.enabled))
+                                         rt.engine.export_reads_masters(cfg.train.precision, export_dtype, cfg.model.lora.enabled),
+                                         run_config=dump_yaml(cfg))
     width = next(model.parameters()).element_size()
     saved = n_trainable if trainable_only else n_params
     checkpointer.need = ckpt_lib.check_space(rt, run_dir, sizing.checkpoint_bytes(saved, n_trainable, width))

@@ -541,7 +541,8 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
     steps), the source's tokenizer, no best evaluation of the source's, and the new lr's
     schedule from the next step. The same command again after a halt goes on from this run's
     own latest checkpoint, in the same MLflow run, even once PATH is gone. A change the
-    weights cannot fit, or an existing directory, is one line."""
+    weights cannot fit (against the config the checkpoint holds, wherever it was copied), or
+    an existing directory, is one line."""
     import shutil
 
     from launcher.config import load_config
@@ -562,6 +563,13 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
              "exists: a run started from it needs a new --run-name")):
         proc = launcher("train", str(TINY), "--run-name", name, *common, *start, *extra)
         assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [f"error: {said}"]
+    # Copied out of its run (no config.yaml beside it): the config it was written under is in it.
+    copied = tmp_path / "elsewhere" / "step-000004"
+    shutil.copytree(source, copied)
+    proc = launcher("train", str(TINY), "--run-name", "wider", *common, f"checkpoint.resume={copied}", "model.tiny.hidden_size=64")
+    assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+        f"error: checkpoint.resume: {copied} was written with model.tiny.hidden_size: 32 -> 64: its weights do not load "
+        "into this model; keep those values"], proc.stderr[-3000:]
     assert not (tmp_path / "wider").exists() and not (tmp_path / "longer").exists()
 
     fork = ["train", str(TINY), "--run-name", "fork", *common, *start, "data.synthetic.seed=1", "train.weight_decay=0.05"]
