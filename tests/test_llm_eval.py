@@ -233,6 +233,44 @@ def _tiny_model(tok, arch="llama"):
     return model
 
 
+def test_answers_end_where_a_learned_position_table_does(tok):
+    """GPT-2 reads no token past n_positions: with data.max_length = n_positions, prompts that
+    fill the table made the evaluation's greedy answers (and `launcher eval`) index outside it.
+    Each row's answer now ends where the table does: it is the answer of the same weights with a
+    longer table, cut to the positions left after its prompt (plus the token the last one predicts)."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.models import position_limit
+    from launcher.tasks.causal_lm import continuation
+
+    wide = _tiny_model(tok, "gpt2")
+    fmt = PromptFormat.from_config(DataConfig(), tok)
+    clause = ROWS[0]["input"]
+    records = [{**ROWS[0], "input": " ".join([clause] * k)} for k in (1, 3, 4)]
+    enc = [encode(r, fmt, tok) for r in records]
+    prompt_lens = [last_answer_start(y) for _, y in enc]
+    limit = max(prompt_lens) + 2  # the longest prompt leaves room for two more tokens
+    assert limit < position_limit(wide)
+    config = wide.config.to_dict() | {"n_positions": limit}
+    cut = AutoModelForCausalLM.from_config(type(wide.config).from_dict(config)).eval()
+    state = wide.state_dict()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:limit]
+    cut.load_state_dict(state)
+    assert position_limit(cut) == limit
+    # Answers to the prompts alone: the rows are the prompts (no answer part), as predict's are.
+    rows = [{"input_ids": x[:n], "labels": None, "answer": "", "question": ""} for (x, _), n in zip(enc, prompt_lens)]
+    batch = generation.collate(rows, list(range(len(rows))), tok.eos_token_id, generate=True)
+    max_new = 12
+    reference = generation.run_batch(wide, batch, None, generation.stop_token_ids(tok, wide), max_new)
+    answers = ["unfair", "other"]
+    cands = generation.Candidates(answers, [continuation(a, fmt, tok) for a in answers])
+    _, answered = generation.evaluate(cut, [batch], tok, cands, max_new)
+    room = [limit - n + 1 for n in prompt_lens]
+    assert any(len(r["response_ids"]) > k for r, k in zip(reference, room))  # the table does cut some answer
+    for r, k, got in zip(reference, room, answered):
+        assert got["response"] == tok.decode(r["response_ids"][:k], skip_special_tokens=True).strip()
+
+
 @pytest.mark.parametrize("lean", [False, True], ids=["model-logits", "lean-head"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_one_pass_gives_the_models_own_loss_and_each_candidates_full_likelihood(arch, lean, tok):

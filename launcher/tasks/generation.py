@@ -145,12 +145,13 @@ def collate(rows: list[dict], indices: list[int], pad_id: int, generate: bool) -
 
 @torch.no_grad()
 def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[int], max_new: int,
-              sync=None, head=None) -> list[dict]:
+              sync=None, head=None, positions_limit: int | None = None) -> list[dict]:
     """Per row: index, loss sum and token count over its labels, and when the batch is answered,
     the greedy response ids and each candidate's log-likelihood. sync(flag) -> whether any rank
     still decodes (sharded engines); None: this process alone decides. head: a lean_loss.Head,
     which scores the labelled positions from the hidden states a chunk at a time (no batch x
-    length x vocabulary logits); None: the model's own logits."""
+    length x vocabulary logits); None: the model's own logits. positions_limit: the model's
+    learned position table's size (models.position_limit), past which no token is fed."""
     device = next(model.parameters()).device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     width, n = batch["width"], ids.shape[0]
@@ -191,6 +192,8 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
                 feed = torch.tensor(tokens[:-1], device=device).expand(n, -1)
                 m = torch.cat([prompt_mask, torch.ones_like(feed)], 1)
                 pos = prompt_lens[:, None] + torch.arange(len(tokens) - 1, device=device)
+                if positions_limit is not None:  # a prompt filling the table: its last position stands in
+                    pos = pos.clamp(max=positions_limit - 1)
                 step = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kv: cache})
                 logp = torch.log_softmax(step.logits.float(), -1)
                 target = torch.tensor(tokens[1:], device=device).expand(n, -1)
@@ -199,7 +202,8 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
         for i in range(n):
             results[i]["scores"] = [float(s) for s in scores[i]]
             results[i]["choice"] = int(scores[i].argmax())
-    generated = greedy(model, cache, first_logp.argmax(-1), prompt_mask, prompt_lens, stop_ids, max_new, sync)
+    generated = greedy(model, cache, first_logp.argmax(-1), prompt_mask, prompt_lens, stop_ids, max_new, sync,
+                       positions_limit)
     for i in range(n):
         results[i]["response_ids"] = generated[i]
     return results
@@ -226,17 +230,27 @@ def _prompt_cache(model, cache, prompt_ids, prompt_mask, positions, width: int, 
     return getattr(out, _cache_name())
 
 
-def greedy(model, cache, first, prompt_mask, prompt_lens, stop_ids: set[int], max_new: int, sync=None) -> list[list[int]]:
+def greedy(model, cache, first, prompt_mask, prompt_lens, stop_ids: set[int], max_new: int, sync=None,
+           positions_limit: int | None = None) -> list[list[int]]:
     """Greedy continuation from a prompt cache: ids per row up to (not including) its stop token.
     Finished rows keep feeding their last token, so every row (and every rank, when `sync`
-    says one still decodes) runs the same forward passes."""
+    says one still decodes) runs the same forward passes. With a learned position table
+    (`positions_limit`), a row's answer ends where the table does: a model reads no token past
+    it (GPT-2 at data.max_length = n_positions indexed outside it)."""
     device = first.device
     n = first.shape[0]
     stops = torch.tensor(sorted(stop_ids), device=device)
     out = [first]
     done = torch.isin(first, stops)
+    length = torch.full((n,), max_new, device=device)  # tokens kept per row, before its stop token
     mask = prompt_mask
     for step in range(1, max_new):
+        pos = (prompt_lens + step - 1)[:, None]
+        if positions_limit is not None:
+            full = (pos[:, 0] >= positions_limit) & ~done
+            length = torch.where(full, torch.full_like(length, step), length)
+            done = done | full
+            pos = pos.clamp(max=positions_limit - 1)  # finished rows' feed, whose outputs are dropped
         busy = bool((~done).any())
         if sync is not None:
             busy = sync(busy)
@@ -244,7 +258,6 @@ def greedy(model, cache, first, prompt_mask, prompt_lens, stop_ids: set[int], ma
             break
         token = out[-1]
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
-        pos = (prompt_lens + step - 1)[:, None]
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
                        **{_cache_name(): cache}).logits[:, -1]
         nxt = torch.where(done, token, logits.argmax(-1))
@@ -252,7 +265,8 @@ def greedy(model, cache, first, prompt_mask, prompt_lens, stop_ids: set[int], ma
         out.append(nxt)
     seqs = torch.stack(out, 1).tolist()
     result = []
-    for row in seqs:
+    for row, kept in zip(seqs, length.tolist()):
+        row = row[:kept]
         cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
         result.append(row[:cut])
     return result
@@ -278,11 +292,14 @@ def evaluate(model, batches, tokenizer, candidates: Candidates | None, max_new: 
     run_batch."""
     import contextlib
 
+    from launcher.models import position_limit
+
     stop_ids = stop_token_ids(tokenizer, model)
+    limit = position_limit(model)
     records = []
     for batch in batches:
         with autocast() if autocast is not None else contextlib.nullcontext():
-            results = run_batch(model, batch, candidates, stop_ids, max_new, sync, head)
+            results = run_batch(model, batch, candidates, stop_ids, max_new, sync, head, limit)
         for r, ans, q in zip(results, batch["answer"], batch["question"]):
             if r["index"] < 0:
                 continue
