@@ -241,7 +241,7 @@ def test_answers_end_where_a_learned_position_table_does(tok):
     from transformers import AutoModelForCausalLM
 
     from launcher.models import position_limit
-    from launcher.tasks.causal_lm import continuation
+    from launcher.tasks.causal_lm import answer_prompts, continuation, prompt_rows
 
     wide = _tiny_model(tok, "gpt2")
     fmt = PromptFormat.from_config(DataConfig(), tok)
@@ -269,6 +269,13 @@ def test_answers_end_where_a_learned_position_table_does(tok):
     assert any(len(r["response_ids"]) > k for r, k in zip(reference, room))  # the table does cut some answer
     for r, k, got in zip(reference, room, answered):
         assert got["response"] == tok.decode(r["response_ids"][:k], skip_special_tokens=True).strip()
+    # `launcher generate` and eval.generation_prompts: a prompt longer than the table keeps its end.
+    long = " ".join([clause] * 6)
+    (row,) = prompt_rows([{"instruction": long, "input": "", "output": None, "_bare": True}], fmt, tok)
+    assert len(row["input_ids"]) > limit
+    end = generation.collate([{**row, "input_ids": row["input_ids"][-limit:]}], [0], tok.eos_token_id, generate=True)
+    _, (own,) = generation.evaluate(cut, [end], tok, None, 4)
+    assert answer_prompts(cut, tok, fmt, [long], 4) == [own["response"]]
 
 
 @pytest.mark.parametrize("lean", [False, True], ids=["model-logits", "lean-head"])
