@@ -419,10 +419,10 @@ def test_a_silent_lock_from_another_host_is_taken_over_with_one_line(tmp_path):
 
 def _slow_builder(root: str, out):
     def build(tmp, stage):
-        time.sleep(2.0)  # four times stale_after_s: only the heartbeat keeps the lock alive
+        time.sleep(5.0)  # 2.5 times stale_after_s: only the heartbeat keeps the lock alive
         (tmp / "rows").write_text(str(os.getpid()))
 
-    path, built = Cache(root, "job-a", True, say=lambda s: None, poll_s=0.05, heartbeat_s=0.1, stale_after_s=0.5).get(
+    path, built = Cache(root, "job-a", True, say=lambda s: None, poll_s=0.05, heartbeat_s=0.1, stale_after_s=2.0).get(
         "tokens", {"k": 1}, build)
     out.put(("a", built, (path / "rows").read_text()))
 
@@ -438,7 +438,8 @@ def test_a_live_builder_keeps_its_lock_by_beating_and_a_silent_one_of_this_job_s
         assert time.monotonic() < deadline
         time.sleep(0.01)
     said = []
-    path, built = Cache(tmp_path / "c", "job-b", True, say=said.append, poll_s=0.05, stale_after_s=0.5).get(
+    # (a 2 s silence, twenty beats, would be needed to take over: a loaded machine's pauses are shorter)
+    path, built = Cache(tmp_path / "c", "job-b", True, say=said.append, poll_s=0.05, stale_after_s=2.0).get(
         "tokens", {"k": 1}, lambda tmp, stage: (tmp / "rows").write_text("b"))
     assert out.get(timeout=30) == ("a", True, str(builder.pid))
     builder.join(10)

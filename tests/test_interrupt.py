@@ -32,11 +32,11 @@ def _ports(launch: list[str]) -> list[str]:
     return [*launch, "--main-process-port", str(free_port())] if launch else []
 
 
-def _start(out: Path, *extra: str, env: dict | None = None, own_group: bool = False) -> subprocess.Popen:
+def _start(out: Path, *extra: str, env: dict | None = None, own_group: bool = False, stderr=subprocess.PIPE) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r",
            *FAST, *STEPS, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=own_group)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=own_group)
 
 
 def _once_tracking(proc: subprocess.Popen, run: Path) -> None:
@@ -105,12 +105,19 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
     exit 130, one line and no traceback. No checkpoint was sealed, so the run directory is
     marked, and the same command starts again from step 0 in it, in the same MLflow run."""
     run, launch = tmp_path / "r", _ports(launch)
-    proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:1:3600"})
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:1:3600"}, stderr=sink)
     _once_tracking(proc, run)
     proc.send_signal(signal.SIGINT)
-    time.sleep(1.5)
+    deadline = time.time() + 120  # the first press has been taken (its line said), then a second one
+    while "launcher: SIGINT: every rank" not in errors.read_text():
+        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(1.0)  # more than runtime.SAME_KEY_PRESS_S: a second press, not the same one twice
     proc.send_signal(signal.SIGINT)
-    out, err = communicate_or_kill(proc, 120)  # the stall lasts an hour: an exit at all is "at once"
+    out, _ = communicate_or_kill(proc, 120)  # the stall lasts an hour: an exit at all is "at once"
+    err = errors.read_text()
     assert proc.returncode == 130, (proc.returncode, out[-3000:], err[-3000:])
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     said = [x for x in err.splitlines() if x.startswith("launcher: SIGINT again")]

@@ -113,7 +113,9 @@ def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_sam
 
     ref = tmp_path / "ref"
     check(launcher("train", str(TINY), "--output-dir", str(ref), "--run-name", "ref", *FAST, *STEPS))
-    job, proc = sbatch(cluster, tmp_path, *STEPS, nodes="1-2")
+    # Rank 0 takes 10 s more in step 1 (the requeued attempt starts past it): the stop asked for
+    # below lands before the 12 steps end, however slow the signal's way through Slurm.
+    job, proc = sbatch(cluster, tmp_path, *STEPS, nodes="1-2", LAUNCHER_STALL="0:1:10")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "clause_tiny"
     deadline = time.time() + 600

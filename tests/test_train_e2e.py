@@ -215,7 +215,7 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     out, run = tmp_path / "b", tmp_path / "b" / "r"
     cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
     proc = subprocess.Popen(cmd, env={**os.environ, "SLURM_JOB_ID": "4711"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     # Killed once its MLflow run exists (recorded in job.json before step 0's evaluation and 60 steps).
     while not owner.read_owner(run).get("tracker_ids"):
         assert proc.poll() is None and time.time() < deadline
