@@ -695,9 +695,18 @@ def _tokenizer_dir(run_dir: Path, start: ckpt_lib.Start) -> Path:
 
 def _keep_tokenizer(tokenizer, out: Path) -> None:
     """A tiny model's tokenizer goes into the run directory once: a resumed run reads it back.
-    Rank 0 alone looks for it (inside on_main), so every rank reaches the same barrier."""
-    if not (out / "tokenizer.json").is_file():
-        tokenizer.save_pretrained(out)
+    Rank 0 alone looks for it (inside on_main), so every rank reaches the same barrier. Written
+    beside it and renamed into place: a rank that finds tokenizer.json (a slower rank's data
+    preparation, a resume after a kill) finds it whole."""
+    import shutil
+
+    if (out / "tokenizer.json").is_file():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # what a kill left of an older, non-atomic write
+    tmp.rename(out)
 
 
 def no_decay_names(model) -> set[str]:

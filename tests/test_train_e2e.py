@@ -629,3 +629,32 @@ def test_eval_reads_a_json_array_as_training_does(trained_binary, tmp_path):
     bad = launcher("eval", str(run / "model"), "--data", str(tmp_path / "broken.json"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert [x for x in bad.stderr.splitlines() if x.startswith("error:")][0].startswith(f"error: {tmp_path / 'broken.json'}:")
+
+
+def test_a_kept_tokenizer_appears_whole_or_not_at_all(tmp_path):
+    """A tiny model's tokenizer is written beside RUN/tokenizer and renamed into place: a write
+    cut short (a kill) leaves no tokenizer.json that a slower rank or a resume would read half
+    of, and the next attempt replaces whatever it left."""
+    from transformers import AutoTokenizer
+
+    from launcher.data.tokenizer import train_lm_tokenizer
+    from launcher.trainer import _keep_tokenizer
+
+    tok = train_lm_tokenizer(["the provider may change terms at any time"], 60, 16)
+    out = tmp_path / "tokenizer"
+
+    class Killed:
+        def save_pretrained(self, where):
+            Path(where).mkdir(parents=True, exist_ok=True)
+            (Path(where) / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _keep_tokenizer(Killed(), out)
+    assert not (out / "tokenizer.json").exists()
+    out.mkdir()
+    (out / "special_tokens_map.json").write_text("{")  # an older launcher's write, cut short
+    _keep_tokenizer(tok, out)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == tok.get_vocab()
+    assert not (out / "special_tokens_map.json").exists() or (out / "special_tokens_map.json").read_text() != "{"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
