@@ -185,20 +185,8 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
                           positions[:, :width], width, sync)
     first_logp = torch.log_softmax(first_logits.float(), -1)
     if candidates is not None:
-        scores = torch.zeros((n, len(candidates.answers)), dtype=torch.float64, device=device)
-        for c, tokens in enumerate(candidates.tokens):
-            scores[:, c] = first_logp[:, tokens[0]].double()
-            if len(tokens) > 1:
-                feed = torch.tensor(tokens[:-1], device=device).expand(n, -1)
-                m = torch.cat([prompt_mask, torch.ones_like(feed)], 1)
-                pos = prompt_lens[:, None] + torch.arange(len(tokens) - 1, device=device)
-                if positions_limit is not None:  # a prompt filling the table: its last position stands in
-                    pos = pos.clamp(max=positions_limit - 1)
-                step = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kv: cache})
-                logp = torch.log_softmax(step.logits.float(), -1)
-                target = torch.tensor(tokens[1:], device=device).expand(n, -1)
-                scores[:, c] += logp.gather(-1, target[..., None])[..., 0].double().sum(1)
-                cache = _prompt_cache(model, cache, ids[:, :width], prompt_mask, positions[:, :width], width, sync)
+        scores, cache = _candidate_scores(model, cache, first_logp, candidates, ids[:, :width], prompt_mask,
+                                          positions[:, :width], prompt_lens, sync, positions_limit)
         for i in range(n):
             results[i]["scores"] = [float(s) for s in scores[i]]
             results[i]["choice"] = int(scores[i].argmax())
@@ -207,6 +195,29 @@ def run_batch(model, batch: dict, candidates: Candidates | None, stop_ids: set[i
     for i in range(n):
         results[i]["response_ids"] = generated[i]
     return results
+
+
+def _candidate_scores(model, cache, first_logp, candidates: Candidates, prompt_ids, prompt_mask, positions, prompt_lens,
+                      sync=None, positions_limit: int | None = None):
+    """(rows x candidates log-likelihoods, the prompt cache): each candidate's tokens fed after
+    the prompts in one forward from the cache, which is cut back to the prompts after each."""
+    device, n, width = first_logp.device, first_logp.shape[0], prompt_ids.shape[1]
+    kv = _cache_name()
+    scores = torch.zeros((n, len(candidates.answers)), dtype=torch.float64, device=device)
+    for c, tokens in enumerate(candidates.tokens):
+        scores[:, c] = first_logp[:, tokens[0]].double()
+        if len(tokens) > 1:
+            feed = torch.tensor(tokens[:-1], device=device).expand(n, -1)
+            m = torch.cat([prompt_mask, torch.ones_like(feed)], 1)
+            pos = prompt_lens[:, None] + torch.arange(len(tokens) - 1, device=device)
+            if positions_limit is not None:  # a prompt filling the table: its last position stands in
+                pos = pos.clamp(max=positions_limit - 1)
+            step = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kv: cache})
+            logp = torch.log_softmax(step.logits.float(), -1)
+            target = torch.tensor(tokens[1:], device=device).expand(n, -1)
+            scores[:, c] += logp.gather(-1, target[..., None])[..., 0].double().sum(1)
+            cache = _prompt_cache(model, cache, prompt_ids, prompt_mask, positions, width, sync)
+    return scores, cache
 
 
 def _prompt_cache(model, cache, prompt_ids, prompt_mask, positions, width: int, sync=None):
