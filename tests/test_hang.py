@@ -74,21 +74,21 @@ def test_every_evaluation_batch_counts_as_progress(tmp_path):
 
         def __iter__(self):
             for i, pause in enumerate(self.pause):
-                time.sleep(pause)
+                pause() if callable(pause) else time.sleep(pause)
                 yield i
 
         def __len__(self):
             return len(self.pause)
 
     said = []
-    dog = Watchdog(tmp_path / "ranks", 0, 1, 1.0, said.append)
+    dog = Watchdog(tmp_path / "ranks", 0, 1, 2.0, said.append)
     try:
-        loader = dog.beating(Slow([0.1] * 25), 7, "eval")  # 2.5 s in all, 0.1 s between beats
-        assert len(loader) == 25 and loader.dataset == list(range(12))
-        assert list(loader) == list(range(25))
+        loader = dog.beating(Slow([0.1] * 35), 7, "eval")  # 3.5 s in all, 0.1 s between beats
+        assert len(loader) == 35 and loader.dataset == list(range(12))
+        assert list(loader) == list(range(35))
         assert not said and not (tmp_path / "ranks" / "rank-00000.stack").exists()
-        assert list(dog.beating(Slow([0.0, 3.0]), 8, "eval")) == [0, 1]  # one batch of 3 s
-        assert said and "step 8 (eval)" in said[0], said
+        assert list(dog.beating(Slow([0.0, lambda: _until(said)]), 8, "eval")) == [0, 1]  # a batch that waits on it
+        assert "step 8 (eval)" in said[0], said
         assert (tmp_path / "ranks" / "rank-00000.stack").exists()
     finally:
         dog.close()
@@ -107,7 +107,15 @@ def test_a_long_checkpoint_is_slow_not_hung(tmp_path):
         time.sleep(2.5)
         assert not said and not (tmp_path / "ranks" / "rank-00000.stack").exists()
         dog.beat(3, "train")
-        time.sleep(2.5)
-        assert said and "step 3 (train)" in said[0], said
+        _until(said)
+        assert "step 3 (train)" in said[0], said
     finally:
         dog.close()
+
+
+def _until(said: list, within_s: float = 60.0) -> None:
+    """Waits for the watchdog's first report (a loaded machine may wake its thread late)."""
+    deadline = time.monotonic() + within_s
+    while not said:
+        assert time.monotonic() < deadline, "the watchdog said nothing"
+        time.sleep(0.05)
