@@ -16,6 +16,17 @@ from launcher.errors import RunError, UserError
 REMOTE_CODE_HELP = ("load a model whose config or tokenizer config names Python files shipped with it "
                     "(auto_map): loading runs them")
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch size, a length, a token count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
     p.add_argument("--version", action="version", version=f"launcher {__version__}")
@@ -40,14 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="classifier: JSONL/CSV/Parquet with text and label/labels; "
                    "causal LM: rows with references in the run's shape (its column mapping, instruction/output, "
                    "messages, prompt/completion or conversations)")
-    e.add_argument("--max-length", type=int, help="default: the training max_length the export recorded (else 512)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-length", type=_count, help="default: the training max_length the export recorded (else 512)")
+    e.add_argument("--batch-size", type=_count, default=32)
     e.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     g = sub.add_parser("generate", help="greedy answer of an exported causal LM to one instruction")
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True, help="the instruction; rendered with the run's prompt template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_count, default=64)
     g.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
@@ -55,9 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL with a `text` "
                    "field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
-    r.add_argument("--max-length", type=int, help="classifier: default the training max_length the export recorded "
+    r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
                    "(else 512); causal LM: prompts are cut only at this, or at the model's positions")
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--batch-size", type=_count, default=32)
     r.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     pl = sub.add_parser("plan", help="world size, batch, DeepSpeed autos, memory per GPU, launch command; no process group",

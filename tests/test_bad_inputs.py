@@ -264,3 +264,21 @@ def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_
                    "folder changed since (killed?); every DeepSpeed launch waits on it forever: delete it unless a "
                    "build is running"]
     assert not out.exists() or {p.name for p in out.iterdir()} <= {".cache"}
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "m", "--data", "d.jsonl", "--batch-size", "0"],
+    ["eval", "m", "--data", "d.jsonl", "--max-length", "0"],
+    ["generate", "m", "--prompt", "hi", "--max-new-tokens", "0"],
+    ["predict", "m", "--input", "x.txt", "--batch-size", "-1"],
+    ["predict", "m", "--input", "x.txt", "--max-length", "many"],
+], ids=["eval batch 0", "eval max-length 0", "generate 0 tokens", "predict batch -1", "predict max-length text"])
+def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(tmp_path, args):
+    """Batch sizes, lengths and token counts of eval, generate and predict are whole numbers of
+    at least 1, checked with the arguments: a batch size of 0 was a traceback inside the
+    evaluation (range() arg 3 must not be zero), 0 or -3 new tokens one inside generate."""
+    proc = launcher(*args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    flag, value = args[-2:]
+    assert proc.stderr.splitlines()[-1] == f"launcher {args[0]}: error: argument {flag}: expected an integer >= 1; got '{value}'"
+    assert not list(tmp_path.iterdir())

@@ -5,6 +5,7 @@ which rank is behind and where each one is, and the run then finishes normally."
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -46,13 +47,14 @@ def test_a_long_export_does_not_run_into_the_collective_timeout(tmp_path, monkey
     rest of the run room: on a loaded machine the ranks reach a collective seconds apart.)"""
     monkeypatch.setenv("LAUNCHER_STALL", "0:export:30")
     proc = accelerate_launch(["--config_file", str(ACCEL / "cpu_ddp.yaml")], tmp_path, "x", "train.collective_timeout_s=20",
-                             "train.hang_timeout_s=20", f"checkpoint.export={export}",
+                             "train.hang_timeout_s=20", f"checkpoint.export={export}", "train.lr=1e-9",
                              "tracking.mlflow=false")  # (no tracker work on rank 0 alone before a collective)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LAUNCHER_STALL: rank 0 sleeps 30 s at export" in proc.stderr.splitlines()  # the stall did happen
     summary = json.loads((tmp_path / "x" / "final_metrics.json").read_text())
-    if export == "best":  # an earlier step than the last: its snapshot is what rank 0 adopts
+    if export == "best":  # (lr 1e-9: evaluations tie, the earliest is best) its snapshot is what rank 0 adopts
         assert summary["exported_step"] == summary["best_step"] < summary["step"] == 12, summary
+        assert os.path.samefile(tmp_path / "x" / "best" / "model.safetensors", tmp_path / "x" / "model" / "model.safetensors")
     else:
         assert summary["exported_step"] == summary["step"] == 12, summary
     assert "hang watchdog" not in proc.stdout + proc.stderr

@@ -445,12 +445,14 @@ def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: i
 @torch.no_grad()
 def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_new_tokens: int, sync=None,
                    batch_size: int = 16) -> list[str]:
-    """Greedy answers to bare prompts (eval.generation_prompts, `launcher generate`), batched. A
-    prompt longer than a learned position table (GPT-2's) keeps the end that fits."""
+    """Greedy answers to bare prompts (eval.generation_prompts, `launcher generate`), batched. With
+    a learned position table (GPT-2's), a prompt keeps the end that leaves the answer room, as
+    predict's do."""
     from launcher.models import position_limit
 
+    limit = position_limit(model)
     rows = prompt_rows([{"instruction": t, "input": "", "output": None, "_bare": True} for t in texts], fmt, tokenizer,
-                       position_limit(model))
+                       max(1, limit - max_new_tokens) if limit is not None else None)
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync)
     return [r["response"] for r in answered]

@@ -210,7 +210,9 @@ def _candidate_scores(model, cache, first_logp, candidates: Candidates, prompt_i
             feed = torch.tensor(tokens[:-1], device=device).expand(n, -1)
             m = torch.cat([prompt_mask, torch.ones_like(feed)], 1)
             pos = prompt_lens[:, None] + torch.arange(len(tokens) - 1, device=device)
-            if positions_limit is not None:  # a prompt filling the table: its last position stands in
+            # A candidate's tokens past the table's end are read at its last position: an
+            # approximation, only for prompts within a candidate's length of the table's end.
+            if positions_limit is not None:
                 pos = pos.clamp(max=positions_limit - 1)
             step = model(input_ids=feed, attention_mask=m, position_ids=pos, use_cache=True, **{kv: cache})
             logp = torch.log_softmax(step.logits.float(), -1)
