@@ -249,7 +249,7 @@ def test_answers_end_where_a_learned_position_table_does(tok):
     records = [{**ROWS[0], "input": " ".join([clause] * k)} for k in (1, 3, 4)]
     enc = [encode(r, fmt, tok) for r in records]
     prompt_lens = [last_answer_start(y) for _, y in enc]
-    limit = max(prompt_lens) + 2  # the longest prompt leaves room for two more tokens
+    limit = max(prompt_lens)  # the longest prompt fills the table: a one-token answer
     assert limit < position_limit(wide)
     config = wide.config.to_dict() | {"n_positions": limit}
     cut = AutoModelForCausalLM.from_config(type(wide.config).from_dict(config)).eval()
@@ -269,11 +269,13 @@ def test_answers_end_where_a_learned_position_table_does(tok):
     assert any(len(r["response_ids"]) > k for r, k in zip(reference, room))  # the table does cut some answer
     for r, k, got in zip(reference, room, answered):
         assert got["response"] == tok.decode(r["response_ids"][:k], skip_special_tokens=True).strip()
-    # `launcher generate` and eval.generation_prompts: a prompt longer than the table keeps its end.
+    assert room[prompt_lens.index(limit)] == 1
+    # `launcher generate` and eval.generation_prompts: a prompt longer than the table keeps the
+    # end that leaves its answer room (4 tokens here), as predict's do.
     long = " ".join([clause] * 6)
     (row,) = prompt_rows([{"instruction": long, "input": "", "output": None, "_bare": True}], fmt, tok)
     assert len(row["input_ids"]) > limit
-    end = generation.collate([{**row, "input_ids": row["input_ids"][-limit:]}], [0], tok.eos_token_id, generate=True)
+    end = generation.collate([{**row, "input_ids": row["input_ids"][-(limit - 4):]}], [0], tok.eos_token_id, generate=True)
     _, (own,) = generation.evaluate(cut, [end], tok, None, 4)
     assert answer_prompts(cut, tok, fmt, [long], 4) == [own["response"]]
 
