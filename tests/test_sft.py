@@ -531,3 +531,21 @@ def test_export_of_a_tied_gpt2_checkpoint_is_the_runs_model(tmp_path):
     assert proc.stderr.strip() == (f"error: {ckpt}: its weights do not fit the model in skeleton/config.json: missing "
                                    "['transformer.h.0.mlp.c_fc.weight'], unexpected []")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.tmp").exists()
+
+
+def test_a_saved_gpt2_is_evaluated_and_answers_at_its_full_position_table(tmp_path):
+    """An exported GPT-2 (from_pretrained from its directory) evaluated with --max-length at its
+    n_positions, on rows that fill the table, and asked a prompt longer than the table: the
+    answers stop at the table's end (it indexed outside it: IndexError)."""
+    check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "g", "model.tiny.arch=gpt2",
+                   "train.max_steps=2", "eval.every_steps=0", "eval.at_start=false"))
+    model = tmp_path / "g" / "model"
+    table = json.loads((model / "config.json").read_text())["n_positions"]
+    question = "What is the code word for amber zephyr? "
+    rows = [{"instruction": question * 12 + "amber " * k, "output": "amber zephyr"} for k in range(16)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = json.loads(check(launcher("eval", str(model), "--data", str(data), "--max-length", str(table))).stdout)
+    assert scored["n"] == len(rows) - scored["dropped"] > 0 and scored["truncated"] >= 1, scored  # rows that fill it
+    said = check(launcher("generate", str(model), "--prompt", question * 40, "--max-new-tokens", "8"))
+    assert "Traceback" not in said.stderr
