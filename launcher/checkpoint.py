@@ -22,13 +22,13 @@ from pathlib import Path
 
 from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError
+from launcher.config_changes import RUN_CONFIG  # in a checkpoint: the run config it was written under
 from launcher.owner import read_owner, started_from
 from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
 
 STATE_FILE = "trainer_state.json"
-RUN_CONFIG = "config.yaml"  # in a checkpoint: the run config it was written under
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -173,7 +173,8 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
     on from this run's own latest checkpoint, or starts again from PATH if it has none yet."""
     path = Path(resume)
     own = path.resolve().is_relative_to((run_dir / "checkpoints").resolve())
-    ours = not own and started_from(run_dir, path)
+    record = None if own else started_from(run_dir, path)  # this run's job.json, when PATH is its source
+    ours = record is not None
     mine = complete_checkpoints(run_dir / "checkpoints")
     if ours and mine:  # PATH itself may have been rotated away in its run since
         return Start(checkpoint=mine[-1][1], partial=partial_writes(run_dir))
@@ -191,7 +192,7 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
     if run_dir.exists() and not ours:
         raise ConfigError(f"checkpoint.resume: {resume} is another run's checkpoint, and {run_dir} already exists: "
                           "a run started from it needs a new --run-name")
-    return Start(checkpoint=path, forked_from=path, tracker_ids=(read_owner(run_dir).get("tracker_ids") or {}) if ours else {},
+    return Start(checkpoint=path, forked_from=path, tracker_ids=(record or {}).get("tracker_ids") or {},
                  partial=partial_writes(run_dir) if ours else [])
 
 
@@ -495,7 +496,7 @@ def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str
         (out_dir / name).write_text(text)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """tmp becomes out_dir. An out_dir being replaced is moved aside to out_dir.old first and
     removed last, so a complete copy exists at every moment under one of the two names."""
     if not out_dir.exists():
@@ -557,7 +558,7 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
         _record_dtype(tmp, dtype)
         faults.stall(fault)
         faults.point(fault)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
 
     main_writes_others_wait(rt, write, out_dir.parent, "the export" if snapshot is None else "the best snapshot")
 
@@ -572,7 +573,7 @@ EVAL_OUTPUTS = "eval_outputs.safetensors"
 def best_snapshot(run_dir: Path, step: int | None, dtype: str, outputs_needed: bool) -> Path | None:
     """RUN/best when it holds the weights of `step` in `dtype` (a resume may have changed
     checkpoint.export_dtype) and, when a threshold is tuned, the outputs to tune it on."""
-    for snap in (run_dir / BEST, run_dir / (BEST + ".old")):  # .old: killed between _replace_dir's renames
+    for snap in (run_dir / BEST, run_dir / (BEST + ".old")):  # .old: killed between replace_dir's renames
         try:
             held = json.loads((snap / BEST_FILE).read_text())
         except (OSError, ValueError):
@@ -617,7 +618,7 @@ def adopt_snapshot(snap: Path, model_dir: Path, launcher_json: str) -> None:
     (tmp / "launcher.json").write_text(launcher_json)
     faults.stall("export")
     faults.point("export")
-    _replace_dir(tmp, model_dir)  # RUN/best stays (remove_best)
+    replace_dir(tmp, model_dir)  # RUN/best stays (remove_best)
 
 
 def cast_floats(state_dict: dict, dtype: str) -> dict:
@@ -815,7 +816,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
             source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
         else:
             _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:  # nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

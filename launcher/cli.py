@@ -16,6 +16,7 @@ from launcher.errors import RunError, UserError
 REMOTE_CODE_HELP = ("load a model whose config or tokenizer config names Python files shipped with it "
                     "(auto_map): loading runs them")
 
+
 def _count(text: str) -> int:
     """An argparse type: a whole number of at least 1 (a batch size, a length, a token count)."""
     try:

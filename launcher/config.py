@@ -720,7 +720,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         if probe.exists() and not probe.is_dir():
             out.append(f"output_dir: {probe} is a file, not a directory (choose another --output-dir)")
     if c.resume not in ("auto", "never") and check_files and not Path(c.resume).is_dir() \
-            and not owner.started_from(cfg.run_dir, c.resume):  # a requeue: its source may be gone
+            and owner.started_from(cfg.run_dir, c.resume) is None:  # a requeue: its source may be gone
         out.append(f"checkpoint.resume: {c.resume}: no such checkpoint directory (or use auto | never)")
     if (cfg.task == "causal_lm" and not d.synthetic.enabled and d.train_file is None
             and d.hub_dataset == DataConfig.hub_dataset):

@@ -38,6 +38,7 @@ MODEL_SHAPE = ("task", "model.name", "model.tiny.arch", "model.tiny.hidden_size"
 TINY_SHAPE = ("data.max_length", "eval.max_new_tokens")
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
+RUN_CONFIG = "config.yaml"  # beside a run, and in each checkpoint: the config it was written under
 # Where, not what: never listed.
 UNLISTED = ("output_dir", "run_name", "checkpoint.resume", "checkpoint.trust", "checkpoint.resume_changed")
 
@@ -80,8 +81,8 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     if checkpoint is None:
         return {}
     written_in = Path(checkpoint).resolve().parent.parent  # RUN of RUN/checkpoints/step-N
-    if forked:  # the config the checkpoint was written under (checkpoint.RUN_CONFIG), else its run's
-        source = next((p for p in (Path(checkpoint) / "config.yaml", written_in / "config.yaml") if p.is_file()), None)
+    if forked:  # the config the checkpoint was written under, else its run's
+        source = next((p for p in (Path(checkpoint) / RUN_CONFIG, written_in / RUN_CONFIG) if p.is_file()), None)
         if source is None:  # copied out of its run by a launcher that kept no config in it
             return {}
         accepted, refused = changes(source, cfg)
@@ -91,7 +92,7 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
             raise ConfigError(f"checkpoint.resume: {checkpoint} was written with {describe(shape)}: its weights do not "
                               "load into this model; keep those values")
     else:
-        saved = cfg.run_dir / "config.yaml"
+        saved = cfg.run_dir / RUN_CONFIG
         if not saved.is_file() or written_in != cfg.run_dir.resolve():
             return {}
         accepted, refused = changes(saved, cfg)

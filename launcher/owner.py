@@ -31,6 +31,8 @@ def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = N
     tmp.replace(run_dir / OWNER_FILE)
 
 
-def started_from(run_dir: Path, checkpoint: str | Path) -> bool:
-    """The run was started from that checkpoint of another run (checkpoint.resume=PATH)."""
-    return read_owner(run_dir).get("started_from") == str(Path(checkpoint).resolve())
+def started_from(run_dir: Path, checkpoint: str | Path) -> dict | None:
+    """The run's record when it was started from that checkpoint of another run
+    (checkpoint.resume=PATH), else None."""
+    owner = read_owner(run_dir)
+    return owner if owner.get("started_from") == str(Path(checkpoint).resolve()) else None

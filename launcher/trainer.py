@@ -705,8 +705,7 @@ def _keep_tokenizer(tokenizer, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # what a kill left of an older, non-atomic write
-    tmp.rename(out)
+    ckpt_lib.replace_dir(tmp, out)  # (replacing what a kill left of an older, non-atomic write)
 
 
 def no_decay_names(model) -> set[str]:

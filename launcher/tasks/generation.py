@@ -261,7 +261,7 @@ def greedy(model, cache, first, prompt_mask, prompt_lens, stop_ids: set[int], ma
         pos = (prompt_lens + step - 1)[:, None]
         if positions_limit is not None:
             full = (pos[:, 0] >= positions_limit) & ~done
-            length = torch.where(full, torch.full_like(length, step), length)
+            length.masked_fill_(full, step)
             done = done | full
             pos = pos.clamp(max=positions_limit - 1)  # finished rows' feed, whose outputs are dropped
         busy = bool((~done).any())
