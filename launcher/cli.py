@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    "field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
     r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
-                   "(else 512); causal LM: prompts are cut only at this, or at the model's positions")
+                   "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
+                   "leaves the answer room (as generate's)")
     r.add_argument("--batch-size", type=_count, default=32)
     r.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
@@ -355,9 +356,8 @@ def _predict_causal_lm(args) -> int:
         raise UserError(*problems[:10])
     candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
     # Training saw no prompt longer than its max_length (such rows have no answer left), so
-    # none is cut to it here; only --max-length, or the model's own positions, cut one.
-    positions = getattr(model.config, "max_position_embeddings", None)
-    limit = args.max_length or (positions - meta.get("max_new_tokens", 32) if positions else None)
+    # none is cut to it here; only --max-length, or a learned position table (as generate's), cut one.
+    limit = args.max_length or causal_lm.prompt_limit(model, meta.get("max_new_tokens", 32))
     to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, candidates, meta.get("max_new_tokens", 32))

@@ -549,3 +549,39 @@ def test_a_saved_gpt2_is_evaluated_and_answers_at_its_full_position_table(tmp_pa
     assert scored["n"] == len(rows) - scored["dropped"] > 0 and scored["truncated"] >= 1, scored  # rows that fill it
     said = check(launcher("generate", str(model), "--prompt", question * 40, "--max-new-tokens", "8"))
     assert "Traceback" not in said.stderr
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_predict_and_generate_answer_a_prompt_longer_than_the_positions_alike(arch, tmp_path):
+    """One rule for both commands: a prompt past a learned position table (GPT-2's) keeps the end
+    that leaves the answer room, and one past rotary positions (Llama's) is fed whole. So
+    `launcher predict` on a line and `launcher generate` on the same prompt give one answer (predict
+    cut every model's prompts at max_position_embeddings less the answer, generate only GPT-2's).
+    The export's weights are replaced by a wide random draw: two training steps answer every
+    prompt alike, these weights answer each differently."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "m", f"model.tiny.arch={arch}",
+                   "train.max_steps=2", "eval.every_steps=0", "eval.at_start=false"))
+    model = tmp_path / "m" / "model"
+    config = AutoConfig.from_pretrained(str(model))
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(model))
+    table = getattr(config, "n_positions", None) or config.max_position_embeddings
+    new = json.loads((model / "launcher.json").read_text()).get("max_new_tokens", 32)
+    prompt = "What is the code word for amber zephyr? " * 40
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) > table  # past the positions
+
+    def generate(text):
+        return check(launcher("generate", str(model), "--prompt", text, "--max-new-tokens", str(new))).stdout.strip()
+
+    (tmp_path / "prompts.txt").write_text(prompt + "\n")
+    (predicted,) = [json.loads(x) for x in check(launcher("predict", str(model), "--input",
+                                                          str(tmp_path / "prompts.txt"))).stdout.splitlines()]
+    assert predicted["response"] == generate(prompt) != ""
+    if arch == "llama":  # fed whole: not the answer to the prompt's end that the old cut kept
+        assert predicted["response"] != generate(tokenizer.decode(ids[-(table - new):]))

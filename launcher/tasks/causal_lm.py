@@ -442,17 +442,24 @@ def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: i
     return out
 
 
+def prompt_limit(model, max_new_tokens: int) -> int | None:
+    """The longest prompt (in tokens, its end kept) that `generate` and `predict` feed a model: with
+    a learned position table (GPT-2's), the table less the answer's room; None (uncut) with rotary
+    or relative positions, which read any length (past their trained length, less well)."""
+    from launcher.models import position_limit
+
+    limit = position_limit(model)
+    return max(1, limit - max_new_tokens) if limit is not None else None
+
+
 @torch.no_grad()
 def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_new_tokens: int, sync=None,
                    batch_size: int = 16) -> list[str]:
     """Greedy answers to bare prompts (eval.generation_prompts, `launcher generate`), batched. With
     a learned position table (GPT-2's), a prompt keeps the end that leaves the answer room, as
     predict's do."""
-    from launcher.models import position_limit
-
-    limit = position_limit(model)
     rows = prompt_rows([{"instruction": t, "input": "", "output": None, "_bare": True} for t in texts], fmt, tokenizer,
-                       max(1, limit - max_new_tokens) if limit is not None else None)
+                       prompt_limit(model, max_new_tokens))
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync)
     return [r["response"] for r in answered]
