@@ -658,3 +658,31 @@ def test_a_kept_tokenizer_appears_whole_or_not_at_all(tmp_path):
     assert AutoTokenizer.from_pretrained(out).get_vocab() == tok.get_vocab()
     assert not (out / "special_tokens_map.json").exists() or (out / "special_tokens_map.json").read_text() != "{"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebuilds_it(tmp_path):
+    """RUN/tokenizer/tokenizer.json cut short (an older launcher's non-atomic write, killed): the
+    resume exits 2 with one line naming the file and what to do, not a JSON traceback; removing
+    the directory, as it says, rebuilds the same tokenizer from the training data and resumes."""
+    from transformers import AutoTokenizer
+
+    common = [*FAST, "train.max_steps=8", "checkpoint.every_steps=4", "eval.every_steps=0"]
+    cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
+    check(launcher(*cmd, "train.halt_at_step=4"))
+    saved = tmp_path / "r" / "tokenizer"
+    vocab = AutoTokenizer.from_pretrained(saved).get_vocab()
+    text = (saved / "tokenizer.json").read_text()
+    (saved / "tokenizer.json").write_text(text[: len(text) // 2])
+    proc = launcher(*cmd)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {saved / 'tokenizer.json'}: the run's saved tokenizer does not load (")
+    assert line.endswith(f"remove {saved} to rebuild it from the training data")
+    assert not (tmp_path / "r" / "checkpoints" / "step-000008").exists()
+    import shutil
+
+    shutil.rmtree(saved)
+    again = check(launcher(*cmd))
+    assert f"resuming from {tmp_path / 'r' / 'checkpoints' / 'step-000004'}" in again.stdout.splitlines()
+    assert AutoTokenizer.from_pretrained(saved).get_vocab() == vocab
+    assert (tmp_path / "r" / "model" / "model.safetensors").is_file()

@@ -23,7 +23,7 @@ import torch
 
 from launcher.data.cache import Cache, key_of
 from launcher.data.sources import MAX_REPORTED, Source
-from launcher.errors import DataError
+from launcher.errors import DataError, UserError
 
 ROW = "\x00row"  # stands for a row's `file:line` inside messages built during the map
 SMALL = 20_000  # below this many rows, extra tokenizing processes cost more than they save
@@ -182,6 +182,21 @@ def first_rows(source: Source, cache: Cache, check=None, n: int = TOKENIZER_ROWS
     head = raw.select(range(min(n, raw.num_rows)))
     for batch in head.iter(batch_size=1000):
         yield from records(batch)
+
+
+def saved_tokenizer(saved_dir: Path):
+    """A tiny model's tokenizer kept in its run directory (or a checkpoint's skeleton). Written
+    whole since 2026-12; a kill during an older launcher's first write could leave tokenizer.json
+    cut short, which read as a JSON traceback: now one line. The file is rebuilt from the same
+    training rows (through the data cache, where the first build sits) once it is removed."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(saved_dir)
+    except Exception as e:  # JSONDecodeError, the tokenizers library's own Exception, OSError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{saved_dir / 'tokenizer.json'}: the run's saved tokenizer does not load ({reason}); "
+                        f"remove {saved_dir} to rebuild it from the training data") from None
 
 
 def tokenizer_from_cache(source: Source, cache: Cache, key: dict, train: Callable[[Source], Any]):

@@ -93,12 +93,13 @@ class CausalLMTask:
     def tokenizer(self, saved_dir: Path, train_source, cache):
         from transformers import AutoTokenizer
 
+        from launcher.data import pipeline
+
         if self.cfg.model.name != TINY_MODEL:
             tok = from_pretrained(AutoTokenizer, self.cfg.model.name, self.cfg.model)
         elif (saved_dir / "tokenizer.json").is_file():
-            tok = AutoTokenizer.from_pretrained(saved_dir)
+            tok = pipeline.saved_tokenizer(saved_dir)
         else:
-            from launcher.data import pipeline
             from launcher.data.tokenizer import train_lm_tokenizer
 
             class _Plain:  # render without special tokens: the tokenizer does not exist yet

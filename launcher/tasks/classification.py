@@ -61,11 +61,12 @@ def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):
     cache) and kept in the run directory, so a resumed run tokenizes exactly as the first one did."""
     from transformers import AutoTokenizer
 
+    from launcher.data import pipeline
+
     if cfg.model.name != TINY_MODEL:
         return from_pretrained(AutoTokenizer, cfg.model.name, cfg.model)
     if (saved_dir / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(saved_dir)
-    from launcher.data import pipeline
+        return pipeline.saved_tokenizer(saved_dir)
     from launcher.data.tokenizer import train_wordpiece
 
     def train(source):
