@@ -55,7 +55,7 @@ def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tup
     from launcher.errors import ConfigError
 
     try:
-        before = flatten(to_dict(load_config(saved, check_files=False)))
+        before = flatten(to_dict(load_config(saved, check_files=False, check_values=False)))
     except ConfigError:  # written by a launcher with other keys: nothing to compare against
         return {}, {}
     now = flatten(to_dict(cfg))
@@ -80,9 +80,12 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
 
     if checkpoint is None:
         return {}
-    written_in = Path(checkpoint).resolve().parent.parent  # RUN of RUN/checkpoints/step-N
-    if forked:  # the config the checkpoint was written under, else its run's
-        source = next((p for p in (Path(checkpoint) / RUN_CONFIG, written_in / RUN_CONFIG) if p.is_file()), None)
+    # The config the checkpoint was written under (kept in it since 2026-12), else its run's:
+    # RUN/config.yaml is this attempt's once the run directory is taken, so after a change
+    # that was accepted but never checkpointed, only the checkpoint's own tells what it holds.
+    written_in = Path(checkpoint).absolute().parent.parent  # RUN of RUN/checkpoints/step-N
+    source = next((p for p in (Path(checkpoint) / RUN_CONFIG, written_in / RUN_CONFIG) if p.is_file()), None)
+    if forked:
         if source is None:  # copied out of its run by a launcher that kept no config in it
             return {}
         accepted, refused = changes(source, cfg)
@@ -92,10 +95,10 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
             raise ConfigError(f"checkpoint.resume: {checkpoint} was written with {describe(shape)}: its weights do not "
                               "load into this model; keep those values")
     else:
-        saved = cfg.run_dir / RUN_CONFIG
-        if not saved.is_file() or written_in != cfg.run_dir.resolve():
+        own = Path(checkpoint).resolve().parent == (cfg.run_dir / "checkpoints").resolve()  # (a link to scratch too)
+        if not own or source is None:
             return {}
-        accepted, refused = changes(saved, cfg)
+        accepted, refused = changes(source, cfg)
         if refused and cfg.checkpoint.resume_changed != "allow":
             raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
                               f"{describe(refused)}: that trains a run neither config describes; restore the values, "

@@ -298,3 +298,41 @@ def test_a_resume_with_another_best_metric_or_quantization_is_another_run(tmp_pa
     accepted, refused = changes(saved, load_config(TINY, ["eval.metric=loss", "eval.every_steps=7"]))
     assert list(refused) == ["eval.metric"] and list(accepted) == ["eval.every_steps"], (refused, accepted)
     assert _defines_run("model.quantization") and not _defines_run("model.attn_implementation")
+
+
+def test_a_resume_compares_with_a_config_whose_data_is_gone_and_through_a_linked_checkpoints_folder(tmp_path):
+    """The config a checkpoint was written under is read back for its fields alone: a data
+    directory (save_to_disk) since deleted, or a file without a known suffix, made it fail
+    validation, and every change (data, lr, model shape) was accepted unlisted. And RUN/checkpoints
+    as a link to scratch is still the run's own: the resume was not compared at all."""
+    from launcher.config import dump_yaml
+    from launcher.config_changes import check_resume, changes
+    from launcher.errors import ConfigError
+
+    gone = tmp_path / "gone_dataset"
+    (gone / "train").mkdir(parents=True)
+    (gone / "train" / "state.json").write_text("{}")
+    (gone / "validation").mkdir()
+    (gone / "validation" / "state.json").write_text("{}")
+    files = ["data.synthetic.enabled=false", f"data.train_file={gone / 'train'}",
+             f"data.validation_file={gone / 'validation'}"]
+    first = load_config(TINY, files)
+    import shutil
+
+    shutil.rmtree(gone)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(first))
+    accepted, refused = changes(saved, load_config(TINY, ["train.lr=1e-4"]))
+    assert {"data.train_file", "data.validation_file", "train.lr"} <= set(refused), (accepted, refused)
+
+    run = tmp_path / "runs" / "r"
+    scratch = tmp_path / "scratch" / "checkpoints"
+    (scratch / "step-000004").mkdir(parents=True)
+    run.mkdir(parents=True)
+    (run / "checkpoints").symlink_to(scratch)
+    cfg = load_config(TINY, output_dir=str(tmp_path / "runs"), run_name="r")
+    (scratch / "step-000004" / "config.yaml").write_text(dump_yaml(cfg))
+    assert check_resume(cfg, run / "checkpoints" / "step-000004") == {}
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.0001"):
+        check_resume(load_config(TINY, ["train.lr=1e-4"], output_dir=str(tmp_path / "runs"), run_name="r"),
+                     run / "checkpoints" / "step-000004")

@@ -535,6 +535,45 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
     assert [lrs[s] for s in range(7, 19)] == pytest.approx([expected[s] for s in range(7, 19)])
 
 
+def test_a_requeue_after_an_accepted_change_that_was_never_checkpointed_follows_it_again(tmp_path):
+    """Halted at 6 of 12 under lr 1e-3. Attempt 2 (lr 1e-4, allowed) rewrites config.yaml, then
+    fails its save of step 12. Attempt 3, the same command, resumes step 6 again: that
+    checkpoint was written under 1e-3, so the change is listed and followed again (it compared
+    with config.yaml, now 1e-4, found nothing, and trained at 1e-3 under a config saying 1e-4);
+    the original lr back is no change (it was refused as another run)."""
+    common = [*FAST, "checkpoint.every_steps=6", "eval.every_steps=0", "train.warmup_steps=2", "train.max_steps=12"]
+    run = tmp_path / "r"
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
+    check(launcher(*args, "train.halt_at_step=6"))
+    changed = [*args, "train.lr=1e-4", "checkpoint.resume_changed=allow"]
+    failed = launcher(*changed, env={"LAUNCHER_SAVE_ERROR": "0:12"})
+    assert failed.returncode != 0 and "injected save failure" in failed.stderr, failed.stderr[-2000:]
+    assert not (run / "checkpoints" / "step-000012").exists()
+    lines = check(launcher(*changed)).stdout.splitlines()
+    at = lines.index("resuming with a changed config (config_history.jsonl):")
+    assert lines[at + 1 : at + 3] == ["  train.halt_at_step: 6 -> None", "  train.lr: 0.001 -> 0.0001"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}  # the last attempt's, for steps 7-12
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    sched = get_scheduler("linear", opt, 2, 12)
+    expected = {}
+    for step in range(1, 13):
+        expected[step] = opt.param_groups[0]["lr"]
+        sched.step()
+    assert [lrs[s] for s in range(7, 13)] == pytest.approx([expected[s] for s in range(7, 13)])
+    # The first lr back after such a failed attempt: no change against step 6, not another run.
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "back", *common]
+    check(launcher(*args, "train.halt_at_step=6"))
+    assert launcher(*args, "train.lr=1e-4", "checkpoint.resume_changed=allow",
+                    env={"LAUNCHER_SAVE_ERROR": "0:12"}).returncode != 0
+    lines = check(launcher(*args)).stdout.splitlines()
+    at = lines.index("resuming with a changed config (config_history.jsonl):")
+    assert lines[at + 1 :][:1] == ["  train.halt_at_step: 6 -> None"] and "  train.lr" not in " ".join(lines)
+
+
 def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_onto_its_own(tmp_path):
     """checkpoint.resume=PATH of another run, with a new --run-name, lr and data: a new run
     directory (config.yaml, job.json), a new MLflow run (the source run keeps only its own
