@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -267,6 +268,8 @@ class Checkpointer:
         if any(failures):
             self.rt.on_main(shutil.rmtree, tmp, True)
             self._give_up(state.step, failures, failure)
+        if self.rt.is_main:  # after the seal's verdict: an old checkpoint that will not go is no failed save
+            self._rotate()
         if self.rt.preemption is not None:
             self.rt.preemption.saved(state.step, time.monotonic() - started)
         self.last = final
@@ -295,19 +298,33 @@ class Checkpointer:
             shutil.rmtree(final)
         tmp.rename(final)
         (self.root.parent / INTERRUPTED).unlink(missing_ok=True)  # a checkpoint now resumes it
-        self._rotate()
 
     def _rotate(self) -> None:
+        """Rank 0, once a save is sealed: the checkpoints keep_last and keep_best leave go. Each
+        loses its marker first, so a kill while its files go (rmtree's order is the file
+        system's) leaves a directory nothing counts as a checkpoint, which the next start
+        removes (partial_writes). A removal that fails (a busy file on NFS) is one line: the
+        new checkpoint is written, and the run goes on."""
         ckpts = complete_checkpoints(self.root)
         keep = {step for step, _ in ckpts[-self.cfg.keep_last :]}
         if self.cfg.keep_best or (self.cfg.export == "best" and self.best_in_checkpoint):
-            scored = [(TrainState.read(p).metric_at_step, step) for step, p in ckpts]
-            scored = [(m if self.higher_is_better else -m, -step) for m, step in scored if m is not None]
+            scored = []
+            for step, path in ckpts:
+                try:
+                    m = TrainState.read(path).metric_at_step
+                except (OSError, ValueError):  # unreadable: never the best (and resume refuses it)
+                    continue
+                if m is not None and math.isfinite(m):  # a NaN would win every max() it comes first in
+                    scored.append((m if self.higher_is_better else -m, -step))
             if scored:  # best metric; among equals the earliest, as the best-step bookkeeping does
                 keep.add(-max(scored)[1])
         for step, path in ckpts:
             if step not in keep:
-                shutil.rmtree(path)
+                try:
+                    (path / MARKER).unlink(missing_ok=True)
+                    shutil.rmtree(path)
+                except OSError as e:
+                    self.rt.print(f"warning: could not remove {path} (keep_last/keep_best): {e}; remove it by hand")
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -807,7 +807,11 @@ def _dropout_seed(seed: int, step: int, microbatch: int) -> int:
 def _track_best(state, metrics: dict, metric: str, higher_is_better: bool, patience: int) -> str | None:
     value = metrics[metric]
     state.metric_at_step = value
-    improved = state.best_metric is None or (value > state.best_metric if higher_is_better else value < state.best_metric)
+    # A NaN (a diverged evaluation's loss) is never the best: as the first evaluation it would
+    # stand unbeaten (every comparison with it is False) until patience stopped the run.
+    best = state.best_metric
+    improved = math.isfinite(value) and (best is None or not math.isfinite(best)
+                                         or (value > best if higher_is_better else value < best))
     if improved:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         state.best_eval = dict(metrics)

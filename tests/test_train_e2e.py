@@ -574,6 +574,69 @@ def test_a_requeue_after_an_accepted_change_that_was_never_checkpointed_follows_
     assert lines[at + 1 :][:1] == ["  train.halt_at_step: 6 -> None"] and "  train.lr" not in " ".join(lines)
 
 
+def test_rotation_skips_what_a_killed_rotation_or_a_nan_left_and_never_drops_the_best(tmp_path, monkeypatch):
+    """keep_last=1 with keep_best, halted at 4 of 8. Planted beside the run's checkpoints: what an
+    older launcher's rotation left when killed (step 1: COMPLETE outlived trainer_state.json, as
+    rmtree's order allows) and a checkpoint scored NaN (step 3). The resume's saves went on to
+    fail ("checkpoint at step 6 not written ... free space") for the first, and rotation kept the
+    NaN over the real best for the second. Now both go, the best stays, and an old checkpoint
+    that will not be removed is a warning, not a failed save."""
+    import shutil
+
+    from launcher.checkpoint import Checkpointer, TrainState, complete_checkpoints
+
+    common = [*FAST, "train.max_steps=8", "checkpoint.every_steps=2", "eval.every_steps=2", "checkpoint.keep_last=1",
+              "checkpoint.keep_best=true", "tracking.mlflow=false"]
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
+    check(launcher(*args, "train.halt_at_step=4"))
+    root = tmp_path / "r" / "checkpoints"
+    kept = {step: TrainState.read(p) for step, p in complete_checkpoints(root)}
+    best = kept[4].best_step
+    assert best in kept
+    shutil.copytree(root / "step-000004", root / "step-000001")
+    (root / "step-000001" / "trainer_state.json").unlink()
+    shutil.copytree(root / "step-000004", root / "step-000003")
+    state = json.loads((root / "step-000003" / "trainer_state.json").read_text())
+    (root / "step-000003" / "trainer_state.json").write_text(json.dumps({**state, "step": 3, "metric_at_step": float("nan")}))
+    check(launcher(*args))
+    final = {step: TrainState.read(p) for step, p in complete_checkpoints(root)}
+    assert sorted(final) == sorted({final[8].best_step, 8}) and final[8].best_step is not None
+    assert not (root / "step-000001").exists() and not (root / "step-000003").exists()
+
+    # A removal that fails: the victim loses its marker first (nothing takes what is left for a
+    # checkpoint), and one warning line.
+    said = []
+
+    class Rt:
+        def print(self, *a):
+            said.append(" ".join(map(str, a)))
+
+    ck = object.__new__(Checkpointer)
+    ck.root, ck.rt, ck.best_in_checkpoint, ck.higher_is_better = root, Rt(), False, True
+    ck.cfg = type("C", (), {"keep_last": 1, "keep_best": False, "export": "last"})()
+    shutil.copytree(root / "step-000008", root / "step-000009")
+    real_rmtree = shutil.rmtree
+
+    def busy(path, *a, **k):
+        if Path(path).name == "step-000008":
+            raise OSError(16, "Device or resource busy")
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    ck._rotate()
+    monkeypatch.undo()
+    assert [step for step, _ in complete_checkpoints(root)] == [9] and (root / "step-000008").is_dir()
+    assert said == [f"warning: could not remove {root / 'step-000008'} (keep_last/keep_best): [Errno 16] Device or "
+                    "resource busy; remove it by hand"]
+    # A NaN evaluation is never the best (as the first it stood unbeaten until patience ended the run).
+    from launcher.trainer import _track_best
+
+    state = TrainState(step=2)
+    assert _track_best(state, {"loss": float("nan")}, "loss", False, 2) is None and state.best_step is None
+    state.step = 4
+    assert _track_best(state, {"loss": 2.0}, "loss", False, 2) is None and state.best_step == 4
+
+
 def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_onto_its_own(tmp_path):
     """checkpoint.resume=PATH of another run, with a new --run-name, lr and data: a new run
     directory (config.yaml, job.json), a new MLflow run (the source run keeps only its own
