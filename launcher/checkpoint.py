@@ -252,6 +252,7 @@ class Checkpointer:
             faults.save_error(state.step)
             with frozen_left_out(self.rt.accelerator._models if self.frozen.state_dict_hooks else []):
                 self.rt.accelerator.save_state(str(tmp), **self.save_kwargs)
+            sync_tree(tmp)  # this node's writes (another node's shards are clean here: cheap)
 
         failure = _attempt(write, self.root, self.need)
         if failure is not None and not failure[1]:
@@ -294,9 +295,11 @@ class Checkpointer:
         if self.run_config is not None:
             (tmp / RUN_CONFIG).write_text(self.run_config)
         (tmp / MARKER).write_text(trust.sign(tmp))  # last: every file is in, and signed (trust.py)
+        sync_tree(tmp)  # on disk before the name says COMPLETE (each rank synced its own part too)
         if final.exists():  # an incomplete leftover from a crash at this step
             shutil.rmtree(final)
         tmp.rename(final)
+        sync_dir(self.root)  # before rotation removes an older one
         (self.root.parent / INTERRUPTED).unlink(missing_ok=True)  # a checkpoint now resumes it
 
     def _rotate(self) -> None:
@@ -513,16 +516,57 @@ def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str
         (out_dir / name).write_text(text)
 
 
+def sync_dir(path: Path) -> None:
+    """fsync a directory: the names created, renamed or removed in it survive a crash. Some
+    file systems refuse it (EINVAL on a few network ones): what they do is what there is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file under root, then its directories. Before a rename seals a checkpoint or
+    an export: a crash of the node (not just the process) can otherwise keep the rename, which
+    the file system journals, and lose data still in the page cache: a checkpoint marked
+    COMPLETE with empty shards, once older ones were rotated away. (torch.distributed.checkpoint's
+    writer syncs its files for the same reason.)"""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                if os.path.islink(path):
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # another rank's engine renamed its temp file meanwhile
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(dirpath))
+
+
 def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """tmp becomes out_dir. An out_dir being replaced is moved aside to out_dir.old first and
-    removed last, so a complete copy exists at every moment under one of the two names."""
+    """tmp becomes out_dir, its files on disk first (sync_tree). An out_dir being replaced is
+    moved aside to out_dir.old first and removed last, so a complete copy exists at every
+    moment under one of the two names."""
+    sync_tree(tmp)
     if not out_dir.exists():
         tmp.rename(out_dir)
+        sync_dir(out_dir.parent)
         return
     old = out_dir.with_name(out_dir.name + ".old")  # (best_snapshot also looks here)
     shutil.rmtree(old, ignore_errors=True)
     out_dir.rename(old)
     tmp.rename(out_dir)
+    sync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

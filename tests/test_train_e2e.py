@@ -637,6 +637,53 @@ def test_rotation_skips_what_a_killed_rotation_or_a_nan_left_and_never_drops_the
     assert _track_best(state, {"loss": 2.0}, "loss", False, 2) is None and state.best_step == 4
 
 
+def test_a_seal_or_an_export_puts_its_files_on_disk_before_its_name(tmp_path, monkeypatch):
+    """Every file of a checkpoint (and its directories) is fsynced before the rename that marks it
+    COMPLETE, and the checkpoints folder after it, before rotation; replace_dir (exports, the
+    tokenizer) likewise. Read at the system-call boundary: os.fsync and the renames, in order."""
+    import launcher.checkpoint as ckpt_lib
+    from launcher.checkpoint import Checkpointer, TrainState
+
+    events = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(Path, "rename", lambda self, to: (events.append(("rename", str(self), str(to))),
+                                                          real_rename(self, to))[1])
+    root = tmp_path / "checkpoints"
+    tmp = root / ".tmp-step-000002"
+    (tmp / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (tmp / "pytorch_model_fsdp_0" / "shard.distcp").write_bytes(b"weights")
+    (tmp / "optimizer.bin").write_bytes(b"moments")
+
+    class Rt:
+        world_size, engine = 1, type("E", (), {"name": "ddp"})()
+
+        def print(self, *a):
+            pass
+
+    ck = object.__new__(Checkpointer)
+    ck.root, ck.rt, ck.write_skeleton, ck.run_config = root, Rt(), None, "train: {}\n"
+    ck.best_in_checkpoint, ck.higher_is_better = False, True
+    ck._seal(tmp, root / "step-000002", TrainState(step=2))
+    (at,) = [i for i, e in enumerate(events) if e[0] == "rename"]
+    synced = {e[1] for e in events[:at]}
+    final = root / "step-000002"
+    assert {str(tmp / p.relative_to(final)) for p in final.rglob("*")} | {str(tmp)} <= synced, synced
+    assert ("fsync", str(root)) in events[at + 1 :]
+
+    events.clear()
+    out, new = tmp_path / "model", tmp_path / "model.tmp"
+    out.mkdir()
+    new.mkdir()
+    (new / "model.safetensors").write_bytes(b"exported")
+    ckpt_lib.replace_dir(new, out)
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert ("fsync", str(new / "model.safetensors")) in events[: renames[0]] and ("fsync", str(new)) in events[: renames[0]]
+    assert ("fsync", str(tmp_path)) in events[renames[-1] + 1 :]
+    assert (out / "model.safetensors").read_bytes() == b"exported" and not (tmp_path / "model.old").exists()
+
+
 def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_onto_its_own(tmp_path):
     """checkpoint.resume=PATH of another run, with a new --run-name, lr and data: a new run
     directory (config.yaml, job.json), a new MLflow run (the source run keeps only its own
