@@ -6,6 +6,8 @@ again goes on from this run's own checkpoints). No torch here: the config check 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 OWNER_FILE = "job.json"
@@ -36,3 +38,130 @@ def started_from(run_dir: Path, checkpoint: str | Path) -> dict | None:
     (checkpoint.resume=PATH), else None."""
     owner = read_owner(run_dir)
     return owner if owner.get("started_from") == str(Path(checkpoint).resolve()) else None
+
+
+# ---- the lease: one launch at a time in a run directory
+
+LEASE_FILE = ".lease"
+BEAT_S = 30.0  # the holder touches the lease this often
+STALE_S = 300.0  # a lease untouched this long is a dead holder's (NFS may cache mtimes for 60 s)
+
+
+class Lease:
+    """RUN/.lease, held by rank 0 of the launch training in RUN: a second launch into the same
+    directory (a double submit, a requeue while the first job still runs) would delete the
+    first's temp checkpoints, overwrite its checkpoints and rotate them away. Created with
+    O_EXCL; a heartbeat thread touches it; released at exit. A lease is a dead holder's, and
+    taken over, when its process is gone (same host), when it was this scheduler job's (a
+    requeue: the earlier attempt is over), or when it went untouched for STALE_S seconds.
+    Two launches taking over one dead holder's lease in the same instant can both win: the
+    lease guards against the usual double submit, not against that race."""
+
+    def __init__(self, run_dir: Path, job_id: str | None):
+        import secrets
+        import socket
+
+        self.path = run_dir / LEASE_FILE
+        self.job_id = job_id
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job_id,
+                       "token": secrets.token_hex(8)}
+        self._stop: threading.Event | None = None
+
+    def take(self) -> str | None:
+        """None once held; else the one line naming the live holder."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, age = self._read()
+                if holder is not None and not self._dead(holder, age):
+                    return (f"{self.path.parent} is in use by another launch (host {holder.get('host')}, pid "
+                            f"{holder.get('pid')}, Slurm job {holder.get('slurm_job_id')}; its lease {self.path} was "
+                            f"touched {age:.0f} s ago): wait for it to end, or choose another --run-name; if that "
+                            f"launch is gone, remove {self.path}")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.record, f)
+            self._beat()
+            return None
+        return f"{self.path}: could not be created or taken over; remove it if no launch is training in {self.path.parent}"
+
+    def _read(self) -> tuple[dict | None, float]:
+        import time
+
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None, 0.0  # gone meanwhile, or written by half: a fresh holder's (age 0)
+        return (holder if isinstance(holder, dict) else None), age
+
+    def _dead(self, holder: dict, age: float) -> bool:
+        import socket
+
+        if age > STALE_S:
+            return True
+        if self.job_id is not None and holder.get("slurm_job_id") == self.job_id:
+            return True  # this job's earlier attempt: a requeue starts only once it ended
+        return holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+
+    def _beat(self) -> None:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(BEAT_S):
+                if not self._ours():
+                    return
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass
+
+        threading.Thread(target=beat, name="run-lease", daemon=True).start()
+        self._stop = stop
+
+    def _ours(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()).get("token") == self.record["token"]
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        if self._ours():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    """A process of this host is running (a zombie, which a container's init may never reap,
+    is not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def take_lease(run_dir: Path, job_id: str | None) -> str | None:
+    """Rank 0, as the run directory is taken: None once this launch holds RUN/.lease (released
+    when the process exits; a kill leaves it to the next launch's checks), else the line naming
+    the launch that holds it."""
+    import atexit
+
+    lease = Lease(run_dir, job_id)
+    refused = lease.take()
+    if refused is None:
+        atexit.register(lease.release)
+    return refused

@@ -33,7 +33,7 @@ from launcher import checkpoint as ckpt_lib
 from launcher import config_changes, faults, hub, models, owner, report, schedules, sizing, tasks, tracking, watchdog
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
-from launcher.errors import DataError
+from launcher.errors import ConfigError, DataError
 from launcher.preemption import INTERRUPTED
 from launcher.runtime import build_runtime, resolve_launch
 from launcher.tasks import modeling
@@ -653,14 +653,20 @@ def _where_things_are(cfg: RunConfig, state, exported_step: int, run_dir: Path) 
 def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
     run_dir = cfg.run_dir
 
-    def create():
+    def create() -> str | None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        refused = owner.take_lease(run_dir, rt.job_id)  # first: another launch training here is left alone
+        if refused is not None:
+            return refused
         if start.checkpoint is None or start.forked_from is not None:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             owner.record_owner(run_dir, rt.job_id, start.tracker_ids, start.forked_from)
             (run_dir / INTERRUPTED).unlink(missing_ok=True)  # this attempt restarts in place
+        return None
 
-    rt.on_main(create)
+    refused = rt.gather_objects(rt.on_main(create))[0]  # every rank stops alike
+    if refused is not None:
+        raise ConfigError(refused)
     return run_dir
 
 

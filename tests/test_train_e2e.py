@@ -684,6 +684,68 @@ def test_a_seal_or_an_export_puts_its_files_on_disk_before_its_name(tmp_path, mo
     assert (out / "model.safetensors").read_bytes() == b"exported" and not (tmp_path / "model.old").exists()
 
 
+def test_a_second_launch_into_a_run_in_progress_is_one_line_and_touches_nothing(tmp_path):
+    """A double submit: the first launch stalls 30 s inside step 3 (its checkpoints of steps 2 and
+    its temp dirs in RUN); the same command again exits 2 with one line naming the holder, and
+    deletes, writes and rotates nothing there. The first ends as if alone, its lease gone."""
+    from conftest import OFFLINE_ENV, communicate_or_kill
+
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=6",
+            "checkpoint.every_steps=2", "eval.every_steps=2", "tracking.mlflow=false"]
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *args], env={**os.environ, **OFFLINE_ENV,
+                             "LAUNCHER_STALL": "0:3:30"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "r"
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "step-000002" / "COMPLETE").is_file():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*") if "ranks" not in p.parts)
+    second = launcher(*args)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith(f"error: {run} is in use by another launch (host {os.uname().nodename}, pid ")
+    assert line.endswith(f"if that launch is gone, remove {run / '.lease'}")
+    assert first.poll() is None  # still inside its stall: the refusal came while it ran
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*") if "ranks" not in p.parts) == before
+    out, err = communicate_or_kill(first, 300)
+    assert first.returncode == 0, err[-3000:]
+    assert "LAUNCHER_STALL: rank 0 sleeps 30 s at 3" in err
+    assert json.loads((run / "final_metrics.json").read_text())["step"] == 6 and not (run / ".lease").exists()
+
+
+def test_a_lease_is_taken_over_from_a_dead_or_requeued_holder_only(tmp_path, monkeypatch):
+    """Whose lease stands: a live process of this host, or another host's lease touched within
+    STALE_S. Taken over: a process of this host that is gone, another host's lease untouched for
+    longer, and this Slurm job's own earlier attempt (a requeue)."""
+    from launcher import owner
+
+    run = tmp_path / "r"
+    run.mkdir()
+    lease = run / owner.LEASE_FILE
+    here = os.uname().nodename
+    sleeper = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        cases = [({"host": here, "pid": sleeper.pid}, 0, None, False), ({"host": here, "pid": gone.pid}, 0, None, True),
+                 ({"host": "node-b", "pid": 1}, 10, None, False), ({"host": "node-b", "pid": 1}, owner.STALE_S + 5, None, True),
+                 ({"host": "node-b", "pid": 1, "slurm_job_id": "77"}, 10, "77", True),
+                 ({"host": "node-b", "pid": 1, "slurm_job_id": "76"}, 10, "77", False)]
+        for holder, age, job, taken in cases:
+            lease.write_text(json.dumps(holder))
+            os.utime(lease, (time.time() - age, time.time() - age))
+            mine = owner.Lease(run, job)
+            said = mine.take()
+            assert (said is None) == taken, (holder, age, job, said)
+            assert json.loads(lease.read_text())["pid"] == (os.getpid() if taken else holder["pid"])
+            if taken:
+                mine.release()
+                assert not lease.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_onto_its_own(tmp_path):
     """checkpoint.resume=PATH of another run, with a new --run-name, lr and data: a new run
     directory (config.yaml, job.json), a new MLflow run (the source run keeps only its own
