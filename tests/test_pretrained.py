@@ -314,6 +314,31 @@ def test_mean_pooling_on_a_decoder_llm_reads_the_mean_of_each_texts_tokens(tmp_p
     assert not (tmp_path / "distil-mean").exists()
 
 
+def test_lora_on_distilbert_trains_its_pre_classifier_whole(tmp_path, saved_models):
+    """DistilBERT's head is pre_classifier + classifier. peft trains whole every module whose
+    name ends in "classifier", and all-linear (the default) also put an adapter on
+    pre_classifier: peft then failed with a TypeError traceback on every rank. Now both layers of
+    the head train whole, the blocks get adapters, and the export predicts."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(saved_models / "bert")
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                         pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "distilbert")
+    tok.save_pretrained(tmp_path / "distilbert")
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "d", *CLAUSES,
+                   f"model.name={tmp_path / 'distilbert'}", "model.lora.enabled=true"))
+    adapter = load_file(tmp_path / "d" / "model" / "adapter" / "adapter_model.safetensors")
+    head = sorted(k for k in adapter if "classifier" in k)
+    assert head == ["base_model.model.classifier.bias", "base_model.model.classifier.weight",
+                    "base_model.model.pre_classifier.bias", "base_model.model.pre_classifier.weight"], head
+    assert any("q_lin.lora_A" in k for k in adapter)
+    (tmp_path / "in.txt").write_text("the provider may terminate the account at any time\n")
+    (row,) = [json.loads(x) for x in check(launcher("predict", str(tmp_path / "d" / "model"), "--input",
+                                                    str(tmp_path / "in.txt"))).stdout.splitlines()]
+    assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
+
+
 REST = {  # what make test leaves out above: each engine runs there on another model
     "bert": ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],
     "llama": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"],

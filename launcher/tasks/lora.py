@@ -37,11 +37,22 @@ def apply(model, lora_cfg, task: str):
         targets = _in_blocks(model, targets, layers)
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets, task_type=PEFT_TASK[task], layers_to_transform=layers,
-                        modules_to_save=list(lora_cfg.modules_to_save) or None, use_dora=lora_cfg.use_dora)
+                        modules_to_save=list(lora_cfg.modules_to_save) or None, use_dora=lora_cfg.use_dora,
+                        exclude_modules=_trained_whole(model, lora_cfg, task) if targets == "all-linear" else None)
     try:
         return get_peft_model(model, config)
-    except ValueError as e:  # whatever peft refuses beyond the names checked above
+    except (ValueError, TypeError) as e:  # whatever peft refuses beyond the names checked above
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def _trained_whole(model, lora_cfg, task: str) -> list[str] | None:
+    """The linear layers peft trains whole, which all-linear must leave without an adapter: peft
+    keeps every module whose name ends in a modules_to_save entry (a classifier's "classifier"
+    and "score" among them) and refuses an adapter under it. DistilBERT's pre_classifier ends in
+    "classifier": all-linear put LoRA on it, then peft failed with a TypeError."""
+    save = list(lora_cfg.modules_to_save) + (["classifier", "score"] if task == "classification" else [])
+    names = {n.split(".")[-1] for n, _ in model.named_modules() if n and any(n.endswith(s) for s in save)}
+    return sorted(names) or None
 
 
 def _in_blocks(model, targets, layers: list[int]) -> list[str]:
