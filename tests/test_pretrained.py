@@ -339,6 +339,39 @@ def test_lora_on_distilbert_trains_its_pre_classifier_whole(tmp_path, saved_mode
     assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
 
 
+def test_predict_reads_a_foreign_decoder_classifier_without_a_pad_token_and_pads_right(tmp_path, saved_models):
+    """A GPT-2 sequence classifier saved elsewhere: its tokenizer has no pad token and pads on the
+    left, its config no pad_token_id. `launcher predict` failed with transformers' ValueError
+    traceback ("Asking to pad but the tokenizer does not have a padding token"); now it pads with
+    EOS, on the right as training does (GPT-2's positions are absolute: left padding moved them),
+    and each text's probabilities are its own, scored alone, without padding."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(saved_models / "llama_cls")
+    assert tok.pad_token is None
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                                     num_labels=2, initializer_range=0.5, eos_token_id=tok.eos_token_id))
+    assert model.config.pad_token_id is None
+    model.save_pretrained(tmp_path / "gpt2_cls")
+    tok.save_pretrained(tmp_path / "gpt2_cls")
+    config = json.loads((tmp_path / "gpt2_cls" / "tokenizer_config.json").read_text())  # (save_pretrained drops it)
+    (tmp_path / "gpt2_cls" / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    assert AutoTokenizer.from_pretrained(tmp_path / "gpt2_cls").padding_side == "left"
+    texts = ["the provider may terminate the account at any time without notice",
+             "you agree to arbitration", "these terms are governed by the laws of the state where the provider is based"]
+    assert len({len(tok(t)["input_ids"]) for t in texts}) == 3  # a batch of them pads
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    said = check(launcher("predict", str(tmp_path / "gpt2_cls"), "--input", str(tmp_path / "in.txt")))
+    assert said.stderr.count("tokenizer has no pad token: padding with EOS") == 1, said.stderr[-2000:]
+    probs = [json.loads(x)["probs"] for x in said.stdout.splitlines()]
+    with torch.no_grad():
+        alone = [torch.softmax(model.eval()(**tok(t, return_tensors="pt")).logits[0], -1) for t in texts]
+    for got, own in zip(probs, alone):
+        assert [got["LABEL_0"], got["LABEL_1"]] == pytest.approx(own.tolist(), abs=1e-5)
+
+
 REST = {  # what make test leaves out above: each engine runs there on another model
     "bert": ["deepspeed_zero3", "deepspeed_zero3+lora", "fsdp2", "fsdp2+lora"],
     "llama": ["cpu_ddp", "deepspeed_zero2", "deepspeed_zero3"],

@@ -15,6 +15,7 @@ for binary, {category: cut} for multilabel); eval and predict then use them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +337,12 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     code = remote_code_gate(model_dir, trust_remote_code)
     model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)  # pooled as it records
     tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
+    if tokenizer.pad_token_id is None:  # a decoder classifier saved elsewhere (launcher's exports keep EOS as pad)
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"{model_dir}: its tokenizer has neither a pad token nor an EOS token to pad batches with")
+        print(pad_with_eos(tokenizer, "the head reads each text's last real token"), file=sys.stderr)
+    if model.config.pad_token_id is None:  # the head finds each row's last real token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
     meta = Path(model_dir) / "launcher.json"
@@ -356,7 +363,10 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = 
     limit = min(max_length, position_limit(model) or getattr(model.config, "max_position_embeddings", max_length))
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True, return_tensors="pt")
+        # Padded on the right, as training's batches are, whatever the tokenizer's padding_side:
+        # with absolute positions (GPT-2's) left padding shifts every real token's position.
+        enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True,
+                        padding_side="right", return_tensors="pt")
         enc = {k: v.to(model.device) for k, v in enc.items()}
         out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
