@@ -240,6 +240,15 @@ def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, save
     names = [json.loads((export / "config.json").read_text())["id2label"][str(i)] for i in range(2)]
     assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), torch.softmax(logits, -1), atol=1e-5)
 
+    # Fine-tuning the export further with the default pooling (cls): its head learned means and it
+    # holds no [CLS] pooler. It went on by the mean while the run's config said cls; now one line.
+    refused = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "again", *CLAUSES,
+                       f"model.name={export}")
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: model.pooling: {export} was trained on the mean of each text's tokens (its config.json records "
+        "launcher_pooling: mean); set model.pooling=mean to go on with it"), refused.stderr[-2000:]
+    assert not (tmp_path / "again").exists()
+
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "mean-lora", *CLAUSES,
                    "train.max_steps=4", f"model.name={saved_models / 'bert'}", "model.pooling=mean", "model.lora.enabled=true"))
     for run in ("mean", "mean-lora"):
@@ -370,6 +379,28 @@ def test_predict_reads_a_foreign_decoder_classifier_without_a_pad_token_and_pads
         alone = [torch.softmax(model.eval()(**tok(t, return_tensors="pt")).logits[0], -1) for t in texts]
     for got, own in zip(probs, alone):
         assert [got["LABEL_0"], got["LABEL_1"]] == pytest.approx(own.tolist(), abs=1e-5)
+
+
+def test_mean_pooling_is_refused_where_the_head_never_reads_the_pooler():
+    """BigBird's classifier has a [CLS] pooler its head never reads (it takes the first token's
+    state itself): replacing that pooler by the mean left every logit as it was while the config
+    recorded mean. Pinned: the logits do not move; and model.pooling=mean is one line."""
+    import torch
+    from transformers import BigBirdConfig, BigBirdForSequenceClassification
+
+    from launcher.errors import ConfigError
+    from launcher.tasks import pooling
+
+    torch.manual_seed(0)
+    config = BigBirdConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           attention_type="original_full", max_position_embeddings=64, num_labels=2)
+    model = BigBirdForSequenceClassification(config).eval()
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    before = model(input_ids=ids).logits
+    model.base_model.pooler = pooling.MeanPooler()
+    assert torch.equal(model(input_ids=ids).logits, before)  # what "mean" did on BigBird: nothing
+    with pytest.raises(ConfigError, match=r"model.pooling: mean replaces .* \(big_bird\) has one its head does not read"):
+        pooling.check(BigBirdForSequenceClassification(config), "bb")
 
 
 REST = {  # what make test leaves out above: each engine runs there on another model

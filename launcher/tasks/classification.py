@@ -41,6 +41,11 @@ def check_model_source(cfg: TaskConfig) -> None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
         config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
+        if cfg.model.pooling != "mean" and pooling.saved(config) == "mean":
+            # Its head learned means, and its export holds no [CLS] pooler: going on by the
+            # model's record while the run's config said cls was the silent alternative.
+            raise ConfigError(f"model.pooling: {cfg.model.name} was trained on the mean of each text's tokens (its "
+                              f"config.json records {pooling.CONFIG_KEY}: mean); set model.pooling=mean to go on with it")
         if cfg.model.pooling == "mean" and type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
             # A model with neither a [CLS] pooler nor a decoder's head is one line here, before
             # the run starts. The class is built directly on the meta device: from_config would,

@@ -103,11 +103,20 @@ def _decoder(model: Any) -> bool:
     return isinstance(score, nn.Linear) and model.base_model is not model
 
 
+# Classifiers whose base model has a pooler that their head never reads (BigBird's reads the
+# first token's state itself): a mean pooler there would change nothing. Found by building
+# every class of transformers' sequence-classification mapping (transformers 5).
+POOLER_UNUSED = ("big_bird",)
+
+
 def check(model: nn.Module, model_name: str) -> None:
     """One line (ConfigError) when the model has neither a [CLS] pooler that mean pooling can
     replace nor a decoder's one-position head."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    if kind in POOLER_UNUSED:
+        raise ConfigError(f"model.pooling: mean replaces the [CLS] pooler a classifier's head reads, and "
+                          f"{model_name} ({kind}) has one its head does not read: use model.pooling=cls")
     if not isinstance(getattr(model.base_model, "pooler", None), nn.Module) and not _decoder(model):
-        kind = getattr(model.config, "model_type", type(model).__name__)
         raise ConfigError(f"model.pooling: mean replaces a BERT-family encoder's [CLS] pooler or a decoder's "
                           f"last-token head, and {model_name} ({kind}) has neither: use model.pooling=cls")
 
