@@ -491,6 +491,20 @@ def test_off_a_terminal_progress_is_plain_lines_with_loss_lr_and_eta(tmp_path):
     assert [line.split()[1] for line in hourly.stdout.splitlines() if re.match(r"step \d+/6 ", line)] == ["6/6"]
 
 
+def _linear_lrs(lr: float, warmup: int, total: int) -> dict[int, float]:
+    """step -> the lr that step uses on transformers' linear schedule: the schedule's value before
+    that step's own scheduler step."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = get_scheduler("linear", opt, warmup, total)
+    out = {}
+    for step in range(1, total + 1):
+        out[step] = opt.param_groups[0]["lr"]
+        sched.step()
+    return out
+
+
 def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
     """Halted at 6 of 12. Resuming with another lr would train a run neither config
     describes: one line, exit 2, nothing touched. With checkpoint.resume_changed=allow and
@@ -523,15 +537,7 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
     assert mlrun.data.params["resumed_at_6.train.max_steps"] == "12 -> 18" and mlrun.data.params["train.max_steps"] == "12"
     lrs = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "train/lr")}
     assert sorted(lrs) == list(range(1, 19))
-    import torch
-    from transformers import get_scheduler
-
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
-    sched = get_scheduler("linear", opt, 2, 18)
-    expected = {}
-    for step in range(1, 19):  # the lr a step uses is the schedule's value before its own scheduler step
-        expected[step] = opt.param_groups[0]["lr"]
-        sched.step()
+    expected = _linear_lrs(1e-4, 2, 18)
     assert [lrs[s] for s in range(7, 19)] == pytest.approx([expected[s] for s in range(7, 19)])
 
 
@@ -554,15 +560,7 @@ def test_a_requeue_after_an_accepted_change_that_was_never_checkpointed_follows_
     assert lines[at + 1 : at + 3] == ["  train.halt_at_step: 6 -> None", "  train.lr: 0.001 -> 0.0001"]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}  # the last attempt's, for steps 7-12
-    import torch
-    from transformers import get_scheduler
-
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
-    sched = get_scheduler("linear", opt, 2, 12)
-    expected = {}
-    for step in range(1, 13):
-        expected[step] = opt.param_groups[0]["lr"]
-        sched.step()
+    expected = _linear_lrs(1e-4, 2, 12)
     assert [lrs[s] for s in range(7, 13)] == pytest.approx([expected[s] for s in range(7, 13)])
     # The first lr back after such a failed attempt: no change against step 6, not another run.
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "back", *common]
@@ -809,14 +807,7 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
     assert steps["src"] == [1, 2, 3, 4] and steps["fork"] == [5, 6, 7, 8]
     assert runs["fork"].data.params["started_from"] == str(source.resolve())
     lrs = {m.step: m.value for m in client.get_metric_history(runs["fork"].info.run_id, "train/lr")}
-    from transformers import get_scheduler
-
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
-    sched = get_scheduler("linear", opt, 2, 8)
-    expected = {}
-    for step in range(1, 9):
-        expected[step] = opt.param_groups[0]["lr"]
-        sched.step()
+    expected = _linear_lrs(1e-4, 2, 8)
     assert [lrs[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)])
 
 
