@@ -83,7 +83,8 @@ class ModelConfig:
     # merged export dequantizes the base and adds the adapters: a plain model.
     quantization: Literal["none", "nf4", "int8"] = "none"
     # Attention kernel. auto: flash_attention_2 for bf16/fp16 runs on CUDA when flash-attn is
-    # installed (it cannot run fp32), else sdpa. Packed causal-LM rows are exact under each:
+    # installed (it cannot run fp32), else sdpa, or eager for a model without sdpa (DeBERTa).
+    # Packed causal-LM rows are exact under each:
     # under flash attention each micro-batch is flattened into one row with its examples'
     # boundaries (cu_seq_lens), so examples never attend to each other.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"

@@ -192,6 +192,14 @@ def from_config(auto, config, **kwargs):
     return pooling.follow(build(config, **kwargs))
 
 
+def model_class(auto, config):
+    """The class an Auto class builds for a config, or None (remote code, an unknown config)."""
+    try:
+        return auto._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
+
+
 def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     """loader.from_pretrained(name), or one line saying which kind of failure it was.
     `model_cfg` adds model.revision and model.trust_remote_code (off unless asked), and
@@ -205,10 +213,20 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
 
     with pooling.quiet_missing_pooler(local_dir(name, getattr(model_cfg, "revision", None)) or name):
         loaded = _from_pretrained(loader, name, model_cfg, **kwargs)
+    if isinstance(loaded, tuple):  # output_loading_info=True: what the load had to initialise
+        loaded, info = loaded
+        loaded.launcher_new_weights = new_weights(info)
     config = loaded if isinstance(loaded, PretrainedConfig) else getattr(loaded, "config", None)
     if model_cfg is not None and isinstance(config, PretrainedConfig):
         pooling.record(config, getattr(model_cfg, "pooling", None))
     return pooling.follow(loaded, name)
+
+
+def new_weights(info: dict) -> list[str]:
+    """The weights a load initialised at random, from transformers' loading info: absent from the
+    checkpoint (a classifier's head; DeBERTa-v3's pooler, which its masked-LM checkpoint lacks) or
+    of another shape there (a head with another label count)."""
+    return sorted(set(info.get("missing_keys") or ()) | {k[0] for k in info.get("mismatched_keys") or ()})
 
 
 def _from_pretrained(loader, name: str, model_cfg=None, **kwargs):
@@ -227,10 +245,11 @@ def _from_pretrained(loader, name: str, model_cfg=None, **kwargs):
         model = _gguf_load(loader, gguf, **kwargs)
         if not kwargs and loader.__name__ == "AutoConfig":
             _configs[key] = copy.deepcopy(model)
-        if hasattr(model, "hf_quantizer"):  # a model: its weights are plain floats now
-            model.hf_quantizer, model.is_quantized = None, False
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
+        loaded = model[0] if isinstance(model, tuple) else model  # (model, loading info)
+        if hasattr(loaded, "hf_quantizer"):  # a model: its weights are plain floats now
+            loaded.hf_quantizer, loaded.is_quantized = None, False
+            if hasattr(loaded.config, "quantization_config"):
+                del loaded.config.quantization_config
         return model
     try:
         return loader.from_pretrained(source, **kwargs)

@@ -348,6 +348,67 @@ def test_lora_on_distilbert_trains_its_pre_classifier_whole(tmp_path, saved_mode
     assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
 
 
+def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebuilds_it(tmp_path):
+    """RUN/tokenizer/tokenizer.json cut short (an older launcher's non-atomic write, killed): the
+    resume exits 2 with one line naming the file and what to do, not a JSON traceback; removing
+    the directory, as it says, rebuilds the same tokenizer from the training data and resumes."""
+    from transformers import AutoTokenizer
+
+    common = [*FAST, "train.max_steps=8", "checkpoint.every_steps=4", "eval.every_steps=0"]
+    cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
+    check(launcher(*cmd, "train.halt_at_step=4"))
+    saved = tmp_path / "r" / "tokenizer"
+    vocab = AutoTokenizer.from_pretrained(saved).get_vocab()
+    text = (saved / "tokenizer.json").read_text()
+    (saved / "tokenizer.json").write_text(text[: len(text) // 2])
+    proc = launcher(*cmd)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {saved / 'tokenizer.json'}: the run's saved tokenizer does not load (")
+    assert line.endswith(f"remove {saved} to rebuild it from the training data")
+    assert not (tmp_path / "r" / "checkpoints" / "step-000008").exists()
+    import shutil
+
+    shutil.rmtree(saved)
+    again = check(launcher(*cmd))
+    assert f"resuming from {tmp_path / 'r' / 'checkpoints' / 'step-000004'}" in again.stdout.splitlines()
+    assert AutoTokenizer.from_pretrained(saved).get_vocab() == vocab
+    assert (tmp_path / "r" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("targets", ["[query_proj,value_proj]", "all-linear"])
+def test_lora_trains_whole_a_pooler_its_checkpoint_lacks(tmp_path, saved_models, targets):
+    """DeBERTa-v3's checkpoint is a masked LM's: loaded as a classifier, its pooler (which the
+    head reads) is initialised at random. LoRA left that layer frozen with a target list and put a
+    rank-r adapter on it with all-linear: every text went through noise. Now what the load
+    initialised trains whole with the head (said in one line), its trained weights are in the
+    adapter and the checkpoint, and the export predicts."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(saved_models / "bert")
+    DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "deberta")
+    tok.save_pretrained(tmp_path / "deberta")
+    said = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "d", *CLAUSES,
+                          f"model.name={tmp_path / 'deberta'}", "model.lora.enabled=true",
+                          f"model.lora.target_modules={targets}"))
+    assert (said.stdout + said.stderr).count("LoRA: pooler.dense trained whole with the head") == 1, said.stdout[-2000:]
+    adapter = load_file(tmp_path / "d" / "model" / "adapter" / "adapter_model.safetensors")
+    assert not [k for k in adapter if "pooler" in k and "lora_" in k]
+    merged = load_file(tmp_path / "d" / "model" / "model.safetensors")
+    assert torch.equal(adapter["base_model.model.pooler.dense.weight"], merged["pooler.dense.weight"])
+    assert any("query_proj.lora_A" in k for k in adapter)
+    # The checkpoint holds the trained pooler: an export from it is the run's export.
+    check(launcher("export", str(exported_checkpoint(tmp_path / "d")), str(tmp_path / "again")))
+    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["pooler.dense.weight"], merged["pooler.dense.weight"])
+    (tmp_path / "in.txt").write_text("the provider may terminate the account at any time\n")
+    (row,) = [json.loads(x) for x in check(launcher("predict", str(tmp_path / "d" / "model"), "--input",
+                                                    str(tmp_path / "in.txt"))).stdout.splitlines()]
+    assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
+
+
 def test_predict_reads_a_foreign_decoder_classifier_without_a_pad_token_and_pads_right(tmp_path, saved_models):
     """A GPT-2 sequence classifier saved elsewhere: its tokenizer has no pad token and pads on the
     left, its config no pad_token_id. `launcher predict` failed with transformers' ValueError

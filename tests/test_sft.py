@@ -246,6 +246,8 @@ def test_auto_attention_picks_flash_only_for_16_bit_runs_and_flattens_packed_bat
     collator then flattens packed micro-batches; under sdpa it does not."""
     import importlib.util
 
+    from transformers import BloomForCausalLM, DebertaV2ForSequenceClassification, T5ForSequenceClassification
+
     from launcher import tasks
     from launcher.tasks import modeling
 
@@ -254,6 +256,10 @@ def test_auto_attention_picks_flash_only_for_16_bit_runs_and_flattens_packed_bat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
     cfg = load_config(SFT, ["data.packing=true"])
     assert [modeling.attn_implementation(cfg.model, p) for p in ("no", "bf16", "fp16")] == ["sdpa", "flash_attention_2", "flash_attention_2"]
+    # A class without the kernel gets the next one: asking DeBERTa for sdpa failed its load.
+    assert [modeling.attn_implementation(cfg.model, p, c) for p in ("no", "bf16") for c in
+            (T5ForSequenceClassification, DebertaV2ForSequenceClassification, BloomForCausalLM)] == [
+        "sdpa", "eager", "eager", "sdpa", "eager", "eager"]
 
     class Tok:
         pad_token_id = 0

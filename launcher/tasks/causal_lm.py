@@ -199,12 +199,25 @@ class CausalLMTask:
 
     # ---- model and loss
 
+    def attn(self) -> str:
+        """The attention kernel (modeling.attn_implementation) for the class this run builds: the
+        model and the collator (whether packed rows are flattened) must agree on it."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from launcher import models
+        from launcher.tasks import modeling
+
+        built = None
+        if self.cfg.model.name != TINY_MODEL:
+            built = models.model_class(AutoModelForCausalLM, from_pretrained(AutoConfig, self.cfg.model.name, self.cfg.model))
+        return modeling.attn_implementation(self.cfg.model, self.cfg.precision, built)
+
     def build_model(self, tokenizer, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
 
         from launcher.tasks import modeling
 
-        attn = modeling.attn_implementation(self.cfg.model, self.cfg.precision)
+        attn = self.attn()
         if self.cfg.model.name == TINY_MODEL:
             model = from_config(AutoModelForCausalLM, tiny_config(self.cfg, len(tokenizer), tokenizer), attn_implementation=attn)
         else:
@@ -224,9 +237,7 @@ class CausalLMTask:
         """Packed rows under flash attention are flattened into one padding-free row per
         micro-batch with the examples' boundaries (instructions.LMCollator): transformers finds
         packed examples from position ids alone only in a batch of one row."""
-        from launcher.tasks import modeling
-
-        flash = modeling.attn_implementation(self.cfg.model, self.cfg.precision) == "flash_attention_2"
+        flash = self.attn() == "flash_attention_2"
         return instructions.LMCollator(tokenizer.pad_token_id, self.cfg.data.packing,
                                        flatten=self.cfg.data.packing and flash)
 

@@ -140,15 +140,16 @@ def count_parameters(cfg: TaskConfig) -> tuple[int | None, str, object]:
 
 
 def build_model(cfg: TaskConfig, tokenizer, dtype: str = "float32"):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from launcher.tasks.modeling import attn_implementation, torch_dtype
 
     names = cfg.data.resolved_label_names()
-    attn = attn_implementation(cfg.model, cfg.precision)
     if cfg.model.name == TINY_MODEL:
-        return models.from_config(AutoModelForSequenceClassification,
-                                  tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id), attn_implementation=attn)
+        return models.from_config(AutoModelForSequenceClassification, tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
+                                  attn_implementation=attn_implementation(cfg.model, cfg.precision))
+    config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
+    attn = attn_implementation(cfg.model, cfg.precision, models.model_class(AutoModelForSequenceClassification, config))
     problem = _problem_type(cfg)
     model = from_pretrained(
         AutoModelForSequenceClassification,
@@ -159,6 +160,7 @@ def build_model(cfg: TaskConfig, tokenizer, dtype: str = "float32"):
         num_labels=len(names),
         problem_type=problem,
         ignore_mismatched_sizes=True,  # a pretrained head with another label count is replaced
+        output_loading_info=True,  # which weights are new: LoRA trains them whole (lora.apply)
         **label_maps(names),
     )
     if tokenizer.pad_token_id is not None:  # the id batches are padded with: a decoder's head skips it
@@ -404,6 +406,7 @@ class ClassificationTask:
         self.weights_cpu: torch.Tensor | None = None  # loss_items reads these: no device-to-host copy there
         self.threshold = THRESHOLD  # launcher.json's decision rule; tune() may replace it
         self.pad_note = ""
+        self.new_note = ""  # LoRA's modules_to_save grown by what the load initialised
 
     def check_model_source(self) -> None:
         check_model_source(self.cfg)
@@ -452,7 +455,7 @@ class ClassificationTask:
                                       cache, d.num_proc) for src in (train_source, val_source))
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        return ([self.pad_note] if self.pad_note else []), {}
+        return [note for note in (self.pad_note, self.new_note) if note], {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
         """Validation batches, shortest rows first, dealt to the ranks by accelerate (its
@@ -464,7 +467,11 @@ class ClassificationTask:
     def build_model(self, tokenizer, dtype: str = "float32"):
         from launcher.tasks import modeling
 
-        return modeling.finish(build_model(self.cfg, tokenizer, dtype), self.cfg, self.name, dtype)
+        model = modeling.finish(build_model(self.cfg, tokenizer, dtype), self.cfg, self.name, dtype)
+        if new := getattr(model, "launcher_new_trained", None):
+            self.new_note = (f"LoRA: {', '.join(new)} trained whole with the head (not in {self.cfg.model.name}'s weights: "
+                             f"initialised at random)")
+        return model
 
     def collator(self, tokenizer):
         from launcher.data.batching import PadCollator

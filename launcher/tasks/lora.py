@@ -35,24 +35,44 @@ def apply(model, lora_cfg, task: str):
     targets, layers = lora_cfg.target_modules, lora_cfg.layers_to_transform
     if layers is not None:
         targets = _in_blocks(model, targets, layers)
+    new = _new_modules(model, list(lora_cfg.modules_to_save) + _head(task))
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets, task_type=PEFT_TASK[task], layers_to_transform=layers,
-                        modules_to_save=list(lora_cfg.modules_to_save) or None, use_dora=lora_cfg.use_dora,
-                        exclude_modules=_trained_whole(model, lora_cfg, task) if targets == "all-linear" else None)
+                        modules_to_save=list(lora_cfg.modules_to_save) + new or None, use_dora=lora_cfg.use_dora,
+                        exclude_modules=_trained_whole(model, lora_cfg, task) or None if targets == "all-linear" else None)
     try:
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
     except (ValueError, TypeError) as e:  # whatever peft refuses beyond the names checked above
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+    setattr(wrapped, "launcher_new_trained", new)  # for the run's description (classification.Task)
+    return wrapped
 
 
-def _trained_whole(model, lora_cfg, task: str) -> list[str] | None:
+def _head(task: str) -> list[str]:
+    """What peft trains whole for the task whatever modules_to_save says: a classifier's head."""
+    return ["classifier", "score"] if task == "classification" else []
+
+
+def _new_modules(model, saved: list[str]) -> list[str]:
+    """The modules whose weights the load initialised at random (models.new_weights) and that
+    nothing would train: the modules_to_save LoRA adds them to. Frozen, they are noise every
+    text goes through: DeBERTa-v3's checkpoint has no pooler, and its classifier reads the
+    pooler's output (a target list left it frozen; all-linear put a rank-r adapter on it). peft
+    trains whole every module whose name ends in a modules_to_save entry, and what sits under it."""
+    fresh = {key.rsplit(".", 1)[0] for key in getattr(model, "launcher_new_weights", ())}
+    modules = dict(model.named_modules())
+    covered = [n for n in modules if n and any(n.endswith(s) for s in saved)]
+    return sorted(m for m in fresh if m in modules and not any(m == c or m.startswith(c + ".") for c in covered))
+
+
+def _trained_whole(model, lora_cfg, task: str) -> list[str]:
     """The linear layers peft trains whole, which all-linear must leave without an adapter: peft
     keeps every module whose name ends in a modules_to_save entry (a classifier's "classifier"
     and "score" among them) and refuses an adapter under it. DistilBERT's pre_classifier ends in
     "classifier": all-linear put LoRA on it, then peft failed with a TypeError."""
-    save = list(lora_cfg.modules_to_save) + (["classifier", "score"] if task == "classification" else [])
+    save = list(lora_cfg.modules_to_save) + _head(task)
     names = {n.split(".")[-1] for n, _ in model.named_modules() if n and any(n.endswith(s) for s in save)}
-    return sorted(names) or None
+    return sorted(names)
 
 
 def _in_blocks(model, targets, layers: list[int]) -> list[str]:

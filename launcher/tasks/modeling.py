@@ -13,18 +13,22 @@ if typing.TYPE_CHECKING:
     from launcher.config import TaskConfig
 
 
-def attn_implementation(model_cfg, precision: str) -> str:
+def attn_implementation(model_cfg, precision: str, model_class=None) -> str:
     """The attention kernel. auto: flash attention 2 for a bf16/fp16 run on CUDA with the
     flash-attn package installed, sdpa otherwise (the kernels run in 16 bits only, so an fp32
-    run would crash at its first forward). An explicit flash_attention_2 that cannot run is
-    one line (ConfigError), the fp32 case first: it is wrong on any machine."""
+    run would crash at its first forward), and eager for a model class without either (DeBERTa
+    has no sdpa: asking for it failed the load). An explicit flash_attention_2 that cannot run
+    is one line (ConfigError), the fp32 case first: it is wrong on any machine.
+    model_class: the class the run builds, where known (models.model_class)."""
     import torch
 
     choice = model_cfg.attn_implementation
     sixteen = precision in ("bf16", "fp16")
     available = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":
-        return "flash_attention_2" if sixteen and available else "sdpa"
+        if sixteen and available and getattr(model_class, "_supports_flash_attn", True):
+            return "flash_attention_2"
+        return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
     if choice == "flash_attention_2" and not sixteen:
         raise ConfigError(f"model.attn_implementation: flash_attention_2 runs in bf16 or fp16 only, and "
                           f"train.precision is {precision} (fp32): set train.precision=bf16, or use auto or sdpa")
