@@ -670,14 +670,11 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         if layers is not None and (not layers or min(layers) < 0):
             out.append(f"model.lora.layers_to_transform: a non-empty list of block numbers from 0; got {layers!r}")
     if cfg.task == "causal_lm":
-        for key in ("prompt_template", "prompt_template_no_input"):
-            for needed in ("{instruction}",) + (("{input}",) if key == "prompt_template" else ()):
-                if needed not in getattr(d, key):
-                    out.append(f"data.{key}: must contain {needed}")
-        if "{role}" not in d.chat_turn_template or "{content}" not in d.chat_turn_template:
-            out.append("data.chat_turn_template: must contain {role} and {content}")
-        from launcher.data.prompts import template_problems
+        from launcher.data.prompts import fixed_template_problems, template_problems
 
+        for key, fields in (("prompt_template", ("instruction", "input")), ("prompt_template_no_input", ("instruction",)),
+                            ("chat_turn_template", ("role", "content"))):
+            out += fixed_template_problems(f"data.{key}", getattr(d, key), fields)
         out += template_problems("data.prompt", d.prompt) + template_problems("data.response", d.response)
         if (d.prompt is None) != (d.response is None):
             missing = "data.response" if d.response is None else "data.prompt"

@@ -116,6 +116,12 @@ CASES = [
     ("threshold for causal LM", "train", SFT, _plain("eval.tune_threshold=true"), "eval.tune_threshold: only for task classification"),
     ("template without instruction", "train", SFT, lambda tmp: ["data.prompt_template_no_input=Answer {input}"],
      "data.prompt_template_no_input: must contain {{instruction}}"),
+    ("a JSON example's braces in a template", "train", SFT,
+     lambda tmp: ['data.prompt_template_no_input=Reply like {"label": "x"}: {instruction}\n'],
+     "data.prompt_template_no_input: {{\"label\"}} is not a placeholder here (it takes {{instruction}}); "
+     "write a literal brace as {{{{ or }}}}"),
+    ("an unclosed brace in a turn template", "train", SFT, lambda tmp: ["data.chat_turn_template={role}: {content"],
+     "data.chat_turn_template: not a valid template (expected '}}' before end of string); write a literal brace as {{{{ or }}}}"),
     ("binary with three names", "train", TINY, _plain("data.label_names=[a,b,c]"), "data.label_names: binary mode needs 2 names"),
     ("duplicate label names", "train", TINY, _plain("data.label_names=[a,a]"), "data.label_names: names must be unique"),
     ("run name with a slash", "train", TINY, _plain("--run-name", "a/b"), "run_name: must be a plain directory name"),

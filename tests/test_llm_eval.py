@@ -65,8 +65,8 @@ def test_training_text_is_the_generation_prompt_plus_the_answer(template, system
     for row in ROWS:
         text, spans = prompts.render(row, fmt, t)
         prompt = prompts.prompt_text(row, fmt, t)
-        start, end = spans[-1]
-        assert text[:start] == prompt and text[start:end] == prompts.answer(row) + t.eos_token
+        start, end = spans[-1]  # the span starts over the template's spaces ("[bot] ")
+        assert text[:start] == prompt and text[start:end].lstrip(" ") == prompts.answer(row) + t.eos_token
         ids, labels = encode(row, fmt, t)
         prompt_ids = prompts.token_ids(prompt, t)
         assert ids[: len(prompt_ids)] == prompt_ids and last_answer_start(labels) == len(prompt_ids)
@@ -74,6 +74,77 @@ def test_training_text_is_the_generation_prompt_plus_the_answer(template, system
             assert system in prompt
     # A conversation with its own system prompt keeps it; the configured one fills in elsewhere.
     assert "be brief" in prompts.prompt_text(ROWS[1], fmt, t) and (system is None or system not in prompts.prompt_text(ROWS[1], fmt, t))
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    """A byte-level BPE tokenizer (GPT-2's, Llama-3's and SmolLM2's kind): a space joins the word after it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Question: what is the capital of France?\nAnswer: Paris", "Answer: Paris or Rome",
+                             "user: hello\nassistant: Paris"] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("row, change", [
+    ({"instruction": "what is the capital of France?", "input": "", "output": "Paris"},
+     {"prompt_template_no_input": "Question: {instruction}\nAnswer: "}),
+    ({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"}]},
+     {"chat_turn_template": "{role}: {content}\n"}),
+], ids=["instruction-template", "chat-turn-template"])
+def test_a_template_ending_in_a_space_trains_the_answers_first_word(bpe_tok, row, change):
+    """Byte-level BPE joins a template's last space to the answer's first word (" Paris"). That
+    token lay half outside the answer's span: it was never labelled (the row trained on "</s>"
+    alone), and the prompt generate/predict send ended in a lone space token. Now the labelled
+    tokens are the whole answer with its space, and the prompt is the tokens before them."""
+    fmt = PromptFormat.from_config(DataConfig(**change), bpe_tok)
+    assert not fmt.chat_template
+    ids, labels = encode(row, fmt, bpe_tok)
+    assert " Paris" in bpe_tok.convert_tokens_to_string(bpe_tok.convert_ids_to_tokens(bpe_tok(" Paris")["input_ids"]))
+    assert bpe_tok.decode([x for x in labels if x != IGNORE]) == " Paris</s>"
+    prompt = prompts.prompt_text(row, fmt, bpe_tok)
+    assert not prompt.endswith(" ") and prompts.token_ids(prompt, bpe_tok) == ids[: last_answer_start(labels)]
+    bare = prompts.prompt_text({k: v for k, v in row.items() if k != "output"} if "messages" not in row
+                               else {"messages": row["messages"][:1]}, fmt, bpe_tok)
+    assert bare == prompt
+
+
+# Qwen3's rule in small: assistant turns after the last user turn open with a think block.
+LATER_TURNS_DIFFER = ("{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}"
+                      "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}{% for m in messages %}"
+                      "{% if m.role == 'assistant' %}[bot] {% if loop.index0 > ns.last %}[think] {% endif %}"
+                      "{{ m.content }}{{ eos_token }}{% else %}[{{ m.role }}] {{ m.content }} {% endif %}{% endfor %}"
+                      "{% if add_generation_prompt %}[bot] {% endif %}")
+
+
+def test_a_turn_the_template_renders_otherwise_once_later_turns_follow_is_context_and_counted(tok):
+    """Qwen3's template renders an assistant turn with a think block while it is the last, and
+    without one once a user turn follows. Each turn's span was measured on the conversation cut
+    after it and applied to the whole: the earlier answer's labels slid onto the next user turn.
+    Now that turn is context only, the last is trained as the full text renders it, and the
+    encoder counts the turns left untrained (said in the data line)."""
+    import copy
+
+    import datasets
+
+    t = copy.deepcopy(tok)
+    t.chat_template = LATER_TURNS_DIFFER
+    fmt = PromptFormat.from_config(DataConfig(), t)
+    text, spans = prompts.render(ROWS[1], fmt, t)
+    assert "[bot] general kenobi</s>" in text and [text[s:e] for s, e in spans] == [" [think] other</s>"]
+    enc = instructions.InstructionEncoder(DataConfig(), t, fmt)
+    ds = datasets.Dataset.from_list([{"messages": ROWS[1]["messages"]}] * 3)
+    _, stats = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))
+    assert stats["untrained_turns"] == 3
+    assert "3 earlier assistant turns kept as context, untrained" in instructions.EncodeStats(**stats).line("train")
+    one_turn = {"messages": [ROWS[1]["messages"][1], ROWS[1]["messages"][2]]}  # nothing follows: trained as before
+    assert prompts.untrained_turns(one_turn, prompts.render(one_turn, fmt, t)[1]) == 0
 
 
 def test_the_recorded_format_renders_the_same_after_a_round_trip(chat_tok):
@@ -96,7 +167,7 @@ def test_a_conversation_awaiting_an_answer_is_answered_after_its_last_turn(chat_
         fmt = PromptFormat.from_config(DataConfig(), t)
         prompt = prompts.prompt_text(prompts.normalize(row, fmt, "x", need_answer=False), fmt, t)
         full = prompts.render(prompts.with_answer(row, "unfair"), fmt, t)[0]
-        assert "is this clause fair?" in prompt and full.startswith(prompt) and full[len(prompt):].startswith("unfair")
+        assert "is this clause fair?" in prompt and full.startswith(prompt) and full[len(prompt):].lstrip(" ").startswith("unfair")
 
 
 def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tok):
@@ -197,6 +268,10 @@ def test_scores_on_answers_we_control():
         assert [m[f"{prefix}f1/{name}"] for name in labels] == pytest.approx(list(want))
         assert m[f"{prefix}macro_f1"] == pytest.approx(float(want.mean()))
     assert "accuracy" not in generation.score(rows, None) and "exact_match" in generation.score(rows, None)
+    # Letter answers are not articles: "A" matches "a." but not an empty reply or "The".
+    letters = [{"index": i, "loss": 0.0, "tokens": 1, "reference": "A", "response": g} for i, g in enumerate(["", "The", "a.", "B"])]
+    assert generation.score(letters, None)["exact_match"] == pytest.approx(1 / 4)
+    assert generation.normalize("The cat") == generation.normalize("cat") and generation.normalize("An") == "an"
 
 
 def test_closed_sets():
@@ -335,7 +410,8 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
 
     rng = random.Random(0)
     things = ["amber", "basil", "cedar", "delta", "ember", "fjord"]
-    answer = {t: a for t, a in zip(things, ["maple", "raven", "onyx", "maple", "quartz", "raven"])}
+    # "onyx " as a CSV column may have it: `launcher eval` stripped references but not the answer set.
+    answer = {t: a for t, a in zip(things, ["maple", "raven", "onyx ", "maple", "quartz", "raven"])}
     for i in range(200):
         t = rng.choice(things)
         rows.append({"thing": t, "colour": answer[t], "id": i})
@@ -355,7 +431,7 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     assert final["after"]["choice_macro_f1"] > 0.9 and final["before"]["choice_macro_f1"] < 0.7
     assert "choice_macro_f1" in proc.stdout.split("step 0 eval:")[1].splitlines()[0]
     meta = json.loads((run / "model" / "launcher.json").read_text())
-    assert meta["answers"] == ["maple", "onyx", "quartz", "raven"] and meta["prompt"]["prompt"].endswith("{thing}?")
+    assert meta["answers"] == ["maple", "onyx ", "quartz", "raven"] and meta["prompt"]["prompt"].endswith("{thing}?")
     samples = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert samples[0]["prompt"] == "What is the code word for " + rows[160]["thing"] + "?"  # from the validation rows
     ev = json.loads(check(launcher("eval", str(run / "model"), "--data", str(val))).stdout.strip().splitlines()[-1])

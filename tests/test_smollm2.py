@@ -170,6 +170,30 @@ def test_the_run_evaluates_by_generation_and_its_export_answers_the_same_in_one_
     assert "quantization_config" not in json.loads((run_dir / "model" / "config.json").read_text())
 
 
+def test_answers_stop_at_the_chat_templates_end_of_turn_where_eos_is_another_token(run):
+    """A base model's EOS is often not the token its chat template ends a turn with (Qwen2.5's
+    <|endoftext|> against <|im_end|>, Llama-3's <|end_of_text|> against <|eot_id|>); training
+    teaches the end of turn. Answers stopped at EOS only and ran on into the next turn's header
+    ("Paris.\nsystem\n\nuser\n..."). SmolLM2 with its EOS set to <|endoftext|> stands in for such
+    a model: its answer is the one it gives with its own EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.config import DataConfig
+    from launcher.data.prompts import PromptFormat
+    from launcher.tasks import causal_lm
+
+    tmp, _, _, _ = run
+    entry = _converted(tmp)
+    tok, model = AutoTokenizer.from_pretrained(entry), AutoModelForCausalLM.from_pretrained(entry).eval()
+    fmt = PromptFormat.from_config(DataConfig(), tok)
+    question = ["What is the capital of France? Answer in one word."]
+    own = causal_lm.answer_prompts(model, tok, fmt, question, 24)
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert tok.convert_ids_to_tokens(causal_lm.end_of_turn(fmt, tok)) == "<|im_end|>" != tok.eos_token
+    assert causal_lm.answer_prompts(model, tok, fmt, question, 24) == own and "Paris" in own[0]
+
+
 def test_plan_sizes_a_lora_checkpoint_as_the_run_wrote_it(run):
     tmp, run_dir, _, args = run
     proc = check(launcher("plan", str(RECIPE), *[a for a in args if "=" in a and not a.startswith("--")]))

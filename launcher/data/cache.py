@@ -46,7 +46,8 @@ from typing import Any, Callable
 
 from launcher.errors import ConfigError, DataError, RunError, UserError
 
-CACHE_VERSION = 3  # bump when the layout or the meaning of an entry changes (3: builder recorded)
+CACHE_VERSION = 4  # bump when the layout or the meaning of an entry changes (3: builder recorded; 4: an
+# answer's labels start over its template's spaces, untrained_turns counted)
 
 
 def key_of(parts: dict) -> str:

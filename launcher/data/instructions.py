@@ -130,7 +130,7 @@ class InstructionEncoder:
             errors.append(error)
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
-                               "_truncated", "_label_tokens", "_chat", "_system")}
+                               "_truncated", "_label_tokens", "_chat", "_system", "_untrained")}
         for ids, offsets, span, text, error, row in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors, rows):
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             drop = truncated = False
@@ -147,7 +147,8 @@ class InstructionEncoder:
                          ("question", prompts.question(row) if row else ""),
                          ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
                          ("_chat", bool(row) and "messages" in row),
-                         ("_system", prompts.system_of(row, self.fmt) if row else None)):
+                         ("_system", prompts.system_of(row, self.fmt) if row else None),
+                         ("_untrained", prompts.untrained_turns(row, span) if row else 0)):
                 out[k].append(v)
         return out
 
@@ -164,6 +165,7 @@ class InstructionEncoder:
         kept = table.filter(keep)
         stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
         stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
+        stats.untrained_turns = int(pc.sum(kept["_untrained"]).as_py() or 0)
         if kept.num_rows:
             systems = pc.unique(kept["_system"])
             if len(systems) == 1 and systems[0].is_valid:  # every row renders with this system prompt
@@ -176,7 +178,7 @@ class InstructionEncoder:
             kept, stats.capped = cap_answers(kept, cap)
             stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
             stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
-        table = kept.drop_columns(["_drop", "_truncated", "_label_tokens", "_chat", "_system"])
+        table = kept.drop_columns(["_drop", "_truncated", "_label_tokens", "_chat", "_system", "_untrained"])
         if table.num_rows == 0:
             raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {self.cfg.max_length}, "
                             f"data.truncation {self.cfg.truncation})")
@@ -222,10 +224,13 @@ class EncodeStats:
     system_prompt: str | None = None  # the system prompt every kept row renders with, if they share one
     answers: dict | None = None  # {answer: rows} when at most CLOSED_SET_MAX distinct answers
     capped: dict | None = None  # {answer: rows left out by data.max_rows_per_answer}
+    untrained_turns: int = 0  # earlier answers the chat template renders otherwise once later turns follow
 
     def line(self, split: str) -> str:
         return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
-                f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses")
+                f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses"
+                + (f"; {self.untrained_turns} earlier assistant turns kept as context, untrained: the chat template "
+                   "renders them otherwise once later turns follow (Qwen3's <think> blocks)" if self.untrained_turns else ""))
 
 
 def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat | None = None,

@@ -85,6 +85,23 @@ def placeholders(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
+def fixed_template_problems(key: str, template: str, fields: tuple[str, ...]) -> list[str]:
+    """A prompt or turn template with fixed placeholders (data.prompt_template: {instruction}
+    and {input}): each one present, no other (a literal brace, as in a JSON example, is {{ or
+    }}). Caught here, a stray brace was a KeyError traceback at the first row."""
+    braces = "write a literal brace as {{ or }}"
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        return [f"{key}: not a valid template ({e}); {braces}"]
+    missing = [f for f in fields if f not in names]
+    if missing:
+        return [f"{key}: must contain {' and '.join(f'{{{f}}}' for f in missing)}"]
+    other = [n for n in names if n not in fields]
+    takes = ", ".join(f"{{{f}}}" for f in fields)
+    return [f"{key}: {{{other[0]}}} is not a placeholder here (it takes {takes}); {braces}"] if other else []
+
+
 def template_problems(key: str, template: str | None) -> list[str]:
     """A data.prompt / data.response that cannot work whatever the data: one line each."""
     if template is None:
@@ -207,6 +224,12 @@ def answer(row: dict) -> str | None:
     return row["messages"][last]["content"] if last is not None else None
 
 
+def untrained_turns(row: dict, spans: list) -> int:
+    """The row's answers render() found no span for (see its chat-template path)."""
+    answers = sum(m["role"] == "assistant" for m in row["messages"]) if "messages" in row else int(row.get("output") is not None)
+    return answers - len(spans)
+
+
 def awaits_answer(row: dict) -> bool:
     """A row to be answered: no output, or a conversation whose last turn is not the assistant's."""
     return answer(row) is None if "messages" not in row else row["messages"][-1]["role"] != "assistant"
@@ -263,10 +286,29 @@ def _conversation(row: dict, fmt: PromptFormat) -> list[dict]:
 
 
 def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """(training text, trainable character spans): each answer and the end-of-turn after it."""
+    """(training text, trainable character spans): each answer and the end-of-turn after it,
+    from the spaces before it (_over_spaces)."""
+    text, spans = _render(row, fmt, tokenizer)
+    return text, [(_over_spaces(text, start), end) for start, end in spans]
+
+
+def _over_spaces(text: str, start: int) -> int:
+    """Where an answer's span starts: before the spaces that end its prompt ("Answer: ").
+    Byte-level BPE and SentencePiece join a space to the word after it (" Paris"); with the
+    span starting at "P", that token lay half outside it, so the answer's first word was never
+    learned, and a prompt cut there ended in a lone space token no training row has. Now the
+    prompt ends before its spaces and the first labelled token carries them. A newline stays in
+    the prompt: these tokenizers keep it apart from the word after it."""
+    while start > 0 and text[start - 1] in " \t":
+        start -= 1
+    return start
+
+
+def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     eos = tokenizer.eos_token or ""
     if fmt.chat_template:
         messages = _conversation(row, fmt)
+        full = _apply_template(tokenizer, messages)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -276,8 +318,13 @@ def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int
             if not after.startswith(before):
                 raise DataError("the tokenizer's chat template does not render conversations prefix-stably; "
                                 "set data.chat_turn_template and remove the tokenizer's chat template")
-            spans.append((len(before), len(after)))
-        return _apply_template(tokenizer, messages), spans
+            # A template may render a turn otherwise once later turns follow (Qwen3 gives only
+            # the turns after the last user turn a <think> block): such a turn's span measured
+            # alone would land elsewhere in the full text. It stays as context, untrained, and
+            # is counted (untrained_turns); the last turn always renders as the full text does.
+            if full.startswith(after):
+                spans.append((len(before), len(after)))
+        return full, spans
     system = _system_block(row, fmt)
     if "messages" not in row:
         prompt = system + _instruction_prompt(row, fmt)
@@ -300,7 +347,7 @@ def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int
 def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> str:
     """What the model reads before its answer: the training text up to the last answer (for a
     row without one, up to where it would start). Cut from `render` itself, so the identity
-    training text = prompt + answer + end-of-turn holds by construction. `bare`: a prompt
+    training text = prompt + (the template's spaces) + answer + end-of-turn holds by construction. `bare`: a prompt
     typed by a user ({"instruction": TEXT}), a chat turn when the run trained on conversations."""
     if "messages" not in row:
         row = {"input": "", "output": None, **row}

@@ -327,7 +327,8 @@ class CausalLMTask:
             metrics, self.last_rows = generation.evaluate(
                 unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
                 gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
-                head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean_eval else None)
+                head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean_eval else None,
+                end_of_turn=end_of_turn(self.fmt, self._tokenizer))
         model.train()
         return metrics
 
@@ -440,6 +441,15 @@ def continuation(answer: str, fmt: PromptFormat, tokenizer) -> list[int]:
     return ids[instructions.last_answer_start(labels):]
 
 
+def end_of_turn(fmt: PromptFormat, tokenizer) -> int | None:
+    """The special token training puts after each answer: the chat template's end of turn
+    (<|im_end|>, <|eot_id|>) or EOS. Generation stops there as at EOS: a base model's EOS
+    (Qwen2.5's <|endoftext|>, Llama-3's <|end_of_text|>) is not what its chat template ends a
+    turn with, and answers ran on into the next turn's header until max_new_tokens."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in continuation("x", fmt, tokenizer) if i in special), None)
+
+
 def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None) -> list[dict]:
     """Rows to answer (no reference needed): ids of each row's prompt, rendered as training did.
     A prompt longer than max_length (asked for, or the model's positions) keeps its end: the
@@ -473,7 +483,8 @@ def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_ne
     rows = prompt_rows([{"instruction": t, "input": "", "output": None, "_bare": True} for t in texts], fmt, tokenizer,
                        prompt_limit(model, max_new_tokens))
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
-    _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync)
+    _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync,
+                                      end_of_turn=end_of_turn(fmt, tokenizer))
     return [r["response"] for r in answered]
 
 
@@ -513,7 +524,7 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
 
     kept: list[dict] = []
     ids, labels, stats = instructions.encode_rows(rows, DataConfig(max_length=max_length), tokenizer, fmt, kept)
-    eval_rows = [{"input_ids": x, "labels": y, "answer": (prompts.answer(r) or "").strip(), "question": prompts.question(r)}
+    eval_rows = [{"input_ids": x, "labels": y, "answer": prompts.answer(r) or "", "question": prompts.question(r)}
                  for x, y, r in zip(ids, labels, kept)]
     longest = max((generation.answer_tokens(y) for y in labels), default=0)
     batches = generation.EvalBatches(eval_rows, 0, 1, batch_size, pad_id(tokenizer))
@@ -522,7 +533,8 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     check = lean_loss.check_batch(eval_rows, next(model.parameters()).device)
     head, _ = lean_loss.eval_head(model, EVAL_CHUNK_TOKENS, check)
     metrics, _ = generation.evaluate(model, batches, tokenizer, candidates,
-                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS), head=head)
+                                     min(max_new_tokens, longest + generation.EXTRA_TOKENS), head=head,
+                                     end_of_turn=end_of_turn(fmt, tokenizer))
     return metrics | {"truncated": stats.truncated, "dropped": stats.dropped}
 
 

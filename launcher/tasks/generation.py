@@ -47,10 +47,12 @@ def _cache_name() -> str:
 
 
 def normalize(text: str) -> str:
+    """Exact match's form (SQuAD's): case, punctuation and articles do not count; but an answer
+    that is nothing else ("A" of A-D, "The") keeps them, or it would equal an empty reply."""
     text = text.lower()
     text = "".join(c for c in text if c not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    kept = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join((kept if kept.split() else text).split())
 
 
 # ---------------------------------------------------------------- rows and batches
@@ -299,15 +301,16 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 256) 
 
 
 def evaluate(model, batches, tokenizer, candidates: Candidates | None, max_new: int, sync=None, gather=None,
-             autocast=None, head=None) -> tuple[dict, list[dict]]:
+             autocast=None, head=None, end_of_turn: int | None = None) -> tuple[dict, list[dict]]:
     """(metrics, one record per row in index order) over every rank's batches. gather(list) ->
     every rank's lists (a collective); autocast: the run's autocast context factory; head: see
-    run_batch."""
+    run_batch; end_of_turn: the token training ended each answer with (causal_lm.end_of_turn),
+    where answers stop too."""
     import contextlib
 
     from launcher.models import position_limit
 
-    stop_ids = stop_token_ids(tokenizer, model)
+    stop_ids = stop_token_ids(tokenizer, model) | ({end_of_turn} if end_of_turn is not None else set())
     limit = position_limit(model)
     records = []
     for batch in batches:
