@@ -150,6 +150,7 @@ class DataConfig:
     max_length: int = 128
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     # causal_lm: prompt for rows with `instruction` (and `input`); the response follows it.
+    # A literal brace is {{ or }}.
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
     # causal_lm: one chat turn, for `messages` rows when the tokenizer has no chat template.
