@@ -673,9 +673,13 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     if cfg.task == "causal_lm":
         from launcher.data.prompts import fixed_template_problems, template_problems
 
-        for key, fields in (("prompt_template", ("instruction", "input")), ("prompt_template_no_input", ("instruction",)),
-                            ("chat_turn_template", ("role", "content"))):
-            out += fixed_template_problems(f"data.{key}", getattr(d, key), fields)
+        out += fixed_template_problems("data.prompt_template", d.prompt_template, ("instruction", "input"))
+        # {input} renders empty there: one string may serve both keys
+        out += fixed_template_problems("data.prompt_template_no_input", d.prompt_template_no_input, ("instruction",), ("input",))
+        turn = fixed_template_problems("data.chat_turn_template", d.chat_turn_template, ("role", "content"))
+        if not turn and d.chat_turn_template.count("{content}") != 1:  # render splits the turn there
+            turn = ["data.chat_turn_template: must contain {content} once, as written (no conversion or format spec)"]
+        out += turn
         out += template_problems("data.prompt", d.prompt) + template_problems("data.response", d.response)
         if (d.prompt is None) != (d.response is None):
             missing = "data.response" if d.response is None else "data.prompt"

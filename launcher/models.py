@@ -213,7 +213,7 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
 
     with pooling.quiet_missing_pooler(local_dir(name, getattr(model_cfg, "revision", None)) or name):
         loaded = _from_pretrained(loader, name, model_cfg, **kwargs)
-    if isinstance(loaded, tuple):  # output_loading_info=True: what the load had to initialise
+    if kwargs.get("output_loading_info"):  # (model, what the load had to initialise)
         loaded, info = loaded
         loaded.launcher_new_weights = new_weights(info)
     config = loaded if isinstance(loaded, PretrainedConfig) else getattr(loaded, "config", None)

@@ -118,7 +118,7 @@ CASES = [
      "data.prompt_template_no_input: must contain {{instruction}}"),
     ("a JSON example's braces in a template", "train", SFT,
      lambda tmp: ['data.prompt_template_no_input=Reply like {"label": "x"}: {instruction}\n'],
-     "data.prompt_template_no_input: {{\"label\"}} is not a placeholder here (it takes {{instruction}}); "
+     "data.prompt_template_no_input: {{\"label\"}} is not a placeholder here (it takes {{instruction}}, {{input}}); "
      "write a literal brace as {{{{ or }}}}"),
     ("an unclosed brace in a turn template", "train", SFT, lambda tmp: ["data.chat_turn_template={role}: {content"],
      "data.chat_turn_template: not a valid template (expected '}}' before end of string); write a literal brace as {{{{ or }}}}"),

@@ -113,6 +113,27 @@ def test_a_template_ending_in_a_space_trains_the_answers_first_word(bpe_tok, row
     bare = prompts.prompt_text({k: v for k, v in row.items() if k != "output"} if "messages" not in row
                                else {"messages": row["messages"][:1]}, fmt, bpe_tok)
     assert bare == prompt
+    # An export written before the rule trained with the spaces in its prompt: it keeps them.
+    old = PromptFormat.from_json({"prompt": {k: v for k, v in fmt.to_json().items() if k != "answer_over_spaces"}})
+    assert PromptFormat.from_json({"prompt": fmt.to_json()}) == fmt and prompts.prompt_text(row, old, bpe_tok) == prompt + " "
+
+
+def test_answers_stop_at_the_first_special_token_after_the_answer(tok):
+    """end_of_turn is the special token the template puts after an answer, not one it puts
+    between the generation prompt and the answer (gpt-oss's channel markers): with that one as
+    a stop, every answer ended before its first token."""
+    import copy
+
+    from launcher.tasks import causal_lm
+
+    t = copy.deepcopy(tok)
+    t.add_tokens(["<|start|>", "<|channel|>", "<|message|>", "<|return|>", "<|end|>"], special_tokens=True)
+    t.chat_template = ("{% for m in messages %}<|start|>{{ m.role }}{% if m.role == 'assistant' %}<|channel|>final"
+                       "<|message|>{{ m.content }}<|return|>{% else %}<|message|>{{ m.content }}<|end|>{% endif %}"
+                       "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+    fmt = PromptFormat.from_config(DataConfig(), t)
+    assert t.convert_ids_to_tokens(causal_lm.end_of_turn(fmt, t)) == "<|return|>"
+    assert causal_lm.end_of_turn(PromptFormat.from_config(DataConfig(), tok), tok) == tok.eos_token_id
 
 
 # Qwen3's rule in small: assistant turns after the last user turn open with a think block.
@@ -209,6 +230,13 @@ def test_a_bad_placeholder_is_one_line_at_config_time():
         with pytest.raises(ConfigError) as e:
             load_config(SFT, [f"data.prompt={value}", "data.response={label}"], check_files=False)
         assert len(e.value.problems) == 1 and e.value.problems[0].startswith("data.prompt: ") and says in e.value.problems[0]
+    # One string for both prompt templates ({input} renders empty in the second) is fine; a turn
+    # template is split at its one literal {content}.
+    load_config(SFT, ["data.prompt_template_no_input=Q: {instruction} {input}\nA:"], check_files=False)
+    for turn in ("{role}: {content!s}\n", "{role}: {content} {content}\n"):
+        with pytest.raises(ConfigError) as e:
+            load_config(SFT, [f"data.chat_turn_template={turn}"], check_files=False)
+        assert e.value.problems == ["data.chat_turn_template: must contain {content} once, as written (no conversion or format spec)"]
     with pytest.raises(ConfigError) as e:
         load_config(SFT, ["data.prompt={text}"], check_files=False)
     assert e.value.problems == ["data.response: required with data.prompt (both map columns, e.g. data.prompt='{text}' "

@@ -51,6 +51,9 @@ class PromptFormat:
     prompt_template: str = DEFAULT_TEMPLATE
     prompt_template_no_input: str = DEFAULT_TEMPLATE_NO_INPUT
     chat_turn_template: str = DEFAULT_CHAT_TURN
+    # Answers' spans start before the spaces that end their prompt (render). An export written
+    # before this rule lacks the key: its model was trained with those spaces in the prompt.
+    answer_over_spaces: bool = True
 
     @classmethod
     def from_config(cls, data_cfg, tokenizer, **changes) -> "PromptFormat":
@@ -72,9 +75,9 @@ class PromptFormat:
         """From launcher.json: its "prompt" object, or the flat keys exports had before it."""
         fields = {f for f in cls.__dataclass_fields__}
         if isinstance(meta.get("prompt"), dict):
-            return cls(**{k: v for k, v in meta["prompt"].items() if k in fields})
+            return cls(**{"answer_over_spaces": False} | {k: v for k, v in meta["prompt"].items() if k in fields})
         old = {k: meta[k] for k in ("prompt_template", "prompt_template_no_input", "chat_turn_template") if k in meta}
-        return cls(style=meta.get("prompt_format", "instruction"), **old)
+        return cls(style=meta.get("prompt_format", "instruction"), answer_over_spaces=False, **old)
 
 
 # ---------------------------------------------------------------- column mapping
@@ -85,10 +88,11 @@ def placeholders(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
-def fixed_template_problems(key: str, template: str, fields: tuple[str, ...]) -> list[str]:
+def fixed_template_problems(key: str, template: str, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[str]:
     """A prompt or turn template with fixed placeholders (data.prompt_template: {instruction}
-    and {input}): each one present, no other (a literal brace, as in a JSON example, is {{ or
-    }}). Caught here, a stray brace was a KeyError traceback at the first row."""
+    and {input}): each of `fields` present, none but those and `optional` (a literal brace, as
+    in a JSON example, is {{ or }}). Caught here, a stray brace was a KeyError traceback at the
+    first row."""
     braces = "write a literal brace as {{ or }}"
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
@@ -97,8 +101,8 @@ def fixed_template_problems(key: str, template: str, fields: tuple[str, ...]) ->
     missing = [f for f in fields if f not in names]
     if missing:
         return [f"{key}: must contain {' and '.join(f'{{{f}}}' for f in missing)}"]
-    other = [n for n in names if n not in fields]
-    takes = ", ".join(f"{{{f}}}" for f in fields)
+    other = [n for n in names if n not in fields + optional]
+    takes = ", ".join(f"{{{f}}}" for f in fields + optional)
     return [f"{key}: {{{other[0]}}} is not a placeholder here (it takes {takes}); {braces}"] if other else []
 
 
@@ -289,6 +293,8 @@ def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int
     """(training text, trainable character spans): each answer and the end-of-turn after it,
     from the spaces before it (_over_spaces)."""
     text, spans = _render(row, fmt, tokenizer)
+    if not fmt.answer_over_spaces:
+        return text, spans
     return text, [(_over_spaces(text, start), end) for start, end in spans]
 
 

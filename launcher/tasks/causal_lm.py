@@ -447,7 +447,13 @@ def end_of_turn(fmt: PromptFormat, tokenizer) -> int | None:
     (Qwen2.5's <|endoftext|>, Llama-3's <|end_of_text|>) is not what its chat template ends a
     turn with, and answers ran on into the next turn's header until max_new_tokens."""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return next((i for i in continuation("x", fmt, tokenizer) if i in special), None)
+    probe = "probe answer"  # the first special token after it: a template may put some before it (gpt-oss's channel)
+    row = ({"instruction": "?", "input": "", "output": probe} if fmt.chat_template or fmt.style != "chat" else
+           {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}]})
+    text, spans = prompts.render(row, fmt, tokenizer)
+    after = text.index(probe, spans[-1][0]) + len(probe)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= after and i in special), None)
 
 
 def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None) -> list[dict]:
