@@ -361,7 +361,7 @@ def _predict_causal_lm(args) -> int:
     to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, candidates, meta.get("max_new_tokens", 32),
-                                      end_of_turn=causal_lm.end_of_turn(fmt, tokenizer))
+                                      frame=causal_lm.answer_frame(fmt, tokenizer))
     out = open(args.output, "w") if args.output else sys.stdout
     try:
         for record, r in zip(records, answered):

@@ -119,7 +119,7 @@ def test_a_template_ending_in_a_space_trains_the_answers_first_word(bpe_tok, row
 
 
 def test_answers_stop_at_the_first_special_token_after_the_answer(tok):
-    """end_of_turn is the special token the template puts after an answer, not one it puts
+    """The answer frame's end is the special token the template puts after an answer, not one it puts
     between the generation prompt and the answer (gpt-oss's channel markers): with that one as
     a stop, every answer ended before its first token."""
     import copy
@@ -132,8 +132,8 @@ def test_answers_stop_at_the_first_special_token_after_the_answer(tok):
                        "<|message|>{{ m.content }}<|return|>{% else %}<|message|>{{ m.content }}<|end|>{% endif %}"
                        "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
     fmt = PromptFormat.from_config(DataConfig(), t)
-    assert t.convert_ids_to_tokens(causal_lm.end_of_turn(fmt, t)) == "<|return|>"
-    assert causal_lm.end_of_turn(PromptFormat.from_config(DataConfig(), tok), tok) == tok.eos_token_id
+    assert t.convert_ids_to_tokens(causal_lm.answer_frame(fmt, t).end) == "<|return|>"
+    assert causal_lm.answer_frame(PromptFormat.from_config(DataConfig(), tok), tok) == generation.AnswerFrame("", tok.eos_token_id)
 
 
 # Qwen3's rule in small: assistant turns after the last user turn open with a think block.
@@ -166,6 +166,24 @@ def test_a_turn_the_template_renders_otherwise_once_later_turns_follow_is_contex
     assert "3 earlier assistant turns kept as context, untrained" in instructions.EncodeStats(**stats).line("train")
     one_turn = {"messages": [ROWS[1]["messages"][1], ROWS[1]["messages"][2]]}  # nothing follows: trained as before
     assert prompts.untrained_turns(one_turn, prompts.render(one_turn, fmt, t)[1]) == 0
+
+
+def test_a_reply_is_scored_without_the_text_the_template_puts_before_every_answer(tok, chat_tok):
+    """Qwen3's template opens the final answer with an empty think block whose tags are not
+    special tokens: the tuned model writes it first, and its replies decoded as
+    "<think></think> Yo" against the reference "Yo" (exact match 0 for a right answer). The
+    answer frame's lead is that text as a reply decodes it; replies are scored without it."""
+    import copy
+
+    from launcher.tasks import causal_lm
+
+    t = copy.deepcopy(tok)
+    t.chat_template = LATER_TURNS_DIFFER
+    frame = causal_lm.answer_frame(PromptFormat.from_config(DataConfig(), t), t)
+    assert frame.lead and frame.end == t.eos_token_id
+    said = t.decode(t("[think] other</s>", add_special_tokens=False)["input_ids"], skip_special_tokens=True)  # as generated
+    assert said.strip() != "other" and frame.reply(said) == "other" and frame.reply(" other ") == "other"
+    assert causal_lm.answer_frame(PromptFormat.from_config(DataConfig(), chat_tok), chat_tok).lead == ""
 
 
 def test_the_recorded_format_renders_the_same_after_a_round_trip(chat_tok):

@@ -190,7 +190,7 @@ def test_answers_stop_at_the_chat_templates_end_of_turn_where_eos_is_another_tok
     own = causal_lm.answer_prompts(model, tok, fmt, question, 24)
     tok.eos_token = "<|endoftext|>"
     model.generation_config.eos_token_id = tok.eos_token_id
-    assert tok.convert_ids_to_tokens(causal_lm.end_of_turn(fmt, tok)) == "<|im_end|>" != tok.eos_token
+    assert tok.convert_ids_to_tokens(causal_lm.answer_frame(fmt, tok).end) == "<|im_end|>" != tok.eos_token
     assert causal_lm.answer_prompts(model, tok, fmt, question, 24) == own and "Paris" in own[0]
 
 

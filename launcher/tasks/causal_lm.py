@@ -328,7 +328,7 @@ class CausalLMTask:
                 unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
                 gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
                 head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean_eval else None,
-                end_of_turn=end_of_turn(self.fmt, self._tokenizer))
+                frame=answer_frame(self.fmt, self._tokenizer))
         model.train()
         return metrics
 
@@ -441,19 +441,26 @@ def continuation(answer: str, fmt: PromptFormat, tokenizer) -> list[int]:
     return ids[instructions.last_answer_start(labels):]
 
 
-def end_of_turn(fmt: PromptFormat, tokenizer) -> int | None:
-    """The special token training puts after each answer: the chat template's end of turn
-    (<|im_end|>, <|eot_id|>) or EOS. Generation stops there as at EOS: a base model's EOS
-    (Qwen2.5's <|endoftext|>, Llama-3's <|end_of_text|>) is not what its chat template ends a
-    turn with, and answers ran on into the next turn's header until max_new_tokens."""
+def answer_frame(fmt: PromptFormat, tokenizer) -> generation.AnswerFrame:
+    """What training puts around each answer, from one probe answer rendered as training does:
+    - end: the first special token after it, the chat template's end of turn (<|im_end|>,
+      <|eot_id|>) or EOS. Generation stops there as at EOS: a base model's EOS (Qwen2.5's
+      <|endoftext|>, Llama-3's <|end_of_text|>) is not what its template ends a turn with, and
+      answers ran on into the next turn's header. Special tokens before the answer (gpt-oss's
+      channel markers) are not it.
+    - lead: the text the template puts between the generation prompt and the answer, as a reply
+      decodes it (Qwen3's empty <think> block, whose tags are not special tokens): the model
+      writes it first, and a reply is scored without it."""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    probe = "probe answer"  # the first special token after it: a template may put some before it (gpt-oss's channel)
+    probe = "probe answer"
     row = ({"instruction": "?", "input": "", "output": probe} if fmt.chat_template or fmt.style != "chat" else
            {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}]})
     text, spans = prompts.render(row, fmt, tokenizer)
-    after = text.index(probe, spans[-1][0]) + len(probe)
+    start = text.index(probe, spans[-1][0])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= after and i in special), None)
+    end = next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= start + len(probe) and i in special), None)
+    lead_ids = tokenizer(text[spans[-1][0]:start], add_special_tokens=False)["input_ids"]
+    return generation.AnswerFrame(lead=tokenizer.decode(lead_ids, skip_special_tokens=True).strip(), end=end)
 
 
 def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None) -> list[dict]:
@@ -490,7 +497,7 @@ def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_ne
                        prompt_limit(model, max_new_tokens))
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync,
-                                      end_of_turn=end_of_turn(fmt, tokenizer))
+                                      frame=answer_frame(fmt, tokenizer))
     return [r["response"] for r in answered]
 
 
@@ -540,7 +547,7 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     head, _ = lean_loss.eval_head(model, EVAL_CHUNK_TOKENS, check)
     metrics, _ = generation.evaluate(model, batches, tokenizer, candidates,
                                      min(max_new_tokens, longest + generation.EXTRA_TOKENS), head=head,
-                                     end_of_turn=end_of_turn(fmt, tokenizer))
+                                     frame=answer_frame(fmt, tokenizer))
     return metrics | {"truncated": stats.truncated, "dropped": stats.dropped}
 
 

@@ -300,17 +300,30 @@ def _token_losses(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 256) 
 # ---------------------------------------------------------------- whole evaluations
 
 
+@dataclass
+class AnswerFrame:
+    """What training puts around each answer (causal_lm.answer_frame): the text before it that
+    a reply starts with (lead) and the token after it (end), where answers stop as at EOS."""
+
+    lead: str = ""
+    end: int | None = None
+
+    def reply(self, text: str) -> str:
+        text = text.strip()
+        return text[len(self.lead):].strip() if self.lead and text.startswith(self.lead) else text
+
+
 def evaluate(model, batches, tokenizer, candidates: Candidates | None, max_new: int, sync=None, gather=None,
-             autocast=None, head=None, end_of_turn: int | None = None) -> tuple[dict, list[dict]]:
+             autocast=None, head=None, frame: AnswerFrame | None = None) -> tuple[dict, list[dict]]:
     """(metrics, one record per row in index order) over every rank's batches. gather(list) ->
     every rank's lists (a collective); autocast: the run's autocast context factory; head: see
-    run_batch; end_of_turn: the token training ended each answer with (causal_lm.end_of_turn),
-    where answers stop too."""
+    run_batch; frame: where answers stop and what they start with."""
     import contextlib
 
     from launcher.models import position_limit
 
-    stop_ids = stop_token_ids(tokenizer, model) | ({end_of_turn} if end_of_turn is not None else set())
+    frame = frame or AnswerFrame()
+    stop_ids = stop_token_ids(tokenizer, model) | ({frame.end} if frame.end is not None else set())
     limit = position_limit(model)
     records = []
     for batch in batches:
@@ -320,7 +333,7 @@ def evaluate(model, batches, tokenizer, candidates: Candidates | None, max_new: 
             if r["index"] < 0:
                 continue
             if "response_ids" in r:
-                r["response"] = tokenizer.decode(r.pop("response_ids"), skip_special_tokens=True).strip()
+                r["response"] = frame.reply(tokenizer.decode(r.pop("response_ids"), skip_special_tokens=True))
             r["reference"], r["question"] = ans, q
             records.append(r)
     if gather is not None:
