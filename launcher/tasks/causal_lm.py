@@ -57,6 +57,8 @@ class CausalLMTask:
         self.last_rows: list[dict] = []  # the latest evaluation's answers, row by row
         self._lean: bool | None = None  # the chunked loss (check_loss decides)
         self._lean_eval = False  # evaluation's lean head (where the head's weight is whole)
+        self._attn: str | None = None  # attn()
+        self.frame = generation.AnswerFrame()  # where answers stop and what they start with (answer_frame)
         self._said_generation_note = False  # engines.for_generation's line, printed at the first evaluation
 
     # ---- sources and data
@@ -160,6 +162,7 @@ class CausalLMTask:
         self.fmt = self.fmt.replace(style=style, system_prompt=system)
         self.answers = closed_set(train.get("answers"), val.get("answers"))
         self.candidates = generation.Candidates.build(self.answers, lambda a: continuation(a, self.fmt, tokenizer))
+        self.frame = answer_frame(self.fmt, tokenizer)
         metric = self.cfg.eval.metric
         if metric in generation.CLOSED_SET_METRICS and self.answers is None:  # found now, not at the first evaluation
             raise DataError(f"eval.metric: {metric} needs a closed set of answers (at most "
@@ -200,17 +203,15 @@ class CausalLMTask:
     # ---- model and loss
 
     def attn(self) -> str:
-        """The attention kernel (modeling.attn_implementation) for the class this run builds: the
-        model and the collator (whether packed rows are flattened) must agree on it."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """The attention kernel for the class this run builds, decided once: the model and the
+        collator (whether packed rows are flattened) must agree on it."""
+        from transformers import AutoModelForCausalLM
 
-        from launcher import models
         from launcher.tasks import modeling
 
-        built = None
-        if self.cfg.model.name != TINY_MODEL:
-            built = models.model_class(AutoModelForCausalLM, from_pretrained(AutoConfig, self.cfg.model.name, self.cfg.model))
-        return modeling.attn_implementation(self.cfg.model, self.cfg.precision, built)
+        if self._attn is None:
+            self._attn = modeling.attn_for(self.cfg, AutoModelForCausalLM)
+        return self._attn
 
     def build_model(self, tokenizer, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
@@ -328,7 +329,7 @@ class CausalLMTask:
                 unwrapped, loader, self._tokenizer, self.candidates, self._max_new, sync=sync,
                 gather=rt.gather_objects if rt.world_size > 1 else None, autocast=rt.accelerator.autocast,
                 head=lean_loss.Head(unwrapped, self.cfg.loss_chunk_tokens) if self._lean_eval else None,
-                frame=answer_frame(self.fmt, self._tokenizer))
+                frame=self.frame)
         model.train()
         return metrics
 
@@ -432,13 +433,15 @@ def closed_set(train: dict | None, val: dict | None) -> list[str] | None:
 
 def continuation(answer: str, fmt: PromptFormat, tokenizer) -> list[int]:
     """The ids training puts after a prompt for this answer: the answer and its end-of-turn."""
-    probe: dict
-    if fmt.chat_template or fmt.style != "chat":
-        probe = {"instruction": "?", "input": "", "output": answer}
-    else:
-        probe = {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}]}
-    ids, labels = instructions.encode(probe, fmt, tokenizer)
+    ids, labels = instructions.encode(_probe(answer, fmt), fmt, tokenizer)
     return ids[instructions.last_answer_start(labels):]
+
+
+def _probe(answer: str, fmt: PromptFormat) -> dict:
+    """A one-question row answered `answer`, in the shape the run's rows render in."""
+    if fmt.chat_template or fmt.style != "chat":
+        return {"instruction": "?", "input": "", "output": answer}
+    return {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}]}
 
 
 def answer_frame(fmt: PromptFormat, tokenizer) -> generation.AnswerFrame:
@@ -453,9 +456,7 @@ def answer_frame(fmt: PromptFormat, tokenizer) -> generation.AnswerFrame:
       writes it first, and a reply is scored without it."""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     probe = "probe answer"
-    row = ({"instruction": "?", "input": "", "output": probe} if fmt.chat_template or fmt.style != "chat" else
-           {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}]})
-    text, spans = prompts.render(row, fmt, tokenizer)
+    text, spans = prompts.render(_probe(probe, fmt), fmt, tokenizer)
     start = text.index(probe, spans[-1][0])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     end = next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= start + len(probe) and i in special), None)

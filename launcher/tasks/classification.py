@@ -140,16 +140,15 @@ def count_parameters(cfg: TaskConfig) -> tuple[int | None, str, object]:
 
 
 def build_model(cfg: TaskConfig, tokenizer, dtype: str = "float32"):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from launcher.tasks.modeling import attn_implementation, torch_dtype
+    from launcher.tasks.modeling import attn_for, torch_dtype
 
     names = cfg.data.resolved_label_names()
+    attn = attn_for(cfg, AutoModelForSequenceClassification)
     if cfg.model.name == TINY_MODEL:
-        return models.from_config(AutoModelForSequenceClassification, tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id),
-                                  attn_implementation=attn_implementation(cfg.model, cfg.precision))
-    config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
-    attn = attn_implementation(cfg.model, cfg.precision, models.model_class(AutoModelForSequenceClassification, config))
+        return models.from_config(AutoModelForSequenceClassification,
+                                  tiny_config(cfg, len(tokenizer), tokenizer.pad_token_id), attn_implementation=attn)
     problem = _problem_type(cfg)
     model = from_pretrained(
         AutoModelForSequenceClassification,

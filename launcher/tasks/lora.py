@@ -61,8 +61,13 @@ def _new_modules(model, saved: list[str]) -> list[str]:
     trains whole every module whose name ends in a modules_to_save entry, and what sits under it."""
     fresh = {key.rsplit(".", 1)[0] for key in getattr(model, "launcher_new_weights", ())}
     modules = dict(model.named_modules())
-    covered = [n for n in modules if n and any(n.endswith(s) for s in saved)]
+    covered = _saved(model, saved)
     return sorted(m for m in fresh if m in modules and not any(m == c or m.startswith(c + ".") for c in covered))
+
+
+def _saved(model, saved: list[str]) -> list[str]:
+    """The modules peft trains whole for modules_to_save `saved`: every one whose name ends in an entry."""
+    return [n for n, _ in model.named_modules() if n and any(n.endswith(s) for s in saved)]
 
 
 def _trained_whole(model, lora_cfg, task: str) -> list[str]:
@@ -70,9 +75,7 @@ def _trained_whole(model, lora_cfg, task: str) -> list[str]:
     keeps every module whose name ends in a modules_to_save entry (a classifier's "classifier"
     and "score" among them) and refuses an adapter under it. DistilBERT's pre_classifier ends in
     "classifier": all-linear put LoRA on it, then peft failed with a TypeError."""
-    save = list(lora_cfg.modules_to_save) + _head(task)
-    names = {n.split(".")[-1] for n, _ in model.named_modules() if n and any(n.endswith(s) for s in save)}
-    return sorted(names)
+    return sorted({n.split(".")[-1] for n in _saved(model, list(lora_cfg.modules_to_save) + _head(task))})
 
 
 def _in_blocks(model, targets, layers: list[int]) -> list[str]:

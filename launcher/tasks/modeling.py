@@ -38,6 +38,20 @@ def attn_implementation(model_cfg, precision: str, model_class=None) -> str:
     return choice
 
 
+def attn_for(cfg: "TaskConfig", auto) -> str:
+    """attn_implementation for the class `auto` (an Auto class) builds from model.name; a
+    tiny model's classes have every kernel."""
+    from transformers import AutoConfig
+
+    from launcher import models
+    from launcher.config import TINY_MODEL
+
+    built = None
+    if cfg.model.name != TINY_MODEL:
+        built = models.model_class(auto, models.from_pretrained(AutoConfig, cfg.model.name, cfg.model))
+    return attn_implementation(cfg.model, cfg.precision, built)
+
+
 def torch_dtype(name: str):
     import torch
 
