@@ -168,6 +168,39 @@ def test_a_turn_the_template_renders_otherwise_once_later_turns_follow_is_contex
     assert prompts.untrained_turns(one_turn, prompts.render(one_turn, fmt, t)[1]) == 0
 
 
+@pytest.mark.parametrize("template", [False, True], ids=["templates", "chat-template"])
+def test_a_conversation_cut_before_its_last_answer_is_scored_against_the_answer_it_asks_for(template, tok, chat_tok):
+    """A validation conversation cut by max_length after its first answer is answered from the
+    prompt before that answer (the last labelled run). Its reference was the lost last answer
+    and its question the last user turn: the model was asked turn 1 and marked against turn 2.
+    Now the reference and question are those of the last answer the cut leaves, in the run's
+    validation rows (datasets path) and in `launcher eval`'s (encode_rows); uncut rows keep theirs."""
+    import datasets
+
+    t = chat_tok if template else tok
+    fmt = PromptFormat.from_config(DataConfig(), t)
+    row = ROWS[1]  # system, user "hello there", assistant "general kenobi", user, assistant "other"
+    ids, labels = encode(row, fmt, t)
+    first = prompts.through_answer(row, 0)
+    assert prompts.answer(first) == "general kenobi" and prompts.question(first) == "hello there"
+    first_ids, _ = encode(first, fmt, t)
+    cut = len(first_ids) + 2  # past the first answer, before the second
+    assert ids[:len(first_ids)] == first_ids and cut < last_answer_start(labels)
+    for max_length, want in ((cut, first), (len(ids), row)):
+        cfg = DataConfig(max_length=max_length)
+        kept: list = []
+        rows_ids, rows_labels, _ = instructions.encode_rows([row], cfg, t, fmt, kept)
+        enc = instructions.InstructionEncoder(cfg, t, fmt)
+        ds = datasets.Dataset.from_list([{"messages": row["messages"]}])
+        table, _ = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))
+        got = [(prompts.answer(r), prompts.question(r)) for r in kept]
+        assert got == [(prompts.answer(want), prompts.question(want))]
+        assert list(zip(table["answer"], table["question"])) == got
+        # The prompt it is answered from is the reference's own prompt.
+        prompt_ids = prompts.token_ids(prompts.prompt_text(want, fmt, t), t)
+        assert rows_ids[0][: last_answer_start(rows_labels[0])] == prompt_ids
+
+
 def test_a_reply_is_scored_without_the_text_the_template_puts_before_every_answer(tok, chat_tok):
     """Qwen3's template opens the final answer with an empty think block whose tags are not
     special tokens: the tuned model writes it first, and its replies decoded as

@@ -46,8 +46,9 @@ from typing import Any, Callable
 
 from launcher.errors import ConfigError, DataError, RunError, UserError
 
-CACHE_VERSION = 4  # bump when the layout or the meaning of an entry changes (3: builder recorded; 4: an
-# answer's labels start over its template's spaces, untrained_turns counted)
+CACHE_VERSION = 5  # bump when the layout or the meaning of an entry changes (3: builder recorded; 4: an
+# answer's labels start over its template's spaces, untrained_turns counted; 5: a conversation cut
+# before its last answer keeps the reference of the answer the cut leaves)
 
 
 def key_of(parts: dict) -> str:

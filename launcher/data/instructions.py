@@ -66,9 +66,33 @@ def render(row: dict, cfg, tokenizer) -> tuple[str, list[tuple[int, int]]]:
 
 def encode(row: dict, cfg, tokenizer) -> tuple[list[int], list[int]]:
     """(input_ids, labels): labels copy the ids inside trainable spans and are -100 elsewhere."""
-    text, spans = render(row, cfg, tokenizer)
+    ids, labels, _ = _encode(row, as_format(cfg, tokenizer), tokenizer)
+    return ids, labels
+
+
+def _encode(row: dict, fmt, tokenizer):
+    """encode(), and what reference_row needs to tell which answer a cut leaves last."""
+    text, spans, turns = prompts.render_turns(row, fmt, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _with_labels(list(enc["input_ids"]), enc["offset_mapping"], spans, text, tokenizer)
+    ids, labels = _with_labels(list(enc["input_ids"]), enc["offset_mapping"], spans, text, tokenizer)
+    return ids, labels, (enc["offset_mapping"], len(ids) - len(enc["input_ids"]), spans, turns)
+
+
+def reference_row(row: dict, labels: list[int], where) -> dict:
+    """The row whose last answer is the last one `labels` (cut at max_length) still trains: its
+    reference answer and question for generation-based evaluation. The answers' prompt is
+    everything before the last labelled run (last_answer_start), so a conversation cut before
+    its last answer asks for an earlier one, and must be scored against that one, not the lost
+    last answer. `where`: (token offsets, tokens added before them (a BOS), spans, turns)."""
+    offsets, shift, spans, turns = where
+    if "messages" not in row or len(spans) < 2:
+        return row
+    last = next((j for j in range(len(labels) - 1, -1, -1) if labels[j] != IGNORE), None)
+    if last is None or last - shift >= len(offsets):
+        return row
+    at = offsets[last - shift][0]
+    k = next((k for k, (s, e) in enumerate(spans) if s <= at < e), len(spans) - 1)
+    return prompts.through_answer(row, turns[k])
 
 
 def _with_labels(ids: list[int], offsets, spans, text: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -119,32 +143,36 @@ class InstructionEncoder:
         for record in records(batch):
             try:
                 row = prompts.normalize(record, self.fmt, ROW)
-                text, span = prompts.render(row, self.fmt, self.tokenizer)
+                text, span, turn = prompts.render_turns(row, self.fmt, self.tokenizer)
                 error = ""
             except DataError as e:  # the message names the row (file:line) once the map is done
                 problem = e.problems[0]
-                row, text, span, error = None, "", [], problem if problem.startswith(ROW) else f"{ROW}: {problem}"
+                row, text, span, turn, error = None, "", [], [], problem if problem.startswith(ROW) else f"{ROW}: {problem}"
             rows.append(row)
             texts.append(text)
-            spans.append(span)
+            spans.append((span, turn))
             errors.append(error)
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
                                "_truncated", "_label_tokens", "_chat", "_system", "_untrained")}
-        for ids, offsets, span, text, error, row in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors, rows):
+        for ids, offsets, (span, turn), text, error, row in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors, rows):
+            n_tokens = len(ids)
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
+            shift = len(ids) - n_tokens  # a BOS put before the text's tokens
             drop = truncated = False
+            ref = row
             if len(ids) > self.cfg.max_length:
                 if self.cfg.truncation == "drop":
                     drop = True
                 else:
                     truncated = True
                     ids, labels = ids[: self.cfg.max_length], labels[: self.cfg.max_length]
+                    ref = reference_row(row, labels, (offsets, shift, span, turn)) if row else row
             n_labels = sum(x != IGNORE for x in labels)
             drop = drop or n_labels == 0 or bool(error)
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
-                         ("answer", (prompts.answer(row) or "") if row else ""),
-                         ("question", prompts.question(row) if row else ""),
+                         ("answer", (prompts.answer(ref) or "") if ref else ""),
+                         ("question", prompts.question(ref) if ref else ""),
                          ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
                          ("_chat", bool(row) and "messages" in row),
                          ("_system", prompts.system_of(row, self.fmt) if row else None),
@@ -236,26 +264,28 @@ class EncodeStats:
 def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat | None = None,
                 kept: list | None = None) -> tuple[list, list, EncodeStats]:
     """Token rows of parsed rows, one process (`launcher eval`, tests); `kept` collects the rows
-    that survive max_length, in order."""
+    that survive max_length, in order, each as far as the last answer a cut left (reference_row)."""
     stats = EncodeStats()
     all_ids, all_labels = [], []
     fmt = fmt or as_format(cfg, tokenizer)
     for row in rows:
         stats.rows += 1
-        ids, labels = encode(row, fmt, tokenizer)
+        ids, labels, where = _encode(row, fmt, tokenizer)
+        ref = row
         if len(ids) > cfg.max_length:
             if cfg.truncation == "drop":
                 stats.dropped += 1
                 continue
             stats.truncated += 1
             ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+            ref = reference_row(row, labels, where)
         if all(x == IGNORE for x in labels):
             stats.dropped += 1
             continue
         all_ids.append(ids)
         all_labels.append(labels)
         if kept is not None:
-            kept.append(row)
+            kept.append(ref)
         stats.tokens += len(ids)
         stats.label_tokens += sum(x != IGNORE for x in labels)
     return all_ids, all_labels, stats

@@ -228,6 +228,15 @@ def answer(row: dict) -> str | None:
     return row["messages"][last]["content"] if last is not None else None
 
 
+def through_answer(row: dict, turn: int) -> dict:
+    """The row as far as its answer number `turn` (0-based): what a conversation cut by
+    max_length before its last answer still asks and answers (its reference and question)."""
+    if "messages" not in row:
+        return row
+    ends = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+    return {**row, "messages": row["messages"][: ends[turn] + 1]} if turn < len(ends) - 1 else row
+
+
 def untrained_turns(row: dict, spans: list) -> int:
     """The row's answers render() found no span for (see its chat-template path)."""
     answers = sum(m["role"] == "assistant" for m in row["messages"]) if "messages" in row else int(row.get("output") is not None)
@@ -292,10 +301,17 @@ def _conversation(row: dict, fmt: PromptFormat) -> list[dict]:
 def render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """(training text, trainable character spans): each answer and the end-of-turn after it,
     from the spaces before it (_over_spaces)."""
-    text, spans = _render(row, fmt, tokenizer)
-    if not fmt.answer_over_spaces:
-        return text, spans
-    return text, [(_over_spaces(text, start), end) for start, end in spans]
+    text, spans, _ = render_turns(row, fmt, tokenizer)
+    return text, spans
+
+
+def render_turns(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """render(), with the answer each span trains: its place among the row's assistant turns
+    (0-based; a chat template's untrained turns have no span)."""
+    text, spans, turns = _render(row, fmt, tokenizer)
+    if fmt.answer_over_spaces:
+        spans = [(_over_spaces(text, start), end) for start, end in spans]
+    return text, spans, turns
 
 
 def _over_spaces(text: str, start: int) -> int:
@@ -310,12 +326,12 @@ def _over_spaces(text: str, start: int) -> int:
     return start
 
 
-def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]], list[int]]:
     eos = tokenizer.eos_token or ""
     if fmt.chat_template:
         messages = _conversation(row, fmt)
         full = _apply_template(tokenizer, messages)
-        spans = []
+        spans, turns = [], []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -330,12 +346,13 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
             # is counted (untrained_turns); the last turn always renders as the full text does.
             if full.startswith(after):
                 spans.append((len(before), len(after)))
-        return full, spans
+                turns.append(sum(x["role"] == "assistant" for x in messages[:i]))
+        return full, spans, turns
     system = _system_block(row, fmt)
     if "messages" not in row:
         prompt = system + _instruction_prompt(row, fmt)
         text = prompt + row["output"] + eos
-        return text, [(len(prompt), len(text))]
+        return text, [(len(prompt), len(text))], [0]
     head, tail = fmt.chat_turn_template.split("{content}", 1)
     text, spans = "", []
     for m in _conversation(row, fmt):
@@ -347,7 +364,7 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
         else:
             text += m["content"]
         text += tail.format(role=m["role"])
-    return text, spans
+    return text, spans, list(range(len(spans)))
 
 
 def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> str:
