@@ -381,6 +381,36 @@ def test_lora_trains_whole_a_pooler_its_checkpoint_lacks(tmp_path, saved_models,
     assert sum(row["probs"].values()) == pytest.approx(1, abs=1e-5)
 
 
+def test_lora_trains_whole_an_output_head_a_causal_checkpoint_lacks(tmp_path, saved_models):
+    """A causal LM whose checkpoint has no lm_head (untied, saved without it) gets a random
+    output head at load; LoRA with a target list left it frozen, so every prediction went
+    through noise. The causal task now asks for the loading info as the classifier does: the
+    head trains whole (said in one line), and the adapter and the merged export hold the
+    trained head, not the load's random one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    llama = tmp_path / "headless"
+    shutil.copytree(saved_models / "llama", llama)
+    weights = load_file(llama / "model.safetensors")
+    assert not json.loads((llama / "config.json").read_text()).get("tie_word_embeddings")
+    del weights["lm_head.weight"]
+    save_file(weights, llama / "model.safetensors", metadata={"format": "pt"})
+    said = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "h", *INSTRUCTIONS,
+                          f"model.name={llama}", "model.lora.enabled=true", "model.lora.target_modules=[q_proj,v_proj]"))
+    assert (said.stdout + said.stderr).count("LoRA: lm_head trained whole (not in") == 1, said.stdout[-2000:]
+    adapter = load_file(tmp_path / "h" / "model" / "adapter" / "adapter_model.safetensors")
+    assert not [k for k in adapter if "lm_head" in k and "lora_" in k]
+    merged = load_file(tmp_path / "h" / "model" / "model.safetensors")
+    head = adapter["base_model.model.lm_head.weight"]
+    assert torch.equal(head, merged["lm_head.weight"]) and any("q_proj.lora_A" in k for k in adapter)
+    # The checkpoint holds the trained head (a trainable-only checkpoint without it re-drew it at export).
+    check(launcher("export", str(exported_checkpoint(tmp_path / "h")), str(tmp_path / "again")))
+    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["lm_head.weight"], head)
+
+
 def test_predict_reads_a_foreign_decoder_classifier_without_a_pad_token_and_pads_right(tmp_path, saved_models):
     """A GPT-2 sequence classifier saved elsewhere: its tokenizer has no pad token and pads on the
     left, its config no pad_token_id. `launcher predict` failed with transformers' ValueError

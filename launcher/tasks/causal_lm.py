@@ -51,6 +51,7 @@ class CausalLMTask:
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         self.pad_note = ""
+        self.new_note = ""  # LoRA's modules_to_save grown by what the load initialised (lora.new_note)
         self.fmt = PromptFormat.from_config(cfg.data, None)  # completed by tokenizer() and datasets()
         self.answers: list[str] | None = None  # the closed answer set, when the answers form one
         self.candidates: generation.Candidates | None = None
@@ -196,8 +197,7 @@ class CausalLMTask:
         if self.fmt.system_prompt is not None and self.cfg.data.system_prompt is None:
             lines.append(f"system prompt shared by every training row, recorded for generate and predict: "
                          f"{self.fmt.system_prompt!r}")
-        if self.pad_note:
-            lines.append(self.pad_note)
+        lines += [note for note in (self.pad_note, self.new_note) if note]
         return lines, derived
 
     # ---- model and loss
@@ -216,7 +216,7 @@ class CausalLMTask:
     def build_model(self, tokenizer, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
 
-        from launcher.tasks import modeling
+        from launcher.tasks import lora, modeling
 
         attn = self.attn()
         if self.cfg.model.name == TINY_MODEL:
@@ -229,10 +229,14 @@ class CausalLMTask:
                 quantized = {"quantization_config": quantization.bnb_config(self.cfg.model.quantization, modeling.torch_dtype(dtype)),
                              "device_map": {"": quantization.load_device()}}
             model = from_pretrained(AutoModelForCausalLM, self.cfg.model.name, self.cfg.model, attn_implementation=attn,
-                                    dtype=modeling.torch_dtype(dtype), **quantized)
+                                    dtype=modeling.torch_dtype(dtype),
+                                    output_loading_info=True,  # which weights are new: LoRA trains them whole (lora.apply)
+                                    **quantized)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
-        return modeling.finish(model, self.cfg, self.name, dtype)
+        model = modeling.finish(model, self.cfg, self.name, dtype)
+        self.new_note = lora.new_note(model, self.cfg.model.name, self.name)
+        return model
 
     def collator(self, tokenizer):
         """Packed rows under flash attention are flattened into one padding-free row per

@@ -466,10 +466,10 @@ class ClassificationTask:
     def build_model(self, tokenizer, dtype: str = "float32"):
         from launcher.tasks import modeling
 
+        from launcher.tasks import lora
+
         model = modeling.finish(build_model(self.cfg, tokenizer, dtype), self.cfg, self.name, dtype)
-        if new := getattr(model, "launcher_new_trained", None):
-            self.new_note = (f"LoRA: {', '.join(new)} trained whole with the head (not in {self.cfg.model.name}'s weights: "
-                             f"initialised at random)")
+        self.new_note = lora.new_note(model, self.cfg.model.name, self.name)
         return model
 
     def collator(self, tokenizer):

@@ -48,6 +48,15 @@ def apply(model, lora_cfg, task: str):
     return wrapped
 
 
+def new_note(model, name: str, task: str) -> str:
+    """The run's line on what apply() added to modules_to_save ("" when nothing)."""
+    new = getattr(model, "launcher_new_trained", None)
+    if not new:
+        return ""
+    return (f"LoRA: {', '.join(new)} trained whole{' with the head' if _head(task) else ''} "
+            f"(not in {name}'s weights: initialised at random)")
+
+
 def _head(task: str) -> list[str]:
     """What peft trains whole for the task whatever modules_to_save says: a classifier's head."""
     return ["classifier", "score"] if task == "classification" else []
