@@ -127,18 +127,27 @@ def cmd_train(args) -> int:
 
 def _what_this_attempt_creates(cfg) -> dict:
     """Paths a fresh run creates, noted before it starts: the output and run directories and
-    the default MLflow store."""
+    the default MLflow store (with its artifacts directory)."""
     out = Path(cfg.output_dir)
-    store = out / "mlflow.db"
+    store, artifacts = out / "mlflow.db", out / "mlartifacts"
     return {"output_dir": out if not out.exists() else None,
             "run_dir": cfg.run_dir if not cfg.run_dir.exists() else None,
-            "store": store if not cfg.tracking.uri and not store.exists() else None}
+            "store": store if not cfg.tracking.uri and not store.exists() else None,
+            "artifacts": artifacts if not cfg.tracking.uri and not artifacts.exists() else None}
+
+
+# What a failed start may leave in an output directory that is no other run's.
+_SHARED_BY_RUNS = {"mlflow.db", "mlflow.db-journal", "mlartifacts", ".cache"}
 
 
 def _remove_created(created: dict) -> None:
     """Bad input found once the run directory exists (a LoRA target the model lacks, fewer
     rows than one global batch) leaves nothing behind: what this attempt created goes, on
-    rank 0, unless a checkpoint was completed (work is never deleted)."""
+    rank 0, unless a checkpoint was completed (work is never deleted). The output directory
+    and the MLflow store are another run's too once another run directory sits beside ours:
+    jobs of an array started together into a new directory each saw it absent, and the one
+    that failed removed the whole directory, its siblings' runs and store with it. Then only
+    our run directory goes."""
     import shutil
 
     from launcher import tracking
@@ -150,13 +159,22 @@ def _remove_created(created: dict) -> None:
     run_dir = created["run_dir"]
     if run_dir is not None and any((run_dir / "checkpoints").glob("*/COMPLETE")):
         return
-    if created["output_dir"] is not None:
-        shutil.rmtree(created["output_dir"], ignore_errors=True)
-        return
     if run_dir is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if created["store"] is not None:
-        created["store"].unlink(missing_ok=True)
+    out = created["output_dir"] or next((p.parent for p in (created["store"], created["artifacts"]) if p), None)
+    if out is None:
+        return
+    try:
+        others = [p.name for p in out.iterdir() if p.name not in _SHARED_BY_RUNS]
+    except OSError:
+        return
+    if others:
+        return
+    for path in (created["store"], created["artifacts"]):
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if created["output_dir"] is not None:
+        shutil.rmtree(created["output_dir"], ignore_errors=True)
 
 
 def _train_under_accelerate(args) -> int:

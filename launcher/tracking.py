@@ -102,8 +102,21 @@ class Tracker:
 
 
 # Server answers that retrying cannot fix: the call is dropped with a warning.
+# ENDPOINT_NOT_FOUND: a server older than the call (MLflow 2.x has no logged models); retried,
+# it held every call queued behind it until the end of the run.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
-              "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"}
+              "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "ENDPOINT_NOT_FOUND"}
+
+
+def mlflow_key(name: str) -> str:
+    """A metric name MLflow accepts: letters, digits, _ - . / : and spaces, no empty, "." or
+    ".." part, at most 250 characters. Per-class names come from the data (label names, an
+    SFT run's closed answer set: "eval/f1/yes, with notice"), and MLflow refuses a whole batch
+    for one bad name: every value merged into it was lost, at each evaluation."""
+    import re
+
+    parts = [re.sub(r"[^\w.\- :]", "_", part) for part in name.split("/")]
+    return "/".join(p if p.strip(".") else p.replace(".", "_") or "_" for p in parts)[:250]
 
 
 def _permanent(error: Exception) -> bool:
@@ -156,15 +169,18 @@ class Sender:
         with self.cond:
             return sum(len(item[1]) for item in self.queue if item[0] == "metrics")
 
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until everything queued so far is sent (True) or timeout_s passes (False)."""
-        deadline = time.monotonic() + timeout_s
+    def drain(self, timeout_s: float, while_down: bool = False) -> bool:
+        """Wait until everything queued so far is sent (True) or timeout_s passes (False).
+        while_down: only time the server does not answer counts; calls that keep succeeding
+        (a large model upload) are waited for however long they take."""
+        start = time.monotonic()
         with self.cond:
             while self.queue or self.busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                since = start if not while_down else (max(start, self.down_since) if self.down_since is not None else None)
+                if since is not None and now - since >= timeout_s:
                     return False
-                self.cond.wait(min(left, 0.5))
+                self.cond.wait(0.5 if since is None else min(timeout_s - (now - since), 0.5))
         return True
 
     def close(self) -> None:
@@ -243,7 +259,14 @@ class MLflowTracker(Tracker):
         self.uri = uri
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+            try:
+                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+            except Exception as e:
+                # Jobs of an array starting together: another created it between the two calls.
+                if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS" or not (
+                        exp := self.client.get_experiment_by_name(experiment)):
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
         self.experiment_id, self.run_name = exp_id, run_name
@@ -309,7 +332,7 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._buffer.extend(Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items())
 
     def backfill(self, records: list[dict]) -> None:
         """On resume, make the run's history one value per (metric, step): send what
@@ -321,10 +344,10 @@ class MLflowTracker(Tracker):
 
         def send():
             now = int(time.time() * 1000)
-            keys = {k for r in records for k in r if k != "step"} | set(self.client.get_run(self.run_id).data.metrics)
+            keys = {mlflow_key(k) for r in records for k in r if k != "step"} | set(self.client.get_run(self.run_id).data.metrics)
             have = {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
-            missing = [Metric(k, float(v), now, r["step"]) for r in records for k, v in r.items()
-                       if k != "step" and r["step"] not in have[k]]
+            missing = [Metric(mlflow_key(k), float(v), now, r["step"]) for r in records for k, v in r.items()
+                       if k != "step" and r["step"] not in have[mlflow_key(k)]]
             for i in range(0, len(missing), 1000):
                 self.client.log_batch(self.run_id, metrics=missing[i : i + 1000])
             for m in missing:
@@ -406,10 +429,14 @@ class MLflowTracker(Tracker):
         self.flush()
         self._stop_system_metrics()
         self.sender.put_call("the run's end", lambda: self.client.set_terminated(self.run_id, status=status))
-        wait = self.outage_wait_s if status == "FINISHED" else min(self.outage_wait_s, 15.0)
+        # A finished run waits for calls that go on succeeding (a model upload may take longer
+        # than outage_wait_s: cut off, it stayed half sent and the run RUNNING); a stopped one
+        # has little time left and waits at most 15 s in all.
+        finished = status == "FINISHED"
+        wait = self.outage_wait_s if finished else min(self.outage_wait_s, 15.0)
         if not self.sender.drain(0.0) and self.sender.down_since is not None:
             self.sender.say(f"tracking: waiting up to {wait:.0f} s for {self.sender.where} (tracking.outage_wait_s)")
-        if not self.sender.drain(wait):
+        if not self.sender.drain(wait, while_down=finished):
             self.sender.say(f"warning: tracking: {self.sender.where} did not answer within {wait:.0f} s: "
                             f"{self.sender.pending_metrics()} metric values and the run's end were not sent; "
                             "all metrics are in the run's metrics.jsonl")
@@ -489,6 +516,20 @@ class WandbTracker(Tracker):
         return {"wandb": self.run_id}
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None when it is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's whole records, in order."""
+    return [r for line in path.read_text(errors="replace").splitlines() if (r := _record(line)) is not None]
+
+
 class JsonlTracker(Tracker):
     """metrics.jsonl in the run directory: the local record the plot and final table use.
     On resume, records past the resumed step (logged before an interruption) are dropped."""
@@ -497,16 +538,26 @@ class JsonlTracker(Tracker):
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        if resume_step is not None and path.is_file():
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            tmp.replace(path)
+        if path.is_file():
+            # A killed attempt (kill -9, a node lost) may have left a line cut short, or zeros
+            # where the file system had not written its last block: such a line is skipped
+            # with a warning (resuming failed there with a traceback, at every retry), and the
+            # file is rewritten whole so the next record starts on a line of its own.
+            text = path.read_text(errors="replace")
+            lines = [l for l in text.splitlines() if l.strip("\0")]
+            records = [_record(l) for l in lines]
+            kept = [l for l, r in zip(lines, records) if r is not None and (resume_step is None or r["step"] <= resume_step)]
+            if bad := sum(r is None for r in records):
+                print(f"warning: {path}: {bad} line(s) cut short by an earlier attempt skipped", file=sys.stderr, flush=True)
+            if resume_step is not None or bad or not text.endswith("\n") and text:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(l + "\n" for l in kept))
+                tmp.replace(path)
         self._f = open(path, "a")
 
     def records(self) -> list[dict]:
         self._f.flush()
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return read_records(self.path)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self._f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
@@ -630,11 +681,18 @@ def check_reachable(setup: Setup, timeout_s: float = 5.0, answer_s: float = 60.0
             socket.create_connection((host, port), timeout=timeout_s).close()
         except OSError as e:
             raise fail(e.strerror or e) from None
+    import ssl
+
     try:
         urllib.request.urlopen(bare, timeout=answer_s).close()
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError, ValueError) as e:
+        # A TLS handshake the server took part in: it answers. This check trusts only the
+        # system's CAs; the MLflow client also reads REQUESTS_CA_BUNDLE and
+        # MLFLOW_TRACKING_SERVER_CERT_PATH, so a team server on a private CA is the client's call.
+        if isinstance(getattr(e, "reason", e), ssl.SSLError):
+            return
         raise fail(getattr(e, "reason", None) or e) from None
 
 

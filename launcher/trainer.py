@@ -275,7 +275,9 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     rt, state, start = p.rt, p.state, pre.start
     kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job or start.interrupted else None)
     tracker = tracking.start_tracking(tracking.Setup.of(cfg), rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
-    state.tracker_ids = tracker.ids()
+    # Merged: a tracker turned off for one attempt keeps its run id for the next (replaced, a
+    # W&B run turned back on later started a second run).
+    state.tracker_ids = {**state.tracker_ids, **tracker.ids()}
     if start.checkpoint is None or start.forked_from is not None:
         rt.on_main(owner.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
     notes, derived = p.task.describe(p.train_ds, p.val_ds)

@@ -288,3 +288,28 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     flag, value = args[-2:]
     assert proc.stderr.splitlines()[-1] == f"launcher {args[0]}: error: argument {flag}: expected an integer >= 1; got '{value}'"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_path):
+    """Jobs of an array started together into a new output directory each saw it absent. The
+    one that failed on bad input removed the whole directory: its siblings' run directories
+    and the MLflow store they log to, while they trained. Now a failed start removes its own
+    run directory, and the directory and store only when no other run is in it."""
+    from launcher import cli
+    from launcher.config import load_config
+
+    out = tmp_path / "sweep"
+    cfg = load_config(str(TINY), [], output_dir=str(out), run_name="lr3")
+    created = cli._what_this_attempt_creates(cfg)
+    assert created["output_dir"] == out and created["store"] == out / "mlflow.db"
+    sibling = out / "lr1" / "checkpoints"  # another job of the array, started at the same moment
+    sibling.mkdir(parents=True)
+    (out / "mlflow.db").write_bytes(b"SQLite format 3\0")
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)  # ours, failed before a checkpoint
+    cli._remove_created(created)
+    assert sorted(p.name for p in out.iterdir()) == ["lr1", "mlflow.db"] and sibling.is_dir()
+    # Alone in it, a failed start leaves nothing, as before.
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    (out / "lr1").rename(tmp_path / "elsewhere")
+    cli._remove_created(created)
+    assert not out.exists()

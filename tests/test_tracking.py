@@ -129,3 +129,70 @@ def test_a_busy_server_is_reachable_a_closed_port_is_not(tmp_path):
     # Refused, not timed out: the connection attempt's own answer, not the deadline's.
     with pytest.raises(ConfigError, match=rf"tracking.uri: http://127.0.0.1:{closed} does not answer \(Connection refused\)"):
         check_reachable(Setup.of(cfg), timeout_s=1.0)
+
+
+def test_a_finished_run_waits_for_calls_that_keep_succeeding_not_only_outage_wait_s():
+    """A multi-GB model upload outlasting tracking.outage_wait_s was cut off at the end (the run
+    left RUNNING, "did not answer" printed); only time the server does not answer counts now."""
+    got, lines = [], []
+
+    def slow(values):
+        time.sleep(0.4)
+        got.extend(values)
+
+    sender = Sender("test server", slow, say=lines.append)
+    for step in range(4):
+        sender.put_call(f"part {step}", lambda step=step: slow([step]))
+    assert not sender.drain(0.5)  # the whole wait as a deadline: cut off mid-upload
+    assert sender.drain(0.5, while_down=True) and got == [0, 1, 2, 3] and not lines
+    sender.close()
+    server = Flaky()  # a server that is down still ends the wait at the deadline
+    server.down.set()
+    down = Sender("test server", server.metrics, max_backoff_s=0.1, say=lines.append)
+    down.put_metrics([1])
+    t = time.monotonic()
+    assert not down.drain(0.5, while_down=True) and time.monotonic() - t < 10
+    down.close()
+
+
+def test_mlflow_gets_every_value_of_a_batch_holding_a_name_it_refuses(tmp_path):
+    """Per-class metric names come from the data (an SFT run's closed answers, label names);
+    MLflow refuses a whole batch for one name with a comma or a '?', so the training loss
+    merged into that batch was lost at each evaluation. Names are made MLflow's: the batch
+    arrives whole."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import MLflowTracker, mlflow_key
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MLflowTracker(uri, "exp", "run", None, (tmp_path / "art").as_uri(), {})
+    for step in (1, 2):
+        tracker.log_metrics({"train/loss": 1.0 / step, "eval/f1/yes, with notice?": 0.5, "eval/f1/..": 0.25}, step)
+        tracker.flush()
+    tracker.finish()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "train/loss")] == [1.0, 0.5]
+    assert set(run.data.metrics) == {"train/loss", mlflow_key("eval/f1/yes, with notice?"), mlflow_key("eval/f1/..")}
+
+
+def test_a_line_cut_short_by_a_killed_attempt_does_not_stop_the_resume(tmp_path, capsys):
+    """metrics.jsonl is written through a buffer: a kill -9 or a lost node can leave its last
+    line cut, or zeros. Resuming read every line with json.loads and failed with a traceback,
+    at every retry. Now the cut line is skipped with a warning and the next record starts on a
+    line of its own."""
+    from launcher.tracking import JsonlTracker
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5}\n{"step": 3, "train/lo')
+    tracker = JsonlTracker(path, resume_step=2)
+    tracker.log_metrics({"train/loss": 1.25}, 3)
+    assert [r["step"] for r in tracker.records()] == [1, 2, 3]
+    tracker.finish()
+    assert "1 line(s) cut short" in capsys.readouterr().err
+    path.write_bytes(path.read_bytes() + b'{"step": 4, "tr' + b"\0" * 16)  # restarted in place: nothing kept
+    again = JsonlTracker(path, resume_step=None)
+    again.log_metrics({"train/loss": 1.0}, 4)
+    assert [r["step"] for r in again.records()] == [1, 2, 3, 4]
+    again.finish()

@@ -888,3 +888,23 @@ def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebui
     assert f"resuming from {tmp_path / 'r' / 'checkpoints' / 'step-000004'}" in again.stdout.splitlines()
     assert AutoTokenizer.from_pretrained(saved).get_vocab() == vocab
     assert (tmp_path / "r" / "model" / "model.safetensors").is_file()
+
+
+def test_a_tracker_turned_off_for_one_attempt_keeps_its_run_for_the_next(tmp_path):
+    """The checkpoint's tracker ids were replaced by the attempt's own: an attempt with
+    tracking.mlflow=false dropped the MLflow run id, so turning MLflow back on started a
+    second run. Now the ids merge: the third attempt continues the first attempt's run."""
+    common = [*FAST, "checkpoint.every_steps=3", "eval.every_steps=1000"]
+
+    def attempt(steps: int, *extra: str):
+        return check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common,
+                              f"train.max_steps={steps}", *extra))
+
+    attempt(3)
+    (first,) = all_runs(mlflow_client(tmp_path))
+    attempt(6, "tracking.mlflow=false")
+    attempt(9)
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.run_id == first.info.run_id and run.data.tags["launcher.attempts"] == "2"
+    steps = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(1, 10))  # the attempt without MLflow: sent from metrics.jsonl
