@@ -196,3 +196,58 @@ def test_a_line_cut_short_by_a_killed_attempt_does_not_stop_the_resume(tmp_path,
     again.log_metrics({"train/loss": 1.0}, 4)
     assert [r["step"] for r in again.records()] == [1, 2, 3, 4]
     again.finish()
+
+
+def test_a_server_on_a_private_ca_is_reachable_and_a_racing_experiment_is_found(tmp_path, monkeypatch):
+    """The start's reachability check trusts only the system's CAs: a team server whose
+    certificate a private CA signed (which the MLflow client trusts through REQUESTS_CA_BUNDLE)
+    failed every start with "does not answer". A TLS handshake is an answer now. And jobs of
+    an array creating one experiment together: the one that lost the race failed its start."""
+    import ssl
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from launcher.config import load_config
+    from launcher.tracking import MLflowTracker, Setup, check_reachable
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=team-mlflow",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = load_config(str(TINY), [f"tracking.uri=https://127.0.0.1:{server.server_address[1]}"], output_dir=str(tmp_path))
+        check_reachable(Setup.of(cfg), timeout_s=2.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(uri, "sweep", "a", None, None, {})
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def late(self, name):  # the other job created it just after this one looked
+        calls.append(name)
+        return None if len(calls) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", late)
+    second = MLflowTracker(uri, "sweep", "b", None, None, {})
+    assert second.experiment_id == first.experiment_id and len(calls) == 2
+    first.finish()
+    second.finish()
