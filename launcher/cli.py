@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="parent of the run directory (config: output_dir)")
     t.add_argument("--run-name", help="run directory name (config: run_name; default: the config file's stem)")
     t.add_argument("--accelerate-config", metavar="F", help="validate the run config with this accelerate YAML (and "
-                   "its DeepSpeed JSON) in this process, then start `accelerate launch --config_file F` yourself")
+                   "its DeepSpeed JSON) in this process, then become `accelerate launch --config_file F -m launcher "
+                   "train ...` (do not run it under accelerate launch yourself)")
     t.add_argument("--num-processes", type=int, metavar="N", help="with --accelerate-config: processes in all (all nodes)")
     t.add_argument("--nodes", type=int, metavar="N", help="with --accelerate-config: number of machines")
     t.add_argument("--machine-rank", type=int, metavar="R", help="with --nodes: this machine's rank (0 = head)")
@@ -109,6 +110,10 @@ def cmd_train(args) -> int:
     launch_flags = [f for f in ("num_processes", "nodes", "machine_rank", "main_process_ip", "main_process_port")
                     if getattr(args, f) is not None]
     if args.accelerate_config:
+        if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:  # each rank would start a launch of its own
+            raise UserError("--accelerate-config: this process is already one rank of a launch (accelerate launch or "
+                            "torchrun started it); drop --accelerate-config there, or run launcher train "
+                            "--accelerate-config without accelerate launch")
         return _train_under_accelerate(args)
     if launch_flags:
         raise UserError(f"--{launch_flags[0].replace('_', '-')}: only with --accelerate-config")

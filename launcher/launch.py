@@ -9,13 +9,20 @@ each Ctrl-C to the ranks itself: the first asks them to checkpoint at the end of
 exit (runtime.watch_signals); the second makes them exit at once, and this process then exits
 130 with their one line instead of torchrun's failure report. SIGTERM keeps torchrun's own
 handling (forwarded; SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, preemption.py).
+
+A one-process config (cpu.yaml, single_gpu.yaml) does not go through torchrun: accelerate's
+simple launcher SIGKILLed its process 5 s after a SIGTERM, mid-checkpoint (accelerate 1.16,
+commands/launch.py). That launcher is replaced here by one that forwards the SIGTERM and
+gives the process the same TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun's ranks get.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 
 HANDLED_BY_TORCHRUN = "SIGTERM,SIGHUP,SIGQUIT"  # torch's default list, less SIGINT
 
@@ -37,7 +44,10 @@ def main() -> None:
                 pass
 
     signal.signal(signal.SIGINT, forward)
+    import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
+
+    accelerate_launch.simple_launcher = _one_process
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(sys.argv[1:])
@@ -52,6 +62,37 @@ def main() -> None:
     except subprocess.CalledProcessError as failed:  # one process: its own error line is printed already
         code = failed.returncode
         sys.exit(130 if len(pressed) >= 2 else code if code > 0 else 128 - code)  # killed by signal N: 128 + N
+
+
+def _one_process(args) -> None:
+    """accelerate's simple launcher with torchrun's grace: the process gets a SIGTERM forwarded
+    and TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds to checkpoint before it is killed."""
+    from accelerate.utils import prepare_simple_launcher_cmd_env
+
+    from launcher import preemption
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    try:
+        grace = float(os.environ.get(preemption.ENV) or preemption.TORCH_DEFAULT_S)
+    except ValueError:
+        grace = float(preemption.TORCH_DEFAULT_S)
+    child = subprocess.Popen(cmd, env=env)
+    asked: list[float] = []
+
+    def term(signum, _frame):
+        asked.append(time.monotonic())
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, term)
+    while True:
+        try:
+            code = child.wait(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            if asked and time.monotonic() - asked[0] > grace:
+                child.kill()
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 if __name__ == "__main__":

@@ -273,11 +273,20 @@ class MLflowTracker(Tracker):
         # Finding or creating the run and counting this attempt wait on the server (the start
         # checked it answers): an attempt killed a moment later is still counted. From then on
         # every call goes through the sender (see the module docstring).
+        self.replaced = run_id if run_id and not self._exists(run_id) else None
+        if self.replaced:
+            # The store has no such run (tracking.uri changed since, or the run was deleted):
+            # every attempt failed its start on it. A new run takes the history over instead.
+            run_id, tags = None, {**tags, "launcher.previous_run_id": self.replaced}
         created = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         if not created:
             raise RuntimeError("the tracking server created a run without an id")
         self.run_id: str = created
         self.resumed = bool(run_id)
+        if self.replaced:
+            print(f"tracking: MLflow run {self.replaced} is not in {redact_uri(uri)} (tracking.uri changed, or the run "
+                  f"was deleted): this run logs to a new MLflow run {created}, metrics.jsonl's earlier values included",
+                  file=sys.stderr, flush=True)
         try:
             if self.resumed:
                 self.client.update_run(self.run_id, status="RUNNING")
@@ -312,6 +321,14 @@ class MLflowTracker(Tracker):
             except Exception as e:  # noqa: BLE001 - a monitor is worth a warning, never the run
                 self.system = None
                 self.sender.say(f"warning: MLflow system metrics off: {redact_text(str(e), uri)[:200]}")
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except Exception as e:
+            if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
 
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)
@@ -744,7 +761,7 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
         mlflow = _starting(f"MLflow at {redact_uri(uri)}", uri, trackers, lambda: MLflowTracker(
             uri, t.experiment, setup.run_name, resume_ids.get("mlflow"), setup.artifact_root, tags, t.outage_wait_s,
             t.system_metrics_every_s))
-        if mlflow.resumed:
+        if mlflow.resumed or mlflow.replaced:
             mlflow.backfill(jsonl.records())
         trackers.append(mlflow)
     # The config wins where it says something; otherwise W&B's own variables do, as in any

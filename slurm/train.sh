@@ -12,8 +12,10 @@
 #                      per-node values are overridden below, so it fits 1..N nodes, GPU or CPU)
 #   GPUS_PER_NODE      processes per node (default: GPUs Slurm gave the job, else 1 on CPU nodes)
 #   OUTPUT_DIR         parent of the run directory (default: the config's output_dir)
-#   RUN_NAME           run directory name (default: the config file's stem), kept across requeues
-#   MAIN_PORT          rendezvous port on the head node (default: 20000 + job id mod 20000)
+#   RUN_NAME           run directory name (default: as launcher decides it: the config's run_name,
+#                      a run_name=... override, else the config file's stem), kept across requeues
+#   MAIN_PORT          rendezvous port on the head node (default: 20000 + job id mod 12000, below
+#                      Linux's ephemeral ports, 32768 and up, which outgoing connections take)
 #   PYTHON             interpreter with launcher installed (default: python3 on PATH)
 #   CPUS_PER_NODE      CPUs for the node's ranks (default: every CPU the job has on the node; the job
 #                      asks for whole nodes with --exclusive, so collation workers and DeepSpeed's
@@ -56,6 +58,7 @@ if [ -z "${GPUS_PER_NODE:-}" ]; then
     # SLURM_GPUS_ON_NODE is set when the job asked for GPUs; a CPU node runs one process.
     GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-1}
 fi
+[ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1  # SLURM_GPUS_ON_NODE=0 on a CPU node of a GPU cluster
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
 CPUS_PER_NODE=${CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE}}
 THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
@@ -66,10 +69,17 @@ SIGNAL_LEAD_S=${SIGNAL_LEAD_S:-600}
 # After a SIGTERM (preemption, scancel) torchrun gives the ranks this long to checkpoint before it
 # SIGKILLs them (torch's default is 30 s); Slurm's GraceTime / KillWait then decide.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-RUN_NAME=${RUN_NAME:-$(basename "${CONFIG%.*}")}
-TRAIN_ARGS=("$CONFIG" --run-name "$RUN_NAME")
+# sed reads the whole list: `head -n1` may exit first, and scontrol's SIGPIPE under pipefail
+# ended the job without a word.
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
+TRAIN_ARGS=("$CONFIG")
+# Only when asked: a --run-name here would override the config's run_name and a run_name=...
+# override (a sweep's jobs all wrote into one run directory). launcher's own default is the
+# same on every requeue.
+if [ -n "${RUN_NAME:-}" ]; then
+    TRAIN_ARGS+=(--run-name "$RUN_NAME")
+fi
 if [ -n "${OUTPUT_DIR:-}" ]; then
     TRAIN_ARGS+=(--output-dir "$OUTPUT_DIR")
 fi
@@ -81,7 +91,10 @@ echo "launcher: ${CPUS_PER_NODE} CPUs per node, ${OMP_NUM_THREADS} threads per r
      "stop warning ${SIGNAL_LEAD_S} s before the time limit"
 
 # $SLURM_NODEID is escaped: it must expand on each node inside srun, not here (where it is 0).
-LAUNCH="exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
+# SIGUSR1 is ignored by accelerate/torchrun, which have no handler for it (a USR1 sent to the
+# job step, `scancel --signal=USR1 JOB` without --batch, killed the launcher and then every rank
+# mid-step); the ranks install their own handler (launcher.preemption) and checkpoint.
+LAUNCH="trap '' USR1; exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
     --num_machines $NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_NODEID \
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
     -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"
@@ -117,11 +130,23 @@ on_warning() {
 trap on_warning USR1 TERM
 
 # Our own timer: SIGNAL_LEAD_S before the job's end time (Slurm's --signal lead is fixed at submission).
-END_TIME=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
-END_EPOCH=$(date -d "$END_TIME" +%s 2>/dev/null || echo "")
+# The end time in ISO form whatever the user's SLURM_TIME_FORMAT; anything else (squeue failed or
+# timed out: `date -d ""` is today's midnight, which stopped the job at once; UNLIMITED) leaves
+# the timer off and Slurm's --signal as the warning.
+END_TIME=$(SLURM_TIME_FORMAT=standard squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
+END_EPOCH=""
+if [[ $END_TIME =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]+$ ]]; then
+    END_EPOCH=$(date -d "$END_TIME" +%s 2>/dev/null || echo "")
+fi
 TIMER_PID=""
-if [ -n "$END_EPOCH" ]; then
-    WAIT_S=$((END_EPOCH - $(date +%s) - SIGNAL_LEAD_S))
+if [ -n "$END_EPOCH" ] && [ "$END_EPOCH" -gt "$(date +%s)" ]; then
+    LEFT_S=$((END_EPOCH - $(date +%s)))
+    WAIT_S=$((LEFT_S - SIGNAL_LEAD_S))
+    if [ "$WAIT_S" -lt "$SIGNAL_LEAD_S" ]; then
+        echo "launcher: warning: ${LEFT_S} s to the time limit leave less training than SIGNAL_LEAD_S" \
+             "(${SIGNAL_LEAD_S} s): each attempt stops after a few steps and requeues; ask for more --time," \
+             "or lower SIGNAL_LEAD_S and --signal=B:USR1@<s> together" >&2
+    fi
     [ "$WAIT_S" -ge 0 ] || WAIT_S=0
     # $$ is this script even inside the subshell; ending the subshell ends its sleep too.
     ( sleep "$WAIT_S" & SLEEPER=$!; trap 'kill $SLEEPER 2>/dev/null; exit 0' TERM
@@ -132,11 +157,13 @@ fi
 "${SRUN[@]}" bash -c "$LAUNCH" &
 SRUN_PID=$!
 status=0
-# `wait` returns early when a trapped signal arrives; wait again until srun has really ended.
-while true; do
-    wait "$SRUN_PID" && status=0 || status=$?
-    kill -0 "$SRUN_PID" 2>/dev/null || break
+# `wait` returns early when a trapped signal arrives; wait again until srun has really ended,
+# then once more for its own status (srun may end between an interrupted wait and the check,
+# which left 128 + the signal as the job's status: a clean stop was not requeued).
+while kill -0 "$SRUN_PID" 2>/dev/null; do
+    wait "$SRUN_PID" || true
 done
+wait "$SRUN_PID" && status=0 || status=$?
 
 [ -z "$TIMER_PID" ] || kill "$TIMER_PID" 2>/dev/null || true
 rm -f "$LAUNCHER_STOP_FILE"

@@ -313,3 +313,15 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
     (out / "lr1").rename(tmp_path / "elsewhere")
     cli._remove_created(created)
     assert not out.exists()
+
+
+def test_accelerate_config_inside_a_launch_is_refused_before_any_rank_starts_another(tmp_path):
+    """`accelerate launch -m launcher train CONFIG --accelerate-config F` (the old help read as
+    an instruction to do so): each rank became a launch of its own, N x N processes. Now a
+    rank refuses it in one line, exit 2."""
+    proc = launcher("train", str(TINY), "--output-dir", str(tmp_path / "out"), "--accelerate-config",
+                    str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), env={"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert errors == [line for line in errors if line.startswith("error: --accelerate-config: this process is already one rank")]
+    assert len(errors) == 1 and not (tmp_path / "out").exists()

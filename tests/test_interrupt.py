@@ -200,6 +200,29 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
     assert _steps_logged(tmp_path) == list(range(1, 13))
 
 
+def test_a_sigterm_to_a_one_process_accelerate_launch_gives_the_rank_its_grace(tmp_path):
+    """A one-process accelerate config does not go through torchrun: accelerate's simple
+    launcher SIGKILLed its process 5 s after a SIGTERM, so a step plus checkpoint longer than
+    that was lost (no checkpoint, exit -9). Now the SIGTERM is forwarded and the process has
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT: here it ends an 8 s step, checkpoints and exits cleanly."""
+    run = tmp_path / "r"
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = _start(tmp_path, "--accelerate-config", str(CONFIGS / "accelerate" / "cpu.yaml"),
+                      env={"LAUNCHER_STALL": "0:2:8"}, stderr=sink)
+    deadline = time.time() + 300
+    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # inside step 2 for 8 s
+        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launch only, as `kill PID` or a container stop sends it
+    out, _ = communicate_or_kill(proc, 300)
+    err = errors.read_text()
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, out[-3000:], err[-3000:])
+    stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
+    assert stopped == ["stopped at step 2 (SIGTERM); checkpoint saved; run the same command again to resume"], out[-3000:]
+    assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
 # A loader's worker raises in the training process, from train_batches: the error ends the
 # process, with the worker stopped, not left to the interpreter's exit.
 WORKER_ERROR = """

@@ -69,7 +69,7 @@ def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus,
     assert f"--main_process_ip {head} --main_process_port 24242" in line  # 20000 + 4242
     # Escaped: expands on each node inside srun, not in the batch script (where it is always 0).
     assert "--machine_rank $SLURM_NODEID" in line and "--machine_rank 0" not in line
-    assert "-m launcher train configs/train/clause_tos.yaml --run-name clause_tos train.lr=3e-5" in line
+    assert "-m launcher train configs/train/clause_tos.yaml train.lr=3e-5" in line  # launcher names the run
     assert line.startswith(f"srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task=")
 
 
@@ -162,3 +162,72 @@ def test_whole_nodes_by_default_and_oversubscribe_on_the_command_line_undoes_it(
         subprocess.run(["scancel", job], env=cluster.env, timeout=60)
         seen[bool(extra)] = next(x for x in info.split() if x.startswith("OverSubscribe="))
     assert seen == {False: "OverSubscribe=NO", True: "OverSubscribe=YES"}
+
+
+def _stubbed(tmp_path: Path, squeue: str, python: str, **env: str) -> subprocess.CompletedProcess:
+    """slurm/train.sh as a batch job runs it, with Slurm's commands and the interpreter replaced
+    by scripts: `squeue` prints `squeue` (or fails when empty), `srun` runs the node's command
+    in place, `scontrol` records a requeue, and PYTHON is `python` (a shell script)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "squeue": f"#!/bin/bash\n{'echo ' + squeue if squeue else 'exit 1'}\n",
+        "srun": '#!/bin/bash\nwhile [ "$1" != bash ]; do shift; done\nexec "$@"\n',
+        "scontrol": f'#!/bin/bash\nif [ "$1" = requeue ]; then echo requeued >> {tmp_path}/requeued; else echo n1; fi\n',
+        "python": python,
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    full = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1", "SLURM_NODEID": "0",
+            "PYTHON": str(bin_dir / "python"), "OUTPUT_DIR": str(tmp_path / "out"), "HOME": str(tmp_path), **env}
+    return subprocess.run(["bash", str(SCRIPT), "configs/train/clause_tos.yaml"], cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=60)
+
+
+# The node's command: train for 2 s and say whether the stop file was there at the end.
+TRAINS_2S = '#!/bin/bash\nsleep 2\n[ -e "$LAUNCHER_STOP_FILE" ] && echo "stopped early" || echo "trained"\n'
+
+
+@pytest.mark.parametrize("squeue", ["", "N/A", "1:05:00"], ids=["squeue-fails", "unlimited", "relative-format"])
+def test_an_end_time_that_cannot_be_read_leaves_the_timer_off(tmp_path, squeue):
+    """squeue failing (a busy controller) or printing what date cannot read: `date -d ""` is
+    today's midnight, so the script's timer fired at once and every job stopped after its first
+    step and requeued itself. Now the timer is off and Slurm's --signal stays the warning."""
+    proc = _stubbed(tmp_path, squeue, TRAINS_2S)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained" in proc.stdout and "caught the time-limit warning" not in proc.stdout
+    assert not (tmp_path / "requeued").exists()
+
+
+def test_a_time_limit_shorter_than_twice_the_lead_is_said_and_the_stop_requeues(tmp_path):
+    """A debug partition's 10 minutes with the 600 s lead: the stop comes at once. One line says
+    so; the stop still checkpoints and requeues (the run goes on, a few steps per attempt)."""
+    import datetime
+
+    end = (datetime.datetime.now() + datetime.timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%S")
+    proc = _stubbed(tmp_path, end, TRAINS_2S)
+    assert proc.returncode == 0, proc.stderr
+    assert "leave less training than SIGNAL_LEAD_S (600 s)" in proc.stderr
+    assert "stopped early" in proc.stdout and (tmp_path / "requeued").read_text() == "requeued\n"
+
+
+def test_a_usr1_sent_to_the_job_step_does_not_kill_the_node_launcher(tmp_path):
+    """`scancel --signal=USR1 JOB` (without --batch) signals every process of the step.
+    accelerate/torchrun have no handler for SIGUSR1, so its default action killed the node's
+    launcher and Slurm then killed the ranks mid-step. The step now runs with USR1 ignored; the
+    ranks install their own handler (python can; launcher.preemption does)."""
+    python = '#!/bin/bash\nkill -USR1 $$\necho "launcher still running"\n'
+    proc = _stubbed(tmp_path, "", python)
+    assert proc.returncode == 0 and "launcher still running" in proc.stdout, (proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("env, name", [({}, None), ({"RUN_NAME": "sweep-a"}, "sweep-a")])
+def test_the_run_name_is_launchers_own_unless_run_name_is_set(tmp_path, env, name):
+    """The script passed --run-name <config stem> always, overriding the config's run_name and a
+    run_name=... override: a sweep's jobs all wrote into one run directory."""
+    python = '#!/bin/bash\necho "ARGS: $*"\n'
+    proc = _stubbed(tmp_path, "", python, **env)
+    (args,) = [line for line in proc.stdout.splitlines() if line.startswith("ARGS: ")]
+    assert args.endswith("-m launcher train configs/train/clause_tos.yaml" + (f" --run-name {name}" if name else "")
+                         + f" --output-dir {tmp_path / 'out'}"), args

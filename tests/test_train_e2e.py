@@ -908,3 +908,23 @@ def test_a_tracker_turned_off_for_one_attempt_keeps_its_run_for_the_next(tmp_pat
     assert run.info.run_id == first.info.run_id and run.data.tags["launcher.attempts"] == "2"
     steps = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(1, 10))  # the attempt without MLflow: sent from metrics.jsonl
+
+
+def test_a_resume_into_another_tracking_store_starts_a_new_run_there_with_the_history(tmp_path):
+    """tracking.uri changed between attempts (a team server instead of the local store): the
+    recorded run id is not in the new store, and every attempt failed its start on it, exit 2.
+    Now one line says so and a new run there takes the history over from metrics.jsonl."""
+    from mlflow.tracking import MlflowClient
+
+    common = [*FAST, "checkpoint.every_steps=3", "eval.every_steps=1000"]
+    stores = [f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db")]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common, "train.max_steps=3",
+                   f"tracking.uri={stores[0]}"))
+    (old,) = all_runs(MlflowClient(tracking_uri=stores[0]))
+    again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common, "train.max_steps=6",
+                           f"tracking.uri={stores[1]}"))
+    assert f"tracking: MLflow run {old.info.run_id} is not in {stores[1]}" in again.stderr
+    client = MlflowClient(tracking_uri=stores[1])
+    (new,) = all_runs(client)
+    assert new.data.tags["launcher.previous_run_id"] == old.info.run_id and new.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(new.info.run_id, "train/loss")] == list(range(1, 7))
