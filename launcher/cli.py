@@ -170,7 +170,8 @@ def _remove_created(created: dict) -> None:
     if out is None:
         return
     try:
-        others = [p.name for p in out.iterdir() if p.name not in _SHARED_BY_RUNS]
+        others = [p.name for p in out.iterdir() if p.name not in _SHARED_BY_RUNS
+                  and not p.name.startswith(".launcher-stop-")]  # slurm/train.sh's stop directory
     except OSError:
         return
     if others:

@@ -307,7 +307,7 @@ class TrackingConfig:
     # A tracking server that stops answering mid-run never stops training: calls queue and
     # are retried (metrics.jsonl has everything). The end of a finished run waits this long
     # for the server to come back before giving up on what is still queued (calls that keep
-    # succeeding, such as a large model upload, are waited for).
+    # going, such as a large model upload, are waited for, up to 6 times as long in all).
     outage_wait_s: float = 300.0
     # MLflow: the exported model as the run's logged model (its files as the model's
     # artifacts), and registered as a new version of this name when set.

@@ -71,26 +71,37 @@ def _one_process(args) -> None:
 
     from launcher import preemption
 
+    import psutil
+
     cmd, env = prepare_simple_launcher_cmd_env(args)
     try:
         grace = float(os.environ.get(preemption.ENV) or preemption.TORCH_DEFAULT_S)
     except ValueError:
         grace = float(preemption.TORCH_DEFAULT_S)
-    child = subprocess.Popen(cmd, env=env)
     asked: list[float] = []
+    running: list[subprocess.Popen] = []
 
-    def term(signum, _frame):
+    def term(signum, _frame):  # installed before the start: a SIGTERM then is sent on at once
         asked.append(time.monotonic())
-        child.send_signal(signum)
+        for child in running:
+            child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, term)
+    child = subprocess.Popen(cmd, env=env)
+    running.append(child)
+    if asked:
+        child.send_signal(signal.SIGTERM)
     while True:
         try:
             code = child.wait(timeout=1.0)
             break
         except subprocess.TimeoutExpired:
-            if asked and time.monotonic() - asked[0] > grace:
-                child.kill()
+            if asked and time.monotonic() - asked[0] > grace:  # the process and what it started
+                for process in [*psutil.Process(child.pid).children(recursive=True), psutil.Process(child.pid)]:
+                    try:
+                        process.kill()
+                    except psutil.Error:
+                        pass
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
 

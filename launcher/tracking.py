@@ -102,10 +102,8 @@ class Tracker:
 
 
 # Server answers that retrying cannot fix: the call is dropped with a warning.
-# ENDPOINT_NOT_FOUND: a server older than the call (MLflow 2.x has no logged models); retried,
-# it held every call queued behind it until the end of the run.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE",
-              "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "ENDPOINT_NOT_FOUND"}
+              "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"}
 
 
 def mlflow_key(name: str) -> str:
@@ -116,11 +114,28 @@ def mlflow_key(name: str) -> str:
     import re
 
     parts = [re.sub(r"[^\w.\- :]", "_", part) for part in name.split("/")]
-    return "/".join(p if p.strip(".") else p.replace(".", "_") or "_" for p in parts)[:250]
+    return "/".join(p if p.strip(".") else p.replace(".", "_") or "_" for p in parts)[:250].rstrip("/")
+
+
+# Server answers that say "later": retried for as long as the run goes on, as a lost connection is.
+_TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+# An error neither list names (an artifact store's missing credentials; ENDPOINT_NOT_FOUND, a
+# server older than the call, MLflow 2.x and logged models, or a proxy's 404 while the server
+# restarts): the call is dropped after this many tries.
+UNKNOWN_TRIES = 5
 
 
 def _permanent(error: Exception) -> bool:
     return getattr(error, "error_code", None) in _PERMANENT
+
+
+def _transient(error: Exception) -> bool:
+    """A failure retrying fixes: no connection, a timeout, a 5xx or 429 (MLflow's client names
+    them; an artifact upload's requests.HTTPError carries the status)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500 or status == 429
+    return isinstance(error, OSError) or getattr(error, "error_code", None) in _TRANSIENT
 
 
 def _has_url(error: Exception) -> bool:
@@ -136,6 +151,9 @@ def _reason(error: Exception) -> str:
         if m := re.search(pattern, text):
             return m.group(0).strip()
     return type(error).__name__
+
+
+WHILE_UP_CAP = 6  # drain(while_down=True): the whole wait's bound, in timeouts (30 min for outage_wait_s 300)
 
 
 class Sender:
@@ -171,12 +189,15 @@ class Sender:
 
     def drain(self, timeout_s: float, while_down: bool = False) -> bool:
         """Wait until everything queued so far is sent (True) or timeout_s passes (False).
-        while_down: only time the server does not answer counts; calls that keep succeeding
-        (a large model upload) are waited for however long they take."""
+        while_down: only time the server does not answer counts, so calls that keep going (a
+        large model upload) are waited for, up to WHILE_UP_CAP times timeout_s in all (a call
+        that hangs without failing, on a hung file system, must not hold the job)."""
         start = time.monotonic()
         with self.cond:
             while self.queue or self.busy:
                 now = time.monotonic()
+                if while_down and now - start >= WHILE_UP_CAP * timeout_s:
+                    return False
                 since = start if not while_down else (max(start, self.down_since) if self.down_since is not None else None)
                 if since is not None and now - since >= timeout_s:
                     return False
@@ -207,7 +228,7 @@ class Sender:
             return ("metrics", merged), n
 
     def _run(self) -> None:
-        backoff = 1.0
+        backoff, tries = 1.0, 0
         while True:
             item, n = self._next()
             if item is None:
@@ -221,15 +242,22 @@ class Sender:
                 failed = None
             except Exception as e:  # noqa: BLE001 - any failure of the tracker must not stop training
                 failed = e
+            # An error neither permanent nor transient (an artifact store's missing credentials,
+            # a 413 from a proxy) was retried forever, holding every call queued behind it: an
+            # artifact logged at each evaluation stopped the run's metrics for good.
+            tries = tries + 1 if failed is not None and not _transient(failed) else 0
+            drop = failed is not None and (_permanent(failed) or tries >= UNKNOWN_TRIES)
             with self.cond:
-                if failed is None or _permanent(failed):
+                if failed is None or drop:
                     for _ in range(n):
                         self.queue.popleft()
                 self.busy = False
                 self.cond.notify_all()
-            if failed is not None and _permanent(failed):
+            if drop and failed is not None:
+                tries = 0
                 what = "metrics" if item[0] == "metrics" else item[1]
-                self.say(f"warning: tracking: {self.where} refused {what} ({_reason(failed)}): "
+                after = "" if _permanent(failed) else f" after {UNKNOWN_TRIES} tries"
+                self.say(f"warning: tracking: {self.where} refused {what}{after} ({_reason(failed)}): "
                          f"{str(failed).splitlines()[0][:200] if not _has_url(failed) else 'see the server log'}")
             elif failed is not None:
                 if self.down_since is None:
@@ -705,10 +733,10 @@ def check_reachable(setup: Setup, timeout_s: float = 5.0, answer_s: float = 60.0
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError, ValueError) as e:
-        # A TLS handshake the server took part in: it answers. This check trusts only the
+        # A certificate the server presented: it answers. This check trusts only the
         # system's CAs; the MLflow client also reads REQUESTS_CA_BUNDLE and
         # MLFLOW_TRACKING_SERVER_CERT_PATH, so a team server on a private CA is the client's call.
-        if isinstance(getattr(e, "reason", e), ssl.SSLError):
+        if isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError):
             return
         raise fail(getattr(e, "reason", None) or e) from None
 

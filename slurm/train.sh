@@ -94,7 +94,7 @@ echo "launcher: ${CPUS_PER_NODE} CPUs per node, ${OMP_NUM_THREADS} threads per r
 # SIGUSR1 is ignored by accelerate/torchrun, which have no handler for it (a USR1 sent to the
 # job step, `scancel --signal=USR1 JOB` without --batch, killed the launcher and then every rank
 # mid-step); the ranks install their own handler (launcher.preemption) and checkpoint.
-LAUNCH="trap '' USR1; exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
+LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
     --num_machines $NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_NODEID \
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
     -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"

@@ -180,7 +180,7 @@ def _stubbed(tmp_path: Path, squeue: str, python: str, **env: str) -> subprocess
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     full = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1", "SLURM_NODEID": "0",
-            "PYTHON": str(bin_dir / "python"), "OUTPUT_DIR": str(tmp_path / "out"), "HOME": str(tmp_path), **env}
+            "PYTHON": str(bin_dir / "python"), "OUTPUT_DIR": str(tmp_path / "out"), "HOME": str(tmp_path), "TZ": "UTC", **env}
     return subprocess.run(["bash", str(SCRIPT), "configs/train/clause_tos.yaml"], cwd=ROOT, env=full,
                           capture_output=True, text=True, timeout=60)
 
@@ -205,7 +205,8 @@ def test_a_time_limit_shorter_than_twice_the_lead_is_said_and_the_stop_requeues(
     so; the stop still checkpoints and requeues (the run goes on, a few steps per attempt)."""
     import datetime
 
-    end = (datetime.datetime.now() + datetime.timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%S")
+    now = datetime.datetime.now(datetime.timezone.utc)  # the script's date reads it in TZ=UTC
+    end = (now + datetime.timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%S")
     proc = _stubbed(tmp_path, end, TRAINS_2S)
     assert proc.returncode == 0, proc.stderr
     assert "leave less training than SIGNAL_LEAD_S (600 s)" in proc.stderr

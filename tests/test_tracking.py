@@ -153,6 +153,17 @@ def test_a_finished_run_waits_for_calls_that_keep_succeeding_not_only_outage_wai
     t = time.monotonic()
     assert not down.drain(0.5, while_down=True) and time.monotonic() - t < 10
     down.close()
+    # A call that hangs without failing (a hung file system) is waited for WHILE_UP_CAP timeouts, no more.
+    from launcher.tracking import WHILE_UP_CAP
+
+    release = threading.Event()
+    hung = Sender("test server", lambda values: release.wait(30), say=lines.append)
+    hung.put_metrics([1])
+    t = time.monotonic()
+    assert not hung.drain(0.2, while_down=True)
+    assert WHILE_UP_CAP * 0.2 <= time.monotonic() - t < 10
+    release.set()
+    hung.close()
 
 
 def test_mlflow_gets_every_value_of_a_batch_holding_a_name_it_refuses(tmp_path):
@@ -251,3 +262,41 @@ def test_a_server_on_a_private_ca_is_reachable_and_a_racing_experiment_is_found(
     assert second.experiment_id == first.experiment_id and len(calls) == 2
     first.finish()
     second.finish()
+
+
+def test_a_call_failing_for_an_unknown_reason_is_dropped_after_a_few_tries_and_metrics_go_on():
+    """An artifact store without credentials (botocore's NoCredentialsError) or a proxy's 413
+    is neither an outage nor an answer MLflow names as final: it was retried forever at the
+    head of the queue, so every metric queued behind it waited for the rest of the run. Now
+    it is dropped after UNKNOWN_TRIES with one warning; a 503 is still retried until it passes."""
+    from launcher.tracking import UNKNOWN_TRIES
+
+    class NoCredentialsError(Exception):
+        pass
+
+    class Unavailable(Exception):
+        def __init__(self):
+            super().__init__("503 Server Error")
+            self.response = type("Response", (), {"status_code": 503})()
+
+    got, lines, tries = [], [], {"table": 0, "params": 0}
+
+    def table():
+        tries["table"] += 1
+        raise NoCredentialsError("Unable to locate credentials")
+
+    def params():
+        tries["params"] += 1
+        if tries["params"] <= 2:
+            raise Unavailable()
+        got.append("params")
+
+    sender = Sender("test server", got.extend, max_backoff_s=0.05, say=lines.append)
+    sender.put_call("table samples", table)
+    sender.put_metrics([1, 2])
+    sender.put_call("params", params)
+    assert sender.drain(30)
+    sender.close()
+    assert got == [1, 2, "params"] and tries == {"table": UNKNOWN_TRIES, "params": 3}
+    refused = [x for x in lines if "refused" in x]
+    assert len(refused) == 1 and f"refused table samples after {UNKNOWN_TRIES} tries" in refused[0], lines
