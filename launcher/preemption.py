@@ -47,6 +47,18 @@ def grace_s() -> int | None:
         return TORCH_DEFAULT_S
 
 
+def acknowledge() -> None:
+    """Beside LAUNCHER_STOP_FILE, say the run stopped before its end to a stop request:
+    slurm/train.sh requeues the job only then (a warning that came during the final
+    evaluation or export, after the last step, requeued a finished run)."""
+    stop_file = os.environ.get("LAUNCHER_STOP_FILE")
+    if stop_file:
+        try:
+            open(stop_file + ".stopped", "w").close()
+        except OSError:
+            pass
+
+
 def launch_env(env: dict) -> dict:
     """The environment for a launch launcher starts itself: the grace raised unless set."""
     return env if env.get(ENV) else {**env, ENV: str(GRACE_DEFAULT_S)}

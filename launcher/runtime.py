@@ -83,7 +83,7 @@ class Runtime:
     def watch_signals(self) -> None:
         """SIGTERM (a scheduler or `kill`), SIGUSR1 (Slurm's warning before the time limit) and
         SIGINT (Ctrl-C) ask this rank to stop at the end of the step, as does the file named by
-        LAUNCHER_STOP_FILE once it exists (slurm/train.sh creates it: signalling srun would
+        LAUNCHER_STOP_FILE once it exists (rank 0 looks; slurm/train.sh creates it: signalling srun would
         cancel the job step outright). `stop_requested` turns the requests into one decision.
         A second Ctrl-C exits at once (preemption.Preemption.exit_now); one key press that
         arrives twice (a terminal's process group and a parent that forwards it) counts once."""
@@ -116,7 +116,9 @@ class Runtime:
         host only (any_rank): the step's kernels are not waited for."""
         local = getattr(self, "_stop_signal", None)
         stop_file = os.environ.get("LAUNCHER_STOP_FILE")
-        if not local and stop_file and os.path.exists(stop_file):  # slurm/train.sh's warning trap
+        # slurm/train.sh's warning trap. Rank 0 alone looks (the reduce tells the others): a
+        # thousand ranks each asking the shared file system after every step load its metadata server.
+        if not local and stop_file and self.is_main and os.path.exists(stop_file):
             local = f"stop file {stop_file}"
         if self.any_rank(bool(local)):
             return local or "a signal to another rank"

@@ -30,7 +30,8 @@ import torch
 
 import launcher
 from launcher import checkpoint as ckpt_lib
-from launcher import config_changes, faults, hub, models, owner, report, schedules, sizing, tasks, tracking, watchdog
+from launcher import (config_changes, faults, hub, models, owner, preemption, report, schedules, sizing, tasks, tracking,
+                      watchdog)
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import ConfigError, DataError
@@ -577,6 +578,8 @@ class Trainer:
         """A halt or a signal: the checkpoint is saved; the tracker run ends KILLED, to go on."""
         why = "train.halt_at_step" if stop == "halt" else self.stop_signal
         self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
+        if stop == "signal" and self.rt.is_main:
+            preemption.acknowledge()  # slurm/train.sh requeues only a run that stopped early
         self.tracker.finish(status="KILLED")
         return {"status": "halted" if stop == "halt" else "stopped", "step": self.state.step, "run_dir": str(self.p.run_dir)}
 

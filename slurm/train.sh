@@ -29,9 +29,10 @@
 # Preemption: SIGNAL_LEAD_S before the time limit this script asks every rank to stop (its own
 # timer, from the job's end time; Slurm's --signal=B:USR1@600 below is the fallback when the end
 # time cannot be read); `scancel --signal=USR1 --batch JOB` does the same by hand. The trap creates LAUNCHER_STOP_FILE
-# (signalling srun instead would cancel the job step, killing the ranks mid-step); every rank
-# sees it at the end of a step, they agree on one step, checkpoint it and exit cleanly; then the
-# job requeues itself and the requeued job resumes from that checkpoint into the same MLflow run.
+# (signalling srun instead would cancel the job step, killing the ranks mid-step); rank 0
+# sees it at the end of a step, the ranks agree on that step, checkpoint it and exit cleanly; then
+# the job requeues itself (when launcher said it stopped early: LAUNCHER_STOP_FILE.stopped) and
+# the requeued job resumes from that checkpoint into the same MLflow run.
 # Preemption (PreemptMode=REQUEUE/CANCEL) SIGTERMs every process at once: the ranks checkpoint
 # the step in progress and exit, within the partition's GraceTime (Slurm's default is 0: no grace).
 #SBATCH --job-name=launcher
@@ -120,7 +121,7 @@ if [ -z "${LAUNCHER_STOP_FILE:-}" ]; then
     LAUNCHER_STOP_FILE=$STOP_DIR/stop
 fi
 export LAUNCHER_STOP_FILE
-rm -f "$LAUNCHER_STOP_FILE"  # a requeued job starts without the previous attempt's request
+rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"  # a requeued job starts without the previous attempt's request
 PREEMPTED=0
 on_warning() {
     PREEMPTED=1
@@ -166,9 +167,15 @@ done
 wait "$SRUN_PID" && status=0 || status=$?
 
 [ -z "$TIMER_PID" ] || kill "$TIMER_PID" 2>/dev/null || true
-rm -f "$LAUNCHER_STOP_FILE"
+# launcher writes STOP_FILE.stopped when the run stopped early to the request: a warning that
+# came after the last step (during the final evaluation or export) leaves a finished run.
+STOPPED=0
+[ ! -e "$LAUNCHER_STOP_FILE.stopped" ] || STOPPED=1
+rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"
 [ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true
-if [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ]; then
+if [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ] && [ "$STOPPED" = 0 ]; then
+    echo "launcher: the run ended before the stop warning took effect: nothing to requeue"
+elif [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ]; then
     echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

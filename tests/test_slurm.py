@@ -185,8 +185,10 @@ def _stubbed(tmp_path: Path, squeue: str, python: str, **env: str) -> subprocess
                           capture_output=True, text=True, timeout=60)
 
 
-# The node's command: train for 2 s and say whether the stop file was there at the end.
-TRAINS_2S = '#!/bin/bash\nsleep 2\n[ -e "$LAUNCHER_STOP_FILE" ] && echo "stopped early" || echo "trained"\n'
+# The node's command: train for 2 s and say whether the stop file was there at the end; a stop
+# is acknowledged beside it, as launcher does (preemption.acknowledge).
+TRAINS_2S = ('#!/bin/bash\nsleep 2\nif [ -e "$LAUNCHER_STOP_FILE" ]; then echo "stopped early"; '
+             'touch "$LAUNCHER_STOP_FILE.stopped"; else echo "trained"; fi\n')
 
 
 @pytest.mark.parametrize("squeue", ["", "N/A", "1:05:00"], ids=["squeue-fails", "unlimited", "relative-format"])
@@ -232,3 +234,18 @@ def test_the_run_name_is_launchers_own_unless_run_name_is_set(tmp_path, env, nam
     (args,) = [line for line in proc.stdout.splitlines() if line.startswith("ARGS: ")]
     assert args.endswith("-m launcher train configs/train/clause_tos.yaml" + (f" --run-name {name}" if name else "")
                          + f" --output-dir {tmp_path / 'out'}"), args
+
+
+def test_a_warning_the_run_did_not_stop_for_requeues_nothing(tmp_path):
+    """A stop warning that came after the last step (the final evaluation or the export) left a
+    finished run, and the script requeued it all the same: a job slot spent to say "already
+    finished". It requeues now only when launcher says the run stopped early."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    end = (now + datetime.timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%S")
+    finishes = '#!/bin/bash\nsleep 2\necho "finished"\n'  # ignores the stop file: its last step was done
+    proc = _stubbed(tmp_path, end, finishes)
+    assert proc.returncode == 0, proc.stderr
+    assert "caught the time-limit warning" in proc.stdout and "nothing to requeue" in proc.stdout
+    assert not (tmp_path / "requeued").exists()
