@@ -156,6 +156,19 @@ def _reason(error: Exception) -> str:
 WHILE_UP_CAP = 6  # drain(while_down=True): the whole wait's bound, in timeouts (30 min for outage_wait_s 300)
 
 
+class RedactingFilter:
+    """A logging filter: the record's message with the URI's secrets replaced (redact_text)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if (redacted := redact_text(message, self.uri)) != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 class Sender:
     """Runs tracker calls in order on one thread. A call that fails for a reason retrying
     can fix (no connection, a 5xx) stays at the head of the queue and is retried with
@@ -341,6 +354,9 @@ class MLflowTracker(Tracker):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
+            # Its warning when the server does not answer quotes MLflow's error, the URL with
+            # its password in it.
+            logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(RedactingFilter(uri))
 
             try:
                 self.system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_every_s,

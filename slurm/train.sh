@@ -21,7 +21,9 @@
 #                      asks for whole nodes with --exclusive, so collation workers and DeepSpeed's
 #                      CPU Adam are not starved); each rank gets CPUS_PER_NODE / ranks per node threads
 #   SIGNAL_LEAD_S      seconds before the time limit at which every rank is asked to checkpoint and
-#                      stop (default 600: a large checkpoint needs minutes); `launcher plan` shows it
+#                      stop (default 600: a large checkpoint needs minutes); `launcher plan` shows it.
+#                      Lower than 600, also submit with --signal=B:USR1@<s>: the header's USR1 comes
+#                      600 s before the limit whatever this says
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 #                      seconds torchrun waits after forwarding a SIGTERM before it SIGKILLs the ranks
 #                      (default here 600; torch's own is 30, too short for a big step plus checkpoint)

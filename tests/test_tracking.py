@@ -300,3 +300,31 @@ def test_a_call_failing_for_an_unknown_reason_is_dropped_after_a_few_tries_and_m
     assert got == [1, 2, "params"] and tries == {"table": UNKNOWN_TRIES, "params": 3}
     refused = [x for x in lines if "refused" in x]
     assert len(refused) == 1 and f"refused table samples after {UNKNOWN_TRIES} tries" in refused[0], lines
+
+
+def test_mlflow_system_metrics_warnings_never_show_the_uris_password(tmp_path, caplog):
+    """MLflow's system-metrics monitor logs "Failed to get mlflow run: {error}" when the server
+    does not answer, and MLflow's error carries the full URL, password included."""
+    import logging
+
+    from launcher.tracking import RedactingFilter
+
+    uri = "http://alice:s3cret-pw@mlflow.internal:5000"
+    monitor = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    redacting = RedactingFilter(uri)
+    monitor.addFilter(redacting)
+    try:
+        with caplog.at_level(logging.WARNING):
+            monitor.warning("Failed to get mlflow run: API request to %s/api/2.0/mlflow/runs/get failed.", uri)
+    finally:
+        monitor.removeFilter(redacting)
+    (record,) = caplog.records
+    assert "s3cret-pw" not in record.getMessage() and "mlflow.internal:5000" in record.getMessage()
+    # The tracker puts it there when it starts the monitor.
+    from launcher.tracking import MLflowTracker
+
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "run", None, None, {}, system_metrics_every_s=1.0)
+    try:
+        assert tracker.system is not None and any(isinstance(f, RedactingFilter) for f in monitor.filters)
+    finally:
+        tracker.finish()
