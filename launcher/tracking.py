@@ -110,11 +110,16 @@ def mlflow_key(name: str) -> str:
     """A metric name MLflow accepts: letters, digits, _ - . / : and spaces, no empty, "." or
     ".." part, at most 250 characters. Per-class names come from the data (label names, an
     SFT run's closed answer set: "eval/f1/yes, with notice"), and MLflow refuses a whole batch
-    for one bad name: every value merged into it was lost, at each evaluation."""
+    for one bad name: every value merged into it was lost, at each evaluation. A name changed
+    ends in a short hash of the original, so two ("yes, no" and "yes; no") stay two."""
+    import hashlib
     import re
 
     parts = [re.sub(r"[^\w.\- :]", "_", part) for part in name.split("/")]
-    return "/".join(p if p.strip(".") else p.replace(".", "_") or "_" for p in parts)[:250].rstrip("/")
+    key = "/".join(p if p.strip(".") else p.replace(".", "_") or "_" for p in parts)
+    if key == name and len(key) <= 250:
+        return key
+    return key[:242].rstrip("/") + "-" + hashlib.sha1(name.encode()).hexdigest()[:7]
 
 
 # Server answers that say "later": retried for as long as the run goes on, as a lost connection is.

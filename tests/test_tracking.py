@@ -178,14 +178,17 @@ def test_mlflow_gets_every_value_of_a_batch_holding_a_name_it_refuses(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MLflowTracker(uri, "exp", "run", None, (tmp_path / "art").as_uri(), {})
     for step in (1, 2):
-        tracker.log_metrics({"train/loss": 1.0 / step, "eval/f1/yes, with notice?": 0.5, "eval/f1/..": 0.25}, step)
+        tracker.log_metrics({"train/loss": 1.0 / step, "eval/f1/yes, with notice?": 0.5, "eval/f1/..": 0.25,
+                             "eval/f1/yes; with notice?": 0.75}, step)
         tracker.flush()
     tracker.finish()
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(tracker.run_id, "train/loss")] == [1.0, 0.5]
-    assert set(run.data.metrics) == {"train/loss", mlflow_key("eval/f1/yes, with notice?"), mlflow_key("eval/f1/..")}
+    assert set(run.data.metrics) == {"train/loss", mlflow_key("eval/f1/yes, with notice?"), mlflow_key("eval/f1/.."),
+                                     mlflow_key("eval/f1/yes; with notice?")}  # two names that differ stay two
+    assert run.data.metrics[mlflow_key("eval/f1/yes; with notice?")] == 0.75
 
 
 def test_a_line_cut_short_by_a_killed_attempt_does_not_stop_the_resume(tmp_path, capsys):
