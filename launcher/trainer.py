@@ -275,12 +275,19 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     few lines. metrics.jsonl keeps records up to the resumed step; a restart in place keeps none."""
     rt, state, start = p.rt, p.state, pre.start
     kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job or start.interrupted else None)
+    if start.checkpoint is not None and start.forked_from is None and rt.is_main:
+        # job.json is newer than the checkpoint when an attempt started a tracker run after it
+        # (below) and was killed before its next checkpoint: that run goes on.
+        state.tracker_ids = {**state.tracker_ids, **(owner.read_owner(p.run_dir).get("tracker_ids") or {})}
+    before = dict(state.tracker_ids)
     tracker = tracking.start_tracking(tracking.Setup.of(cfg), rt.is_main, rt.facts(), p.run_dir, state.tracker_ids, kept_step, warm)
     # Merged: a tracker turned off for one attempt keeps its run id for the next (replaced, a
     # W&B run turned back on later started a second run).
     state.tracker_ids = {**state.tracker_ids, **tracker.ids()}
     if start.checkpoint is None or start.forked_from is not None:
         rt.on_main(owner.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
+    elif rt.is_main and state.tracker_ids != before:  # a new tracker run (one replaced, one turned on)
+        owner.record_owner(p.run_dir, rt.job_id, state.tracker_ids)
     notes, derived = p.task.describe(p.train_ds, p.val_ds)
     padded, padded_random = p.sampler.padded_fraction(), p.sampler.padded_fraction(grouped=False)
     notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if p.group_by_length else 'random'} micro-batches"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from launcher import owner
 
-from conftest import FAST, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
+from conftest import FAST, OFFLINE_ENV, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -928,3 +928,26 @@ def test_a_resume_into_another_tracking_store_starts_a_new_run_there_with_the_hi
     (new,) = all_runs(client)
     assert new.data.tags["launcher.previous_run_id"] == old.info.run_id and new.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(new.info.run_id, "train/loss")] == list(range(1, 7))
+
+
+def test_a_replacement_tracker_run_is_found_again_after_a_kill_before_the_next_checkpoint(tmp_path):
+    """The attempt that started a new MLflow run (the recorded one not in the store) kept its id
+    only in memory until its next checkpoint: killed before that, the next attempt made a third
+    run and left the second RUNNING. job.json now holds the new id at once."""
+    from mlflow.tracking import MlflowClient
+
+    from test_faults import _kill_tree_when_stopped
+
+    common = [*FAST, "checkpoint.every_steps=3", "eval.every_steps=1000"]
+    stores = [f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db")]
+    base = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
+    check(launcher(*base, "train.max_steps=3", f"tracking.uri={stores[0]}"))
+    cmd = [sys.executable, "-m", "launcher", *base, "train.max_steps=6", f"tracking.uri={stores[1]}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "step:4"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_tree_when_stopped(proc)  # at step 4: its run exists, its next checkpoint (step 6) does not
+    check(launcher(*base, "train.max_steps=6", f"tracking.uri={stores[1]}"))
+    client = MlflowClient(tracking_uri=stores[1])
+    (run,) = all_runs(client)
+    assert run.info.status == "FINISHED" and run.data.tags["launcher.attempts"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
