@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
     r.add_argument("model_dir")
-    r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL with a `text` "
-                   "field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
+    r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL/CSV/Parquet "
+                   "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write (default: stdout)")
     r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
                    "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
@@ -260,14 +260,20 @@ def cmd_export(args) -> int:
 
 
 def _read_texts(path: Path) -> list[str]:
-    """Clauses to predict: JSONL rows (or a .json array of rows) with `text` (errors as
-    file:line), or plain lines."""
+    """Clauses to predict: rows with `text` from JSONL (or a .json array), CSV or Parquet, as
+    `launcher eval` reads them (errors as file:line), or plain lines of any other file."""
     from launcher.data.clauses import read_records
 
     if not path.is_file():
         raise UserError(f"--input: {path}: file not found")
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+        # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet "
+                            "rows with 'text', or one clause per line") from None
+        return [line.rstrip("\r") for line in text.split("\n") if line.strip()]  # not splitlines: \x0c, U+2028 are text
     texts = []
     for where, record in read_records(path):
         if isinstance(record, UserError):

@@ -93,7 +93,7 @@ def test_bad_rows_are_reported_by_file_and_line(tmp_path):
     assert e.value.problems[2] == f"{path}:5: category id 9 out of range 0..7"
     assert e.value.problems[3].startswith(f"{path}:6: unknown category 'Nonsense'")
     assert e.value.problems[4] == f"{path}:7: needs exactly one of 'label' or 'labels'"
-    assert e.value.problems[5] == f"{path}:8: category id 12 out of range 0..7"
+    assert e.value.problems[5].startswith(f"{path}:8: 'label' 12 is not a category in data.mode=multilabel")
     # In binary mode the same `label: 2` is not a valid binary label.
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"text": "ok", "label": 0}) + "\n" + json.dumps({"text": "x", "label": 2}) + "\n")
@@ -205,3 +205,44 @@ def test_local_tokenizer_is_reproducible_across_processes(tmp_path):
     ids = tok("We may terminate your tea")["input_ids"]
     assert tok.unk_token_id not in ids  # an unseen word of seen characters falls back to pieces
     assert len(ids) > 7 and tok.decode(ids, skip_special_tokens=True) == "we may terminate your tea"
+
+
+def test_labels_that_read_two_ways_are_refused_or_read_by_name(tmp_path):
+    """Found reading the encoder: `label: 1` in multilabel mode became category 1 ("unfair" in
+    a binary file, so a binary file run as multilabel trained every unfair clause as one
+    category); label names that are digits were read as indices (class "1" became class "2");
+    a negative category id (-1: "no label" in some datasets) counted as unfair in binary mode."""
+    binary_file = write(tmp_path, "jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}])
+    with pytest.raises(DataError) as e:
+        load(binary_file, "multilabel")
+    assert e.value.problems == [f"{binary_file}:1: 'label' 1 is not a category in data.mode=multilabel (label 0 is "
+                                "fair, labels: [0] is category 0): give categories as 'labels': [1] or by name"]
+    (tmp_path / "d").mkdir()
+    digits = write(tmp_path / "d", "jsonl", [{"text": "a", "labels": ["1"]}, {"text": "b", "labels": ["3", "1"]}])
+    assert load(digits, "multilabel", label_names=["1", "2", "3"])[1] == [[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]]
+    (tmp_path / "n").mkdir()
+    negative = write(tmp_path / "n", "jsonl", [{"text": "a", "labels": [-1]}])
+    with pytest.raises(DataError, match=r":1: category id -1 out of range 0\.\.7$"):
+        load(negative)
+    other = write(tmp_path / "n", "jsonl", [{"text": "a", "labels": [12]}, {"text": "b", "labels": []}])
+    assert load(other)[1] == [1, 0]  # another taxonomy's id is still a category: unfair
+
+
+def test_a_byte_order_mark_and_blank_lines_read_as_training_reads_them(tmp_path):
+    """Excel and Windows editors begin files with a BOM: training's reader skips it, but `eval`
+    and `predict` read CSV headers as "\\ufefftext" (every row: missing 'text') and JSONL line 1
+    as invalid JSON. And CSV errors after a blank line named the line before the bad row."""
+    from launcher.data.sources import read_records
+
+    csv_file = tmp_path / "bom.csv"
+    csv_file.write_bytes("\ufefftext,label\nwe may end it,1\n".encode())
+    jsonl_file = tmp_path / "bom.jsonl"
+    jsonl_file.write_bytes("\ufeff".encode() + b'{"text": "we may end it", "label": 1}\n')
+    for path in (csv_file, jsonl_file):
+        assert [r for _, r in read_records(path)][0]["text"] == "we may end it", path
+        assert load(path)[1] == [1]
+    blank = tmp_path / "blank.csv"
+    blank.write_text('text,label\n"a",0\n\n"b",1\n"c",7\n')
+    with pytest.raises(DataError) as e:
+        load(blank)
+    assert e.value.problems[0].startswith(f"{blank}:5: ")  # the bad row's own line, past the blank one

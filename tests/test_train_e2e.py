@@ -109,6 +109,18 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     assert [p["label"] for p in preds] == ["unfair", "fair"]
     for p in preds:
         assert set(p["probs"]) == {"fair", "unfair"} and sum(p["probs"].values()) == pytest.approx(1, abs=1e-5)
+    # CSV (with Excel's byte-order mark) and Parquet rows as `eval` reads them: a CSV's header and
+    # quoted cells were predicted as clauses, and a Parquet file failed with a traceback.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = clauses.read_text().splitlines()
+    table = tmp_path / "clauses.csv"
+    table.write_bytes(("\ufefftext,id\n" + "".join(f'"{t}",{i}\n' for i, t in enumerate(texts))).encode())
+    pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts]), tmp_path / "clauses.parquet")
+    for path in (table, tmp_path / "clauses.parquet"):
+        again = [json.loads(l) for l in check(launcher("predict", str(run / "model"), "--input", str(path))).stdout.splitlines()]
+        assert again == preds, path
 
 
 def _weights(run: Path) -> dict:

@@ -50,10 +50,14 @@ class LabelEncoder:
     def _category(self, item: Any, where: str) -> int:
         if isinstance(item, bool):
             raise DataError(f"{where}: category {item!r} is not an id or a name")
+        if isinstance(item, str) and item.strip().lower() in self._by_name:  # a name first: names may be digits
+            return self._by_name[item.strip().lower()]
         if isinstance(item, str) and item.strip().lstrip("-").isdigit():
             item = int(item)
         if isinstance(item, int):
-            if 0 <= item < len(self.categories) or self.mode == "binary":
+            # In binary mode any category id counts as unfair (another taxonomy's too), but a
+            # negative one is no category: -1 marks "no label" in some datasets.
+            if 0 <= item < len(self.categories) or (self.mode == "binary" and item >= 0):
                 return item
             raise DataError(f"{where}: category id {item} out of range 0..{len(self.categories) - 1}")
         if isinstance(item, str) and item.strip().lower() in self._by_name:
@@ -89,6 +93,11 @@ class LabelEncoder:
         )
         if no_category:  # 0 / "fair" = no category
             return [0.0] * len(self.categories)
+        if isinstance(value, int) and not isinstance(value, bool):
+            # `label: 1` is "unfair" in binary files, and `label: 0` is fair: read as category
+            # ids here, a binary file trained every unfair clause as category 1.
+            raise DataError(f"{where}: 'label' {value} is not a category in data.mode=multilabel (label 0 is fair, "
+                            f"labels: [0] is category 0): give categories as 'labels': [{value}] or by name")
         cat = self._category(value, where)
         return [1.0 if i == cat else 0.0 for i in range(len(self.categories))]
 

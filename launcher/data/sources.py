@@ -117,10 +117,12 @@ class Source:
             return {i: out.get(i, f"{self.name}: row {i + 1}") for i in indices}
         if self.kind == "file" and self.fmt == "csv":
             out = {}
-            with open(self.name, encoding="utf-8", newline="") as f:
+            with open(self.name, encoding="utf-8-sig", newline="") as f:
                 reader = csv.reader(f)
                 next(reader, None)
-                for row, _ in enumerate(reader):
+                # Blank lines are no rows to the fast reader (nor to DictReader): counted, every
+                # line after one was named one line too early.
+                for row, _ in enumerate(r for r in reader if r):
                     if row in wanted:
                         out[row] = f"{self.name}:{reader.line_num}"
                         if len(out) == len(wanted):
@@ -270,7 +272,9 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
                 try:
-                    line = raw.decode("utf-8")
+                    # utf-8-sig: a byte-order mark (Windows editors, Excel) begins the first line;
+                    # the fast reader training uses skips it, json.loads refused it.
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     yield where, DataError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)")
                     continue
@@ -281,7 +285,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as e:
                     yield where, DataError(f"{where}: not valid JSON ({e.msg})")
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM would have named the first column "\ufefftext"
             reader = csv.DictReader(f)
             try:
                 for record in reader:
