@@ -200,8 +200,16 @@ def merged_weights(ckpt: Path) -> tuple[dict, str]:
         quiet_deepspeed_on_cpu()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # The tag named, not read from `latest`: DeepSpeed joins its text to the path, so a
+        # `latest` reading "../elsewhere" loaded pickles from outside the checked checkpoint.
+        if not (ckpt / DEEPSPEED_TAG).is_dir():
+            from launcher.errors import ConfigError
+
+            raise ConfigError(f"{ckpt}: it has DeepSpeed's `latest` file but no {DEEPSPEED_TAG}/ shards: not a "
+                              "checkpoint launcher wrote")
         with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), "DeepSpeed ZeRO shards (fp32 master weights)"
+            return (get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_TAG),
+                    "DeepSpeed ZeRO shards (fp32 master weights)")
     fsdp = sorted(ckpt.glob("pytorch_model_fsdp_0*"))
     if fsdp and fsdp[0].is_dir():  # FSDP SHARDED_STATE_DICT: a torch.distributed.checkpoint directory
         import tempfile

@@ -22,6 +22,10 @@ is trusted (`checkpoint.trust=true`, `launcher export --trust-checkpoint`):
 - A key that cannot be made or read (a read-only home) never costs a checkpoint: the marker
   is written unsigned, with one warning; such checkpoints resume by path with checkpoint.trust.
 
+- A checkpoint holding a symbolic link is neither signed-and-valid nor free of pickles: the
+  listing does not enter a linked directory, but the engines' loaders follow it (an FSDP
+  shard directory linked to pickles elsewhere passed as "no pickles"). Launcher writes none.
+
 What it does not cover: a pickle larger than CONTENT_LIMIT (a full fine-tune's optimizer
 state) swapped for another of the same size in a copy of a signed checkpoint still passes.
 """
@@ -106,7 +110,17 @@ def sign(ckpt: Path) -> str:
     return json.dumps({"signature": signature, "covers": "paths, sizes, small pickles' bytes; hmac-sha256, user key"})
 
 
+def links(ckpt: Path) -> list[str]:
+    """Symbolic links inside the checkpoint, relative names (a linked directory is not entered)."""
+    found = []
+    for root, dirs, files in os.walk(ckpt):
+        found += [(Path(root) / n).relative_to(ckpt).as_posix() for n in dirs + files if (Path(root) / n).is_symlink()]
+    return sorted(found)
+
+
 def signed_by_this_user(ckpt: Path) -> bool:
+    if links(ckpt):  # the signature covers files, not where a link added since would lead
+        return False
     try:
         recorded = json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
         key = _key(create=False)
@@ -126,7 +140,14 @@ def pickles(ckpt: Path, only: tuple[str, ...] = ()) -> list[str]:
 
 def require(ckpt: Path, trusted: bool, where: str, flag: str, only: tuple[str, ...] = ()) -> None:
     """Refuse, in one line, to unpickle a checkpoint this user's launcher did not write."""
-    if trusted or signed_by_this_user(ckpt):
+    if trusted:
+        return
+    if linked := links(ckpt):
+        shown = ", ".join(linked[:3]) + (f" and {len(linked) - 3} more" if len(linked) > 3 else "")
+        raise ConfigError(f"{where}: {ckpt} holds symbolic links ({shown}), which no checkpoint of launcher holds: "
+                          f"loading follows them to files outside it, pickles among them, which can run any code; "
+                          f"{flag} if you trust where it came from")
+    if signed_by_this_user(ckpt):
         return
     risky = pickles(ckpt, only)
     if not risky:

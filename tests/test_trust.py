@@ -229,3 +229,33 @@ def test_auto_map_without_its_files_runs_nothing_and_needs_no_flag(tmp_path):
         raise AssertionError("a shipped file must be refused")
     except ConfigError as e:
         assert "(configuration_phi3.py, named by auto_map)" in str(e)
+
+
+def test_links_and_a_latest_file_cannot_lead_a_load_outside_the_checked_checkpoint(tmp_path):
+    """Two ways past the check, found by reading the loaders: the listing did not enter a linked
+    directory, so an FSDP shard directory linked to a payload elsewhere counted as "no pickles"
+    (and DCP unpickled its .metadata); and DeepSpeed joined the text of `latest` to the path,
+    so "../payload" loaded shards from outside. A link is refused now, and the tag is named."""
+    import subprocess
+    import sys
+
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    subprocess.run([sys.executable, "-c", _PAYLOAD, str(payload / ".metadata"), str(tmp_path / "pwned")], check=True)
+    subprocess.run([sys.executable, "-c", _PAYLOAD, str(payload / "mp_rank_00_model_states.pt"), str(tmp_path / "pwned")],
+                   check=True)
+    for name in ("linked", "latest"):
+        ckpt = tmp_path / name / "step-000002"
+        (ckpt / "skeleton").mkdir(parents=True)
+        (ckpt / "skeleton" / "config.json").write_text("{}")
+        (ckpt / "COMPLETE").write_text("")
+        if name == "linked":
+            (ckpt / "pytorch_model_fsdp_0").symlink_to(payload, target_is_directory=True)
+        else:
+            (ckpt / "latest").write_text("../../payload")
+        proc = launcher("export", str(ckpt), str(tmp_path / f"out-{name}"))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        if name == "linked":
+            assert proc.stderr.strip().startswith(f"error: launcher export: {ckpt} holds symbolic links "
+                                                  "(pytorch_model_fsdp_0), which no checkpoint of launcher holds")
+        assert not (tmp_path / "pwned").exists(), name
