@@ -45,6 +45,7 @@ def started_from(run_dir: Path, checkpoint: str | Path) -> dict | None:
 LEASE_FILE = ".lease"
 BEAT_S = 30.0  # the holder touches the lease this often
 STALE_S = 300.0  # a lease untouched this long is a dead holder's (NFS may cache mtimes for 60 s)
+WRITING_S = 10.0  # a lease still unreadable this long after it was made is a dead writer's
 
 
 class Lease:
@@ -93,8 +94,13 @@ class Lease:
         try:
             age = time.time() - self.path.stat().st_mtime
             holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None, 0.0  # gone meanwhile, or written by half: a fresh holder's (age 0)
+        except OSError:
+            return None, 0.0  # gone meanwhile
+        except ValueError:
+            # Written by half: a holder between creating it and writing it is alive (read as
+            # dead, its lease was taken over and two launches trained in one directory); one
+            # that stays unreadable longer than WRITING_S died there.
+            return ({"host": "unknown (its lease is being written)"} if age < WRITING_S else None), age
         return (holder if isinstance(holder, dict) else None), age
 
     def _dead(self, holder: dict, age: float) -> bool:

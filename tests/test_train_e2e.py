@@ -751,6 +751,18 @@ def test_a_lease_is_taken_over_from_a_dead_or_requeued_holder_only(tmp_path, mon
             if taken:
                 mine.release()
                 assert not lease.exists()
+        # Half written (a holder between creating its lease and writing it): alive, not taken over;
+        # left so longer than WRITING_S, its writer died there.
+        for age, taken in ((1, False), (owner.WRITING_S + 5, True)):
+            lease.write_text('{"host": "nod')
+            os.utime(lease, (time.time() - age, time.time() - age))
+            mine = owner.Lease(run, "77")
+            said = mine.take()
+            assert (said is None) == taken, (age, said)
+            if taken:
+                mine.release()
+            else:
+                assert "its lease is being written" in said and lease.read_text() == '{"host": "nod'
     finally:
         sleeper.kill()
         sleeper.wait()
