@@ -255,6 +255,12 @@ class Checkpointer:
             sync_tree(tmp)  # this node's writes (another node's shards are clean here: cheap)
 
         failure = _attempt(write, self.root, self.need)
+        if failure is not None and failure[1] and self.rt.world_size > 1 and self.rt.engine.save_collectives:
+            # Out of disk on this rank alone, inside an engine whose save has collectives: the
+            # others wait in them (DeepSpeed's closing barrier), and comparing notes met that
+            # barrier with another collective (a hang, or a crash). This rank says it in one
+            # line and stops; its exit stops the job; the temp dir is never sealed.
+            self._give_up(state.step, [None] * self.rt.rank + [failure[0]], None)
         if failure is not None and not failure[1]:
             # Not for want of disk: the engine's save failed on this rank. The other ranks may
             # still be inside its collectives (DCP gathers between phases), where comparing

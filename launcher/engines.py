@@ -88,6 +88,12 @@ class Engine:
         return "DCP reshards the FSDP2 model and optimizer state" if self.fsdp2 else "the full state loads anywhere"
 
     @property
+    def save_collectives(self) -> bool:
+        """The engine's save runs collectives of its own (DeepSpeed's tag check and barrier, DCP's
+        phases): a rank whose save failed cannot meet the others anywhere after it."""
+        return self.kind in ("deepspeed", "fsdp")
+
+    @property
     def shards_parameters(self) -> bool:
         """No rank holds whole parameters (ZeRO-3, FSDP): every forward pass is then a
         collective, so ranks must run as many of them (generation stays in step)."""

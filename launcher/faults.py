@@ -13,7 +13,8 @@ that optimizer step, after its backward passes: the hang the watchdog tests need
 weights or adopts the best evaluation's snapshot). It says so on stderr, so a test knows the
 stall happened.
 
-`LAUNCHER_SAVE_ERROR=RANK:STEP` makes that rank's save of that step fail (a RuntimeError
+`LAUNCHER_SAVE_ERROR=RANK:STEP[:disk]` makes that rank's save of that step fail (a RuntimeError, or
+with `:disk` an OSError ENOSPC
 before the engine writes), as an engine bug on one rank would, while the others go on
 into the engine's collectives.
 
@@ -72,3 +73,7 @@ def save_error(step: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if _SAVE_ERROR == f"{rank}:{step}":
         raise RuntimeError(f"injected save failure (LAUNCHER_SAVE_ERROR) on rank {rank} at step {step}")
+    if _SAVE_ERROR == f"{rank}:{step}:disk":  # a full disk on that rank alone (a node's own scratch, a quota)
+        import errno
+
+        raise OSError(errno.ENOSPC, f"No space left on device (injected: LAUNCHER_SAVE_ERROR, rank {rank}, step {step})")

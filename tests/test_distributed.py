@@ -495,6 +495,23 @@ def test_a_save_failing_on_one_rank_ends_the_job_with_its_error_not_a_wait_for_t
     assert [p.name for p in checkpoints.iterdir()] == [".tmp-step-000001"]  # unsealed: never resumed from
 
 
+def test_a_full_disk_on_one_rank_under_deepspeed_is_one_line_not_a_wait_in_its_barrier(tmp_path):
+    """Out of disk on rank 1 alone (a node's own scratch, a quota) while rank 0 saves its ZeRO
+    shards: rank 0 waits in DeepSpeed's own collectives, and rank 1 comparing notes met them with
+    another collective (a hang until the collective timeout, or a crash). Rank 1 now says it in
+    the disk error's one line and stops; nothing of step 1 is sealed."""
+    launch = ["--config_file", str(ACCEL / "deepspeed_zero2.yaml"), "--num_processes", "2"]
+    proc = accelerate_launch(launch, tmp_path, "z", "train.max_steps=2", "checkpoint.every_steps=1", "eval.every_steps=0",
+                             "train.collective_timeout_s=120", "train.hang_timeout_s=0",
+                             env={"LAUNCHER_SAVE_ERROR": "1:1:disk"}, base=FAST)
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if "error: checkpoint at step 1 not written" in x]
+    assert errors and all("rank 1: OSError: [Errno 28] No space left on device (injected" in x for x in errors), \
+        proc.stderr[-3000:]
+    assert "timed out" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert not [p for p in (tmp_path / "z" / "checkpoints").iterdir() if not p.name.startswith(".tmp-")]
+
+
 def test_fsdp1_is_refused_on_cpu_rather_than_silently_run_as_ddp(tmp_path):
     proc = accelerate_launch(["--config_file", str(ACCEL / "fsdp1.yaml"), "--num_processes", "2"], tmp_path, "fsdp")
     assert proc.returncode != 0
