@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -522,6 +523,9 @@ def write_skeleton(out_dir: Path, model_config, tokenizer, extra_files: dict[str
         (out_dir / name).write_text(text)
 
 
+NO_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # fsync unsupported here
+
+
 def sync_dir(path: Path) -> None:
     """fsync a directory: the names created, renamed or removed in it survive a crash. Some
     file systems refuse it (EINVAL on a few network ones): what they do is what there is."""
@@ -554,6 +558,11 @@ def sync_tree(root: Path) -> None:
                 continue
             try:
                 os.fsync(fd)
+            except OSError as e:
+                # A file system that cannot sync (EINVAL, ENOTSUP from some FUSE and network
+                # mounts) does what it does: every save failed there, reported as a full disk.
+                if e.errno not in NO_FSYNC:
+                    raise
             finally:
                 os.close(fd)
         sync_dir(Path(dirpath))

@@ -146,3 +146,30 @@ def test_a_universal_conversion_without_the_room_for_it_is_one_line_before_it_st
     assert "converting step-" not in proc.stdout  # refused before it said it converts
     assert not (fs / "a" / "z" / "universal").exists()
     assert sorted((p.relative_to(fs), p.stat().st_size) for p in (fs / "a" / "z" / "checkpoints").rglob("*")) == before
+
+
+def test_a_file_system_that_cannot_fsync_still_takes_checkpoints(tmp_path, monkeypatch):
+    """Some FUSE and network mounts answer fsync with EINVAL or ENOTSUP: every save failed
+    there (and was reported as a full disk). What they refuse is skipped; a real I/O error is not."""
+    import errno
+    import os
+
+    from launcher.checkpoint import sync_tree
+
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    (tmp_path / "ckpt" / "sub" / "shard.bin").write_bytes(b"x" * 10)
+    answer = {"errno": errno.EINVAL}
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isfile(f"/proc/self/fd/{fd}") and answer["errno"]:
+            raise OSError(answer["errno"], os.strerror(answer["errno"]))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for code in (errno.EINVAL, errno.ENOTSUP):
+        answer["errno"] = code
+        sync_tree(tmp_path / "ckpt")
+    answer["errno"] = errno.EIO
+    with pytest.raises(OSError, match="Input/output error"):
+        sync_tree(tmp_path / "ckpt")
