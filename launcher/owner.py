@@ -33,6 +33,14 @@ def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = N
     tmp.replace(run_dir / OWNER_FILE)
 
 
+def newer_than(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether job.json was written after the checkpoint was sealed (its COMPLETE marker)."""
+    try:
+        return (run_dir / OWNER_FILE).stat().st_mtime_ns > (checkpoint / "COMPLETE").stat().st_mtime_ns
+    except OSError:
+        return False
+
+
 def started_from(run_dir: Path, checkpoint: str | Path) -> dict | None:
     """The run's record when it was started from that checkpoint of another run
     (checkpoint.resume=PATH), else None."""

@@ -275,7 +275,8 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     few lines. metrics.jsonl keeps records up to the resumed step; a restart in place keeps none."""
     rt, state, start = p.rt, p.state, pre.start
     kept_step = state.step if start.checkpoint else (-1 if start.restart_of_job or start.interrupted else None)
-    if start.checkpoint is not None and start.forked_from is None and rt.is_main:
+    if start.checkpoint is not None and start.forked_from is None and rt.is_main \
+            and owner.newer_than(p.run_dir, start.checkpoint):
         # job.json is newer than the checkpoint when an attempt started a tracker run after it
         # (below) and was killed before its next checkpoint: that run goes on.
         state.tracker_ids = {**state.tracker_ids, **(owner.read_owner(p.run_dir).get("tracker_ids") or {})}
@@ -585,7 +586,7 @@ class Trainer:
         """A halt or a signal: the checkpoint is saved; the tracker run ends KILLED, to go on."""
         why = "train.halt_at_step" if stop == "halt" else self.stop_signal
         self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
-        if stop == "signal" and self.rt.is_main:
+        if self.stop_signal and self.rt.is_main:  # (also with a halt at the same step)
             preemption.acknowledge()  # slurm/train.sh requeues only a run that stopped early
         self.tracker.finish(status="KILLED")
         return {"status": "halted" if stop == "halt" else "stopped", "step": self.state.step, "run_dir": str(self.p.run_dir)}

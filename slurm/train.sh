@@ -111,8 +111,7 @@ if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check t
     exit 0
 fi
 
-# The ranks look for the stop file after every step; one rank seeing it stops them all at the
-# same step. It lives on the shared file system beside the runs (node-local /tmp may be private
+# Rank 0 looks for the stop file after every step, and the ranks stop together at that step. It lives on the shared file system beside the runs (node-local /tmp may be private
 # to a container), in a directory private to this job (mktemp -d: 0700), so nobody else who
 # can write to the output or working directory can stop the job by creating it.
 STOP_DIR=""

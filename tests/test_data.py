@@ -220,6 +220,9 @@ def test_labels_that_read_two_ways_are_refused_or_read_by_name(tmp_path):
     (tmp_path / "d").mkdir()
     digits = write(tmp_path / "d", "jsonl", [{"text": "a", "labels": ["1"]}, {"text": "b", "labels": ["3", "1"]}])
     assert load(digits, "multilabel", label_names=["1", "2", "3"])[1] == [[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]]
+    (tmp_path / "s").mkdir()
+    single = write(tmp_path / "s", "jsonl", [{"text": "a", "label": "3"}, {"text": "b", "label": "0"}])
+    assert load(single, "multilabel", label_names=["0", "2", "3"])[1] == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     (tmp_path / "n").mkdir()
     negative = write(tmp_path / "n", "jsonl", [{"text": "a", "labels": [-1]}])
     with pytest.raises(DataError, match=r":1: category id -1 out of range 0\.\.7$"):

@@ -76,6 +76,8 @@ class LabelEncoder:
                 return int(bool(cats))
             return [1.0 if i in cats else 0.0 for i in range(len(self.categories))]
         value = record["label"]
+        if isinstance(value, str) and self.mode == "multilabel" and value.strip().lower() in self._by_name:
+            return [1.0 if i == self._by_name[value.strip().lower()] else 0.0 for i in range(len(self.categories))]
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if self.mode == "binary":
