@@ -303,36 +303,12 @@ class MLflowTracker(Tracker):
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
-                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
-            except Exception as e:
-                # Jobs of an array starting together: another created it between the two calls.
-                if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS" or not (
-                        exp := self.client.get_experiment_by_name(experiment)):
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id, self.run_name = exp_id, run_name
+        self.experiment_id, self.run_name = self._experiment(experiment, artifact_root), run_name
         # Finding or creating the run and counting this attempt wait on the server (the start
         # checked it answers): an attempt killed a moment later is still counted. From then on
         # every call goes through the sender (see the module docstring).
-        self.replaced = run_id if run_id and not self._exists(run_id) else None
-        if self.replaced:
-            # The store has no such run (tracking.uri changed since, or the run was deleted):
-            # every attempt failed its start on it. A new run takes the history over instead.
-            run_id, tags = None, {**tags, "launcher.previous_run_id": self.replaced}
-        created = run_id or self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-        if not created:
-            raise RuntimeError("the tracking server created a run without an id")
+        created, self.resumed, self.replaced = self._run(run_id, tags)
         self.run_id: str = created
-        self.resumed = bool(run_id)
-        if self.replaced:
-            print(f"tracking: MLflow run {self.replaced} is not in {redact_uri(uri)} (tracking.uri changed, or the run "
-                  f"was deleted): this run logs to a new MLflow run {created}, metrics.jsonl's earlier values included",
-                  file=sys.stderr, flush=True)
         try:
             if self.resumed:
                 self.client.update_run(self.run_id, status="RUNNING")
@@ -350,26 +326,54 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
         self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
-        self.system = None
-        if system_metrics_every_s > 0:
-            # MLflow's own monitor (psutil; GPUs through pynvml when installed): the run's
-            # "System metrics" tab. It stops by itself once the run is no longer RUNNING.
-            import logging
+        self.system = self._system_metrics(system_metrics_every_s) if system_metrics_every_s > 0 else None
 
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def _experiment(self, name: str, artifact_root: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root)
+        except Exception as e:
+            # Jobs of an array starting together: another created it between the two calls.
+            if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS" or not (exp := self.client.get_experiment_by_name(name)):
+                raise
+            return exp.experiment_id
 
-            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
-            # Its warning when the server does not answer quotes MLflow's error, the URL with
-            # its password in it.
-            logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(RedactingFilter(uri))
+    def _run(self, run_id: str | None, tags: dict) -> tuple[str, bool, str | None]:
+        """(the run's id, resumed?, the recorded id it replaces). A recorded run the store lacks
+        (tracking.uri changed since, or the run was deleted) failed every attempt's start: a
+        new run takes the history over instead."""
+        replaced = run_id if run_id and not self._exists(run_id) else None
+        if replaced:
+            run_id, tags = None, {**tags, "launcher.previous_run_id": replaced}
+        created = run_id or self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+        if not created:
+            raise RuntimeError("the tracking server created a run without an id")
+        if replaced:
+            print(f"tracking: MLflow run {replaced} is not in {redact_uri(self.uri)} (tracking.uri changed, or the run "
+                  f"was deleted): this run logs to a new MLflow run {created}, metrics.jsonl's earlier values included",
+                  file=sys.stderr, flush=True)
+        return created, bool(run_id), replaced
 
-            try:
-                self.system = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics_every_s,
-                                                   resume_logging=self.resumed, tracking_uri=uri)
-                self.system.start()
-            except Exception as e:  # noqa: BLE001 - a monitor is worth a warning, never the run
-                self.system = None
-                self.sender.say(f"warning: MLflow system metrics off: {redact_text(str(e), uri)[:200]}")
+    def _system_metrics(self, every_s: float):
+        """MLflow's own monitor (psutil; GPUs through pynvml when installed): the run's "System
+        metrics" tab. It stops by itself once the run is no longer RUNNING."""
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
+        # Its warning when the server does not answer quotes MLflow's error, the URL with its password in it.
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(RedactingFilter(self.uri))
+        try:
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, resume_logging=self.resumed,
+                                           tracking_uri=self.uri)
+            monitor.start()
+            return monitor
+        except Exception as e:  # noqa: BLE001 - a monitor is worth a warning, never the run
+            self.sender.say(f"warning: MLflow system metrics off: {redact_text(str(e), self.uri)[:200]}")
+            return None
 
     def _exists(self, run_id: str) -> bool:
         try:
