@@ -136,6 +136,20 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
         prompt_ids = prompts.token_ids(prompt, tok)
         assert ids[: len(prompt_ids)] == prompt_ids and last_answer_start(labels) == len(prompt_ids)
         assert prompt.startswith("<|im_start|>system\n" + cfg.data.system_prompt + "<|im_end|>")
+    # A conversation cut by max_length before its last answer is scored against the answer its
+    # prompt asks for, with the real template: the cut row's prompt is that answer's own prompt.
+    from launcher.config import DataConfig
+    from launcher.data import instructions
+
+    turns = [json.loads(x) for x in (CLAUSES / "validation.jsonl").read_text().splitlines()[:2]]
+    convo = {"messages": [m for r in turns for m in ({"role": "user", "content": r["text"]},
+                                                     {"role": "assistant", "content": r["category"]})]}
+    first = prompts.through_answer(convo, 0)
+    first_ids, _ = encode(first, fmt, tok)
+    kept: list = []
+    ids, labels, _ = instructions.encode_rows([convo], DataConfig(max_length=len(first_ids) + 2), tok, fmt, kept)
+    assert prompts.answer(kept[0]) == turns[0]["category"] and prompts.question(kept[0]) == turns[0]["text"]
+    assert ids[0][: last_answer_start(labels[0])] == prompts.token_ids(prompts.prompt_text(first, fmt, tok), tok)
 
 
 def test_the_run_evaluates_by_generation_and_its_export_answers_the_same_in_one_process(run):
