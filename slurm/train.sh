@@ -97,7 +97,9 @@ echo "launcher: ${CPUS_PER_NODE} CPUs per node, ${OMP_NUM_THREADS} threads per r
 # SIGUSR1 is ignored by accelerate/torchrun, which have no handler for it (a USR1 sent to the
 # job step, `scancel --signal=USR1 JOB` without --batch, killed the launcher and then every rank
 # mid-step); the ranks install their own handler (launcher.preemption) and checkpoint.
-LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m accelerate.commands.launch --config_file \"$ACCELERATE_CONFIG\" \
+# launcher.launch is `accelerate launch` whose one-process path forwards a SIGTERM and waits
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun does (accelerate's own killed it after 5 s).
+LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m launcher.launch --config_file \"$ACCELERATE_CONFIG\" \
     --num_machines $NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_NODEID \
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
     -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"
@@ -174,9 +176,11 @@ STOPPED=0
 [ ! -e "$LAUNCHER_STOP_FILE.stopped" ] || STOPPED=1
 rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"
 [ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true
-if [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ] && [ "$STOPPED" = 0 ]; then
+# The ranks may also have been stopped by a signal sent to them, not to this script
+# (`scancel --signal=USR1 JOB`): their word decides, not whether this script saw a warning.
+if [ "$status" = 0 ] && [ "$STOPPED" = 0 ] && [ "$PREEMPTED" = 1 ]; then
     echo "launcher: the run ended before the stop warning took effect: nothing to requeue"
-elif [ "$PREEMPTED" = 1 ] && [ "$status" = 0 ]; then
+elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ]; then
     echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -249,3 +249,14 @@ def test_a_warning_the_run_did_not_stop_for_requeues_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "caught the time-limit warning" in proc.stdout and "nothing to requeue" in proc.stdout
     assert not (tmp_path / "requeued").exists()
+
+
+def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path):
+    """`scancel --signal=USR1 JOB` (without --batch) reaches the ranks, not the batch script: they
+    checkpoint, exit 0 and say they stopped early, and the script, which saw no warning itself,
+    ended the job as finished with the run half done. The ranks' word now decides."""
+    stopped = '#!/bin/bash\necho "stopped early"\ntouch "$LAUNCHER_STOP_FILE.stopped"\n'
+    proc = _stubbed(tmp_path, "", stopped)
+    assert proc.returncode == 0, proc.stderr
+    assert "caught the time-limit warning" not in proc.stdout and "requeueing job 77" in proc.stdout
+    assert (tmp_path / "requeued").read_text() == "requeued\n"
