@@ -257,10 +257,11 @@ class Checkpointer:
 
         failure = _attempt(write, self.root, self.need)
         if failure is not None and failure[1] and self.rt.world_size > 1 and self.rt.engine.save_collectives:
-            # Out of disk on this rank alone, inside an engine whose save has collectives: the
-            # others wait in them (DeepSpeed's closing barrier), and comparing notes met that
+            # Out of disk on this rank, inside an engine whose save has collectives: the others
+            # may wait in them (DeepSpeed's closing barrier), and comparing notes met that
             # barrier with another collective (a hang, or a crash). This rank says it in one
-            # line and stops; its exit stops the job; the temp dir is never sealed.
+            # line and stops; its exit stops the job. The temp dir, never sealed, stays (other
+            # ranks may still write into it) until the next start removes it (partial_writes).
             self._give_up(state.step, [None] * self.rt.rank + [failure[0]], None)
         if failure is not None and not failure[1]:
             # Not for want of disk: the engine's save failed on this rank. The other ranks may
@@ -284,8 +285,8 @@ class Checkpointer:
         return final
 
     def _give_up(self, step: int, failures: list, own) -> None:
-        """A checkpoint that could not be written: its temp dir is gone, the previous complete
-        checkpoint is untouched. A disk error becomes one line; anything else keeps its traceback."""
+        """A checkpoint that could not be written: the previous complete checkpoint is untouched
+        and the temp dir is never sealed (gone here, or removed at the next start). A disk error becomes one line; anything else keeps its traceback."""
         rank, what = next((r, f) for r, f in enumerate(failures) if f)
         kept = complete_checkpoints(self.root)
         kept_line = (f"the last complete checkpoint, {kept[-1][1].name}, is intact; free space and run the same "
@@ -560,7 +561,7 @@ def sync_tree(root: Path) -> None:
                 os.fsync(fd)
             except OSError as e:
                 # A file system that cannot sync (EINVAL, ENOTSUP from some FUSE and network
-                # mounts) does what it does: every save failed there, reported as a full disk.
+                # mounts) does what it does (every save there used to fail as a full disk).
                 if e.errno not in NO_FSYNC:
                     raise
             finally:
