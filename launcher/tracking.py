@@ -271,14 +271,21 @@ class Sender:
                         self.queue.popleft()
                 self.busy = False
                 self.cond.notify_all()
+            # Only a transient failure is an outage (announced, waited for before a checkpoint);
+            # any other answer means the server is there, refusing this one call.
+            answered = failed is None or not _transient(failed)
+            if answered and self.down_since is not None:
+                self.say(f"tracking: {self.where} answers again after {time.monotonic() - self.down_since:.0f} s; "
+                         f"sending the {queued} metric values queued meanwhile, in order")
+                self.down_since, backoff = None, 1.0
             if drop and failed is not None:
-                tries = 0
+                tries, backoff = 0, 1.0
                 what = "metrics" if item[0] == "metrics" else item[1]
                 after = "" if _permanent(failed) else f" after {UNKNOWN_TRIES} tries"
                 self.say(f"warning: tracking: {self.where} refused {what}{after} ({_reason(failed)}): "
                          f"{str(failed).splitlines()[0][:200] if not _has_url(failed) else 'see the server log'}")
             elif failed is not None:
-                if self.down_since is None:
+                if not answered and self.down_since is None:
                     self.down_since, self.outages = time.monotonic(), self.outages + 1
                     self.say(f"warning: tracking: {self.where} is not answering ({_reason(failed)}); "
                              "training goes on, metrics are kept in metrics.jsonl and sent when it answers again")
@@ -286,10 +293,6 @@ class Sender:
                     if self.cond.wait_for(lambda: self.closed, timeout=backoff):
                         return  # finish() gave up waiting: what is left stays in metrics.jsonl
                 backoff = min(backoff * 2, self.max_backoff_s)
-            elif self.down_since is not None:
-                self.say(f"tracking: {self.where} answers again after {time.monotonic() - self.down_since:.0f} s; "
-                         f"sending the {queued} metric values queued meanwhile, in order")
-                self.down_since, backoff = None, 1.0
 
 
 class MLflowTracker(Tracker):
@@ -507,7 +510,11 @@ class MLflowTracker(Tracker):
         if not self.sender.drain(0.0) and self.sender.down_since is not None:
             self.sender.say(f"tracking: waiting up to {wait:.0f} s for {self.sender.where} (tracking.outage_wait_s)")
         if not self.sender.drain(wait, while_down=finished):
-            self.sender.say(f"warning: tracking: {self.sender.where} did not answer within {wait:.0f} s: "
+            # Either the server stayed down for `wait`, or it answered while a call went on
+            # past the whole cap (a large upload, a hung file system).
+            why = (f"did not answer within {wait:.0f} s" if self.sender.down_since is not None or not finished
+                   else f"was still taking calls after {WHILE_UP_CAP * wait:.0f} s")
+            self.sender.say(f"warning: tracking: {self.sender.where} {why}: "
                             f"{self.sender.pending_metrics()} metric values and the run's end were not sent; "
                             "all metrics are in the run's metrics.jsonl")
         self.sender.close()

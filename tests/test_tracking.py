@@ -303,6 +303,10 @@ def test_a_call_failing_for_an_unknown_reason_is_dropped_after_a_few_tries_and_m
     assert got == [1, 2, "params"] and tries == {"table": UNKNOWN_TRIES, "params": 3}
     refused = [x for x in lines if "refused" in x]
     assert len(refused) == 1 and f"refused table samples after {UNKNOWN_TRIES} tries" in refused[0], lines
+    # A server that answers "no" is no outage: the refusal is said once, not "not answering"
+    # (which also made checkpoints skip their wait for the queue); the 503 is the one outage.
+    assert [x for x in lines if "not answering" in x] == [lines[1]] and "(Unavailable)" in lines[1], lines
+    assert len(lines) == 3 and "answers again" in lines[2] and sender.outages == 1 and sender.down_since is None, lines
 
 
 def test_mlflow_system_metrics_warnings_never_show_the_uris_password(tmp_path, caplog):
@@ -331,3 +335,22 @@ def test_mlflow_system_metrics_warnings_never_show_the_uris_password(tmp_path, c
         assert tracker.system is not None and any(isinstance(f, RedactingFilter) for f in monitor.filters)
     finally:
         tracker.finish()
+
+
+def test_an_end_cut_off_while_the_server_answers_says_so_not_that_it_did_not_answer(tmp_path):
+    """A finished run waits for calls that keep going up to WHILE_UP_CAP x outage_wait_s; when
+    that cap ran out the line said the server "did not answer within" outage_wait_s, sending
+    the user to look for an outage that never was."""
+    from launcher.tracking import WHILE_UP_CAP, MLflowTracker
+
+    lines: list[str] = []
+    release = threading.Event()
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "run", None, None, {}, outage_wait_s=0.2)
+    tracker.sender.say = lines.append
+    tracker.sender.put_call("the model", lambda: release.wait(30))  # an upload on a hung file system
+    try:
+        tracker.finish()
+    finally:
+        release.set()
+    (line,) = [x for x in lines if x.startswith("warning")]
+    assert f"was still taking calls after {WHILE_UP_CAP * 0.2:.0f} s" in line and "did not answer" not in line, line
