@@ -110,7 +110,10 @@ def cmd_train(args) -> int:
     launch_flags = [f for f in ("num_processes", "nodes", "machine_rank", "main_process_ip", "main_process_port")
                     if getattr(args, f) is not None]
     if args.accelerate_config:
-        if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:  # each rank would start a launch of its own
+        # Each rank would start a launch of its own. torchrun sets the first, accelerate's
+        # one-process launch the second; not LOCAL_RANK, which container hooks under srun
+        # (pyxis's PyTorch hook) export to a plain `launcher train --accelerate-config`.
+        if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ:
             raise UserError("--accelerate-config: this process is already one rank of a launch (accelerate launch or "
                             "torchrun started it); drop --accelerate-config there, or run launcher train "
                             "--accelerate-config without accelerate launch")

@@ -315,13 +315,26 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
     assert not out.exists()
 
 
-def test_accelerate_config_inside_a_launch_is_refused_before_any_rank_starts_another(tmp_path):
+@pytest.mark.parametrize("env", [{"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}, {"ACCELERATE_USE_CPU": "True"}],
+                         ids=["torchrun", "one-process"])
+def test_accelerate_config_inside_a_launch_is_refused_before_any_rank_starts_another(tmp_path, env):
     """`accelerate launch -m launcher train CONFIG --accelerate-config F` (the old help read as
     an instruction to do so): each rank became a launch of its own, N x N processes. Now a
     rank refuses it in one line, exit 2."""
     proc = launcher("train", str(TINY), "--output-dir", str(tmp_path / "out"), "--accelerate-config",
-                    str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), env={"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"})
+                    str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), env=env)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert errors == [line for line in errors if line.startswith("error: --accelerate-config: this process is already one rank")]
     assert len(errors) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_container_hooks_local_rank_is_no_launch(tmp_path):
+    """Container hooks under srun (pyxis's PyTorch hook) export LOCAL_RANK, RANK and WORLD_SIZE
+    to every task: `srun --container-image=... launcher train --accelerate-config F` was refused
+    as if it ran inside a launch. The check goes past it (to the next one, here --nodes')."""
+    proc = launcher("train", str(TINY), "--output-dir", str(tmp_path / "out"), "--accelerate-config",
+                    str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--nodes", "2",
+                    env={"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: --nodes: more than one machine needs --machine-rank" in proc.stderr, proc.stderr
