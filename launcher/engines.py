@@ -209,8 +209,6 @@ def merged_weights(ckpt: Path) -> tuple[dict, str]:
         # The tag named, not read from `latest`: DeepSpeed joins its text to the path, so a
         # `latest` reading "../elsewhere" loaded pickles from outside the checked checkpoint.
         if not (ckpt / DEEPSPEED_TAG).is_dir():
-            from launcher.errors import ConfigError
-
             raise ConfigError(f"{ckpt}: it has DeepSpeed's `latest` file but no {DEEPSPEED_TAG}/ shards: not a "
                               "checkpoint launcher wrote")
         with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard

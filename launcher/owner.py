@@ -10,6 +10,8 @@ import os
 import threading
 from pathlib import Path
 
+from launcher.trust import MARKER
+
 OWNER_FILE = "job.json"
 
 
@@ -34,9 +36,9 @@ def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = N
 
 
 def newer_than(run_dir: Path, checkpoint: Path) -> bool:
-    """Whether job.json was written after the checkpoint was sealed (its COMPLETE marker)."""
+    """Whether job.json was written after the checkpoint was sealed (its marker)."""
     try:
-        return (run_dir / OWNER_FILE).stat().st_mtime_ns > (checkpoint / "COMPLETE").stat().st_mtime_ns
+        return (run_dir / OWNER_FILE).stat().st_mtime_ns > (checkpoint / MARKER).stat().st_mtime_ns
     except OSError:
         return False
 

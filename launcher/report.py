@@ -73,9 +73,9 @@ def plot_run(metrics_jsonl: Path, final: dict, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from launcher.tracking import read_records
+    from launcher.tracking import read_metrics
 
-    rows = read_records(metrics_jsonl)
+    rows = read_metrics(metrics_jsonl)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
     per_class = {k[3:]: v for k, v in final.items() if k.startswith("f1/")}

@@ -602,7 +602,7 @@ def _record(line: str) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
-def read_records(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's whole records, in order."""
     return [r for line in path.read_text(errors="replace").splitlines() if (r := _record(line)) is not None]
 
@@ -634,7 +634,7 @@ class JsonlTracker(Tracker):
 
     def records(self) -> list[dict]:
         self._f.flush()
-        return read_records(self.path)
+        return read_metrics(self.path)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         self._f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
@@ -768,7 +768,7 @@ def check_reachable(setup: Setup, timeout_s: float = 5.0, answer_s: float = 60.0
         # A certificate the server presented: it answers. This check trusts only the
         # system's CAs; the MLflow client also reads REQUESTS_CA_BUNDLE and
         # MLFLOW_TRACKING_SERVER_CERT_PATH, so a team server on a private CA is the client's call.
-        if isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError):
+        if isinstance(e, ssl.SSLCertVerificationError) or isinstance(getattr(e, "reason", None), ssl.SSLCertVerificationError):
             return
         raise fail(getattr(e, "reason", None) or e) from None
 

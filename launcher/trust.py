@@ -119,8 +119,8 @@ def links(ckpt: Path) -> list[str]:
 
 
 def signed_by_this_user(ckpt: Path) -> bool:
-    if links(ckpt):  # the signature covers files, not where a link added since would lead
-        return False
+    """Whether this user's key signed the checkpoint's files as they are. The signature covers
+    files, not where a symbolic link would lead: require refuses links before asking."""
     try:
         recorded = json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
         key = _key(create=False)

@@ -59,9 +59,9 @@ class LabelEncoder:
             # negative one is no category: -1 marks "no label" in some datasets.
             if 0 <= item < len(self.categories) or (self.mode == "binary" and item >= 0):
                 return item
+            if self.mode == "binary":
+                raise DataError(f"{where}: category id {item} is negative: a category id is 0 or more")
             raise DataError(f"{where}: category id {item} out of range 0..{len(self.categories) - 1}")
-        if isinstance(item, str) and item.strip().lower() in self._by_name:
-            return self._by_name[item.strip().lower()]
         raise DataError(f"{where}: unknown category {item!r}; expected an id or one of: {', '.join(self.categories)}")
 
     def encode(self, record: dict, where: str):
@@ -91,7 +91,7 @@ class LabelEncoder:
                     return 1
             raise DataError(f"{where}: 'label' must be 0, 1, {' or '.join(self.names)}, or a category name; got {value!r}")
         no_category = (isinstance(value, int) and not isinstance(value, bool) and value == 0) or (
-            isinstance(value, str) and value.strip().lower() in ("fair", "none") and value.strip().lower() not in self._by_name
+            isinstance(value, str) and value.strip().lower() in ("fair", "none")  # (a category's own name returned above)
         )
         if no_category:  # 0 / "fair" = no category
             return [0.0] * len(self.categories)

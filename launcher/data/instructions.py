@@ -95,6 +95,17 @@ def reference_row(row: dict, labels: list[int], where) -> dict:
     return prompts.through_answer(row, turns[k])
 
 
+def _fit(row: dict | None, ids: list[int], labels: list[int], where, cfg) -> tuple[list, list, dict | None, str]:
+    """One encoded row against max_length: (ids, labels, the row as far as the last answer the
+    kept labels train (reference_row), and "fits" | "cut" | "drop")."""
+    if len(ids) <= cfg.max_length:
+        return ids, labels, row, "fits"
+    if cfg.truncation == "drop":
+        return ids, labels, row, "drop"
+    ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+    return ids, labels, reference_row(row, labels, where) if row else row, "cut"
+
+
 def _with_labels(ids: list[int], offsets, spans, text: str, tokenizer) -> tuple[list[int], list[int]]:
     labels = []
     for tok, (a, b) in zip(ids, offsets):
@@ -159,17 +170,10 @@ class InstructionEncoder:
             n_tokens = len(ids)
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             shift = len(ids) - n_tokens  # a BOS put before the text's tokens
-            drop = truncated = False
-            ref = row
-            if len(ids) > self.cfg.max_length:
-                if self.cfg.truncation == "drop":
-                    drop = True
-                else:
-                    truncated = True
-                    ids, labels = ids[: self.cfg.max_length], labels[: self.cfg.max_length]
-                    ref = reference_row(row, labels, (offsets, shift, span, turn)) if row else row
+            ids, labels, ref, fit = _fit(row, ids, labels, (offsets, shift, span, turn), self.cfg)
+            truncated = fit == "cut"
             n_labels = sum(x != IGNORE for x in labels)
-            drop = drop or n_labels == 0 or bool(error)
+            drop = fit == "drop" or n_labels == 0 or bool(error)
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
                          ("answer", (prompts.answer(ref) or "") if ref else ""),
                          ("question", prompts.question(ref) if ref else ""),
@@ -271,14 +275,11 @@ def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat 
     for row in rows:
         stats.rows += 1
         ids, labels, where = _encode(row, fmt, tokenizer)
-        ref = row
-        if len(ids) > cfg.max_length:
-            if cfg.truncation == "drop":
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            ref = reference_row(row, labels, where)
+        ids, labels, ref, fit = _fit(row, ids, labels, where, cfg)
+        if fit == "drop":
+            stats.dropped += 1
+            continue
+        stats.truncated += fit == "cut"
         if all(x == IGNORE for x in labels):
             stats.dropped += 1
             continue
