@@ -155,9 +155,8 @@ def _remove_created(created: dict) -> None:
     and the MLflow store are another run's too once another run directory sits beside ours:
     jobs of an array started together into a new directory each saw it absent, and the one
     that failed removed the whole directory, its siblings' runs and store with it. Then only
-    our run directory goes. (A sibling that has not made its run directory yet, still
-    loading its model, is not seen: its start then fails on the missing directory, in one
-    line, and the same command starts it again.)"""
+    our run directory goes. (Not seen: a sibling that has not made its run directory yet,
+    still loading its model; that window remains.)"""
     import shutil
 
     from launcher import tracking
