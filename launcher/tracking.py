@@ -128,6 +128,8 @@ _TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEED
 # server older than the call, MLflow 2.x and logged models, or a proxy's 404 while the server
 # restarts): the call is dropped after this many tries.
 UNKNOWN_TRIES = 5
+# How often a run may start MLflow's system-metrics monitor again after it ended on an error.
+REVIVE_SYSTEM_METRICS_S = 60.0
 
 
 def _permanent(error: Exception) -> bool:
@@ -329,6 +331,7 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
         self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
+        self._system_lock, self._system_started = threading.Lock(), time.monotonic()
         self.system = self._system_metrics(system_metrics_every_s) if system_metrics_every_s > 0 else None
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
@@ -377,6 +380,30 @@ class MLflowTracker(Tracker):
         except Exception as e:  # noqa: BLE001 - a monitor is worth a warning, never the run
             self.sender.say(f"warning: MLflow system metrics off: {redact_text(str(e), self.uri)[:200]}")
             return None
+
+    def _mind_system_metrics(self) -> None:
+        """MLflow's monitor ends its thread for good at its first failed call (mlflow 3.x,
+        SystemMetricsMonitor.monitor returns on any error): one outage stopped a long run's
+        system metrics for the rest of it. While the server answers, a monitor found ended is
+        started again (at most once per REVIVE_SYSTEM_METRICS_S) and goes on from the steps the
+        run has."""
+        monitor = self.system
+        if monitor is None or monitor._process is None or monitor._process.is_alive() or self.sender.down_since is not None:
+            return  # (_process: the monitor's thread, None once finished)
+        if time.monotonic() - self._system_started < REVIVE_SYSTEM_METRICS_S:
+            return
+        self._system_started = time.monotonic()
+        self.sender.put_call("system metrics", lambda: self._revive_system_metrics(monitor.sampling_interval))
+
+    def _revive_system_metrics(self, every_s: float) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with self._system_lock:  # the run's end stops it under this lock: no monitor after the end
+            if self.system is None:
+                return
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=self.uri)
+            monitor.start()
+            self.system = monitor
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -444,6 +471,7 @@ class MLflowTracker(Tracker):
         server is down (training never waits on it then)."""
         self.sender.put_metrics(self._buffer)
         self._buffer = []
+        self._mind_system_metrics()
         if wait and self.sender.down_since is None:
             self.sender.drain(30.0)
 
@@ -520,13 +548,14 @@ class MLflowTracker(Tracker):
         self.sender.close()
 
     def _stop_system_metrics(self) -> None:
-        if self.system is None:
+        with self._system_lock:
+            monitor, self.system = self.system, None
+        if monitor is None:
             return
         if self.sender.down_since is None:
-            self.system.finish()  # joins its thread and sends its last samples before the run ends
+            monitor.finish()  # joins its thread and sends its last samples before the run ends
         else:  # the server is down: its last samples are not worth a blocked end (20 s per call)
-            self.system._shutdown_event.set()
-        self.system = None
+            monitor._shutdown_event.set()
 
     def abandon(self) -> None:
         self._stop_system_metrics()

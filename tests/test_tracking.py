@@ -354,3 +354,40 @@ def test_an_end_cut_off_while_the_server_answers_says_so_not_that_it_did_not_ans
         release.set()
     (line,) = [x for x in lines if x.startswith("warning")]
     assert f"was still taking calls after {WHILE_UP_CAP * 0.2:.0f} s" in line and "did not answer" not in line, line
+
+
+def test_system_metrics_start_again_after_mlflows_monitor_ended_on_an_error(tmp_path, monkeypatch):
+    """MLflow's system-metrics monitor returns from its thread at its first failed call (one
+    outage), and the run logged no system metrics for the rest of its days. While the server
+    answers, the tracker starts it again at its next flush, and it goes on from the run's steps."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher import tracking
+
+    monkeypatch.setattr(tracking, "REVIVE_SYSTEM_METRICS_S", 0.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.MLflowTracker(uri, "exp", "run", None, None, {}, system_metrics_every_s=0.3)
+    key = "system/cpu_utilization_percentage"
+
+    def steps() -> list[int]:
+        return sorted(m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, key))
+
+    try:
+        deadline = time.monotonic() + 30
+        while not steps() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first = tracker.system
+        first._shutdown_event.set()  # its thread returns, as it does after a failed call
+        first._process.join(30)
+        before = steps()
+        assert before and not first._process.is_alive()
+        tracker.flush(wait=True)
+        assert tracker.system is not first and tracker.system._process.is_alive()
+        deadline = time.monotonic() + 30
+        while len(steps()) <= len(before) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = steps()
+        assert len(after) > len(before) and after == sorted(set(after)) and after[: len(before)] == before, (before, after)
+    finally:
+        tracker.finish()
+    assert tracker.system is None
