@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="greedy answer of an exported causal LM to one instruction")
     g.add_argument("model_dir")
-    g.add_argument("--prompt", required=True, help="the instruction; rendered with the run's prompt template")
+    g.add_argument("--prompt", required=True, help="the instruction, or the value of data.prompt's one column; rendered as the run's training rows")
     g.add_argument("--max-new-tokens", type=_count, default=64)
     g.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
@@ -371,20 +371,21 @@ def _predict_causal_lm(args) -> int:
     if not path.is_file():
         raise UserError(f"--input: {path}: file not found")
     model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
-    records, rows, problems = [], [], []
+    records: list[dict] = []
+    rows: list[dict] = []
+    problems: list[str] = []
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         for where, record in read_records(path):
             try:
-                rows.append(prompts.normalize(record, fmt, where, need_answer=False))
+                row = prompts.normalize(record, fmt, where, need_answer=False)
+                prompts.prompt_text(row, fmt, tokenizer)  # a conversation with nothing to answer says so here
+                rows.append(row)
                 records.append(record)
             except UserError as e:
-                problems.extend(e.problems)
+                problems.extend(p if p.startswith(where) else f"{where}: {p}" for p in e.problems)
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
-        names = prompts.placeholders(fmt.prompt) if fmt.prompt else []
         for line in (x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()):
-            record = {names[0]: line} if len(names) == 1 else {"instruction": line}
-            rows.append(prompts.normalize(record, fmt if len(names) == 1 else fmt.replace(prompt=None, response=None),
-                                          str(path), need_answer=False) | {"_bare": len(names) != 1})
+            rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"text": line})
     if problems:
         raise UserError(*problems[:10])

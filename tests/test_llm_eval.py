@@ -254,6 +254,30 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_data_error(tok):
     assert "chat template refuses this conversation (System role not supported)" in e.value.problems[0]
 
 
+def test_a_conversation_that_opens_with_the_assistant_trains_its_answers_after_a_question(chat_tok):
+    """ShareGPT dumps often open with a greeting from `gpt`. With the tokenizer's chat template
+    the prompt before that turn is an empty conversation, which transformers refuses with a
+    ValueError: data preparation died in a traceback. The greeting answers nothing: it stays as
+    context, untrained and counted, and the answer after the question trains."""
+    row = {"conversations": [{"from": "gpt", "value": "hello there"}, {"from": "human", "value": "is this clause fair?"},
+                             {"from": "gpt", "value": "unfair"}]}
+    for system in (None, "be brief"):
+        fmt = PromptFormat.from_config(DataConfig(system_prompt=system), chat_tok)
+        normal = prompts.normalize(row, fmt, "x")
+        text, spans = prompts.render(normal, fmt, chat_tok)
+        assert [text[a:b].lstrip(" ") for a, b in spans] == ["unfair" + chat_tok.eos_token], (system, text, spans)
+        assert text.index("hello there") < text.index("is this clause fair?") and prompts.untrained_turns(normal, spans) == 1
+        ids, labels = encode(normal, DataConfig(system_prompt=system), chat_tok)
+        assert chat_tok.decode([t for t in labels if t != IGNORE]).replace(" ", "") == "unfair" + chat_tok.eos_token
+    with pytest.raises(DataError, match="chat template refuses this conversation"):  # one line, not a traceback
+        prompts._apply_template(chat_tok, [])
+    # predict on a conversation whose only assistant turn is the greeting: nothing to answer
+    fmt = PromptFormat.from_config(DataConfig(), chat_tok)
+    with pytest.raises(DataError, match="only assistant turn comes before any user turn"):
+        greeting = {"messages": [{"role": "assistant", "content": "hello there"}]}
+        prompts.prompt_text(prompts.normalize(greeting, fmt, "x", need_answer=False), fmt, chat_tok)
+
+
 # ---------------------------------------------------------------- shapes and column mapping
 
 

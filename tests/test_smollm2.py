@@ -176,6 +176,15 @@ def test_the_run_evaluates_by_generation_and_its_export_answers_the_same_in_one_
     pred = [json.loads(x) for x in out.read_text().splitlines()]
     assert [p["label"] for p in pred] == [p["choice"] for p in preds]  # the run's own choices, from text alone
     assert [p["response"] for p in pred] == [p["response"] for p in preds]
+    # A typed prompt fills data.prompt's one column everywhere: `launcher generate` gave the bare
+    # clause, a prompt training never showed, where predict's plain lines filled the template.
+    clause = json.loads(texts.read_text().splitlines()[0])["text"]
+    (tmp / "one.txt").write_text(clause + "\n")
+    (line,) = [json.loads(x) for x in check(launcher("predict", str(run_dir / "model"), "--input", str(tmp / "one.txt"))).stdout.splitlines()
+               if x.startswith("{")]
+    said = check(launcher("generate", str(run_dir / "model"), "--prompt", clause,
+                          "--max-new-tokens", str(meta.get("max_new_tokens", 32)))).stdout.strip().splitlines()[-1]
+    assert said == line["response"]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")

@@ -333,7 +333,10 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
         full = _apply_template(tokenizer, messages)
         spans, turns = [], []
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            # An opening assistant turn (a ShareGPT greeting) answers nothing: no template
+            # renders the empty prompt before it (transformers refuses an empty conversation;
+            # SmolLM2's adds its default system turn only to a non-empty one). Context, untrained.
+            if m["role"] != "assistant" or not any(x["role"] != "system" for x in messages[:i]):
                 continue
             before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
             after = _apply_template(tokenizer, messages[: i + 1])
@@ -367,6 +370,16 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
     return text, spans, list(range(len(spans)))
 
 
+def typed_row(text: str, fmt: PromptFormat, where: str) -> dict:
+    """A prompt a person typed (a line of predict's text file, `launcher generate --prompt`,
+    eval.generation_prompts) as a row to answer: it fills data.prompt's column when that names
+    one, as training's rows did; else it is the instruction itself (`_bare`, see prompt_text)."""
+    names = placeholders(fmt.prompt) if fmt.prompt else []
+    if len(set(names)) == 1:
+        return normalize({names[0]: text}, fmt, where, need_answer=False) | {"_bare": False}
+    return normalize({"instruction": text}, fmt.replace(prompt=None, response=None), where, need_answer=False) | {"_bare": True}
+
+
 def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> str:
     """What the model reads before its answer: the training text up to the last answer (for a
     row without one, up to where it would start). Cut from `render` itself, so the identity
@@ -379,17 +392,20 @@ def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> 
     if awaits_answer(row):  # where the next answer would start (after the last turn, for predict)
         row = with_answer(row, "")
     text, spans = render(row, fmt, tokenizer)
+    if not spans:  # only an opening assistant turn (render's chat-template path): it answers nothing
+        raise DataError("the conversation's only assistant turn comes before any user turn: nothing to answer")
     return text[: spans[-1][0]]
 
 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The tokenizer's chat template; a conversation it refuses (a system turn it does not
     support, roles that must alternate) is a data problem, not a crash."""
-    refused: tuple[type[BaseException], ...] = ()
+    # ValueError: transformers' own refusals (an empty conversation).
+    refused: tuple[type[BaseException], ...] = (ValueError,)
     try:
         from jinja2 import TemplateError
 
-        refused = (TemplateError,)
+        refused = (TemplateError, ValueError)
     except ImportError:  # transformers then cannot render any template either: let it say so
         pass
     try:

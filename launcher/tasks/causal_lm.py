@@ -495,11 +495,11 @@ def prompt_limit(model, max_new_tokens: int) -> int | None:
 @torch.no_grad()
 def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_new_tokens: int, sync=None,
                    batch_size: int = 16) -> list[str]:
-    """Greedy answers to bare prompts (eval.generation_prompts, `launcher generate`), batched. With
+    """Greedy answers to typed prompts (eval.generation_prompts, `launcher generate`), batched: each
+    fills data.prompt's one column as predict's plain lines do, else is the instruction. With
     a learned position table (GPT-2's), a prompt keeps the end that leaves the answer room, as
     predict's do."""
-    rows = prompt_rows([{"instruction": t, "input": "", "output": None, "_bare": True} for t in texts], fmt, tokenizer,
-                       prompt_limit(model, max_new_tokens))
+    rows = prompt_rows([prompts.typed_row(t, fmt, "prompt") for t in texts], fmt, tokenizer, prompt_limit(model, max_new_tokens))
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync,
                                       frame=answer_frame(fmt, tokenizer))
