@@ -309,7 +309,8 @@ def cmd_eval(args) -> int:
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
         print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
-                                                 meta.get("max_new_tokens", 32), args.batch_size)))
+                                                 meta.get("max_new_tokens", 32), args.batch_size,
+                                                 meta.get("truncation", "truncate"))))  # as the run evaluated
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))

@@ -535,6 +535,7 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     assert "choice_macro_f1" in proc.stdout.split("step 0 eval:")[1].splitlines()[0]
     meta = json.loads((run / "model" / "launcher.json").read_text())
     assert meta["answers"] == ["maple", "onyx ", "quartz", "raven"] and meta["prompt"]["prompt"].endswith("{thing}?")
+    assert meta["truncation"] == "truncate"  # what `launcher eval` does to a row past max_length, as the run did
     samples = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert samples[0]["prompt"] == "What is the code word for " + rows[160]["thing"] + "?"  # from the validation rows
     ev = json.loads(check(launcher("eval", str(run / "model"), "--data", str(val))).stdout.strip().splitlines()[-1])
@@ -604,3 +605,23 @@ def test_a_gguf_conversion_is_written_by_whichever_rank_builds_it(tmp_path):
     want = torch.load(tmp_path / "weights.pt")
     got = reloaded.state_dict()
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_launcher_eval_cuts_or_drops_a_long_row_as_the_run_did(tok):
+    """`launcher eval` always cut a row longer than max_length, also for a run that dropped such
+    rows (data.truncation=drop): the same file scored other rows offline than in the run. The
+    export records what the run did, and eval does the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.tasks import causal_lm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    fmt = PromptFormat.from_config(DataConfig(), tok)
+    short = {"instruction": "hello there", "input": "", "output": "general kenobi"}
+    long = {"instruction": "hello there", "input": "", "output": " ".join(["general kenobi"] * 20)}
+    max_length = len(encode(short, DataConfig(), tok)[0]) + 4  # the long row's answer is cut, not lost
+    n = {how: causal_lm.evaluate_rows(model, tok, fmt, [short, long], max_length, None, 4, truncation=how)["n"]
+         for how in ("truncate", "drop")}
+    assert n == {"truncate": 2, "drop": 1}

@@ -402,11 +402,12 @@ class CausalLMTask:
 
     def metadata(self) -> dict:
         """launcher.json: the prompt format every later answer renders with, the closed answer
-        set (predict scores its candidates), the training max_length, and which loss trained
-        it (train_loss: "chunked", or the "model"'s own)."""
+        set (predict scores its candidates), the training max_length and what it did to a longer
+        row (truncation: `launcher eval` does the same), and which loss trained it (train_loss:
+        "chunked", or the "model"'s own)."""
         q = self.cfg.model.quantization  # the adapter/ of a QLoRA run trained on this quantized base
         return ({"random_base": self.random_init(), "task": self.name, "prompt": self.fmt.to_json(),
-                "answers": self.answers, "max_length": self.cfg.data.max_length,
+                "answers": self.answers, "max_length": self.cfg.data.max_length, "truncation": self.cfg.data.truncation,
                 "max_new_tokens": self.cfg.eval.max_new_tokens,
                 "train_loss": None if self._lean is None else "chunked" if self._lean else "model"}
                 | ({"base_quantization": q} if q != "none" else {}))
@@ -535,13 +536,14 @@ EVAL_CHUNK_TOKENS = 256  # `launcher eval`'s head chunk (train.loss_chunk_tokens
 
 @torch.no_grad()
 def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_length: int, candidates,
-                  max_new_tokens: int, batch_size: int = 16) -> dict:
+                  max_new_tokens: int, batch_size: int = 16, truncation: str = "truncate") -> dict:
     """`launcher eval` for SFT data, one process: the training run's evaluation (loss, perplexity,
     exact match, closed-set scores) on any rows with references."""
     from launcher.config import DataConfig
 
     kept: list[dict] = []
-    ids, labels, stats = instructions.encode_rows(rows, DataConfig(max_length=max_length), tokenizer, fmt, kept)
+    ids, labels, stats = instructions.encode_rows(rows, DataConfig(max_length=max_length, truncation=truncation),  # type: ignore[arg-type]
+                                                  tokenizer, fmt, kept)
     eval_rows = [{"input_ids": x, "labels": y, "answer": prompts.answer(r) or "", "question": prompts.question(r)}
                  for x, y, r in zip(ids, labels, kept)]
     longest = max((generation.answer_tokens(y) for y in labels), default=0)
