@@ -128,6 +128,9 @@ _TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEED
 # server older than the call, MLflow 2.x and logged models, or a proxy's 404 while the server
 # restarts): the call is dropped after this many tries.
 UNKNOWN_TRIES = 5
+# Metric values a tracker's queue holds at most while its server is down (a Metric is about
+# 200 bytes: 0.4 GB; at 20 values a second, over a day of outage).
+MAX_QUEUED_METRICS = 2_000_000
 # How often a run may start MLflow's system-metrics monitor again after it ended on an error.
 REVIVE_SYSTEM_METRICS_S = 60.0
 
@@ -182,10 +185,14 @@ class Sender:
     backoff (1 s doubling to `max_backoff_s`); the first failure prints one warning and
     the recovery one line. Consecutive metric batches are merged into one call."""
 
-    def __init__(self, where: str, send_metrics, max_backoff_s: float = 30.0, say=None):
+    def __init__(self, where: str, send_metrics, max_backoff_s: float = 30.0, say=None, max_queued: int = MAX_QUEUED_METRICS):
         self.where, self.send_metrics, self.max_backoff_s = where, send_metrics, max_backoff_s
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.queue: collections.deque = collections.deque()  # ("metrics", [Metric]) | ("call", what, fn)
+        # Metric values queued, and the most that may be: a days-long outage grew the queue
+        # without end. Past it the oldest queued values go (metrics.jsonl keeps them).
+        self.queued, self.max_queued, self.shed = 0, max_queued, 0
+        self.in_flight = 0  # queue items the thread is sending: never dropped under it
         self.cond = threading.Condition()
         self.down_since: float | None = None
         self.outages, self.busy, self.closed = 0, False, False
@@ -196,7 +203,25 @@ class Sender:
         if metrics:
             with self.cond:
                 self.queue.append(("metrics", metrics))
+                self.queued += len(metrics)
+                self._shed()
                 self.cond.notify()
+
+    def _shed(self) -> None:
+        """Over max_queued values (under the lock): drop the oldest metric batches not in flight."""
+        i = self.in_flight
+        while self.queued > self.max_queued and i < len(self.queue) - 1:
+            if self.queue[i][0] != "metrics":
+                i += 1
+                continue
+            n = len(self.queue[i][1])
+            del self.queue[i]
+            self.queued -= n
+            if not self.shed:
+                self.say(f"warning: tracking: over {self.max_queued} metric values queued for {self.where}: the "
+                         "oldest are dropped from the queue (the run's metrics.jsonl has them all; a resume sends "
+                         "what the tracker's run lacks)")
+            self.shed += n
 
     def put_call(self, what: str, fn) -> None:
         with self.cond:
@@ -205,7 +230,7 @@ class Sender:
 
     def pending_metrics(self) -> int:
         with self.cond:
-            return sum(len(item[1]) for item in self.queue if item[0] == "metrics")
+            return self.queued
 
     def drain(self, timeout_s: float, while_down: bool = False) -> bool:
         """Wait until everything queued so far is sent (True) or timeout_s passes (False).
@@ -238,6 +263,7 @@ class Sender:
                 return None, 0
             self.busy = True
             if self.queue[0][0] == "call":
+                self.in_flight = 1
                 return self.queue[0], 1
             merged, n = [], 0
             for item in self.queue:
@@ -245,6 +271,7 @@ class Sender:
                     break
                 merged.extend(item[1])
                 n += 1
+            self.in_flight = n
             return ("metrics", merged), n
 
     def _run(self) -> None:
@@ -271,14 +298,16 @@ class Sender:
                 if failed is None or drop:
                     for _ in range(n):
                         self.queue.popleft()
-                self.busy = False
+                    self.queued -= len(item[1]) if item[0] == "metrics" else 0  # the n batches, merged
+                self.busy, self.in_flight = False, 0
                 self.cond.notify_all()
             # Only a transient failure is an outage (announced, waited for before a checkpoint);
             # any other answer means the server is there, refusing this one call.
             answered = failed is None or not _transient(failed)
             if answered and self.down_since is not None:
                 self.say(f"tracking: {self.where} answers again after {time.monotonic() - self.down_since:.0f} s; "
-                         f"sending the {queued} metric values queued meanwhile, in order")
+                         f"sending the {queued} metric values queued meanwhile, in order"
+                         + (f" ({self.shed} older ones were dropped from the queue)" if self.shed else ""))
                 self.down_since, backoff = None, 1.0
             if drop and failed is not None:
                 tries, backoff = 0, 1.0

@@ -391,3 +391,26 @@ def test_system_metrics_start_again_after_mlflows_monitor_ended_on_an_error(tmp_
     finally:
         tracker.finish()
     assert tracker.system is None
+
+
+def test_a_long_outage_keeps_the_newest_metrics_up_to_the_cap_and_says_so_once():
+    """Every metric value waited in memory for as long as the server was down: a days-long
+    outage grew the queue without end. Past max_queued the oldest batches go, with one warning;
+    the newest arrive in order when the server answers; calls are never dropped for room."""
+    server, lines = Flaky(), []
+    server.down.set()
+    sender = Sender("test server", server.metrics, max_backoff_s=0.05, say=lines.append, max_queued=10)
+    sender.put_call("params", server.call("params"))
+    for step in range(8):
+        sender.put_metrics([(step, 0), (step, 1), (step, 2)])
+    assert sender.pending_metrics() <= 10
+    deadline = time.monotonic() + 30
+    while sender.down_since is None and time.monotonic() < deadline:  # the outage seen
+        time.sleep(0.01)
+    server.down.clear()
+    assert sender.drain(30)
+    sender.close()
+    got = [v for batch in server.batches for v in batch]
+    assert server.calls == ["params"] and got == [(s, k) for s in range(5, 8) for k in range(3)], got
+    assert sum("oldest are dropped" in x for x in lines) == 1 and "15 older ones were dropped" in lines[-1], lines
+    assert sender.pending_metrics() == 0
