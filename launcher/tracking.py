@@ -128,8 +128,8 @@ _TRANSIENT = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEED
 # server older than the call, MLflow 2.x and logged models, or a proxy's 404 while the server
 # restarts): the call is dropped after this many tries.
 UNKNOWN_TRIES = 5
-# Metric values a tracker's queue holds at most while its server is down (a Metric is about
-# 200 bytes: 0.4 GB; at 20 values a second, over a day of outage).
+# Metric values a tracker's queue holds at most while its server is down (an MLflow Metric
+# takes about 250 bytes: 0.5 GB; at 20 values a second, a day of outage).
 MAX_QUEUED_METRICS = 2_000_000
 # How often a run may start MLflow's system-metrics monitor again after it ended on an error.
 REVIVE_SYSTEM_METRICS_S = 60.0
