@@ -342,6 +342,11 @@ def cmd_generate(args) -> int:
 def cmd_predict(args) -> int:
     from launcher.tasks import classification as task
 
+    if args.output:  # before the model loads and every row is answered
+        out_path = Path(args.output)
+        if out_path.is_dir() or not out_path.parent.is_dir():
+            raise UserError(f"--output: {out_path}: " + ("is a directory" if out_path.is_dir() else
+                                                         f"no such directory {out_path.parent}"))
     if _exported_task(args.model_dir) == "causal_lm":
         return _predict_causal_lm(args)
     texts = _read_texts(Path(args.input))
@@ -455,6 +460,8 @@ SLURM_VARS = {"SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "SLURM_NODEID", 
 def cmd_synth(args) -> int:
     from launcher.data.synthetic import write_splits
 
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UserError(f"OUT_DIR: {args.out_dir}: exists and is not a directory")
     for path in write_splits(args.out_dir, args.n_train, args.n_validation, args.seed):
         print(path)
     return 0

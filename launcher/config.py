@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -550,7 +551,9 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -600,13 +603,29 @@ def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- validation
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping: PyYAML keeps the last, so a second
+    `train:` section silently dropped the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"'{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -> list[str]:
     """Every problem at once, each one line naming its field."""
     out: list[str] = []
     t, d, e, c = cfg.train, cfg.data, cfg.eval, cfg.checkpoint
 
     def positive(name: str, value, allow_zero=False):
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        # (not `value <= 0`: NaN compares false to everything and passed; inf is no value either)
+        if value is not None and not (math.isfinite(value) and (value > 0 or (value == 0 and allow_zero))):
             out.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}; got {value}")
 
     positive("train.epochs", t.epochs)
@@ -636,7 +655,14 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("tracking.print_every_s", cfg.tracking.print_every_s, allow_zero=True)
     positive("train.hang_timeout_s", t.hang_timeout_s, allow_zero=True)
     positive("model.tiny.vocab_size", cfg.model.tiny.vocab_size)
-    if not 0.0 <= t.warmup_ratio < 1.0:
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        positive(f"model.tiny.{name}", getattr(cfg.model.tiny, name))
+    if not 0.0 <= cfg.model.tiny.dropout < 1.0:
+        out.append(f"model.tiny.dropout: must be in [0, 1); got {cfg.model.tiny.dropout}")
+    for name, seed in (("train.seed", t.seed), ("data.synthetic.seed", d.synthetic.seed)):
+        if not 0 <= seed < 2**32:  # what numpy's and accelerate's set_seed take
+            out.append(f"{name}: must be in [0, 2**32); got {seed}")
+    if not 0.0 <= t.warmup_ratio < 1.0:  # (NaN fails this too)
         out.append(f"train.warmup_ratio: must be in [0, 1); got {t.warmup_ratio}")
     if t.micro_batch_size > 0 and t.global_batch_size > 0:
         per_step = t.micro_batch_size * world_size

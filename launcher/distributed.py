@@ -157,21 +157,33 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
     """Read an accelerate config file; --num_processes/--num_machines style overrides win."""
     path = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"--accelerate-config: {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ConfigError(f"--accelerate-config: {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of accelerate settings")
+
+    def count(key: str, given: int | None) -> int:
+        value = given or data.get(key) or 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: {key}: expected a whole number >= 1; got {value!r}")
+        return value
+
+    for key in ("deepspeed_config", "fsdp_config"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping of settings; got {data[key]!r}")
     launch = LaunchConfig(
         source=path,
         distributed_type=str(data.get("distributed_type", "NO")).upper(),
-        num_machines=int(num_machines or data.get("num_machines") or 1),
+        num_machines=count("num_machines", num_machines),
         mixed_precision=str(data.get("mixed_precision") or "no").lower(),
     )
-    launch.num_processes = int(num_processes or data.get("num_processes") or 1)
+    launch.num_processes = count("num_processes", num_processes)
     if launch.num_processes > 1 and (data.get("use_cpu") or launch.distributed_type == "MULTI_CPU"):
         launch.problems.append(
             f"{path}: {'use_cpu: true' if data.get('use_cpu') else 'distributed_type: MULTI_CPU'} with num_processes "
@@ -179,7 +191,10 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
             "MULTI_GPU without use_cpu (as configs/accelerate/cpu_ddp.yaml does)"
         )
     if launch.distributed_type == FSDP:
-        launch.fsdp_version = int((data.get("fsdp_config") or {}).get("fsdp_version") or 1)
+        version = (data.get("fsdp_config") or {}).get("fsdp_version") or 1
+        if version not in (1, 2):
+            raise ConfigError(f"{path}: fsdp_config.fsdp_version: expected 1 or 2; got {version!r}")
+        launch.fsdp_version = version
     ds_fields = dict(data.get("deepspeed_config") or {})
     if launch.uses_deepspeed:
         _attach_deepspeed(launch, ds_fields, ds_fields.get("deepspeed_config_file"), f"{path}: deepspeed_config.")

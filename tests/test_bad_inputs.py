@@ -210,6 +210,28 @@ CASES = [
      "tracking.register_model: needs tracking.mlflow and tracking.log_model true"),
     ("negative system metrics interval", "train", TINY, _plain("tracking.system_metrics_every_s=-1"),
      "tracking.system_metrics_every_s: must be >= 0"),
+    # ---- found probing from outside: each was a traceback, a crash or a silent acceptance
+    ("JSONL line null first", "train", TINY, _files("null\n" + GOOD),  # a segfault in the JSON reader
+     "{tmp}/train.jsonl:1: expected a JSON object ({{...}}) on each line; got 'null'"),
+    ("JSONL line an array", "train", TINY, _files(GOOD + "[1, 2]\n"), "{tmp}/train.jsonl:41: expected a JSON object"),
+    ("learning rate NaN", "train", TINY, _plain("train.lr=nan"), "train.lr: must be > 0; got nan"),
+    ("tiny model without heads", "train", TINY, _plain("model.tiny.num_heads=0"), "model.tiny.num_heads: must be > 0; got 0"),
+    ("tiny model dropout 2", "train", TINY, _plain("model.tiny.dropout=2"), "model.tiny.dropout: must be in [0, 1); got 2.0"),
+    ("negative seed", "train", TINY, _plain("train.seed=-1"), "train.seed: must be in [0, 2**32); got -1"),
+    ("config not UTF-8", "train", None, lambda tmp: (tmp / "c.yaml").write_bytes(b"task: classification\n# caf\xe9\n")
+     and [str(tmp / "c.yaml")], "{tmp}/c.yaml: not UTF-8 text"),
+    ("a config section twice", "train", None, _write("c.yaml", "train:\n  lr: 1.0e-3\ntrain:\n  seed: 3\n", "{tmp}/c.yaml"),
+     "{tmp}/c.yaml:3: not valid YAML ('train' appears twice in one mapping)"),
+    ("accelerate process count a word", "plan", TINY, _write("a.yaml", "distributed_type: MULTI_GPU\nnum_processes: many\n",
+                                                              "--accelerate-config", "{tmp}/a.yaml"),
+     "{tmp}/a.yaml: num_processes: expected a whole number >= 1; got 'many'"),
+    ("accelerate config a directory", "plan", TINY, _plain("--accelerate-config", "{tmp}"), "--accelerate-config: {tmp}: cannot be read"),
+    ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt: exists and is not a directory"),
+    ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
+     "--output: {tmp}: is a directory"),
+    ("predict into a missing folder", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
+                                                             "--output", "{tmp}/none/p.jsonl"),
+     "--output: {tmp}/none/p.jsonl: no such directory {tmp}/none"),
 ]
 
 
