@@ -290,6 +290,8 @@ def _read_texts(path: Path) -> list[str]:
 
 def _exported_task(model_dir: str) -> str:
     meta = Path(model_dir) / "launcher.json"
+    if not meta.is_file() and (Path(model_dir) / "model" / "launcher.json").is_file():  # a run directory
+        raise UserError(f"MODEL_DIR: {model_dir} is a run directory; its exported model is {Path(model_dir) / 'model'}")
     return json.loads(meta.read_text()).get("task", "classification") if meta.is_file() else "classification"
 
 

@@ -89,6 +89,13 @@ def _sft_files(train: str, *overrides: str):
     return make
 
 
+def _run_dir_not_model(tmp: Path) -> list[str]:
+    (tmp / "run" / "model").mkdir(parents=True)
+    (tmp / "run" / "model" / "launcher.json").write_text('{"task": "classification"}')
+    (tmp / "v.jsonl").write_text(GOOD)
+    return [str(tmp / "run"), "--data", str(tmp / "v.jsonl")]
+
+
 ZERO2 = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
 
 # (name, command, config, make, expected start of the error line)
@@ -229,6 +236,7 @@ CASES = [
     ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt: exists and is not a directory"),
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
      "--output: {tmp}: is a directory"),
+    ("eval of a run directory", "eval", None, _run_dir_not_model, "MODEL_DIR: {tmp}/run is a run directory; its exported model is {tmp}/run/model"),
     ("predict into a missing folder", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
                                                              "--output", "{tmp}/none/p.jsonl"),
      "--output: {tmp}/none/p.jsonl: no such directory {tmp}/none"),
