@@ -236,6 +236,7 @@ CASES = [
     ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt: exists and is not a directory"),
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
      "--output: {tmp}: is a directory"),
+    ("CSV with a header alone", "train", TINY, _files("text,label\n\n", name="train.csv"), "{tmp}/train.csv: no rows"),
     ("eval of a run directory", "eval", None, _run_dir_not_model, "MODEL_DIR: {tmp}/run is a run directory; its exported model is {tmp}/run/model"),
     ("predict into a missing folder", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
                                                              "--output", "{tmp}/none/p.jsonl"),

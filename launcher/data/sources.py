@@ -84,8 +84,10 @@ class Source:
         try:
             if self.fmt == "csv":
                 with open(path, encoding="utf-8", newline="") as f:
-                    header = next(csv.reader(f), None)
-                if not header:
+                    reader = csv.reader(f)
+                    header = next(reader, None)
+                    first = next((r for r in reader if r), None)  # a header alone: no rows either
+                if not header or first is None:
                     raise DataError(f"{path}: no rows")
                 # Every cell as text, empty cells as "": what the row checks expect (a "0" label
                 # and an empty `labels` cell), not pandas' guesses (0.0, NaN).
