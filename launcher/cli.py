@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--accelerate-config", metavar="F", help="validate the run config with this accelerate YAML (and "
                    "its DeepSpeed JSON) in this process, then become `accelerate launch --config_file F -m launcher "
                    "train ...` (do not run it under accelerate launch yourself)")
-    t.add_argument("--num-processes", type=int, metavar="N", help="with --accelerate-config: processes in all (all nodes)")
-    t.add_argument("--nodes", type=int, metavar="N", help="with --accelerate-config: number of machines")
+    t.add_argument("--num-processes", type=_count, metavar="N", help="with --accelerate-config: processes in all (all nodes)")
+    t.add_argument("--nodes", type=_count, metavar="N", help="with --accelerate-config: number of machines")
     t.add_argument("--machine-rank", type=int, metavar="R", help="with --nodes: this machine's rank (0 = head)")
     t.add_argument("--main-process-ip", metavar="H", help="with --nodes: address of machine 0")
     t.add_argument("--main-process-port", type=int, metavar="P", help="with --accelerate-config: rendezvous port")
@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                         "what the launch will do, without starting anything. Exit 2 on any contradiction.")
     pl.add_argument("config", help="run config YAML")
     pl.add_argument("--accelerate-config", help="accelerate YAML (e.g. configs/accelerate/deepspeed_zero3.yaml)")
-    pl.add_argument("--nodes", type=int, help="machines (default: num_machines of the accelerate config, else 1)")
-    pl.add_argument("--gpus-per-node", type=int, help="processes per machine (default: from the accelerate config)")
+    pl.add_argument("--nodes", type=_count, help="machines (default: num_machines of the accelerate config, else 1)")
+    pl.add_argument("--gpus-per-node", type=_count, help="processes per machine (default: from the accelerate config)")
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     x = sub.add_parser("export", help="checkpoint (any engine, sharded or not) -> Hugging Face model dir, offline",

@@ -309,7 +309,10 @@ def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_
     ["generate", "m", "--prompt", "hi", "--max-new-tokens", "0"],
     ["predict", "m", "--input", "x.txt", "--batch-size", "-1"],
     ["predict", "m", "--input", "x.txt", "--max-length", "many"],
-], ids=["eval batch 0", "eval max-length 0", "generate 0 tokens", "predict batch -1", "predict max-length text"])
+    ["plan", "c.yaml", "--nodes", "0"],
+    ["train", "c.yaml", "--num-processes", "0"],
+], ids=["eval batch 0", "eval max-length 0", "generate 0 tokens", "predict batch -1", "predict max-length text",
+        "plan 0 nodes", "train 0 processes"])
 def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(tmp_path, args):
     """Batch sizes, lengths and token counts of eval, generate and predict are whole numbers of
     at least 1, checked with the arguments: a batch size of 0 was a traceback inside the
