@@ -102,7 +102,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in ckpt_root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / MARKER).is_file():
+        if m and (p / MARKER).is_file() and not faults.hidden(int(m.group(1))):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -122,6 +122,38 @@ class Start:
     # What a killed attempt left half-written: never loaded, never counted for retention;
     # reported and removed once the run directory is taken.
     partial: list = field(default_factory=list)
+
+
+# How long ranks that see different checkpoints wait, one pause per try, for the shared file
+# system to show them the same (NFS caches a directory's attributes up to 60 s by default).
+AGREE_WAITS_S = (2, 5, 10, 20, 30)
+
+
+def agreed_start(resolve, gather, say) -> Start:
+    """resolve() on every rank until all ranks get the same answer. Each rank reads the run
+    directory itself: on a shared file system whose cache lags on one node (NFS), that rank
+    saw an older checkpoint, or none, and loaded another state than the others (or refused the
+    run alone, leaving the rest waiting). gather: every rank's value, in rank order (a collective)."""
+    for wait in (*AGREE_WAITS_S, None):
+        refused: ConfigError | None = None
+        try:
+            start = resolve()
+            seen = str(start.checkpoint) if start.checkpoint else "step 0"
+        except ConfigError as e:
+            refused, seen = e, f"refused: {e.problems[0]}"
+        views = gather(seen)
+        if len(set(views)) == 1:
+            if refused is not None:
+                raise refused
+            return start
+        differ = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v != views[0])
+        if wait is None:
+            raise ConfigError(f"checkpoint.resume: the ranks see different checkpoints (rank 0: {views[0]}; {differ}) "
+                              f"after {sum(AGREE_WAITS_S)} s: the shared file system does not show every node the same run directory")
+        say(f"warning: the ranks see different checkpoints (rank 0: {views[0]}; {differ}); the shared file system "
+            f"may not have caught up: looking again in {wait} s")
+        time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def partial_writes(run_dir: Path) -> list[Path]:

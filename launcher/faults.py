@@ -18,6 +18,9 @@ with `:disk` an OSError ENOSPC
 before the engine writes), as an engine bug on one rank would, while the others go on
 into the engine's collectives.
 
+`LAUNCHER_HIDE_CHECKPOINT=RANK:STEP` makes that rank not see the sealed checkpoint of that step
+the first time it looks (a shared file system whose cache has not caught up on that node).
+
 The hooks act only in the test suite (LAUNCHER_TESTING=1, which tests/conftest.py sets): in
 any other run a stray hook variable would stop or stall a rank, so it is ignored with one
 warning line. Unset, each point costs one comparison.
@@ -29,22 +32,30 @@ import os
 import signal
 import sys
 
-HOOKS = ("LAUNCHER_FAILPOINT", "LAUNCHER_STALL", "LAUNCHER_SAVE_ERROR")
+HOOKS = ("LAUNCHER_FAILPOINT", "LAUNCHER_STALL", "LAUNCHER_SAVE_ERROR", "LAUNCHER_HIDE_CHECKPOINT")
 
 
-def _hooks() -> tuple[str | None, str | None, str | None]:
-    fail, stall, save = (os.environ.get(name) for name in HOOKS)
-    values = (fail, stall, save)
+def _hooks() -> tuple[str | None, ...]:
+    values = tuple(os.environ.get(name) for name in HOOKS)
     if os.environ.get("LAUNCHER_TESTING") == "1" or not any(values):
         return values
     if int(os.environ.get("RANK", "0")) == 0:
         named = ", ".join(name for name, value in zip(HOOKS, values) if value)
         print(f"warning: ignoring {named}: fault-injection hooks act only in the test suite (LAUNCHER_TESTING=1)",
               file=sys.stderr, flush=True)
-    return None, None, None
+    return (None,) * len(HOOKS)
 
 
-_WHERE, _STALL, _SAVE_ERROR = _hooks()
+_WHERE, _STALL, _SAVE_ERROR, _HIDE = _hooks()
+_hidden_once: list[int] = []
+
+
+def hidden(step: int) -> bool:
+    """Whether this rank is to miss the checkpoint of `step` now (LAUNCHER_HIDE_CHECKPOINT: once)."""
+    if _HIDE is None or _hidden_once or _HIDE != f"{os.environ.get('RANK', '0')}:{step}":
+        return False
+    _hidden_once.append(step)
+    return True
 
 
 def point(name: str, step: int | None = None) -> None:

@@ -99,7 +99,9 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     resume (another run's config, another engine), a full disk, the model source, a tracker
     that cannot be reached, a data row that cannot load. Ends with a barrier: every rank has
     decided before rank 0 creates anything."""
-    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust)
+    start = ckpt_lib.agreed_start(
+        lambda: ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust),
+        rt.gather_objects, rt.print)
     changed = config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None

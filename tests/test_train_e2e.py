@@ -975,3 +975,27 @@ def test_a_replacement_tracker_run_is_found_again_after_a_kill_before_the_next_c
     (run,) = all_runs(client)
     assert run.info.status == "FINISHED" and run.data.tags["launcher.attempts"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
+
+
+def test_ranks_that_still_see_different_checkpoints_stop_with_one_line(monkeypatch, tmp_path):
+    """The ranks compare the checkpoint each found (checkpoint.agreed_start; on 2 real ranks in
+    test_distributed): one that keeps seeing another ends the run in one line naming both, after
+    looking again; a refusal every rank shares is that refusal."""
+    from launcher import checkpoint
+    from launcher.errors import ConfigError
+
+    monkeypatch.setattr(checkpoint, "AGREE_WAITS_S", (0, 0))
+    said: list[str] = []
+    mine = checkpoint.Start(checkpoint=tmp_path / "step-000006")
+    with pytest.raises(ConfigError) as e:
+        checkpoint.agreed_start(lambda: mine, lambda seen: [seen, "step 0"], said.append)
+    assert e.value.problems == [f"checkpoint.resume: the ranks see different checkpoints (rank 0: {mine.checkpoint}; rank 1: "
+                                "step 0) after 0 s: the shared file system does not show every node the same run directory"]
+    assert len(said) == 2 and all("looking again in 0 s" in x for x in said)
+
+    def refuse():
+        raise ConfigError("run directory R exists but holds no complete checkpoint to resume")
+
+    with pytest.raises(ConfigError, match="^run directory R exists"):
+        checkpoint.agreed_start(refuse, lambda seen: [seen, seen], said.append)
+    assert len(said) == 2
