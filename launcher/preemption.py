@@ -47,14 +47,16 @@ def grace_s() -> int | None:
         return TORCH_DEFAULT_S
 
 
-def acknowledge() -> None:
-    """Beside LAUNCHER_STOP_FILE, say the run stopped before its end to a stop request:
-    slurm/train.sh requeues the job only then (a warning that came during the final
-    evaluation or export, after the last step, requeued a finished run)."""
+def acknowledge(why: str) -> None:
+    """Beside LAUNCHER_STOP_FILE, say the run stopped before its end to a stop request, and
+    which (a signal's name, or "stop file ..."): slurm/train.sh requeues the job only then (a
+    warning that came during the final evaluation or export, after the last step, requeued a
+    finished run), and only for a request to go on (a SIGUSR1, the stop file, a preemption)."""
     stop_file = os.environ.get("LAUNCHER_STOP_FILE")
     if stop_file:
         try:
-            open(stop_file + ".stopped", "w").close()
+            with open(stop_file + ".stopped", "w") as f:
+                f.write(why + "\n")
         except OSError:
             pass
 

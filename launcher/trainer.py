@@ -589,7 +589,7 @@ class Trainer:
         why = "train.halt_at_step" if stop == "halt" else self.stop_signal
         self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
         if self.stop_signal and self.rt.is_main:  # (also with a halt at the same step)
-            preemption.acknowledge()  # slurm/train.sh requeues only a run that stopped early
+            preemption.acknowledge(self.stop_signal)  # slurm/train.sh requeues only a run that stopped early
         self.tracker.finish(status="KILLED")
         return {"status": "halted" if stop == "halt" else "stopped", "step": self.state.step, "run_dir": str(self.p.run_dir)}
 

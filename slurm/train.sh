@@ -170,16 +170,26 @@ done
 wait "$SRUN_PID" && status=0 || status=$?
 
 [ -z "$TIMER_PID" ] || kill "$TIMER_PID" 2>/dev/null || true
-# launcher writes STOP_FILE.stopped when the run stopped early to the request: a warning that
-# came after the last step (during the final evaluation or export) leaves a finished run.
+# launcher writes STOP_FILE.stopped when the run stopped early to a request, with what asked
+# (a signal's name, or "stop file ..."): a warning that came after the last step (during the
+# final evaluation or export) leaves a finished run.
 STOPPED=0
-[ ! -e "$LAUNCHER_STOP_FILE.stopped" ] || STOPPED=1
+WHY=""
+if [ -e "$LAUNCHER_STOP_FILE.stopped" ]; then
+    STOPPED=1
+    WHY=$(head -c 200 "$LAUNCHER_STOP_FILE.stopped" | head -n 1)
+fi
 rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"
 [ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true
-# The ranks may also have been stopped by a signal sent to them, not to this script
-# (`scancel --signal=USR1 JOB`): their word decides, not whether this script saw a warning.
+# A stop asks to go on later when this script caught the warning or a preemption, or when the
+# ranks were sent SIGUSR1 themselves (`scancel --signal=USR1 JOB`); a SIGTERM or SIGINT sent to
+# the ranks alone (`scancel --signal=TERM JOB`) stops the job for good, with its checkpoint.
+GO_ON=$PREEMPTED
+case "$WHY" in SIGUSR1|"stop file "*) GO_ON=1 ;; esac
 if [ "$status" = 0 ] && [ "$STOPPED" = 0 ] && [ "$PREEMPTED" = 1 ]; then
     echo "launcher: the run ended before the stop warning took effect: nothing to requeue"
+elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ] && [ "$GO_ON" = 0 ]; then
+    echo "launcher: the ranks stopped on ${WHY:-a stop request} with a checkpoint: not requeued (a SIGUSR1 would be)"
 elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ]; then
     echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
     scontrol requeue "$SLURM_JOB_ID"

@@ -171,7 +171,9 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
     (a worker killed under it would raise mid-step, with a traceback and no checkpoint); the
     worker ends with it, and the same command resumes to the uninterrupted run's weights."""
     run = tmp_path / "r"
-    proc = _start(tmp_path, "data.num_workers=1", env={"LAUNCHER_STALL": "0:3:4"}, own_group=True)
+    stop_file = tmp_path / "stop"  # as slurm/train.sh names one: the run says beside it why it stopped
+    proc = _start(tmp_path, "data.num_workers=1", env={"LAUNCHER_STALL": "0:3:4", "LAUNCHER_STOP_FILE": str(stop_file)},
+                  own_group=True)
     try:
         deadline = time.time() + 300
         while not (workers := _loader_workers(proc.pid)):  # training has started: its loader's worker is up
@@ -186,6 +188,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
         assert 1 <= step < 6  # the step the signal lands in depends on timing; the equalities below do not
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{step:06d}"]
         assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file() and not (run / "model").exists()
+        assert (tmp_path / "stop.stopped").read_text() == "SIGTERM\n"  # slurm/train.sh requeues a SIGUSR1 stop only
         deadline = time.time() + 30
         while any(_worker_alive(w) for w in workers):  # the worker ended too, none is left behind
             assert time.time() < deadline, workers
