@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import engines, faults, trust
-from launcher.errors import ConfigError, RunError
+from launcher.errors import ConfigError, RunError, UserError
 from launcher.config_changes import RUN_CONFIG  # in a checkpoint: the run config it was written under
 from launcher.owner import read_owner, started_from
 from launcher.preemption import INTERRUPTED
@@ -135,12 +135,12 @@ def agreed_start(resolve, gather, say) -> Start:
     saw an older checkpoint, or none, and loaded another state than the others (or refused the
     run alone, leaving the rest waiting). gather: every rank's value, in rank order (a collective)."""
     for wait in (*AGREE_WAITS_S, None):
-        refused: ConfigError | None = None
+        refused: Exception | None = None
         try:
             start = resolve()
             seen = str(start.checkpoint) if start.checkpoint else "step 0"
-        except ConfigError as e:
-            refused, seen = e, f"refused: {e.problems[0]}"
+        except (UserError, OSError, ValueError) as e:  # (any rank's failure must reach the collective too)
+            refused, seen = e, f"refused: {e.problems[0] if isinstance(e, UserError) and e.problems else e}"
         views = gather(seen)
         if len(set(views)) == 1:
             if refused is not None:
@@ -149,7 +149,7 @@ def agreed_start(resolve, gather, say) -> Start:
         differ = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v != views[0])
         if wait is None:
             raise ConfigError(f"checkpoint.resume: the ranks see different checkpoints (rank 0: {views[0]}; {differ}) "
-                              f"after {sum(AGREE_WAITS_S)} s: the shared file system does not show every node the same run directory")
+                              f"after {sum(AGREE_WAITS_S)} s: every node must see the same run directory")
         say(f"warning: the ranks see different checkpoints (rank 0: {views[0]}; {differ}); the shared file system "
             f"may not have caught up: looking again in {wait} s")
         time.sleep(wait)

@@ -110,10 +110,12 @@ def cmd_train(args) -> int:
     launch_flags = [f for f in ("num_processes", "nodes", "machine_rank", "main_process_ip", "main_process_port")
                     if getattr(args, f) is not None]
     if args.accelerate_config:
-        # Each rank would start a launch of its own. torchrun sets the first, accelerate's
-        # one-process launch the second; not LOCAL_RANK, which container hooks under srun
-        # (pyxis's PyTorch hook) export to a plain `launcher train --accelerate-config`.
-        if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ:
+        # Each rank would start a launch of its own. torchrun sets TORCHELASTIC_RUN_ID;
+        # accelerate's one-process launch always sets these three together (a user may set
+        # one, ACCELERATE_USE_CPU, as a switch); not LOCAL_RANK, which container hooks under
+        # srun (pyxis's PyTorch hook) export to a plain `launcher train --accelerate-config`.
+        one_process = ("ACCELERATE_USE_CPU", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")
+        if "TORCHELASTIC_RUN_ID" in os.environ or all(v in os.environ for v in one_process):
             raise UserError("--accelerate-config: this process is already one rank of a launch (accelerate launch or "
                             "torchrun started it); drop --accelerate-config there, or run launcher train "
                             "--accelerate-config without accelerate launch")

@@ -610,11 +610,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys the mapping's own override
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # a list or mapping as a key: the SafeLoader says so in its own words
+                continue
+            if twice:
                 raise yaml.constructor.ConstructorError(None, None, f"'{key}' appears twice in one mapping",
                                                         key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -625,7 +631,10 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
 
     def positive(name: str, value, allow_zero=False):
         # (not `value <= 0`: NaN compares false to everything and passed; inf is no value either)
-        if value is not None and not (math.isfinite(value) and (value > 0 or (value == 0 and allow_zero))):
+        if value is None:
+            return
+        finite = isinstance(value, int) or math.isfinite(value)  # (an int too large for a float is finite)
+        if not (finite and (value > 0 or (value == 0 and allow_zero))):
             out.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}; got {value}")
 
     positive("train.epochs", t.epochs)
@@ -634,6 +643,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     positive("train.global_batch_size", t.global_batch_size)
     positive("train.micro_batch_size", t.micro_batch_size)
     positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    positive("train.weight_decay", t.weight_decay, allow_zero=True)
     positive("train.max_grad_norm", t.max_grad_norm)
     positive("train.halt_at_step", t.halt_at_step)
     positive("data.max_length", d.max_length)

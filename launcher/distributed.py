@@ -169,7 +169,10 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
         raise ConfigError(f"{path}: expected a mapping of accelerate settings")
 
     def count(key: str, given: int | None) -> int:
-        value = given or data.get(key) or 1
+        value = given if given is not None else data.get(key)
+        value = 1 if value is None else value
+        if isinstance(value, str) and value.strip().isdigit():  # accelerate passes it on as text
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{path}: {key}: expected a whole number >= 1; got {value!r}")
         return value
@@ -192,7 +195,8 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
         )
     if launch.distributed_type == FSDP:
         version = (data.get("fsdp_config") or {}).get("fsdp_version") or 1
-        if version not in (1, 2):
+        version = int(version) if isinstance(version, str) and version.strip() in ("1", "2") else version
+        if isinstance(version, bool) or version not in (1, 2):
             raise ConfigError(f"{path}: fsdp_config.fsdp_version: expected 1 or 2; got {version!r}")
         launch.fsdp_version = version
     ds_fields = dict(data.get("deepspeed_config") or {})

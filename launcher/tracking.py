@@ -309,6 +309,8 @@ class Sender:
                          f"sending the {queued} metric values queued meanwhile, in order"
                          + (f" ({self.shed} older ones were dropped from the queue)" if self.shed else ""))
                 self.down_since, backoff = None, 1.0
+                with self.cond:
+                    self.shed = 0  # the next outage's queue warns again
             if drop and failed is not None:
                 tries, backoff = 0, 1.0
                 what = "metrics" if item[0] == "metrics" else item[1]
@@ -360,7 +362,7 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
         self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
-        self._system_lock, self._system_started = threading.Lock(), time.monotonic()
+        self._system_lock, self._system_started, self._reviving = threading.Lock(), time.monotonic(), False
         self.system = self._system_metrics(system_metrics_every_s) if system_metrics_every_s > 0 else None
 
     def _experiment(self, name: str, artifact_root: str | None) -> str:
@@ -419,18 +421,20 @@ class MLflowTracker(Tracker):
         monitor = self.system
         if monitor is None or monitor._process is None or monitor._process.is_alive() or self.sender.down_since is not None:
             return  # (_process: the monitor's thread, None once finished)
-        if time.monotonic() - self._system_started < REVIVE_SYSTEM_METRICS_S:
-            return
-        self._system_started = time.monotonic()
-        self.sender.put_call("system metrics", lambda: self._revive_system_metrics(monitor.sampling_interval))
+        if self._reviving or time.monotonic() - self._system_started < REVIVE_SYSTEM_METRICS_S:
+            return  # (one start queued at a time: a queue behind an outage may take minutes to reach it)
+        self._system_started, self._reviving = time.monotonic(), True
+        self.sender.put_call("system metrics", lambda: self._revive_system_metrics(monitor))
 
-    def _revive_system_metrics(self, every_s: float) -> None:
+    def _revive_system_metrics(self, ended) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         with self._system_lock:  # the run's end stops it under this lock: no monitor after the end
-            if self.system is None:
+            self._reviving = False
+            if ended is None or self.system is not ended:  # ended meanwhile, or already started again
                 return
-            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=self.uri)
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=ended.sampling_interval, resume_logging=True,
+                                           tracking_uri=self.uri)
             monitor.start()
             self.system = monitor
 

@@ -220,8 +220,11 @@ CASES = [
     # ---- found probing from outside: each was a traceback, a crash or a silent acceptance
     ("JSONL line null first", "train", TINY, _files("null\n" + GOOD),  # a segfault in the JSON reader
      "{tmp}/train.jsonl:1: expected a JSON object ({{...}}) on each line; got 'null'"),
+    ("JSON file null first", "train", TINY, _files("null\n" + GOOD, name="train.json"),
+     "{tmp}/train.json: expected a JSON object or array first; got 'null'"),
     ("JSONL line an array", "train", TINY, _files(GOOD + "[1, 2]\n"), "{tmp}/train.jsonl:41: expected a JSON object"),
     ("learning rate NaN", "train", TINY, _plain("train.lr=nan"), "train.lr: must be > 0; got nan"),
+    ("weight decay inf", "train", TINY, _plain("train.weight_decay=.inf"), "train.weight_decay: must be >= 0; got inf"),
     ("tiny model without heads", "train", TINY, _plain("model.tiny.num_heads=0"), "model.tiny.num_heads: must be > 0; got 0"),
     ("tiny model dropout 2", "train", TINY, _plain("model.tiny.dropout=2"), "model.tiny.dropout: must be in [0, 1); got 2.0"),
     ("negative seed", "train", TINY, _plain("train.seed=-1"), "train.seed: must be in [0, 2**32); got -1"),
@@ -349,7 +352,8 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("env", [{"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"}, {"ACCELERATE_USE_CPU": "True"}],
+@pytest.mark.parametrize("env", [{"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"},
+                                 {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}],
                          ids=["torchrun", "one-process"])
 def test_accelerate_config_inside_a_launch_is_refused_before_any_rank_starts_another(tmp_path, env):
     """`accelerate launch -m launcher train CONFIG --accelerate-config F` (the old help read as
@@ -369,6 +373,6 @@ def test_a_container_hooks_local_rank_is_no_launch(tmp_path):
     as if it ran inside a launch. The check goes past it (to the next one, here --nodes')."""
     proc = launcher("train", str(TINY), "--output-dir", str(tmp_path / "out"), "--accelerate-config",
                     str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--nodes", "2",
-                    env={"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"})
+                    env={"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "1"})  # (a user's switch)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: --nodes: more than one machine needs --machine-rank" in proc.stderr, proc.stderr

@@ -336,3 +336,17 @@ def test_a_resume_compares_with_a_config_whose_data_is_gone_and_through_a_linked
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.0001"):
         check_resume(load_config(TINY, ["train.lr=1e-4"], output_dir=str(tmp_path / "runs"), run_name="r"),
                      run / "checkpoints" / "step-000004")
+
+
+def test_yaml_merge_keys_still_load_and_an_odd_key_is_one_line(tmp_path):
+    """Refusing a key given twice must not refuse YAML's merge key (`<<: *defaults`, overridden
+    by the mapping's own keys), nor turn a list used as a key into a traceback."""
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("task: classification\ntrain:\n  <<: {lr: 1.0e-3, seed: 3}\n  seed: 5\n")
+    cfg = load_config(merged, [], check_files=False)
+    assert (cfg.train.lr, cfg.train.seed) == (1.0e-3, 5)
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("task: classification\n? [1, 2]\n: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(odd, [], check_files=False)
+    assert e.value.problems == [f"{odd}:2: not valid YAML (found unhashable key)"]

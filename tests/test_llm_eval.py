@@ -625,3 +625,5 @@ def test_launcher_eval_cuts_or_drops_a_long_row_as_the_run_did(tok):
     n = {how: causal_lm.evaluate_rows(model, tok, fmt, [short, long], max_length, None, 4, truncation=how)["n"]
          for how in ("truncate", "drop")}
     assert n == {"truncate": 2, "drop": 1}
+    with pytest.raises(DataError, match=r"^--data: no row left to evaluate: all 1 dropped"):  # not a loss of 0
+        causal_lm.evaluate_rows(model, tok, fmt, [long], max_length, None, 4, truncation="drop")

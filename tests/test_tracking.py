@@ -381,6 +381,15 @@ def test_system_metrics_start_again_after_mlflows_monitor_ended_on_an_error(tmp_
         first._process.join(30)
         before = steps()
         assert before and not first._process.is_alive()
+        # Behind a slow call (a queue draining after an outage), flushes queue one start, not one each.
+        release = threading.Event()
+        tracker.sender.put_call("a slow upload", lambda: release.wait(30))
+        tracker.flush()
+        tracker.flush()
+        with tracker.sender.cond:
+            starts = [item for item in tracker.sender.queue if item[0] == "call" and item[1] == "system metrics"]
+        release.set()
+        assert len(starts) == 1
         tracker.flush(wait=True)
         assert tracker.system is not first and tracker.system._process.is_alive()
         deadline = time.monotonic() + 30

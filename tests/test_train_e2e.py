@@ -990,7 +990,7 @@ def test_ranks_that_still_see_different_checkpoints_stop_with_one_line(monkeypat
     with pytest.raises(ConfigError) as e:
         checkpoint.agreed_start(lambda: mine, lambda seen: [seen, "step 0"], said.append)
     assert e.value.problems == [f"checkpoint.resume: the ranks see different checkpoints (rank 0: {mine.checkpoint}; rank 1: "
-                                "step 0) after 0 s: the shared file system does not show every node the same run directory"]
+                                "step 0) after 0 s: every node must see the same run directory"]
     assert len(said) == 2 and all("looking again in 0 s" in x for x in said)
 
     def refuse():

@@ -95,6 +95,12 @@ class Source:
                                              converters={c: str for c in header}, keep_default_na=False, na_filter=False)
             if path.suffix.lower() == ".jsonl":
                 _objects_only(path)
+            elif path.suffix.lower() == ".json":  # one document, or JSON lines: an object or array first
+                with open(path, "rb") as f:
+                    head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+                if head and head[:1] not in (b"{", b"["):
+                    got = head[:40].splitlines()[0].decode("utf-8", "replace")
+                    raise DataError(f"{path}: expected a JSON object or array first; got {got!r}")
             ds = datasets.load_dataset(self.fmt, data_files=str(path), split="train", cache_dir=str(cache_dir))
             # pyarrow's JSON reader keeps bytes that are not UTF-8 as they are; a full validation
             # finds them now (one C++ pass) rather than as a decode error in the middle of a map.
@@ -236,6 +242,8 @@ def _objects_only(path: Path) -> None:
         if f.seek(0, 2) == 0:
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if bytes(buf[:4096]).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+                return  # one JSON array (a .jsonl that is not): the reader takes it as a document
             found = _NOT_AN_OBJECT.search(buf)
             if found is not None:
                 line = buf[: found.start()].count(b"\n") + 1

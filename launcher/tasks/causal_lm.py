@@ -546,6 +546,9 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
                                                   tokenizer, fmt, kept)
     eval_rows = [{"input_ids": x, "labels": y, "answer": prompts.answer(r) or "", "question": prompts.question(r)}
                  for x, y, r in zip(ids, labels, kept)]
+    if not eval_rows:  # (scored, nothing reads as a loss of 0 and a perplexity of 1)
+        raise DataError(f"--data: no row left to evaluate: all {stats.rows} dropped (longer than max_length {max_length} "
+                        f"with data.truncation={truncation}, or no answer to score)")
     longest = max((generation.answer_tokens(y) for y in labels), default=0)
     batches = generation.EvalBatches(eval_rows, 0, 1, batch_size, pad_id(tokenizer))
     from launcher.tasks import lean_loss
