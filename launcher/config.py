@@ -605,23 +605,24 @@ def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, refusing a key given twice in one mapping: PyYAML keeps the last, so a second
-    `train:` section silently dropped the first one's settings."""
+    `train:` section silently dropped the first one's settings. Checked on each mapping as
+    written, before merge keys (`<<: *defaults`, which its own keys override) are folded in;
+    PyYAML folds a mapping merged elsewhere in place, so each is checked once, at first sight."""
 
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, whose keys the mapping's own override
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                twice = key in seen
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen: set = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # (a list or mapping as a key: the SafeLoader says so in its own words)
+                key = (key_node.tag, key_node.value)  # (the tag, resolved when composed: 1 and "1" differ)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"'{key_node.value}' appears twice in one mapping",
+                                                            key_node.start_mark)
                 seen.add(key)
-            except TypeError:  # a list or mapping as a key: the SafeLoader says so in its own words
-                continue
-            if twice:
-                raise yaml.constructor.ConstructorError(None, None, f"'{key}' appears twice in one mapping",
-                                                        key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
 
 
 def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -> list[str]:

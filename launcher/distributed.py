@@ -171,7 +171,7 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
     def count(key: str, given: int | None) -> int:
         value = given if given is not None else data.get(key)
         value = 1 if value is None else value
-        if isinstance(value, str) and value.strip().isdigit():  # accelerate passes it on as text
+        if isinstance(value, str) and value.strip().isdecimal() and value.strip().isascii():  # accelerate passes it on as text
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{path}: {key}: expected a whole number >= 1; got {value!r}")

@@ -49,9 +49,9 @@ def grace_s() -> int | None:
 
 def acknowledge(why: str) -> None:
     """Beside LAUNCHER_STOP_FILE, say the run stopped before its end to a stop request, and
-    which (a signal's name, or "stop file ..."): slurm/train.sh requeues the job only then (a
-    warning that came during the final evaluation or export, after the last step, requeued a
-    finished run), and only for a request to go on (a SIGUSR1, the stop file, a preemption)."""
+    which (a signal's name, "stop file ...", or "a signal to another rank"): slurm/train.sh
+    requeues the job only then (a warning that came during the final evaluation or export,
+    after the last step, requeued a finished run) and names it."""
     stop_file = os.environ.get("LAUNCHER_STOP_FILE")
     if stop_file:
         try:

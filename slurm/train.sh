@@ -177,21 +177,17 @@ STOPPED=0
 WHY=""
 if [ -e "$LAUNCHER_STOP_FILE.stopped" ]; then
     STOPPED=1
-    WHY=$(head -c 200 "$LAUNCHER_STOP_FILE.stopped" | head -n 1)
+    WHY=$(head -c 200 "$LAUNCHER_STOP_FILE.stopped" 2>/dev/null | head -n 1 || true)
 fi
 rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"
 [ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true
-# A stop asks to go on later when this script caught the warning or a preemption, or when the
-# ranks were sent SIGUSR1 themselves (`scancel --signal=USR1 JOB`); a SIGTERM or SIGINT sent to
-# the ranks alone (`scancel --signal=TERM JOB`) stops the job for good, with its checkpoint.
-GO_ON=$PREEMPTED
-case "$WHY" in SIGUSR1|"stop file "*) GO_ON=1 ;; esac
+# Any early stop requeues, whoever signalled the ranks (`scancel --signal=USR1 JOB` reaches them,
+# not this script; a preemption may signal only the steps; a signal reaches rank 0 after another
+# rank): an unfinished run goes on. `scancel JOB` ends a job for good.
 if [ "$status" = 0 ] && [ "$STOPPED" = 0 ] && [ "$PREEMPTED" = 1 ]; then
     echo "launcher: the run ended before the stop warning took effect: nothing to requeue"
-elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ] && [ "$GO_ON" = 0 ]; then
-    echo "launcher: the ranks stopped on ${WHY:-a stop request} with a checkpoint: not requeued (a SIGUSR1 would be)"
 elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ]; then
-    echo "launcher: requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
+    echo "launcher: the run stopped early (${WHY:-a stop request}): requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

@@ -222,6 +222,8 @@ CASES = [
      "{tmp}/train.jsonl:1: expected a JSON object ({{...}}) on each line; got 'null'"),
     ("JSON file null first", "train", TINY, _files("null\n" + GOOD, name="train.json"),
      "{tmp}/train.json: expected a JSON object or array first; got 'null'"),
+    ("JSON lines in a .json file, null later", "train", TINY, _files(GOOD + "null\n" + GOOD, name="train.json"),
+     "{tmp}/train.json:41: expected a JSON object"),
     ("JSONL line an array", "train", TINY, _files(GOOD + "[1, 2]\n"), "{tmp}/train.jsonl:41: expected a JSON object"),
     ("learning rate NaN", "train", TINY, _plain("train.lr=nan"), "train.lr: must be > 0; got nan"),
     ("weight decay inf", "train", TINY, _plain("train.weight_decay=.inf"), "train.weight_decay: must be >= 0; got inf"),

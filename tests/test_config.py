@@ -345,6 +345,18 @@ def test_yaml_merge_keys_still_load_and_an_odd_key_is_one_line(tmp_path):
     merged.write_text("task: classification\ntrain:\n  <<: {lr: 1.0e-3, seed: 3}\n  seed: 5\n")
     cfg = load_config(merged, [], check_files=False)
     assert (cfg.train.lr, cfg.train.seed) == (1.0e-3, 5)
+    # A mapping merged elsewhere is folded in place by PyYAML: checked after that, its merged
+    # key and its own override read as one key twice.
+    from launcher.config import _UniqueKeyLoader
+
+    nested = ("base: &base {hidden: 64, layers: 2}\npresets:\n  small: &small\n    <<: *base\n    hidden: 128\n"
+              "model:\n  <<: *small\n")
+    assert yaml.load(nested, Loader=_UniqueKeyLoader)["model"] == {"hidden": 128, "layers": 2}
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("task: classification\ntrain:\n  lr: 1.0e-3\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(twice, [], check_files=False)
+    assert e.value.problems == [f"{twice}:4: not valid YAML ('train' appears twice in one mapping)"]
     odd = tmp_path / "odd.yaml"
     odd.write_text("task: classification\n? [1, 2]\n: 3\n")
     with pytest.raises(ConfigError) as e:

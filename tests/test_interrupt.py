@@ -188,7 +188,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
         assert 1 <= step < 6  # the step the signal lands in depends on timing; the equalities below do not
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{step:06d}"]
         assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file() and not (run / "model").exists()
-        assert (tmp_path / "stop.stopped").read_text() == "SIGTERM\n"  # slurm/train.sh requeues a SIGUSR1 stop only
+        assert (tmp_path / "stop.stopped").read_text() == "SIGTERM\n"  # what slurm/train.sh's requeue line names
         deadline = time.time() + 30
         while any(_worker_alive(w) for w in workers):  # the worker ended too, none is left behind
             assert time.time() < deadline, workers

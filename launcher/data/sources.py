@@ -101,6 +101,8 @@ class Source:
                 if head and head[:1] not in (b"{", b"["):
                     got = head[:40].splitlines()[0].decode("utf-8", "replace")
                     raise DataError(f"{path}: expected a JSON object or array first; got {got!r}")
+                if _is_object(head.splitlines()[0] if head else b""):  # JSON lines under another name
+                    _objects_only(path)
             ds = datasets.load_dataset(self.fmt, data_files=str(path), split="train", cache_dir=str(cache_dir))
             # pyarrow's JSON reader keeps bytes that are not UTF-8 as they are; a full validation
             # finds them now (one C++ pass) rather than as a decode error in the middle of a map.
@@ -231,6 +233,13 @@ def _first_line(e: BaseException) -> str:
 # A line that starts with anything but an object: `null` first in a file (or in one of
 # datasets' 10 MB blocks) crashed pyarrow's JSON reader in C++, a segfault with no message.
 _NOT_AN_OBJECT = re.compile(rb"^(?!\xef\xbb\xbf[ \t\r]*\{)(?:\xef\xbb\xbf)?[ \t\r]*[^{ \t\r\n]", re.MULTILINE)  # a BOM is no row
+
+
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _objects_only(path: Path) -> None:
