@@ -134,7 +134,8 @@ def agreed_start(resolve, gather, say) -> Start:
     directory itself: on a shared file system whose cache lags on one node (NFS), that rank
     saw an older checkpoint, or none, and loaded another state than the others (or refused the
     run alone, leaving the rest waiting). gather: every rank's value, in rank order (a collective)."""
-    for wait in (*AGREE_WAITS_S, None):
+    waits = list(AGREE_WAITS_S)
+    while True:
         refused: Exception | None = None
         try:
             start = resolve()
@@ -147,13 +148,13 @@ def agreed_start(resolve, gather, say) -> Start:
                 raise refused
             return start
         differ = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v != views[0])
-        if wait is None:
+        if not waits:
             raise ConfigError(f"checkpoint.resume: the ranks see different checkpoints (rank 0: {views[0]}; {differ}) "
                               f"after {sum(AGREE_WAITS_S)} s: every node must see the same run directory")
+        wait = waits.pop(0)
         say(f"warning: the ranks see different checkpoints (rank 0: {views[0]}; {differ}); the shared file system "
             f"may not have caught up: looking again in {wait} s")
         time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 def partial_writes(run_dir: Path) -> list[Path]:

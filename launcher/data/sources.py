@@ -93,16 +93,8 @@ class Source:
                 # and an empty `labels` cell), not pandas' guesses (0.0, NaN).
                 return datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=str(cache_dir),
                                              converters={c: str for c in header}, keep_default_na=False, na_filter=False)
-            if path.suffix.lower() == ".jsonl":
-                _objects_only(path)
-            elif path.suffix.lower() == ".json":  # one document, or JSON lines: an object or array first
-                with open(path, "rb") as f:
-                    head = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
-                if head and head[:1] not in (b"{", b"["):
-                    got = head[:40].splitlines()[0].decode("utf-8", "replace")
-                    raise DataError(f"{path}: expected a JSON object or array first; got {got!r}")
-                if _is_object(head.splitlines()[0] if head else b""):  # JSON lines under another name
-                    _objects_only(path)
+            if path.suffix.lower() in (".jsonl", ".json"):
+                _check_json(path)
             ds = datasets.load_dataset(self.fmt, data_files=str(path), split="train", cache_dir=str(cache_dir))
             # pyarrow's JSON reader keeps bytes that are not UTF-8 as they are; a full validation
             # finds them now (one C++ pass) rather than as a decode error in the middle of a map.
@@ -235,24 +227,30 @@ def _first_line(e: BaseException) -> str:
 _NOT_AN_OBJECT = re.compile(rb"^(?!\xef\xbb\xbf[ \t\r]*\{)(?:\xef\xbb\xbf)?[ \t\r]*[^{ \t\r\n]", re.MULTILINE)  # a BOM is no row
 
 
-def _is_object(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-def _objects_only(path: Path) -> None:
-    """Every non-blank line of a JSONL file starts an object, or DataError at the first that
-    does not (one regex pass over the mapped file: about 0.5 s per 100 MB)."""
+def _check_json(path: Path) -> None:
+    """Before the fast reader sees it: a file that is one JSON array or document passes; JSON
+    lines (a .jsonl, or a .json whose first line is a whole object) must start an object on
+    every non-blank line, or DataError at the first that does not (one regex pass over the
+    mapped file: about 0.5 s per 100 MB)."""
     import mmap
 
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if bytes(buf[:4096]).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-                return  # one JSON array (a .jsonl that is not): the reader takes it as a document
+            head = bytes(buf[: 1 << 16]).lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head[:1] == b"[":
+                return  # one JSON array (a .jsonl that is not, too): the reader takes it as a document
+            first = head.splitlines()[0] if head else b""
+            if path.suffix.lower() == ".json":
+                if head and head[:1] != b"{":
+                    got = first[:40].decode("utf-8", "replace")
+                    raise DataError(f"{path}: expected a JSON object or array first; got {got!r}")
+                try:
+                    if not isinstance(json.loads(first), dict):
+                        return
+                except ValueError:
+                    return  # one document over many lines
             found = _NOT_AN_OBJECT.search(buf)
             if found is not None:
                 line = buf[: found.start()].count(b"\n") + 1
