@@ -882,6 +882,20 @@ def _export_whole(ckpt: Path, tmp: Path, auto, config, code: dict, state_dict: d
         _record_dtype(tmp, dtype)
 
 
+def _untuned_rule(ckpt: Path, meta: dict) -> str:
+    """A run with eval.tune_threshold tunes its cut once, at its end, on the weights it exports
+    (RUN/model/launcher.json): a checkpoint holds the 0.5 rule, and its export says so."""
+    if meta.get("task") != "classification" or meta.get("threshold_tuned") or not (ckpt / RUN_CONFIG).is_file():
+        return ""
+    import yaml
+
+    run_config = yaml.safe_load((ckpt / RUN_CONFIG).read_text()) or {}
+    if not (run_config.get("eval") or {}).get("tune_threshold"):
+        return ""
+    return ("; decision rule: 0.5, not a tuned cut (eval.tune_threshold tunes one only at the run's end, "
+            "into the run's model/launcher.json)")
+
+
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
     """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
 
@@ -908,6 +922,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
 
     code = remote_code_gate(skeleton, trust_remote_code)
     state_dict, source = engines.merged_weights(ckpt)
+    source += _untuned_rule(ckpt, meta)
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:
         cast_floats(state_dict, dtype)

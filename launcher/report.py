@@ -64,6 +64,12 @@ def record_predictions(run_dir: Path, step: int, rows: list[dict], answers: list
     tmp.replace(out / f"step-{step:06d}.jsonl")
 
 
+def per_class_f1(final: dict) -> dict:
+    """Each class's F1 under the exported rule: a tuned run's `f1/NAME@0.5` are the 0.5 rule's
+    beside them, not classes."""
+    return {k[3:]: v for k, v in final.items() if k.startswith("f1/") and not k.endswith("@0.5")}
+
+
 def plot_run(metrics_jsonl: Path, final: dict, out: Path) -> Path | None:
     """Loss curves (train and eval) beside final per-class F1, as one PNG."""
     if not metrics_jsonl.is_file():
@@ -78,7 +84,7 @@ def plot_run(metrics_jsonl: Path, final: dict, out: Path) -> Path | None:
     rows = read_metrics(metrics_jsonl)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    per_class = {k[3:]: v for k, v in final.items() if k.startswith("f1/")}
+    per_class = per_class_f1(final)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         ax1.plot(*zip(*train), label="train loss", lw=1)

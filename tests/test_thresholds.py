@@ -128,6 +128,20 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     preds = predict()
     assert [p["label"] for p in preds] == ["unfair" if p["probs"]["unfair"] > cut else "fair" for p in preds]
 
+    # A checkpoint was sealed before the cut was tuned: it holds the 0.5 rule, says so, and its
+    # export says so too (before, it claimed a tuned rule and applied 0.5 as if tuned).
+    ckpt = run / "checkpoints" / "step-000030"  # the last step's, evaluated at 0.5 as "last"
+    assert json.loads((ckpt / "skeleton" / "launcher.json").read_text())["threshold_tuned"] is False
+    out = check(launcher("export", str(ckpt), str(tmp_path / "from_ckpt"))).stdout
+    assert "decision rule: 0.5, not a tuned cut" in out
+    plain = json.loads(check(launcher("eval", str(tmp_path / "from_ckpt"), "--data", str(data))).stdout)
+    last = json.loads((run / "final_metrics.json").read_text())["last"]
+    # The training plot's classes are the labels, not the 0.5 rule's columns beside them.
+    from launcher.report import per_class_f1
+
+    assert sorted(per_class_f1(after)) == ["fair", "unfair"]
+    assert plain["macro_f1"] == pytest.approx(last["macro_f1"], abs=1e-9) and "macro_f1@0.5" not in plain
+
     # The tuned cut may well be 0.5 (it moves only when 0.5 is clearly worse), where the
     # stored cut and argmax agree. So store a cut that changes decisions, the median of the
     # unfair probabilities, and check that eval and predict both follow it.

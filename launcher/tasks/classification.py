@@ -404,6 +404,7 @@ class ClassificationTask:
         self.weights: torch.Tensor | None = None
         self.weights_cpu: torch.Tensor | None = None  # loss_items reads these: no device-to-host copy there
         self.threshold = THRESHOLD  # launcher.json's decision rule; tune() may replace it
+        self.tuned = False  # tune() ran: checkpoints and best/ snapshots written before it hold the 0.5 rule
         self.pad_note = ""
         self.new_note = ""  # LoRA's modules_to_save grown by what the load initialised
 
@@ -526,7 +527,7 @@ class ClassificationTask:
         else:
             logits, labels, plain = self._evaluate(rt, model, loader)
         multilabel = labels.dtype.is_floating_point
-        self.threshold = tune_cuts(logits, labels, self.label_names)
+        self.threshold, self.tuned = tune_cuts(logits, labels, self.label_names), True
         tuned = compute_metrics(logits, labels, self.label_names, cut_vector(self.threshold, self.label_names, multilabel))
         out = {**tuned, "loss": plain["loss"], "n": plain["n"]}
         out.update({f"{k}@0.5": v for k, v in plain.items() if k not in ("loss", "n")})
@@ -572,7 +573,7 @@ class ClassificationTask:
 
     def metadata(self) -> dict:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": self.threshold,
-                "threshold_tuned": bool(self.cfg.eval.tune_threshold), "labels": self.label_names,
+                "threshold_tuned": self.tuned, "labels": self.label_names,
                 "max_length": self.cfg.data.max_length,
                 # the training loss's class weights: `launcher eval` reports the run's evaluation loss
                 "class_weights": None if self.weights_cpu is None else self.weights_cpu.tolist()}
