@@ -39,7 +39,7 @@ class TrainState:
     """Everything besides Accelerate's state that a resume needs; saved with every checkpoint."""
 
     step: int = 0
-    epoch: int = 0
+    epoch: float = 0.0  # epochs completed (as logged); the data order follows from step
     tracker_ids: dict = field(default_factory=dict)
     best_metric: float | None = None
     best_step: int | None = None

@@ -8,9 +8,9 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
     export          inside the export: the weights are written, not yet renamed into place
 
 `LAUNCHER_STALL=RANK:WHERE:SECONDS` makes that rank sleep, WHERE being a step number (inside
-that optimizer step, after its backward passes: the hang the watchdog tests need) or
+that optimizer step, after its backward passes: the hang the watchdog tests need),
 `export` (rank 0 writing the final model while the others wait, whether it writes the live
-weights or adopts the best evaluation's snapshot). It says so on stderr, so a test knows the
+weights or adopts the best evaluation's snapshot) or `eval` (each evaluation, before it runs). It says so on stderr, so a test knows the
 stall happened.
 
 `LAUNCHER_SAVE_ERROR=RANK:STEP[:disk]` makes that rank's save of that step fail (a RuntimeError, or

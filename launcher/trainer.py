@@ -449,7 +449,7 @@ class Trainer:
                 self.rt.progress(p.total_steps, initial=state.step, every_s=cfg.tracking.print_every_s) as bar:
             for step, micro_batches in batches:
                 window.add(self.train_step(step, micro_batches))
-                state.step, state.epoch, state.metric_at_step = step + 1, p.sampler.epoch_of(step), None
+                state.step, state.epoch, state.metric_at_step = step + 1, p.sampler.epochs_done(step + 1), None
                 faults.point("step", state.step)
                 self.dog.beat(state.step)
                 bar.update(1)
@@ -504,6 +504,7 @@ class Trainer:
         step, stop = state.step, None
         if s.log(step):
             self.log(window.values(self.rt, cfg.train.global_batch_size, state.epoch), bar)
+        aside = time.perf_counter()  # evaluation, snapshot, checkpoint: not in the next logged step's time
         if s.eval(step):
             metrics = self.last_eval = self.evaluate(step)
             self.last_eval_step = step
@@ -525,6 +526,7 @@ class Trainer:
         elif s.flush(step):
             self.tracker.flush()
         self.dog.beat(step)
+        window.t0 += time.perf_counter() - aside
         return stop
 
     def snapshot_best(self, step: int) -> None:
@@ -576,6 +578,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         """The validation metrics logged and printed, and the sample generations."""
+        faults.stall("eval")
         metrics = self.metrics(step)
         self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         self.rt.print(f"step {step} eval: " + report.one_line(metrics))

@@ -327,6 +327,21 @@ def test_a_logging_window_reports_the_mean_loss_of_its_steps(tmp_path):
         assert losses[4][end] == pytest.approx(sum(losses[1][s] for s in range(end - 3, end + 1)) / 4, rel=1e-6)
 
 
+def test_a_logged_step_time_leaves_out_the_evaluation_before_it_and_epochs_count_completed(tmp_path):
+    """An evaluation stalled 6 s (LAUNCHER_STALL) after step 3: step 4's logged time is the
+    step's alone (it held the evaluation, 6 s and more, and its tokens/s fell with it).
+    train/epoch is epochs completed: step 6 of 12 per epoch is 0.5 (it was the 0-based
+    epoch index, 0 until step 12)."""
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "t", *FAST, "train.max_steps=6",
+                   "eval.every_steps=3", "eval.at_start=false", "checkpoint.every_steps=1000", "tracking.log_every_steps=1",
+                   "tracking.mlflow=false", env={"LAUNCHER_STALL": "0:eval:6"}))
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "t" / "metrics.jsonl").read_text().splitlines())
+               if "train/step_time_s" in r}
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    assert records[4]["train/step_time_s"] < 6
+    assert [records[s]["train/epoch"] for s in range(1, 7)] == [round(s / 12, 4) for s in range(1, 7)]
+
+
 def test_export_dtype_is_the_same_from_the_run_and_from_launcher_export(tmp_path):
     """checkpoint.export_dtype=bfloat16 on an fp32 run: model/ holds bf16 weights and says so,
     and `launcher export` of the exported step's checkpoint writes the same tensors."""

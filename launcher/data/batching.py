@@ -134,8 +134,9 @@ class StepSampler:
         """Position of this rank's k-th micro-batch within the global batch, the same under any world size."""
         return self.rank * self.accumulation + k
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def epochs_done(self, steps: int) -> float:
+        """Epochs completed after `steps` optimizer steps (1.0 at the end of the first), as logged."""
+        return round(steps / self.steps_per_epoch, 4)
 
     def padded_fraction(self, epoch: int = 0, grouped: bool | None = None) -> float:
         """Padding / all token slots over one epoch's micro-batches of every rank (each is
