@@ -28,6 +28,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed numpy takes, in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32); got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
     p.add_argument("--version", action="version", version=f"launcher {__version__}")
@@ -97,9 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write synthetic clause data (train.jsonl, validation.jsonl)")
     s.add_argument("out_dir")
-    s.add_argument("--n-train", type=int, default=1000)
-    s.add_argument("--n-validation", type=int, default=250)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=_count, default=1000)
+    s.add_argument("--n-validation", type=_count, default=250)
+    s.add_argument("--seed", type=_seed, default=0)
     return p
 
 

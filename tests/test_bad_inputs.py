@@ -316,8 +316,10 @@ def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_
     ["predict", "m", "--input", "x.txt", "--max-length", "many"],
     ["plan", "c.yaml", "--nodes", "0"],
     ["train", "c.yaml", "--num-processes", "0"],
+    ["synth", "s", "--n-train", "-5"],
+    ["synth", "s", "--n-validation", "0"],
 ], ids=["eval batch 0", "eval max-length 0", "generate 0 tokens", "predict batch -1", "predict max-length text",
-        "plan 0 nodes", "train 0 processes"])
+        "plan 0 nodes", "train 0 processes", "synth -5 rows", "synth 0 validation rows"])
 def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(tmp_path, args):
     """Batch sizes, lengths and token counts of eval, generate and predict are whole numbers of
     at least 1, checked with the arguments: a batch size of 0 was a traceback inside the
@@ -326,6 +328,14 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     flag, value = args[-2:]
     assert proc.stderr.splitlines()[-1] == f"launcher {args[0]}: error: argument {flag}: expected an integer >= 1; got '{value}'"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_synthetic_seed_out_of_numpys_range_is_refused_with_the_arguments(tmp_path):
+    """`launcher synth --seed -1` was a traceback from numpy's generator."""
+    proc = launcher("synth", "s", "--seed", "-1", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "launcher synth: error: argument --seed: expected an integer in [0, 2**32); got '-1'"
     assert not list(tmp_path.iterdir())
 
 
