@@ -190,7 +190,13 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
         )
     latest = complete_checkpoints(run_dir / "checkpoints")
     if latest:
-        return Start(checkpoint=latest[-1][1], partial=partial_writes(run_dir))
+        newest = latest[-1][1]
+        if not trusted and trust.changed_since_signed(newest, [p for _, p in latest[:-1]]):
+            before = f"remove it to resume from {latest[-2][1].name}" if len(latest) > 1 else "remove it to start again"
+            raise ConfigError(f"checkpoint.resume: {newest} changed after it was sealed (a file truncated, removed, "
+                              f"added or rewritten) and would not load as written; {before}, or set "
+                              "checkpoint.trust=true to load it as it is")
+        return Start(checkpoint=newest, partial=partial_writes(run_dir))
     owner = read_owner(run_dir)
     if job_id and owner.get("slurm_job_id") == job_id:
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
@@ -909,6 +915,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     if (ckpt / "latest").is_file() or any(p.is_dir() for p in ckpt.glob("pytorch_model_fsdp_0*")):
         trust.require(ckpt, trusted, "launcher export", "pass --trust-checkpoint",
                       only=tuple(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != SKELETON))
+    if not trusted and trust.changed_since_signed(ckpt, []):
+        raise ConfigError(f"{ckpt}: changed after it was sealed (a file truncated, removed, added or rewritten) and "
+                          "would not load as written; pass --trust-checkpoint to read it as it is")
     if not (ckpt / SKELETON / "config.json").is_file():
         raise ConfigError(f"{ckpt}: no {SKELETON}/config.json (written by launcher since checkpoints carry one)")
     if out_dir.exists():

@@ -18,7 +18,9 @@ is trusted (`checkpoint.trust=true`, `launcher export --trust-checkpoint`):
   files changed since, is refused in one line naming the pickles it would load.
 - The run's own checkpoints, found by auto-resume in its run directory, are trusted as before,
   and a checkpoint holding no pickle that would be loaded (an export from model.safetensors)
-  needs nothing.
+  needs nothing. But the newest of them is checked against its signature: one whose files
+  changed after it was sealed (a file truncated, removed or rewritten) would fail to load
+  half-way, so auto-resume refuses it in one line that names the intact one before it.
 - A key that cannot be made or read (a read-only home) never costs a checkpoint: the marker
   is written unsigned, with one warning; such checkpoints resume by path with checkpoint.trust.
 
@@ -129,6 +131,20 @@ def signed_by_this_user(ckpt: Path) -> bool:
         return hmac.compare_digest(recorded, hmac.new(key, _manifest(ckpt), hashlib.sha256).hexdigest())
     except (OSError, ValueError, AttributeError):  # unreadable, or files going away under us
         return False
+
+
+def changed_since_signed(ckpt: Path, older: list[Path]) -> bool:
+    """Whether this user's key signed `ckpt` and its files changed since (one truncated,
+    removed, added or rewritten). False when that cannot be told: unsigned, no key, or a key
+    newer than the marker (made again since) that verifies none of the `older` checkpoints."""
+    try:
+        recorded = json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
+        if not recorded or _key(create=False) is None or signed_by_this_user(ckpt):
+            return False
+        key_was_there = key_file().stat().st_mtime <= (ckpt / MARKER).stat().st_mtime
+    except (OSError, ValueError, AttributeError):
+        return False
+    return key_was_there or any(signed_by_this_user(p) for p in older)
 
 
 def pickles(ckpt: Path, only: tuple[str, ...] = ()) -> list[str]:

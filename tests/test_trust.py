@@ -116,6 +116,47 @@ def test_a_checkpoint_from_elsewhere_is_not_unpickled_unless_trusted(tmp_path):
         assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_a_run_checkpoint_damaged_after_its_seal_is_one_line_naming_the_intact_one_before_it(tmp_path):
+    """A sealed checkpoint whose file was truncated later (a full scratch disk, a bad copy) was
+    a traceback from deep inside the load on auto-resume and in `launcher export`, after the
+    resume had recorded its config change. Its signature tells: refused in one line naming the
+    intact checkpoint before it; removed, the run resumes from that one. A key made again since
+    the seal (verifying none of the run's checkpoints) cannot tell, so it never refuses."""
+    import os
+    import shutil
+
+    base = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", "train.max_steps=6",
+            "checkpoint.every_steps=2", "eval.at_start=false", "eval.every_steps=0", "tracking.mlflow=false"]
+    check(launcher(*base, "train.halt_at_step=4"))
+    run = tmp_path / "r"
+    shutil.copytree(run, tmp_path / "copy")
+    step4 = run / "checkpoints" / "step-000004"
+    weights = step4 / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    history = (run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else None
+
+    proc = launcher(*base)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0] == (f"error: checkpoint.resume: {step4} changed after it was sealed (a file truncated, removed, "
+                         "added or rewritten) and would not load as written; remove it to resume from step-000002, "
+                         "or set checkpoint.trust=true to load it as it is")
+    now = (run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else None
+    assert now == history  # the dropped halt_at_step was not recorded as this run's change
+    proc = launcher("export", str(step4), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert proc.stderr.splitlines()[-1].startswith(f"error: {step4}: changed after it was sealed")
+
+    shutil.rmtree(step4)
+    assert f"resuming from {run / 'checkpoints' / 'step-000002'}" in check(launcher(*base)).stdout.splitlines()
+
+    # The intact copy under a key made again after its seal: resumed, not refused.
+    key = tmp_path / "new.key"
+    key.write_text(os.urandom(32).hex())
+    proc = check(launcher(*base[:4], "--run-name", "copy", *base[6:], env={"LAUNCHER_KEY_FILE": str(key)}))
+    assert f"resuming from {tmp_path / 'copy' / 'checkpoints' / 'step-000004'}" in proc.stdout.splitlines()
+
+
 def test_export_reads_shards_of_a_foreign_checkpoint_only_when_trusted(tmp_path):
     """ZeRO shards are pickles: a checkpoint without this user's signature is refused before
     DeepSpeed's reader opens them."""
