@@ -68,6 +68,10 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
+    def log_outcome(self, values: dict) -> None:
+        """What the run ended with (the exported step and its score): unlike params, replaced
+        when a resumed or extended run ends again."""
+
     def log_table(self, rows: list[dict], name: str, step: int) -> None:
         """Rows of one table (same keys each), appended to the run's table `name`."""
 
@@ -461,6 +465,12 @@ class MLflowTracker(Tracker):
 
         self.sender.put_call("params", send)
 
+    def log_outcome(self, values: dict) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, str(v)) for k, v in values.items()]  # tags, as params cannot change
+        self.sender.put_call("outcome", lambda: self.client.log_batch(self.run_id, tags=tags))
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
@@ -638,6 +648,9 @@ class WandbTracker(Tracker):
     def log_params(self, params: dict) -> None:
         self.run.config.update(params, allow_val_change=True)
 
+    def log_outcome(self, values: dict) -> None:
+        self.run.summary.update(values)
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         self.run.log(dict(metrics), step=step)
 
@@ -718,6 +731,10 @@ class MultiTracker(Tracker):
     def log_params(self, params):
         for t in self.trackers:
             t.log_params(params)
+
+    def log_outcome(self, values):
+        for t in self.trackers:
+            t.log_outcome(values)
 
     def log_metrics(self, metrics, step):
         for t in self.trackers:

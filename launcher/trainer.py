@@ -643,7 +643,7 @@ class Trainer:
                                   masters=p.checkpointer.last if self.reads_masters else None)
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}
-        self.tracker.log_params({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})
+        self.tracker.log_outcome({"exported.step": exported_step, f"exported.{metric}": exported_eval.get(metric)})
         rt.on_main(_write_outputs, p.run_dir, summary, self.tracker)
         if snapshot is None:
             rt.on_main(ckpt_lib.remove_best, p.run_dir)  # a snapshot of no use any more

@@ -187,5 +187,5 @@ def test_server_lost_mid_run_and_back(tmp_path):
     assert all(abs(m.value - jsonl[m.step]) < 1e-6 for m in history)
     assert evals == [0, 10, 20, 30]
     exported = json.loads((tmp_path / "runs" / "lost" / "final_metrics.json").read_text())["exported_step"]
-    assert mlrun.data.params["exported.step"] == str(exported)  # a param logged after the outage
+    assert mlrun.data.tags["exported.step"] == str(exported)  # logged after the outage
     assert {"config.yaml", "final_metrics.json", "training.png"} <= artifacts

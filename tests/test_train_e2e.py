@@ -380,6 +380,19 @@ def test_a_resume_by_path_into_a_directory_with_that_step_or_later_is_refused(tm
     assert resolve_resume(tmp_path / "fresh", str(elsewhere), trusted=True).checkpoint == elsewhere
 
 
+def test_an_extended_run_ends_with_its_new_export_in_the_tracker(tmp_path):
+    """exported.step and its score were params, which MLflow never changes: a run extended from
+    2 steps to 4 still said it exported step 2. They are tags now, replaced at each end."""
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "eval.every_steps=2",
+            "checkpoint.every_steps=2", "checkpoint.export=last"]
+    check(launcher(*args, "train.max_steps=2"))
+    check(launcher(*args, "train.max_steps=4"))
+    (run,) = all_runs(mlflow_client(tmp_path))
+    final = json.loads((tmp_path / "x" / "final_metrics.json").read_text())
+    assert final["exported_step"] == 4 and run.data.tags["exported.step"] == "4"
+    assert float(run.data.tags["exported.macro_f1"]) == pytest.approx(final["after"]["macro_f1"], abs=1e-9)
+
+
 def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp_path):
     """The only evaluation of a 4-step run is its last step, so the best is the live weights and
     no snapshot is taken. Extended to 8 steps without evaluations (and without keeping that
