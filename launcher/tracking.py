@@ -902,7 +902,7 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
         mlflow = _starting(f"MLflow at {redact_uri(uri)}", uri, trackers, lambda: MLflowTracker(
             uri, t.experiment, setup.run_name, resume_ids.get("mlflow"), setup.artifact_root, tags, t.outage_wait_s,
             t.system_metrics_every_s))
-        if mlflow.resumed or mlflow.replaced:
+        if mlflow.resumed or mlflow.replaced or resume_step is not None:  # (the last: MLflow turned on at a resume)
             mlflow.backfill(jsonl.records())
         trackers.append(mlflow)
     # The config wins where it says something; otherwise W&B's own variables do, as in any

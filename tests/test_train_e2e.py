@@ -393,6 +393,20 @@ def test_an_extended_run_ends_with_its_new_export_in_the_tracker(tmp_path):
     assert float(run.data.tags["exported.macro_f1"]) == pytest.approx(final["after"]["macro_f1"], abs=1e-9)
 
 
+def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
+    """The MLflow run a resume created (tracking.mlflow was false before) held only the steps
+    after the resume: metrics.jsonl's earlier values are sent to it, as to a run whose
+    tracking.uri changed."""
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "train.max_steps=4",
+            "eval.every_steps=2", "checkpoint.every_steps=2"]
+    check(launcher(*args, "train.halt_at_step=2", "tracking.mlflow=false"))
+    check(launcher(*args))
+    (run,) = all_runs(mlflow_client(tmp_path))
+    client = mlflow_client(tmp_path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 2, 4]
+
+
 def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp_path):
     """The only evaluation of a 4-step run is its last step, so the best is the live weights and
     no snapshot is taken. Extended to 8 steps without evaluations (and without keeping that
