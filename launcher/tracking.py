@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import secrets
 import sys
@@ -137,6 +138,17 @@ UNKNOWN_TRIES = 5
 MAX_QUEUED_METRICS = 2_000_000
 # How often a run may start MLflow's system-metrics monitor again after it ended on an error.
 REVIVE_SYSTEM_METRICS_S = 60.0
+
+
+# Measured, not computed: a resumed attempt's differ from a killed one's at the same step.
+TIMINGS = ("train/samples_per_s", "train/tokens_per_s", "train/step_time_s", "train/mfu", "train/gpu_mem_peak_gb")
+
+
+def _logged(have: dict, metric) -> bool:
+    """Whether the run holds this value at this step already (a timing: any value there)."""
+    if metric.step not in have:
+        return False
+    return metric.key in TIMINGS or math.isclose(have[metric.step], metric.value, rel_tol=1e-6, abs_tol=1e-12)
 
 
 def _permanent(error: Exception) -> bool:
@@ -480,21 +492,26 @@ class MLflowTracker(Tracker):
     def backfill(self, records: list[dict]) -> None:
         """On resume, make the run's history one value per (metric, step): send what
         metrics.jsonl kept (steps up to the checkpoint) that the run lacks (still queued when
-        an earlier attempt was killed), and from then on skip steps the run already has
-        (logged by the killed attempt past its last checkpoint; the resumed run recomputes
-        the same values)."""
+        an earlier attempt was killed), and from then on skip a step's value the run already
+        has (logged by a killed attempt past its last checkpoint: the resumed run recomputes
+        the same). A different value is sent: the resume changed what it computes (a new lr,
+        or a history gone back to an earlier checkpoint); MLflow keeps both, the newer as the
+        latest. Timings differ at every attempt: a step that has them is not sent again."""
         from mlflow.entities import Metric
 
         def send():
             now = int(time.time() * 1000)
             keys = {mlflow_key(k) for r in records for k in r if k != "step"} | set(self.client.get_run(self.run_id).data.metrics)
-            have = {k: {m.step for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+            have: dict = {}
+            for k in keys:  # each step's latest value
+                for m in sorted(self.client.get_metric_history(self.run_id, k), key=lambda m: m.timestamp):
+                    have.setdefault(k, {})[m.step] = m.value
             missing = [Metric(mlflow_key(k), float(v), now, r["step"]) for r in records for k, v in r.items()
-                       if k != "step" and r["step"] not in have[mlflow_key(k)]]
+                       if k != "step" and r["step"] not in have.get(mlflow_key(k), {})]
             for i in range(0, len(missing), 1000):
                 self.client.log_batch(self.run_id, metrics=missing[i : i + 1000])
             for m in missing:
-                have[m.key].add(m.step)
+                have.setdefault(m.key, {})[m.step] = m.value
             self._have = have
             if missing:
                 self.sender.say(f"tracking: {len(missing)} metric values from metrics.jsonl that the MLflow run "
@@ -504,7 +521,7 @@ class MLflowTracker(Tracker):
 
     def _send_metrics(self, metrics: list) -> None:
         if self._have:
-            metrics = [m for m in metrics if m.step not in self._have.get(m.key, ())]
+            metrics = [m for m in metrics if not _logged(self._have.get(m.key, {}), m)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 

@@ -407,6 +407,31 @@ def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 2, 4]
 
 
+def test_a_resume_that_changes_the_values_sends_them_again_to_mlflow(tmp_path):
+    """Gone back to step 2 with a new lr (checkpoint.resume_changed=allow): steps 3-4 train
+    anew. The MLflow run skipped every step it already had, assuming the same values, so it
+    kept the abandoned history's while metrics.jsonl and the export held the new one."""
+    import shutil
+
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "train.max_steps=4",
+            "eval.every_steps=2", "checkpoint.every_steps=2"]
+    check(launcher(*args, "train.halt_at_step=4"))
+    ckpts = tmp_path / "x" / "checkpoints"
+    shutil.rmtree(ckpts / "step-000004")
+    check(launcher(*args, f"checkpoint.resume={ckpts / 'step-000002'}", "train.lr=0.05", "checkpoint.resume_changed=allow"))
+    jsonl: dict = {}
+    for r in map(json.loads, (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()):
+        jsonl.setdefault(r["step"], {}).update(r)
+    client = mlflow_client(tmp_path)
+    (run,) = all_runs(client)
+    for name in ("train/loss", "train/lr", "eval/loss"):
+        history = client.get_metric_history(run.info.run_id, name)
+        for step in (3, 4) if name.startswith("train/") else (4,):
+            newest = max((m for m in history if m.step == step), key=lambda m: m.timestamp)
+            assert newest.value == pytest.approx(jsonl[step][name], rel=1e-6), (name, step)
+    assert run.data.metrics["train/lr"] == pytest.approx(jsonl[4]["train/lr"], rel=1e-6)
+
+
 def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp_path):
     """The only evaluation of a 4-step run is its last step, so the best is the live weights and
     no snapshot is taken. Extended to 8 steps without evaluations (and without keeping that
