@@ -25,7 +25,7 @@ from pathlib import Path
 from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError, UserError
 from launcher.config_changes import RUN_CONFIG  # in a checkpoint: the run config it was written under
-from launcher.owner import read_owner, started_from
+from launcher.owner import read_owner, started_from, went_back_to
 from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
@@ -122,6 +122,10 @@ class Start:
     # What a killed attempt left half-written: never loaded, never counted for retention;
     # reported and removed once the run directory is taken.
     partial: list = field(default_factory=list)
+    # One of the run's own checkpoints named by path (checkpoint.resume=PATH): the run goes
+    # back to it, and job.json records that, so the same command again goes on from the
+    # checkpoints this history writes after it.
+    went_back: bool = False
 
 
 # How long ranks that see different checkpoints wait, one pause per try, for the shared file
@@ -217,7 +221,7 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
     record = None if own else started_from(run_dir, path)  # this run's job.json, when PATH is its source
     ours = record is not None
     mine = complete_checkpoints(run_dir / "checkpoints")
-    if ours and mine:  # PATH itself may have been rotated away in its run since
+    if (ours or own and went_back_to(run_dir, path)) and mine:  # PATH itself may have been rotated away since
         return Start(checkpoint=mine[-1][1], partial=partial_writes(run_dir))
     if not (path / MARKER).is_file():
         raise ConfigError(f"checkpoint.resume: {resume}: not a complete checkpoint (no {MARKER} marker)")
@@ -229,7 +233,7 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
                           f"{', '.join(p.name for p in later)} of another history; resume into another --run-name, "
                           "or remove those to go back")
     if own:
-        return Start(checkpoint=path)
+        return Start(checkpoint=path, went_back=True)
     if run_dir.exists() and not ours:
         raise ConfigError(f"checkpoint.resume: {resume} is another run's checkpoint, and {run_dir} already exists: "
                           "a run started from it needs a new --run-name")

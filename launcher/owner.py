@@ -23,13 +23,19 @@ def read_owner(run_dir: Path) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
-def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = None, started_from: Path | None = None) -> None:
+def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = None, started_from: Path | None = None,
+                 went_back_to: Path | None = None) -> None:
     """Written whole (a rename), with the tracker ids once tracking has started (a checkpoint
-    carries them too, but may not exist yet); `started_from` is kept when the ids come later."""
+    carries them too, but may not exist yet); `started_from` (another run's checkpoint this
+    one began from) and `went_back_to` (the run's own earlier checkpoint it was sent back to,
+    checkpoint.resume=PATH) are kept when the ids come later."""
     owner = {"slurm_job_id": job_id, "tracker_ids": tracker_ids or {}}
-    source = str(started_from.resolve()) if started_from else read_owner(run_dir).get("started_from")
+    before = read_owner(run_dir)
+    source = str(started_from.resolve()) if started_from else before.get("started_from")
     if source:
         owner["started_from"] = source
+    if went_back_to is not None or before.get("went_back_to"):
+        owner["went_back_to"] = str(went_back_to.resolve()) if went_back_to is not None else before["went_back_to"]
     tmp = run_dir / f".{OWNER_FILE}.tmp"
     tmp.write_text(json.dumps(owner))
     tmp.replace(run_dir / OWNER_FILE)
@@ -41,6 +47,12 @@ def newer_than(run_dir: Path, checkpoint: Path) -> bool:
         return (run_dir / OWNER_FILE).stat().st_mtime_ns > (checkpoint / MARKER).stat().st_mtime_ns
     except OSError:
         return False
+
+
+def went_back_to(run_dir: Path, checkpoint: str | Path) -> bool:
+    """Whether an earlier attempt of this run went back to that checkpoint of its own: the
+    checkpoints after it are that attempt's history, which the same command goes on with."""
+    return read_owner(run_dir).get("went_back_to") == str(Path(checkpoint).resolve())
 
 
 def started_from(run_dir: Path, checkpoint: str | Path) -> dict | None:

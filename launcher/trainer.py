@@ -680,6 +680,9 @@ def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             owner.record_owner(run_dir, rt.job_id, start.tracker_ids, start.forked_from)
             (run_dir / INTERRUPTED).unlink(missing_ok=True)  # this attempt restarts in place
+        elif start.went_back:
+            prior = owner.read_owner(run_dir)
+            owner.record_owner(run_dir, rt.job_id, prior.get("tracker_ids"), went_back_to=start.checkpoint)
         return None
 
     refused = rt.gather_objects(rt.on_main(create))[0]  # every rank stops alike

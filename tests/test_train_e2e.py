@@ -407,10 +407,11 @@ def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 2, 4]
 
 
-def test_a_resume_that_changes_the_values_sends_them_again_to_mlflow(tmp_path):
+def test_a_resume_that_goes_back_and_changes_the_values_sends_them_again_and_goes_on(tmp_path):
     """Gone back to step 2 with a new lr (checkpoint.resume_changed=allow): steps 3-4 train
     anew. The MLflow run skipped every step it already had, assuming the same values, so it
-    kept the abandoned history's while metrics.jsonl and the export held the new one."""
+    kept the abandoned history's while metrics.jsonl and the export held the new one. Halted
+    at step 3, the same command again was refused: step-3 counted as another history's."""
     import shutil
 
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "train.max_steps=4",
@@ -418,7 +419,12 @@ def test_a_resume_that_changes_the_values_sends_them_again_to_mlflow(tmp_path):
     check(launcher(*args, "train.halt_at_step=4"))
     ckpts = tmp_path / "x" / "checkpoints"
     shutil.rmtree(ckpts / "step-000004")
-    check(launcher(*args, f"checkpoint.resume={ckpts / 'step-000002'}", "train.lr=0.05", "checkpoint.resume_changed=allow"))
+    back = [f"checkpoint.resume={ckpts / 'step-000002'}", "train.lr=0.05", "checkpoint.resume_changed=allow"]
+    check(launcher(*args, *back, "train.halt_at_step=3"))
+    # The same command again (a requeue) goes on with this history's step-3, which it refused
+    # as "another history's" checkpoint.
+    proc = check(launcher(*args, *back))
+    assert f"resuming from {ckpts / 'step-000003'}" in proc.stdout.splitlines()
     jsonl: dict = {}
     for r in map(json.loads, (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()):
         jsonl.setdefault(r["step"], {}).update(r)
