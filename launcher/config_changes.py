@@ -106,23 +106,29 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     return dict(sorted({**accepted, **refused}.items()))
 
 
-def record(run_dir: Path, step: int, diff: dict, cfg) -> list[str]:
-    """Rank 0, once the run directory is in use: the history line, config.yaml made current,
-    and the lines to print."""
+def lines(diff: dict) -> list[str]:
+    """The changes of a resume, as printed."""
+    if not diff:
+        return []
+    return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
+
+
+def record(run_dir: Path, step: int, diff: dict, cfg) -> None:
+    """Rank 0, once the resumed run goes on (not one already finished, where nothing would
+    follow them): the history line, and config.yaml made current."""
     import json
     import time
 
     from launcher.config import dump_yaml
 
     if not diff:
-        return []
+        return
     with open(run_dir / "config_history.jsonl", "a") as f:
         f.write(json.dumps({"time": time.time(), "resumed_at_step": step,
                             "changed": {k: [was, now] for k, (was, now) in diff.items()}}, default=str) + "\n")
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(dump_yaml(cfg))
     tmp.replace(run_dir / "config.yaml")
-    return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
 
 
 def follow_schedule(scheduler, optimizer, diff: dict, lr: float, weight_decay: float, always: bool = False) -> None:

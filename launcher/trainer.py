@@ -55,8 +55,11 @@ def train(cfg: RunConfig) -> dict:
     patience, waited = cfg.eval.early_stopping_patience, parts.state.evals_without_improvement
     stopped_early = 0 < patience <= waited
     if (parts.state.step >= parts.total_steps or stopped_early) and _exported_at(run_dir, rt) == parts.state.step:
-        rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do")
+        rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do"
+                 + ("; the changes above are not recorded (nothing follows them)" if pre.changed else ""))
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
+    if pre.resumed is not None:
+        rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg)
     tracker = start_tracker(cfg, parts, pre, warm_tracker)
     with tracker:  # on any exception: the stacks kept first (the dog exits first), then the tracker run FAILED
         trainer = Trainer(cfg, parts, tracker)
@@ -143,7 +146,7 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
                      "left as it is")
         if pre.moved:
             rt.print(pre.moved)
-        for line in rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg) or []:
+        for line in config_changes.lines(pre.changed):
             rt.print(line)
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "

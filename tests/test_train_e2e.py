@@ -164,6 +164,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     # Finished: running again does nothing and changes nothing.
     again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common))
     assert "already finished at step 24" in again.stdout
+    # A change to a finished run is not recorded: nothing follows it (config.yaml said
+    # checkpoint.export: last while model/ stayed the best evaluation's).
+    config = (tmp_path / "b" / "r" / "config.yaml").read_text()
+    again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common,
+                           "checkpoint.export=last"))
+    assert "checkpoint.export: 'best' -> 'last'" in again.stdout
+    assert "already finished at step 24; nothing to do; the changes above are not recorded" in again.stdout
+    assert (tmp_path / "b" / "r" / "config.yaml").read_text() == config
     # checkpoint.resume=never refuses to touch an existing run directory.
     before = sorted(str(p) for p in (tmp_path / "b" / "r").rglob("*"))
     never = launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common, "checkpoint.resume=never")
