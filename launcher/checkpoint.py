@@ -919,9 +919,6 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     if (ckpt / "latest").is_file() or any(p.is_dir() for p in ckpt.glob("pytorch_model_fsdp_0*")):
         trust.require(ckpt, trusted, "launcher export", "pass --trust-checkpoint",
                       only=tuple(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != SKELETON))
-    if not trusted and trust.changed_since_signed(ckpt, []):
-        raise ConfigError(f"{ckpt}: changed after it was sealed (a file truncated, removed, added or rewritten) and "
-                          "would not load as written; pass --trust-checkpoint to read it as it is")
     if not (ckpt / SKELETON / "config.json").is_file():
         raise ConfigError(f"{ckpt}: no {SKELETON}/config.json (written by launcher since checkpoints carry one)")
     if out_dir.exists():
@@ -934,7 +931,13 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     from launcher.models import remote_code_gate
 
     code = remote_code_gate(skeleton, trust_remote_code)
-    state_dict, source = engines.merged_weights(ckpt)
+    try:
+        state_dict, source = engines.merged_weights(ckpt)
+    except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
+        if trust.changed_since_signed(ckpt, []):
+            raise ConfigError(f"{ckpt}: its weights cannot be read, and its files changed after it was sealed (a file "
+                              f"truncated, removed or rewritten): {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+        raise
     source += _untuned_rule(ckpt, meta)
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:

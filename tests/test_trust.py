@@ -145,7 +145,8 @@ def test_a_run_checkpoint_damaged_after_its_seal_is_one_line_naming_the_intact_o
     assert now == history  # the dropped halt_at_step was not recorded as this run's change
     proc = launcher("export", str(step4), str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
-    assert proc.stderr.splitlines()[-1].startswith(f"error: {step4}: changed after it was sealed")
+    assert proc.stderr.splitlines()[-1].startswith(f"error: {step4}: its weights cannot be read, and its files changed "
+                                                   "after it was sealed (a file truncated, removed or rewritten): ")
 
     shutil.rmtree(step4)
     assert f"resuming from {run / 'checkpoints' / 'step-000002'}" in check(launcher(*base)).stdout.splitlines()
