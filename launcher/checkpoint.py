@@ -55,6 +55,9 @@ class TrainState:
     # Length-grouped epochs begin with their longest batch (data/batching.py) in runs that
     # record True; a checkpoint without the field resumes in the order it was written with.
     longest_batch_first: bool = False
+    # The training rows the run read (after any dropped for length): a file changed in place
+    # since would move every later step's batch. None in checkpoints from before it was kept.
+    train_rows: int | None = None
 
     @classmethod
     def read(cls, ckpt: Path) -> "TrainState":

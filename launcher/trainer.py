@@ -118,8 +118,19 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     if not cfg.data.synthetic.enabled:
         data = _prepare_data(task, cache, _tokenizer_dir(cfg.run_dir, start),
                              *task.sources(cfg.data.train_file, cfg.data.validation_file))
+        if resumed is not None and start.forked_from is None and cfg.checkpoint.resume_changed != "allow":
+            _check_rows(cfg.data.train_file, len(data[1]), resumed.train_rows, start.checkpoint)
     rt.barrier()
     return Preflight(start, changed, resumed, moved, cache, fetched_here, data)
+
+
+def _check_rows(train_file, rows: int, before: int | None, checkpoint: Path) -> None:
+    """A resume reads the training file again: one changed in place (rows added or removed,
+    under the same name) would shift every later batch (ConfigError unless allowed)."""
+    if before is not None and rows != before:
+        raise ConfigError(f"data.train_file: {train_file} gives {rows:,} training rows now and gave {before:,} when "
+                          f"{checkpoint.name} was written: it changed in place, and the resumed epochs would skip or "
+                          "repeat rows; restore it, or set checkpoint.resume_changed=allow to go on with the new rows")
 
 
 def open_run(cfg: RunConfig, rt, pre: Preflight):
@@ -227,6 +238,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
     if start.forked_from is not None:
         state = state.for_new_run(start.tracker_ids)
+    state.train_rows = len(train_ds)
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)

@@ -446,6 +446,30 @@ def test_a_resume_that_goes_back_and_changes_the_values_sends_them_again_and_goe
     assert run.data.metrics["train/lr"] == pytest.approx(jsonl[4]["train/lr"], rel=1e-6)
 
 
+def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
+    """The same data.train_file, rows appended after the checkpoint: the resume went on
+    silently, every later batch drawn from another epoch order. One line now; allowed, it
+    goes on with the new rows."""
+    check(launcher("synth", str(tmp_path / "d"), "--n-train", "384", "--n-validation", "100"))
+    train = tmp_path / "d" / "train.jsonl"
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "data.synthetic.enabled=false",
+            f"data.train_file={train}", f"data.validation_file={tmp_path / 'd' / 'validation.jsonl'}",
+            "train.max_steps=4", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=2",
+            "tracking.mlflow=false"]
+    check(launcher(*args, "train.halt_at_step=2"))
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines + lines[:64]))
+    proc = launcher(*args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0] == (f"error: data.train_file: {train} gives 448 training rows now and gave 384 when step-000002 "
+                         "was written: it changed in place, and the resumed epochs would skip or repeat rows; restore "
+                         "it, or set checkpoint.resume_changed=allow to go on with the new rows")
+    assert not (tmp_path / "x" / "model").exists()
+    check(launcher(*args, "checkpoint.resume_changed=allow"))
+    assert (tmp_path / "x" / "model").is_dir()
+
+
 def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp_path):
     """The only evaluation of a 4-step run is its last step, so the best is the live weights and
     no snapshot is taken. Extended to 8 steps without evaluations (and without keeping that
