@@ -178,6 +178,24 @@ def remove_partial(paths: list[Path]) -> None:
 
 
 def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, trusted: bool = False) -> Start:
+    """Where to start (_resolve), refusing in one line a checkpoint whose files were removed or
+    cut short after its seal (trust.damaged): its load would fail half-way, with a traceback."""
+    start = _resolve(run_dir, resume, job_id, trusted)
+    if start.checkpoint is not None and (lost := trust.damaged(start.checkpoint)):
+        shown = "; ".join(lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+        mine = [p for _, p in complete_checkpoints(run_dir / "checkpoints")]
+        if len(mine) > 1 and mine[-1] == start.checkpoint:
+            advice = f"remove it to resume from {mine[-2].name}"
+        elif mine and mine[-1] == start.checkpoint:
+            advice = "restore its files, or start again under a new --run-name"
+        else:
+            advice = "restore its files, or name an intact checkpoint"
+        raise ConfigError(f"checkpoint.resume: {start.checkpoint} lost files or had them cut short after it was sealed "
+                          f"({shown}), so it cannot be loaded; {advice}")
+    return start
+
+
+def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: bool = False) -> Start:
     """Where to start. Never overwrites a run: a run directory without a complete checkpoint
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
     requeued after a node died before the first checkpoint), which then starts again in place,
@@ -197,13 +215,7 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
         )
     latest = complete_checkpoints(run_dir / "checkpoints")
     if latest:
-        newest = latest[-1][1]
-        if not trusted and trust.changed_since_signed(newest, [p for _, p in latest[:-1]]):
-            before = f"remove it to resume from {latest[-2][1].name}" if len(latest) > 1 else "remove it to start again"
-            raise ConfigError(f"checkpoint.resume: {newest} changed after it was sealed (a file truncated, removed, "
-                              f"added or rewritten) and would not load as written; {before}, or set "
-                              "checkpoint.trust=true to load it as it is")
-        return Start(checkpoint=newest, partial=partial_writes(run_dir))
+        return Start(checkpoint=latest[-1][1], partial=partial_writes(run_dir))
     owner = read_owner(run_dir)
     if job_id and owner.get("slurm_job_id") == job_id:
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
@@ -895,18 +907,25 @@ def _export_whole(ckpt: Path, tmp: Path, auto, config, code: dict, state_dict: d
         _record_dtype(tmp, dtype)
 
 
-def _untuned_rule(ckpt: Path, meta: dict) -> str:
-    """A run with eval.tune_threshold tunes its cut once, at its end, on the weights it exports
-    (RUN/model/launcher.json): a checkpoint holds the 0.5 rule, and its export says so."""
-    if meta.get("task") != "classification" or meta.get("threshold_tuned") or not (ckpt / RUN_CONFIG).is_file():
-        return ""
+def _untuned_rule(model_dir: Path, ckpt: Path) -> str:
+    """A checkpoint is sealed before a run tunes its cut (eval.tune_threshold: once, at the
+    run's end, into RUN/model/launcher.json), so its export holds the 0.5 rule and says
+    threshold_tuned: false, whatever an older launcher's skeleton claimed. Returns the note
+    for the export's line when the run tunes one."""
     import yaml
 
-    run_config = yaml.safe_load((ckpt / RUN_CONFIG).read_text()) or {}
-    if not (run_config.get("eval") or {}).get("tune_threshold"):
+    meta_file = model_dir / "launcher.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("task") != "classification":
         return ""
-    return ("; decision rule: 0.5, not a tuned cut (eval.tune_threshold tunes one only at the run's end, "
-            "into the run's model/launcher.json)")
+    if meta.get("threshold_tuned"):
+        meta_file.write_text(json.dumps(meta | {"threshold_tuned": False}))
+    try:
+        tunes = ((yaml.safe_load((ckpt / RUN_CONFIG).read_text()) or {}).get("eval") or {}).get("tune_threshold")
+    except (OSError, yaml.YAMLError, AttributeError):
+        tunes = False
+    return "; decision rule: 0.5 (eval.tune_threshold tunes a cut only at the run's end, into its model/launcher.json)" \
+        if tunes else ""
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
@@ -937,11 +956,11 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     try:
         state_dict, source = engines.merged_weights(ckpt)
     except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
-        if trust.changed_since_signed(ckpt, []):
-            raise ConfigError(f"{ckpt}: its weights cannot be read, and its files changed after it was sealed (a file "
-                              f"truncated, removed or rewritten): {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+        lost = [] if isinstance(e, MemoryError) else trust.damaged(ckpt)
+        if lost:
+            raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or cut short after it was sealed "
+                              f"({'; '.join(lost[:3])})") from e
         raise
-    source += _untuned_rule(ckpt, meta)
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:
         cast_floats(state_dict, dtype)
@@ -960,6 +979,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
             source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
         else:
             _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
+        source += _untuned_rule(tmp, ckpt)
         replace_dir(tmp, out_dir)
     except BaseException:  # nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,7 @@ def _count(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed numpy takes, in [0, 2**32)."""
+    """An argparse type: a seed in [0, 2**32), as data.synthetic.seed and train.seed take."""
     try:
         value = int(text)
     except ValueError:

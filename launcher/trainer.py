@@ -118,7 +118,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     if not cfg.data.synthetic.enabled:
         data = _prepare_data(task, cache, _tokenizer_dir(cfg.run_dir, start),
                              *task.sources(cfg.data.train_file, cfg.data.validation_file))
-        if resumed is not None and start.forked_from is None and cfg.checkpoint.resume_changed != "allow":
+        if start.checkpoint is not None and resumed is not None and start.forked_from is None \
+                and cfg.checkpoint.resume_changed != "allow":
             _check_rows(cfg.data.train_file, len(data[1]), resumed.train_rows, start.checkpoint)
     rt.barrier()
     return Preflight(start, changed, resumed, moved, cache, fetched_here, data)

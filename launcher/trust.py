@@ -18,9 +18,9 @@ is trusted (`checkpoint.trust=true`, `launcher export --trust-checkpoint`):
   files changed since, is refused in one line naming the pickles it would load.
 - The run's own checkpoints, found by auto-resume in its run directory, are trusted as before,
   and a checkpoint holding no pickle that would be loaded (an export from model.safetensors)
-  needs nothing. But the newest of them is checked against its signature: one whose files
-  changed after it was sealed (a file truncated, removed or rewritten) would fail to load
-  half-way, so auto-resume refuses it in one line that names the intact one before it.
+  needs nothing. The marker also lists every file's size (no key needed): a checkpoint a
+  resume would load whose files were removed or cut short since (a bad copy) would fail
+  half-way, so it is refused in one line that names the intact one before it.
 - A key that cannot be made or read (a read-only home) never costs a checkpoint: the marker
   is written unsigned, with one warning; such checkpoints resume by path with checkpoint.trust.
 
@@ -108,8 +108,38 @@ def sign(ckpt: Path) -> str:
             _warned.append(e)
             print(f"warning: checkpoints are written unsigned ({key_file()}: {' '.join(str(e).split())[:200]}); "
                   "resuming one by path will need checkpoint.trust=true", file=sys.stderr, flush=True)
-        return json.dumps({"signature": None})
-    return json.dumps({"signature": signature, "covers": "paths, sizes, small pickles' bytes; hmac-sha256, user key"})
+        return json.dumps({"signature": None, "files": _sizes(ckpt)})
+    return json.dumps({"signature": signature, "covers": "paths, sizes, small pickles' bytes; hmac-sha256, user key",
+                       "files": _sizes(ckpt)})
+
+
+def _sizes(ckpt: Path) -> dict[str, int]:
+    """Every file's size as sealed, by relative path: what `damaged` checks, with no key."""
+    return {p.relative_to(ckpt).as_posix(): p.stat().st_size
+            for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def damaged(ckpt: Path) -> list[str]:
+    """The files of a sealed checkpoint that are gone or another size than when it was sealed
+    (cut short by a bad copy, removed), as "NAME: what": loading would fail half-way. Files
+    added since are not its business (a converter's output written inside). Empty for a
+    checkpoint sealed before the marker listed its files. A stat per file, nothing read."""
+    try:
+        files = json.loads((ckpt / MARKER).read_text() or "{}").get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(files, dict):
+        return []
+    found = []
+    for name, size in files.items():
+        try:
+            now = (ckpt / name).stat().st_size
+        except OSError:
+            found.append(f"{name}: missing")
+            continue
+        if now != size:
+            found.append(f"{name}: {now:,} bytes, sealed at {size:,}")
+    return found
 
 
 def links(ckpt: Path) -> list[str]:
@@ -131,20 +161,6 @@ def signed_by_this_user(ckpt: Path) -> bool:
         return hmac.compare_digest(recorded, hmac.new(key, _manifest(ckpt), hashlib.sha256).hexdigest())
     except (OSError, ValueError, AttributeError):  # unreadable, or files going away under us
         return False
-
-
-def changed_since_signed(ckpt: Path, older: list[Path]) -> bool:
-    """Whether this user's key signed `ckpt` and its files changed since (one truncated,
-    removed, added or rewritten). False when that cannot be told: unsigned, no key, or a key
-    newer than the marker (made again since) that verifies none of the `older` checkpoints."""
-    try:
-        recorded = json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
-        if not recorded or _key(create=False) is None or signed_by_this_user(ckpt):
-            return False
-        key_was_there = key_file().stat().st_mtime <= (ckpt / MARKER).stat().st_mtime
-    except (OSError, ValueError, AttributeError):
-        return False
-    return key_was_there or any(signed_by_this_user(p) for p in older)
 
 
 def pickles(ckpt: Path, only: tuple[str, ...] = ()) -> list[str]:

@@ -331,8 +331,9 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     assert not list(tmp_path.iterdir())
 
 
-def test_a_synthetic_seed_out_of_numpys_range_is_refused_with_the_arguments(tmp_path):
-    """`launcher synth --seed -1` was a traceback from numpy's generator."""
+def test_a_synthetic_seed_out_of_range_is_refused_with_the_arguments(tmp_path):
+    """`launcher synth --seed -1` took the seed's absolute value where data.synthetic.seed in
+    a config refuses it: one rule, [0, 2**32)."""
     proc = launcher("synth", "s", "--seed", "-1", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == "launcher synth: error: argument --seed: expected an integer in [0, 2**32); got '-1'"

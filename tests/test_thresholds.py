@@ -133,7 +133,9 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     ckpt = run / "checkpoints" / "step-000030"  # the last step's, evaluated at 0.5 as "last"
     assert json.loads((ckpt / "skeleton" / "launcher.json").read_text())["threshold_tuned"] is False
     out = check(launcher("export", str(ckpt), str(tmp_path / "from_ckpt"))).stdout
-    assert "decision rule: 0.5, not a tuned cut" in out
+    assert out.rstrip().endswith("; decision rule: 0.5 (eval.tune_threshold tunes a cut only at the run's end, into "
+                                  "its model/launcher.json)")
+    assert json.loads((tmp_path / "from_ckpt" / "launcher.json").read_text())["threshold_tuned"] is False
     plain = json.loads(check(launcher("eval", str(tmp_path / "from_ckpt"), "--data", str(data))).stdout)
     last = json.loads((run / "final_metrics.json").read_text())["last"]
     # The training plot's classes are the labels, not the 0.5 rule's columns beside them.

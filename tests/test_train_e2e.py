@@ -347,7 +347,7 @@ def test_a_logged_step_time_leaves_out_the_evaluation_before_it_and_epochs_count
                if "train/step_time_s" in r}
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     assert records[4]["train/step_time_s"] < 6
-    assert [records[s]["train/epoch"] for s in range(1, 7)] == [round(s / 12, 4) for s in range(1, 7)]
+    assert [records[s]["train/epoch"] for s in range(1, 7)] == [round(s / 12, 6) for s in range(1, 7)]
 
 
 def test_export_dtype_is_the_same_from_the_run_and_from_launcher_export(tmp_path):

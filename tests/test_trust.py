@@ -117,11 +117,11 @@ def test_a_checkpoint_from_elsewhere_is_not_unpickled_unless_trusted(tmp_path):
 
 
 def test_a_run_checkpoint_damaged_after_its_seal_is_one_line_naming_the_intact_one_before_it(tmp_path):
-    """A sealed checkpoint whose file was truncated later (a full scratch disk, a bad copy) was
-    a traceback from deep inside the load on auto-resume and in `launcher export`, after the
-    resume had recorded its config change. Its signature tells: refused in one line naming the
-    intact checkpoint before it; removed, the run resumes from that one. A key made again since
-    the seal (verifying none of the run's checkpoints) cannot tell, so it never refuses."""
+    """A sealed checkpoint whose file was cut short later (a bad copy) was a traceback from
+    deep inside the load on auto-resume and in `launcher export`. The marker lists every
+    file's size: refused in one line naming the file and the intact checkpoint before it;
+    removed, the run resumes from that one. A file added inside, or a key made again since
+    the seal (a run copied from another machine), is no damage: resumed."""
     import os
     import shutil
 
@@ -132,26 +132,28 @@ def test_a_run_checkpoint_damaged_after_its_seal_is_one_line_naming_the_intact_o
     shutil.copytree(run, tmp_path / "copy")
     step4 = run / "checkpoints" / "step-000004"
     weights = step4 / "model.safetensors"
-    os.truncate(weights, weights.stat().st_size // 2)
-    history = (run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else None
+    size = weights.stat().st_size
+    os.truncate(weights, size // 2)
+    (step4 / "optimizer.bin").unlink()
 
     proc = launcher(*base)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
-    assert errors[0] == (f"error: checkpoint.resume: {step4} changed after it was sealed (a file truncated, removed, "
-                         "added or rewritten) and would not load as written; remove it to resume from step-000002, "
-                         "or set checkpoint.trust=true to load it as it is")
-    now = (run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else None
-    assert now == history  # the dropped halt_at_step was not recorded as this run's change
+    assert errors[0] == (f"error: checkpoint.resume: {step4} lost files or had them cut short after it was sealed "
+                         f"(model.safetensors: {size // 2:,} bytes, sealed at {size:,}; optimizer.bin: missing), so it "
+                         "cannot be loaded; remove it to resume from step-000002")
+    assert not (run / "config_history.jsonl").exists()  # the dropped halt_at_step was not recorded
     proc = launcher("export", str(step4), str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
-    assert proc.stderr.splitlines()[-1].startswith(f"error: {step4}: its weights cannot be read, and its files changed "
-                                                   "after it was sealed (a file truncated, removed or rewritten): ")
+    assert proc.stderr.splitlines()[-1] == (f"error: {step4}: its weights cannot be read: files were removed or cut "
+                                            f"short after it was sealed (model.safetensors: {size // 2:,} bytes, sealed "
+                                            f"at {size:,}; optimizer.bin: missing)")
 
     shutil.rmtree(step4)
     assert f"resuming from {run / 'checkpoints' / 'step-000002'}" in check(launcher(*base)).stdout.splitlines()
 
-    # The intact copy under a key made again after its seal: resumed, not refused.
+    # The intact copy, a file added inside its newest checkpoint, under a key made since.
+    (tmp_path / "copy" / "checkpoints" / "step-000004" / "NOTES.txt").write_text("converted with zero_to_fp32.py\n")
     key = tmp_path / "new.key"
     key.write_text(os.urandom(32).hex())
     proc = check(launcher(*base[:4], "--run-name", "copy", *base[6:], env={"LAUNCHER_KEY_FILE": str(key)}))
@@ -192,7 +194,8 @@ def test_a_key_that_cannot_be_made_never_costs_a_checkpoint(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoints are written unsigned (/proc/no-such-dir/")
     import json
 
-    assert json.loads((tmp_path / "r" / "checkpoints" / "step-000002" / "COMPLETE").read_text()) == {"signature": None}
+    marker = json.loads((tmp_path / "r" / "checkpoints" / "step-000002" / "COMPLETE").read_text())
+    assert marker["signature"] is None and "model.safetensors" in marker["files"]  # sizes are listed without a key
     resumed = check(launcher(*args, env=env))
     step2 = tmp_path / "r" / "checkpoints" / "step-000002"
     assert f"resuming from {step2}" in resumed.stdout.splitlines() and (tmp_path / "r" / "model").is_dir()

@@ -136,7 +136,7 @@ class StepSampler:
 
     def epochs_done(self, steps: int) -> float:
         """Epochs completed after `steps` optimizer steps (1.0 at the end of the first), as logged."""
-        return round(steps / self.steps_per_epoch, 4)
+        return round(steps / self.steps_per_epoch, 6)
 
     def padded_fraction(self, epoch: int = 0, grouped: bool | None = None) -> float:
         """Padding / all token slots over one epoch's micro-batches of every rank (each is
