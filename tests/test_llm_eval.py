@@ -607,6 +607,34 @@ def test_a_gguf_conversion_is_written_by_whichever_rank_builds_it(tmp_path):
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_launcher_eval_renders_validation_with_the_system_prompt_training_rows_share(tmp_path):
+    """Every training conversation opens with the same system turn, so the export records it
+    and `launcher eval`/`generate`/`predict` put it before rows without one. The run scored
+    its validation rows (none has one) without it: `launcher eval` of the export gave another
+    loss than the run's own final evaluation. Validation is now rendered as the export is."""
+    from launcher.data.instructions import generate_instructions
+
+    def chat(row: dict, system: str | None = None) -> str:
+        if "messages" in row:  # (the generator writes some rows as conversations)
+            turns = [t for t in row["messages"] if t["role"] != "system"]
+        else:
+            turns = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+        return json.dumps({"messages": ([{"role": "system", "content": system}] if system else []) + turns}) + "\n"
+
+    (tmp_path / "train.jsonl").write_text("".join(chat(r, "Be brief.") for r in generate_instructions(256, 0)))
+    (tmp_path / "val.jsonl").write_text("".join(chat(r) for r in generate_instructions(32, 1)))
+    check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "s", "data.synthetic.enabled=false",
+                   f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'val.jsonl'}",
+                   "train.max_steps=8", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0",
+                   "eval.generation_prompts=[]", "tracking.mlflow=false"))
+    run = tmp_path / "s"
+    assert json.loads((run / "model" / "launcher.json").read_text())["prompt"]["system_prompt"] == "Be brief."
+    after = json.loads((run / "final_metrics.json").read_text())["after"]
+    fresh = json.loads(check(launcher("eval", str(run / "model"), "--data", str(tmp_path / "val.jsonl"))).stdout)
+    assert fresh["n"] == after["n"] == 32
+    assert fresh["loss"] == pytest.approx(after["loss"], rel=1e-5)
+
+
 def test_launcher_eval_cuts_or_drops_a_long_row_as_the_run_did(tok):
     """`launcher eval` always cut a row longer than max_length, also for a run that dropped such
     rows (data.truncation=drop): the same file scored other rows offline than in the run. The

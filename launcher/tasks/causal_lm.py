@@ -144,11 +144,8 @@ class CausalLMTask:
         from launcher.data.batching import tokenizer_fingerprint
 
         d = self.cfg.data
-        out = []
-        # Validation is never packed: loss per example, and answers need single prompts.
-        for src, cfg, columns in ((train_source, d, ("input_ids", "labels", "seq_lens")),
-                                  (val_source, dataclasses.replace(d, packing=False, max_rows_per_answer=None),
-                                   ("input_ids", "labels", "seq_lens", "answer", "question"))):
+
+        def prepare(src, cfg, columns):
             encode = instructions.InstructionEncoder(cfg, tokenizer, self.fmt)
             key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer),
                    "chat_template": getattr(tokenizer, "chat_template", None), "max_length": cfg.max_length,
@@ -156,11 +153,20 @@ class CausalLMTask:
                    "max_rows_per_answer": cfg.max_rows_per_answer}
             split = pipeline.Split(src, encode, columns, key, check=encode.check, finish=encode.finish,
                                    check_columns=encode.check_columns)
-            out.append(pipeline.prepare(split, cache, d.num_proc))
-        train, val = (ds.meta["stats"] for ds in out)
+            return pipeline.prepare(split, cache, d.num_proc)
+
+        train_ds = prepare(train_source, d, ("input_ids", "labels", "seq_lens"))
+        train = train_ds.meta["stats"]
         style = "chat" if train.get("chat_rows", 0) * 2 > train["rows"] else "instruction"
         system = self.fmt.system_prompt if self.fmt.system_prompt is not None else train.get("system_prompt")
         self.fmt = self.fmt.replace(style=style, system_prompt=system)
+        # Validation in the format the export records (the training rows' shared system prompt
+        # included), as `launcher eval`, `generate` and `predict` render it; never packed: loss
+        # per example, and answers need single prompts.
+        val_ds = prepare(val_source, dataclasses.replace(d, packing=False, max_rows_per_answer=None),
+                         ("input_ids", "labels", "seq_lens", "answer", "question"))
+        val = val_ds.meta["stats"]
+        out = [train_ds, val_ds]
         self.answers = closed_set(train.get("answers"), val.get("answers"))
         self.candidates = generation.Candidates.build(self.answers, lambda a: continuation(a, self.fmt, tokenizer))
         self.frame = answer_frame(self.fmt, tokenizer)
