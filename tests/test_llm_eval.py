@@ -377,6 +377,17 @@ def test_scores_on_answers_we_control():
     assert generation.normalize("The cat") == generation.normalize("cat") and generation.normalize("An") == "an"
 
 
+def test_answers_that_normalise_alike_are_one_class():
+    """"Yes" and "yes" both in the closed set: a reply equal to its reference ("Yes") counted
+    as an exact match but as a wrong class (the lookup kept the other spelling)."""
+    cands = generation.Candidates(["No", "Yes", "yes"], [[1], [2], [3]])
+    rows = [{"index": i, "loss": 0.0, "tokens": 1, "reference": r, "response": r, "choice": c}
+            for i, (r, c) in enumerate([("Yes", 1), ("yes", 1), ("No", 0)])]
+    m = generation.score(rows, cands)
+    assert m["exact_match"] == m["accuracy"] == m["choice_accuracy"] == 1.0
+    assert m["macro_f1"] == m["choice_macro_f1"] == 1.0
+
+
 def test_closed_sets():
     from launcher.tasks.causal_lm import closed_set
 

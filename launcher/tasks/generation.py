@@ -366,10 +366,12 @@ def score(rows: list[dict], candidates: Candidates | None) -> dict:
     if candidates is None:
         return out
     names = candidates.answers
+    # Answers that normalise alike ("Yes", "yes") are one class, as exact_match counts them:
+    # a reply that matches its reference exactly was scored wrong as the other spelling.
     lookup = {normalize(a): a for a in names}
-    truth = [r["reference"] for r in answered]
+    truth = [lookup.get(normalize(r["reference"] or ""), r["reference"]) for r in answered]
     greedy_pred = [lookup.get(normalize(r["response"])) for r in answered]
-    choice_pred = [names[r["choice"]] for r in answered]
+    choice_pred = [lookup[normalize(names[r["choice"]])] for r in answered]
     for prefix, pred in (("", greedy_pred), ("choice_", choice_pred)):
         out[f"{prefix}accuracy"] = sum(p == t for p, t in zip(pred, truth)) / len(answered)
         per_class = class_f1(truth, pred, names)
