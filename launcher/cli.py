@@ -413,10 +413,12 @@ def _predict_causal_lm(args) -> int:
     candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
     # Training saw no prompt longer than its max_length (such rows have no answer left), so
     # none is cut to it here; only --max-length, or a learned position table (as generate's), cut one.
-    limit = args.max_length or causal_lm.prompt_limit(model, meta.get("max_new_tokens", 32))
+    # Answers stop where the run's evaluation answers did (its references' length + a margin).
+    new_tokens = meta.get("answer_max_new_tokens") or meta.get("max_new_tokens", 32)
+    limit = args.max_length or causal_lm.prompt_limit(model, new_tokens)
     to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
-    _, answered = generation.evaluate(model, batches, tokenizer, candidates, meta.get("max_new_tokens", 32),
+    _, answered = generation.evaluate(model, batches, tokenizer, candidates, new_tokens,
                                       frame=causal_lm.answer_frame(fmt, tokenizer))
     out = open(args.output, "w") if args.output else sys.stdout
     try:

@@ -567,6 +567,24 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     assert [p["label"] for p in plain] == [p["label"] for p in pred] and [p["response"] for p in plain] == [p["response"] for p in pred]
 
 
+def test_predict_stops_its_answers_where_the_runs_evaluation_did(tmp_path):
+    """The run's answers stop 8 tokens past the longest reference (eval.max_new_tokens caps
+    them); predict went on to eval.max_new_tokens, so a barely trained model's answers to the
+    same validation rows were longer than the run's own."""
+    check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "x", "train.max_steps=2",
+                   "train.lr=1e-5", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0",
+                   "eval.max_new_tokens=32", "eval.generation_prompts=[]", "tracking.mlflow=false"))
+    run = tmp_path / "x"
+    meta = json.loads((run / "model" / "launcher.json").read_text())
+    assert meta["max_new_tokens"] == 32 and meta["answer_max_new_tokens"] < 32
+    own = [json.loads(x) for x in (run / "predictions" / "step-000002.jsonl").read_text().splitlines()]
+    out = tmp_path / "p.jsonl"
+    check(launcher("predict", str(run / "model"), "--input", str(run / "data" / "validation.jsonl"), "--output", str(out)))
+    pred = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(pred) == len(own) > 0
+    assert [p["response"] for p in pred] == [o["response"] for o in own]
+
+
 _RANK_1_WRITES = """
 import os, sys, torch
 from pathlib import Path

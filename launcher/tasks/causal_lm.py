@@ -166,6 +166,7 @@ class CausalLMTask:
         val_ds = prepare(val_source, dataclasses.replace(d, packing=False, max_rows_per_answer=None),
                          ("input_ids", "labels", "seq_lens", "answer", "question"))
         val = val_ds.meta["stats"]
+        self._max_new = self.max_new_tokens(val_ds)  # recorded for predict (metadata)
         out = [train_ds, val_ds]
         self.answers = closed_set(train.get("answers"), val.get("answers"))
         self.candidates = generation.Candidates.build(self.answers, lambda a: continuation(a, self.fmt, tokenizer))
@@ -415,6 +416,8 @@ class CausalLMTask:
         return ({"random_base": self.random_init(), "task": self.name, "prompt": self.fmt.to_json(),
                 "answers": self.answers, "max_length": self.cfg.data.max_length, "truncation": self.cfg.data.truncation,
                 "max_new_tokens": self.cfg.eval.max_new_tokens,
+                # where the run's evaluation answers stopped (max_new_tokens): predict's rows stop there too
+                "answer_max_new_tokens": getattr(self, "_max_new", None),
                 "train_loss": None if self._lean is None else "chunked" if self._lean else "model"}
                 | ({"base_quantization": q} if q != "none" else {}))
 
