@@ -281,6 +281,25 @@ def test_a_conversation_that_opens_with_the_assistant_trains_its_answers_after_a
 # ---------------------------------------------------------------- shapes and column mapping
 
 
+def test_a_scored_conversation_that_ends_with_a_question_reports_the_question_its_answer_replies_to(tok):
+    """A validation conversation ending in an unanswered user turn is scored on its last
+    answer, given after the turn before: the run's predictions and samples showed the later,
+    unanswered question beside that answer."""
+    import datasets
+
+    row = {"messages": [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+                        {"role": "user", "content": "later question"}]}
+    fmt = PromptFormat.from_config(DataConfig(), tok)
+    enc = instructions.InstructionEncoder(DataConfig(), tok, fmt)
+    ds = datasets.Dataset.from_list([row])
+    table, _ = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))
+    assert list(zip(table["answer"], table["question"])) == [("first answer", "first question")]
+    kept: list = []
+    instructions.encode_rows([row], DataConfig(), tok, fmt, kept)
+    assert prompts.question(kept[0], scored=True) == "first question"
+    assert prompts.question(row) == "later question"  # to be answered (predict): after its last turn
+
+
 def test_every_accepted_row_shape_renders_like_its_plain_equivalent(chat_tok):
     fmt = PromptFormat.from_config(DataConfig(), chat_tok)
     plain = prompts.render({"messages": [{"role": "user", "content": "hello there"},

@@ -176,7 +176,7 @@ class InstructionEncoder:
             drop = fit == "drop" or n_labels == 0 or bool(error)
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
                          ("answer", (prompts.answer(ref) or "") if ref else ""),
-                         ("question", prompts.question(ref) if ref else ""),
+                         ("question", prompts.question(ref, scored=True) if ref else ""),
                          ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
                          ("_chat", bool(row) and "messages" in row),
                          ("_system", prompts.system_of(row, self.fmt) if row else None),

@@ -248,11 +248,17 @@ def awaits_answer(row: dict) -> bool:
     return answer(row) is None if "messages" not in row else row["messages"][-1]["role"] != "assistant"
 
 
-def question(row: dict) -> str:
-    """What the user asked last (for reports): the instruction (and input), or the last user turn."""
+def question(row: dict, scored: bool = False) -> str:
+    """What the answer replies to (for reports): the instruction (and input), or in a
+    conversation the last user turn before its last assistant turn, the answer a reference
+    scores (`scored`) or a prompt is rendered for; a conversation awaiting an answer (not
+    `scored`) is answered after its last user turn."""
     if "messages" not in row:
         return row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
-    users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+    messages = row["messages"]
+    last = _last_assistant(messages)
+    end = len(messages) if last is None or not scored and awaits_answer(row) else last
+    users = [m["content"] for m in messages[:end] if m["role"] == "user"]
     return users[-1] if users else ""
 
 

@@ -553,7 +553,7 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     kept: list[dict] = []
     ids, labels, stats = instructions.encode_rows(rows, DataConfig(max_length=max_length, truncation=truncation),  # type: ignore[arg-type]
                                                   tokenizer, fmt, kept)
-    eval_rows = [{"input_ids": x, "labels": y, "answer": prompts.answer(r) or "", "question": prompts.question(r)}
+    eval_rows = [{"input_ids": x, "labels": y, "answer": prompts.answer(r) or "", "question": prompts.question(r, scored=True)}
                  for x, y, r in zip(ids, labels, kept)]
     if not eval_rows:  # (scored, nothing reads as a loss of 0 and a perplexity of 1)
         raise DataError(f"--data: no row left to evaluate: all {stats.rows} dropped (longer than max_length {max_length} "
