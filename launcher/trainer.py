@@ -335,8 +335,9 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     if cfg.tracking.log_datasets:
         tracker.log_inputs(tracking.data_inputs(p.train_ds, p.val_ds))
     t = cfg.train
-    rt.print(f"{len(p.train_ds)} train / {len(p.val_ds)} validation rows, {p.n_params:,} parameters; "
-             f"{p.total_steps} steps of {t.global_batch_size} examples "
+    packed = getattr(cfg.data, "packing", False)  # a packed run's unit is a block of several examples
+    rt.print(f"{len(p.train_ds)} train {'blocks' if packed else 'rows'} / {len(p.val_ds)} validation rows, "
+             f"{p.n_params:,} parameters; {p.total_steps} steps of {t.global_batch_size} {'blocks' if packed else 'examples'} "
              f"({t.micro_batch_size} x {p.accumulation} accumulation x {rt.world_size} ranks)")
     if p.n_trainable != p.n_params:
         rt.print(f"LoRA: {p.n_trainable:,} of {p.n_params:,} parameters trainable ({p.n_trainable / p.n_params:.2%})")

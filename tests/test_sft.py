@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,10 @@ def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
     assert final["after"]["loss"] < 0.3
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert float(mlrun.data.params["derived.packing_efficiency"]) == pytest.approx(efficiency, abs=1e-3)
+    # The unit of a packed run's batch is a block: the start line and derived params say so.
+    examples, blocks = (int(x) for x in re.match(r"packing: (\d+) examples in (\d+) blocks", line).groups())
+    assert mlrun.data.params["derived.n_train"] == str(examples) and mlrun.data.params["derived.n_train_blocks"] == str(blocks)
+    assert f"{blocks} train blocks / " in proc.stdout and " steps of 8 blocks (4 x " in proc.stdout
     # W&B gets the generations as a Table per evaluation (step 0 and the end), files written verbatim.
     gens = [json.loads(x) for x in (tmp_path / "packed" / "generations.jsonl").read_text().splitlines()]
     (wb,) = (tmp_path / "packed" / "wandb").glob("wandb/offline-run-*")

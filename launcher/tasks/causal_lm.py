@@ -191,6 +191,9 @@ class CausalLMTask:
             lines.append(f"packing: {train_stats.rows - train_stats.dropped} examples in {len(train_ds)} blocks of "
                          f"{d.max_length} tokens (best-fit decreasing; in order: {train_stats.blocks_greedy}); "
                          f"efficiency {eff:.1%} (real tokens / block slots; in order: {greedy:.1%})")
+            # derived.n_train counts examples, as unpacked; a step's global batch counts blocks
+            derived["derived.n_train"] = train_stats.rows - train_stats.dropped
+            derived["derived.n_train_blocks"] = len(train_ds)
             derived["derived.packing_efficiency"] = round(eff, 4)
             derived["derived.packing_efficiency_in_order"] = round(greedy, 4)
         if train_stats.capped:
