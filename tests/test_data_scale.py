@@ -300,6 +300,27 @@ def _race(root: str, token: str, candidate: bool, fail: bool, out):
         out.put(("error", e.problems))
 
 
+def test_a_candidate_that_takes_the_lock_just_after_another_built_the_entry_does_not_build_it_again(tmp_path):
+    """Between a candidate's look for the entry and its look at the lock, another process built
+    the entry and removed its lock: the candidate took the free lock and built it a second
+    time (seen under load as two builders in the race test below)."""
+    built = []
+
+    def build(tmp, stage):
+        built.append(1)
+        (tmp / "rows").write_text("x")
+
+    class Late(Cache):
+        def _read_text(self, lock):
+            if not built:  # the other process finishes right now
+                Cache(str(tmp_path), "job", True, say=lambda s: None).get("tokens", {"k": 1}, build)
+            return super()._read_text(lock)
+
+    path, built_here = Late(str(tmp_path), "job", True, say=lambda s: None, poll_s=0.01).get("tokens", {"k": 1}, build)
+    assert (path / "rows").read_text() == "x" and not built_here and len(built) == 1
+    assert not list(tmp_path.glob("*.lock"))
+
+
 def test_one_process_builds_and_the_others_wait_or_share_its_error(tmp_path):
     ctx = multiprocessing.get_context("fork")
     for fail in (False, True):

@@ -136,6 +136,9 @@ class Cache:
             silent = holder is not None and time.monotonic() - seen_since >= self.stale_after_s
             if holder is None:
                 if self.candidate and self._take(lock, kind):
+                    if final.is_dir():  # built, and its lock removed, between our two looks above
+                        self._remove(lock)
+                        continue
                     self._build(final, lock, parts, build)
                     return final, True
             elif holder.get("token") == self.token and holder.get("failed"):
