@@ -55,8 +55,9 @@ class TrainState:
     # Length-grouped epochs begin with their longest batch (data/batching.py) in runs that
     # record True; a checkpoint without the field resumes in the order it was written with.
     longest_batch_first: bool = False
-    # The training rows the run read (after any dropped for length): a file changed in place
-    # since would move every later step's batch. None in checkpoints from before it was kept.
+    # The training examples the run read (after any dropped for length or left out by a cap;
+    # packed or not): a file changed in place since would move every later step's batch. None in
+    # checkpoints from before it was kept.
     train_rows: int | None = None
 
     @classmethod
@@ -179,9 +180,10 @@ def remove_partial(paths: list[Path]) -> None:
 
 def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, trusted: bool = False) -> Start:
     """Where to start (_resolve), refusing in one line a checkpoint whose files were removed or
-    cut short after its seal (trust.damaged): its load would fail half-way, with a traceback."""
+    changed size after its seal (trust.damaged): its load would fail half-way, with a traceback.
+    Checkpoints sealed before markers listed their files (2026-12) are not checked."""
     start = _resolve(run_dir, resume, job_id, trusted)
-    if start.checkpoint is not None and (lost := trust.damaged(start.checkpoint)):
+    if start.checkpoint is not None and not trusted and (lost := trust.damaged(start.checkpoint)):
         shown = "; ".join(lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
         mine = [p for _, p in complete_checkpoints(run_dir / "checkpoints")]
         if len(mine) > 1 and mine[-1] == start.checkpoint:
@@ -190,8 +192,9 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
             advice = "restore its files, or start again under a new --run-name"
         else:
             advice = "restore its files, or name an intact checkpoint"
-        raise ConfigError(f"checkpoint.resume: {start.checkpoint} lost files or had them cut short after it was sealed "
-                          f"({shown}), so it cannot be loaded; {advice}")
+        raise ConfigError(f"checkpoint.resume: {start.checkpoint} lost files or changed their size after it was sealed "
+                          f"({shown}), so it cannot be loaded as written; {advice} (or set checkpoint.trust=true to load "
+                          "it as it is)")
     return start
 
 
@@ -958,8 +961,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
         lost = [] if isinstance(e, MemoryError) else trust.damaged(ckpt)
         if lost:
-            raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or cut short after it was sealed "
-                              f"({'; '.join(lost[:3])})") from e
+            shown = "; ".join(lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+            raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or changed size after it was "
+                              f"sealed ({shown})") from e
         raise
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:

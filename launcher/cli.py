@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
                    "leaves the answer room (as generate's)")
     r.add_argument("--batch-size", type=_count, default=32)
+    r.add_argument("--max-new-tokens", type=_count, help="causal LM: answer length limit (default: where the run's "
+                   "evaluation answers stopped, 8 tokens past its longest reference, as launcher.json records)")
     r.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
 
     pl = sub.add_parser("plan", help="world size, batch, DeepSpeed autos, memory per GPU, launch command; no process group",
@@ -414,7 +416,7 @@ def _predict_causal_lm(args) -> int:
     # Training saw no prompt longer than its max_length (such rows have no answer left), so
     # none is cut to it here; only --max-length, or a learned position table (as generate's), cut one.
     # Answers stop where the run's evaluation answers did (its references' length + a margin).
-    new_tokens = meta.get("answer_max_new_tokens") or meta.get("max_new_tokens", 32)
+    new_tokens = args.max_new_tokens or meta.get("answer_max_new_tokens") or meta.get("max_new_tokens", 32)
     limit = args.max_length or causal_lm.prompt_limit(model, new_tokens)
     to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))

@@ -120,7 +120,7 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
                              *task.sources(cfg.data.train_file, cfg.data.validation_file))
         if start.checkpoint is not None and resumed is not None and start.forked_from is None \
                 and cfg.checkpoint.resume_changed != "allow":
-            _check_rows(cfg.data.train_file, len(data[1]), resumed.train_rows, start.checkpoint)
+            _check_rows(cfg.data.train_file, task.train_examples(data[1]), resumed.train_rows, start.checkpoint)
     rt.barrier()
     return Preflight(start, changed, resumed, moved, cache, fetched_here, data)
 
@@ -129,7 +129,7 @@ def _check_rows(train_file, rows: int, before: int | None, checkpoint: Path) -> 
     """A resume reads the training file again: one changed in place (rows added or removed,
     under the same name) would shift every later batch (ConfigError unless allowed)."""
     if before is not None and rows != before:
-        raise ConfigError(f"data.train_file: {train_file} gives {rows:,} training rows now and gave {before:,} when "
+        raise ConfigError(f"data.train_file: {train_file} gives {rows:,} training examples now and gave {before:,} when "
                           f"{checkpoint.name} was written: it changed in place, and the resumed epochs would skip or "
                           "repeat rows; restore it, or set checkpoint.resume_changed=allow to go on with the new rows")
 
@@ -239,7 +239,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
     if start.forked_from is not None:
         state = state.for_new_run(start.tracker_ids)
-    state.train_rows = len(train_ds)
+    state.train_rows = task.train_examples(train_ds)
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)

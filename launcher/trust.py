@@ -19,8 +19,9 @@ is trusted (`checkpoint.trust=true`, `launcher export --trust-checkpoint`):
 - The run's own checkpoints, found by auto-resume in its run directory, are trusted as before,
   and a checkpoint holding no pickle that would be loaded (an export from model.safetensors)
   needs nothing. The marker also lists every file's size (no key needed): a checkpoint a
-  resume would load whose files were removed or cut short since (a bad copy) would fail
-  half-way, so it is refused in one line that names the intact one before it.
+  resume would load whose files were removed or changed size since (a bad copy) would fail
+  half-way, so it is refused in one line that names the intact one before it, unless
+  checkpoint.trust. Markers written before the listing (2026-12) are not checked.
 - A key that cannot be made or read (a read-only home) never costs a checkpoint: the marker
   is written unsigned, with one warning; such checkpoints resume by path with checkpoint.trust.
 

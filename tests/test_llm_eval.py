@@ -602,6 +602,10 @@ def test_predict_stops_its_answers_where_the_runs_evaluation_did(tmp_path):
     pred = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(pred) == len(own) > 0
     assert [p["response"] for p in pred] == [o["response"] for o in own]
+    longer = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(run / "data" / "validation.jsonl"),
+                                                    "--max-new-tokens", "32")).stdout.splitlines() if x.startswith("{")]
+    assert all(p["response"].startswith(o["response"]) for p, o in zip(longer, own))
+    assert any(len(p["response"]) > len(o["response"]) for p, o in zip(longer, own))  # --max-new-tokens lets them run
 
 
 _RANK_1_WRITES = """

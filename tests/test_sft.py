@@ -371,6 +371,7 @@ def test_packed_gpt2_run_learns_and_reports_efficiency(tmp_path):
     assert float(mlrun.data.params["derived.packing_efficiency"]) == pytest.approx(efficiency, abs=1e-3)
     # The unit of a packed run's batch is a block: the start line and derived params say so.
     examples, blocks = (int(x) for x in re.match(r"packing: (\d+) examples in (\d+) blocks", line).groups())
+    assert examples == len((tmp_path / "packed" / "data" / "train.jsonl").read_text().splitlines())  # none dropped here
     assert mlrun.data.params["derived.n_train"] == str(examples) and mlrun.data.params["derived.n_train_blocks"] == str(blocks)
     assert f"{blocks} train blocks / " in proc.stdout and " steps of 8 blocks (4 x " in proc.stdout
     # W&B gets the generations as a Table per evaluation (step 0 and the end), files written verbatim.

@@ -462,7 +462,7 @@ def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
     proc = launcher(*args)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
-    assert errors[0] == (f"error: data.train_file: {train} gives 448 training rows now and gave 384 when step-000002 "
+    assert errors[0] == (f"error: data.train_file: {train} gives 448 training examples now and gave 384 when step-000002 "
                          "was written: it changed in place, and the resumed epochs would skip or repeat rows; restore "
                          "it, or set checkpoint.resume_changed=allow to go on with the new rows")
     assert not (tmp_path / "x" / "model").exists()

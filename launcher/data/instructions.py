@@ -258,6 +258,10 @@ class EncodeStats:
     capped: dict | None = None  # {answer: rows left out by data.max_rows_per_answer}
     untrained_turns: int = 0  # earlier answers the chat template renders otherwise once later turns follow
 
+    def examples(self) -> int:
+        """Rows that train (packed or not): those read, less the dropped and the capped."""
+        return self.rows - self.dropped - sum((self.capped or {}).values())
+
     def line(self, split: str) -> str:
         return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
                 f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses"

@@ -43,6 +43,9 @@ class TaskData(Protocol):
     def describe(self, train_ds: Any, val_ds: Any) -> tuple[list[str], dict]:
         """Lines to print about the data, and `derived.*` params to log."""
 
+    def train_examples(self, train_ds: Any) -> int:
+        """The examples that train (a packed run's rows are blocks of several)."""
+
     def collator(self, tokenizer: Any) -> Any: ...
 
     def eval_loader(self, rt: Any, val_ds: Any, batch_size: int, tokenizer: Any) -> Any: ...

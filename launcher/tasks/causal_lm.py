@@ -178,6 +178,9 @@ class CausalLMTask:
                             "this data has none: use exact_match or loss")
         return tuple(out)
 
+    def train_examples(self, train_ds) -> int:
+        return instructions.EncodeStats(**train_ds.meta["stats"]).examples()
+
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
         d = self.cfg.data
         train_stats = instructions.EncodeStats(**train_ds.meta["stats"])
@@ -188,11 +191,11 @@ class CausalLMTask:
         if d.packing:
             eff = train_ds.packing_efficiency(d.max_length)
             greedy = train_stats.tokens / max(1, d.max_length * train_stats.blocks_greedy)
-            lines.append(f"packing: {train_stats.rows - train_stats.dropped} examples in {len(train_ds)} blocks of "
+            lines.append(f"packing: {train_stats.examples()} examples in {len(train_ds)} blocks of "
                          f"{d.max_length} tokens (best-fit decreasing; in order: {train_stats.blocks_greedy}); "
                          f"efficiency {eff:.1%} (real tokens / block slots; in order: {greedy:.1%})")
             # derived.n_train counts examples, as unpacked; a step's global batch counts blocks
-            derived["derived.n_train"] = train_stats.rows - train_stats.dropped
+            derived["derived.n_train"] = train_stats.examples()
             derived["derived.n_train_blocks"] = len(train_ds)
             derived["derived.packing_efficiency"] = round(eff, 4)
             derived["derived.packing_efficiency_in_order"] = round(greedy, 4)

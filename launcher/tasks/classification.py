@@ -454,6 +454,9 @@ class ClassificationTask:
         return tuple(pipeline.prepare(pipeline.Split(src, encode, ("input_ids", "labels"), key, check=encode.check),
                                       cache, d.num_proc) for src in (train_source, val_source))
 
+    def train_examples(self, train_ds) -> int:
+        return len(train_ds)
+
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
         return [note for note in (self.pad_note, self.new_note) if note], {}
 
