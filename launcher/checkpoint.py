@@ -184,7 +184,7 @@ def resolve_resume(run_dir: Path, resume: str, job_id: str | None = None, truste
     Checkpoints sealed before markers listed their files (2026-12) are not checked."""
     start = _resolve(run_dir, resume, job_id, trusted)
     if start.checkpoint is not None and not trusted and (lost := trust.damaged(start.checkpoint)):
-        shown = "; ".join(lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+        shown = trust.listed(lost, "; ")
         mine = [p for _, p in complete_checkpoints(run_dir / "checkpoints")]
         if len(mine) > 1 and mine[-1] == start.checkpoint:
             advice = f"remove it to resume from {mine[-2].name}"
@@ -910,19 +910,18 @@ def _export_whole(ckpt: Path, tmp: Path, auto, config, code: dict, state_dict: d
         _record_dtype(tmp, dtype)
 
 
-def _untuned_rule(model_dir: Path, ckpt: Path) -> str:
+def _untuned_rule(model_dir: Path, ckpt: Path, meta: dict) -> str:
     """A checkpoint is sealed before a run tunes its cut (eval.tune_threshold: once, at the
     run's end, into RUN/model/launcher.json), so its export holds the 0.5 rule and says
-    threshold_tuned: false, whatever an older launcher's skeleton claimed. Returns the note
-    for the export's line when the run tunes one."""
+    threshold_tuned: false, whatever an older launcher's skeleton claimed. `meta` is the
+    skeleton's launcher.json, copied into `model_dir`. Returns the note for the export's line
+    when the run tunes one."""
     import yaml
 
-    meta_file = model_dir / "launcher.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if meta.get("task") != "classification":
         return ""
     if meta.get("threshold_tuned"):
-        meta_file.write_text(json.dumps(meta | {"threshold_tuned": False}))
+        (model_dir / "launcher.json").write_text(json.dumps(meta | {"threshold_tuned": False}))
     try:
         tunes = ((yaml.safe_load((ckpt / RUN_CONFIG).read_text()) or {}).get("eval") or {}).get("tune_threshold")
     except (OSError, yaml.YAMLError, AttributeError):
@@ -961,7 +960,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
         lost = [] if isinstance(e, MemoryError) else trust.damaged(ckpt)
         if lost:
-            shown = "; ".join(lost[:3]) + (f"; and {len(lost) - 3} more" if len(lost) > 3 else "")
+            shown = trust.listed(lost, "; ")
             raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or changed size after it was "
                               f"sealed ({shown})") from e
         raise
@@ -983,7 +982,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
             source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)
         else:
             _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
-        source += _untuned_rule(tmp, ckpt)
+        source += _untuned_rule(tmp, ckpt, meta)
         replace_dir(tmp, out_dir)
     except BaseException:  # nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,8 +55,10 @@ def train(cfg: RunConfig) -> dict:
     patience, waited = cfg.eval.early_stopping_patience, parts.state.evals_without_improvement
     stopped_early = 0 < patience <= waited
     if (parts.state.step >= parts.total_steps or stopped_early) and _exported_at(run_dir, rt) == parts.state.step:
+        dropped = rt.on_main(_close_abandoned, cfg, parts, warm_tracker)
         rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do"
-                 + ("; the changes above are not recorded (nothing follows them)" if pre.changed else ""))
+                 + ("; the changes above are not recorded (nothing follows them)" if pre.changed else "")
+                 + (dropped or ""))
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     if pre.resumed is not None:
         rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg)
@@ -68,6 +70,21 @@ def train(cfg: RunConfig) -> dict:
             if stop in ("halt", "signal"):
                 return trainer.stopped(stop)
             return trainer.finish(stop)
+
+
+def _close_abandoned(cfg: RunConfig, p: Parts, warm) -> str:
+    """A finished run's later attempt that was abandoned (extended, killed before its first
+    checkpoint, then given the old max_steps again) left its steps in metrics.jsonl and its
+    tracker run RUNNING: the records past the export go, as at any resume, and the run ends
+    FINISHED. Returns the note for the closing line."""
+    jsonl = p.run_dir / "metrics.jsonl"
+    past = sorted({r["step"] for r in tracking.read_metrics(jsonl) if r["step"] > p.state.step}) if jsonl.is_file() else []
+    if not past:
+        return ""
+    ids = {**p.state.tracker_ids, **(owner.read_owner(p.run_dir).get("tracker_ids") or {})}
+    tracking.start_tracking(tracking.Setup.of(cfg), True, p.rt.facts(), p.run_dir, ids, p.state.step, warm).finish()
+    steps = f"step {past[0]}" if len(past) == 1 else f"steps {past[0]}-{past[-1]}"
+    return f"; the records of an abandoned attempt past it ({steps}) are dropped from metrics.jsonl and its tracker run is closed"
 
 
 def _exported_at(run_dir: Path, rt) -> int | None:

@@ -83,14 +83,25 @@ def _key(create: bool) -> bytes | None:
     return key
 
 
-def _manifest(ckpt: Path) -> bytes:
+def listed(items: list[str], sep: str = ", ") -> str:
+    """The first three of `items` for a one-line message, and how many more there are."""
+    return sep.join(items[:3]) + (f"{sep}and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def _sizes(ckpt: Path) -> dict[str, int]:
+    """Every file's size as sealed, by relative path (what `damaged` checks, with no key), in
+    the sorted order the signature walks them."""
+    return {p.relative_to(ckpt).as_posix(): p.stat().st_size
+            for p in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER)}
+
+
+def _manifest(ckpt: Path, sizes: dict[str, int] | None = None) -> bytes:
     """What the signature covers: every file's path and size, and the bytes of small pickles."""
     digest = hashlib.sha256()
-    for p in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER):
-        size = p.stat().st_size
-        digest.update(json.dumps([p.relative_to(ckpt).as_posix(), size]).encode())
-        if p.name.endswith(PICKLE_SUFFIXES) and size <= CONTENT_LIMIT:
-            with open(p, "rb") as f:
+    for name, size in (_sizes(ckpt) if sizes is None else sizes).items():
+        digest.update(json.dumps([name, size]).encode())
+        if name.endswith(PICKLE_SUFFIXES) and size <= CONTENT_LIMIT:
+            with open(ckpt / name, "rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
     return digest.digest()
@@ -99,25 +110,20 @@ def _manifest(ckpt: Path) -> bytes:
 def sign(ckpt: Path) -> str:
     """The COMPLETE marker's text for a checkpoint whose files are all written. Never raises
     for want of a key: the checkpoint is worth more than its signature."""
+    sizes = _sizes(ckpt)  # one walk serves the size list and the signature
     try:
         key = _key(create=True)
         if key is None:  # made on demand: cannot happen, but never sign with an empty key
             raise ValueError("no checkpoint key")
-        signature = hmac.new(key, _manifest(ckpt), hashlib.sha256).hexdigest()
+        signature = hmac.new(key, _manifest(ckpt, sizes), hashlib.sha256).hexdigest()
     except (OSError, ValueError) as e:
         if not _warned:
             _warned.append(e)
             print(f"warning: checkpoints are written unsigned ({key_file()}: {' '.join(str(e).split())[:200]}); "
                   "resuming one by path will need checkpoint.trust=true", file=sys.stderr, flush=True)
-        return json.dumps({"signature": None, "files": _sizes(ckpt)})
+        return json.dumps({"signature": None, "files": sizes})
     return json.dumps({"signature": signature, "covers": "paths, sizes, small pickles' bytes; hmac-sha256, user key",
-                       "files": _sizes(ckpt)})
-
-
-def _sizes(ckpt: Path) -> dict[str, int]:
-    """Every file's size as sealed, by relative path: what `damaged` checks, with no key."""
-    return {p.relative_to(ckpt).as_posix(): p.stat().st_size
-            for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER}
+                       "files": sizes})
 
 
 def damaged(ckpt: Path) -> list[str]:
@@ -176,7 +182,7 @@ def require(ckpt: Path, trusted: bool, where: str, flag: str, only: tuple[str, .
     if trusted:
         return
     if linked := links(ckpt):
-        shown = ", ".join(linked[:3]) + (f" and {len(linked) - 3} more" if len(linked) > 3 else "")
+        shown = listed(linked)
         raise ConfigError(f"{where}: {ckpt} holds symbolic links ({shown}), which no checkpoint of launcher holds: "
                           f"loading follows them to files outside it, pickles among them, which can run any code; "
                           f"{flag} if you trust where it came from")
@@ -185,7 +191,7 @@ def require(ckpt: Path, trusted: bool, where: str, flag: str, only: tuple[str, .
     risky = pickles(ckpt, only)
     if not risky:
         return
-    shown = ", ".join(risky[:3]) + (f" and {len(risky) - 3} more" if len(risky) > 3 else "")
+    shown = listed(risky)
     try:
         unsigned = not json.loads((ckpt / MARKER).read_text() or "{}").get("signature")
     except (OSError, ValueError, AttributeError):

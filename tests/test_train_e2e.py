@@ -1082,6 +1082,35 @@ def test_a_replacement_tracker_run_is_found_again_after_a_kill_before_the_next_c
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
 
 
+def test_an_abandoned_extension_is_closed_when_the_old_length_is_asked_again(tmp_path):
+    """Extended from 3 steps to 6 and killed at step 5 (before its first checkpoint), then run
+    again with the old max_steps: "already finished", rightly, but metrics.jsonl kept step 4
+    (the plot drew it) and the MLflow run stayed RUNNING. The records go and the run ends."""
+    from test_faults import _kill_tree_when_stopped
+
+    base = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "checkpoint.every_steps=3",
+            "eval.every_steps=1000", "tracking.flush_every_steps=1"]
+    check(launcher(*base, "train.max_steps=3"))
+    cmd = [sys.executable, "-m", "launcher", *base, "train.max_steps=6"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "step:5"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_tree_when_stopped(proc)
+    jsonl = tmp_path / "r" / "metrics.jsonl"
+    past = sorted({json.loads(line)["step"] for line in jsonl.read_text().splitlines()} - {0, 1, 2, 3})
+    assert past and past[0] == 4, past  # step 4 logged (step 5's record may not be, killed inside it)
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "RUNNING"
+    out = check(launcher(*base, "train.max_steps=3")).stdout
+    steps = "step 4" if past == [4] else f"steps 4-{past[-1]}"
+    assert (f"{tmp_path / 'r'} already finished at step 3; nothing to do; the records of an abandoned attempt past it "
+            f"({steps}) are dropped from metrics.jsonl and its tracker run is closed") in out.splitlines()
+    assert max(json.loads(line)["step"] for line in jsonl.read_text().splitlines()) == 3
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FINISHED"
+    # Asked once more: nothing left to close, the plain line.
+    assert f"{tmp_path / 'r'} already finished at step 3; nothing to do" in check(launcher(*base, "train.max_steps=3")).stdout.splitlines()
+
+
 def test_ranks_that_still_see_different_checkpoints_stop_with_one_line(monkeypatch, tmp_path):
     """The ranks compare the checkpoint each found (checkpoint.agreed_start; on 2 real ranks in
     test_distributed): one that keeps seeing another ends the run in one line naming both, after

@@ -336,8 +336,6 @@ class CausalLMTask:
     def evaluate(self, rt, model, loader) -> dict:
         """Response loss and perplexity over every validation row; greedy answers and closed-set
         choices for the answered rows, scored against their references (tasks/generation.py)."""
-        if not hasattr(self, "_max_new"):
-            self._max_new = self.max_new_tokens(loader.rows)
         model.eval()
         from launcher.tasks import lean_loss
 
