@@ -756,6 +756,9 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             out.append(f"data.label_names: binary mode needs 2 names (negative, positive); got {len(d.label_names)}")
         if len(set(d.label_names)) != len(d.label_names):
             out.append("data.label_names: names must be unique")
+        if d.mode == "multilabel" and "none" in d.label_names:  # its f1/none would be overwritten
+            out.append("data.label_names: 'none' is the name of multilabel's column for clauses with no category "
+                       "(f1/none); call the category something else")
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         out.append(f"run_name: must be a plain directory name; got {cfg.run_name!r}")
     if check_files:  # the first existing ancestor of the run directory must be a directory

@@ -131,6 +131,8 @@ CASES = [
      "data.chat_turn_template: not a valid template (expected '}}' before end of string); write a literal brace as {{{{ or }}}}"),
     ("binary with three names", "train", TINY, _plain("data.label_names=[a,b,c]"), "data.label_names: binary mode needs 2 names"),
     ("duplicate label names", "train", TINY, _plain("data.label_names=[a,a]"), "data.label_names: names must be unique"),
+    ("a category named none", "train", TINY, _plain("data.mode=multilabel", "data.label_names=[a,none]"),
+     "data.label_names: 'none' is the name of multilabel's column for clauses with no category"),
     ("run name with a slash", "train", TINY, _plain("--run-name", "a/b"), "run_name: must be a plain directory name"),
     ("too few synthetic rows", "train", TINY, _plain("data.synthetic.n_train=10"),
      "data.synthetic.n_train: 10 rows is fewer than train.global_batch_size (32)"),
