@@ -7,8 +7,12 @@ stop they are already making. So torchrun is told to leave SIGINT alone (its
 --signals-to-handle, which it exports as TORCHELASTIC_SIGNALS_TO_HANDLE) and this process forwards
 each Ctrl-C to the ranks itself: the first asks them to checkpoint at the end of the step and
 exit (runtime.watch_signals); the second makes them exit at once, and this process then exits
-130 with their one line instead of torchrun's failure report. SIGTERM keeps torchrun's own
-handling (forwarded; SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, preemption.py).
+130 with their one line instead of torchrun's failure report. SIGTERM is forwarded here too,
+with torchrun's grace: the ranks are SIGKILLed TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later
+(preemption.py). torchrun's own handling forwarded it as well, but then exited 143 (accelerate
+turns its SignalException into 128 + N) after ranks that had checkpointed and exited 0: a
+clean stop read as a failure, which slurm/train.sh does not requeue. Now the launch ends as
+its ranks did.
 
 A one-process config (cpu.yaml, single_gpu.yaml) does not go through torchrun: accelerate's
 simple launcher SIGKILLed its process 5 s after a SIGTERM, mid-checkpoint (accelerate 1.16,
@@ -24,7 +28,35 @@ import subprocess
 import sys
 import time
 
-HANDLED_BY_TORCHRUN = "SIGTERM,SIGHUP,SIGQUIT"  # torch's default list, less SIGINT
+HANDLED_BY_TORCHRUN = "SIGHUP,SIGQUIT"  # torch's default list, less SIGINT and SIGTERM (ours, below)
+
+
+def _grace_s() -> float:
+    """TORCH_ELASTIC_SHUTDOWN_TIMEOUT, as torchrun reads it."""
+    from launcher import preemption
+
+    try:
+        return float(os.environ.get(preemption.ENV) or preemption.TORCH_DEFAULT_S)
+    except ValueError:
+        return float(preemption.TORCH_DEFAULT_S)
+
+
+def _kill_tree_later(grace: float) -> None:
+    """SIGKILL this process's descendants `grace` seconds from now (a daemon thread): what
+    torchrun does to ranks that outlive its grace after a SIGTERM."""
+    import threading
+
+    import psutil
+
+    def kill():
+        time.sleep(grace)
+        for process in psutil.Process().children(recursive=True):
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+
+    threading.Thread(target=kill, name="sigterm-grace", daemon=True).start()
 
 
 def main() -> None:
@@ -43,6 +75,23 @@ def main() -> None:
             except psutil.Error:
                 pass
 
+    terminated: list[float] = []
+
+    def forward_term(signum, _frame):
+        children = psutil.Process().children()
+        if not children:  # no rank started yet: nothing to stop cleanly, the default action
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if not terminated:
+            terminated.append(time.monotonic())
+            _kill_tree_later(_grace_s())
+        for child in children:
+            try:
+                child.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+
     signal.signal(signal.SIGINT, forward)
     import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -53,6 +102,7 @@ def main() -> None:
     args = launch_command_parser().parse_args(sys.argv[1:])
     # torchrun's --signals-to-handle (accelerate hands torchrun every argument it knows by name)
     args.signals_to_handle = HANDLED_BY_TORCHRUN
+    signal.signal(signal.SIGTERM, forward_term)  # (a one-process launch installs its own: _one_process)
     try:
         launch_command(args)
     except ChildFailedError:
@@ -69,15 +119,10 @@ def _one_process(args) -> None:
     and TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds to checkpoint before it is killed."""
     from accelerate.utils import prepare_simple_launcher_cmd_env
 
-    from launcher import preemption
-
     import psutil
 
     cmd, env = prepare_simple_launcher_cmd_env(args)
-    try:
-        grace = float(os.environ.get(preemption.ENV) or preemption.TORCH_DEFAULT_S)
-    except ValueError:
-        grace = float(preemption.TORCH_DEFAULT_S)
+    grace = _grace_s()
     asked: list[float] = []
     running: list[subprocess.Popen] = []
 

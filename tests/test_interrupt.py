@@ -203,16 +203,19 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
     assert _steps_logged(tmp_path) == list(range(1, 13))
 
 
-def test_a_sigterm_to_a_one_process_accelerate_launch_gives_the_rank_its_grace(tmp_path):
+@pytest.mark.parametrize("launch", ["one", "ddp"])
+def test_a_sigterm_to_an_accelerate_launch_gives_the_ranks_their_grace_and_exits_as_they_did(tmp_path, launch):
     """A one-process accelerate config does not go through torchrun: accelerate's simple
     launcher SIGKILLed its process 5 s after a SIGTERM, so a step plus checkpoint longer than
     that was lost (no checkpoint, exit -9). Now the SIGTERM is forwarded and the process has
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT: here it ends an 8 s step, checkpoints and exits cleanly."""
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT: here it ends an 8 s step, checkpoints and exits cleanly.
+    On two ranks torchrun forwarded it, and the launch exited 143 after ranks that had
+    checkpointed and exited 0 (accelerate's 128 + N), which slurm/train.sh does not requeue."""
     run = tmp_path / "r"
     errors = tmp_path / "stderr.txt"
+    flags = ["--accelerate-config", str(CONFIGS / "accelerate" / "cpu.yaml")] if launch == "one" else _ports(DDP)
     with open(errors, "w") as sink:
-        proc = _start(tmp_path, "--accelerate-config", str(CONFIGS / "accelerate" / "cpu.yaml"),
-                      env={"LAUNCHER_STALL": "0:2:8"}, stderr=sink)
+        proc = _start(tmp_path, *flags, env={"LAUNCHER_STALL": "0:2:8"}, stderr=sink)
     deadline = time.time() + 300
     while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # inside step 2 for 8 s
         assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
@@ -224,6 +227,28 @@ def test_a_sigterm_to_a_one_process_accelerate_launch_gives_the_rank_its_grace(t
     stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
     assert stopped == ["stopped at step 2 (SIGTERM); checkpoint saved; run the same command again to resume"], out[-3000:]
     assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+def test_ranks_that_outlive_the_grace_after_a_sigterm_are_killed_by_the_launch(tmp_path):
+    """The launch forwards a SIGTERM itself (torchrun's handling exited 143 after a clean stop),
+    so it also keeps torchrun's promise: ranks still running TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    seconds later are SIGKILLed, and the launch fails. Rank 0 stalls an hour inside step 2."""
+    import psutil
+
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = _start(tmp_path, *_ports(DDP), env={"LAUNCHER_STALL": "0:2:3600", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"},
+                      stderr=sink)
+    deadline = time.time() + 300
+    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
+        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.05)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = communicate_or_kill(proc, 120)  # without the kill: an hour
+    assert proc.returncode not in (0, -signal.SIGKILL), (proc.returncode, out[-2000:], errors.read_text()[-3000:])
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not any(line.startswith("stopped at step") for line in out.splitlines())
 
 
 # A loader's worker raises in the training process, from train_batches: the error ends the
