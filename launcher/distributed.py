@@ -193,6 +193,14 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
             f"{launch.num_processes}: accelerate launch starts ONE process; for CPU ranks use distributed_type: "
             "MULTI_GPU without use_cpu (as configs/accelerate/cpu_ddp.yaml does)"
         )
+    elif (launch.num_processes > 1 or launch.num_machines > 1) and launch.distributed_type == "NO":
+        # accelerate's simple launcher, whatever the counts: each machine would run a whole
+        # training of its own, every one writing the same run directory
+        launch.problems.append(
+            f"{path}: distributed_type: NO with {launch.num_processes} process(es) on {launch.num_machines} machine(s): "
+            "accelerate launch starts ONE process on each machine, each a separate one-process training; use a "
+            "distributed config (multi_gpu.yaml, multi_node.yaml, or cpu_ddp.yaml for CPU ranks)"
+        )
     if launch.distributed_type == FSDP:
         version = (data.get("fsdp_config") or {}).get("fsdp_version") or 1
         version = int(version) if isinstance(version, str) and version.strip() in ("1", "2") else version

@@ -100,6 +100,8 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(sys.argv[1:])
+    if args.config_file:  # slurm/train.sh comes here directly: the checks `launcher train --accelerate-config` makes
+        _refuse_bad_launch(args.config_file, args.num_processes, args.num_machines)
     # torchrun's --signals-to-handle (accelerate hands torchrun every argument it knows by name)
     args.signals_to_handle = HANDLED_BY_TORCHRUN
     signal.signal(signal.SIGTERM, forward_term)  # (a one-process launch installs its own: _one_process)
@@ -112,6 +114,22 @@ def main() -> None:
     except subprocess.CalledProcessError as failed:  # one process: its own error line is printed already
         code = failed.returncode
         sys.exit(130 if len(pressed) >= 2 else code if code > 0 else 128 - code)  # killed by signal N: 128 + N
+
+
+def _refuse_bad_launch(config_file: str, num_processes: int | None, num_machines: int | None) -> None:
+    """Exit 2 with one line per problem of the accelerate config and counts (distributed.from_yaml):
+    a config that would start one whole training per machine is refused before any starts."""
+    from launcher import distributed
+    from launcher.errors import UserError
+
+    try:
+        problems = distributed.from_yaml(config_file, num_processes, num_machines).problems
+    except UserError as e:
+        problems = e.problems
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(2)
 
 
 def _one_process(args) -> None:

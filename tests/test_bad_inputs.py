@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, TINY, launcher
+from conftest import CONFIGS, OFFLINE_ENV, TINY, launcher
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -198,6 +200,10 @@ CASES = [
      "model.name: {tmp}/model.gguf: not a GGUF file transformers can read"),
     # ---- launch combinations
     ("launch flag without config", "train", TINY, _plain("--num-processes", "2"), "--num-processes: only with --accelerate-config"),
+    ("a one-process config on two ranks", "train", TINY,
+     _plain("--accelerate-config", str(CONFIGS / "accelerate" / "single_gpu.yaml"), "--num-processes", "2"),
+     f"{CONFIGS / 'accelerate' / 'single_gpu.yaml'}: distributed_type: NO with 2 process(es) on 1 machine(s): accelerate launch "
+     "starts ONE process on each machine"),
     ("accelerate config missing", "plan", TINY, _plain("--accelerate-config", "{tmp}/none.yaml"),
      "--accelerate-config: {tmp}/none.yaml: file not found"),
     ("DeepSpeed JSON not JSON", "plan", TINY, _ds_yaml('{"zero_optimization": {"stage": 2},\n  "bf16": {enabled: true}}'),
@@ -273,6 +279,22 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, name, comm
     # Nothing left behind: no run directory, no MLflow store (a tokenized-data cache may stay).
     leftovers = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     assert set(leftovers) <= {".cache"}, leftovers
+
+
+def test_the_slurm_entry_refuses_a_one_process_config_on_two_nodes_before_any_training_starts(tmp_path):
+    """slurm/train.sh runs launcher.launch on each node, not `launcher train --accelerate-config`:
+    with ACCELERATE_CONFIG=single_gpu.yaml and 2 nodes, accelerate's simple launcher ran one whole
+    training per node, both writing the same run directory."""
+    cmd = [sys.executable, "-m", "launcher.launch", "--config_file", str(CONFIGS / "accelerate" / "single_gpu.yaml"),
+           "--num_machines", "2", "--num_processes", "2", "--machine_rank", "1", "--main_process_ip", "127.0.0.1",
+           "-m", "launcher", "train", str(TINY), "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        f"error: {CONFIGS / 'accelerate' / 'single_gpu.yaml'}: distributed_type: NO with 2 process(es) on 2 machine(s): "
+        "accelerate launch starts ONE process on each machine, each a separate one-process training; use a distributed "
+        "config (multi_gpu.yaml, multi_node.yaml, or cpu_ddp.yaml for CPU ranks)"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_wait(tmp_path, monkeypatch):

@@ -322,3 +322,20 @@ def test_plan_counts_a_hub_model_from_its_cached_config_offline(tmp_path):
     assert line.endswith("parameters (config of launcher-tests/cached-bert)"), line
     config.num_labels = len(load_config(CONFIGS / "train" / "clause_tiny.yaml").data.resolved_label_names())
     assert int(line.split()[1].replace(",", "")) == sum(p.numel() for p in BertForSequenceClassification(config).parameters())
+
+
+@pytest.mark.parametrize("name", ["cpu", "single_gpu"])
+def test_a_one_process_config_keeps_the_gpu_a_scheduler_assigned(name, monkeypatch):
+    """single_gpu.yaml said gpu_ids: '0', and accelerate then set CUDA_VISIBLE_DEVICES=0 over
+    Slurm's own value (the GPU the job was given, say 3): on a node that does not fence GPUs
+    per job, the run used another job's GPU. Read from accelerate's own environment builder,
+    told that this CPU-only torch is a CUDA build (it sets the variable only for a GPU backend)."""
+    import accelerate.utils.launch as accelerate_env
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(ACCEL / f"{name}.yaml"), "x.py"])
+    _validate_launch_command(args)
+    monkeypatch.setattr(accelerate_env, "get_torch_accelerator_backend", lambda check_available=False: ("cuda", None))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    _, env = accelerate_env.prepare_simple_launcher_cmd_env(args)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
