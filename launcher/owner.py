@@ -78,7 +78,9 @@ class Lease:
     taken over, when its process is gone (same host), when it was this scheduler job's (a
     requeue: the earlier attempt is over), or when it went untouched for STALE_S seconds.
     Two launches taking over one dead holder's lease in the same instant can both win: the
-    lease guards against the usual double submit, not against that race."""
+    lease guards against the usual double submit, not against that race. Within one job the
+    lease records the attempt (SLURM_RESTART_COUNT): a second launch in the same attempt (two
+    trainings started in one allocation) is another live launch, not a requeue."""
 
     def __init__(self, run_dir: Path, job_id: str | None):
         import secrets
@@ -87,6 +89,7 @@ class Lease:
         self.path = run_dir / LEASE_FILE
         self.job_id = job_id
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job_id,
+                       "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0") if job_id is not None else None,
                        "token": secrets.token_hex(8)}
         self._stop: threading.Event | None = None
 
@@ -130,8 +133,9 @@ class Lease:
 
         if age > STALE_S:
             return True
-        if self.job_id is not None and holder.get("slurm_job_id") == self.job_id:
-            return True  # this job's earlier attempt: a requeue starts only once it ended
+        if self.job_id is not None and holder.get("slurm_job_id") == self.job_id \
+                and holder.get("slurm_restart") != self.record["slurm_restart"]:
+            return True  # this job's earlier attempt (no attempt recorded: before 2026-12-05): a requeue starts once it ended
         return holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
 
     def _beat(self) -> None:

@@ -831,8 +831,11 @@ def test_a_second_launch_into_a_run_in_progress_is_one_line_and_touches_nothing(
 def test_a_lease_is_taken_over_from_a_dead_or_requeued_holder_only(tmp_path, monkeypatch):
     """Whose lease stands: a live process of this host, or another host's lease touched within
     STALE_S. Taken over: a process of this host that is gone, another host's lease untouched for
-    longer, and this Slurm job's own earlier attempt (a requeue)."""
+    longer, and this Slurm job's own earlier attempt (a requeue; this one is attempt 1). Another
+    launch of the same attempt (two trainings in one allocation) was taken over too, alive."""
     from launcher import owner
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
 
     run = tmp_path / "r"
     run.mkdir()
@@ -845,6 +848,11 @@ def test_a_lease_is_taken_over_from_a_dead_or_requeued_holder_only(tmp_path, mon
         cases = [({"host": here, "pid": sleeper.pid}, 0, None, False), ({"host": here, "pid": gone.pid}, 0, None, True),
                  ({"host": "node-b", "pid": 1}, 10, None, False), ({"host": "node-b", "pid": 1}, owner.STALE_S + 5, None, True),
                  ({"host": "node-b", "pid": 1, "slurm_job_id": "77"}, 10, "77", True),
+                 ({"host": "node-b", "pid": 1, "slurm_job_id": "77", "slurm_restart": "0"}, 10, "77", True),
+                 # The same attempt of the same job: a second launch in one allocation, alive
+                 ({"host": "node-b", "pid": 1, "slurm_job_id": "77", "slurm_restart": "1"}, 10, "77", False),
+                 ({"host": here, "pid": sleeper.pid, "slurm_job_id": "77", "slurm_restart": "1"}, 10, "77", False),
+                 ({"host": here, "pid": gone.pid, "slurm_job_id": "77", "slurm_restart": "1"}, 10, "77", True),
                  ({"host": "node-b", "pid": 1, "slurm_job_id": "76"}, 10, "77", False)]
         for holder, age, job, taken in cases:
             lease.write_text(json.dumps(holder))
