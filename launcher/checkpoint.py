@@ -850,6 +850,36 @@ def canonical_key_names(model) -> None:
 # ---------------------------------------------------------------- offline export
 
 
+def base_weights(ckpt: Path) -> dict | None:
+    """The local base a LoRA checkpoint holding only what trained was written over
+    (models.local_weights, in its skeleton's launcher.json); None for any other checkpoint."""
+    try:
+        meta = json.loads((ckpt / SKELETON / "launcher.json").read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = meta.get("base_weights") if isinstance(meta, dict) and meta.get("checkpoint_weights") == "trainable" else None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _base_as_read(meta: dict) -> str:
+    """Where the LoRA run's local base is now: model.name as the run gave it, or (a relative
+    name, exported from another directory) the absolute path it was read from, whichever
+    holds the same weights (models.local_weights); neither: one line, never a merge onto
+    another model. A hub base (its revision pins it) or a checkpoint from before the record:
+    model.name, unchecked."""
+    from launcher import models
+
+    name, recorded = meta["base_model"], meta.get("base_weights")
+    if not recorded:
+        return name
+    for where in dict.fromkeys((name, recorded.get("path") or name)):
+        now = models.local_weights(where)
+        if now is not None and now["digest"] == recorded.get("digest"):
+            return where
+    models.same_base(name, recorded, "launcher export", "put that base back where the run read it")
+    return name  # (same_base raised)
+
+
 def _pretrained_base(auto, meta: dict, config, code: dict):
     """The LoRA run's pretrained base, built with the run's own config (labels, head size);
     a quantized base (QLoRA) as the plain model of its dequantized weights."""
@@ -881,6 +911,7 @@ def _export_lora(skeleton: Path, tmp: Path, auto, config, code: dict, meta: dict
         model_class = type(models.from_config(auto, config, **code))
     base, source = None, ""
     if meta.get("checkpoint_weights") == "trainable":
+        meta = meta | {"base_model": _base_as_read(meta)}
         base = _pretrained_base(auto, meta, config, code)
         source = f", frozen base from {meta['base_model']}"
     lora.write(PeftConfig.from_pretrained(str(skeleton)), state_dict, tmp, config, model_class, meta.get("random_base", False),

@@ -29,6 +29,50 @@ def inference_device():
     return torch.device(os.environ.get("LAUNCHER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+# ---------------------------------------------------------------- a local base, as read
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def local_weights(name: str) -> dict | None:
+    """A local model's weights as a run reads them: the absolute path, and a digest of each
+    weight file's name, size and SAMPLES blocks of SAMPLE_BYTES spread over it (a stat and
+    1 MiB read per file, not the whole file: another model of the same shapes differs in
+    every block, a copy in none). None for a hub name (its revision pins it) or a path
+    without weight files. A LoRA checkpoint holds only what trained: the base it merges onto
+    is read again from here (resume, `launcher export`), and this says whether it is the same."""
+    import hashlib
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(json.dumps([file.name, size]).encode())
+        with open(file, "rb") as f:
+            for i in range(SAMPLES):
+                f.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return {"path": str(path.resolve()), "digest": digest.hexdigest()[:32]}
+
+
+def same_base(name: str, recorded: dict | None, where: str, fix: str) -> None:
+    """ConfigError when the local base at `name` is not the one `recorded` (local_weights when
+    the checkpoint was written). Nothing recorded (a hub base, an older checkpoint): no check."""
+    if not recorded:
+        return
+    now = local_weights(name)
+    if now is None or now["digest"] != recorded.get("digest"):
+        why = "no weight files there now" if now is None else "its weight files differ"
+        raise ConfigError(f"{where}: {name} is not the frozen base this LoRA checkpoint was trained on ({why}; it was "
+                          f"read from {recorded.get('path')}): its adapters would be merged onto another model; {fix}")
+
+
 # ---------------------------------------------------------------- GGUF
 
 

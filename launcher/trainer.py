@@ -127,6 +127,10 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
+    if start.checkpoint is not None and cfg.checkpoint.resume_changed != "allow":  # the LoRA base is read again
+        models.same_base(cfg.model.name, ckpt_lib.base_weights(start.checkpoint), "model.name",
+                         "put the run's base back there, or set checkpoint.resume_changed=allow to train these adapters "
+                         "on it")
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
     task.check_model_source()
     modeling.attn_implementation(cfg.model, cfg.train.precision)  # a kernel this precision and host can run
@@ -290,7 +294,8 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
     export_dtype = _export_dtype(cfg, task)
     in_checkpoint = {"launcher.json": json.dumps(task.metadata() | {"export_dtype": export_dtype} | (
         {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
-         "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision)}
+         "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision),
+         "base_weights": models.local_weights(cfg.model.name)}
         | ({"base_dtype": rt.weight_dtype} if cfg.model.quantization != "none" else {})
         if trainable_only else {"checkpoint_weights": "all"}))}
     skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=tokenizer,

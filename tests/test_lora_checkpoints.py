@@ -119,3 +119,41 @@ def test_zero3_lora_checkpoint_resumes_on_another_number_of_ranks(tmp_path, unin
     assert steps == ref_steps == list(range(1, 13))
     assert losses[4] == pytest.approx(ref_losses[4], abs=1e-6) and losses[8] == pytest.approx(ref_losses[8], abs=1e-6)
     assert max_diff(weights(tmp_path / "z"), weights(uninterrupted)) < TOL
+
+
+def test_a_lora_checkpoint_is_merged_and_resumed_only_onto_the_base_it_was_trained_on(tmp_path, saved_models):  # noqa: F811
+    """A checkpoint holding only what trained reads its base again from model.name as typed. From
+    another directory, or with another model of the same shapes put there, `launcher export`
+    merged the adapters onto that model without a word (exit 0, weights off by up to 2) and a
+    resume trained them on it. The checkpoint now records the base's weights (a sampled digest,
+    models.local_weights) and the absolute path they were read from."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    shutil.copytree(saved_models / "bert", work / "base")
+    train = ["train", str(TINY), "--output-dir", str(tmp_path / "out"), "--run-name", "r", "model.name=base",
+             "model.lora.enabled=true", *STEPS]
+    check(launcher(*train, "train.halt_at_step=6", cwd=work))
+    ckpt = tmp_path / "out" / "r" / "checkpoints" / "step-000006"
+    # From another directory the relative name leads nowhere: the recorded path holds the base.
+    out = check(launcher("export", str(ckpt), str(tmp_path / "e1"), cwd=elsewhere)).stdout
+    assert f"frozen base from {(work / 'base').resolve()}" in out, out
+
+    torch.manual_seed(1)  # another model of the same shapes, where the base was
+    BertForSequenceClassification(AutoConfig.from_pretrained(work / "base")).save_pretrained(work / "base")
+    said = (f"base is not the frozen base this LoRA checkpoint was trained on (its weight files differ; it was read from "
+            f"{(work / 'base').resolve()}): its adapters would be merged onto another model; ")
+    for proc, where in ((launcher("export", str(ckpt), str(tmp_path / "e2"), cwd=work), "launcher export"),
+                        (launcher(*train, cwd=work), "model.name")):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+        assert errors[0].startswith(f"error: {where}: {said}"), errors[0]
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "out" / "r" / "model").exists()
+
+    shutil.rmtree(work / "base")  # the run's base back: the resume goes on
+    shutil.copytree(saved_models / "bert", work / "base")
+    assert "resuming from" in check(launcher(*train, cwd=work)).stdout
