@@ -41,22 +41,34 @@ def _grace_s() -> float:
         return float(preemption.TORCH_DEFAULT_S)
 
 
-def _kill_tree_later(grace: float) -> None:
-    """SIGKILL this process's descendants `grace` seconds from now (a daemon thread): what
-    torchrun does to ranks that outlive its grace after a SIGTERM."""
+def _stop_children(grace: float) -> None:
+    """After a SIGTERM, what torchrun does for its ranks (a daemon thread): each child gets the
+    SIGTERM once, those started after it too (the signal may come while accelerate runs a
+    helper such as nvidia-smi, before torchrun starts the ranks), and `grace` seconds later
+    every descendant still alive is SIGKILLed."""
     import threading
 
     import psutil
 
-    def kill():
-        time.sleep(grace)
+    def watch():
+        told: set[int] = set()
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            for child in psutil.Process().children():
+                if child.pid not in told:
+                    told.add(child.pid)
+                    try:
+                        child.send_signal(signal.SIGTERM)
+                    except psutil.Error:
+                        pass
+            time.sleep(0.1)
         for process in psutil.Process().children(recursive=True):
             try:
                 process.kill()
             except psutil.Error:
                 pass
 
-    threading.Thread(target=kill, name="sigterm-grace", daemon=True).start()
+    threading.Thread(target=watch, name="sigterm-grace", daemon=True).start()
 
 
 def main() -> None:
@@ -79,18 +91,19 @@ def main() -> None:
 
     def forward_term(signum, _frame):
         children = psutil.Process().children()
-        if not children:  # no rank started yet: nothing to stop cleanly, the default action
+        if not children:  # nothing started yet: nothing to stop cleanly, the default action
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         if not terminated:
             terminated.append(time.monotonic())
-            _kill_tree_later(_grace_s())
-        for child in children:
-            try:
-                child.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
+            _stop_children(_grace_s())
+        else:  # again: to every rank again, as torchrun forwards each (they are already stopping)
+            for child in children:
+                try:
+                    child.send_signal(signal.SIGTERM)
+                except psutil.Error:
+                    pass
 
     signal.signal(signal.SIGINT, forward)
     import accelerate.commands.launch as accelerate_launch

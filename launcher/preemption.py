@@ -5,9 +5,10 @@ A SIGTERM (a scheduler's preemption, `kill`) or SIGUSR1 asks every rank to check
 end of the step in progress and exit (runtime.watch_signals). Whoever sent it kills the ranks some time later:
 
 - torchrun, the engine under `accelerate launch`, forwards SIGTERM to the ranks and SIGKILLs
-  them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (torch's default: 30). `launcher train
-  --accelerate-config` and slurm/train.sh raise it (GRACE_DEFAULT_S, SIGNAL_LEAD_S) unless it
-  is set, so that the scheduler's own grace decides; a direct `accelerate launch` keeps 30 s
+  them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (torch's default: 30); launcher's own
+  launch (launcher/launch.py, under `launcher train --accelerate-config` and slurm/train.sh)
+  does the same itself. Those two raise it (GRACE_DEFAULT_S, SIGNAL_LEAD_S) unless it is
+  set, so that the scheduler's own grace decides; a direct `accelerate launch` keeps 30 s
   unless the variable is exported.
 - Slurm preemption SIGTERMs every process of the job and SIGKILLs them after the partition's
   GraceTime; a time limit, after KillWait (slurm/train.sh stops the ranks SIGNAL_LEAD_S

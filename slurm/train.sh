@@ -25,8 +25,9 @@
 #                      Lower than 600, also submit with --signal=B:USR1@<s>: the header's USR1 comes
 #                      600 s before the limit whatever this says
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT
-#                      seconds torchrun waits after forwarding a SIGTERM before it SIGKILLs the ranks
-#                      (default here 600; torch's own is 30, too short for a big step plus checkpoint)
+#                      seconds the node's launch waits after forwarding a SIGTERM before it SIGKILLs
+#                      the ranks, as torchrun would (default here 600; torch's own is 30, too short
+#                      for a big step plus checkpoint)
 #
 # Preemption: SIGNAL_LEAD_S before the time limit this script asks every rank to stop (its own
 # timer, from the job's end time; Slurm's --signal=B:USR1@600 below is the fallback when the end
@@ -69,8 +70,8 @@ THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
 # torchrun would set 1 thread per rank whenever a node runs several; set it from the CPUs instead.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS_PER_RANK}
 SIGNAL_LEAD_S=${SIGNAL_LEAD_S:-600}
-# After a SIGTERM (preemption, scancel) torchrun gives the ranks this long to checkpoint before it
-# SIGKILLs them (torch's default is 30 s); Slurm's GraceTime / KillWait then decide.
+# After a SIGTERM (preemption, scancel) the node's launch gives the ranks this long to checkpoint
+# before it SIGKILLs them (torch's default is 30 s); Slurm's GraceTime / KillWait then decide.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 # sed reads the whole list: `head -n1` may exit first, and scontrol's SIGPIPE under pipefail
 # ended the job without a word.
@@ -97,8 +98,10 @@ echo "launcher: ${CPUS_PER_NODE} CPUs per node, ${OMP_NUM_THREADS} threads per r
 # SIGUSR1 is ignored by accelerate/torchrun, which have no handler for it (a USR1 sent to the
 # job step, `scancel --signal=USR1 JOB` without --batch, killed the launcher and then every rank
 # mid-step); the ranks install their own handler (launcher.preemption) and checkpoint.
-# launcher.launch is `accelerate launch` whose one-process path forwards a SIGTERM and waits
-# TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun does (accelerate's own killed it after 5 s).
+# launcher.launch is `accelerate launch` that forwards a SIGTERM itself and waits
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun does (accelerate's one-process launcher killed its
+# process after 5 s), then exits as the ranks did: 0 after their checkpoint (torchrun's own
+# handling exited 143, and a clean stop was not requeued).
 LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m launcher.launch --config_file \"$ACCELERATE_CONFIG\" \
     --num_machines $NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_NODEID \
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \

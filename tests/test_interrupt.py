@@ -251,6 +251,28 @@ def test_ranks_that_outlive_the_grace_after_a_sigterm_are_killed_by_the_launch(t
     assert not any(line.startswith("stopped at step") for line in out.splitlines())
 
 
+def test_a_sigterm_while_accelerate_runs_a_helper_before_the_ranks_still_reaches_them(tmp_path):
+    """accelerate runs nvidia-smi just before torchrun starts the ranks. A SIGTERM then went to
+    nvidia-smi only: the ranks, started after it, trained on unaware until the grace ran out and
+    were SIGKILLed (600 s under slurm/train.sh, no checkpoint; this short run even finished).
+    Now children started after the signal get it too, and the launch ends at once."""
+    import psutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nsleep 3\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
+    proc = _start(tmp_path, *_ports(DDP), env=env)
+    deadline = time.time() + 300
+    while not any(c.name() == "nvidia-smi" for c in psutil.Process(proc.pid).children()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    communicate_or_kill(proc, 120)  # the grace is 600 s: ended by the signal, not by the kill after it
+    assert not (tmp_path / "r" / "model").exists()  # before: the ranks never heard of it and finished the run
+
+
 # A loader's worker raises in the training process, from train_batches: the error ends the
 # process, with the worker stopped, not left to the interpreter's exit.
 WORKER_ERROR = """
