@@ -898,6 +898,19 @@ def warm_up(setup: Setup, is_main: bool):
 _WARMING: list = []
 
 
+def left_running(setup: Setup, ids: dict) -> bool:
+    """Whether the run's MLflow run is still RUNNING (an attempt killed before its end; the
+    lease says none is alive). False when MLflow is off, has no such run, or does not answer."""
+    if not (setup.section.mlflow and ids.get("mlflow")):
+        return False
+    try:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=setup.uri).get_run(ids["mlflow"]).info.status == "RUNNING"
+    except Exception:  # noqa: BLE001 - no answer: nothing known to close
+        return False
+
+
 def settle() -> None:
     """Wait for a warm-up still touching the store (before removing what a failed start made)."""
     while _WARMING:

@@ -1118,6 +1118,21 @@ def test_an_abandoned_extension_is_closed_when_the_old_length_is_asked_again(tmp
     # Asked once more: nothing left to close, the plain line.
     assert f"{tmp_path / 'r'} already finished at step 3; nothing to do" in check(launcher(*base, "train.max_steps=3")).stdout.splitlines()
 
+    # Killed again, its records not yet written (flushed every 25 steps by default): the MLflow
+    # run it set RUNNING is closed all the same.
+    cmd = [sys.executable, "-m", "launcher", *base[:-1], "train.max_steps=6"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "step:4"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_tree_when_stopped(proc)
+    assert max(json.loads(line)["step"] for line in jsonl.read_text().splitlines()) == 3
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "RUNNING"
+    out = check(launcher(*base, "train.max_steps=3")).stdout
+    assert (f"{tmp_path / 'r'} already finished at step 3; nothing to do; its tracker run, left running, is closed"
+            in out.splitlines()), out
+    (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.status == "FINISHED"
+
 
 def test_ranks_that_still_see_different_checkpoints_stop_with_one_line(monkeypatch, tmp_path):
     """The ranks compare the checkpoint each found (checkpoint.agreed_start; on 2 real ranks in
