@@ -254,6 +254,10 @@ def cmd_plan(args) -> int:
         raise UserError("--nodes and --gpus-per-node go together when there is no --accelerate-config")
     if args.accelerate_config:
         launch = distributed.from_yaml(args.accelerate_config)
+        if args.nodes or args.gpus_per_node:  # read again with the counts: its checks see them, as a launch's do
+            nodes = args.nodes or launch.num_machines
+            launch = distributed.from_yaml(args.accelerate_config, nodes * (args.gpus_per_node or launch.processes_per_machine),
+                                           nodes)
     else:
         launch = distributed.LaunchConfig(source="no accelerate config")
     nodes = args.nodes or launch.num_machines

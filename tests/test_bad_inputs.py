@@ -204,6 +204,9 @@ CASES = [
      _plain("--accelerate-config", str(CONFIGS / "accelerate" / "single_gpu.yaml"), "--num-processes", "2"),
      f"{CONFIGS / 'accelerate' / 'single_gpu.yaml'}: distributed_type: NO with 2 process(es) on 1 machine(s): accelerate launch "
      "starts ONE process on each machine"),
+    ("plan: a one-process config on two nodes", "plan", TINY,
+     _plain("--accelerate-config", str(CONFIGS / "accelerate" / "single_gpu.yaml"), "--nodes", "2", "--gpus-per-node", "1"),
+     f"{CONFIGS / 'accelerate' / 'single_gpu.yaml'}: distributed_type: NO with 2 process(es) on 2 machine(s)"),
     ("accelerate config missing", "plan", TINY, _plain("--accelerate-config", "{tmp}/none.yaml"),
      "--accelerate-config: {tmp}/none.yaml: file not found"),
     ("DeepSpeed JSON not JSON", "plan", TINY, _ds_yaml('{"zero_optimization": {"stage": 2},\n  "bf16": {enabled: true}}'),
