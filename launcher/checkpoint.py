@@ -872,12 +872,9 @@ def _base_as_read(meta: dict) -> str:
     name, recorded = meta["base_model"], meta.get("base_weights")
     if not recorded:
         return name
-    for where in dict.fromkeys((name, recorded.get("path") or name)):
-        now = models.local_weights(where)
-        if now is not None and now["digest"] == recorded.get("digest"):
-            return where
-    models.same_base(name, recorded, "launcher export", "put that base back where the run read it")
-    return name  # (same_base raised)
+    models.same_base(name, recorded, "launcher export", "put that base back where the run read it", also=recorded.get("path"))
+    now = models.local_weights(name)
+    return name if now is not None and now["digest"] == recorded.get("digest") else str(recorded.get("path"))
 
 
 def _pretrained_base(auto, meta: dict, config, code: dict):

@@ -61,16 +61,28 @@ def local_weights(name: str) -> dict | None:
     return {"path": str(path.resolve()), "digest": digest.hexdigest()[:32]}
 
 
-def same_base(name: str, recorded: dict | None, where: str, fix: str) -> None:
-    """ConfigError when the local base at `name` is not the one `recorded` (local_weights when
-    the checkpoint was written). Nothing recorded (a hub base, an older checkpoint): no check."""
+def same_base(name: str, recorded: dict | None, where: str, fix: str, also: str | None = None) -> None:
+    """ConfigError when the local base at `name` (nor at `also`, when given) is not the one
+    `recorded` (local_weights when the checkpoint was written). Nothing recorded (a hub base,
+    an older checkpoint): no check."""
     if not recorded:
         return
-    now = local_weights(name)
-    if now is None or now["digest"] != recorded.get("digest"):
-        why = "no weight files there now" if now is None else "its weight files differ"
-        raise ConfigError(f"{where}: {name} is not the frozen base this LoRA checkpoint was trained on ({why}; it was "
-                          f"read from {recorded.get('path')}): its adapters would be merged onto another model; {fix}")
+
+    def why(path: str) -> str | None:
+        now = local_weights(path)
+        return "no weight files there now" if now is None else None if now["digest"] == recorded.get("digest") else \
+            "its weight files differ"
+
+    if (said := why(name)) is None:
+        return
+    if also is not None and also != name:
+        if (elsewhere := why(also)) is None:
+            return
+        said += f", and {also}, where the run read it: {elsewhere}"
+    else:
+        said += f"; it was read from {recorded.get('path')}"
+    raise ConfigError(f"{where}: {name} is not the frozen base this LoRA checkpoint was trained on ({said}): its adapters "
+                      f"would be merged onto another model; {fix}")
 
 
 # ---------------------------------------------------------------- GGUF

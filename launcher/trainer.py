@@ -136,8 +136,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
     if start.checkpoint is not None and cfg.checkpoint.resume_changed != "allow":  # the LoRA base is read again
         models.same_base(cfg.model.name, ckpt_lib.base_weights(start.checkpoint), "model.name",
-                         "put the run's base back there, or set checkpoint.resume_changed=allow to train these adapters "
-                         "on it")
+                         "put the run's base back there (a relative name is read from the directory you start in), or "
+                         "set checkpoint.resume_changed=allow to train these adapters on it")
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
     task.check_model_source()
     modeling.attn_implementation(cfg.model, cfg.train.precision)  # a kernel this precision and host can run

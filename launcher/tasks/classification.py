@@ -319,7 +319,7 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
     probs = probabilities(logits, True).numpy()
     truth = labels.numpy().astype(bool)
     cuts = np.full(len(label_names), THRESHOLD)
-    for j in np.flatnonzero(truth.any(0)):
+    for j in np.flatnonzero(truth.any(0)).tolist():
         cuts[j] = choose_cut(joint_macro_f1(probs, truth, cuts, j))
     return {name: float(cut) for name, cut in zip(label_names, cuts)}
 
@@ -336,8 +336,8 @@ def joint_macro_f1(probs: np.ndarray, truth: np.ndarray, cuts: np.ndarray, j: in
     p_j = probs[:, j][None, :] > grid[:, None]  # (grid, rows)
     t_j = truth[:, j][None, :]
     f1_j = _f1((t_j & p_j).sum(1), (~t_j & p_j).sum(1), (t_j & ~p_j).sum(1))
-    t_none = ~truth.any(1)[None, :]
-    p_none = ~(p_o.any(1)[None, :] | p_j)
+    t_none = ~np.asarray(truth.any(1))[None, :]
+    p_none = ~(np.asarray(p_o.any(1))[None, :] | p_j)
     f1_none = _f1((t_none & p_none).sum(1), (~t_none & p_none).sum(1), (t_none & ~p_none).sum(1))
     return (fixed + f1_j + f1_none) / (truth.shape[1] + 1)
 
