@@ -249,3 +249,44 @@ def test_a_byte_order_mark_and_blank_lines_read_as_training_reads_them(tmp_path)
     with pytest.raises(DataError) as e:
         load(blank)
     assert e.value.problems[0].startswith(f"{blank}:5: ")  # the bad row's own line, past the blank one
+
+
+def test_whole_number_float_labels_read_as_their_ints_and_a_bad_one_is_its_own_line(tmp_path):
+    """One `"label": 1.0` row (pandas writes labels so) made the JSON reader turn the whole
+    column into floats, and every row was refused (`:1: ... got 0.0` for a line holding 0).
+    Whole floats are their ints, in JSONL and Parquet, label and labels alike; NaN and 0.5 are
+    refused on their own line only."""
+    ints = [{"text": f"clause {i}", "label": i % 2} for i in range(8)]
+    floats = [dict(r, label=float(r["label"])) if i == 5 else r for i, r in enumerate(ints)]
+    cfg = DataConfig(mode="binary")
+    for name in ("i", "p"):
+        (tmp_path / name).mkdir()
+    want = load_split(cfg, "train", str(write(tmp_path / "i", "jsonl", ints)))
+    assert load_split(cfg, "train", str(write(tmp_path, "jsonl", floats))) == want
+    pq_rows = [dict(r, label=float(r["label"])) for r in ints]
+    assert load_split(cfg, "train", str(write(tmp_path / "p", "parquet", pq_rows))) == want
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in floats[:6]) + '{"text": "x", "label": 0.5}\n')
+    with pytest.raises(DataError) as e:
+        load_split(cfg, "train", str(bad))
+    assert [p for p in e.value.problems if p.startswith(str(bad))] == [
+        f"{bad}:7: 'label' must be 0, 1, fair or unfair, or a category name; got 0.5"]
+    ml = tmp_path / "ml.jsonl"
+    ml.write_text(json.dumps({"text": "a", "labels": [1.0, 4.0]}) + "\n" + json.dumps({"text": "b", "labels": [2]}) + "\n")
+    _, targets = load_split(DataConfig(mode="multilabel"), "train", str(ml))
+    assert [[i for i, v in enumerate(t) if v] for t in targets] == [[1, 4], [2]]
+
+
+def test_a_multi_hot_labels_vector_is_refused_not_read_as_categories_0_and_1(tmp_path):
+    """`"labels": [0, 1, 0, 0, 0, 0, 0, 0]`, the usual 0/1 layout, was read as category ids:
+    every clause had category 0 (and a positive one category 1), without a word."""
+    path = tmp_path / "hot.jsonl"
+    path.write_text(json.dumps({"text": "a", "labels": [0, 1, 0, 0, 0, 0, 0, 0]}) + "\n"
+                    + json.dumps({"text": "b", "labels": [3]}) + "\n"
+                    + json.dumps({"text": "c", "labels": ["Arbitration", "Arbitration"]}) + "\n")
+    for mode in ("multilabel", "binary"):
+        with pytest.raises(DataError) as e:
+            load_split(DataConfig(mode=mode), "train", str(path))
+        assert [p for p in e.value.problems if p.startswith(str(path))] == [
+            f"{path}:1: 'labels' [0, 1, 0, 0, 0, 0, 0, 0] looks like a 0/1 vector over the categories; launcher reads "
+            "'labels' as the categories a clause has, by id or name (e.g. [1, 4], or [] for none)"], e.value.problems

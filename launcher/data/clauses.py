@@ -36,6 +36,15 @@ def _as_list(value: Any, where: str) -> list:
     raise DataError(f"{where}: 'labels' must be a list of category ids or names; got {value!r}")
 
 
+def _whole(value: Any) -> Any:
+    """A whole-number float (1.0) as the int it stands for. A JSON or Parquet reader turns a
+    whole label column into floats when one row writes 1.0 (pandas writes labels so), and
+    every row was refused; NaN and 0.5 stay floats, refused on their own line."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class LabelEncoder:
     """Turns a row's `label`/`labels` into the training target for one mode."""
 
@@ -48,6 +57,7 @@ class LabelEncoder:
         self._binary_by_name = {n.lower(): i for i, n in enumerate(label_names)} if mode == "binary" else {}
 
     def _category(self, item: Any, where: str) -> int:
+        item = _whole(item)
         if isinstance(item, bool):
             raise DataError(f"{where}: category {item!r} is not an id or a name")
         if isinstance(item, str) and item.strip().lower() in self._by_name:  # a name first: names may be digits
@@ -71,11 +81,18 @@ class LabelEncoder:
         if has_labels == has_label:
             raise DataError(f"{where}: needs exactly one of 'label' or 'labels'")
         if has_labels:
-            cats = sorted({self._category(x, where) for x in _as_list(record["labels"], where)})
+            items = _as_list(record["labels"], where)
+            ids = [self._category(x, where) for x in items]
+            if len(items) > 1 and len(set(ids)) < len(ids) and set(map(str, map(_whole, items))) <= {"0", "1"}:
+                # [0, 1, 0, ...] is a 0/1 vector over the categories (the common multi-label
+                # layout), not ids: read as ids every clause had categories 0 and 1
+                raise DataError(f"{where}: 'labels' {items!r} looks like a 0/1 vector over the categories; launcher "
+                                "reads 'labels' as the categories a clause has, by id or name (e.g. [1, 4], or [] for none)")
+            cats = sorted(set(ids))
             if self.mode == "binary":
                 return int(bool(cats))
             return [1.0 if i in cats else 0.0 for i in range(len(self.categories))]
-        value = record["label"]
+        value = _whole(record["label"])
         if isinstance(value, str) and self.mode == "multilabel" and value.strip().lower() in self._by_name:
             return [1.0 if i == self._by_name[value.strip().lower()] else 0.0 for i in range(len(self.categories))]
         if isinstance(value, str) and value.strip().isdigit():
