@@ -282,6 +282,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _plain_lines(path: Path, wanted: str) -> list[str]:
+    """--input as plain text: its non-blank lines, a byte-order mark skipped; not UTF-8 is one line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet {wanted}") from None
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]  # not splitlines: \x0c, U+2028 are text
+
+
 def _read_texts(path: Path) -> list[str]:
     """Clauses to predict: rows with `text` from JSONL (or a .json array), CSV or Parquet, as
     `launcher eval` reads them (errors as file:line), or plain lines of any other file."""
@@ -291,12 +300,7 @@ def _read_texts(path: Path) -> list[str]:
         raise UserError(f"--input: {path}: file not found")
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet "
-                            "rows with 'text', or one clause per line") from None
-        return [line.rstrip("\r") for line in text.split("\n") if line.strip()]  # not splitlines: \x0c, U+2028 are text
+        return _plain_lines(path, "rows with 'text', or one clause per line")
     texts = []
     for where, record in read_records(path):
         if isinstance(record, UserError):
@@ -411,7 +415,7 @@ def _predict_causal_lm(args) -> int:
             except UserError as e:
                 problems.extend(p if p.startswith(where) else f"{where}: {p}" for p in e.problems)
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
-        for line in (x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()):
+        for line in _plain_lines(path, "rows, or one prompt per line"):
             rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"text": line})
     if problems:

@@ -584,6 +584,17 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     plain = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(lines))).stdout.splitlines()
              if x.startswith("{")]
     assert [p["label"] for p in plain] == [p["label"] for p in pred] and [p["response"] for p in plain] == [p["response"] for p in pred]
+    # A Windows editor's file (byte-order mark, CRLF) reads the same; one not in UTF-8 is one line,
+    # not a UnicodeDecodeError traceback; the mark was the first prompt's first character.
+    lines.write_bytes(("\ufeff" + "\r\n".join(things) + "\r\n").encode("utf-8"))
+    windows = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(lines))).stdout.splitlines()
+               if x.startswith("{")]
+    assert windows == plain
+    lines.write_bytes("caf\xe9\n".encode("latin-1"))
+    proc = launcher("predict", str(run / "model"), "--input", str(lines))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+        f"error: --input: {lines}: not UTF-8 text (byte 4); give JSONL, CSV or Parquet rows, or one prompt per line"]
 
 
 def test_predict_stops_its_answers_where_the_runs_evaluation_did(tmp_path):
