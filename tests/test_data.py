@@ -290,3 +290,34 @@ def test_a_multi_hot_labels_vector_is_refused_not_read_as_categories_0_and_1(tmp
         assert [p for p in e.value.problems if p.startswith(str(path))] == [
             f"{path}:1: 'labels' [0, 1, 0, 0, 0, 0, 0, 0] looks like a 0/1 vector over the categories; launcher reads "
             "'labels' as the categories a clause has, by id or name (e.g. [1, 4], or [] for none)"], e.value.problems
+
+
+def test_a_key_given_twice_a_jsonl_array_and_a_utf16_file_read_alike_for_training_and_eval(tmp_path):
+    """Training and `launcher eval`/`predict` (read_records) disagreed: a line giving "text"
+    twice failed training with no line named and was read silently by eval (the last value);
+    a .jsonl holding one JSON array trained and was refused by eval line by line; a UTF-16
+    file was "expected a JSON object" at training and "not valid UTF-8" at eval."""
+    from launcher.data.sources import read_records
+
+    rows = [{"text": f"clause {i}", "label": i % 2} for i in range(6)]
+    dup = tmp_path / "dup.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines[3] = '{"text": "first", "text": "second", "label": 1}'
+    dup.write_text("\n".join(lines) + "\n")
+    said = f"{dup}:4: duplicate key 'text'"
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(mode="binary"), "train", str(dup))
+    assert e.value.problems == [said]
+    assert [str(r) for _, r in read_records(dup) if isinstance(r, DataError)] == [said]
+
+    array = tmp_path / "array.jsonl"
+    array.write_text(json.dumps(rows, indent=2))
+    assert [r for _, r in read_records(array)] == rows
+    assert load_split(DataConfig(mode="binary"), "train", str(array)) == ([r["text"] for r in rows], [r["label"] for r in rows])
+
+    for name, encoding in (("bom.jsonl", "utf-16"), ("le.jsonl", "utf-16-le")):
+        wide = tmp_path / name
+        wide.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode(encoding))
+        with pytest.raises(DataError) as e:
+            load_split(DataConfig(mode="binary"), "train", str(wide))
+        assert e.value.problems == [f"{wide}:1: not valid UTF-8 (UTF-16, by its first bytes); save it as UTF-8"]

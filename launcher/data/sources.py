@@ -238,6 +238,8 @@ def _check_json(path: Path) -> None:
         if f.seek(0, 2) == 0:
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in buf[:4]:  # (Windows' "Unicode")
+                raise DataError(f"{path}:1: not valid UTF-8 (UTF-16, by its first bytes); save it as UTF-8")
             head = bytes(buf[: 1 << 16]).lstrip(b"\xef\xbb\xbf \t\r\n")
             if head[:1] == b"[":
                 return  # one JSON array (a .jsonl that is not, too): the reader takes it as a document
@@ -284,6 +286,18 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
     return [f"{path}: cannot be read as {what} ({_first_line(error)})"]
 
 
+def _unique_keys(pairs: list) -> dict:
+    """json.loads' object hook: a key given twice in one object is an error. json.loads keeps
+    the last silently (eval read the second "text" of such a line), and training's reader
+    refused the whole file without naming the line."""
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise ValueError(f"duplicate key {key!r}")
+        record[key] = value
+    return record
+
+
 def _starts_with(path: Path, token: bytes) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -307,7 +321,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     line that is not UTF-8 or not JSON is yielded as a DataError in place of its record."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".json" and _starts_with(path, b"["):  # one JSON array, as training's reader takes it
+    if suffix in (".json", ".jsonl") and _starts_with(path, b"["):  # one JSON array, as training's reader takes it
         yield from _json_array(path)
     elif suffix in (".jsonl", ".json"):
         with open(path, "rb") as f:
@@ -323,9 +337,13 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield where, json.loads(line)
+                    record = json.loads(line, object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as e:
                     yield where, DataError(f"{where}: not valid JSON ({e.msg})")
+                except ValueError as e:  # _unique_keys
+                    yield where, DataError(f"{where}: {e}")
+                else:
+                    yield where, record
     elif suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM would have named the first column "\ufefftext"
             reader = csv.DictReader(f)
