@@ -571,6 +571,7 @@ def load_config(
         tree["output_dir"] = output_dir
     if run_name is not None:
         tree["run_name"] = run_name
+    _expand_home(tree)
     explicit = frozenset(_dotted_keys(tree))
     if tree.get("run_name") is None:
         tree["run_name"] = Path(path).stem if path is not None else "run"
@@ -580,6 +581,21 @@ def load_config(
     if problems:
         raise ConfigError(*problems)
     return cfg
+
+
+# Paths a shell leaves with their `~` (`data.train_file=~/x` is no assignment to it), as
+# model.name's is already read; expanded once here, so config.yaml records where they lead.
+HOME_PATHS = ("output_dir", "data.train_file", "data.validation_file", "data.cache_dir", "checkpoint.resume")
+
+
+def _expand_home(tree: dict) -> None:
+    for dotted in HOME_PATHS:
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].startswith("~"):
+            node[leaf] = os.path.expanduser(node[leaf])
 
 
 def with_explicit(cfg: RunConfig, keys: frozenset) -> RunConfig:

@@ -362,3 +362,18 @@ def test_yaml_merge_keys_still_load_and_an_odd_key_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(odd, [], check_files=False)
     assert e.value.problems == [f"{odd}:2: not valid YAML (found unhashable key)"]
+
+
+def test_a_home_path_in_an_override_leads_home(tmp_path, monkeypatch):
+    """`data.train_file=~/d/train.jsonl` keeps its `~` in a shell (not an assignment there), and
+    was "file not found" where model.name's `~` was read; config.yaml records where it leads."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "d").mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        (tmp_path / "d" / name).write_text('{"text": "a clause", "label": 1}\n' * 40)
+    cfg = load_config(CONFIGS / "train" / "clause_tiny.yaml",
+                      ["data.synthetic.enabled=false", "data.train_file=~/d/train.jsonl",
+                       "data.validation_file=~/d/validation.jsonl", "data.cache_dir=~/cache"], output_dir="~/runs")
+    assert cfg.data.train_file == str(tmp_path / "d" / "train.jsonl")
+    assert cfg.data.validation_file == str(tmp_path / "d" / "validation.jsonl")
+    assert cfg.data.cache_dir == str(tmp_path / "cache") and cfg.output_dir == str(tmp_path / "runs")
