@@ -591,7 +591,7 @@ HOME_PATHS = ("output_dir", "data.train_file", "data.validation_file", "data.cac
 def _expand_home(tree: dict) -> None:
     for dotted in HOME_PATHS:
         *sections, leaf = dotted.split(".")
-        node = tree
+        node: Any = tree
         for section in sections:
             node = node.get(section) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].startswith("~"):
