@@ -61,7 +61,7 @@ def _stop_children(grace: float) -> None:
                         child.send_signal(signal.SIGTERM)
                     except psutil.Error:
                         pass
-            time.sleep(0.1)
+            time.sleep(0.25)
         for process in psutil.Process().children(recursive=True):
             try:
                 process.kill()
@@ -123,6 +123,15 @@ def main() -> None:
     except ChildFailedError:
         if len(pressed) >= 2:  # the ranks exited at once, as the second Ctrl-C asked; they said so
             sys.exit(130)
+        if terminated:  # one line for what happened, not torchrun's report of ranks that died of it
+            grace = _grace_s()
+            if time.monotonic() - terminated[0] >= grace:
+                print(f"launcher: the ranks were still running {grace:.0f} s after the SIGTERM "
+                      "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and were killed", file=sys.stderr, flush=True)
+            else:
+                print("launcher: the SIGTERM ended ranks that were starting, before they could stop at a step",
+                      file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGTERM)
         raise
     except subprocess.CalledProcessError as failed:  # one process: its own error line is printed already
         code = failed.returncode

@@ -75,7 +75,7 @@ def same_base(name: str, recorded: dict | None, where: str, fix: str, also: str 
 
     if (said := why(name)) is None:
         return
-    if also is not None and also != name:
+    if also is not None and Path(also).resolve() != Path(name).expanduser().resolve():
         if (elsewhere := why(also)) is None:
             return
         said += f", and {also}, where the run read it: {elsewhere}"

@@ -314,10 +314,21 @@ def test_a_key_given_twice_a_jsonl_array_and_a_utf16_file_read_alike_for_trainin
     array.write_text(json.dumps(rows, indent=2))
     assert [r for _, r in read_records(array)] == rows
     assert load_split(DataConfig(mode="binary"), "train", str(array)) == ([r["text"] for r in rows], [r["label"] for r in rows])
+    from launcher.config import SyntheticDataConfig
+    from launcher.data import sources
+
+    source = sources.resolve(DataConfig(synthetic=SyntheticDataConfig(enabled=False), train_file=str(array),
+                                        validation_file=str(array)), "train")
+    assert source.count_rows() in (None, len(rows))  # its lines are not rows
+    assert source.locate([3]) == {3: f"{source}: row 4"}
 
     for name, encoding in (("bom.jsonl", "utf-16"), ("le.jsonl", "utf-16-le")):
         wide = tmp_path / name
         wide.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode(encoding))
         with pytest.raises(DataError) as e:
             load_split(DataConfig(mode="binary"), "train", str(wide))
-        assert e.value.problems == [f"{wide}:1: not valid UTF-8 (UTF-16, by its first bytes); save it as UTF-8"]
+        said = f"{wide}:1: not UTF-8 text (NUL bytes first: UTF-16?); save it as UTF-8"
+        assert e.value.problems == [said]
+        with pytest.raises(DataError) as e:
+            list(read_records(wide))  # eval and predict
+        assert e.value.problems == [said]

@@ -246,7 +246,9 @@ def test_ranks_that_outlive_the_grace_after_a_sigterm_are_killed_by_the_launch(t
     ranks = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)
     out, _ = communicate_or_kill(proc, 120)  # without the kill: an hour
-    assert proc.returncode not in (0, -signal.SIGKILL), (proc.returncode, out[-2000:], errors.read_text()[-3000:])
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out[-2000:], errors.read_text()[-3000:])
+    assert ("launcher: the ranks were still running 5 s after the SIGTERM (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and were "
+            "killed") in errors.read_text().splitlines()
     assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not any(line.startswith("stopped at step") for line in out.splitlines())
 
@@ -269,8 +271,10 @@ def test_a_sigterm_while_accelerate_runs_a_helper_before_the_ranks_still_reaches
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    communicate_or_kill(proc, 120)  # the grace is 600 s: ended by the signal, not by the kill after it
+    _, err = communicate_or_kill(proc, 120)  # the grace is 600 s: ended by the signal, not by the kill after it
     assert not (tmp_path / "r" / "model").exists()  # before: the ranks never heard of it and finished the run
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, (proc.returncode, err[-3000:])
+    assert "launcher: the SIGTERM ended ranks that were starting, before they could stop at a step" in err.splitlines()
 
 
 # A loader's worker raises in the training process, from train_batches: the error ends the

@@ -146,12 +146,16 @@ def test_a_lora_checkpoint_is_merged_and_resumed_only_onto_the_base_it_was_train
     torch.manual_seed(1)  # another model of the same shapes, where the base was
     BertForSequenceClassification(AutoConfig.from_pretrained(work / "base")).save_pretrained(work / "base")
     said = "base is not the frozen base this LoRA checkpoint was trained on (its weight files differ"
-    for proc, where, then in ((launcher("export", str(ckpt), str(tmp_path / "e2"), cwd=work), "launcher export",
-                               f", and {(work / 'base').resolve()}, where the run read it: its weight files differ)"),
-                              (launcher(*train, cwd=work), "model.name", f"; it was read from {(work / 'base').resolve()})")):
+    read = f"; it was read from {(work / 'base').resolve()})"
+    for proc, where, then in ((launcher("export", str(ckpt), str(tmp_path / "e2"), cwd=work), "launcher export", read),
+                              (launcher(*train, cwd=work), "model.name", read),
+                              (launcher("export", str(ckpt), str(tmp_path / "e3"), cwd=elsewhere), "launcher export",
+                               f" (no weight files there now, and {(work / 'base').resolve()}, where the run read it: its "
+                               "weight files differ)")):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
-        assert errors[0].startswith(f"error: {where}: {said}{then}: its adapters would be merged onto another model; "), errors[0]
+        head = said if then is read else said.replace(" (its weight files differ", "")
+        assert errors[0].startswith(f"error: {where}: {head}{then}: its adapters would be merged onto another model; "), errors[0]
     assert not (tmp_path / "e2").exists() and not (tmp_path / "out" / "r" / "model").exists()
 
     shutil.rmtree(work / "base")  # the run's base back: the resume goes on

@@ -40,7 +40,7 @@ def _whole(value: Any) -> Any:
     """A whole-number float (1.0) as the int it stands for. A JSON or Parquet reader turns a
     whole label column into floats when one row writes 1.0 (pandas writes labels so), and
     every row was refused; NaN and 0.5 stay floats, refused on their own line."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # (1e20 is no id)
         return int(value)
     return value
 
@@ -83,7 +83,8 @@ class LabelEncoder:
         if has_labels:
             items = _as_list(record["labels"], where)
             ids = [self._category(x, where) for x in items]
-            if len(items) > 1 and len(set(ids)) < len(ids) and set(map(str, map(_whole, items))) <= {"0", "1"}:
+            if len(items) == len(self.categories) > 2 and len(set(ids)) < len(ids) \
+                    and set(map(str, map(_whole, items))) <= {"0", "1"}:
                 # [0, 1, 0, ...] is a 0/1 vector over the categories (the common multi-label
                 # layout), not ids: read as ids every clause had categories 0 and 1
                 raise DataError(f"{where}: 'labels' {items!r} looks like a 0/1 vector over the categories; launcher "

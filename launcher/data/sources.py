@@ -108,7 +108,8 @@ class Source:
     def locate(self, indices: list[int]) -> dict[int, str]:
         """'file:line' (or 'file: row N') for 0-based row indices."""
         wanted = set(indices)
-        if self.kind == "file" and self.fmt == "json" and Path(self.name).suffix.lower() == ".jsonl":
+        if self.kind == "file" and self.fmt == "json" and Path(self.name).suffix.lower() == ".jsonl" \
+                and not _starts_with(Path(self.name), b"["):  # (one array: rows are not lines)
             out, row = {}, 0
             with open(self.name, "rb") as f:
                 for lineno, line in enumerate(f, 1):
@@ -138,7 +139,7 @@ class Source:
     def count_rows(self) -> int | None:
         """Rows without parsing them where that is cheap (JSONL lines, Parquet metadata)."""
         path = Path(self.name)
-        if self.kind == "file" and path.suffix.lower() == ".jsonl":
+        if self.kind == "file" and path.suffix.lower() == ".jsonl" and not _starts_with(path, b"["):
             with open(path, "rb") as f:
                 return sum(1 for line in f if line.strip())
         if self.kind == "file" and self.fmt == "parquet":
@@ -238,8 +239,7 @@ def _check_json(path: Path) -> None:
         if f.seek(0, 2) == 0:
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in buf[:4]:  # (Windows' "Unicode")
-                raise DataError(f"{path}:1: not valid UTF-8 (UTF-16, by its first bytes); save it as UTF-8")
+            _refuse_utf16(path, bytes(buf[:4]))
             head = bytes(buf[: 1 << 16]).lstrip(b"\xef\xbb\xbf \t\r\n")
             if head[:1] == b"[":
                 return  # one JSON array (a .jsonl that is not, too): the reader takes it as a document
@@ -286,6 +286,13 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
     return [f"{path}: cannot be read as {what} ({_first_line(error)})"]
 
 
+def _refuse_utf16(path: Path, first: bytes) -> None:
+    """A file in UTF-16 (Windows' "Unicode"; a NUL byte among its first four) is one line, not
+    every line's "expected a JSON object" or "not valid JSON". No JSON text holds a raw NUL."""
+    if first[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in first[:4]:
+        raise DataError(f"{path}:1: not UTF-8 text (NUL bytes first: UTF-16?); save it as UTF-8")
+
+
 def _unique_keys(pairs: list) -> dict:
     """json.loads' object hook: a key given twice in one object is an error. json.loads keeps
     the last silently (eval read the second "text" of such a line), and training's reader
@@ -325,6 +332,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield from _json_array(path)
     elif suffix in (".jsonl", ".json"):
         with open(path, "rb") as f:
+            _refuse_utf16(path, f.read(4))
+            f.seek(0)
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
                 try:
