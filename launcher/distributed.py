@@ -153,6 +153,21 @@ def _attach_deepspeed(launch: LaunchConfig, fields: dict, config_file: str | Non
         launch.ds = _ds_from_yaml_keys(fields)
 
 
+def _one_process_problems(path: str, data: dict, launch: LaunchConfig) -> list[str]:
+    """Configs with which accelerate launch starts one process per machine, whatever the counts."""
+    if launch.num_processes > 1 and (data.get("use_cpu") or launch.distributed_type == "MULTI_CPU"):
+        return [f"{path}: {'use_cpu: true' if data.get('use_cpu') else 'distributed_type: MULTI_CPU'} with num_processes "
+                f"{launch.num_processes}: accelerate launch starts ONE process; for CPU ranks use distributed_type: "
+                "MULTI_GPU without use_cpu (as configs/accelerate/cpu_ddp.yaml does)"]
+    if (launch.num_processes > 1 or launch.num_machines > 1) and launch.distributed_type == "NO":
+        # accelerate's simple launcher: each machine would run a whole training of its own,
+        # every one writing the same run directory
+        return [f"{path}: distributed_type: NO with {launch.num_processes} process(es) on {launch.num_machines} "
+                "machine(s): accelerate launch starts ONE process on each machine, each a separate one-process "
+                "training; use a distributed config (multi_gpu.yaml, multi_node.yaml, or cpu_ddp.yaml for CPU ranks)"]
+    return []
+
+
 def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: int | None = None) -> LaunchConfig:
     """Read an accelerate config file; --num_processes/--num_machines style overrides win."""
     path = str(path)
@@ -187,20 +202,7 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
         mixed_precision=str(data.get("mixed_precision") or "no").lower(),
     )
     launch.num_processes = count("num_processes", num_processes)
-    if launch.num_processes > 1 and (data.get("use_cpu") or launch.distributed_type == "MULTI_CPU"):
-        launch.problems.append(
-            f"{path}: {'use_cpu: true' if data.get('use_cpu') else 'distributed_type: MULTI_CPU'} with num_processes "
-            f"{launch.num_processes}: accelerate launch starts ONE process; for CPU ranks use distributed_type: "
-            "MULTI_GPU without use_cpu (as configs/accelerate/cpu_ddp.yaml does)"
-        )
-    elif (launch.num_processes > 1 or launch.num_machines > 1) and launch.distributed_type == "NO":
-        # accelerate's simple launcher, whatever the counts: each machine would run a whole
-        # training of its own, every one writing the same run directory
-        launch.problems.append(
-            f"{path}: distributed_type: NO with {launch.num_processes} process(es) on {launch.num_machines} machine(s): "
-            "accelerate launch starts ONE process on each machine, each a separate one-process training; use a "
-            "distributed config (multi_gpu.yaml, multi_node.yaml, or cpu_ddp.yaml for CPU ranks)"
-        )
+    launch.problems += _one_process_problems(path, data, launch)
     if launch.distributed_type == FSDP:
         version = (data.get("fsdp_config") or {}).get("fsdp_version") or 1
         version = int(version) if isinstance(version, str) and version.strip() in ("1", "2") else version

@@ -71,41 +71,65 @@ def _stop_children(grace: float) -> None:
     threading.Thread(target=watch, name="sigterm-grace", daemon=True).start()
 
 
-def main() -> None:
-    import psutil  # an accelerate dependency
+def _send(children, signum: int) -> None:
+    import psutil
 
-    pressed = []
+    for child in children:
+        try:
+            child.send_signal(signum)
+        except psutil.Error:
+            pass
 
-    def forward(signum, _frame):
-        pressed.append(signum)
+
+class _Forwarder:
+    """The launch's signal handlers: what they were asked, and the one line that says so."""
+
+    def __init__(self):
+        self.pressed: list[int] = []
+        self.terminated: list[float] = []
+
+    def sigint(self, signum, _frame):
+        import psutil
+
+        self.pressed.append(signum)
         # Every child: torchrun's ranks run in sessions of their own, out of the terminal's
         # reach. A one-process config's rank shares the terminal's group and gets a typed
         # Ctrl-C twice, within milliseconds: one press to it (runtime.SAME_KEY_PRESS_S).
-        for child in psutil.Process().children():
-            try:
-                child.send_signal(signal.SIGINT)
-            except psutil.Error:
-                pass
+        _send(psutil.Process().children(), signal.SIGINT)
 
-    terminated: list[float] = []
+    def sigterm(self, signum, _frame):
+        import psutil
 
-    def forward_term(signum, _frame):
         children = psutil.Process().children()
         if not children:  # nothing started yet: nothing to stop cleanly, the default action
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-            return
-        if not terminated:
-            terminated.append(time.monotonic())
+        elif not self.terminated:
+            self.terminated.append(time.monotonic())
             _stop_children(_grace_s())
         else:  # again: to every rank again, as torchrun forwards each (they are already stopping)
-            for child in children:
-                try:
-                    child.send_signal(signal.SIGTERM)
-                except psutil.Error:
-                    pass
+            _send(children, signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, forward)
+    def failed_exit(self) -> None:
+        """Ranks failed: exit in one line when a signal of ours explains it (else the caller raises)."""
+        if len(self.pressed) >= 2:  # the ranks exited at once, as the second Ctrl-C asked; they said so
+            sys.exit(130)
+        if self.terminated:  # what happened, not torchrun's report of ranks that died of it
+            grace = _grace_s()
+            if time.monotonic() - self.terminated[0] >= grace:
+                print(f"launcher: the ranks were still running {grace:.0f} s after the SIGTERM "
+                      "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and were killed", file=sys.stderr, flush=True)
+            else:
+                print("launcher: the SIGTERM ended ranks that were starting, before they could stop at a step",
+                      file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGTERM)
+
+
+def main() -> None:
+    import psutil  # noqa: F401 - an accelerate dependency, imported before any handler needs it
+
+    signals = _Forwarder()
+    signal.signal(signal.SIGINT, signals.sigint)
     import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
 
@@ -117,25 +141,15 @@ def main() -> None:
         _refuse_bad_launch(args.config_file, args.num_processes, args.num_machines)
     # torchrun's --signals-to-handle (accelerate hands torchrun every argument it knows by name)
     args.signals_to_handle = HANDLED_BY_TORCHRUN
-    signal.signal(signal.SIGTERM, forward_term)  # (a one-process launch installs its own: _one_process)
+    signal.signal(signal.SIGTERM, signals.sigterm)  # (a one-process launch installs its own: _one_process)
     try:
         launch_command(args)
     except ChildFailedError:
-        if len(pressed) >= 2:  # the ranks exited at once, as the second Ctrl-C asked; they said so
-            sys.exit(130)
-        if terminated:  # one line for what happened, not torchrun's report of ranks that died of it
-            grace = _grace_s()
-            if time.monotonic() - terminated[0] >= grace:
-                print(f"launcher: the ranks were still running {grace:.0f} s after the SIGTERM "
-                      "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and were killed", file=sys.stderr, flush=True)
-            else:
-                print("launcher: the SIGTERM ended ranks that were starting, before they could stop at a step",
-                      file=sys.stderr, flush=True)
-            sys.exit(128 + signal.SIGTERM)
+        signals.failed_exit()
         raise
     except subprocess.CalledProcessError as failed:  # one process: its own error line is printed already
         code = failed.returncode
-        sys.exit(130 if len(pressed) >= 2 else code if code > 0 else 128 - code)  # killed by signal N: 128 + N
+        sys.exit(130 if len(signals.pressed) >= 2 else code if code > 0 else 128 - code)  # killed by signal N: 128 + N
 
 
 def _refuse_bad_launch(config_file: str, num_processes: int | None, num_machines: int | None) -> None:
