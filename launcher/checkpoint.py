@@ -869,12 +869,9 @@ def _base_as_read(meta: dict) -> str:
     model.name, unchecked."""
     from launcher import models
 
-    name, recorded = meta["base_model"], meta.get("base_weights")
-    if not recorded:
-        return name
-    models.same_base(name, recorded, "launcher export", "put that base back where the run read it", also=recorded.get("path"))
-    now = models.local_weights(name)
-    return name if now is not None and now["digest"] == recorded.get("digest") else str(recorded.get("path"))
+    recorded = meta.get("base_weights") or {}
+    return models.same_base(meta["base_model"], recorded, "launcher export", "put that base back where the run read it",
+                            also=recorded.get("path"))
 
 
 def _pretrained_base(auto, meta: dict, config, code: dict):

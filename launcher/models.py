@@ -61,12 +61,12 @@ def local_weights(name: str) -> dict | None:
     return {"path": str(path.resolve()), "digest": digest.hexdigest()[:32]}
 
 
-def same_base(name: str, recorded: dict | None, where: str, fix: str, also: str | None = None) -> None:
-    """ConfigError when the local base at `name` (nor at `also`, when given) is not the one
-    `recorded` (local_weights when the checkpoint was written). Nothing recorded (a hub base,
-    an older checkpoint): no check."""
+def same_base(name: str, recorded: dict | None, where: str, fix: str, also: str | None = None) -> str:
+    """Where the local base `recorded` (local_weights when the checkpoint was written) is now:
+    `name`, else `also` when given; ConfigError when neither holds it. Nothing recorded (a hub
+    base, an older checkpoint): `name`, unchecked."""
     if not recorded:
-        return
+        return name
 
     def why(path: str) -> str | None:
         now = local_weights(path)
@@ -74,10 +74,10 @@ def same_base(name: str, recorded: dict | None, where: str, fix: str, also: str 
             "its weight files differ"
 
     if (said := why(name)) is None:
-        return
+        return name
     if also is not None and Path(also).resolve() != Path(name).expanduser().resolve():
         if (elsewhere := why(also)) is None:
-            return
+            return also
         said += f", and {also}, where the run read it: {elsewhere}"
     else:
         said += f"; it was read from {recorded.get('path')}"
