@@ -300,15 +300,31 @@ def _read_texts(path: Path) -> list[str]:
         raise UserError(f"--input: {path}: file not found")
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
-        return _plain_lines(path, "rows with 'text', or one clause per line")
-    texts = []
+        return _some(_plain_lines(path, "rows with 'text', or one clause per line"), [], path)
+    texts, problems = [], []
     for where, record in read_records(path):
         if isinstance(record, UserError):
-            raise record
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f"{where}: expected an object with a string 'text'")
-        texts.append(record["text"])
-    return texts
+            problems.extend(record.problems)
+        elif not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            problems.append(f"{where}: expected an object with a string 'text'")
+        elif not record["text"].strip():  # as training and eval refuse it: a prediction for no clause
+            problems.append(f"{where}: missing or empty 'text'")
+        else:
+            texts.append(record["text"])
+    return _some(texts, problems, path)
+
+
+def _some(rows: list, problems: list[str], path: Path) -> list:
+    """Predict's rows once all were read: the bad ones (the first MAX_REPORTED, then a count)
+    or, for a file with none, one line; an empty output for an empty input hid a wrong file."""
+    from launcher.data.sources import MAX_REPORTED
+
+    if problems:
+        more = [f"--input: {path}: {len(problems) - MAX_REPORTED} more bad rows not shown"] if len(problems) > MAX_REPORTED else []
+        raise UserError(*problems[:MAX_REPORTED], *more)
+    if not rows:
+        raise UserError(f"--input: {path}: no rows")
+    return rows
 
 
 def _exported_task(model_dir: str) -> str:
@@ -418,8 +434,7 @@ def _predict_causal_lm(args) -> int:
         for line in _plain_lines(path, "rows, or one prompt per line"):
             rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"text": line})
-    if problems:
-        raise UserError(*problems[:10])
+    _some(rows, problems, path)
     candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
     # Training saw no prompt longer than its max_length (such rows have no answer left), so
     # none is cut to it here; only --max-length, or a learned position table (as generate's), cut one.

@@ -332,3 +332,25 @@ def test_a_key_given_twice_a_jsonl_array_and_a_utf16_file_read_alike_for_trainin
         with pytest.raises(DataError) as e:
             list(read_records(wide))  # eval and predict
         assert e.value.problems == [said]
+
+
+@pytest.mark.parametrize("header, row, said", [
+    ("text, label", "We may end it at any time.,1", "no 'label' or 'labels' column (its columns: 'text', ' label'); "
+     "a column name has spaces around it (a space after a comma in the header?)"),
+    ("text;label", "We may end it at any time.;1", "no 'text' and no 'label' or 'labels' column (its columns: 'text;label'); "
+     "CSV columns are separated by commas"),
+])
+def test_a_header_wrong_for_the_whole_file_is_one_line_at_training_and_eval(tmp_path, header, row, said):
+    """Every row was refused on its own line ("needs exactly one of 'label' or 'labels'", ten
+    lines and a count) for what one look at the header explains."""
+    from launcher.data.clauses import LabelEncoder, parse_rows
+    from launcher.data.sources import read_records
+
+    path = tmp_path / "train.csv"
+    path.write_text(header + "\n" + (row + "\n") * 40)
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(mode="binary"), "train", str(path))
+    assert e.value.problems == [f"{path}: {said}"]
+    with pytest.raises(DataError) as e:  # launcher eval
+        parse_rows(read_records(path), LabelEncoder("binary", ["fair", "unfair"]), str(path))
+    assert e.value.problems == [f"{path}: {said}"]

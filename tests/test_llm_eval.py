@@ -595,6 +595,12 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
         f"error: --input: {lines}: not UTF-8 text (byte 4); give JSONL, CSV or Parquet rows, or one prompt per line"]
+    # An empty input was an empty output and exit 0: a wrong file looked answered.
+    for empty, text in (("empty.jsonl", ""), ("empty.txt", "\n  \n")):
+        (tmp_path / empty).write_text(text)
+        proc = launcher("predict", str(run / "model"), "--input", str(tmp_path / empty))
+        assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+            f"error: --input: {tmp_path / empty}: no rows"], proc.stderr[-2000:]
 
 
 def test_predict_stops_its_answers_where_the_runs_evaluation_did(tmp_path):

@@ -122,8 +122,31 @@ class LabelEncoder:
         return [1.0 if i == cat else 0.0 for i in range(len(self.categories))]
 
 
+def column_problems(columns: list[str], source: str) -> list[str]:
+    """A file with no `text` column, or no label column, is one line naming its columns, not
+    one line per row (a header written `text, label` or with `;`)."""
+    have = set(columns)
+    missing = [name for name, ok in (("'text'", "text" in have), ("'label' or 'labels'", bool(have & {"label", "labels"})))
+               if not ok]
+    if not missing:
+        return []
+    hint = ""
+    if any(c.strip() != c for c in columns):
+        hint = "; a column name has spaces around it (a space after a comma in the header?)"
+    elif len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+        hint = "; CSV columns are separated by commas"
+    listed = ", ".join(map(repr, columns)) or "none"
+    return [f"{source}: no {' and no '.join(missing)} column (its columns: {listed}){hint}"]
+
+
 def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], list]:
-    """All rows of a small file (eval) or a DataError listing the bad ones (first MAX_REPORTED, then a count)."""
+    """All rows of a small file (eval) or a DataError listing the bad ones (first MAX_REPORTED,
+    then a count); a file whose columns lack `text` or a label is one line (column_problems)."""
+    records = list(records)
+    columns = dict.fromkeys(k for _, r in records if isinstance(r, dict) for k in r if isinstance(k, str))
+    missing = column_problems(list(columns), source)
+    if missing and any(isinstance(r, dict) for _, r in records):
+        raise DataError(*missing)
     texts: list[str] = []
     targets: list = []
     problems: list[str] = []
@@ -172,6 +195,9 @@ class ClauseEncoder:
     def check(self, where: str, record) -> None:
         check_clause(self.encoder, record, where)
 
+    def check_columns(self, columns: list[str], source: str) -> list[str]:
+        return column_problems(columns, source)
+
     def __call__(self, batch: dict) -> dict:
         from launcher.data.pipeline import ROW, records
 
@@ -205,6 +231,8 @@ def load_split(cfg: DataConfig, split: Literal["train", "validation"], path: str
         raw = source.read(Path(tmp), encoder.check)
         if raw.num_rows == 0:
             raise DataError(f"{source}: no rows")
+        if problems := encoder.check_columns(list(raw.column_names), str(source)):
+            raise DataError(*problems)
         out = pipeline.map_rows(raw, encoder, keep_in_memory=True)
         pipeline._raise_bad_rows(out, source)
         return list(out["text"]), list(out["labels"])

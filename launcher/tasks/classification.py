@@ -465,7 +465,8 @@ class ClassificationTask:
         encode = ClauseEncoder(d.mode, self.label_names, tokenizer, d.max_length)
         key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": d.max_length,
                "mode": d.mode, "labels": self.label_names}
-        return tuple(pipeline.prepare(pipeline.Split(src, encode, ("input_ids", "labels"), key, check=encode.check),
+        return tuple(pipeline.prepare(pipeline.Split(src, encode, ("input_ids", "labels"), key, check=encode.check,
+                                                     check_columns=encode.check_columns),
                                       cache, d.num_proc) for src in (train_source, val_source))
 
     def train_examples(self, train_ds) -> int:
