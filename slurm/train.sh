@@ -54,6 +54,21 @@ if [ $# -lt 1 ]; then
 fi
 CONFIG=$1
 shift
+# Counts and seconds from the environment: a word or a unit (GPUS_PER_NODE=eight,
+# SIGNAL_LEAD_S=10m) was a bash error some lines on, or quietly read as 1.
+for name in GPUS_PER_NODE CPUS_PER_NODE SIGNAL_LEAD_S MAIN_PORT TORCH_ELASTIC_SHUTDOWN_TIMEOUT; do
+    value=${!name:-}
+    if [ -n "$value" ] && ! [[ "$value" =~ ^(0|[1-9][0-9]*)$ ]]; then
+        echo "error: $name: expected a whole number; got '$value'" >&2
+        exit 2
+    fi
+done
+for name in GPUS_PER_NODE CPUS_PER_NODE; do
+    if [ -n "${!name:-}" ] && [ "${!name}" -lt 1 ]; then
+        echo "error: $name: must be 1 or more; got ${!name}" >&2
+        exit 2
+    fi
+done
 
 PYTHON=${PYTHON:-python3}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}

@@ -264,3 +264,17 @@ def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):
     assert "caught the time-limit warning" not in proc.stdout
     assert f"the run stopped early ({why}): requeueing job 77" in proc.stdout, proc.stdout
     assert (tmp_path / why / "requeued").read_text() == "requeued\n"
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"GPUS_PER_NODE": "eight"}, "error: GPUS_PER_NODE: expected a whole number; got 'eight'"),
+    ({"SIGNAL_LEAD_S": "10m"}, "error: SIGNAL_LEAD_S: expected a whole number; got '10m'"),
+    ({"CPUS_PER_NODE": "08"}, "error: CPUS_PER_NODE: expected a whole number; got '08'"),
+    ({"GPUS_PER_NODE": "0"}, "error: GPUS_PER_NODE: must be 1 or more; got 0"),
+])
+def test_a_count_in_the_environment_that_is_no_whole_number_is_one_line_before_anything_starts(tmp_path, env, said):
+    """GPUS_PER_NODE=eight printed a bash error and ran one process per node; SIGNAL_LEAD_S=10m
+    ended the script under `set -u` with "unbound variable"; 08 was bash's octal error."""
+    proc = _stubbed(tmp_path, "", '#!/bin/bash\necho "launched"\n', **env)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [said], (proc.returncode, proc.stderr)
+    assert "launched" not in proc.stdout and not (tmp_path / "out").exists()
