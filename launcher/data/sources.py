@@ -105,11 +105,16 @@ class Source:
         except Exception as e:  # pyarrow / pandas raise many types for a malformed file
             raise DataError(*_why_unreadable(path, self.fmt, e, check)) from None
 
+    @property
+    def json_lines(self) -> bool:
+        """A .jsonl whose rows are its non-blank lines (a .jsonl holding one array is not)."""
+        path = Path(self.name)
+        return self.kind == "file" and path.suffix.lower() == ".jsonl" and not _starts_with(path, b"[")
+
     def locate(self, indices: list[int]) -> dict[int, str]:
         """'file:line' (or 'file: row N') for 0-based row indices."""
         wanted = set(indices)
-        if self.kind == "file" and self.fmt == "json" and Path(self.name).suffix.lower() == ".jsonl" \
-                and not _starts_with(Path(self.name), b"["):  # (one array: rows are not lines)
+        if self.json_lines:
             out, row = {}, 0
             with open(self.name, "rb") as f:
                 for lineno, line in enumerate(f, 1):
@@ -139,7 +144,7 @@ class Source:
     def count_rows(self) -> int | None:
         """Rows without parsing them where that is cheap (JSONL lines, Parquet metadata)."""
         path = Path(self.name)
-        if self.kind == "file" and path.suffix.lower() == ".jsonl" and not _starts_with(path, b"["):
+        if self.json_lines:
             with open(path, "rb") as f:
                 return sum(1 for line in f if line.strip())
         if self.kind == "file" and self.fmt == "parquet":
