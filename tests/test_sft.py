@@ -597,3 +597,36 @@ def test_predict_and_generate_answer_a_prompt_longer_than_the_positions_alike(ar
     assert predicted["response"] == generate(prompt) != ""
     if arch == "llama":  # fed whole: not the answer to the prompt's end that the old cut kept
         assert predicted["response"] != generate(tokenizer.decode(ids[-(table - new):]))
+
+
+def test_capitalised_roles_and_a_conversation_in_a_csv_cell_read_as_the_jsonl_rows(tmp_path):
+    """`"role": "User"` was refused in `messages` while ShareGPT's `"from": "Human"` was
+    lowercased; a CSV's `messages` cell (the conversation's JSON, as pandas' to_csv writes a
+    list column as JSON text only when asked) was refused row by row as "not a list"."""
+    import csv
+
+    from launcher.data import pipeline, prompts, sources
+    from launcher.data.prompts import PromptFormat
+
+    convs = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {i}, with a comma"},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(3)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"messages": [{**m, "role": r} for m, r in zip(c, ("System", "USER", " Assistant"))]}) + "\n"
+                            for c in convs))
+    cells = tmp_path / "cells.csv"
+    with open(cells, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["messages"])
+        w.writerows([json.dumps(c)] for c in convs)
+    want = instructions.read_rows(plain)
+    assert want == [{"messages": c} for c in convs]
+    assert instructions.read_rows(caps) == want and instructions.read_rows(cells) == want  # eval's reader
+    raw = sources.Source("file", str(cells), "train", "data.train_file").read(tmp_path / "ds")  # training's reader
+    assert [prompts.normalize(r, PromptFormat(), "row") for r in pipeline.records(raw[:])] == want
+    bad = tmp_path / "bad.csv"
+    bad.write_text('messages\n"[{""role"": ""user"""\n')
+    with pytest.raises(DataError) as e:
+        instructions.read_rows(bad)
+    assert e.value.problems[0].startswith(f"{bad}:2: 'messages' is not a JSON list (")

@@ -25,6 +25,8 @@ How each form renders:
 
 from __future__ import annotations
 
+import json
+
 import string
 from dataclasses import asdict, dataclass
 
@@ -170,9 +172,9 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
         output = _fill(fmt.response, record, "data.response", where) if need_answer and fmt.response else None
         return {"instruction": _fill(fmt.prompt, record, "data.prompt", where), "input": "", "output": output}
     if "messages" in record:
-        return {"messages": _messages(record["messages"], where, "messages", need_answer)}
+        return {"messages": _messages(_json_cell(record["messages"], where, "messages"), where, "messages", need_answer)}
     if "conversations" in record:
-        turns = record["conversations"]
+        turns = _json_cell(record["conversations"], where, "conversations")
         if not isinstance(turns, list) or not turns:
             raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
         out = []
@@ -209,15 +211,29 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
     return {"instruction": record["instruction"], "input": extra, "output": output if isinstance(output, str) else None}
 
 
+def _json_cell(value, where: str, key: str):
+    """A conversation written into a CSV cell is its JSON text: the list it holds."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: '{key}' is not a JSON list ({e.msg})") from None
+    return value
+
+
 def _messages(messages, where: str, key: str, need_answer: bool) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} objects")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        role = m.get("role") if isinstance(m, dict) else None
+        role = role.strip().lower() if isinstance(role, str) else role  # "User", as ShareGPT's `from` is read
+        if role not in ROLES or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: {key}[{i}] needs role (system, user or assistant) and string content")
-    if need_answer and not any(m["role"] == "assistant" for m in messages):
+        out.append({"role": role, "content": m["content"]})
+    if need_answer and not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: '{key}' has no assistant turn to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return out
 
 
 def answer(row: dict) -> str | None:
