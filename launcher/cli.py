@@ -301,8 +301,11 @@ def _read_texts(path: Path) -> list[str]:
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
         return _some(_plain_lines(path, "rows with 'text', or one clause per line"), [], path)
-    texts, problems = [], []
+    texts: list[str] = []
+    problems: list[str] = []
+    columns: dict = {}  # (ordered as the file names them)
     for where, record in read_records(path):
+        columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
         if isinstance(record, UserError):
             problems.extend(record.problems)
         elif not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -311,6 +314,9 @@ def _read_texts(path: Path) -> list[str]:
             problems.append(f"{where}: missing or empty 'text'")
         else:
             texts.append(record["text"])
+    if columns and "text" not in columns:  # one line for the file, not one per row
+        listed = ", ".join(repr(c) for c in columns if isinstance(c, str))
+        raise UserError(f"--input: {path}: no 'text' column (its columns: {listed})")
     return _some(texts, problems, path)
 
 

@@ -26,7 +26,6 @@ How each form renders:
 from __future__ import annotations
 
 import json
-
 import string
 from dataclasses import asdict, dataclass
 
