@@ -441,7 +441,7 @@ def _coerce(value: Any, tp, where: str) -> Any:
         raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [value] if where in TEXT_LISTS else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list; got {value!r}")
         (item,) = typing.get_args(tp)
@@ -509,16 +509,43 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig, raw: str | N
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{dotted}: is a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
-            if raw is not None and isinstance(value, (dict, list)) and tp in (str, Optional[str]):
-                value = raw
+            if raw is not None and value is not None and _is_text(tp, dotted) and not isinstance(value, list if
+                                                                                           dotted in TEXT_LISTS else ()):
+                value = _typed_text(raw, value)
             node[part] = value
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, not a section")
         child = node.get(part)
-        if not isinstance(child, dict):
+        if child is not None and not isinstance(child, dict):
+            return  # the file's own mistake, left for the build to report (it was overwritten unseen)
+        if child is None:
             child = node[part] = {}
         node, node_cls = child, tp
+
+
+# Lists of free text: one string is one item (a prompt may hold commas); other lists of names
+# or numbers also take "a,b" (data.label_names=fair,unfair).
+TEXT_LISTS = ("eval.generation_prompts",)
+
+
+def _is_text(tp, dotted: str) -> bool:
+    """A field whose override is the text typed: a string, a choice of strings, a text list."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str or dotted in TEXT_LISTS
+
+
+def _typed_text(raw: str, parsed: Any) -> Any:
+    """An override of a text field as typed: YAML read `run_name=2024_01` as 202401, `12:30` as
+    750, `1.10` as 1.1, `off` as False, and cut `exp #3` at the comment. A quoted value keeps
+    YAML's reading (its quotes removed); null stays null (checked by the caller)."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(parsed, str):
+        return parsed
+    return raw
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -377,3 +377,37 @@ def test_a_home_path_in_an_override_leads_home(tmp_path, monkeypatch):
     assert cfg.data.train_file == str(tmp_path / "d" / "train.jsonl")
     assert cfg.data.validation_file == str(tmp_path / "d" / "validation.jsonl")
     assert cfg.data.cache_dir == str(tmp_path / "cache") and cfg.output_dir == str(tmp_path / "runs")
+
+
+def test_an_override_of_a_text_field_is_the_text_typed(tmp_path):
+    """Overrides were read as YAML whatever the field: run_name=2024_01 named the run 202401,
+    tracking.experiment=yes logged to 'True', a system prompt was cut at '#', model.revision=0123
+    was '83', and one generation prompt with a comma became two, all without a word."""
+    cfg = load_config(CONFIGS / "train" / "sft_tiny.yaml", [
+        "run_name=2024_01", "tracking.experiment=yes", "data.system_prompt=You are the #1 legal assistant",
+        "model.revision=0123", "eval.generation_prompts=Is it amber, or zephyr?", "data.prompt={text}",
+        "data.response=\"{label}\"", "data.label_names=fair,unfair", "train.precision=no", "tracking.wandb_mode=null"],
+        check_files=False, check_values=False)
+    assert cfg.run_name == "2024_01" and cfg.tracking.experiment == "yes"
+    assert cfg.data.system_prompt == "You are the #1 legal assistant" and cfg.model.revision == "0123"
+    assert cfg.eval.generation_prompts == ["Is it amber, or zephyr?"]
+    assert cfg.data.prompt == "{text}" and cfg.data.response == "{label}"  # a quoted value: YAML's quotes go
+    assert cfg.data.label_names == ["fair", "unfair"] and cfg.train.precision == "no" and cfg.tracking.wandb_mode is None
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["tracking.wandb_mode=off"])
+    assert e.value.problems == ["tracking.wandb_mode: expected one of online, offline, disabled; got 'off'"]  # was got False
+    (tmp_path / "c.yaml").write_text("eval:\n  generation_prompts: Is it amber, or zephyr?\n")
+    assert load_config(tmp_path / "c.yaml", check_files=False).eval.generation_prompts == ["Is it amber, or zephyr?"]
+
+
+@pytest.mark.parametrize("text, override, said", [
+    ("model:\n  lora: yes\n", "model.lora.r=4", "model.lora: expected a mapping; got True"),
+    ("model: tiny\n", "model.tiny.hidden_size=32", "model: expected a mapping; got 'tiny'"),
+])
+def test_an_override_inside_a_section_the_file_got_wrong_leaves_the_files_mistake_to_say(tmp_path, text, override, said):
+    """The override replaced the file's `lora: yes` with a mapping holding r alone: the plan and
+    the run went on without LoRA, while the file alone was refused."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml", [override], check_files=False)
+    assert e.value.problems == [said]
