@@ -28,6 +28,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port (a traceback deep in the rendezvous otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535; got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed in [0, 2**32), as data.synthetic.seed and train.seed take."""
     try:
@@ -56,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--nodes", type=_count, metavar="N", help="with --accelerate-config: number of machines")
     t.add_argument("--machine-rank", type=int, metavar="R", help="with --nodes: this machine's rank (0 = head)")
     t.add_argument("--main-process-ip", metavar="H", help="with --nodes: address of machine 0")
-    t.add_argument("--main-process-port", type=int, metavar="P", help="with --accelerate-config: rendezvous port")
+    t.add_argument("--main-process-port", type=_port, metavar="P", help="with --accelerate-config: rendezvous port")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=3e-5")
 
     e = sub.add_parser("eval", help="metrics of an exported model on a labelled file (one JSON line)")
@@ -211,7 +222,13 @@ def _train_under_accelerate(args) -> int:
 
     if (args.nodes or 1) > 1 and (args.machine_rank is None or args.main_process_ip is None):
         raise UserError("--nodes: more than one machine needs --machine-rank and --main-process-ip")
+    if args.machine_rank is not None and not 0 <= args.machine_rank < (args.nodes or 1):
+        # (it waited for machines that would never come, until the rendezvous timed out)
+        raise UserError(f"--machine-rank: {args.machine_rank} is not one of the {args.nodes or 1} machine(s) "
+                        f"(0..{(args.nodes or 1) - 1})")
     launch = distributed.from_yaml(args.accelerate_config, num_processes=args.num_processes, num_machines=args.nodes)
+    if launch.problems:  # the counts themselves: a batch checked against them would be checked wrong
+        raise UserError(*launch.problems)
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=launch.num_processes)
     cfg, note = distributed.adopt_precision(cfg, launch)

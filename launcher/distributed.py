@@ -168,6 +168,16 @@ def _one_process_problems(path: str, data: dict, launch: LaunchConfig) -> list[s
     return []
 
 
+def _per_machine_problems(path: str, launch: LaunchConfig) -> list[str]:
+    """accelerate launch starts num_processes // num_machines ranks on each machine: with 3 on 2
+    machines the run had 2 ranks, while its batch was checked for 3."""
+    n, m = launch.num_processes, launch.num_machines
+    if n % m:
+        return [f"{path}: num_processes {n} is not a multiple of num_machines {m}: accelerate launch would start "
+                f"{n // m} process(es) on each machine, {n // m * m} in all; give machines x processes per machine"]
+    return []
+
+
 def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: int | None = None) -> LaunchConfig:
     """Read an accelerate config file; --num_processes/--num_machines style overrides win."""
     path = str(path)
@@ -202,7 +212,7 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
         mixed_precision=str(data.get("mixed_precision") or "no").lower(),
     )
     launch.num_processes = count("num_processes", num_processes)
-    launch.problems += _one_process_problems(path, data, launch)
+    launch.problems += _one_process_problems(path, data, launch) or _per_machine_problems(path, launch)
     if launch.distributed_type == FSDP:
         version = (data.get("fsdp_config") or {}).get("fsdp_version") or 1
         version = int(version) if isinstance(version, str) and version.strip() in ("1", "2") else version

@@ -207,6 +207,17 @@ CASES = [
     ("plan: a one-process config on two nodes", "plan", TINY,
      _plain("--accelerate-config", str(CONFIGS / "accelerate" / "single_gpu.yaml"), "--nodes", "2", "--gpus-per-node", "1"),
      f"{CONFIGS / 'accelerate' / 'single_gpu.yaml'}: distributed_type: NO with 2 process(es) on 2 machine(s)"),
+    ("processes not a multiple of machines", "plan", TINY, _write("a.yaml", "distributed_type: MULTI_GPU\nnum_processes: 3\n"
+                                                                     "num_machines: 2\n", "--accelerate-config", "{tmp}/a.yaml"),
+     "{tmp}/a.yaml: num_processes 3 is not a multiple of num_machines 2: accelerate launch would start 1 process(es) on each "
+     "machine, 2 in all"),
+    ("train: processes not a multiple of machines", "train", TINY,
+     _plain("--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--num-processes", "3", "--nodes", "2",
+            "--machine-rank", "0", "--main-process-ip", "127.0.0.1"),
+     f"{CONFIGS / 'accelerate' / 'cpu_ddp.yaml'}: num_processes 3 is not a multiple of num_machines 2"),
+    ("a machine rank past the machines", "train", TINY,
+     _plain("--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--nodes", "2", "--machine-rank", "5",
+            "--main-process-ip", "127.0.0.1"), "--machine-rank: 5 is not one of the 2 machine(s) (0..1)"),
     ("accelerate config missing", "plan", TINY, _plain("--accelerate-config", "{tmp}/none.yaml"),
      "--accelerate-config: {tmp}/none.yaml: file not found"),
     ("DeepSpeed JSON not JSON", "plan", TINY, _ds_yaml('{"zero_optimization": {"stage": 2},\n  "bf16": {enabled: true}}'),
@@ -367,6 +378,16 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     flag, value = args[-2:]
     assert proc.stderr.splitlines()[-1] == f"launcher {args[0]}: error: argument {flag}: expected an integer >= 1; got '{value}'"
     assert not list(tmp_path.iterdir())
+
+
+def test_a_port_out_of_range_is_refused_with_the_arguments(tmp_path):
+    """--main-process-port 99999 passed the checks, printed "checked", then died in the rendezvous
+    with an OverflowError traceback."""
+    proc = launcher("train", str(TINY), "--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"),
+                    "--main-process-port", "99999", "--output-dir", str(tmp_path / "out"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "checked" not in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "launcher train: error: argument --main-process-port: expected a port in 1..65535; got '99999'"
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_synthetic_seed_out_of_range_is_refused_with_the_arguments(tmp_path):
