@@ -537,12 +537,18 @@ COMMANDS = {"env": cmd_env, "train": cmd_train, "eval": cmd_eval, "predict": cmd
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecations inside the libraries (peft reading a renamed transformers attribute): nothing a
     # user of launcher can act on, printed at every start.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    # peft imports bitsandbytes where it is installed, which on a CPU with AVX512-BF16 asks the
+    # hub for an optional 4-bit CPU kernel at import: two warnings on every LoRA start (always
+    # offline) about a speed-up whose fallback computes the same. Their errors still show.
+    for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = _parser()
     # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
     args, extra = parser.parse_known_args(argv)

@@ -243,3 +243,14 @@ def test_built_models_draw_cpu_dropout_masks_that_activation_checkpointing_repla
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7), name
     assert any(not torch.allclose(plain[n], evaluated[n], rtol=1e-3, atol=1e-6) for n in plain)
+
+
+def test_a_lora_plan_says_nothing_on_stderr_and_a_bad_one_one_line():
+    """peft imports bitsandbytes, which on a CPU with AVX512-BF16 asked the hub for a 4-bit
+    CPU kernel at import: two unrelated warnings before every LoRA start, and a bad LoRA
+    config's one error line came third."""
+    proc = check(launcher("plan", str(CONFIGS / "train" / "sft_lora_tiny.yaml")))
+    assert proc.stderr == ""
+    proc = launcher("plan", str(SFT), "model.lora.enabled=true", "model.lora.layers_to_transform=[5]")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(
+        "error: model.lora.layers_to_transform: 5 not a block of"), proc.stderr
