@@ -139,6 +139,9 @@ def count_rows(task: str, d: DataConfig) -> tuple[int | None, str]:
         where = d.train_file
     if task == "causal_lm" and d.packing:  # optimizer steps count blocks, known once rows are packed
         return None, f"{n:,} {where} rows are packed into {d.max_length}-token blocks when the run starts"
+    if task == "causal_lm" and d.truncation == "drop":  # rows past max_length are known once tokenized
+        return None, (f"{n:,} {where} rows, less those longer than {d.max_length} tokens (data.truncation=drop): "
+                      "counted when the run starts")
     if task == "causal_lm" and d.max_rows_per_answer:
         return None, (f"{n:,} {where} rows, at most {d.max_rows_per_answer} per answer (data.max_rows_per_answer): "
                       "counted when the run starts")

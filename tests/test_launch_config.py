@@ -262,6 +262,12 @@ def test_plan_for_packed_sft_does_not_pretend_to_know_steps_per_epoch(capsys):
     out = capsys.readouterr().out
     assert "steps      unknown: 512 synthetic rows are packed into 64-token blocks when the run starts" in out
     assert "parameters (tiny llama" in out
+    # Rows past max_length dropped: the run counts them; plan printed 96 steps where the run
+    # then kept no row at all.
+    assert main(["plan", str(C / "train" / "sft_tiny.yaml"), "data.truncation=drop", "data.max_length=20"]) == 0
+    out = capsys.readouterr().out
+    assert ("steps      unknown: 512 synthetic rows, less those longer than 20 tokens (data.truncation=drop): "
+            "counted when the run starts") in out
 
 
 def test_plan_sizes_activations_and_logits_per_micro_batch(capsys):
