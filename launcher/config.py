@@ -452,6 +452,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
+        if type(value) is int and value in (0, 1):  # (YAML reads an unquoted 1 as a number)
+            return bool(value)
         raise bad
     if tp in (int, float):
         return _number(value, tp, bad)
@@ -599,6 +601,7 @@ def load_config(
     if run_name is not None:
         tree["run_name"] = run_name
     _expand_home(tree)
+    _target_names(tree)
     explicit = frozenset(_dotted_keys(tree))
     if tree.get("run_name") is None:
         tree["run_name"] = Path(path).stem if path is not None else "run"
@@ -623,6 +626,19 @@ def _expand_home(tree: dict) -> None:
             node = node.get(section) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].startswith("~"):
             node[leaf] = os.path.expanduser(node[leaf])
+
+
+def _target_names(tree: dict) -> None:
+    """model.lora.target_modules given as one name or `q_proj,v_proj` (as the other lists of
+    names take them) is that list; "all-linear" stays the keyword. (A string reaching peft
+    would be a regular expression matched against whole module paths: none matches q_proj.)"""
+    model = tree.get("model")
+    lora = model.get("lora") if isinstance(model, dict) else None
+    if not isinstance(lora, dict):
+        return
+    tm = lora.get("target_modules")
+    if isinstance(tm, str) and tm.strip() != "all-linear":
+        lora["target_modules"] = [x.strip() for x in tm.split(",") if x.strip()] or tm
 
 
 def with_explicit(cfg: RunConfig, keys: frozenset) -> RunConfig:
@@ -804,6 +820,17 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
                        "(f1/none); call the category something else")
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
         out.append(f"run_name: must be a plain directory name; got {cfg.run_name!r}")
+    if not cfg.output_dir.strip():  # the run, mlflow.db and the cache went into the current directory
+        out.append("output_dir: empty; give a directory (default: runs), or . for this one")
+    if not cfg.model.name.strip():
+        out.append("model.name: empty; give a model directory, a GGUF file, a hub name or tiny")
+    if t.max_steps is not None and t.warmup_steps is not None and t.warmup_steps > t.max_steps:
+        # the schedule stopped partway up its warmup: the learning rate never reached train.lr
+        out.append(f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps ({t.max_steps}); "
+                   "the learning rate would never reach train.lr")
+    if t.max_steps is not None and t.halt_at_step is not None and t.halt_at_step > t.max_steps:
+        out.append(f"train.halt_at_step: {t.halt_at_step} is past train.max_steps ({t.max_steps}): the run would "
+                   "finish first")
     if check_files:  # the first existing ancestor of the run directory must be a directory
         probe = Path(cfg.output_dir) / str(cfg.run_name)
         while not probe.exists() and probe != probe.parent:

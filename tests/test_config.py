@@ -411,3 +411,32 @@ def test_an_override_inside_a_section_the_file_got_wrong_leaves_the_files_mistak
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "c.yaml", [override], check_files=False)
     assert e.value.problems == [said]
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["output_dir="], "output_dir: empty; give a directory (default: runs), or . for this one"),
+    (["model.name="], "model.name: empty; give a model directory, a GGUF file, a hub name or tiny"),
+    (["train.max_steps=4", "train.warmup_steps=10"],
+     "train.warmup_steps: 10 is more than train.max_steps (4); the learning rate would never reach train.lr"),
+    (["train.max_steps=4", "train.halt_at_step=10"], "train.halt_at_step: 10 is past train.max_steps (4): the run would finish first"),
+])
+def test_settings_that_would_quietly_do_something_else_are_refused(overrides, said):
+    """An empty output_dir put the run, mlflow.db and the cache in the current directory; a
+    warmup longer than the run peaked at 3e-4 of a 1e-3 lr without a word; a halt past the end
+    was ignored."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides, check_files=False)
+    assert e.value.problems == [said]
+
+
+def test_lora_targets_and_booleans_take_the_forms_other_fields_take():
+    """target_modules=q_proj or q_proj,v_proj was refused (other lists of names take a,b);
+    gradient_checkpointing=1 was refused while "1" was taken."""
+    lora = ["model.lora.enabled=true"]
+    assert load_config(TINY, [*lora, "model.lora.target_modules=query"]).model.lora.target_modules == ["query"]
+    assert load_config(TINY, [*lora, "model.lora.target_modules=query, value"]).model.lora.target_modules == ["query", "value"]
+    assert load_config(TINY, [*lora, "model.lora.target_modules=all-linear"]).model.lora.target_modules == "all-linear"
+    assert load_config(TINY, ["train.gradient_checkpointing=1"]).train.gradient_checkpointing is True
+    assert load_config(TINY, ["train.gradient_checkpointing=0"]).train.gradient_checkpointing is False
+    with pytest.raises(ConfigError):
+        load_config(TINY, ["train.gradient_checkpointing=2"])
