@@ -691,6 +691,7 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         write_skeleton(tmp, config, tokenizer, extra_files)
+        _for_inference(tmp)
         for name, tensors in (snapshot or {}).items():
             save_file(tensors, str(tmp / name))
         _record_dtype(tmp, dtype)
@@ -772,6 +773,21 @@ def cast_floats(state_dict: dict, dtype: str) -> dict:
                 done[key] = v.to(target)
             state_dict[k] = done[key]
     return state_dict
+
+
+def _for_inference(model_dir: Path) -> None:
+    """The key/value cache on again in an export's config.json and generation_config.json (and
+    base/'s): training turns it off (tasks/modeling.finish, where it was on), and an export that
+    kept it off generated without it in plain transformers, several times slower per token."""
+    for folder in (model_dir, model_dir / "base"):
+        for name in ("config.json", "generation_config.json"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            config = json.loads(path.read_text())
+            if config.get("use_cache") is False:
+                config["use_cache"] = True
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _record_dtype(model_dir: Path, dtype: str) -> None:
@@ -1008,6 +1024,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         else:
             _export_whole(ckpt, tmp, auto, config, code, state_dict, dtype)
         source += _untuned_rule(tmp, ckpt, meta)
+        _for_inference(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:  # nothing half-written is left behind
         shutil.rmtree(tmp, ignore_errors=True)
