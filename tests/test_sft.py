@@ -83,8 +83,17 @@ def test_truncation_policy_is_counted(tok):
     short = {"instruction": "be brief", "input": "", "output": "general kenobi"}
     cut = DataConfig(max_length=32, truncation="truncate")
     ids, labels, stats = encode_rows([long, short, short], cut, tok)
-    # The long row loses its response to truncation: nothing left to learn, so it is dropped.
-    assert (stats.rows, stats.truncated, stats.dropped, len(ids)) == (3, 1, 1, 2)
+    # The long row loses its response to truncation: nothing left to learn, so it is dropped
+    # (and counted once: "3 rows, 1 truncated, 1 dropped" read as a third row cut and kept).
+    assert (stats.rows, stats.truncated, stats.dropped, len(ids)) == (3, 0, 1, 2)
+    # Training's reader (a datasets map, then finish) counts alike.
+    import datasets
+
+    encoder = instructions.InstructionEncoder(cut, tok)
+    out = encoder({"instruction": [r["instruction"] for r in (long, short, short)], "input": [""] * 3,
+                   "output": [r["output"] for r in (long, short, short)]})
+    _, counted = encoder.finish(datasets.Dataset.from_dict(out))
+    assert (counted["rows"], counted["truncated"], counted["dropped"]) == (3, 0, 1)
     ids, labels, stats = encode_rows([long, short], DataConfig(max_length=32, truncation="drop"), tok)
     assert (stats.truncated, stats.dropped, len(ids)) == (0, 1, 1)
     full = len(encode(short, cut, tok)[0])  # cutting only the final EOS keeps the row, truncated

@@ -171,9 +171,9 @@ class InstructionEncoder:
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             shift = len(ids) - n_tokens  # a BOS put before the text's tokens
             ids, labels, ref, fit = _fit(row, ids, labels, (offsets, shift, span, turn), self.cfg)
-            truncated = fit == "cut"
             n_labels = sum(x != IGNORE for x in labels)
             drop = fit == "drop" or n_labels == 0 or bool(error)
+            truncated = fit == "cut" and not drop  # a row is counted once: cut and kept, or dropped
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
                          ("answer", (prompts.answer(ref) or "") if ref else ""),
                          ("question", prompts.question(ref, scored=True) if ref else ""),
@@ -247,7 +247,7 @@ def cap_answers(table, cap: int):
 @dataclass
 class EncodeStats:
     rows: int = 0
-    truncated: int = 0
+    truncated: int = 0  # rows cut at max_length and kept
     dropped: int = 0  # too long under truncation=drop, or no response token left after truncating
     tokens: int = 0  # tokens kept (before padding)
     label_tokens: int = 0
@@ -283,10 +283,10 @@ def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat 
         if fit == "drop":
             stats.dropped += 1
             continue
-        stats.truncated += fit == "cut"
         if all(x == IGNORE for x in labels):
             stats.dropped += 1
             continue
+        stats.truncated += fit == "cut"  # cut and kept (a row cut past its answer is dropped)
         all_ids.append(ids)
         all_labels.append(labels)
         if kept is not None:

@@ -119,7 +119,10 @@ def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRow
         stats: dict = {"rows": raw.num_rows}
         if split.finish is not None:
             stage(f"finishing {split.source}")
-            out, stats = split.finish(out)
+            try:
+                out, stats = split.finish(out)
+            except DataError as e:  # ("no usable rows": of which split)
+                raise DataError(*(f"{split.source}: {p}" for p in e.problems)) from None
         if out.num_rows == 0:
             raise DataError(f"{split.source}: no rows")
         stage(f"writing {out.num_rows:,} rows")
