@@ -184,7 +184,8 @@ def activation_lines(config, cfg: RunConfig) -> list[str]:
     matrix, which only eager attention keeps (sdpa and flash attention recompute it).
     Checkpointing keeps each layer's input (2*s*b*h bytes) plus one layer being recomputed.
     A causal LM's loss also holds float32 logits and the log-probabilities it saves for the
-    backward pass: 2 x 4 bytes per token and vocabulary entry."""
+    backward pass: 2 x 4 bytes per token and vocabulary entry, for every token of the
+    micro-batch, or for one chunk of train.loss_chunk_tokens under the chunked loss."""
     if config is None:
         return ["activations unknown: no model config"]
     h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
@@ -203,8 +204,15 @@ def activation_lines(config, cfg: RunConfig) -> list[str]:
            f"checkpointing, {_size(ckpt)} with it (train.gradient_checkpointing is {on})"]
     if cfg.task == "causal_lm":
         vocab = getattr(config, "vocab_size", 0) or 0
-        out.append(f"logits     {_size(2 * 4 * b * s * vocab)} per micro-batch (float32 logits and log-probabilities, "
-                   f"vocabulary {vocab:,})")
+        whole = _size(2 * 4 * b * s * vocab)
+        chunk = min(t.loss_chunk_tokens, b * s)
+        if chunk:  # the chunked loss: only this many tokens' logits exist at once
+            out.append(f"logits     {_size(2 * 4 * chunk * vocab)} per chunk of {chunk} response tokens "
+                       f"(train.loss_chunk_tokens; float32 logits and log-probabilities, vocabulary {vocab:,}); "
+                       f"the model's own loss (0, or the fallback) holds {whole} per micro-batch")
+        else:
+            out.append(f"logits     {whole} per micro-batch (float32 logits and log-probabilities, vocabulary {vocab:,}; "
+                       "train.loss_chunk_tokens is 0)")
     out.append("           moved by train.micro_batch_size, data.max_length, train.gradient_checkpointing, "
                "model.attn_implementation (eager keeps attention scores)")
     return ["memory     " + out[0]] + ["           " + x if not x.startswith(" ") else x for x in out[1:]]

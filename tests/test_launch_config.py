@@ -283,7 +283,15 @@ def test_plan_sizes_activations_and_logits_per_micro_batch(capsys):
     ckpt = layers * 2 * s * b * h * 2 + s * b * h * 34 * 2
     assert (f"activations per micro-batch (4 x 64 tokens, 2 layers, hidden 64): {full / 2**20:.2f} MiB without "
             f"checkpointing, {ckpt / 2**20:.2f} MiB with it (train.gradient_checkpointing is on)") in out
-    assert f"logits     {8 * b * s * vocab / 2**10:.2f} KiB per micro-batch" in out
+    # The chunked loss (the default 256 response tokens at a time) never holds the micro-batch's
+    # logits; the plan said it did.
+    assert (f"logits     {8 * 256 * vocab / 2**10:.2f} KiB per chunk of 256 response tokens (train.loss_chunk_tokens; "
+            f"float32 logits and log-probabilities, vocabulary 400); the model's own loss (0, or the fallback) holds "
+            f"{8 * b * s * vocab / 2**10:.2f} KiB per micro-batch") in out
+    assert main(["plan", str(C / "train" / "sft_tiny.yaml"), "train.micro_batch_size=4", "train.global_batch_size=8",
+                 "train.loss_chunk_tokens=0"]) == 0
+    assert (f"logits     {8 * b * s * vocab / 2**10:.2f} KiB per micro-batch (float32 logits and log-probabilities, "
+            "vocabulary 400; train.loss_chunk_tokens is 0)") in capsys.readouterr().out
 
 
 def test_plan_of_a_hub_model_it_cannot_fetch_says_so_in_its_line_without_retrying():
