@@ -363,6 +363,7 @@ class Checkpointer:
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
         if self.run_config is not None:
             (tmp / RUN_CONFIG).write_text(self.run_config)
+        readable_weights(tmp)
         (tmp / MARKER).write_text(trust.sign(tmp))  # last: every file is in, and signed (trust.py)
         sync_tree(tmp)  # on disk before the name says COMPLETE (each rank synced its own part too)
         if final.exists():  # an incomplete leftover from a crash at this step
@@ -630,10 +631,35 @@ def sync_tree(root: Path) -> None:
         sync_dir(Path(dirpath))
 
 
+def _umask() -> int:
+    try:  # (Linux 4.7+) read without setting it: os.umask would change it for every thread a moment
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_weights(root: Path) -> None:
+    """safetensors (0.8) creates its files 0600 whatever the umask: in an export or a checkpoint
+    the weights were the one file a teammate (the group, under a umask of 002 or 022) could not
+    read, while config and tokenizer files could. They get the mode every other file gets."""
+    mode = 0o666 & ~_umask()
+    if mode == 0o600:
+        return
+    for path in root.rglob("*.safetensors"):
+        if not path.is_symlink() and path.is_file() and path.stat().st_mode & 0o777 == 0o600:
+            os.chmod(path, mode)
+
+
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """tmp becomes out_dir, its files on disk first (sync_tree). An out_dir being replaced is
     moved aside to out_dir.old first and removed last, so a complete copy exists at every
     moment under one of the two names."""
+    readable_weights(tmp)
     sync_tree(tmp)
     if not out_dir.exists():
         tmp.rename(out_dir)

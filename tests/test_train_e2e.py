@@ -44,6 +44,12 @@ def test_run_directory_layout(trained_binary):
         assert (run / "checkpoints" / c / "COMPLETE").is_file()
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "fair", "1": "unfair"}
+    # The weights are as readable as every other file (safetensors makes its files 0600
+    # whatever the umask: a teammate could read an export's config but not its weights).
+    weights = [*run.glob("model/*.safetensors"), *run.glob("checkpoints/*/**/*.safetensors")]
+    assert len(weights) >= 3
+    mode = (run / "model" / "config.json").stat().st_mode & 0o777
+    assert {w.stat().st_mode & 0o777 for w in weights} == {mode}, [(w, oct(w.stat().st_mode)) for w in weights]
 
 
 def test_exactly_one_mlflow_run_with_params_tags_metrics_artifacts(trained_binary):
