@@ -50,6 +50,34 @@ def _seed(text: str) -> int:
     return value
 
 
+PRECISIONS = ("no", "bf16", "fp16")
+PRECISION_HELP = ("no: float32 (the default); bf16 / fp16: under that autocast, as a run with train.precision=bf16 / "
+                  "fp16 evaluated the model (its loss and answers; a bf16 server's too)")
+
+
+def _precision(args, model_dir: str, model, note: bool = False):
+    """--precision as a context: float32, or autocast in 16 bits as a train.precision=bf16 run
+    evaluated. The same weights can score far apart in the two: SmolLM2 after two LoRA steps,
+    the end-of-turn token's loss 0.85 in float32 against 3.3 under bf16, so `note` says so
+    where the run's own figures came from the other."""
+    import contextlib
+
+    import torch
+
+    meta_file = Path(model_dir) / "launcher.json"
+    trained = json.loads(meta_file.read_text()).get("precision") if meta_file.is_file() else None
+    if note and trained not in (None, args.precision):
+        print(f"note: the run evaluated this model under {trained if trained != 'no' else 'float32'}; these figures are "
+              f"{'float32' if args.precision == 'no' else args.precision} (--precision {trained} evaluates as it did)",
+              file=sys.stderr)
+    if args.precision == "no":
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    if args.precision == "fp16" and device != "cuda":
+        raise UserError("--precision: fp16 needs a GPU (bf16 runs on a CPU)")
+    return torch.autocast(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
     p.add_argument("--version", action="version", version=f"launcher {__version__}")
@@ -78,12 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_count, help="default: the training max_length the export recorded (else 512)")
     e.add_argument("--batch-size", type=_count, default=32)
     e.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
+    e.add_argument("--precision", choices=PRECISIONS, default="no", help=PRECISION_HELP)
 
     g = sub.add_parser("generate", help="greedy answer of an exported causal LM to one instruction")
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True, help="the instruction, or the value of data.prompt's one column; rendered as the run's training rows")
     g.add_argument("--max-new-tokens", type=_count, default=64)
     g.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
+    g.add_argument("--precision", choices=PRECISIONS, default="no", help=PRECISION_HELP)
 
     r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
     r.add_argument("model_dir")
@@ -97,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=_count, help="causal LM: answer length limit (default: where the run's "
                    "evaluation answers stopped, 8 tokens past its longest reference, as launcher.json records)")
     r.add_argument("--trust-remote-code", action="store_true", help=REMOTE_CODE_HELP)
+    r.add_argument("--precision", choices=PRECISIONS, default="no", help=PRECISION_HELP)
 
     pl = sub.add_parser("plan", help="world size, batch, DeepSpeed autos, memory per GPU, launch command; no process group",
                         description="Check a run config against an accelerate config (and its DeepSpeed JSON) and print "
@@ -372,15 +403,17 @@ def cmd_eval(args) -> int:
         rows = read_rows(data, fmt)
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
-        print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
-                                                 meta.get("max_new_tokens", 32), args.batch_size,
-                                                 meta.get("truncation", "truncate"))))  # as the run evaluated
+        with _precision(args, args.model_dir, model, note=True):
+            print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
+                                                     meta.get("max_new_tokens", 32), args.batch_size,
+                                                     meta.get("truncation", "truncate"))))  # as the run evaluated
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
     import torch
 
-    logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
+    with _precision(args, args.model_dir, model, note=True):
+        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
     labels = torch.tensor(targets, dtype=torch.float if multilabel else torch.long)
     metrics = task.compute_metrics(logits, labels, names, cuts)  # the export's decision rule
     if cuts is not None:  # a tuned rule: the 0.5 rule's figures beside it, nothing hidden
@@ -399,7 +432,8 @@ def cmd_generate(args) -> int:
     if _exported_task(args.model_dir) != "causal_lm":
         raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm)")
     model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
-    print(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
+    with _precision(args, args.model_dir, model):
+        print(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
     return 0
 
 
@@ -415,7 +449,9 @@ def cmd_predict(args) -> int:
         return _predict_causal_lm(args)
     texts = _read_texts(Path(args.input))
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
-    probs = task.probabilities(task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size), multilabel)
+    with _precision(args, args.model_dir, model):
+        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
+    probs = task.probabilities(logits, multilabel)
     out = open(args.output, "w") if args.output else sys.stdout
     try:
         for text, p in zip(texts, probs):
@@ -466,8 +502,9 @@ def _predict_causal_lm(args) -> int:
     limit = args.max_length or causal_lm.prompt_limit(model, new_tokens)
     to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
-    _, answered = generation.evaluate(model, batches, tokenizer, candidates, new_tokens,
-                                      frame=causal_lm.answer_frame(fmt, tokenizer))
+    with _precision(args, args.model_dir, model):
+        _, answered = generation.evaluate(model, batches, tokenizer, candidates, new_tokens,
+                                          frame=causal_lm.answer_frame(fmt, tokenizer))
     out = open(args.output, "w") if args.output else sys.stdout
     try:
         for record, r in zip(records, answered):

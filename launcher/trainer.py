@@ -299,7 +299,7 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
     unwrapped = rt.unwrap(model)
     trainable_only = cfg.model.lora.enabled and not task.random_init()
     export_dtype = _export_dtype(cfg, task)
-    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | {"export_dtype": export_dtype} | (
+    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | {"export_dtype": export_dtype, "precision": cfg.train.precision} | (
         {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
          "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision),
          "base_weights": models.local_weights(cfg.model.name)}
@@ -607,7 +607,8 @@ class Trainer:
         self.snapshot_best(state.step)
 
     def _launcher_json(self) -> str:
-        return json.dumps(self.p.task.metadata() | {"export_dtype": self.p.checkpointer.export_dtype})
+        return json.dumps(self.p.task.metadata() | {"export_dtype": self.p.checkpointer.export_dtype,
+                                                     "precision": self.cfg.train.precision})  # what evaluated it
 
     def log(self, values: dict, bar) -> None:
         values |= self.speed(values["train/tokens_per_s"])

@@ -724,3 +724,33 @@ def test_launcher_eval_cuts_or_drops_a_long_row_as_the_run_did(tok):
     assert n == {"truncate": 2, "drop": 1}
     with pytest.raises(DataError, match=r"^--data: no row left to evaluate: all 1 dropped"):  # not a loss of 0
         causal_lm.evaluate_rows(model, tok, fmt, [long], max_length, None, 4, truncation="drop")
+
+
+@pytest.mark.parametrize("config", ["sft_tiny.yaml", "clause_tiny.yaml"])
+def test_eval_under_the_runs_precision_gives_the_runs_figures(tmp_path, config):
+    """A train.precision=bf16 run evaluates under bf16 autocast, `launcher eval` in float32, and
+    the two can be far apart (SmolLM2 after two LoRA steps: 2.36 in the run, 1.73 from eval).
+    --precision bf16 evaluates as the run did, to its exact figures; the float32 default says
+    where the run's came from."""
+    from conftest import CONFIGS as C
+
+    check(launcher("train", str(C / "train" / config), "--output-dir", str(tmp_path), "--run-name", "b", "train.precision=bf16",
+                   "train.max_steps=20", "eval.every_steps=0", "checkpoint.every_steps=20"))
+    run = tmp_path / "b"
+    final = json.loads((run / "final_metrics.json").read_text())["after"]
+    data = str(run / "data" / "validation.jsonl")
+
+    def evaluate(*flags):
+        proc = check(launcher("eval", str(run / "model"), "--data", data, *flags))
+        return json.loads(proc.stdout.strip().splitlines()[-1]), [x for x in proc.stderr.splitlines() if x.startswith("note:")]
+
+    same, notes = evaluate("--precision", "bf16")
+    # The causal LM's evaluation batches are the run's: its loss to the last bit. The classifier's
+    # are padded to other lengths (its batch size), which bf16 products round differently.
+    exact = config.startswith("sft")
+    assert same["loss"] == pytest.approx(final["loss"], rel=1e-9 if exact else 1e-4, abs=1e-12) and notes == []
+    assert same["macro_f1"] == final["macro_f1"]
+    plain, notes = evaluate()
+    assert abs(plain["loss"] - final["loss"]) > abs(same["loss"] - final["loss"]), (plain["loss"], same["loss"], final["loss"])
+    assert notes == ["note: the run evaluated this model under bf16; these figures are float32 (--precision bf16 "
+                     "evaluates as it did)"]
