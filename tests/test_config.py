@@ -419,6 +419,9 @@ def test_an_override_inside_a_section_the_file_got_wrong_leaves_the_files_mistak
     (["train.max_steps=4", "train.warmup_steps=10"],
      "train.warmup_steps: 10 is more than train.max_steps (4); the learning rate would never reach train.lr"),
     (["train.max_steps=4", "train.halt_at_step=10"], "train.halt_at_step: 10 is past train.max_steps (4): the run would finish first"),
+    (["train.collective_timeout_s=99999999999999999999"],
+     "train.collective_timeout_s: at most 1000000000 (31 years); got 99999999999999999999"),
+    (["train.collective_timeout_s=0"], "train.collective_timeout_s: must be > 0; got 0"),
 ])
 def test_settings_that_would_quietly_do_something_else_are_refused(overrides, said):
     """An empty output_dir put the run, mlflow.db and the cache in the current directory; a
