@@ -51,8 +51,9 @@ def _seed(text: str) -> int:
 
 
 PRECISIONS = ("no", "bf16", "fp16")
-PRECISION_HELP = ("no: float32 (the default); bf16 / fp16: under that autocast, as a run with train.precision=bf16 / "
-                  "fp16 evaluated the model (its loss and answers; a bf16 server's too)")
+PRECISION_HELP = ("no (the default): the export's weights as saved (float32 unless exported in bf16), no autocast; "
+                  "bf16 / fp16: under that autocast, as a run with train.precision=bf16 / fp16 evaluated the model "
+                  "(fp16 on a GPU)")
 
 
 def _precision(args, model_dir: str, model, note: bool = False):
@@ -65,11 +66,16 @@ def _precision(args, model_dir: str, model, note: bool = False):
     import torch
 
     meta_file = Path(model_dir) / "launcher.json"
-    trained = json.loads(meta_file.read_text()).get("precision") if meta_file.is_file() else None
-    if note and trained not in (None, args.precision):
-        print(f"note: the run evaluated this model under {trained if trained != 'no' else 'float32'}; these figures are "
-              f"{'float32' if args.precision == 'no' else args.precision} (--precision {trained} evaluates as it did)",
-              file=sys.stderr)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    trained = meta.get("precision")
+    if note and isinstance(trained, str) and trained != args.precision:
+        def kind(precision: str) -> str:
+            return (f"{precision} autocast" if precision != "no" else
+                    f"{meta.get('export_dtype') or 'float32'} weights without autocast")
+
+        print(f"note: the run evaluated this model under {kind(trained) if trained != 'no' else 'float32'}; these "
+              f"figures are from {kind(args.precision)} (--precision {trained} evaluates as it did"
+              f"{', on a GPU' if trained == 'fp16' else ''})", file=sys.stderr)
     if args.precision == "no":
         return contextlib.nullcontext()
     device = next(model.parameters()).device.type
@@ -253,11 +259,11 @@ def _train_under_accelerate(args) -> int:
 
     if (args.nodes or 1) > 1 and (args.machine_rank is None or args.main_process_ip is None):
         raise UserError("--nodes: more than one machine needs --machine-rank and --main-process-ip")
-    if args.machine_rank is not None and not 0 <= args.machine_rank < (args.nodes or 1):
-        # (it waited for machines that would never come, until the rendezvous timed out)
-        raise UserError(f"--machine-rank: {args.machine_rank} is not one of the {args.nodes or 1} machine(s) "
-                        f"(0..{(args.nodes or 1) - 1})")
     launch = distributed.from_yaml(args.accelerate_config, num_processes=args.num_processes, num_machines=args.nodes)
+    if args.machine_rank is not None and not 0 <= args.machine_rank < launch.num_machines:
+        # (it waited for machines that would never come, until the rendezvous timed out)
+        launch.problems.append(f"--machine-rank: {args.machine_rank} is not one of the {launch.num_machines} machine(s) "
+                               f"(0..{launch.num_machines - 1})")
     if launch.problems:  # the counts themselves: a batch checked against them would be checked wrong
         raise UserError(*launch.problems)
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,

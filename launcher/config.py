@@ -436,12 +436,15 @@ def _coerce(value: Any, tp, where: str) -> Any:
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and ("no" if value is False else "yes") in allowed:
             return "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
+        word = {"false": "no", "off": "no", "true": "yes", "on": "yes"}.get(value.lower()) if isinstance(value, str) else None
+        if word in allowed:  # the same words as an override's text (`train.precision=off`), as a file reads them
+            return word
         if value in allowed:
             return value
         raise ConfigError(f"{where}: expected one of {', '.join(map(str, allowed))}; got {value!r}")
     if origin is list:
         if isinstance(value, str):
-            value = [value] if where in TEXT_LISTS else [v.strip() for v in value.split(",") if v.strip()]
+            value = ([value] if value.strip() else []) if where in TEXT_LISTS else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list; got {value!r}")
         (item,) = typing.get_args(tp)
@@ -511,8 +514,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig, raw: str | N
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{dotted}: is a section; set one of its keys, e.g. {dotted}.{dataclasses.fields(tp)[0].name}=...")
-            if raw is not None and value is not None and _is_text(tp, dotted) and not isinstance(value, list if
-                                                                                           dotted in TEXT_LISTS else ()):
+            if raw is not None and raw.strip() not in NULLS and _is_text(tp, dotted) \
+                    and not (dotted in TEXT_LISTS and isinstance(value, list)):
                 value = _typed_text(raw, value)
             node[part] = value
             return
@@ -525,6 +528,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls=RunConfig, raw: str | N
             child = node[part] = {}
         node, node_cls = child, tp
 
+
+NULLS = ("null", "Null", "NULL", "~")  # YAML's null words (an empty value is the empty text)
 
 # Lists of free text: one string is one item (a prompt may hold commas); other lists of names
 # or numbers also take "a,b" (data.label_names=fair,unfair).
@@ -542,12 +547,12 @@ def _is_text(tp, dotted: str) -> bool:
 
 def _typed_text(raw: str, parsed: Any) -> Any:
     """An override of a text field as typed: YAML read `run_name=2024_01` as 202401, `12:30` as
-    750, `1.10` as 1.1, `off` as False, and cut `exp #3` at the comment. A quoted value keeps
-    YAML's reading (its quotes removed); null stays null (checked by the caller)."""
+    750, `1.10` as 1.1, `off` as False, cut `exp #3` at the comment and read `#3` as null. A
+    quoted value keeps YAML's reading (its quotes removed); null words stay null (the caller)."""
     text = raw.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(parsed, str):
         return parsed
-    return raw
+    return text  # (stripped, as YAML did)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -827,10 +832,6 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         out.append("output_dir: empty; give a directory (default: runs), or . for this one")
     if not cfg.model.name.strip():
         out.append("model.name: empty; give a model directory, a GGUF file, a hub name or tiny")
-    if t.max_steps is not None and t.warmup_steps is not None and t.warmup_steps > t.max_steps:
-        # the schedule stopped partway up its warmup: the learning rate never reached train.lr
-        out.append(f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps ({t.max_steps}); "
-                   "the learning rate would never reach train.lr")
     if t.max_steps is not None and t.halt_at_step is not None and t.halt_at_step > t.max_steps:
         out.append(f"train.halt_at_step: {t.halt_at_step} is past train.max_steps ({t.max_steps}): the run would "
                    "finish first")

@@ -251,6 +251,9 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
         raise DataError(_too_few_rows(cfg, train_ds))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+    if warmup > total_steps:  # (a short smoke test of a long recipe): said, not refused
+        rt.print(f"note: train.warmup_steps {warmup} is more than the run's {total_steps} steps: the learning rate "
+                 f"peaks at {(total_steps - 1) / warmup:.0%} of train.lr")  # (step k of the warmup runs at k/warmup)
     no_decay = no_decay_names(model)
     model, optimizer = rt.prepare(model, _optimizer(model, t, rt.device, no_decay))
     if (line := task.check_loss(rt, model, val_ds)) is not None:

@@ -69,6 +69,10 @@ for name in GPUS_PER_NODE CPUS_PER_NODE; do
         exit 2
     fi
 done
+if [ -n "${MAIN_PORT:-}" ] && { [ "$MAIN_PORT" -lt 1 ] || [ "$MAIN_PORT" -gt 65535 ]; }; then
+    echo "error: MAIN_PORT: expected a port in 1..65535; got $MAIN_PORT" >&2
+    exit 2
+fi
 
 PYTHON=${PYTHON:-python3}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}

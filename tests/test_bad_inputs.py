@@ -384,6 +384,28 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     assert not list(tmp_path.iterdir())
 
 
+def test_a_machine_rank_is_checked_against_the_machines_the_accelerate_config_names(tmp_path, monkeypatch, capsys):
+    """multi_node.yaml names 2 machines: --machine-rank 1 without --nodes is the second, and
+    was refused as "not one of the 1 machine(s)"; 2 is none of them."""
+    from launcher.cli import main
+
+    launched = []
+
+    def execve(path, argv, env):
+        launched.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    args = ["train", str(TINY), "--accelerate-config", str(CONFIGS / "accelerate" / "multi_node.yaml"), "--main-process-ip",
+            "127.0.0.1", "--output-dir", str(tmp_path / "out"), "train.global_batch_size=256"]
+    with pytest.raises(SystemExit):
+        main([*args, "--machine-rank", "1"])
+    assert launched and launched[0][launched[0].index("--machine_rank") + 1] == "1"
+    assert main([*args, "--machine-rank", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: --machine-rank: 2 is not one of the 2 machine(s) (0..1)"
+    assert len(launched) == 1
+
+
 def test_a_port_out_of_range_is_refused_with_the_arguments(tmp_path):
     """--main-process-port 99999 passed the checks, printed "checked", then died in the rendezvous
     with an OverflowError traceback."""

@@ -393,6 +393,13 @@ def test_an_override_of_a_text_field_is_the_text_typed(tmp_path):
     assert cfg.eval.generation_prompts == ["Is it amber, or zephyr?"]
     assert cfg.data.prompt == "{text}" and cfg.data.response == "{label}"  # a quoted value: YAML's quotes go
     assert cfg.data.label_names == ["fair", "unfair"] and cfg.train.precision == "no" and cfg.tracking.wandb_mode is None
+    # The review's cases: text that YAML reads as a comment, null or a boolean word, spaces.
+    cfg = load_config(CONFIGS / "train" / "sft_tiny.yaml", ["data.system_prompt=#1 rule: be brief", "run_name=exp1 ",
+                                                            "eval.generation_prompts=", "train.precision=off"],
+                      check_files=False, check_values=False)
+    assert cfg.data.system_prompt == "#1 rule: be brief" and cfg.run_name == "exp1"
+    assert cfg.eval.generation_prompts == [] and cfg.train.precision == "no"  # (as `precision: off` in a file)
+    assert load_config(TINY, ["data.system_prompt=~"], check_files=False).data.system_prompt is None
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["tracking.wandb_mode=off"])
     assert e.value.problems == ["tracking.wandb_mode: expected one of online, offline, disabled; got 'off'"]  # was got False
@@ -416,17 +423,15 @@ def test_an_override_inside_a_section_the_file_got_wrong_leaves_the_files_mistak
 @pytest.mark.parametrize("overrides, said", [
     (["output_dir="], "output_dir: empty; give a directory (default: runs), or . for this one"),
     (["model.name="], "model.name: empty; give a model directory, a GGUF file, a hub name or tiny"),
-    (["train.max_steps=4", "train.warmup_steps=10"],
-     "train.warmup_steps: 10 is more than train.max_steps (4); the learning rate would never reach train.lr"),
     (["train.max_steps=4", "train.halt_at_step=10"], "train.halt_at_step: 10 is past train.max_steps (4): the run would finish first"),
     (["train.collective_timeout_s=99999999999999999999"],
      "train.collective_timeout_s: at most 1000000000 (31 years); got 99999999999999999999"),
     (["train.collective_timeout_s=0"], "train.collective_timeout_s: must be > 0; got 0"),
 ])
 def test_settings_that_would_quietly_do_something_else_are_refused(overrides, said):
-    """An empty output_dir put the run, mlflow.db and the cache in the current directory; a
-    warmup longer than the run peaked at 3e-4 of a 1e-3 lr without a word; a halt past the end
-    was ignored."""
+    """An empty output_dir put the run, mlflow.db and the cache in the current directory; a halt
+    past the end was ignored; a collective timeout past a timedelta's range was a traceback on
+    every rank."""
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides, check_files=False)
     assert e.value.problems == [said]
@@ -443,3 +448,17 @@ def test_lora_targets_and_booleans_take_the_forms_other_fields_take():
     assert load_config(TINY, ["train.gradient_checkpointing=0"]).train.gradient_checkpointing is False
     with pytest.raises(ConfigError):
         load_config(TINY, ["train.gradient_checkpointing=2"])
+
+
+def test_a_warmup_longer_than_the_run_is_said_with_the_peak_it_reaches(tmp_path):
+    """A smoke test of a long recipe (max_steps=4, warmup_steps: 10) peaked at 3e-4 of a 1e-3
+    learning rate without a word: now one line says so (a note, not a refusal)."""
+    import json
+
+    from conftest import FAST, check, launcher
+
+    proc = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), *FAST, "train.max_steps=4", "train.warmup_steps=10",
+                          "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=4"))
+    assert "note: train.warmup_steps 10 is more than the run's 4 steps: the learning rate peaks at 30% of train.lr" in proc.stdout
+    lrs = [json.loads(x).get("train/lr") for x in (tmp_path / "clause_tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x for x in lrs if x is not None) == pytest.approx(0.3 * 1e-3)

@@ -752,5 +752,5 @@ def test_eval_under_the_runs_precision_gives_the_runs_figures(tmp_path, config):
     assert same["macro_f1"] == final["macro_f1"]
     plain, notes = evaluate()
     assert abs(plain["loss"] - final["loss"]) > abs(same["loss"] - final["loss"]), (plain["loss"], same["loss"], final["loss"])
-    assert notes == ["note: the run evaluated this model under bf16; these figures are float32 (--precision bf16 "
-                     "evaluates as it did)"]
+    assert notes == ["note: the run evaluated this model under bf16 autocast; these figures are from float32 weights "
+                     "without autocast (--precision bf16 evaluates as it did)"]

@@ -271,6 +271,7 @@ def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):
     ({"SIGNAL_LEAD_S": "10m"}, "error: SIGNAL_LEAD_S: expected a whole number; got '10m'"),
     ({"CPUS_PER_NODE": "08"}, "error: CPUS_PER_NODE: expected a whole number; got '08'"),
     ({"GPUS_PER_NODE": "0"}, "error: GPUS_PER_NODE: must be 1 or more; got 0"),
+    ({"MAIN_PORT": "70000"}, "error: MAIN_PORT: expected a port in 1..65535; got 70000"),
 ])
 def test_a_count_in_the_environment_that_is_no_whole_number_is_one_line_before_anything_starts(tmp_path, env, said):
     """GPUS_PER_NODE=eight printed a bash error and ran one process per node; SIGNAL_LEAD_S=10m

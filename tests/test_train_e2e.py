@@ -1162,3 +1162,24 @@ def test_ranks_that_still_see_different_checkpoints_stop_with_one_line(monkeypat
     with pytest.raises(ConfigError, match="^run directory R exists"):
         checkpoint.agreed_start(refuse, lambda seen: [seen, seen], said.append)
     assert len(said) == 2
+
+
+def test_stack_fact_safetensors_files_ignore_the_umask_and_exports_get_its_mode(tmp_path):
+    """safetensors 0.8 creates its files 0600 whatever the umask (the e2e layout test reads the
+    whole run under this process's umask); readable_weights gives them the umask's mode."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from launcher.checkpoint import readable_weights
+
+    old = os.umask(0o022)
+    try:
+        save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+        (tmp_path / "config.json").write_text("{}")
+        assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o600  # the library's choice
+        readable_weights(tmp_path)
+        assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644 == (tmp_path / "config.json").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
