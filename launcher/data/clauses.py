@@ -144,8 +144,7 @@ def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], 
     then a count); a file whose columns lack `text` or a label is one line (column_problems)."""
     records = list(records)
     columns = dict.fromkeys(k for _, r in records if isinstance(r, dict) for k in r if isinstance(k, str))
-    missing = column_problems(list(columns), source)
-    if missing and any(isinstance(r, dict) for _, r in records):
+    if columns and (missing := column_problems(list(columns), source)):
         raise DataError(*missing)
     texts: list[str] = []
     targets: list = []
