@@ -275,6 +275,17 @@ def test_whole_number_float_labels_read_as_their_ints_and_a_bad_one_is_its_own_l
     ml.write_text(json.dumps({"text": "a", "labels": [1.0, 4.0]}) + "\n" + json.dumps({"text": "b", "labels": [2]}) + "\n")
     _, targets = load_split(DataConfig(mode="multilabel"), "train", str(ml))
     assert [[i for i, v in enumerate(t) if v] for t in targets] == [[1, 4], [2]]
+    # A CSV holds the text "1.0" (pandas' to_csv of a float column): refused on every row, at
+    # training and at eval, while the README said whole floats are ints.
+    from launcher.data.clauses import LabelEncoder, parse_rows
+    from launcher.data.sources import read_records
+
+    csv_file = tmp_path / "f.csv"
+    csv_file.write_text("text,label\n" + "".join(f"{r['text']},{float(r['label'])}\n" for r in ints))
+    assert load_split(cfg, "train", str(csv_file)) == want
+    assert parse_rows(read_records(csv_file), LabelEncoder("binary", ["fair", "unfair"]), str(csv_file)) == want
+    (tmp_path / "n.csv").write_text("text,label\nx,1.0\ny,0.0\n")  # a name that looks like a number is the name
+    assert load_split(DataConfig(mode="binary", label_names=["1.0", "0.0"]), "train", str(tmp_path / "n.csv"))[1] == [0, 1]
 
 
 def test_a_multi_hot_labels_vector_is_refused_not_read_as_categories_0_and_1(tmp_path):

@@ -8,6 +8,7 @@ file:line (CSV and JSONL) or file: row N (Parquet), with what was wrong.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,10 @@ def _as_list(value: Any, where: str) -> list:
 def _whole(value: Any) -> Any:
     """A whole-number float (1.0) as the int it stands for. A JSON or Parquet reader turns a
     whole label column into floats when one row writes 1.0 (pandas writes labels so), and
-    every row was refused; NaN and 0.5 stay floats, refused on their own line."""
+    every row was refused; NaN and 0.5 stay floats, refused on their own line. In a CSV the
+    cell is the text "1.0" (pandas' to_csv of a float column): its int too."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,15}\.0*\s*", value):
+        return int(float(value))
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # (1e20 is no id)
         return int(value)
     return value
@@ -57,11 +61,11 @@ class LabelEncoder:
         self._binary_by_name = {n.lower(): i for i, n in enumerate(label_names)} if mode == "binary" else {}
 
     def _category(self, item: Any, where: str) -> int:
+        if isinstance(item, str) and item.strip().lower() in self._by_name:  # a name first: names may be digits
+            return self._by_name[item.strip().lower()]
         item = _whole(item)
         if isinstance(item, bool):
             raise DataError(f"{where}: category {item!r} is not an id or a name")
-        if isinstance(item, str) and item.strip().lower() in self._by_name:  # a name first: names may be digits
-            return self._by_name[item.strip().lower()]
         if isinstance(item, str) and item.strip().lstrip("-").isdigit():
             item = int(item)
         if isinstance(item, int):
@@ -93,9 +97,11 @@ class LabelEncoder:
             if self.mode == "binary":
                 return int(bool(cats))
             return [1.0 if i in cats else 0.0 for i in range(len(self.categories))]
-        value = _whole(record["label"])
+        value = record["label"]
         if isinstance(value, str) and self.mode == "multilabel" and value.strip().lower() in self._by_name:
             return [1.0 if i == self._by_name[value.strip().lower()] else 0.0 for i in range(len(self.categories))]
+        if not (isinstance(value, str) and value.strip().lower() in self._binary_by_name):  # (a name first)
+            value = _whole(value)
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if self.mode == "binary":
