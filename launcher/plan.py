@@ -22,6 +22,7 @@ from pathlib import Path
 
 from launcher import distributed, engines
 from launcher.config import RunConfig
+from launcher.errors import DataError
 
 from launcher.sizing import checkpoint_bytes
 from launcher.sizing import human_bytes as _size
@@ -320,6 +321,8 @@ def _steps_line(cfg: RunConfig) -> str:
     rows, source = sizing.count_rows(cfg.task, cfg.data)
     if rows is None:
         return f"steps      {('max_steps ' + str(t.max_steps)) if t.max_steps else 'unknown'}: {source}"
+    if rows < t.global_batch_size and not (cfg.task == "causal_lm" and cfg.data.packing):  # as training refuses it
+        raise DataError(f"{source}: {rows} rows is fewer than train.global_batch_size ({t.global_batch_size})")
     per_epoch = rows // t.global_batch_size
     total = t.max_steps or t.epochs * per_epoch
     how = f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs} epochs"

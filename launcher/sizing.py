@@ -113,9 +113,10 @@ def model_facts(cfg: RunConfig) -> tuple[int, str, SimpleNamespace] | None:
 def count_rows(task: str, d: DataConfig) -> tuple[int | None, str]:
     """(training rows, where from) for the step arithmetic; (None, why) when unknown before
     the run starts (hub data, packed blocks). Cheap where the format allows (JSONL lines,
-    Parquet metadata); other files are read by the task's own reader."""
+    Parquet metadata); other files are read by the task's own reader. A file training would
+    refuse raises its DataError."""
     from launcher.data import sources
-    from launcher.errors import UserError
+    from launcher.errors import DataError, UserError
 
     n: int | None
     if d.synthetic.enabled:
@@ -134,8 +135,8 @@ def count_rows(task: str, d: DataConfig) -> tuple[int | None, str]:
                 from launcher.data.instructions import read_rows
 
                 n = len(read_rows(d.train_file))
-        except UserError as e:
-            return None, e.problems[0]
+        except UserError as e:  # what training would refuse: plan refuses it too
+            raise DataError(*e.problems) from None
         where = d.train_file
     if task == "causal_lm" and d.packing:  # optimizer steps count blocks, known once rows are packed
         return None, f"{n:,} {where} rows are packed into {d.max_length}-token blocks when the run starts"

@@ -222,6 +222,10 @@ CASES = [
     ("a machine rank past the machines", "train", TINY,
      _plain("--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--nodes", "2", "--machine-rank", "5",
             "--main-process-ip", "127.0.0.1"), "--machine-rank: 5 is not one of the 2 machine(s) (0..1)"),
+    ("plan: fewer rows than a batch", "plan", TINY, lambda tmp: ["train.max_steps=5", *_files(GOOD[: len(GOOD) // 40 * 20])(tmp)],
+     "{tmp}/train.jsonl: 20 rows is fewer than train.global_batch_size (32)"),  # it printed 5 steps of none
+    ("plan: a bad row of a CSV", "plan", TINY, _files("text,label\nWe may end it.,0\nWe may not.,maybe\n", "train.csv"),
+     "{tmp}/train.csv:3: 'label' must be 0, 1, fair or unfair, or a category name; got 'maybe'"),
     ("accelerate config missing", "plan", TINY, _plain("--accelerate-config", "{tmp}/none.yaml"),
      "--accelerate-config: {tmp}/none.yaml: file not found"),
     ("DeepSpeed JSON not JSON", "plan", TINY, _ds_yaml('{"zero_optimization": {"stage": 2},\n  "bf16": {enabled: true}}'),
