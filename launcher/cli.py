@@ -336,6 +336,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _not_a_file(flag: str, path: Path) -> str:
+    if path.is_dir():  # (a save_to_disk folder, which training takes, was "file not found")
+        return f"{flag}: {path}: a directory; give a file (JSONL, CSV or Parquet; plain text for predict)"
+    return f"{flag}: {path}: file not found"
+
+
 def _plain_lines(path: Path, wanted: str) -> list[str]:
     """--input as plain text: its non-blank lines, a byte-order mark skipped; not UTF-8 is one line."""
     try:
@@ -351,7 +357,7 @@ def _read_texts(path: Path) -> list[str]:
     from launcher.data.clauses import read_records
 
     if not path.is_file():
-        raise UserError(f"--input: {path}: file not found")
+        raise UserError(_not_a_file("--input", path))
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
         return _some(_plain_lines(path, "rows with 'text', or one clause per line"), [], path)
@@ -400,7 +406,7 @@ def cmd_eval(args) -> int:
 
     data = Path(args.data)
     if not data.is_file():
-        raise UserError(f"--data: {data}: file not found")
+        raise UserError(_not_a_file("--data", data))
     if _exported_task(args.model_dir) == "causal_lm":
         from launcher.data.instructions import read_rows
         from launcher.tasks import causal_lm
@@ -481,7 +487,7 @@ def _predict_causal_lm(args) -> int:
 
     path = Path(args.input)
     if not path.is_file():
-        raise UserError(f"--input: {path}: file not found")
+        raise UserError(_not_a_file("--input", path))
     model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     records: list[dict] = []
     rows: list[dict] = []

@@ -821,9 +821,12 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     if d.label_names is not None:
         if d.mode == "binary" and len(d.label_names) != 2:
             out.append(f"data.label_names: binary mode needs 2 names (negative, positive); got {len(d.label_names)}")
-        if len(set(d.label_names)) != len(d.label_names):
-            out.append("data.label_names: names must be unique")
-        if d.mode == "multilabel" and "none" in d.label_names:  # its f1/none would be overwritten
+        folded = [n.strip().lower() for n in d.label_names]  # as rows are matched to them
+        if len(set(folded)) != len(folded):
+            out.append("data.label_names: names must be unique (case and spaces aside: rows match them so)")
+        if any(not n for n in folded):
+            out.append("data.label_names: a name is empty")
+        if d.mode == "multilabel" and "none" in folded:  # its f1/none would be overwritten
             out.append("data.label_names: 'none' is the name of multilabel's column for clauses with no category "
                        "(f1/none); call the category something else")
     if not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", ".."):
