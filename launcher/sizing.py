@@ -122,6 +122,8 @@ def count_rows(task: str, d: DataConfig) -> tuple[int | None, str]:
     if d.synthetic.enabled:
         n, where = d.synthetic.n_train, "synthetic"
     elif d.train_file is None:
+        if Path(d.hub_dataset).expanduser().is_dir():
+            return None, f"rows of {sources.resolve(d, 'train')} (a local folder) are counted when the run starts"
         hub = f"{d.hub_dataset}/{d.hub_config}" if task == "classification" else d.hub_dataset
         return None, f"rows of {hub} (hub) are counted when the run starts"
     else:

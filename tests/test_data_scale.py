@@ -188,6 +188,14 @@ def test_every_local_source_gives_the_same_token_rows(tmp_path, tok):
         assert tokens(src) == want, name
     hub = sources.resolve(DataConfig(hub_dataset=str(tmp_path / "hubdir")), "train")
     assert hub.kind == "hub" and tokens(hub) == want
+    # A folder of CSV files reads as data.train_file reads one: an empty `labels` cell (a fair
+    # clause) was pandas' NaN there, and every fair row was refused.
+    (tmp_path / "hubcsv").mkdir()
+    for split, part in (("train", rows), ("validation", rows[:5])):
+        datasets.Dataset.from_list([{"text": r["text"], "labels": "[1]" if r["label"] else ""} for r in part]
+                                   ).to_csv(tmp_path / "hubcsv" / f"{split}.csv", index=False)
+    folder = sources.resolve(DataConfig(hub_dataset=str(tmp_path / "hubcsv")), "train")
+    assert tokens(folder) == want and str(folder) == f"{tmp_path / 'hubcsv'}:train"  # (not hubcsv/unfair_tos, no such path)
     assert len(tokens(sources.resolve(DataConfig(validation_file=str(tmp_path / "dict")), "validation"))) == 5
     with pytest.raises(DataError, match=r"has splits train, validation; none is named 'dev'"):
         tokens(sources.resolve(DataConfig(train_file=str(tmp_path / "dict"), train_split="dev"), "train"))

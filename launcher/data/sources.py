@@ -49,6 +49,10 @@ class Source:
 
     def __str__(self) -> str:
         if self.kind == "hub":
+            local = Path(self.name).expanduser()
+            if local.is_dir():  # a local folder standing in for a hub id: its config's subfolder when it has one
+                shown = local / self.config if self.config and (local / self.config).is_dir() else local
+                return f"{shown}:{self.split}"
             return f"{self.name}/{self.config}:{self.split}" if self.config else f"{self.name}:{self.split}"
         if self.kind == "saved":
             return f"{self.name}:{self.split}" if (Path(self.name) / "dataset_dict.json").is_file() else self.name
@@ -206,7 +210,7 @@ def _load_hub(src: Source, cache_dir: Path):
         # name as on the hub; a subdirectory named like the config holds that config's files.
         data_dir = local / src.config if src.config and (local / src.config).is_dir() else local
         try:
-            return datasets.load_dataset(str(data_dir), split=src.split, cache_dir=str(cache_dir))
+            return datasets.load_dataset(str(data_dir), split=src.split, cache_dir=str(cache_dir), **_csv_options(data_dir))
         except ValueError as e:
             raise DataError(f"data.hub_dataset: {src.name}: no split '{src.split}' ({_first_line(e)}); "
                             "set data.train_split / data.validation_split") from None
@@ -221,6 +225,19 @@ def _load_hub(src: Source, cache_dir: Path):
         return datasets.load_dataset(src.name, src.config, split=src.split, cache_dir=str(cache_dir))
     except Exception as e:  # the hub client raises many types for "unreachable"
         raise DataError(f"{hint} [{type(e).__name__}]") from None
+
+
+def _csv_options(data_dir: Path) -> dict:
+    """A folder of CSV files read as data.train_file reads one: every cell as text, an empty
+    cell as "" (an empty `labels` cell is a fair clause), not pandas' guesses (NaN, 0.0)."""
+    files = [p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in (".csv", ".json", ".jsonl", ".parquet")]
+    if not files or any(p.suffix.lower() != ".csv" for p in files):
+        return {}
+    header: list[str] = []
+    for path in files:  # (the union: a shard may name its columns in another order)
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header += [c for c in next(csv.reader(f), []) if c not in header]
+    return {"converters": {c: str for c in header}, "keep_default_na": False, "na_filter": False}
 
 
 def _first_line(e: BaseException) -> str:
