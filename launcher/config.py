@@ -606,6 +606,7 @@ def load_config(
     if run_name is not None:
         tree["run_name"] = run_name
     _expand_home(tree)
+    _absolute_data(tree)
     _target_names(tree)
     explicit = frozenset(_dotted_keys(tree))
     if tree.get("run_name") is None:
@@ -631,6 +632,21 @@ def _expand_home(tree: dict) -> None:
             node = node.get(section) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].startswith("~"):
             node[leaf] = os.path.expanduser(node[leaf])
+
+
+def _absolute_data(tree: dict) -> None:
+    """data.train_file / validation_file (and a local folder as data.hub_dataset) as absolute
+    paths, so config.yaml records which files trained the run: as typed, a resume from another
+    directory read other files under the same relative names, and one that named the same files
+    otherwise was refused. (A config.yaml from before reads against the current directory.)"""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train_file", "validation_file", "hub_dataset"):
+        value = data.get(key)
+        if isinstance(value, str) and value.strip() and not os.path.isabs(value) \
+                and (key != "hub_dataset" or os.path.isdir(value)):  # (a hub id stays an id)
+            data[key] = os.path.abspath(value)
 
 
 def _target_names(tree: dict) -> None:

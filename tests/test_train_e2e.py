@@ -664,6 +664,28 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
     assert [lrs[s] for s in range(7, 19)] == pytest.approx([expected[s] for s in range(7, 19)])
 
 
+def test_relative_data_paths_resume_by_the_files_they_name_not_by_their_text(tmp_path):
+    """config.yaml kept data.train_file as typed. The same relative names typed in another
+    directory, where they are other files of the same length, resumed silently and trained
+    and validated on those; an absolute path to the same files as before was refused."""
+    from launcher.data import synthetic
+
+    for place, seed in (("a", 0), ("b", 1)):
+        synthetic.write_splits(tmp_path / place / "data", 384, 100, seed)
+    out = tmp_path / "out"
+    args = ["train", str(TINY), "--output-dir", str(out), "--run-name", "r", *FAST, "data.synthetic.enabled=false",
+            "checkpoint.every_steps=4", "eval.every_steps=4", "train.max_steps=8"]
+    relative = ["data.train_file=data/train.jsonl", "data.validation_file=data/validation.jsonl"]
+    check(launcher(*args, *relative, "train.halt_at_step=4", cwd=tmp_path / "a"))
+    other = launcher(*args, *relative, cwd=tmp_path / "b")
+    assert other.returncode == 2 and other.stderr.strip().startswith(
+        f"error: checkpoint.resume: {out / 'r'} would resume from step-000004 with data.train_file: "
+        f"'{tmp_path / 'a' / 'data' / 'train.jsonl'}' -> '{tmp_path / 'b' / 'data' / 'train.jsonl'}'"), other.stderr[-2000:]
+    same = check(launcher(*args, f"data.train_file={tmp_path / 'a' / 'data' / 'train.jsonl'}",
+                          f"data.validation_file={tmp_path / 'a' / 'data' / 'validation.jsonl'}", cwd=tmp_path / "b"))
+    assert "resuming from" in same.stdout and json.loads((out / "r" / "final_metrics.json").read_text())["step"] == 8
+
+
 def test_a_requeue_after_an_accepted_change_that_was_never_checkpointed_follows_it_again(tmp_path):
     """Halted at 6 of 12 under lr 1e-3. Attempt 2 (lr 1e-4, allowed) rewrites config.yaml, then
     fails its save of step 12. Attempt 3, the same command, resumes step 6 again: that
