@@ -301,6 +301,15 @@ def test_a_multi_hot_labels_vector_is_refused_not_read_as_categories_0_and_1(tmp
         assert [p for p in e.value.problems if p.startswith(str(path))] == [
             f"{path}:1: 'labels' [0, 1, 0, 0, 0, 0, 0, 0] looks like a 0/1 vector over the categories; launcher reads "
             "'labels' as the categories a clause has, by id or name (e.g. [1, 4], or [] for none)"], e.value.problems
+    # Two categories: [0, 0] is a vector (an id twice is none), refused; [0, 1] reads as both
+    # categories (it was [0, 0] -> category 0, silently).
+    two = tmp_path / "two.jsonl"
+    two.write_text(json.dumps({"text": "a", "labels": [0, 1]}) + "\n" + json.dumps({"text": "b", "labels": [0, 0]}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(mode="multilabel", label_names=["Sports", "Politics"]), "train", str(two))
+    assert [p for p in e.value.problems if p.startswith(str(two))] == [
+        f"{two}:2: 'labels' [0, 0] looks like a 0/1 vector over the categories; launcher reads "
+        "'labels' as the categories a clause has, by id or name (e.g. [1, 4], or [] for none)"]
 
 
 def test_a_key_given_twice_a_jsonl_array_and_a_utf16_file_read_alike_for_training_and_eval(tmp_path):

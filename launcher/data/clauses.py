@@ -87,7 +87,7 @@ class LabelEncoder:
         if has_labels:
             items = _as_list(record["labels"], where)
             ids = [self._category(x, where) for x in items]
-            if len(items) == len(self.categories) > 2 and len(set(ids)) < len(ids) \
+            if len(items) == len(self.categories) >= 2 and len(set(ids)) < len(ids) \
                     and set(map(str, map(_whole, items))) <= {"0", "1"}:
                 # [0, 1, 0, ...] is a 0/1 vector over the categories (the common multi-label
                 # layout), not ids: read as ids every clause had categories 0 and 1
