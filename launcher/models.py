@@ -278,6 +278,15 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     return pooling.follow(loaded, name)
 
 
+def exported(loader, model_dir: str, **kwargs):
+    """from_pretrained of an export (eval, predict, generate): its problems name MODEL_DIR, the
+    argument given, not model.name, which the user did not set."""
+    try:
+        return from_pretrained(loader, model_dir, **kwargs)
+    except ConfigError as e:
+        raise ConfigError(*(p.replace("model.name: ", "MODEL_DIR: ", 1) for p in e.problems)) from None
+
+
 def new_weights(info: dict) -> list[str]:
     """The weights a load initialised at random, from transformers' loading info: absent from the
     checkpoint (a classifier's head; DeBERTa-v3's pooler, which its masked-LM checkpoint lacks) or

@@ -285,6 +285,8 @@ CASES = [
     ("predict a CSV separated by semicolons", "predict", None, _write("x.csv", "id;text\n1;We may end it.\n2;We may not.\n", "no-model",
                                                                     "--input", "{tmp}/x.csv"),
      "--input: {tmp}/x.csv: no 'text' column (its columns: 'id;text')"),
+    ("eval of a folder that holds no model", "eval", None, _write("v1.jsonl", GOOD, "{tmp}", "--data", "{tmp}/v1.jsonl"),
+     "MODEL_DIR: {tmp}: not a loadable Hugging Face model directory"),  # (it named model.name, which nobody set)
     ("eval of a folder", "eval", None, _plain("no-model", "--data", "{tmp}"),
      "--data: {tmp}: a directory; give a file (JSONL, CSV or Parquet; plain text for predict)"),
     ("predict an empty file", "predict", None, _write("x.txt", "\n \n", "no-model", "--input", "{tmp}/x.txt"),

@@ -22,6 +22,7 @@ from launcher.data import instructions, prompts
 from launcher.data.prompts import PromptFormat
 from launcher.errors import ConfigError, DataError
 from launcher.tasks import generation
+from launcher import models
 from launcher.models import from_config, from_pretrained, inference_device, pad_with_eos, remote_code_gate
 
 
@@ -529,8 +530,8 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
         raise ConfigError(f"{model_dir}: no such model directory")
     meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
     code = remote_code_gate(model_dir, trust_remote_code)
-    model = from_pretrained(AutoModelForCausalLM, str(model_dir), **code).to(inference_device()).eval()
-    tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
+    model = models.exported(AutoModelForCausalLM, str(model_dir), **code).to(inference_device()).eval()
+    tokenizer = models.exported(AutoTokenizer, str(model_dir), **code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = PromptFormat.from_json(meta)

@@ -355,8 +355,8 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     code = remote_code_gate(model_dir, trust_remote_code)
-    model = from_pretrained(AutoModelForSequenceClassification, str(model_dir), **code)  # pooled as it records
-    tokenizer = from_pretrained(AutoTokenizer, str(model_dir), **code)
+    model = models.exported(AutoModelForSequenceClassification, str(model_dir), **code)  # pooled as it records
+    tokenizer = models.exported(AutoTokenizer, str(model_dir), **code)
     if tokenizer.pad_token_id is None:  # a decoder classifier saved elsewhere (launcher's exports keep EOS as pad)
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"{model_dir}: its tokenizer has neither a pad token nor an EOS token to pad batches with")
