@@ -575,10 +575,13 @@ def load_config(
     world_size: int = 1,
     check_files: bool = True,
     check_values: bool = True,
+    absolute_data: bool = True,
 ) -> RunConfig:
     """Read YAML, apply overrides, build dataclasses, validate. Raises ConfigError.
     check_values=False (a config a run was written under, read back to compare): the fields and
-    their types only, since the files it named may be gone and rules may have changed since."""
+    their types only, since the files it named may be gone and rules may have changed since.
+    absolute_data=False: data paths as the file holds them (a config.yaml from before they were
+    recorded absolute holds them relative to a directory it did not record)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -606,7 +609,8 @@ def load_config(
     if run_name is not None:
         tree["run_name"] = run_name
     _expand_home(tree)
-    _absolute_data(tree)
+    if absolute_data:
+        _absolute_data(tree)
     _target_names(tree)
     explicit = frozenset(_dotted_keys(tree))
     if tree.get("run_name") is None:
@@ -634,19 +638,27 @@ def _expand_home(tree: dict) -> None:
             node[leaf] = os.path.expanduser(node[leaf])
 
 
+DATA_PATHS = ("train_file", "validation_file", "hub_dataset")
+
+
 def _absolute_data(tree: dict) -> None:
     """data.train_file / validation_file (and a local folder as data.hub_dataset) as absolute
     paths, so config.yaml records which files trained the run: as typed, a resume from another
     directory read other files under the same relative names, and one that named the same files
-    otherwise was refused. (A config.yaml from before reads against the current directory.)"""
+    otherwise was refused. (config_changes reads an older config.yaml's relative ones from here.)"""
     data = tree.get("data")
     if not isinstance(data, dict):
         return
-    for key in ("train_file", "validation_file", "hub_dataset"):
+    for key in DATA_PATHS:
         value = data.get(key)
-        if isinstance(value, str) and value.strip() and not os.path.isabs(value) \
-                and (key != "hub_dataset" or os.path.isdir(value)):  # (a hub id stays an id)
+        if key == "hub_dataset" and isinstance(value, str) and os.path.isdir(os.path.expanduser(value)):
+            value = os.path.expanduser(value)  # (a hub id stays an id)
+        elif key == "hub_dataset":
+            continue
+        if isinstance(value, str) and value.strip() and not os.path.isabs(value):
             data[key] = os.path.abspath(value)
+        elif isinstance(value, str):
+            data[key] = value
 
 
 def _target_names(tree: dict) -> None:

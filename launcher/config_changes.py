@@ -20,6 +20,7 @@ step on the new schedule: the learning rate at step s is the new schedule's valu
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,22 @@ def _defines_run(key: str) -> bool:
 
 def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """(accepted, refused): key -> (was, now), against the config.yaml at `saved`."""
-    from launcher.config import flatten, load_config, to_dict
+    from launcher.config import DATA_PATHS, flatten, load_config, to_dict
     from launcher.errors import ConfigError
 
     try:
-        before = flatten(to_dict(load_config(saved, check_files=False, check_values=False)))
+        before = flatten(to_dict(load_config(saved, check_files=False, check_values=False, absolute_data=False)))
     except ConfigError:  # written by a launcher with other keys: nothing to compare against
         return {}, {}
     now = flatten(to_dict(cfg))
+    for key in (f"data.{k}" for k in DATA_PATHS):
+        was = before.get(key)
+        # A relative path: recorded by a launcher that kept paths as typed, relative to a directory
+        # it did not record. The same name from here is no change, as it was then; another is
+        # shown as recorded (resolved from here, it would name a path the run never read).
+        if isinstance(was, str) and was and not os.path.isabs(os.path.expanduser(was)) \
+                and os.path.abspath(os.path.expanduser(was)) == now.get(key):
+            before[key] = now.get(key)
     diff = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
             if before.get(k) != now.get(k) and not k.startswith(UNLISTED)}
     refused = {k: v for k, v in diff.items() if _defines_run(k)}

@@ -135,8 +135,9 @@ def count_rows(task: str, d: DataConfig) -> tuple[int | None, str]:
                 n = len(load_split(d, "train", d.train_file)[0])
             elif n is None:
                 from launcher.data.instructions import read_rows
+                from launcher.data.prompts import PromptFormat
 
-                n = len(read_rows(d.train_file))
+                n = len(read_rows(d.train_file, PromptFormat.from_config(d, None)))  # (data.prompt maps its columns)
         except UserError as e:  # what training would refuse: plan refuses it too
             raise DataError(*e.problems) from None
         where = d.train_file

@@ -377,6 +377,9 @@ def test_a_home_path_in_an_override_leads_home(tmp_path, monkeypatch):
     assert cfg.data.train_file == str(tmp_path / "d" / "train.jsonl")
     assert cfg.data.validation_file == str(tmp_path / "d" / "validation.jsonl")
     assert cfg.data.cache_dir == str(tmp_path / "cache") and cfg.output_dir == str(tmp_path / "runs")
+    (tmp_path / "hubdir").mkdir()  # a local folder standing in for a hub id: expanded too; an id stays an id
+    assert load_config(CONFIGS / "train" / "clause_tos.yaml", ["data.hub_dataset=~/hubdir"]).data.hub_dataset == str(tmp_path / "hubdir")
+    assert load_config(CONFIGS / "train" / "clause_tos.yaml").data.hub_dataset == "coastalcph/lex_glue"
 
 
 def test_an_override_of_a_text_field_is_the_text_typed(tmp_path):
@@ -462,3 +465,29 @@ def test_a_warmup_longer_than_the_run_is_said_with_the_peak_it_reaches(tmp_path)
     assert "note: train.warmup_steps 10 is more than the run's 4 steps: the learning rate peaks at 30% of train.lr" in proc.stdout
     lrs = [json.loads(x).get("train/lr") for x in (tmp_path / "clause_tiny" / "metrics.jsonl").read_text().splitlines()]
     assert max(x for x in lrs if x is not None) == pytest.approx(0.3 * 1e-3)
+
+
+def test_an_older_config_yaml_with_relative_data_paths_compares_from_here_and_shows_what_it_recorded(tmp_path, monkeypatch):
+    """A run directory from before paths were recorded absolute: its config.yaml holds
+    data/train.jsonl. Named so again from the same directory: no change (it resumed before);
+    the same files named absolutely from elsewhere: the change shows the path as recorded, not
+    one resolved from here, which the run never read."""
+    from launcher.config import to_dict
+    from launcher.config_changes import changes
+
+    for place in ("a", "b"):
+        (tmp_path / place / "data").mkdir(parents=True)
+        for name in ("train.jsonl", "validation.jsonl"):
+            (tmp_path / place / "data" / name).write_text('{"text": "a clause", "label": 1}\n' * 40)
+    relative = ["data.synthetic.enabled=false", "data.train_file=data/train.jsonl", "data.validation_file=data/validation.jsonl"]
+    monkeypatch.chdir(tmp_path / "a")
+    old = to_dict(load_config(TINY, relative, absolute_data=False))
+    assert old["data"]["train_file"] == "data/train.jsonl"  # as an older launcher wrote config.yaml
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    assert changes(saved, load_config(TINY, relative)) == ({}, {})
+    monkeypatch.chdir(tmp_path / "b")
+    absolute = ["data.synthetic.enabled=false", f"data.train_file={tmp_path / 'a' / 'data' / 'train.jsonl'}",
+                f"data.validation_file={tmp_path / 'a' / 'data' / 'validation.jsonl'}"]
+    _, refused = changes(saved, load_config(TINY, absolute))
+    assert refused["data.train_file"] == ("data/train.jsonl", str(tmp_path / "a" / "data" / "train.jsonl"))

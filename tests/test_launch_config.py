@@ -270,6 +270,18 @@ def test_plan_for_packed_sft_does_not_pretend_to_know_steps_per_epoch(capsys):
             "counted when the run starts") in out
 
 
+def test_plan_counts_the_rows_of_a_column_mapped_csv_as_training_reads_them(tmp_path, capsys):
+    """Plan read an SFT CSV without data.prompt's mapping: "no instruction/output ..." on every
+    row, which, once plan refused what training refuses, refused a good config."""
+    from conftest import CONFIGS as C
+
+    qa = tmp_path / "qa.csv"
+    qa.write_text("question,answer\n" + "".join(f"capital {i},city {i}\n" for i in range(100)))
+    assert main(["plan", str(C / "train" / "sft_tiny.yaml"), "data.synthetic.enabled=false", f"data.train_file={qa}",
+                 f"data.validation_file={qa}", "data.prompt={question}", "data.response={answer}"]) == 0
+    assert f"steps      100 rows ({qa}) / 32 = 3 steps per epoch" in capsys.readouterr().out
+
+
 def test_plan_sizes_activations_and_logits_per_micro_batch(capsys):
     """Korthikanti et al. 2022: 34*s*b*h bytes per layer for 16-bit activations (sdpa keeps no
     score matrix), twice that in fp32; checkpointing keeps 2*s*b*h per layer plus one layer."""

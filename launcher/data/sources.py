@@ -62,6 +62,8 @@ class Source:
         """Cheap identity of the rows: path, size and mtime of every file behind them (never
         their contents). A hub id is its name, config and split: datasets' own cache versions it."""
         parts = [self.kind, self.name, self.split, self.config or ""]
+        if self.kind == "hub" and Path(self.name).expanduser().is_dir():
+            parts.append("csv cells as text")  # (2026-12: tokens read with pandas' guesses are not these)
         path = Path(self.name)
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
         for f in files:
