@@ -36,6 +36,7 @@ UNFAIR_TOS_CATEGORIES = [
 ]
 BINARY_LABELS = ["fair", "unfair"]
 TINY_MODEL = "tiny"
+TINY_POSITIONS = 65536  # the longest data.max_length a tiny model with learned positions is built for
 
 
 @dataclass(frozen=True)
@@ -791,6 +792,12 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     arch = cfg.model.tiny.arch
     if arch != "auto" and (arch == "bert") != (cfg.task == "classification"):
         out.append(f"model.tiny.arch: {arch} does not fit task {cfg.task} (bert: classification; llama, gpt2: causal_lm)")
+    absolute = arch == "gpt2" or (cfg.task == "classification" and arch in ("auto", "bert"))
+    if cfg.model.name == TINY_MODEL and absolute and d.max_length > TINY_POSITIONS:
+        # (the tiny BERT and GPT-2 learn one position vector per token of data.max_length:
+        # 100 million tokens asked for a 25.6 GB table and died in torch's allocator)
+        out.append(f"data.max_length: at most {TINY_POSITIONS} for the tiny {'gpt2' if arch == 'gpt2' else 'bert'} "
+                   f"model, which learns a position table that long; got {d.max_length}")
     lora = cfg.model.lora
     if lora.enabled:
         positive("model.lora.r", lora.r)

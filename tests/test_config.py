@@ -440,6 +440,19 @@ def test_settings_that_would_quietly_do_something_else_are_refused(overrides, sa
     assert e.value.problems == [said]
 
 
+def test_a_tiny_model_with_learned_positions_refuses_a_position_table_it_cannot_build():
+    """data.max_length=100000000 on the tiny BERT asked torch for a 25.6 GB position table: a
+    traceback from the allocator after the run folder was made. Rotary Llama has no table."""
+    sft = CONFIGS / "train" / "sft_tiny.yaml"
+    for path, more, arch in ((TINY, [], "bert"), (sft, ["model.tiny.arch=gpt2"], "gpt2")):
+        with pytest.raises(ConfigError) as e:
+            load_config(path, ["data.max_length=100000000", *more], check_files=False)
+        assert e.value.problems == [f"data.max_length: at most 65536 for the tiny {arch} model, "
+                                    "which learns a position table that long; got 100000000"]
+        assert load_config(path, ["data.max_length=65536", *more], check_files=False).data.max_length == 65536
+    assert load_config(sft, ["data.max_length=100000000"], check_files=False).data.max_length == 100000000
+
+
 def test_lora_targets_and_booleans_take_the_forms_other_fields_take():
     """target_modules=q_proj or q_proj,v_proj was refused (other lists of names take a,b);
     gradient_checkpointing=1 was refused while "1" was taken."""
