@@ -336,6 +336,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _within_positions(asked: int | None, model, room: int = 0) -> None:
+    """--max-length past a learned position table: the classifier cut texts to the table without
+    a word, and an SFT model indexed past it (an index error deep in the embedding)."""
+    from launcher.models import position_limit
+
+    limit = position_limit(model)
+    if asked and limit is not None and asked + room > limit:
+        answers = f" less {room} tokens for the answer" if room else ""
+        raise UserError(f"--max-length: {asked} is more tokens than the model has positions for ({limit}{answers}); "
+                        f"give {limit - room} or less")
+
+
 def _not_a_file(flag: str, path: Path) -> str:
     if path.is_dir():  # (a save_to_disk folder, which training takes, was "file not found")
         return f"{flag}: {path}: a directory; give a file (JSONL, CSV or Parquet; plain text for predict)"
@@ -413,6 +425,7 @@ def cmd_eval(args) -> int:
 
         model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
         rows = read_rows(data, fmt)
+        _within_positions(args.max_length, model)
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
         with _precision(args, args.model_dir, model, note=True):
@@ -421,6 +434,7 @@ def cmd_eval(args) -> int:
                                                      meta.get("truncation", "truncate"))))  # as the run evaluated
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
+    _within_positions(args.max_length, model)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
     import torch
 
@@ -461,6 +475,7 @@ def cmd_predict(args) -> int:
         return _predict_causal_lm(args)
     texts = _read_texts(Path(args.input))
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
+    _within_positions(args.max_length, model)
     with _precision(args, args.model_dir, model):
         logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
     probs = task.probabilities(logits, multilabel)
@@ -511,6 +526,7 @@ def _predict_causal_lm(args) -> int:
     # none is cut to it here; only --max-length, or a learned position table (as generate's), cut one.
     # Answers stop where the run's evaluation answers did (its references' length + a margin).
     new_tokens = args.max_new_tokens or meta.get("answer_max_new_tokens") or meta.get("max_new_tokens", 32)
+    _within_positions(args.max_length, model, new_tokens)
     limit = args.max_length or causal_lm.prompt_limit(model, new_tokens)
     to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))

@@ -571,6 +571,14 @@ def test_a_saved_gpt2_is_evaluated_and_answers_at_its_full_position_table(tmp_pa
     assert scored["n"] == len(rows) - scored["dropped"] > 0 and scored["truncated"] >= 1, scored  # rows that fill it
     said = check(launcher("generate", str(model), "--prompt", question * 40, "--max-new-tokens", "8"))
     assert "Traceback" not in said.stderr
+    # predict answers after the prompt: --max-length at the table leaves no room (an IndexError)
+    (tmp_path / "q.txt").write_text(question * 40 + "\n")
+    proc = launcher("predict", str(model), "--input", str(tmp_path / "q.txt"), "--max-length", str(table), "--max-new-tokens", "8")
+    assert "Traceback" not in proc.stderr
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, f"error: --max-length: {table} is more tokens than the model has "
+                                                         f"positions for ({table} less 8 tokens for the answer); "
+                                                         f"give {table - 8} or less"), proc.stderr[-2000:]
+    check(launcher("predict", str(model), "--input", str(tmp_path / "q.txt"), "--max-length", str(table - 8), "--max-new-tokens", "8"))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

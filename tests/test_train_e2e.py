@@ -589,8 +589,16 @@ def test_eval_scores_with_the_training_max_length_the_export_recorded(tmp_path):
     assert final["loss"] == pytest.approx(float(by_hand), rel=1e-5)
     unweighted = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets))
     assert abs(float(unweighted) - final["loss"]) > 1e-3  # another definition would show
-    longer = json.loads(check(launcher("eval", str(run / "model"), "--data", data, "--max-length", "64")).stdout.strip().splitlines()[-1])
+    table = json.loads((run / "model" / "config.json").read_text())["max_position_embeddings"]
+    assert table > 12
+    longer = json.loads(check(launcher("eval", str(run / "model"), "--data", data, "--max-length", str(table))).stdout.strip().splitlines()[-1])
     assert abs(longer["loss"] - final["loss"]) > 1e-4, (longer, final)  # 50x the tolerance above
+    # past the position table: refused, not cut to the table without a word (64 scored as 16 did)
+    said = f"error: --max-length: {table + 1} is more tokens than the model has positions for ({table}); give {table} or less"
+    for command in (["eval", str(run / "model"), "--data", data], ["predict", str(run / "model"), "--input", data]):
+        proc = launcher(*command, "--max-length", str(table + 1))
+        assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, said), proc.stderr[-2000:]  # after the load's progress
+        assert "Traceback" not in proc.stderr
 
 
 def test_off_a_terminal_progress_is_plain_lines_with_loss_lr_and_eta(tmp_path):
