@@ -250,12 +250,26 @@ def _remove_created(created: dict) -> None:
         shutil.rmtree(created["output_dir"], ignore_errors=True)
 
 
+def check_run(args, launch) -> str | None:
+    """What each rank of `launch` would refuse in the run config, checked once in this process
+    (UserError); the note when the run adopts the launch's precision."""
+    from launcher import distributed, engines
+    from launcher.config import load_config
+
+    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
+                      world_size=launch.num_processes)
+    cfg, note = distributed.adopt_precision(cfg, launch)
+    problems = engines.launch_problems(cfg.train, cfg.model, launch) + engines.host_problems(cfg.train, cfg.model, launch)
+    if problems:
+        raise UserError(*problems)
+    return note
+
+
 def _train_under_accelerate(args) -> int:
     """`launcher train CONFIG --accelerate-config F ...`: every check that `accelerate launch
     -m launcher train` would run on each rank runs here once, so a bad config is one line and
     exit 2 before any rank starts; then this process becomes `accelerate launch`."""
-    from launcher import distributed, engines
-    from launcher.config import load_config
+    from launcher import distributed
 
     if (args.nodes or 1) > 1 and (args.machine_rank is None or args.main_process_ip is None):
         raise UserError("--nodes: more than one machine needs --machine-rank and --main-process-ip")
@@ -266,12 +280,7 @@ def _train_under_accelerate(args) -> int:
                                f"(0..{launch.num_machines - 1})")
     if launch.problems:  # the counts themselves: a batch checked against them would be checked wrong
         raise UserError(*launch.problems)
-    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
-                      world_size=launch.num_processes)
-    cfg, note = distributed.adopt_precision(cfg, launch)
-    problems = engines.launch_problems(cfg.train, cfg.model, launch) + engines.host_problems(cfg.train, cfg.model, launch)
-    if problems:
-        raise UserError(*problems)
+    note = check_run(args, launch)
     cmd = [sys.executable, "-m", "launcher.launch", "--config_file", args.accelerate_config]  # accelerate launch, Ctrl-C a stop
     if args.num_processes is not None:
         cmd += ["--num_processes", str(args.num_processes)]
@@ -295,7 +304,7 @@ def _train_under_accelerate(args) -> int:
 
     # signals (Slurm's, Ctrl-C) now reach accelerate directly; torchrun's grace after a SIGTERM
     # is raised unless set, so the scheduler's own grace decides (preemption.py)
-    os.execve(sys.executable, cmd, launch_env(dict(os.environ)))
+    os.execve(sys.executable, cmd, {**launch_env(dict(os.environ)), RUN_CHECKED: "1"})
     return 0  # pragma: no cover
 
 
@@ -403,6 +412,10 @@ def _some(rows: list, problems: list[str], path: Path) -> list:
     if not rows:
         raise UserError(f"--input: {path}: no rows")
     return rows
+
+
+# Set for launcher.launch when `launcher train --accelerate-config` has checked the run already.
+RUN_CHECKED = "LAUNCHER_RUN_CHECKED"
 
 
 def _exported_task(model_dir: str) -> str:
@@ -601,6 +614,17 @@ COMMANDS = {"env": cmd_env, "train": cmd_train, "eval": cmd_eval, "predict": cmd
             "synth": cmd_synth}
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _parser()
+    # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
@@ -614,13 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     # offline) about a speed-up whose fallback computes the same. Their errors still show.
     for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    parser = _parser()
-    # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if args.command not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
+    args = parse(argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

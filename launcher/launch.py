@@ -139,6 +139,7 @@ def main() -> None:
     args = launch_command_parser().parse_args(sys.argv[1:])
     if args.config_file:  # slurm/train.sh comes here directly: the checks `launcher train --accelerate-config` makes
         _refuse_bad_launch(args.config_file, args.num_processes, args.num_machines)
+        _refuse_bad_run(args)
     # torchrun's --signals-to-handle (accelerate hands torchrun every argument it knows by name)
     args.signals_to_handle = HANDLED_BY_TORCHRUN
     signal.signal(signal.SIGTERM, signals.sigterm)  # (a one-process launch installs its own: _one_process)
@@ -165,6 +166,26 @@ def _refuse_bad_launch(config_file: str, num_processes: int | None, num_machines
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
+        sys.exit(2)
+
+
+def _refuse_bad_run(args) -> None:
+    """The run config's checks against this launch (`launcher train --accelerate-config`'s), once
+    here before any rank starts: under slurm/train.sh a batch the world size does not divide was
+    refused by every rank, one line each, 16 for 2 nodes x 8 GPUs. Skipped when `launcher train
+    --accelerate-config` made them already, and for a script other than `launcher train`."""
+    from launcher import cli, distributed
+    from launcher.errors import UserError
+
+    script = args.training_script_args or []
+    if os.environ.pop(cli.RUN_CHECKED, None) or not (args.module and args.training_script == "launcher"
+                                                     and script[:1] == ["train"]):
+        return
+    try:
+        cli.check_run(cli.parse(script), distributed.from_yaml(args.config_file, args.num_processes, args.num_machines))
+    except UserError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -338,6 +338,21 @@ def test_the_slurm_entry_refuses_a_one_process_config_on_two_nodes_before_any_tr
     assert not (tmp_path / "out").exists()
 
 
+def test_the_slurm_entry_refuses_a_run_the_launch_cannot_split_once_before_any_rank_starts(tmp_path):
+    """The README's ZeRO-3 Slurm example (a global batch of 8 on 16 GPUs) got its allocation and
+    then every rank refused the batch, one line each: now the node's launch checks the run as
+    `launcher train --accelerate-config` does, once, and starts no rank."""
+    cmd = [sys.executable, "-m", "launcher.launch", "--config_file", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"),
+           "--num_processes", "2", "-m", "launcher", "train", str(TINY), "--output-dir", str(tmp_path / "out"),
+           "train.global_batch_size=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **OFFLINE_ENV})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "error: train.global_batch_size: 3 is not divisible by train.micro_batch_size (16) x world size (2) = 32; "
+        "no micro-batch size does on 2 ranks: use a number of ranks that divides it"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_wait(tmp_path, monkeypatch):
     """torch's extension builder (which compiles DeepSpeed's kernels, e.g. its CPU shared-memory
     collectives, at the first launch) waits forever for a lock that a killed build left."""
