@@ -87,11 +87,16 @@ class _Forwarder:
     def __init__(self):
         self.pressed: list[int] = []
         self.terminated: list[float] = []
+        self.handled = 0  # signals these handlers have run for (_exit_when_stuck compares)
 
     def sigint(self, signum, _frame):
         import psutil
 
+        self.handled += 1
         self.pressed.append(signum)
+        if not psutil.Process().children():  # no rank to stop at a step end (it was swallowed)
+            print("launcher: interrupted (Ctrl-C) while no rank was running", file=sys.stderr, flush=True)
+            os._exit(130)
         # Every child: torchrun's ranks run in sessions of their own, out of the terminal's
         # reach. A one-process config's rank shares the terminal's group and gets a typed
         # Ctrl-C twice, within milliseconds: one press to it (runtime.SAME_KEY_PRESS_S).
@@ -100,6 +105,7 @@ class _Forwarder:
     def sigterm(self, signum, _frame):
         import psutil
 
+        self.handled += 1
         children = psutil.Process().children()
         if not children:  # nothing started yet: nothing to stop cleanly, the default action
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -125,11 +131,63 @@ class _Forwarder:
             sys.exit(128 + signal.SIGTERM)
 
 
+def _exit_when_stuck(signals: _Forwarder) -> None:
+    """Ctrl-C or a SIGTERM while torchrun waits in its rendezvous for the other machines: that
+    wait is C++ holding the main thread, so the Python handlers above never ran and the launch
+    ignored both until the rendezvous timed out (many minutes). The C-level handler still writes
+    each signal's number to the wakeup socket at once; this thread reads it, and when a moment
+    later the handlers have not run for it, the main thread is still in the rendezvous and no
+    rank has started (nothing to checkpoint), ends the launch with one line."""
+    import socket
+    import threading
+
+    import psutil
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    main_id = threading.main_thread().ident
+
+    def in_rendezvous() -> bool:
+        frame = sys._current_frames().get(main_id)  # type: ignore[arg-type]
+        while frame is not None:
+            if frame.f_code.co_name == "_rendezvous" and "elastic" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
+
+    def watch():
+        _ = writer  # held for the life of the launch: collected, it closed and the reads saw an end
+        received = 0
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            ours = [n for n in data if n in (signal.SIGINT, signal.SIGTERM)]
+            received += len(ours)
+            if not ours:
+                continue
+            time.sleep(STUCK_S)
+            if signals.handled < received and in_rendezvous() and not psutil.Process().children():
+                print(f"launcher: {'interrupted (Ctrl-C)' if ours[-1] == signal.SIGINT else 'terminated (SIGTERM)'} "
+                      "while waiting for the other machines to join; no rank had started", file=sys.stderr, flush=True)
+                os._exit(128 + ours[-1])
+
+    threading.Thread(target=watch, name="stuck-signals", daemon=True).start()
+
+
+STUCK_S = 2.0  # a handler that can run has run by then
+
+
 def main() -> None:
     import psutil  # noqa: F401 - an accelerate dependency, imported before any handler needs it
 
     signals = _Forwarder()
     signal.signal(signal.SIGINT, signals.sigint)
+    _exit_when_stuck(signals)
     import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
 

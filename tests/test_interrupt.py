@@ -304,3 +304,34 @@ def test_an_error_in_a_loader_worker_ends_the_process_with_the_worker():
     way out (an error in the step: the fault-injected save in test_trust ends the same way)."""
     proc = subprocess.run([sys.executable, "-c", WORKER_ERROR], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "ValueError: a bad row in the worker" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_launch_waiting_for_a_machine_that_never_comes_stops_at_a_signal(tmp_path, sig):
+    """Machine 0 of 2, the other never started: torchrun's rendezvous waits in C++ holding the
+    main thread, and Ctrl-C and SIGTERM were both ignored until it timed out (many minutes;
+    only kill -9 ended it). Now the launch ends within seconds, with one line and 128 + N, and
+    leaves nothing (no rank had started)."""
+    import socket
+
+    from test_distributed import free_port
+
+    port = free_port()
+    proc = _start(tmp_path / "out", *DDP, "--nodes", "2", "--machine-rank", "0", "--main-process-ip", "127.0.0.1",
+                  "--main-process-port", str(port))
+    deadline = time.time() + 300
+    while True:  # the rendezvous server is up: the launch is waiting in it for machine 1
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    start = time.time()
+    out, err = communicate_or_kill(proc, 60)
+    what = "interrupted (Ctrl-C)" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert (proc.returncode, err.strip().splitlines()[-1:]) == (
+        128 + sig, [f"launcher: {what} while waiting for the other machines to join; no rank had started"]), (out, err)
+    assert time.time() - start < 30 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
