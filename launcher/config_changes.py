@@ -60,18 +60,59 @@ def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tup
     except ConfigError:  # written by a launcher with other keys: nothing to compare against
         return {}, {}
     now = flatten(to_dict(cfg))
+    moved = {}
     for key in (f"data.{k}" for k in DATA_PATHS):
-        was = before.get(key)
-        # A relative path: recorded by a launcher that kept paths as typed, relative to a directory
-        # it did not record. The same name from here is no change, as it was then; another is
-        # shown as recorded (resolved from here, it would name a path the run never read).
-        if isinstance(was, str) and was and not os.path.isabs(os.path.expanduser(was)) \
-                and os.path.abspath(os.path.expanduser(was)) == now.get(key):
-            before[key] = now.get(key)
+        was, path = before.get(key), now.get(key)
+        if not (isinstance(was, str) and was and isinstance(path, str) and path) or was == path:
+            continue
+        # A relative path or ~: recorded by a launcher that kept paths as typed, relative to a
+        # directory it did not record. The same name from here is no change, as it was then;
+        # another is shown as recorded (resolved from here, it would name a path the run never read).
+        full = os.path.abspath(os.path.expanduser(was))
+        if full == path or _same_path(full, path):  # (a link, // or a trailing /: the same file)
+            before[key] = path
+        elif _same_contents(full, path):  # the data copied elsewhere (a job's scratch): the same rows
+            moved[key] = (was, path)
+            before[key] = path
     diff = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
             if before.get(k) != now.get(k) and not k.startswith(UNLISTED)}
     refused = {k: v for k, v in diff.items() if _defines_run(k)}
-    return {k: v for k, v in diff.items() if k not in refused}, refused
+    return {**{k: v for k, v in diff.items() if k not in refused}, **moved}, refused
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is gone, or a hub name
+        return False
+
+
+def _same_contents(a: str, b: str) -> bool:
+    """Two existing files, or folders (every file's relative name and bytes), with equal bytes:
+    sizes first, so only a copy of equal size is read (a digest of each, in 1 MiB blocks)."""
+    import hashlib
+
+    def files(root: Path) -> list[tuple[str, Path]]:
+        if root.is_file():
+            return [("", root)]
+        return sorted((str(p.relative_to(root)), p) for p in root.rglob("*") if p.is_file())
+
+    try:
+        left, right = files(Path(a)), files(Path(b))
+        if not left or [n for n, _ in left] != [n for n, _ in right] or \
+                [p.stat().st_size for _, p in left] != [p.stat().st_size for _, p in right]:
+            return False
+
+        def digest(path: Path) -> bytes:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            return h.digest()
+
+        return all(digest(p) == digest(q) for (_, p), (_, q) in zip(left, right))
+    except OSError:
+        return False
 
 
 def describe(diff: dict) -> str:

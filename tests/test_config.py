@@ -488,10 +488,10 @@ def test_an_older_config_yaml_with_relative_data_paths_compares_from_here_and_sh
     from launcher.config import to_dict
     from launcher.config_changes import changes
 
-    for place in ("a", "b"):
+    for place, label in (("a", 1), ("b", 0)):
         (tmp_path / place / "data").mkdir(parents=True)
         for name in ("train.jsonl", "validation.jsonl"):
-            (tmp_path / place / "data" / name).write_text('{"text": "a clause", "label": 1}\n' * 40)
+            (tmp_path / place / "data" / name).write_text(f'{{"text": "a clause", "label": {label}}}\n' * 40)
     relative = ["data.synthetic.enabled=false", "data.train_file=data/train.jsonl", "data.validation_file=data/validation.jsonl"]
     monkeypatch.chdir(tmp_path / "a")
     old = to_dict(load_config(TINY, relative, absolute_data=False))
@@ -504,3 +504,44 @@ def test_an_older_config_yaml_with_relative_data_paths_compares_from_here_and_sh
                 f"data.validation_file={tmp_path / 'a' / 'data' / 'validation.jsonl'}"]
     _, refused = changes(saved, load_config(TINY, absolute))
     assert refused["data.train_file"] == ("data/train.jsonl", str(tmp_path / "a" / "data" / "train.jsonl"))
+
+
+def test_a_resume_finds_the_recorded_data_however_it_is_named_now_and_takes_a_copy_as_the_same(tmp_path, monkeypatch):
+    """Paths recorded absolute made three resumes refuse their own data: an older run's
+    ~/data/train.jsonl (never expanded when compared), the same file through a symbolic link,
+    and a byte-equal copy in another directory (a job that stages its data in its own scratch
+    directory and resumes from the next one). A copy is a change the resume lists; other rows
+    are refused as before."""
+    from launcher.config import to_dict
+    from launcher.config_changes import changes
+
+    home, scratch, other = tmp_path / "home", tmp_path / "job2", tmp_path / "other"
+    for place, label in ((home, 1), (scratch, 1), (other, 0)):
+        (place / "data").mkdir(parents=True)
+        for name in ("train.jsonl", "validation.jsonl"):
+            (place / "data" / name).write_text(f'{{"text": "a clause", "label": {label}}}\n' * 40)
+    (tmp_path / "link").symlink_to(home)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+
+    def files(root: str) -> list[str]:
+        return ["data.synthetic.enabled=false", f"data.train_file={root}/data/train.jsonl",
+                f"data.validation_file={root}/data/validation.jsonl"]
+
+    saved = tmp_path / "config.yaml"
+    recorded = yaml.safe_dump(to_dict(load_config(TINY, files(str(home)))))
+    saved.write_text(recorded.replace(str(home), "~"))  # as an older launcher recorded a ~ it did not expand
+    assert changes(saved, load_config(TINY, files(str(home)))) == ({}, {})
+    assert changes(saved, load_config(TINY, files(str(tmp_path / "link")))) == ({}, {})
+    accepted, refused = changes(saved, load_config(TINY, files(str(scratch))))
+    assert refused == {} and accepted["data.train_file"] == (str(home / "data" / "train.jsonl"), str(scratch / "data" / "train.jsonl"))
+    _, refused = changes(saved, load_config(TINY, files(str(other))))
+    assert refused["data.train_file"] == (str(home / "data" / "train.jsonl"), str(other / "data" / "train.jsonl"))
+    # a local folder as data.hub_dataset, which an older launcher kept as ~/data
+    folder = ["data.synthetic.enabled=false", f"data.hub_dataset={home / 'data'}"]
+    saved.write_text(yaml.safe_dump(to_dict(load_config(TINY, folder))).replace(str(home), "~"))
+    assert "hub_dataset: ~/data" in saved.read_text()
+    assert changes(saved, load_config(TINY, folder)) == ({}, {})
+    assert changes(saved, load_config(TINY, ["data.synthetic.enabled=false", "data.hub_dataset=~/data"])) == ({}, {})
+    accepted, refused = changes(saved, load_config(TINY, ["data.synthetic.enabled=false", f"data.hub_dataset={scratch / 'data'}"]))
+    assert refused == {} and accepted == {"data.hub_dataset": ("~/data", str(scratch / "data"))}
