@@ -351,6 +351,9 @@ def _within_positions(asked: int | None, model, room: int = 0) -> None:
     from launcher.models import position_limit
 
     limit = position_limit(model)
+    if room and limit is not None and room >= limit:
+        raise UserError(f"--max-new-tokens: {room} leaves no room for a prompt in the model's {limit} positions; "
+                        f"give fewer than {limit}")
     if asked and limit is not None and asked + room > limit:
         answers = f" less {room} tokens for the answer" if room else ""
         raise UserError(f"--max-length: {asked} is more tokens than the model has positions for ({limit}{answers}); "

@@ -798,6 +798,10 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         # 100 million tokens asked for a 25.6 GB table and died in torch's allocator)
         out.append(f"data.max_length: at most {TINY_POSITIONS} for the tiny {'gpt2' if arch == 'gpt2' else 'bert'} "
                    f"model, which learns a position table that long; got {d.max_length}")
+    elif cfg.model.name == TINY_MODEL and arch == "gpt2" and e.max_new_tokens > TINY_POSITIONS:
+        # (its table also holds the evaluation's answers: data.max_length + eval.max_new_tokens + 64)
+        out.append(f"eval.max_new_tokens: at most {TINY_POSITIONS} for the tiny gpt2 model, whose position table "
+                   f"holds the answers too; got {e.max_new_tokens}")
     lora = cfg.model.lora
     if lora.enabled:
         positive("model.lora.r", lora.r)

@@ -451,6 +451,10 @@ def test_a_tiny_model_with_learned_positions_refuses_a_position_table_it_cannot_
                                     "which learns a position table that long; got 100000000"]
         assert load_config(path, ["data.max_length=65536", *more], check_files=False).data.max_length == 65536
     assert load_config(sft, ["data.max_length=100000000"], check_files=False).data.max_length == 100000000
+    with pytest.raises(ConfigError) as e:  # the gpt2 table holds the evaluation's answers too
+        load_config(sft, ["model.tiny.arch=gpt2", "eval.max_new_tokens=100000000"], check_files=False)
+    assert e.value.problems == ["eval.max_new_tokens: at most 65536 for the tiny gpt2 model, whose position table "
+                                "holds the answers too; got 100000000"]
 
 
 def test_lora_targets_and_booleans_take_the_forms_other_fields_take():
@@ -506,7 +510,7 @@ def test_an_older_config_yaml_with_relative_data_paths_compares_from_here_and_sh
     assert refused["data.train_file"] == ("data/train.jsonl", str(tmp_path / "a" / "data" / "train.jsonl"))
 
 
-def test_a_resume_finds_the_recorded_data_however_it_is_named_now_and_takes_a_copy_as_the_same(tmp_path, monkeypatch):
+def test_a_resume_finds_the_recorded_data_however_it_is_named_now_and_takes_a_copy_as_the_same(tmp_path, monkeypatch, capsys):
     """Paths recorded absolute made three resumes refuse their own data: an older run's
     ~/data/train.jsonl (never expanded when compared), the same file through a symbolic link,
     and a byte-equal copy in another directory (a job that stages its data in its own scratch
@@ -535,6 +539,8 @@ def test_a_resume_finds_the_recorded_data_however_it_is_named_now_and_takes_a_co
     assert changes(saved, load_config(TINY, files(str(tmp_path / "link")))) == ({}, {})
     accepted, refused = changes(saved, load_config(TINY, files(str(scratch))))
     assert refused == {} and accepted["data.train_file"] == (str(home / "data" / "train.jsonl"), str(scratch / "data" / "train.jsonl"))
+    assert f"launcher: {scratch / 'data' / 'train.jsonl'} is not the recorded {home / 'data' / 'train.jsonl'}; " \
+           "comparing their 0 MiB byte for byte" in capsys.readouterr().out
     _, refused = changes(saved, load_config(TINY, files(str(other))))
     assert refused["data.train_file"] == (str(home / "data" / "train.jsonl"), str(other / "data" / "train.jsonl"))
     # a local folder as data.hub_dataset, which an older launcher kept as ~/data

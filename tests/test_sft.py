@@ -579,6 +579,10 @@ def test_a_saved_gpt2_is_evaluated_and_answers_at_its_full_position_table(tmp_pa
                                                          f"positions for ({table} less 8 tokens for the answer); "
                                                          f"give {table - 8} or less"), proc.stderr[-2000:]
     check(launcher("predict", str(model), "--input", str(tmp_path / "q.txt"), "--max-length", str(table - 8), "--max-new-tokens", "8"))
+    proc = launcher("predict", str(model), "--input", str(tmp_path / "q.txt"), "--max-length", "8", "--max-new-tokens", str(table))
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, f"error: --max-new-tokens: {table} leaves no room "
+                                                                          f"for a prompt in the model's {table} positions; "
+                                                                          f"give fewer than {table}"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
