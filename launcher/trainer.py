@@ -293,6 +293,14 @@ def _export_dtype(cfg: RunConfig, task) -> str:
     return models.export_dtype(cfg.checkpoint.export_dtype, models.declared_dtype(cfg.model) if auto else None)
 
 
+def run_record(task, export_dtype: str, precision: str) -> dict:
+    """launcher.json's core, one definition for checkpoints and evaluated snapshots: the task's
+    own record (labels, threshold, pooling...), the dtype the export is written in, and the
+    precision that trained and evaluated it (`launcher eval` notes when its own differs)."""
+
+    return task.metadata() | {"export_dtype": export_dtype, "precision": precision}
+
+
 def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_params: int, n_trainable: int):
     """The checkpointer, with room for one more checkpoint checked on every rank's view of the
     run directory before any step runs: a full disk found at the first save would cost the
@@ -302,7 +310,7 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
     unwrapped = rt.unwrap(model)
     trainable_only = cfg.model.lora.enabled and not task.random_init()
     export_dtype = _export_dtype(cfg, task)
-    in_checkpoint = {"launcher.json": json.dumps(task.metadata() | {"export_dtype": export_dtype, "precision": cfg.train.precision} | (
+    in_checkpoint = {"launcher.json": json.dumps(run_record(task, export_dtype, cfg.train.precision) | (
         {"checkpoint_weights": "trainable", "base_model": cfg.model.name,
          "base_revision": hub.resolved_revision(cfg.model.name, cfg.model.revision),
          "base_weights": models.local_weights(cfg.model.name)}
@@ -610,8 +618,7 @@ class Trainer:
         self.snapshot_best(state.step)
 
     def _launcher_json(self) -> str:
-        return json.dumps(self.p.task.metadata() | {"export_dtype": self.p.checkpointer.export_dtype,
-                                                     "precision": self.cfg.train.precision})  # what evaluated it
+        return json.dumps(run_record(self.p.task, self.p.checkpointer.export_dtype, self.cfg.train.precision))
 
     def log(self, values: dict, bar) -> None:
         values |= self.speed(values["train/tokens_per_s"])

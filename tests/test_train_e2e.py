@@ -316,6 +316,9 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
     assert all(torch.equal(exported[k], final[k]) for k in final)
     for name in ("config.json", "tokenizer.json", "launcher.json"):
         assert (out / name).is_file()
+    # One record: what the checkpoint kept is what the run's own export says (labels, dtype, precision).
+    ran, kept = (json.loads((d / "launcher.json").read_text()) for d in (run / "model", out))
+    assert {"export_dtype", "precision", "labels"} <= ran.keys() and kept.items() >= ran.items()
     # Never overwrite, never read a half-written checkpoint: exit 2, one line, nothing touched.
     again = launcher("export", str(ckpt), str(out))
     assert again.returncode == 2 and again.stderr.strip() == f"error: {out}: already exists; choose a new output directory"
