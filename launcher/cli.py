@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from launcher import __version__
+from launcher.data.sources import BadRows
 from launcher.errors import RunError, UserError
 
 
@@ -384,34 +385,30 @@ def _read_texts(path: Path) -> list[str]:
         raise UserError(_not_a_file("--input", path))
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
-        return _some(_plain_lines(path, "rows with 'text', or one clause per line"), [], path)
+        return _some(_plain_lines(path, "rows with 'text', or one clause per line"), BadRows(""), path)
     texts: list[str] = []
-    problems: list[str] = []
+    bad = BadRows(f"--input: {path}")
     columns: dict = {}  # (ordered as the file names them)
     for where, record in read_records(path):
         columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
         if isinstance(record, UserError):
-            problems.extend(record.problems)
+            bad.add(record.problems)
         elif not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            problems.append(f"{where}: expected an object with a string 'text'")
+            bad.add([f"{where}: expected an object with a string 'text'"])
         elif not record["text"].strip():  # as training and eval refuse it: a prediction for no clause
-            problems.append(f"{where}: missing or empty 'text'")
+            bad.add([f"{where}: missing or empty 'text'"])
         else:
             texts.append(record["text"])
     if columns and "text" not in columns:  # one line for the file, not one per row
         listed = ", ".join(repr(c) for c in columns if isinstance(c, str))
         raise UserError(f"--input: {path}: no 'text' column (its columns: {listed})")
-    return _some(texts, problems, path)
+    return _some(texts, bad, path)
 
 
-def _some(rows: list, problems: list[str], path: Path) -> list:
-    """Predict's rows once all were read: the bad ones (the first MAX_REPORTED, then a count)
-    or, for a file with none, one line; an empty output for an empty input hid a wrong file."""
-    from launcher.data.sources import MAX_REPORTED
-
-    if problems:
-        more = [f"--input: {path}: {len(problems) - MAX_REPORTED} more bad rows not shown"] if len(problems) > MAX_REPORTED else []
-        raise UserError(*problems[:MAX_REPORTED], *more)
+def _some(rows: list, bad: BadRows, path: Path) -> list:
+    """Predict's rows once all were read: the bad ones (as every command lists them) or, for
+    a file with none, one line; an empty output for an empty input hid a wrong file."""
+    bad.check()
     if not rows:
         raise UserError(f"--input: {path}: no rows")
     return rows
@@ -522,7 +519,7 @@ def _predict_causal_lm(args) -> int:
     model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     records: list[dict] = []
     rows: list[dict] = []
-    problems: list[str] = []
+    bad = BadRows(f"--input: {path}")
     if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         for where, record in read_records(path):
             try:
@@ -531,12 +528,12 @@ def _predict_causal_lm(args) -> int:
                 rows.append(row)
                 records.append(record)
             except UserError as e:
-                problems.extend(p if p.startswith(where) else f"{where}: {p}" for p in e.problems)
+                bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
         for line in _plain_lines(path, "rows, or one prompt per line"):
             rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"text": line})
-    _some(rows, problems, path)
+    _some(rows, bad, path)
     candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
     # Training saw no prompt longer than its max_length (such rows have no answer left), so
     # none is cut to it here; only --max-length, or a learned position table (as generate's), cut one.

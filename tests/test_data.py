@@ -374,3 +374,31 @@ def test_a_header_wrong_for_the_whole_file_is_one_line_at_training_and_eval(tmp_
     with pytest.raises(DataError) as e:  # launcher eval
         parse_rows(read_records(path), LabelEncoder("binary", ["fair", "unfair"]), str(path))
     assert e.value.problems == [f"{path}: {said}"]
+
+
+def test_every_reader_lists_bad_rows_the_same_way(tmp_path):
+    """Thirteen bad rows: the first ten rows' problems, then one line counting the three not
+    shown, in one wording whether a clause file, an instruction file or predict's input."""
+    from launcher.cli import _read_texts
+    from launcher.data.clauses import LabelEncoder, parse_rows, read_records
+    from launcher.data.instructions import read_rows
+    from launcher.data.sources import BadRows
+    from launcher.errors import UserError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"text": "", "label": 0, "instruction": "", "output": 1}) + "\n" for _ in range(13))
+                    + json.dumps({"text": "fine", "label": 0, "instruction": "Say hi", "output": "hi"}) + "\n")
+    readers = {str(path): lambda: parse_rows(read_records(path), LabelEncoder("binary", ["fair", "unfair"]), str(path)),
+               f"{path} ": lambda: read_rows(path),
+               f"--input: {path}": lambda: _read_texts(path)}
+    for source, read in readers.items():
+        with pytest.raises(UserError) as e:
+            read()
+        shown = e.value.problems
+        assert shown[-1] == f"{source.strip()}: 3 more bad rows not shown", source
+        assert [p.split(": ")[0] for p in shown[:-1]] == [f"{path}:{n}" for n in range(1, 11)], source
+    # A row with several problems is one row of the ten.
+    bad = BadRows("f")
+    for n in range(12):
+        bad.add([f"f:{n}: a", f"f:{n}: b"] if n == 0 else [f"f:{n}: a"])
+    assert bad.lines() == ["f:0: a", "f:0: b", *(f"f:{n}: a" for n in range(1, 10)), "f: 2 more bad rows not shown"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.config import UNFAIR_TOS_CATEGORIES, DataConfig
-from launcher.data.sources import MAX_REPORTED, read_records  # noqa: F401  (read_records: cli, instructions)
+from launcher.data.sources import BadRows, read_records  # noqa: F401  (read_records: cli, instructions)
 from launcher.errors import DataError
 
 def _as_list(value: Any, where: str) -> list:
@@ -154,24 +154,18 @@ def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], 
         raise DataError(*missing)
     texts: list[str] = []
     targets: list = []
-    problems: list[str] = []
-    n_bad = 0
+    bad = BadRows(source)
     for where, record in records:
         try:
             if isinstance(record, DataError):
                 raise record
             text, target = check_clause(encoder, record, where)
         except DataError as e:
-            n_bad += 1
-            if len(problems) < MAX_REPORTED:
-                problems.extend(e.problems)
+            bad.add(e.problems)
             continue
         texts.append(text)
         targets.append(target)
-    if n_bad > len(problems):
-        problems.append(f"{source}: {n_bad - len(problems)} more bad rows not shown")
-    if problems:
-        raise DataError(*problems)
+    bad.check()
     if not texts:
         raise DataError(f"{source}: no rows")
     return texts, targets

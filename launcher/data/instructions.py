@@ -19,7 +19,8 @@ import torch
 
 from launcher.config import DataConfig
 from launcher.data import prompts
-from launcher.data.clauses import MAX_REPORTED, read_records
+from launcher.data.clauses import read_records
+from launcher.data.sources import BadRows
 from launcher.data.prompts import PromptFormat
 from launcher.errors import DataError
 
@@ -42,15 +43,13 @@ def parse_row(record, where: str, fmt: PromptFormat | None = None) -> dict:
 
 
 def read_rows(path: str | Path, fmt: PromptFormat | None = None, need_answer: bool = True) -> list[dict]:
-    rows, problems = [], []
+    rows, bad = [], BadRows(str(path))
     for where, record in read_records(path):
         try:
             rows.append(prompts.normalize(record, fmt or PromptFormat(), where, need_answer))
         except DataError as e:
-            problems.extend(e.problems)
-    if problems:
-        more = [f"... and {len(problems) - MAX_REPORTED} more bad rows"] if len(problems) > MAX_REPORTED else []
-        raise DataError(*problems[:MAX_REPORTED], *more)
+            bad.add(e.problems)
+    bad.check()
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

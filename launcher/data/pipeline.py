@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from launcher.data.cache import Cache, key_of
-from launcher.data.sources import MAX_REPORTED, Source
+from launcher.data.sources import MAX_REPORTED, BadRows, Source
 from launcher.errors import DataError, UserError
 
 ROW = "\x00row"  # stands for a row's `file:line` inside messages built during the map
@@ -150,10 +150,11 @@ def _raise_bad_rows(out, source: Source) -> None:
         return
     indices = np.flatnonzero(np.asarray(bad.to_numpy(zero_copy_only=False)))[:MAX_REPORTED].tolist()
     where = source.locate(indices)
-    problems = [errors[i].as_py().replace(ROW, where[i], 1) for i in indices]
-    if n_bad > len(problems):
-        problems.append(f"{source}: {n_bad - len(problems)} more bad rows not shown")
-    raise DataError(*problems)
+    reported = BadRows(str(source))
+    for i in indices:
+        reported.add([errors[i].as_py().replace(ROW, where[i], 1)])
+    reported.rows = n_bad  # the rest were counted, not read
+    reported.check()
 
 
 RAW = "raw:"  # the input columns' prefix during a map: no output column can collide with them

@@ -30,6 +30,28 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 MAX_REPORTED = 10  # a file with thousands of bad rows gets the first few, then a count
 
 
+class BadRows:
+    """A file's bad rows as every command reports them: the problems of the first MAX_REPORTED
+    rows, then one line counting the rows not shown (a row may have several problems)."""
+
+    def __init__(self, source: str):
+        self.source, self.rows = source, 0
+        self.shown: list[str] = []
+
+    def add(self, problems: list[str]) -> None:
+        self.rows += 1
+        if self.rows <= MAX_REPORTED:
+            self.shown.extend(problems)
+
+    def lines(self) -> list[str]:
+        hidden = self.rows - MAX_REPORTED
+        return self.shown + ([f"{self.source}: {hidden} more bad rows not shown"] if hidden > 0 else [])
+
+    def check(self) -> None:
+        if self.rows:
+            raise DataError(*self.lines())
+
+
 def is_saved_dataset(path: Path) -> bool:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
@@ -290,8 +312,7 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
     or one line saying what the file is not."""
     if fmt == "parquet":
         return [f"{path}: not a readable Parquet file ({_first_line(error)})"]
-    problems: list[str] = []
-    n_bad = 0
+    bad = BadRows(str(path))
     for where, record in read_records(path):
         try:
             if isinstance(record, DataError):
@@ -299,13 +320,9 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
             if check is not None:
                 check(where, record)
         except DataError as e:
-            n_bad += 1
-            if len(problems) < MAX_REPORTED:
-                problems.extend(e.problems)
-    if n_bad > len(problems):
-        problems.append(f"{path}: {n_bad - len(problems)} more bad rows not shown")
-    if problems:
-        return problems
+            bad.add(e.problems)
+    if bad.rows:
+        return bad.lines()
     what = {"json": "JSON lines", "csv": "CSV"}.get(fmt or "", "data")
     return [f"{path}: cannot be read as {what} ({_first_line(error)})"]
 
