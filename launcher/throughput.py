@@ -2,7 +2,9 @@
 
 Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the weights
 (2N forward, 4N backward: gradients of activations and of weights) plus 12·L·h·s for
-attention scores and their use (L layers, hidden h, s tokens of context). With frozen base
+attention scores and their use (L layers, hidden h, s tokens of context). N counts the
+weights a token is multiplied by (matmul_params): embedding tables are lookups, and in a
+small encoder they are half the model (all-MiniLM-L6-v2: 52%), so counting them doubled MFU. With frozen base
 weights (LoRA) the backward pass computes no weight gradients for them: about 4N, the
 attention term scaled alike. MFU = achieved FLOP/s / peak FLOP/s; it counts no
 recomputation (activation checkpointing does ~1/3 more work and shows as lower MFU).
@@ -18,11 +20,29 @@ PEAK_TFLOPS = {  # name fragment -> (bf16, tf32)
 }
 
 
-def flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    frozen = n_trainable < 0.5 * n_params  # LoRA-like: weight gradients only for a small part
-    weights = (4.0 if frozen else 6.0) * n_params
+def flops_per_token(n_matmul: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int,
+                    n_params: int | None = None) -> float:
+    """n_matmul: matmul_params; n_params: all parameters (n_matmul when not given), against
+    which n_trainable tells a frozen base."""
+    frozen = n_trainable < 0.5 * (n_params or n_matmul)  # LoRA-like: weight gradients only for a small part
+    weights = (4.0 if frozen else 6.0) * n_matmul
     attention = 12.0 * n_layers * hidden * seq_len * (4.0 / 6.0 if frozen else 1.0)
     return weights + attention
+
+
+def matmul_params(model, numel) -> int:
+    """N for the 6N term: every parameter but the embedding tables (word, position, token
+    type: lookups, no matmul), plus a causal LM's output head when it is tied to the word
+    table, since every token is multiplied by it (an untied head is a Linear, counted already).
+    numel: a parameter's whole size, sharded or not (engines.full_numel)."""
+    import torch
+
+    params = {id(p): p for p in model.parameters()}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    tied = {id(weight)} & tables if isinstance(weight, torch.nn.Parameter) else set()
+    return sum(numel(p) for i, p in params.items() if i not in tables or i in tied)
 
 
 def peak_flops(device_name: str, precision: str, override_tflops: float | None) -> float | None:

@@ -59,3 +59,36 @@ def test_model_flops_per_token_and_peaks():
     assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "no", None) == 156e12
     assert throughput.peak_flops("NVIDIA A100-SXM4-40GB", "bf16", 100.0) == 100e12
     assert throughput.peak_flops("Tesla T4", "bf16", None) is None
+
+
+def test_mfu_counts_the_weights_a_token_is_multiplied_by():
+    """N in 6N leaves out the embedding tables (lookups): a tiny BERT classifier loses its
+    word, position and token-type tables; GPT-2 its position table but not the word table,
+    which is also its head; an untied Llama its input table but not its head. LoRA wrapping
+    changes nothing but the adapters added. (Counting the tables doubled MiniLM's MFU.)"""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from launcher import throughput
+    from launcher.engines import full_numel
+
+    def without(model, *names):
+        return sum(p.numel() for n, p in model.named_parameters() if not any(x in n for x in names))
+
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=500, n_embd=32, n_layer=2, n_head=2))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        tie_word_embeddings=False))
+    expected = {bert: without(bert, "word_embeddings", "position_embeddings", "token_type_embeddings"),
+                gpt2: without(gpt2, "wpe"), llama: without(llama, "embed_tokens")}
+    for model, want in expected.items():
+        assert throughput.matmul_params(model, full_numel) == want < sum(p.numel() for p in model.parameters())
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight  # the tie the count relies on
+    lora = get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert throughput.matmul_params(lora, full_numel) == without(lora, "embed_tokens")
+    n = sum(p.numel() for p in lora.parameters())
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    m = throughput.matmul_params(lora, full_numel)
+    assert throughput.flops_per_token(m, trainable, 2, 32, 16, n) == pytest.approx(4 * m + 8 * 2 * 32 * 16)
