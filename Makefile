@@ -47,7 +47,7 @@ tos-cls-llm: venv
 	$(PY) -m launcher train configs/train/clause_tos_llm_cls.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
 
 # The LLM recipe: SmolLM2-135M-Instruct + LoRA answering each clause with its unfair-term category
-# (about 20 minutes on 2 cores), then the validation table before (step 0) and after.
+# (about 24 minutes on 2 cores), then the validation table before (step 0) and after.
 tos-llm: venv
 	$(PY) -m launcher train configs/train/tos_llm_lora.yaml --output-dir $(DEMO_DIR) model.name=$(SMOLLM2_DIR)
 	$(PY) benchmarks/tos_llm_table.py $(DEMO_DIR)/tos_llm_lora
