@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from launcher.config import RunConfig
 
 
+DERIVED = "derived."  # params the run computes (steps, accumulation, counts), not the config
+
+
 @dataclass(frozen=True)
 class Setup:
     """What the trackers read of a run, resolved once: its tracking section (a copy), the
@@ -60,8 +63,9 @@ class Tracker:
     name = "none"
     run_id: str | None = None
 
-    def log_params(self, params: dict) -> None:
-        pass
+    def log_params(self, params: dict, resumed_at: int | None = None) -> None:
+        """The run's params; resumed_at: the step a resumed run goes on from (derived values
+        that changed since the first attempt are recorded at it)."""
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         pass
@@ -466,13 +470,20 @@ class MLflowTracker(Tracker):
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)
 
-    def log_params(self, params: dict) -> None:
+    def log_params(self, params: dict, resumed_at: int | None = None) -> None:
         from mlflow.entities import Param
 
         def send():
             existing = self.client.get_run(self.run_id).data.params if self.resumed else {}
-            # MLflow forbids changing a logged param; a resumed run keeps the first values.
-            items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+            # MLflow forbids changing a logged param; a resumed run keeps the first values. The
+            # config's changes come listed (config_changes.params); a derived value they moved
+            # (total steps after an extension, accumulation after a batch change) is added at
+            # the step it changed, or the run would show the first attempt's as current.
+            moved = {f"resumed_at_{resumed_at}.{k}": f"{existing[k]} -> {str(v)[:6000]}"
+                     for k, v in params.items() if resumed_at is not None and k.startswith(DERIVED)
+                     and k in existing and existing[k] != str(v)[:6000]
+                     and f"resumed_at_{resumed_at}.{k.removeprefix(DERIVED)}" not in params}
+            items = [Param(k, str(v)[:6000]) for k, v in (params | moved).items() if k not in existing]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -663,8 +674,8 @@ class WandbTracker(Tracker):
         )
         self.run_id = self.run.id
 
-    def log_params(self, params: dict) -> None:
-        self.run.config.update(params, allow_val_change=True)
+    def log_params(self, params: dict, resumed_at: int | None = None) -> None:
+        self.run.config.update(params, allow_val_change=True)  # (W&B keeps the current values)
 
     def log_outcome(self, values: dict) -> None:
         self.run.summary.update(values)
@@ -746,9 +757,9 @@ class MultiTracker(Tracker):
         self.trackers = trackers
         self.run_id = next((t.run_id for t in trackers if t.name == "mlflow"), None)
 
-    def log_params(self, params):
+    def log_params(self, params, resumed_at=None):
         for t in self.trackers:
-            t.log_params(params)
+            t.log_params(params, resumed_at)
 
     def log_outcome(self, values):
         for t in self.trackers:

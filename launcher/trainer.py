@@ -370,7 +370,8 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
         | (config_changes.params(state.step, pre.changed) if start.checkpoint is not None else {})
         | ({"started_from": str(start.forked_from.resolve())} if start.forked_from is not None else {})
         | ({f"resumed_at_{state.step}.world_size": f"{pre.resumed.world_size} -> {rt.world_size}"}
-           if pre.moved and pre.resumed else {})  # a resume on another number of ranks
+           if pre.moved and pre.resumed else {}),  # a resume on another number of ranks
+        resumed_at=state.step if start.checkpoint is not None else None,
     )
     if cfg.tracking.log_datasets:
         tracker.log_inputs(tracking.data_inputs(p.train_ds, p.val_ds))

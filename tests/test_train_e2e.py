@@ -669,6 +669,9 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
     client = mlflow_client(tmp_path)
     (mlrun,) = all_runs(client)
     assert mlrun.data.params["resumed_at_6.train.max_steps"] == "12 -> 18" and mlrun.data.params["train.max_steps"] == "12"
+    # What the change moved is there too, at the step it moved; what it did not move is not.
+    assert mlrun.data.params["resumed_at_6.derived.total_steps"] == "12 -> 18"
+    assert not [k for k in mlrun.data.params if k.startswith("resumed_at_6.derived.") and "total_steps" not in k]
     lrs = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "train/lr")}
     assert sorted(lrs) == list(range(1, 19))
     expected = _linear_lrs(1e-4, 2, 18)
