@@ -30,8 +30,8 @@ def final_table(before: dict, after: dict) -> str:
 def record_generations(run_dir: Path, step: int, rows: list[dict], tracker) -> None:
     """Append this eval's generations to RUN/generations.jsonl (entries from a step this
     late or later, left by an interrupted attempt, are replaced), rewrite the side-by-side
-    table RUN/generations.md (one column per eval step), and send both to the tracker, with
-    this step's rows appended to its `generations` table (MLflow's table view, a W&B Table)."""
+    table RUN/generations.md (one column per eval step), and send both to the tracker with
+    the same rows as its `generations` table (MLflow's table view, a W&B Table per step)."""
     path = run_dir / "generations.jsonl"
     old = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
     entries = [e for e in old if e["step"] < step] + [{"step": step, **r} for r in rows]
@@ -45,7 +45,7 @@ def record_generations(run_dir: Path, step: int, rows: list[dict], tracker) -> N
     (run_dir / "generations.md").write_text("\n".join(lines) + "\n")
     tracker.log_artifact(path)
     tracker.log_artifact(run_dir / "generations.md")
-    tracker.log_table([{"step": step, "prompt": r["prompt"], "response": r["response"]} for r in rows], "generations", step)
+    tracker.log_table([{"step": e["step"], "prompt": e["prompt"], "response": e["response"]} for e in entries], "generations", step)
 
 
 def record_predictions(run_dir: Path, step: int, rows: list[dict], answers: list[str] | None) -> None:

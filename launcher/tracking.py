@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from launcher.config import RunConfig
 
 
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag by which MLflow's UI knows a table artifact
 DERIVED = "derived."  # params the run computes (steps, accumulation, counts), not the config
 
 
@@ -78,7 +79,8 @@ class Tracker:
         when a resumed or extended run ends again."""
 
     def log_table(self, rows: list[dict], name: str, step: int) -> None:
-        """Rows of one table (same keys each), appended to the run's table `name`."""
+        """The run's table `name` as it stands at `step`: every row so far (same keys each, a
+        `step` among them), rows of an interrupted attempt's later steps already dropped."""
 
     def log_inputs(self, datasets: list[dict]) -> None:
         """The data the run read: dicts of name, digest, source, context (training/validation), rows."""
@@ -379,7 +381,7 @@ class MLflowTracker(Tracker):
         # minutes per call) would only delay the warning and the recovery. Read per request.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        # log_table reads the table back before appending: a download bar at every evaluation.
+        # No progress bar for each artifact sent (a table at every evaluation).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._have: dict = {}  # on resume: the steps the run has per metric (see backfill)
         self.sender = Sender(f"MLflow at {redact_uri(uri)}", self._send_metrics)
@@ -590,9 +592,25 @@ class MLflowTracker(Tracker):
         self.sender.put_call("the model", send)
 
     def log_table(self, rows, name, step) -> None:
-        # MLflow appends to an existing table artifact; the UI compares it across steps and runs.
-        data = {k: [r[k] for r in rows] for k in rows[0]}
-        self.sender.put_call(f"table {name}", lambda: self.client.log_table(self.run_id, data=data, artifact_file=f"{name}.json"))
+        # The whole table replaces the artifact: MlflowClient.log_table appends, so a resumed
+        # run sent again the rows of steps its interrupted attempt had sent. Written as
+        # log_table writes it (pandas, orient=split) and tagged alike, so the UI shows a table.
+        import tempfile
+
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+
+        def send():
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{name}.json"
+                frame.to_json(path, orient="split", index=False)
+                self.client.log_artifact(self.run_id, str(path))
+            logged = json.loads(self.client.get_run(self.run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+            if (entry := {"path": f"{name}.json", "type": "table"}) not in logged:
+                self.client.set_tag(self.run_id, LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+        self.sender.put_call(f"table {name}", send)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send everything queued and mark the run ended. A server that is down is waited
@@ -689,6 +707,7 @@ class WandbTracker(Tracker):
     def log_table(self, rows, name, step) -> None:
         import wandb
 
+        rows = [r for r in rows if r["step"] == step]  # W&B keeps a table per logged step
         columns = list(rows[0])
         self.run.log({name: wandb.Table(columns=columns, data=[[r[k] for k in columns] for r in rows])}, step=step)
 

@@ -3,8 +3,10 @@ outage, every queued call delivered once the tracker answers again, and a bounde
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -423,3 +425,34 @@ def test_a_long_outage_keeps_the_newest_metrics_up_to_the_cap_and_says_so_once()
     assert server.calls == ["params"] and got == [(s, k) for s in range(5, 8) for k in range(3)], got
     assert sum("oldest are dropped" in x for x in lines) == 1 and "15 older ones were dropped" in lines[-1], lines
     assert sender.pending_metrics() == 0
+
+
+def test_a_resumed_run_s_generations_table_in_mlflow_is_the_local_record(tmp_path):
+    """An attempt evaluates steps 0, 2 and 4 and is killed past its step-2 checkpoint; the
+    resumed attempt evaluates 4 again with other answers, then 6. MLflow's table appended each
+    evaluation's rows, so step 4 was there twice; now the table is generations.jsonl's rows,
+    and the MLflow UI still lists it as a table."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher import report
+    from launcher.tracking import MLflowTracker
+
+    uri, run_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    run_dir.mkdir()
+    first = MLflowTracker(uri, "exp", "run", None, (tmp_path / "art").as_uri(), {})
+    for step in (0, 2, 4):
+        report.record_generations(run_dir, step, [{"prompt": p, "response": f"{p} at {step}"} for p in ("a", "b")], first)
+    first.flush(wait=True)
+    resumed = MLflowTracker(uri, "exp", "run", first.run_id, None, {})
+    assert resumed.run_id == first.run_id
+    for step in (4, 6):
+        report.record_generations(run_dir, step, [{"prompt": p, "response": f"{p} again at {step}"} for p in ("a", "b")], resumed)
+    resumed.finish()
+    client = MlflowClient(tracking_uri=uri)
+    table = json.loads(Path(client.download_artifacts(first.run_id, "generations.json", str(tmp_path))).read_text())
+    logged = [dict(zip(table["columns"], row)) for row in table["data"]]
+    local = [json.loads(x) for x in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert logged == local and [r["step"] for r in logged] == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert logged[4]["response"] == "a again at 4"
+    tags = json.loads(client.get_run(first.run_id).data.tags["mlflow.loggedArtifacts"])
+    assert tags == [{"path": "generations.json", "type": "table"}]
