@@ -506,6 +506,8 @@ class Trainer:
         with contextlib.closing(batches), \
                 self.rt.progress(p.total_steps, initial=state.step, every_s=cfg.tracking.print_every_s) as bar:
             for step, micro_batches in batches:
+                if step == first_step:  # the first window's clock: not the loader's workers starting
+                    window.t0 = time.perf_counter()
                 window.add(self.train_step(step, micro_batches))
                 state.step, state.epoch, state.metric_at_step = step + 1, p.sampler.epochs_done(step + 1), None
                 faults.point("step", state.step)
@@ -513,7 +515,9 @@ class Trainer:
                 bar.update(1)
                 if step == first_step:
                     self.rt.print(f"first optimizer step done {time.time() - launcher.STARTED:.1f} s after start")
+                    aside = time.perf_counter()
                     self.rt.write_model_facts(p.run_dir, self.model, p.optimizer, p.no_decay)
+                    window.t0 += time.perf_counter() - aside  # (nor this record)
                 stop = self.after_step(window, bar)
                 if stop:
                     return stop
