@@ -299,8 +299,8 @@ class TrackingConfig:
     # null: W&B's own environment decides (WANDB_PROJECT, else "launcher"; WANDB_MODE, else online).
     wandb_project: Optional[str] = None
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
-    # Record train metrics every N steps (train/loss: the mean of those steps' losses); they are sent in batches (one
-    # synchronous MLflow call cost about 33 ms here, longer than a tiny step).
+    # Record train metrics every N steps, and at a stop between (train/loss: the mean of those steps' losses); they are
+    # sent in batches (one synchronous MLflow call cost about 33 ms here, longer than a tiny step).
     log_every_steps: int = 1
     # Off a terminal (Slurm, nohup), where there is no progress bar: a plain line with step,
     # loss, lr, tokens/s and ETA at most this often (and at the last step); 0: none.

@@ -577,6 +577,10 @@ class Trainer:
         signalled = self.rt.stop_requested()
         if signalled and not s.last(step):
             stop, self.stop_signal = stop or "signal", signalled
+        if stop and window.steps:  # a stop off the logging cadence: its window's losses are logged, not lost
+            window.t0 += time.perf_counter() - aside
+            self.log(window.values(self.rt, cfg.train.global_batch_size, state.epoch), bar)
+            aside = time.perf_counter()
         improved = state.best_step == step and cfg.checkpoint.export == "best" and not s.last(step)  # model/ may come from here
         in_checkpoint = self.p.checkpointer.best_in_checkpoint
         if improved and not in_checkpoint:  # before the checkpoint that records it as the best

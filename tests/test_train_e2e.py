@@ -331,17 +331,24 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
 
 def test_a_logging_window_reports_the_mean_loss_of_its_steps(tmp_path):
     """tracking.log_every_steps=4: train/loss at step 4 and 8 is the mean of the four steps'
-    losses a run logging every step records (the steps themselves are the same)."""
+    losses a run logging every step records (the steps themselves are the same). A run halted
+    at step 6 logs steps 5-6 as a window of their own (they were lost), and its resume 7-8."""
     common = [*FAST, "train.max_steps=8", "eval.every_steps=1000", "eval.at_start=false", "checkpoint.every_steps=1000"]
     losses = {}
-    for every in (1, 4):
-        check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", f"w{every}", *common,
-                       f"tracking.log_every_steps={every}", "tracking.mlflow=false"))
+    for every in (1, 4, "halted"):
+        args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", f"w{every}", *common,
+                f"tracking.log_every_steps={4 if every == 'halted' else every}", "tracking.mlflow=false"]
+        if every == "halted":
+            check(launcher(*args, "train.halt_at_step=6"))
+        check(launcher(*args))
         records = [json.loads(x) for x in (tmp_path / f"w{every}" / "metrics.jsonl").read_text().splitlines()]
         losses[every] = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     assert sorted(losses[4]) == [4, 8]
     for end in (4, 8):
         assert losses[4][end] == pytest.approx(sum(losses[1][s] for s in range(end - 3, end + 1)) / 4, rel=1e-6)
+    assert sorted(losses["halted"]) == [4, 6, 8] and losses["halted"][4] == losses[4][4]
+    for start, end in ((5, 6), (7, 8)):
+        assert losses["halted"][end] == pytest.approx(sum(losses[1][s] for s in range(start, end + 1)) / 2, rel=1e-6)
 
 
 def test_a_logged_step_time_leaves_out_the_evaluation_before_it_and_epochs_count_completed(tmp_path):
