@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 
 LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag by which MLflow's UI knows a table artifact
-DERIVED = "derived."  # params the run computes (steps, accumulation, counts), not the config
+DERIVED = "derived."
+WANDB_STEP = "train/global_step"  # W&B's x-axis: the optimizer step (see WandbTracker)  # params the run computes (steps, accumulation, counts), not the config
 
 
 @dataclass(frozen=True)
@@ -691,6 +692,12 @@ class WandbTracker(Tracker):
             tags=(own + [f"{k}={v}" for k, v in tags.items()])[:20],
         )
         self.run_id = self.run.id
+        # Every metric on the run's own step axis, as transformers' W&B callback does: W&B drops
+        # a log at an internal step below its last one, so a resumed run's steps between its
+        # checkpoint and the kill kept the killed attempt's values. On this axis both attempts'
+        # points are kept, as MLflow keeps them.
+        self.run.define_metric(WANDB_STEP)
+        self.run.define_metric("*", step_metric=WANDB_STEP, step_sync=True)
 
     def log_params(self, params: dict, resumed_at: int | None = None) -> None:
         self.run.config.update(params, allow_val_change=True)  # (W&B keeps the current values)
@@ -699,7 +706,7 @@ class WandbTracker(Tracker):
         self.run.summary.update(values)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        self.run.log(dict(metrics), step=step)
+        self.run.log({**metrics, WANDB_STEP: step})
 
     def log_artifact(self, path, artifact_path=None) -> None:
         self.run.save(str(path), base_path=str(Path(path).parent), policy="now")
@@ -709,7 +716,7 @@ class WandbTracker(Tracker):
 
         rows = [r for r in rows if r["step"] == step]  # W&B keeps a table per logged step
         columns = list(rows[0])
-        self.run.log({name: wandb.Table(columns=columns, data=[[r[k] for k in columns] for r in rows])}, step=step)
+        self.run.log({name: wandb.Table(columns=columns, data=[[r[k] for k in columns] for r in rows]), WANDB_STEP: step})
 
     def finish(self, status: str = "FINISHED") -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)

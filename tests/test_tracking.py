@@ -456,3 +456,60 @@ def test_a_resumed_run_s_generations_table_in_mlflow_is_the_local_record(tmp_pat
     assert logged[4]["response"] == "a again at 4"
     tags = json.loads(client.get_run(first.run_id).data.tags["mlflow.loggedArtifacts"])
     assert tags == [{"path": "generations.json", "type": "table"}]
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file: a 7-byte header (':W&B', magic, version), then
+    LevelDB-log chunks (crc, length, type: full/first/middle/last) in 32 KiB blocks, each
+    record a protobuf wandb_internal_pb2.Record. (wandb ships no reader for it.)"""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, out, buf = path.read_bytes(), 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            out.append(pb.Record.FromString(buf))
+            buf = b""
+    return out
+
+
+def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypatch):
+    """W&B drops a log at an internal step below its last one, so a resumed run's re-run steps
+    kept the killed attempt's values there. Every metric now carries the optimizer step as
+    train/global_step, the axis all metrics are defined on (W&B's way to log to earlier steps):
+    an attempt that logs steps 2-3 again after 1-3 has all its points, at their steps."""
+    from launcher.tracking import WandbTracker
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = WandbTracker("p", "r", None, "offline", tmp_path, {})
+    for step in (1, 2, 3):
+        first.log_metrics({"train/loss": 1.0 / step}, step)
+    first.log_metrics({"eval/loss": 0.5}, 3)
+    first.finish()
+    again = WandbTracker("p", "r", first.run_id, "offline", tmp_path, {})
+    for step in (2, 3):
+        again.log_metrics({"train/loss": 2.0 / step}, step)
+    again.log_table([{"step": 3, "prompt": "a", "response": "b"}], "generations", 3)
+    again.finish()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    for run, logged in zip(runs, ([(1, "train/loss"), (2, "train/loss"), (3, "train/loss"), (3, "eval/loss")],
+                                  [(2, "train/loss"), (3, "train/loss"), (3, "generations")])):
+        (log,) = run.glob("run-*.wandb")
+        records = _wandb_records(log)
+        axes = {(m.metric.glob_name or m.metric.name, m.metric.step_metric) for m in records if m.HasField("metric")}
+        assert ("*", "train/global_step") in axes and ("train/global_step", "") in axes
+        rows = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+                for r in records if r.HasField("history")]
+        assert [(int(r["train/global_step"]), next(k for k in r if not k.startswith("_") and k != "train/global_step"
+                                                    ).split("/sha256")[0]) for r in rows] == logged
