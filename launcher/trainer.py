@@ -76,7 +76,9 @@ def _close_abandoned(cfg: RunConfig, p: Parts, warm) -> str:
     """A finished run's later attempt that was abandoned (extended, killed before its first
     checkpoint, then given the old max_steps again) may have left its steps in metrics.jsonl
     and left its MLflow run RUNNING: the records past the export go, as at any resume, and
-    the tracker run ends FINISHED. Returns the note for the closing line."""
+    the tracker run ends FINISHED. Its points past the export stay in the tracker run (neither
+    MLflow nor W&B deletes a point): the run is tagged launcher.abandoned_steps, and the
+    closing line says so. Returns the note for the closing line."""
     jsonl = p.run_dir / "metrics.jsonl"
     past = sorted({r["step"] for r in tracking.read_metrics(jsonl) if r["step"] > p.state.step}) if jsonl.is_file() else []
     ids = {**p.state.tracker_ids, **(owner.read_owner(p.run_dir).get("tracker_ids") or {})}
@@ -84,13 +86,17 @@ def _close_abandoned(cfg: RunConfig, p: Parts, warm) -> str:
     running = tracking.left_running(setup, ids)
     if not past and not running:
         return ""
-    tracking.start_tracking(setup, True, p.rt.facts(), p.run_dir, ids, p.state.step, warm).finish()
+    tracker = tracking.start_tracking(setup, True, p.rt.facts(), p.run_dir, ids, p.state.step, warm)
+    steps = "" if not past else f"step {past[0]}" if len(past) == 1 else f"steps {past[0]}-{past[-1]}"
+    if past:
+        tracker.log_outcome({"launcher.abandoned_steps": steps.split(" ")[1]})
+    tracker.finish()
     said = []
     if past:
-        steps = f"step {past[0]}" if len(past) == 1 else f"steps {past[0]}-{past[-1]}"
         said.append(f"the records of an abandoned attempt past it ({steps}) are dropped from metrics.jsonl")
     if running or (past and (setup.section.mlflow or setup.section.wandb)):
-        said.append("its tracker run, left running, is closed" if not past else "its tracker run is closed")
+        said.append("its tracker run, left running, is closed" if not past else
+                    "its tracker run is closed, its points tagged launcher.abandoned_steps")
     return "; " + " and ".join(said)
 
 

@@ -1160,10 +1160,11 @@ def test_an_abandoned_extension_is_closed_when_the_old_length_is_asked_again(tmp
     out = check(launcher(*base, "train.max_steps=3")).stdout
     steps = "step 4" if past == [4] else f"steps 4-{past[-1]}"
     assert (f"{tmp_path / 'r'} already finished at step 3; nothing to do; the records of an abandoned attempt past it "
-            f"({steps}) are dropped from metrics.jsonl and its tracker run is closed") in out.splitlines()
+            f"({steps}) are dropped from metrics.jsonl and its tracker run is closed, its points tagged "
+            "launcher.abandoned_steps") in out.splitlines()
     assert max(json.loads(line)["step"] for line in jsonl.read_text().splitlines()) == 3
     (run,) = all_runs(mlflow_client(tmp_path))
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["launcher.abandoned_steps"] == steps.split(" ")[1]
     # Asked once more: nothing left to close, the plain line.
     assert f"{tmp_path / 'r'} already finished at step 3; nothing to do" in check(launcher(*base, "train.max_steps=3")).stdout.splitlines()
 
