@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -176,6 +177,51 @@ def test_tokenize_cache_is_reused(tmp_path):
     path.write_text(path.read_text() + json.dumps(rows[0]) + "\n")  # the file changed: another entry
     c = pipeline.prepare(_clause_split(path, tok, 32), cache)
     assert not c.from_cache and len(c) == 51
+
+
+def test_the_token_cache_is_keyed_by_the_code_and_the_whole_tokenizer(tmp_path, monkeypatch):
+    """A cache hit skips every row check, so what reads rows is in the key: launcher's data and
+    task code (an install elsewhere with the same files keys alike; one changed byte does not)
+    and the libraries' versions; and the tokenizer beyond its backend JSON: the EOS, BOS and
+    truncation side that tokenizer_config.json holds (a fixed EOS kept the old one's ids)."""
+    import shutil
+
+    from launcher.data import pipeline
+    from launcher.data.cache import Cache
+    from launcher.data.tokenizer import train_wordpiece
+
+    rows = synthetic.generate_clauses(20)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_wordpiece([r["text"] for r in rows], 200, 32)
+    cache = Cache(tmp_path / "cache", "job-1", candidate=True, others_wait=False)
+    assert not pipeline.prepare(_clause_split(path, tok, 32), cache).from_cache
+    assert pipeline.prepare(_clause_split(path, tok, 32), cache).from_cache
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "another launcher")
+    assert not pipeline.prepare(_clause_split(path, tok, 32), cache).from_cache
+    monkeypatch.undo()
+
+    import launcher.data
+    import launcher.tasks
+
+    copies = []
+    for package in (launcher.data, launcher.tasks):
+        here = tmp_path / "install" / package.__name__
+        shutil.copytree(Path(package.__file__).parent, here, ignore=shutil.ignore_patterns("__pycache__"))
+        copies += sorted(here.glob("*.py"))
+    assert len(copies) > 10 and pipeline._code_fingerprint(copies, pipeline.CODE_LIBRARIES) == pipeline.code_fingerprint()
+    clauses = next(f for f in copies if f.name == "clauses.py")
+    clauses.write_text(clauses.read_text() + "\n")
+    assert pipeline._code_fingerprint(copies, pipeline.CODE_LIBRARIES) != pipeline.code_fingerprint()
+
+    tok.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    same = batching.tokenizer_fingerprint(tok)
+    assert batching.tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "tok")) == same  # another process alike
+    for change in ({"eos_token": "[SEP]"}, {"bos_token": "[CLS]"}, {"truncation_side": "left"}):
+        other = AutoTokenizer.from_pretrained(tmp_path / "tok", **change)
+        assert batching.tokenizer_fingerprint(other) != same, change
 
 
 def test_pad_collator_pads_per_batch():

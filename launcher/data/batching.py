@@ -33,6 +33,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
         spec.pop("truncation", None)
         spec.pop("padding", None)
         text = json.dumps(spec, sort_keys=True)
+    # What tokenizer_config.json holds beside the backend: the EOS a prompt ends an answer with,
+    # the BOS it starts with, which side a cut takes (an EOS fixed there kept the old one's ids).
+    around = {"special": tokenizer.special_tokens_map, "truncation_side": getattr(tokenizer, "truncation_side", None),
+              "add_bos": getattr(tokenizer, "add_bos_token", None), "add_eos": getattr(tokenizer, "add_eos_token", None)}
+    text += json.dumps(around, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,8 @@ Per-rank memory is then the Arrow mapping plus one int32 length per row.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +82,37 @@ class TokenRows(torch.utils.data.Dataset):
         return float(self.lengths.sum()) / max(1, block * len(self))
 
 
+CODE_LIBRARIES = ("datasets", "tokenizers", "transformers", "jinja2")  # they read, render and tokenize rows
+
+
+def _code_fingerprint(files: list[Path], libraries: tuple[str, ...]) -> str:
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in libraries:
+        try:
+            digest.update(f"{name}={metadata.version(name)}\0".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{name}=none\0".encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """The code that turns rows into tokens, in every token-cache key: launcher's readers and
+    encoders (launcher/data, launcher/tasks) and the libraries under them. A hit skips every
+    row check, so an entry built by an older launcher (which, say, read a [0, 1] label vector
+    as categories that are refused now) was trained on without a word; a hand-bumped
+    CACHE_VERSION missed such changes. Any change there tokenizes once more."""
+    import launcher.data
+    import launcher.tasks
+
+    roots = (Path(launcher.data.__file__).parent, Path(launcher.tasks.__file__).parent)
+    return _code_fingerprint([f for root in roots for f in sorted(root.glob("*.py"))], CODE_LIBRARIES)
+
+
 @dataclass
 class Split:
     """What to build for one split: the rows, the per-batch encoder and the columns it yields."""
@@ -95,7 +128,7 @@ class Split:
 
 def prepare(split: Split, cache: Cache, num_proc: int | None = None) -> TokenRows:
     """The split's token rows: from the cache, or built here once for everyone."""
-    parts = {"source": split.source.fingerprint(), "what": str(split.source), **split.key}
+    parts = {"source": split.source.fingerprint(), "what": str(split.source), "code": code_fingerprint(), **split.key}
 
     def build(tmp: Path, stage) -> None:
         stage(f"reading {split.source}")
