@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1040,10 +1041,12 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         from launcher.quantization import plain_config
 
         config = plain_config(config)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A name of our own beside OUT_DIR: OUT_DIR.tmp may be the user's (it was removed unasked).
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
-        shutil.copytree(skeleton, tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would become OUT_DIR's mode
+        shutil.copytree(skeleton, tmp, dirs_exist_ok=True)
         if (skeleton / "adapter_config.json").is_file():
             (tmp / "adapter_config.json").unlink()
             source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)

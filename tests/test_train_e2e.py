@@ -309,7 +309,14 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
     _, run = trained_binary
     ckpt = exported_checkpoint(run)
     out = tmp_path / "exported"
+    (tmp_path / "exported.tmp").mkdir()  # a user's own, beside OUT_DIR: it was removed unasked
+    (tmp_path / "exported.tmp" / "notes.txt").write_text("mine")
     proc = check(launcher("export", str(ckpt), str(out)))
+    assert (tmp_path / "exported.tmp" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")) == []  # no temporary left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # the umask's mode, not a temporary directory's 0700
     assert "model.safetensors" in proc.stdout  # read from Accelerate's single-process state
     exported, final = load_file(out / "model.safetensors"), _weights(run)
     assert exported.keys() == final.keys()
