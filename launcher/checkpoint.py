@@ -632,7 +632,7 @@ def sync_tree(root: Path) -> None:
         sync_dir(Path(dirpath))
 
 
-def _umask() -> int:
+def process_umask() -> int:
     try:  # (Linux 4.7+) read without setting it: os.umask would change it for every thread a moment
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -648,7 +648,7 @@ def readable_weights(root: Path) -> None:
     """safetensors (0.8) creates its files 0600 whatever the umask: in an export or a checkpoint
     the weights were the one file a teammate (the group, under a umask of 002 or 022) could not
     read, while config and tokenizer files could. They get the mode every other file gets."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~process_umask()
     if mode == 0o600:
         return
     for path in root.rglob("*.safetensors"):
@@ -1007,7 +1007,12 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     A model whose config names Python files (auto_map) is built only with `trust_remote_code`.
     """
     if not (ckpt / MARKER).is_file():
-        raise ConfigError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker)")
+        # A run directory or its checkpoints/ folder: name the checkpoint to give.
+        folder = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
+        sealed = sorted((p for p in folder.glob("step-*") if (p / MARKER).is_file() and p.name[5:].isdigit()),
+                        key=lambda p: int(p.name[5:])) if folder.is_dir() else []
+        hint = f"; its latest complete checkpoint is {sealed[-1]}" if sealed else ""
+        raise ConfigError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker){hint}")
     if (ckpt / "latest").is_file() or any(p.is_dir() for p in ckpt.glob("pytorch_model_fsdp_0*")):
         trust.require(ckpt, trusted, "launcher export", "pass --trust-checkpoint",
                       only=tuple(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != SKELETON))
@@ -1045,7 +1050,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would become OUT_DIR's mode
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp's 0700 would become OUT_DIR's mode
         shutil.copytree(skeleton, tmp, dirs_exist_ok=True)
         if (skeleton / "adapter_config.json").is_file():
             (tmp / "adapter_config.json").unlink()

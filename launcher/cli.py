@@ -66,6 +66,9 @@ def _precision(args, model_dir: str, model, note: bool = False):
 
     import torch
 
+    device = next(model.parameters()).device.type
+    if args.precision == "fp16" and device != "cuda":  # (before the note, which spoke of figures never made)
+        raise UserError("--precision: fp16 needs a GPU (bf16 runs on a CPU)")
     meta_file = Path(model_dir) / "launcher.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     trained = meta.get("precision")
@@ -79,9 +82,6 @@ def _precision(args, model_dir: str, model, note: bool = False):
               f"{', on a GPU' if trained == 'fp16' else ''})", file=sys.stderr)
     if args.precision == "no":
         return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    if args.precision == "fp16" and device != "cuda":
-        raise UserError("--precision: fp16 needs a GPU (bf16 runs on a CPU)")
     return torch.autocast(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
 
 
@@ -337,8 +337,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from launcher import engines
     from launcher.checkpoint import export_checkpoint
 
+    engines.quiet_deepspeed_on_cpu()  # (its "unable to detect" a GPU went to stdout before the export's line)
     out = Path(args.out_dir)
     source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint,
                                trust_remote_code=args.trust_remote_code)
@@ -359,6 +361,15 @@ def _within_positions(asked: int | None, model, room: int = 0) -> None:
         answers = f" less {room} tokens for the answer" if room else ""
         raise UserError(f"--max-length: {asked} is more tokens than the model has positions for ({limit}{answers}); "
                         f"give {limit - room} or less")
+
+
+def _room_for_text(asked: int | None, tokenizer) -> None:
+    """--max-length no longer than a classifier's own tokens ([CLS] and [SEP]): the tokenizer
+    then cuts nothing, so 1 scored whole texts as if unlimited and 2 scored every text alike."""
+    own = tokenizer.num_special_tokens_to_add()
+    if asked is not None and asked <= own:
+        raise UserError(f"--max-length: {asked} leaves no room for text (the tokenizer adds {own} tokens of its own); "
+                        f"give more than {own}")
 
 
 def _not_a_file(flag: str, path: Path) -> str:
@@ -448,6 +459,7 @@ def cmd_eval(args) -> int:
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
+    _room_for_text(args.max_length, tokenizer)
     texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
     import torch
 
@@ -468,41 +480,87 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from launcher.tasks import causal_lm
 
+    if not Path(args.model_dir).is_dir():  # (it said "not a causal-LM export" of a typo)
+        raise UserError(f"{args.model_dir}: no such model directory")
     if _exported_task(args.model_dir) != "causal_lm":
-        raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm)")
+        raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm); "
+                        "a classifier answers through launcher predict")
     model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     with _precision(args, args.model_dir, model):
         print(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
     return 0
 
 
-def cmd_predict(args) -> int:
-    from launcher.tasks import classification as task
+class _Output:
+    """Where predictions go: stdout, or --output, written whole at the end through a temporary
+    file beside it that is made now, before the model loads: a place that cannot be written
+    is one line then, not a traceback after every row was answered; a failure leaves an
+    existing file as it was; and the input may be the output (it is read first)."""
 
-    if args.output:  # before the model loads and every row is answered
-        out_path = Path(args.output)
-        if out_path.is_dir() or not out_path.parent.is_dir():
-            raise UserError(f"--output: {out_path}: " + ("is a directory" if out_path.is_dir() else
-                                                         f"no such directory {out_path.parent}"))
-    if _exported_task(args.model_dir) == "causal_lm":
-        return _predict_causal_lm(args)
-    texts = _read_texts(Path(args.input))
-    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
-    _within_positions(args.max_length, model)
-    with _precision(args, args.model_dir, model):
-        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
-    probs = task.probabilities(logits, multilabel)
-    out = open(args.output, "w") if args.output else sys.stdout
+    def __init__(self, output: str | None):
+        self.path, self.tmp = (Path(output) if output else None), None
+        if self.path is None:
+            return
+        if self.path.is_dir() or not self.path.parent.is_dir():
+            raise UserError(f"--output: {self.path}: " + ("is a directory" if self.path.is_dir() else
+                                                          f"no such directory {self.path.parent}"))
+        import tempfile
+
+        try:
+            fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise UserError(f"--output: {self.path}: cannot create a file in {self.path.parent} ({e.strerror})") from None
+        os.close(fd)
+        self.tmp = Path(name)
+
+    def write(self, lines) -> None:
+        if self.path is None or self.tmp is None:
+            sys.stdout.writelines(lines)
+            return
+        from launcher.checkpoint import process_umask
+
+        try:
+            with open(self.tmp, "w") as f:
+                f.writelines(lines)
+            os.chmod(self.tmp, 0o666 & ~process_umask())  # mkstemp's 0600 would be the output's mode
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            raise UserError(f"--output: {self.path}: {e.strerror}; nothing written") from None
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+
+def cmd_predict(args) -> int:
+    out = _Output(args.output)  # before the model loads and every row is answered
     try:
-        for text, p in zip(texts, probs):
-            out.write(json.dumps({"text": text, **task.prediction_record(p, names, multilabel, cuts)}) + "\n")
+        if _exported_task(args.model_dir) == "causal_lm":
+            out.write(_predict_causal_lm(args))
+        else:
+            out.write(_predict_classes(args))
     finally:
-        if out is not sys.stdout:
-            out.close()
+        out.discard()
     return 0
 
 
-def _predict_causal_lm(args) -> int:
+def _predict_classes(args) -> list[str]:
+    from launcher.tasks import classification as task
+
+    texts = _read_texts(Path(args.input))
+    model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
+    _within_positions(args.max_length, model)
+    _room_for_text(args.max_length, tokenizer)
+    with _precision(args, args.model_dir, model):
+        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
+    probs = task.probabilities(logits, multilabel)
+    return [json.dumps({"text": text, **task.prediction_record(p, names, multilabel, cuts)}) + "\n"
+            for text, p in zip(texts, probs)]
+
+
+def _predict_causal_lm(args) -> list[str]:
     """Each input row answered as training taught: its prompt rendered from the columns the
     prompt needs (a clause's `text` alone for a recipe that maps {text}), the row written back
     with its greedy `response`; with a closed answer set also `label` (the likeliest candidate)
@@ -546,20 +604,16 @@ def _predict_causal_lm(args) -> int:
     with _precision(args, args.model_dir, model):
         _, answered = generation.evaluate(model, batches, tokenizer, candidates, new_tokens,
                                           frame=causal_lm.answer_frame(fmt, tokenizer))
-    out = open(args.output, "w") if args.output else sys.stdout
-    try:
-        for record, r in zip(records, answered):
-            extra = {"response": r["response"]}
-            if candidates is not None:
-                top = max(r["scores"])
-                weights = [math.exp(x - top) for x in r["scores"]]
-                extra |= {"label": candidates.answers[r["choice"]],
-                          "probs": {a: round(w / sum(weights), 6) for a, w in zip(candidates.answers, weights)}}
-            out.write(json.dumps({**record, **extra}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return 0
+    lines = []
+    for record, r in zip(records, answered):
+        extra = {"response": r["response"]}
+        if candidates is not None:
+            top = max(r["scores"])
+            weights = [math.exp(x - top) for x in r["scores"]]
+            extra |= {"label": candidates.answers[r["choice"]],
+                      "probs": {a: round(w / sum(weights), 6) for a, w in zip(candidates.answers, weights)}}
+        lines.append(json.dumps({**record, **extra}) + "\n")
+    return lines
 
 
 def cmd_env(args) -> int:
@@ -650,6 +704,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training watches for it (a training run stops at a step end)
         print("launcher: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `launcher predict ... | head`: the reader has all it wanted
+        _quiet_stdout()
+        return 141  # as a tool killed by SIGPIPE (128 + 13) ends, for a shell's pipefail
+
+
+def _quiet_stdout() -> None:
+    """stdout points at nothing once its reader left, so the flush at exit raises no second
+    BrokenPipeError (Python's own advice for pipes)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _report(problems: list[str]) -> None:

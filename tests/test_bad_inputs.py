@@ -292,6 +292,9 @@ CASES = [
     ("predict an empty file", "predict", None, _write("x.txt", "\n \n", "no-model", "--input", "{tmp}/x.txt"),
      "--input: {tmp}/x.txt: no rows"),
     ("eval of a run directory", "eval", None, _run_dir_not_model, "MODEL_DIR: {tmp}/run is a run directory; its exported model is {tmp}/run/model"),
+    ("predict into a place that takes no file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input",
+                                                                        "{tmp}/x.txt", "--output", "/proc/p.jsonl"),
+     "--output: /proc/p.jsonl: cannot create a file in /proc (No such file or directory)"),  # before the model loads
     ("predict into a missing folder", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
                                                              "--output", "{tmp}/none/p.jsonl"),
      "--output: {tmp}/none/p.jsonl: no such directory {tmp}/none"),

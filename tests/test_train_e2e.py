@@ -127,6 +127,18 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     for path in (table, tmp_path / "clauses.parquet"):
         again = [json.loads(l) for l in check(launcher("predict", str(run / "model"), "--input", str(path))).stdout.splitlines()]
         assert again == preds, path
+    # The output is written whole at the end, with the umask's mode (not a temporary file's 0600).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask and not list(tmp_path.glob(".pred.jsonl.*"))
+    # Read by `head`, which leaves after one line: no BrokenPipeError traceback, the exit of a
+    # tool SIGPIPE ended (141), as a shell's pipefail expects.
+    many = tmp_path / "many.txt"
+    many.write_text("We may terminate your account at any time without notice.\n" * 3000)  # more than a pipe holds
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m launcher predict {run / 'model'} "
+                            f"--input {many} | head -1"], capture_output=True, text=True)
+    assert piped.returncode == 141 and "Traceback" not in piped.stderr, piped.stderr[-2000:]
+    assert json.loads(piped.stdout)["label"] == "unfair"
 
 
 def _weights(run: Path) -> dict:
@@ -327,8 +339,16 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
     ran, kept = (json.loads((d / "launcher.json").read_text()) for d in (run / "model", out))
     assert {"export_dtype", "precision", "labels"} <= ran.keys() and kept.items() >= ran.items()
     # Never overwrite, never read a half-written checkpoint: exit 2, one line, nothing touched.
+    lines = proc.stdout.strip().splitlines()  # one line: DeepSpeed's "unable to detect" a GPU printed first
+    assert len(lines) == 1 and lines[0].startswith(f"{out}: Hugging Face model from"), lines
     again = launcher("export", str(ckpt), str(out))
     assert again.returncode == 2 and again.stderr.strip() == f"error: {out}: already exists; choose a new output directory"
+    # Given the run directory or its checkpoints/ folder: the checkpoint to give is named.
+    latest = max((p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()), key=lambda p: int(p.name[5:]))
+    for given in (run, run / "checkpoints"):
+        wrong = launcher("export", str(given), str(tmp_path / "y"))
+        assert wrong.returncode == 2 and wrong.stderr.strip() == (
+            f"error: {given}: not a complete checkpoint (no COMPLETE marker); its latest complete checkpoint is {latest}")
     partial = tmp_path / "step-000007"
     partial.mkdir()
     bad = launcher("export", str(partial), str(tmp_path / "x"))
@@ -616,6 +636,21 @@ def test_eval_scores_with_the_training_max_length_the_export_recorded(tmp_path):
         proc = launcher(*command, "--max-length", str(table + 1))
         assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, said), proc.stderr[-2000:]  # after the load's progress
         assert "Traceback" not in proc.stderr
+        # No longer than [CLS] [SEP]: the tokenizer cut nothing then (1 scored whole texts, 2 all alike).
+        for short in (1, 2):
+            proc = launcher(*command, "--max-length", str(short))
+            assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, f"error: --max-length: {short} leaves no "
+                                                                               "room for text (the tokenizer adds 2 tokens "
+                                                                               "of its own); give more than 2")
+    assert check(launcher("eval", str(run / "model"), "--data", data, "--max-length", "3")).returncode == 0
+    # fp16 on a CPU is refused before anything is said about figures it never made; generate
+    # names a missing directory, and on a classifier says where its answers are.
+    proc = launcher("eval", str(run / "model"), "--data", data, "--precision", "fp16")
+    assert proc.returncode == 2 and "note:" not in proc.stderr and "fp16 needs a GPU" in proc.stderr
+    proc = launcher("generate", str(tmp_path / "nope"), "--prompt", "hi")
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"error: {tmp_path / 'nope'}: no such model directory")
+    proc = launcher("generate", str(run / "model"), "--prompt", "hi")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("a classifier answers through launcher predict")
 
 
 def test_off_a_terminal_progress_is_plain_lines_with_loss_lr_and_eta(tmp_path):
