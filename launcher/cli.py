@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("model_dir")
     r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL/CSV/Parquet "
                    "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
-    r.add_argument("--output", help="JSONL file to write (default: stdout)")
+    r.add_argument("--output", help="JSONL file to write, each input row with its prediction (label or labels, "
+                   "probs; a causal LM's response too), written once all are answered (default: stdout)")
     r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
                    "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
                    "leaves the answer room (as generate's)")
@@ -387,17 +388,19 @@ def _plain_lines(path: Path, wanted: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]  # not splitlines: \x0c, U+2028 are text
 
 
-def _read_texts(path: Path) -> list[str]:
-    """Clauses to predict: rows with `text` from JSONL (or a .json array), CSV or Parquet, as
-    `launcher eval` reads them (errors as file:line), or plain lines of any other file."""
+def _read_clauses(path: Path) -> list[dict]:
+    """Rows to predict, each with its `text`: rows from JSONL (or a .json array), CSV or Parquet,
+    as `launcher eval` reads them (errors as file:line), or the plain lines of any other file."""
     from launcher.data.clauses import read_records
 
     if not path.is_file():
         raise UserError(_not_a_file("--input", path))
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
-        return _some(_plain_lines(path, "rows with 'text', or one clause per line"), BadRows(""), path)
-    texts: list[str] = []
+        lines = _plain_lines(path, "rows with 'text', or one clause per line")
+        _not_a_table(path, lines[0] if lines else "")
+        return [{"text": line} for line in _some(lines, BadRows(""), path)]
+    texts: list[dict] = []
     bad = BadRows(f"--input: {path}")
     columns: dict = {}  # (ordered as the file names them)
     for where, record in read_records(path):
@@ -409,11 +412,24 @@ def _read_texts(path: Path) -> list[str]:
         elif not record["text"].strip():  # as training and eval refuse it: a prediction for no clause
             bad.add([f"{where}: missing or empty 'text'"])
         else:
-            texts.append(record["text"])
+            texts.append(record)
     if columns and "text" not in columns:  # one line for the file, not one per row
         listed = ", ".join(repr(c) for c in columns if isinstance(c, str))
         raise UserError(f"--input: {path}: no 'text' column (its columns: {listed})")
     return _some(texts, bad, path)
+
+
+def _not_a_table(path: Path, first: str) -> None:
+    """A file read as plain lines whose first line is a JSON row or a tab-separated header: each
+    line was predicted as a clause, JSON braces and header included."""
+    try:
+        row = json.loads(first)
+    except ValueError:
+        row = None
+    if isinstance(row, dict):
+        raise UserError(f"--input: {path}: its lines are JSON rows, read only from a .jsonl file; rename it")
+    if "\t" in first and "text" in (c.strip() for c in first.split("\t")):
+        raise UserError(f"--input: {path}: a tab-separated table; give it as CSV, JSONL or Parquet with a 'text' column")
 
 
 def _some(rows: list, bad: BadRows, path: Path) -> list:
@@ -549,15 +565,18 @@ def cmd_predict(args) -> int:
 def _predict_classes(args) -> list[str]:
     from launcher.tasks import classification as task
 
-    texts = _read_texts(Path(args.input))
+    rows = _read_clauses(Path(args.input))
+    texts = [row["text"] for row in rows]
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
     _room_for_text(args.max_length, tokenizer)
     with _precision(args, args.model_dir, model):
         logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
     probs = task.probabilities(logits, multilabel)
-    return [json.dumps({"text": text, **task.prediction_record(p, names, multilabel, cuts)}) + "\n"
-            for text, p in zip(texts, probs)]
+    # Each row written back with its prediction (an id column joins it to the input; a column
+    # named as a prediction's, label/labels/probs, is the prediction's in the output).
+    return [json.dumps({**row, **task.prediction_record(p, names, multilabel, cuts)}, default=str) + "\n"
+            for row, p in zip(rows, probs)]
 
 
 def _predict_causal_lm(args) -> list[str]:
@@ -612,7 +631,7 @@ def _predict_causal_lm(args) -> list[str]:
             weights = [math.exp(x - top) for x in r["scores"]]
             extra |= {"label": candidates.answers[r["choice"]],
                       "probs": {a: round(w / sum(weights), 6) for a, w in zip(candidates.answers, weights)}}
-        lines.append(json.dumps({**record, **extra}) + "\n")
+        lines.append(json.dumps({**record, **extra}, default=str) + "\n")  # (Parquet dates and such as text)
     return lines
 
 

@@ -425,7 +425,7 @@ def test_a_header_wrong_for_the_whole_file_is_one_line_at_training_and_eval(tmp_
 def test_every_reader_lists_bad_rows_the_same_way(tmp_path):
     """Thirteen bad rows: the first ten rows' problems, then one line counting the three not
     shown, in one wording whether a clause file, an instruction file or predict's input."""
-    from launcher.cli import _read_texts
+    from launcher.cli import _read_clauses
     from launcher.data.clauses import LabelEncoder, parse_rows, read_records
     from launcher.data.instructions import read_rows
     from launcher.data.sources import BadRows
@@ -436,7 +436,7 @@ def test_every_reader_lists_bad_rows_the_same_way(tmp_path):
                     + json.dumps({"text": "fine", "label": 0, "instruction": "Say hi", "output": "hi"}) + "\n")
     readers = {str(path): lambda: parse_rows(read_records(path), LabelEncoder("binary", ["fair", "unfair"]), str(path)),
                f"{path} ": lambda: read_rows(path),
-               f"--input: {path}": lambda: _read_texts(path)}
+               f"--input: {path}": lambda: _read_clauses(path)}
     for source, read in readers.items():
         with pytest.raises(UserError) as e:
             read()

@@ -126,7 +126,17 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts]), tmp_path / "clauses.parquet")
     for path in (table, tmp_path / "clauses.parquet"):
         again = [json.loads(l) for l in check(launcher("predict", str(run / "model"), "--input", str(path))).stdout.splitlines()]
-        assert again == preds, path
+        assert [{k: v for k, v in p.items() if k != "id"} for p in again] == preds, path
+        # each row written back with its prediction: an id column joins it to the input (it was dropped)
+        assert [p.get("id") for p in again] == (["0", "1"] if path == table else [None, None]), path  # (CSV cells: text)
+    # JSON rows or a tab-separated table in a file read as plain lines: each line was "a clause".
+    for name, content, said in (("x.ndjson", json.dumps({"text": texts[0]}) + "\n", "its lines are JSON rows, read only "
+                                 "from a .jsonl file; rename it"),
+                                ("x.tsv", f"text\tlabel\n{texts[0]}\t1\n", "a tab-separated table; give it as CSV, "
+                                 "JSONL or Parquet with a 'text' column")):
+        (tmp_path / name).write_text(content)
+        proc = launcher("predict", str(run / "model"), "--input", str(tmp_path / name))
+        assert (proc.returncode, proc.stderr.strip()) == (2, f"error: --input: {tmp_path / name}: {said}")
     # The output is written whole at the end, with the umask's mode (not a temporary file's 0600).
     mask = os.umask(0o022)
     os.umask(mask)
