@@ -551,6 +551,9 @@ class _Output:
 
 
 def cmd_predict(args) -> int:
+    if args.output and Path(args.output).is_file() and Path(args.input).is_file() \
+            and os.path.samefile(args.output, args.input):  # (the rows were replaced by their predictions)
+        raise UserError(f"--output: {args.output}: is the --input file; write the predictions elsewhere")
     out = _Output(args.output)  # before the model loads and every row is answered
     try:
         if _exported_task(args.model_dir) == "causal_lm":

@@ -295,6 +295,9 @@ CASES = [
     ("predict into a place that takes no file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input",
                                                                         "{tmp}/x.txt", "--output", "/proc/p.jsonl"),
      "--output: /proc/p.jsonl: cannot create a file in /proc (No such file or directory)"),  # before the model loads
+    ("predict onto its own input", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
+                                                          "--output", "{tmp}/./x.txt"),
+     "--output: {tmp}/./x.txt: is the --input file; write the predictions elsewhere"),
     ("predict into a missing folder", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
                                                              "--output", "{tmp}/none/p.jsonl"),
      "--output: {tmp}/none/p.jsonl: no such directory {tmp}/none"),
