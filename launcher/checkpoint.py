@@ -998,6 +998,25 @@ def _untuned_rule(model_dir: Path, ckpt: Path, meta: dict) -> str:
         if tunes else ""
 
 
+def _temporary_beside(out_dir: Path) -> Path:
+    """A directory of our own beside OUT_DIR to export into (OUT_DIR.tmp may be the user's: it
+    was removed unasked), with the umask's mode that OUT_DIR takes (mkdtemp makes it 0700)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    os.chmod(tmp, 0o777 & ~process_umask())
+    return tmp
+
+
+def _not_a_checkpoint(ckpt: Path) -> str:
+    """The line for a folder without the marker; a run directory or its checkpoints/ folder
+    (given where a checkpoint was meant) gets the checkpoint to give."""
+    folder = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
+    sealed = sorted((p for p in folder.glob("step-*") if (p / MARKER).is_file() and p.name[5:].isdigit()),
+                    key=lambda p: int(p.name[5:])) if folder.is_dir() else []
+    hint = f"; its latest complete checkpoint is {sealed[-1]}" if sealed else ""
+    return f"{ckpt}: not a complete checkpoint (no {MARKER} marker){hint}"
+
+
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
     """`launcher export`: any complete checkpoint -> a Hugging Face model directory, offline.
 
@@ -1007,12 +1026,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     A model whose config names Python files (auto_map) is built only with `trust_remote_code`.
     """
     if not (ckpt / MARKER).is_file():
-        # A run directory or its checkpoints/ folder: name the checkpoint to give.
-        folder = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
-        sealed = sorted((p for p in folder.glob("step-*") if (p / MARKER).is_file() and p.name[5:].isdigit()),
-                        key=lambda p: int(p.name[5:])) if folder.is_dir() else []
-        hint = f"; its latest complete checkpoint is {sealed[-1]}" if sealed else ""
-        raise ConfigError(f"{ckpt}: not a complete checkpoint (no {MARKER} marker){hint}")
+        raise ConfigError(_not_a_checkpoint(ckpt))
     if (ckpt / "latest").is_file() or any(p.is_dir() for p in ckpt.glob("pytorch_model_fsdp_0*")):
         trust.require(ckpt, trusted, "launcher export", "pass --trust-checkpoint",
                       only=tuple(p.name for p in ckpt.iterdir() if p.is_dir() and p.name != SKELETON))
@@ -1046,11 +1060,8 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         from launcher.quantization import plain_config
 
         config = plain_config(config)
-    # A name of our own beside OUT_DIR: OUT_DIR.tmp may be the user's (it was removed unasked).
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    tmp = _temporary_beside(out_dir)
     try:
-        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp's 0700 would become OUT_DIR's mode
         shutil.copytree(skeleton, tmp, dirs_exist_ok=True)
         if (skeleton / "adapter_config.json").is_file():
             (tmp / "adapter_config.json").unlink()

@@ -106,10 +106,8 @@ def code_fingerprint() -> str:
     row check, so an entry built by an older launcher (which, say, read a [0, 1] label vector
     as categories that are refused now) was trained on without a word; a hand-bumped
     CACHE_VERSION missed such changes. Any change there tokenizes once more."""
-    import launcher.data
-    import launcher.tasks
-
-    roots = (Path(launcher.data.__file__).parent, Path(launcher.tasks.__file__).parent)
+    here = Path(__file__).parent  # launcher/data, and launcher/tasks beside it (no import: they import this)
+    roots = (here, here.parent / "tasks")
     return _code_fingerprint([f for root in roots for f in sorted(root.glob("*.py"))], CODE_LIBRARIES)
 
 
