@@ -1000,11 +1000,12 @@ def _untuned_rule(model_dir: Path, ckpt: Path, meta: dict) -> str:
 
 def _temporary_beside(out_dir: Path) -> Path:
     """A directory of our own beside OUT_DIR to export into (OUT_DIR.tmp may be the user's: it
-    was removed unasked), with the umask's mode that OUT_DIR takes (mkdtemp makes it 0700)."""
+    was removed unasked). One a killed export of OUT_DIR left (weights, maybe) goes first."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
-    os.chmod(tmp, 0o777 & ~process_umask())
-    return tmp
+    prefix = f".{out_dir.name}.export-"
+    for left in out_dir.parent.glob(prefix + "*"):
+        shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix))
 
 
 def _not_a_checkpoint(ckpt: Path) -> str:
@@ -1063,6 +1064,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     tmp = _temporary_beside(out_dir)
     try:
         shutil.copytree(skeleton, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, 0o777 & ~process_umask())  # OUT_DIR's mode: not mkdtemp's 0700, nor the copied skeleton's
         if (skeleton / "adapter_config.json").is_file():
             (tmp / "adapter_config.json").unlink()
             source += _export_lora(skeleton, tmp, auto, config, code, meta, state_dict, dtype)

@@ -508,10 +508,11 @@ def cmd_generate(args) -> int:
 
 
 class _Output:
-    """Where predictions go: stdout, or --output, written whole at the end through a temporary
-    file beside it that is made now, before the model loads: a place that cannot be written
-    is one line then, not a traceback after every row was answered; a failure leaves an
-    existing file as it was; and the input may be the output (it is read first)."""
+    """Where predictions go: stdout, or --output. A regular file (or none yet) is written whole
+    at the end through a temporary file beside it, made now, before the model loads: a place
+    that cannot be written is one line then, not a traceback after every row was answered, and
+    a failure leaves an existing file as it was (its mode kept; a link stays a link). Anything
+    else (/dev/stdout, a FIFO, /dev/null) is opened and written as it is."""
 
     def __init__(self, output: str | None):
         self.path, self.tmp = (Path(output) if output else None), None
@@ -520,26 +521,34 @@ class _Output:
         if self.path.is_dir() or not self.path.parent.is_dir():
             raise UserError(f"--output: {self.path}: " + ("is a directory" if self.path.is_dir() else
                                                           f"no such directory {self.path.parent}"))
+        self.target = Path(os.path.realpath(self.path))  # where a link leads: the file replaced
+        if self.target.exists() and not self.target.is_file():
+            return
         import tempfile
 
         try:
-            fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
         except OSError as e:
-            raise UserError(f"--output: {self.path}: cannot create a file in {self.path.parent} ({e.strerror})") from None
+            raise UserError(f"--output: {self.path}: cannot create a file in {self.target.parent} ({e.strerror})") from None
         os.close(fd)
         self.tmp = Path(name)
 
     def write(self, lines) -> None:
-        if self.path is None or self.tmp is None:
+        if self.path is None:
             sys.stdout.writelines(lines)
+            return
+        if self.tmp is None:
+            with open(self.path, "w") as f:
+                f.writelines(lines)
             return
         from launcher.checkpoint import process_umask
 
         try:
             with open(self.tmp, "w") as f:
                 f.writelines(lines)
-            os.chmod(self.tmp, 0o666 & ~process_umask())  # mkstemp's 0600 would be the output's mode
-            os.replace(self.tmp, self.path)
+            mode = self.target.stat().st_mode & 0o7777 if self.target.exists() else 0o666 & ~process_umask()
+            os.chmod(self.tmp, mode)  # (mkstemp's 0600 would be the output's mode)
+            os.replace(self.tmp, self.target)
         except OSError as e:
             raise UserError(f"--output: {self.path}: {e.strerror}; nothing written") from None
         finally:
@@ -576,10 +585,15 @@ def _predict_classes(args) -> list[str]:
     with _precision(args, args.model_dir, model):
         logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
     probs = task.probabilities(logits, multilabel)
-    # Each row written back with its prediction (an id column joins it to the input; a column
-    # named as a prediction's, label/labels/probs, is the prediction's in the output).
-    return [json.dumps({**row, **task.prediction_record(p, names, multilabel, cuts)}, default=str) + "\n"
+    return [json.dumps(_written_back(row, task.prediction_record(p, names, multilabel, cuts)), default=str) + "\n"
             for row, p in zip(rows, probs)]
+
+
+def _written_back(row: dict, prediction: dict) -> dict:
+    """An input row with its prediction (an id column joins it to the input). A column of the
+    row that the prediction also names (a gold `label`, a reference `response`) stays, as
+    input_<name>: it was overwritten by the prediction without a word."""
+    return {**{f"input_{k}" if k in prediction else k: v for k, v in row.items()}, **prediction}
 
 
 def _predict_causal_lm(args) -> list[str]:
@@ -634,7 +648,7 @@ def _predict_causal_lm(args) -> list[str]:
             weights = [math.exp(x - top) for x in r["scores"]]
             extra |= {"label": candidates.answers[r["choice"]],
                       "probs": {a: round(w / sum(weights), 6) for a, w in zip(candidates.answers, weights)}}
-        lines.append(json.dumps({**record, **extra}, default=str) + "\n")  # (Parquet dates and such as text)
+        lines.append(json.dumps(_written_back(record, extra), default=str) + "\n")  # (Parquet dates and such as text)
     return lines
 
 
@@ -727,8 +741,22 @@ def main(argv: list[str] | None = None) -> int:
         print("launcher: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `launcher predict ... | head`: the reader has all it wanted
+        if not _stdout_broken():
+            raise  # another pipe (a socket, a child's): not ours to hide
         _quiet_stdout()
         return 141  # as a tool killed by SIGPIPE (128 + 13) ends, for a shell's pipefail
+
+
+def _stdout_broken() -> bool:
+    """stdout's reader has left: the write end of a pipe with no reader polls as an error."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        return False
 
 
 def _quiet_stdout() -> None:

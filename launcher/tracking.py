@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
 import os
 import secrets
 import sys
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
 
 LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag by which MLflow's UI knows a table artifact
 DERIVED = "derived."
+
+
+def _current(params: dict, key: str) -> str:
+    """A param's value as the run stands: its latest resumed_at_<step>.<key> change's new value,
+    else the first attempt's (a requeue after an extension is no change of its own)."""
+    changes = [(int(m.group(1)), v) for k, v in params.items() if (m := re.fullmatch(rf"resumed_at_(\d+)\.{re.escape(key)}", k))]
+    return max(changes)[1].rsplit(" -> ", 1)[-1] if changes else params[key]
 WANDB_STEP = "train/global_step"  # W&B's x-axis: the optimizer step (see WandbTracker)  # params the run computes (steps, accumulation, counts), not the config
 
 
@@ -482,9 +490,9 @@ class MLflowTracker(Tracker):
             # config's changes come listed (config_changes.params); a derived value they moved
             # (total steps after an extension, accumulation after a batch change) is added at
             # the step it changed, or the run would show the first attempt's as current.
-            moved = {f"resumed_at_{resumed_at}.{k}": f"{existing[k]} -> {str(v)[:6000]}"
+            moved = {f"resumed_at_{resumed_at}.{k}": f"{_current(existing, k)} -> {str(v)[:6000]}"
                      for k, v in params.items() if resumed_at is not None and k.startswith(DERIVED)
-                     and k in existing and existing[k] != str(v)[:6000]
+                     and k in existing and _current(existing, k) != str(v)[:6000]
                      and f"resumed_at_{resumed_at}.{k.removeprefix(DERIVED)}" not in params}
             items = [Param(k, str(v)[:6000]) for k, v in (params | moved).items() if k not in existing]
             for i in range(0, len(items), 100):

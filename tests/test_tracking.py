@@ -513,3 +513,26 @@ def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypat
                 for r in records if r.HasField("history")]
         assert [(int(r["train/global_step"]), next(k for k in r if not k.startswith("_") and k != "train/global_step"
                                                     ).split("/sha256")[0]) for r in rows] == logged
+
+
+def test_a_derived_value_is_recorded_where_it_changed_and_not_at_each_requeue(tmp_path):
+    """MLflow keeps a param's first value: an extension (12 -> 18 steps, resumed at 6) records
+    resumed_at_6.derived.total_steps; a requeue at 12 with nothing changed records nothing (it
+    compared with the first value and claimed the change again); another extension at 15 records
+    18 -> 24, from the value as the run stood."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(uri, "exp", "run", None, None, {})
+    first.log_params({"derived.total_steps": 12, "train.lr": 0.001})
+    first.finish()
+    for resumed_at, total in ((6, 18), (12, 18), (15, 24)):
+        again = MLflowTracker(uri, "exp", "run", first.run_id, None, {})
+        again.log_params({"derived.total_steps": total, "train.lr": 0.001}, resumed_at=resumed_at)
+        again.finish()
+    params = MlflowClient(tracking_uri=uri).get_run(first.run_id).data.params
+    assert {k: v for k, v in params.items() if "total_steps" in k} == {
+        "derived.total_steps": "12", "resumed_at_6.derived.total_steps": "12 -> 18",
+        "resumed_at_15.derived.total_steps": "18 -> 24"}

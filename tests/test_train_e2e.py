@@ -129,6 +129,11 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
         assert [{k: v for k, v in p.items() if k != "id"} for p in again] == preds, path
         # each row written back with its prediction: an id column joins it to the input (it was dropped)
         assert [p.get("id") for p in again] == (["0", "1"] if path == table else [None, None]), path  # (CSV cells: text)
+    # A gold label in the input stays beside the prediction (it was overwritten by it).
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"text": t, "label": "fair"}) + "\n" for t in texts))
+    back = [json.loads(l) for l in check(launcher("predict", str(run / "model"), "--input", str(gold))).stdout.splitlines()]
+    assert [(p["input_label"], p["label"]) for p in back] == [("fair", "unfair"), ("fair", "fair")]
     # JSON rows or a tab-separated table in a file read as plain lines: each line was "a clause".
     for name, content, said in (("x.ndjson", json.dumps({"text": texts[0]}) + "\n", "its lines are JSON rows, read only "
                                  "from a .jsonl file; rename it"),
@@ -149,6 +154,29 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
                             f"--input {many} | head -1"], capture_output=True, text=True)
     assert piped.returncode == 141 and "Traceback" not in piped.stderr, piped.stderr[-2000:]
     assert json.loads(piped.stdout)["label"] == "unfair"
+    # A broken pipe that is not stdout's is not hidden as one.
+    from launcher import cli
+
+    def broken(args):
+        raise BrokenPipeError("a socket")
+
+    cli.COMMANDS["env"], env = broken, cli.COMMANDS["env"]
+    try:
+        with pytest.raises(BrokenPipeError):
+            cli.main(["env"])
+    finally:
+        cli.COMMANDS["env"] = env
+    # --output onto a link replaces the file it leads to, keeping the link and the file's mode;
+    # onto something that is not a file (/dev/null), writes into it.
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_text("old\n")
+    os.chmod(real, 0o640)
+    link.symlink_to(real)
+    check(launcher("predict", str(run / "model"), "--input", str(clauses), "--output", str(link)))
+    assert link.is_symlink() and real.stat().st_mode & 0o777 == 0o640
+    assert [json.loads(l)["label"] for l in real.read_text().splitlines()] == ["unfair", "fair"]
+    check(launcher("predict", str(run / "model"), "--input", str(clauses), "--output", os.devnull))
+    assert Path(os.devnull).is_char_device()
 
 
 def _weights(run: Path) -> dict:
@@ -333,7 +361,13 @@ def test_export_cli_turns_a_checkpoint_into_the_same_model(trained_binary, tmp_p
     out = tmp_path / "exported"
     (tmp_path / "exported.tmp").mkdir()  # a user's own, beside OUT_DIR: it was removed unasked
     (tmp_path / "exported.tmp" / "notes.txt").write_text("mine")
-    proc = check(launcher("export", str(ckpt), str(out)))
+    (tmp_path / ".exported.export-k1ll3d").mkdir()  # what a killed export of it left
+    skeleton_mode = (ckpt / "skeleton").stat().st_mode
+    os.chmod(ckpt / "skeleton", 0o700)  # the copied skeleton's mode is not OUT_DIR's
+    try:
+        proc = check(launcher("export", str(ckpt), str(out)))
+    finally:
+        os.chmod(ckpt / "skeleton", skeleton_mode)
     assert (tmp_path / "exported.tmp" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")) == []  # no temporary left
     mask = os.umask(0o022)
