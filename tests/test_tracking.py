@@ -473,7 +473,7 @@ def _wandb_records(path: Path) -> list:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a record still being written
             break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
@@ -506,9 +506,15 @@ def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypat
     for run, logged in zip(runs, ([(1, "train/loss"), (2, "train/loss"), (3, "train/loss"), (3, "eval/loss")],
                                   [(2, "train/loss"), (3, "train/loss"), (3, "generations")])):
         (log,) = run.glob("run-*.wandb")
-        records = _wandb_records(log)
-        axes = {(m.metric.glob_name or m.metric.name, m.metric.step_metric) for m in records if m.HasField("metric")}
-        assert ("*", "train/global_step") in axes and ("train/global_step", "") in axes
+        deadline = time.monotonic() + 60  # wandb's service may still be writing the file after finish() (seen in CI)
+        while True:
+            records = _wandb_records(log)
+            axes = {(m.metric.glob_name or m.metric.name, m.metric.step_metric) for m in records if m.HasField("metric")}
+            written = sum(r.HasField("history") for r in records)
+            if (("*", "train/global_step") in axes and written >= len(logged)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert ("*", "train/global_step") in axes and ("train/global_step", "") in axes, (log.stat().st_size, len(records))
         rows = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
                 for r in records if r.HasField("history")]
         def logged_as(row: dict) -> str:  # a table is logged as several keys: generations/_type, /sha256, ...
