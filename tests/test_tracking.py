@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, wandb_records
 from launcher.tracking import Sender
 
 
@@ -458,31 +458,6 @@ def test_a_resumed_run_s_generations_table_in_mlflow_is_the_local_record(tmp_pat
     assert tags == [{"path": "generations.json", "type": "table"}]
 
 
-def _wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file: a 7-byte header (':W&B', magic, version), then
-    LevelDB-log chunks (crc, length, type: full/first/middle/last) in 32 KiB blocks, each
-    record a protobuf wandb_internal_pb2.Record. (wandb ships no reader for it.)"""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, out, buf = path.read_bytes(), 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 or pos + 7 + length > len(data):  # the end, or a record still being written
-            break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            out.append(pb.Record.FromString(buf))
-            buf = b""
-    return out
-
-
 def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypatch):
     """W&B drops a log at an internal step below its last one, so a resumed run's re-run steps
     kept the killed attempt's values there. Every metric now carries the optimizer step as
@@ -508,7 +483,7 @@ def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypat
         (log,) = run.glob("run-*.wandb")
         deadline = time.monotonic() + 60  # wandb's service may still be writing the file after finish() (seen in CI)
         while True:
-            records = _wandb_records(log)
+            records = wandb_records(log)
             axes = {(m.metric.glob_name or m.metric.name, m.metric.step_metric) for m in records if m.HasField("metric")}
             written = sum(r.HasField("history") for r in records)
             if (("*", "train/global_step") in axes and written >= len(logged)) or time.monotonic() > deadline:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from launcher import owner
 
-from conftest import FAST, OFFLINE_ENV, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client
+from conftest import FAST, OFFLINE_ENV, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -271,6 +271,15 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     # wandb 0.31 keeps offline history in a binary log with no Python reader; its records
     # hold metric keys as plain protobuf strings, and saved files are copied verbatim.
     (log,) = runs[0].glob("run-*.wandb")
+    # Read as soon as the process has ended (it leaves through os._exit after the atexit hooks,
+    # wandb's teardown among them): every point of metrics.jsonl is in the file, and the run's
+    # exit record closes it, so nothing waits on wandb's service, which a Slurm step's end kills.
+    records = wandb_records(log)
+    local = [json.loads(line) for line in (tmp_path / "ml" / "metrics.jsonl").read_text().splitlines()]
+    points = [(int(float(h["train/global_step"])), sorted(k for k in h if not k.startswith("_") and k != "train/global_step"))
+              for h in ({i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.HasField("history"))]
+    assert points == [(r["step"], sorted(k for k in r if k != "step")) for r in local]
+    assert records[-1].WhichOneof("record_type") == "exit" and records[-1].exit.exit_code == 0
     data = log.read_bytes()
     for key in (b"train/loss", b"eval/macro_f1", b"eval/f1/Arbitration", b"train.global_batch_size", b"team-legal",
                 b"sweep-7", b"group-tos"):
