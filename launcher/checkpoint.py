@@ -1008,13 +1008,18 @@ def _temporary_beside(out_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix))
 
 
+def latest_in(folder: Path) -> Path | None:
+    """The latest complete checkpoint of a run directory or of its checkpoints/ folder, for a
+    line that names the checkpoint to give where one of those was given."""
+    found = complete_checkpoints(folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder)
+    return found[-1][1] if found else None
+
+
 def _not_a_checkpoint(ckpt: Path) -> str:
     """The line for a folder without the marker; a run directory or its checkpoints/ folder
     (given where a checkpoint was meant) gets the checkpoint to give."""
-    folder = ckpt / "checkpoints" if (ckpt / "checkpoints").is_dir() else ckpt
-    sealed = sorted((p for p in folder.glob("step-*") if (p / MARKER).is_file() and p.name[5:].isdigit()),
-                    key=lambda p: int(p.name[5:])) if folder.is_dir() else []
-    hint = f"; its latest complete checkpoint is {sealed[-1]}" if sealed else ""
+    latest = latest_in(ckpt)
+    hint = f"; its latest complete checkpoint is {latest}" if latest else ""
     return f"{ckpt}: not a complete checkpoint (no {MARKER} marker){hint}"
 
 

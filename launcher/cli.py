@@ -447,9 +447,29 @@ RUN_CHECKED = "LAUNCHER_RUN_CHECKED"
 
 def _exported_task(model_dir: str) -> str:
     meta = Path(model_dir) / "launcher.json"
-    if not meta.is_file() and (Path(model_dir) / "model" / "launcher.json").is_file():  # a run directory
-        raise UserError(f"MODEL_DIR: {model_dir} is a run directory; its exported model is {Path(model_dir) / 'model'}")
+    if not meta.is_file():
+        _not_an_export(Path(model_dir))
     return json.loads(meta.read_text()).get("task", "classification") if meta.is_file() else "classification"
+
+
+def _not_an_export(folder: Path) -> None:
+    """A run directory, a checkpoint or a checkpoints/ folder given where an exported model was
+    meant: one line that names what to give (transformers said "Should have a model_type key")."""
+    from launcher.checkpoint import MARKER, SKELETON, latest_in
+
+    if (folder / "model" / "launcher.json").is_file():
+        raise UserError(f"MODEL_DIR: {folder} is a run directory; its exported model is {folder / 'model'}")
+    if (folder / MARKER).is_file():
+        raise UserError(f"MODEL_DIR: {folder} is a checkpoint, not an exported model; "
+                        f"`launcher export {folder} OUT_DIR` writes one")
+    if (folder / SKELETON).is_dir():
+        latest = latest_in(folder.parent)
+        raise UserError(f"MODEL_DIR: {folder} is an incomplete checkpoint (no {MARKER} marker)"
+                        + (f"; `launcher export {latest} OUT_DIR` writes a model from the latest complete one" if latest else ""))
+    latest = latest_in(folder)
+    if latest is not None:
+        raise UserError(f"MODEL_DIR: {folder} holds checkpoints but no exported model; "
+                        f"`launcher export {latest} OUT_DIR` writes one from the latest")
 
 
 def cmd_eval(args) -> int:

@@ -98,6 +98,20 @@ def _run_dir_not_model(tmp: Path) -> list[str]:
     return [str(tmp / "run"), "--data", str(tmp / "v.jsonl")]
 
 
+def _checkpoints(given: str, *args: str, sealed: tuple = (4, 8)):
+    """A run directory that holds checkpoints and no exported model (a run still going, or
+    killed); `given` is the folder given as MODEL_DIR, relative to the work folder."""
+    def make(tmp: Path) -> list[str]:
+        for step in (4, 8, 12):
+            ckpt = tmp / "run" / "checkpoints" / f"step-{step:06d}"
+            (ckpt / "skeleton").mkdir(parents=True)
+            if step in sealed:
+                (ckpt / "COMPLETE").write_text("sealed\n")
+        (tmp / "x.txt").write_text("a clause\n")
+        return [str(tmp / given), *[a.format(tmp=tmp) for a in args]]
+    return make
+
+
 ZERO2 = json.loads((CONFIGS / "deepspeed" / "zero2.json").read_text())
 
 # (name, command, config, make, expected start of the error line)
@@ -292,6 +306,18 @@ CASES = [
     ("predict an empty file", "predict", None, _write("x.txt", "\n \n", "no-model", "--input", "{tmp}/x.txt"),
      "--input: {tmp}/x.txt: no rows"),
     ("eval of a run directory", "eval", None, _run_dir_not_model, "MODEL_DIR: {tmp}/run is a run directory; its exported model is {tmp}/run/model"),
+    ("predict with a checkpoint", "predict", None, _checkpoints("run/checkpoints/step-000008", "--input", "{tmp}/x.txt"),
+     "MODEL_DIR: {tmp}/run/checkpoints/step-000008 is a checkpoint, not an exported model; "
+     "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes one"),  # (transformers: "Should have a model_type key")
+    ("eval with a run's checkpoints folder", "eval", None, _checkpoints("run/checkpoints", "--data", "{tmp}/x.txt"),
+     "MODEL_DIR: {tmp}/run/checkpoints holds checkpoints but no exported model; "
+     "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes one from the latest"),
+    ("generate with a run directory that has no model yet", "generate", None, _checkpoints("run", "--prompt", "hi"),
+     "MODEL_DIR: {tmp}/run holds checkpoints but no exported model; "
+     "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes one from the latest"),  # (it said: not a causal-LM export)
+    ("predict with an unfinished checkpoint", "predict", None, _checkpoints("run/checkpoints/step-000012", "--input", "{tmp}/x.txt"),
+     "MODEL_DIR: {tmp}/run/checkpoints/step-000012 is an incomplete checkpoint (no COMPLETE marker); "
+     "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes a model from the latest complete one"),
     ("predict into a place that takes no file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input",
                                                                         "{tmp}/x.txt", "--output", "/proc/p.jsonl"),
      "--output: /proc/p.jsonl: cannot create a file in /proc (No such file or directory)"),  # before the model loads
