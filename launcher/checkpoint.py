@@ -25,6 +25,7 @@ from pathlib import Path
 
 from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError, UserError
+from launcher.files import process_umask, write_atomically
 from launcher.config_changes import RUN_CONFIG  # in a checkpoint: the run config it was written under
 from launcher.owner import read_owner, started_from, went_back_to
 from launcher.preemption import INTERRUPTED
@@ -632,18 +633,6 @@ def sync_tree(root: Path) -> None:
         sync_dir(Path(dirpath))
 
 
-def process_umask() -> int:
-    try:  # (Linux 4.7+) read without setting it: os.umask would change it for every thread a moment
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def readable_weights(root: Path) -> None:
     """safetensors (0.8) creates its files 0600 whatever the umask: in an export or a checkpoint
     the weights were the one file a teammate (the group, under a umask of 002 or 022) could not
@@ -841,7 +830,8 @@ def main_writes_others_wait(rt, write, where: Path, what: str) -> None:
             write()
         except BaseException as e:
             try:
-                failed.write_text(f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}")  # (two paths fit)
+                # whole or not at all: a waiting rank that sees the file reads all of it
+                write_atomically(failed, f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}")  # (two paths fit)
             except OSError:  # a full disk: rank 0's own error is the one to report (the launcher ends the others)
                 pass
             raise

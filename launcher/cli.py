@@ -535,48 +535,38 @@ class _Output:
     else (/dev/stdout, a FIFO, /dev/null) is opened and written as it is."""
 
     def __init__(self, output: str | None):
-        self.path, self.tmp = (Path(output) if output else None), None
+        self.path, self.replacement = (Path(output) if output else None), None
         if self.path is None:
             return
         if self.path.is_dir() or not self.path.parent.is_dir():
             raise UserError(f"--output: {self.path}: " + ("is a directory" if self.path.is_dir() else
                                                           f"no such directory {self.path.parent}"))
-        self.target = Path(os.path.realpath(self.path))  # where a link leads: the file replaced
-        if self.target.exists() and not self.target.is_file():
+        target = Path(os.path.realpath(self.path))  # where a link leads: the file replaced
+        if target.exists() and not target.is_file():
             return
-        import tempfile
+        from launcher.files import Replacement
 
         try:
-            fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+            self.replacement = Replacement(target)
         except OSError as e:
-            raise UserError(f"--output: {self.path}: cannot create a file in {self.target.parent} ({e.strerror})") from None
-        os.close(fd)
-        self.tmp = Path(name)
+            raise UserError(f"--output: {self.path}: cannot create a file in {target.parent} ({e.strerror})") from None
 
     def write(self, lines) -> None:
         if self.path is None:
             sys.stdout.writelines(lines)
             return
-        if self.tmp is None:
+        if self.replacement is None:
             with open(self.path, "w") as f:
                 f.writelines(lines)
             return
-        from launcher.checkpoint import process_umask
-
         try:
-            with open(self.tmp, "w") as f:
-                f.writelines(lines)
-            mode = self.target.stat().st_mode & 0o7777 if self.target.exists() else 0o666 & ~process_umask()
-            os.chmod(self.tmp, mode)  # (mkstemp's 0600 would be the output's mode)
-            os.replace(self.tmp, self.target)
+            self.replacement.commit("".join(lines))
         except OSError as e:
             raise UserError(f"--output: {self.path}: {e.strerror}; nothing written") from None
-        finally:
-            self.tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
+        if self.replacement is not None:
+            self.replacement.discard()
 
 
 def cmd_predict(args) -> int:

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from launcher.files import write_atomically
+
 # Another run when changed (prefixes match whole sections or keys).
 # eval.metric too: the best checkpoint, its rotation and early stopping compare values of one metric.
 RUN_DEFINING = ("task", "model.name", "model.tiny.", "model.lora.", "model.revision", "model.dtype", "model.pooling",
@@ -186,9 +188,7 @@ def record(run_dir: Path, step: int, diff: dict, cfg) -> None:
     with open(run_dir / "config_history.jsonl", "a") as f:
         f.write(json.dumps({"time": time.time(), "resumed_at_step": step,
                             "changed": {k: [was, now] for k, (was, now) in diff.items()}}, default=str) + "\n")
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_yaml(cfg))
-    tmp.replace(run_dir / "config.yaml")
+    write_atomically(run_dir / "config.yaml", dump_yaml(cfg))
 
 
 def follow_schedule(scheduler, optimizer, diff: dict, lr: float, weight_decay: float, always: bool = False) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from launcher import models
 from launcher.config import TINY_MODEL
 from launcher.errors import ConfigError
+from launcher.files import write_atomically
 
 SMALL = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*", "*.vocab", "merges.txt"]
 WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
@@ -142,11 +143,11 @@ def resolve(model_cfg, rt, cache=None) -> bool | None:
         try:
             path = fetch(model_cfg)
         except ConfigError as e:
-            failed.write_text(e.problems[0])
+            write_atomically(failed, e.problems[0])  # whole: a rank that sees it reads all of it
             _wait_for_acks(stem, peers - 1)
             probe.unlink(missing_ok=True)
             raise
-        done.write_text(path)
+        write_atomically(done, path)
     else:
         path = _wait_for_fetch(stem, rt.rank, f"{'rank 0' if shared else 'local rank 0'} to fetch {model_cfg.name}")
     models.LOCAL[key] = path

@@ -10,6 +10,7 @@ import os
 import threading
 from pathlib import Path
 
+from launcher.files import write_atomically
 from launcher.trust import MARKER
 
 OWNER_FILE = "job.json"
@@ -36,9 +37,7 @@ def record_owner(run_dir: Path, job_id: str | None, tracker_ids: dict | None = N
         owner["started_from"] = source
     if went_back_to is not None or before.get("went_back_to"):
         owner["went_back_to"] = str(went_back_to.resolve()) if went_back_to is not None else before["went_back_to"]
-    tmp = run_dir / f".{OWNER_FILE}.tmp"
-    tmp.write_text(json.dumps(owner))
-    tmp.replace(run_dir / OWNER_FILE)
+    write_atomically(run_dir / OWNER_FILE, json.dumps(owner))
 
 
 def newer_than(run_dir: Path, checkpoint: Path) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher.files import write_atomically
+
 HEADLINE = ("macro_f1", "micro_f1", "accuracy", "exact_match", "choice_accuracy", "choice_macro_f1", "loss", "perplexity")
 
 
@@ -35,14 +37,14 @@ def record_generations(run_dir: Path, step: int, rows: list[dict], tracker) -> N
     path = run_dir / "generations.jsonl"
     old = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
     entries = [e for e in old if e["step"] < step] + [{"step": step, **r} for r in rows]
-    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    write_atomically(path, "".join(json.dumps(e) + "\n" for e in entries))  # the earlier evaluations' too
     steps = sorted({e["step"] for e in entries})
     prompts = list(dict.fromkeys(e["prompt"] for e in entries))
     cell = {(e["step"], e["prompt"]): e["response"].replace("|", "\\|").replace("\n", " ") for e in entries}
     lines = ["| prompt | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for p in prompts:
         lines.append(f"| {p} | " + " | ".join(cell.get((s, p), "") for s in steps) + " |")
-    (run_dir / "generations.md").write_text("\n".join(lines) + "\n")
+    write_atomically(run_dir / "generations.md", "\n".join(lines) + "\n")
     tracker.log_artifact(path)
     tracker.log_artifact(run_dir / "generations.md")
     tracker.log_table([{"step": e["step"], "prompt": e["prompt"], "response": e["response"]} for e in entries], "generations", step)
@@ -59,9 +61,7 @@ def record_predictions(run_dir: Path, step: int, rows: list[dict], answers: list
         if answers and "choice" in r:
             record["choice"] = answers[r["choice"]]
         lines.append(json.dumps(record) + "\n")
-    tmp = out / f"step-{step:06d}.jsonl.tmp"
-    tmp.write_text("".join(lines))
-    tmp.replace(out / f"step-{step:06d}.jsonl")
+    write_atomically(out / f"step-{step:06d}.jsonl", "".join(lines))
 
 
 def per_class_f1(final: dict) -> dict:

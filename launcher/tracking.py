@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 from launcher import __version__
 from launcher.config import TrackingConfig, redact_text, redact_uri
 from launcher.errors import ConfigError, UserError
+from launcher.files import write_atomically
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
@@ -767,9 +768,7 @@ class JsonlTracker(Tracker):
             if bad := sum(r is None for r in records):
                 print(f"warning: {path}: {bad} line(s) cut short by an earlier attempt skipped", file=sys.stderr, flush=True)
             if resume_step is not None or bad or not text.endswith("\n") and text:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(l + "\n" for l in kept))
-                tmp.replace(path)
+                write_atomically(path, "".join(l + "\n" for l in kept))
         self._f = open(path, "a")
 
     def records(self) -> list[dict]:

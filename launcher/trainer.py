@@ -35,6 +35,7 @@ from launcher import (config_changes, faults, hub, models, owner, preemption, re
 from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
 from launcher.data import batching
 from launcher.errors import ConfigError, DataError
+from launcher.files import write_atomically
 from launcher.preemption import INTERRUPTED
 from launcher.runtime import build_runtime, resolve_launch
 from launcher.tasks import modeling
@@ -749,7 +750,7 @@ def _prepare_run_dir(cfg: RunConfig, rt, start: ckpt_lib.Start) -> Path:
         if refused is not None:
             return refused
         if start.checkpoint is None or start.forked_from is not None:
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            write_atomically(run_dir / "config.yaml", dump_yaml(cfg))
             owner.record_owner(run_dir, rt.job_id, start.tracker_ids, start.forked_from)
             (run_dir / INTERRUPTED).unlink(missing_ok=True)  # this attempt restarts in place
         elif start.went_back:
@@ -921,7 +922,7 @@ def _track_best(state, metrics: dict, metric: str, higher_is_better: bool, patie
 
 
 def _write_outputs(run_dir: Path, summary: dict, tracker) -> None:
-    (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+    write_atomically(run_dir / "final_metrics.json", json.dumps(summary, indent=1))
     tracker.flush()
     plot = report.plot_run(run_dir / "metrics.jsonl", summary["after"], run_dir / "training.png")
     for path in (run_dir / "config.yaml", run_dir / "final_metrics.json", plot):

@@ -40,6 +40,7 @@ import hmac
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from launcher.errors import ConfigError
@@ -67,11 +68,13 @@ def _key(create: bool) -> bytes | None:
         if not create:
             return None
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(os.urandom(32).hex())
+        # A name of its own (mkstemp, 0600): a PID's name, left by a write that failed (a full
+        # disk), refused every later process of that PID (PIDs repeat in containers) a key.
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
         try:
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex())
             os.link(tmp, path)  # no clobber: a key another job made a moment ago wins
         except FileExistsError:
             pass

@@ -27,6 +27,8 @@ import time
 import traceback
 from pathlib import Path
 
+from launcher.files import write_atomically
+
 # Phases that may be slow without being hung: rank 0 writes the final model or the best
 # evaluation's snapshot (minutes for a big LoRA merge) while the others wait on the file
 # system, in no collective; every rank writes its part of a checkpoint (many minutes at 70B
@@ -78,9 +80,7 @@ class Watchdog:
     def _write_progress(self, stalled_for: float | None = None) -> None:
         record = {"rank": self.rank, "step": self.step, "phase": self.phase, "time": time.time(),
                   "stalled_for_s": stalled_for, "main_thread": f"0x{self.main_ident:016x}"}
-        tmp = self.path(self.rank, "progress.tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.path(self.rank, "progress"))
+        write_atomically(self.path(self.rank, "progress"), json.dumps(record))
 
     def _run(self) -> None:
         poll = min(max(self.timeout_s / 5, 0.2), 5.0)

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launcher.errors import ConfigError, DataError, RunError, UserError
+from launcher.files import write_atomically
 
 CACHE_VERSION = 6  # bump when the layout or the meaning of an entry changes (3: builder recorded; 4: an
 # answer's labels start over its template's spaces, untrained_turns counted; 5: a conversation cut
@@ -306,11 +307,7 @@ class Cache:
 
     @staticmethod
     def _write(lock: Path, data: dict, shared: bool = False) -> None:
-        tmp = lock.with_name(f"{lock.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # stage and heartbeat both write
-        tmp.write_text(json.dumps(data))
-        if shared:
-            os.chmod(tmp, 0o664)
-        os.replace(tmp, lock)  # the lock path never stops existing
+        write_atomically(lock, json.dumps(data), 0o664 if shared else None)  # the lock path never stops existing
 
     @staticmethod
     def _remove(lock: Path) -> None:

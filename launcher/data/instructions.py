@@ -23,6 +23,7 @@ from launcher.data.clauses import read_records
 from launcher.data.sources import BadRows
 from launcher.data.prompts import PromptFormat
 from launcher.errors import DataError
+from launcher.files import write_atomically
 
 IGNORE = -100
 ROLES = prompts.ROLES
@@ -520,7 +521,5 @@ def write_instruction_splits(out_dir: str | Path, n_train: int, n_validation: in
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "train.jsonl", out_dir / "validation.jsonl"
     for path, rows in zip(paths, (generate_instructions(n_train, seed), generate_instructions(n_validation, seed + 1))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
     return paths
