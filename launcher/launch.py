@@ -187,6 +187,11 @@ def main() -> None:
 
     signals = _Forwarder()
     signal.signal(signal.SIGINT, signals.sigint)
+    # SIGUSR1 asks the ranks to stop at a step's end (launcher.preemption installs their handler);
+    # here its default action ended the launch, and with it every rank mid-step, when it came to
+    # every process of a Slurm step (`scancel --signal=USR1 JOB`, `#SBATCH --signal=USR1@600`) of
+    # a user's own srun script. slurm/train.sh ignored it for the launch already (trap "" USR1).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _exit_when_stuck(signals)
     import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser

@@ -229,6 +229,31 @@ def test_a_sigterm_to_an_accelerate_launch_gives_the_ranks_their_grace_and_exits
     assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
 
 
+def test_a_usr1_to_every_process_of_a_launch_stops_the_ranks_at_a_step_and_the_launch_lives(tmp_path):
+    """A user's own srun of `launcher train --accelerate-config` (the command `launcher plan`
+    prints): `scancel --signal=USR1 JOB` or `#SBATCH --signal=USR1@600` signals every process
+    of the step, the node's launch among them. Its default action ended the launch (exit -10),
+    and torchrun's ranks with it, mid-step; now the launch ignores it and the ranks checkpoint."""
+    import psutil
+
+    run = tmp_path / "r"
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = _start(tmp_path, *_ports(DDP), env={"LAUNCHER_STALL": "0:2:8"}, stderr=sink)
+    deadline = time.time() + 300
+    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # inside step 2 for 8 s
+        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.05)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGUSR1)
+    out, _ = communicate_or_kill(proc, 300)
+    err = errors.read_text()
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, out[-3000:], err[-3000:])
+    stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
+    assert stopped == ["stopped at step 2 (SIGUSR1); checkpoint saved; run the same command again to resume"], out[-3000:]
+    assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
 def test_ranks_that_outlive_the_grace_after_a_sigterm_are_killed_by_the_launch(tmp_path):
     """The launch forwards a SIGTERM itself (torchrun's handling exited 143 after a clean stop),
     so it also keeps torchrun's promise: ranks still running TORCH_ELASTIC_SHUTDOWN_TIMEOUT
