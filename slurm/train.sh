@@ -151,7 +151,10 @@ PREEMPTED=0
 on_warning() {
     PREEMPTED=1
     echo "launcher: caught the time-limit warning; asking every rank to checkpoint and stop"
-    touch "$LAUNCHER_STOP_FILE"
+    # Not under `set -e`: a touch that fails (a full or stale shared file system) ended this
+    # script with srun still running, and Slurm then killed the ranks mid-step.
+    touch "$LAUNCHER_STOP_FILE" || echo "launcher: warning: cannot create the stop file $LAUNCHER_STOP_FILE;" \
+        "the ranks were not asked to stop" >&2
 }
 trap on_warning USR1 TERM
 

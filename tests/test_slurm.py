@@ -251,6 +251,16 @@ def test_a_warning_the_run_did_not_stop_for_requeues_nothing(tmp_path):
     assert not (tmp_path / "requeued").exists()
 
 
+def test_a_stop_file_that_cannot_be_created_is_a_warning_and_the_job_waits_for_its_ranks(tmp_path):
+    """The warning's trap ran under `set -e`: a touch that failed (a full or stale shared file
+    system; here a directory that does not exist) ended the batch script with srun still
+    running, so Slurm killed the ranks mid-step. The trap now warns and the script waits."""
+    signals_the_script = '#!/bin/bash\nkill -USR1 $PPID\nsleep 1\necho "trained"\n'  # srun's stub execs it: $PPID is the script
+    proc = _stubbed(tmp_path, "", signals_the_script, LAUNCHER_STOP_FILE=str(tmp_path / "no-such-dir" / "stop"))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert "caught the time-limit warning" in proc.stdout and "trained" in proc.stdout
+    assert f"launcher: warning: cannot create the stop file {tmp_path / 'no-such-dir' / 'stop'}; the ranks were not asked to stop" in proc.stderr
+
 @pytest.mark.parametrize("why", ["SIGUSR1", "SIGTERM"])
 def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):
     """`scancel --signal=USR1 JOB` (without --batch) reaches the ranks, not the batch script: they
