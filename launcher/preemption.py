@@ -10,9 +10,10 @@ end of the step in progress and exit (runtime.watch_signals). Whoever sent it ki
   does the same itself. Those two raise it (GRACE_DEFAULT_S, SIGNAL_LEAD_S) unless it is
   set, so that the scheduler's own grace decides; a direct `accelerate launch` keeps 30 s
   unless the variable is exported.
-- Slurm preemption SIGTERMs every process of the job and SIGKILLs them after the partition's
-  GraceTime; a time limit, after KillWait (slurm/train.sh stops the ranks SIGNAL_LEAD_S
-  earlier through the stop file instead).
+- Slurm preemption SIGTERMs the job and SIGKILLs it after the partition's GraceTime; a time
+  limit, after KillWait (slurm/train.sh stops the ranks SIGNAL_LEAD_S earlier through the stop
+  file instead). A SIGTERM that also reaches srun makes srun SIGKILL the ranks at once, so
+  under srun the stop file is the grace that counts (slurm/train.sh's header).
 
 So the step in progress plus one checkpoint must fit in that grace. This module measures both
 in the run and warns once when they do not fit, and on the signal rank 0 says at once how far

@@ -36,8 +36,12 @@
 # sees it at the end of a step, the ranks agree on that step, checkpoint it and exit cleanly; then
 # the job requeues itself (when launcher said it stopped early: LAUNCHER_STOP_FILE.stopped) and
 # the requeued job resumes from that checkpoint into the same MLflow run.
-# Preemption (PreemptMode=REQUEUE/CANCEL) SIGTERMs every process at once: the ranks checkpoint
-# the step in progress and exit, within the partition's GraceTime (Slurm's default is 0: no grace).
+# A SIGTERM that reaches srun itself (the time limit, `scancel --full`, a preemption that signals
+# the batch step) makes srun SIGKILL the ranks at once ("srun: forcing job termination"; tested),
+# so the stop file is the grace that counts: at preemption, ask the admins for
+# PreemptParameters=send_user_signal, which sends this header's B:USR1 when the job is preempted.
+# A SIGTERM sent to the job step alone (`scancel --signal=TERM JOB`) reaches the node's launch and
+# the ranks, not srun: they checkpoint the step in progress and exit.
 #SBATCH --job-name=launcher
 #SBATCH --nodes=1
 #SBATCH --exclusive
@@ -89,8 +93,9 @@ THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
 # torchrun would set 1 thread per rank whenever a node runs several; set it from the CPUs instead.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS_PER_RANK}
 SIGNAL_LEAD_S=${SIGNAL_LEAD_S:-600}
-# After a SIGTERM (preemption, scancel) the node's launch gives the ranks this long to checkpoint
-# before it SIGKILLs them (torch's default is 30 s); Slurm's GraceTime / KillWait then decide.
+# After a SIGTERM to the job step the node's launch gives the ranks this long to checkpoint
+# before it SIGKILLs them (torch's default is 30 s); Slurm's GraceTime / KillWait then decide,
+# unless the SIGTERM also reached srun, which SIGKILLs the ranks at once (see the header).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 # sed reads the whole list: `head -n1` may exit first, and scontrol's SIGPIPE under pipefail
 # ended the job without a word.

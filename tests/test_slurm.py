@@ -149,6 +149,25 @@ def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_sam
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
+def test_a_sigterm_that_reaches_srun_kills_the_ranks_at_once(cluster, tmp_path):
+    """A fact of Slurm (22.05 here) the README's grace rests on: srun answers a SIGTERM of its own
+    by SIGKILLing the step's tasks ("srun: forcing job termination"), whatever grace the ranks
+    would have. A time limit, `scancel --full` and a preemption that signals the batch step
+    signal srun too, so under slurm/train.sh the grace that counts is the stop file's (the
+    script's timer, `--signal=B:USR1`, `scancel --signal=USR1 --batch`): the ranks stop first."""
+    job, proc = sbatch(cluster, tmp_path, *STEPS, nodes="2", LAUNCHER_STALL="0:2:30")
+    assert proc.returncode == 0, proc.stderr
+    log = tmp_path / f"slurm-{job}.out"
+    deadline = time.time() + 600
+    while not log.is_file() or "LAUNCHER_STALL: rank 0 sleeps" not in log.read_text():  # in step 2 for 30 s
+        assert time.time() < deadline and cluster.job_state(job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--full", "--signal=TERM", job], env=cluster.env, check=True, timeout=30)
+    state = cluster.wait_job(job, timeout=300)
+    text = log.read_text()
+    assert state["JobState"] == "FAILED" and "srun: forcing job termination" in text, (state, text[-3000:])
+    assert "stopped at step" not in text and not (tmp_path / "clause_tiny" / "checkpoints" / "step-000002").exists()
+
 def test_whole_nodes_by_default_and_oversubscribe_on_the_command_line_undoes_it(cluster):
     """The header's --exclusive (the node's CPUs for our ranks) yields to `sbatch --oversubscribe`
     where whole nodes cannot be had (Slurm 22.05: command-line options beat #SBATCH lines)."""
