@@ -203,14 +203,22 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_resumes_exactly(tmp_
     assert _steps_logged(tmp_path) == list(range(1, 13))
 
 
-@pytest.mark.parametrize("launch", ["one", "ddp"])
-def test_a_sigterm_to_an_accelerate_launch_gives_the_ranks_their_grace_and_exits_as_they_did(tmp_path, launch):
+@pytest.mark.parametrize("launch, sig, to_every_process", [("one", "SIGTERM", False), ("ddp", "SIGTERM", False),
+                                                          ("ddp", "SIGUSR1", True)])
+def test_a_signal_to_an_accelerate_launch_gives_the_ranks_their_grace_and_exits_as_they_did(tmp_path, launch, sig,
+                                                                                           to_every_process):
     """A one-process accelerate config does not go through torchrun: accelerate's simple
     launcher SIGKILLed its process 5 s after a SIGTERM, so a step plus checkpoint longer than
     that was lost (no checkpoint, exit -9). Now the SIGTERM is forwarded and the process has
     TORCH_ELASTIC_SHUTDOWN_TIMEOUT: here it ends an 8 s step, checkpoints and exits cleanly.
     On two ranks torchrun forwarded it, and the launch exited 143 after ranks that had
-    checkpointed and exited 0 (accelerate's 128 + N), which slurm/train.sh does not requeue."""
+    checkpointed and exited 0 (accelerate's 128 + N), which slurm/train.sh does not requeue.
+    SIGUSR1 to every process (a user's own srun of `launcher train --accelerate-config`, the
+    command `launcher plan` prints, and `scancel --signal=USR1 JOB` or `--signal=USR1@600`):
+    its default action ended the launch (exit -10), and torchrun's ranks with it, mid-step;
+    now the launch ignores it and the ranks checkpoint."""
+    import psutil
+
     run = tmp_path / "r"
     errors = tmp_path / "stderr.txt"
     flags = ["--accelerate-config", str(CONFIGS / "accelerate" / "cpu.yaml")] if launch == "one" else _ports(DDP)
@@ -220,39 +228,17 @@ def test_a_sigterm_to_an_accelerate_launch_gives_the_ranks_their_grace_and_exits
     while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # inside step 2 for 8 s
         assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # to the launch only, as `kill PID` or a container stop sends it
-    out, _ = communicate_or_kill(proc, 300)
-    err = errors.read_text()
-    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, out[-3000:], err[-3000:])
-    stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
-    assert stopped == ["stopped at step 2 (SIGTERM); checkpoint saved; run the same command again to resume"], out[-3000:]
-    assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
-
-
-def test_a_usr1_to_every_process_of_a_launch_stops_the_ranks_at_a_step_and_the_launch_lives(tmp_path):
-    """A user's own srun of `launcher train --accelerate-config` (the command `launcher plan`
-    prints): `scancel --signal=USR1 JOB` or `#SBATCH --signal=USR1@600` signals every process
-    of the step, the node's launch among them. Its default action ended the launch (exit -10),
-    and torchrun's ranks with it, mid-step; now the launch ignores it and the ranks checkpoint."""
-    import psutil
-
-    run = tmp_path / "r"
-    errors = tmp_path / "stderr.txt"
-    with open(errors, "w") as sink:
-        proc = _start(tmp_path, *_ports(DDP), env={"LAUNCHER_STALL": "0:2:8"}, stderr=sink)
-    deadline = time.time() + 300
-    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # inside step 2 for 8 s
-        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
-        time.sleep(0.05)
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+    # to the launch only, as `kill PID` or a container stop sends it; or to every process of it
+    for p in [psutil.Process(proc.pid), *(psutil.Process(proc.pid).children(recursive=True) if to_every_process else [])]:
         with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGUSR1)
+            p.send_signal(getattr(signal, sig))
     out, _ = communicate_or_kill(proc, 300)
     err = errors.read_text()
     assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, out[-3000:], err[-3000:])
     stopped = [x for x in out.splitlines() if x.startswith("stopped at step")]
-    assert stopped == ["stopped at step 2 (SIGUSR1); checkpoint saved; run the same command again to resume"], out[-3000:]
+    assert stopped == [f"stopped at step 2 ({sig}); checkpoint saved; run the same command again to resume"], out[-3000:]
     assert (run / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
 
 def test_ranks_that_outlive_the_grace_after_a_sigterm_are_killed_by_the_launch(tmp_path):
     """The launch forwards a SIGTERM itself (torchrun's handling exited 143 after a clean stop),
