@@ -832,8 +832,9 @@ def main_writes_others_wait(rt, write, where: Path, what: str) -> None:
             try:
                 # whole or not at all: a waiting rank that sees the file reads all of it
                 write_atomically(failed, f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}")  # (two paths fit)
-            except OSError:  # a full disk: rank 0's own error is the one to report (the launcher ends the others)
-                pass
+            except OSError:  # a full disk: an empty note still stops the others now (rank 0's error is reported)
+                with contextlib.suppress(OSError):
+                    failed.touch()
             raise
         done.write_text("")
     else:

@@ -38,8 +38,9 @@
 # the requeued job resumes from that checkpoint into the same MLflow run.
 # A SIGTERM that reaches srun itself (the time limit, `scancel --full`, a preemption that signals
 # the batch step) makes srun SIGKILL the ranks at once ("srun: forcing job termination"; tested),
-# so the stop file is the grace that counts: at preemption, ask the admins for
-# PreemptParameters=send_user_signal, which sends this header's B:USR1 when the job is preempted.
+# so the stop file is the grace that counts: at preemption, ask the admins for a GraceTime that
+# fits a step plus a checkpoint and PreemptParameters=send_user_signal, with which Slurm sends
+# this header's B:USR1 instead of the SIGTERM when the grace starts.
 # A SIGTERM sent to the job step alone (`scancel --signal=TERM JOB`) reaches the node's launch and
 # the ranks, not srun: they checkpoint the step in progress and exit.
 #SBATCH --job-name=launcher

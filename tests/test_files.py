@@ -16,7 +16,7 @@ LIMITED = """
 import resource, signal, sys
 from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 {body}
 """
 
@@ -101,3 +101,22 @@ except OSError as e:
     assert proc.stdout.strip() == "27", proc.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir()] == ["job.json"]
     assert (tmp_path / "job.json").read_text() == '{"slurm_job_id": "1"}'
+
+
+def test_rank_0_s_failure_note_still_appears_when_its_text_cannot_be_written(tmp_path):
+    """Rank 0 writes a note when its write (an export, a snapshot) fails, and the waiting ranks
+    stop on seeing it. On a full disk the note's text cannot be written; an empty note, which
+    needs no room, still stops them at once (else they wait until the launch kills them)."""
+    proc = _limited(64, """
+from types import SimpleNamespace
+from launcher.checkpoint import main_writes_others_wait
+rt = SimpleNamespace(world_size=2, is_main=True, shared_token=lambda: "t")
+def write():
+    raise OSError(28, "No space left on device: " + "x" * 200)
+try:
+    main_writes_others_wait(rt, write, Path(sys.argv[2]), "the model")
+except OSError as e:
+    print(e.errno)
+""", str(tmp_path))
+    assert proc.stdout.strip() == "28", proc.stderr[-2000:]  # rank 0's own error is the one raised
+    assert [p.name for p in tmp_path.iterdir()] == [".failed-t"]
