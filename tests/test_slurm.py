@@ -168,6 +168,7 @@ def test_a_sigterm_that_reaches_srun_kills_the_ranks_at_once(cluster, tmp_path):
     assert state["JobState"] == "FAILED" and "srun: forcing job termination" in text, (state, text[-3000:])
     assert "stopped at step" not in text and not (tmp_path / "clause_tiny" / "checkpoints" / "step-000002").exists()
 
+
 def test_whole_nodes_by_default_and_oversubscribe_on_the_command_line_undoes_it(cluster):
     """The header's --exclusive (the node's CPUs for our ranks) yields to `sbatch --oversubscribe`
     where whole nodes cannot be had (Slurm 22.05: command-line options beat #SBATCH lines)."""
@@ -279,6 +280,7 @@ def test_a_stop_file_that_cannot_be_created_is_a_warning_and_the_job_waits_for_i
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     assert "caught the time-limit warning" in proc.stdout and "trained" in proc.stdout
     assert f"launcher: warning: cannot create the stop file {tmp_path / 'no-such-dir' / 'stop'}; the ranks were not asked to stop" in proc.stderr
+
 
 @pytest.mark.parametrize("why", ["SIGUSR1", "SIGTERM"])
 def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):

@@ -200,7 +200,6 @@ def test_a_key_that_cannot_be_made_never_costs_a_checkpoint(tmp_path):
     assert f"resuming from {step2}" in resumed.stdout.splitlines() and (tmp_path / "r" / "model").is_dir()
 
 
-
 def test_a_key_is_made_beside_a_temporary_a_failed_attempt_left(tmp_path, monkeypatch):
     """The key was written through a temporary named by the process id and created exclusively:
     one left by a write that failed (a full disk) refused every later process with that id (ids
@@ -217,6 +216,7 @@ def test_a_key_is_made_beside_a_temporary_a_failed_attempt_left(tmp_path, monkey
     assert key is not None and len(key) == 32 and path.read_text().strip() == key.hex()
     assert path.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == [f".{path.name}.{os.getpid()}.tmp", path.name]
+
 
 CUSTOM_CODE = """import os, pathlib
 pathlib.Path(os.environ["CUSTOM_CODE_RAN"]).write_text("ran")
