@@ -68,7 +68,8 @@ def test_training_text_is_the_generation_prompt_plus_the_answer(template, system
         start, end = spans[-1]  # the span starts over the template's spaces ("[bot] ")
         assert text[:start] == prompt and text[start:end].lstrip(" ") == prompts.answer(row) + t.eos_token
         ids, labels = encode(row, fmt, t)
-        prompt_ids = prompts.token_ids(prompt, t)
+        prompt_ids = prompts.prompt_ids(row, fmt, t)
+        assert t.decode(prompt_ids, skip_special_tokens=True) == t.decode(prompts.token_ids(prompt, t), skip_special_tokens=True)
         assert ids[: len(prompt_ids)] == prompt_ids and last_answer_start(labels) == len(prompt_ids)
         if system and "messages" not in row:  # the configured system prompt reaches rows without one
             assert system in prompt
@@ -109,13 +110,86 @@ def test_a_template_ending_in_a_space_trains_the_answers_first_word(bpe_tok, row
     assert " Paris" in bpe_tok.convert_tokens_to_string(bpe_tok.convert_ids_to_tokens(bpe_tok(" Paris")["input_ids"]))
     assert bpe_tok.decode([x for x in labels if x != IGNORE]) == " Paris</s>"
     prompt = prompts.prompt_text(row, fmt, bpe_tok)
-    assert not prompt.endswith(" ") and prompts.token_ids(prompt, bpe_tok) == ids[: last_answer_start(labels)]
+    assert not prompt.endswith(" ") and prompts.prompt_ids(row, fmt, bpe_tok) == ids[: last_answer_start(labels)]
     bare = prompts.prompt_text({k: v for k, v in row.items() if k != "output"} if "messages" not in row
                                else {"messages": row["messages"][:1]}, fmt, bpe_tok)
     assert bare == prompt
     # An export written before the rule trained with the spaces in its prompt: it keeps them.
     old = PromptFormat.from_json({"prompt": {k: v for k, v in fmt.to_json().items() if k != "answer_over_spaces"}})
     assert PromptFormat.from_json({"prompt": fmt.to_json()}) == fmt and prompts.prompt_text(row, old, bpe_tok) == prompt + " "
+
+
+def _byte_bpe(corpus: list[str], metaspace: bool = False):
+    """A BPE tokenizer trained on `corpus`: byte-level (GPT-2's, Llama-3's, SmolLM2's kind), or
+    with SentencePiece's ▁ for spaces and a ▁ put before each text given (Llama-2's, Mistral's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    if metaspace:  # newlines apart (SentencePiece's byte tokens), a ▁ before the text's first word
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(prepend_scheme="first")])
+        bpe.decoder = decoders.Metaspace(prepend_scheme="first")
+    else:
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = [] if metaspace else pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
+def test_an_answer_that_opens_with_an_indent_trains_it_and_inference_sends_the_prompt_training_had():
+    """Byte-level BPE merges a prompt's last newline with an answer's leading spaces into one token
+    ("ĊĠĠĠ"). Tokenized whole, that token started in the prompt: it was left unlabelled (the
+    answer's indent never learned), and the prompt generate/predict send (tokenized alone, ending
+    "Ċ") was not the training row's ids before its answer. Rows are now tokenized in pieces cut
+    where each answer starts, and prompts at the same places: every answer, including an earlier
+    one of a conversation, is learned whole, and its prompt's ids are the training ids before it,
+    through encode, the datasets encoder and prompt_ids (predict, generate)."""
+    import datasets
+
+    code = "    if x:\n        return y"
+    t = _byte_bpe([f"### Instruction:\nwrite code\n\n### Response:\n{code}", f"user: write code\nassistant:\n{code}\n"])
+    indent = [tok for tok in t.convert_ids_to_tokens(t(f"\n{code}")["input_ids"])]
+    assert indent[0].startswith("ĊĠ"), indent  # the merge this is about: a newline joined to the indent
+    instruction = {"instruction": "write code", "input": "", "output": code}
+    convo = {"messages": [{"role": "user", "content": "write code"}, {"role": "assistant", "content": code},
+                          {"role": "user", "content": "write code"}, {"role": "assistant", "content": "ok"}]}
+    for row, change in ((instruction, {}), (convo, {"chat_turn_template": "{role}:\n{content}\n"})):
+        fmt = PromptFormat.from_config(DataConfig(**change), t)
+        ids, labels = encode(row, fmt, t)
+        text, spans = prompts.render(row, fmt, t)
+        whole = t(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert any(a < spans[0][0] < b for a, b in whole)  # tokenized whole, a token straddles the first answer's start
+        answers = [prompts.answer(prompts.through_answer(row, k)) if "messages" in row else row["output"] for k in range(len(spans))]
+        learned = t.decode([x for x in labels if x != IGNORE])
+        assert learned == "".join(a + t.eos_token for a in answers), learned
+        for k in range(len(spans)):  # each answer's prompt, as inference sends it, is the ids before it
+            asked = prompts.through_answer(row, k) if "messages" in row else row
+            start = last_answer_start(encode(asked, fmt, t)[1])
+            assert prompts.prompt_ids(asked, fmt, t) == ids[:start]
+            assert t.decode(ids[start:]).startswith(answers[k])
+        enc = instructions.InstructionEncoder(DataConfig(**change), t, fmt)
+        ds = datasets.Dataset.from_list([row])
+        table, _ = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))
+        assert table["input_ids"][0] == ids and table["labels"][0] == labels
+
+
+def test_a_tokenizer_that_marks_each_texts_start_tokenizes_rows_whole():
+    """SentencePiece-style tokenizers put ▁ before every text they are given: tokenized in pieces,
+    an answer would open with a ▁ training never had. They are given whole texts, as before, and
+    the prompt's ids are still the training ids before the answer (their newlines join nothing)."""
+    t = _byte_bpe(["Question: what is the capital of France?\nAnswer: Paris", "user:\nhello\nassistant:\nParis"], metaspace=True)
+    assert t.convert_ids_to_tokens(t("Paris")["input_ids"])[0].startswith("▁")
+    assert not prompts.cuts_cleanly(t)
+    for row, change in (({"instruction": "what is the capital of France?", "input": "", "output": "Paris"},
+                         {"prompt_template_no_input": "Question: {instruction}\nAnswer: "}),
+                        ({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris"}]},
+                         {"chat_turn_template": "{role}:\n{content}\n"})):
+        fmt = PromptFormat.from_config(DataConfig(**change), t)
+        ids, labels = encode(row, fmt, t)
+        text, _ = prompts.render(row, fmt, t)
+        assert ids == prompts.with_bos(t(text, add_special_tokens=False)["input_ids"], text, t)
+        assert prompts.prompt_ids(row, fmt, t) == ids[:last_answer_start(labels)]
+        assert t.decode([x for x in labels if x != IGNORE]).strip() == "Paris</s>"
 
 
 def test_answers_stop_at_the_first_special_token_after_the_answer(tok):
@@ -197,7 +271,7 @@ def test_a_conversation_cut_before_its_last_answer_is_scored_against_the_answer_
         assert got == [(prompts.answer(want), prompts.question(want))]
         assert list(zip(table["answer"], table["question"])) == got
         # The prompt it is answered from is the reference's own prompt.
-        prompt_ids = prompts.token_ids(prompts.prompt_text(want, fmt, t), t)
+        prompt_ids = prompts.prompt_ids(want, fmt, t)
         assert rows_ids[0][: last_answer_start(rows_labels[0])] == prompt_ids
 
 

@@ -117,7 +117,7 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
 
     from launcher.config import load_config
     from launcher.data import prompts
-    from launcher.data.instructions import encode, last_answer_start
+    from launcher.data.instructions import IGNORE, encode, last_answer_start
 
     tmp, _, _, _ = run
     entry = _converted(tmp)
@@ -133,7 +133,7 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
         prompt = prompts.prompt_text(bare, fmt, tok)
         assert text == prompt + record["category"] + "<|im_end|>\n" and text[spans[-1][0]:].startswith(record["category"])
         ids, labels = encode(row, fmt, tok)
-        prompt_ids = prompts.token_ids(prompt, tok)
+        prompt_ids = prompts.prompt_ids(bare, fmt, tok)
         assert ids[: len(prompt_ids)] == prompt_ids and last_answer_start(labels) == len(prompt_ids)
         assert prompt.startswith("<|im_start|>system\n" + cfg.data.system_prompt + "<|im_end|>")
     # A conversation cut by max_length before its last answer is scored against the answer its
@@ -149,7 +149,20 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
     kept: list = []
     ids, labels, _ = instructions.encode_rows([convo], DataConfig(max_length=len(first_ids) + 2), tok, fmt, kept)
     assert prompts.answer(kept[0]) == turns[0]["category"] and prompts.question(kept[0]) == turns[0]["text"]
-    assert ids[0][: last_answer_start(labels[0])] == prompts.token_ids(prompts.prompt_text(first, fmt, tok), tok)
+    assert ids[0][: last_answer_start(labels[0])] == prompts.prompt_ids(first, fmt, tok)
+    # Answers that open with an indent, in a conversation: SmolLM2's tokenizer merges the template's
+    # newline with leading spaces ("ĊĠĠĠ"); each answer is learned whole, and each prompt's ids, as
+    # predict sends them, are the training ids before its answer.
+    code = "    if x:\n        return y"
+    assert tok.convert_ids_to_tokens(tok("assistant\n" + code)["input_ids"])[2] == "ĊĠĠĠ"
+    convo = {"messages": [{"role": "user", "content": "write code"}, {"role": "assistant", "content": code},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": code}]}
+    ids, labels = encode(convo, fmt, tok)
+    assert tok.decode([x for x in labels if x != IGNORE]) == f"{code}<|im_end|>\n" * 2
+    for k in (0, 1):
+        asked = prompts.through_answer(convo, k)
+        start = last_answer_start(encode(asked, fmt, tok)[1])
+        assert prompts.prompt_ids(asked, fmt, tok) == ids[:start] and tok.decode(ids[start:]).startswith(code)
 
 
 def test_the_run_evaluates_by_generation_and_its_export_answers_the_same_in_one_process(run):

@@ -73,9 +73,9 @@ def encode(row: dict, cfg, tokenizer) -> tuple[list[int], list[int]]:
 def _encode(row: dict, fmt, tokenizer):
     """encode(), and what reference_row needs to tell which answer a cut leaves last."""
     text, spans, turns = prompts.render_turns(row, fmt, tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = _with_labels(list(enc["input_ids"]), enc["offset_mapping"], spans, text, tokenizer)
-    return ids, labels, (enc["offset_mapping"], len(ids) - len(enc["input_ids"]), spans, turns)
+    (raw, offsets), = prompts.tokenize_at([text], [prompts.answer_cuts(spans)], tokenizer)
+    ids, labels = _with_labels(list(raw), offsets, spans, text, tokenizer)
+    return ids, labels, (offsets, len(ids) - len(raw), spans, turns)
 
 
 def reference_row(row: dict, labels: list[int], where) -> dict:
@@ -163,10 +163,10 @@ class InstructionEncoder:
             texts.append(text)
             spans.append((span, turn))
             errors.append(error)
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = prompts.tokenize_at(texts, [prompts.answer_cuts(span) for span, _ in spans], self.tokenizer)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
                                "_truncated", "_label_tokens", "_chat", "_system", "_untrained")}
-        for ids, offsets, (span, turn), text, error, row in zip(enc["input_ids"], enc["offset_mapping"], spans, texts, errors, rows):
+        for (ids, offsets), (span, turn), text, error, row in zip(encoded, spans, texts, errors, rows):
             n_tokens = len(ids)
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             shift = len(ids) - n_tokens  # a BOS put before the text's tokens
@@ -178,7 +178,7 @@ class InstructionEncoder:
                          ("answer", (prompts.answer(ref) or "") if ref else ""),
                          ("question", prompts.question(ref, scored=True) if ref else ""),
                          ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
-                         ("_chat", bool(row) and "messages" in row),
+                         ("_chat", row is not None and "messages" in row),
                          ("_system", prompts.system_of(row, self.fmt) if row else None),
                          ("_untrained", prompts.untrained_turns(row, span) if row else 0)):
                 out[k].append(v)

@@ -1,11 +1,12 @@
 """One prompt function: how a causal-LM row becomes text, in training and in every answer after it.
 
 Training, evaluation, sample generations and `launcher generate` / `eval` / `predict` all call
-`render` (training text and the spans to learn) or `prompt_text` (what the model sees before it
-answers), reading a `PromptFormat`: the run's choice of template, system prompt and column
-mapping, recorded in the export's launcher.json. A row's training text is its generation prompt
-plus the response and the end-of-turn marker, so a model is asked at inference exactly what it
-was taught with.
+`render` (training text and the spans to learn) or `prompt_text` / `prompt_ids` (what the
+model sees before it answers), reading a `PromptFormat`: the run's choice of template, system
+prompt and column mapping, recorded in the export's launcher.json. A row's training text is its
+generation prompt plus the response and the end-of-turn marker, and both are tokenized in
+pieces cut where answers start (tokenize_at), so a model is asked at inference exactly the
+tokens it was taught with.
 
 Rows come in the shapes people have, each normalised to one of two forms:
 - `{"instruction", "input"?, "output"}` (Alpaca), or TRL's `{"prompt": str, "completion": str}`
@@ -25,6 +26,7 @@ How each form renders:
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from dataclasses import asdict, dataclass
@@ -406,6 +408,20 @@ def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> 
     row without one, up to where it would start). Cut from `render` itself, so the identity
     training text = prompt + (the template's spaces) + answer + end-of-turn holds by construction. `bare`: a prompt
     typed by a user ({"instruction": TEXT}), a chat turn when the run trained on conversations."""
+    text, spans = _asked(row, fmt, tokenizer, bare)
+    return text[: spans[-1][0]]
+
+
+def prompt_ids(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> list[int]:
+    """The ids of prompt_text, tokenized as training tokenized them: in pieces cut where each
+    earlier answer starts (answer_cuts), so they are the training row's ids before its last answer."""
+    text, spans = _asked(row, fmt, tokenizer, bare)
+    prompt = text[: spans[-1][0]]
+    return token_ids(prompt, tokenizer, answer_cuts(spans[:-1]))
+
+
+def _asked(row: dict, fmt: PromptFormat, tokenizer, bare: bool) -> tuple[str, list[tuple[int, int]]]:
+    """render() of the row with its last answer empty when it awaits one (prompt_text)."""
     if "messages" not in row:
         row = {"input": "", "output": None, **row}
         if bare and not fmt.chat_template and fmt.style == "chat":
@@ -415,7 +431,7 @@ def prompt_text(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> 
     text, spans = render(row, fmt, tokenizer)
     if not spans:  # only an opening assistant turn (render's chat-template path): it answers nothing
         raise DataError("the conversation's only assistant turn comes before any user turn: nothing to answer")
-    return text[: spans[-1][0]]
+    return text, spans
 
 
 def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -448,10 +464,62 @@ def _system_block(row: dict, fmt: PromptFormat) -> str:
     return fmt.system_prompt + "\n\n"
 
 
-def token_ids(text: str, tokenizer) -> list[int]:
-    """The ids of rendered text: no special tokens added, except a BOS the text lacks."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def token_ids(text: str, tokenizer, cuts: list[int] | None = None) -> list[int]:
+    """The ids of rendered text: no special tokens added, except a BOS the text lacks; tokenized in
+    pieces between `cuts` (tokenize_at)."""
+    (ids, _), = tokenize_at([text], [cuts or []], tokenizer)
     return with_bos(ids, text, tokenizer)
+
+
+def answer_cuts(spans) -> list[int]:
+    """Where a rendered row is cut into pieces before tokenizing: where each answer starts."""
+    return [start for start, _ in spans]
+
+
+def tokenize_at(texts: list[str], cuts: list[list[int]], tokenizer) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, tokenized piece by piece between its cuts (one
+    tokenizer call for the batch), so that no token spans a cut.
+
+    Training cuts each row where its answers start (answer_cuts); inference cuts the prompt at
+    the same places; so a prompt's ids are the training row's ids before that answer. Tokenized
+    whole, byte-level BPE (SmolLM2's, Llama-3's, Qwen's) joins a prompt's last newline to an
+    answer's leading spaces ("\n" + "    def" -> "ĊĠĠĠ", "Ġdef"): that token started in the
+    prompt, so the answer's indent was never learned, and generation, given the prompt alone
+    (ending in "Ċ"), continued a prompt no row had trained. The answer's own piece tokenizes as
+    the model generates it after the prompt.
+
+    A tokenizer that marks the start of each text it is given (SentencePiece's prefix space, as
+    in Llama-2's and Mistral's) would change every piece after the first: it is given whole texts
+    (cuts_cleanly), as before; in those vocabularies a newline is a byte token that joins nothing."""
+    if not cuts_cleanly(tokenizer):
+        cuts = [[] for _ in texts]
+    bounds = []
+    for text, at in zip(texts, cuts):
+        points = [0] + sorted({c for c in at if 0 < c < len(text)}) + [len(text)]
+        bounds.append(list(zip(points, points[1:])) or [(0, 0)])
+    pieces = [text[a:b] for text, pairs in zip(texts, bounds) for a, b in pairs]
+    enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                    return_token_type_ids=False)
+    out, k = [], 0
+    for pairs in bounds:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for a, _ in pairs:
+            ids += enc["input_ids"][k]
+            offsets += enc["offset_mapping"][k] if a == 0 else [(a + x, a + y) for x, y in enc["offset_mapping"][k]]
+            k += 1
+        out.append((ids, offsets))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def cuts_cleanly(tokenizer) -> bool:
+    """Whether texts tokenized in pieces give the same tokens as whole where the whole has a token
+    boundary (before a word, after a newline): false for tokenizers that mark each text's start."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return all(ids(a + b) == ids(a) + ids(b) for a, b in (("Answer:", " yes"), ("user\n", "yes"), ("a.", "\nb")))
 
 
 def with_bos(ids: list[int], text: str, tokenizer) -> list[int]:

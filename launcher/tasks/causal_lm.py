@@ -489,7 +489,7 @@ def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: i
     question and the marker after which the answer starts."""
     out = []
     for row in records:
-        ids = prompts.token_ids(prompts.prompt_text(row, fmt, tokenizer, bare=row.get("_bare", False)), tokenizer)
+        ids = prompts.prompt_ids(row, fmt, tokenizer, bare=row.get("_bare", False))
         if max_length and len(ids) > max_length:
             ids = ids[-max_length:]
         out.append({"input_ids": ids, "labels": None, "answer": prompts.answer(row) if "messages" in row or row.get("output") else None,
