@@ -1006,6 +1006,18 @@ def latest_in(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def unsealed_in(folder: Path) -> list[Path]:
+    """The checkpoint folders (step-N) of a run directory or of its checkpoints/ folder that
+    have no marker: written in part (a run killed while sealing), not to export or resume."""
+    root = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and not (p / MARKER).is_file())
+
+
+def looks_like_checkpoint(folder: Path) -> bool:
+    """A folder holding a checkpoint's skeleton/, or a step-N folder that is no model (config.json)."""
+    return (folder / SKELETON).is_dir() or (bool(_STEP_DIR.match(folder.name)) and not (folder / "config.json").is_file())
+
+
 def _not_a_checkpoint(ckpt: Path) -> str:
     """The line for a folder without the marker; a run directory or its checkpoints/ folder
     (given where a checkpoint was meant) gets the checkpoint to give."""

@@ -455,21 +455,34 @@ def _exported_task(model_dir: str) -> str:
 def _not_an_export(folder: Path) -> None:
     """A run directory, a checkpoint or a checkpoints/ folder given where an exported model was
     meant: one line that names what to give (transformers said "Should have a model_type key")."""
-    from launcher.checkpoint import MARKER, SKELETON, latest_in
+    from launcher.checkpoint import MARKER, latest_in, looks_like_checkpoint, unsealed_in
+
+    def latest(where: Path) -> Path | None:
+        try:
+            return latest_in(where)
+        except OSError:  # a folder this user cannot list: no hint, transformers' own line follows
+            return None
 
     if (folder / "model" / "launcher.json").is_file():
         raise UserError(f"MODEL_DIR: {folder} is a run directory; its exported model is {folder / 'model'}")
     if (folder / MARKER).is_file():
         raise UserError(f"MODEL_DIR: {folder} is a checkpoint, not an exported model; "
                         f"`launcher export {folder} OUT_DIR` writes one")
-    if (folder / SKELETON).is_dir():
-        latest = latest_in(folder.parent)
+    if looks_like_checkpoint(folder) and folder.is_dir():
+        found = latest(folder.parent)
         raise UserError(f"MODEL_DIR: {folder} is an incomplete checkpoint (no {MARKER} marker)"
-                        + (f"; `launcher export {latest} OUT_DIR` writes a model from the latest complete one" if latest else ""))
-    latest = latest_in(folder)
-    if latest is not None:
+                        + (f"; `launcher export {found} OUT_DIR` writes a model from the latest complete one" if found else ""))
+    found = latest(folder)
+    if found is not None:
         raise UserError(f"MODEL_DIR: {folder} holds checkpoints but no exported model; "
-                        f"`launcher export {latest} OUT_DIR` writes one from the latest")
+                        f"`launcher export {found} OUT_DIR` writes one from the latest")
+    try:
+        unsealed = unsealed_in(folder) if folder.is_dir() else []
+    except OSError:
+        unsealed = []
+    if unsealed:
+        raise UserError(f"MODEL_DIR: {folder} holds no exported model and no complete checkpoint ({len(unsealed)} "
+                        f"without a {MARKER} marker, written in part): nothing to load or export yet")
 
 
 def cmd_eval(args) -> int:

@@ -98,13 +98,13 @@ def _run_dir_not_model(tmp: Path) -> list[str]:
     return [str(tmp / "run"), "--data", str(tmp / "v.jsonl")]
 
 
-def _checkpoints(given: str, *args: str, sealed: tuple = (4, 8)):
+def _checkpoints(given: str, *args: str, sealed: tuple = (4, 8), skeleton: bool = True):
     """A run directory that holds checkpoints and no exported model (a run still going, or
     killed); `given` is the folder given as MODEL_DIR, relative to the work folder."""
     def make(tmp: Path) -> list[str]:
         for step in (4, 8, 12):
             ckpt = tmp / "run" / "checkpoints" / f"step-{step:06d}"
-            (ckpt / "skeleton").mkdir(parents=True)
+            (ckpt / ("skeleton" if skeleton else "pytorch_model")).mkdir(parents=True)
             if step in sealed:
                 (ckpt / "COMPLETE").write_text("sealed\n")
         (tmp / "x.txt").write_text("a clause\n")
@@ -318,6 +318,13 @@ CASES = [
     ("predict with an unfinished checkpoint", "predict", None, _checkpoints("run/checkpoints/step-000012", "--input", "{tmp}/x.txt"),
      "MODEL_DIR: {tmp}/run/checkpoints/step-000012 is an incomplete checkpoint (no COMPLETE marker); "
      "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes a model from the latest complete one"),
+    ("eval with a run directory whose checkpoints are all unfinished", "eval", None,
+     _checkpoints("run", "--data", "{tmp}/x.txt", sealed=()),
+     "MODEL_DIR: {tmp}/run holds no exported model and no complete checkpoint (3 without a COMPLETE marker, "
+     "written in part): nothing to load or export yet"),  # (transformers: "Should have a model_type key")
+    ("predict with an unfinished checkpoint that has no skeleton", "predict", None,
+     _checkpoints("run/checkpoints/step-000004", "--input", "{tmp}/x.txt", sealed=(), skeleton=False),
+     "MODEL_DIR: {tmp}/run/checkpoints/step-000004 is an incomplete checkpoint (no COMPLETE marker)"),
     ("predict into a place that takes no file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input",
                                                                         "{tmp}/x.txt", "--output", "/proc/p.jsonl"),
      "--output: /proc/p.jsonl: cannot create a file in /proc (No such file or directory)"),  # before the model loads
@@ -533,3 +540,17 @@ def test_a_container_hooks_local_rank_is_no_launch(tmp_path):
                     env={"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "1"})  # (a user's switch)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: --nodes: more than one machine needs --machine-rank" in proc.stderr, proc.stderr
+
+
+def test_a_model_folder_named_like_a_checkpoint_is_not_taken_for_one(tmp_path):
+    """A plain Hugging Face model folder (config.json, no launcher.json) that happens to be named
+    step-N is read as a model; only a step-N folder without one, or with a skeleton/, is a checkpoint."""
+    from launcher.cli import _not_an_export
+    from launcher.errors import UserError
+
+    folder = tmp_path / "step-000004"
+    folder.mkdir()
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        _not_an_export(folder)
+    (folder / "config.json").write_text("{}")
+    _not_an_export(folder)  # no line of ours: transformers reads it
