@@ -2,7 +2,8 @@
 
 Model FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the weights
 (2N forward, 4N backward: gradients of activations and of weights) plus 12·L·h·s for
-attention scores and their use (L layers, hidden h, s tokens of context). N counts the
+attention scores and their use (L layers, hidden h, s tokens of context: the training
+tokens' mean context, sum(s_i^2) / sum(s_i) over the examples, not max_length). N counts the
 weights a token is multiplied by (matmul_params): embedding tables are lookups, and in a
 small encoder they are half the model (all-MiniLM-L6-v2: 52%), so counting them doubled MFU. With frozen base
 weights (LoRA) the backward pass computes no weight gradients for them: about 4N, the
@@ -20,7 +21,7 @@ PEAK_TFLOPS = {  # name fragment -> (bf16, tf32)
 }
 
 
-def flops_per_token(n_matmul: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int,
+def flops_per_token(n_matmul: int, n_trainable: int, n_layers: int, hidden: int, seq_len: float,
                     n_params: int | None = None) -> float:
     """n_matmul: matmul_params; n_params: all parameters (n_matmul when not given), against
     which n_trainable tells a frozen base."""

@@ -487,7 +487,8 @@ class Trainer:
                                  c.flush_every_steps, cfg.train.halt_at_step)
         self.dog = watchdog.Watchdog(parts.run_dir / "ranks", self.rt.rank, self.rt.world_size, cfg.train.hang_timeout_s,
                                      self.rt.print)
-        self.speed = _speedometer(cfg, self.rt, self.rt.unwrap(parts.model), parts.n_params, parts.n_trainable)
+        self.speed = _speedometer(cfg, self.rt, self.rt.unwrap(parts.model), parts.n_params, parts.n_trainable,
+                                  parts.train_ds)
         self.last_eval: dict = {}
         self.last_eval_step = 0
         self.stop_signal: str | None = None
@@ -868,15 +869,18 @@ def _too_few_rows(cfg: RunConfig, train_ds) -> str:
     return f"{where}: {len(train_ds)} rows is fewer than train.global_batch_size ({t.global_batch_size})"
 
 
-def _speedometer(cfg: RunConfig, rt, model, n_params: int, n_trainable: int):
-    """values(tokens per second, all ranks) -> MFU and peak GPU memory (CUDA only)."""
+def _speedometer(cfg: RunConfig, rt, model, n_params: int, n_trainable: int, train_ds):
+    """values(tokens per second, all ranks) -> MFU and peak GPU memory (CUDA only). The attention
+    term's context is the training tokens' mean (TokenRows.attention_context), not max_length:
+    short examples, or packed blocks of them, attend over far fewer tokens (with SmolLM2-135M at
+    max_length 2048 it is a third of the count)."""
     from launcher import engines, throughput
 
     if rt.device.type != "cuda":
         return lambda tokens_per_s: {}
     layers, hidden = throughput.model_shape(model.config)
     per_token = throughput.flops_per_token(throughput.matmul_params(model, engines.full_numel), n_trainable,
-                                           layers, hidden, cfg.data.max_length, n_params)
+                                           layers, hidden, train_ds.attention_context(), n_params)
     peak = throughput.peak_flops(torch.cuda.get_device_name(rt.device), cfg.train.precision, cfg.train.peak_tflops)
 
     def values(tokens_per_s: float) -> dict:

@@ -61,6 +61,30 @@ def test_model_flops_per_token_and_peaks():
     assert throughput.peak_flops("Tesla T4", "bf16", None) is None
 
 
+def test_mfus_attention_term_reads_the_context_tokens_attend_over_not_max_length(tmp_path):
+    """MFU's 12*L*h*s took s = data.max_length. A token attends over its own example: s is the
+    mean over training tokens of their example's length, sum(s^2) / sum(s), from the rows as
+    tokenized (a packed block's examples apart, as they attend only within themselves), so
+    short examples in long blocks no longer inflate MFU."""
+    import datasets
+
+    from launcher.config import DataConfig
+    from launcher.data import instructions, pipeline
+    from launcher.data.tokenizer import train_lm_tokenizer
+
+    rows = [{"instruction": "q " * n, "input": "", "output": "a " * (n % 5 + 1)} for n in range(3, 40, 3)]
+    tok = train_lm_tokenizer(["q a"], 50, 64)
+    for packing in (False, True):
+        cfg = DataConfig(max_length=128, packing=packing)
+        enc = instructions.InstructionEncoder(cfg, tok)
+        table, meta = enc.finish(datasets.Dataset.from_list(rows).map(enc, batched=True, remove_columns=["instruction", "input", "output"]))
+        split = pipeline.TokenRows(table, {"stats": meta}, False, ("input_ids", "labels", "seq_lens"))
+        lengths = [len(instructions.encode(r, cfg, tok)[0]) for r in rows]
+        assert (len(split) < len(rows)) == packing  # packed: blocks of several examples
+        assert split.attention_context() == pytest.approx(sum(n * n for n in lengths) / sum(lengths))
+        assert split.attention_context() < max(lengths) < cfg.max_length
+
+
 def test_mfu_counts_the_weights_a_token_is_multiplied_by():
     """N in 6N leaves out the embedding tables (lookups): a tiny BERT classifier loses its
     word, position and token-type tables; GPT-2 its position table but not the word table,

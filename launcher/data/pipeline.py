@@ -77,6 +77,18 @@ class TokenRows(torch.utils.data.Dataset):
         view.source, view.digest = self.source, self.digest
         return view
 
+    def attention_context(self) -> float:
+        """The context a token attends over, averaged over the split's tokens: sum(s^2) / sum(s)
+        over its sequences, s real tokens each; a packed block's examples count apart, as they
+        attend only within themselves. MFU's attention term (throughput.flops_per_token)."""
+        if "seq_lens" in self.columns:
+            import pyarrow.compute as pc
+
+            s = pc.list_flatten(self.ds.data.column("seq_lens")).to_numpy().astype(np.float64)
+        else:
+            s = self.lengths.astype(np.float64)
+        return float((s * s).sum() / max(1.0, s.sum()))
+
     def packing_efficiency(self, block: int) -> float:
         """Real tokens / slots when every row is padded to `block` (packed rows fill it)."""
         return float(self.lengths.sum()) / max(1, block * len(self))
