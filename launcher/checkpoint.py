@@ -1014,8 +1014,9 @@ def unsealed_in(folder: Path) -> list[Path]:
 
 
 def looks_like_checkpoint(folder: Path) -> bool:
-    """A folder holding a checkpoint's skeleton/, or a step-N folder that is no model (config.json)."""
-    return (folder / SKELETON).is_dir() or (bool(_STEP_DIR.match(folder.name)) and not (folder / "config.json").is_file())
+    """A folder holding a checkpoint's skeleton/, or named step-N (asked of a folder that is no
+    model: models.is_model_folder)."""
+    return (folder / SKELETON).is_dir() or bool(_STEP_DIR.match(folder.name))
 
 
 def _not_a_checkpoint(ckpt: Path) -> str:

@@ -456,6 +456,7 @@ def _not_an_export(folder: Path) -> None:
     """A run directory, a checkpoint or a checkpoints/ folder given where an exported model was
     meant: one line that names what to give (transformers said "Should have a model_type key")."""
     from launcher.checkpoint import MARKER, latest_in, looks_like_checkpoint, unsealed_in
+    from launcher.models import is_model_folder
 
     def latest(where: Path) -> Path | None:
         try:
@@ -468,7 +469,9 @@ def _not_an_export(folder: Path) -> None:
     if (folder / MARKER).is_file():
         raise UserError(f"MODEL_DIR: {folder} is a checkpoint, not an exported model; "
                         f"`launcher export {folder} OUT_DIR` writes one")
-    if looks_like_checkpoint(folder) and folder.is_dir():
+    if not folder.is_dir() or is_model_folder(folder):  # a plain model, adapter or GGUF folder: the loader reads it
+        return
+    if looks_like_checkpoint(folder):
         found = latest(folder.parent)
         raise UserError(f"MODEL_DIR: {folder} is an incomplete checkpoint (no {MARKER} marker)"
                         + (f"; `launcher export {found} OUT_DIR` writes a model from the latest complete one" if found else ""))
@@ -477,7 +480,7 @@ def _not_an_export(folder: Path) -> None:
         raise UserError(f"MODEL_DIR: {folder} holds checkpoints but no exported model; "
                         f"`launcher export {found} OUT_DIR` writes one from the latest")
     try:
-        unsealed = unsealed_in(folder) if folder.is_dir() else []
+        unsealed = unsealed_in(folder)
     except OSError:
         unsealed = []
     if unsealed:

@@ -101,6 +101,13 @@ def gguf_source(name: str) -> Path | None:
     return None
 
 
+def is_model_folder(folder: Path) -> bool:
+    """A folder a loader reads as a model: a Hugging Face model (config.json), a PEFT adapter
+    (adapter_config.json) or one GGUF file (gguf_source)."""
+    return ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+            or gguf_source(str(folder)) is not None)
+
+
 # The layout convert_gguf writes; raised when it changes, so a data cache converts again.
 # 2: a tied output head is written under the embeddings' name (1 wrote it as lm_head.weight).
 CONVERSION_LAYOUT = 2

@@ -542,15 +542,21 @@ def test_a_container_hooks_local_rank_is_no_launch(tmp_path):
     assert "error: --nodes: more than one machine needs --machine-rank" in proc.stderr, proc.stderr
 
 
-def test_a_model_folder_named_like_a_checkpoint_is_not_taken_for_one(tmp_path):
-    """A plain Hugging Face model folder (config.json, no launcher.json) that happens to be named
-    step-N is read as a model; only a step-N folder without one, or with a skeleton/, is a checkpoint."""
+@pytest.mark.parametrize("model_file", ["config.json", "adapter_config.json", "model.gguf"])
+def test_a_model_folder_named_or_holding_like_a_checkpoint_is_not_taken_for_one(tmp_path, model_file):
+    """A plain Hugging Face model, a PEFT adapter or a GGUF folder (no launcher.json) named step-N,
+    or holding step-N folders of its own, is read as a model: no line of ours, the loader reads it.
+    Without its model file the same folders are a checkpoint and a run directory."""
     from launcher.cli import _not_an_export
     from launcher.errors import UserError
 
-    folder = tmp_path / "step-000004"
-    folder.mkdir()
-    with pytest.raises(UserError, match="incomplete checkpoint"):
+    named, holding = tmp_path / "step-000004", tmp_path / "holding"
+    (holding / "step-1").mkdir(parents=True)
+    named.mkdir()
+    with pytest.raises(UserError, match="is an incomplete checkpoint"):
+        _not_an_export(named)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        _not_an_export(holding)
+    for folder in (named, holding):
+        (folder / model_file).write_text("{}")
         _not_an_export(folder)
-    (folder / "config.json").write_text("{}")
-    _not_an_export(folder)  # no line of ours: transformers reads it

@@ -119,46 +119,67 @@ def test_a_template_ending_in_a_space_trains_the_answers_first_word(bpe_tok, row
     assert PromptFormat.from_json({"prompt": fmt.to_json()}) == fmt and prompts.prompt_text(row, old, bpe_tok) == prompt + " "
 
 
-def _byte_bpe(corpus: list[str], metaspace: bool = False):
-    """A BPE tokenizer trained on `corpus`: byte-level (GPT-2's, Llama-3's, SmolLM2's kind), or
-    with SentencePiece's ▁ for spaces and a ▁ put before each text given (Llama-2's, Mistral's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Llama-3's pre-tokenizer rule (Qwen2's is alike): a word takes one character before it that is
+# not a letter, a digit or a line break (":positive"), punctuation takes the newlines after it.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_bpe(corpus: list[str], split: str = "gpt2"):
+    """A BPE tokenizer trained on `corpus`: byte-level with GPT-2's rules (SmolLM2's kind) or
+    Llama-3's ("llama3"), or ("metaspace") with SentencePiece's ▁ for spaces and a ▁ put before
+    each text given (Llama-2's, Mistral's)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    if metaspace:  # newlines apart (SentencePiece's byte tokens), a ▁ before the text's first word
+    if split == "metaspace":  # newlines apart (SentencePiece's byte tokens), a ▁ before the text's first word
         bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(prepend_scheme="first")])
         bpe.decoder = decoders.Metaspace(prepend_scheme="first")
+    elif split == "llama3":
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        bpe.decoder = decoders.ByteLevel()
     else:
         bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    alphabet = [] if metaspace else pre_tokenizers.ByteLevel.alphabet()
+    alphabet = [] if split == "metaspace" else pre_tokenizers.ByteLevel.alphabet()
     bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
 
 
-def test_an_answer_that_opens_with_an_indent_trains_it_and_inference_sends_the_prompt_training_had():
-    """Byte-level BPE merges a prompt's last newline with an answer's leading spaces into one token
-    ("ĊĠĠĠ"). Tokenized whole, that token started in the prompt: it was left unlabelled (the
-    answer's indent never learned), and the prompt generate/predict send (tokenized alone, ending
-    "Ċ") was not the training row's ids before its answer. Rows are now tokenized in pieces cut
-    where each answer starts, and prompts at the same places: every answer, including an earlier
-    one of a conversation, is learned whole, and its prompt's ids are the training ids before it,
-    through encode, the datasets encoder and prompt_ids (predict, generate)."""
+CODE = "    if x:\n        return y"
+
+
+@pytest.mark.parametrize("split, answer, templates", [
+    # GPT-2's rules (SmolLM2): a newline joins the spaces after it ("ĊĠĠĠ").
+    ("gpt2", CODE, ({}, {"chat_turn_template": "{role}:\n{content}\n"})),
+    # Llama-3's: a word joins the punctuation before it (":positive").
+    ("llama3", "positive", ({"prompt_template_no_input": "{instruction}\nLabel:"}, {"chat_turn_template": "{role}:{content}\n"})),
+], ids=["gpt2-newline-indent", "llama3-colon-word"])
+def test_an_answer_a_token_would_join_to_its_prompt_is_learned_whole_and_asked_with_the_training_prompt(split, answer, templates):
+    """Tokenized whole, a token could start in the prompt and end in the answer: GPT-2's rules
+    (SmolLM2's) merge a prompt's last newline with an answer's leading spaces ("ĊĠĠĠ"), Llama-3's
+    a prompt's last colon with the answer's first word (":positive"). That token was left
+    unlabelled (the answer's indent or first word never learned), and the prompt generate and
+    predict send (tokenized alone) was not the training row's ids before its answer. Rows are now
+    tokenized in pieces cut where each answer starts, and prompts at the same places: every
+    answer, including an earlier one of a conversation, is learned whole, and its prompt's ids
+    are the training ids before it, through encode, the datasets encoder and prompt_ids. An
+    export written before (no answer_pieces in its format) keeps whole texts, as it was trained."""
     import datasets
 
-    code = "    if x:\n        return y"
-    t = _byte_bpe([f"### Instruction:\nwrite code\n\n### Response:\n{code}", f"user: write code\nassistant:\n{code}\n"])
-    indent = [tok for tok in t.convert_ids_to_tokens(t(f"\n{code}")["input_ids"])]
-    assert indent[0].startswith("ĊĠ"), indent  # the merge this is about: a newline joined to the indent
-    instruction = {"instruction": "write code", "input": "", "output": code}
-    convo = {"messages": [{"role": "user", "content": "write code"}, {"role": "assistant", "content": code},
+    t = _byte_bpe([f"### Instruction:\nwrite code\n\n### Response:\n{answer}", f"user: write code\nassistant:\n{answer}\n",
+                   f"write code\nLabel:{answer}", f"user:write code\nassistant:{answer}\n"], split)
+    assert prompts.cuts_cleanly(t)
+    instruction = {"instruction": "write code", "input": "", "output": answer}
+    convo = {"messages": [{"role": "user", "content": "write code"}, {"role": "assistant", "content": answer},
                           {"role": "user", "content": "write code"}, {"role": "assistant", "content": "ok"}]}
-    for row, change in ((instruction, {}), (convo, {"chat_turn_template": "{role}:\n{content}\n"})):
+    for row, change in zip((instruction, convo), templates):
         fmt = PromptFormat.from_config(DataConfig(**change), t)
         ids, labels = encode(row, fmt, t)
         text, spans = prompts.render(row, fmt, t)
-        whole = t(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        assert any(a < spans[0][0] < b for a, b in whole)  # tokenized whole, a token straddles the first answer's start
+        whole = t(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert any(a < spans[0][0] < b for a, b in whole["offset_mapping"])  # tokenized whole, a token straddles the first answer's start
         answers = [prompts.answer(prompts.through_answer(row, k)) if "messages" in row else row["output"] for k in range(len(spans))]
         learned = t.decode([x for x in labels if x != IGNORE])
         assert learned == "".join(a + t.eos_token for a in answers), learned
@@ -171,13 +192,17 @@ def test_an_answer_that_opens_with_an_indent_trains_it_and_inference_sends_the_p
         ds = datasets.Dataset.from_list([row])
         table, _ = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))
         assert table["input_ids"][0] == ids and table["labels"][0] == labels
+        old = PromptFormat.from_json({"prompt": {k: v for k, v in fmt.to_json().items() if k != "answer_pieces"}})
+        assert PromptFormat.from_json({"prompt": fmt.to_json()}) == fmt and not old.answer_pieces
+        assert encode(row, old, t)[0] == prompts.with_bos(whole["input_ids"], text, t)
+        assert prompts.prompt_ids(row, old, t) == prompts.token_ids(prompts.prompt_text(row, old, t), t)
 
 
 def test_a_tokenizer_that_marks_each_texts_start_tokenizes_rows_whole():
     """SentencePiece-style tokenizers put ▁ before every text they are given: tokenized in pieces,
     an answer would open with a ▁ training never had. They are given whole texts, as before, and
     the prompt's ids are still the training ids before the answer (their newlines join nothing)."""
-    t = _byte_bpe(["Question: what is the capital of France?\nAnswer: Paris", "user:\nhello\nassistant:\nParis"], metaspace=True)
+    t = _byte_bpe(["Question: what is the capital of France?\nAnswer: Paris", "user:\nhello\nassistant:\nParis"], "metaspace")
     assert t.convert_ids_to_tokens(t("Paris")["input_ids"])[0].startswith("▁")
     assert not prompts.cuts_cleanly(t)
     for row, change in (({"instruction": "what is the capital of France?", "input": "", "output": "Paris"},

@@ -73,7 +73,7 @@ def encode(row: dict, cfg, tokenizer) -> tuple[list[int], list[int]]:
 def _encode(row: dict, fmt, tokenizer):
     """encode(), and what reference_row needs to tell which answer a cut leaves last."""
     text, spans, turns = prompts.render_turns(row, fmt, tokenizer)
-    (raw, offsets), = prompts.tokenize_at([text], [prompts.answer_cuts(spans)], tokenizer)
+    (raw, offsets), = prompts.tokenize_at([text], [prompts.answer_cuts(spans, fmt)], tokenizer)
     ids, labels = _with_labels(list(raw), offsets, spans, text, tokenizer)
     return ids, labels, (offsets, len(ids) - len(raw), spans, turns)
 
@@ -163,7 +163,7 @@ class InstructionEncoder:
             texts.append(text)
             spans.append((span, turn))
             errors.append(error)
-        encoded = prompts.tokenize_at(texts, [prompts.answer_cuts(span) for span, _ in spans], self.tokenizer)
+        encoded = prompts.tokenize_at(texts, [prompts.answer_cuts(span, self.fmt) for span, _ in spans], self.tokenizer)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
                                "_truncated", "_label_tokens", "_chat", "_system", "_untrained")}
         for (ids, offsets), (span, turn), text, error, row in zip(encoded, spans, texts, errors, rows):

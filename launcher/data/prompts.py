@@ -57,6 +57,9 @@ class PromptFormat:
     # Answers' spans start before the spaces that end their prompt (render). An export written
     # before this rule lacks the key: its model was trained with those spaces in the prompt.
     answer_over_spaces: bool = True
+    # Rows and prompts are tokenized in pieces cut where answers start (tokenize_at). An export
+    # written before lacks the key: its model was trained on whole texts, and is asked so.
+    answer_pieces: bool = True
 
     @classmethod
     def from_config(cls, data_cfg, tokenizer, **changes) -> "PromptFormat":
@@ -78,9 +81,9 @@ class PromptFormat:
         """From launcher.json: its "prompt" object, or the flat keys exports had before it."""
         fields = {f for f in cls.__dataclass_fields__}
         if isinstance(meta.get("prompt"), dict):
-            return cls(**{"answer_over_spaces": False} | {k: v for k, v in meta["prompt"].items() if k in fields})
+            return cls(**{"answer_over_spaces": False, "answer_pieces": False} | {k: v for k, v in meta["prompt"].items() if k in fields})
         old = {k: meta[k] for k in ("prompt_template", "prompt_template_no_input", "chat_turn_template") if k in meta}
-        return cls(style=meta.get("prompt_format", "instruction"), answer_over_spaces=False, **old)
+        return cls(style=meta.get("prompt_format", "instruction"), answer_over_spaces=False, answer_pieces=False, **old)
 
 
 # ---------------------------------------------------------------- column mapping
@@ -417,7 +420,7 @@ def prompt_ids(row: dict, fmt: PromptFormat, tokenizer, bare: bool = False) -> l
     earlier answer starts (answer_cuts), so they are the training row's ids before its last answer."""
     text, spans = _asked(row, fmt, tokenizer, bare)
     prompt = text[: spans[-1][0]]
-    return token_ids(prompt, tokenizer, answer_cuts(spans[:-1]))
+    return token_ids(prompt, tokenizer, answer_cuts(spans[:-1], fmt))
 
 
 def _asked(row: dict, fmt: PromptFormat, tokenizer, bare: bool) -> tuple[str, list[tuple[int, int]]]:
@@ -471,9 +474,10 @@ def token_ids(text: str, tokenizer, cuts: list[int] | None = None) -> list[int]:
     return with_bos(ids, text, tokenizer)
 
 
-def answer_cuts(spans) -> list[int]:
-    """Where a rendered row is cut into pieces before tokenizing: where each answer starts."""
-    return [start for start, _ in spans]
+def answer_cuts(spans, fmt: PromptFormat) -> list[int]:
+    """Where a rendered row is cut into pieces before tokenizing: where each answer starts
+    (none for an export trained on whole texts: fmt.answer_pieces)."""
+    return [start for start, _ in spans] if fmt.answer_pieces else []
 
 
 def tokenize_at(texts: list[str], cuts: list[list[int]], tokenizer) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -482,11 +486,12 @@ def tokenize_at(texts: list[str], cuts: list[list[int]], tokenizer) -> list[tupl
 
     Training cuts each row where its answers start (answer_cuts); inference cuts the prompt at
     the same places; so a prompt's ids are the training row's ids before that answer. Tokenized
-    whole, byte-level BPE (SmolLM2's, Llama-3's, Qwen's) joins a prompt's last newline to an
-    answer's leading spaces ("\n" + "    def" -> "ĊĠĠĠ", "Ġdef"): that token started in the
-    prompt, so the answer's indent was never learned, and generation, given the prompt alone
-    (ending in "Ċ"), continued a prompt no row had trained. The answer's own piece tokenizes as
-    the model generates it after the prompt.
+    whole, a token could start in the prompt and end in the answer: SmolLM2's (GPT-2's rules)
+    joins a prompt's last newline to an answer's leading spaces ("\n" + "    def" -> "ĊĠĠĠ",
+    "Ġdef"); Llama-3's and Qwen's join a prompt's last punctuation to the answer's first word
+    ("Label:" + "positive" -> ":positive"). That token was never learned, and generation, given
+    the prompt alone, continued a prompt no row had trained. The answer's own piece tokenizes
+    as the model generates it after the prompt.
 
     A tokenizer that marks the start of each text it is given (SentencePiece's prefix space, as
     in Llama-2's and Mistral's) would change every piece after the first: it is given whole texts
@@ -519,7 +524,10 @@ def cuts_cleanly(tokenizer) -> bool:
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    return all(ids(a + b) == ids(a) + ids(b) for a, b in (("Answer:", " yes"), ("user\n", "yes"), ("a.", "\nb")))
+    # Only what marks a start: pieces that begin with a space, and with a word after a newline.
+    # (Not, say, "a." + "\nb": Llama-3's and Qwen's rules join punctuation to the newlines
+    # after it, which says nothing about a start, and would have kept them whole.)
+    return all(ids(a + b) == ids(a) + ids(b) for a, b in (("Answer:", " yes"), ("user\n", "yes")))
 
 
 def with_bos(ids: list[int], text: str, tokenizer) -> list[int]:
