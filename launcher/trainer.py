@@ -872,8 +872,8 @@ def _too_few_rows(cfg: RunConfig, train_ds) -> str:
 def _speedometer(cfg: RunConfig, rt, model, n_params: int, n_trainable: int, train_ds):
     """values(tokens per second, all ranks) -> MFU and peak GPU memory (CUDA only). The attention
     term's context is the training tokens' mean (TokenRows.attention_context), not max_length:
-    short examples, or packed blocks of them, attend over far fewer tokens (with SmolLM2-135M at
-    max_length 2048 it is a third of the count)."""
+    short examples, or packed blocks of them, attend over far fewer tokens (SmolLM2-135M at
+    max_length 2048: the attention term was a third of its count)."""
     from launcher import engines, throughput
 
     if rt.device.type != "cuda":
