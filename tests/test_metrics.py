@@ -61,7 +61,7 @@ def test_model_flops_per_token_and_peaks():
     assert throughput.peak_flops("Tesla T4", "bf16", None) is None
 
 
-def test_mfus_attention_term_reads_the_context_tokens_attend_over_not_max_length(tmp_path):
+def test_mfus_attention_term_reads_the_context_tokens_attend_over_not_max_length():
     """MFU's 12*L*h*s took s = data.max_length. A token attends over its own example: s is the
     mean over training tokens of their example's length, sum(s^2) / sum(s), from the rows as
     tokenized (a packed block's examples apart, as they attend only within themselves), so
