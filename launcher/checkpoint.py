@@ -103,14 +103,19 @@ def step_dir_name(step: int) -> str:
 
 def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint whose marker exists, oldest first."""
+    return [(step, p) for step, p in _step_dirs(ckpt_root) if (p / MARKER).is_file() and not faults.hidden(step)]
+
+
+def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every entry named step-N, sealed or not, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    found = []
-    for p in ckpt_root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / MARKER).is_file() and not faults.hidden(int(m.group(1))):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+
+def _root_of(folder: Path) -> Path:
+    """A run directory's checkpoints/ folder, or the folder itself (given as that folder)."""
+    return folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
 
 
 @dataclass
@@ -1002,15 +1007,14 @@ def _temporary_beside(out_dir: Path) -> Path:
 def latest_in(folder: Path) -> Path | None:
     """The latest complete checkpoint of a run directory or of its checkpoints/ folder, for a
     line that names the checkpoint to give where one of those was given."""
-    found = complete_checkpoints(folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder)
+    found = complete_checkpoints(_root_of(folder))
     return found[-1][1] if found else None
 
 
 def unsealed_in(folder: Path) -> list[Path]:
     """The checkpoint folders (step-N) of a run directory or of its checkpoints/ folder that
     have no marker: written in part (a run killed while sealing), not to export or resume."""
-    root = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
-    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir() and not (p / MARKER).is_file())
+    return [p for _, p in _step_dirs(_root_of(folder)) if p.is_dir() and not (p / MARKER).is_file()]
 
 
 def looks_like_checkpoint(folder: Path) -> bool:

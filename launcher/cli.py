@@ -458,12 +458,6 @@ def _not_an_export(folder: Path) -> None:
     from launcher.checkpoint import MARKER, latest_in, looks_like_checkpoint, unsealed_in
     from launcher.models import is_model_folder
 
-    def latest(where: Path) -> Path | None:
-        try:
-            return latest_in(where)
-        except OSError:  # a folder this user cannot list: no hint, transformers' own line follows
-            return None
-
     if (folder / "model" / "launcher.json").is_file():
         raise UserError(f"MODEL_DIR: {folder} is a run directory; its exported model is {folder / 'model'}")
     if (folder / MARKER).is_file():
@@ -472,17 +466,19 @@ def _not_an_export(folder: Path) -> None:
     if not folder.is_dir() or is_model_folder(folder):  # a plain model, adapter or GGUF folder: the loader reads it
         return
     if looks_like_checkpoint(folder):
-        found = latest(folder.parent)
+        try:
+            found = latest_in(folder.parent)
+        except OSError:  # a parent this user cannot list: no hint
+            found = None
         raise UserError(f"MODEL_DIR: {folder} is an incomplete checkpoint (no {MARKER} marker)"
                         + (f"; `launcher export {found} OUT_DIR` writes a model from the latest complete one" if found else ""))
-    found = latest(folder)
+    try:
+        found, unsealed = latest_in(folder), unsealed_in(folder)
+    except OSError:  # a folder this user cannot list: transformers' own line follows
+        return
     if found is not None:
         raise UserError(f"MODEL_DIR: {folder} holds checkpoints but no exported model; "
                         f"`launcher export {found} OUT_DIR` writes one from the latest")
-    try:
-        unsealed = unsealed_in(folder)
-    except OSError:
-        unsealed = []
     if unsealed:
         raise UserError(f"MODEL_DIR: {folder} holds no exported model and no complete checkpoint ({len(unsealed)} "
                         f"without a {MARKER} marker, written in part): nothing to load or export yet")
