@@ -560,3 +560,24 @@ def test_a_model_folder_named_or_holding_like_a_checkpoint_is_not_taken_for_one(
     for folder in (named, holding):
         (folder / model_file).write_text("{}")
         _not_an_export(folder)
+
+
+def test_predict_reads_a_saved_model_in_a_folder_named_like_a_checkpoint(tmp_path):
+    """A tiny BERT classifier written by save_pretrained into a folder named step-N that also
+    holds a step-N folder of its own: `launcher predict` loads it with from_pretrained and
+    answers every line, rather than calling it a checkpoint."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from launcher.data import synthetic
+    from launcher.data.tokenizer import train_wordpiece
+
+    folder = tmp_path / "step-000004"
+    (folder / "step-000002").mkdir(parents=True)
+    tok = train_wordpiece([r["text"] for r in synthetic.generate_clauses(100)], 200, 64)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, num_labels=2)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (tmp_path / "x.txt").write_text("a clause\nanother clause\n")
+    proc = launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "p.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
