@@ -135,7 +135,15 @@ LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m launcher.launch --config_file \"$ACC
 # One task per node, stated in full here rather than in the header: an allocation's
 # --ntasks-per-node=1 makes Slurm count the job's tasks from the minimum of a node range
 # (`--nodes 1-2` then always gets 1 node; seen on Slurm 22.05).
-SRUN=(srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
+# A job asked for per task (--gpus-per-task, --ntasks-per-gpu) passes that to srun in the
+# environment: our one task per node then saw 1 of the node's GPUs (--gpus-per-task=1), or srun
+# refused --ntasks-per-node (--ntasks-per-gpu; both seen on Slurm 22.05). The node's task gets
+# every GPU the job has on the node, stated here; the per-task variables are not passed on.
+SRUN=(env -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_TRES_PER_TASK
+      srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
+if [ "${SLURM_GPUS_ON_NODE:-0}" -ge 1 ]; then
+    SRUN+=(--gpus-per-task="$SLURM_GPUS_ON_NODE")
+fi
 if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
     echo "${SRUN[*]} bash -c '$LAUNCH'"
     exit 0

@@ -55,8 +55,13 @@ def _alive(pid: int | None) -> bool:
 
 
 class Cluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, gpus: int = 0, ports: int = 0):
+        """`gpus` per node (empty files stand in for the devices: Slurm counts and hands out GPUs
+        by file, CUDA is never touched); `ports` shifts every port, for a second cluster beside
+        the first (it reuses the first's munged and /etc/hosts line)."""
         self.root = root
+        self.gpus = gpus
+        self.ports = ports
         self.conf = root / "etc" / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.started_munge = False
@@ -104,10 +109,19 @@ class Cluster:
         cpus = max(8, os.cpu_count() or 2)  # config_overrides: slurmd accepts more than the host has
         mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8) // 2
         r = self.root
+        gres = ""
+        if self.gpus:
+            (r / "dev").mkdir(exist_ok=True)
+            for i in range(self.gpus):
+                (r / "dev" / f"nvidia{i}").touch()
+            (r / "etc" / "gres.conf").write_text(f"NodeName=n[1-2] Name=gpu File={r}/dev/nvidia[0-{self.gpus - 1}]\n")
+            gres = f"Gres=gpu:{self.gpus} "
+        p = self.ports
         self.conf.write_text(f"""\
-ClusterName=launchertest
+ClusterName=launchertest{p or ""}
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort=16817
+SlurmctldPort={16817 + p}
+{"GresTypes=gpu" if self.gpus else ""}
 AuthType=auth/munge
 # A requeued job waits this long before it may start again (default 120 s): the credential
 # of its previous attempt must expire first.
@@ -133,7 +147,7 @@ SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
-NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[17001-17002] CPUs={cpus} RealMemory={mem}
+NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{17001 + p}-{17002 + p}] CPUs={cpus} {gres}RealMemory={mem}
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 """)
 

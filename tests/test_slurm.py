@@ -63,14 +63,15 @@ def render(cluster, nodes: int, nodelist: str, gpus: str | None = None, **extra:
 @pytest.mark.parametrize("nodes,nodelist,gpus,world", [(1, "gpu7", "8", 8), (2, "gpu[3-4]", "8", 16), (4, "n[1-4]", None, 4)])
 def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus, world):
     out = render(cluster, nodes, nodelist, gpus)
-    line = next(x for x in out.splitlines() if x.startswith("srun "))
+    line = next(x for x in out.splitlines() if " srun " in x)
     head = {"gpu7": "gpu7", "gpu[3-4]": "gpu3", "n[1-4]": "n1"}[nodelist]
     assert f"--num_machines {nodes} --num_processes {world} " in line
     assert f"--main_process_ip {head} --main_process_port 24242" in line  # 20000 + 4242
     # Escaped: expands on each node inside srun, not in the batch script (where it is always 0).
     assert "--machine_rank $SLURM_NODEID" in line and "--machine_rank 0" not in line
     assert "-m launcher train configs/train/clause_tos.yaml train.lr=3e-5" in line  # launcher names the run
-    assert line.startswith(f"srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task=")
+    assert f" srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task=" in line
+    assert (f"--gpus-per-task={gpus} " in line) == bool(gpus)  # what a GPU job has on the node (test below)
 
 
 @pytest.mark.parametrize("extra,cpus,threads,lead", [
@@ -80,8 +81,8 @@ def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus,
 ])
 def test_cpus_threads_and_warning_lead(cluster, extra, cpus, threads, lead):
     out = render(cluster, 1, "gpu7", "8", **extra)
-    line = next(x for x in out.splitlines() if x.startswith("srun "))
-    assert f"--cpus-per-task={cpus} bash -c" in line
+    line = next(x for x in out.splitlines() if " srun " in x)
+    assert f"--cpus-per-task={cpus} " in line
     assert f"launcher: {cpus} CPUs per node, {threads} threads per rank; stop warning {lead} s before the time limit" in out
 
 
@@ -310,3 +311,38 @@ def test_a_count_in_the_environment_that_is_no_whole_number_is_one_line_before_a
     proc = _stubbed(tmp_path, "", '#!/bin/bash\necho "launched"\n', **env)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [said], (proc.returncode, proc.stderr)
     assert "launched" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(cluster, tmp_path_factory):
+    """A second two-node cluster beside the first (ports of its own) whose nodes have 4 GPUs
+    each: empty files stand in for the devices, which Slurm counts and hands out by file."""
+    from slurm_cluster import Cluster
+
+    first = os.environ["SLURM_CONF"]
+    c = Cluster(tmp_path_factory.mktemp("slurm-gpus"), gpus=4, ports=10).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        os.environ["SLURM_CONF"] = first
+
+
+@pytest.mark.parametrize("ask", [["--gpus-per-node=4"], ["--gpus-per-task=1", "--ntasks-per-node=4"],
+                                 ["--ntasks-per-gpu=1", "--gpus-per-node=4"]], ids=["per-node", "per-task", "tasks-per-gpu"])
+def test_each_nodes_launch_gets_every_gpu_the_job_has_on_the_node(gpu_cluster, tmp_path, ask):
+    """A job asked for per task (the usual `--gpus-per-task=1 --ntasks-per-node=4` of a torchrun
+    script) handed srun SLURM_GPUS_PER_TASK=1: our one task per node saw 1 of its 4 GPUs, under a
+    launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node."""
+    python = tmp_path / "python"  # the node's launch: what it was given and what Slurm gave its step
+    python.write_text('#!/bin/bash\necho "gpus=$SLURM_GPUS_ON_NODE $*" > "$OUTPUT_DIR/node-$SLURM_NODEID"\n')
+    python.chmod(0o755)
+    proc = subprocess.run(["sbatch", "--wait", "--nodes", "2", *ask, "--output", str(tmp_path / "slurm.out"), str(SCRIPT), str(TINY)],
+                          cwd=ROOT, env={**gpu_cluster.env, "PYTHON": str(python), "OUTPUT_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "slurm.out").read_text() if (tmp_path / "slurm.out").is_file() else proc.stderr
+    assert proc.returncode == 0, log
+    assert "2 node(s) x 4 = 8 process(es)" in log
+    for node in (0, 1):
+        seen = (tmp_path / f"node-{node}").read_text()
+        assert seen.startswith("gpus=4 ") and "--num_machines 2 --num_processes 8 --machine_rank " + str(node) in seen, seen
