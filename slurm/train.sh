@@ -10,7 +10,8 @@
 # Environment overrides (all optional):
 #   ACCELERATE_CONFIG  accelerate YAML (default configs/accelerate/multi_node.yaml; its
 #                      per-node values are overridden below, so it fits 1..N nodes, GPU or CPU)
-#   GPUS_PER_NODE      processes per node (default: GPUs Slurm gave the job, else 1 on CPU nodes)
+#   GPUS_PER_NODE      processes per node (default: the job's --gpus-per-node, else the node's GPUs
+#                      Slurm gave the job, else 1 on CPU nodes)
 #   OUTPUT_DIR         parent of the run directory (default: the config's output_dir)
 #   RUN_NAME           run directory name (default: as launcher decides it: the config's run_name,
 #                      a run_name=... override, else the config file's stem), kept across requeues
@@ -82,11 +83,17 @@ fi
 PYTHON=${PYTHON:-python3}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}
 NNODES=${SLURM_NNODES:-1}
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-    # SLURM_GPUS_ON_NODE is set when the job asked for GPUs; a CPU node runs one process.
-    GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-1}
+# The GPUs the job has on each node: SLURM_GPUS_ON_NODE is set on a node with GPUs, but under
+# the header's --exclusive it counts every GPU of the node, while a job step gets only the
+# --gpus-per-node the job asked for ("3" or "a100:3" in SLURM_GPUS_PER_NODE): that count first
+# (4 ranks on a step of 3 GPUs, seen on Slurm 22.05). A CPU node runs one process.
+NODE_GPUS=${SLURM_GPUS_ON_NODE:-0}
+if [[ ${SLURM_GPUS_PER_NODE:-} =~ ^([^,:]+:)?([1-9][0-9]*)$ ]]; then
+    NODE_GPUS=${BASH_REMATCH[2]}
 fi
-[ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1  # SLURM_GPUS_ON_NODE=0 on a CPU node of a GPU cluster
+[[ $NODE_GPUS =~ ^[0-9]+$ ]] || NODE_GPUS=0
+GPUS_PER_NODE=${GPUS_PER_NODE:-$NODE_GPUS}
+[ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1  # no GPUs (SLURM_GPUS_ON_NODE=0 on a CPU node of a GPU cluster)
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
 CPUS_PER_NODE=${CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE}}
 THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
@@ -141,8 +148,8 @@ LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m launcher.launch --config_file \"$ACC
 # every GPU the job has on the node, stated here; the per-task variables are not passed on.
 SRUN=(env -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_TRES_PER_TASK
       srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
-if [ "${SLURM_GPUS_ON_NODE:-0}" -ge 1 ]; then
-    SRUN+=(--gpus-per-task="$SLURM_GPUS_ON_NODE")
+if [ "$NODE_GPUS" -ge 1 ]; then
+    SRUN+=(--gpus-per-task="$NODE_GPUS")
 fi
 if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
     echo "${SRUN[*]} bash -c '$LAUNCH'"

@@ -53,7 +53,7 @@ def render(cluster, nodes: int, nodelist: str, gpus: str | None = None, **extra:
            "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0", "PYTHON": "/venv/bin/python", **extra}
     if gpus:
         env["SLURM_GPUS_ON_NODE"] = gpus
-    for name in ("GPUS_PER_NODE", "OMP_NUM_THREADS", "SLURM_CPUS_ON_NODE", "CPUS_PER_NODE", "SIGNAL_LEAD_S"):
+    for name in ("GPUS_PER_NODE", "OMP_NUM_THREADS", "SLURM_CPUS_ON_NODE", "CPUS_PER_NODE", "SIGNAL_LEAD_S", "SLURM_GPUS_PER_NODE"):
         if name not in extra:
             env.pop(name, None)
     return check(subprocess.run(["bash", str(SCRIPT), "configs/train/clause_tos.yaml", "train.lr=3e-5"], cwd=ROOT,
@@ -72,6 +72,13 @@ def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus,
     assert "-m launcher train configs/train/clause_tos.yaml train.lr=3e-5" in line  # launcher names the run
     assert f" srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task=" in line
     assert (f"--gpus-per-task={gpus} " in line) == bool(gpus)  # what a GPU job has on the node (test below)
+
+
+@pytest.mark.parametrize("asked, world", [("3", 3), ("a100:3", 3), ("a100:2,v100:1", 8), ("", 8)])
+def test_processes_per_node_follow_the_gpus_per_node_the_job_asked_for(cluster, asked, world):
+    """(--exclusive makes SLURM_GPUS_ON_NODE the node's 8; a typed count, or none, as Slurm writes it)"""
+    out = render(cluster, 1, "gpu7", "8", SLURM_GPUS_PER_NODE=asked)
+    assert f"1 node(s) x {world} = {world} process(es)" in out
 
 
 @pytest.mark.parametrize("extra,cpus,threads,lead", [
@@ -328,12 +335,14 @@ def gpu_cluster(cluster, tmp_path_factory):
         os.environ["SLURM_CONF"] = first
 
 
-@pytest.mark.parametrize("ask", [["--gpus-per-node=4"], ["--gpus-per-task=1", "--ntasks-per-node=4"],
-                                 ["--ntasks-per-gpu=1", "--gpus-per-node=4"]], ids=["per-node", "per-task", "tasks-per-gpu"])
-def test_each_nodes_launch_gets_every_gpu_the_job_has_on_the_node(gpu_cluster, tmp_path, ask):
+@pytest.mark.parametrize("ask, gpus", [(["--gpus-per-node=4"], 4), (["--gpus-per-task=1", "--ntasks-per-node=4"], 4),
+                                       (["--ntasks-per-gpu=1", "--gpus-per-node=4"], 4), (["--gpus-per-node=3"], 3)],
+                         ids=["per-node", "per-task", "tasks-per-gpu", "part-of-the-node"])
+def test_each_nodes_launch_gets_every_gpu_the_job_has_on_the_node(gpu_cluster, tmp_path, ask, gpus):
     """A job asked for per task (the usual `--gpus-per-task=1 --ntasks-per-node=4` of a torchrun
     script) handed srun SLURM_GPUS_PER_TASK=1: our one task per node saw 1 of its 4 GPUs, under a
-    launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node."""
+    launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node. 3 of a
+    node's 4 GPUs: --exclusive made SLURM_GPUS_ON_NODE 4, so 4 ranks shared the step's 3 GPUs."""
     python = tmp_path / "python"  # the node's launch: what it was given and what Slurm gave its step
     python.write_text('#!/bin/bash\necho "gpus=$SLURM_GPUS_ON_NODE $*" > "$OUTPUT_DIR/node-$SLURM_NODEID"\n')
     python.chmod(0o755)
@@ -342,7 +351,7 @@ def test_each_nodes_launch_gets_every_gpu_the_job_has_on_the_node(gpu_cluster, t
                           capture_output=True, text=True, timeout=300)
     log = (tmp_path / "slurm.out").read_text() if (tmp_path / "slurm.out").is_file() else proc.stderr
     assert proc.returncode == 0, log
-    assert "2 node(s) x 4 = 8 process(es)" in log
+    assert f"2 node(s) x {gpus} = {2 * gpus} process(es)" in log
     for node in (0, 1):
         seen = (tmp_path / f"node-{node}").read_text()
-        assert seen.startswith("gpus=4 ") and "--num_machines 2 --num_processes 8 --machine_rank " + str(node) in seen, seen
+        assert seen.startswith(f"gpus={gpus} ") and f"--num_machines 2 --num_processes {2 * gpus} --machine_rank {node}" in seen, seen
