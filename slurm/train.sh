@@ -18,9 +18,10 @@
 #   MAIN_PORT          rendezvous port on the head node (default: 20000 + job id mod 12000, below
 #                      Linux's ephemeral ports, 32768 and up, which outgoing connections take)
 #   PYTHON             interpreter with launcher installed (default: python3 on PATH)
-#   CPUS_PER_NODE      CPUs for the node's ranks (default: every CPU the job has on the node; the job
-#                      asks for whole nodes with --exclusive, so collation workers and DeepSpeed's
-#                      CPU Adam are not starved); each rank gets CPUS_PER_NODE / ranks per node threads
+#   CPUS_PER_NODE      CPUs for the node's ranks (default: every CPU the job has on a node, the
+#                      fewest of its nodes where they differ; the job asks for whole nodes with
+#                      --exclusive, so collation workers and DeepSpeed's CPU Adam are not
+#                      starved); each rank gets CPUS_PER_NODE / ranks per node threads
 #   SIGNAL_LEAD_S      seconds before the time limit at which every rank is asked to checkpoint and
 #                      stop (default 600: a large checkpoint needs minutes); `launcher plan` shows it.
 #                      Lower than 600, also submit with --signal=B:USR1@<s>: the header's USR1 comes
@@ -95,7 +96,22 @@ fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-$NODE_GPUS}
 [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1  # no GPUs (SLURM_GPUS_ON_NODE=0 on a CPU node of a GPU cluster)
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
-CPUS_PER_NODE=${CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE}}
+# The fewest CPUs the job has on any of its nodes (SLURM_JOB_CPUS_PER_NODE: "72(x2),36"): srun
+# gives every node's task the same count, and a node with fewer than the batch node's
+# SLURM_CPUS_ON_NODE refused the step ("More processors requested than permitted").
+JOB_CPUS=""
+CPU_COUNTS=${SLURM_JOB_CPUS_PER_NODE:-}
+for part in ${CPU_COUNTS//,/ }; do
+    count=${part%%(*}
+    if ! [[ $count =~ ^[1-9][0-9]*$ ]]; then
+        JOB_CPUS=""
+        break
+    fi
+    if [ -z "$JOB_CPUS" ] || [ "$count" -lt "$JOB_CPUS" ]; then
+        JOB_CPUS=$count
+    fi
+done
+CPUS_PER_NODE=${CPUS_PER_NODE:-${JOB_CPUS:-${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE}}}
 THREADS_PER_RANK=$((CPUS_PER_NODE / GPUS_PER_NODE))
 [ "$THREADS_PER_RANK" -ge 1 ] || THREADS_PER_RANK=1
 # torchrun would set 1 thread per rank whenever a node runs several; set it from the CPUs instead.

@@ -55,12 +55,15 @@ def _alive(pid: int | None) -> bool:
 
 
 class Cluster:
-    def __init__(self, root: Path, gpus: int = 0, ports: int = 0):
+    def __init__(self, root: Path, gpus: int = 0, ports: int = 0, fewer_cpus_on_n2: bool = False):
         """`gpus` per node (empty files stand in for the devices: Slurm counts and hands out GPUs
         by file, CUDA is never touched); `ports` shifts every port, for a second cluster beside
-        the first (it reuses the first's munged and /etc/hosts line)."""
+        the first (it reuses the first's munged and /etc/hosts line); `fewer_cpus_on_n2`: n2 has
+        half n1's CPUs."""
         self.root = root
         self.gpus = gpus
+        self.fewer_cpus_on_n2 = fewer_cpus_on_n2
+        self.cpus = max(8, os.cpu_count() or 2)  # n1's (config_overrides: slurmd accepts more than the host has)
         self.ports = ports
         self.conf = root / "etc" / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -106,7 +109,7 @@ class Cluster:
 
     def _write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
-        cpus = max(8, os.cpu_count() or 2)  # config_overrides: slurmd accepts more than the host has
+        cpus = self.cpus
         mem = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8) // 2
         r = self.root
         gres = ""
@@ -117,6 +120,9 @@ class Cluster:
             (r / "etc" / "gres.conf").write_text(f"NodeName=n[1-2] Name=gpu File={r}/dev/nvidia[0-{self.gpus - 1}]\n")
             gres = f"Gres=gpu:{self.gpus} "
         p = self.ports
+        node = f"NodeHostname={host} NodeAddr=127.0.0.1 {gres}RealMemory={mem}"
+        nodes = (f"NodeName=n1 Port={17001 + p} CPUs={cpus} {node}\nNodeName=n2 Port={17002 + p} CPUs={cpus // 2} {node}"
+                 if self.fewer_cpus_on_n2 else f"NodeName=n[1-2] Port=[{17001 + p}-{17002 + p}] CPUs={cpus} {node}")
         self.conf.write_text(f"""\
 ClusterName=launchertest{p or ""}
 SlurmctldHost={host}(127.0.0.1)
@@ -147,7 +153,7 @@ SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
-NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{17001 + p}-{17002 + p}] CPUs={cpus} {gres}RealMemory={mem}
+{nodes}
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 """)
 

@@ -53,7 +53,8 @@ def render(cluster, nodes: int, nodelist: str, gpus: str | None = None, **extra:
            "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0", "PYTHON": "/venv/bin/python", **extra}
     if gpus:
         env["SLURM_GPUS_ON_NODE"] = gpus
-    for name in ("GPUS_PER_NODE", "OMP_NUM_THREADS", "SLURM_CPUS_ON_NODE", "CPUS_PER_NODE", "SIGNAL_LEAD_S", "SLURM_GPUS_PER_NODE"):
+    for name in ("GPUS_PER_NODE", "OMP_NUM_THREADS", "SLURM_CPUS_ON_NODE", "CPUS_PER_NODE", "SIGNAL_LEAD_S", "SLURM_GPUS_PER_NODE",
+                 "SLURM_JOB_CPUS_PER_NODE"):
         if name not in extra:
             env.pop(name, None)
     return check(subprocess.run(["bash", str(SCRIPT), "configs/train/clause_tos.yaml", "train.lr=3e-5"], cwd=ROOT,
@@ -85,6 +86,9 @@ def test_processes_per_node_follow_the_gpus_per_node_the_job_asked_for(cluster, 
     ({"SLURM_CPUS_ON_NODE": "96"}, 96, 12, 600),                                    # the whole node, 8 ranks
     ({"SLURM_CPUS_ON_NODE": "96", "CPUS_PER_NODE": "32"}, 32, 4, 600),              # overridden
     ({"SLURM_CPUS_ON_NODE": "4", "SIGNAL_LEAD_S": "900"}, 4, 1, 900),               # fewer CPUs than ranks: 1 thread
+    ({"SLURM_CPUS_ON_NODE": "96", "SLURM_JOB_CPUS_PER_NODE": "96(x2),48"}, 48, 6, 600),  # the fewest of the nodes
+    ({"SLURM_CPUS_ON_NODE": "96", "SLURM_JOB_CPUS_PER_NODE": "64,96(x3)"}, 64, 8, 600),
+    ({"SLURM_CPUS_ON_NODE": "96", "SLURM_JOB_CPUS_PER_NODE": "96(x2),?"}, 96, 12, 600),  # unreadable: the batch node's
 ])
 def test_cpus_threads_and_warning_lead(cluster, extra, cpus, threads, lead):
     out = render(cluster, 1, "gpu7", "8", **extra)
@@ -323,11 +327,12 @@ def test_a_count_in_the_environment_that_is_no_whole_number_is_one_line_before_a
 @pytest.fixture(scope="module")
 def gpu_cluster(cluster, tmp_path_factory):
     """A second two-node cluster beside the first (ports of its own) whose nodes have 4 GPUs
-    each: empty files stand in for the devices, which Slurm counts and hands out by file."""
+    each (empty files stand in for the devices, which Slurm counts and hands out by file), and
+    n2 half n1's CPUs."""
     from slurm_cluster import Cluster
 
     first = os.environ["SLURM_CONF"]
-    c = Cluster(tmp_path_factory.mktemp("slurm-gpus"), gpus=4, ports=10).start()
+    c = Cluster(tmp_path_factory.mktemp("slurm-gpus"), gpus=4, ports=10, fewer_cpus_on_n2=True).start()
     try:
         yield c
     finally:
@@ -338,7 +343,7 @@ def gpu_cluster(cluster, tmp_path_factory):
 @pytest.mark.parametrize("ask, gpus", [(["--gpus-per-node=4"], 4), (["--gpus-per-task=1", "--ntasks-per-node=4"], 4),
                                        (["--ntasks-per-gpu=1", "--gpus-per-node=4"], 4), (["--gpus-per-node=3"], 3)],
                          ids=["per-node", "per-task", "tasks-per-gpu", "part-of-the-node"])
-def test_each_nodes_launch_gets_every_gpu_the_job_has_on_the_node(gpu_cluster, tmp_path, ask, gpus):
+def test_each_nodes_launch_gets_every_gpu_and_the_fewest_cpus_the_job_has_on_a_node(gpu_cluster, tmp_path, ask, gpus):
     """A job asked for per task (the usual `--gpus-per-task=1 --ntasks-per-node=4` of a torchrun
     script) handed srun SLURM_GPUS_PER_TASK=1: our one task per node saw 1 of its 4 GPUs, under a
     launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node. 3 of a
@@ -352,6 +357,9 @@ def test_each_nodes_launch_gets_every_gpu_the_job_has_on_the_node(gpu_cluster, t
     log = (tmp_path / "slurm.out").read_text() if (tmp_path / "slurm.out").is_file() else proc.stderr
     assert proc.returncode == 0, log
     assert f"2 node(s) x {gpus} = {2 * gpus} process(es)" in log
+    # n2 has half n1's CPUs: the batch script on n1 gave each node's task n1's count, which n2
+    # refused ("More processors requested than permitted")
+    assert f"launcher: {gpu_cluster.cpus // 2} CPUs per node" in log
     for node in (0, 1):
         seen = (tmp_path / f"node-{node}").read_text()
         assert seen.startswith(f"gpus={gpus} ") and f"--num_machines 2 --num_processes {2 * gpus} --machine_rank {node}" in seen, seen
