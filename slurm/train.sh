@@ -10,8 +10,8 @@
 # Environment overrides (all optional):
 #   ACCELERATE_CONFIG  accelerate YAML (default configs/accelerate/multi_node.yaml; its
 #                      per-node values are overridden below, so it fits 1..N nodes, GPU or CPU)
-#   GPUS_PER_NODE      processes per node (default: the job's --gpus-per-node, else the node's GPUs
-#                      Slurm gave the job, else 1 on CPU nodes)
+#   GPUS_PER_NODE      processes per node (default: the GPUs the job asked for per node, see
+#                      NODE_GPUS below; 1 on CPU nodes)
 #   OUTPUT_DIR         parent of the run directory (default: the config's output_dir)
 #   RUN_NAME           run directory name (default: as launcher decides it: the config's run_name,
 #                      a run_name=... override, else the config file's stem), kept across requeues
@@ -84,15 +84,38 @@ fi
 PYTHON=${PYTHON:-python3}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}
 NNODES=${SLURM_NNODES:-1}
-# The GPUs the job has on each node: SLURM_GPUS_ON_NODE is set on a node with GPUs, but under
-# the header's --exclusive it counts every GPU of the node, while a job step gets only the
-# --gpus-per-node the job asked for ("3" or "a100:3" in SLURM_GPUS_PER_NODE): that count first
-# (4 ranks on a step of 3 GPUs, seen on Slurm 22.05). A CPU node runs one process.
-NODE_GPUS=${SLURM_GPUS_ON_NODE:-0}
-if [[ ${SLURM_GPUS_PER_NODE:-} =~ ^([^,:]+:)?([1-9][0-9]*)$ ]]; then
-    NODE_GPUS=${BASH_REMATCH[2]}
+# The GPUs the job has on each node. SLURM_GPUS_ON_NODE is set on a node with GPUs, but under
+# the header's --exclusive it counts every GPU of the node, while a job step gets only what the
+# job asked for: --gpus-per-node ("3", "a100:3", "a100:2,v100:1" in SLURM_GPUS_PER_NODE),
+# --gpus-per-task x --ntasks-per-node, or --gpus over the nodes (SLURM_GPUS, when it divides
+# evenly); those first (4 ranks on a step of 3 GPUs, seen on Slurm 22.05). A CPU node runs one
+# process.
+gpu_count() {  # "a100:2,v100:1" -> 3; nothing when it cannot be read
+    local total=0 part count
+    local -a parts=()
+    IFS=, read -ra parts <<< "$1" || true
+    for part in "${parts[@]}"; do
+        count=${part##*:}
+        [[ $count =~ ^[1-9][0-9]*$ ]] || return 0
+        total=$((total + count))
+    done
+    if [ "$total" -ge 1 ]; then echo "$total"; fi
+}
+NODE_GPUS=$(gpu_count "${SLURM_GPUS_PER_NODE:-}")
+TASK_GPUS=$(gpu_count "${SLURM_GPUS_PER_TASK:-}")
+if [ -z "$NODE_GPUS" ] && [ -n "$TASK_GPUS" ] && [[ ${SLURM_NTASKS_PER_NODE:-} =~ ^[1-9][0-9]*$ ]]; then
+    NODE_GPUS=$((TASK_GPUS * SLURM_NTASKS_PER_NODE))
 fi
-[[ $NODE_GPUS =~ ^[0-9]+$ ]] || NODE_GPUS=0
+if [ -z "$NODE_GPUS" ]; then
+    ALL_GPUS=$(gpu_count "${SLURM_GPUS:-}")
+    if [ -n "$ALL_GPUS" ] && [ $((ALL_GPUS % NNODES)) = 0 ]; then
+        NODE_GPUS=$((ALL_GPUS / NNODES))
+    fi
+fi
+if [ -z "$NODE_GPUS" ]; then
+    NODE_GPUS=${SLURM_GPUS_ON_NODE:-0}
+    [[ $NODE_GPUS =~ ^(0|[1-9][0-9]*)$ ]] || NODE_GPUS=0
+fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-$NODE_GPUS}
 [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1  # no GPUs (SLURM_GPUS_ON_NODE=0 on a CPU node of a GPU cluster)
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -100,8 +123,9 @@ NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
 # gives every node's task the same count, and a node with fewer than the batch node's
 # SLURM_CPUS_ON_NODE refused the step ("More processors requested than permitted").
 JOB_CPUS=""
-CPU_COUNTS=${SLURM_JOB_CPUS_PER_NODE:-}
-for part in ${CPU_COUNTS//,/ }; do
+CPU_COUNTS=()
+IFS=, read -ra CPU_COUNTS <<< "${SLURM_JOB_CPUS_PER_NODE:-}" || true
+for part in "${CPU_COUNTS[@]}"; do
     count=${part%%(*}
     if ! [[ $count =~ ^[1-9][0-9]*$ ]]; then
         JOB_CPUS=""
@@ -158,11 +182,13 @@ LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m launcher.launch --config_file \"$ACC
 # One task per node, stated in full here rather than in the header: an allocation's
 # --ntasks-per-node=1 makes Slurm count the job's tasks from the minimum of a node range
 # (`--nodes 1-2` then always gets 1 node; seen on Slurm 22.05).
-# A job asked for per task (--gpus-per-task, --ntasks-per-gpu) passes that to srun in the
-# environment: our one task per node then saw 1 of the node's GPUs (--gpus-per-task=1), or srun
-# refused --ntasks-per-node (--ntasks-per-gpu; both seen on Slurm 22.05). The node's task gets
-# every GPU the job has on the node, stated here; the per-task variables are not passed on.
-SRUN=(env -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_TRES_PER_TASK
+# A job's GPU request reaches srun in the environment: asked for per task (--gpus-per-task,
+# --ntasks-per-gpu), our one task per node saw 1 of the node's GPUs, or srun refused
+# --ntasks-per-node (both seen on Slurm 22.05); a binding (--gpu-bind; Slurm 23.11 binds
+# --gpus-per-task itself) would limit the task to one. The node's task gets NODE_GPUS, stated
+# here, and none of the job's GPU variables are passed on.
+SRUN=(env -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_NTASKS_PER_TRES -u SLURM_TRES_PER_TASK
+      -u SLURM_GPU_BIND -u SLURM_TRES_BIND -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_SOCKET
       srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
 if [ "$NODE_GPUS" -ge 1 ]; then
     SRUN+=(--gpus-per-task="$NODE_GPUS")

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -56,8 +57,8 @@ def _alive(pid: int | None) -> bool:
 
 class Cluster:
     def __init__(self, root: Path, gpus: int = 0, ports: int = 0, fewer_cpus_on_n2: bool = False):
-        """`gpus` per node (empty files stand in for the devices: Slurm counts and hands out GPUs
-        by file, CUDA is never touched); `ports` shifts every port, for a second cluster beside
+        """`gpus` per node (device files of our own stand in for them: Slurm counts them, hands
+        them out and sets CUDA_VISIBLE_DEVICES by file; nothing opens them); `ports` shifts every port, for a second cluster beside
         the first (it reuses the first's munged and /etc/hosts line); `fewer_cpus_on_n2`: n2 has
         half n1's CPUs."""
         self.root = root
@@ -115,8 +116,8 @@ class Cluster:
         gres = ""
         if self.gpus:
             (r / "dev").mkdir(exist_ok=True)
-            for i in range(self.gpus):
-                (r / "dev" / f"nvidia{i}").touch()
+            for i in range(self.gpus):  # character devices, as Slurm wants (nvidia's major number); never opened
+                os.mknod(r / "dev" / f"nvidia{i}", 0o600 | stat.S_IFCHR, os.makedev(195, i))
             (r / "etc" / "gres.conf").write_text(f"NodeName=n[1-2] Name=gpu File={r}/dev/nvidia[0-{self.gpus - 1}]\n")
             gres = f"Gres=gpu:{self.gpus} "
         p = self.ports

@@ -54,14 +54,16 @@ def render(cluster, nodes: int, nodelist: str, gpus: str | None = None, **extra:
     if gpus:
         env["SLURM_GPUS_ON_NODE"] = gpus
     for name in ("GPUS_PER_NODE", "OMP_NUM_THREADS", "SLURM_CPUS_ON_NODE", "CPUS_PER_NODE", "SIGNAL_LEAD_S", "SLURM_GPUS_PER_NODE",
-                 "SLURM_JOB_CPUS_PER_NODE"):
+                 "SLURM_JOB_CPUS_PER_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_TASK", "SLURM_NTASKS_PER_NODE",
+                 *(() if gpus else ("SLURM_GPUS_ON_NODE",))):
         if name not in extra:
             env.pop(name, None)
     return check(subprocess.run(["bash", str(SCRIPT), "configs/train/clause_tos.yaml", "train.lr=3e-5"], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=60)).stdout
 
 
-@pytest.mark.parametrize("nodes,nodelist,gpus,world", [(1, "gpu7", "8", 8), (2, "gpu[3-4]", "8", 16), (4, "n[1-4]", None, 4)])
+@pytest.mark.parametrize("nodes,nodelist,gpus,world", [(1, "gpu7", "8", 8), (2, "gpu[3-4]", "8", 16), (4, "n[1-4]", None, 4),
+                                                     (1, "gpu7", "0", 1)])
 def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus, world):
     out = render(cluster, nodes, nodelist, gpus)
     line = next(x for x in out.splitlines() if " srun " in x)
@@ -72,14 +74,20 @@ def test_template_arithmetic_for_1_2_and_4_nodes(cluster, nodes, nodelist, gpus,
     assert "--machine_rank $SLURM_NODEID" in line and "--machine_rank 0" not in line
     assert "-m launcher train configs/train/clause_tos.yaml train.lr=3e-5" in line  # launcher names the run
     assert f" srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 --cpus-per-task=" in line
-    assert (f"--gpus-per-task={gpus} " in line) == bool(gpus)  # what a GPU job has on the node (test below)
+    assert (f"--gpus-per-task={gpus} " in line) == (gpus not in (None, "0"))  # what the job has on a node (tests below)
+    assert ("--gpus-per-task=" in line) == (gpus not in (None, "0"))
 
 
-@pytest.mark.parametrize("asked, world", [("3", 3), ("a100:3", 3), ("a100:2,v100:1", 8), ("", 8)])
-def test_processes_per_node_follow_the_gpus_per_node_the_job_asked_for(cluster, asked, world):
-    """(--exclusive makes SLURM_GPUS_ON_NODE the node's 8; a typed count, or none, as Slurm writes it)"""
-    out = render(cluster, 1, "gpu7", "8", SLURM_GPUS_PER_NODE=asked)
-    assert f"1 node(s) x {world} = {world} process(es)" in out
+@pytest.mark.parametrize("per_node, in_all, each", [("3", "", 3), ("a100:3", "", 3), ("a100:2,v100:1", "", 3), ("", "", 8),
+                                                    ("a100:x", "", 8), ("", "8", 4), ("", "a100:6", 3), ("", "5", 8),
+                                                    ("", "per task", 6), ("2", "per task", 2)])
+def test_processes_per_node_follow_the_gpus_the_job_asked_for(cluster, per_node, in_all, each):
+    """--gpus-per-node first, then --gpus-per-task x --ntasks-per-node, then --gpus over the nodes
+    when it divides evenly, else the node's count (--exclusive makes SLURM_GPUS_ON_NODE the
+    node's 8); typed counts as Slurm writes them."""
+    per_task = {"SLURM_GPUS_PER_TASK": "a100:2", "SLURM_NTASKS_PER_NODE": "3"} if in_all == "per task" else {}
+    out = render(cluster, 2, "gpu[3-4]", "8", SLURM_GPUS_PER_NODE=per_node, SLURM_GPUS="" if per_task else in_all, **per_task)
+    assert f"2 node(s) x {each} = {2 * each} process(es)" in out and f"--gpus-per-task={each} " in out
 
 
 @pytest.mark.parametrize("extra,cpus,threads,lead", [
@@ -341,15 +349,18 @@ def gpu_cluster(cluster, tmp_path_factory):
 
 
 @pytest.mark.parametrize("ask, gpus", [(["--gpus-per-node=4"], 4), (["--gpus-per-task=1", "--ntasks-per-node=4"], 4),
-                                       (["--ntasks-per-gpu=1", "--gpus-per-node=4"], 4), (["--gpus-per-node=3"], 3)],
-                         ids=["per-node", "per-task", "tasks-per-gpu", "part-of-the-node"])
+                                       (["--gpus-per-task=1", "--ntasks-per-node=4", "--gpu-bind=single:1"], 4),
+                                       (["--ntasks-per-gpu=1", "--gpus-per-node=4"], 4), (["--gpus-per-node=3"], 3),
+                                       (["--gpus=4"], 2), (["--gpus-per-task=1", "--ntasks-per-node=2"], 2)],
+                         ids=["per-node", "per-task", "per-task-bound", "tasks-per-gpu", "part-of-the-node", "in-all",
+                              "per-task-part"])
 def test_each_nodes_launch_gets_every_gpu_and_the_fewest_cpus_the_job_has_on_a_node(gpu_cluster, tmp_path, ask, gpus):
     """A job asked for per task (the usual `--gpus-per-task=1 --ntasks-per-node=4` of a torchrun
     script) handed srun SLURM_GPUS_PER_TASK=1: our one task per node saw 1 of its 4 GPUs, under a
     launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node. 3 of a
     node's 4 GPUs: --exclusive made SLURM_GPUS_ON_NODE 4, so 4 ranks shared the step's 3 GPUs."""
     python = tmp_path / "python"  # the node's launch: what it was given and what Slurm gave its step
-    python.write_text('#!/bin/bash\necho "gpus=$SLURM_GPUS_ON_NODE $*" > "$OUTPUT_DIR/node-$SLURM_NODEID"\n')
+    python.write_text('#!/bin/bash\necho "gpus=$CUDA_VISIBLE_DEVICES $*" > "$OUTPUT_DIR/node-$SLURM_NODEID"\n')
     python.chmod(0o755)
     proc = subprocess.run(["sbatch", "--wait", "--nodes", "2", *ask, "--output", str(tmp_path / "slurm.out"), str(SCRIPT), str(TINY)],
                           cwd=ROOT, env={**gpu_cluster.env, "PYTHON": str(python), "OUTPUT_DIR": str(tmp_path)},
@@ -362,4 +373,5 @@ def test_each_nodes_launch_gets_every_gpu_and_the_fewest_cpus_the_job_has_on_a_n
     assert f"launcher: {gpu_cluster.cpus // 2} CPUs per node" in log
     for node in (0, 1):
         seen = (tmp_path / f"node-{node}").read_text()
-        assert seen.startswith(f"gpus={gpus} ") and f"--num_machines 2 --num_processes {2 * gpus} --machine_rank {node}" in seen, seen
+        visible = ",".join(str(i) for i in range(gpus))  # (Slurm's indices within the node)
+        assert seen.startswith(f"gpus={visible} ") and f"--num_machines 2 --num_processes {2 * gpus} --machine_rank {node}" in seen, seen
