@@ -57,10 +57,10 @@ def _alive(pid: int | None) -> bool:
 
 class Cluster:
     def __init__(self, root: Path, gpus: int = 0, ports: int = 0, fewer_cpus_on_n2: bool = False):
-        """`gpus` per node (device files of our own stand in for them: Slurm counts them, hands
-        them out and sets CUDA_VISIBLE_DEVICES by file; nothing opens them); `ports` shifts every port, for a second cluster beside
-        the first (it reuses the first's munged and /etc/hosts line); `fewer_cpus_on_n2`: n2 has
-        half n1's CPUs."""
+        """`gpus` per node: device files of our own stand in for them (Slurm counts them, hands
+        them out and sets CUDA_VISIBLE_DEVICES by file; nothing opens them). `ports` shifts
+        every port, for a second cluster beside the first (it reuses the first's munged and
+        /etc/hosts line). `fewer_cpus_on_n2`: n2 has half n1's CPUs."""
         self.root = root
         self.gpus = gpus
         self.fewer_cpus_on_n2 = fewer_cpus_on_n2

@@ -335,8 +335,7 @@ def test_a_count_in_the_environment_that_is_no_whole_number_is_one_line_before_a
 @pytest.fixture(scope="module")
 def gpu_cluster(cluster, tmp_path_factory):
     """A second two-node cluster beside the first (ports of its own) whose nodes have 4 GPUs
-    each (empty files stand in for the devices, which Slurm counts and hands out by file), and
-    n2 half n1's CPUs."""
+    each (device files stand in for them; slurm_cluster.Cluster), and n2 half n1's CPUs."""
     from slurm_cluster import Cluster
 
     first = os.environ["SLURM_CONF"]
@@ -358,7 +357,8 @@ def test_each_nodes_launch_gets_every_gpu_and_the_fewest_cpus_the_job_has_on_a_n
     """A job asked for per task (the usual `--gpus-per-task=1 --ntasks-per-node=4` of a torchrun
     script) handed srun SLURM_GPUS_PER_TASK=1: our one task per node saw 1 of its 4 GPUs, under a
     launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node. 3 of a
-    node's 4 GPUs: --exclusive made SLURM_GPUS_ON_NODE 4, so 4 ranks shared the step's 3 GPUs."""
+    node's 4 GPUs (or 4 over 2 nodes): --exclusive made SLURM_GPUS_ON_NODE 4, so 4 ranks shared
+    the step's 3 (2) GPUs."""
     python = tmp_path / "python"  # the node's launch: what it was given and what Slurm gave its step
     python.write_text('#!/bin/bash\necho "gpus=$CUDA_VISIBLE_DEVICES $*" > "$OUTPUT_DIR/node-$SLURM_NODEID"\n')
     python.chmod(0o755)
