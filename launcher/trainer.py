@@ -702,8 +702,9 @@ class Trainer:
         tuned = p.task.tune(rt, self.model, self.dog.beating(p.val_loader, state.step, "eval"), outputs)  # eval.tune_threshold
         if tuned is not None:
             exported_eval = tuned
-            rt.print(f"decision threshold tuned on validation: {getattr(p.task, 'threshold', None)} ({metric} "
-                     f"{tuned.get(metric, float('nan')):.4f}; at 0.5: {tuned.get(metric + '@0.5', float('nan')):.4f})")
+            # (for macro-F1, whatever eval.metric is: a loss has no value per cut)
+            rt.print(f"decision threshold tuned on validation for macro-F1: {getattr(p.task, 'threshold', None)} "
+                     f"(macro_f1 {tuned['macro_f1']:.4f}; at 0.5: {tuned['macro_f1@0.5']:.4f})")
         model_dir, dtype = p.run_dir / "model", p.checkpointer.export_dtype
         self.dog.beat(state.step, "export")
         if snapshot is not None:

@@ -146,14 +146,22 @@ def test_tune_threshold_is_for_classification_only():
 def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     """A short run tunes the cut on validation: launcher.json stores it, the final metrics
     carry both rules, and `launcher eval` / `predict` apply the stored cut."""
-    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "tuned", *FAST,
-                   "train.max_steps=30", "eval.every_steps=10", "eval.tune_threshold=true"))
+    trained = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "tuned", *FAST,
+                             "train.max_steps=30", "eval.every_steps=10", "eval.tune_threshold=true"))
     run = tmp_path / "tuned"
     meta = json.loads((run / "model" / "launcher.json").read_text())
     cut = meta["threshold"]
     assert meta["threshold_tuned"] is True and 0.1 <= cut <= 0.9
-    after = json.loads((run / "final_metrics.json").read_text())["after"]
+    summary = json.loads((run / "final_metrics.json").read_text())
+    after = summary["after"]
     assert {"macro_f1", "macro_f1@0.5", "micro_f1@0.5"} <= set(after)
+    assert f"decision threshold tuned on validation for macro-F1: {cut} (macro_f1 {after['macro_f1']:.4f}; " \
+           f"at 0.5: {after['macro_f1@0.5']:.4f})" in trained.stdout
+    # Tuned on the best evaluation's outputs kept with its snapshot (an earlier step than the
+    # last): its loss is the one the run logged, not rounded through float32 on the way.
+    assert summary["exported_step"] < summary["step"]
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert after["loss"] == next(r["eval/loss"] for r in logged if r["step"] == summary["exported_step"] and "eval/loss" in r)
     data = run / "data" / "validation.jsonl"
     fresh = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
     assert fresh["macro_f1"] == pytest.approx(after["macro_f1"], abs=1e-9)
@@ -188,10 +196,12 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     assert plain["macro_f1"] == pytest.approx(last["macro_f1"], abs=1e-9) and "macro_f1@0.5" not in plain
 
     # The tuned cut may well be 0.5 (it moves only when 0.5 is clearly worse), where the
-    # stored cut and argmax agree. So store a cut that changes decisions, the median of the
-    # unfair probabilities, and check that eval and predict both follow it.
+    # stored cut and argmax agree. So store a cut that changes decisions, about the median of
+    # the unfair probabilities, and check that eval and predict both follow it.
     probs = np.array([p["probs"]["unfair"] for p in preds])
-    moved = float(np.median(probs))
+    middle = np.unique(probs)
+    i = len(middle) // 2  # halfway between two probabilities: no clause sits on the cut
+    moved = float((middle[i - 1] + middle[i]) / 2)
     meta["threshold"] = moved
     (run / "model" / "launcher.json").write_text(json.dumps(meta))
     decided = probs > moved
@@ -207,3 +217,12 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     moved_eval = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
     assert moved_eval["macro_f1"] == pytest.approx(expected, abs=1e-6)
     assert moved_eval["macro_f1@0.5"] == pytest.approx(fresh["macro_f1@0.5"], abs=1e-9)
+
+    # Chosen by loss, which no cut moves: the cut is still tuned for macro-F1, and the line says
+    # so (it printed "(loss 0.6856; at 0.5: nan)": there is no loss@0.5).
+    by_loss = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "by_loss", *FAST,
+                             "train.max_steps=10", "eval.every_steps=10", "eval.tune_threshold=true", "eval.metric=loss"))
+    after = json.loads((tmp_path / "by_loss" / "final_metrics.json").read_text())["after"]
+    cut = json.loads((tmp_path / "by_loss" / "model" / "launcher.json").read_text())["threshold"]
+    assert f"decision threshold tuned on validation for macro-F1: {cut} (macro_f1 {after['macro_f1']:.4f}; " \
+           f"at 0.5: {after['macro_f1@0.5']:.4f})" in by_loss.stdout

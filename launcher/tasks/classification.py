@@ -567,7 +567,7 @@ class ClassificationTask:
         metrics = compute_metrics(logits, labels, self.label_names)
         metrics["loss"] = mean_loss(torch.cat(losses), labels, self.weights_cpu)
         metrics["n"] = int(len(labels))
-        self._outputs = {"logits": logits, "labels": labels, "loss": torch.tensor(metrics["loss"])}
+        self._outputs = {"logits": logits, "labels": labels, "loss": torch.tensor(metrics["loss"], dtype=torch.float64)}
         return logits, labels, metrics
 
     def eval_outputs(self) -> dict | None:
