@@ -686,7 +686,7 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
     from launcher import quantization
     from launcher.tasks import lora
 
-    # A quantized base (one process: engines.host_problems) is exported dequantized: its live
+    # A quantized base (one process: engines.model_problems) is exported dequantized: its live
     # weights as float32, so the merged model is plain (quantization.py).
     quantized = quantization.is_quantized(rt.unwrap(model))
     gathered = (None if masters is not None else quantization.dequantized_state_dict(rt.unwrap(model)) if quantized

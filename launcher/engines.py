@@ -492,7 +492,21 @@ def launch_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfi
     (distributed.check), and the dtype policy's; one line each."""
     from launcher import distributed
 
-    return distributed.check(t, model, launch) + dtype_problems(t, model, launch)
+    return distributed.check(t, model, launch) + dtype_problems(t, model, launch) + model_problems(t, model, launch)
+
+
+def model_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> list[str]:
+    """What the model section asks that the run's precision or processes cannot run on any
+    machine: `launcher plan` on a login node finds these as the launch does (one line each)."""
+    out = []
+    if model.attn_implementation == "flash_attention_2" and t.precision not in ("bf16", "fp16"):
+        out.append(f"model.attn_implementation: flash_attention_2 runs in bf16 or fp16 only, and train.precision is "
+                   f"{t.precision} (fp32): set train.precision=bf16, or use auto or sdpa")
+    q = model.quantization
+    if q != "none" and (launch.num_processes > 1 or launch.distributed_type != "NO"):
+        out.append(f"model.quantization: {q} runs on one process for now (bitsandbytes' packed base weights under "
+                   f"DDP, ZeRO and FSDP2 are not tested here); launch without {launch.source}")
+    return out
 
 
 def check_or_raise(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig") -> None:
@@ -590,9 +604,6 @@ def host_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
             out.append(f"{launch.source}: FSDP2 with train.precision=bf16 does not run on CPU (under autocast, layer "
                        "norms meet FSDP's bf16 parameters); rehearse it with train.precision=no")
     q = model.quantization
-    if q != "none" and (launch.num_processes > 1 or launch.distributed_type != "NO"):
-        out.append(f"model.quantization: {q} runs on one process for now (bitsandbytes' packed base weights under "
-                   f"DDP, ZeRO and FSDP2 are not tested here); launch without {launch.source}")
     if q != "none" and importlib.util.find_spec("bitsandbytes") is None:
         out.append(f"model.quantization: {q} needs the bitsandbytes package (pip install 'launcher[qlora]')")
     if launch.uses_deepspeed:

@@ -102,7 +102,7 @@ def test_a_halted_qlora_run_resumes_to_the_uninterrupted_export(tmp_path, saved_
 def test_quantization_is_refused_where_it_cannot_run(tmp_path):
     from launcher.config import load_config
     from launcher.distributed import LaunchConfig
-    from launcher.engines import host_problems
+    from launcher.engines import model_problems
     from launcher.errors import ConfigError
 
     def problems(*overrides):
@@ -120,9 +120,9 @@ def test_quantization_is_refused_where_it_cannot_run(tmp_path):
         "model.lora.use_dora: not with model.quantization=int8 (bitsandbytes' 8-bit layers fail under DoRA); use nf4"]
     cfg = load_config(SFT, ["model.quantization=nf4", "model.lora.enabled=true", "model.name=/x"], check_files=False)
     ddp = LaunchConfig(source="cpu_ddp.yaml", num_processes=2, distributed_type="MULTI_CPU")
-    assert host_problems(cfg.train, cfg.model, ddp) == ["model.quantization: nf4 runs on one process for now (bitsandbytes' packed base "
+    assert model_problems(cfg.train, cfg.model, ddp) == ["model.quantization: nf4 runs on one process for now (bitsandbytes' packed base "
                                        "weights under DDP, ZeRO and FSDP2 are not tested here); launch without cpu_ddp.yaml"]
-    assert host_problems(cfg.train, cfg.model, LaunchConfig(source="one process")) == []
+    assert model_problems(cfg.train, cfg.model, LaunchConfig(source="one process")) == []
 
 
 def test_plan_counts_a_quantized_base_as_bitsandbytes_stores_it(saved_models):  # noqa: F811

@@ -17,8 +17,9 @@ def attn_implementation(model_cfg, precision: str, model_class=None) -> str:
     """The attention kernel. auto: flash attention 2 for a bf16/fp16 run on CUDA with the
     flash-attn package installed, sdpa otherwise (the kernels run in 16 bits only, so an fp32
     run would crash at its first forward), and eager for a model class without either (DeBERTa
-    has no sdpa: asking for it failed the load). An explicit flash_attention_2 that cannot run
-    is one line (ConfigError), the fp32 case first: it is wrong on any machine.
+    has no sdpa: asking for it failed the load). An explicit flash_attention_2 this host cannot
+    run is one line (ConfigError); in fp32, wrong on any machine, the launch's check refused it
+    already (engines.model_problems), as `launcher plan` does.
     model_class: the class the run builds, where known (models.model_class)."""
     import torch
 
@@ -29,10 +30,7 @@ def attn_implementation(model_cfg, precision: str, model_class=None) -> str:
         if sixteen and available and getattr(model_class, "_supports_flash_attn", True):
             return "flash_attention_2"
         return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
-    if choice == "flash_attention_2" and not sixteen:
-        raise ConfigError(f"model.attn_implementation: flash_attention_2 runs in bf16 or fp16 only, and "
-                          f"train.precision is {precision} (fp32): set train.precision=bf16, or use auto or sdpa")
-    if choice == "flash_attention_2" and not available:
+    if choice == "flash_attention_2" and not available:  # (in fp32 it was refused with the launch: engines.model_problems)
         raise ConfigError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; "
                           "use auto or sdpa")
     return choice
