@@ -52,13 +52,14 @@ def _seed(text: str) -> int:
 
 
 PRECISIONS = ("no", "bf16", "fp16")
-PRECISION_HELP = ("no (the default): the export's weights as saved (float32 unless exported in bf16), no autocast; "
+PRECISION_HELP = ("no (the default): the export's weights as saved (its checkpoint.export_dtype: float32, "
+                  "bfloat16 or float16), no autocast; "
                   "bf16 / fp16: under that autocast, as a run with train.precision=bf16 / fp16 evaluated the model "
                   "(fp16 on a GPU)")
 
 
 def _precision(args, model_dir: str, model, note: bool = False):
-    """--precision as a context: float32, or autocast in 16 bits as a train.precision=bf16 run
+    """--precision as a context: none (the weights as saved), or autocast in 16 bits as a train.precision=bf16 run
     evaluated. The same weights can score far apart in the two: SmolLM2 after two LoRA steps,
     the end-of-turn token's loss 0.85 in float32 against 3.3 under bf16, so `note` says so
     where the run's own figures came from the other."""
