@@ -430,7 +430,9 @@ class Schedule:
         return bool(self.checkpoint_every and step % self.checkpoint_every == 0) or self.last(step)
 
     def flush(self, step: int) -> bool:
-        return step % self.flush_every == 0
+        """tracking.flush_every_steps, and every evaluation: its metrics and samples go out when
+        made, not up to flush_every steps later (a checkpoint flushes and waits: after_step)."""
+        return step % self.flush_every == 0 or self.eval(step)
 
 
 @dataclass

@@ -1322,3 +1322,34 @@ def test_stack_fact_safetensors_files_ignore_the_umask_and_exports_get_its_mode(
         assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644 == (tmp_path / "config.json").stat().st_mode & 0o777
     finally:
         os.umask(old)
+
+
+def test_an_evaluation_reaches_mlflow_when_it_is_made_not_at_the_next_flush(tmp_path):
+    """tracking.flush_every_steps=100 on a 10-step run, an evaluation at step 5 and no checkpoint
+    before the end: while the run sleeps inside step 7, step 5's evaluation and every step's
+    loss up to it are in MLflow (they waited in the buffer for the end of the run)."""
+    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST,
+           "train.max_steps=10", "eval.every_steps=5", "checkpoint.every_steps=0", "tracking.flush_every_steps=100"]
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_STALL": "0:7:3600"},
+                                stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        deadline = time.time() + 300
+        while "LAUNCHER_STALL: rank 0 sleeps 3600 s at 7" not in errors.read_text():
+            assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+            time.sleep(0.1)
+        client = mlflow_client(tmp_path)
+        deadline = time.time() + 60  # the sender thread sends while the step sleeps
+
+        def sent(key: str) -> list[int]:
+            runs = all_runs(client)
+            return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key)) if runs else []
+
+        while sent("eval/macro_f1") != [0, 5] and time.time() < deadline:
+            time.sleep(0.5)
+        assert sent("eval/macro_f1") == [0, 5]
+        assert sent("train/loss") == [1, 2, 3, 4, 5]  # (step 6's, logged after it, is not due)
+    finally:
+        proc.kill()
+        proc.wait()
