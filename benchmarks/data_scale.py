@@ -12,7 +12,7 @@ prints it), and each rank's peak RSS (benchmarks/_rank_probe.py). It also report
 padded-token fraction on the shared UNFAIR-ToS training clauses with the MiniLM tokenizer
 (batch 32, max length 128), length-grouped against random batches.
 
-    .venv/bin/python benchmarks/data_scale.py                 # everything (~15 min on 2 cores)
+    .venv/bin/python benchmarks/data_scale.py                 # everything (8-15 min on 2 cores)
     .venv/bin/python benchmarks/data_scale.py --quick         # 20k clause rows, 20k SFT rows
 
 The last line printed is one JSON object with every figure. A benchmark, not a test:
