@@ -464,6 +464,18 @@ def _not_an_export(folder: Path) -> None:
     if (folder / MARKER).is_file():
         raise UserError(f"MODEL_DIR: {folder} is a checkpoint, not an exported model; "
                         f"`launcher export {folder} OUT_DIR` writes one")
+    if folder.name in ("adapter", "base") and (folder.parent / "launcher.json").is_file():  # a LoRA export's parts
+        part = "LoRA adapter" if folder.name == "adapter" else "base model under the LoRA adapter"
+        raise UserError(f"MODEL_DIR: {folder} is the {part} of the export {folder.parent}; give {folder.parent}, "
+                        "which holds the merged model")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        except (OSError, ValueError, AttributeError):  # (the loader says what is wrong with it)
+            base = ""
+        if base is None:  # (it was looked up as the hub repository "None", five retries, then a network error)
+            raise UserError(f"MODEL_DIR: {folder} is a LoRA adapter that names no base model "
+                            "(adapter_config.json: base_model_name_or_path is null); give the merged model")
     if not folder.is_dir() or is_model_folder(folder):  # a plain model, adapter or GGUF folder: the loader reads it
         return
     if looks_like_checkpoint(folder):

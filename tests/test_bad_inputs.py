@@ -57,6 +57,22 @@ def _write(name: str, text: str, *overrides: str):
     return make
 
 
+def _lora_part(part: str, *args: str, parent_meta: bool = True):
+    """A LoRA export's layout (model/launcher.json, model/adapter, model/base), or an adapter
+    copied out of it (no launcher.json above it: its base_model_name_or_path is null)."""
+    def make(tmp: Path) -> list[str]:
+        model = tmp / "model"
+        (model / "adapter").mkdir(parents=True)
+        (model / "base").mkdir()
+        if parent_meta:
+            (model / "launcher.json").write_text('{"task": "causal_lm"}')
+        (model / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": null, "peft_type": "LORA"}')
+        (model / "base" / "config.json").write_text('{"model_type": "llama"}')
+        (tmp / "x.txt").write_text("a clause\n")
+        return [str(model / part), *(a.format(tmp=tmp) for a in args)]
+    return make
+
+
 def _ds_yaml(ds: dict | str, *overrides: str):
     def make(tmp: Path) -> list[str]:
         (tmp / "ds.json").write_text(ds if isinstance(ds, str) else json.dumps(ds))
@@ -318,6 +334,13 @@ CASES = [
     ("eval with a run's checkpoints folder", "eval", None, _checkpoints("run/checkpoints", "--data", "{tmp}/x.txt"),
      "MODEL_DIR: {tmp}/run/checkpoints holds checkpoints but no exported model; "
      "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes one from the latest"),
+    ("eval of a LoRA export's adapter", "eval", None, _lora_part("adapter", "--data", "{tmp}/x.txt"),
+     "MODEL_DIR: {tmp}/model/adapter is the LoRA adapter of the export {tmp}/model; give {tmp}/model"),
+    ("generate with a LoRA export's base", "generate", None, _lora_part("base", "--prompt", "hi"),
+     "MODEL_DIR: {tmp}/model/base is the base model under the LoRA adapter of the export {tmp}/model; give {tmp}/model"),
+    ("predict with an adapter that names no base", "predict", None,
+     _lora_part("adapter", "--input", "{tmp}/x.txt", parent_meta=False),
+     "MODEL_DIR: {tmp}/model/adapter is a LoRA adapter that names no base model"),
     ("generate with a run directory that has no model yet", "generate", None, _checkpoints("run", "--prompt", "hi"),
      "MODEL_DIR: {tmp}/run holds checkpoints but no exported model; "
      "`launcher export {tmp}/run/checkpoints/step-000008 OUT_DIR` writes one from the latest"),  # (it said: not a causal-LM export)
