@@ -14,11 +14,13 @@ def one_line(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.4f}" for k in HEADLINE if k in metrics)
 
 
-def final_table(before: dict, after: dict) -> str:
+def final_table(before: dict, after: dict, step: int) -> str:
+    """Step 0's evaluation beside the exported model's (`step`: the best evaluation's under
+    checkpoint.export: best, not always the last: the column says which)."""
     keys = [k for k in HEADLINE if k in after] + [f"{k}@0.5" for k in HEADLINE if f"{k}@0.5" in after]
     keys += sorted(k for k in after if k.startswith("f1/")) + sorted(k for k in after if k.startswith("choice_f1/"))
     width = max(len(k) for k in keys) + 2
-    lines = [f"{'metric':<{width}}{'step 0':>10}{'final':>10}{'change':>10}", "-" * (width + 30)]
+    lines = [f"{'metric':<{width}}{'step 0':>10}{f'step {step}':>10}{'change':>10}", "-" * (width + 30)]
     for k in keys:
         a = after[k]
         if k in before:

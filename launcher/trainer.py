@@ -726,7 +726,7 @@ class Trainer:
             rt.on_main(ckpt_lib.remove_best, p.run_dir)  # a snapshot of no use any more
         if cfg.tracking.log_model:
             self.tracker.log_model(model_dir, exported_step, cfg.tracking.register_model)
-        rt.print(report.final_table(state.first_eval, exported_eval))
+        rt.print(report.final_table(state.first_eval, exported_eval, exported_step))
         for line in _where_things_are(cfg, state, exported_step, p.run_dir):
             rt.print(line)
         self.tracker.finish()

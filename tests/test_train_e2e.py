@@ -341,6 +341,10 @@ def test_early_stopping_under_bf16(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["exported_step"] == 2 and "exporting the best evaluation's weights: step 2" in proc.stdout
+    # The end's table sets step 0 beside the exported step's evaluation, and names it (it said
+    # "final", which read as the last step's)
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("metric "))
+    assert head.split() == ["metric", "step", "0", "step", "2", "change"]
     assert not (run / "model" / "best.json").exists()
     exported = _weights(run)
     again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "es", *FAST,
