@@ -755,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' warnings say what launcher says in its own words (a new head: the run's
+    # "initialised at random" line), or nothing a user of launcher can act on (a renamed
+    # argument), in colour codes that end up in log files; as `make` runs it. Its errors show.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Deprecations inside the libraries (peft reading a renamed transformers attribute): nothing a
     # user of launcher can act on, printed at every start.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
@@ -763,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     # offline) about a speed-up whose fallback computes the same. Their errors still show.
     for name in ("kernels", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow's "Creating initial MLflow database tables..." on a new store: what launcher prints
+    # (the run and where its store is) says it.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     args = parse(argv)
     try:
         return COMMANDS[args.command](args)

@@ -294,6 +294,17 @@ def exported(loader, model_dir: str, **kwargs):
         raise ConfigError(*(p.replace("model.name: ", "MODEL_DIR: ", 1) for p in e.problems)) from None
 
 
+def new_weights_note(model, name: str) -> str:
+    """The run's line on the weights the load initialised at random (a classifier's new head),
+    "" when none: transformers' own report of them is a warning, which launcher silences
+    (cli.main sets TRANSFORMERS_VERBOSITY=error unless set)."""
+    fresh = list(getattr(model, "launcher_new_weights", None) or ())
+    if not fresh:
+        return ""
+    shown = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
+    return f"model: {shown} not in {name}'s weights: initialised at random"
+
+
 def new_weights(info: dict) -> list[str]:
     """The weights a load initialised at random, from transformers' loading info: absent from the
     checkpoint (a classifier's head; DeBERTa-v3's pooler, which its masked-LM checkpoint lacks) or

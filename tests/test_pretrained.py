@@ -203,6 +203,31 @@ def test_a_decoder_llm_classifies_clauses_with_lora_reading_each_texts_last_toke
     assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), want, atol=1e-4)
 
 
+def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_quiet(tmp_path, saved_models):
+    """A Llama checkpoint fine-tuned whole as a classifier, run as a user runs it (no
+    TRANSFORMERS_VERBOSITY, which `make` sets): the head the load initialised is named in the
+    run's own line, and transformers' LOAD REPORT warning (ANSI colour codes in a log file) is
+    not printed; a model that has every weight gets no such line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE_ENV, ROOT
+
+    env = {k: v for k, v in {**os.environ, **OFFLINE_ENV}.items() if k != "TRANSFORMERS_VERBOSITY"}
+
+    def train(name: str, model: str) -> subprocess.CompletedProcess:
+        return check(subprocess.run([sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(tmp_path),
+                                     "--run-name", name, *CLAUSES, f"model.name={model}"],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
+
+    proc = train("whole", str(saved_models / "llama_cls"))
+    assert f"model: score.weight not in {saved_models / 'llama_cls'}'s weights: initialised at random" in proc.stdout.splitlines()
+    assert "LOAD REPORT" not in proc.stdout + proc.stderr and "\x1b[" not in proc.stdout + proc.stderr
+    again = train("again", str(tmp_path / "whole" / "model"))  # the export has its head
+    assert "initialised at random" not in again.stdout
+
+
 def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, saved_models):
     """model.pooling=mean on a saved BERT: the export leaves out the [CLS] pooler and records
     the pooling; `launcher predict` equals a hand computation from the exported weights in

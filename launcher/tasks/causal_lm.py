@@ -249,7 +249,8 @@ class CausalLMTask:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         model = modeling.finish(model, self.cfg, self.name, dtype)
-        self.new_note = lora.new_note(model, self.cfg.model.name, self.name)
+        self.new_note = (lora.new_note(model, self.cfg.model.name, self.name)
+                         or models.new_weights_note(model, self.cfg.model.name))
         return model
 
     def collator(self, tokenizer):

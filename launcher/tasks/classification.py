@@ -488,7 +488,8 @@ class ClassificationTask:
         from launcher.tasks import lora
 
         model = modeling.finish(build_model(self.cfg, tokenizer, dtype), self.cfg, self.name, dtype)
-        self.new_note = lora.new_note(model, self.cfg.model.name, self.name)
+        self.new_note = (lora.new_note(model, self.cfg.model.name, self.name)
+                         or models.new_weights_note(model, self.cfg.model.name))
         return model
 
     def collator(self, tokenizer):
