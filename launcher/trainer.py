@@ -179,7 +179,8 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     if pre.resumed is not None:
         rt.preemption.saved(pre.resumed.step)  # (the resumed checkpoint counts, loaded or not yet)
     warm_tracker = tracking.warm_up(tracking.Setup.of(cfg), rt.is_main)
-    rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {rt.distributed_type}, {rt.device})")
+    engine = "" if rt.distributed_type == "NO" else f"{rt.distributed_type}, "  # (accelerate's name for one process)
+    rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {engine}{rt.device})")
     for note in rt.notes or []:
         rt.print(note)
     if start.partial:
@@ -385,7 +386,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
     t = cfg.train
     packed = getattr(cfg.data, "packing", False)  # a packed run's unit is a block of several examples
     rt.print(f"{len(p.train_ds)} train {'blocks' if packed else 'rows'} / {len(p.val_ds)} validation rows, "
-             f"{p.n_params:,} parameters; {p.total_steps} steps of {t.global_batch_size} {'blocks' if packed else 'examples'} "
+             f"{p.n_params:,} parameters; {p.total_steps} step{'' if p.total_steps == 1 else 's'} of {t.global_batch_size} {'blocks' if packed else 'examples'} "
              f"({t.micro_batch_size} x {p.accumulation} accumulation x {rt.world_size} ranks)")
     if p.n_trainable != p.n_params:
         rt.print(f"LoRA: {p.n_trainable:,} of {p.n_params:,} parameters trainable ({p.n_trainable / p.n_params:.2%})")
