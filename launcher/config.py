@@ -642,6 +642,16 @@ def _expand_home(tree: dict) -> None:
 DATA_PATHS = ("train_file", "validation_file", "hub_dataset")
 
 
+_TYPED: dict[str, str] = {}  # an absolute data path _absolute_data made -> the relative one it was given
+
+
+def _from_here(path) -> str:
+    """What to add to "file not found" for a data path given relative (a shipped recipe's
+    ../shared/...): it was read from the working directory, not the config's, and is absolute by now."""
+    typed = _TYPED.get(str(path))
+    return f" ({typed} read from the directory you start in, {os.getcwd()})" if typed else ""
+
+
 def _absolute_data(tree: dict) -> None:
     """data.train_file / validation_file (and a local folder as data.hub_dataset) as absolute
     paths, so config.yaml records which files trained the run: as typed, a resume from another
@@ -658,6 +668,7 @@ def _absolute_data(tree: dict) -> None:
             continue
         if isinstance(value, str) and value.strip() and not os.path.isabs(value):
             data[key] = os.path.abspath(value)
+            _TYPED[data[key]] = value
         elif isinstance(value, str):
             data[key] = value
 
@@ -909,7 +920,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
                     out.append(f"data.{key}: {value}: a directory, but not one written by Dataset.save_to_disk "
                                "(for a folder of data files use data.hub_dataset=DIR)")
             elif check_files and not Path(value).is_file():
-                out.append(f"data.{key}: {value}: file not found")
+                out.append(f"data.{key}: {value}: file not found" + _from_here(value))
             elif not str(value).lower().endswith((".jsonl", ".json", ".csv", ".parquet")) and not Path(value).is_dir():
                 out.append(f"data.{key}: {value}: unsupported format (use .jsonl, .csv, .parquet or a save_to_disk directory)")
     name = cfg.model.name

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, OFFLINE_ENV, TINY, launcher
+from conftest import CONFIGS, OFFLINE_ENV, ROOT, TINY, launcher
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -178,6 +178,10 @@ CASES = [
      "data.validation_file: required when data.train_file is set"),
     ("missing data file", "train", TINY, _write("v.jsonl", GOOD, "data.synthetic.enabled=false", "data.train_file={tmp}/none.jsonl",
                                                  "data.validation_file={tmp}/v.jsonl"), "data.train_file: {tmp}/none.jsonl: file not found"),
+    # (a shipped recipe's ../shared/... run from another directory: the line said only the path it made)
+    ("data file named relative to where you start", "train", TINY,
+     _write("v.jsonl", GOOD, "data.synthetic.enabled=false", "data.train_file=none/train.jsonl", "data.validation_file={tmp}/v.jsonl"),
+     f"data.train_file: {ROOT}/none/train.jsonl: file not found (none/train.jsonl read from the directory you start in, {ROOT})"),
     ("unsupported format", "train", TINY, _write("a.txt", "x\n", "data.synthetic.enabled=false", "data.train_file={tmp}/a.txt",
                                                   "data.validation_file={tmp}/v.jsonl"), "data.train_file: {tmp}/a.txt: unsupported format"),
     ("directory instead of file", "train", TINY, _write("v.jsonl", GOOD, "data.synthetic.enabled=false", "data.train_file={tmp}",
