@@ -60,6 +60,8 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do"
                  + ("; the changes above are not recorded (nothing follows them)" if pre.changed else "")
                  + (dropped or ""))
+        more = "eval.early_stopping_patience" if stopped_early else "train.max_steps or train.epochs"
+        rt.print(f"to train on from there, raise {more}; to start again, give another --run-name")
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     if pre.resumed is not None:
         rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg)

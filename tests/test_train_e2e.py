@@ -220,6 +220,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     # Finished: running again does nothing and changes nothing.
     again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common))
     assert "already finished at step 24" in again.stdout
+    assert "to train on from there, raise train.max_steps or train.epochs; to start again, give another --run-name" \
+        in again.stdout.splitlines()
     # A change to a finished run is not recorded: nothing follows it (config.yaml said
     # checkpoint.export: last while model/ stayed the best evaluation's).
     config = (tmp_path / "b" / "r" / "config.yaml").read_text()
