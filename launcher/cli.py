@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL/CSV/Parquet "
                    "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write, each input row with its prediction (label or labels, "
-                   "probs; a causal LM's response too), written once all are answered (default: stdout)")
+                   "probs; a causal LM's response too; a plain-text line's number as line), written once all are answered "
+                   "(default: stdout)")
     r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
                    "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
                    "leaves the answer room (as generate's)")
@@ -380,13 +381,16 @@ def _not_a_file(flag: str, path: Path) -> str:
     return f"{flag}: {path}: file not found"
 
 
-def _plain_lines(path: Path, wanted: str) -> list[str]:
-    """--input as plain text: its non-blank lines, a byte-order mark skipped; not UTF-8 is one line."""
+def _plain_lines(path: Path, wanted: str) -> list[tuple[int, str]]:
+    """--input as plain text: its non-blank lines with their line numbers (the answers carry them
+    as `line`: with a blank line skipped, the n-th answer was not line n), a byte-order mark
+    skipped; not UTF-8 is one line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet {wanted}") from None
-    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]  # not splitlines: \x0c, U+2028 are text
+    return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
+            if line.strip()]
 
 
 def _read_clauses(path: Path) -> list[dict]:
@@ -399,8 +403,8 @@ def _read_clauses(path: Path) -> list[dict]:
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
         lines = _plain_lines(path, "rows with 'text', or one clause per line")
-        _not_a_table(path, lines[0] if lines else "")
-        return [{"text": line} for line in _some(lines, BadRows(""), path)]
+        _not_a_table(path, lines[0][1] if lines else "")
+        return [{"line": n, "text": line} for n, line in _some(lines, BadRows(""), path)]
     texts: list[dict] = []
     bad = BadRows(f"--input: {path}")
     columns: dict = {}  # (ordered as the file names them)
@@ -415,8 +419,10 @@ def _read_clauses(path: Path) -> list[dict]:
         else:
             texts.append(record)
     if columns and "text" not in columns:  # one line for the file, not one per row
+        from launcher.data.clauses import column_hint
+
         listed = ", ".join(repr(c) for c in columns if isinstance(c, str))
-        raise UserError(f"--input: {path}: no 'text' column (its columns: {listed})")
+        raise UserError(f"--input: {path}: no 'text' column (its columns: {listed}){column_hint(list(columns))}")
     return _some(texts, bad, path)
 
 
@@ -563,6 +569,9 @@ class _Output:
         self.path, self.replacement = (Path(output) if output else None), None
         if self.path is None:
             return
+        if self.path.suffix.lower() in (".csv", ".tsv", ".parquet", ".xlsx"):  # (JSON lines went into out.csv)
+            raise UserError(f"--output: {self.path}: predictions are written as JSON lines; name it "
+                            f"{self.path.with_suffix('.jsonl').name}")
         if self.path.is_dir() or not self.path.parent.is_dir():
             raise UserError(f"--output: {self.path}: " + ("is a directory" if self.path.is_dir() else
                                                           f"no such directory {self.path.parent}"))
@@ -659,9 +668,9 @@ def _predict_causal_lm(args) -> list[str]:
             except UserError as e:
                 bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
-        for line in _plain_lines(path, "rows, or one prompt per line"):
+        for n, line in _plain_lines(path, "rows, or one prompt per line"):
             rows.append(prompts.typed_row(line, fmt, str(path)))
-            records.append({"text": line})
+            records.append({"line": n, "text": line})
     _some(rows, bad, path)
     candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
     # Training saw no prompt longer than its max_length (such rows have no answer left), so

@@ -324,7 +324,10 @@ CASES = [
                                                         "--input", "{tmp}/x.jsonl"), "{tmp}/x.jsonl:2: missing or empty 'text'"),
     ("predict a CSV separated by semicolons", "predict", None, _write("x.csv", "id;text\n1;We may end it.\n2;We may not.\n", "no-model",
                                                                     "--input", "{tmp}/x.csv"),
-     "--input: {tmp}/x.csv: no 'text' column (its columns: 'id;text')"),
+     "--input: {tmp}/x.csv: no 'text' column (its columns: 'id;text'); CSV columns are separated by commas"),
+    ("predict into a .csv file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
+                                                         "--output", "{tmp}/p.csv"),
+     "--output: {tmp}/p.csv: predictions are written as JSON lines; name it p.jsonl"),
     ("eval of a folder that holds no model", "eval", None, _write("v1.jsonl", GOOD, "{tmp}", "--data", "{tmp}/v1.jsonl"),
      "MODEL_DIR: {tmp}: not a loadable Hugging Face model directory"),  # (it named model.name, which nobody set)
     ("eval of a folder", "eval", None, _plain("no-model", "--data", "{tmp}"),

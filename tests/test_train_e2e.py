@@ -108,11 +108,13 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     assert set(metrics) >= {"macro_f1", "micro_f1", "loss", "n", "f1/fair", "f1/unfair"}
 
     clauses = tmp_path / "clauses.txt"
-    clauses.write_text("We may terminate your account at any time without notice.\nYou can export your data whenever you like.\n")
+    clauses.write_text("We may terminate your account at any time without notice.\n\nYou can export your data whenever you like.\n")
     out = tmp_path / "pred.jsonl"
     check(launcher("predict", str(run / "model"), "--input", str(clauses), "--output", str(out)))
     preds = [json.loads(l) for l in out.read_text().splitlines()]
     assert [p["label"] for p in preds] == ["unfair", "fair"]
+    # A blank line has no answer: each answer names its line (the second answer is line 3's)
+    assert [p.pop("line") for p in preds] == [1, 3]
     for p in preds:
         assert set(p["probs"]) == {"fair", "unfair"} and sum(p["probs"].values()) == pytest.approx(1, abs=1e-5)
     # CSV (with Excel's byte-order mark) and Parquet rows as `eval` reads them: a CSV's header and
@@ -120,7 +122,7 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    texts = clauses.read_text().splitlines()
+    texts = [t for t in clauses.read_text().splitlines() if t]
     table = tmp_path / "clauses.csv"
     table.write_bytes(("\ufefftext,id\n" + "".join(f'"{t}",{i}\n' for i, t in enumerate(texts))).encode())
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts]), tmp_path / "clauses.parquet")

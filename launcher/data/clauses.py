@@ -136,13 +136,18 @@ def column_problems(columns: list[str], source: str) -> list[str]:
                if not ok]
     if not missing:
         return []
-    hint = ""
-    if any(c.strip() != c for c in columns):
-        hint = "; a column name has spaces around it (a space after a comma in the header?)"
-    elif len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
-        hint = "; CSV columns are separated by commas"
     listed = ", ".join(map(repr, columns)) or "none"
-    return [f"{source}: no {' and no '.join(missing)} column (its columns: {listed}){hint}"]
+    return [f"{source}: no {' and no '.join(missing)} column (its columns: {listed}){column_hint(columns)}"]
+
+
+def column_hint(columns: list) -> str:
+    """Why a header lacks a column it seems to name: "; ..." or ""."""
+    names = [c for c in columns if isinstance(c, str)]
+    if any(c.strip() != c for c in names):
+        return "; a column name has spaces around it (a space after a comma in the header?)"
+    if len(names) == 1 and any(sep in names[0] for sep in ";\t|"):
+        return "; CSV columns are separated by commas"
+    return ""
 
 
 def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], list]:
