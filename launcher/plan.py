@@ -303,8 +303,9 @@ def _memory_section(cfg: RunConfig, launch: "distributed.LaunchConfig", ds: dict
         engine += f" + CPU offload of {' and '.join(offloaded)}"
     if lora_count and lora_count.trainable and n_params:
         n_train = lora_count.trainable
-        head = (f"memory     per GPU, model states only (LoRA: {n_train:,} of {n_params:,} parameters train, "
-                f"{n_train / n_params:.2%}):")
+        wrapped = n_train + lora_count.frozen  # (as the run counts them: the base, its adapters and copies)
+        head = (f"memory     per GPU, model states only (LoRA: {n_train:,} of {wrapped:,} parameters train, "
+                f"{n_train / wrapped:.2%}):")
         body = lora_memory_lines(n_params, n_train, engines.weight_dtype(cfg.train, cfg.model, launch), stage, world, sixteen, engine,
                                  cfg.model.quantization, lora_count.quantized, lora_count.frozen)
     else:

@@ -231,8 +231,13 @@ def test_answers_stop_at_the_chat_templates_end_of_turn_where_eos_is_another_tok
 
 
 def test_plan_sizes_a_lora_checkpoint_as_the_run_wrote_it(run):
-    tmp, run_dir, _, args = run
+    import re
+
+    tmp, run_dir, stdout, args = run
     proc = check(launcher("plan", str(RECIPE), *[a for a in args if "=" in a and not a.startswith("--")]))
+    # The counts are the run's: trained of all the wrapped model holds (plan said "of" the base alone)
+    said = re.search(r"^LoRA: ([\d,]+) of ([\d,]+) parameters trainable", stdout, re.M)
+    assert said and f"(LoRA: {said[1]} of {said[2]} parameters train, " in proc.stdout, (said, proc.stdout)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("checkpoint about "))
     value, unit = line.split()[2:4]
     planned = float(value) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
