@@ -284,8 +284,14 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
+    old_lr = optimizer.param_groups[0]["lr"]  # the next step's, as the checkpoint's schedule had it
     config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, t.weight_decay,
                                    always=start.forked_from is not None)
+    new_lr = optimizer.param_groups[0]["lr"]
+    if start.checkpoint is not None and not math.isclose(new_lr, old_lr, rel_tol=1e-6, abs_tol=1e-12) \
+            and state.step < total_steps:  # (an extension re-spreads the schedule: the lr may jump)
+        rt.print(f"learning rate: step {state.step + 1} runs at {new_lr:.3g} on the new {total_steps}-step {t.scheduler} "
+                 f"schedule (the checkpoint's schedule had {old_lr:.3g})")
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of

@@ -498,10 +498,16 @@ def test_an_extended_run_ends_with_its_new_export_in_the_tracker(tmp_path):
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "eval.every_steps=2",
             "checkpoint.every_steps=2", "checkpoint.export=last"]
     check(launcher(*args, "train.max_steps=2"))
-    check(launcher(*args, "train.max_steps=4"))
+    extended = check(launcher(*args, "train.max_steps=4"))
     (run,) = all_runs(mlflow_client(tmp_path))
     final = json.loads((tmp_path / "x" / "final_metrics.json").read_text())
     assert final["exported_step"] == 4 and run.data.tags["exported.step"] == "4"
+    # The schedule is spread over 4 steps now, so step 3's lr is not where the old one would
+    # have gone on; the run says so (it said only "train.max_steps: 2 -> 4").
+    lrs = {r["step"]: r["train/lr"] for r in map(json.loads, (tmp_path / "x" / "metrics.jsonl").read_text().splitlines())
+           if "train/lr" in r}
+    said = next(line for line in extended.stdout.splitlines() if line.startswith("learning rate: step 3 runs at "))
+    assert said.startswith(f"learning rate: step 3 runs at {lrs[3]:.3g} on the new 4-step linear schedule (the checkpoint's")
     assert float(run.data.tags["exported.macro_f1"]) == pytest.approx(final["after"]["macro_f1"], abs=1e-9)
 
 
