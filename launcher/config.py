@@ -611,6 +611,7 @@ def load_config(
         tree["run_name"] = run_name
     _expand_home(tree)
     if absolute_data:
+        _TYPED.clear()  # (this config's names only)
         _absolute_data(tree)
     _target_names(tree)
     explicit = frozenset(_dotted_keys(tree))

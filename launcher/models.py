@@ -282,7 +282,11 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     config = loaded if isinstance(loaded, PretrainedConfig) else getattr(loaded, "config", None)
     if model_cfg is not None and isinstance(config, PretrainedConfig):
         pooling.record(config, getattr(model_cfg, "pooling", None))
-    return pooling.follow(loaded, name)
+    followed = pooling.follow(loaded, name)
+    if getattr(followed, "launcher_new_weights", None):  # not those a mean pooler took the place of
+        held = {key for key, _ in followed.named_parameters()}
+        followed.launcher_new_weights = [key for key in followed.launcher_new_weights if key in held]
+    return followed
 
 
 def exported(loader, model_dir: str, **kwargs):

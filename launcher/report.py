@@ -20,14 +20,15 @@ def final_table(before: dict, after: dict, step: int) -> str:
     keys = [k for k in HEADLINE if k in after] + [f"{k}@0.5" for k in HEADLINE if f"{k}@0.5" in after]
     keys += sorted(k for k in after if k.startswith("f1/")) + sorted(k for k in after if k.startswith("choice_f1/"))
     width = max(len(k) for k in keys) + 2
-    lines = [f"{'metric':<{width}}{'step 0':>10}{f'step {step}':>10}{'change':>10}", "-" * (width + 30)]
+    c = max(10, len(f"step {step}") + 2)  # columns (step 100000 still has a space before it)
+    lines = [f"{'metric':<{width}}{'step 0':>{c}}{f'step {step}':>{c}}{'change':>{c}}", "-" * (width + 3 * c)]
     for k in keys:
         a = after[k]
         if k in before:
             b = before[k]
-            lines.append(f"{k:<{width}}{b:>10.4f}{a:>10.4f}{a - b:>+10.4f}")
+            lines.append(f"{k:<{width}}{b:>{c}.4f}{a:>{c}.4f}{a - b:>+{c}.4f}")
         else:
-            lines.append(f"{k:<{width}}{'-':>10}{a:>10.4f}{'':>10}")
+            lines.append(f"{k:<{width}}{'-':>{c}}{a:>{c}.4f}{'':>{c}}")
     return "\n".join(lines)
 
 

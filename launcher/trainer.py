@@ -60,7 +60,8 @@ def train(cfg: RunConfig) -> dict:
         rt.print(f"{run_dir} already finished at step {parts.state.step}; nothing to do"
                  + ("; the changes above are not recorded (nothing follows them)" if pre.changed else "")
                  + (dropped or ""))
-        more = "eval.early_stopping_patience" if stopped_early else "train.max_steps or train.epochs"
+        more = ("eval.early_stopping_patience" if stopped_early else
+                "train.max_steps" if cfg.train.max_steps else "train.epochs")  # (max_steps set: epochs move nothing)
         rt.print(f"to train on from there, raise {more}; to start again, give another --run-name")
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
     if pre.resumed is not None:
@@ -363,6 +364,8 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
         rt.on_main(owner.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
     elif rt.is_main and state.tracker_ids != before:  # a new tracker run (one replaced, one turned on)
         owner.record_owner(p.run_dir, rt.job_id, state.tracker_ids)
+    if start.checkpoint is not None:  # the checkpoint restored what the load initialised at random
+        p.task.fresh_note = ""
     notes, derived = p.task.describe(p.train_ds, p.val_ds)
     padded, padded_random = p.sampler.padded_fraction(), p.sampler.padded_fraction(grouped=False)
     notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if p.group_by_length else 'random'} micro-batches"

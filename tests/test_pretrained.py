@@ -216,16 +216,26 @@ def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_
 
     env = {k: v for k, v in {**os.environ, **OFFLINE_ENV}.items() if k != "TRANSFORMERS_VERBOSITY"}
 
-    def train(name: str, model: str) -> subprocess.CompletedProcess:
+    def train(name: str, model: str, *more: str) -> subprocess.CompletedProcess:
         return check(subprocess.run([sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(tmp_path),
-                                     "--run-name", name, *CLAUSES, f"model.name={model}"],
+                                     "--run-name", name, *CLAUSES, f"model.name={model}", *more],
                                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
 
     proc = train("whole", str(saved_models / "llama_cls"))
     assert f"model: score.weight not in {saved_models / 'llama_cls'}'s weights: initialised at random" in proc.stdout.splitlines()
     assert "LOAD REPORT" not in proc.stdout + proc.stderr and "\x1b[" not in proc.stdout + proc.stderr
+    resumed = train("whole", str(saved_models / "llama_cls"), "train.max_steps=3")  # the checkpoint holds the trained head
+    assert "resuming from" in resumed.stdout and "initialised at random" not in resumed.stdout
     again = train("again", str(tmp_path / "whole" / "model"))  # the export has its head
     assert "initialised at random" not in again.stdout
+    # predict given the checkpoint itself (no head): its answers come from a random head, which
+    # only transformers' warning said; now a line of ours does
+    (tmp_path / "in.txt").write_text("We may end it.\n")
+    for model, warned in ((saved_models / "llama_cls", True), (tmp_path / "whole" / "model", False)):
+        said = check(subprocess.run([sys.executable, "-m", "launcher", "predict", str(model), "--input", str(tmp_path / "in.txt")],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
+        assert (f"warning: score.weight not in {model}'s weights: initialised at random: these answers are not all a "
+                "trained model's" in said.stderr.splitlines()) == warned, said.stderr
 
 
 def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, saved_models):
@@ -261,6 +271,7 @@ def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, save
     proc = check(launcher("predict", str(export), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl"),
                           env={"TRANSFORMERS_VERBOSITY": "warning"}))
     assert "LOAD REPORT" not in proc.stdout + proc.stderr  # none about the [CLS] pooler left out
+    assert "initialised at random" not in proc.stderr  # (nor a line of ours: the pooler is no weight it reads)
     probs = [json.loads(x)["probs"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     names = [json.loads((export / "config.json").read_text())["id2label"][str(i)] for i in range(2)]
     assert torch.allclose(torch.tensor([[p[n] for n in names] for p in probs]), torch.softmax(logits, -1), atol=1e-5)

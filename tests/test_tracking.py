@@ -521,3 +521,15 @@ def test_a_derived_value_is_recorded_where_it_changed_and_not_at_each_requeue(tm
     assert {k: v for k, v in params.items() if "total_steps" in k} == {
         "derived.total_steps": "12", "resumed_at_6.derived.total_steps": "12 -> 18",
         "resumed_at_15.derived.total_steps": "18 -> 24"}
+
+
+def test_the_end_table_names_the_exported_step_and_keeps_its_columns_apart():
+    """The column of the exported evaluation is named by its step (it said "final", which read
+    as the last step's), and a long step number still leaves a space between the columns."""
+    from launcher.report import final_table
+
+    for step in (50, 123456):
+        head, rule, *rows = final_table({"macro_f1": 0.25, "loss": 0.7}, {"macro_f1": 0.5, "loss": 0.6, "n": 4}, step).splitlines()
+        assert head.split() == ["metric", "step", "0", "step", str(step), "change"]
+        assert [r.split() for r in rows] == [["macro_f1", "0.2500", "0.5000", "+0.2500"], ["loss", "0.7000", "0.6000", "-0.1000"]]
+        assert len(rule) == len(head)

@@ -222,7 +222,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     # Finished: running again does nothing and changes nothing.
     again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--run-name", "r", *common))
     assert "already finished at step 24" in again.stdout
-    assert "to train on from there, raise train.max_steps or train.epochs; to start again, give another --run-name" \
+    assert "to train on from there, raise train.max_steps; to start again, give another --run-name" \
         in again.stdout.splitlines()
     # A change to a finished run is not recorded: nothing follows it (config.yaml said
     # checkpoint.export: last while model/ stayed the best evaluation's).
@@ -355,6 +355,8 @@ def test_early_stopping_under_bf16(tmp_path):
                            "train.precision=bf16", "train.lr=1e-9", "train.max_steps=24", "eval.every_steps=2",
                            "eval.early_stopping_patience=1", "checkpoint.every_steps=100"))
     assert "already finished at step 4" in again.stdout  # an early stop is an end: model/ stays the best's
+    assert "to train on from there, raise eval.early_stopping_patience; to start again, give another --run-name" \
+        in again.stdout.splitlines()
     assert all(torch.equal(exported[k], v) for k, v in _weights(run).items())
     state = json.loads((run / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["evals_without_improvement"] == 1 and state["best_step"] == 2

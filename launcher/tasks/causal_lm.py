@@ -53,6 +53,7 @@ class CausalLMTask:
         self.cfg = cfg
         self.pad_note = ""
         self.new_note = ""  # LoRA's modules_to_save grown by what the load initialised (lora.new_note)
+        self.fresh_note = ""  # else the weights the load initialised at random (models.new_weights_note)
         self.fmt = PromptFormat.from_config(cfg.data, None)  # completed by tokenizer() and datasets()
         self.answers: list[str] | None = None  # the closed answer set, when the answers form one
         self.candidates: generation.Candidates | None = None
@@ -211,7 +212,7 @@ class CausalLMTask:
         if self.fmt.system_prompt is not None and self.cfg.data.system_prompt is None:
             lines.append(f"system prompt shared by every training row, recorded for generate and predict: "
                          f"{self.fmt.system_prompt!r}")
-        lines += [note for note in (self.pad_note, self.new_note) if note]
+        lines += [note for note in (self.pad_note, self.new_note, self.fresh_note) if note]
         return lines, derived
 
     # ---- model and loss
@@ -249,8 +250,9 @@ class CausalLMTask:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         model = modeling.finish(model, self.cfg, self.name, dtype)
-        self.new_note = (lora.new_note(model, self.cfg.model.name, self.name)
-                         or models.new_weights_note(model, self.cfg.model.name))
+        self.new_note = lora.new_note(model, self.cfg.model.name, self.name)
+        # (said at a fresh start only: a resume's checkpoint restores them, see Trainer's setup)
+        self.fresh_note = "" if self.new_note else models.new_weights_note(model, self.cfg.model.name)
         return model
 
     def collator(self, tokenizer):

@@ -355,7 +355,11 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     if not Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     code = remote_code_gate(model_dir, trust_remote_code)
-    model = models.exported(AutoModelForSequenceClassification, str(model_dir), **code)  # pooled as it records
+    model = models.exported(AutoModelForSequenceClassification, str(model_dir), output_loading_info=True,
+                            **code)  # pooled as it records
+    fresh = models.new_weights_note(model, str(model_dir))  # (a plain encoder's folder: a random head)
+    if fresh:
+        print(f"warning: {fresh.removeprefix('model: ')}: these answers are not all a trained model's", file=sys.stderr)
     tokenizer = models.exported(AutoTokenizer, str(model_dir), **code)
     if tokenizer.pad_token_id is None:  # a decoder classifier saved elsewhere (launcher's exports keep EOS as pad)
         if tokenizer.eos_token_id is None:
@@ -421,6 +425,7 @@ class ClassificationTask:
         self.tuned = False  # tune() ran: checkpoints and best/ snapshots written before it hold the 0.5 rule
         self.pad_note = ""
         self.new_note = ""  # LoRA's modules_to_save grown by what the load initialised
+        self.fresh_note = ""  # else the weights the load initialised at random (models.new_weights_note)
 
     def check_model_source(self) -> None:
         check_model_source(self.cfg)
@@ -473,7 +478,7 @@ class ClassificationTask:
         return len(train_ds)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        return [note for note in (self.pad_note, self.new_note) if note], {}
+        return [note for note in (self.pad_note, self.new_note, self.fresh_note) if note], {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
         """Validation batches, shortest rows first, dealt to the ranks by accelerate (its
@@ -488,8 +493,9 @@ class ClassificationTask:
         from launcher.tasks import lora
 
         model = modeling.finish(build_model(self.cfg, tokenizer, dtype), self.cfg, self.name, dtype)
-        self.new_note = (lora.new_note(model, self.cfg.model.name, self.name)
-                         or models.new_weights_note(model, self.cfg.model.name))
+        self.new_note = lora.new_note(model, self.cfg.model.name, self.name)
+        # (said at a fresh start only: a resume's checkpoint restores them, see Trainer's setup)
+        self.fresh_note = "" if self.new_note else models.new_weights_note(model, self.cfg.model.name)
         return model
 
     def collator(self, tokenizer):
