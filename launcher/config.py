@@ -646,7 +646,7 @@ DATA_PATHS = ("train_file", "validation_file", "hub_dataset")
 _TYPED: dict[str, str] = {}  # an absolute data path _absolute_data made -> the relative one it was given
 
 
-def _from_here(path) -> str:
+def from_here(path) -> str:
     """What to add to "file not found" for a data path given relative (a shipped recipe's
     ../shared/...): it was read from the working directory, not the config's, and is absolute by now."""
     typed = _TYPED.get(str(path))
@@ -921,7 +921,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
                     out.append(f"data.{key}: {value}: a directory, but not one written by Dataset.save_to_disk "
                                "(for a folder of data files use data.hub_dataset=DIR)")
             elif check_files and not Path(value).is_file():
-                out.append(f"data.{key}: {value}: file not found" + _from_here(value))
+                out.append(f"data.{key}: {value}: file not found" + from_here(value))
             elif not str(value).lower().endswith((".jsonl", ".json", ".csv", ".parquet")) and not Path(value).is_dir():
                 out.append(f"data.{key}: {value}: unsupported format (use .jsonl, .csv, .parquet or a save_to_disk directory)")
     name = cfg.model.name

@@ -285,14 +285,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
-    old_lr = optimizer.param_groups[0]["lr"]  # the next step's, as the checkpoint's schedule had it
-    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, t.weight_decay,
-                                   always=start.forked_from is not None)
-    new_lr = optimizer.param_groups[0]["lr"]
-    if start.checkpoint is not None and not math.isclose(new_lr, old_lr, rel_tol=1e-6, abs_tol=1e-12) \
-            and state.step < total_steps:  # (an extension re-spreads the schedule: the lr may jump)
-        rt.print(f"learning rate: step {state.step + 1} runs at {new_lr:.3g} on the new {total_steps}-step {t.scheduler} "
-                 f"schedule (the checkpoint's schedule had {old_lr:.3g})")
+    _follow_schedule(rt, task, pre, state, scheduler, optimizer, t, total_steps)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
@@ -301,6 +294,22 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     return Parts(rt, task, run_dir, tokenizer, train_ds, val_ds, model, optimizer, scheduler, sampler, row_items,
                  task.collator(tokenizer),
                  val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
+
+
+def _follow_schedule(rt, task, pre, state, scheduler, optimizer, t, total_steps: int) -> None:
+    """After a resume with changes, the next step's lr is the new config's schedule's
+    (config_changes.follow_schedule); when that moves it (an extension re-spreads the schedule),
+    the run says so. A resume restores what a fresh load initialised at random: not said again."""
+    if pre.start.checkpoint is None:
+        return
+    task.fresh_note = ""
+    old_lr = optimizer.param_groups[0]["lr"]  # the next step's, as the checkpoint's schedule had it
+    config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, t.weight_decay,
+                                   always=pre.start.forked_from is not None)
+    new_lr = optimizer.param_groups[0]["lr"]
+    if not math.isclose(new_lr, old_lr, rel_tol=1e-6, abs_tol=1e-12) and state.step < total_steps:
+        rt.print(f"learning rate: step {state.step + 1} runs at {new_lr:.3g} on the new {total_steps}-step {t.scheduler} "
+                 f"schedule (the checkpoint's schedule had {old_lr:.3g})")
 
 
 def _export_dtype(cfg: RunConfig, task) -> str:
@@ -364,8 +373,6 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
         rt.on_main(owner.record_owner, p.run_dir, rt.job_id, state.tracker_ids)
     elif rt.is_main and state.tracker_ids != before:  # a new tracker run (one replaced, one turned on)
         owner.record_owner(p.run_dir, rt.job_id, state.tracker_ids)
-    if start.checkpoint is not None:  # the checkpoint restored what the load initialised at random
-        p.task.fresh_note = ""
     notes, derived = p.task.describe(p.train_ds, p.val_ds)
     padded, padded_random = p.sampler.padded_fraction(), p.sampler.padded_fraction(grouped=False)
     notes.append(f"padding: {padded:.1%} of the tokens in {'length-grouped' if p.group_by_length else 'random'} micro-batches"

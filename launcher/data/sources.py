@@ -203,9 +203,9 @@ def resolve(data_cfg, split: str) -> Source:
                                 "(for a folder of data files use data.hub_dataset=DIR)")
             return Source("saved", str(p), split_name, field)
         if not p.is_file():
-            from launcher.config import _from_here
+            from launcher.config import from_here
 
-            raise DataError(f"{field}: {path}: file not found" + _from_here(path))
+            raise DataError(f"{field}: {path}: file not found" + from_here(path))
         if p.suffix.lower() not in FORMATS:
             raise DataError(f"{field}: {path}: unsupported format (use .jsonl, .csv, .parquet or a save_to_disk directory)")
         return Source("file", str(p), split_name, field)
