@@ -253,6 +253,8 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     set_seed(t.seed)  # identical initial weights on every rank and in every rerun
     with rt.model_init(random_weights=task.random_init()):
         model = task.build_model(tokenizer, rt.weight_dtype)
+    if pre.start.checkpoint is not None:  # its weights load below: the run does not say the new ones again
+        task.fresh_note = ""
     models.check_positions(model, cfg.data.max_length, cfg.model.name)
     task.prepare(train_ds, rt.device)
     row_items = task.row_items(train_ds)
@@ -285,7 +287,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
-    _follow_schedule(rt, task, pre, state, scheduler, optimizer, t, total_steps)
+    _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
@@ -296,13 +298,12 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
                  val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
 
 
-def _follow_schedule(rt, task, pre, state, scheduler, optimizer, t, total_steps: int) -> None:
+def _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps: int) -> None:
     """After a resume with changes, the next step's lr is the new config's schedule's
     (config_changes.follow_schedule); when that moves it (an extension re-spreads the schedule),
-    the run says so. A resume restores what a fresh load initialised at random: not said again."""
+    the run says so."""
     if pre.start.checkpoint is None:
         return
-    task.fresh_note = ""
     old_lr = optimizer.param_groups[0]["lr"]  # the next step's, as the checkpoint's schedule had it
     config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, t.weight_decay,
                                    always=pre.start.forked_from is not None)
