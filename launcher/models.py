@@ -17,6 +17,7 @@ import copy
 import json
 import functools
 import os
+import sys
 from pathlib import Path
 
 from launcher.errors import ConfigError
@@ -307,6 +308,15 @@ def new_weights_note(model, name: str) -> str:
         return ""
     shown = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
     return f"model: {shown} not in {name}'s weights: initialised at random"
+
+
+def warn_new_weights(model, model_dir: str) -> None:
+    """eval / predict / generate on a folder whose load initialised weights at random (a plain
+    encoder's folder: a random head; a causal LM saved without its untied head): one warning on
+    stderr, as transformers' own report, which launcher silences, would have said."""
+    fresh = new_weights_note(model, model_dir)
+    if fresh:
+        print(f"warning: {fresh.removeprefix('model: ')}: these answers are not all a trained model's", file=sys.stderr)
 
 
 def new_weights(info: dict) -> list[str]:

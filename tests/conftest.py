@@ -39,9 +39,11 @@ FAST = [
 ]
 
 
-def launcher(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m launcher ...` in a fresh process, as a user would."""
-    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+def launcher(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+             unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `python -m launcher ...` in a fresh process, as a user would; `unset` names variables
+    of this process's environment that it runs without."""
+    full_env = {k: v for k, v in {**os.environ, **OFFLINE_ENV, **(env or {})}.items() if k not in unset}
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

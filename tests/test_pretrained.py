@@ -18,6 +18,7 @@ one step: measured under ZeRO-3, single elements of a few tensors differ by up t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -207,19 +208,16 @@ def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_
     """A Llama checkpoint fine-tuned whole as a classifier, run as a user runs it (no
     TRANSFORMERS_VERBOSITY, which `make` sets): the head the load initialised is named in the
     run's own line, and transformers' LOAD REPORT warning (ANSI colour codes in a log file) is
-    not printed; a model that has every weight gets no such line."""
-    import os
-    import subprocess
-    import sys
+    not printed; a model that has every weight gets no such line. eval / predict / generate
+    given a folder whose load initialises weights at random (a checkpoint without its head)
+    warn in one line of ours, since transformers' own warning is silenced."""
+    from safetensors.torch import load_file, save_file
 
-    from conftest import OFFLINE_ENV, ROOT
+    quiet = ("TRANSFORMERS_VERBOSITY",)
 
-    env = {k: v for k, v in {**os.environ, **OFFLINE_ENV}.items() if k != "TRANSFORMERS_VERBOSITY"}
-
-    def train(name: str, model: str, *more: str) -> subprocess.CompletedProcess:
-        return check(subprocess.run([sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(tmp_path),
-                                     "--run-name", name, *CLAUSES, f"model.name={model}", *more],
-                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
+    def train(name: str, model: str, *more: str):
+        return check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", name, *CLAUSES,
+                              f"model.name={model}", *more, unset=quiet))
 
     proc = train("whole", str(saved_models / "llama_cls"))
     assert f"model: score.weight not in {saved_models / 'llama_cls'}'s weights: initialised at random" in proc.stdout.splitlines()
@@ -228,14 +226,37 @@ def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_
     assert "resuming from" in resumed.stdout and "initialised at random" not in resumed.stdout
     again = train("again", str(tmp_path / "whole" / "model"))  # the export has its head
     assert "initialised at random" not in again.stdout
+
+    def warning(name: str, model) -> str:
+        return f"warning: {name} not in {model}'s weights: initialised at random: these answers are not all a trained model's"
+
     # predict given the checkpoint itself (no head): its answers come from a random head, which
     # only transformers' warning said; now a line of ours does
     (tmp_path / "in.txt").write_text("We may end it.\n")
     for model, warned in ((saved_models / "llama_cls", True), (tmp_path / "whole" / "model", False)):
-        said = check(subprocess.run([sys.executable, "-m", "launcher", "predict", str(model), "--input", str(tmp_path / "in.txt")],
-                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600))
-        assert (f"warning: score.weight not in {model}'s weights: initialised at random: these answers are not all a "
-                "trained model's" in said.stderr.splitlines()) == warned, said.stderr
+        said = check(launcher("predict", str(model), "--input", str(tmp_path / "in.txt"), unset=quiet))
+        assert (warning("score.weight", model) in said.stderr.splitlines()) == warned, said.stderr
+    # generate given a causal-LM export whose untied head was left out of its weights: random tokens
+    whole, headless = tmp_path / "lm", tmp_path / "headless"
+    for folder in (whole, headless):
+        shutil.copytree(saved_models / "llama", folder)
+        (folder / "launcher.json").write_text(json.dumps({"task": "causal_lm"}))
+    weights = load_file(headless / "model.safetensors")
+    assert "lm_head.weight" in weights  # (untied: its own weights)
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, headless / "model.safetensors",
+              metadata={"format": "pt"})
+    # and one whose head is tied to its embeddings (SmolLM2's, Qwen2.5's): absent from its weights, not random
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    tied = tmp_path / "tied"
+    LlamaForCausalLM(AutoConfig.from_pretrained(saved_models / "llama", tie_word_embeddings=True)).save_pretrained(tied)
+    shutil.copy(whole / "launcher.json", tied)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(whole / name, tied)
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")
+    for model, warned in ((headless, True), (whole, False), (tied, False)):
+        said = check(launcher("generate", str(model), "--prompt", "hi", "--max-new-tokens", "2", unset=quiet))
+        assert (warning("lm_head.weight", model) in said.stderr.splitlines()) == warned, said.stderr
 
 
 def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, saved_models):

@@ -533,7 +533,9 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
         raise ConfigError(f"{model_dir}: no such model directory")
     meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
     code = remote_code_gate(model_dir, trust_remote_code)
-    model = models.exported(AutoModelForCausalLM, str(model_dir), **code).to(inference_device()).eval()
+    model = models.exported(AutoModelForCausalLM, str(model_dir), output_loading_info=True, **code)
+    models.warn_new_weights(model, str(model_dir))  # (an untied head left out of the folder's weights)
+    model = model.to(inference_device()).eval()
     tokenizer = models.exported(AutoTokenizer, str(model_dir), **code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

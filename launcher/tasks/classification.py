@@ -357,9 +357,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     code = remote_code_gate(model_dir, trust_remote_code)
     model = models.exported(AutoModelForSequenceClassification, str(model_dir), output_loading_info=True,
                             **code)  # pooled as it records
-    fresh = models.new_weights_note(model, str(model_dir))  # (a plain encoder's folder: a random head)
-    if fresh:
-        print(f"warning: {fresh.removeprefix('model: ')}: these answers are not all a trained model's", file=sys.stderr)
+    models.warn_new_weights(model, str(model_dir))  # (a plain encoder's folder: a random head)
     tokenizer = models.exported(AutoTokenizer, str(model_dir), **code)
     if tokenizer.pad_token_id is None:  # a decoder classifier saved elsewhere (launcher's exports keep EOS as pad)
         if tokenizer.eos_token_id is None:
