@@ -6,6 +6,7 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
     step:N          after optimizer step N, before any checkpoint of that step
     checkpoint:N    inside the save of step N: every rank has written its part, nothing sealed
     export          inside the export: the weights are written, not yet renamed into place
+    mlflow-store    a new SQLite MLflow store built beside its place, not yet linked there
 
 `LAUNCHER_STALL=RANK:WHERE:SECONDS` makes that rank sleep, WHERE being a step number (inside
 that optimizer step, after its backward passes: the hang the watchdog tests need),
@@ -31,6 +32,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 HOOKS = ("LAUNCHER_FAILPOINT", "LAUNCHER_STALL", "LAUNCHER_SAVE_ERROR", "LAUNCHER_HIDE_CHECKPOINT")
 
@@ -64,7 +66,10 @@ def point(name: str, step: int | None = None) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(f"failpoint {_WHERE}: rank 0 stopped, waiting to be killed", file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
+    # To this thread: it stops the whole process, and this thread before its next line (sent to
+    # the process, another thread may take it, and this one ran on a moment: seen in the MLflow
+    # warm-up's thread).
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def stall(where: int | str) -> None:

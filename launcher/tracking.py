@@ -370,6 +370,7 @@ class MLflowTracker(Tracker):
 
         if redact_uri(uri) != uri:  # mlflow prints "View run ... at <uri>", password included
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        build_sqlite_store(uri)  # (the warm-up's, unless it was not run or failed)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         self.experiment_id, self.run_name = self._experiment(experiment, artifact_root), run_name
@@ -927,6 +928,7 @@ def warm_up(setup: Setup, is_main: bool):
 
     def touch():
         try:
+            build_sqlite_store(setup.uri)
             from mlflow.tracking import MlflowClient
 
             MlflowClient(tracking_uri=setup.uri).get_experiment_by_name(setup.section.experiment)
@@ -940,6 +942,44 @@ def warm_up(setup: Setup, is_main: bool):
 
 
 _WARMING: list = []
+
+
+def build_sqlite_store(uri: str) -> None:
+    """A new SQLite store (the default `OUTPUT_DIR/mlflow.db`) built whole before it takes its
+    name. MLflow creates its tables on first use, one migration after another (about 2 s); a
+    run killed in between left a half-built database, which MLflow never finishes: every
+    later run in that output directory stopped at `table ... already exists`. So it is built
+    beside its place and linked there once complete (a link never replaces a database another
+    run made meanwhile). A killed build leaves no database, and a temporary named by host and
+    pid, which the next build removes once that process is gone."""
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists() or not path.parent.is_dir():
+        return
+    import socket
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from launcher import faults, owner
+
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{path.name}.{host}.*.building"):
+        if not owner.alive(int(stale.name.split(".")[-2])):
+            stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{host}.{os.getpid()}.building"
+    tmp.unlink(missing_ok=True)
+    try:
+        # The default experiment's artifact root: MLflow's own choice when a client opens the store.
+        artifacts = os.environ.get("_MLFLOW_SERVER_ARTIFACT_ROOT", "./mlruns")
+        SqlAlchemyStore("sqlite:///" + str(tmp), artifacts).engine.dispose()  # (nothing left open on it)
+        faults.point("mlflow-store")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another run's build came first: theirs is as good
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def left_running(setup: Setup, ids: dict) -> bool:
@@ -1004,4 +1044,9 @@ def _starting(what: str, uri: str, started: list, start, hint: str = ""):
         for tracker in started:
             tracker.abandon()
         said = " ".join(str(e).split()) or type(e).__name__
+        half = re.search(r"table \w+ already exists", said) if uri.startswith("sqlite:///") else None
+        if half:  # a store killed mid-build before 2026-12-06 (build_sqlite_store)
+            hint = (f"; {uri[len('sqlite:///'):]} was left half-built by a run killed while MLflow created its tables "
+                    "(it holds no run): remove it, unless another run is creating it at this moment")
+            said = half[0]  # (not the SQL statement behind it)
         raise ConfigError(f"tracking: {what} did not start: {redact_text(said, uri)[:300]}{hint}") from None

@@ -533,3 +533,52 @@ def test_the_end_table_names_the_exported_step_and_keeps_its_columns_apart():
         assert head.split() == ["metric", "step", "0", "step", str(step), "change"]
         assert [r.split() for r in rows] == [["macro_f1", "0.2500", "0.5000", "+0.2500"], ["loss", "0.7000", "0.6000", "-0.1000"]]
         assert len(rule) == len(head)
+
+
+def test_a_run_killed_while_mlflow_builds_its_store_leaves_no_half_built_one(tmp_path):
+    """MLflow creates the tables of a new SQLite store one migration after another; a run
+    killed in between left a half-built mlflow.db, and every later run in that output
+    directory stopped at `table ... already exists`. Killed now inside the build (the store
+    made beside its place, not yet linked there), it leaves no mlflow.db; the same command
+    then builds it for the next run, and removes the dead build's temporary. A store half-built by an
+    older launcher is named in one line that says to remove it."""
+    import os
+    import subprocess
+    import sys
+
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import FAST, OFFLINE_ENV, check, launcher
+    from test_faults import _kill_tree_when_stopped
+
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=2",
+            "eval.every_steps=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "mlflow-store"})
+    _kill_tree_when_stopped(proc)
+    assert not (tmp_path / "mlflow.db").exists()
+    (left,) = tmp_path.glob(".mlflow.db.*.building")  # the dead build's (host, pid)
+    check(launcher(*args[:5], "again", *args[6:]))  # (another run name: "r" holds no checkpoint)
+    assert not left.exists() and (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("launcher-demo").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "again"
+
+    # As an older launcher's kill mid-migration left one (seen: 19 or 25 tables, an older
+    # version stamp): the trace tables made, the stamp from before them, one later table missing.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    MlflowClient(tracking_uri=f"sqlite:///{legacy / 'mlflow.db'}").search_experiments()
+    with sqlite3.connect(legacy / "mlflow.db") as db:
+        db.execute("DROP TABLE trace_tags")
+        db.execute("UPDATE alembic_version SET version_num = 'acf3f17fdcc7'")  # the revision before the trace tables
+    db.close()
+    proc = launcher(*args[:3], str(legacy), *args[4:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].endswith(f"already exists; {legacy / 'mlflow.db'} was left half-built by a run killed while MLflow "
+                              "created its tables (it holds no run): remove it, unless another run is creating it at this moment")
+    (legacy / "mlflow.db").unlink()
+    check(launcher(*args[:3], str(legacy), *args[4:]))
