@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from launcher import __version__
 from launcher.data.sources import BadRows
 from launcher.errors import RunError, UserError
+from launcher.files import file_in_the_way
 
 
 
@@ -345,6 +347,8 @@ def cmd_export(args) -> int:
 
     engines.quiet_deepspeed_on_cpu()  # (its "unable to detect" a GPU went to stdout before the export's line)
     out = Path(args.out_dir)
+    if probe := file_in_the_way(out.parent):  # (OUT_DIR itself existing is export_checkpoint's refusal)
+        raise UserError(f"OUT_DIR: {probe} is a file, not a directory")
     source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint,
                                trust_remote_code=args.trust_remote_code)
     print(f"{out}: Hugging Face model from {source}")
@@ -737,8 +741,8 @@ SLURM_VARS = {"SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "SLURM_NODEID", 
 def cmd_synth(args) -> int:
     from launcher.data.synthetic import write_splits
 
-    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise UserError(f"OUT_DIR: {args.out_dir}: exists and is not a directory")
+    if probe := file_in_the_way(args.out_dir):
+        raise UserError(f"OUT_DIR: {probe} is a file, not a directory")
     for path in write_splits(args.out_dir, args.n_train, args.n_validation, args.seed):
         print(path)
     return 0
@@ -780,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     # (the run and where its store is) says it.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     args = parse(argv)
+    before = signal.getsignal(signal.SIGTERM)
+    if args.command != "train":  # (training turns SIGTERM into a stop at the end of a step itself)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -791,11 +798,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training watches for it (a training run stops at a step end)
         print("launcher: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    except Terminated:  # as Ctrl-C: what the command was writing is removed on the way out
+        print("launcher: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # `launcher predict ... | head`: the reader has all it wanted
         if not _stdout_broken():
             raise  # another pipe (a socket, a child's): not ours to hide
         _quiet_stdout()
         return 141  # as a tool killed by SIGPIPE (128 + 13) ends, for a shell's pipefail
+    finally:
+        signal.signal(signal.SIGTERM, before)  # (main called in a process that goes on: the tests)
+
+
+class Terminated(BaseException):
+    """SIGTERM (`timeout`, a scheduler) in eval / predict / generate / export / synth: raised as
+    Ctrl-C's KeyboardInterrupt is, so that their `finally` blocks remove what they were writing
+    (killed outright, `predict --output` left its temporary file beside the output)."""
+
+
+def _terminated(_signum, _frame) -> None:
+    raise Terminated()
 
 
 def _stdout_broken() -> bool:

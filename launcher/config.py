@@ -22,6 +22,7 @@ import yaml
 
 from launcher import owner
 from launcher.errors import ConfigError
+from launcher.files import file_in_the_way
 
 # The 8 UNFAIR-ToS categories (LexGLUE), in the dataset's label-id order.
 UNFAIR_TOS_CATEGORIES = [
@@ -889,12 +890,8 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     if t.max_steps is not None and t.halt_at_step is not None and t.halt_at_step > t.max_steps:
         out.append(f"train.halt_at_step: {t.halt_at_step} is past train.max_steps ({t.max_steps}): the run would "
                    "finish first")
-    if check_files:  # the first existing ancestor of the run directory must be a directory
-        probe = Path(cfg.output_dir) / str(cfg.run_name)
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if probe.exists() and not probe.is_dir():
-            out.append(f"output_dir: {probe} is a file, not a directory (choose another --output-dir)")
+    if check_files and (probe := file_in_the_way(Path(cfg.output_dir) / str(cfg.run_name))):
+        out.append(f"output_dir: {probe} is a file, not a directory (choose another --output-dir)")
     if c.resume not in ("auto", "never") and check_files and not Path(c.resume).is_dir() \
             and owner.started_from(cfg.run_dir, c.resume) is None:  # a requeue: its source may be gone
         out.append(f"checkpoint.resume: {c.resume}: no such checkpoint directory (or use auto | never)")

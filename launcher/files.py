@@ -67,3 +67,13 @@ class Replacement:
 def write_atomically(path: Path, text: str, mode: int | None = None) -> None:
     """`path.write_text(text)`, but the file is replaced whole or not at all (see Replacement)."""
     Replacement(path, mode).commit(text)
+
+
+def file_in_the_way(folder: Path | str) -> Path | None:
+    """The file that keeps `folder` from being made: the folder itself, or its nearest existing
+    ancestor, when that is not a directory (mkdir says NotADirectoryError or FileExistsError,
+    with a traceback); None when it can be made."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe if probe.exists() and not probe.is_dir() else None

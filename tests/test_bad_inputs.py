@@ -312,7 +312,10 @@ CASES = [
                                                               "--accelerate-config", "{tmp}/a.yaml"),
      "{tmp}/a.yaml: num_processes: expected a whole number >= 1; got 'many'"),
     ("accelerate config a directory", "plan", TINY, _plain("--accelerate-config", "{tmp}"), "--accelerate-config: {tmp}: cannot be read"),
-    ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt: exists and is not a directory"),
+    ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt is a file, not a directory"),
+    ("synth under a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt/syn"), "OUT_DIR: {tmp}/f.txt is a file, not a directory"),
+    ("export under a file", "export", None, _write("f.txt", "x", "{tmp}/run/checkpoints/step-000008", "{tmp}/f.txt/out"),
+     "OUT_DIR: {tmp}/f.txt is a file, not a directory"),  # (a NotADirectoryError traceback from mkdir)
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
      "--output: {tmp}: is a directory"),
     ("CSV with a header alone", "train", TINY, _files("text,label\n\n", name="train.csv"), "{tmp}/train.csv: no rows"),

@@ -259,6 +259,35 @@ def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_
         assert (warning("lm_head.weight", model) in said.stderr.splitlines()) == warned, said.stderr
 
 
+def test_predict_stopped_by_sigterm_leaves_its_output_as_it_was_and_no_temporary(tmp_path, saved_models):
+    """`timeout 60 launcher predict ... --output p.jsonl` ends with SIGTERM: killed outright, it
+    left `.p.jsonl.XXXX.tmp` beside the output, one more at every such end. SIGTERM now ends it
+    as Ctrl-C does: exit 143 and one line, the temporary removed, the old output as it was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import OFFLINE_ENV
+
+    (tmp_path / "in.txt").write_text("We may end it at any time.\n" * 20000)
+    (tmp_path / "p.jsonl").write_text("the last answers\n")
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "predict", str(saved_models / "bert"), "--input",
+                             str(tmp_path / "in.txt"), "--output", str(tmp_path / "p.jsonl")],
+                            env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".p.jsonl.*.tmp")):  # made before the model loads
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "launcher: terminated (SIGTERM)", err[-2000:]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "p.jsonl"]
+    assert (tmp_path / "p.jsonl").read_text() == "the last answers\n"
+
+
 def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, saved_models):
     """model.pooling=mean on a saved BERT: the export leaves out the [CLS] pooler and records
     the pooling; `launcher predict` equals a hand computation from the exported weights in
