@@ -27,7 +27,7 @@ from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError, UserError
 from launcher.files import process_umask, write_atomically
 from launcher.config_changes import RUN_CONFIG  # in a checkpoint: the run config it was written under
-from launcher.owner import read_owner, started_from, went_back_to
+from launcher.owner import killed_holder, read_owner, started_from, went_back_to
 from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
@@ -125,7 +125,8 @@ class Start:
 
     checkpoint: Path | None = None
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
-    interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint
+    interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint,
+    killed: str = ""  # or it was killed ("pid N on HOST", whose lease it left)
     tracker_ids: dict = field(default_factory=dict)
     # Another run's checkpoint (checkpoint.resume=PATH outside the run directory): this run
     # starts from it as a new run, with its own config.yaml, job.json and tracker run.
@@ -209,7 +210,8 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
     """Where to start. Never overwrites a run: a run directory without a complete checkpoint
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
     requeued after a node died before the first checkpoint), which then starts again in place,
-    as does a run that a second Ctrl-C ended before its first checkpoint (its INTERRUPTED mark).
+    as does a run that a second Ctrl-C ended before its first checkpoint (its INTERRUPTED mark)
+    or that was killed then (its lease left by a launch that is gone: owner.killed_holder).
     A checkpoint named by path, outside the run directory, is loaded only if this user's
     launcher wrote it or `trusted` (checkpoint.trust) says so: loading it unpickles.
 
@@ -231,6 +233,9 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
     if (run_dir / INTERRUPTED).is_file():
         return Start(interrupted=True, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
+    if (gone := killed_holder(run_dir, job_id)) is not None:
+        return Start(interrupted=True, killed=f"pid {gone.get('pid')} on {gone.get('host')}",
+                     tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
     raise ConfigError(
         f"run directory {run_dir} exists but holds no complete checkpoint to resume; "
         "pick another --run-name or remove it"

@@ -196,9 +196,9 @@ def follow_schedule(scheduler, optimizer, diff: dict, lr: float, weight_decay: f
     have changed since): the next step's lr is the new config's schedule's, not the one the
     checkpoint restored into the optimizer (train.lr also replaces the peak the restored
     scheduler kept), and the decaying group's weight decay is the new config's (the optimizer's
-    restored groups carry the old one; the second group never decays)."""
-    if not diff and not always:
-        return
+    restored groups carry the old one; the second group never decays). Without a change the
+    lr is the schedule's as well: equal to the restored one, unless the schedule's length moved
+    with the data (rows added under checkpoint.resume_changed=allow, epochs counted)."""
     if "train.lr" in diff or always:
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

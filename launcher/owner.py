@@ -69,6 +69,19 @@ STALE_S = 300.0  # a lease untouched this long is a dead holder's (NFS may cache
 WRITING_S = 10.0  # a lease still unreadable this long after it was made is a dead writer's
 
 
+def killed_holder(run_dir: Path, job_id: str | None) -> dict | None:
+    """The holder of RUN/.lease when it is a dead launch's (kill -9, the OOM killer, a lost
+    node: a launch that ends any other way releases it), read without taking it; None when
+    there is no lease or its holder may be alive. With ranks on several hosts, only what every
+    host sees alike counts (the lease's age), not one host's pids, so that every rank decides alike."""
+    lease = Lease(run_dir, job_id)
+    holder, age = lease._read()
+    if holder is None or "pid" not in holder:  # (none, or one whose writer died half-way: no evidence)
+        return None
+    one_host = os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
+    return holder if (lease._dead(holder, age) if one_host else age > STALE_S) else None
+
+
 class Lease:
     """RUN/.lease, held by rank 0 of the launch training in RUN: a second launch into the same
     directory (a double submit, a requeue while the first job still runs) would delete the
@@ -135,7 +148,7 @@ class Lease:
         if self.job_id is not None and holder.get("slurm_job_id") == self.job_id \
                 and holder.get("slurm_restart") != self.record["slurm_restart"]:
             return True  # this job's earlier attempt (no attempt recorded: before 2026-12-05): a requeue starts once it ended
-        return holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+        return holder.get("host") == socket.gethostname() and not alive(holder.get("pid"))
 
     def _beat(self) -> None:
         stop = threading.Event()
@@ -167,7 +180,7 @@ class Lease:
             self.path.unlink(missing_ok=True)
 
 
-def _alive(pid) -> bool:
+def alive(pid) -> bool:
     """A process of this host is running (a zombie, which a container's init may never reap,
     is not)."""
     if not isinstance(pid, int) or pid <= 0:

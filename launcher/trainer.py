@@ -203,7 +203,8 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
     if start.interrupted:
-        rt.print("restarting from step 0 in place: the last attempt was interrupted (Ctrl-C) before its first checkpoint")
+        how = f"was killed ({start.killed})" if start.killed else "was interrupted (Ctrl-C)"
+        rt.print(f"restarting from step 0 in place: the last attempt {how} before its first checkpoint")
     return run_dir, warm_tracker
 
 
@@ -299,9 +300,9 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
 
 
 def _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps: int) -> None:
-    """After a resume with changes, the next step's lr is the new config's schedule's
-    (config_changes.follow_schedule); when that moves it (an extension re-spreads the schedule),
-    the run says so."""
+    """After a resume, the next step's lr is the new config's schedule's
+    (config_changes.follow_schedule); when that moves it (an extension, or more rows, re-spreads
+    the schedule), the run says so."""
     if pre.start.checkpoint is None:
         return
     old_lr = optimizer.param_groups[0]["lr"]  # the next step's, as the checkpoint's schedule had it

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,23 @@ def test_run_directory_policy(tmp_path):
         with pytest.raises(ConfigError, match="holds no complete checkpoint"):
             ck.resolve_resume(run, "auto", job)
     assert ck.resolve_resume(run, "auto", "7") == ck.Start(restart_of_job="7", tracker_ids={"mlflow": "abc"})
+    # a lease left by a launch of this host that is gone (killed): step 0 in place, for any
+    # launch; one whose holder lives, or lives on another host, is no such evidence
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    for holder, start in (({"host": socket.gethostname(), "pid": int(gone)}, ck.Start(
+            interrupted=True, killed=f"pid {int(gone)} on {socket.gethostname()}", tracker_ids={"mlflow": "abc"})),
+            ({"host": socket.gethostname(), "pid": os.getpid()}, None), ({"host": "elsewhere", "pid": int(gone)}, None)):
+        (run / owner.LEASE_FILE).write_text(json.dumps(holder))
+        if start is None:
+            with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+                ck.resolve_resume(run, "auto", None)
+        else:
+            assert ck.resolve_resume(run, "auto", None) == start
+    (run / owner.LEASE_FILE).unlink()
     with pytest.raises(ConfigError, match="checkpoint.resume=never"):
         ck.resolve_resume(run, "never", "7")
     (run / "checkpoints" / ".tmp-step-000006").mkdir(parents=True)  # half-written: not a checkpoint

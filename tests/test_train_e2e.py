@@ -314,11 +314,16 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
     job = owner.read_owner(run)
     assert job["slurm_job_id"] == "4711"
+    # Another job, while the lease's holder is alive (this process stands in for it; a dead
+    # holder's run starts again in place for any launch: the next test)
+    lease = (run / owner.LEASE_FILE).read_text()
+    (run / owner.LEASE_FILE).write_text(json.dumps({**json.loads(lease), "pid": os.getpid()}))
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
     other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4712"})
     assert other.returncode == 2 and "holds no complete checkpoint" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1, other.stderr
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    (run / owner.LEASE_FILE).write_text(lease)  # the killed attempt's again
 
     again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4711"}))
     assert "restarting from step 0 in place: an earlier attempt of job 4711" in again.stdout
@@ -329,6 +334,35 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["slurm_job_id"] == "4711"
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert steps == list(range(1, 61))  # the local record holds the new attempt only
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path):
+    """kill -9 (a timeout's, the OOM killer's) before the first checkpoint, outside a scheduler:
+    the same command refused the directory it left ("holds no complete checkpoint"), though
+    nothing in it could be lost. Its lease names a process of this host that is gone, so the
+    run starts again from step 0 in place, in the same MLflow run, and says so."""
+    common = [*FAST, "train.max_steps=30", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
+    out, run = tmp_path / "k", tmp_path / "k" / "r"
+    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not owner.read_owner(run).get("tracker_ids"):  # its MLflow run exists
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
+    assert json.loads((run / owner.LEASE_FILE).read_text())["pid"] == proc.pid
+    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common,
+                           env={"SLURM_JOB_ID": ""}))
+    assert (f"restarting from step 0 in place: the last attempt was killed (pid {proc.pid} on {os.uname().nodename}) "
+            "before its first checkpoint") in again.stdout.splitlines()
+    a, b = _weights(tmp_path / "ref" / "r"), _weights(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    (mlrun,) = all_runs(mlflow_client(out))
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["launcher.attempts"] == "2"
 
 
 def test_early_stopping_under_bf16(tmp_path):
@@ -561,25 +595,35 @@ def test_a_resume_that_goes_back_and_changes_the_values_sends_them_again_and_goe
 def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
     """The same data.train_file, rows appended after the checkpoint: the resume went on
     silently, every later batch drawn from another epoch order. One line now; allowed, it
-    goes on with the new rows."""
+    goes on with the new rows, on the schedule of their steps from the next step, and says so
+    (it went on at the old schedule's lr for one step, then jumped, silently)."""
     check(launcher("synth", str(tmp_path / "d"), "--n-train", "384", "--n-validation", "100"))
     train = tmp_path / "d" / "train.jsonl"
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "data.synthetic.enabled=false",
             f"data.train_file={train}", f"data.validation_file={tmp_path / 'd' / 'validation.jsonl'}",
-            "train.max_steps=4", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=2",
-            "tracking.mlflow=false"]
-    check(launcher(*args, "train.halt_at_step=2"))
+            "train.epochs=1", "train.warmup_ratio=0", "eval.every_steps=0", "eval.at_start=false",
+            "checkpoint.every_steps=2", "tracking.mlflow=false"]  # one epoch: 12 steps of 32 rows
+    (tmp_path / "stop").touch()  # stopped at step 1 by the stop file: the resume's config is the same
+    check(launcher(*args, env={"LAUNCHER_STOP_FILE": str(tmp_path / "stop")}))
     lines = train.read_text().splitlines(keepends=True)
     train.write_text("".join(lines + lines[:64]))
     proc = launcher(*args)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
-    assert errors[0] == (f"error: data.train_file: {train} gives 448 training examples now and gave 384 when step-000002 "
+    assert errors[0] == (f"error: data.train_file: {train} gives 448 training examples now and gave 384 when step-000001 "
                          "was written: it changed in place, and the resumed epochs would skip or repeat rows; restore "
                          "it, or set checkpoint.resume_changed=allow to go on with the new rows")
     assert not (tmp_path / "x" / "model").exists()
-    check(launcher(*args, "checkpoint.resume_changed=allow"))
+    allowed = check(launcher(*args, "checkpoint.resume_changed=allow"))
     assert (tmp_path / "x" / "model").is_dir()
+    rows = [json.loads(x) for x in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    assert max(lrs) == 14  # 448 rows: 14 steps
+    assert "resuming with a changed config" not in allowed.stdout  # (the same config: only the rows moved)
+    said = next(line for line in allowed.stdout.splitlines() if line.startswith("learning rate: step 2 runs at "))
+    assert said.startswith(f"learning rate: step 2 runs at {lrs[2]:.3g} on the new 14-step linear schedule (the checkpoint's")
+    # step 1 ran at the peak; step 2 (after 1) at 13/14 of it, where the 12-step schedule had 11/12
+    assert lrs[2] == pytest.approx(lrs[1] * 13 / 14, rel=1e-5) and lrs[3] == pytest.approx(lrs[1] * 12 / 14, rel=1e-5)
 
 
 def test_an_extended_run_keeps_its_best_evaluation_from_the_last_step_before(tmp_path):
