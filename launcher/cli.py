@@ -783,6 +783,9 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's "Creating initial MLflow database tables..." on a new store: what launcher prints
     # (the run and where its store is) says it.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # datasets' "Failed to load JSON from file ... in row 6" before launcher's own line for the
+    # same row (`FILE:7: not valid JSON`, counted from 1 as editors do): a second, off-by-one line.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     args = parse(argv)
     before = signal.getsignal(signal.SIGTERM)
     if args.command != "train":  # (training turns SIGTERM into a stop at the end of a step itself)

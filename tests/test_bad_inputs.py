@@ -395,6 +395,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(tmp_path, name, comm
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
     assert len(err) == 1, err
     assert err[0].startswith("error: " + expected.format(tmp=work)), err[0]
+    assert "Failed to load JSON" not in proc.stderr  # (datasets' own line for a bad row, counted from 0)
     # Nothing left behind: no run directory, no MLflow store (a tokenized-data cache may stay).
     leftovers = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     assert set(leftovers) <= {".cache"}, leftovers
