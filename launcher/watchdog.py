@@ -41,6 +41,16 @@ class Watchdog:
     def __init__(self, ranks_dir: Path, rank: int, world_size: int, timeout_s: float, say):
         self.dir, self.rank, self.world, self.timeout_s, self.say = ranks_dir, rank, world_size, timeout_s, say
         self.dir.mkdir(parents=True, exist_ok=True)
+        # An earlier attempt's files (killed, then resumed or requeued) are not this one's: its
+        # progress would stand in for a rank that never wrote one, and its stacks would end the
+        # report's wait at once. Its stacks are kept aside (a post-mortem may want them).
+        self.started = time.time()
+        try:
+            self.path(rank, "progress").unlink(missing_ok=True)
+            if self.path(rank, "stack").is_file():
+                os.replace(self.path(rank, "stack"), self.path(rank, "stack.previous"))
+        except OSError:
+            pass
         self.step, self.phase = 0, "start"
         self.last = time.monotonic()
         self.written = 0.0
@@ -121,6 +131,8 @@ class Watchdog:
             try:
                 progress[r] = json.loads(self.path(r, "progress").read_text())
             except (OSError, ValueError):
+                progress[r] = None
+            if progress[r] and progress[r].get("time", 0) < self.started - 5:  # (a rank not started in this attempt)
                 progress[r] = None
         steps = [p["step"] for p in progress.values() if p]
         lowest = min(steps) if steps else None

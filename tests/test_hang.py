@@ -96,6 +96,31 @@ def test_every_evaluation_batch_counts_as_progress(tmp_path):
         dog.close()
 
 
+def test_an_earlier_attempts_progress_and_stacks_do_not_stand_in_for_this_ones(tmp_path):
+    """A run killed at step 8 and resumed: its ranks/ kept rank-N.progress ("step 8") for good,
+    and a hang report of the next attempt read a rank that never started as at step 8, and
+    its old stack as where it is. Each rank clears its own at start (stacks kept aside), and
+    a record older than this attempt is no rank's progress."""
+    from launcher.watchdog import Watchdog
+
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    old = {"step": 8, "phase": "train", "time": time.time() - 600}
+    for r in (0, 1):
+        (ranks / f"rank-0000{r}.progress").write_text(json.dumps({**old, "rank": r}))
+    (ranks / "rank-00000.stack").write_text("the killed attempt's stack\n")
+    said: list = []
+    dog = Watchdog(ranks, 0, 2, 1.0, said.append)  # rank 1 never starts in this attempt
+    try:
+        assert not (ranks / "rank-00000.progress").exists() or json.loads((ranks / "rank-00000.progress").read_text())["step"] == 0
+        assert (ranks / "rank-00000.stack.previous").read_text() == "the killed attempt's stack\n"
+        _until(said)  # no beat: rank 0 reports after 1 s
+    finally:
+        dog.close()
+    assert "  rank 1: no progress file (never started, or its file system is unreachable)" in said[0].splitlines(), said
+    assert "  rank 0: step 0 (start)" in said[0], said
+
+
 def test_a_long_checkpoint_is_slow_not_hung(tmp_path):
     """A save (phase "checkpoint") longer than train.hang_timeout_s is not reported: writing a
     70B checkpoint can take many minutes; its collectives keep the collective timeout. The
