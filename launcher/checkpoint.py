@@ -27,7 +27,7 @@ from launcher import engines, faults, trust
 from launcher.errors import ConfigError, RunError, UserError
 from launcher.files import process_umask, write_atomically
 from launcher.config_changes import RUN_CONFIG  # in a checkpoint: the run config it was written under
-from launcher.owner import killed_holder, read_owner, started_from, went_back_to
+from launcher.owner import lease_holder, read_owner, started_from, went_back_to
 from launcher.preemption import INTERRUPTED
 from launcher.sizing import human_bytes
 from launcher.trust import MARKER  # the seal: written last, and signed (trust.py)
@@ -233,9 +233,16 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
     if (run_dir / INTERRUPTED).is_file():
         return Start(interrupted=True, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
-    if (gone := killed_holder(run_dir, job_id)) is not None:
-        return Start(interrupted=True, killed=f"pid {gone.get('pid')} on {gone.get('host')}",
+    holder, dead = lease_holder(run_dir, job_id)
+    # Killed before its first checkpoint: nothing to resume and nothing kept but its records,
+    # unless it left its best evaluation's weights (checkpoint.every_steps past where it got)
+    # or began from another run's checkpoint (from scratch, it would be another run).
+    if holder is not None and dead and not (run_dir / BEST).exists() and not owner.get("started_from"):
+        return Start(interrupted=True, killed=f"pid {holder.get('pid')} on {holder.get('host')}",
                      tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
+    if holder is not None and not dead:
+        raise ConfigError(f"run directory {run_dir} holds no complete checkpoint yet and a launch is in it (host "
+                          f"{holder.get('host')}, pid {holder.get('pid')}): wait for it, or pick another --run-name")
     raise ConfigError(
         f"run directory {run_dir} exists but holds no complete checkpoint to resume; "
         "pick another --run-name or remove it"

@@ -789,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     before = signal.getsignal(signal.SIGTERM)
     if args.command != "train":  # (training turns SIGTERM into a stop at the end of a step itself)
+        _TERMINATES.append(os.getpid())
         signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
@@ -810,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stdout()
         return 141  # as a tool killed by SIGPIPE (128 + 13) ends, for a shell's pipefail
     finally:
-        signal.signal(signal.SIGTERM, before)  # (main called in a process that goes on: the tests)
+        if before is not None:  # (main called in a process that goes on: the tests)
+            signal.signal(signal.SIGTERM, before)
 
 
 class Terminated(BaseException):
@@ -819,7 +821,14 @@ class Terminated(BaseException):
     (killed outright, `predict --output` left its temporary file beside the output)."""
 
 
-def _terminated(_signum, _frame) -> None:
+_TERMINATES: list[int] = []  # the process whose SIGTERM ends the command as Ctrl-C does
+
+
+def _terminated(signum, _frame) -> None:
+    if os.getpid() not in _TERMINATES:  # a forked worker (a datasets map pool): ended as it would be
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated()
 
 

@@ -69,17 +69,20 @@ STALE_S = 300.0  # a lease untouched this long is a dead holder's (NFS may cache
 WRITING_S = 10.0  # a lease still unreadable this long after it was made is a dead writer's
 
 
-def killed_holder(run_dir: Path, job_id: str | None) -> dict | None:
-    """The holder of RUN/.lease when it is a dead launch's (kill -9, the OOM killer, a lost
-    node: a launch that ends any other way releases it), read without taking it; None when
-    there is no lease or its holder may be alive. With ranks on several hosts, only what every
-    host sees alike counts (the lease's age), not one host's pids, so that every rank decides alike."""
+def lease_holder(run_dir: Path, job_id: str | None) -> tuple[dict | None, bool]:
+    """RUN/.lease's holder, read without taking it (None: no lease, or one whose writer died
+    half-way), and whether it is a dead launch's (kill -9, the OOM killer, a lost node: a
+    launch that ends any other way releases it), as `Lease.take` judges. With ranks on several
+    hosts, only what every host sees alike counts (the lease's age), not one host's pids, so
+    that every rank decides alike. A container that shares its host's name but not its pids
+    is judged by its own: as `take` does."""
     lease = Lease(run_dir, job_id)
     holder, age = lease._read()
-    if holder is None or "pid" not in holder:  # (none, or one whose writer died half-way: no evidence)
-        return None
-    one_host = os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1")
-    return holder if (lease._dead(holder, age) if one_host else age > STALE_S) else None
+    if holder is None or "pid" not in holder:
+        return None, False
+    world = os.environ.get("WORLD_SIZE", "1")
+    one_host = os.environ.get("LOCAL_WORLD_SIZE", world) == world
+    return holder, (lease._dead(holder, age) if one_host else age > STALE_S)
 
 
 class Lease:

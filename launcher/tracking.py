@@ -964,10 +964,12 @@ def build_sqlite_store(uri: str) -> None:
     from launcher import faults, owner
 
     host = socket.gethostname()
-    for stale in path.parent.glob(f".{path.name}.{host}.*.building"):
-        if not owner.alive(int(stale.name.split(".")[-2])):
+    prefix = f".{path.name}.{host}."
+    for stale in path.parent.glob(prefix + "*.building*"):  # (with SQLite's -journal of a build killed mid-write)
+        pid = stale.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and not owner.alive(int(pid)):
             stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.{host}.{os.getpid()}.building"
+    tmp = path.parent / f"{prefix}{os.getpid()}.building"
     tmp.unlink(missing_ok=True)
     try:
         # The default experiment's artifact root: MLflow's own choice when a client opens the store.
@@ -978,6 +980,9 @@ def build_sqlite_store(uri: str) -> None:
             os.link(tmp, path)
         except FileExistsError:  # another run's build came first: theirs is as good
             pass
+        except OSError:  # a file system without hard links (vfat, some CIFS and FUSE mounts)
+            if not path.exists():
+                os.rename(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

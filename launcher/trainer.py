@@ -139,6 +139,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     start = ckpt_lib.agreed_start(
         lambda: ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust),
         rt.gather_objects, rt.print)
+    if start.killed:
+        config_changes.check_restart(cfg, start.killed)
     changed = config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None

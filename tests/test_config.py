@@ -169,8 +169,8 @@ def test_run_directory_policy(tmp_path):
         with pytest.raises(ConfigError, match="holds no complete checkpoint"):
             ck.resolve_resume(run, "auto", job)
     assert ck.resolve_resume(run, "auto", "7") == ck.Start(restart_of_job="7", tracker_ids={"mlflow": "abc"})
-    # a lease left by a launch of this host that is gone (killed): step 0 in place, for any
-    # launch; one whose holder lives, or lives on another host, is no such evidence
+    # a lease left by a launch of this host that is gone (killed): step 0 in place; one whose
+    # holder lives, or lives on another host, is no such evidence (and a live one is named)
     import socket
     import subprocess
     import sys
@@ -185,6 +185,11 @@ def test_run_directory_policy(tmp_path):
                 ck.resolve_resume(run, "auto", None)
         else:
             assert ck.resolve_resume(run, "auto", None) == start
+    (run / owner.LEASE_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone)}))
+    (run / "best").mkdir()  # its best evaluation's weights, with no checkpoint: kept, so refused
+    with pytest.raises(ConfigError, match="exists but holds no complete checkpoint"):
+        ck.resolve_resume(run, "auto", None)
+    (run / "best").rmdir()
     (run / owner.LEASE_FILE).unlink()
     with pytest.raises(ConfigError, match="checkpoint.resume=never"):
         ck.resolve_resume(run, "never", "7")

@@ -288,6 +288,36 @@ def test_predict_stopped_by_sigterm_leaves_its_output_as_it_was_and_no_temporary
     assert (tmp_path / "p.jsonl").read_text() == "the last answers\n"
 
 
+def test_sigterm_in_a_forked_worker_ends_the_worker_not_as_the_command(monkeypatch):
+    """A process forked by a command (datasets' map pool) inherits its SIGTERM handler; the
+    pool's terminate() sends each worker SIGTERM, which must end the worker as it would have
+    (not raise the command's Terminated, with a traceback per worker)."""
+    import os
+    import signal
+    import time
+
+    from launcher import cli
+
+    monkeypatch.setattr(cli, "_TERMINATES", [os.getpid()])
+    before = signal.signal(signal.SIGTERM, cli._terminated)
+    try:
+        pid = os.fork()
+        if pid == 0:  # (raised here, Terminated must not carry the test run on in this copy)
+            try:
+                time.sleep(60)
+            finally:
+                os._exit(3)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        with pytest.raises(cli.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_mean_pooling_classifies_by_the_mean_of_each_texts_tokens(tmp_path, saved_models):
     """model.pooling=mean on a saved BERT: the export leaves out the [CLS] pooler and records
     the pooling; `launcher predict` equals a hand computation from the exported weights in

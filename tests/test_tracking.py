@@ -560,7 +560,7 @@ def test_a_run_killed_while_mlflow_builds_its_store_leaves_no_half_built_one(tmp
     _kill_tree_when_stopped(proc)
     assert not (tmp_path / "mlflow.db").exists()
     (left,) = tmp_path.glob(".mlflow.db.*.building")  # the dead build's (host, pid)
-    check(launcher(*args[:5], "again", *args[6:]))  # (another run name: "r" holds no checkpoint)
+    check(launcher(*args[:5], "again", *args[6:]))  # (another run: "r" would start again in place)
     assert not left.exists() and (tmp_path / "mlflow.db").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("launcher-demo").experiment_id])
@@ -582,3 +582,30 @@ def test_a_run_killed_while_mlflow_builds_its_store_leaves_no_half_built_one(tmp
                               "created its tables (it holds no run): remove it, unless another run is creating it at this moment")
     (legacy / "mlflow.db").unlink()
     check(launcher(*args[:3], str(legacy), *args[4:]))
+
+
+def test_a_store_is_built_where_hard_links_fail_and_a_killed_builds_journal_goes(tmp_path, monkeypatch):
+    """On a file system without hard links (vfat, some CIFS and FUSE mounts) the built store
+    is renamed into place; a dead build's temporaries of this host, its SQLite journal among
+    them, are removed by the next build."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from launcher import tracking
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    left = [tmp_path / f".mlflow.db.{socket.gethostname()}.{gone}.building{end}" for end in ("", "-journal")]
+    for path in left:
+        path.write_bytes(b"half")
+
+    def no_links(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    tracking.build_sqlite_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+    assert [e.name for e in MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()] == ["Default"]

@@ -338,9 +338,10 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path):
     """kill -9 (a timeout's, the OOM killer's) before the first checkpoint, outside a scheduler:
-    the same command refused the directory it left ("holds no complete checkpoint"), though
-    nothing in it could be lost. Its lease names a process of this host that is gone, so the
-    run starts again from step 0 in place, in the same MLflow run, and says so."""
+    the same command refused the directory it left ("holds no complete checkpoint"), which
+    held nothing to resume. Its lease names a process of this host that is gone, so the same
+    run starts again from step 0 in place, in the same MLflow run, and says so; another
+    config under its name is still refused."""
     common = [*FAST, "train.max_steps=30", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
     out, run = tmp_path / "k", tmp_path / "k" / "r"
@@ -355,6 +356,12 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
     proc.wait(timeout=30)
     assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
     assert json.loads((run / owner.LEASE_FILE).read_text())["pid"] == proc.pid
+    # another run under its name is refused, as before: only the same run starts again there
+    other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "train.lr=0.01")
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        f"error: run directory {run} holds no complete checkpoint, and its last attempt (killed: pid {proc.pid} on "
+        f"{os.uname().nodename}) ran with another config (train.lr: 0.001 -> 0.01): pick another --run-name, or remove it "
+        "to start this config there"], other.stderr
     again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common,
                            env={"SLURM_JOB_ID": ""}))
     assert (f"restarting from step 0 in place: the last attempt was killed (pid {proc.pid} on {os.uname().nodename}) "

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from launcher import owner
 from launcher.errors import ConfigError, DataError, RunError, UserError
 from launcher.files import write_atomically
 
@@ -69,16 +70,6 @@ def _user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_root(root: Path, shared: bool = False) -> None:
@@ -322,4 +313,4 @@ class Cache:
             return False
         if holder.get("failed"):
             return True
-        return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", 0)))
+        return holder.get("host") == socket.gethostname() and not owner.alive(int(holder.get("pid", 0)))
