@@ -125,8 +125,8 @@ class Start:
 
     checkpoint: Path | None = None
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
-    interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint,
-    killed: str = ""  # or it was killed ("pid N on HOST", whose lease it left)
+    interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint
+    killed: str = ""  # with interrupted: the last attempt was killed instead ("pid N on HOST", whose lease it left)
     tracker_ids: dict = field(default_factory=dict)
     # Another run's checkpoint (checkpoint.resume=PATH outside the run directory): this run
     # starts from it as a new run, with its own config.yaml, job.json and tracker run.
@@ -211,7 +211,8 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
     requeued after a node died before the first checkpoint), which then starts again in place,
     as does a run that a second Ctrl-C ended before its first checkpoint (its INTERRUPTED mark)
-    or that was killed then (its lease left by a launch that is gone: owner.killed_holder).
+    or that was killed then (its lease left by a launch that is gone: owner.lease_holder; the
+    same run only: trainer.preflight compares the configs).
     A checkpoint named by path, outside the run directory, is loaded only if this user's
     launcher wrote it or `trusted` (checkpoint.trust) says so: loading it unpickles.
 

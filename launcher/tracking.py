@@ -950,7 +950,7 @@ def build_sqlite_store(uri: str) -> None:
     run killed in between left a half-built database, which MLflow never finishes: every
     later run in that output directory stopped at `table ... already exists`. So it is built
     beside its place and linked there once complete (a link never replaces a database another
-    run made meanwhile). A killed build leaves no database, and a temporary named by host and
+    run made meanwhile; renamed where the file system has no hard links). A killed build leaves no database, and a temporary named by host and
     pid, which the next build removes once that process is gone."""
     if not uri.startswith("sqlite:///") or "?" in uri:
         return

@@ -342,7 +342,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
     held nothing to resume. Its lease names a process of this host that is gone, so the same
     run starts again from step 0 in place, in the same MLflow run, and says so; another
     config under its name is still refused."""
-    common = [*FAST, "train.max_steps=30", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
+    common = [*FAST, "train.max_steps=60", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
     out, run = tmp_path / "k", tmp_path / "k" / "r"
     cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
