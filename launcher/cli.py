@@ -88,8 +88,17 @@ def _precision(args, model_dir: str, model, note: bool = False):
     return torch.autocast(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors in the house shape: one line and exit code 2. argparse prints
+    its whole usage block (3 to 5 lines here) above the error; --help still shows it.
+    Subcommand parsers are of this class too (add_subparsers makes them of the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
+    p = _Parser(prog="launcher", description="Fine-tune transformers from a laptop to a Slurm cluster.")
     p.add_argument("--version", action="version", version=f"launcher {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -106,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--machine-rank", type=int, metavar="R", help="with --nodes: this machine's rank (0 = head)")
     t.add_argument("--main-process-ip", metavar="H", help="with --nodes: address of machine 0")
     t.add_argument("--main-process-port", type=_port, metavar="P", help="with --accelerate-config: rendezvous port")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.lr=3e-5")
+    t.add_argument("overrides", nargs="*", default=[], metavar="key=value",  # default: not named as required
+                   help="dotted config overrides, e.g. train.lr=3e-5")
 
     e = sub.add_parser("eval", help="metrics of an exported model on a labelled file (one JSON line)")
     e.add_argument("model_dir")
@@ -148,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--accelerate-config", help="accelerate YAML (e.g. configs/accelerate/deepspeed_zero3.yaml)")
     pl.add_argument("--nodes", type=_count, help="machines (default: num_machines of the accelerate config, else 1)")
     pl.add_argument("--gpus-per-node", type=_count, help="processes per machine (default: from the accelerate config)")
-    pl.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    pl.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="dotted config overrides")
 
     x = sub.add_parser("export", help="checkpoint (any engine, sharded or not) -> Hugging Face model dir, offline",
                        description="Merge a checkpoint (DeepSpeed ZeRO shards, FSDP shards, or a plain state) into a "
@@ -758,7 +768,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if args.command not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            prog = f"{parser.prog} {args.command}"  # the subcommand's usage, as its own errors name it
+            parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (usage: {prog} --help)\n")
         args.overrides = list(args.overrides) + extra
     return args
 

@@ -486,7 +486,25 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     proc = launcher(*args, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     flag, value = args[-2:]
-    assert proc.stderr.splitlines()[-1] == f"launcher {args[0]}: error: argument {flag}: expected an integer >= 1; got '{value}'"
+    assert proc.stderr.splitlines() == [f"launcher {args[0]}: error: argument {flag}: expected an integer >= 1; got "
+                                        f"'{value}' (usage: launcher {args[0]} --help)"]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, line", [
+    ([], "launcher: error: the following arguments are required: command (usage: launcher --help)"),
+    (["trian", "c.yaml"], "launcher: error: argument command: invalid choice: 'trian' (choose from 'train', 'eval', "
+     "'generate', 'predict', 'plan', 'export', 'env', 'synth') (usage: launcher --help)"),
+    (["train"], "launcher train: error: the following arguments are required: config (usage: launcher train --help)"),
+    (["eval", "m"], "launcher eval: error: the following arguments are required: --data (usage: launcher eval --help)"),
+    (["train", "c.yaml", "--bogus"], "launcher train: error: unrecognized arguments: --bogus (usage: launcher train --help)"),
+    (["predict", "m", "--input", "x", "y=1"], "launcher predict: error: unrecognized arguments: y=1 (usage: launcher predict --help)"),
+], ids=["no command", "misspelt command", "train without config", "eval without data", "unknown flag", "stray override"])
+def test_a_wrong_command_line_is_one_line_naming_the_help(tmp_path, args, line):
+    """argparse's own errors printed its usage block (3 to 5 lines) above the error; `launcher
+    train` alone also named the optional overrides as required ("config, key=value")."""
+    proc = launcher(*args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [line], proc.stderr[-2000:]
     assert not list(tmp_path.iterdir())
 
 
@@ -518,7 +536,8 @@ def test_a_port_out_of_range_is_refused_with_the_arguments(tmp_path):
     proc = launcher("train", str(TINY), "--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"),
                     "--main-process-port", "99999", "--output-dir", str(tmp_path / "out"), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "checked" not in proc.stdout, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == "launcher train: error: argument --main-process-port: expected a port in 1..65535; got '99999'"
+    assert proc.stderr.splitlines() == ["launcher train: error: argument --main-process-port: expected a port in 1..65535; "
+                                        "got '99999' (usage: launcher train --help)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -527,7 +546,8 @@ def test_a_synthetic_seed_out_of_range_is_refused_with_the_arguments(tmp_path):
     a config refuses it: one rule, [0, 2**32)."""
     proc = launcher("synth", "s", "--seed", "-1", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == "launcher synth: error: argument --seed: expected an integer in [0, 2**32); got '-1'"
+    assert proc.stderr.splitlines() == ["launcher synth: error: argument --seed: expected an integer in [0, 2**32); got "
+                                        "'-1' (usage: launcher synth --help)"]
     assert not list(tmp_path.iterdir())
 
 
