@@ -127,6 +127,7 @@ class Start:
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
     interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint
     killed: str = ""  # with interrupted: the last attempt was killed instead ("pid N on HOST", whose lease it left)
+    stopped: str = ""  # with interrupted: how a stop asked before the first step ended it (RUN/INTERRUPTED says)
     tracker_ids: dict = field(default_factory=dict)
     # Another run's checkpoint (checkpoint.resume=PATH outside the run directory): this run
     # starts from it as a new run, with its own config.yaml, job.json and tracker run.
@@ -210,7 +211,8 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
     """Where to start. Never overwrites a run: a run directory without a complete checkpoint
     is refused, unless it belongs to this very scheduler job (`job_id`, e.g. a Slurm job
     requeued after a node died before the first checkpoint), which then starts again in place,
-    as does a run that a second Ctrl-C ended before its first checkpoint (its INTERRUPTED mark)
+    as does a run that a second Ctrl-C, or a stop asked before its first step, ended before its
+    first checkpoint (its INTERRUPTED mark)
     or that was killed then (its lease left by a launch that is gone: owner.lease_holder; the
     same run only: trainer.preflight compares the configs).
     A checkpoint named by path, outside the run directory, is loaded only if this user's
@@ -233,7 +235,9 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
     if job_id and owner.get("slurm_job_id") == job_id:
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
     if (run_dir / INTERRUPTED).is_file():
-        return Start(interrupted=True, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
+        how = (run_dir / INTERRUPTED).read_text(errors="replace")[:200].strip()
+        return Start(interrupted=True, stopped=how, tracker_ids=owner.get("tracker_ids") or {},
+                     partial=partial_writes(run_dir))
     holder, dead = lease_holder(run_dir, job_id)
     # Killed before its first checkpoint: nothing to resume and nothing kept but its records,
     # unless it left its best evaluation's weights (checkpoint.every_steps past where it got)

@@ -136,16 +136,27 @@ class Preemption:
         (checkpoint.resolve_resume) instead of refusing a directory with nothing to resume."""
         if self.is_main:
             if self.run_dir is not None and self.saved_step is None:
-                try:
-                    os.close(os.open(os.path.join(self.run_dir, INTERRUPTED), os.O_CREAT | os.O_WRONLY, 0o644))
-                except OSError:
-                    pass
+                mark_interrupted(self.run_dir, "")
             _say(f"launcher: {name} again: exiting now, without a checkpoint; the same command resumes from "
                  f"{self.back_to()}")
         os._exit(130)
 
 
-INTERRUPTED = ".interrupted"  # in a run directory: stopped at once before its first checkpoint
+INTERRUPTED = ".interrupted"  # in a run directory: stopped before its first checkpoint (and how, or nothing: Ctrl-C twice)
+
+
+def mark_interrupted(run_dir, how: str) -> None:
+    """RUN/INTERRUPTED: the same command starts the run again from step 0 in place
+    (checkpoint.resolve_resume); `how` is what the restart's line says of the last attempt
+    (empty: a second Ctrl-C). os-level writes: a signal handler calls it too."""
+    try:
+        fd = os.open(os.path.join(run_dir, INTERRUPTED), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, how.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _say(line: str) -> None:

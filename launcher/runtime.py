@@ -95,20 +95,25 @@ class Runtime:
         self.preemption = Preemption(self.is_main)
         interrupted_at: list = []
 
+        def press() -> None:
+            now = time.monotonic()
+            if interrupted_at and now - interrupted_at[0] > SAME_KEY_PRESS_S:
+                self.preemption.exit_now("SIGINT")
+            interrupted_at.append(now)
+
         def request(signum, _frame):
             name = signal.Signals(signum).name
-            if signum == signal.SIGINT:
-                now = time.monotonic()
-                if interrupted_at and now - interrupted_at[0] > SAME_KEY_PRESS_S:
-                    self.preemption.exit_now(name)
-                interrupted_at.append(now)
+            if signum == signal.SIGINT and not counted_apart:
+                press()
             first = getattr(self, "_stop_signal", None) is None
             self._stop_signal = name
             if first:
                 self.preemption.on_signal(self._stop_signal)
 
+        counted_apart = False
         for sig in STOP_SIGNALS:
             signal.signal(sig, request)
+        counted_apart = _count_presses_apart(press)
 
     def stop_requested(self) -> str | None:
         """Whether any rank was signalled: a collective (max over ranks), so every rank stops
@@ -413,3 +418,40 @@ def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
         notes=list(notes or []),
         collective_timeout_s=t.collective_timeout_s,
     )
+
+
+def _count_presses_apart(press: Callable[[], None]) -> bool:
+    """Counts Ctrl-C presses in a thread of their own, so a second one exits at once (`press`)
+    even while the main thread waits in C++, as a rank does in a collective while another rank
+    is in a long step: Python's handler runs only once that call returns, and then once for
+    both presses (a pending signal is one flag). The rank saw its collective fail when the
+    rank that exited at once left it, and died with a traceback, before its stop counted.
+    Python's C-level handler writes each signal's number to the wakeup socket as it arrives;
+    this thread reads them. False where that cannot be set up (not the main thread): the
+    handler counts instead."""
+    import signal
+    import socket
+    import threading
+
+    try:
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        return False
+
+    def watch() -> None:
+        _ = writer  # held for the life of the process: collected, it would close
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for number in data:
+                if number == signal.SIGINT:
+                    press()
+
+    threading.Thread(target=watch, name="ctrl-c-presses", daemon=True).start()
+    return True

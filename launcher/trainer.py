@@ -205,8 +205,9 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
     if start.interrupted:
-        how = f"was killed ({start.killed})" if start.killed else "was interrupted (Ctrl-C)"
-        rt.print(f"restarting from step 0 in place: the last attempt {how} before its first checkpoint")
+        how = (f"was killed ({start.killed}) before its first checkpoint" if start.killed else start.stopped
+               or "was interrupted (Ctrl-C) before its first checkpoint")
+        rt.print(f"restarting from step 0 in place: the last attempt {how}")
     return run_dir, warm_tracker
 
 
@@ -525,6 +526,11 @@ class Trainer:
         """From the resumed step to the end of the schedule: None, or why it stopped earlier
         ("early_stop", "halt", "signal")."""
         p, state, cfg = self.p, self.state, self.cfg
+        if state.step == 0 and (signalled := self.rt.stop_requested()):  # a collective, as after every step
+            # Asked during start-up: nothing is trained, so nothing is saved. The step-0
+            # evaluation and a first step (a preemption's grace need not fit them) would be lost.
+            self.stop_signal = signalled
+            return "signal"
         at_start = state.step == 0 and cfg.eval.at_start
         self.dog.beat(state.step, "eval" if at_start else "train")
         if at_start:
@@ -689,7 +695,13 @@ class Trainer:
     def stopped(self, stop: str) -> dict:
         """A halt or a signal: the checkpoint is saved; the tracker run ends KILLED, to go on."""
         why = "train.halt_at_step" if stop == "halt" else self.stop_signal
-        self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
+        if self.state.step == 0:  # asked before the first step (run): no checkpoint, a mark to start again in place
+            if self.rt.is_main:
+                preemption.mark_interrupted(self.p.run_dir, f"stopped before its first step ({why})")
+            self.rt.print(f"stopped before the first step ({why}); nothing is trained yet, so there is no checkpoint; "
+                          "the same command starts the run again from step 0 in place")
+        else:
+            self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
         if self.stop_signal and self.rt.is_main:  # (also with a halt at the same step)
             preemption.acknowledge(self.stop_signal)  # slurm/train.sh requeues only a run that stopped early
         self.tracker.finish(status="KILLED")

@@ -341,14 +341,17 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resumes(tmp_
     on one step, checkpoint it and exit; the same command then resumes to the same weights."""
     launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
     # (torchrun's grace after a SIGTERM is 30 s by default: the stop may take longer on a loaded machine)
-    proc = accelerate_launch(launch, tmp_path, "sig", wait=False, env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"})
-    ranks = tmp_path / "sig" / "ranks"
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = accelerate_launch(launch, tmp_path, "sig", wait=False, stderr=sink,
+                                 env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600", "LAUNCHER_STALL": "0:2:3"})
     deadline = time.time() + 300
-    while len(list(ranks.glob("rank-*.json"))) < 2:  # both ranks are up and about to train
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # both ranks train (a stop before is another test's)
+        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=300)
+    err = errors.read_text()
     stopped = [line for line in out.splitlines() if line.startswith("stopped at step")]
     assert len(stopped) == 1 and "(SIGTERM)" in stopped[0], out[-3000:] + err[-3000:]
     step = int(stopped[0].split()[3])

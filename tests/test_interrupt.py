@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, communicate_or_kill, launcher, mlflow_client
-from launcher import owner
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +38,11 @@ def _start(out: Path, *extra: str, env: dict | None = None, own_group: bool = Fa
                             stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=own_group)
 
 
-def _once_tracking(proc: subprocess.Popen, run: Path) -> None:
-    """Waits until the run's tracker run exists (recorded in RUN/job.json before step 1)."""
+def _once_stalling(proc: subprocess.Popen, errors: Path) -> None:
+    """Waits until rank 0 sleeps inside a step (LAUNCHER_STALL), its stderr in `errors`."""
     deadline = time.time() + 300
-    while not owner.read_owner(run).get("tracker_ids"):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
+        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
         time.sleep(0.05)
 
 
@@ -76,10 +75,13 @@ def _steps_logged(out: Path) -> list[int]:
                                     pytest.param(DDP, id="two-ranks", marks=pytest.mark.distributed)])
 def test_ctrl_c_checkpoints_at_the_step_end_and_the_same_command_resumes_exactly(launch, tmp_path, reference):
     run, launch = tmp_path / "r", _ports(launch)
-    proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:3:4"})  # rank 0 takes 4 s more in step 3
-    _once_tracking(proc, run)
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:3:4"}, stderr=sink)  # rank 0 takes 4 s more in step 3
+    _once_stalling(proc, errors)  # training: a stop asked before the first step is another test's
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=300)
+    err = errors.read_text()
     assert proc.returncode == 0 and "Traceback" not in err and "SignalException" not in err, (out[-3000:], err[-3000:])
     said = [x for x in err.splitlines() if x.startswith("launcher: SIGINT")]
     assert said == ["launcher: SIGINT: every rank checkpoints at the end of the step in progress and exits; if they "
@@ -108,7 +110,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
     errors = tmp_path / "stderr.txt"
     with open(errors, "w") as sink:
         proc = _start(tmp_path, *launch, env={"LAUNCHER_STALL": "0:1:3600"}, stderr=sink)
-    _once_tracking(proc, run)
+    _once_stalling(proc, errors)
     proc.send_signal(signal.SIGINT)
     deadline = time.time() + 120  # the first press has been taken (its line said), then a second one
     while "launcher: SIGINT: every rank" not in errors.read_text():
@@ -135,6 +137,43 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
     assert _steps_logged(tmp_path) == list(range(1, 13))
     records = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert records == list(range(1, 13))
+
+
+@pytest.mark.parametrize("launch", [pytest.param([], id="one-process"),
+                                    pytest.param(DDP, id="two-ranks", marks=pytest.mark.distributed)])
+def test_a_stop_asked_before_the_first_step_ends_the_run_there_and_the_same_command_starts_again(launch, tmp_path,
+                                                                                                 reference):
+    """A stop asked during start-up (here slurm/train.sh's stop file, which a warning that came
+    while the model loaded creates; a SIGTERM or a Ctrl-C then is the same flag) ran the step-0
+    evaluation and a first step before its checkpoint: time that a preemption's grace is not
+    sized for (an SFT evaluation generates). Now the run stops before both: exit 0 with the
+    stop acknowledged (slurm/train.sh requeues it), no checkpoint, the run directory marked;
+    the same command starts again from step 0 in place, in the same MLflow run, to the weights
+    of an uninterrupted run."""
+    run, launch = tmp_path / "r", _ports(launch)
+    stop_file = tmp_path / "stop"
+    stop_file.touch()
+    args = ["train", str(TINY), *launch, "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS]
+    first = launcher(*args, env={"LAUNCHER_STOP_FILE": str(stop_file)})
+    assert first.returncode == 0 and "Traceback" not in first.stderr, (first.stdout[-3000:], first.stderr[-3000:])
+    why = f"stop file {stop_file}"
+    assert [x for x in first.stdout.splitlines() if x.startswith("stopped")] == [
+        f"stopped before the first step ({why}); nothing is trained yet, so there is no checkpoint; the same command "
+        "starts the run again from step 0 in place"], first.stdout[-3000:]
+    assert not any(x.startswith(("step 0 eval", "first optimizer step")) for x in first.stdout.splitlines())
+    assert (run / "metrics.jsonl").read_text() == ""
+    assert not list((run / "checkpoints").glob("step-*")) and not (run / "model").exists()
+    assert (tmp_path / "stop.stopped").read_text() == f"{why}\n"  # what slurm/train.sh requeues on
+    (mlrun,) = all_runs(mlflow_client(tmp_path))
+    assert mlrun.info.status == "KILLED"
+
+    again = check(launcher(*args))
+    assert f"restarting from step 0 in place: the last attempt stopped before its first step ({why})" in again.stdout
+    assert not (run / ".interrupted").exists()
+    assert _same(_weights(run), reference) < 1e-5
+    assert _steps_logged(tmp_path) == list(range(1, 13))
+    (mlrun,) = all_runs(mlflow_client(tmp_path))
+    assert mlrun.data.tags["launcher.attempts"] == "2"
 
 
 def _loader_workers(pid: int) -> list[int]:
@@ -224,10 +263,7 @@ def test_a_signal_to_an_accelerate_launch_gives_the_ranks_their_grace_and_exits_
     flags = ["--accelerate-config", str(CONFIGS / "accelerate" / "cpu.yaml")] if launch == "one" else _ports(DDP)
     with open(errors, "w") as sink:
         proc = _start(tmp_path, *flags, env={"LAUNCHER_STALL": "0:2:8"}, stderr=sink)
-    deadline = time.time() + 300
-    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():  # inside step 2 for 8 s
-        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
-        time.sleep(0.05)
+    _once_stalling(proc, errors)  # inside step 2 for 8 s
     # to the launch only, as `kill PID` or a container stop sends it; or to every process of it
     for p in [psutil.Process(proc.pid), *(psutil.Process(proc.pid).children(recursive=True) if to_every_process else [])]:
         with contextlib.suppress(psutil.Error):
@@ -250,10 +286,7 @@ def test_ranks_that_outlive_the_grace_after_a_sigterm_are_killed_by_the_launch(t
     with open(errors, "w") as sink:
         proc = _start(tmp_path, *_ports(DDP), env={"LAUNCHER_STALL": "0:2:3600", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"},
                       stderr=sink)
-    deadline = time.time() + 300
-    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
-        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
-        time.sleep(0.05)
+    _once_stalling(proc, errors)
     ranks = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)
     out, _ = communicate_or_kill(proc, 120)  # without the kill: an hour

@@ -134,12 +134,15 @@ def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_sam
     ref = tmp_path / "ref"
     check(launcher("train", str(TINY), "--output-dir", str(ref), "--run-name", "ref", *FAST, *STEPS))
     # Rank 0 takes 10 s more in step 1 (the requeued attempt starts past it): the stop asked for
-    # below lands before the 12 steps end, however slow the signal's way through Slurm.
+    # below, once it sleeps there, lands before the 12 steps end, however slow the signal's way
+    # through Slurm (a stop before the first step is test_interrupt's).
     job, proc = sbatch(cluster, tmp_path, *STEPS, nodes="1-2", LAUNCHER_STALL="0:1:10")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "clause_tiny"
     deadline = time.time() + 600
-    while len(list((run / "ranks").glob("rank-*.json"))) < 2:  # both ranks are up: 2 nodes
+    out_file = tmp_path / f"slurm-{job}.out"
+    while len(list((run / "ranks").glob("rank-*.json"))) < 2 or "LAUNCHER_STALL: rank 0 sleeps" not in (
+            out_file.read_text() if out_file.is_file() else ""):  # both ranks are up (2 nodes) and train
         assert time.time() < deadline and cluster.job_state(job)["JobState"] in ("PENDING", "RUNNING")
         time.sleep(0.2)
     drain = ["scontrol", "update", "nodename=n2"]
