@@ -155,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Check a run config against an accelerate config (and its DeepSpeed JSON) and print "
                         "what the launch will do, without starting anything. Exit 2 on any contradiction.")
     pl.add_argument("config", help="run config YAML")
+    pl.add_argument("--output-dir", help="as train's: parent of the run directory (config: output_dir); in the commands printed")
+    pl.add_argument("--run-name", help="as train's: run directory name; in the commands printed")
     pl.add_argument("--accelerate-config", help="accelerate YAML (e.g. configs/accelerate/deepspeed_zero3.yaml)")
     pl.add_argument("--nodes", type=_count, help="machines (default: num_machines of the accelerate config, else 1)")
     pl.add_argument("--gpus-per-node", type=_count, help="processes per machine (default: from the accelerate config)")
@@ -344,10 +346,13 @@ def cmd_plan(args) -> int:
     launch.num_machines, launch.num_processes = nodes, nodes * per_node
     if not args.accelerate_config and launch.num_processes > 1:
         launch.distributed_type = "MULTI_GPU"
-    cfg = load_config(args.config, args.overrides, world_size=launch.num_processes)
+    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
+                      world_size=launch.num_processes)
     cfg, _ = distributed.adopt_precision(cfg, launch)
     engines.check_or_raise(cfg.train, cfg.model, launch)
-    print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch))
+    flags = [*(["--output-dir", args.output_dir] if args.output_dir else []),
+             *(["--run-name", args.run_name] if args.run_name else [])]
+    print(plan(cfg, args.config, [*flags, *args.overrides], args.accelerate_config, launch))
     return 0
 
 

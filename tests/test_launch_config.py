@@ -237,6 +237,27 @@ def test_readme_plan_example_is_what_plan_prints(tmp_path, capsys, monkeypatch):
     assert printed == shown
 
 
+def test_plan_takes_the_run_directory_flags_of_train_and_prints_them_in_every_command(tmp_path, capsys):
+    """`launcher plan` is the training command with train replaced by plan; --output-dir and
+    --run-name were "unrecognized arguments" there, and missing from the commands it printed."""
+    import shlex
+
+    from launcher.cli import parse
+
+    out = tmp_path / "my runs"
+    assert main(["plan", str(TINY), "--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"),
+                 "--output-dir", str(out), "--run-name", "r1", "train.lr=1e-4"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    commands = [shlex.split(x) for x in printed[printed.index("command") + 1:] if not x.strip().startswith("(")]
+    assert len(commands) == 3  # accelerate launch, launcher train --accelerate-config, sbatch slurm/train.sh
+    for words in commands:
+        script = "slurm/train.sh" if "slurm/train.sh" in words else None
+        rest = words[words.index(script) + 1:] if script else words[words.index("launcher") + 2:]  # (launcher train)
+        args = parse(["train", *rest])
+        assert (args.output_dir, args.run_name, args.overrides) == (str(out), "r1", ["train.lr=1e-4"]), words
+    assert not out.exists()  # a plan creates nothing
+
+
 def test_plan_warns_when_a_checkpoint_cannot_be_written_within_the_grace_after_a_sigterm(tmp_path, capsys, monkeypatch):
     from transformers import BertConfig
 
