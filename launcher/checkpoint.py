@@ -140,6 +140,11 @@ class Start:
     # checkpoints this history writes after it.
     went_back: bool = False
 
+    def ended(self) -> str:
+        """With interrupted: how the last attempt ended, as the restart's lines say it."""
+        return (f"was killed ({self.killed}) before its first checkpoint" if self.killed else self.stopped
+                or "was interrupted (Ctrl-C) before its first checkpoint")
+
 
 # How long ranks that see different checkpoints wait, one pause per try, for the shared file
 # system to show them the same (NFS caches a directory's attributes up to 60 s by default).

@@ -168,18 +168,19 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     return dict(sorted({**accepted, **refused}.items()))
 
 
-def check_restart(cfg, killed: str) -> None:
-    """A run killed before its first checkpoint starts again in place only as the same run
-    (checkpoint.Start.killed): another config under its name was refused before, as a run
-    neither config describes, and is still (ConfigError, one line)."""
+def check_restart(cfg, how: str) -> None:
+    """A run that ended before its first checkpoint (`how`: checkpoint.Start.ended, killed,
+    interrupted or stopped before its first step) starts again in place, in its tracker run,
+    only as the same run: another config under its name was refused before, as a run neither
+    config describes, and is still (ConfigError, one line)."""
     from launcher.errors import ConfigError
 
     saved = cfg.run_dir / RUN_CONFIG
     refused = changes(saved, cfg)[1] if saved.is_file() else {}
     if refused:
-        raise ConfigError(f"run directory {cfg.run_dir} holds no complete checkpoint, and its last attempt (killed: "
-                          f"{killed}) ran with another config ({describe(refused)}): pick another --run-name, or "
-                          "remove it to start this config there")
+        raise ConfigError(f"run directory {cfg.run_dir} holds no complete checkpoint: its last attempt {how}, with "
+                          f"another config ({describe(refused)}); pick another --run-name, or remove it to start this "
+                          "config there")
 
 
 def lines(diff: dict) -> list[str]:

@@ -22,6 +22,7 @@ gives the process the same TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun's ranks ge
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -206,14 +207,31 @@ def main() -> None:
     # torchrun's --signals-to-handle (accelerate hands torchrun every argument it knows by name)
     args.signals_to_handle = HANDLED_BY_TORCHRUN
     signal.signal(signal.SIGTERM, signals.sigterm)  # (a one-process launch installs its own: _one_process)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_after_a_bad_input)
     try:
         launch_command(args)
-    except ChildFailedError:
+    except ChildFailedError as failed:
         signals.failed_exit()
+        # A bad input found once the ranks started: the first rank to fail said it in one line
+        # (cli._report), and torchrun SIGTERMed the others, which wait for that.
+        if failed.failures and failed.get_first_failure()[1].exitcode == 2 and \
+                all(f.exitcode in (2, -signal.SIGTERM) for f in failed.failures.values()):
+            sys.exit(2)
         raise
     except subprocess.CalledProcessError as failed:  # one process: its own error line is printed already
         code = failed.returncode
         sys.exit(130 if len(signals.pressed) >= 2 else code if code > 0 else 128 - code)  # killed by signal N: 128 + N
+
+
+def _after_a_bad_input(record: logging.LogRecord) -> bool:
+    """torchrun's log lines that follow a rank's exit 2 (a bad input found once the ranks had
+    started, such as a resume that another config refuses: the rank printed its one `error:`
+    line): the rank's exit code, and the SIGTERM sent to the others. After a crash (exit 1) its
+    line stays, with the rank's traceback and torchrun's report."""
+    message = str(record.msg)
+    if message.startswith("Sending process") and "closing signal" in message:
+        return False
+    return not (message.startswith("failed (exitcode:") and bool(record.args) and record.args[0] == 2)  # type: ignore[index]
 
 
 def _refuse_bad_launch(config_file: str, num_processes: int | None, num_machines: int | None) -> None:

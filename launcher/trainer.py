@@ -139,8 +139,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     start = ckpt_lib.agreed_start(
         lambda: ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust),
         rt.gather_objects, rt.print)
-    if start.killed:
-        config_changes.check_restart(cfg, start.killed)
+    if start.interrupted:
+        config_changes.check_restart(cfg, start.ended())
     changed = config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
@@ -205,9 +205,7 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
     if start.interrupted:
-        how = (f"was killed ({start.killed}) before its first checkpoint" if start.killed else start.stopped
-               or "was interrupted (Ctrl-C) before its first checkpoint")
-        rt.print(f"restarting from step 0 in place: the last attempt {how}")
+        rt.print(f"restarting from step 0 in place: the last attempt {start.ended()}")
     return run_dir, warm_tracker
 
 

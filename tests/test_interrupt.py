@@ -128,6 +128,12 @@ def test_a_second_ctrl_c_exits_at_once_and_the_same_command_starts_again_in_plac
     assert not any(x.startswith("stopped at step") for x in out.splitlines())
     assert not list((run / "checkpoints").glob("step-*"))
     assert (run / ".interrupted").is_file()
+    if not launch:  # another config under its name is refused: it would continue this MLflow run from scratch
+        other = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS, "train.lr=0.01")
+        assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+            f"error: run directory {run} holds no complete checkpoint: its last attempt was interrupted (Ctrl-C) before "
+            "its first checkpoint, with another config (train.lr: 0.001 -> 0.01); pick another --run-name, or remove it "
+            "to start this config there"], other.stderr[-3000:]
 
     again = check(launcher("train", str(TINY), *launch, "--output-dir", str(tmp_path), "--run-name", "r", *FAST, *STEPS))
     assert "restarting from step 0 in place: the last attempt was interrupted (Ctrl-C) before its first checkpoint" \
@@ -166,6 +172,13 @@ def test_a_stop_asked_before_the_first_step_ends_the_run_there_and_the_same_comm
     assert (tmp_path / "stop.stopped").read_text() == f"{why}\n"  # what slurm/train.sh requeues on
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert mlrun.info.status == "KILLED"
+    other = launcher(*args, "train.lr=0.01")  # only the same run starts again there, in its MLflow run
+    # (on 2 ranks the ranks find it: the launch exits 2 after rank 0's line, without torchrun's report)
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        f"error: run directory {run} holds no complete checkpoint: its last attempt stopped before its first step "
+        f"({why}), with another config (train.lr: 0.001 -> 0.01); pick another --run-name, or remove it to start this "
+        "config there"], other.stderr[-3000:]
+    assert (run / ".interrupted").is_file()
 
     again = check(launcher(*args))
     assert f"restarting from step 0 in place: the last attempt stopped before its first step ({why})" in again.stdout

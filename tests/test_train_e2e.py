@@ -359,9 +359,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
     # another run under its name is refused, as before: only the same run starts again there
     other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "train.lr=0.01")
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
-        f"error: run directory {run} holds no complete checkpoint, and its last attempt (killed: pid {proc.pid} on "
-        f"{os.uname().nodename}) ran with another config (train.lr: 0.001 -> 0.01): pick another --run-name, or remove it "
-        "to start this config there"], other.stderr
+        f"error: run directory {run} holds no complete checkpoint: its last attempt was killed (pid {proc.pid} on "
+        f"{os.uname().nodename}) before its first checkpoint, with another config (train.lr: 0.001 -> 0.01); pick "
+        "another --run-name, or remove it to start this config there"], other.stderr
     again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common,
                            env={"SLURM_JOB_ID": ""}))
     assert (f"restarting from step 0 in place: the last attempt was killed (pid {proc.pid} on {os.uname().nodename}) "
