@@ -439,6 +439,15 @@ class Checkpointer:
         return path if (path / MARKER).is_file() else None
 
     def load(self, path: Path) -> TrainState:
+        faults.point("load")
+        try:
+            return self._load(path)
+        except Exception:
+            if not (path / MARKER).is_file():  # removed under us: not the reader's traceback
+                raise ConfigError(removed_meanwhile(path, "this run loaded it")) from None
+            raise
+
+    def _load(self, path: Path) -> TrainState:
         state = TrainState.read(path)
         if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
@@ -1047,10 +1056,22 @@ def looks_like_checkpoint(folder: Path) -> bool:
 
 def _not_a_checkpoint(ckpt: Path) -> str:
     """The line for a folder without the marker; a run directory or its checkpoints/ folder
-    (given where a checkpoint was meant) gets the checkpoint to give."""
+    (given where a checkpoint was meant) gets the checkpoint to give, and so does a checkpoint
+    that is gone (its run's checkpoint.keep_last rotated it away)."""
+    if not ckpt.exists():
+        latest = latest_in(ckpt.parent) if ckpt.parent.is_dir() else None
+        return f"{ckpt}: no such checkpoint" + (f"; the latest complete one beside it is {latest}" if latest else "")
     latest = latest_in(ckpt)
     hint = f"; its latest complete checkpoint is {latest}" if latest else ""
     return f"{ckpt}: not a complete checkpoint (no {MARKER} marker){hint}"
+
+
+def removed_meanwhile(ckpt: Path, while_: str) -> str:
+    """The line for a checkpoint whose marker went while it was read: its run rotated it away
+    (checkpoint.keep_last removes the marker first), or someone removed it."""
+    latest = latest_in(ckpt.parent) if ckpt.parent.is_dir() else None
+    return (f"{ckpt}: removed while {while_} (its run keeps only checkpoint.keep_last checkpoints); give one that "
+            "stays, or copy it elsewhere first" + (f"; the latest complete one beside it is {latest}" if latest else ""))
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
@@ -1070,7 +1091,7 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         raise ConfigError(f"{ckpt}: no {SKELETON}/config.json (written by launcher since checkpoints carry one)")
     if out_dir.exists():
         raise ConfigError(f"{out_dir}: already exists; choose a new output directory")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     skeleton = ckpt / SKELETON
     meta = json.loads((skeleton / "launcher.json").read_text()) if (skeleton / "launcher.json").is_file() else {}
@@ -1079,9 +1100,21 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
 
     code = remote_code_gate(skeleton, trust_remote_code)
     try:
+        return _export_sealed(ckpt, out_dir, skeleton, auto, code, meta)
+    except Exception:
+        if not (ckpt / MARKER).is_file():  # rotated away as it was read: not the reader's traceback
+            raise ConfigError(removed_meanwhile(ckpt, "it was exported")) from None
+        raise
+
+
+def _export_sealed(ckpt: Path, out_dir: Path, skeleton: Path, auto, code: dict, meta: dict) -> str:
+    """export_checkpoint's work, once the checkpoint is found sealed."""
+    from transformers import AutoConfig
+
+    try:
         state_dict, source = engines.merged_weights(ckpt)
     except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
-        lost = [] if isinstance(e, MemoryError) else trust.damaged(ckpt)
+        lost = [] if isinstance(e, MemoryError) or not (ckpt / MARKER).is_file() else trust.damaged(ckpt)
         if lost:
             shown = trust.listed(lost, "; ")
             raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or changed size after it was "

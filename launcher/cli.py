@@ -203,9 +203,11 @@ def cmd_train(args) -> int:
         raise UserError(f"--{launch_flags[0].replace('_', '-')}: only with --accelerate-config")
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir, run_name=args.run_name,
                       world_size=env_world_size())
+    from launcher import faults
     from launcher.trainer import train
 
     created = _what_this_attempt_creates(cfg)
+    faults.point("started")
     try:
         train(cfg)
     except UserError:
@@ -237,16 +239,18 @@ def _remove_created(created: dict) -> None:
     jobs of an array started together into a new directory each saw it absent, and the one
     that failed removed the whole directory, its siblings' runs and store with it. Then only
     our run directory goes. (Not seen: a sibling that has not made its run directory yet,
-    still loading its model; that window remains.)"""
+    still loading its model; that window remains.) The run directory is ours only if this
+    process took it (holds its lease): a launch of the same --run-name started together saw it
+    absent too, and, refused, removed the winner's files as it trained."""
     import shutil
 
-    from launcher import tracking
+    from launcher import owner, tracking
     from launcher.runtime import env_rank
 
     if env_rank() != 0:
         return
     tracking.settle()  # the MLflow warm-up thread may still be creating the store
-    run_dir = created["run_dir"]
+    run_dir = created["run_dir"] if created["run_dir"] is not None and owner.held_here(created["run_dir"]) else None
     if run_dir is not None and any((run_dir / "checkpoints").glob("*/COMPLETE")):
         return
     if run_dir is not None:

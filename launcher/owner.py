@@ -116,10 +116,10 @@ class Lease:
             except FileExistsError:
                 holder, age = self._read()
                 if holder is not None and not self._dead(holder, age):
+                    job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
                     return (f"{self.path.parent} is in use by another launch (host {holder.get('host')}, pid "
-                            f"{holder.get('pid')}, Slurm job {holder.get('slurm_job_id')}; its lease {self.path} was "
-                            f"touched {age:.0f} s ago): wait for it to end, or choose another --run-name; if that "
-                            f"launch is gone, remove {self.path}")
+                            f"{holder.get('pid')}{job}; its lease {self.path} was touched {age:.0f} s ago): wait for "
+                            f"it to end, or choose another --run-name; if that launch is gone, remove {self.path}")
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
@@ -199,6 +199,15 @@ def alive(pid) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def held_here(run_dir: Path) -> bool:
+    """Whether this process holds RUN/.lease: it took the run directory (a launch that was
+    refused, or failed before taking it, holds none there)."""
+    import socket
+
+    holder, _ = Lease(run_dir, None)._read()
+    return holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
 def take_lease(run_dir: Path, job_id: str | None) -> str | None:

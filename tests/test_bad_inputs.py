@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, OFFLINE_ENV, ROOT, TINY, launcher
+from conftest import CONFIGS, OFFLINE_ENV, ROOT, TINY, all_runs, launcher, mlflow_client
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -314,6 +316,8 @@ CASES = [
     ("accelerate config a directory", "plan", TINY, _plain("--accelerate-config", "{tmp}"), "--accelerate-config: {tmp}: cannot be read"),
     ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt is a file, not a directory"),
     ("synth under a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt/syn"), "OUT_DIR: {tmp}/f.txt is a file, not a directory"),
+    ("export a checkpoint that is gone", "export", None, _plain("{tmp}/run/checkpoints/step-000008", "{tmp}/out"),
+     "{tmp}/run/checkpoints/step-000008: no such checkpoint"),  # (was "not a complete checkpoint (no COMPLETE marker)")
     ("export under a file", "export", None, _write("f.txt", "x", "{tmp}/run/checkpoints/step-000008", "{tmp}/f.txt/out"),
      "OUT_DIR: {tmp}/f.txt is a file, not a directory"),  # (a NotADirectoryError traceback from mkdir)
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
@@ -566,14 +570,72 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
     sibling = out / "lr1" / "checkpoints"  # another job of the array, started at the same moment
     sibling.mkdir(parents=True)
     (out / "mlflow.db").write_bytes(b"SQLite format 3\0")
-    (cfg.run_dir / "checkpoints").mkdir(parents=True)  # ours, failed before a checkpoint
+    _take(cfg.run_dir, os.getpid())  # ours, failed before a checkpoint
     cli._remove_created(created)
     assert sorted(p.name for p in out.iterdir()) == ["lr1", "mlflow.db"] and sibling.is_dir()
     # Alone in it, a failed start leaves nothing, as before.
-    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    _take(cfg.run_dir, os.getpid())
     (out / "lr1").rename(tmp_path / "elsewhere")
     cli._remove_created(created)
     assert not out.exists()
+    # A launch of the same --run-name took it meanwhile (this one was refused): nothing goes.
+    _take(cfg.run_dir, os.getppid())
+    cli._remove_created(created)
+    assert sorted(p.name for p in out.iterdir()) == ["lr3"] and (cfg.run_dir / "checkpoints").is_dir()
+
+
+def _take(run_dir: Path, pid: int) -> None:
+    """RUN/.lease as the launch `pid` of this host takes it (owner.Lease)."""
+    import socket
+
+    from launcher import owner
+
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / owner.LEASE_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+
+
+def test_a_launch_refused_a_run_name_that_another_took_meanwhile_leaves_that_run_alone(tmp_path):
+    """Two launches of one --run-name started together into a new output directory both saw
+    the run directory absent, so the one refused (a launch is in it) removed it as its own,
+    and the output directory and MLflow store with it, while the other trained: that one died
+    of a missing file, or finished without its config.yaml and lease. Here the second is
+    stopped once it noted what it would create; the first takes the run directory; then the
+    second goes on, is refused in one line, and the first finishes untouched."""
+    import psutil
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "same",
+            "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=2"]
+    env = {**os.environ, **OFFLINE_ENV}
+    second = subprocess.Popen(args, cwd=ROOT, env={**env, "LAUNCHER_FAILPOINT": "started"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    first = None
+    try:
+        deadline = time.time() + 120
+        while psutil.Process(second.pid).status() != psutil.STATUS_STOPPED:  # at the fail point
+            assert second.poll() is None and time.time() < deadline, second.communicate()
+            time.sleep(0.05)
+        assert not out.exists()
+        first = subprocess.Popen(args, cwd=ROOT, env={**env, "LAUNCHER_STALL": "0:2:6"}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        while not (out / "same" / ".lease").is_file():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        second.send_signal(signal.SIGCONT)
+        _, err = second.communicate(timeout=120)
+        refused = [x for x in err.splitlines() if x.startswith("error:")]
+        assert second.returncode == 2 and "Traceback" not in err and len(refused) == 1 and ("a launch is in it" in refused[0]  # before its checkpoint
+                                                                 or "is in use by another launch" in refused[0]), err[-2000:]
+        assert (out / "same" / "config.yaml").is_file() and (out / "same" / ".lease").is_file()
+        done, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        for proc in (second, first):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert (out / "same" / "model" / "model.safetensors").is_file() and (out / "same" / "config.yaml").is_file()
+    (run,) = all_runs(mlflow_client(out))  # the store it logs to is whole, with its one run
+    assert run.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("env", [{"TORCHELASTIC_RUN_ID": "none", "LOCAL_RANK": "0"},

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from launcher import owner
 
-from conftest import FAST, OFFLINE_ENV, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
+from conftest import FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -610,8 +610,19 @@ def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
             f"data.train_file={train}", f"data.validation_file={tmp_path / 'd' / 'validation.jsonl'}",
             "train.epochs=1", "train.warmup_ratio=0", "eval.every_steps=0", "eval.at_start=false",
             "checkpoint.every_steps=2", "tracking.mlflow=false"]  # one epoch: 12 steps of 32 rows
-    (tmp_path / "stop").touch()  # stopped at step 1 by the stop file: the resume's config is the same
-    check(launcher(*args, env={"LAUNCHER_STOP_FILE": str(tmp_path / "stop")}))
+    # Stopped at step 1 by the stop file, made while rank 0 sleeps in that step: the resume's config is the same.
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        first = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=sink,
+                                 text=True, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_STOP_FILE": str(tmp_path / "stop"),
+                                                 "LAUNCHER_STALL": "0:1:2"})
+    deadline = time.time() + 300
+    while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
+        assert first.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+        time.sleep(0.05)
+    (tmp_path / "stop").touch()
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0 and "stopped at step 1 (stop file" in out, (out[-2000:], errors.read_text()[-2000:])
     lines = train.read_text().splitlines(keepends=True)
     train.write_text("".join(lines + lines[:64]))
     proc = launcher(*args)
@@ -1157,6 +1168,68 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
     lrs = {m.step: m.value for m in client.get_metric_history(runs["fork"].info.run_id, "train/lr")}
     expected = _linear_lrs(1e-4, 2, 8)
     assert [lrs[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)])
+
+
+def test_a_checkpoint_rotated_away_while_it_is_read_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Another run's checkpoint.keep_last removes its checkpoints as it trains. One removed
+    while a run started from it (checkpoint.resume=PATH) was a traceback, and the new run's
+    directory stayed, so the same name was refused after; one removed while `launcher
+    export` read it was a traceback too, or a line blaming missing weights. Each is one line
+    now, naming the latest checkpoint beside it, and nothing is left. The start is stopped at
+    a fail point (the run directory taken, the checkpoint not read) while the checkpoint is
+    removed as rotation removes one: its marker first."""
+    import shutil
+
+    import psutil
+
+    from launcher import engines
+    from launcher.cli import main
+
+    common = ["--output-dir", str(tmp_path), *FAST, "checkpoint.every_steps=2", "eval.every_steps=2", "train.max_steps=4"]
+    check(launcher("train", str(TINY), "--run-name", "src", *common))
+    source, latest = (tmp_path / "src" / "checkpoints" / f"step-00000{n}" for n in (2, 4))
+
+    def rotate(ckpt: Path) -> None:
+        (ckpt / "COMPLETE").unlink()
+        shutil.rmtree(ckpt)
+
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "train", str(TINY), "--run-name", "fork", *common,
+                             f"checkpoint.resume={source}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "load"})
+    try:
+        deadline = time.time() + 300
+        while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        assert (tmp_path / "fork" / "job.json").is_file()
+        rotate(source)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert [x for x in err.splitlines() if x.startswith("error:")] == [
+        f"error: {source}: removed while this run loaded it (its run keeps only checkpoint.keep_last checkpoints); give "
+        f"one that stays, or copy it elsewhere first; the latest complete one beside it is {latest}"]
+    assert not (tmp_path / "fork").exists()  # the same name starts afresh
+
+    read = engines.merged_weights
+
+    def read_then_rotated(ckpt: Path):  # the weights read, then the checkpoint goes before the export is written
+        weights = read(ckpt)
+        rotate(ckpt)
+        return weights
+
+    monkeypatch.setattr(engines, "merged_weights", read_then_rotated)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["export", str(latest), str(tmp_path / "exported")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {latest}: removed while it was exported (its run keeps only checkpoint.keep_last checkpoints); give one "
+        "that stays, or copy it elsewhere first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no export, no temporary beside it
+    assert main(["export", str(latest), str(tmp_path / "exported")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {latest}: no such checkpoint"]
 
 
 def test_eval_reads_a_json_array_as_training_does(trained_binary, tmp_path):
