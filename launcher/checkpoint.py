@@ -125,7 +125,7 @@ class Start:
 
     checkpoint: Path | None = None
     restart_of_job: str | None = None  # set: step 0 in place, continuing `tracker_ids`
-    interrupted: bool = False  # step 0 in place too: a second Ctrl-C ended the last attempt before its first checkpoint
+    interrupted: bool = False  # step 0 in place too: the last attempt ended before its first checkpoint (Start.ended)
     killed: str = ""  # with interrupted: the last attempt was killed instead ("pid N on HOST", whose lease it left)
     stopped: str = ""  # with interrupted: how a stop asked before the first step ended it (RUN/INTERRUPTED says)
     tracker_ids: dict = field(default_factory=dict)
@@ -239,7 +239,7 @@ def _resolve(run_dir: Path, resume: str, job_id: str | None = None, trusted: boo
     owner = read_owner(run_dir)
     if job_id and owner.get("slurm_job_id") == job_id:
         return Start(restart_of_job=job_id, tracker_ids=owner.get("tracker_ids") or {}, partial=partial_writes(run_dir))
-    if (run_dir / INTERRUPTED).is_file():
+    if (run_dir / INTERRUPTED).is_file() and not owner.get("started_from"):  # (begun from a checkpoint: not step 0)
         how = (run_dir / INTERRUPTED).read_text(errors="replace")[:200].strip()
         return Start(interrupted=True, stopped=how, tracker_ids=owner.get("tracker_ids") or {},
                      partial=partial_writes(run_dir))
@@ -438,16 +438,18 @@ class Checkpointer:
         path = self.root / step_dir_name(state.best_step)
         return path if (path / MARKER).is_file() else None
 
-    def load(self, path: Path) -> TrainState:
+    def resume_from(self, path: Path) -> TrainState:
+        """load() of the checkpoint the run starts from: one that its run rotates away meanwhile
+        (another run's, named by checkpoint.resume) is one line, not the reader's traceback."""
         faults.point("load")
         try:
-            return self._load(path)
-        except Exception:
-            if not (path / MARKER).is_file():  # removed under us: not the reader's traceback
-                raise ConfigError(removed_meanwhile(path, "this run loaded it")) from None
+            return self.load(path)
+        except Exception as e:
+            if not (path / MARKER).is_file():
+                raise ConfigError(removed_meanwhile(path, "this run loaded it")) from e
             raise
 
-    def _load(self, path: Path) -> TrainState:
+    def load(self, path: Path) -> TrainState:
         state = TrainState.read(path)
         if self.frozen.check_saved:
             _check_trainable_saved(path, self.rt.accelerator._models)
@@ -1059,8 +1061,7 @@ def _not_a_checkpoint(ckpt: Path) -> str:
     (given where a checkpoint was meant) gets the checkpoint to give, and so does a checkpoint
     that is gone (its run's checkpoint.keep_last rotated it away)."""
     if not ckpt.exists():
-        latest = latest_in(ckpt.parent) if ckpt.parent.is_dir() else None
-        return f"{ckpt}: no such checkpoint" + (f"; the latest complete one beside it is {latest}" if latest else "")
+        return f"{ckpt}: no such checkpoint{_latest_beside(ckpt)}"
     latest = latest_in(ckpt)
     hint = f"; its latest complete checkpoint is {latest}" if latest else ""
     return f"{ckpt}: not a complete checkpoint (no {MARKER} marker){hint}"
@@ -1069,9 +1070,13 @@ def _not_a_checkpoint(ckpt: Path) -> str:
 def removed_meanwhile(ckpt: Path, while_: str) -> str:
     """The line for a checkpoint whose marker went while it was read: its run rotated it away
     (checkpoint.keep_last removes the marker first), or someone removed it."""
-    latest = latest_in(ckpt.parent) if ckpt.parent.is_dir() else None
     return (f"{ckpt}: removed while {while_} (its run keeps only checkpoint.keep_last checkpoints); give one that "
-            "stays, or copy it elsewhere first" + (f"; the latest complete one beside it is {latest}" if latest else ""))
+            f"stays, or copy it elsewhere first{_latest_beside(ckpt)}")
+
+
+def _latest_beside(ckpt: Path) -> str:
+    latest = latest_in(ckpt.parent) if ckpt.parent.is_dir() else None
+    return f"; the latest complete one beside it is {latest}" if latest else ""
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_remote_code: bool = False) -> str:
@@ -1101,9 +1106,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     code = remote_code_gate(skeleton, trust_remote_code)
     try:
         return _export_sealed(ckpt, out_dir, skeleton, auto, code, meta)
-    except Exception:
+    except Exception as e:
         if not (ckpt / MARKER).is_file():  # rotated away as it was read: not the reader's traceback
-            raise ConfigError(removed_meanwhile(ckpt, "it was exported")) from None
+            raise ConfigError(removed_meanwhile(ckpt, "it was exported")) from e
         raise
 
 

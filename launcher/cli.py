@@ -354,9 +354,8 @@ def cmd_plan(args) -> int:
                       world_size=launch.num_processes)
     cfg, _ = distributed.adopt_precision(cfg, launch)
     engines.check_or_raise(cfg.train, cfg.model, launch)
-    flags = [*(["--output-dir", args.output_dir] if args.output_dir else []),
-             *(["--run-name", args.run_name] if args.run_name else [])]
-    print(plan(cfg, args.config, [*flags, *args.overrides], args.accelerate_config, launch))
+    print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch,
+               {"output_dir": args.output_dir, "run_name": args.run_name}))
     return 0
 
 
@@ -777,8 +776,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if args.command not in ("train", "plan") or any(x.startswith("-") or "=" not in x for x in extra):
-            prog = f"{parser.prog} {args.command}"  # the subcommand's usage, as its own errors name it
-            parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (usage: {prog} --help)\n")
+            _Parser(prog=f"{parser.prog} {args.command}").error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     return args
 

@@ -4,7 +4,7 @@ stops itself (SIGSTOP) at that point, so a test can then SIGKILL the whole proce
 (Rank 0 cannot do it alone: torchrun starts each rank in its own session.) WHERE is one of
 
     started         `launcher train` noted what a new run would create, nothing checked yet
-    load            a checkpoint about to be read (to start from, the run directory taken; or the best, at the end)
+    load            the checkpoint the run starts from, about to be read (the run directory taken)
     step:N          after optimizer step N, before any checkpoint of that step
     checkpoint:N    inside the save of step N: every rank has written its part, nothing sealed
     export          inside the export: the weights are written, not yet renamed into place

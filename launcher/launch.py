@@ -139,15 +139,14 @@ def _exit_when_stuck(signals: _Forwarder) -> None:
     each signal's number to the wakeup socket at once; this thread reads it, and when a moment
     later the handlers have not run for it, the main thread is still in the rendezvous and no
     rank has started (nothing to checkpoint), ends the launch with one line."""
-    import socket
     import threading
 
     import psutil
 
-    reader, writer = socket.socketpair()
-    writer.setblocking(False)
-    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    from launcher import preemption
+
     main_id = threading.main_thread().ident
+    received: list[int] = []
 
     def in_rendezvous() -> bool:
         frame = sys._current_frames().get(main_id)  # type: ignore[arg-type]
@@ -157,27 +156,18 @@ def _exit_when_stuck(signals: _Forwarder) -> None:
             frame = frame.f_back
         return False
 
-    def watch():
-        _ = writer  # held for the life of the launch: collected, it closed and the reads saw an end
-        received = 0
-        while True:
-            try:
-                data = reader.recv(64)
-            except OSError:
-                return
-            if not data:
-                return
-            ours = [n for n in data if n in (signal.SIGINT, signal.SIGTERM)]
-            received += len(ours)
-            if not ours:
-                continue
-            time.sleep(STUCK_S)
-            if signals.handled < received and in_rendezvous() and not psutil.Process().children():
-                print(f"launcher: {'interrupted (Ctrl-C)' if ours[-1] == signal.SIGINT else 'terminated (SIGTERM)'} "
-                      "while waiting for the other machines to join; no rank had started", file=sys.stderr, flush=True)
-                os._exit(128 + ours[-1])
+    def arrived(data: bytes) -> None:
+        ours = [n for n in data if n in (signal.SIGINT, signal.SIGTERM)]
+        received.extend(ours)
+        if not ours:
+            return
+        time.sleep(STUCK_S)
+        if signals.handled < len(received) and in_rendezvous() and not psutil.Process().children():
+            print(f"launcher: {'interrupted (Ctrl-C)' if ours[-1] == signal.SIGINT else 'terminated (SIGTERM)'} "
+                  "while waiting for the other machines to join; no rank had started", file=sys.stderr, flush=True)
+            os._exit(128 + ours[-1])
 
-    threading.Thread(target=watch, name="stuck-signals", daemon=True).start()
+    preemption.watch_arrivals(arrived, "stuck-signals")
 
 
 STUCK_S = 2.0  # a handler that can run has run by then
@@ -224,10 +214,11 @@ def main() -> None:
 
 
 def _after_a_bad_input(record: logging.LogRecord) -> bool:
-    """torchrun's log lines that follow a rank's exit 2 (a bad input found once the ranks had
-    started, such as a resume that another config refuses: the rank printed its one `error:`
-    line): the rank's exit code, and the SIGTERM sent to the others. After a crash (exit 1) its
-    line stays, with the rank's traceback and torchrun's report."""
+    """torchrun's log lines that are noise after a rank's one `error:` line (exit 2: a bad input
+    found once the ranks had started, such as a restart that another config refuses): its line
+    for the rank's exit code 2, and, after any failure, its line for the SIGTERM it sends the
+    ranks still running. After a crash (exit 1) the exit-code line stays, with the rank's
+    traceback and torchrun's report."""
     message = str(record.msg)
     if message.startswith("Sending process") and "closing signal" in message:
         return False

@@ -201,13 +201,14 @@ def alive(pid) -> bool:
         return True
 
 
+_TAKEN: list[Lease] = []  # the leases this process took (take_lease)
+
+
 def held_here(run_dir: Path) -> bool:
     """Whether this process holds RUN/.lease: it took the run directory (a launch that was
-    refused, or failed before taking it, holds none there)."""
-    import socket
-
-    holder, _ = Lease(run_dir, None)._read()
-    return holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+    refused, or failed before taking it, holds none there). By the lease's token, not by pid:
+    two containers sharing a host name may each run a launch as pid 1."""
+    return any(lease.path.parent == run_dir and lease._ours() for lease in _TAKEN)
 
 
 def take_lease(run_dir: Path, job_id: str | None) -> str | None:
@@ -220,4 +221,5 @@ def take_lease(run_dir: Path, job_id: str | None) -> str | None:
     refused = lease.take()
     if refused is None:
         atexit.register(lease.release)
+        _TAKEN.append(lease)
     return refused

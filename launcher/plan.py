@@ -220,7 +220,12 @@ def activation_lines(config, cfg: RunConfig) -> list[str]:
 
 
 def launch_commands(config_path: str, overrides: list[str], accelerate_config: str | None, launch,
-                    checkpoint_bytes: float | None = None) -> list[str]:
+                    checkpoint_bytes: float | None = None, run_dir: dict | None = None) -> list[str]:
+    """`run_dir`: --output-dir and --run-name as given (None: not given); slurm/train.sh takes
+    them as OUTPUT_DIR and RUN_NAME (its stop directory goes beside the runs)."""
+    given = {k: v for k, v in (run_dir or {}).items() if v}
+    flags = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", v)]
+    overrides = [*flags, *overrides]
     tail = ["-m", "launcher", "train", config_path, *overrides]
     if accelerate_config is None and launch.num_processes == 1:
         return [shlex.join(["launcher", "train", config_path, *overrides])]
@@ -243,9 +248,12 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
         out.append(f"  (on every node; NODE_RANK 0..{launch.num_machines - 1}, HEAD_NODE = address of node 0)")
     if Path("slurm/train.sh").is_file():
         # Slurm allocates the GPUs; the script then runs one process per GPU it was given.
-        env = [f"ACCELERATE_CONFIG={accelerate_config}"] if accelerate_config else []
-        out.append(shlex.join([*env, "sbatch", "--nodes", str(launch.num_machines), "--gpus-per-node",
-                               str(launch.processes_per_machine), "slurm/train.sh", config_path, *overrides]))
+        env = {"ACCELERATE_CONFIG": accelerate_config} if accelerate_config else {}
+        env.update({k.upper(): v for k, v in given.items()})
+        # NAME='a b' (a quoted NAME=... is a command name to the shell, not an assignment)
+        out.append(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join([
+            "sbatch", "--nodes", str(launch.num_machines), "--gpus-per-node", str(launch.processes_per_machine),
+            "slurm/train.sh", config_path, *overrides[len(flags):]])]))
         lead = os.environ.get("SIGNAL_LEAD_S", "600")
         size = f" (a checkpoint is about {_size(checkpoint_bytes)})" if checkpoint_bytes else ""
         out.append(f"  (whole nodes, every CPU to the node's ranks: CPUS_PER_NODE overrides; every rank checkpoints "
@@ -349,7 +357,7 @@ def _model_size(cfg: RunConfig) -> tuple[int | None, str, object | None]:
 
 
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
-         launch: "distributed.LaunchConfig") -> str:
+         launch: "distributed.LaunchConfig", run_dir: dict | None = None) -> str:
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
@@ -389,5 +397,5 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
 
             lines += preemption.plan_line(ckpt, launch.num_machines).split("\n")
     lines.append("command")
-    lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch, ckpt)]
+    lines += ["  " + c for c in launch_commands(config_path, overrides, accelerate_config, launch, ckpt, run_dir)]
     return "\n".join(lines)

@@ -49,6 +49,41 @@ def grace_s() -> int | None:
         return TORCH_DEFAULT_S
 
 
+def watch_arrivals(on_arrival, name: str) -> bool:
+    """Calls on_arrival(numbers: bytes) from a thread of its own as signals arrive, even while
+    the main thread waits in C++ (a collective, torchrun's rendezvous), where Python's handlers
+    run only once that call returns, and then once for every arrival of a signal number (a
+    pending signal is one flag). Python's C-level handler writes each handled signal's number
+    to the wakeup socket as it arrives; the thread reads them. One per process (the wakeup fd
+    is); False where it cannot be set up (not the main thread)."""
+    import socket
+    import threading
+
+    try:
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        return False
+
+    def watch() -> None:
+        _ = writer  # held for the life of the process: collected, it closed and the reads saw an end
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            on_arrival(data)
+
+    threading.Thread(target=watch, name=name, daemon=True).start()
+    return True
+
+
+BEFORE_FIRST_STEP = "before the first step"  # in STOP_FILE.stopped: slurm/train.sh reads it
+
+
 def acknowledge(why: str) -> None:
     """Beside LAUNCHER_STOP_FILE, say the run stopped before its end to a stop request, and
     which (a signal's name, "stop file ...", or "a signal to another rank"): slurm/train.sh

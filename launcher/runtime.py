@@ -90,6 +90,7 @@ class Runtime:
         import signal
         import time
 
+        from launcher import preemption
         from launcher.preemption import STOP_SIGNALS, Preemption
 
         self.preemption = Preemption(self.is_main)
@@ -103,22 +104,32 @@ class Runtime:
 
         def request(signum, _frame):
             name = signal.Signals(signum).name
-            if signum == signal.SIGINT and not counted_apart:
+            if signum == signal.SIGINT and not (counted_apart and os.getpid() == watcher):  # (a forked worker: here)
                 press()
             first = getattr(self, "_stop_signal", None) is None
             self._stop_signal = name
             if first:
                 self.preemption.on_signal(self._stop_signal)
 
-        counted_apart = False
+        counted_apart, watcher = False, os.getpid()
         for sig in STOP_SIGNALS:
             signal.signal(sig, request)
-        counted_apart = _count_presses_apart(press)
+
+        # Counted as they arrive: a rank waiting in a collective for a rank in a long step got
+        # both presses once that rank had left, as one, and died with a traceback (its
+        # collective failed) before its stop counted.
+        def arrived(data: bytes) -> None:
+            for number in data:
+                if number == signal.SIGINT:
+                    press()
+
+        counted_apart = preemption.watch_arrivals(arrived, "ctrl-c-presses")
 
     def stop_requested(self) -> str | None:
         """Whether any rank was signalled: a collective (max over ranks), so every rank stops
-        at the same step. Returns the signal's name, or None. It runs after every step, on the
-        host only (any_rank): the step's kernels are not waited for."""
+        at the same step. Returns the signal's name, or None. It runs after every step (and
+        once before a new run's first: Trainer.run), on the host only (any_rank): the step's
+        kernels are not waited for."""
         local = getattr(self, "_stop_signal", None)
         stop_file = os.environ.get("LAUNCHER_STOP_FILE")
         # slurm/train.sh's warning trap. Rank 0 alone looks (the reduce tells the others): a
@@ -418,40 +429,3 @@ def build_runtime(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
         notes=list(notes or []),
         collective_timeout_s=t.collective_timeout_s,
     )
-
-
-def _count_presses_apart(press: Callable[[], None]) -> bool:
-    """Counts Ctrl-C presses in a thread of their own, so a second one exits at once (`press`)
-    even while the main thread waits in C++, as a rank does in a collective while another rank
-    is in a long step: Python's handler runs only once that call returns, and then once for
-    both presses (a pending signal is one flag). The rank saw its collective fail when the
-    rank that exited at once left it, and died with a traceback, before its stop counted.
-    Python's C-level handler writes each signal's number to the wakeup socket as it arrives;
-    this thread reads them. False where that cannot be set up (not the main thread): the
-    handler counts instead."""
-    import signal
-    import socket
-    import threading
-
-    try:
-        reader, writer = socket.socketpair()
-        writer.setblocking(False)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    except (ValueError, OSError):
-        return False
-
-    def watch() -> None:
-        _ = writer  # held for the life of the process: collected, it would close
-        while True:
-            try:
-                data = reader.recv(64)
-            except OSError:
-                return
-            if not data:
-                return
-            for number in data:
-                if number == signal.SIGINT:
-                    press()
-
-    threading.Thread(target=watch, name="ctrl-c-presses", daemon=True).start()
-    return True

@@ -281,7 +281,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     n_params, n_trainable, held = rt.parameter_counts(model)
     checkpointer = _checkpointer(cfg, rt, task, model, tokenizer, run_dir, n_params, n_trainable)
     start = pre.start
-    state = (checkpointer.load(start.checkpoint) if start.checkpoint is not None
+    state = (checkpointer.resume_from(start.checkpoint) if start.checkpoint is not None
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
     if start.forked_from is not None:
         state = state.for_new_run(start.tracker_ids)
@@ -691,7 +691,8 @@ class Trainer:
     # ---- the end
 
     def stopped(self, stop: str) -> dict:
-        """A halt or a signal: the checkpoint is saved; the tracker run ends KILLED, to go on."""
+        """A halt or a signal: the checkpoint is saved (none before the first step: the run
+        directory is marked to start again in place); the tracker run ends KILLED, to go on."""
         why = "train.halt_at_step" if stop == "halt" else self.stop_signal
         if self.state.step == 0:  # asked before the first step (run): no checkpoint, a mark to start again in place
             if self.rt.is_main:
@@ -701,7 +702,9 @@ class Trainer:
         else:
             self.rt.print(f"stopped at step {self.state.step} ({why}); checkpoint saved; run the same command again to resume")
         if self.stop_signal and self.rt.is_main:  # (also with a halt at the same step)
-            preemption.acknowledge(self.stop_signal)  # slurm/train.sh requeues only a run that stopped early
+            # slurm/train.sh requeues only a run that stopped early; not one its own timer
+            # stopped before the first step (the next attempt's start-up would take as long)
+            preemption.acknowledge(self.stop_signal + (f" {preemption.BEFORE_FIRST_STEP}" if self.state.step == 0 else ""))
         self.tracker.finish(status="KILLED")
         return {"status": "halted" if stop == "halt" else "stopped", "step": self.state.step, "run_dir": str(self.p.run_dir)}
 

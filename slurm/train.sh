@@ -37,7 +37,9 @@
 # (signalling srun instead would cancel the job step, killing the ranks mid-step); rank 0
 # sees it at the end of a step, the ranks agree on that step, checkpoint it and exit cleanly; then
 # the job requeues itself (when launcher said it stopped early: LAUNCHER_STOP_FILE.stopped) and
-# the requeued job resumes from that checkpoint into the same MLflow run.
+# the requeued job resumes from that checkpoint into the same MLflow run. A stop before the first
+# step writes no checkpoint (the requeued job starts again in place); one that this script's own
+# timer asked for is not requeued (start-up takes longer than the job has before the warning).
 # A SIGTERM that reaches srun itself (the time limit, `scancel --full`, a preemption that signals
 # the batch step) makes srun SIGKILL the ranks at once ("srun: forcing job termination"; tested),
 # so the stop file is the grace that counts: at preemption, ask the admins for a GraceTime that
@@ -236,13 +238,15 @@ if [ -n "$END_EPOCH" ] && [ "$END_EPOCH" -gt "$(date +%s)" ]; then
     WAIT_S=$((LEFT_S - SIGNAL_LEAD_S))
     if [ "$WAIT_S" -lt "$SIGNAL_LEAD_S" ]; then
         echo "launcher: warning: ${LEFT_S} s to the time limit leave less training than SIGNAL_LEAD_S" \
-             "(${SIGNAL_LEAD_S} s): each attempt stops after a few steps and requeues; ask for more --time," \
+             "(${SIGNAL_LEAD_S} s): each attempt stops after a few steps and requeues (not when it stops before the" \
+             "first step); ask for more --time," \
              "or lower SIGNAL_LEAD_S and --signal=B:USR1@<s> together" >&2
     fi
     [ "$WAIT_S" -ge 0 ] || WAIT_S=0
     # $$ is this script even inside the subshell; ending the subshell ends its sleep too.
     ( sleep "$WAIT_S" & SLEEPER=$!; trap 'kill $SLEEPER 2>/dev/null; exit 0' TERM
-      wait "$SLEEPER" && echo "launcher: ${SIGNAL_LEAD_S} s to the time limit" && kill -USR1 $$ ) &
+      wait "$SLEEPER" && echo "launcher: ${SIGNAL_LEAD_S} s to the time limit" && touch "$LAUNCHER_STOP_FILE.timer" \
+          && kill -USR1 $$ ) &
     TIMER_PID=$!
 fi
 
@@ -267,15 +271,23 @@ if [ -e "$LAUNCHER_STOP_FILE.stopped" ]; then
     STOPPED=1
     WHY=$(head -c 200 "$LAUNCHER_STOP_FILE.stopped" 2>/dev/null | head -n 1 || true)
 fi
-rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"
+TIMER_FIRED=0
+[ ! -e "$LAUNCHER_STOP_FILE.timer" ] || TIMER_FIRED=1
+rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped" "$LAUNCHER_STOP_FILE.timer"
 [ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true
 # Any early stop requeues, whoever signalled the ranks (`scancel --signal=USR1 JOB` reaches them,
 # not this script; a preemption may signal only the steps; a signal reaches rank 0 after another
 # rank): an unfinished run goes on. `scancel JOB` ends a job for good.
 if [ "$status" = 0 ] && [ "$STOPPED" = 0 ] && [ "$PREEMPTED" = 1 ]; then
     echo "launcher: the run ended before the stop warning took effect: nothing to requeue"
+elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ] && [ "$TIMER_FIRED" = 1 ] && [[ $WHY == *"before the first step"* ]]; then
+    # Each requeued attempt would get the same time and start up as long: it would never train.
+    echo "launcher: the time-limit warning (SIGNAL_LEAD_S=${SIGNAL_LEAD_S} s before the limit) came before the" \
+         "first step: start-up took longer than this job had before it; not requeued (every attempt would do" \
+         "the same): ask for more --time, or lower SIGNAL_LEAD_S and --signal=B:USR1@<s> together" >&2
+    exit 1
 elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ]; then
-    echo "launcher: the run stopped early (${WHY:-a stop request}): requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written"
+    echo "launcher: the run stopped early (${WHY:-a stop request}): requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written (before the first step: it starts again in place)"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

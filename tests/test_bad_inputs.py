@@ -560,7 +560,9 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
     one that failed on bad input removed the whole directory: its siblings' run directories
     and the MLflow store they log to, while they trained. Now a failed start removes its own
     run directory, and the directory and store only when no other run is in it."""
-    from launcher import cli
+    import socket
+
+    from launcher import cli, owner
     from launcher.config import load_config
 
     out = tmp_path / "sweep"
@@ -570,28 +572,29 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
     sibling = out / "lr1" / "checkpoints"  # another job of the array, started at the same moment
     sibling.mkdir(parents=True)
     (out / "mlflow.db").write_bytes(b"SQLite format 3\0")
-    _take(cfg.run_dir, os.getpid())  # ours, failed before a checkpoint
+    _take(cfg.run_dir)  # ours, failed before a checkpoint
     cli._remove_created(created)
     assert sorted(p.name for p in out.iterdir()) == ["lr1", "mlflow.db"] and sibling.is_dir()
     # Alone in it, a failed start leaves nothing, as before.
-    _take(cfg.run_dir, os.getpid())
+    _take(cfg.run_dir)
     (out / "lr1").rename(tmp_path / "elsewhere")
     cli._remove_created(created)
     assert not out.exists()
-    # A launch of the same --run-name took it meanwhile (this one was refused): nothing goes.
-    _take(cfg.run_dir, os.getppid())
+    # A launch of the same --run-name took it meanwhile (this one was refused): nothing goes,
+    # even where that launch's pid is this one's (another container sharing the host name).
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    (cfg.run_dir / owner.LEASE_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                            "token": "another launch's"}))
     cli._remove_created(created)
     assert sorted(p.name for p in out.iterdir()) == ["lr3"] and (cfg.run_dir / "checkpoints").is_dir()
 
 
-def _take(run_dir: Path, pid: int) -> None:
-    """RUN/.lease as the launch `pid` of this host takes it (owner.Lease)."""
-    import socket
-
+def _take(run_dir: Path) -> None:
+    """The run directory, taken by this process as a launch takes it (its lease)."""
     from launcher import owner
 
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / owner.LEASE_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    assert owner.take_lease(run_dir, None) is None
 
 
 def test_a_launch_refused_a_run_name_that_another_took_meanwhile_leaves_that_run_alone(tmp_path):
@@ -616,7 +619,7 @@ def test_a_launch_refused_a_run_name_that_another_took_meanwhile_leaves_that_run
             assert second.poll() is None and time.time() < deadline, second.communicate()
             time.sleep(0.05)
         assert not out.exists()
-        first = subprocess.Popen(args, cwd=ROOT, env={**env, "LAUNCHER_STALL": "0:2:6"}, stdout=subprocess.PIPE,
+        first = subprocess.Popen(args, cwd=ROOT, env={**env, "LAUNCHER_STALL": "0:2:15"}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         while not (out / "same" / ".lease").is_file():
             assert first.poll() is None and time.time() < deadline, first.communicate()

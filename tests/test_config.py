@@ -191,6 +191,15 @@ def test_run_directory_policy(tmp_path):
         ck.resolve_resume(run, "auto", None)
     (run / "best").rmdir()
     (run / owner.LEASE_FILE).unlink()
+    # marked (a second Ctrl-C, or a stop before the first step, which says how): step 0 in place,
+    # unless the run began from another run's checkpoint (from scratch, it would be another run)
+    (run / ".interrupted").write_text("stopped before its first step (SIGTERM)")
+    assert ck.resolve_resume(run, "auto", None) == ck.Start(interrupted=True, stopped="stopped before its first step "
+                                                            "(SIGTERM)", tracker_ids={"mlflow": "abc"})
+    owner.record_owner(run, "7", {"mlflow": "abc"}, started_from=tmp_path / "src" / "checkpoints" / "step-000004")
+    with pytest.raises(ConfigError, match="exists but holds no complete checkpoint"):
+        ck.resolve_resume(run, "auto", None)
+    (run / ".interrupted").unlink()
     with pytest.raises(ConfigError, match="checkpoint.resume=never"):
         ck.resolve_resume(run, "never", "7")
     (run / "checkpoints" / ".tmp-step-000006").mkdir(parents=True)  # half-written: not a checkpoint

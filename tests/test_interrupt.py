@@ -169,7 +169,8 @@ def test_a_stop_asked_before_the_first_step_ends_the_run_there_and_the_same_comm
     assert not any(x.startswith(("step 0 eval", "first optimizer step")) for x in first.stdout.splitlines())
     assert (run / "metrics.jsonl").read_text() == ""
     assert not list((run / "checkpoints").glob("step-*")) and not (run / "model").exists()
-    assert (tmp_path / "stop.stopped").read_text() == f"{why}\n"  # what slurm/train.sh requeues on
+    # what slurm/train.sh requeues on (not when its own timer asked this early)
+    assert (tmp_path / "stop.stopped").read_text() == f"{why} before the first step\n"
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert mlrun.info.status == "KILLED"
     other = launcher(*args, "train.lr=0.01")  # only the same run starts again there, in its MLflow run

@@ -241,6 +241,8 @@ def test_plan_takes_the_run_directory_flags_of_train_and_prints_them_in_every_co
     """`launcher plan` is the training command with train replaced by plan; --output-dir and
     --run-name were "unrecognized arguments" there, and missing from the commands it printed."""
     import shlex
+    import subprocess
+    import sys
 
     from launcher.cli import parse
 
@@ -251,9 +253,14 @@ def test_plan_takes_the_run_directory_flags_of_train_and_prints_them_in_every_co
     commands = [shlex.split(x) for x in printed[printed.index("command") + 1:] if not x.strip().startswith("(")]
     assert len(commands) == 3  # accelerate launch, launcher train --accelerate-config, sbatch slurm/train.sh
     for words in commands:
-        script = "slurm/train.sh" if "slurm/train.sh" in words else None
-        rest = words[words.index(script) + 1:] if script else words[words.index("launcher") + 2:]  # (launcher train)
-        args = parse(["train", *rest])
+        if "slurm/train.sh" in words:  # the script's own variables (its stop directory goes beside the runs)
+            shown = printed[printed.index("command") + 1:][2].strip()
+            seen = "import os, sys; print(os.environ['OUTPUT_DIR'], os.environ['RUN_NAME'], *sys.argv[-2:], sep='|')"
+            echoed = subprocess.run(["bash", "-c", shown.replace("sbatch", f"{sys.executable} -c {shlex.quote(seen)}", 1)],
+                                    capture_output=True, text=True, check=True).stdout  # as the shell reads it
+            assert echoed == f"{out}|r1|{TINY}|train.lr=1e-4\n"
+            continue
+        args = parse(words[words.index("launcher") + 1:])  # (launcher train ...)
         assert (args.output_dir, args.run_name, args.overrides) == (str(out), "r1", ["train.lr=1e-4"]), words
     assert not out.exists()  # a plan creates nothing
 

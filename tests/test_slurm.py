@@ -258,6 +258,24 @@ def test_a_time_limit_shorter_than_twice_the_lead_is_said_and_the_stop_requeues(
     assert "stopped early" in proc.stdout and (tmp_path / "requeued").read_text() == "requeued\n"
 
 
+def test_a_time_limit_warning_before_the_first_step_is_said_and_not_requeued(tmp_path):
+    """A run stops before its first step when the stop comes during start-up (no checkpoint, the
+    run directory marked to start again in place). When this script's own timer asked, every
+    requeued attempt would get the same time and start up as long: requeued, the job would go
+    round for ever without a step. A stop asked from outside still requeues (a preemption)."""
+    import datetime
+
+    before_step = ('#!/bin/bash\nsleep 2\nif [ -e "$LAUNCHER_STOP_FILE" ]; then echo "stopped before the first step"; '
+                   'echo "stop file $LAUNCHER_STOP_FILE before the first step" > "$LAUNCHER_STOP_FILE.stopped"; fi\n')
+    now = datetime.datetime.now(datetime.timezone.utc)
+    end = (now + datetime.timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%S")  # the timer fires at once
+    proc = _stubbed(tmp_path, end, before_step)
+    assert proc.returncode == 1 and not (tmp_path / "requeued").exists(), (proc.stdout, proc.stderr)
+    assert "launcher: the time-limit warning (SIGNAL_LEAD_S=600 s before the limit) came before the first step" \
+        in proc.stderr
+    assert not list((tmp_path / "out").glob(".launcher-stop-*"))  # its stop directory is cleaned up as always
+
+
 def test_a_usr1_sent_to_the_job_step_does_not_kill_the_node_launcher(tmp_path):
     """`scancel --signal=USR1 JOB` (without --batch) signals every process of the step.
     accelerate/torchrun have no handler for SIGUSR1, so its default action killed the node's

@@ -615,7 +615,7 @@ def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
     with open(errors, "w") as sink:
         first = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=sink,
                                  text=True, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_STOP_FILE": str(tmp_path / "stop"),
-                                                 "LAUNCHER_STALL": "0:1:2"})
+                                                 "LAUNCHER_STALL": "0:1:8"})
     deadline = time.time() + 300
     while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
         assert first.poll() is None and time.time() < deadline, errors.read_text()[-3000:]

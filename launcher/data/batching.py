@@ -195,7 +195,7 @@ def _leave_stops_to_training(_worker_id: int) -> None:
 
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
-    signal.set_wakeup_fd(-1)  # the training process counts its Ctrl-C presses on that socket (runtime)
+    signal.set_wakeup_fd(-1)  # (ignored, the stops write nothing there; the socket is the training process's)
 
 
 def train_batches(dataset, sampler: StepSampler, start: int, end: int, collate, num_workers: int, pin_memory: bool):
