@@ -790,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     # "initialised at random" line), or nothing a user of launcher can act on (a renamed
     # argument), in colour codes that end up in log files; as `make` runs it. Its errors show.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' and the hub's own bars ("Loading weights", "Writing model shards" at every
+    # save): a line of carriage returns per save in a log file, where launcher prints its own
+    # progress. Read when they are imported; HF_HUB_DISABLE_PROGRESS_BARS=0 brings them back.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Deprecations inside the libraries (peft reading a renamed transformers attribute): nothing a
     # user of launcher can act on, printed at every start.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")

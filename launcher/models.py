@@ -183,7 +183,7 @@ def write_weights(model, out_dir: Path) -> None:
 def _gguf_load(loader, path: Path, **kwargs):
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     # The GGUF reader draws its own tqdm bar, one step per tensor, whatever transformers'
@@ -202,7 +202,8 @@ def _gguf_load(loader, path: Path, **kwargs):
                           f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
     finally:
         gguf_utils.tqdm = bar
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
 
 

@@ -225,10 +225,10 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
     them as OUTPUT_DIR and RUN_NAME (its stop directory goes beside the runs)."""
     given = {k: v for k, v in (run_dir or {}).items() if v}
     flags = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", v)]
-    overrides = [*flags, *overrides]
-    tail = ["-m", "launcher", "train", config_path, *overrides]
+    args = [*flags, *overrides]
+    tail = ["-m", "launcher", "train", config_path, *args]
     if accelerate_config is None and launch.num_processes == 1:
-        return [shlex.join(["launcher", "train", config_path, *overrides])]
+        return [shlex.join(["launcher", "train", config_path, *args])]
     cmd = ["accelerate", "launch"]
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
@@ -243,7 +243,7 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
                "--num-processes", str(launch.num_processes)]
         if launch.num_machines > 1:
             one += ["--nodes", str(launch.num_machines), "--machine-rank", "NODE_RANK", "--main-process-ip", "HEAD_NODE"]
-        out.append(shlex.join(one + overrides).replace("NODE_RANK", "$NODE_RANK").replace("HEAD_NODE", "$HEAD_NODE"))
+        out.append(shlex.join(one + args).replace("NODE_RANK", "$NODE_RANK").replace("HEAD_NODE", "$HEAD_NODE"))
     if launch.num_machines > 1:
         out.append(f"  (on every node; NODE_RANK 0..{launch.num_machines - 1}, HEAD_NODE = address of node 0)")
     if Path("slurm/train.sh").is_file():
@@ -253,7 +253,7 @@ def launch_commands(config_path: str, overrides: list[str], accelerate_config: s
         # NAME='a b' (a quoted NAME=... is a command name to the shell, not an assignment)
         out.append(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join([
             "sbatch", "--nodes", str(launch.num_machines), "--gpus-per-node", str(launch.processes_per_machine),
-            "slurm/train.sh", config_path, *overrides[len(flags):]])]))
+            "slurm/train.sh", config_path, *overrides])]))
         lead = os.environ.get("SIGNAL_LEAD_S", "600")
         size = f" (a checkpoint is about {_size(checkpoint_bytes)})" if checkpoint_bytes else ""
         out.append(f"  (whole nodes, every CPU to the node's ranks: CPUS_PER_NODE overrides; every rank checkpoints "
