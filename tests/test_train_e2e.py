@@ -1283,6 +1283,24 @@ def test_a_kept_tokenizer_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
 
 
+def test_an_export_saves_the_tokenizer_as_loaded_whether_the_process_tokenized_or_read_the_cache(tmp_path):
+    """A run tokenizes its rows and exports; extended, its second process reads them from the
+    token cache and exports again: tokenizer.json is the same file both times, as the tokenizer
+    loaded it (no truncation). Before, the process that tokenized saved its max_length as the
+    file's truncation, which the tokenizers library then applies to every text it encodes."""
+    exported, caches = [], []
+    for steps in (2, 4):
+        check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST,
+                       f"train.max_steps={steps}", "eval.every_steps=2", "checkpoint.every_steps=2"))
+        exported.append((tmp_path / "r" / "model" / "tokenizer.json").read_bytes())
+        caches.append(sorted(p.name for p in (tmp_path / ".cache").glob("tokens-*")))
+    assert caches[0] and caches[1] == caches[0]  # the first built the token rows, the second read them
+    assert exported[0] == exported[1]
+    built = json.loads(next((tmp_path / ".cache").glob("tokenizer-*/tokenizer.json")).read_text())
+    saved = json.loads(exported[0])
+    assert (saved["truncation"], saved["padding"]) == (built["truncation"], built["padding"])
+
+
 def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebuilds_it(tmp_path):
     """RUN/tokenizer/tokenizer.json cut short (an older launcher's non-atomic write, killed): the
     resume exits 2 with one line naming the file and what to do, not a JSON traceback; removing

@@ -203,7 +203,7 @@ class ClauseEncoder:
         return column_problems(columns, source)
 
     def __call__(self, batch: dict) -> dict:
-        from launcher.data.pipeline import ROW, records
+        from launcher.data.pipeline import ROW, records, settings_kept
 
         texts, targets, errors = [], [], []
         for record in records(batch):
@@ -217,7 +217,8 @@ class ClauseEncoder:
             errors.append(error)
         if self.tokenizer is None:
             return {"text": texts, "labels": targets, "_error": errors}
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        with settings_kept(self.tokenizer):
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         return {"input_ids": ids, "labels": targets, "length": [len(x) for x in ids], "_error": errors}
 
 

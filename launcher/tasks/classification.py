@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from launcher.config import TINY_MODEL, TaskConfig
+from launcher.data.pipeline import settings_kept
 from launcher.errors import ConfigError
 from launcher import models
 from launcher.models import from_pretrained, inference_device, pad_with_eos, position_limit, remote_code_gate
@@ -387,8 +388,9 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = 
     for i in range(0, len(texts), batch_size):
         # Padded on the right, as training's batches are, whatever the tokenizer's padding_side:
         # with absolute positions (GPT-2's) left padding shifts every real token's position.
-        enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True,
-                        padding_side="right", return_tensors="pt")
+        with settings_kept(tokenizer):
+            enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True,
+                            padding_side="right", return_tensors="pt")
         enc = {k: v.to(model.device) for k, v in enc.items()}
         out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
