@@ -59,6 +59,21 @@ def test_one_process_checkpoint_holds_only_trained_weights_and_resumes_exactly(t
     assert max_diff(load_model_weights(tmp_path / "exported"), weights(uninterrupted)) < 1e-6
 
 
+def test_launcher_export_of_a_bf16_lora_checkpoint_is_the_runs_export_bit_for_bit(tmp_path, lora_args):
+    """Under bf16 the frozen base is held in bf16 and the adapters and head in fp32, and the
+    checkpoint's config says bfloat16. `launcher export` reads the base again in bf16, as the run
+    held it, and the head and adapters as trained: the run's export, bit for bit. Before, the fp32
+    head went through the bf16 base's copy of it and came out rounded (1e-4 apart)."""
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "b", *lora_args, "train.precision=bf16"))
+    run = tmp_path / "b"
+    check(launcher("export", str(run / "checkpoints" / "step-000012"), str(tmp_path / "exported")))
+    ours, theirs = load_model_weights(tmp_path / "exported"), load_model_weights(run / "model")
+    assert sorted(ours) == sorted(theirs)
+    assert [k for k in ours if not ours[k].equal(theirs[k])] == []
+    heads = [k for k in ours if k.startswith("classifier")]
+    assert heads and all(ours[k].dtype == theirs[k].dtype for k in ours)
+
+
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.matrix), 3])
 def test_zero_lora_checkpoint_holds_no_frozen_base_and_resumes_to_one_process(stage, tmp_path, uninterrupted, lora_args):
     launch = ["--config_file", str(ACCEL / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2"]

@@ -148,6 +148,12 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
     else:
         base = base if base is not None else models.from_config(model_class, base_config)
         fresh = get_peft_model(base, copy.deepcopy(peft_config))
+        # Each trained weight in the dtype it trained in: under bf16 the base is read in bf16, as
+        # the run held it, and peft's copy of the head is made from it, where the run's is fp32;
+        # loaded into that copy, the trained head came out rounded to bf16.
+        for name, param in fresh.named_parameters():
+            if name in state_dict and param.dtype != state_dict[name].dtype:
+                param.data = param.data.to(state_dict[name].dtype)
         missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
     if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
         raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
