@@ -701,13 +701,33 @@ class WandbTracker(Tracker):
             dir=str(directory),
             tags=(own + [f"{k}={v}" for k, v in tags.items()])[:20],
         )
-        self.run_id = self.run.id
+        self.run_id, self.mode, self.directory = self.run.id, mode, directory
         # Every metric on the run's own step axis, as transformers' W&B callback does: W&B drops
         # a log at an internal step below its last one, so a resumed run's steps between its
         # checkpoint and the kill kept the killed attempt's values. On this axis both attempts'
         # points are kept, as MLflow keeps them.
         self.run.define_metric(WANDB_STEP)
         self.run.define_metric("*", step_metric=WANDB_STEP, step_sync=True)
+
+    def backfill(self, records: list[dict]) -> None:
+        """On resume, send what metrics.jsonl kept (steps up to the checkpoint) that the W&B run
+        lacks. wandb writes a run's records in 32 KiB blocks and about every 30 s, and has no
+        flush: an attempt killed (SIGKILL, a node lost) lost what it had not written, often its
+        whole history. What the run holds: offline, the points in the run files of its earlier
+        attempts on this machine; online, up to the last step in the summary the server returned.
+        Points past the checkpoint that the killed attempt did write are logged again by the
+        resumed one: both are kept, on the run's own step axis."""
+        if self.mode in ("offline", "dryrun"):
+            have = wandb_points(self.directory, self.run_id)
+            missing = [r for r in records if _point(r) not in have]
+        else:
+            last = self.run.summary.get(WANDB_STEP)
+            missing = [r for r in records if not isinstance(last, (int, float)) or r["step"] > last]
+        for r in missing:
+            self.run.log({**{k: v for k, v in r.items() if k != "step"}, WANDB_STEP: r["step"]})
+        if missing:
+            print(f"tracking: {len(missing)} logged points from metrics.jsonl that the W&B run lacked were sent",
+                  flush=True)
 
     def log_params(self, params: dict, resumed_at: int | None = None) -> None:
         self.run.config.update(params, allow_val_change=True)  # (W&B keeps the current values)
@@ -733,6 +753,58 @@ class WandbTracker(Tracker):
 
     def ids(self) -> dict:
         return {"wandb": self.run_id}
+
+
+def wandb_file_records(path: Path) -> list:
+    """The records of a W&B run file (run-ID.wandb, online and offline alike): a 7-byte header
+    (':W&B', magic, version), then LevelDB-log chunks (crc, length, type: full/first/middle/
+    last) in 32 KiB blocks, each record a protobuf wandb_internal_pb2.Record; a record still
+    being written ends it. Read here because wandb ships no reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, out, buf = path.read_bytes(), 7, [], b""
+    if data[:4] != b":W&B":
+        return []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a record still being written
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            out.append(pb.Record.FromString(buf))
+            buf = b""
+    return out
+
+
+def wandb_rows(records: list) -> list[dict]:
+    """The history rows of a W&B run file's records: {key: value as JSON text}."""
+    return [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            for r in records if r.HasField("history")]
+
+
+def _point(row: dict) -> tuple:
+    """(step, metric names) of a metrics.jsonl record or a W&B history row."""
+    step = row.get("step", row.get(WANDB_STEP))
+    return int(float(step)), tuple(sorted(k for k in row if k not in ("step", WANDB_STEP) and not k.startswith("_")))
+
+
+def wandb_points(directory: Path, run_id: str) -> set:
+    """The (step, metric names) points that the files of run_id's attempts under directory
+    hold. A file that does not read counts as empty: its points are sent again (twice at
+    worst, never lost)."""
+    have: set = set()
+    for log in directory.glob(f"wandb/*-{run_id}/run-{run_id}.wandb"):
+        try:
+            have.update(_point(row) for row in wandb_rows(wandb_file_records(log)) if WANDB_STEP in row)
+        except Exception:  # noqa: BLE001 - a file this reader does not know (see the docstring)
+            continue
+    return have
 
 
 def _record(line: str) -> dict | None:
@@ -1030,9 +1102,12 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
     mode = t.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     if t.wandb and mode != "disabled":
         project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
-        trackers.append(_starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
+        wandb = _starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
             project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
-            hint="; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false"))
+            hint="; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false")
+        if resume_step is not None:  # (also W&B turned on at a resume: the history before it)
+            wandb.backfill(jsonl.records())
+        trackers.append(wandb)
     return MultiTracker(trackers)
 
 

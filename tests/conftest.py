@@ -54,28 +54,11 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file: a 7-byte header (':W&B', magic, version), then
-    LevelDB-log chunks (crc, length, type: full/first/middle/last) in 32 KiB blocks, each
-    record a protobuf wandb_internal_pb2.Record. (wandb ships no reader for it.)"""
-    import struct
+    """The records of a W&B run file (wandb ships no reader for it): launcher's own reader,
+    which a resume uses to find what a killed attempt's file holds."""
+    from launcher.tracking import wandb_file_records
 
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, out, buf = path.read_bytes(), 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 or pos + 7 + length > len(data):  # the end, or a record still being written
-            break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            out.append(pb.Record.FromString(buf))
-            buf = b""
-    return out
+    return wandb_file_records(path)
 
 
 def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -294,6 +294,44 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 8
 
 
+def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path):
+    """W&B writes a run's records in blocks and has no flush: an attempt killed with SIGKILL
+    (here while it sleeps inside step 8, after the checkpoint at 6) leaves a run file that lacks
+    part of what it logged, often all of it. The resumed attempt sends what metrics.jsonl kept
+    that the earlier file lacks, so the run's files hold every point of metrics.jsonl; before,
+    steps 0-6 could be gone from W&B while MLflow had them."""
+    from launcher.tracking import _point, wandb_rows
+
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb")}
+    cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=10",
+           "eval.every_steps=4", "checkpoint.every_steps=6", "tracking.wandb=true", "tracking.mlflow=false"]
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", *cmd], stdout=subprocess.DEVNULL, stderr=sink,
+                                env={**os.environ, **OFFLINE_ENV, **env, "LAUNCHER_STALL": "0:8:3600"})
+    try:
+        deadline = time.time() + 300
+        while "LAUNCHER_STALL: rank 0 sleeps 3600 s at 8" not in errors.read_text():
+            assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    (killed,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    before = {_point(row) for row in wandb_rows(wandb_records(killed))}
+    resumed = check(launcher(*cmd, env=env))
+    assert "resuming from" in resumed.stdout and "step-000006" in resumed.stdout
+    local = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lacked = [_point(r) for r in local if r["step"] <= 6 and _point(r) not in before]
+    assert lacked, "the killed attempt's file held all of it: nothing to test"
+    (again,) = set((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")) - {killed}
+    rows = [_point(row) for row in wandb_rows(wandb_records(again))]
+    assert rows[:len(lacked)] == lacked  # sent first, in order, then the steps after the checkpoint
+    assert f"tracking: {len(lacked)} logged points from metrics.jsonl that the W&B run lacked were sent" in resumed.stdout
+    assert {_point(r) for r in local} <= before | set(rows)
+    assert rows[len(lacked):] == [_point(r) for r in local if r["step"] > 6]
+
+
 def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_place(tmp_path):
     """A node dies (SIGKILL) before the first checkpoint; Slurm requeues the job with the same
     job id. The run directory holds no checkpoint, but RUN/job.json says it belongs to this job,
