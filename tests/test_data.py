@@ -448,3 +448,36 @@ def test_every_reader_lists_bad_rows_the_same_way(tmp_path):
     for n in range(12):
         bad.add([f"f:{n}: a", f"f:{n}: b"] if n == 0 else [f"f:{n}: a"])
     assert bad.lines() == ["f:0: a", "f:0: b", *(f"f:{n}: a" for n in range(1, 10)), "f: 2 more bad rows not shown"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_file_whose_path_holds_glob_or_variable_characters_reads_as_itself(tmp_path, monkeypatch, fmt):
+    """datasets.load_dataset takes a name as a glob pattern and expands $VARS in it: a file
+    under `d[1]/` read as "cannot be read", one under `e$HOME/` as a file elsewhere. Both read
+    the rows of the file itself, as from a plain path, and the cache's own path may hold them
+    too (an output directory `runs[1]`)."""
+    from launcher.data import sources
+
+    monkeypatch.setenv("LAUNCHER_TEST_VAR", "elsewhere")
+    rows = [{"text": f"clause {i}", "label": str(i % 2)} for i in range(5)]
+
+    def write(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        path = folder / f"train.{fmt}"
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif fmt == "csv":
+            path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+        else:
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
+
+    def read(path: Path, cache: Path) -> list[dict]:
+        return sources.resolve(DataConfig(train_file=str(path)), "train").read(cache).to_list()
+
+    plain = read(write(tmp_path / "plain"), tmp_path / "cache")
+    assert plain == rows
+    for odd in ("d[1]", "e$LAUNCHER_TEST_VAR", "all*of?them{x}"):
+        assert read(write(tmp_path / odd), tmp_path / "cache") == plain, odd
+        assert read(tmp_path / odd / f"train.{fmt}", tmp_path / "runs[1]" / "cache") == plain, odd
+    assert not (tmp_path / "elsewhere").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,31 @@ def is_saved_dataset(path: Path) -> bool:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
+
+
+def _as_named(path: Path, cache_dir: Path) -> str:
+    """The file as datasets.load_dataset reads a name: it expands $VARS in it and takes [ ] * ?
+    as a glob pattern, so a file under `d[1]/` or `e$HOME/` did not load (a 'cannot be read'
+    line about a good file, or another file's name). Such a path is read through a link of a
+    plain name in the data cache (written beside it and renamed into place: ranks and jobs
+    sharing the cache may make it at once); where the cache's own path has such characters (an
+    output directory `runs[1]`), in the temporary directory."""
+    import tempfile
+
+    special = re.compile(r"[][*?${}]")
+    text = str(path.absolute())
+    if not special.search(text):
+        return text
+    links = cache_dir.absolute() / "links"
+    if special.search(str(links)):
+        links = Path(tempfile.gettempdir()) / f"launcher-{os.getuid()}-links"
+    links.mkdir(parents=True, exist_ok=True)
+    link = links / (hashlib.sha256(text.encode()).hexdigest()[:20] + path.suffix.lower())
+    tmp = links / f".{link.name}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(text, tmp)
+    os.replace(tmp, link)
+    return str(link)
 
 @dataclass(frozen=True)
 class Source:
@@ -119,11 +145,11 @@ class Source:
                     raise DataError(f"{path}: no rows")
                 # Every cell as text, empty cells as "": what the row checks expect (a "0" label
                 # and an empty `labels` cell), not pandas' guesses (0.0, NaN).
-                return datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=str(cache_dir),
+                return datasets.load_dataset("csv", data_files=_as_named(path, cache_dir), split="train", cache_dir=str(cache_dir),
                                              converters={c: str for c in header}, keep_default_na=False, na_filter=False)
             if path.suffix.lower() in (".jsonl", ".json"):
                 _check_json(path)
-            ds = datasets.load_dataset(self.fmt, data_files=str(path), split="train", cache_dir=str(cache_dir))
+            ds = datasets.load_dataset(self.fmt, data_files=_as_named(path, cache_dir), split="train", cache_dir=str(cache_dir))
             # pyarrow's JSON reader keeps bytes that are not UTF-8 as they are; a full validation
             # finds them now (one C++ pass) rather than as a decode error in the middle of a map.
             ds.data.table.validate(full=True)
