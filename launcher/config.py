@@ -885,6 +885,13 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         out.append(f"run_name: must be a plain directory name; got {cfg.run_name!r}")
     if not cfg.output_dir.strip():  # the run, mlflow.db and the cache went into the current directory
         out.append("output_dir: empty; give a directory (default: runs), or . for this one")
+    if cfg.tracking.mlflow and not cfg.tracking.uri and (odd := sorted(set("?%") & set(str(Path(cfg.output_dir).resolve())))):
+        # MLflow and SQLAlchemy read the store's sqlite:/// URI as a URL: a query from `?` on (the
+        # store was the file before it, outside the directory), `%` as an escape; escaped, MLflow
+        # makes an empty directory of the escaped name beside it.
+        out.append(f"output_dir: {cfg.output_dir} holds {' '.join(repr(c) for c in odd)}, which the default MLflow "
+                   "store's sqlite:/// URI cannot carry; choose another --output-dir, or set tracking.uri "
+                   "(or tracking.mlflow=false)")
     if not cfg.model.name.strip():
         out.append("model.name: empty; give a model directory, a GGUF file, a hub name or tiny")
     if t.max_steps is not None and t.halt_at_step is not None and t.halt_at_step > t.max_steps:

@@ -191,6 +191,11 @@ CASES = [
     ("missing local model", "train", TINY, _plain("model.name={tmp}/no-model"), "model.name: {tmp}/no-model"),
     ("missing resume dir", "train", TINY, _plain("checkpoint.resume={tmp}/ckpt"), "checkpoint.resume: {tmp}/ckpt: no such checkpoint"),
     ("output dir is a file", "train", TINY, _write("afile", "", "--output-dir", "{tmp}/afile"), "output_dir: {tmp}/afile is a file"),
+    # (the default store's URI: MLflow read q?x/mlflow.db as the file q, outside the directory)
+    ("output dir with a ? and the default store", "train", TINY, _plain("--output-dir", "{tmp}/q?x"),
+     "output_dir: {tmp}/q?x holds '?', which the default MLflow store's sqlite:/// URI cannot carry"),
+    ("output dir with a % and the default store", "train", TINY, _plain("--output-dir", "{tmp}/a%20b"),
+     "output_dir: {tmp}/a%20b holds '%', which the default MLflow store's sqlite:/// URI cannot carry"),
     ("config file missing", "train", None, _plain("{tmp}/nope.yaml"), "{tmp}/nope.yaml"),
     ("config not YAML", "train", None, _write("bad.yaml", "train: [1, 2\n", "{tmp}/bad.yaml"), "{tmp}/bad.yaml"),
     # ---- data files
