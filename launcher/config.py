@@ -420,7 +420,14 @@ def _number(value: Any, tp: type, bad: ConfigError) -> Any:
         try:
             return tp(value)
         except ValueError:
+            pass
+        try:  # an int written as 5e4 (as 5.0e+4 already reads, through YAML's float)
+            number = float(value)
+        except ValueError:
             raise bad from None
+        if tp is int and number.is_integer() and abs(number) < 2**63:
+            return int(number)
+        raise bad
     raise bad
 
 
@@ -455,8 +462,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")  # (the words YAML reads as booleans unquoted)
         if type(value) is int and value in (0, 1):  # (YAML reads an unquoted 1 as a number)
             return bool(value)
         raise bad
@@ -639,6 +646,10 @@ def _expand_home(tree: dict) -> None:
             node = node.get(section) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].startswith("~"):
             node[leaf] = os.path.expanduser(node[leaf])
+    # a SQLite store given as sqlite:///~/m.db: a directory named ~ in the current one, before
+    tracking = tree.get("tracking")
+    if isinstance(tracking, dict) and isinstance(uri := tracking.get("uri"), str) and uri.startswith("sqlite:///~"):
+        tracking["uri"] = "sqlite:///" + os.path.expanduser(uri[len("sqlite:///"):])
 
 
 DATA_PATHS = ("train_file", "validation_file", "hub_dataset")
@@ -742,7 +753,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
             return
         finite = isinstance(value, int) or math.isfinite(value)  # (an int too large for a float is finite)
         if not (finite and (value > 0 or (value == 0 and allow_zero))):
-            out.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}; got {value}")
+            out.append(f"{name}: must be {'>= 0' if allow_zero else '> 0'}{'' if finite else ' and finite'}; got {value}")
 
     positive("train.epochs", t.epochs)
     positive("train.max_steps", t.max_steps)

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from launcher import __version__
 from launcher.config import TrackingConfig, redact_text, redact_uri
@@ -1104,14 +1104,23 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
         project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
         wandb = _starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
             project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
-            hint="; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false")
+            hint=lambda e: _wandb_hint(e, mode))
         if resume_step is not None:  # (also W&B turned on at a resume: the history before it)
             wandb.backfill(jsonl.records())
         trackers.append(wandb)
     return MultiTracker(trackers)
 
 
-def _starting(what: str, uri: str, started: list, start, hint: str = ""):
+def _wandb_hint(error: Exception, mode: str) -> str:
+    if isinstance(error, ImportError):
+        return "; install it (pip install wandb, or the package's [wandb] extra), or set tracking.wandb=false"
+    if mode in ("offline", "dryrun"):
+        return (f"; W&B writes an offline run under WANDB_DIR ({os.environ.get('WANDB_DIR') or 'else the run directory'}): "
+                "point it at a writable directory, or set tracking.wandb=false")
+    return "; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false"
+
+
+def _starting(what: str, uri: str, started: list, start, hint: str | Callable[[Exception], str] = ""):
     """start(), or one line (exit 2) when a tracker cannot start: no traceback, the URI's
     secrets redacted from whatever the library said, and the trackers already started
     undone (an MLflow run this attempt created is deleted, a resumed one ends FAILED), so
@@ -1123,6 +1132,8 @@ def _starting(what: str, uri: str, started: list, start, hint: str = ""):
     except Exception as e:  # noqa: BLE001 - every library failure becomes the one line
         for tracker in started:
             tracker.abandon()
+        if callable(hint):
+            hint = hint(e)
         said = " ".join(str(e).split()) or type(e).__name__
         half = re.search(r"table \w+ already exists", said) if uri.startswith("sqlite:///") else None
         if half:  # a store killed mid-build before 2026-12-06 (build_sqlite_store)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -413,6 +414,9 @@ def test_a_home_path_in_an_override_leads_home(tmp_path, monkeypatch):
     (tmp_path / "hubdir").mkdir()  # a local folder standing in for a hub id: expanded too; an id stays an id
     assert load_config(CONFIGS / "train" / "clause_tos.yaml", ["data.hub_dataset=~/hubdir"]).data.hub_dataset == str(tmp_path / "hubdir")
     assert load_config(CONFIGS / "train" / "clause_tos.yaml").data.hub_dataset == "coastalcph/lex_glue"
+    # a SQLite store under ~ (a directory named ~ in the current one, before)
+    assert load_config(TINY, ["tracking.uri=sqlite:///~/m.db"]).tracking.uri == f"sqlite:///{tmp_path}/m.db"
+    assert load_config(TINY, ["tracking.uri=http://host/~x"]).tracking.uri == "http://host/~x"
 
 
 def test_an_override_of_a_text_field_is_the_text_typed(tmp_path):
@@ -501,6 +505,22 @@ def test_lora_targets_and_booleans_take_the_forms_other_fields_take():
     assert load_config(TINY, ["train.gradient_checkpointing=0"]).train.gradient_checkpointing is False
     with pytest.raises(ConfigError):
         load_config(TINY, ["train.gradient_checkpointing=2"])
+
+
+def test_a_whole_number_in_scientific_notation_and_on_off_read_as_yaml_reads_them(tmp_path):
+    """train.max_steps=5e4 was refused (expected int; got '5e4') where 5.0e+4 read as 50000: YAML
+    1.1 reads the first as text, the second as a float. A quoted "on"/"off" was refused where
+    "yes"/"no" were taken. A fraction or a number past an int is still refused."""
+    for text in ("5e4", "5E4", "5.0e+4", "50000"):
+        assert load_config(TINY, [f"train.max_steps={text}"]).train.max_steps == 50_000, text
+    written = tmp_path / "c.yaml"
+    written.write_text(TINY.read_text().replace("epochs: 3", "max_steps: '5e4'"))
+    assert load_config(written).train.max_steps == 50_000
+    for text, value in (("on", True), ("OFF", False), ("On", True)):
+        assert load_config(TINY, [f"train.gradient_checkpointing={text}"]).train.gradient_checkpointing is value
+    for bad in ("1.5e0", "1e30", "5e", "nan"):
+        with pytest.raises(ConfigError, match=f"train.max_steps: expected int; got '{re.escape(bad)}'"):
+            load_config(TINY, [f"train.max_steps={bad}"])
 
 
 def test_a_warmup_longer_than_the_run_is_said_with_the_peak_it_reaches(tmp_path):
