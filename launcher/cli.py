@@ -221,7 +221,9 @@ def _what_this_attempt_creates(cfg) -> dict:
     the default MLflow store (with its artifacts directory)."""
     out = Path(cfg.output_dir)
     store, artifacts = out / "mlflow.db", out / "mlartifacts"
+    absent = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
     return {"output_dir": out if not out.exists() else None,
+            "above": absent[1:],  # the folders above it that the run's mkdir makes, lowest first
             "run_dir": cfg.run_dir if not cfg.run_dir.exists() else None,
             "store": store if not cfg.tracking.uri and not store.exists() else None,
             "artifacts": artifacts if not cfg.tracking.uri and not artifacts.exists() else None}
@@ -270,6 +272,11 @@ def _remove_created(created: dict) -> None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if created["output_dir"] is not None:
         shutil.rmtree(created["output_dir"], ignore_errors=True)
+        for folder in created.get("above", []):  # left empty (rmdir: not one another job wrote in meanwhile)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def check_run(args, launch) -> str | None:

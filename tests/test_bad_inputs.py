@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, OFFLINE_ENV, ROOT, TINY, all_runs, launcher, mlflow_client
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, launcher, mlflow_client
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -592,6 +592,28 @@ def test_a_failed_start_leaves_the_runs_that_share_its_new_output_directory(tmp_
                                                             "token": "another launch's"}))
     cli._remove_created(created)
     assert sorted(p.name for p in out.iterdir()) == ["lr3"] and (cfg.run_dir / "checkpoints").is_dir()
+
+
+def test_a_failed_start_into_a_new_nested_output_directory_leaves_no_folder_above_it(tmp_path):
+    """--output-dir new1/new2 where neither exists, and bad input found once the run has begun
+    (an empty tracking.experiment): the run's mkdir made new1 too, which stayed, empty. Now
+    nothing is left; a folder above that another job wrote in meanwhile stays."""
+    proc = launcher("train", str(TINY), "--output-dir", str(tmp_path / "new1" / "new2"), *FAST, "tracking.experiment=")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: tracking: MLflow at ") and "Invalid experiment name" in error, error
+    assert sorted(tmp_path.iterdir()) == []
+
+    from launcher import cli
+    from launcher.config import load_config
+
+    cfg = load_config(str(TINY), [], output_dir=str(tmp_path / "a" / "b" / "c"), run_name="r")
+    created = cli._what_this_attempt_creates(cfg)
+    assert created["above"] == [tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "a" / "theirs").mkdir()
+    cli._remove_created(created)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "theirs"]
 
 
 def _take(run_dir: Path) -> None:
