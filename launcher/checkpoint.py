@@ -702,7 +702,8 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
 
 
 def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str], random_base: bool = False,
-                 dtype: str = "float32", masters: Path | None = None, snapshot: dict | None = None) -> None:
+                 dtype: str = "float32", masters: Path | None = None, snapshot: dict | None = None,
+                 base_name: str | None = None) -> None:
     """The final model in Hugging Face format (safetensors, in `dtype`) with tokenizer and label
     names; for LoRA runs also adapter/ (and base/ when the base was randomly initialised).
 
@@ -740,7 +741,8 @@ def export_model(rt, model, tokenizer, out_dir: Path, extra_files: dict[str, str
         if lora.is_peft(unwrapped):
             base = unwrapped.get_base_model()
             with rt.model_init(random_weights=True):  # a whole copy on rank 0, not a ZeRO-3 partition
-                lora.write(unwrapped.peft_config["default"], state_dict, tmp, config, type(base), random_base, dtype=dtype)
+                lora.write(unwrapped.peft_config["default"], state_dict, tmp, config, type(base), random_base, dtype=dtype,
+                           base_name=base_name)
         else:
             canonical_key_names(unwrapped)
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -981,7 +983,7 @@ def _export_lora(skeleton: Path, tmp: Path, auto, config, code: dict, meta: dict
         base = _pretrained_base(auto, meta, config, code)
         source = f", frozen base from {meta['base_model']}"
     lora.write(PeftConfig.from_pretrained(str(skeleton)), state_dict, tmp, config, model_class, meta.get("random_base", False),
-               base=base, dtype=dtype)
+               base=base, dtype=dtype, base_name=meta.get("base_model"))
     return source + ", LoRA: adapter/ and merged model"
 
 

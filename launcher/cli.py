@@ -219,9 +219,10 @@ def cmd_train(args) -> int:
 def _what_this_attempt_creates(cfg) -> dict:
     """Paths a fresh run creates, noted before it starts: the output and run directories and
     the default MLflow store (with its artifacts directory)."""
-    out = Path(cfg.output_dir)
+    # normalised: missing/../x does not exist as written (missing/ does not), though x may
+    out = Path(os.path.abspath(cfg.output_dir))
     store, artifacts = out / "mlflow.db", out / "mlartifacts"
-    absent = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
+    absent = [p for p in (out, *out.parents) if not p.exists()]
     return {"output_dir": out if not out.exists() else None,
             "above": absent[1:],  # the folders above it that the run's mkdir makes, lowest first
             "run_dir": cfg.run_dir if not cfg.run_dir.exists() else None,

@@ -70,9 +70,12 @@ def fetch(model_cfg) -> str:
     """Download (or find in the cache) the snapshot of model_cfg.name; its local directory.
     One line (ConfigError) when it cannot: not found, gated, no network, bad revision.
     The small files first (config, tokenizer, weight index), then exactly the weights."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     small = SMALL + (CODE if model_cfg.trust_remote_code else [])
+    if not constants.HF_HUB_OFFLINE:  # (launcher turns the hub's bars off: a first download said nothing)
+        print(f"fetching {model_cfg.name} from the Hugging Face Hub (or its cache, {constants.HF_HUB_CACHE}); "
+              "HF_HUB_DISABLE_PROGRESS_BARS=0 shows the download's progress", flush=True)
     try:
         path = snapshot_download(model_cfg.name, revision=model_cfg.revision, allow_patterns=small)
         for weights in weight_patterns(Path(path)):

@@ -718,7 +718,7 @@ class WandbTracker(Tracker):
         Points past the checkpoint that the killed attempt did write are logged again by the
         resumed one: both are kept, on the run's own step axis."""
         if self.mode in ("offline", "dryrun"):
-            have = wandb_points(self.directory, self.run_id)
+            have = wandb_points(self.directory, str(self.run_id))
             missing = [r for r in records if _point(r) not in have]
         else:
             last = self.run.summary.get(WANDB_STEP)
@@ -777,7 +777,7 @@ def wandb_file_records(path: Path) -> list:
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
-            out.append(pb.Record.FromString(buf))
+            out.append(pb.Record.FromString(buf))  # type: ignore[attr-defined]
             buf = b""
     return out
 
@@ -790,7 +790,7 @@ def wandb_rows(records: list) -> list[dict]:
 
 def _point(row: dict) -> tuple:
     """(step, metric names) of a metrics.jsonl record or a W&B history row."""
-    step = row.get("step", row.get(WANDB_STEP))
+    step = row["step"] if "step" in row else row[WANDB_STEP]
     return int(float(step)), tuple(sorted(k for k in row if k not in ("step", WANDB_STEP) and not k.startswith("_")))
 
 
@@ -1104,19 +1104,23 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
         project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
         wandb = _starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
             project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
-            hint=lambda e: _wandb_hint(e, mode))
+            hint=lambda e: _wandb_hint(e, mode, Path(os.environ.get("WANDB_DIR") or run_dir / "wandb")))
         if resume_step is not None:  # (also W&B turned on at a resume: the history before it)
-            wandb.backfill(jsonl.records())
+            try:
+                wandb.backfill(jsonl.records())
+            except Exception as e:  # noqa: BLE001 - W&B started: its history is worth a line, not the run
+                print(f"warning: tracking: W&B: the points kept in metrics.jsonl were not sent ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}); they are in {run_dir / 'metrics.jsonl'}", file=sys.stderr, flush=True)
         trackers.append(wandb)
     return MultiTracker(trackers)
 
 
-def _wandb_hint(error: Exception, mode: str) -> str:
+def _wandb_hint(error: Exception, mode: str, directory: Path) -> str:
     if isinstance(error, ImportError):
         return "; install it (pip install wandb, or the package's [wandb] extra), or set tracking.wandb=false"
-    if mode in ("offline", "dryrun"):
-        return (f"; W&B writes an offline run under WANDB_DIR ({os.environ.get('WANDB_DIR') or 'else the run directory'}): "
-                "point it at a writable directory, or set tracking.wandb=false")
+    if mode in ("offline", "dryrun") and isinstance(error, OSError):
+        return (f"; W&B writes an offline run under {directory} (WANDB_DIR, else the run directory): "
+                "point WANDB_DIR at a writable directory, or set tracking.wandb=false")
     return "; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false"
 
 

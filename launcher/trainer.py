@@ -643,7 +643,7 @@ class Trainer:
         ckpt_lib.export_model(self.rt, self.model, p.tokenizer, p.run_dir / ckpt_lib.BEST,
                               {"launcher.json": self._launcher_json(),
                                ckpt_lib.BEST_FILE: json.dumps({"step": step, "export_dtype": p.checkpointer.export_dtype})},
-                              random_base=p.task.random_init(), dtype=p.checkpointer.export_dtype,
+                              random_base=p.task.random_init(), dtype=p.checkpointer.export_dtype, base_name=self.cfg.model.name,
                               snapshot={ckpt_lib.EVAL_OUTPUTS: outputs} if outputs else {})
         self.dog.beat(step)
 
@@ -752,7 +752,7 @@ class Trainer:
             # sealed or loaded, which holds the exported step (the last step is always saved, a resume
             # at the end loads it, and export: best loaded the best one above)
             ckpt_lib.export_model(rt, self.model, p.tokenizer, model_dir, {"launcher.json": self._launcher_json()},
-                                  random_base=p.task.random_init(), dtype=dtype,
+                                  random_base=p.task.random_init(), dtype=dtype, base_name=self.cfg.model.name,
                                   masters=p.checkpointer.last if self.reads_masters else None)
         summary = {"step": state.step, "before": state.first_eval, "after": exported_eval, "last": last_eval,
                    "exported_step": exported_step, "best_step": state.best_step, "best": state.best_metric}

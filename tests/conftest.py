@@ -58,6 +58,7 @@ def wandb_records(path: Path) -> list:
     which a resume uses to find what a killed attempt's file holds."""
     from launcher.tracking import wandb_file_records
 
+    assert path.read_bytes()[:4] == b":W&B", path
     return wandb_file_records(path)
 
 

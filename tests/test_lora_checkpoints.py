@@ -72,6 +72,12 @@ def test_launcher_export_of_a_bf16_lora_checkpoint_is_the_runs_export_bit_for_bi
     assert [k for k in ours if not ours[k].equal(theirs[k])] == []
     heads = [k for k in ours if k.startswith("classifier")]
     assert heads and all(ours[k].dtype == theirs[k].dtype for k in ours)
+    # Both adapters name the base as model.name gave it (peft wrote the checkpoint's skeleton,
+    # rotated away later, from launcher export), and each module to save once.
+    configs = [json.loads((d / "adapter" / "adapter_config.json").read_text()) for d in (tmp_path / "exported", run / "model")]
+    assert configs[0] == configs[1]
+    assert configs[0]["base_model_name_or_path"] == lora_args[0].split("=", 1)[1]
+    assert len(configs[0]["modules_to_save"]) == len(set(configs[0]["modules_to_save"])) > 0
 
 
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.matrix), 3])

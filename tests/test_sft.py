@@ -41,6 +41,29 @@ def response_text(tok, ids, labels) -> str:
     return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
 
 
+def test_tokenizing_rows_and_prompts_leaves_the_tokenizer_as_it_was_loaded():
+    """A tokenizer file may carry truncation and padding (MiniLM's does); a fast tokenizer called
+    without them clears them on its backend and keeps them cleared, so the run's export saved a
+    tokenizer.json without them. Every call launcher makes puts the backend back."""
+    from launcher.data import prompts as P
+    from launcher.tasks.causal_lm import answer_frame
+
+    texts = ["### instruction : what is the code word ? ### response : maple"]
+    fresh = train_lm_tokenizer(texts, 200, 64)
+    backend = fresh.backend_tokenizer
+    backend.enable_truncation(max_length=48)
+    backend.enable_padding(pad_id=0, pad_token="<unk>", length=48)
+    loaded = (backend.truncation, backend.padding)
+    fmt = P.PromptFormat.from_config(DataConfig(), fresh)
+    row = {"instruction": "what is the code word", "input": "", "output": "maple"}
+    instructions.encode(row, fmt, fresh)
+    P.prompt_ids({"instruction": "what is the code word"}, fmt, fresh)
+    P.cuts_cleanly.cache_clear()
+    P.cuts_cleanly(fresh)
+    answer_frame(fmt, fresh)
+    assert (backend.truncation, backend.padding) == loaded
+
+
 def test_instruction_row_trains_on_the_response_and_eos_only(tok):
     cfg = DataConfig()
     ids, labels = encode({"instruction": "What is the code word for amber zephyr?", "input": "", "output": "maple yarrow"}, cfg, tok)
@@ -349,6 +372,7 @@ def test_tiny_sft_learns_the_mapping_and_generates_training_answers(tmp_path):
     table = (run / "generations.md").read_text()
     assert "| step 0 |" in table and f"| step {final['step']} |" in table
     _serves_with_a_cache(run / "model")
+    _plain_transformers_answers_as_the_run(run, prompts, last)
     # The same from the exported model, in a fresh process.
     gen = check(launcher("generate", str(run / "model"), "--prompt", prompts[0], "--max-new-tokens", "8"))
     assert gen.stdout.strip().splitlines()[-1] == _answer(run, prompts[0])
@@ -654,6 +678,26 @@ def test_capitalised_roles_and_a_conversation_in_a_csv_cell_read_as_the_jsonl_ro
     assert e.value.problems[0].startswith(f"{bad}:2: 'messages' is not a JSON list (")
 
 
+def _plain_transformers_answers_as_the_run(run: Path, questions: list[str], answers: dict) -> None:
+    """The export through plain transformers, as a user serves it: the tokenizer given the
+    prompt text (add_special_tokens as default) gives the ids training gave it, and greedy
+    generate answers as the run did. The tiny tokenizer added no <s>, which every training row
+    starts with: plain generate saw prompts no row had trained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.data import prompts as P
+
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    model = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    fmt = P.PromptFormat.from_json(json.loads((run / "model" / "launcher.json").read_text()))
+    for question in questions:
+        row = {"instruction": question}
+        ids = tok(P.prompt_text(row, fmt, tok))["input_ids"]
+        assert ids == P.prompt_ids(row, fmt, tok) and ids[0] == tok.bos_token_id
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert tok.decode(out[0, len(ids):], skip_special_tokens=True).strip() == answers[question].strip(), question
+
+
 def _serves_with_a_cache(model_dir: Path) -> None:
     """Training turns the key/value cache off; an export kept it off, and plain transformers'
     generate then ran without it (3.3x slower per 100 tokens on SmolLM2)."""
@@ -673,3 +717,7 @@ def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_pat
         _serves_with_a_cache(model_dir)
     check(launcher("export", str(run / "checkpoints" / "step-000002"), str(tmp_path / "again")))
     _serves_with_a_cache(tmp_path / "again")
+    # A random base has no name to give (model/base/ holds it): not the checkpoint's skeleton,
+    # which rotation removes, from launcher export either.
+    for model_dir in (run / "model", tmp_path / "again"):
+        assert json.loads((model_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, wandb_records
-from launcher.tracking import Sender
+from launcher.tracking import Sender, wandb_rows
 
 
 class Flaky:
@@ -490,8 +490,7 @@ def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypat
                 break
             time.sleep(0.5)
         assert ("*", "train/global_step") in axes and ("train/global_step", "") in axes, (log.stat().st_size, len(records))
-        rows = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
-                for r in records if r.HasField("history")]
+        rows = wandb_rows(records)
         def logged_as(row: dict) -> str:  # a table is logged as several keys: generations/_type, /sha256, ...
             (name,) = {k.split("/")[0] if k.startswith("generations/") else k for k in row
                        if not k.startswith("_") and k != "train/global_step"}

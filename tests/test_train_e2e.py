@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher import owner
+from launcher.tracking import _point, wandb_rows
 
 from conftest import FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
 
@@ -281,7 +282,7 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     records = wandb_records(log)
     local = [json.loads(line) for line in (tmp_path / "ml" / "metrics.jsonl").read_text().splitlines()]
     points = [(int(float(h["train/global_step"])), sorted(k for k in h if not k.startswith("_") and k != "train/global_step"))
-              for h in ({i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.HasField("history"))]
+              for h in wandb_rows(records)]
     assert points == [(r["step"], sorted(k for k in r if k != "step")) for r in local]
     assert records[-1].WhichOneof("record_type") == "exit" and records[-1].exit.exit_code == 0
     data = log.read_bytes()
@@ -300,7 +301,6 @@ def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path):
     part of what it logged, often all of it. The resumed attempt sends what metrics.jsonl kept
     that the earlier file lacks, so the run's files hold every point of metrics.jsonl; before,
     steps 0-6 could be gone from W&B while MLflow had them."""
-    from launcher.tracking import _point, wandb_rows
 
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb")}
     cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=10",

@@ -47,8 +47,8 @@ def test_a_tracker_that_cannot_start_is_one_line_leaves_nothing_and_never_shows_
     errors = [line for line in unwritable.stderr.splitlines() if line.startswith("error:")]
     assert unwritable.returncode == 2 and len(errors) == 1 and "Traceback" not in unwritable.stderr, unwritable.stderr[-3000:]
     assert errors[0].startswith("error: tracking: W&B (offline) did not start: ") and errors[0].endswith(
-        f"W&B writes an offline run under WANDB_DIR ({tmp_path / 'afile' / 'sub'}): point it at a writable directory, "
-        "or set tracking.wandb=false"), errors[0]
+        f"W&B writes an offline run under {tmp_path / 'afile' / 'sub'} (WANDB_DIR, else the run directory): point "
+        "WANDB_DIR at a writable directory, or set tracking.wandb=false"), errors[0]
     assert not (tmp_path / "out").exists()
     check(launcher(*args, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}))
     import mlflow

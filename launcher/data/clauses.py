@@ -203,7 +203,8 @@ class ClauseEncoder:
         return column_problems(columns, source)
 
     def __call__(self, batch: dict) -> dict:
-        from launcher.data.pipeline import ROW, records, settings_kept
+        from launcher.data.pipeline import ROW, records
+        from launcher.data.tokenizer import settings_kept
 
         texts, targets, errors = [], [], []
         for record in records(batch):

@@ -11,7 +11,6 @@ Per-rank memory is then the Arrow mapping plus one int32 length per row.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -230,28 +229,6 @@ def first_rows(source: Source, cache: Cache, check=None, n: int = TOKENIZER_ROWS
     head = raw.select(range(min(n, raw.num_rows)))
     for batch in head.iter(batch_size=1000):
         yield from records(batch)
-
-
-@contextlib.contextmanager
-def settings_kept(tokenizer):
-    """A fast tokenizer called with truncation or padding sets them on its backend and leaves them
-    set: saved afterwards, tokenizer.json carried this run's max_length, which the tokenizers
-    library applies to every text it encodes, where the file loaded had none, and two equal runs'
-    exports differed by whether the process tokenized or read the token cache. Put back after."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow tokenizer keeps no such state
-        yield
-        return
-    truncation, padding = backend.truncation, backend.padding
-    try:
-        yield
-    finally:
-        backend.no_truncation()
-        backend.no_padding()
-        if truncation is not None:
-            backend.enable_truncation(**truncation)
-        if padding is not None:
-            backend.enable_padding(**padding)
 
 
 def saved_tokenizer(saved_dir: Path):

@@ -31,6 +31,7 @@ import json
 import string
 from dataclasses import asdict, dataclass
 
+from launcher.data.tokenizer import settings_kept
 from launcher.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -503,8 +504,9 @@ def tokenize_at(texts: list[str], cuts: list[list[int]], tokenizer) -> list[tupl
         points = [0] + sorted({c for c in at if 0 < c < len(text)}) + [len(text)]
         bounds.append(list(zip(points, points[1:])) or [(0, 0)])
     pieces = [text[a:b] for text, pairs in zip(texts, bounds) for a, b in pairs]
-    enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
-                    return_token_type_ids=False)
+    with settings_kept(tokenizer):
+        enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                        return_token_type_ids=False)
     out, k = [], 0
     for pairs in bounds:
         ids: list[int] = []
@@ -522,7 +524,8 @@ def cuts_cleanly(tokenizer) -> bool:
     """Whether texts tokenized in pieces give the same tokens as whole where the whole has a token
     boundary (before a word, after a newline): false for tokenizers that mark each text's start."""
     def ids(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        with settings_kept(tokenizer):
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # Only what marks a start: pieces that begin with a space, and with a word after a newline.
     # (Not, say, "a." + "\nb": Llama-3's and Qwen's rules join punctuation to the newlines

@@ -72,15 +72,22 @@ def _as_named(path: Path, cache_dir: Path) -> str:
     text = str(path.absolute())
     if not special.search(text):
         return text
+    import secrets
+
     links = cache_dir.absolute() / "links"
-    if special.search(str(links)):
-        links = Path(tempfile.gettempdir()) / f"launcher-{os.getuid()}-links"
-    links.mkdir(parents=True, exist_ok=True)
-    link = links / (hashlib.sha256(text.encode()).hexdigest()[:20] + path.suffix.lower())
-    tmp = links / f".{link.name}.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(text, tmp)
-    os.replace(tmp, link)
+    try:
+        if special.search(str(links)):  # this user's own folder (another user could make one of that name first)
+            links = Path(tempfile.gettempdir()) / f"launcher-{os.getuid()}-links"
+            links.mkdir(mode=0o700, exist_ok=True)
+            if links.stat().st_uid != os.getuid():
+                links = Path(tempfile.mkdtemp(prefix="launcher-links-"))
+        links.mkdir(parents=True, exist_ok=True)
+        link = links / (hashlib.sha256(text.encode()).hexdigest()[:20] + path.suffix.lower())
+        tmp = links / f".{link.name}.{secrets.token_hex(8)}"  # (not a pid: nodes sharing the cache repeat them)
+        os.symlink(text, tmp)
+        os.replace(tmp, link)
+    except OSError:  # no links here (some FUSE and CIFS mounts): read by its name, as before
+        return text
     return str(link)
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ by descending count, ties alphabetical.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -47,10 +48,16 @@ def _wordpiece(texts: list[str], vocab_size: int, special: list[str], unk: str):
 
 
 def train_lm_tokenizer(texts: list[str], vocab_size: int, max_length: int):
-    """For tiny causal LMs: <s> and </s>, no pad token, no chat template."""
+    """For tiny causal LMs: <s> and </s>, no pad token, no chat template. It adds <s> before a
+    text, as Llama's does: every training row starts with it (prompts.with_bos; launcher itself
+    tokenizes without special tokens), so the export tokenizes a prompt as training did through
+    plain transformers too (without it, plain `generate` saw prompts no row had trained)."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok, _ = _wordpiece(texts, vocab_size, LM_SPECIAL, "<unk>")
+    tok, vocab = _wordpiece(texts, vocab_size, LM_SPECIAL, "<unk>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    model_max_length=max_length)
 
@@ -74,3 +81,27 @@ def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
         mask_token="[MASK]",
         model_max_length=max_length,
     )
+
+
+@contextlib.contextmanager
+def settings_kept(tokenizer):
+    """A fast tokenizer called sets truncation and padding on its backend as the call asks (or
+    clears them) and leaves them so: saved afterwards, tokenizer.json carried this run's
+    max_length, which the tokenizers library applies to every text it encodes, where the file
+    loaded had none (or lost a hub tokenizer's own), and two equal runs' exports differed by
+    whether the process tokenized or read the token cache. Every launcher call that tokenizes
+    goes through this: the backend is put back as loaded after it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer keeps no such state
+        yield
+        return
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield
+    finally:
+        backend.no_truncation()
+        backend.no_padding()
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)

@@ -20,6 +20,7 @@ import torch
 from launcher.config import TINY_MODEL, TaskConfig
 from launcher.data import instructions, prompts
 from launcher.data.prompts import PromptFormat
+from launcher.data.tokenizer import settings_kept
 from launcher.errors import ConfigError, DataError
 from launcher.tasks import generation
 from launcher import models
@@ -123,7 +124,7 @@ class CausalLMTask:
                 return train_lm_tokenizer(texts, self.cfg.model.tiny.vocab_size, self.cfg.data.max_length)
 
             d = self.cfg.data
-            key = {"kind": "lm-wordpiece", "vocab_size": self.cfg.model.tiny.vocab_size, "max_length": d.max_length,
+            key = {"kind": "lm-wordpiece-bos", "vocab_size": self.cfg.model.tiny.vocab_size, "max_length": d.max_length,
                    "format": plain.to_json(), "prompts": self.cfg.eval.generation_prompts}
             tok = pipeline.tokenizer_from_cache(train_source, cache, key, train)
         if tok.eos_token_id is None:
@@ -480,9 +481,10 @@ def answer_frame(fmt: PromptFormat, tokenizer) -> generation.AnswerFrame:
     probe = "probe answer"
     text, spans = prompts.render(_probe(probe, fmt), fmt, tokenizer)
     start = text.index(probe, spans[-1][0])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    with settings_kept(tokenizer):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        lead_ids = tokenizer(text[spans[-1][0]:start], add_special_tokens=False)["input_ids"]
     end = next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= start + len(probe) and i in special), None)
-    lead_ids = tokenizer(text[spans[-1][0]:start], add_special_tokens=False)["input_ids"]
     return generation.AnswerFrame(lead=tokenizer.decode(lead_ids, skip_special_tokens=True).strip(), end=end)
 
 

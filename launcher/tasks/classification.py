@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from launcher.config import TINY_MODEL, TaskConfig
-from launcher.data.pipeline import settings_kept
+from launcher.data.tokenizer import settings_kept
 from launcher.errors import ConfigError
 from launcher import models
 from launcher.models import from_pretrained, inference_device, pad_with_eos, position_limit, remote_code_gate

@@ -122,8 +122,28 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def _name_the_base(path: Path, base_name: str | None) -> None:
+    """adapter_config.json's base as model.name gave it (a local directory by its absolute path),
+    the same from the run's export and from `launcher export`: peft wrote where the base was
+    loaded from, a data cache's copy or a checkpoint's skeleton (rotated away later), or nothing.
+    A random base has no name to give (model/base/ holds it). modules_to_save once each, and
+    target_modules (a set to peft) sorted: two exports of one run write the same file."""
+    import json
+
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = None
+    if base_name is not None:
+        local = Path(base_name).expanduser()
+        config["base_model_name_or_path"] = str(local.absolute()) if local.exists() else base_name
+    if isinstance(config.get("modules_to_save"), list):
+        config["modules_to_save"] = list(dict.fromkeys(config["modules_to_save"]))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class, save_base: bool, base=None,
-          dtype: str | None = None) -> None:
+          dtype: str | None = None, base_name: str | None = None) -> None:
     """Rank 0: adapter/, the merged model in out_dir, and base/ if asked, from a gathered
     state dict. Call where model construction is not partitioned (runtime.model_init).
     base: the frozen base model when state_dict lacks it (a checkpoint of trainable state).
@@ -160,6 +180,7 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
     if dtype:  # checkpoint.export_dtype: adapters, base and merged model alike
         fresh.to(getattr(torch, dtype))
     fresh.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    _name_the_base(out_dir / "adapter" / "adapter_config.json", None if save_base else base_name)
     if save_base:  # random initial weights: the adapter is only usable with these
         copy.deepcopy(fresh).unload().save_pretrained(out_dir / "base", safe_serialization=True)
     fresh.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
