@@ -749,6 +749,8 @@ class WandbTracker(Tracker):
         self.run.log({name: wandb.Table(columns=columns, data=[[r[k] for k in columns] for r in rows]), WANDB_STEP: step})
 
     def finish(self, status: str = "FINISHED") -> None:
+        if status == "KILLED":  # stopped with a checkpoint to resume from: W&B's "preempted", not "failed"
+            self.run.mark_preempting()
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
     def ids(self) -> dict:

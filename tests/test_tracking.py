@@ -458,6 +458,27 @@ def test_a_resumed_run_s_generations_table_in_mlflow_is_the_local_record(tmp_pat
     assert tags == [{"path": "generations.json", "type": "table"}]
 
 
+def test_a_stopped_run_is_preempted_in_wandb_a_failed_one_failed(tmp_path, monkeypatch):
+    """A run stopped with a checkpoint to resume from (SIGTERM, a preemption, a stop file; KILLED
+    in MLflow) ended with exit code 1, which W&B shows as failed. It is marked preempting first,
+    W&B's state for a run that stopped to be resumed; a failed run is not, a finished one exits 0."""
+    from launcher.tracking import WandbTracker
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ended = {}
+    for status in ("KILLED", "FAILED", "FINISHED"):
+        tracker = WandbTracker("p", status, None, "offline", tmp_path / status, {})
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        tracker.finish(status)
+        (log,) = (tmp_path / status).glob("wandb/offline-run-*/run-*.wandb")
+        deadline = time.monotonic() + 60  # wandb's service may still be writing the file after finish()
+        while not (records := wandb_records(log)) or records[-1].WhichOneof("record_type") != "exit":
+            assert time.monotonic() < deadline, [r.WhichOneof("record_type") for r in records]
+            time.sleep(0.5)
+        ended[status] = (any(r.HasField("preempting") for r in records), records[-1].exit.exit_code)
+    assert ended == {"KILLED": (True, 1), "FAILED": (False, 1), "FINISHED": (False, 0)}
+
+
 def test_wandb_plots_every_metric_on_the_run_s_own_step_axis(tmp_path, monkeypatch):
     """W&B drops a log at an internal step below its last one, so a resumed run's re-run steps
     kept the killed attempt's values there. Every metric now carries the optimizer step as

@@ -58,7 +58,6 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-
 def _as_named(path: Path, cache_dir: Path) -> str:
     """The file as datasets.load_dataset reads a name: it expands $VARS in it and takes [ ] * ?
     as a glob pattern, so a file under `d[1]/` or `e$HOME/` did not load (a 'cannot be read'
@@ -66,14 +65,13 @@ def _as_named(path: Path, cache_dir: Path) -> str:
     plain name in the data cache (written beside it and renamed into place: ranks and jobs
     sharing the cache may make it at once); where the cache's own path has such characters (an
     output directory `runs[1]`), in the temporary directory."""
+    import secrets
     import tempfile
 
     special = re.compile(r"[][*?${}]")
     text = str(path.absolute())
     if not special.search(text):
         return text
-    import secrets
-
     links = cache_dir.absolute() / "links"
     try:
         if special.search(str(links)):  # this user's own folder (another user could make one of that name first)
@@ -89,6 +87,7 @@ def _as_named(path: Path, cache_dir: Path) -> str:
     except OSError:  # no links here (some FUSE and CIFS mounts): read by its name, as before
         return text
     return str(link)
+
 
 @dataclass(frozen=True)
 class Source:
