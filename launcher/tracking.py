@@ -689,6 +689,12 @@ class WandbTracker(Tracker):
         # and the ones wandb.init reads itself (WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_NOTES, ...).
         directory = Path(os.environ.get("WANDB_DIR") or directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # wandb.init joins the W&B service named by WANDB_SERVICE, which a process that used W&B
+        # sets for its children (a notebook, a script that runs launcher). The run then lives in
+        # that process's service: a killed attempt's run stays open there, and the resumed one
+        # stopped with "run ID ... is in use". launcher's run is its own process's (its own
+        # service, ended with it). (A second run in one process keeps its first connection.)
+        os.environ.pop("WANDB_SERVICE", None)
         own = [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
         self.run = wandb.init(
             project=project,
@@ -724,7 +730,7 @@ class WandbTracker(Tracker):
             last = self.run.summary.get(WANDB_STEP)
             missing = [r for r in records if not isinstance(last, (int, float)) or r["step"] > last]
         for r in missing:
-            self.run.log({**{k: v for k, v in r.items() if k != "step"}, WANDB_STEP: r["step"]})
+            self.log_metrics({k: v for k, v in r.items() if k != "step"}, r["step"])
         if missing:
             print(f"tracking: {len(missing)} logged points from metrics.jsonl that the W&B run lacked were sent",
                   flush=True)
@@ -1123,6 +1129,8 @@ def _wandb_hint(error: Exception, mode: str, directory: Path) -> str:
     if mode in ("offline", "dryrun") and isinstance(error, OSError):
         return (f"; W&B writes an offline run under {directory} (WANDB_DIR, else the run directory): "
                 "point WANDB_DIR at a writable directory, or set tracking.wandb=false")
+    if mode in ("offline", "dryrun"):  # (not "set WANDB_MODE=offline": it is)
+        return "; set tracking.wandb=false to run without W&B"
     return "; set WANDB_MODE=offline (or tracking.wandb_mode=offline), log in, or set tracking.wandb=false"
 
 

@@ -629,3 +629,17 @@ def test_a_store_is_built_where_hard_links_fail_and_a_killed_builds_journal_goes
     tracking.build_sqlite_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
     assert [e.name for e in MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()] == ["Default"]
+
+
+def test_the_wandb_hint_fits_the_mode_and_the_failure(tmp_path):
+    """What a W&B that cannot start says to do: online, go offline or log in; offline, never
+    "set WANDB_MODE=offline" (it is): the directory it could not write for a file error, else
+    how to run without it; a missing wandb, how to install it."""
+    from launcher.tracking import _wandb_hint
+
+    online = _wandb_hint(ValueError("no api key"), "online", tmp_path)
+    assert "WANDB_MODE=offline" in online and "log in" in online
+    for mode in ("offline", "dryrun"):
+        assert "WANDB_MODE" not in _wandb_hint(ValueError("run ID x is in use"), mode, tmp_path)
+        assert str(tmp_path) in _wandb_hint(PermissionError("denied"), mode, tmp_path)
+    assert "pip install wandb" in _wandb_hint(ImportError("wandb"), "online", tmp_path)

@@ -295,14 +295,27 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 8
 
 
-def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path):
+@pytest.mark.parametrize("inherited", [False, True], ids=["own-service", "inherited-service"])
+def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path, inherited):
     """W&B writes a run's records in blocks and has no flush: an attempt killed with SIGKILL
     (here while it sleeps inside step 8, after the checkpoint at 6) leaves a run file that lacks
     part of what it logged, often all of it. The resumed attempt sends what metrics.jsonl kept
     that the earlier file lacks, so the run's files hold every point of metrics.jsonl; before,
-    steps 0-6 could be gone from W&B while MLflow had them."""
+    steps 0-6 could be gone from W&B while MLflow had them.
+    inherited: launcher is started by a process that used W&B (its WANDB_SERVICE in the
+    environment). Both attempts joined that process's service, where the killed attempt's run
+    stayed open: the resumed one stopped with "run ID ... is in use" (seen when a W&B test ran
+    in the same test worker before this one)."""
 
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb")}
+    if inherited:  # a process that used W&B and is still alive, as a notebook would be
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys, wandb\n"
+             f"wandb.init(mode='offline', dir={str(tmp_path / 'other')!r}).finish()\n"
+             "print(os.environ['WANDB_SERVICE'], flush=True)\nsys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE_ENV})
+        env["WANDB_SERVICE"] = holder.stdout.readline().strip()
+        assert env["WANDB_SERVICE"], "the W&B service of the other process did not start"
     cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=10",
            "eval.every_steps=4", "checkpoint.every_steps=6", "tracking.wandb=true", "tracking.mlflow=false"]
     errors = tmp_path / "stderr.txt"
@@ -333,6 +346,9 @@ def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path):
     assert (said in resumed.stdout) == bool(lacked), resumed.stdout
     assert {_point(r) for r in local} <= before | set(rows)
     assert rows[len(lacked):] == [_point(r) for r in local if r["step"] > 6]
+    if inherited:
+        holder.communicate(timeout=120)  # its own run ends as before
+        assert holder.returncode == 0
 
 
 def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_place(tmp_path):

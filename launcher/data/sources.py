@@ -79,7 +79,8 @@ def _as_named(path: Path, cache_dir: Path) -> str:
             links.mkdir(mode=0o700, exist_ok=True)
             if links.stat().st_uid != os.getuid():
                 links = Path(tempfile.mkdtemp(prefix="launcher-links-"))
-        links.mkdir(parents=True, exist_ok=True)
+        else:
+            links.mkdir(parents=True, exist_ok=True)
         link = links / (hashlib.sha256(text.encode()).hexdigest()[:20] + path.suffix.lower())
         tmp = links / f".{link.name}.{secrets.token_hex(8)}"  # (not a pid: nodes sharing the cache repeat them)
         os.symlink(text, tmp)
