@@ -417,6 +417,43 @@ def test_every_accepted_row_shape_renders_like_its_plain_equivalent(chat_tok):
                           mapped, chat_tok) == plain
 
 
+@pytest.mark.parametrize("turn, system", [
+    (None, None), (None, "answer with one word"),
+    ("{role}: {content}\n", None),  # a header ending in a space: the generation prompt stops before it
+    ('[{role}] {{"q": \\ é 😀}} {content}\t\n', 'be "brief" \\ {{x}} é 😀'),  # what a Jinja literal must escape
+], ids=["default", "system", "spaces", "escapes"])
+def test_an_export_without_a_chat_template_gets_one_that_renders_as_training_did(turn, system, tok, bpe_tok):
+    """A run that trained on conversations with data.chat_turn_template writes a chat template
+    into its export's tokenizer (it had none: apply_chat_template raised). Plain transformers
+    then renders a conversation as training did (BOS first, the system prompt where a row has
+    none), asks the model with the ids launcher asks it with, and a run continued from the
+    export (whose tokenizer now has a template) trains on the same ids and labels."""
+    import copy
+
+    convs = [ROWS[1]["messages"], [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"},
+                                   {"role": "user", "content": "is this clause fair?"}, {"role": "assistant", "content": "other"}]]
+    for t in (tok, bpe_tok):
+        cfg = DataConfig(system_prompt=system, **({"chat_turn_template": turn} if turn else {}))
+        fmt = PromptFormat.from_config(cfg, t).replace(style="chat")
+        saved = copy.deepcopy(t)
+        saved.chat_template = prompts.chat_template_of(fmt, t)
+        assert PromptFormat.from_config(cfg, saved).chat_template
+        for messages in convs:
+            row = {"messages": messages}
+            assert saved.apply_chat_template(messages, tokenize=False) == t.bos_token + prompts.render(row, fmt, t)[0]
+            asked = {"messages": messages[:-1]}
+            assert saved.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"] == prompts.prompt_ids(asked, fmt, t)
+            again = PromptFormat.from_config(cfg, saved).replace(style="chat")
+            (ids, labels), (ids2, labels2) = encode(row, fmt, t), encode(row, again, saved)
+            assert ids2 == ids
+            # The same answers, and with them (as under any chat template) the turn's closing
+            # text after each EOS: a span runs to the end of the rendered turn.
+            extra = [i for i, (a, b) in enumerate(zip(labels, labels2)) if a != b]
+            assert all(labels[i] == IGNORE and labels2[i] == ids[i] for i in extra)
+            assert all(ids[i - 1] == t.eos_token_id or i - 1 in extra for i in extra)
+            assert extra or t is tok  # (the WordPiece tokenizer has no token for the newline)
+
+
 def test_a_bad_placeholder_is_one_line_at_config_time():
     for value, says in (("{}", "is not a column name"), ("{a.b}", "is not a column name"), ("no columns", "names no column"),
                         ("{text!r}", "no format spec or conversion"), ("{text", "is not a valid template")):
@@ -793,7 +830,7 @@ def test_launcher_eval_renders_validation_with_the_system_prompt_training_rows_s
     (tmp_path / "val.jsonl").write_text("".join(chat(r) for r in generate_instructions(32, 1)))
     check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "s", "data.synthetic.enabled=false",
                    f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'val.jsonl'}",
-                   "train.max_steps=8", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0",
+                   "train.max_steps=8", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=8",
                    "eval.generation_prompts=[]", "tracking.mlflow=false"))
     run = tmp_path / "s"
     assert json.loads((run / "model" / "launcher.json").read_text())["prompt"]["system_prompt"] == "Be brief."
@@ -801,6 +838,20 @@ def test_launcher_eval_renders_validation_with_the_system_prompt_training_rows_s
     fresh = json.loads(check(launcher("eval", str(run / "model"), "--data", str(tmp_path / "val.jsonl"))).stdout)
     assert fresh["n"] == after["n"] == 32
     assert fresh["loss"] == pytest.approx(after["loss"], rel=1e-5)
+    # Plain transformers asks the export as launcher does: its tokenizer got a chat template
+    # that renders conversations as data.chat_turn_template did, the shared system prompt first.
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(run / "model")
+    fmt = PromptFormat.from_json(json.loads((run / "model" / "launcher.json").read_text()))
+    assert not fmt.chat_template and fmt.style == "chat"
+    for line in (tmp_path / "val.jsonl").read_text().splitlines()[:4]:
+        question = json.loads(line)["messages"][:1]
+        ids = plain.apply_chat_template(question, add_generation_prompt=True)["input_ids"]
+        assert ids == prompts.prompt_ids({"messages": question}, fmt, plain)
+        assert "Be brief." in plain.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    check(launcher("export", str(run / "checkpoints" / "step-000008"), str(tmp_path / "again")))
+    assert AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == plain.chat_template
 
 
 def test_launcher_eval_cuts_or_drops_a_long_row_as_the_run_did(tok):

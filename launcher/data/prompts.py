@@ -397,6 +397,38 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
     return text, spans, list(range(len(spans)))
 
 
+def chat_template_of(fmt: PromptFormat, tokenizer) -> str:
+    """A Jinja chat template that renders a conversation as this run trained on it without one
+    (data.chat_turn_template, the format's system prompt, EOS after each answer, BOS first),
+    written into an exported tokenizer that has none: plain transformers' apply_chat_template
+    and servers that read it ask the model as training did. The generation prompt is the
+    assistant's turn header without its trailing spaces, as prompt_text cuts it."""
+    head, tail = fmt.chat_turn_template.split("{content}", 1)
+
+    def text(value: str) -> str:  # a Jinja string literal (its escapes are Python's)
+        return f"{{{{ {json.dumps(value, ensure_ascii=False)} }}}}" if value else ""
+
+    def pieces(template: str, role: str | None) -> str:  # {role} from the message, or `role`
+        out = ""
+        for literal, name, _, _ in string.Formatter().parse(template):
+            out += text(literal)
+            if name is not None:
+                out += text(role) if role else "{{ message['role'] }}"
+        return out
+
+    system = ""
+    if fmt.system_prompt is not None:
+        system = ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+                  + pieces(head, "system") + text(fmt.system_prompt) + pieces(tail, "system") + "{%- endif -%}")
+    generation = head.format(role="assistant")
+    if fmt.answer_over_spaces:
+        generation = generation.rstrip(" \t")
+    return ("{{- bos_token if bos_token else '' -}}" if tokenizer.bos_token else "") + system + (
+        "{%- for message in messages -%}" + pieces(head, None) + "{{ message['content'] }}"
+        "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}" + pieces(tail, None)
+        + "{%- endfor -%}{%- if add_generation_prompt -%}" + text(generation) + "{%- endif -%}")
+
+
 def typed_row(text: str, fmt: PromptFormat, where: str) -> dict:
     """A prompt a person typed (a line of predict's text file, `launcher generate --prompt`,
     eval.generation_prompts) as a row to answer: it fills data.prompt's column when that names

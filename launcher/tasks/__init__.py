@@ -97,6 +97,9 @@ class TaskEvaluation(Protocol):
     def metadata(self) -> dict:
         """launcher.json beside the exported model."""
 
+    def saved_tokenizer(self, tokenizer: Any) -> Any:
+        """The tokenizer as checkpoints and exports write it."""
+
 
 class TaskSizing(Protocol):
     """`launcher plan`: sizes without loading weights."""

@@ -431,6 +431,20 @@ class CausalLMTask:
                 | ({"base_quantization": q} if q != "none" else {}))
 
 
+    def saved_tokenizer(self, tokenizer):
+        """A run that trained on conversations without a chat template (data.chat_turn_template)
+        writes one that renders them so (prompts.chat_template_of), so that plain transformers'
+        apply_chat_template asks the export as training did (it raised: no template). launcher's
+        own commands read the format from launcher.json, as before."""
+        if self.fmt.chat_template or self.fmt.style != "chat":
+            return tokenizer
+        import copy
+
+        saved = copy.deepcopy(tokenizer)
+        saved.chat_template = prompts.chat_template_of(self.fmt, tokenizer)
+        return saved
+
+
 SAMPLE_ROWS = 3  # validation rows shown as sample generations when no prompts are configured
 
 

@@ -596,6 +596,9 @@ class ClassificationTask:
 
         return sizing.count_rows(self.cfg.task, self.cfg.data)
 
+    def saved_tokenizer(self, tokenizer):
+        return tokenizer
+
     def metadata(self) -> dict:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": self.threshold,
                 "threshold_tuned": self.tuned, "labels": self.label_names,
