@@ -485,3 +485,28 @@ def test_a_file_whose_path_holds_glob_or_variable_characters_reads_as_itself(tmp
         assert read(write(tmp_path / odd), tmp_path / "cache") == plain, odd
         assert read(tmp_path / odd / f"train.{fmt}", tmp_path / "runs[1]" / "cache") == plain, odd
     assert len(list((tmp_path / f"launcher-{os.getuid()}-links").iterdir())) == 3
+
+
+def test_a_dataset_folder_whose_path_is_a_pattern_is_refused_in_one_line(tmp_path):
+    """data.hub_dataset=DIR is read by datasets as a pattern too, after resolving the folder's
+    links (so no link of a plain name helps): `d[1]/` "doesn't contain any data files", `e$X/`
+    was looked for elsewhere, and `s*/` read the rows of `sX/` beside it as well. Refused,
+    naming the field, the folder and its special characters; a plain folder reads."""
+    from launcher.data import sources
+
+    def folder(name: str, text: str) -> Path:
+        (tmp_path / name).mkdir()
+        for split in ("train", "validation"):
+            (tmp_path / name / f"{split}.jsonl").write_text(json.dumps({"text": text, "label": "0"}) + "\n")
+        return tmp_path / name
+
+    def read(path: Path) -> list[dict]:
+        return sources.resolve(DataConfig(hub_dataset=str(path)), "train").read(tmp_path / "cache").to_list()
+
+    assert read(folder("sX", "beside")) == [{"text": "beside", "label": "0"}]
+    for name, odd in (("s*", "*"), ("d[1]", "[ ]"), ("e$X", "$")):
+        with pytest.raises(DataError) as e:
+            read(folder(name, "mine"))
+        (line,) = e.value.problems
+        assert line.startswith(f"data.hub_dataset: {tmp_path / name}: datasets reads a folder's path as a pattern, "
+                               f"where {odd} of {tmp_path / name} are special"), line

@@ -58,6 +58,9 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+_SPECIAL = re.compile(r"[][*?${}]")  # what datasets.load_dataset expands in a path it is given
+
+
 def _as_named(path: Path, cache_dir: Path) -> str:
     """The file as datasets.load_dataset reads a name: it expands $VARS in it and takes [ ] * ?
     as a glob pattern, so a file under `d[1]/` or `e$HOME/` did not load (a 'cannot be read'
@@ -68,13 +71,12 @@ def _as_named(path: Path, cache_dir: Path) -> str:
     import secrets
     import tempfile
 
-    special = re.compile(r"[][*?${}]")
     text = str(path.absolute())
-    if not special.search(text):
+    if not _SPECIAL.search(text):
         return text
     links = cache_dir.absolute() / "links"
     try:
-        if special.search(str(links)):  # this user's own folder (another user could make one of that name first)
+        if _SPECIAL.search(str(links)):  # this user's own folder (another user could make one of that name first)
             links = Path(tempfile.gettempdir()) / f"launcher-{os.getuid()}-links"
             links.mkdir(mode=0o700, exist_ok=True)
             if links.stat().st_uid != os.getuid():
@@ -268,6 +270,12 @@ def _load_hub(src: Source, cache_dir: Path):
         # A local dataset directory standing in for a hub id: its data files, split by file
         # name as on the hub; a subdirectory named like the config holds that config's files.
         data_dir = local / src.config if src.config and (local / src.config).is_dir() else local
+        odd = sorted(set(_SPECIAL.findall(str(data_dir.resolve()))))
+        if odd:  # (datasets resolves the folder's links first: _as_named cannot help here)
+            raise DataError(f"data.hub_dataset: {src.name}: datasets reads a folder's path as a pattern, where "
+                            f"{' '.join(odd)} of {data_dir.resolve()} are special (a folder `s*` read the files of sX "
+                            "beside it too); rename the folder, or give its files as data.train_file and "
+                            "data.validation_file")
         try:
             return datasets.load_dataset(str(data_dir), split=src.split, cache_dir=str(cache_dir), **_csv_options(data_dir))
         except ValueError as e:
