@@ -72,8 +72,9 @@ def _precision(args, model_dir: str, model, note: bool = False):
     device = next(model.parameters()).device.type
     if args.precision == "fp16" and device != "cuda":  # (before the note, which spoke of figures never made)
         raise UserError("--precision: fp16 needs a GPU (bf16 runs on a CPU)")
-    meta_file = Path(model_dir) / "launcher.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    from launcher.models import export_meta
+
+    meta = export_meta(model_dir)
     trained = meta.get("precision")
     if note and isinstance(trained, str) and trained != args.precision:
         def kind(precision: str) -> str:
@@ -483,10 +484,22 @@ RUN_CHECKED = "LAUNCHER_RUN_CHECKED"
 
 
 def _exported_task(model_dir: str) -> str:
-    meta = Path(model_dir) / "launcher.json"
-    if not meta.is_file():
-        _not_an_export(Path(model_dir))
-    return json.loads(meta.read_text()).get("task", "classification") if meta.is_file() else "classification"
+    """The export's task: launcher.json's; for a plain model folder without one, what its
+    config.json's architectures say (a causal LM was answered by a random classifier head)."""
+    from launcher.models import export_meta
+
+    meta = export_meta(model_dir)
+    if meta:
+        return meta.get("task", "classification")
+    _not_an_export(Path(model_dir))
+    try:
+        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # (the loader says what is wrong with it)
+        architectures = []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    causal = {n for names in CAUSAL.values() for n in ([names] if isinstance(names, str) else names)}
+    return "causal_lm" if any(a in causal or str(a).endswith("ForCausalLM") for a in architectures) else "classification"
 
 
 def _not_an_export(folder: Path) -> None:
@@ -550,7 +563,7 @@ def cmd_eval(args) -> int:
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
         with _precision(args, args.model_dir, model, note=True):
-            print(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
+            _say(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
                                                      meta.get("max_new_tokens", 32), args.batch_size,
                                                      meta.get("truncation", "truncate"))))  # as the run evaluated
         return 0
@@ -570,7 +583,7 @@ def cmd_eval(args) -> int:
     weights = None if weights is None else torch.tensor(weights, dtype=torch.float)
     metrics["loss"] = task.mean_loss(task.per_example_loss(logits, labels, weights), labels, weights)
     metrics["n"] = len(texts)
-    print(json.dumps(metrics))
+    _say(json.dumps(metrics))
     return 0
 
 
@@ -580,11 +593,12 @@ def cmd_generate(args) -> int:
     if not Path(args.model_dir).is_dir():  # (it said "not a causal-LM export" of a typo)
         raise UserError(f"{args.model_dir}: no such model directory")
     if _exported_task(args.model_dir) != "causal_lm":
-        raise UserError(f"{args.model_dir}: not a causal-LM export (launcher.json task is not causal_lm); "
-                        "a classifier answers through launcher predict")
+        said = "launcher.json's task" if (Path(args.model_dir) / "launcher.json").is_file() else "config.json's architectures"
+        raise UserError(f"{args.model_dir}: not a causal LM (by its {said}); a classifier answers through launcher predict")
     model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
+    _within_positions(None, model, args.max_new_tokens)  # (a prompt cut to nothing was answered)
     with _precision(args, args.model_dir, model):
-        print(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
+        _say(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
     return 0
 
 
@@ -617,11 +631,14 @@ class _Output:
 
     def write(self, lines) -> None:
         if self.path is None:
-            sys.stdout.writelines(lines)
+            _say("".join(lines), end="")
             return
         if self.replacement is None:
-            with open(self.path, "w") as f:
-                f.writelines(lines)
+            try:
+                with open(self.path, "w") as f:
+                    f.writelines(lines)
+            except OSError as e:
+                raise UserError(f"--output: {self.path}: {e.strerror or e}; not all written") from None
             return
         try:
             self.replacement.commit("".join(lines))
@@ -874,12 +891,28 @@ def _stdout_broken() -> bool:
         return False
 
 
+def _say(text: str, end: str = "\n") -> None:
+    """A command's result on stdout, flushed: a stdout that cannot take it (a full disk, /dev/full)
+    is one line (it was a traceback); a reader that left is BrokenPipeError, as main expects."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _quiet_stdout()  # (else the flush at exit fails again, after the line)
+        raise UserError(f"standard output: {e.strerror or e}; the result was not all written") from None
+
+
 def _quiet_stdout() -> None:
     """stdout points at nothing once its reader left, so the flush at exit raises no second
     BrokenPipeError (Python's own advice for pipes)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        pass
 
 
 def _report(problems: list[str]) -> None:

@@ -291,9 +291,35 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     return followed
 
 
+# What a folder's tokenizer is read from; with none of them, transformers builds an empty
+# BertTokenizer (5 tokens) for a BERT folder, and every word scored as [UNK] without a word.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def export_meta(model_dir: str | Path) -> dict:
+    """An export's launcher.json ({} when it has none); a file that is not a JSON object is one
+    line naming it (it was a JSONDecodeError or AttributeError traceback)."""
+    path = Path(model_dir) / "launcher.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"MODEL_DIR: {path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"MODEL_DIR: {path}: not a JSON object (launcher writes one beside every export)")
+    return meta
+
+
 def exported(loader, model_dir: str, **kwargs):
     """from_pretrained of an export (eval, predict, generate): its problems name MODEL_DIR, the
     argument given, not model.name, which the user did not set."""
+    folder = Path(model_dir)
+    if loader.__name__ == "AutoTokenizer" and folder.is_dir() and gguf_source(str(folder)) is None \
+            and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"MODEL_DIR: {model_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                          "an export writes its tokenizer beside the weights: copy them from it")
     try:
         return from_pretrained(loader, model_dir, **kwargs)
     except ConfigError as e:

@@ -577,6 +577,29 @@ def _tiny_model(tok, arch="llama"):
     return model
 
 
+def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_leaves_room_for_a_prompt(tok, tmp_path):
+    """A causal LM saved by plain transformers (no launcher.json) was taken for a classifier:
+    `generate` refused it as one and `predict` answered LABEL_0/LABEL_1 from a random head. Its
+    config.json's architectures decide now (GPT2LMHeadModel too). And `generate` refuses a
+    --max-new-tokens that leaves no room for a prompt in a learned position table, as predict
+    does (it cut the prompt to one token and answered, exit 0)."""
+    from launcher.models import position_limit
+
+    for arch in ("llama", "gpt2"):
+        folder = tmp_path / arch
+        _tiny_model(tok, arch).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        (tmp_path / "x.txt").write_text("is this clause fair?\n")
+        said = check(launcher("generate", str(folder), "--prompt", "is this clause fair?", "--max-new-tokens", "3"))
+        (row,) = [json.loads(x) for x in check(launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"),
+                                                          "--max-new-tokens", "3")).stdout.splitlines()]
+        assert "label" not in row and "probs" not in row and row["response"] == said.stdout.strip(), (arch, row)
+    limit = position_limit(_tiny_model(tok, "gpt2"))
+    proc = launcher("generate", str(tmp_path / "gpt2"), "--prompt", "hi", "--max-new-tokens", str(limit))
+    assert proc.returncode == 2 and proc.stderr.strip() == (f"error: --max-new-tokens: {limit} leaves no room for a prompt "
+                                                             f"in the model's {limit} positions; give fewer than {limit}")
+
+
 def test_answers_end_where_a_learned_position_table_does(tok):
     """GPT-2 reads no token past n_positions: with data.max_length = n_positions, prompts that
     fill the table made the evaluation's greedy answers (and `launcher eval`) index outside it.

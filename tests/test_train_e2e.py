@@ -34,6 +34,53 @@ def test_learns_beyond_step0_and_chance(trained_binary):
     assert summary["after"]["n"] == 400  # every validation row counted once
 
 
+def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_path):
+    """eval / predict / generate on what users hand them: an export copied without its
+    tokenizer files (transformers built an empty 5-token BertTokenizer: every word [UNK], exit
+    0), a launcher.json that is not a JSON object (a traceback), a classifier given to generate;
+    a CSV whose header repeats a column (read as training reads it: the first copy) or with a
+    row of extra fields (kept under a "null" key; training refuses it); a stdout or --output
+    that cannot take the result (/dev/full: a traceback). Each is exit 2 and one line."""
+    import shutil
+
+    _, run = trained_binary
+
+    def one_line(proc, start: str) -> None:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(errors) == 1 and errors[0].startswith("error: " + start), errors
+
+    (tmp_path / "x.txt").write_text("We may end it.\n")
+    bare = tmp_path / "bare"
+    shutil.copytree(run / "model", bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    one_line(launcher("predict", str(bare), "--input", str(tmp_path / "x.txt")), f"MODEL_DIR: {bare} holds no tokenizer files")
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "model", broken)
+    for text, said in (('{"task": "classif', "not valid JSON ("), ("[1]", "not a JSON object")):
+        (broken / "launcher.json").write_text(text)
+        for command in (["predict", str(broken), "--input", str(tmp_path / "x.txt")], ["generate", str(broken), "--prompt", "hi"]):
+            one_line(launcher(*command), f"MODEL_DIR: {broken / 'launcher.json'}: {said}")
+    one_line(launcher("generate", str(run / "model"), "--prompt", "hi"), f"{run / 'model'}: not a causal LM (by its launcher.json's task)")
+
+    (tmp_path / "dup.csv").write_text("text,text\nWe may end it.,We may not.\n")
+    (tmp_path / "first.csv").write_text("text\nWe may end it.\n")
+    (tmp_path / "ragged.csv").write_text("text,label\nWe may end it.,unfair\nWe may not.,fair,extra\n")
+    dup = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "dup.csv"))).stdout.splitlines()]
+    first = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "first.csv"))).stdout.splitlines()]
+    assert dup[0]["text"] == "We may end it." and dup[0]["text.1"] == "We may not." and dup[0]["probs"] == first[0]["probs"]
+    one_line(launcher("eval", str(run / "model"), "--data", str(tmp_path / "ragged.csv")),
+             f"{tmp_path / 'ragged.csv'}:3: 3 fields where the header names 2")
+
+    full = subprocess.run([sys.executable, "-m", "launcher", "predict", str(run / "model"), "--input", str(tmp_path / "x.txt")],
+                          stdout=open("/dev/full", "w"), stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE_ENV})
+    one_line(full, "standard output: No space left on device")
+    one_line(launcher("predict", str(run / "model"), "--input", str(tmp_path / "x.txt"), "--output", "/dev/full"),
+             "--output: /dev/full: No space left on device")
+
+
 def test_run_directory_layout(trained_binary):
     _, run = trained_binary
     for name in ("config.yaml", "metrics.jsonl", "final_metrics.json", "training.png", "tokenizer/tokenizer.json",

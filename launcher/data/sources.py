@@ -406,6 +406,19 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: row {i}", record
 
 
+def _pandas_names(names) -> list[str]:
+    """A CSV header's names as pandas (training's reader) takes them: a repeated name's later
+    copies become name.1, name.2, ... (csv.DictReader kept the last copy's values)."""
+    out: list[str] = []
+    for name in names:
+        unique, k = name, 0
+        while unique in out:
+            k += 1
+            unique = f"{name}.{k}"
+        out.append(unique)
+    return out
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) with where = 'file:line' for every row of a local file, read in Python.
     For small files (eval, predict) and for diagnosing files the fast reader refuses: a
@@ -441,7 +454,14 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM would have named the first column "\ufefftext"
             reader = csv.DictReader(f)
             try:
+                if reader.fieldnames:  # a repeated column's later copies renamed "text.1", as training's reader does
+                    reader.fieldnames = _pandas_names(reader.fieldnames)
                 for record in reader:
+                    if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
+                        n = len(reader.fieldnames or []) + len(record[None])
+                        yield f"{path}:{reader.line_num}", DataError(
+                            f"{path}:{reader.line_num}: {n} fields where the header names {len(reader.fieldnames or [])}")
+                        continue
                     yield f"{path}:{reader.line_num}", record
             except UnicodeDecodeError as e:
                 yield f"{path}:{reader.line_num + 1}", DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {e.start} of its block)")

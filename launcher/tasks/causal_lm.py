@@ -547,7 +547,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
-    meta = json.loads((model_dir / "launcher.json").read_text()) if (model_dir / "launcher.json").is_file() else {}
+    meta = models.export_meta(model_dir)
     code = remote_code_gate(model_dir, trust_remote_code)
     model = models.exported(AutoModelForCausalLM, str(model_dir), output_loading_info=True, **code)
     models.warn_new_weights(model, str(model_dir))  # (an untied head left out of the folder's weights)

@@ -349,8 +349,6 @@ def joint_macro_f1(probs: np.ndarray, truth: np.ndarray, cuts: np.ndarray, j: in
 def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     """(model, tokenizer, label_names, multilabel, cuts) from a `model/` export or any HF
     classifier dir; cuts is the decision rule of its launcher.json (None: the 0.5 rule)."""
-    import json
-
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not Path(model_dir).is_dir():
@@ -368,8 +366,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
         model.config.pad_token_id = tokenizer.pad_token_id
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
-    meta = Path(model_dir) / "launcher.json"
-    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    info = models.export_meta(model_dir)
     threshold = info.get("threshold")
     tuned = info.get("threshold_tuned") or threshold not in (None, THRESHOLD)  # a tuned rule, even if it kept 0.5
     cuts = cut_vector(threshold, names, multilabel) if tuned else None
