@@ -142,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
                    "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
     r.add_argument("--output", help="JSONL file to write, each input row with its prediction (label or labels, "
                    "probs; a causal LM's response too; a plain-text line's number as line), written once all are answered "
-                   "(default: stdout)")
+                   "(default, or -: stdout)")
     r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
                    "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
                    "leaves the answer room (as generate's)")
@@ -492,10 +492,20 @@ def _exported_task(model_dir: str) -> str:
     if meta:
         return meta.get("task", "classification")
     _not_an_export(Path(model_dir))
-    try:
-        architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):  # (the loader says what is wrong with it)
-        architectures = []
+    from launcher.models import gguf_source
+
+    if gguf_source(model_dir) is not None:  # (transformers reads a GGUF file as a causal LM)
+        return "causal_lm"
+
+    def read(name: str, key: str):
+        try:
+            return json.loads((Path(model_dir) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):  # (the loader says what is wrong with it)
+            return None
+
+    if not (Path(model_dir) / "config.json").is_file():  # a PEFT adapter's folder
+        return "causal_lm" if read("adapter_config.json", "task_type") == "CAUSAL_LM" else "classification"
+    architectures = read("config.json", "architectures") or []
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
 
     causal = {n for names in CAUSAL.values() for n in ([names] if isinstance(names, str) else names)}
@@ -610,9 +620,11 @@ class _Output:
     else (/dev/stdout, a FIFO, /dev/null) is opened and written as it is."""
 
     def __init__(self, output: str | None):
-        self.path, self.replacement = (Path(output) if output else None), None
+        self.path, self.replacement = (Path(output) if output and output != "-" else None), None  # "-": stdout
         if self.path is None:
             return
+        if self.path.exists() and not self.path.is_file() and not self.path.is_dir():
+            return  # /dev/stdout (a pipe's: its real path names no file), a FIFO, /dev/null
         if self.path.suffix.lower() in (".csv", ".tsv", ".parquet", ".xlsx"):  # (JSON lines went into out.csv)
             raise UserError(f"--output: {self.path}: predictions are written as JSON lines; name it "
                             f"{self.path.with_suffix('.jsonl').name}")
@@ -631,7 +643,7 @@ class _Output:
 
     def write(self, lines) -> None:
         if self.path is None:
-            _say("".join(lines), end="")
+            _say_lines(lines)
             return
         if self.replacement is None:
             try:
@@ -891,11 +903,17 @@ def _stdout_broken() -> bool:
         return False
 
 
-def _say(text: str, end: str = "\n") -> None:
+def _say(text: str) -> None:
+    _say_lines([text + "\n"])
+
+
+def _say_lines(lines) -> None:
     """A command's result on stdout, flushed: a stdout that cannot take it (a full disk, /dev/full)
-    is one line (it was a traceback); a reader that left is BrokenPipeError, as main expects."""
+    is one line (it was a traceback); a reader that left is BrokenPipeError, as main expects.
+    Line by line: one write of the whole text into a pipe whose reader left (`| head -1`) wrote
+    part of it and raised nothing."""
     try:
-        sys.stdout.write(text + end)
+        sys.stdout.writelines(lines)
         sys.stdout.flush()
     except BrokenPipeError:
         raise

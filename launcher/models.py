@@ -291,12 +291,6 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     return followed
 
 
-# What a folder's tokenizer is read from; with none of them, transformers builds an empty
-# BertTokenizer (5 tokens) for a BERT folder, and every word scored as [UNK] without a word.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
-
-
 def export_meta(model_dir: str | Path) -> dict:
     """An export's launcher.json ({} when it has none); a file that is not a JSON object is one
     line naming it (it was a JSONDecodeError or AttributeError traceback)."""
@@ -315,15 +309,16 @@ def export_meta(model_dir: str | Path) -> dict:
 def exported(loader, model_dir: str, **kwargs):
     """from_pretrained of an export (eval, predict, generate): its problems name MODEL_DIR, the
     argument given, not model.name, which the user did not set."""
-    folder = Path(model_dir)
-    if loader.__name__ == "AutoTokenizer" and folder.is_dir() and gguf_source(str(folder)) is None \
-            and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"MODEL_DIR: {model_dir} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-                          "an export writes its tokenizer beside the weights: copy them from it")
     try:
-        return from_pretrained(loader, model_dir, **kwargs)
+        loaded = from_pretrained(loader, model_dir, **kwargs)
     except ConfigError as e:
         raise ConfigError(*(p.replace("model.name: ", "MODEL_DIR: ", 1) for p in e.problems)) from None
+    if loader.__name__ == "AutoTokenizer" and len(loaded) <= len(set(loaded.all_special_ids)):
+        # a folder without its tokenizer files: transformers built an empty one from config.json
+        # (BERT's: 5 special tokens), and every word was [UNK], scored without a word
+        raise ConfigError(f"MODEL_DIR: {model_dir}: its tokenizer has no tokens but special ones (its tokenizer files, "
+                          "tokenizer.json or vocab.txt and the like, are missing); copy them from the export")
+    return loaded
 
 
 def new_weights_note(model, name: str) -> str:

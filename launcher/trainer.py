@@ -345,7 +345,7 @@ def _checkpointer(cfg: RunConfig, rt, task, model, tokenizer, run_dir: Path, n_p
          "base_weights": models.local_weights(cfg.model.name)}
         | ({"base_dtype": rt.weight_dtype} if cfg.model.quantization != "none" else {})
         if trainable_only else {"checkpoint_weights": "all"}))}
-    skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=task.saved_tokenizer(tokenizer),
+    skeleton = functools.partial(ckpt_lib.write_skeleton, model_config=unwrapped.config, tokenizer=task.tokenizer_to_save(tokenizer),
                                  extra_files=in_checkpoint, peft_config=getattr(unwrapped, "peft_config", {}).get("default"))
     checkpointer = ckpt_lib.Checkpointer(cfg.checkpoint, run_dir, rt, cfg.eval_metric not in LOWER_IS_BETTER, skeleton,
                                          trainable_only, export_dtype,
@@ -640,7 +640,7 @@ class Trainer:
         p = self.p
         self.dog.beat(step, "export")
         outputs = p.task.eval_outputs()
-        ckpt_lib.export_model(self.rt, self.model, p.task.saved_tokenizer(p.tokenizer), p.run_dir / ckpt_lib.BEST,
+        ckpt_lib.export_model(self.rt, self.model, p.task.tokenizer_to_save(p.tokenizer), p.run_dir / ckpt_lib.BEST,
                               {"launcher.json": self._launcher_json(),
                                ckpt_lib.BEST_FILE: json.dumps({"step": step, "export_dtype": p.checkpointer.export_dtype})},
                               random_base=p.task.random_init(), dtype=p.checkpointer.export_dtype, base_name=self.cfg.model.name,
@@ -751,7 +751,7 @@ class Trainer:
         else:  # the live weights; DeepSpeed's other-dtype export from the masters of the checkpoint last
             # sealed or loaded, which holds the exported step (the last step is always saved, a resume
             # at the end loads it, and export: best loaded the best one above)
-            ckpt_lib.export_model(rt, self.model, p.task.saved_tokenizer(p.tokenizer), model_dir,
+            ckpt_lib.export_model(rt, self.model, p.task.tokenizer_to_save(p.tokenizer), model_dir,
                                   {"launcher.json": self._launcher_json()},
                                   random_base=p.task.random_init(), dtype=dtype, base_name=self.cfg.model.name,
                                   masters=p.checkpointer.last if self.reads_masters else None)

@@ -504,6 +504,7 @@ def test_a_dataset_folder_whose_path_is_a_pattern_is_refused_in_one_line(tmp_pat
         return sources.resolve(DataConfig(hub_dataset=str(path)), "train").read(tmp_path / "cache").to_list()
 
     assert read(folder("sX", "beside")) == [{"text": "beside", "label": "0"}]
+    assert read(folder("b{x}", "braces")) == [{"text": "braces", "label": "0"}]  # (read as itself: not refused)
     for name, odd in (("s*", "*"), ("d[1]", "[ ]"), ("e$X", "$")):
         with pytest.raises(DataError) as e:
             read(folder(name, "mine"))

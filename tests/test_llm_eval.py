@@ -875,6 +875,18 @@ def test_launcher_eval_renders_validation_with_the_system_prompt_training_rows_s
         assert "Be brief." in plain.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
     check(launcher("export", str(run / "checkpoints" / "step-000008"), str(tmp_path / "again")))
     assert AutoTokenizer.from_pretrained(tmp_path / "again").chat_template == plain.chat_template
+    # A run started from that checkpoint reads its tiny tokenizer from the checkpoint, template
+    # and all: it renders with the turn template as its parent did (the template, the closing
+    # text after each EOS learned too), and its export gets the template again.
+    forked = check(launcher("train", str(SFT), "--output-dir", str(tmp_path), "--run-name", "f", "data.synthetic.enabled=false",
+                            f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'val.jsonl'}",
+                            "train.max_steps=10", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0",
+                            "eval.generation_prompts=[]", "tracking.mlflow=false",
+                            f"checkpoint.resume={run / 'checkpoints' / 'step-000008'}"))
+    assert "resuming from" in forked.stdout
+    again = json.loads((tmp_path / "f" / "model" / "launcher.json").read_text())["prompt"]
+    assert again == json.loads((run / "model" / "launcher.json").read_text())["prompt"] and not again["chat_template"]
+    assert AutoTokenizer.from_pretrained(tmp_path / "f" / "model").chat_template == plain.chat_template
 
 
 def test_launcher_eval_cuts_or_drops_a_long_row_as_the_run_did(tok):

@@ -233,10 +233,14 @@ def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_
     def warning(name: str, model) -> str:
         return f"warning: {name} not in {model}'s weights: initialised at random: these answers are not all a trained model's"
 
-    # predict given the checkpoint itself (no head): its answers come from a random head, which
-    # only transformers' warning said; now a line of ours does
+    # predict given the checkpoint itself (no head) as a classifier: its answers come from a
+    # random head, which only transformers' warning said; now a line of ours does. (Without
+    # launcher.json, its config.json's LlamaForCausalLM makes it a causal LM: it answers as one.)
     (tmp_path / "in.txt").write_text("We may end it.\n")
-    for model, warned in ((saved_models / "llama_cls", True), (tmp_path / "whole" / "model", False)):
+    no_head = tmp_path / "no_head"
+    shutil.copytree(saved_models / "llama_cls", no_head)
+    (no_head / "launcher.json").write_text(json.dumps({"task": "classification"}))
+    for model, warned in ((no_head, True), (tmp_path / "whole" / "model", False)):
         said = check(launcher("predict", str(model), "--input", str(tmp_path / "in.txt"), unset=quiet))
         assert (warning("score.weight", model) in said.stderr.splitlines()) == warned, said.stderr
         assert "Loading weights" not in said.stderr, said.stderr

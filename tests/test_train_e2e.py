@@ -56,7 +56,8 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
     for f in bare.iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
             f.unlink()
-    one_line(launcher("predict", str(bare), "--input", str(tmp_path / "x.txt")), f"MODEL_DIR: {bare} holds no tokenizer files")
+    one_line(launcher("predict", str(bare), "--input", str(tmp_path / "x.txt")),
+             f"MODEL_DIR: {bare}: its tokenizer has no tokens but special ones")
     broken = tmp_path / "broken"
     shutil.copytree(run / "model", broken)
     for text, said in (('{"task": "classif', "not valid JSON ("), ("[1]", "not a JSON object")):
@@ -65,12 +66,16 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
             one_line(launcher(*command), f"MODEL_DIR: {broken / 'launcher.json'}: {said}")
     one_line(launcher("generate", str(run / "model"), "--prompt", "hi"), f"{run / 'model'}: not a causal LM (by its launcher.json's task)")
 
-    (tmp_path / "dup.csv").write_text("text,text\nWe may end it.,We may not.\n")
+    (tmp_path / "dup.csv").write_text("text,text,text.1\nWe may end it.,We may not.,Nor we.\n")
     (tmp_path / "first.csv").write_text("text\nWe may end it.\n")
     (tmp_path / "ragged.csv").write_text("text,label\nWe may end it.,unfair\nWe may not.,fair,extra\n")
     dup = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "dup.csv"))).stdout.splitlines()]
     first = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "first.csv"))).stdout.splitlines()]
-    assert dup[0]["text"] == "We may end it." and dup[0]["text.1"] == "We may not." and dup[0]["probs"] == first[0]["probs"]
+    import datasets
+
+    trained = datasets.load_dataset("csv", data_files=str(tmp_path / "dup.csv"), split="train").to_list()
+    assert [{k: v for k, v in dup[0].items() if k not in ("probs", "label")}] == trained  # (text, text.2, text.1)
+    assert dup[0]["text"] == "We may end it." and dup[0]["probs"] == first[0]["probs"]
     one_line(launcher("eval", str(run / "model"), "--data", str(tmp_path / "ragged.csv")),
              f"{tmp_path / 'ragged.csv'}:3: 3 fields where the header names 2")
 
@@ -79,6 +84,12 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
     one_line(full, "standard output: No space left on device")
     one_line(launcher("predict", str(run / "model"), "--input", str(tmp_path / "x.txt"), "--output", "/dev/full"),
              "--output: /dev/full: No space left on device")
+    # /dev/stdout into a pipe (its real path names a pipe, no file: it was "cannot create a
+    # file"), and "-", are stdout
+    wanted = check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "x.txt"))).stdout
+    for given in ("/dev/stdout", "-"):
+        assert check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "x.txt"), "--output", given)).stdout == wanted
+    assert not (ROOT / "-").exists()
 
 
 def test_run_directory_layout(trained_binary):
@@ -362,7 +373,18 @@ def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path, inherit
              "print(os.environ['WANDB_SERVICE'], flush=True)\nsys.stdin.read()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE_ENV})
         env["WANDB_SERVICE"] = holder.stdout.readline().strip()
-        assert env["WANDB_SERVICE"], "the W&B service of the other process did not start"
+        if not env["WANDB_SERVICE"]:
+            holder.kill()
+            pytest.fail("the W&B service of the other process did not start")
+    try:
+        _killed_and_resumed_in_wandb(tmp_path, env)
+    finally:
+        if inherited:
+            holder.communicate(timeout=120)  # its own run ends as before
+    assert not inherited or holder.returncode == 0
+
+
+def _killed_and_resumed_in_wandb(tmp_path: Path, env: dict) -> None:
     cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=10",
            "eval.every_steps=4", "checkpoint.every_steps=6", "tracking.wandb=true", "tracking.mlflow=false"]
     errors = tmp_path / "stderr.txt"
@@ -393,9 +415,6 @@ def test_a_run_killed_mid_run_keeps_its_whole_history_in_wandb(tmp_path, inherit
     assert (said in resumed.stdout) == bool(lacked), resumed.stdout
     assert {_point(r) for r in local} <= before | set(rows)
     assert rows[len(lacked):] == [_point(r) for r in local if r["step"] > 6]
-    if inherited:
-        holder.communicate(timeout=120)  # its own run ends as before
-        assert holder.returncode == 0
 
 
 def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_place(tmp_path):

@@ -270,7 +270,7 @@ def _load_hub(src: Source, cache_dir: Path):
         # A local dataset directory standing in for a hub id: its data files, split by file
         # name as on the hub; a subdirectory named like the config holds that config's files.
         data_dir = local / src.config if src.config and (local / src.config).is_dir() else local
-        odd = sorted(set(_SPECIAL.findall(str(data_dir.resolve()))))
+        odd = sorted(set(re.findall(r"[][*?$]", str(data_dir.resolve()))))  # ({ } read as themselves here)
         if odd:  # (datasets resolves the folder's links first: _as_named cannot help here)
             raise DataError(f"data.hub_dataset: {src.name}: datasets reads a folder's path as a pattern, where "
                             f"{' '.join(odd)} of {data_dir.resolve()} are special (a folder `s*` read the files of sX "
@@ -406,17 +406,20 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: row {i}", record
 
 
-def _pandas_names(names) -> list[str]:
-    """A CSV header's names as pandas (training's reader) takes them: a repeated name's later
-    copies become name.1, name.2, ... (csv.DictReader kept the last copy's values)."""
-    out: list[str] = []
-    for name in names:
-        unique, k = name, 0
-        while unique in out:
-            k += 1
-            unique = f"{name}.{k}"
-        out.append(unique)
-    return out
+def _header_as_training_reads_it(path: Path, names) -> list[str]:
+    """A CSV header's names as pandas (training's reader, through datasets) takes them: a
+    repeated name's later copies renamed (text, text.1; csv.DictReader kept the last copy's
+    values under one name), an empty one "Unnamed: N". Asked of pandas itself: its renaming
+    steps past names the header already has (text,text,text.1 is text, text.2, text.1)."""
+    if len(set(names)) == len(names) and all(names):
+        return list(names)
+    import pandas as pd
+
+    try:
+        columns = [str(c) for c in pd.read_csv(path, nrows=0, encoding="utf-8-sig", dtype=str).columns]
+    except Exception:  # noqa: BLE001 - the rows' reader says what is wrong with the file
+        return list(names)
+    return columns if len(columns) == len(names) else list(names)
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -455,7 +458,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             reader = csv.DictReader(f)
             try:
                 if reader.fieldnames:  # a repeated column's later copies renamed "text.1", as training's reader does
-                    reader.fieldnames = _pandas_names(reader.fieldnames)
+                    reader.fieldnames = _header_as_training_reads_it(path, reader.fieldnames)
                 for record in reader:
                     if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
                         n = len(reader.fieldnames or []) + len(record[None])

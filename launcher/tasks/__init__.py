@@ -97,7 +97,7 @@ class TaskEvaluation(Protocol):
     def metadata(self) -> dict:
         """launcher.json beside the exported model."""
 
-    def saved_tokenizer(self, tokenizer: Any) -> Any:
+    def tokenizer_to_save(self, tokenizer: Any) -> Any:
         """The tokenizer as checkpoints and exports write it."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -105,6 +106,12 @@ class CausalLMTask:
             tok = from_pretrained(AutoTokenizer, self.cfg.model.name, self.cfg.model)
         elif (saved_dir / "tokenizer.json").is_file():
             tok = pipeline.saved_tokenizer(saved_dir)
+            recorded = models.export_meta(saved_dir).get("prompt")
+            if isinstance(recorded, dict) and recorded.get("chat_template") is False:
+                # a checkpoint's skeleton of a run that trained with the turn template: its
+                # tokenizer got a template for outside readers (tokenizer_to_save); this run
+                # renders as that one did
+                tok.chat_template = None
         else:
             from launcher.data.tokenizer import train_lm_tokenizer
 
@@ -430,17 +437,22 @@ class CausalLMTask:
                 "train_loss": None if self._lean is None else "chunked" if self._lean else "model"}
                 | ({"base_quantization": q} if q != "none" else {}))
 
-
-    def saved_tokenizer(self, tokenizer):
+    def tokenizer_to_save(self, tokenizer):
         """A run that trained on conversations without a chat template (data.chat_turn_template)
         writes one that renders them so (prompts.chat_template_of), so that plain transformers'
         apply_chat_template asks the export as training did (it raised: no template). launcher's
-        own commands read the format from launcher.json, as before."""
+        own commands read the format from launcher.json, as before; a run started from one of
+        this run's checkpoints drops it again (tokenizer())."""
         if self.fmt.chat_template or self.fmt.style != "chat":
             return tokenizer
         import copy
 
-        saved = copy.deepcopy(tokenizer)
+        try:
+            saved = copy.deepcopy(tokenizer)
+        except Exception as e:  # noqa: BLE001 - a tokenizer that cannot be copied (remote code): saved as it is
+            print(f"warning: the export's tokenizer gets no chat template ({type(e).__name__}: it cannot be copied); "
+                  "launcher's commands read the turn template from launcher.json", file=sys.stderr)
+            return tokenizer
         saved.chat_template = prompts.chat_template_of(self.fmt, tokenizer)
         return saved
 

@@ -593,7 +593,7 @@ class ClassificationTask:
 
         return sizing.count_rows(self.cfg.task, self.cfg.data)
 
-    def saved_tokenizer(self, tokenizer):
+    def tokenizer_to_save(self, tokenizer):
         return tokenizer
 
     def metadata(self) -> dict:
