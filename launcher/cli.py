@@ -738,7 +738,12 @@ def _predict_causal_lm(args) -> list[str]:
     new_tokens = args.max_new_tokens or meta.get("answer_max_new_tokens") or meta.get("max_new_tokens", 32)
     _within_positions(args.max_length, model, new_tokens)
     limit = args.max_length or causal_lm.prompt_limit(model, new_tokens)
-    to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit)
+    cut: list[int] = []
+    to_answer = causal_lm.prompt_rows(rows, fmt, tokenizer, limit, cut)
+    if cut:  # (said nowhere: every row got an answer, some to the end of their prompt only)
+        why = "--max-length" if args.max_length else "the model's position table less the answer's room"
+        print(f"note: {len(cut)} of {len(rows)} prompts were longer than {limit} tokens ({why}): each was answered "
+              "from its end", file=sys.stderr)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
     with _precision(args, args.model_dir, model):
         _, answered = generation.evaluate(model, batches, tokenizer, candidates, new_tokens,

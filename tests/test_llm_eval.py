@@ -594,6 +594,11 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
         (row,) = [json.loads(x) for x in check(launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"),
                                                           "--max-new-tokens", "3")).stdout.splitlines()]
         assert "label" not in row and "probs" not in row and row["response"] == said.stdout.strip(), (arch, row)
+    # A prompt cut to fit is said (every row was answered, some from their prompt's end, silently)
+    short = check(launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"), "--max-new-tokens", "3"))
+    cut = check(launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"), "--max-new-tokens", "3", "--max-length", "3"))
+    assert "note:" not in short.stderr
+    assert "note: 1 of 1 prompts were longer than 3 tokens (--max-length): each was answered from its end" in cut.stderr.splitlines()
     limit = position_limit(_tiny_model(tok, "gpt2"))
     proc = launcher("generate", str(tmp_path / "gpt2"), "--prompt", "hi", "--max-new-tokens", str(limit))
     assert proc.returncode == 2 and proc.stderr.strip() == (f"error: --max-new-tokens: {limit} leaves no room for a prompt "

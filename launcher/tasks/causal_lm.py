@@ -514,15 +514,18 @@ def answer_frame(fmt: PromptFormat, tokenizer) -> generation.AnswerFrame:
     return generation.AnswerFrame(lead=tokenizer.decode(lead_ids, skip_special_tokens=True).strip(), end=end)
 
 
-def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None) -> list[dict]:
+def prompt_rows(records: list[dict], fmt: PromptFormat, tokenizer, max_length: int | None = None,
+                cut: list[int] | None = None) -> list[dict]:
     """Rows to answer (no reference needed): ids of each row's prompt, rendered as training did.
     A prompt longer than max_length (asked for, or the model's positions) keeps its end: the
-    question and the marker after which the answer starts."""
+    question and the marker after which the answer starts (its index goes into `cut`)."""
     out = []
-    for row in records:
+    for i, row in enumerate(records):
         ids = prompts.prompt_ids(row, fmt, tokenizer, bare=row.get("_bare", False))
         if max_length and len(ids) > max_length:
             ids = ids[-max_length:]
+            if cut is not None:
+                cut.append(i)
         out.append({"input_ids": ids, "labels": None, "answer": prompts.answer(row) if "messages" in row or row.get("output") else None,
                     "question": prompts.question(row)})
     return out
