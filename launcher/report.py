@@ -16,19 +16,27 @@ def one_line(metrics: dict) -> str:
 
 def final_table(before: dict, after: dict, step: int) -> str:
     """Step 0's evaluation beside the exported model's (`step`: the best evaluation's under
-    checkpoint.export: best, not always the last: the column says which)."""
+    checkpoint.export: best, not always the last: the column says which). With a decision cut
+    tuned on validation (eval.tune_threshold), the exported figures are scored on the rows
+    the cut was tuned on: their change from step 0 (at 0.5) would mix the training's gain with
+    the tuning's, so it is left blank, and the @0.5 rows carry the change under one rule."""
     keys = [k for k in HEADLINE if k in after] + [f"{k}@0.5" for k in HEADLINE if f"{k}@0.5" in after]
     keys += sorted(k for k in after if k.startswith("f1/")) + sorted(k for k in after if k.startswith("choice_f1/"))
+    ruled = {k for k in HEADLINE if f"{k}@0.5" in after}
+    tuned = ruled | ({k for k in keys if k.startswith("f1/")} if ruled else set())
     width = max(len(k) for k in keys) + 2
     c = max(10, len(f"step {step}") + 2)  # columns (step 100000 still has a space before it)
     lines = [f"{'metric':<{width}}{'step 0':>{c}}{f'step {step}':>{c}}{'change':>{c}}", "-" * (width + 3 * c)]
     for k in keys:
-        a = after[k]
-        if k in before:
-            b = before[k]
-            lines.append(f"{k:<{width}}{b:>{c}.4f}{a:>{c}.4f}{a - b:>+{c}.4f}")
-        else:
+        a, b = after[k], before.get(k.removesuffix("@0.5"))
+        if b is None:
             lines.append(f"{k:<{width}}{'-':>{c}}{a:>{c}.4f}{'':>{c}}")
+        else:
+            change = f"{'':>{c}}" if k in tuned else f"{a - b:>+{c}.4f}"
+            lines.append(f"{k:<{width}}{b:>{c}.4f}{a:>{c}.4f}{change}")
+    if ruled:
+        lines.append(f"({', '.join(sorted(tuned))}: under the cut tuned on these validation rows, so no change is "
+                     "given; @0.5: the 0.5 rule, as at step 0)")
     return "\n".join(lines)
 
 

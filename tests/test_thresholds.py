@@ -62,6 +62,19 @@ def test_binary_cut_finds_positives_the_half_rule_misses():
     assert plain == clf.compute_metrics(logits, labels, names, None)
 
 
+def test_a_binary_cut_stays_at_half_when_validation_holds_one_class():
+    """With no unfair clause in validation, raising the cut only trades the absent class away
+    (macro-F1 over fair and an empty unfair): it moved to 0.86 on 50 fair rows. It keeps 0.5,
+    as a multi-label category with no validation positive does; so with no fair clause."""
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(0.3, 0.7, 50)
+    logits, names = _binary_logits(scores), ["fair", "unfair"]
+    for only in (0, 1):
+        assert clf.tune_cuts(logits, torch.tensor([only] * 50), names) == 0.5
+    mixed = torch.tensor([0] * 45 + [1] * 5)  # (with both classes it still tunes: the test above)
+    assert clf.tune_cuts(_binary_logits(np.concatenate([scores[:45] * 0.2, scores[45:] * 0.8])), mixed, names) != 0.5
+
+
 def test_multilabel_cuts_per_category_and_unseen_category_keeps_half():
     rng = np.random.default_rng(1)
     n = 200

@@ -553,6 +553,13 @@ def test_the_end_table_names_the_exported_step_and_keeps_its_columns_apart():
         assert head.split() == ["metric", "step", "0", "step", str(step), "change"]
         assert [r.split() for r in rows] == [["macro_f1", "0.2500", "0.5000", "+0.2500"], ["loss", "0.7000", "0.6000", "-0.1000"]]
         assert len(rule) == len(head)
+    # A tuned cut: the exported figures were scored on the rows it was tuned on, so their change
+    # from step 0 (at 0.5) is not given; the @0.5 row carries it under one rule.
+    head, rule, *rows, note = final_table({"macro_f1": 0.3, "loss": 0.7, "f1/unfair": 0.1},
+                                          {"macro_f1": 0.8, "macro_f1@0.5": 0.75, "loss": 0.5, "f1/unfair": 0.7}, 30).splitlines()
+    assert [r.split() for r in rows] == [["macro_f1", "0.3000", "0.8000"], ["loss", "0.7000", "0.5000", "-0.2000"],
+                                         ["macro_f1@0.5", "0.3000", "0.7500", "+0.4500"], ["f1/unfair", "0.1000", "0.7000"]]
+    assert note.startswith("(f1/unfair, macro_f1: under the cut tuned on these validation rows")
 
 
 def test_a_run_killed_while_mlflow_builds_its_store_leaves_no_half_built_one(tmp_path):

@@ -311,9 +311,14 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
     `none` column with the others' cuts held. A category's own F1 is not the aim: a cut
     that lifts it (predicting a category with no signal on every clause) can empty `none`
     and lower the whole. Each move passes choose_cut, so the tuned rule scores at least the
-    0.5 rule's macro-F1 on these rows. A category with no validation positive keeps 0.5."""
+    0.5 rule's macro-F1 on these rows. A category with no validation positive keeps 0.5, and
+    so does a binary cut when validation holds one class only (the cut then only trades the
+    absent class away: 0.86 on 50 fair rows)."""
     logits, labels = logits.float().cpu(), labels.cpu()
     if not labels.dtype.is_floating_point:
+        if len(set(labels.tolist())) < 2:
+            return THRESHOLD
+
         def macro(cut):
             return compute_metrics(logits, labels, label_names, np.array([cut]))["macro_f1"]
         return choose_cut(np.array([macro(c) for c in TUNE_GRID]))
