@@ -1100,12 +1100,12 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
         raise ConfigError(f"{out_dir}: already exists; choose a new output directory")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    skeleton = ckpt / SKELETON
-    meta = json.loads((skeleton / "launcher.json").read_text()) if (skeleton / "launcher.json").is_file() else {}
-    auto = AutoModelForCausalLM if meta.get("task") == "causal_lm" else AutoModelForSequenceClassification
-    from launcher.models import remote_code_gate
+    from launcher import models
 
-    code = remote_code_gate(skeleton, trust_remote_code)
+    skeleton = ckpt / SKELETON
+    meta = models.export_meta(skeleton, given="CHECKPOINT")
+    auto = AutoModelForCausalLM if meta.get("task") == "causal_lm" else AutoModelForSequenceClassification
+    code = models.remote_code_gate(skeleton, trust_remote_code)
     try:
         return _export_sealed(ckpt, out_dir, skeleton, auto, code, meta)
     except Exception as e:

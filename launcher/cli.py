@@ -484,32 +484,15 @@ RUN_CHECKED = "LAUNCHER_RUN_CHECKED"
 
 
 def _exported_task(model_dir: str) -> str:
-    """The export's task: launcher.json's; for a plain model folder without one, what its
-    config.json's architectures say (a causal LM was answered by a random classifier head)."""
-    from launcher.models import export_meta
+    """The export's task: launcher.json's; for a plain model folder without one, what it is
+    (models.task_by_what_it_is), once it is not a run directory or checkpoint given by mistake."""
+    from launcher.models import export_meta, task_by_what_it_is
 
     meta = export_meta(model_dir)
     if meta:
         return meta.get("task", "classification")
     _not_an_export(Path(model_dir))
-    from launcher.models import gguf_source
-
-    if gguf_source(model_dir) is not None:  # (transformers reads a GGUF file as a causal LM)
-        return "causal_lm"
-
-    def read(name: str, key: str):
-        try:
-            return json.loads((Path(model_dir) / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):  # (the loader says what is wrong with it)
-            return None
-
-    if not (Path(model_dir) / "config.json").is_file():  # a PEFT adapter's folder
-        return "causal_lm" if read("adapter_config.json", "task_type") == "CAUSAL_LM" else "classification"
-    architectures = read("config.json", "architectures") or []
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
-
-    causal = {n for names in CAUSAL.values() for n in ([names] if isinstance(names, str) else names)}
-    return "causal_lm" if any(a in causal or str(a).endswith("ForCausalLM") for a in architectures) else "classification"
+    return task_by_what_it_is(model_dir)
 
 
 def _not_an_export(folder: Path) -> None:

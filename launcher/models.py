@@ -291,19 +291,45 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     return followed
 
 
-def export_meta(model_dir: str | Path) -> dict:
-    """An export's launcher.json ({} when it has none); a file that is not a JSON object is one
-    line naming it (it was a JSONDecodeError or AttributeError traceback)."""
+def export_meta(model_dir: str | Path, given: str = "MODEL_DIR") -> dict:
+    """An export's (or a checkpoint skeleton's) launcher.json ({} when it has none); a file that
+    is not a JSON object is one line naming it and the argument `given` (it was a
+    JSONDecodeError or AttributeError traceback)."""
     path = Path(model_dir) / "launcher.json"
     if not path.is_file():
         return {}
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"MODEL_DIR: {path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ConfigError(f"{given}: {path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(meta, dict):
-        raise ConfigError(f"MODEL_DIR: {path}: not a JSON object (launcher writes one beside every export)")
+        raise ConfigError(f"{given}: {path}: not a JSON object (launcher writes one beside every export)")
     return meta
+
+
+def task_by_what_it_is(folder: str | Path) -> str:
+    """causal_lm or classification for a model folder without launcher.json (saved by plain
+    transformers or peft): a GGUF file (transformers reads one as a causal LM), a PEFT
+    adapter's task_type, or config.json's architectures among transformers' causal-LM class
+    names (GPT2LMHeadModel too) or named *ForCausalLM. A causal LM was answered by a random
+    classifier head before."""
+    folder = Path(folder)
+    if gguf_source(str(folder)) is not None:
+        return "causal_lm"
+
+    def read(name: str, key: str):
+        try:
+            return json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):  # (the loader says what is wrong with it)
+            return None
+
+    if not (folder / "config.json").is_file():  # a PEFT adapter's folder
+        return "causal_lm" if read("adapter_config.json", "task_type") == "CAUSAL_LM" else "classification"
+    architectures = read("config.json", "architectures") or []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    causal = {n for names in CAUSAL.values() for n in ([names] if isinstance(names, str) else names)}
+    return "causal_lm" if any(a in causal or str(a).endswith("ForCausalLM") for a in architectures) else "classification"
 
 
 def exported(loader, model_dir: str, **kwargs):

@@ -65,6 +65,11 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
         for command in (["predict", str(broken), "--input", str(tmp_path / "x.txt")], ["generate", str(broken), "--prompt", "hi"]):
             one_line(launcher(*command), f"MODEL_DIR: {broken / 'launcher.json'}: {said}")
     one_line(launcher("generate", str(run / "model"), "--prompt", "hi"), f"{run / 'model'}: not a causal LM (by its launcher.json's task)")
+    ckpt = tmp_path / "ckpt"  # a checkpoint whose skeleton's launcher.json is damaged (a traceback)
+    shutil.copytree(exported_checkpoint(run), ckpt)
+    (ckpt / "skeleton" / "launcher.json").write_text('{"task": ')
+    one_line(launcher("export", str(ckpt), str(tmp_path / "out")), f"CHECKPOINT: {ckpt / 'skeleton' / 'launcher.json'}: not valid JSON (")
+    assert not (tmp_path / "out").exists()
 
     (tmp_path / "dup.csv").write_text("text,text,text.1\nWe may end it.,We may not.,Nor we.\n")
     (tmp_path / "first.csv").write_text("text\nWe may end it.\n")
