@@ -1019,8 +1019,8 @@ def _untuned_rule(model_dir: Path, ckpt: Path, meta: dict) -> str:
 
     if meta.get("task") != "classification":
         return ""
-    if meta.get("threshold_tuned"):
-        (model_dir / "launcher.json").write_text(json.dumps(meta | {"threshold_tuned": False}))
+    if meta.get("threshold_tuned") or meta.get("threshold", 0.5) != 0.5:  # with its cut(s): load_exported applies them
+        (model_dir / "launcher.json").write_text(json.dumps(meta | {"threshold": 0.5, "threshold_tuned": False}))
     try:
         tunes = ((yaml.safe_load((ckpt / RUN_CONFIG).read_text()) or {}).get("eval") or {}).get("tune_threshold")
     except (OSError, yaml.YAMLError, AttributeError):

@@ -140,6 +140,23 @@ def test_the_joint_score_a_multilabel_cut_is_tuned_on_is_evaluations_macro_f1():
             assert score == pytest.approx(clf.compute_metrics(logits, labels, names, held)["macro_f1"], abs=1e-12), (j, g)
 
 
+def test_a_stored_per_category_rule_names_what_the_model_cannot_apply(tmp_path):
+    """launcher.json's per-category cuts on a multi-label model: an unknown category (its cut
+    was ignored: a renamed label) or a value that is no cut is one line; a rule over some of
+    its categories is kept (the others keep 0.5)."""
+    names, path = ["a", "b", "none"], tmp_path / "launcher.json"
+    assert clf.checked_threshold({"a": 0.3}, names, True, path) == {"a": 0.3}
+    assert clf.checked_threshold(0.4, names, True, path) == 0.4 and clf.checked_threshold(None, names, False, path) is None
+    for bad, said in (({"a": 0.3, "c": 0.2, "B": 0.1}, "'B', 'c' not among the model's categories (a, b, none)"),
+                      ({"a": 0.3, "b": 1}, "'b': 1 is not a cut strictly between 0 and 1"),
+                      ({"a": None}, "'a': null is not"), ([0.3], "[0.3] is not a cut")):
+        with pytest.raises(ConfigError) as e:
+            clf.checked_threshold(bad, names, True, path)
+        assert str(e.value).startswith(f"MODEL_DIR: {path}: threshold: {said}"), str(e.value)
+    with pytest.raises(ConfigError, match="this one is single-label"):
+        clf.checked_threshold({"a": 0.3}, names, False, path)
+
+
 def test_prediction_record_follows_the_cut():
     probs = torch.tensor([0.7, 0.3])
     names = ["fair", "unfair"]
@@ -207,6 +224,14 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
 
     assert sorted(per_class_f1(after)) == ["fair", "unfair"]
     assert plain["macro_f1"] == pytest.approx(last["macro_f1"], abs=1e-9) and "macro_f1@0.5" not in plain
+    # A skeleton an older launcher wrote with a tuned cut: its export holds 0.5 as it says
+    # (it said 0.5 and applied the old cut)
+    older = json.loads((ckpt / "skeleton" / "launcher.json").read_text()) | {"threshold": 0.03, "threshold_tuned": True}
+    (ckpt / "skeleton" / "launcher.json").write_text(json.dumps(older))
+    check(launcher("export", str(ckpt), str(tmp_path / "from_older")))
+    assert json.loads((tmp_path / "from_older" / "launcher.json").read_text())["threshold"] == 0.5
+    again = json.loads(check(launcher("eval", str(tmp_path / "from_older"), "--data", str(data))).stdout)
+    assert again["macro_f1"] == plain["macro_f1"]
 
     # The tuned cut may well be 0.5 (it moves only when 0.5 is clearly worse), where the
     # stored cut and argmax agree. So store a cut that changes decisions, about the median of
@@ -230,6 +255,18 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
     moved_eval = json.loads(check(launcher("eval", str(run / "model"), "--data", str(data))).stdout)
     assert moved_eval["macro_f1"] == pytest.approx(expected, abs=1e-6)
     assert moved_eval["macro_f1@0.5"] == pytest.approx(fresh["macro_f1@0.5"], abs=1e-9)
+    # A rule the model cannot apply is one line: a cut of 0 or 1 decided every clause alike, a
+    # per-category rule on this binary model was a traceback
+    for bad, said in ((0, "0 is not a cut strictly between 0 and 1"), (1.0, "1.0 is not a cut strictly between 0 and 1"),
+                      (True, "true is not"), ("0.3", '"0.3" is not'),
+                      ({"unfair": 0.3}, "a cut per category is for a multi-label model; this one is binary (one number)")):
+        (run / "model" / "launcher.json").write_text(json.dumps(meta | {"threshold": bad}))
+        for command in (["eval", str(run / "model"), "--data", str(data)],
+                        ["predict", str(run / "model"), "--input", str(tmp_path / "in.txt")]):
+            proc = launcher(*command)
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-1500:]
+            assert errors[0].startswith(f"error: MODEL_DIR: {run / 'model' / 'launcher.json'}: threshold: {said}"), errors
 
     # Chosen by loss, which no cut moves: the cut is still tuned for macro-F1, and the line says
     # so (it printed "(loss 0.6856; at 0.5: nan)": there is no loss@0.5).

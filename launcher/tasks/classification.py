@@ -15,6 +15,7 @@ for binary, {category: cut} for multilabel); eval and predict then use them.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,33 @@ def _f1(tp, fp, fn) -> np.ndarray:
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
 
 
+def checked_threshold(threshold, label_names: list[str], multilabel: bool, path: Path):
+    """launcher.json's "threshold" as read, when it is a rule this model can apply: a cut
+    strictly between 0 and 1, or for a multi-label model {category: cut} over its own
+    categories. Anything else is one line naming the file (a cut of 0 or 1 decided every
+    row alike, an unknown category's cut was ignored, a per-category rule on a binary model
+    was a traceback)."""
+    def cut(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+    if threshold is None or cut(threshold):
+        return threshold
+    where = f"MODEL_DIR: {path}: threshold"
+    if not isinstance(threshold, dict):
+        raise ConfigError(f"{where}: {json.dumps(threshold)} is not a cut strictly between 0 and 1")
+    if not multilabel:
+        raise ConfigError(f"{where}: a cut per category is for a multi-label model; this one is "
+                          f"{'binary' if len(label_names) == 2 else 'single-label'} (one number)")
+    unknown = sorted(set(threshold) - set(label_names))
+    if unknown:
+        raise ConfigError(f"{where}: {', '.join(map(repr, unknown))} not among the model's categories "
+                          f"({', '.join(label_names)})")
+    wrong = [k for k, v in threshold.items() if not cut(v)]
+    if wrong:
+        raise ConfigError(f"{where}: {wrong[0]!r}: {json.dumps(threshold[wrong[0]])} is not a cut strictly between 0 and 1")
+    return threshold
+
+
 def cut_vector(threshold, label_names: list[str], multilabel: bool) -> np.ndarray:
     """launcher.json's "threshold" (a number, or {category: cut}) as one cut per column
     the rule compares (binary: the positive class only)."""
@@ -372,7 +400,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     multilabel = is_multilabel(model.config)
     info = models.export_meta(model_dir)
-    threshold = info.get("threshold")
+    threshold = checked_threshold(info.get("threshold"), names, multilabel, Path(model_dir) / "launcher.json")
     tuned = info.get("threshold_tuned") or threshold not in (None, THRESHOLD)  # a tuned rule, even if it kept 0.5
     cuts = cut_vector(threshold, names, multilabel) if tuned else None
     model.launcher_max_length = info.get("max_length")  # the training max_length, for eval and predict (not saved)
