@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
     r.add_argument("model_dir")
     r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL/CSV/Parquet "
-                   "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, or one prompt per line")
+                   "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, "
+                   "or one prompt per line; - (or a pipe): plain lines from standard input")
     r.add_argument("--output", help="JSONL file to write, each input row with its prediction (label or labels, "
                    "probs; a causal LM's response too; a plain-text line's number as line), written once all are answered "
                    "(default, or -: stdout)")
@@ -412,12 +413,20 @@ def _not_a_file(flag: str, path: Path) -> str:
     return f"{flag}: {path}: file not found"
 
 
+def _streamed(path: Path) -> bool:
+    """--input - (standard input), or a path that reads but is neither a file nor a directory
+    (/dev/stdin, a FIFO, a shell's <(...)): plain lines, read once (it was "file not found")."""
+    return str(path) == "-" or (path.exists() and not path.is_file() and not path.is_dir())
+
+
 def _plain_lines(path: Path, wanted: str) -> list[tuple[int, str]]:
     """--input as plain text: its non-blank lines with their line numbers (the answers carry them
     as `line`: with a blank line skipped, the n-th answer was not line n), a byte-order mark
     skipped; not UTF-8 is one line."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = (sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()).decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"--input: {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet {wanted}") from None
     return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
@@ -429,9 +438,9 @@ def _read_clauses(path: Path) -> list[dict]:
     as `launcher eval` reads them (errors as file:line), or the plain lines of any other file."""
     from launcher.data.clauses import read_records
 
-    if not path.is_file():
+    if not path.is_file() and not _streamed(path):
         raise UserError(_not_a_file("--input", path))
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+    if _streamed(path) or path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
         lines = _plain_lines(path, "rows with 'text', or one clause per line")
         _not_a_table(path, lines[0][1] if lines else "")
@@ -465,7 +474,8 @@ def _not_a_table(path: Path, first: str) -> None:
     except ValueError:
         row = None
     if isinstance(row, dict):
-        raise UserError(f"--input: {path}: its lines are JSON rows, read only from a .jsonl file; rename it")
+        raise UserError(f"--input: {path}: its lines are JSON rows, read only from a .jsonl file; "
+                        + ("give them as one" if _streamed(path) else "rename it"))
     if "\t" in first and "text" in (c.strip() for c in first.split("\t")):
         raise UserError(f"--input: {path}: a tab-separated table; give it as CSV, JSONL or Parquet with a 'text' column")
 
@@ -694,13 +704,13 @@ def _predict_causal_lm(args) -> list[str]:
     from launcher.tasks import causal_lm, generation
 
     path = Path(args.input)
-    if not path.is_file():
+    if not path.is_file() and not _streamed(path):
         raise UserError(_not_a_file("--input", path))
     model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     records: list[dict] = []
     rows: list[dict] = []
     bad = BadRows(f"--input: {path}")
-    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+    if not _streamed(path) and path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         for where, record in read_records(path):
             try:
                 row = prompts.normalize(record, fmt, where, need_answer=False)

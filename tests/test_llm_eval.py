@@ -4,6 +4,9 @@ models and tokenizers (the real SmolLM2 is tests/test_smollm2.py)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from launcher.data.tokenizer import train_lm_tokenizer
 from launcher.errors import ConfigError, DataError
 from launcher.tasks import generation
 
-from conftest import CONFIGS, check, launcher
+from conftest import CONFIGS, OFFLINE_ENV, check, launcher
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {{ m.content }}{{ eos_token }}"
@@ -598,6 +601,9 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
     short = check(launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"), "--max-new-tokens", "3"))
     cut = check(launcher("predict", str(folder), "--input", str(tmp_path / "x.txt"), "--max-new-tokens", "3", "--max-length", "3"))
     assert "note:" not in short.stderr
+    piped = subprocess.run([sys.executable, "-m", "launcher", "predict", str(folder), "--input", "-", "--max-new-tokens", "3"],
+                           input=(tmp_path / "x.txt").read_text(), capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
+    assert check(piped).stdout == short.stdout  # standard input's lines (--input -) as a file's
     assert "note: 1 of 1 prompts were longer than 3 tokens (--max-length): each was answered from its end" in cut.stderr.splitlines()
     limit = position_limit(_tiny_model(tok, "gpt2"))
     proc = launcher("generate", str(tmp_path / "gpt2"), "--prompt", "hi", "--max-new-tokens", str(limit))

@@ -95,6 +95,23 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
     for given in ("/dev/stdout", "-"):
         assert check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "x.txt"), "--output", given)).stdout == wanted
     assert not (ROOT / "-").exists()
+    # Plain lines from standard input: --input -, /dev/stdin from a pipe ("file not found"), a
+    # FIFO; JSON rows there are one line (they were read as clauses, braces and all)
+    for given in ("-", "/dev/stdin"):
+        piped = subprocess.run([sys.executable, "-m", "launcher", "predict", str(run / "model"), "--input", given],
+                               input=(tmp_path / "x.txt").read_text(), capture_output=True, text=True,
+                               env={**os.environ, **OFFLINE_ENV})
+        assert check(piped).stdout == wanted, given
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"cat {tmp_path / 'x.txt'} > {fifo}"])
+    try:
+        assert check(launcher("predict", str(run / "model"), "--input", str(fifo))).stdout == wanted
+    finally:
+        writer.wait(timeout=60)
+    rows = subprocess.run([sys.executable, "-m", "launcher", "predict", str(run / "model"), "--input", "-"],
+                          input='{"text": "We may end it."}\n', capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
+    one_line(rows, "--input: -: its lines are JSON rows, read only from a .jsonl file; give them as one")
 
 
 def test_run_directory_layout(trained_binary):
