@@ -673,6 +673,8 @@ def cmd_predict(args) -> int:
 def _predict_classes(args) -> list[str]:
     from launcher.tasks import classification as task
 
+    if args.max_new_tokens:  # (it was ignored: a classifier writes no answer)
+        raise UserError(f"--max-new-tokens: for a causal LM's answers; {args.model_dir} is a classifier")
     rows = _read_clauses(Path(args.input))
     texts = [row["text"] for row in rows]
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)

@@ -112,6 +112,8 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
     rows = subprocess.run([sys.executable, "-m", "launcher", "predict", str(run / "model"), "--input", "-"],
                           input='{"text": "We may end it."}\n', capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
     one_line(rows, "--input: -: its lines are JSON rows, read only from a .jsonl file; give them as one")
+    one_line(launcher("predict", str(run / "model"), "--input", str(tmp_path / "x.txt"), "--max-new-tokens", "4"),
+             f"--max-new-tokens: for a causal LM's answers; {run / 'model'} is a classifier")  # (it was ignored)
 
 
 def test_run_directory_layout(trained_binary):
