@@ -37,8 +37,8 @@ MODEL_SHAPE = ("task", "model.name", "model.tiny.arch", "model.tiny.hidden_size"
                "model.tiny.num_heads", "model.tiny.intermediate_size", "model.tiny.vocab_size", "model.lora.enabled",
                "model.lora.r", "model.lora.target_modules", "model.lora.modules_to_save", "model.lora.use_dora",
                "model.lora.layers_to_transform", "model.pooling", "model.quantization", "data.mode", "data.label_names")
-# A tiny model's position table is sized from these.
-TINY_SHAPE = ("data.max_length", "eval.max_new_tokens")
+# A tiny model's position table is sized from these (a causal LM's leaves room for its answers).
+TINY_SHAPE = {"classification": ("data.max_length",), "causal_lm": ("data.max_length", "eval.max_new_tokens")}
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
 RUN_CONFIG = "config.yaml"  # beside a run, and in each checkpoint: the config it was written under
@@ -137,7 +137,6 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     run (checkpoint.resume=PATH outside the run directory) starts a new run from it: every
     change against the config it was written under is accepted (and followed: a new lr is the new
     schedule's from the next step)."""
-    from launcher.config import TINY_MODEL
     from launcher.errors import ConfigError
 
     if checkpoint is None:
@@ -151,8 +150,7 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
         if source is None:  # copied out of its run by a launcher that kept no config in it
             return {}
         accepted, refused = changes(source, cfg)
-        fixed = MODEL_SHAPE + (TINY_SHAPE if cfg.model.name == TINY_MODEL else ())
-        shape = {k: v for k, v in {**accepted, **refused}.items() if k in fixed}
+        shape = _shape_changes(cfg, {**accepted, **refused})
         if shape:
             raise ConfigError(f"checkpoint.resume: {checkpoint} was written with {describe(shape)}: its weights do not "
                               "load into this model; keep those values")
@@ -161,6 +159,11 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
         if not own or source is None:
             return {}
         accepted, refused = changes(source, cfg)
+        shape = _shape_changes(cfg, {**accepted, **refused})
+        if shape:  # even with resume_changed=allow, which offered it: a size-mismatch traceback
+            raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
+                              f"{describe(shape)}: its weights do not load into this model; restore the values, or "
+                              "choose a new --run-name")
         if refused and cfg.checkpoint.resume_changed != "allow":
             raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
                               f"{describe(refused)}: that trains a run neither config describes; restore the values, "
@@ -168,26 +171,38 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
     return dict(sorted({**accepted, **refused}.items()))
 
 
-def check_restart(cfg, how: str) -> None:
+def _shape_changes(cfg, diff: dict) -> dict:
+    """The changes a checkpoint's weights cannot load under (MODEL_SHAPE; a tiny model's
+    position table too)."""
+    from launcher.config import TINY_MODEL
+
+    fixed = MODEL_SHAPE + (TINY_SHAPE.get(cfg.task, ()) if cfg.model.name == TINY_MODEL else ())
+    return {k: v for k, v in diff.items() if k in fixed}
+
+
+def check_restart(cfg, how: str) -> dict:
     """A run that ended before its first checkpoint (`how`: checkpoint.Start.ended, killed,
     interrupted or stopped before its first step) starts again in place, in its tracker run,
     only as the same run: another config under its name was refused before, as a run neither
-    config describes, and is still (ConfigError, one line)."""
+    config describes, and is still (ConfigError, one line). Returns the accepted changes
+    (listed, recorded and logged at step 0 as a resume's are: they were applied unsaid, and
+    the tracker run kept the first attempt's values)."""
     from launcher.errors import ConfigError
 
     saved = cfg.run_dir / RUN_CONFIG
-    refused = changes(saved, cfg)[1] if saved.is_file() else {}
+    accepted, refused = changes(saved, cfg) if saved.is_file() else ({}, {})
     if refused:
         raise ConfigError(f"run directory {cfg.run_dir} holds no complete checkpoint: its last attempt {how}, with "
                           f"another config ({describe(refused)}); pick another --run-name, or remove it to start this "
                           "config there")
+    return dict(sorted(accepted.items()))
 
 
-def lines(diff: dict) -> list[str]:
-    """The changes of a resume, as printed."""
+def lines(diff: dict, doing: str = "resuming") -> list[str]:
+    """The changes of a resume (or a restart from step 0), as printed."""
     if not diff:
         return []
-    return ["resuming with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
+    return [f"{doing} with a changed config (config_history.jsonl):"] + [f"  {k}: {was!r} -> {now!r}" for k, (was, now) in diff.items()]
 
 
 def record(run_dir: Path, step: int, diff: dict, cfg) -> None:

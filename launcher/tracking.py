@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag by which MLflow's UI knows a table artifact
-DERIVED = "derived."
+DERIVED = "derived."  # params the run computes (steps, accumulation, counts), not the config
 
 
 def _current(params: dict, key: str) -> str:
@@ -46,7 +46,9 @@ def _current(params: dict, key: str) -> str:
     else the first attempt's (a requeue after an extension is no change of its own)."""
     changes = [(int(m.group(1)), v) for k, v in params.items() if (m := re.fullmatch(rf"resumed_at_(\d+)\.{re.escape(key)}", k))]
     return max(changes)[1].rsplit(" -> ", 1)[-1] if changes else params[key]
-WANDB_STEP = "train/global_step"  # W&B's x-axis: the optimizer step (see WandbTracker)  # params the run computes (steps, accumulation, counts), not the config
+
+
+WANDB_STEP = "train/global_step"  # W&B's x-axis: the optimizer step (see WandbTracker)
 
 
 @dataclass(frozen=True)
@@ -373,11 +375,11 @@ class MLflowTracker(Tracker):
         build_sqlite_store(uri)  # (the warm-up's, unless it was not run or failed)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
-        self.experiment_id, self.run_name = self._experiment(experiment, artifact_root), run_name
+        self.run_name = run_name
         # Finding or creating the run and counting this attempt wait on the server (the start
         # checked it answers): an attempt killed a moment later is still counted. From then on
         # every call goes through the sender (see the module docstring).
-        created, self.resumed, self.replaced = self._run(run_id, tags)
+        created, self.resumed, self.replaced = self._run(run_id, tags, experiment, artifact_root)
         self.run_id: str = created
         try:
             if self.resumed:
@@ -411,11 +413,19 @@ class MLflowTracker(Tracker):
                 raise
             return exp.experiment_id
 
-    def _run(self, run_id: str | None, tags: dict) -> tuple[str, bool, str | None]:
-        """(the run's id, resumed?, the recorded id it replaces). A recorded run the store lacks
-        (tracking.uri changed since, or the run was deleted) failed every attempt's start: a
-        new run takes the history over instead."""
-        replaced = run_id if run_id and not self._exists(run_id) else None
+    def _run(self, run_id: str | None, tags: dict, experiment: str, artifact_root: str | None) -> tuple[str, bool, str | None]:
+        """(the run's id, resumed?, the recorded id it replaces), self.experiment_id set. A
+        recorded run the store lacks (tracking.uri changed since, or the run was deleted)
+        failed every attempt's start: a new run takes the history over instead. A recorded run
+        stays in its experiment whatever tracking.experiment says now (MLflow moves no run: the
+        run stayed, an empty experiment of the new name was made, and the export's logged model
+        went there, apart from its run)."""
+        held = self._experiment_of(run_id) if run_id else None
+        replaced = run_id if run_id and held is None else None
+        self.experiment_id = held or self._experiment(experiment, artifact_root)
+        if held is not None and (name := self.client.get_experiment(held).name) != experiment:
+            print(f"tracking: MLflow run {run_id} stays in experiment {name!r}, where its first attempt started it "
+                  f"(tracking.experiment {experiment!r} is where a new run would go)", file=sys.stderr, flush=True)
         if replaced:
             run_id, tags = None, {**tags, "launcher.previous_run_id": replaced}
         created = run_id or self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
@@ -472,13 +482,15 @@ class MLflowTracker(Tracker):
             monitor.start()
             self.system = monitor
 
-    def _exists(self, run_id: str) -> bool:
+    def _experiment_of(self, run_id: str) -> str | None:
+        """The experiment id of a recorded run; None where the store lacks it (or it is deleted)."""
         try:
-            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+            info = self.client.get_run(run_id).info
         except Exception as e:
             if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-                return False
+                return None
             raise
+        return info.experiment_id if info.lifecycle_stage != "deleted" else None
 
     def _tag(self, key: str):
         return self.client.get_run(self.run_id).data.tags.get(key)

@@ -64,8 +64,8 @@ def train(cfg: RunConfig) -> dict:
                 "train.max_steps" if cfg.train.max_steps else "train.epochs")  # (max_steps set: epochs move nothing)
         rt.print(f"to train on from there, raise {more}; to start again, give another --run-name")
         return {"status": "already_finished", "step": parts.state.step, "run_dir": str(run_dir)}
-    if pre.resumed is not None:
-        rt.on_main(config_changes.record, run_dir, pre.resumed.step, pre.changed, cfg)
+    if pre.resumed is not None or pre.changed:  # (a restart from step 0 in place: no checkpoint read)
+        rt.on_main(config_changes.record, run_dir, pre.resumed.step if pre.resumed else 0, pre.changed, cfg)
     tracker = start_tracker(cfg, parts, pre, warm_tracker)
     with tracker:  # on any exception: the stacks kept first (the dog exits first), then the tracker run FAILED
         trainer = Trainer(cfg, parts, tracker)
@@ -139,9 +139,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     start = ckpt_lib.agreed_start(
         lambda: ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust),
         rt.gather_objects, rt.print)
-    if start.interrupted:
-        config_changes.check_restart(cfg, start.ended())
-    changed = config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
+    changed = config_changes.check_restart(cfg, start.ended()) if start.interrupted else {}
+    changed |= config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
@@ -201,11 +200,18 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
             rt.print(pre.moved)
         for line in config_changes.lines(pre.changed):
             rt.print(line)
+        if "train.global_batch_size" in pre.changed and pre.resumed.step:  # (allowed, or another run's checkpoint)
+            was, now = pre.changed["train.global_batch_size"]
+            rt.print(f"  the data goes on at step {pre.resumed.step + 1}'s place in batches of {now}, row "
+                     f"{pre.resumed.step * now:,} of the data order where {pre.resumed.step * was:,} were read: about "
+                     f"{abs(pre.resumed.step * (now - was)):,} rows are {'skipped' if now > was else 'read again'}")
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
     if start.interrupted:
         rt.print(f"restarting from step 0 in place: the last attempt {start.ended()}")
+        for line in config_changes.lines(pre.changed, "restarting"):
+            rt.print(line)
     return run_dir, warm_tracker
 
 
@@ -396,11 +402,11 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
             "derived.padded_token_fraction_random": round(padded_random, 4),
         }
         | derived
-        | (config_changes.params(state.step, pre.changed) if start.checkpoint is not None else {})
+        | config_changes.params(state.step, pre.changed)  # (a restart in place's at step 0)
         | ({"started_from": str(start.forked_from.resolve())} if start.forked_from is not None else {})
         | ({f"resumed_at_{state.step}.world_size": f"{pre.resumed.world_size} -> {rt.world_size}"}
            if pre.moved and pre.resumed else {}),  # a resume on another number of ranks
-        resumed_at=state.step if start.checkpoint is not None else None,
+        resumed_at=state.step if start.checkpoint is not None or start.interrupted or start.restart_of_job else None,
     )
     if cfg.tracking.log_datasets:
         tracker.log_inputs(tracking.data_inputs(p.train_ds, p.val_ds))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import owner
+from launcher import owner, tracking
 from launcher.tracking import _point, wandb_rows
 
 from conftest import FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
@@ -509,14 +509,24 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
         f"error: run directory {run} holds no complete checkpoint: its last attempt was killed (pid {proc.pid} on "
         f"{os.uname().nodename}) before its first checkpoint, with another config (train.lr: 0.001 -> 0.01); pick "
         "another --run-name, or remove it to start this config there"], other.stderr
-    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common,
+    # with a change a resume accepts: listed, recorded and logged at step 0 (it was applied unsaid,
+    # and the MLflow run kept the first attempt's value)
+    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "eval.every_steps=900",
                            env={"SLURM_JOB_ID": ""}))
-    assert (f"restarting from step 0 in place: the last attempt was killed (pid {proc.pid} on {os.uname().nodename}) "
-            "before its first checkpoint") in again.stdout.splitlines()
+    lines = again.stdout.splitlines()
+    at = lines.index(f"restarting from step 0 in place: the last attempt was killed (pid {proc.pid} on "
+                     f"{os.uname().nodename}) before its first checkpoint")
+    assert lines[at + 1 : at + 3] == ["restarting with a changed config (config_history.jsonl):",
+                                      "  eval.every_steps: 1000 -> 900"]
+    (history,) = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history["resumed_at_step"] == 0 and history["changed"] == {"eval.every_steps": [1000, 900]}
     a, b = _weights(tmp_path / "ref" / "r"), _weights(run)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     (mlrun,) = all_runs(mlflow_client(out))
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["launcher.attempts"] == "2"
+    # (the killed attempt may have died before its params were sent: then the restart's are the first)
+    assert mlrun.data.params["resumed_at_0.eval.every_steps"] == "1000 -> 900"
+    assert tracking._current(mlrun.data.params, "eval.every_steps") == "900"
 
 
 def test_early_stopping_under_bf16(tmp_path):
@@ -983,6 +993,17 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
         f"error: checkpoint.resume: {run} would resume from step-000006 with train.lr: 0.001 -> 0.0001: that trains a "
         "run neither config describes; restore the values, choose a new --run-name, or set checkpoint.resume_changed=allow")
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    # A change the checkpoint's weights cannot load under is refused even when allowed (the
+    # refusal offered allow, which then ended in a size-mismatch traceback): the model's size,
+    # LoRA, the tiny model's position table (data.max_length)
+    for change in ("model.tiny.hidden_size=64", "model.lora.enabled=true", "data.max_length=96"):
+        key, value = change.split("=")
+        proc = launcher(*args, "train.max_steps=12", change, "checkpoint.resume_changed=allow")
+        assert proc.returncode == 2 and proc.stderr.startswith(
+            f"error: checkpoint.resume: {run} would resume from step-000006 with {key}: ") and proc.stderr.strip().endswith(
+            f"-> {value if value != 'true' else True}: its weights do not load into this model; restore the values, or "
+            "choose a new --run-name") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
 
     extended = check(launcher(*args, "train.max_steps=18", "train.lr=1e-4", "checkpoint.resume_changed=allow"))
     lines = extended.stdout.splitlines()
@@ -1003,6 +1024,18 @@ def test_a_resume_lists_what_changed_and_refuses_another_run(tmp_path):
     assert sorted(lrs) == list(range(1, 19))
     expected = _linear_lrs(1e-4, 2, 18)
     assert [lrs[s] for s in range(7, 19)] == pytest.approx([expected[s] for s in range(7, 19)])
+    # Another tracking.experiment on resume: the run stays in its own, and says so (an empty
+    # experiment of the new name was made, and the export's logged model went there, apart
+    # from its run)
+    moved = check(launcher(*args, "train.max_steps=20", "train.lr=1e-4", "tracking.experiment=elsewhere"))
+    assert (f"tracking: MLflow run {mlrun.info.run_id} stays in experiment 'launcher-demo', where its first attempt "
+            "started it (tracking.experiment 'elsewhere' is where a new run would go)") in moved.stderr, moved.stderr[-2000:]
+    assert client.get_experiment_by_name("elsewhere") is None
+    (again,) = all_runs(client)
+    every = [e.experiment_id for e in client.search_experiments()]
+    models = client.search_logged_models(experiment_ids=every)
+    assert again.info.run_id == mlrun.info.run_id and models
+    assert {(m.experiment_id, m.source_run_id) for m in models} == {(mlrun.info.experiment_id, mlrun.info.run_id)}
 
 
 def test_relative_data_paths_resume_by_the_files_they_name_not_by_their_text(tmp_path):
@@ -1286,6 +1319,12 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
         f"error: checkpoint.resume: {copied} was written with model.tiny.hidden_size: 32 -> 64: its weights do not load "
         "into this model; keep those values"], proc.stderr[-3000:]
     assert not (tmp_path / "wider").exists() and not (tmp_path / "longer").exists()
+    # Another global batch goes on at the new batches' place in the data order: it says how many
+    # rows that skips (it skipped them without a word)
+    wide = check(launcher("train", str(TINY), "--run-name", "wide", *common, *start, "train.global_batch_size=64",
+                          "train.max_steps=5", "eval.every_steps=0"))
+    assert ("  the data goes on at step 5's place in batches of 64, row 256 of the data order where 128 were read: "
+            "about 128 rows are skipped") in wide.stdout.splitlines(), wide.stdout[-3000:]
 
     fork = ["train", str(TINY), "--run-name", "fork", *common, *start, "data.synthetic.seed=1", "train.weight_decay=0.05"]
     first = check(launcher(*fork, "train.halt_at_step=6"))
@@ -1308,7 +1347,7 @@ def test_a_run_started_from_another_runs_checkpoint_is_a_new_run_and_requeues_on
     assert final["before"] == {}  # the source's step-0 evaluation is not this run's
     client = mlflow_client(tmp_path)
     runs = {r.info.run_name: r for r in all_runs(client)}
-    assert sorted(runs) == ["fork", "other", "src"]
+    assert sorted(runs) == ["fork", "other", "src", "wide"]
     steps = {name: [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] for name, r in runs.items()}
     assert steps["src"] == [1, 2, 3, 4] and steps["fork"] == [5, 6, 7, 8]
     assert runs["fork"].data.params["started_from"] == str(source.resolve())
