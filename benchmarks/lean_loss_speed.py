@@ -37,7 +37,7 @@ SHARED = ROOT.parent / "shared" / "data" / "unfair_tos"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--full", action="store_true", help="full fine-tuning (no LoRA): the tied head's weight gets a gradient")

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import LinearSVC
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train", type=Path, default=SHARED / "train.jsonl")
     p.add_argument("--validation", type=Path, default=SHARED / "validation.jsonl")
     p.add_argument("--test", type=Path, default=None, help="scored too when given (never tune on it)")

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     from launcher.data.clauses import LabelEncoder, parse_rows, read_records
     from launcher.tasks import classification as clf
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", type=Path)
     p.add_argument("data", type=Path, help="labelled JSONL (validation clauses; never the test split)")
     p.add_argument("--folds", type=int, default=5)

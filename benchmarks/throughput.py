@@ -247,7 +247,7 @@ def summarize(rows: list[dict], steps: int, batch: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=list(CONTENDERS), default="clause")
     p.add_argument("--model", default=None, help="clause: an encoder directory (default: the MiniLM package); "
                                                   "sft: a causal-LM directory or 'tiny' (default)")

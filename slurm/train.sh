@@ -38,8 +38,9 @@
 # sees it at the end of a step, the ranks agree on that step, checkpoint it and exit cleanly; then
 # the job requeues itself (when launcher said it stopped early: LAUNCHER_STOP_FILE.stopped) and
 # the requeued job resumes from that checkpoint into the same MLflow run. A stop before the first
-# step writes no checkpoint (the requeued job starts again in place); one that this script's own
-# timer asked for is not requeued (start-up takes longer than the job has before the warning).
+# step writes no checkpoint (the requeued job starts again in place); one asked near the time
+# limit (this script's timer, or Slurm's --signal) is not requeued (start-up takes longer than
+# the job has before the warning).
 # A SIGTERM that reaches srun itself (the time limit, `scancel --full`, a preemption that signals
 # the batch step) makes srun SIGKILL the ranks at once ("srun: forcing job termination"; tested),
 # so the stop file is the grace that counts: at preemption, ask the admins for a GraceTime that
@@ -118,6 +119,12 @@ if [ -z "$NODE_GPUS" ]; then
     NODE_GPUS=${SLURM_GPUS_ON_NODE:-0}
     [[ $NODE_GPUS =~ ^(0|[1-9][0-9]*)$ ]] || NODE_GPUS=0
 fi
+if [ -n "${GPUS_PER_NODE:-}" ] && [ "$NODE_GPUS" -ge 1 ] && [ "$GPUS_PER_NODE" -gt "$NODE_GPUS" ]; then
+    # (its ranks shared the GPUs, two or more to one, without a word)
+    echo "error: GPUS_PER_NODE: $GPUS_PER_NODE ranks per node, but the job has $NODE_GPUS GPU(s) per node;" \
+         "ask for more GPUs or lower GPUS_PER_NODE" >&2
+    exit 2
+fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-$NODE_GPUS}
 [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1  # no GPUs (SLURM_GPUS_ON_NODE=0 on a CPU node of a GPU cluster)
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -176,7 +183,8 @@ echo "launcher: ${CPUS_PER_NODE} CPUs per node, ${OMP_NUM_THREADS} threads per r
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT as torchrun does (accelerate's one-process launcher killed its
 # process after 5 s), then exits as the ranks did: 0 after their checkpoint (torchrun's own
 # handling exited 143, and a clean stop was not requeued).
-LAUNCH="trap \"\" USR1; exec \"$PYTHON\" -m launcher.launch --config_file \"$ACCELERATE_CONFIG\" \
+# Every word is quoted for the node's shell (printf %q): a $ or ` in a path ran there.
+LAUNCH="trap \"\" USR1; exec $(printf '%q' "$PYTHON") -m launcher.launch --config_file $(printf '%q' "$ACCELERATE_CONFIG") \
     --num_machines $NNODES --num_processes $NUM_PROCESSES --machine_rank \$SLURM_NODEID \
     --main_process_ip $HEAD_NODE --main_process_port $MAIN_PORT \
     -m launcher train $(printf '%q ' "${TRAIN_ARGS[@]}")"
@@ -196,6 +204,8 @@ if [ "$NODE_GPUS" -ge 1 ]; then
     SRUN+=(--gpus-per-task="$NODE_GPUS")
 fi
 if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
+    # (sbatch passes the submitting shell's environment on: say why a job did not train)
+    echo "launcher: LAUNCHER_DRY_RUN=1: the launch below is printed, not run" >&2
     echo "${SRUN[*]} bash -c '$LAUNCH'"
     exit 0
 fi
@@ -213,8 +223,18 @@ fi
 export LAUNCHER_STOP_FILE
 rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"  # a requeued job starts without the previous attempt's request
 PREEMPTED=0
+NEAR_LIMIT=0
+END_EPOCH=""
 on_warning() {
     PREEMPTED=1
+    # Slurm's --signal=B:USR1 may come before this script's timer (up to a minute early, or
+    # at 600 s with a lower SIGNAL_LEAD_S): the time left, not which came first, says whether
+    # it is the time-limit warning (a requeue after a stop before the first step went round
+    # for ever).
+    local lead=$((SIGNAL_LEAD_S > 600 ? SIGNAL_LEAD_S : 600))
+    if [ -n "$END_EPOCH" ] && [ $((END_EPOCH - $(date +%s))) -le $((lead + 120)) ]; then
+        NEAR_LIMIT=1
+    fi
     echo "launcher: caught the time-limit warning; asking every rank to checkpoint and stop"
     # Not under `set -e`: a touch that fails (a full or stale shared file system) ended this
     # script with srun still running, and Slurm then killed the ranks mid-step.
@@ -228,7 +248,6 @@ trap on_warning USR1 TERM
 # timed out: `date -d ""` is today's midnight, which stopped the job at once; UNLIMITED) leaves
 # the timer off and Slurm's --signal as the warning.
 END_TIME=$(SLURM_TIME_FORMAT=standard squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)
-END_EPOCH=""
 if [[ $END_TIME =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]+$ ]]; then
     END_EPOCH=$(date -d "$END_TIME" +%s 2>/dev/null || echo "")
 fi
@@ -271,7 +290,7 @@ if [ -e "$LAUNCHER_STOP_FILE.stopped" ]; then
     STOPPED=1
     WHY=$(head -c 200 "$LAUNCHER_STOP_FILE.stopped" 2>/dev/null | head -n 1 || true)
 fi
-TIMER_FIRED=0
+TIMER_FIRED=$NEAR_LIMIT
 [ ! -e "$LAUNCHER_STOP_FILE.timer" ] || TIMER_FIRED=1
 rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped" "$LAUNCHER_STOP_FILE.timer"
 [ -z "$STOP_DIR" ] || rmdir "$STOP_DIR" 2>/dev/null || true

@@ -276,6 +276,31 @@ def test_a_time_limit_warning_before_the_first_step_is_said_and_not_requeued(tmp
     assert not list((tmp_path / "out").glob(".launcher-stop-*"))  # its stop directory is cleaned up as always
 
 
+@pytest.mark.parametrize("left_s, requeued", [(660, False), (3600, True)])
+def test_slurms_own_warning_before_the_timer_is_the_time_limit_warning_too(tmp_path, left_s, requeued):
+    """Slurm's --signal=B:USR1@600 may come before this script's timer (up to a minute early, or
+    at 600 s where SIGNAL_LEAD_S is lower): a stop before the first step was then requeued, and
+    every attempt went round the same way for ever. The time left decides now: near the limit
+    it is not requeued; a stop asked an hour before the limit (a preemption) still is."""
+    import datetime
+
+    warned_first = ('#!/bin/bash\nkill -USR1 $PPID\nsleep 2\nif [ -e "$LAUNCHER_STOP_FILE" ]; then '
+                    'echo "stop file $LAUNCHER_STOP_FILE before the first step" > "$LAUNCHER_STOP_FILE.stopped"; fi\n')
+    end = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=left_s)).strftime("%Y-%m-%dT%H:%M:%S")
+    proc = _stubbed(tmp_path, end, warned_first)  # the timer waits left_s - 600 s: it has not fired
+    assert "caught the time-limit warning" in proc.stdout and "s to the time limit" not in proc.stdout, proc.stdout
+    assert (tmp_path / "requeued").exists() == requeued and proc.returncode == (0 if requeued else 1), (proc.stdout, proc.stderr)
+
+
+def test_the_interpreter_and_accelerate_config_reach_the_node_as_given(tmp_path):
+    """PYTHON and ACCELERATE_CONFIG went into the node's command in plain double quotes: a $ or a
+    backquote in a path ran on the node (`id` did), a double quote broke the command."""
+    odd = tmp_path / 'x $HOME `id` "q" y' / "a.yaml"
+    proc = _stubbed(tmp_path, "", '#!/bin/bash\nprintf "ARG:%s\\n" "$@"\n', ACCELERATE_CONFIG=str(odd))
+    args = [line.removeprefix("ARG:") for line in proc.stdout.splitlines() if line.startswith("ARG:")]
+    assert proc.returncode == 0 and args[args.index("--config_file") + 1] == str(odd), (proc.stdout, proc.stderr)
+
+
 def test_a_usr1_sent_to_the_job_step_does_not_kill_the_node_launcher(tmp_path):
     """`scancel --signal=USR1 JOB` (without --batch) signals every process of the step.
     accelerate/torchrun have no handler for SIGUSR1, so its default action killed the node's
@@ -344,6 +369,8 @@ def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):
     ({"CPUS_PER_NODE": "08"}, "error: CPUS_PER_NODE: expected a whole number; got '08'"),
     ({"GPUS_PER_NODE": "0"}, "error: GPUS_PER_NODE: must be 1 or more; got 0"),
     ({"MAIN_PORT": "70000"}, "error: MAIN_PORT: expected a port in 1..65535; got 70000"),
+    ({"GPUS_PER_NODE": "8", "SLURM_GPUS_PER_NODE": "4"},  # (two ranks shared each GPU, without a word)
+     "error: GPUS_PER_NODE: 8 ranks per node, but the job has 4 GPU(s) per node; ask for more GPUs or lower GPUS_PER_NODE"),
 ])
 def test_a_count_in_the_environment_that_is_no_whole_number_is_one_line_before_anything_starts(tmp_path, env, said):
     """GPUS_PER_NODE=eight printed a bash error and ran one process per node; SIGNAL_LEAD_S=10m
