@@ -199,6 +199,7 @@ LAUNCH="trap \"\" USR1; exec $(printf '%q' "$PYTHON") -m launcher.launch --confi
 # here, and none of the job's GPU variables are passed on.
 SRUN=(env -u SLURM_GPUS_PER_TASK -u SLURM_NTASKS_PER_GPU -u SLURM_NTASKS_PER_TRES -u SLURM_TRES_PER_TASK
       -u SLURM_GPU_BIND -u SLURM_TRES_BIND -u SLURM_GPUS -u SLURM_GPUS_PER_NODE -u SLURM_GPUS_PER_SOCKET
+      -u SLURM_CPUS_PER_GPU  # (--cpus-per-gpu and the --cpus-per-task below exclude each other)
       srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_NODE")
 if [ "$NODE_GPUS" -ge 1 ]; then
     SRUN+=(--gpus-per-task="$NODE_GPUS")
@@ -307,7 +308,11 @@ elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ] && [ "$TIMER_FIRED" = 1 ] && [[ $WH
     exit 1
 elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ]; then
     echo "launcher: the run stopped early (${WHY:-a stop request}): requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written (before the first step: it starts again in place)"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then  # (under set -e it ended the job without a word)
+        echo "launcher: the job cannot requeue itself (submitted with --no-requeue?); submit the same command" \
+             "again to resume from that checkpoint" >&2
+        exit 1
+    fi
     exit 0
 fi
 exit "$status"

@@ -207,7 +207,7 @@ def test_whole_nodes_by_default_and_oversubscribe_on_the_command_line_undoes_it(
     assert seen == {False: "OverSubscribe=NO", True: "OverSubscribe=YES"}
 
 
-def _stubbed(tmp_path: Path, squeue: str, python: str, **env: str) -> subprocess.CompletedProcess:
+def _stubbed(tmp_path: Path, squeue: str, python: str, requeue_fails: bool = False, **env: str) -> subprocess.CompletedProcess:
     """slurm/train.sh as a batch job runs it, with Slurm's commands and the interpreter replaced
     by scripts: `squeue` prints `squeue` (or fails when empty), `srun` runs the node's command
     in place, `scontrol` records a requeue, and PYTHON is `python` (a shell script)."""
@@ -216,7 +216,8 @@ def _stubbed(tmp_path: Path, squeue: str, python: str, **env: str) -> subprocess
     stubs = {
         "squeue": f"#!/bin/bash\n{'echo ' + squeue if squeue else 'exit 1'}\n",
         "srun": '#!/bin/bash\nwhile [ "$1" != bash ]; do shift; done\nexec "$@"\n',
-        "scontrol": f'#!/bin/bash\nif [ "$1" = requeue ]; then echo requeued >> {tmp_path}/requeued; else echo n1; fi\n',
+        "scontrol": f'#!/bin/bash\nif [ "$1" = requeue ]; then echo requeued >> {tmp_path}/requeued; '
+                    f'{"exit 1; " if requeue_fails else ""}else echo n1; fi\n',
         "python": python,
     }
     for name, text in stubs.items():
@@ -274,6 +275,16 @@ def test_a_time_limit_warning_before_the_first_step_is_said_and_not_requeued(tmp
     assert "launcher: the time-limit warning (SIGNAL_LEAD_S=600 s before the limit) came before the first step" \
         in proc.stderr
     assert not list((tmp_path / "out").glob(".launcher-stop-*"))  # its stop directory is cleaned up as always
+
+
+def test_a_job_that_cannot_requeue_itself_says_how_to_resume(tmp_path):
+    """Submitted with --no-requeue, `scontrol requeue` fails: under set -e the job ended right after
+    "requeueing ..." with scontrol's status and nothing said."""
+    stopped = '#!/bin/bash\necho "SIGTERM" > "$LAUNCHER_STOP_FILE.stopped"\n'  # a stop asked from outside
+    proc = _stubbed(tmp_path, "", stopped, requeue_fails=True)
+    assert (tmp_path / "requeued").exists() and proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.splitlines()[-1] == ("launcher: the job cannot requeue itself (submitted with --no-requeue?); "
+                                            "submit the same command again to resume from that checkpoint"), proc.stderr
 
 
 @pytest.mark.parametrize("left_s, requeued", [(660, False), (3600, True)])
