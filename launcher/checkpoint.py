@@ -86,8 +86,9 @@ def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
         return None
     engine = rt.engine.name
     if state.engine != engine:
-        raise ConfigError(f"{ckpt}: written by {state.engine} on {state.world_size} rank(s); this launch is {engine}: "
-                          "resume with the engine that wrote it (its accelerate config)")
+        said = engines.Engine.layout_label
+        raise ConfigError(f"{ckpt}: written by {said(state.engine)} on {state.world_size} rank(s); this launch is "
+                          f"{said(engine)}: resume with the engine that wrote it (its accelerate config)")
     if state.world_size == rt.world_size:
         return None
     if not rt.engine.reshards_on_load:

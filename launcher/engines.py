@@ -64,6 +64,13 @@ class Engine:
             return "FSDP2" if self.fsdp2 else "FSDP"
         return "DDP"
 
+    @staticmethod
+    def layout_label(name: str) -> str:
+        """A checkpoint's recorded layout (Engine.name) for people: "full" read as an engine."""
+        if name.startswith("deepspeed-zero"):
+            return f"ZeRO-{name.removeprefix('deepspeed-zero')}"
+        return {"full": "one process or DDP", "fsdp": "FSDP"}.get(name, name)
+
     @property
     def reshards_on_load(self) -> bool:
         """Whether a checkpoint of this layout loads on another number of ranks: a full state

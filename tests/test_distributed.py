@@ -176,8 +176,8 @@ def test_zero_halted_and_resumed_equals_one_uninterrupted_process(stage, tmp_pat
     # Shards of 2 ranks on 1 process: one line, nothing loaded (DeepSpeed would say it with a traceback).
     one = launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "z", *FAST, *STEPS)
     assert one.returncode == 2 and one.stderr.strip().splitlines()[-1] == (
-        f"error: {run / 'checkpoints' / 'step-000006'}: written by deepspeed-zero{stage} on 2 rank(s); this launch is "
-        "full: resume with the engine that wrote it (its accelerate config)"), one.stderr[-2000:]
+        f"error: {run / 'checkpoints' / 'step-000006'}: written by ZeRO-{stage} on 2 rank(s); this launch is "
+        "one process or DDP: resume with the engine that wrote it (its accelerate config)"), one.stderr[-2000:]
     # Rank 1 misses the checkpoint at first, as a node whose shared file system has not caught
     # up: it refused the run alone (no complete checkpoint) while rank 0 loaded step 6. The
     # ranks compare what they see and look again until they agree.
