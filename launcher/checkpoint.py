@@ -278,8 +278,9 @@ def _resume_by_path(run_dir: Path, resume: str, trusted: bool) -> Start:
     later = [p for s, p in mine if s >= step and p.resolve() != path.resolve()]
     if later:  # its saves would meet (and rotation would keep) another history's checkpoints
         raise ConfigError(f"checkpoint.resume: {resume} is step {step}, but {run_dir / 'checkpoints'} already holds "
-                          f"{', '.join(p.name for p in later)} of another history; resume into another --run-name, "
-                          "or remove those to go back")
+                          f"{', '.join(p.name for p in later)}" + (", written after it: going back would write over "
+                          "them" if own else ", of another history") + "; resume into another --run-name, or remove "
+                          "those to go back")
     if own:
         return Start(checkpoint=path, went_back=True)
     if run_dir.exists() and not ours:

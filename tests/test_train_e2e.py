@@ -686,10 +686,15 @@ def test_a_resume_by_path_into_a_directory_with_that_step_or_later_is_refused(tm
     run = tmp_path / "run"
     own = ckpt(run / "checkpoints" / "step-000004", 4)
     elsewhere = ckpt(tmp_path / "other" / "step-000002", 2)
-    with pytest.raises(ConfigError, match=r"is step 2, but .* already holds step-000004 of another history"):
+    with pytest.raises(ConfigError, match=r"is step 2, but .* already holds step-000004, of another history"):
         resolve_resume(run, str(elsewhere), trusted=True)
     assert resolve_resume(run, str(own)).checkpoint == own
     assert resolve_resume(tmp_path / "fresh", str(elsewhere), trusted=True).checkpoint == elsewhere
+    # Back to one of its own before a later one: the same history, written over (it said "another history")
+    back = ckpt(run / "checkpoints" / "step-000002", 2)
+    with pytest.raises(ConfigError, match=r"is step 2, but .* already holds step-000004, written after it: going back "
+                                          r"would write over them; resume into another --run-name, or remove those"):
+        resolve_resume(run, str(back))
 
 
 def test_an_extended_run_ends_with_its_new_export_in_the_tracker(tmp_path):
