@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     base = workload(cuda, steps)
     out = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     every = cases(cuda, gpus)
-    known = [c[0] for c in every] + (["1gpu-flash-packed-logits"] if cuda else [])
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    known = [c[0] for c in every] + (["1gpu-flash-packed-logits"] if flash else [])
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:  # (nothing ran, and the empty run passed)
         p.error(f"--only: {', '.join(unknown)} not among this machine's cases: {' '.join(known)}")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     where = f"{gpus} x {torch.cuda.get_device_name(0)}" if cuda else "CPU (gloo, fp32, tiny model)"
     print(f"{where}; {steps} steps per run; cases: {' '.join(c[0] for c in todo)}; runs under {out}", flush=True)
     results = []
-    if cuda and importlib.util.find_spec("flash_attn") is not None and (not args.only or "1gpu-flash-packed-logits" in args.only):
+    if flash and (not args.only or "1gpu-flash-packed-logits" in args.only):
         r = flash_packing_case()
         results.append(r)
         print(f"{'PASS' if r['ok'] else 'FAIL'} {r['case']}: max |diff| {r['max_abs_diff']:.4g}", flush=True)

@@ -92,7 +92,7 @@ def check_layout(ckpt: Path, state: "TrainState", rt) -> str | None:
     if state.world_size == rt.world_size:
         return None
     if not rt.engine.reshards_on_load:
-        raise ConfigError(f"{ckpt}: {engine} shards written by {state.world_size} rank(s) do not load on {rt.world_size} "
+        raise ConfigError(f"{ckpt}: {rt.engine.label} shards written by {state.world_size} rank(s) do not load on {rt.world_size} "
                           f"(resharding {rt.engine.label} shards is not supported): resume on {state.world_size} ranks")
     return (f"resuming step {state.step} written by {state.world_size} rank(s) on {rt.world_size}: {rt.engine.reshard_how}, and the batch "
             "order and global batch do not depend on the number of ranks")

@@ -37,7 +37,8 @@ MODEL_SHAPE = ("task", "model.name", "model.tiny.arch", "model.tiny.hidden_size"
                "model.tiny.num_heads", "model.tiny.intermediate_size", "model.tiny.vocab_size", "model.lora.enabled",
                "model.lora.r", "model.lora.target_modules", "model.lora.modules_to_save", "model.lora.use_dora",
                "model.lora.layers_to_transform", "model.pooling", "model.quantization", "data.mode", "data.label_names")
-# A tiny model's position table is sized from these (a causal LM's leaves room for its answers).
+# A tiny model's learned position table (BERT's, GPT-2's; a Llama's rotary positions have none)
+# is sized from these (a causal LM's leaves room for its answers).
 TINY_SHAPE = {"classification": ("data.max_length",), "causal_lm": ("data.max_length", "eval.max_new_tokens")}
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
@@ -159,7 +160,8 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
         if not own or source is None:
             return {}
         accepted, refused = changes(source, cfg)
-        shape = _shape_changes(cfg, {**accepted, **refused})
+        # (model.name aside: allowed, it is read as given, such as a base that moved)
+        shape = {k: v for k, v in _shape_changes(cfg, {**accepted, **refused}).items() if k != "model.name"}
         if shape:  # even with resume_changed=allow, which offered it: a size-mismatch traceback
             raise ConfigError(f"checkpoint.resume: {cfg.run_dir} would resume from {Path(checkpoint).name} with "
                               f"{describe(shape)}: its weights do not load into this model; restore the values, or "
@@ -176,7 +178,9 @@ def _shape_changes(cfg, diff: dict) -> dict:
     position table too)."""
     from launcher.config import TINY_MODEL
 
-    fixed = MODEL_SHAPE + (TINY_SHAPE.get(cfg.task, ()) if cfg.model.name == TINY_MODEL else ())
+    arch = cfg.model.tiny.arch
+    learned = arch == "gpt2" or (cfg.task == "classification" and arch in ("auto", "bert"))  # (as config.check)
+    fixed = MODEL_SHAPE + (TINY_SHAPE.get(cfg.task, ()) if cfg.model.name == TINY_MODEL and learned else ())
     return {k: v for k, v in diff.items() if k in fixed}
 
 

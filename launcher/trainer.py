@@ -139,7 +139,9 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     start = ckpt_lib.agreed_start(
         lambda: ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust),
         rt.gather_objects, rt.print)
-    changed = config_changes.check_restart(cfg, start.ended()) if start.interrupted else {}
+    changed = (config_changes.check_restart(cfg, start.ended()) if start.interrupted else
+               config_changes.check_restart(cfg, f"of job {start.restart_of_job} stopped before its first checkpoint")
+               if start.restart_of_job else {})
     changed |= config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
@@ -200,14 +202,11 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
             rt.print(pre.moved)
         for line in config_changes.lines(pre.changed):
             rt.print(line)
-        if "train.global_batch_size" in pre.changed and pre.resumed.step:  # (allowed, or another run's checkpoint)
-            was, now = pre.changed["train.global_batch_size"]
-            rt.print(f"  the data goes on at step {pre.resumed.step + 1}'s place in batches of {now}, row "
-                     f"{pre.resumed.step * now:,} of the data order where {pre.resumed.step * was:,} were read: about "
-                     f"{abs(pre.resumed.step * (now - was)):,} rows are {'skipped' if now > was else 'read again'}")
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
+        for line in config_changes.lines(pre.changed, "restarting"):
+            rt.print(line)
     if start.interrupted:
         rt.print(f"restarting from step 0 in place: the last attempt {start.ended()}")
         for line in config_changes.lines(pre.changed, "restarting"):
@@ -296,6 +295,10 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
     _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps)
+    if "train.global_batch_size" in pre.changed and start.checkpoint is not None:  # (allowed, or another run's)
+        moved = sampler.moved_from(pre.changed["train.global_batch_size"][0], state.step)
+        if moved:
+            rt.print(f"  {moved}")
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of

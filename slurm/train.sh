@@ -310,7 +310,7 @@ elif [ "$status" = 0 ] && [ "$STOPPED" = 1 ]; then
     echo "launcher: the run stopped early (${WHY:-a stop request}): requeueing job ${SLURM_JOB_ID}; it resumes from the checkpoint just written (before the first step: it starts again in place)"
     if ! scontrol requeue "$SLURM_JOB_ID"; then  # (under set -e it ended the job without a word)
         echo "launcher: the job cannot requeue itself (submitted with --no-requeue?); submit the same command" \
-             "again to resume from that checkpoint" >&2
+             "again to go on (from the checkpoint just written, or from step 0 in place)" >&2
         exit 1
     fi
     exit 0

@@ -604,3 +604,19 @@ def test_a_resume_finds_the_recorded_data_however_it_is_named_now_and_takes_a_co
     assert changes(saved, load_config(TINY, ["data.synthetic.enabled=false", "data.hub_dataset=~/data"])) == ({}, {})
     accepted, refused = changes(saved, load_config(TINY, ["data.synthetic.enabled=false", f"data.hub_dataset={scratch / 'data'}"]))
     assert refused == {} and accepted == {"data.hub_dataset": ("~/data", str(scratch / "data"))}
+
+
+def test_a_resume_refuses_only_the_changes_a_checkpoints_weights_cannot_load_under():
+    """A tiny BERT's or GPT-2's learned position table is sized from data.max_length (and a
+    causal one's eval.max_new_tokens): refused even when allowed. A tiny Llama's rotary
+    positions have no table, so the same changes load (they were refused for it too)."""
+    from launcher.config_changes import _shape_changes
+
+    diff = {"data.max_length": (64, 96), "eval.max_new_tokens": (16, 32), "model.tiny.hidden_size": (32, 64),
+            "train.lr": (1e-3, 1e-4)}
+    sft = CONFIGS / "train" / "sft_tiny.yaml"
+    assert set(_shape_changes(load_config(TINY, []), diff)) == {"data.max_length", "model.tiny.hidden_size"}
+    assert set(_shape_changes(load_config(sft, ["model.tiny.arch=gpt2"]), diff)) == {
+        "data.max_length", "eval.max_new_tokens", "model.tiny.hidden_size"}
+    assert set(_shape_changes(load_config(sft, ["model.tiny.arch=llama"]), diff)) == {"model.tiny.hidden_size"}
+

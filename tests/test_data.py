@@ -146,6 +146,30 @@ def test_sampler_global_batch_is_world_size_invariant(world):
     assert len(set(e0)) == 96 and e0 != e1
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_another_global_batch_counts_the_rows_of_its_epoch_it_skips_and_reads_again(grouped):
+    """A run forked (or allowed) with another global batch goes on at step x new batch of an
+    order the batch also cuts (grouped): the note counts, against the rows an uninterrupted
+    run of the old batch would have read that epoch, those never read and those read twice,
+    here replayed step by step; a position past the epoch names the epoch instead."""
+    import numpy as np
+
+    lengths = np.random.default_rng(0).integers(5, 200, 2000)
+    new = batching.StepSampler(2000, 32, 32, 0, 1, 7, lengths, grouped)
+    old = batching.StepSampler(2000, 16, 16, 0, 1, 7, lengths, grouped)
+    step = 10
+    seen = {i for s in range(step) for i in old.step_indices(s).tolist()}
+    due = {i for s in range(old.steps_per_epoch) for i in old.step_indices(s).tolist()}
+    ahead = [i for s in range(step, new.steps_per_epoch) for i in new.step_indices(s).tolist()]
+    skipped, again = len(due - seen - set(ahead)), sum(i in seen for i in ahead)
+    assert skipped > 0 and (again > 0) == grouped  # (ungrouped: one permutation, read further on)
+    assert new.moved_from(16, step) == (f"the data goes on at step 11's place in batches of 32: of epoch 1's rows, "
+                                        f"{skipped:,} are skipped and {again:,} read again")
+    assert new.moved_from(32, step) == "" and new.moved_from(16, 0) == ""
+    assert new.moved_from(16, 70) == ("the data goes on in epoch 2 of batches of 32, where the checkpoint was "
+                                      "1,120 rows into epoch 1")  # (62 steps of 32 make an epoch; 125 of 16)
+
+
 def _clause_split(path, tok, max_length):
     from launcher.data import pipeline, sources
     from launcher.data.clauses import ClauseEncoder

