@@ -429,8 +429,11 @@ def _plain_lines(path: Path, wanted: str) -> list[tuple[int, str]]:
         raise UserError(f"--input: {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet {wanted}") from None
-    return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
-            if line.strip()]
+    lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
+             if line.strip()]
+    if _streamed(path) and lines:  # no name says JSON rows there: they were clauses or prompts, braces and all
+        _not_a_table(path, lines[0][1])
+    return lines
 
 
 def _read_clauses(path: Path) -> list[dict]:
@@ -722,10 +725,7 @@ def _predict_causal_lm(args) -> list[str]:
             except UserError as e:
                 bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
-        plain = _plain_lines(path, "rows, or one prompt per line")
-        if _streamed(path) and plain:  # (JSON rows there were prompts, braces and all)
-            _not_a_table(path, plain[0][1])
-        for n, line in plain:
+        for n, line in _plain_lines(path, "rows, or one prompt per line"):
             rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"line": n, "text": line})
     _some(rows, bad, path)

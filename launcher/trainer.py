@@ -294,11 +294,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)
-    _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps)
-    if "train.global_batch_size" in pre.changed and start.checkpoint is not None:  # (allowed, or another run's)
-        moved = sampler.moved_from(pre.changed["train.global_batch_size"][0], state.step)
-        if moved:
-            rt.print(f"  {moved}")
+    _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps, sampler)
     accumulation = t.global_batch_size // (t.micro_batch_size * rt.world_size)
     # accelerate restores its micro-batch counter as the writer counted it; on another number
     # of ranks (another accumulation) that would move the accumulation boundaries: step 1 of
@@ -309,12 +305,16 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
                  val_loader, checkpointer, state, total_steps, warmup, accumulation, no_decay, n_params, n_trainable, held, group)
 
 
-def _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps: int) -> None:
+def _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps: int, sampler) -> None:
     """After a resume, the next step's lr is the new config's schedule's
     (config_changes.follow_schedule); when that moves it (an extension, or more rows, re-spreads
-    the schedule), the run says so."""
+    the schedule), the run says so. So it does where the data goes on under another global
+    batch (allowed, or another run's checkpoint: StepSampler.moved_from)."""
     if pre.start.checkpoint is None:
         return
+    if "train.global_batch_size" in pre.changed and (moved := sampler.moved_from(pre.changed["train.global_batch_size"][0],
+                                                                                 state.step)):
+        rt.print(f"  {moved}")
     old_lr = optimizer.param_groups[0]["lr"]  # the next step's, as the checkpoint's schedule had it
     config_changes.follow_schedule(scheduler, optimizer, pre.changed, t.lr, t.weight_decay,
                                    always=pre.start.forked_from is not None)
