@@ -446,7 +446,8 @@ def _read_clauses(path: Path) -> list[dict]:
     if _streamed(path) or path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
         lines = _plain_lines(path, "rows with 'text', or one clause per line")
-        _not_a_table(path, lines[0][1] if lines else "")
+        if not _streamed(path):  # (_plain_lines looked at standard input's first line already)
+            _not_a_table(path, lines[0][1] if lines else "")
         return [{"line": n, "text": line} for n, line in _some(lines, BadRows(""), path)]
     texts: list[dict] = []
     bad = BadRows(f"--input: {path}")

@@ -742,6 +742,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
+def tiny_learns_positions(cfg) -> bool:
+    """Whether the tiny model learns a position table (BERT's, GPT-2's), sized from
+    data.max_length; a Llama's rotary positions have none."""
+    arch = cfg.model.tiny.arch
+    return arch == "gpt2" or (cfg.task == "classification" and arch in ("auto", "bert"))
+
+
 def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -> list[str]:
     """Every problem at once, each one line naming its field."""
     out: list[str] = []
@@ -816,7 +823,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
     arch = cfg.model.tiny.arch
     if arch != "auto" and (arch == "bert") != (cfg.task == "classification"):
         out.append(f"model.tiny.arch: {arch} does not fit task {cfg.task} (bert: classification; llama, gpt2: causal_lm)")
-    absolute = arch == "gpt2" or (cfg.task == "classification" and arch in ("auto", "bert"))
+    absolute = tiny_learns_positions(cfg)
     if cfg.model.name == TINY_MODEL and absolute and d.max_length > TINY_POSITIONS:
         # (the tiny BERT and GPT-2 learn one position vector per token of data.max_length:
         # 100 million tokens asked for a 25.6 GB table and died in torch's allocator)

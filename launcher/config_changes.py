@@ -176,11 +176,10 @@ def check_resume(cfg, checkpoint: Path | None, forked: bool = False) -> dict:
 def _shape_changes(cfg, diff: dict) -> dict:
     """The changes a checkpoint's weights cannot load under (MODEL_SHAPE; a tiny model's
     position table too)."""
-    from launcher.config import TINY_MODEL
+    from launcher.config import TINY_MODEL, tiny_learns_positions
 
-    arch = cfg.model.tiny.arch
-    learned = arch == "gpt2" or (cfg.task == "classification" and arch in ("auto", "bert"))  # (as config.check)
-    fixed = MODEL_SHAPE + (TINY_SHAPE.get(cfg.task, ()) if cfg.model.name == TINY_MODEL and learned else ())
+    tiny = cfg.model.name == TINY_MODEL and tiny_learns_positions(cfg)
+    fixed = MODEL_SHAPE + (TINY_SHAPE.get(cfg.task, ()) if tiny else ())
     return {k: v for k, v in diff.items() if k in fixed}
 
 

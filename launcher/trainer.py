@@ -139,9 +139,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     start = ckpt_lib.agreed_start(
         lambda: ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, rt.job_id, cfg.checkpoint.trust),
         rt.gather_objects, rt.print)
-    changed = (config_changes.check_restart(cfg, start.ended()) if start.interrupted else
-               config_changes.check_restart(cfg, f"of job {start.restart_of_job} stopped before its first checkpoint")
-               if start.restart_of_job else {})
+    how = start.ended() if start.interrupted else f"of job {start.restart_of_job} stopped before its first checkpoint"
+    changed = config_changes.check_restart(cfg, how) if start.interrupted or start.restart_of_job else {}
     changed |= config_changes.check_resume(cfg, start.checkpoint, forked=start.forked_from is not None)
     resumed = ckpt_lib.TrainState.read(start.checkpoint) if start.checkpoint is not None else None
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
@@ -205,10 +204,9 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     if start.restart_of_job:
         rt.print(f"restarting from step 0 in place: an earlier attempt of job {start.restart_of_job} "
                  "stopped before its first checkpoint")
-        for line in config_changes.lines(pre.changed, "restarting"):
-            rt.print(line)
     if start.interrupted:
         rt.print(f"restarting from step 0 in place: the last attempt {start.ended()}")
+    if start.restart_of_job or start.interrupted:
         for line in config_changes.lines(pre.changed, "restarting"):
             rt.print(line)
     return run_dir, warm_tracker

@@ -134,10 +134,10 @@ class StepSampler:
         global batch (the position is step x batch, and a grouped order is cut by the batch):
         the rows of the checkpoint's epoch it skips and reads again, counted, or the epoch it
         goes on in. Empty when the batch is the same or no epoch holds one."""
+        if was == self.global_batch or not step or not steps_per_epoch(self.n, was) or not self.steps_per_epoch:
+            return ""
         old = StepSampler(self.n, was, was, 0, 1, self.seed, None if self.lengths is None else self.lengths.numpy(),
                           self.group_by_length, self.longest_first)
-        if was == self.global_batch or not step or not old.steps_per_epoch or not self.steps_per_epoch:
-            return ""
         old_epoch, old_at = divmod(step, old.steps_per_epoch)
         new_epoch, new_at = divmod(step, self.steps_per_epoch)
         seen = old.epoch_order(old_epoch)[: old_at * was].numpy()
