@@ -59,7 +59,7 @@
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: sbatch [--nodes N | --nodes MIN-MAX] slurm/train.sh CONFIG [key=value ...]" >&2
+    echo "usage: sbatch [--nodes N | --nodes MIN-MAX] [--gpus-per-node G] slurm/train.sh CONFIG [key=value ...]" >&2
     exit 2
 fi
 CONFIG=$1
@@ -86,6 +86,14 @@ fi
 
 PYTHON=${PYTHON:-python3}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}
+# Said here by the name the user set: the node's launch named it --accelerate-config, a flag
+# of `launcher train` this job never took.
+if [ ! -f "$ACCELERATE_CONFIG" ]; then
+    where=" (relative to $PWD, where the job starts)"
+    [[ $ACCELERATE_CONFIG != /* ]] || where=""
+    echo "error: ACCELERATE_CONFIG: no such file: $ACCELERATE_CONFIG$where" >&2
+    exit 2
+fi
 NNODES=${SLURM_NNODES:-1}
 # The GPUs the job has on each node. SLURM_GPUS_ON_NODE is set on a node with GPUs, but under
 # the header's --exclusive it counts every GPU of the node, while a job step gets only what the
@@ -226,7 +234,7 @@ rm -f "$LAUNCHER_STOP_FILE" "$LAUNCHER_STOP_FILE.stopped"  # a requeued job star
 PREEMPTED=0
 NEAR_LIMIT=0
 END_EPOCH=""
-on_warning() {
+on_warning() {  # $1: the signal's name
     PREEMPTED=1
     # Slurm's --signal=B:USR1 may come before this script's timer (up to a minute early, or
     # at 600 s with a lower SIGNAL_LEAD_S): the time left, not which came first, says whether
@@ -236,13 +244,18 @@ on_warning() {
     if [ -n "$END_EPOCH" ] && [ $((END_EPOCH - $(date +%s))) -le $((lead + 120)) ]; then
         NEAR_LIMIT=1
     fi
-    echo "launcher: caught the time-limit warning; asking every rank to checkpoint and stop"
+    # Named as what it is: a SIGTERM (scancel, a preemption) or a USR1 far from the end time is
+    # not the time-limit warning.
+    local what="a stop request"
+    [ "$NEAR_LIMIT" = 0 ] || what="the time-limit warning"
+    echo "launcher: caught SIG$1 ($what); asking every rank to checkpoint and stop"
     # Not under `set -e`: a touch that fails (a full or stale shared file system) ended this
     # script with srun still running, and Slurm then killed the ranks mid-step.
     touch "$LAUNCHER_STOP_FILE" || echo "launcher: warning: cannot create the stop file $LAUNCHER_STOP_FILE;" \
         "the ranks were not asked to stop" >&2
 }
-trap on_warning USR1 TERM
+trap 'on_warning USR1' USR1
+trap 'on_warning TERM' TERM
 
 # Our own timer: SIGNAL_LEAD_S before the job's end time (Slurm's --signal lead is fixed at submission).
 # The end time in ISO form whatever the user's SLURM_TIME_FORMAT; anything else (squeue failed or

@@ -242,7 +242,7 @@ def test_an_end_time_that_cannot_be_read_leaves_the_timer_off(tmp_path, squeue):
     step and requeued itself. Now the timer is off and Slurm's --signal stays the warning."""
     proc = _stubbed(tmp_path, squeue, TRAINS_2S)
     assert proc.returncode == 0, proc.stderr
-    assert "trained" in proc.stdout and "caught the time-limit warning" not in proc.stdout
+    assert "trained" in proc.stdout and "caught SIG" not in proc.stdout
     assert not (tmp_path / "requeued").exists()
 
 
@@ -300,7 +300,9 @@ def test_slurms_own_warning_before_the_timer_is_the_time_limit_warning_too(tmp_p
                     'echo "stop file $LAUNCHER_STOP_FILE before the first step" > "$LAUNCHER_STOP_FILE.stopped"; fi\n')
     end = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=left_s)).strftime("%Y-%m-%dT%H:%M:%S")
     proc = _stubbed(tmp_path, end, warned_first)  # the timer waits left_s - 600 s: it has not fired
-    assert "caught the time-limit warning" in proc.stdout and "s to the time limit" not in proc.stdout, proc.stdout
+    # Named as what it is (it said "the time-limit warning" for an hour-early USR1 or a SIGTERM too).
+    said = "caught SIGUSR1 (a stop request)" if requeued else "caught SIGUSR1 (the time-limit warning)"
+    assert said in proc.stdout and "s to the time limit" not in proc.stdout, proc.stdout
     assert (tmp_path / "requeued").exists() == requeued and proc.returncode == (0 if requeued else 1), (proc.stdout, proc.stderr)
 
 
@@ -311,6 +313,7 @@ def test_the_interpreter_and_accelerate_config_reach_the_node_as_given(tmp_path)
     odd.mkdir()
     (odd / "python").write_text('#!/bin/bash\necho "ARG0:$0"\nprintf "ARG:%s\\n" "$@"\n')
     (odd / "python").chmod(0o755)
+    (odd / "a.yaml").write_text("")
     proc = _stubbed(tmp_path, "", "#!/bin/bash\n", ACCELERATE_CONFIG=str(odd / "a.yaml"), PYTHON=str(odd / "python"))
     args = [line.removeprefix("ARG:") for line in proc.stdout.splitlines() if line.startswith("ARG:")]
     assert proc.returncode == 0 and f"ARG0:{odd / 'python'}" in proc.stdout.splitlines(), (proc.stdout, proc.stderr)
@@ -349,7 +352,7 @@ def test_a_warning_the_run_did_not_stop_for_requeues_nothing(tmp_path):
     finishes = '#!/bin/bash\nsleep 2\necho "finished"\n'  # ignores the stop file: its last step was done
     proc = _stubbed(tmp_path, end, finishes)
     assert proc.returncode == 0, proc.stderr
-    assert "caught the time-limit warning" in proc.stdout and "nothing to requeue" in proc.stdout
+    assert "caught SIGUSR1 (the time-limit warning)" in proc.stdout and "nothing to requeue" in proc.stdout
     assert not (tmp_path / "requeued").exists()
 
 
@@ -360,8 +363,17 @@ def test_a_stop_file_that_cannot_be_created_is_a_warning_and_the_job_waits_for_i
     signals_the_script = '#!/bin/bash\nkill -USR1 $PPID\nsleep 1\necho "trained"\n'  # srun's stub execs it: $PPID is the script
     proc = _stubbed(tmp_path, "", signals_the_script, LAUNCHER_STOP_FILE=str(tmp_path / "no-such-dir" / "stop"))
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
-    assert "caught the time-limit warning" in proc.stdout and "trained" in proc.stdout
+    assert "caught SIGUSR1 (a stop request)" in proc.stdout and "trained" in proc.stdout  # no end time: not the limit
     assert f"launcher: warning: cannot create the stop file {tmp_path / 'no-such-dir' / 'stop'}; the ranks were not asked to stop" in proc.stderr
+
+
+def test_a_sigterm_to_the_batch_script_is_named_as_such(tmp_path):
+    """`scancel --signal=TERM --batch JOB` (or a preemption's SIGTERM) was reported as "the
+    time-limit warning"; the line names the signal and calls it a stop request."""
+    signals_the_script = '#!/bin/bash\nkill -TERM $PPID\nsleep 1\necho "trained"\n'
+    proc = _stubbed(tmp_path, "", signals_the_script)
+    assert proc.returncode == 0 and "launcher: caught SIGTERM (a stop request); asking every rank to checkpoint and stop" \
+        in proc.stdout.splitlines(), (proc.stdout, proc.stderr)
 
 
 @pytest.mark.parametrize("why", ["SIGUSR1", "SIGTERM"])
@@ -374,7 +386,7 @@ def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):
     (tmp_path / why).mkdir()
     proc = _stubbed(tmp_path / why, "", stopped)
     assert proc.returncode == 0, proc.stderr
-    assert "caught the time-limit warning" not in proc.stdout
+    assert "caught SIG" not in proc.stdout
     assert f"the run stopped early ({why}): requeueing job 77" in proc.stdout, proc.stdout
     assert (tmp_path / why / "requeued").read_text() == "requeued\n"
 
@@ -385,6 +397,9 @@ def test_ranks_stopped_by_a_signal_sent_to_them_requeue_the_job(tmp_path, why):
     ({"CPUS_PER_NODE": "08"}, "error: CPUS_PER_NODE: expected a whole number; got '08'"),
     ({"GPUS_PER_NODE": "0"}, "error: GPUS_PER_NODE: must be 1 or more; got 0"),
     ({"MAIN_PORT": "70000"}, "error: MAIN_PORT: expected a port in 1..65535; got 70000"),
+    ({"ACCELERATE_CONFIG": "configs/accelerate/no_such.yaml"},  # (the node's launch named it --accelerate-config)
+     f"error: ACCELERATE_CONFIG: no such file: configs/accelerate/no_such.yaml (relative to {ROOT}, where the job starts)"),
+    ({"ACCELERATE_CONFIG": "/no/such.yaml"}, "error: ACCELERATE_CONFIG: no such file: /no/such.yaml"),
     ({"GPUS_PER_NODE": "8", "SLURM_GPUS_PER_NODE": "4"},  # (two ranks shared each GPU, without a word)
      "error: GPUS_PER_NODE: 8 ranks per node, but the job has 4 GPU(s) per node; ask for more GPUs or lower GPUS_PER_NODE"),
 ])
