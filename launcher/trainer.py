@@ -310,6 +310,10 @@ def _follow_schedule(rt, pre, state, scheduler, optimizer, t, total_steps: int, 
     batch (allowed, or another run's checkpoint: StepSampler.moved_from)."""
     if pre.start.checkpoint is None:
         return
+    if state.step > total_steps:  # (the start line says the new schedule's count: it trained none of them)
+        key = "train.max_steps" if t.max_steps else "train.epochs"
+        rt.print(f"note: the checkpoint is at step {state.step}, past the {total_steps} step(s) {key} now gives: "
+                 f"nothing more trains; the run ends at step {state.step}")
     if "train.global_batch_size" in pre.changed and (moved := sampler.moved_from(pre.changed["train.global_batch_size"][0],
                                                                                  state.step)):
         rt.print(f"  {moved}")

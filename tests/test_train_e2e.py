@@ -747,6 +747,20 @@ def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 2, 4]
 
 
+def test_a_resume_given_fewer_steps_than_its_checkpoint_says_where_it_ends(tmp_path):
+    """Halted at step 4 and resumed with train.max_steps=3: the start line said "3 steps" and
+    the run then exported step 4 without a word. It says so now, and ends where it said."""
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "eval.every_steps=100",
+            "checkpoint.every_steps=2", "tracking.mlflow=false"]
+    check(launcher(*args, "train.max_steps=6", "train.halt_at_step=4"))
+    out = check(launcher(*args, "train.max_steps=3")).stdout.splitlines()
+    assert ("note: the checkpoint is at step 4, past the 3 step(s) train.max_steps now gives: nothing more trains; "
+            "the run ends at step 4") in out, out
+    assert "exported:    step 4 of 4 (checkpoint.export: best)" in out
+    final = json.loads((tmp_path / "x" / "final_metrics.json").read_text())
+    assert (final["step"], final["exported_step"]) == (4, 4)
+
+
 def test_a_resume_that_goes_back_and_changes_the_values_sends_them_again_and_goes_on(tmp_path):
     """Gone back to step 2 with a new lr (checkpoint.resume_changed=allow): steps 3-4 train
     anew. The MLflow run skipped every step it already had, assuming the same values, so it
