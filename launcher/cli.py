@@ -104,7 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a run config", description="Train from a run config. Launch under "
-                       "`accelerate launch -m launcher train ...` for several processes.")
+                       "`accelerate launch -m launcher train ...` for several processes.",
+                       epilog="Resume: the same command again goes on from the run directory's newest checkpoint "
+                       "(checkpoint.resume=auto), in the same tracker run; a run killed before its first checkpoint "
+                       "starts again in place. A changed config is listed and recorded; a change that makes another "
+                       "run (model, data, seed, global batch, optimisation) is refused unless "
+                       "checkpoint.resume_changed=allow. checkpoint.resume=never refuses an existing run directory; "
+                       "checkpoint.resume=PATH resumes from that checkpoint (another run's: a new run starts from it).")
     t.add_argument("config", help="run config YAML (e.g. configs/train/clause_tiny.yaml)")
     t.add_argument("--output-dir", help="parent of the run directory (config: output_dir)")
     t.add_argument("--run-name", help="run directory name (config: run_name; default: the config file's stem)")

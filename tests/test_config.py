@@ -620,3 +620,18 @@ def test_a_resume_refuses_only_the_changes_a_checkpoints_weights_cannot_load_und
         "data.max_length", "eval.max_new_tokens", "model.tiny.hidden_size"}
     assert set(_shape_changes(load_config(sft, ["model.tiny.arch=llama"]), diff)) == {"model.tiny.hidden_size"}
 
+
+
+def test_train_help_says_how_a_run_resumes_with_keys_that_exist(capsys, tmp_path):
+    """`launcher train --help` said nothing of resuming, the first thing a cluster user needs
+    (the same command again). Its lines name config keys; each one given is accepted."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the same command again goes on from the run directory's newest checkpoint" in text
+    given = set(re.findall(r"\b([a-z_]+\.[a-z_]+)=([a-z]+)", text))
+    assert {k for k, _ in given} >= {"checkpoint.resume", "checkpoint.resume_changed"}, given
+    for key, value in given:
+        cfg = load_config(TINY, [f"{key}={value}"], output_dir=str(tmp_path))
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value
