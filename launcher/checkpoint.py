@@ -61,6 +61,8 @@ class TrainState:
     # packed or not): a file changed in place since would move every later step's batch. None in
     # checkpoints from before it was kept.
     train_rows: int | None = None
+    # The validation rows it evaluated on, for the same check (None: from before it was kept).
+    validation_rows: int | None = None
 
     @classmethod
     def read(cls, ckpt: Path) -> "TrainState":

@@ -160,18 +160,26 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
                              *task.sources(cfg.data.train_file, cfg.data.validation_file))
         if start.checkpoint is not None and resumed is not None and start.forked_from is None \
                 and cfg.checkpoint.resume_changed != "allow":
-            _check_rows(cfg.data.train_file, task.train_examples(data[1]), resumed.train_rows, start.checkpoint)
+            _check_rows(cfg.data, task.train_examples(data[1]), len(data[2]), resumed, start.checkpoint)
     rt.barrier()
     return Preflight(start, changed, resumed, moved, cache, fetched_here, data)
 
 
-def _check_rows(train_file, rows: int, before: int | None, checkpoint: Path) -> None:
-    """A resume reads the training file again: one changed in place (rows added or removed,
-    under the same name) would shift every later batch (ConfigError unless allowed)."""
-    if before is not None and rows != before:
-        raise ConfigError(f"data.train_file: {train_file} gives {rows:,} training examples now and gave {before:,} when "
-                          f"{checkpoint.name} was written: it changed in place, and the resumed epochs would skip or "
-                          "repeat rows; restore it, or set checkpoint.resume_changed=allow to go on with the new rows")
+def _check_rows(data, rows: int, val_rows: int, resumed: ckpt_lib.TrainState, checkpoint: Path) -> None:
+    """A resume reads the data files again: a training file changed in place (rows added or
+    removed, under the same name) would shift every later batch; a validation file, score the
+    later evaluations on other clauses than the earlier ones they are compared with (the best
+    checkpoint, early stopping). ConfigError unless allowed."""
+    if resumed.train_rows is not None and rows != resumed.train_rows:
+        raise ConfigError(f"data.train_file: {data.train_file} gives {rows:,} training examples now and gave "
+                          f"{resumed.train_rows:,} when {checkpoint.name} was written: it changed in place, and the resumed "
+                          "epochs would skip or repeat rows; restore it, or set checkpoint.resume_changed=allow to go on "
+                          "with the new rows")
+    if resumed.validation_rows is not None and val_rows != resumed.validation_rows:
+        raise ConfigError(f"data.validation_file: {data.validation_file} gives {val_rows:,} validation rows now and gave "
+                          f"{resumed.validation_rows:,} when {checkpoint.name} was written: it changed in place, and later "
+                          "evaluations would be compared with earlier ones on other rows (the best checkpoint, early "
+                          "stopping); restore it, or set checkpoint.resume_changed=allow to go on with the new rows")
 
 
 def open_run(cfg: RunConfig, rt, pre: Preflight):
@@ -288,7 +296,7 @@ def build(cfg: RunConfig, rt, task, pre: Preflight, run_dir: Path) -> Parts:
              else ckpt_lib.TrainState(tracker_ids=start.tracker_ids, longest_batch_first=True))
     if start.forked_from is not None:
         state = state.for_new_run(start.tracker_ids)
-    state.train_rows = task.train_examples(train_ds)
+    state.train_rows, state.validation_rows = task.train_examples(train_ds), len(val_ds)
     # A checkpoint written before epochs began with their longest batch goes on in its own order.
     sampler = batching.StepSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, rt.rank, rt.world_size, t.seed,
                                    lengths=train_ds.lengths, group_by_length=group, longest_first=state.longest_batch_first)

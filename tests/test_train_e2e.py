@@ -792,7 +792,7 @@ def test_a_resume_that_goes_back_and_changes_the_values_sends_them_again_and_goe
     assert run.data.metrics["train/lr"] == pytest.approx(jsonl[4]["train/lr"], rel=1e-6)
 
 
-def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
+def test_a_data_file_changed_in_place_is_refused_at_the_resume(tmp_path):
     """The same data.train_file, rows appended after the checkpoint: the resume went on
     silently, every later batch drawn from another epoch order. One line now; allowed, it
     goes on with the new rows, on the schedule of their steps from the next step, and says so
@@ -825,6 +825,20 @@ def test_a_training_file_changed_in_place_is_refused_at_the_resume(tmp_path):
                          "was written: it changed in place, and the resumed epochs would skip or repeat rows; restore "
                          "it, or set checkpoint.resume_changed=allow to go on with the new rows")
     assert not (tmp_path / "x" / "model").exists()
+    # The validation file changed in place was not checked: later evaluations scored other rows
+    # than the earlier ones they are compared with.
+    train.write_text("".join(lines))
+    validation = tmp_path / "d" / "validation.jsonl"
+    kept = validation.read_text()
+    validation.write_text("".join(kept.splitlines(keepends=True)[:80]))
+    proc = launcher(*args)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        f"error: data.validation_file: {validation} gives 80 validation rows now and gave 100 when step-000001 was "
+        "written: it changed in place, and later evaluations would be compared with earlier ones on other rows (the best "
+        "checkpoint, early stopping); restore it, or set checkpoint.resume_changed=allow to go on with the new rows"), proc.stderr
+    assert not (tmp_path / "x" / "model").exists()
+    validation.write_text(kept)
+    train.write_text("".join(lines + lines[:64]))
     allowed = check(launcher(*args, "checkpoint.resume_changed=allow"))
     assert (tmp_path / "x" / "model").is_dir()
     rows = [json.loads(x) for x in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
