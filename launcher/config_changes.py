@@ -240,6 +240,20 @@ def follow_schedule(scheduler, optimizer, diff: dict, lr: float, weight_decay: f
         optimizer.param_groups[0]["weight_decay"] = weight_decay
 
 
-def params(step: int, diff: dict) -> dict:
-    """MLflow params of this attempt's changes (a resumed run's first values stay as logged)."""
-    return {f"resumed_at_{step}.{k}": f"{was!r} -> {now!r}" for k, (was, now) in diff.items()}
+def params(step: int, diff: dict, run_dir: Path | None = None) -> dict:
+    """MLflow params of this attempt's changes (a resumed run's first values stay as logged),
+    after those of every earlier attempt in run_dir's config_history.jsonl: an attempt that ran
+    with its tracker off logged none of its own (a param logged already is not sent again)."""
+    import json
+
+    earlier: dict = {}
+    history = run_dir / "config_history.jsonl" if run_dir is not None else None
+    if history is not None and history.is_file():
+        for line in history.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                earlier |= {f"resumed_at_{entry['resumed_at_step']}.{k}": f"{was!r} -> {now!r}"
+                            for k, (was, now) in entry["changed"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):  # a line a kill cut short: the record it was
+                continue
+    return earlier | {f"resumed_at_{step}.{k}": f"{was!r} -> {now!r}" for k, (was, now) in diff.items()}

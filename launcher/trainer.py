@@ -415,7 +415,7 @@ def start_tracker(cfg: RunConfig, p: Parts, pre: Preflight, warm) -> tracking.Tr
             "derived.padded_token_fraction_random": round(padded_random, 4),
         }
         | derived
-        | config_changes.params(state.step, pre.changed)  # (a restart in place's at step 0)
+        | config_changes.params(state.step, pre.changed, p.run_dir)  # (a restart in place's at step 0)
         | ({"started_from": str(start.forked_from.resolve())} if start.forked_from is not None else {})
         | ({f"resumed_at_{state.step}.world_size": f"{pre.resumed.world_size} -> {rt.world_size}"}
            if pre.moved and pre.resumed else {}),  # a resume on another number of ranks

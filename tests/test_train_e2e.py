@@ -747,6 +747,26 @@ def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/macro_f1")] == [0, 2, 4]
 
 
+def test_changes_of_an_attempt_run_with_mlflow_off_reach_the_run_later(tmp_path):
+    """An attempt run with tracking.mlflow=false logged none of its changes, and the next attempt
+    logged only its own: the MLflow run never showed that eval.every_steps had changed at step 2
+    and still read 2 as its current value. The attempts' changes in config_history.jsonl are sent."""
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "train.max_steps=4",
+            "checkpoint.every_steps=1"]
+    check(launcher(*args, "eval.every_steps=2", "train.halt_at_step=2"))
+    check(launcher(*args, "eval.every_steps=3", "train.halt_at_step=3", "tracking.mlflow=false"))
+    check(launcher(*args, "eval.every_steps=3"))
+    history = [json.loads(line) for line in (tmp_path / "x" / "config_history.jsonl").read_text().splitlines()]
+    assert [h["resumed_at_step"] for h in history] == [2, 3]
+    (run,) = all_runs(mlflow_client(tmp_path))
+    params = run.data.params
+    assert params["resumed_at_2.eval.every_steps"] == "2 -> 3" and params["resumed_at_2.tracking.mlflow"] == "True -> False"
+    assert params["resumed_at_3.tracking.mlflow"] == "False -> True" and params["eval.every_steps"] == "2"
+    from launcher.tracking import _current
+
+    assert _current(params, "eval.every_steps") == "3"
+
+
 def test_a_resume_given_fewer_steps_than_its_checkpoint_says_where_it_ends(tmp_path):
     """Halted at step 4 and resumed with train.max_steps=3: the start line said "3 steps" and
     the run then exported step 4 without a word. It says so now, and ends where it said."""
