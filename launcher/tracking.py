@@ -719,7 +719,7 @@ class WandbTracker(Tracker):
             dir=str(directory),
             tags=(own + [f"{k}={v}" for k, v in tags.items()])[:20],
         )
-        self.run_id, self.mode, self.directory = self.run.id, mode, directory
+        self.run_id, self.mode, self.directory, self.project = self.run.id, mode, directory, project
         # Every metric on the run's own step axis, as transformers' W&B callback does: W&B drops
         # a log at an internal step below its last one, so a resumed run's steps between its
         # checkpoint and the kill kept the killed attempt's values. On this axis both attempts'
@@ -772,7 +772,7 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
     def ids(self) -> dict:
-        return {"wandb": self.run_id}
+        return {"wandb": self.run_id, "wandb_project": self.project}
 
 
 def wandb_file_records(path: Path) -> list:
@@ -1122,6 +1122,13 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
     mode = t.wandb_mode or os.environ.get("WANDB_MODE") or "online"
     if t.wandb and mode != "disabled":
         project = t.wandb_project or os.environ.get("WANDB_PROJECT") or "launcher"
+        # A W&B run id is a project's: the same id under another project started a second run
+        # there, the history split in two. A resumed run stays where it began, as in MLflow.
+        held = resume_ids.get("wandb_project") if resume_ids.get("wandb") else None
+        if held and held != project:
+            print(f"tracking: W&B run {resume_ids['wandb']} stays in project {held!r}, where its first attempt started "
+                  f"it (project {project!r} is where a new run would go)", file=sys.stderr, flush=True)
+            project = held
         wandb = _starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
             project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
             hint=lambda e: _wandb_hint(e, mode, Path(os.environ.get("WANDB_DIR") or run_dir / "wandb")))
