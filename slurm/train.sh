@@ -215,7 +215,10 @@ fi
 if [ "${LAUNCHER_DRY_RUN:-0}" = 1 ]; then  # print what would run (tests check the arithmetic)
     # (sbatch passes the submitting shell's environment on: say why a job did not train)
     echo "launcher: LAUNCHER_DRY_RUN=1: the launch below is printed, not run" >&2
-    echo "${SRUN[*]} bash -c '$LAUNCH'"
+    # Shown as bash reads it back: a quote in an argument (RUN_NAME=o\'brien) broke the '...' form.
+    shown="'$LAUNCH'"
+    [[ $LAUNCH != *"'"* ]] || shown=$(printf '%q' "$LAUNCH")
+    echo "${SRUN[*]} bash -c $shown"
     exit 0
 fi
 

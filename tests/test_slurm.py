@@ -454,3 +454,15 @@ def test_each_nodes_launch_gets_every_gpu_and_the_fewest_cpus_the_job_has_on_a_n
         seen = (tmp_path / f"node-{node}").read_text()
         visible = ",".join(str(i) for i in range(gpus))  # (Slurm's indices within the node)
         assert seen.startswith(f"gpus={visible} ") and f"--num_machines 2 --num_processes {2 * gpus} --machine_rank {node}" in seen, seen
+
+
+def test_the_dry_run_line_reads_back_as_it_would_run(cluster):
+    """The dry run printed the node's command in '...': an argument with a quote in it (%q writes
+    o\\'brien) made a line that no shell reads back as the command."""
+    import shlex
+
+    for name in ("plain", "o'brien"):
+        line = next(x for x in render(cluster, 1, "gpu7", "8", RUN_NAME=name).splitlines() if " srun " in x)
+        words = shlex.split(line)
+        command = shlex.split(words[words.index("-c") + 1])
+        assert command[-4:] == ["configs/train/clause_tos.yaml", "--run-name", name, "train.lr=3e-5"], command
