@@ -429,15 +429,18 @@ def gpu_cluster(cluster, tmp_path_factory):
 @pytest.mark.parametrize("ask, gpus", [(["--gpus-per-node=4"], 4), (["--gpus-per-task=1", "--ntasks-per-node=4"], 4),
                                        (["--gpus-per-task=1", "--ntasks-per-node=4", "--gpu-bind=single:1"], 4),
                                        (["--ntasks-per-gpu=1", "--gpus-per-node=4"], 4), (["--gpus-per-node=3"], 3),
-                                       (["--gpus=4"], 2), (["--gpus-per-task=1", "--ntasks-per-node=2"], 2)],
+                                       (["--gpus=4"], 2), (["--gpus-per-task=1", "--ntasks-per-node=2"], 2),
+                                       (["--gres=gpu:3"], 4)],
                          ids=["per-node", "per-task", "per-task-bound", "tasks-per-gpu", "part-of-the-node", "in-all",
-                              "per-task-part"])
+                              "per-task-part", "gres"])
 def test_each_nodes_launch_gets_every_gpu_and_the_fewest_cpus_the_job_has_on_a_node(gpu_cluster, tmp_path, ask, gpus):
     """A job asked for per task (the usual `--gpus-per-task=1 --ntasks-per-node=4` of a torchrun
     script) handed srun SLURM_GPUS_PER_TASK=1: our one task per node saw 1 of its 4 GPUs, under a
     launch of 4 processes. `--ntasks-per-gpu` made srun refuse our --ntasks-per-node. 3 of a
     node's 4 GPUs (or 4 over 2 nodes): --exclusive made SLURM_GPUS_ON_NODE 4, so 4 ranks shared
-    the step's 3 (2) GPUs."""
+    the step's 3 (2) GPUs. `--gres=gpu:3` under the header's --exclusive: the job is given the
+    node's every GPU (SLURM_JOB_GPUS and the step's CUDA_VISIBLE_DEVICES list all 4; Slurm 22.05),
+    so 4 ranks per node is what it has."""
     python = tmp_path / "python"  # the node's launch: what it was given and what Slurm gave its step
     python.write_text('#!/bin/bash\necho "gpus=$CUDA_VISIBLE_DEVICES $*" > "$OUTPUT_DIR/node-$SLURM_NODEID"\n')
     python.chmod(0o755)
