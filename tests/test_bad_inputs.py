@@ -9,6 +9,7 @@ Files are written per case by `make(tmp) -> overrides`; `expect` is the start of
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -328,6 +329,18 @@ CASES = [
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
      "--output: {tmp}: is a directory"),
     ("CSV with a header alone", "train", TINY, _files("text,label\n\n", name="train.csv"), "{tmp}/train.csv: no rows"),
+    # (these three said "cannot be read as JSON lines (StopIteration)" or datasets' "Instruction
+    # "train" corresponds to no data!"; eval said "no rows")
+    ("JSONL empty", "train", TINY, _files(""), "{tmp}/train.jsonl: no rows"),
+    ("JSONL blank lines only", "train", TINY, _files("\n  \n\r\n"), "{tmp}/train.jsonl: no rows"),
+    ("JSONL an empty array", "train", TINY, _files("[]\n"), "{tmp}/train.jsonl: no rows"),
+    ("JSONL gzip-compressed", "train", TINY, _files(gzip.compress(GOOD.encode())),  # (it said "UTF-16?")
+     "{tmp}/train.jsonl:1: gzip-compressed, not text; decompress it first (gunzip)"),
+    # Labels as numbers, then names after a blank line, then a bad one: the tiny tokenizer's read
+    # checked no row, and the line went unnamed ("cannot be read as JSON lines").
+    ("JSONL labels as numbers then names, a blank line, a bad label", "train", TINY,
+     _files(GOOD + "\n" + GOOD.replace('"label": 1', '"label": "unfair"') + '{"text": "We may.", "label": "maybe"}\n'),
+     "{tmp}/train.jsonl:82: 'label' must be 0, 1, fair or unfair, or a category name; got 'maybe'"),
     ("CSV header with a space after a comma", "train", TINY, _files("text, label\n" + "We may end it at any time.,1\n" * 40, "train.csv"),
      "{tmp}/train.csv: no 'label' or 'labels' column (its columns: 'text', ' label'); a column name has spaces around it"),
     ("CSV separated by semicolons", "train", TINY, _files("text;label\n" + "We may end it at any time.;1\n" * 40, "train.csv"),

@@ -322,6 +322,33 @@ def test_a_byte_order_mark_and_blank_lines_read_as_training_reads_them(tmp_path)
     assert e.value.problems[0].startswith(f"{blank}:5: ")  # the bad row's own line, past the blank one
 
 
+def test_labels_that_change_type_read_past_blank_lines_and_a_byte_order_mark(tmp_path):
+    """Labels as numbers, then as names: datasets' JSON reader falls back to parsing each line
+    in Python, which fails on a blank line or a BOM ("cannot be read as JSON lines"), though
+    the file without them trains. The rows are read from a copy without them, made once in the
+    cache; the file's own lines still name a bad row."""
+    from launcher.data import sources
+
+    rows = [{"text": f"clause {i}", "label": i % 2 if i < 6 else ["fair", "unfair"][i % 2]} for i in range(10)]
+    lines = [json.dumps(r) + "\n" for r in rows]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(lines))
+    odd = tmp_path / "odd.jsonl"
+    odd.write_bytes(("\ufeff" + "".join(lines[:6]) + "\n  \r\n" + "".join(lines[6:]) + "\n").encode())
+    expected = ([r["text"] for r in rows], [i % 2 for i in range(10)])
+    assert load(plain) == expected and load(odd) == expected
+    cache = tmp_path / "cache"
+    source = sources.resolve(DataConfig(train_file=str(odd)), "train")
+    assert source.read(cache).num_rows == 10
+    (copy,) = (cache / "rows-alone").iterdir()
+    assert source.read(cache).num_rows == 10 and list((cache / "rows-alone").iterdir()) == [copy]  # made once
+    odd.write_bytes(odd.read_bytes() + b'{"text": "clause x", "label": "maybe"}\n')
+    with pytest.raises(DataError) as e:
+        load(odd)
+    assert e.value.problems == [f"{odd}:14: 'label' must be 0, 1, fair or unfair, or a category name; got 'maybe'"]
+    assert source.read(cache).num_rows == 11 and len(list((cache / "rows-alone").iterdir())) == 2  # the changed file's own
+
+
 def test_whole_number_float_labels_read_as_their_ints_and_a_bad_one_is_its_own_line(tmp_path):
     """One `"label": 1.0` row (pandas writes labels so) made the JSON reader turn the whole
     column into floats, and every row was refused (`:1: ... got 0.0` for a line holding 0).

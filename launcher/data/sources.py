@@ -166,7 +166,20 @@ class Source:
         except DataError:
             raise
         except Exception as e:  # pyarrow / pandas raise many types for a malformed file
-            raise DataError(*_why_unreadable(path, self.fmt, e, check)) from None
+            problems = _why_unreadable(path, self.fmt, e, check)
+            if problems or not self.json_lines:
+                raise DataError(*(problems or [_cannot_read(path, self.fmt, e)])) from None
+            # Every row good by our reading: datasets' own reader fails on JSON lines whose
+            # column changes type (int labels, then names) when the file also has a blank line
+            # or a byte-order mark (its fallback parses each line without skipping them;
+            # datasets 5.2). Read a copy of the rows alone, made once in the data cache.
+            copy = _rows_alone(path, cache_dir)
+            if copy is None:
+                raise DataError(_cannot_read(path, self.fmt, e)) from None
+            try:
+                return datasets.load_dataset("json", data_files=str(copy), split="train", cache_dir=str(cache_dir))
+            except Exception as again:  # noqa: BLE001 - a reader failure of its own: said as before
+                raise DataError(_cannot_read(path, self.fmt, again)) from None
 
     @property
     def json_lines(self) -> bool:
@@ -351,12 +364,15 @@ def _check_json(path: Path) -> None:
 
 
 def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) -> list[str]:
-    """Every problem of a file the fast reader refused (first MAX_REPORTED, then a count),
-    or one line saying what the file is not."""
+    """Every problem of a file the fast reader refused (first MAX_REPORTED, then a count), or
+    `no rows` for a file without any (empty, blank lines, `[]`); none when every row is good
+    by this reading (and `check`)."""
     if fmt == "parquet":
         return [f"{path}: not a readable Parquet file ({_first_line(error)})"]
     bad = BadRows(str(path))
+    rows = 0
     for where, record in read_records(path):
+        rows += 1
         try:
             if isinstance(record, DataError):
                 raise record
@@ -366,13 +382,51 @@ def _why_unreadable(path: Path, fmt: str | None, error: BaseException, check) ->
             bad.add(e.problems)
     if bad.rows:
         return bad.lines()
+    return [] if rows else [f"{path}: no rows"]
+
+
+def _cannot_read(path: Path, fmt: str | None, error: BaseException) -> str:
     what = {"json": "JSON lines", "csv": "CSV"}.get(fmt or "", "data")
-    return [f"{path}: cannot be read as {what} ({_first_line(error)})"]
+    return f"{path}: cannot be read as {what} ({_first_line(error)})"
+
+
+def _rows_alone(path: Path, cache_dir: Path) -> Path | None:
+    """A copy of a JSON-lines file without its blank lines and byte-order mark, in the data
+    cache under the file's identity (path, size, mtime: a file changed since gets another);
+    None when the file has neither (the copy would be the file). Written beside and renamed
+    into place: ranks and jobs sharing the cache may make it at once."""
+    import secrets
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    copy = cache_dir / "rows-alone" / f"{key}.jsonl"
+    if copy.is_file():
+        return copy
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = copy.with_name(f".{copy.name}.{secrets.token_hex(8)}")
+    dropped = False
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as out:
+            for lineno, line in enumerate(src, 1):
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line, dropped = line[3:], True
+                if not line.strip():
+                    dropped = True
+                    continue
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+        if not dropped:
+            return None
+        os.replace(tmp, copy)
+        return copy
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _refuse_utf16(path: Path, first: bytes) -> None:
     """A file in UTF-16 (Windows' "Unicode"; a NUL byte among its first four) is one line, not
     every line's "expected a JSON object" or "not valid JSON". No JSON text holds a raw NUL."""
+    if first[:2] == b"\x1f\x8b":  # (its header has NUL bytes too: it read as UTF-16)
+        raise DataError(f"{path}:1: gzip-compressed, not text; decompress it first (gunzip)")
     if first[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in first[:4]:
         raise DataError(f"{path}:1: not UTF-8 text (NUL bytes first: UTF-16?); save it as UTF-8")
 
