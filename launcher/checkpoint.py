@@ -1120,8 +1120,14 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
 
 def _export_sealed(ckpt: Path, out_dir: Path, skeleton: Path, auto, code: dict, meta: dict) -> str:
     """export_checkpoint's work, once the checkpoint is found sealed."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
+    # Checked first: a skeleton file removed since (its tokenizer) made an export that does not
+    # load, with exit 0; only the weights were found wanting, when their read failed.
+    if lost := trust.damaged(ckpt):
+        raise ConfigError(f"{ckpt}: files were removed or changed size after it was sealed "
+                          f"({trust.listed(lost, '; ')}); export another checkpoint")
     try:
         state_dict, source = engines.merged_weights(ckpt)
     except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
@@ -1130,6 +1136,10 @@ def _export_sealed(ckpt: Path, out_dir: Path, skeleton: Path, auto, code: dict, 
             shown = trust.listed(lost, "; ")
             raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or changed size after it was "
                               f"sealed ({shown})") from e
+        if isinstance(e, SafetensorError):  # overwritten in place at the same size
+            said = " ".join(str(e).split())[:200]
+            raise ConfigError(f"{ckpt}: its weights cannot be read ({said}): damaged after it was sealed; export "
+                              "another checkpoint") from None
         raise
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:

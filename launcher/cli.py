@@ -383,6 +383,9 @@ def cmd_export(args) -> int:
     out = Path(args.out_dir)
     if probe := file_in_the_way(out.parent):  # (OUT_DIR itself existing is export_checkpoint's refusal)
         raise UserError(f"OUT_DIR: {probe} is a file, not a directory")
+    if out.resolve().is_relative_to(Path(args.checkpoint).resolve()):  # (it broke the checkpoint's signature)
+        raise UserError(f"OUT_DIR: {out} is inside the checkpoint {args.checkpoint}, whose seal covers its files; "
+                        "choose a directory outside it")
     source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint,
                                trust_remote_code=args.trust_remote_code)
     print(f"{out}: Hugging Face model from {source}")

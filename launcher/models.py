@@ -304,6 +304,12 @@ def export_meta(model_dir: str | Path, given: str = "MODEL_DIR") -> dict:
         raise ConfigError(f"{given}: {path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"{given}: {path}: not a JSON object (launcher writes one beside every export)")
+    length, weights = meta.get("max_length"), meta.get("class_weights")  # (a TypeError deep in eval before)
+    if length is not None and (type(length) is not int or length < 1):
+        raise ConfigError(f"{given}: {path}: max_length: expected a whole number >= 1 or null; got {length!r}")
+    if weights is not None and not (isinstance(weights, list)
+                                    and all(type(w) in (int, float) and w >= 0 for w in weights)):
+        raise ConfigError(f"{given}: {path}: class_weights: expected a list of numbers >= 0 or null; got {weights!r}")
     return meta
 
 
@@ -396,9 +402,14 @@ def _from_pretrained(loader, name: str, model_cfg=None, **kwargs):
             if hasattr(loaded.config, "quantization_config"):
                 del loaded.config.quantization_config
         return model
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # (a damaged weights file: SafetensorError)
+        if isinstance(e, SafetensorError) and Path(source).expanduser().is_dir():
+            said = " ".join(str(e).split())[:200]
+            raise ConfigError(f"model.name: {name}: its weights file is damaged (cut short or overwritten?): {said}") from None
         if source != name:  # the snapshot is on disk: whatever failed, it was not the network
             said = " ".join(str(e).split())[:300] or type(e).__name__
             raise ConfigError(f"model.name: '{name}' is downloaded ({source}) but does not load: {said}") from None

@@ -71,6 +71,37 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
     (ckpt / "skeleton" / "launcher.json").write_text('{"task": ')
     one_line(launcher("export", str(ckpt), str(tmp_path / "out")), f"CHECKPOINT: {ckpt / 'skeleton' / 'launcher.json'}: not valid JSON (")
     assert not (tmp_path / "out").exists()
+    # Damaged in ways a copy or a hand edit leaves (each was a traceback and exit 1): weights
+    # overwritten or cut short, config.json not JSON, a launcher.json field of the wrong type.
+    weights = broken / "model.safetensors"
+    shutil.copy(run / "model" / "launcher.json", broken / "launcher.json")
+    for damage, said in ((lambda: weights.write_bytes(b"\0" * weights.stat().st_size), "its weights file is damaged"),
+                         (lambda: os.truncate(weights, 5000), "its weights file is damaged"),
+                         (lambda: (broken / "config.json").write_text("{bad"), "not a loadable Hugging Face model directory"),
+                         (lambda: (broken / "launcher.json").write_text('{"max_length": "abc"}'),
+                          f"{broken / 'launcher.json'}: max_length: expected a whole number")):
+        damage()
+        for command in (["predict", str(broken), "--input", str(tmp_path / "x.txt")],
+                        ["eval", str(broken), "--data", str(tmp_path / "x.txt")]):
+            proc = launcher(*command)
+            one_line(proc, f"MODEL_DIR: {broken}: " if "max_length" not in said else f"MODEL_DIR: {said}")
+            assert said in proc.stderr
+        shutil.copytree(run / "model", broken, dirs_exist_ok=True)
+    # A checkpoint whose weights were overwritten at their size, or whose tokenizer was removed
+    # since it was sealed (exported with exit 0: the export then did not load); an OUT_DIR inside
+    # the checkpoint (it broke the checkpoint's signature).
+    shutil.rmtree(ckpt)
+    shutil.copytree(exported_checkpoint(run), ckpt)
+    inside = ckpt / "export"
+    one_line(launcher("export", str(ckpt), str(inside)), f"OUT_DIR: {inside} is inside the checkpoint {ckpt}")
+    assert not inside.exists()
+    (ckpt / "skeleton" / "tokenizer.json").unlink()
+    one_line(launcher("export", str(ckpt), str(tmp_path / "out")),
+             f"{ckpt}: files were removed or changed size after it was sealed (skeleton/tokenizer.json: missing)")
+    shutil.copy(exported_checkpoint(run) / "skeleton" / "tokenizer.json", ckpt / "skeleton" / "tokenizer.json")
+    (ckpt / "model.safetensors").write_bytes(b"\0" * (ckpt / "model.safetensors").stat().st_size)
+    one_line(launcher("export", str(ckpt), str(tmp_path / "out")), f"{ckpt}: its weights cannot be read (")
+    assert not (tmp_path / "out").exists()
 
     (tmp_path / "dup.csv").write_text("text,text,text.1\nWe may end it.,We may not.,Nor we.\n")
     (tmp_path / "first.csv").write_text("text\nWe may end it.\n")

@@ -177,7 +177,10 @@ def quiet_missing_pooler(model_dir: str | Path):
     """Loading a mean-pooled export: transformers' load report would list the [CLS] pooler
     (left out of the export, replaced right after the load) as newly initialised weights."""
     config = Path(model_dir) / "config.json"
-    mean = config.is_file() and json.loads(config.read_text()).get(CONFIG_KEY) == "mean"
+    try:
+        mean = config.is_file() and json.loads(config.read_text()).get(CONFIG_KEY) == "mean"
+    except (OSError, ValueError, AttributeError):  # not a JSON object: the load below says what is wrong with it
+        mean = False
     log = logging.getLogger("transformers.modeling_utils")
     level = log.level
     if mean:
