@@ -349,7 +349,7 @@ def _train_under_accelerate(args) -> int:
 def cmd_plan(args) -> int:
     from launcher import distributed, engines
     from launcher.config import load_config
-    from launcher.plan import plan
+    from launcher.plan import plan, resume_line
 
     if (args.nodes is None) != (args.gpus_per_node is None) and args.accelerate_config is None:
         raise UserError("--nodes and --gpus-per-node go together when there is no --accelerate-config")
@@ -371,7 +371,7 @@ def cmd_plan(args) -> int:
     cfg, _ = distributed.adopt_precision(cfg, launch)
     engines.check_or_raise(cfg.train, cfg.model, launch)
     print(plan(cfg, args.config, args.overrides, args.accelerate_config, launch,
-               {"output_dir": args.output_dir, "run_name": args.run_name}))
+               {"output_dir": args.output_dir, "run_name": args.run_name}, resume_line(cfg)))
     return 0
 
 

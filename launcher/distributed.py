@@ -65,6 +65,7 @@ class LaunchConfig:
     ds_yaml_fields: dict = field(default_factory=dict)  # YAML keys that duplicate the JSON
     zero3_init: bool | None = None
     fsdp_version: int | None = None  # 1 or 2 under FSDP (accelerate's default is 1)
+    use_cpu: bool = False  # the YAML's use_cpu: the processes run on CPU whatever the machine has
     problems: list[str] = field(default_factory=list)  # found while reading the files
 
     @property
@@ -210,6 +211,7 @@ def from_yaml(path: str | Path, num_processes: int | None = None, num_machines: 
         distributed_type=str(data.get("distributed_type", "NO")).upper(),
         num_machines=count("num_machines", num_machines),
         mixed_precision=str(data.get("mixed_precision") or "no").lower(),
+        use_cpu=data.get("use_cpu") is True,
     )
     launch.num_processes = count("num_processes", num_processes)
     launch.problems += _one_process_problems(path, data, launch) or _per_machine_problems(path, launch)

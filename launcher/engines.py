@@ -509,6 +509,8 @@ def model_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig
     if model.attn_implementation == "flash_attention_2" and t.precision not in ("bf16", "fp16"):
         out.append(f"model.attn_implementation: flash_attention_2 runs in bf16 or fp16 only, and train.precision is "
                    f"{t.precision} (fp32): set train.precision=bf16, or use auto or sdpa")
+    if t.precision == "fp16" and launch.use_cpu:  # (the files say so: `plan` on a GPU login node too)
+        out.append(f"train.precision: fp16 needs a CUDA GPU, and {launch.source} says use_cpu: true; use bf16 or no")
     q = model.quantization
     if q != "none" and (launch.num_processes > 1 or launch.distributed_type != "NO"):
         out.append(f"model.quantization: {q} runs on one process for now (bitsandbytes' packed base weights under "
@@ -597,7 +599,7 @@ def host_problems(t: "TrainConfig", model: "ModelConfig", launch: "LaunchConfig"
 
     has_gpu = torch.cuda.is_available()
     out = []
-    if t.precision == "fp16" and not has_gpu:
+    if t.precision == "fp16" and not has_gpu and not launch.use_cpu:  # (use_cpu: model_problems says it)
         out.append("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     if launch.distributed_type == distributed.FSDP and not has_gpu:
         if launch.fsdp_version != 2:

@@ -356,8 +356,38 @@ def _model_size(cfg: RunConfig) -> tuple[int | None, str, object | None]:
     return n_params, where, getattr(task, "model_config", None)
 
 
+def _shown(path: Path) -> str:
+    """A path under the current directory as relative to it (config.yaml records it absolute)."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def resume_line(cfg: RunConfig) -> str:
+    """Where the run would start, as `launcher train` decides it (read only): a new run, the
+    run directory's latest checkpoint, a restart in place, or another run's checkpoint, with
+    the accepted config changes; ConfigError (one line) for what train would refuse (an
+    existing directory under checkpoint.resume=never, a change that makes another run)."""
+    from launcher import checkpoint as ckpt_lib
+    from launcher import config_changes
+
+    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, None, cfg.checkpoint.trust)
+    if start.checkpoint is not None:
+        forked = start.forked_from is not None
+        changed = config_changes.check_resume(cfg, start.checkpoint, forked=forked)
+        step = ckpt_lib.TrainState.read(start.checkpoint).step
+        what = (f"a new run from another run's {start.checkpoint} (step {step})" if forked
+                else f"{_shown(cfg.run_dir)} exists: goes on from {start.checkpoint.name} (step {step})")
+        if cfg.train.max_steps and step >= cfg.train.max_steps:
+            what += f", at or past train.max_steps ({cfg.train.max_steps}): nothing more trains"
+    elif start.interrupted:
+        changed = config_changes.check_restart(cfg, start.ended())
+        what = f"{_shown(cfg.run_dir)} exists: starts again at step 0 in place (its last attempt {start.ended()})"
+    else:
+        return f"resume     none: a new run in {_shown(cfg.run_dir)}"
+    return f"resume     {what}" + (f"; config changes: {', '.join(changed)}" if changed else "")
+
+
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,
-         launch: "distributed.LaunchConfig", run_dir: dict | None = None) -> str:
+         launch: "distributed.LaunchConfig", run_dir: dict | None = None, resume: str | None = None) -> str:
     t = cfg.train
     world = launch.num_processes
     accumulation = t.global_batch_size // (t.micro_batch_size * world)
@@ -369,6 +399,8 @@ def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_conf
              f"batch      global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation {accumulation} "
              f"x {world} process(es)"]
     lines.append(_steps_line(cfg))
+    if resume:
+        lines.append(resume)
     ds, fills = engines.deepspeed_config(cfg.train, launch) if launch.uses_deepspeed else ({}, [])
     if launch.uses_deepspeed:
         lines.append(f"deepspeed  {launch.ds_source}, \"auto\" resolved:")

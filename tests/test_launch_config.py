@@ -393,3 +393,40 @@ def test_a_one_process_config_keeps_the_gpu_a_scheduler_assigned(name, monkeypat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     _, env = accelerate_env.prepare_simple_launcher_cmd_env(args)
     assert env["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_plan_says_where_the_run_would_start_and_refuses_what_train_refuses(tmp_path, capsys):
+    """`launcher plan` against an existing run said nothing of the resume, and exited 0 where
+    train refuses: checkpoint.resume=never on an existing directory, a change that makes
+    another run. It says where the run goes on, which changes it accepts, and refuses the same;
+    and fp16 under an accelerate config that says use_cpu (train refused; plan printed)."""
+    from conftest import FAST, check, launcher
+
+    args = ["--output-dir", str(tmp_path), "--run-name", "r", *FAST, "train.max_steps=4", "checkpoint.every_steps=2",
+            "eval.every_steps=100", "tracking.mlflow=false"]
+
+    def plan(*extra: str) -> tuple[int, str, str]:
+        code = main(["plan", str(TINY), *args, *extra])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = plan()
+    assert code == 0 and f"resume     none: a new run in {tmp_path / 'r'}" in out.splitlines()
+    check(launcher("train", str(TINY), *args))
+    code, out, _ = plan("train.max_steps=8", "eval.every_steps=3")
+    assert code == 0 and (f"resume     {tmp_path / 'r'} exists: goes on from step-000004 (step 4); config changes: "
+                          "eval.every_steps, train.max_steps") in out.splitlines(), out
+    code, out, _ = plan()
+    assert code == 0 and (f"resume     {tmp_path / 'r'} exists: goes on from step-000004 (step 4), at or past "
+                          "train.max_steps (4): nothing more trains") in out.splitlines(), out
+    for extra, said in ((["checkpoint.resume=never"], f"error: run directory {tmp_path / 'r'} exists and checkpoint.resume=never"),
+                        (["train.lr=0.1"], f"error: checkpoint.resume: {tmp_path / 'r'} would resume from step-000004 with "
+                                           "train.lr: 0.001 -> 0.1")):
+        code, out, err = plan(*extra)
+        trained = launcher("train", str(TINY), *args, *extra)
+        assert code == trained.returncode == 2 and not out, (code, out)
+        assert err.splitlines()[0].startswith(said) and trained.stderr.splitlines()[-1] == err.splitlines()[0], err
+    cpu = CONFIGS / "accelerate" / "cpu.yaml"
+    assert main(["plan", str(TINY), "--accelerate-config", str(cpu), "train.precision=fp16"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: train.precision: fp16 needs a CUDA GPU, and {cpu} says use_cpu: "
+                                                    "true; use bf16 or no"]
