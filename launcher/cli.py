@@ -440,7 +440,7 @@ def _plain_lines(path: Path, wanted: str) -> list[tuple[int, str]]:
         raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet {wanted}") from None
     lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
              if line.strip()]
-    if _streamed(path) and lines:  # no name says JSON rows there: they were clauses or prompts, braces and all
+    if lines:  # no name says JSON rows there (a pipe, a .txt): they were clauses or prompts, braces and all
         _not_a_table(path, lines[0][1])
     return lines
 
@@ -455,8 +455,6 @@ def _read_clauses(path: Path) -> list[dict]:
     if _streamed(path) or path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
         lines = _plain_lines(path, "rows with 'text', or one clause per line")
-        if not _streamed(path):  # (_plain_lines looked at standard input's first line already)
-            _not_a_table(path, lines[0][1] if lines else "")
         return [{"line": n, "text": line} for n, line in _some(lines, BadRows(""), path)]
     texts: list[dict] = []
     bad = BadRows(f"--input: {path}")

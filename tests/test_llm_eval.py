@@ -608,6 +608,10 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
                           capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})  # (a prompt, braces and all)
     assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
         "error: --input: -: its lines are JSON rows, read only from a .jsonl file; give them as one"), rows.stderr[-2000:]
+    (tmp_path / "rows.txt").write_text('{"instruction": "hi"}\n')  # so from a .txt file (a classifier refused it)
+    rows = launcher("predict", str(folder), "--input", str(tmp_path / "rows.txt"))
+    assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
+        f"error: --input: {tmp_path / 'rows.txt'}: its lines are JSON rows, read only from a .jsonl file; rename it")
     assert "note: 1 of 1 prompts were longer than 3 tokens (--max-length): each was answered from its end" in cut.stderr.splitlines()
     limit = position_limit(_tiny_model(tok, "gpt2"))
     proc = launcher("generate", str(tmp_path / "gpt2"), "--prompt", "hi", "--max-new-tokens", str(limit))
