@@ -572,7 +572,7 @@ def cmd_eval(args) -> int:
         from launcher.tasks import causal_lm
 
         model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
-        rows = read_rows(data, fmt)
+        rows = read_rows(data, fmt, mappable=False)
         _within_positions(args.max_length, model)
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
@@ -724,7 +724,9 @@ def _predict_causal_lm(args) -> list[str]:
     rows: list[dict] = []
     bad = BadRows(f"--input: {path}")
     if not _streamed(path) and path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        columns: dict = {}  # a file of no known shape is one line (as a classifier's), not one per row
         for where, record in read_records(path):
+            columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
             try:
                 row = prompts.normalize(record, fmt, where, need_answer=False)
                 prompts.prompt_text(row, fmt, tokenizer)  # a conversation with nothing to answer says so here
@@ -732,6 +734,8 @@ def _predict_causal_lm(args) -> list[str]:
                 records.append(record)
             except UserError as e:
                 bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
+        if columns and (problems := prompts.column_problems([str(c) for c in columns], fmt, f"--input: {path}", mappable=False)):
+            raise UserError(*problems)
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
         for n, line in _plain_lines(path, "rows, or one prompt per line"):
             rows.append(prompts.typed_row(line, fmt, str(path)))

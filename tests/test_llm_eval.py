@@ -608,6 +608,14 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
                           capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})  # (a prompt, braces and all)
     assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
         "error: --input: -: its lines are JSON rows, read only from a .jsonl file; give them as one"), rows.stderr[-2000:]
+    # A classifier's rows given to a causal LM: one line for the file (it was one per row, the first 10 and a count)
+    (tmp_path / "clauses.jsonl").write_text('{"text": "We may end it.", "label": 1}\n' * 12)
+    for command in (["predict", str(folder), "--input"], ["eval", str(folder), "--data"]):
+        proc = launcher(*command, str(tmp_path / "clauses.jsonl"))
+        assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+            f"error: {'--input: ' if command[0] == 'predict' else ''}{tmp_path / 'clauses.jsonl'}: no instruction/output, "
+            "messages, prompt/completion or conversations (ShareGPT) columns (its columns: text, label), which this "
+            "causal LM answers"], proc.stderr
     (tmp_path / "rows.txt").write_text('{"instruction": "hi"}\n')  # so from a .txt file (a classifier refused it)
     rows = launcher("predict", str(folder), "--input", str(tmp_path / "rows.txt"))
     assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (

@@ -43,13 +43,21 @@ def parse_row(record, where: str, fmt: PromptFormat | None = None) -> dict:
     return prompts.normalize(record, fmt or PromptFormat(), where)
 
 
-def read_rows(path: str | Path, fmt: PromptFormat | None = None, need_answer: bool = True) -> list[dict]:
+def read_rows(path: str | Path, fmt: PromptFormat | None = None, need_answer: bool = True,
+              mappable: bool = True) -> list[dict]:
+    """A file's rows in a format (an export's for eval: not `mappable`). A file with no column
+    of a known shape (a classifier's text and label) is one line for the file, not one per row."""
     rows, bad = [], BadRows(str(path))
+    fmt = fmt or PromptFormat()
+    columns: dict = {}  # (ordered as the file names them)
     for where, record in read_records(path):
+        columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
         try:
-            rows.append(prompts.normalize(record, fmt or PromptFormat(), where, need_answer))
+            rows.append(prompts.normalize(record, fmt, where, need_answer))
         except DataError as e:
             bad.add(e.problems)
+    if columns and (problems := prompts.column_problems([str(c) for c in columns], fmt, str(path), mappable)):
+        raise DataError(*problems)
     bad.check()
     if not rows:
         raise DataError(f"{path}: no rows")

@@ -143,9 +143,10 @@ def _fill(template: str, record: dict, key: str, where: str) -> str:
     return template.format_map(values)
 
 
-def column_problems(columns: list[str], fmt: PromptFormat, source: str) -> list[str]:
+def column_problems(columns: list[str], fmt: PromptFormat, source: str, mappable: bool = True) -> list[str]:
     """Checks on a whole file before any row is rendered: every placeholder names one of its
-    columns, and without a mapping some column of a known shape exists. One line each."""
+    columns, and without a mapping some column of a known shape exists. One line each.
+    mappable False (eval and predict of an export, whose format is fixed): no mapping offered."""
     have = set(columns)
     listed = ", ".join(columns) or "none"
     if fmt.prompt is not None:
@@ -156,6 +157,8 @@ def column_problems(columns: list[str], fmt: PromptFormat, source: str) -> list[
                 out.append(f"{key}: {{{missing[0]}}} is not a column of {source} (its columns: {listed})")
         return out
     if not have & {"instruction", "messages", "prompt", "conversations"}:
+        if not mappable:
+            return [f"{source}: no {SHAPES} columns (its columns: {listed}), which this causal LM answers"]
         hint = ", ".join(f"{{{c}}}" for c in columns[:2]) or "{column}"
         return [f"{source}: no {SHAPES} columns (its columns: {listed}); map yours with "
                 f"data.prompt='...{hint.split(', ')[0]}...' data.response='{hint.split(', ')[-1]}'"]
