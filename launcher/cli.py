@@ -813,6 +813,9 @@ def cmd_synth(args) -> int:
 
     if probe := file_in_the_way(args.out_dir):
         raise UserError(f"OUT_DIR: {probe} is a file, not a directory")
+    held = [name for name in ("train.jsonl", "validation.jsonl") if (Path(args.out_dir) / name).exists()]
+    if held:  # (they were replaced without a word: a real train.jsonl too)
+        raise UserError(f"OUT_DIR: {Path(args.out_dir) / held[0]} exists; choose another directory, or remove it first")
     for path in write_splits(args.out_dir, args.n_train, args.n_validation, args.seed):
         print(path)
     return 0

@@ -322,6 +322,8 @@ CASES = [
     ("accelerate config a directory", "plan", TINY, _plain("--accelerate-config", "{tmp}"), "--accelerate-config: {tmp}: cannot be read"),
     ("synth into a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt"), "OUT_DIR: {tmp}/f.txt is a file, not a directory"),
     ("synth under a file", "synth", None, _write("f.txt", "x", "{tmp}/f.txt/syn"), "OUT_DIR: {tmp}/f.txt is a file, not a directory"),
+    ("synth over data", "synth", None, _write("train.jsonl", GOOD, "{tmp}"),  # (it was replaced without a word)
+     "OUT_DIR: {tmp}/train.jsonl exists; choose another directory, or remove it first"),
     ("export a checkpoint that is gone", "export", None, _plain("{tmp}/run/checkpoints/step-000008", "{tmp}/out"),
      "{tmp}/run/checkpoints/step-000008: no such checkpoint"),  # (was "not a complete checkpoint (no COMPLETE marker)")
     ("export under a file", "export", None, _write("f.txt", "x", "{tmp}/run/checkpoints/step-000008", "{tmp}/f.txt/out"),
