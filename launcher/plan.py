@@ -207,7 +207,12 @@ def activation_lines(config, cfg: RunConfig) -> list[str]:
         vocab = getattr(config, "vocab_size", 0) or 0
         whole = _size(2 * 4 * b * s * vocab)
         chunk = min(t.loss_chunk_tokens, b * s)
-        if chunk:  # the chunked loss: only this many tokens' logits exist at once
+        lora = cfg.model.lora
+        wrapped = lora.enabled and "lm_head" in (lora.modules_to_save or [])  # peft wraps the head: the run turns it off
+        if chunk and wrapped:
+            out.append(f"logits     {whole} per micro-batch (float32 logits and log-probabilities, vocabulary {vocab:,}; "
+                       "the chunked loss is off: model.lora.modules_to_save wraps lm_head, not a plain linear layer)")
+        elif chunk:  # the chunked loss: only this many tokens' logits exist at once
             out.append(f"logits     {_size(2 * 4 * chunk * vocab)} per chunk of {chunk} response tokens "
                        f"(train.loss_chunk_tokens; float32 logits and log-probabilities, vocabulary {vocab:,}); "
                        f"the model's own loss (0, or the fallback) holds {whole} per micro-batch")

@@ -710,8 +710,14 @@ def _serves_with_a_cache(model_dir: Path) -> None:
 
 
 def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_path):
-    check(launcher("train", str(CONFIGS / "train" / "sft_lora_tiny.yaml"), "--output-dir", str(tmp_path), "--run-name", "l",
-                   "train.max_steps=2", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=2"))
+    trained = check(launcher("train", str(CONFIGS / "train" / "sft_lora_tiny.yaml"), "--output-dir", str(tmp_path), "--run-name",
+                             "l", "train.max_steps=2", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=2"))
+    # Its head trains whole (modules_to_save): the run turns the chunked loss off, and the plan,
+    # which sized the chunk's logits, says so too.
+    assert any(x.startswith("train.loss_chunk_tokens: the chunked loss is off: its output head is a ModulesToSaveWrapper")
+               for x in trained.stdout.splitlines() + trained.stderr.splitlines()), trained.stdout
+    planned = check(launcher("plan", str(CONFIGS / "train" / "sft_lora_tiny.yaml"))).stdout
+    assert "the chunked loss is off: model.lora.modules_to_save wraps lm_head" in planned and "per chunk" not in planned
     run = tmp_path / "l"
     for model_dir in (run / "model", run / "model" / "base"):
         _serves_with_a_cache(model_dir)
