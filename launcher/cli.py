@@ -624,6 +624,8 @@ class _Output:
     else (/dev/stdout, a FIFO, /dev/null) is opened and written as it is."""
 
     def __init__(self, output: str | None):
+        if output is not None and not output.strip():  # (an unset variable in a script: it went to stdout)
+            raise UserError("--output: empty; give a file, or - for standard output")
         self.path, self.replacement = (Path(output) if output and output != "-" else None), None  # "-": stdout
         if self.path is None:
             return
@@ -633,7 +635,9 @@ class _Output:
             raise UserError(f"--output: {self.path}: predictions are written as JSON lines; name it "
                             f"{self.path.with_suffix('.jsonl').name}")
         if self.path.is_dir() or not self.path.parent.is_dir():
+            probe = file_in_the_way(self.path.parent)  # (a file above it was "no such directory")
             raise UserError(f"--output: {self.path}: " + ("is a directory" if self.path.is_dir() else
+                                                          f"{probe} is a file, not a directory" if probe else
                                                           f"no such directory {self.path.parent}"))
         target = Path(os.path.realpath(self.path))  # where a link leads: the file replaced
         if target.exists() and not target.is_file():

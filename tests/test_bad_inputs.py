@@ -330,6 +330,12 @@ CASES = [
      "OUT_DIR: {tmp}/f.txt is a file, not a directory"),  # (a NotADirectoryError traceback from mkdir)
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
      "--output: {tmp}: is a directory"),
+    ("predict under a file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output",
+                                                     "{tmp}/x.txt/p.jsonl"),  # (it said "no such directory")
+     "--output: {tmp}/x.txt/p.jsonl: {tmp}/x.txt is a file, not a directory"),
+    ("predict into an empty name", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt",
+                                                           "--output", ""),  # (stdout, without a word)
+     "--output: empty; give a file, or - for standard output"),
     ("CSV with a header alone", "train", TINY, _files("text,label\n\n", name="train.csv"), "{tmp}/train.csv: no rows"),
     # (these three said "cannot be read as JSON lines (StopIteration)" or datasets' "Instruction
     # "train" corresponds to no data!"; eval said "no rows")
