@@ -304,6 +304,8 @@ def export_meta(model_dir: str | Path, given: str = "MODEL_DIR") -> dict:
         raise ConfigError(f"{given}: {path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"{given}: {path}: not a JSON object (launcher writes one beside every export)")
+    if meta.get("task") not in (None, "classification", "causal_lm"):  # (an unknown one was read as a classifier)
+        raise ConfigError(f"{given}: {path}: task: expected classification or causal_lm; got {meta['task']!r}")
     length, weights = meta.get("max_length"), meta.get("class_weights")  # (a TypeError deep in eval before)
     if length is not None and (type(length) is not int or length < 1):
         raise ConfigError(f"{given}: {path}: max_length: expected a whole number >= 1 or null; got {length!r}")

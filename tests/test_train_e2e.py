@@ -79,12 +79,14 @@ def test_a_damaged_export_or_input_or_output_is_one_line(trained_binary, tmp_pat
                          (lambda: os.truncate(weights, 5000), "its weights file is damaged"),
                          (lambda: (broken / "config.json").write_text("{bad"), "not a loadable Hugging Face model directory"),
                          (lambda: (broken / "launcher.json").write_text('{"max_length": "abc"}'),
-                          f"{broken / 'launcher.json'}: max_length: expected a whole number")):
+                          f"{broken / 'launcher.json'}: max_length: expected a whole number"),
+                         (lambda: (broken / "launcher.json").write_text('{"task": "weird"}'),  # (read as a classifier)
+                          f"{broken / 'launcher.json'}: task: expected classification or causal_lm; got 'weird'")):
         damage()
         for command in (["predict", str(broken), "--input", str(tmp_path / "x.txt")],
                         ["eval", str(broken), "--data", str(tmp_path / "x.txt")]):
             proc = launcher(*command)
-            one_line(proc, f"MODEL_DIR: {broken}: " if "max_length" not in said else f"MODEL_DIR: {said}")
+            one_line(proc, f"MODEL_DIR: {said}" if said.startswith(str(broken / "launcher.json")) else f"MODEL_DIR: {broken}: ")
             assert said in proc.stderr
         shutil.copytree(run / "model", broken, dirs_exist_ok=True)
     # A checkpoint whose weights were overwritten at their size, or whose tokenizer was removed
