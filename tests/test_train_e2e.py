@@ -822,6 +822,21 @@ def test_changes_of_an_attempt_run_with_mlflow_off_reach_the_run_later(tmp_path)
     assert _current(params, "eval.every_steps") == "3"
 
 
+def test_the_training_file_given_as_validation_is_said(tmp_path):
+    """data.validation_file the same file as data.train_file (by a link, too) was accepted
+    without a word: every figure the run reports then scores rows it trained on."""
+    check(launcher("synth", str(tmp_path / "d"), "--n-train", "384", "--n-validation", "100"))
+    train = tmp_path / "d" / "train.jsonl"
+    (tmp_path / "link.jsonl").symlink_to(train)
+    args = ["train", str(TINY), "--output-dir", str(tmp_path), *FAST, "data.synthetic.enabled=false", f"data.train_file={train}",
+            "train.max_steps=1", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0", "tracking.mlflow=false"]
+    note = (f"note: data.validation_file is data.train_file ({train}): the evaluations score rows the model trains on, "
+            "which says little of how it does on new ones")
+    assert note in check(launcher(*args, "--run-name", "same", f"data.validation_file={tmp_path / 'link.jsonl'}")).stdout.splitlines()
+    other = check(launcher(*args, "--run-name", "other", f"data.validation_file={tmp_path / 'd' / 'validation.jsonl'}"))
+    assert "note: data.validation_file is data.train_file" not in other.stdout
+
+
 def test_a_resume_given_fewer_steps_than_its_checkpoint_says_where_it_ends(tmp_path):
     """Halted at step 4 and resumed with train.max_steps=3: the start line said "3 steps" and
     the run then exported step 4 without a word. It says so now, and ends where it said."""
