@@ -94,7 +94,14 @@ class _Parser(argparse.ArgumentParser):
     its whole usage block (3 to 5 lines here) above the error; --help still shows it.
     Subcommand parsers are of this class too (add_subparsers makes them of the parent's)."""
 
+    argv: list[str] = []  # what parse() was given (a subcommand's parser shares it)
+
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            # A misspelt flag (--inptu) was hidden behind the one it misses: said first.
+            unknown = [a for a in _Parser.argv if a.startswith("--") and a.split("=")[0] not in self._option_string_actions]
+            if unknown and self.prog != "launcher":
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
 
 
@@ -831,6 +838,7 @@ COMMANDS = {"env": cmd_env, "train": cmd_train, "eval": cmd_eval, "predict": cmd
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _parser()
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     # Overrides may come before or after --output-dir/--run-name: collect stray key=value tokens.
     args, extra = parser.parse_known_args(argv)
     if extra:

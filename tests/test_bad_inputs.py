@@ -529,7 +529,10 @@ def test_a_count_below_one_on_the_command_line_is_refused_before_anything_loads(
     (["eval", "m"], "launcher eval: error: the following arguments are required: --data (usage: launcher eval --help)"),
     (["train", "c.yaml", "--bogus"], "launcher train: error: unrecognized arguments: --bogus (usage: launcher train --help)"),
     (["predict", "m", "--input", "x", "y=1"], "launcher predict: error: unrecognized arguments: y=1 (usage: launcher predict --help)"),
-], ids=["no command", "misspelt command", "train without config", "eval without data", "unknown flag", "stray override"])
+    (["predict", "m", "--inptu", "x"],  # (it said "--input is required", the misspelling unsaid)
+     "launcher predict: error: unrecognized arguments: --inptu (usage: launcher predict --help)"),
+], ids=["no command", "misspelt command", "train without config", "eval without data", "unknown flag", "stray override",
+        "misspelt required flag"])
 def test_a_wrong_command_line_is_one_line_naming_the_help(tmp_path, args, line):
     """argparse's own errors printed its usage block (3 to 5 lines) above the error; `launcher
     train` alone also named the optional overrides as required ("config, key=value")."""
