@@ -165,6 +165,29 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
         assert prompts.prompt_ids(asked, fmt, tok) == ids[:start] and tok.decode(ids[start:]).startswith(code)
 
 
+def test_a_plain_folder_of_the_instruct_model_answers_in_its_chat_template_as_training_renders(run):
+    """SmolLM2 as transformers saves it (no launcher.json): generate, predict and eval framed
+    prompts in the Alpaca template ("### Instruction:"), where training with the same folder
+    renders its chat template; the answer ran on into another made-up "### Instruction". The
+    prompt ids they send are now the training ids before the answer."""
+    from launcher.config import DataConfig
+    from launcher.data import prompts
+    from launcher.data.instructions import encode, last_answer_start
+    from launcher.tasks import causal_lm
+
+    tmp, _, _, _ = run
+    entry = _converted(tmp)
+    assert not (entry / "launcher.json").exists()
+    model, tok, fmt, meta = causal_lm.load_exported(entry)
+    assert meta == {} and fmt == prompts.PromptFormat.from_config(DataConfig(), tok) and fmt.chat_template
+    question = "What is the capital of France?"
+    ids, labels = encode({"instruction": question, "input": "", "output": "Paris."}, fmt, tok)
+    sent = causal_lm.prompt_rows([prompts.typed_row(question, fmt, "prompt")], fmt, tok)[0]["input_ids"]
+    assert sent == ids[: last_answer_start(labels)] and tok.decode(sent).endswith("<|im_start|>assistant\n")
+    answer = causal_lm.generate(model, tok, fmt, question, 12)
+    assert "###" not in answer and "<|im_" not in answer, answer
+
+
 def test_the_run_evaluates_by_generation_and_its_export_answers_the_same_in_one_process(run):
     """The run's final metrics (rows shared by two ranks) equal `launcher eval` on the export in one
     process; `predict` answers rows that carry only `text`; the export is a plain model that

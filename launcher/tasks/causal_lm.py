@@ -571,7 +571,11 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = PromptFormat.from_json(meta)
-    if "prompt" not in meta:  # an export from before the format was recorded: its chat template
+    if not meta:  # a plain folder (transformers' or a GGUF's): as training with it renders rows, through its
+        from launcher.config import DataConfig  # chat template when it has one (it answered in Alpaca's frame)
+
+        fmt = PromptFormat.from_config(DataConfig(), tokenizer)
+    elif "prompt" not in meta:  # an export from before the format was recorded: its chat template
         # rendered conversations, and bare prompts only when the run had trained on conversations
         fmt = fmt.replace(chat_template=bool(getattr(tokenizer, "chat_template", None)) and fmt.style == "chat")
     return model, tokenizer, fmt, meta
