@@ -611,6 +611,8 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     from launcher.tasks import causal_lm
 
+    if not args.prompt.strip():  # (it was answered all the same)
+        raise UserError("--prompt: empty: nothing to answer")
     if not Path(args.model_dir).is_dir():  # (it said "not a causal-LM export" of a typo)
         raise UserError(f"{args.model_dir}: no such model directory")
     if _exported_task(args.model_dir) != "causal_lm":
@@ -740,6 +742,8 @@ def _predict_causal_lm(args) -> list[str]:
             columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
             try:
                 row = prompts.normalize(record, fmt, where, need_answer=False)
+                if fmt.prompt is None and not prompts.question(row).strip():  # (it was answered all the same)
+                    raise UserError(f"{where}: an empty prompt: nothing to answer")
                 prompts.prompt_text(row, fmt, tokenizer)  # a conversation with nothing to answer says so here
                 rows.append(row)
                 records.append(record)

@@ -330,6 +330,8 @@ CASES = [
      "OUT_DIR: {tmp}/f.txt is a file, not a directory"),  # (a NotADirectoryError traceback from mkdir)
     ("predict into a directory", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output", "{tmp}"),
      "--output: {tmp}: is a directory"),
+    ("generate an empty prompt", "generate", None, _plain("no-model", "--prompt", "  "),  # (it was answered)
+     "--prompt: empty: nothing to answer"),
     ("predict under a file", "predict", None, _write("x.txt", "a clause\n", "no-model", "--input", "{tmp}/x.txt", "--output",
                                                      "{tmp}/x.txt/p.jsonl"),  # (it said "no such directory")
      "--output: {tmp}/x.txt/p.jsonl: {tmp}/x.txt is a file, not a directory"),

@@ -616,6 +616,12 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
             f"error: {'--input: ' if command[0] == 'predict' else ''}{tmp_path / 'clauses.jsonl'}: no instruction/output, "
             "messages, prompt/completion or conversations (ShareGPT) columns (its columns: text, label), which this "
             "causal LM answers"], proc.stderr
+    # An empty prompt is nothing to answer (they were answered, exit 0): one line naming its row
+    (tmp_path / "empty.jsonl").write_text('{"instruction": "hi"}\n{"instruction": "  "}\n'
+                                          '{"messages": [{"role": "user", "content": ""}]}\n')
+    proc = launcher("predict", str(folder), "--input", str(tmp_path / "empty.jsonl"))
+    assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
+        f"error: {tmp_path / 'empty.jsonl'}:{n}: an empty prompt: nothing to answer" for n in (2, 3)], proc.stderr
     (tmp_path / "rows.txt").write_text('{"instruction": "hi"}\n')  # so from a .txt file (a classifier refused it)
     rows = launcher("predict", str(folder), "--input", str(tmp_path / "rows.txt"))
     assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (
