@@ -1111,23 +1111,24 @@ def export_checkpoint(ckpt: Path, out_dir: Path, trusted: bool = False, trust_re
     auto = AutoModelForCausalLM if meta.get("task") == "causal_lm" else AutoModelForSequenceClassification
     code = models.remote_code_gate(skeleton, trust_remote_code)
     try:
-        return _export_sealed(ckpt, out_dir, skeleton, auto, code, meta)
+        return _export_sealed(ckpt, out_dir, skeleton, auto, code, meta, trusted)
     except Exception as e:
         if not (ckpt / MARKER).is_file():  # rotated away as it was read: not the reader's traceback
             raise ConfigError(removed_meanwhile(ckpt, "it was exported")) from e
         raise
 
 
-def _export_sealed(ckpt: Path, out_dir: Path, skeleton: Path, auto, code: dict, meta: dict) -> str:
+def _export_sealed(ckpt: Path, out_dir: Path, skeleton: Path, auto, code: dict, meta: dict, trusted: bool = False) -> str:
     """export_checkpoint's work, once the checkpoint is found sealed."""
     from safetensors import SafetensorError
     from transformers import AutoConfig
 
     # Checked first: a skeleton file removed since (its tokenizer) made an export that does not
     # load, with exit 0; only the weights were found wanting, when their read failed.
-    if lost := trust.damaged(ckpt):
+    if not trusted and (lost := trust.damaged(ckpt)):
         raise ConfigError(f"{ckpt}: files were removed or changed size after it was sealed "
-                          f"({trust.listed(lost, '; ')}); export another checkpoint")
+                          f"({trust.listed(lost, '; ')}); export another checkpoint, or pass --trust-checkpoint to "
+                          "export it as it is")
     try:
         state_dict, source = engines.merged_weights(ckpt)
     except Exception as e:  # a file cut short since the seal: say so, not the reader's traceback
@@ -1136,10 +1137,9 @@ def _export_sealed(ckpt: Path, out_dir: Path, skeleton: Path, auto, code: dict, 
             shown = trust.listed(lost, "; ")
             raise ConfigError(f"{ckpt}: its weights cannot be read: files were removed or changed size after it was "
                               f"sealed ({shown})") from e
-        if isinstance(e, SafetensorError):  # overwritten in place at the same size
+        if isinstance(e, SafetensorError):  # overwritten in place at the same size, or damaged before its seal
             said = " ".join(str(e).split())[:200]
-            raise ConfigError(f"{ckpt}: its weights cannot be read ({said}): damaged after it was sealed; export "
-                              "another checkpoint") from None
+            raise ConfigError(f"{ckpt}: its weights cannot be read ({said}); export another checkpoint") from None
         raise
     dtype = meta.get("export_dtype")  # checkpoint.export_dtype, as the run resolved it
     if dtype:

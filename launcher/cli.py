@@ -390,7 +390,10 @@ def cmd_export(args) -> int:
     out = Path(args.out_dir)
     if probe := file_in_the_way(out.parent):  # (OUT_DIR itself existing is export_checkpoint's refusal)
         raise UserError(f"OUT_DIR: {probe} is a file, not a directory")
-    if out.resolve().is_relative_to(Path(args.checkpoint).resolve()):  # (it broke the checkpoint's signature)
+    from launcher.checkpoint import MARKER
+
+    if (Path(args.checkpoint) / MARKER).is_file() and out.resolve().is_relative_to(Path(args.checkpoint).resolve()):
+        # (it broke the checkpoint's signature)
         raise UserError(f"OUT_DIR: {out} is inside the checkpoint {args.checkpoint}, whose seal covers its files; "
                         "choose a directory outside it")
     source = export_checkpoint(Path(args.checkpoint), out, trusted=args.trust_checkpoint,
@@ -435,7 +438,7 @@ def _streamed(path: Path) -> bool:
     return str(path) == "-" or (path.exists() and not path.is_file() and not path.is_dir())
 
 
-def _plain_lines(path: Path, wanted: str) -> list[tuple[int, str]]:
+def _plain_lines(path: Path, wanted: str, for_prompts: bool = False) -> list[tuple[int, str]]:
     """--input as plain text: its non-blank lines with their line numbers (the answers carry them
     as `line`: with a blank line skipped, the n-th answer was not line n), a byte-order mark
     skipped; not UTF-8 is one line."""
@@ -448,7 +451,7 @@ def _plain_lines(path: Path, wanted: str) -> list[tuple[int, str]]:
     lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
              if line.strip()]
     if lines:  # no name says JSON rows there (a pipe, a .txt): they were clauses or prompts, braces and all
-        _not_a_table(path, lines[0][1])
+        _not_a_table(path, lines[0][1], tabs=not for_prompts)  # (a prompt may hold a tab)
     return lines
 
 
@@ -484,7 +487,7 @@ def _read_clauses(path: Path) -> list[dict]:
     return _some(texts, bad, path)
 
 
-def _not_a_table(path: Path, first: str) -> None:
+def _not_a_table(path: Path, first: str, tabs: bool = True) -> None:
     """A file read as plain lines whose first line is a JSON row or a tab-separated header: each
     line was predicted as a clause, JSON braces and header included."""
     try:
@@ -494,7 +497,7 @@ def _not_a_table(path: Path, first: str) -> None:
     if isinstance(row, dict):
         raise UserError(f"--input: {path}: its lines are JSON rows, read only from a .jsonl file; "
                         + ("give them as one" if _streamed(path) else "rename it"))
-    if "\t" in first and "text" in (c.strip() for c in first.split("\t")):
+    if tabs and "\t" in first and "text" in (c.strip() for c in first.split("\t")):
         raise UserError(f"--input: {path}: a tab-separated table; give it as CSV, JSONL or Parquet with a 'text' column")
 
 
@@ -614,7 +617,9 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():  # (it was answered all the same)
         raise UserError("--prompt: empty: nothing to answer")
     if not Path(args.model_dir).is_dir():  # (it said "not a causal-LM export" of a typo)
-        raise UserError(f"{args.model_dir}: no such model directory")
+        from launcher.models import not_a_model_dir
+
+        raise UserError(not_a_model_dir(args.model_dir))
     if _exported_task(args.model_dir) != "causal_lm":
         said = "launcher.json's task" if (Path(args.model_dir) / "launcher.json").is_file() else "config.json's architectures"
         raise UserError(f"{args.model_dir}: not a causal LM (by its {said}); a classifier answers through launcher predict")
@@ -742,17 +747,20 @@ def _predict_causal_lm(args) -> list[str]:
             columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
             try:
                 row = prompts.normalize(record, fmt, where, need_answer=False)
-                if fmt.prompt is None and not prompts.question(row).strip():  # (it was answered all the same)
-                    raise UserError(f"{where}: an empty prompt: nothing to answer")
                 prompts.prompt_text(row, fmt, tokenizer)  # a conversation with nothing to answer says so here
+                if fmt.prompt is None and not prompts.question(row).strip():  # (it was answered all the same)
+                    alone = "messages" in row and not any(m["role"] == "user" for m in row["messages"])
+                    raise UserError(f"{where}: {'the conversation has no user turn' if alone else 'an empty prompt'}: "
+                                    "nothing to answer")
                 rows.append(row)
                 records.append(record)
             except UserError as e:
                 bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
-        if columns and (problems := prompts.column_problems([str(c) for c in columns], fmt, f"--input: {path}", mappable=False)):
+        if columns and (problems := prompts.column_problems([str(c) for c in columns], fmt.replace(response=None),
+                                                                        f"--input: {path}", mappable=False)):
             raise UserError(*problems)
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
-        for n, line in _plain_lines(path, "rows, or one prompt per line"):
+        for n, line in _plain_lines(path, "rows, or one prompt per line", for_prompts=True):
             rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"line": n, "text": line})
     _some(rows, bad, path)
@@ -828,7 +836,7 @@ def cmd_synth(args) -> int:
 
     if probe := file_in_the_way(args.out_dir):
         raise UserError(f"OUT_DIR: {probe} is a file, not a directory")
-    held = [name for name in ("train.jsonl", "validation.jsonl") if (Path(args.out_dir) / name).exists()]
+    held = [name for name in ("train.jsonl", "validation.jsonl") if os.path.lexists(Path(args.out_dir) / name)]
     if held:  # (they were replaced without a word: a real train.jsonl too)
         raise UserError(f"OUT_DIR: {Path(args.out_dir) / held[0]} exists; choose another directory, or remove it first")
     for path in write_splits(args.out_dir, args.n_train, args.n_validation, args.seed):

@@ -252,6 +252,8 @@ def params(step: int, diff: dict, run_dir: Path | None = None) -> dict:
         for line in history.read_text().splitlines():
             try:
                 entry = json.loads(line)
+                if entry["resumed_at_step"] > step:  # a history gone back from (checkpoint.resume=its own PATH)
+                    continue
                 earlier |= {f"resumed_at_{entry['resumed_at_step']}.{k}": f"{was!r} -> {now!r}"
                             for k, (was, now) in entry["changed"].items()}
             except (ValueError, KeyError, TypeError, AttributeError):  # a line a kill cut short: the record it was

@@ -291,6 +291,15 @@ def from_pretrained(loader, name: str, model_cfg=None, **kwargs):
     return followed
 
 
+def not_a_model_dir(path: str | Path) -> str:
+    """The line for a MODEL_DIR that is not a directory: a file given for its folder (a GGUF
+    file, model.safetensors) said "no such model directory" of a file that exists."""
+    path = Path(path)
+    if path.is_file():
+        return f"{path}: a file, not a model directory; give the folder that holds it ({path.parent})"
+    return f"{path}: no such model directory"
+
+
 def export_meta(model_dir: str | Path, given: str = "MODEL_DIR") -> dict:
     """An export's (or a checkpoint skeleton's) launcher.json ({} when it has none); a file that
     is not a JSON object is one line naming it and the argument `given` (it was a

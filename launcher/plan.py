@@ -208,10 +208,11 @@ def activation_lines(config, cfg: RunConfig) -> list[str]:
         whole = _size(2 * 4 * b * s * vocab)
         chunk = min(t.loss_chunk_tokens, b * s)
         lora = cfg.model.lora
-        wrapped = lora.enabled and "lm_head" in (lora.modules_to_save or [])  # peft wraps the head: the run turns it off
+        # peft wraps a head it trains whole, and the run turns the chunked loss off (lean_loss.head_problem)
+        wrapped = lora.enabled and bool(set(lora.modules_to_save or []) & {"lm_head", "embed_out", "output"})
         if chunk and wrapped:
             out.append(f"logits     {whole} per micro-batch (float32 logits and log-probabilities, vocabulary {vocab:,}; "
-                       "the chunked loss is off: model.lora.modules_to_save wraps lm_head, not a plain linear layer)")
+                       "the chunked loss is off: model.lora.modules_to_save wraps the output head, not a plain linear layer)")
         elif chunk:  # the chunked loss: only this many tokens' logits exist at once
             out.append(f"logits     {_size(2 * 4 * chunk * vocab)} per chunk of {chunk} response tokens "
                        f"(train.loss_chunk_tokens; float32 logits and log-probabilities, vocabulary {vocab:,}); "
@@ -374,18 +375,23 @@ def resume_line(cfg: RunConfig) -> str:
     from launcher import checkpoint as ckpt_lib
     from launcher import config_changes
 
-    start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, None, cfg.checkpoint.trust)
+    job = os.environ.get("SLURM_JOB_ID") or None  # (runtime.job_id: inside an allocation, as train sees it)
+    try:
+        start = ckpt_lib.resolve_resume(cfg.run_dir, cfg.checkpoint.resume, job, cfg.checkpoint.trust)
+        step = ckpt_lib.TrainState.read(start.checkpoint).step if start.checkpoint is not None else 0
+    except (OSError, ValueError) as e:  # (another user's run, a damaged state file): train says more
+        return f"resume     unknown: {cfg.run_dir} cannot be read ({type(e).__name__}: {e})"
     if start.checkpoint is not None:
         forked = start.forked_from is not None
         changed = config_changes.check_resume(cfg, start.checkpoint, forked=forked)
-        step = ckpt_lib.TrainState.read(start.checkpoint).step
         what = (f"a new run from another run's {start.checkpoint} (step {step})" if forked
                 else f"{_shown(cfg.run_dir)} exists: goes on from {start.checkpoint.name} (step {step})")
         if cfg.train.max_steps and step >= cfg.train.max_steps:
             what += f", at or past train.max_steps ({cfg.train.max_steps}): nothing more trains"
-    elif start.interrupted:
-        changed = config_changes.check_restart(cfg, start.ended())
-        what = f"{_shown(cfg.run_dir)} exists: starts again at step 0 in place (its last attempt {start.ended()})"
+    elif start.interrupted or start.restart_of_job:
+        how = start.ended() if start.interrupted else f"of job {start.restart_of_job} stopped before its first checkpoint"
+        changed = config_changes.check_restart(cfg, how)
+        what = f"{_shown(cfg.run_dir)} exists: starts again at step 0 in place (its last attempt {how})"
     else:
         return f"resume     none: a new run in {_shown(cfg.run_dir)}"
     return f"resume     {what}" + (f"; config changes: {', '.join(changed)}" if changed else "")

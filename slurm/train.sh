@@ -91,7 +91,9 @@ ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multi_node.yaml}
 if [ ! -f "$ACCELERATE_CONFIG" ]; then
     where=" (relative to $PWD, where the job starts)"
     [[ $ACCELERATE_CONFIG != /* ]] || where=""
-    echo "error: ACCELERATE_CONFIG: no such file: $ACCELERATE_CONFIG$where" >&2
+    what="no such file"
+    [ ! -e "$ACCELERATE_CONFIG" ] || what="not a file"
+    echo "error: ACCELERATE_CONFIG: $what: $ACCELERATE_CONFIG$where" >&2
     exit 2
 fi
 NNODES=${SLURM_NNODES:-1}
@@ -249,8 +251,12 @@ on_warning() {  # $1: the signal's name
     fi
     # Named as what it is: a SIGTERM (scancel, a preemption) or a USR1 far from the end time is
     # not the time-limit warning.
-    local what="a stop request"
-    [ "$NEAR_LIMIT" = 0 ] || what="the time-limit warning"
+    local what="a stop request"  # (a SIGTERM always: scancel, a preemption)
+    if [ "$1" = USR1 ] && [ "$NEAR_LIMIT" = 1 ]; then
+        what="the time-limit warning"
+    elif [ "$1" = USR1 ] && [ -z "$END_EPOCH" ]; then  # Slurm's --signal is the warning then, or one sent by hand
+        what="the time-limit warning, or a stop request"
+    fi
     echo "launcher: caught SIG$1 ($what); asking every rank to checkpoint and stop"
     # Not under `set -e`: a touch that fails (a full or stale shared file system) ended this
     # script with srun still running, and Slurm then killed the ranks mid-step.

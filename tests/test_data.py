@@ -342,6 +342,7 @@ def test_labels_that_change_type_read_past_blank_lines_and_a_byte_order_mark(tmp
     assert source.read(cache).num_rows == 10
     (copy,) = (cache / "rows-alone").iterdir()
     assert source.read(cache).num_rows == 10 and list((cache / "rows-alone").iterdir()) == [copy]  # made once
+    assert source.read(tmp_path / "runs[1]" / "cache").num_rows == 10  # (a glob's characters in the cache's path)
     odd.write_bytes(odd.read_bytes() + b'{"text": "clause x", "label": "maybe"}\n')
     with pytest.raises(DataError) as e:
         load(odd)

@@ -617,11 +617,15 @@ def test_a_causal_lm_folder_without_launcher_json_answers_as_one_and_generate_le
             "messages, prompt/completion or conversations (ShareGPT) columns (its columns: text, label), which this "
             "causal LM answers"], proc.stderr
     # An empty prompt is nothing to answer (they were answered, exit 0): one line naming its row
+    # (and a system turn alone, an instruction that is a number: both were misnamed)
     (tmp_path / "empty.jsonl").write_text('{"instruction": "hi"}\n{"instruction": "  "}\n'
-                                          '{"messages": [{"role": "user", "content": ""}]}\n')
+                                          '{"messages": [{"role": "user", "content": ""}]}\n'
+                                          '{"messages": [{"role": "system", "content": "Be brief."}]}\n{"instruction": 5}\n')
     proc = launcher("predict", str(folder), "--input", str(tmp_path / "empty.jsonl"))
     assert proc.returncode == 2 and [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [
-        f"error: {tmp_path / 'empty.jsonl'}:{n}: an empty prompt: nothing to answer" for n in (2, 3)], proc.stderr
+        *(f"error: {tmp_path / 'empty.jsonl'}:{n}: an empty prompt: nothing to answer" for n in (2, 3)),
+        f"error: {tmp_path / 'empty.jsonl'}:4: the conversation has no user turn: nothing to answer",
+        f"error: {tmp_path / 'empty.jsonl'}:5: 'instruction' must be a string; got int"], proc.stderr
     (tmp_path / "rows.txt").write_text('{"instruction": "hi"}\n')  # so from a .txt file (a classifier refused it)
     rows = launcher("predict", str(folder), "--input", str(tmp_path / "rows.txt"))
     assert rows.returncode == 2 and rows.stderr.strip().splitlines()[-1] == (

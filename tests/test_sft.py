@@ -717,7 +717,7 @@ def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_pat
     assert any(x.startswith("train.loss_chunk_tokens: the chunked loss is off: its output head is a ModulesToSaveWrapper")
                for x in trained.stdout.splitlines() + trained.stderr.splitlines()), trained.stdout
     planned = check(launcher("plan", str(CONFIGS / "train" / "sft_lora_tiny.yaml"))).stdout
-    assert "the chunked loss is off: model.lora.modules_to_save wraps lm_head" in planned and "per chunk" not in planned
+    assert "the chunked loss is off: model.lora.modules_to_save wraps the output head" in planned and "per chunk" not in planned
     run = tmp_path / "l"
     for model_dir in (run / "model", run / "model" / "base"):
         _serves_with_a_cache(model_dir)

@@ -207,6 +207,8 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
         if completion is not None and not isinstance(completion, str):
             raise DataError(f"{where}: 'completion' must be a string")
         return {"instruction": prompt, "input": "", "output": completion}
+    if "instruction" in record and not isinstance(record["instruction"], str):  # (it said no instruction at all)
+        raise DataError(f"{where}: 'instruction' must be a string; got {type(record['instruction']).__name__}")
     if not isinstance(record.get("instruction"), str):
         raise DataError(f"{where}: no {SHAPES} (its keys: {', '.join(map(str, record)) or 'none'}); "
                         "map columns with data.prompt / data.response")
@@ -468,8 +470,11 @@ def _asked(row: dict, fmt: PromptFormat, tokenizer, bare: bool) -> tuple[str, li
     if awaits_answer(row):  # where the next answer would start (after the last turn, for predict)
         row = with_answer(row, "")
     text, spans = render(row, fmt, tokenizer)
-    if not spans:  # only an opening assistant turn (render's chat-template path): it answers nothing
-        raise DataError("the conversation's only assistant turn comes before any user turn: nothing to answer")
+    if not spans:  # only an opening assistant turn (render's chat-template path), or no turn but the system's
+        has_user = "messages" not in row or any(m["role"] == "user" for m in row["messages"])
+        raise DataError("the conversation's only assistant turn comes before any user turn: nothing to answer" if has_user
+                        or any(m["role"] == "assistant" for m in row["messages"]) else
+                        "the conversation has no user turn: nothing to answer")
     return text, spans
 
 

@@ -167,17 +167,21 @@ class Source:
             raise
         except Exception as e:  # pyarrow / pandas raise many types for a malformed file
             problems = _why_unreadable(path, self.fmt, e, check)
-            if problems or not self.json_lines:
+            if problems or self.fmt != "json" or _starts_with(path, b"["):
                 raise DataError(*(problems or [_cannot_read(path, self.fmt, e)])) from None
             # Every row good by our reading: datasets' own reader fails on JSON lines whose
             # column changes type (int labels, then names) when the file also has a blank line
             # or a byte-order mark (its fallback parses each line without skipping them;
             # datasets 5.2). Read a copy of the rows alone, made once in the data cache.
-            copy = _rows_alone(path, cache_dir)
+            try:
+                copy = _rows_alone(path, cache_dir)
+            except OSError:  # (a full disk, a cache this user cannot write): what the reader said
+                copy = None
             if copy is None:
                 raise DataError(_cannot_read(path, self.fmt, e)) from None
             try:
-                return datasets.load_dataset("json", data_files=str(copy), split="train", cache_dir=str(cache_dir))
+                return datasets.load_dataset("json", data_files=_as_named(copy, cache_dir), split="train",
+                                             cache_dir=str(cache_dir))
             except Exception as again:  # noqa: BLE001 - a reader failure of its own: said as before
                 raise DataError(_cannot_read(path, self.fmt, again)) from None
 
@@ -390,13 +394,22 @@ def _cannot_read(path: Path, fmt: str | None, error: BaseException) -> str:
     return f"{path}: cannot be read as {what} ({_first_line(error)})"
 
 
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r]*(?:\n|$)(?!\Z)|\n[ \t\r]+\Z")  # (a final newline is none)
+
+
 def _rows_alone(path: Path, cache_dir: Path) -> Path | None:
     """A copy of a JSON-lines file without its blank lines and byte-order mark, in the data
     cache under the file's identity (path, size, mtime: a file changed since gets another);
     None when the file has neither (the copy would be the file). Written beside and renamed
     into place: ranks and jobs sharing the cache may make it at once."""
+    import mmap
     import secrets
 
+    if path.stat().st_size == 0:  # (mmap refuses it; no rows, said before this)
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:3] != b"\xef\xbb\xbf" and _BLANK_LINE.search(buf) is None:
+            return None  # nothing to leave out: a copy would be the file (one regex pass, no write)
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
     copy = cache_dir / "rows-alone" / f"{key}.jsonl"

@@ -561,7 +561,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: no such model directory")
+        raise ConfigError(models.not_a_model_dir(model_dir))
     meta = models.export_meta(model_dir)
     code = remote_code_gate(model_dir, trust_remote_code)
     model = models.exported(AutoModelForCausalLM, str(model_dir), output_loading_info=True, **code)

@@ -387,7 +387,7 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not Path(model_dir).is_dir():
-        raise ConfigError(f"{model_dir}: no such model directory")
+        raise ConfigError(models.not_a_model_dir(model_dir))
     code = remote_code_gate(model_dir, trust_remote_code)
     model = models.exported(AutoModelForSequenceClassification, str(model_dir), output_loading_info=True,
                             **code)  # pooled as it records
