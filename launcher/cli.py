@@ -723,6 +723,32 @@ def _written_back(row: dict, prediction: dict) -> dict:
     return {**{f"input_{k}" if k in prediction else k: v for k, v in row.items()}, **prediction}
 
 
+def _prompt_rows(path: Path, fmt, tokenizer, records: list[dict], rows: list[dict], bad: BadRows) -> None:
+    """A table's rows to answer (appended to `records`, and normalized to `rows`; the bad ones to
+    `bad`). A file of no known shape is one line (as a classifier's), not one per row."""
+    from launcher.data import prompts
+    from launcher.data.clauses import read_records
+
+    columns: dict = {}
+    for where, record in read_records(path):
+        columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
+        try:
+            row = prompts.normalize(record, fmt, where, need_answer=False)
+            prompts.prompt_text(row, fmt, tokenizer)  # a conversation with nothing to answer says so here
+            if fmt.prompt is None and not prompts.question(row).strip():  # (it was answered all the same)
+                alone = "messages" in row and not any(m["role"] == "user" for m in row["messages"])
+                raise UserError(f"{where}: {'the conversation has no user turn' if alone else 'an empty prompt'}: "
+                                "nothing to answer")
+            rows.append(row)
+            records.append(record)
+        except UserError as e:
+            bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
+    # (the answer's columns are not needed to answer)
+    if columns and (problems := prompts.column_problems([str(c) for c in columns], fmt.replace(response=None),
+                                                        f"--input: {path}", mappable=False)):
+        raise UserError(*problems)
+
+
 def _predict_causal_lm(args) -> list[str]:
     """Each input row answered as training taught: its prompt rendered from the columns the
     prompt needs (a clause's `text` alone for a recipe that maps {text}), the row written back
@@ -731,7 +757,6 @@ def _predict_causal_lm(args) -> list[str]:
     import math
 
     from launcher.data import prompts
-    from launcher.data.clauses import read_records
     from launcher.tasks import causal_lm, generation
 
     path = Path(args.input)
@@ -742,23 +767,7 @@ def _predict_causal_lm(args) -> list[str]:
     rows: list[dict] = []
     bad = BadRows(f"--input: {path}")
     if not _streamed(path) and path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
-        columns: dict = {}  # a file of no known shape is one line (as a classifier's), not one per row
-        for where, record in read_records(path):
-            columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
-            try:
-                row = prompts.normalize(record, fmt, where, need_answer=False)
-                prompts.prompt_text(row, fmt, tokenizer)  # a conversation with nothing to answer says so here
-                if fmt.prompt is None and not prompts.question(row).strip():  # (it was answered all the same)
-                    alone = "messages" in row and not any(m["role"] == "user" for m in row["messages"])
-                    raise UserError(f"{where}: {'the conversation has no user turn' if alone else 'an empty prompt'}: "
-                                    "nothing to answer")
-                rows.append(row)
-                records.append(record)
-            except UserError as e:
-                bad.add([p if p.startswith(where) else f"{where}: {p}" for p in e.problems])
-        if columns and (problems := prompts.column_problems([str(c) for c in columns], fmt.replace(response=None),
-                                                                        f"--input: {path}", mappable=False)):
-            raise UserError(*problems)
+        _prompt_rows(path, fmt, tokenizer, records, rows, bad)
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
         for n, line in _plain_lines(path, "rows, or one prompt per line", for_prompts=True):
             rows.append(prompts.typed_row(line, fmt, str(path)))

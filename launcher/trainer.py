@@ -183,8 +183,10 @@ def _check_rows(data, rows: int, val_rows: int, resumed: ckpt_lib.TrainState, ch
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
     try:
-        return bool(a and b) and os.path.samefile(a, b)  # (a link, or another name of the same file, too)
+        return os.path.samefile(a, b)  # (a link, or another name of the same file, too)
     except OSError:  # a hub dataset's name, a folder that is gone: not one file
         return False
 
