@@ -373,7 +373,7 @@ def resume_line(cfg: RunConfig) -> str:
     the accepted config changes; ConfigError (one line) for what train would refuse (an
     existing directory under checkpoint.resume=never, a change that makes another run)."""
     from launcher import checkpoint as ckpt_lib
-    from launcher import config_changes
+    from launcher import config_changes, owner
 
     job = os.environ.get("SLURM_JOB_ID") or None  # (runtime.job_id: inside an allocation, as train sees it)
     try:
@@ -394,7 +394,10 @@ def resume_line(cfg: RunConfig) -> str:
         what = f"{_shown(cfg.run_dir)} exists: starts again at step 0 in place (its last attempt {how})"
     else:
         return f"resume     none: a new run in {_shown(cfg.run_dir)}"
-    return f"resume     {what}" + (f"; config changes: {', '.join(changed)}" if changed else "")
+    holder, dead = owner.lease_holder(cfg.run_dir, job) if cfg.run_dir.is_dir() else (None, False)
+    busy = (f"; in use now by another launch (host {holder.get('host')}, pid {holder.get('pid')}): train refuses while "
+            "it runs" if holder is not None and not dead else "")
+    return f"resume     {what}" + (f"; config changes: {', '.join(changed)}" if changed else "") + busy
 
 
 def plan(cfg: RunConfig, config_path: str, overrides: list[str], accelerate_config: str | None,

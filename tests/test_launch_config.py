@@ -426,6 +426,31 @@ def test_plan_says_where_the_run_would_start_and_refuses_what_train_refuses(tmp_
         trained = launcher("train", str(TINY), *args, *extra)
         assert code == trained.returncode == 2 and not out, (code, out)
         assert err.splitlines()[0].startswith(said) and trained.stderr.splitlines()[-1] == err.splitlines()[0], err
+    # A launch training in the run now: train refuses while it runs; the plan says so
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import OFFLINE_ENV
+
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as sink:
+        busy = subprocess.Popen([sys.executable, "-m", "launcher", "train", str(TINY), *args, "train.max_steps=8"],
+                                stdout=subprocess.DEVNULL, stderr=sink, env={**os.environ, **OFFLINE_ENV,
+                                                                             "LAUNCHER_STALL": "0:6:120"})
+    try:
+        deadline = time.time() + 300
+        while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
+            assert busy.poll() is None and time.time() < deadline, errors.read_text()[-2000:]
+            time.sleep(0.1)
+        code, out, _ = plan("train.max_steps=8")
+        line = next(x for x in out.splitlines() if x.startswith("resume "))
+        assert code == 0 and line.endswith(f"; in use now by another launch (host {os.uname().nodename}, pid {busy.pid}): "
+                                           "train refuses while it runs"), line
+    finally:
+        busy.kill()
+        busy.wait(timeout=60)
     cpu = CONFIGS / "accelerate" / "cpu.yaml"
     assert main(["plan", str(TINY), "--accelerate-config", str(cpu), "train.precision=fp16"]) == 2
     assert capsys.readouterr().err.splitlines() == [f"error: train.precision: fp16 needs a CUDA GPU, and {cpu} says use_cpu: "
