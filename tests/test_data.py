@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -347,7 +348,13 @@ def test_labels_that_change_type_read_past_blank_lines_and_a_byte_order_mark(tmp
     with pytest.raises(DataError) as e:
         load(odd)
     assert e.value.problems == [f"{odd}:14: 'label' must be 0, 1, fair or unfair, or a category name; got 'maybe'"]
-    assert source.read(cache).num_rows == 11 and len(list((cache / "rows-alone").iterdir())) == 2  # the changed file's own
+    assert source.read(cache).num_rows == 11  # the changed file's own copy, in place of the old one
+    assert [p.name for p in (cache / "rows-alone").iterdir()] != [copy.name] and len(list((cache / "rows-alone").iterdir())) == 1
+    os.chmod(cache, 0o2770)  # a group-shared cache (data.cache_shared): its copies are the group's too
+    shutil.rmtree(cache / "rows-alone")
+    assert source.read(cache).num_rows == 11
+    (made,) = (cache / "rows-alone").iterdir()
+    assert (cache / "rows-alone").stat().st_mode & 0o7777 == 0o2770 and made.stat().st_mode & 0o777 == 0o660
 
 
 def test_whole_number_float_labels_read_as_their_ints_and_a_bad_one_is_its_own_line(tmp_path):

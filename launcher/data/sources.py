@@ -411,11 +411,15 @@ def _rows_alone(path: Path, cache_dir: Path) -> Path | None:
         if buf[:3] != b"\xef\xbb\xbf" and _BLANK_LINE.search(buf) is None:
             return None  # nothing to leave out: a copy would be the file (one regex pass, no write)
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    copy = cache_dir / "rows-alone" / f"{key}.jsonl"
+    named = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    copy = cache_dir / "rows-alone" / f"{named}-{key}.jsonl"
     if copy.is_file():
         return copy
-    copy.parent.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    mode = cache_dir.stat().st_mode & 0o7777  # the cache's own (a group-shared one's group bits)
+    copy.parent.mkdir(exist_ok=True)
+    os.chmod(copy.parent, mode)
     tmp = copy.with_name(f".{copy.name}.{secrets.token_hex(8)}")
     dropped = False
     try:
@@ -429,7 +433,11 @@ def _rows_alone(path: Path, cache_dir: Path) -> Path | None:
                 out.write(line if line.endswith(b"\n") else line + b"\n")
         if not dropped:
             return None
+        os.chmod(tmp, mode & 0o666)
         os.replace(tmp, copy)
+        for older in copy.parent.glob(f"{named}-*.jsonl"):  # the same file's copies from before it changed
+            if older != copy:
+                older.unlink(missing_ok=True)
         return copy
     finally:
         tmp.unlink(missing_ok=True)
