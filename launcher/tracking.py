@@ -44,8 +44,23 @@ DERIVED = "derived."  # params the run computes (steps, accumulation, counts), n
 def _current(params: dict, key: str) -> str:
     """A param's value as the run stands: its latest resumed_at_<step>.<key> change's new value,
     else the first attempt's (a requeue after an extension is no change of its own)."""
-    changes = [(int(m.group(1)), v) for k, v in params.items() if (m := re.fullmatch(rf"resumed_at_(\d+)\.{re.escape(key)}", k))]
+    changes = [((int(m.group(1)), int(m.group(2) or 1)), v) for k, v in params.items()
+               if (m := re.fullmatch(rf"resumed_at_(\d+)(?:_(\d+))?\.{re.escape(key)}", k))]
     return max(changes)[1].rsplit(" -> ", 1)[-1] if changes else params[key]
+
+
+def _second_change(key: str, value: str, existing: dict) -> str | None:
+    """Where a change goes that another attempt made at the same step (killed before its next
+    checkpoint, resumed again from the same one with another value): resumed_at_<step>_<n>.<key>,
+    as MLflow keeps a param's first value. None when the change is logged already."""
+    step, rest = key.split(".", 1)
+    for n in range(1, 1000):
+        name = key if n == 1 else f"{step}_{n}.{rest}"
+        if existing.get(name) == value:
+            return None
+        if name not in existing:
+            return name
+    return None
 
 
 WANDB_STEP = "train/global_step"  # W&B's x-axis: the optimizer step (see WandbTracker)
@@ -508,7 +523,13 @@ class MLflowTracker(Tracker):
                      for k, v in params.items() if resumed_at is not None and k.startswith(DERIVED)
                      and k in existing and _current(existing, k) != str(v)[:6000]
                      and f"resumed_at_{resumed_at}.{k.removeprefix(DERIVED)}" not in params}
-            items = [Param(k, str(v)[:6000]) for k, v in (params | moved).items() if k not in existing]
+            items = []
+            for k, v in (params | moved).items():
+                # (another attempt's change at this same step keeps its name: this one gets the next)
+                again = resumed_at is not None and k.startswith(f"resumed_at_{resumed_at}.")
+                name = _second_change(k, str(v)[:6000], existing) if again else None if k in existing else k
+                if name is not None:
+                    items.append(Param(name, str(v)[:6000]))
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 

@@ -543,6 +543,29 @@ def test_a_derived_value_is_recorded_where_it_changed_and_not_at_each_requeue(tm
         "resumed_at_15.derived.total_steps": "18 -> 24"}
 
 
+def test_two_attempts_changing_a_key_at_the_same_step_both_stay_in_mlflow(tmp_path):
+    """Killed before its next checkpoint and resumed again from the same one, another attempt
+    changes the same key at the same step: its resumed_at_6.<key> was dropped (MLflow keeps a
+    param's first value), and the run read the first attempt's value as current. It goes in
+    as resumed_at_6_2.<key>; sent again (a requeue, the config history), nothing is added."""
+    from mlflow.tracking import MlflowClient
+
+    from launcher.tracking import MLflowTracker, _current
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(uri, "exp", "run", None, None, {})
+    first.log_params({"eval.every_steps": 4})
+    first.finish()
+    for change in ("4 -> 5", "5 -> 7", "5 -> 7"):
+        again = MLflowTracker(uri, "exp", "run", first.run_id, None, {})
+        again.log_params({"eval.every_steps": 4, "resumed_at_6.eval.every_steps": change}, resumed_at=6)
+        again.finish()
+    params = MlflowClient(tracking_uri=uri).get_run(first.run_id).data.params
+    assert {k: v for k, v in params.items() if "every_steps" in k} == {
+        "eval.every_steps": "4", "resumed_at_6.eval.every_steps": "4 -> 5", "resumed_at_6_2.eval.every_steps": "5 -> 7"}
+    assert _current(params, "eval.every_steps") == "7"
+
+
 def test_the_end_table_names_the_exported_step_and_keeps_its_columns_apart():
     """The column of the exported evaluation is named by its step (it said "final", which read
     as the last step's), and a long step number still leaves a space between the columns."""
