@@ -339,6 +339,9 @@ CASES = [
                                                            "--output", ""),  # (stdout, without a word)
      "--output: empty; give a file, or - for standard output"),
     ("CSV with a header alone", "train", TINY, _files("text,label\n\n", name="train.csv"), "{tmp}/train.csv: no rows"),
+    ("CSV with a quote left open", "train", TINY,  # (named the line where the row ended, nothing more)
+     _files("text,label\n" + "We may end it.,1\n" * 40 + '"open,1\nWe may.,0\n"Fine, yes",0\n' + "Last.,1\n" * 4, "train.csv"),
+     "{tmp}/train.csv:44: 3 fields where the header names 2 (this row runs from line 42: a quote left open there?)"),
     # (these three said "cannot be read as JSON lines (StopIteration)" or datasets' "Instruction
     # "train" corresponds to no data!"; eval said "no rows")
     ("JSONL empty", "train", TINY, _files(""), "{tmp}/train.jsonl: no rows"),

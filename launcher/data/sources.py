@@ -537,8 +537,13 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 for record in reader:
                     if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
                         n = len(reader.fieldnames or []) + len(record[None])
+                        cells = [v for v in [*record.values(), *record[None]] if isinstance(v, str)]
+                        inside = sum(v.count("\n") for v in cells)  # a quoted cell over several lines
+                        opened = (f" (this row runs from line {reader.line_num - inside}: a quote left open there?)"
+                                  if inside else "")
                         yield f"{path}:{reader.line_num}", DataError(
-                            f"{path}:{reader.line_num}: {n} fields where the header names {len(reader.fieldnames or [])}")
+                            f"{path}:{reader.line_num}: {n} fields where the header names {len(reader.fieldnames or [])}"
+                            + opened)
                         continue
                     yield f"{path}:{reader.line_num}", record
             except UnicodeDecodeError as e:
