@@ -727,3 +727,23 @@ def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_pat
     # which rotation removes, from launcher export either.
     for model_dir in (run / "model", tmp_path / "again"):
         assert json.loads((model_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_rows_with_an_empty_answer_are_counted_in_a_note(tmp_path):
+    """Rows whose answer is empty (`"output": ""`, an empty assistant turn) trained without a
+    word: each teaches only the end of the turn, and a file of them teaches a model to say
+    nothing. The run counts them in a note; a file without any has none."""
+    rows = [{"instruction": f"name the colour of thing {i}", "output": "" if i % 10 == 0 else f"colour {i % 3}"}
+            for i in range(30)]
+    rows += [{"messages": [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": "  "}]}] * 2
+    full = tmp_path / "train.jsonl"
+    full.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("output")))  # (the conversations and empty ones out)
+    args = ["train", str(CONFIGS / "train" / "sft_tiny.yaml"), "--output-dir", str(tmp_path), "data.synthetic.enabled=false",
+            f"data.validation_file={plain}", "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8",
+            "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0", "tracking.mlflow=false"]
+    out = check(launcher(*args, "--run-name", "empty", f"data.train_file={full}")).stdout.splitlines()
+    assert ("note: 5 of 32 training rows have an empty answer: they teach the model to end its turn at once") in out, out
+    assert not [x for x in check(launcher(*args, "--run-name", "plain", f"data.train_file={plain}")).stdout.splitlines()
+                if "empty answer" in x]

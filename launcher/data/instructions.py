@@ -207,6 +207,7 @@ class InstructionEncoder:
         stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
         stats.untrained_turns = int(pc.sum(kept["_untrained"]).as_py() or 0)
         if kept.num_rows:
+            stats.empty_answers = int(pc.sum(pc.equal(pc.utf8_trim_whitespace(kept["answer"]), "")).as_py() or 0)
             systems = pc.unique(kept["_system"])
             if len(systems) == 1 and systems[0].is_valid:  # every row renders with this system prompt
                 stats.system_prompt = systems[0].as_py()
@@ -265,6 +266,7 @@ class EncodeStats:
     answers: dict | None = None  # {answer: rows} when at most CLOSED_SET_MAX distinct answers
     capped: dict | None = None  # {answer: rows left out by data.max_rows_per_answer}
     untrained_turns: int = 0  # earlier answers the chat template renders otherwise once later turns follow
+    empty_answers: int = 0  # kept rows whose (last) answer is empty: they teach the turn's end alone
 
     def examples(self) -> int:
         """Rows that train (packed or not): those read, less the dropped and the capped."""

@@ -214,6 +214,9 @@ class CausalLMTask:
                              for a, n in sorted(train_stats.capped.items()))
             lines.append(f"data.max_rows_per_answer {d.max_rows_per_answer}: left out {left}")
             derived["derived.train_rows_left_out"] = sum(train_stats.capped.values())
+        if train_stats.empty_answers:  # (trained without a word: the model learns to end its turn at once)
+            lines.append(f"note: {train_stats.empty_answers} of {train_stats.rows - train_stats.dropped} training rows have "
+                         "an empty answer: they teach the model to end its turn at once")
         if self.answers:
             lines.append(f"closed answer set ({len(self.answers)}): {', '.join(self.answers)}; evaluation scores greedy "
                          "answers and the likeliest of these")
