@@ -572,7 +572,10 @@ def test_export_of_a_tied_gpt2_checkpoint_is_the_runs_model(tmp_path):
 
     del saved["transformer.h.0.mlp.c_fc.weight"]
     save_file(saved, ckpt / "model.safetensors")
-    proc = launcher("export", str(ckpt), str(tmp_path / "bad"))
+    proc = launcher("export", str(ckpt), str(tmp_path / "bad"))  # another size than it was sealed at
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        f"error: {ckpt}: files were removed or changed size after it was sealed (model.safetensors: "), proc.stderr[-2000:]
+    proc = launcher("export", str(ckpt), str(tmp_path / "bad"), "--trust-checkpoint")  # exported as it is
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip() == (f"error: {ckpt}: its weights do not fit the model in skeleton/config.json: missing "
                                    "['transformer.h.0.mlp.c_fc.weight'], unexpected []")
