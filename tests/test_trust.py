@@ -154,9 +154,14 @@ def test_a_run_checkpoint_damaged_after_its_seal_is_one_line_naming_the_intact_o
     assert not (run / "config_history.jsonl").exists()  # the dropped halt_at_step was not recorded
     proc = launcher("export", str(step4), str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    damage = f"(model.safetensors: {size // 2:,} bytes, sealed at {size:,}; optimizer.bin: missing)"
+    assert proc.stderr.splitlines()[-1] == (f"error: {step4}: files were removed or changed size after it was sealed "
+                                            f"{damage}; export another checkpoint, or pass --trust-checkpoint to export "
+                                            "it as it is")
+    proc = launcher("export", str(step4), str(tmp_path / "out"), "--trust-checkpoint")  # as it is: its weights are cut
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     assert proc.stderr.splitlines()[-1] == (f"error: {step4}: its weights cannot be read: files were removed or changed "
-                                            f"size after it was sealed (model.safetensors: {size // 2:,} bytes, sealed "
-                                            f"at {size:,}; optimizer.bin: missing)")
+                                            f"size after it was sealed {damage}")
 
     shutil.rmtree(step4)
     assert f"resuming from {run / 'checkpoints' / 'step-000002'}" in check(launcher(*base)).stdout.splitlines()
@@ -268,7 +273,8 @@ def test_a_model_that_ships_python_code_is_loaded_only_with_trust_remote_code(tm
     data = run / "data" / "validation.jsonl"
     commands = {"eval": ["eval", str(model_dir), "--data", str(data)],
                 "predict": ["predict", str(model_dir), "--input", str(tmp_path / "in.txt")],
-                "export": ["export", str(ckpt), str(tmp_path / "out")]}
+                # (its skeleton's config.json edited here: exported as it is, past the seal's sizes)
+                "export": ["export", str(ckpt), str(tmp_path / "out"), "--trust-checkpoint"]}
     for name, args in commands.items():
         refused = launcher(*args, env=env)
         where = ckpt / "skeleton" if name == "export" else model_dir
