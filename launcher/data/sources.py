@@ -497,6 +497,32 @@ def _header_as_training_reads_it(path: Path, names) -> list[str]:
     return columns if len(columns) == len(names) else list(names)
 
 
+def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """read_records for a CSV file: every cell as text, under the header's names as training
+    reads them; a row of too many fields, bytes that are not UTF-8 or broken CSV as a DataError."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM would have named the first column "\ufefftext"
+        reader = csv.DictReader(f)
+        try:
+            if reader.fieldnames:  # a repeated column's later copies renamed "text.1", as training's reader does
+                reader.fieldnames = _header_as_training_reads_it(path, reader.fieldnames)
+            for record in reader:
+                if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
+                    n = len(reader.fieldnames or []) + len(record[None])
+                    cells = [v for v in [*record.values(), *record[None]] if isinstance(v, str)]
+                    inside = sum(v.count("\n") for v in cells)  # a quoted cell over several lines
+                    opened = (f" (this row runs from line {reader.line_num - inside}: a quote left open there?)"
+                              if inside else "")
+                    yield f"{path}:{reader.line_num}", DataError(
+                        f"{path}:{reader.line_num}: {n} fields where the header names {len(reader.fieldnames or [])}"
+                        + opened)
+                    continue
+                yield f"{path}:{reader.line_num}", record
+        except UnicodeDecodeError as e:
+            yield f"{path}:{reader.line_num + 1}", DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {e.start} of its block)")
+        except csv.Error as e:
+            yield f"{path}:{reader.line_num}", DataError(f"{path}:{reader.line_num}: not valid CSV ({e})")
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(where, record) with where = 'file:line' for every row of a local file, read in Python.
     For small files (eval, predict) and for diagnosing files the fast reader refuses: a
@@ -529,27 +555,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
                 else:
                     yield where, record
     elif suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:  # a BOM would have named the first column "\ufefftext"
-            reader = csv.DictReader(f)
-            try:
-                if reader.fieldnames:  # a repeated column's later copies renamed "text.1", as training's reader does
-                    reader.fieldnames = _header_as_training_reads_it(path, reader.fieldnames)
-                for record in reader:
-                    if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
-                        n = len(reader.fieldnames or []) + len(record[None])
-                        cells = [v for v in [*record.values(), *record[None]] if isinstance(v, str)]
-                        inside = sum(v.count("\n") for v in cells)  # a quoted cell over several lines
-                        opened = (f" (this row runs from line {reader.line_num - inside}: a quote left open there?)"
-                                  if inside else "")
-                        yield f"{path}:{reader.line_num}", DataError(
-                            f"{path}:{reader.line_num}: {n} fields where the header names {len(reader.fieldnames or [])}"
-                            + opened)
-                        continue
-                    yield f"{path}:{reader.line_num}", record
-            except UnicodeDecodeError as e:
-                yield f"{path}:{reader.line_num + 1}", DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {e.start} of its block)")
-            except csv.Error as e:
-                yield f"{path}:{reader.line_num}", DataError(f"{path}:{reader.line_num}: not valid CSV ({e})")
+        yield from _csv_records(path)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
