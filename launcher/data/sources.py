@@ -418,8 +418,11 @@ def _rows_alone(path: Path, cache_dir: Path) -> Path | None:
         return copy
     cache_dir.mkdir(parents=True, exist_ok=True)
     mode = cache_dir.stat().st_mode & 0o7777  # the cache's own (a group-shared one's group bits)
-    copy.parent.mkdir(exist_ok=True)
-    os.chmod(copy.parent, mode)
+    try:
+        copy.parent.mkdir()
+        os.chmod(copy.parent, mode)  # (by its maker only: another member of a shared cache may not)
+    except FileExistsError:
+        pass
     tmp = copy.with_name(f".{copy.name}.{secrets.token_hex(8)}")
     dropped = False
     try:
