@@ -72,7 +72,7 @@ def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tup
         # directory it did not record. The same name from here is no change, as it was then;
         # another is shown as recorded (resolved from here, it would name a path the run never read).
         full = os.path.abspath(os.path.expanduser(was))
-        if full == path or _same_path(full, path):  # (a link, // or a trailing /: the same file)
+        if full == path or same_path(full, path):  # (a link, // or a trailing /: the same file)
             before[key] = path
         elif _same_contents(full, path):  # the data copied elsewhere (a job's scratch): the same rows
             moved[key] = (was, path)
@@ -83,7 +83,10 @@ def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tup
     return {**{k: v for k, v in diff.items() if k not in refused}, **moved}, refused
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str | None, b: str | None) -> bool:
+    """Two names of one file (a link, another spelling); False when either is unset or gone."""
+    if not a or not b:
+        return False
     try:
         return os.path.samefile(a, b)
     except OSError:  # either is gone, or a hub name

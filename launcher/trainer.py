@@ -182,15 +182,6 @@ def _check_rows(data, rows: int, val_rows: int, resumed: ckpt_lib.TrainState, ch
                           "stopping); restore it, or set checkpoint.resume_changed=allow to go on with the new rows")
 
 
-def _same_file(a: str | None, b: str | None) -> bool:
-    if not a or not b:
-        return False
-    try:
-        return os.path.samefile(a, b)  # (a link, or another name of the same file, too)
-    except OSError:  # a hub dataset's name, a folder that is gone: not one file
-        return False
-
-
 def open_run(cfg: RunConfig, rt, pre: Preflight):
     """The run directory taken (rank 0 writes config.yaml and the owner record of a new run),
     what a killed attempt left half-written removed, and the resume announced. Returns the
@@ -205,7 +196,7 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     rt.print(f"run directory: {run_dir}  ({rt.world_size} process(es) on {rt.num_nodes} node(s), {engine}{rt.device})")
     for note in rt.notes or []:
         rt.print(note)
-    if _same_file(cfg.data.train_file, cfg.data.validation_file):  # (accepted without a word)
+    if config_changes.same_path(cfg.data.train_file, cfg.data.validation_file):  # (accepted without a word)
         rt.print(f"note: data.validation_file is data.train_file ({cfg.data.train_file}): the evaluations score rows "
                  "the model trains on, which says little of how it does on new ones")
     if start.partial:
