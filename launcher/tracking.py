@@ -714,7 +714,8 @@ class MLflowTracker(Tracker):
 class WandbTracker(Tracker):
     name = "wandb"
 
-    def __init__(self, project: str, run_name: str, run_id: str | None, mode: str, directory: Path, tags: dict):
+    def __init__(self, project: str, run_name: str, run_id: str | None, mode: str, directory: Path, tags: dict,
+                 entity: str | None = None):
         import wandb
 
         # W&B's own variables hold where launcher has no say of its own: WANDB_DIR (else the run
@@ -731,6 +732,7 @@ class WandbTracker(Tracker):
         own = [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
         self.run = wandb.init(
             project=project,
+            entity=entity,  # (None: W&B's own choice, WANDB_ENTITY else the login's default)
             name=os.environ.get("WANDB_NAME") or run_name,
             # 64 random bits: with resume="allow" a new run whose id a project already holds
             # continues that run (32 bits collided once in ~77,000 runs of a project, even odds).
@@ -741,6 +743,7 @@ class WandbTracker(Tracker):
             tags=(own + [f"{k}={v}" for k, v in tags.items()])[:20],
         )
         self.run_id, self.mode, self.directory, self.project = self.run.id, mode, directory, project
+        self.entity = self.run.entity or None
         # Every metric on the run's own step axis, as transformers' W&B callback does: W&B drops
         # a log at an internal step below its last one, so a resumed run's steps between its
         # checkpoint and the kill kept the killed attempt's values. On this axis both attempts'
@@ -793,7 +796,7 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
     def ids(self) -> dict:
-        return {"wandb": self.run_id, "wandb_project": self.project}
+        return {"wandb": self.run_id, "wandb_project": self.project, "wandb_entity": self.entity}
 
 
 def wandb_file_records(path: Path) -> list:
@@ -1150,8 +1153,14 @@ def start_tracking(setup: Setup, is_main: bool, facts: dict, run_dir: Path, resu
             print(f"tracking: W&B run {resume_ids['wandb']} stays in project {held!r}, where its first attempt started "
                   f"it (project {project!r} is where a new run would go)", file=sys.stderr, flush=True)
             project = held
+        # So is its entity (a team, or a user): another WANDB_ENTITY on the resumed job's
+        # machine started the same id under that entity, a second run again.
+        entity = resume_ids.get("wandb_entity") if resume_ids.get("wandb") else None
+        if entity and os.environ.get("WANDB_ENTITY", entity) != entity:
+            print(f"tracking: W&B run {resume_ids['wandb']} stays with entity {entity!r}, where its first attempt started "
+                  f"it (WANDB_ENTITY {os.environ['WANDB_ENTITY']!r} is where a new run would go)", file=sys.stderr, flush=True)
         wandb = _starting(f"W&B ({mode})", uri, trackers, lambda: WandbTracker(
-            project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags),
+            project, setup.run_name, resume_ids.get("wandb"), mode, run_dir / "wandb", tags, entity),
             hint=lambda e: _wandb_hint(e, mode, Path(os.environ.get("WANDB_DIR") or run_dir / "wandb")))
         if resume_step is not None:  # (also W&B turned on at a resume: the history before it)
             try:

@@ -413,26 +413,31 @@ def test_multilabel_run_with_wandb_offline(tmp_path):
     assert config["problem_type"] == "multi_label_classification" and len(config["id2label"]) == 8
 
 
-def test_a_resumed_wandb_run_stays_in_its_project(tmp_path):
-    """A W&B run id belongs to its project: resumed with another tracking.wandb_project, the same
-    id started a second run in the new project and the history split in two (MLflow's runs stay
-    in their experiment the same way). The resume stays and says so; a new run goes to the new one."""
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb")}
+def test_a_resumed_wandb_run_stays_in_its_project_and_entity(tmp_path):
+    """A W&B run id belongs to its project and entity: resumed with another tracking.wandb_project
+    (or another WANDB_ENTITY on the resumed job's machine), the same id started a second run
+    there and the history split in two (MLflow's runs stay in their experiment the same way).
+    The resume stays and says so; a new run goes to the new ones."""
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_ENTITY": "team-a"}
     args = ["train", str(TINY), "--output-dir", str(tmp_path), *FAST, "train.max_steps=4", "eval.every_steps=100",
             "checkpoint.every_steps=2", "tracking.wandb=true", "tracking.mlflow=false"]
     check(launcher(*args, "--run-name", "r", "tracking.wandb_project=first", "train.halt_at_step=2", env=env))
+    env["WANDB_ENTITY"] = "team-b"
     proc = check(launcher(*args, "--run-name", "r", "tracking.wandb_project=second", env=env))
     check(launcher(*args, "--run-name", "new", "tracking.wandb_project=second", "train.max_steps=1", env=env))
 
-    def started(run: Path) -> tuple[str, str]:
+    def started(run: Path) -> tuple[str, str, str]:
         (log,) = run.glob("run-*.wandb")
         (record,) = [r.run for r in wandb_records(log) if r.HasField("run")][:1]
-        return record.run_id, record.project
+        return record.run_id, record.project, record.entity
 
     runs = [started(run) for run in sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))]
-    assert len(runs) == 3 and runs[0] == runs[1] and runs[0][1] == "first" and runs[2][1] == "second", runs
+    assert len(runs) == 3 and runs[0] == runs[1] and runs[0][1:] == ("first", "team-a"), runs
+    assert runs[2][1:] == ("second", "team-b"), runs
     assert (f"tracking: W&B run {runs[0][0]} stays in project 'first', where its first attempt started it (project "
             "'second' is where a new run would go)") in proc.stderr.splitlines(), proc.stderr
+    assert (f"tracking: W&B run {runs[0][0]} stays with entity 'team-a', where its first attempt started it "
+            "(WANDB_ENTITY 'team-b' is where a new run would go)") in proc.stderr.splitlines(), proc.stderr
 
 
 @pytest.mark.parametrize("inherited", [False, True], ids=["own-service", "inherited-service"])
