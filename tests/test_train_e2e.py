@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher import owner, tracking
+from launcher.config import UNFAIR_TOS_CATEGORIES
 from launcher.tracking import _point, wandb_rows
 
 from conftest import FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
@@ -1842,3 +1843,30 @@ def test_an_evaluation_reaches_mlflow_when_it_is_made_not_at_the_next_flush(tmp_
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_category_no_training_row_has_is_named_in_a_note(tmp_path):
+    """A category (or class) no training row has cannot be learned, and its F1 of 0 counts in
+    every macro-F1 the run reports: the run names it, with the validation rows that have it, in
+    a note (a subset of the data, or an id off by one, trained without a word). Read from the
+    files here, not from the code's counts."""
+    check(launcher("synth", str(tmp_path / "d"), "--n-train", "200", "--n-validation", "60"))
+    rows = [json.loads(line) for line in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for line in (tmp_path / "d" / "validation.jsonl").read_text().splitlines()]
+    first = UNFAIR_TOS_CATEGORIES[0]
+    has = [r for r in val if 0 in r["labels"]]
+    assert has and any(0 in r["labels"] for r in rows)  # (the synthetic data has it: dropped below)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if 0 not in r["labels"]))
+    (tmp_path / "fair.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if not r["labels"]))
+    common = ["train", str(TINY), *FAST, "train.max_steps=1", "eval.every_steps=100", "tracking.mlflow=false",
+              "data.synthetic.enabled=false",
+              f"data.validation_file={tmp_path / 'd' / 'validation.jsonl'}"]
+    multi = check(launcher(*common, "--output-dir", str(tmp_path / "m"), "data.mode=multilabel",
+                           f"data.train_file={tmp_path / 't.jsonl'}"))
+    note = f"note: no training row has {first!r} ({len(has)} validation rows): the model cannot learn it, and an F1"
+    assert note in multi.stdout, multi.stdout
+    binary = check(launcher(*common, "--output-dir", str(tmp_path / "b"), f"data.train_file={tmp_path / 'fair.jsonl'}"))
+    assert f"note: no training row has 'unfair' ({sum(bool(r['labels']) for r in val)} validation rows)" in binary.stdout
+    whole = check(launcher(*common, "--output-dir", str(tmp_path / "w"), "data.mode=multilabel",
+                           f"data.train_file={tmp_path / 'd' / 'train.jsonl'}"))
+    assert "no training row has" not in whole.stdout

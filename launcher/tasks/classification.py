@@ -190,6 +190,23 @@ def class_weights(targets: torch.Tensor, multilabel: bool) -> torch.Tensor:
     return torch.where(counts > 0, targets.numel() / (2 * counts.clamp(min=1)), torch.ones_like(counts))
 
 
+def unseen_note(train: torch.Tensor, val: torch.Tensor, names: list[str]) -> str:
+    """A note naming the categories (classes) no training row has: the model cannot learn them,
+    and their F1 of 0 counts in every macro-F1 the run reports (a subset of the data, a
+    label id off by one). "" when every one is seen."""
+    def counts(labels: torch.Tensor) -> torch.Tensor:
+        if labels.dtype.is_floating_point:  # multi-label: one 0/1 row per example
+            return labels.sum(0).long()
+        return torch.bincount(labels.long(), minlength=len(names))[: len(names)]
+
+    seen, scored = counts(train), counts(val)
+    unseen = [f"{name!r} ({int(scored[i])} validation rows)" for i, name in enumerate(names) if seen[i] == 0]
+    if not unseen:
+        return ""
+    return (f"note: no training row has {', '.join(unseen)}: the model cannot learn "
+            f"{'them' if len(unseen) > 1 else 'it'}, and an F1 of 0 for each counts in the macro-F1")
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     logits = logits.float()
     if labels.dtype.is_floating_point:  # multilabel
@@ -510,7 +527,8 @@ class ClassificationTask:
         return len(train_ds)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        return [note for note in (self.pad_note, self.new_note, self.fresh_note) if note], {}
+        unseen = unseen_note(train_ds.column("labels"), val_ds.column("labels"), self.label_names)
+        return [note for note in (self.pad_note, self.new_note, self.fresh_note, unseen) if note], {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
         """Validation batches, shortest rows first, dealt to the ranks by accelerate (its
