@@ -38,3 +38,14 @@ def test_the_count_of_bad_inputs_the_readme_gives_is_the_table_s():
 
     said = re.search(r"`tests/test_bad_inputs.py` holds (\d+) such inputs", README)
     assert said and int(said.group(1)) == len(test_bad_inputs.CASES)
+
+
+def test_the_layout_names_every_module_and_benchmark():
+    """The README's Layout section is the map of the code: a module or benchmark added without
+    a line there is one a reader cannot find (six modules and a benchmark were missing)."""
+    layout = README.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    modules = [p for p in (ROOT / "launcher").rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    benchmarks = [p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")]
+    assert len(modules) > 20 and len(benchmarks) > 5
+    missing = [str(p.relative_to(ROOT)) for p in modules + benchmarks if not re.search(rf"\b{re.escape(p.name)}\b", layout)]
+    assert not missing, f"not in the README's Layout: {missing}"
