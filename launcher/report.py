@@ -23,7 +23,7 @@ def final_table(before: dict, after: dict, step: int) -> str:
     keys = [k for k in HEADLINE if k in after] + [f"{k}@0.5" for k in HEADLINE if f"{k}@0.5" in after]
     keys += sorted(k for k in after if k.startswith("f1/")) + sorted(k for k in after if k.startswith("choice_f1/"))
     ruled = {k for k in HEADLINE if f"{k}@0.5" in after}
-    tuned = ruled | ({k for k in keys if k.startswith("f1/")} if ruled else set())
+    tuned = ruled | ({k for k in keys if k.startswith("f1/") and not k.endswith("@0.5")} if ruled else set())
     width = max(len(k) for k in keys) + 2
     c = max(10, len(f"step {step}") + 2)  # columns (step 100000 still has a space before it)
     lines = [f"{'metric':<{width}}{'step 0':>{c}}{f'step {step}':>{c}}{'change':>{c}}", "-" * (width + 3 * c)]

@@ -583,6 +583,11 @@ def test_the_end_table_names_the_exported_step_and_keeps_its_columns_apart():
     assert [r.split() for r in rows] == [["macro_f1", "0.3000", "0.8000"], ["loss", "0.7000", "0.5000", "-0.2000"],
                                          ["macro_f1@0.5", "0.3000", "0.7500", "+0.4500"], ["f1/unfair", "0.1000", "0.7000"]]
     assert note.startswith("(f1/unfair, macro_f1: under the cut tuned on these validation rows")
+    # A class's @0.5 row is the 0.5 rule's, as at step 0: its change is given (it was left blank,
+    # and the note listed it among the tuned ones).
+    *_, f1_rule, note = final_table({"macro_f1": 0.3, "f1/unfair": 0.1}, {"macro_f1": 0.8, "macro_f1@0.5": 0.75,
+                                    "f1/unfair": 0.7, "f1/unfair@0.5": 0.6}, 30).splitlines()
+    assert f1_rule.split() == ["f1/unfair@0.5", "0.1000", "0.6000", "+0.5000"] and "@0.5," not in note, note
 
 
 def test_a_run_killed_while_mlflow_builds_its_store_leaves_no_half_built_one(tmp_path):
