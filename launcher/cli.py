@@ -594,7 +594,9 @@ def cmd_eval(args) -> int:
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
     _room_for_text(args.max_length, tokenizer)
-    texts, targets = parse_rows(read_records(data), LabelEncoder("multilabel" if multilabel else "binary", names), str(data))
+    # (labels read as training read them: two classes as binary, its own names as a multiclass)
+    mode = "multilabel" if multilabel else "binary" if len(names) == 2 else "multiclass"
+    texts, targets = parse_rows(read_records(data), LabelEncoder(mode, names), str(data))
     import torch
 
     with _precision(args, args.model_dir, model, note=True):
@@ -719,8 +721,11 @@ def _predict_classes(args) -> list[str]:
 def _written_back(row: dict, prediction: dict) -> dict:
     """An input row with its prediction (an id column joins it to the input). A column of the
     row that the prediction also names (a gold `label`, a reference `response`) stays, as
-    input_<name>: it was overwritten by the prediction without a word."""
-    return {**{f"input_{k}" if k in prediction else k: v for k, v in row.items()}, **prediction}
+    input_<name>: it was overwritten by the prediction without a word. So does a gold `label`
+    beside a predicted `labels` (multilabel), and `labels` beside `label`: either read as the
+    prediction."""
+    named = set(prediction) | ({"label", "labels"} if {"label", "labels"} & set(prediction) else set())
+    return {**{f"input_{k}" if k in named else k: v for k, v in row.items()}, **prediction}
 
 
 def _prompt_rows(path: Path, fmt, tokenizer, records: list[dict], rows: list[dict], bad: BadRows) -> None:

@@ -146,9 +146,11 @@ class DataConfig:
     group_by_length: Optional[bool] = None
     # DataLoader worker processes that collate micro-batches (0: in the training process).
     num_workers: int = 1
-    # binary: unfair = any category; multilabel: one sigmoid output per label name.
-    mode: Literal["binary", "multilabel"] = "binary"
-    # Class names; null means fair/unfair (binary) or the 8 UNFAIR-ToS categories.
+    # binary: two classes (fair/unfair: unfair = any UNFAIR-ToS category); multiclass: one of
+    # data.label_names per row (softmax over them); multilabel: one sigmoid output per label name.
+    mode: Literal["binary", "multiclass", "multilabel"] = "binary"
+    # Class names; null means fair/unfair (binary) or the 8 UNFAIR-ToS categories (multilabel);
+    # multiclass names its own. A row's label equal to a name is that class, then an id.
     label_names: Optional[list[str]] = None
     max_length: int = 128
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
@@ -178,7 +180,7 @@ class DataConfig:
     def resolved_label_names(self) -> list[str]:
         if self.label_names:
             return list(self.label_names)
-        return list(BINARY_LABELS if self.mode == "binary" else UNFAIR_TOS_CATEGORIES)
+        return list(BINARY_LABELS if self.mode == "binary" else UNFAIR_TOS_CATEGORIES if self.mode == "multilabel" else [])
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ class TrainConfig:
     # half the gradient traffic for a less exact sum. DDP reduces fp32 gradients either way.
     reduce_in_fp32: bool = True
     seed: int = 42
-    # none, or balanced: CE class weights (binary) / BCE pos_weight (multilabel)
+    # none, or balanced: CE class weights n / (k n_c) (binary, multiclass) / BCE pos_weight (multilabel)
     # from training label frequencies; eval/loss then weighs alike (launcher eval too).
     class_weighting: Literal["none", "balanced"] = "none"
     # Recompute each layer's activations in the backward pass (non-reentrant): activation
@@ -886,11 +888,21 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         out.append(f"model.pooling: {cfg.model.pooling} is for task classification")
     if e.tune_threshold and cfg.task != "classification":
         out.append("eval.tune_threshold: only for task classification")
-    if e.metric == "accuracy" and d.mode != "binary" and cfg.task == "classification":
-        out.append("eval.metric: accuracy is reported for data.mode=binary only")
+    if e.metric == "accuracy" and d.mode == "multilabel" and cfg.task == "classification":
+        out.append("eval.metric: accuracy is reported for one class per row (data.mode binary or multiclass)")
+    if d.mode == "multiclass" and cfg.task == "classification":
+        if not d.label_names or len(d.label_names) < 2:
+            out.append("data.label_names: data.mode=multiclass needs the class names, 2 or more (e.g. "
+                       "[negative, neutral, positive]); a row's label is a name or an id")
+        if e.tune_threshold:
+            out.append("eval.tune_threshold: binary and multilabel only (multiclass takes the likeliest class)")
+        if d.synthetic.enabled or (d.train_file is None and d.hub_dataset == DataConfig.hub_dataset):
+            out.append("data.mode: multiclass needs data of its own (data.train_file, or data.hub_dataset=ID): "
+                       "the UNFAIR-ToS clauses are binary or multilabel")
     if d.label_names is not None:
         if d.mode == "binary" and len(d.label_names) != 2:
-            out.append(f"data.label_names: binary mode needs 2 names (negative, positive); got {len(d.label_names)}")
+            out.append(f"data.label_names: binary mode needs 2 names (negative, positive); got {len(d.label_names)} "
+                       "(data.mode=multiclass for one of several classes per row)")
         folded = [n.strip().lower() for n in d.label_names]  # as rows are matched to them
         if len(set(folded)) != len(folded):
             out.append("data.label_names: names must be unique (case and spaces aside: rows match them so)")

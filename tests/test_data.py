@@ -100,7 +100,7 @@ def test_bad_rows_are_reported_by_file_and_line(tmp_path):
     # In binary mode the same `label: 2` is not a valid binary label.
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"text": "ok", "label": 0}) + "\n" + json.dumps({"text": "x", "label": 2}) + "\n")
-    with pytest.raises(DataError, match=rf"^{one}:2: 'label' must be 0, 1, fair or unfair, or a category name; got 2$"):
+    with pytest.raises(DataError, match=rf"^{one}:2: 'label' must be 0, 1, fair or unfair, or an UNFAIR-ToS category name; got 2; for your own classes set data.label_names$"):
         load(one, "binary")
 
 
@@ -347,7 +347,7 @@ def test_labels_that_change_type_read_past_blank_lines_and_a_byte_order_mark(tmp
     odd.write_bytes(odd.read_bytes() + b'{"text": "clause x", "label": "maybe"}\n')
     with pytest.raises(DataError) as e:
         load(odd)
-    assert e.value.problems == [f"{odd}:14: 'label' must be 0, 1, fair or unfair, or a category name; got 'maybe'"]
+    assert e.value.problems == [f"{odd}:14: 'label' must be 0, 1, fair or unfair, or an UNFAIR-ToS category name; got 'maybe'; for your own classes set data.label_names"]
     assert source.read(cache).num_rows == 11  # the changed file's own copy, in place of the old one
     assert [p.name for p in (cache / "rows-alone").iterdir()] != [copy.name] and len(list((cache / "rows-alone").iterdir())) == 1
     os.chmod(cache, 0o2770)  # a group-shared cache (data.cache_shared): its copies are the group's too
@@ -376,7 +376,7 @@ def test_whole_number_float_labels_read_as_their_ints_and_a_bad_one_is_its_own_l
     with pytest.raises(DataError) as e:
         load_split(cfg, "train", str(bad))
     assert [p for p in e.value.problems if p.startswith(str(bad))] == [
-        f"{bad}:7: 'label' must be 0, 1, fair or unfair, or a category name; got 0.5"]
+        f"{bad}:7: 'label' must be 0, 1, fair or unfair, or an UNFAIR-ToS category name; got 0.5; for your own classes set data.label_names"]
     ml = tmp_path / "ml.jsonl"
     ml.write_text(json.dumps({"text": "a", "labels": [1.0, 4.0]}) + "\n" + json.dumps({"text": "b", "labels": [2]}) + "\n")
     _, targets = load_split(DataConfig(mode="multilabel"), "train", str(ml))
@@ -570,3 +570,80 @@ def test_a_dataset_folder_whose_path_is_a_pattern_is_refused_in_one_line(tmp_pat
         (line,) = e.value.problems
         assert line.startswith(f"data.hub_dataset: {tmp_path / name}: datasets reads a folder's path as a pattern, "
                                f"where {odd} of {tmp_path / name} are special"), line
+
+
+def test_your_own_classes_one_of_several_a_pair_and_categories(tmp_path):
+    """Another task's labels (the audit's sentiment, spam and topic files): a class name comes
+    before an id, so names that are digits mean themselves (label "1" under names "1", "2" was
+    read as id 1, the class named "2", and scored 0 at eval); the UNFAIR-ToS conventions hold
+    under the default names only ("Arbitration" was read as spam, label 0 as "no topic")."""
+    names = ["negative", "neutral", "positive"]
+    rows = [{"text": "a", "label": "Positive "}, {"text": "b", "label": 0}, {"text": "c", "label": "1"},
+            {"text": "d", "labels": ["neutral"]}, {"text": "e", "label": 2.0}]
+    for fmt in ("jsonl", "csv", "parquet"):
+        (tmp_path / fmt).mkdir()
+        # (one label column in a table: a row's `labels` of one class as its `label`)
+        path = write(tmp_path / fmt, fmt, rows if fmt == "jsonl" else [{"text": r["text"], "label": str(r.get("label",
+                     "neutral"))} for r in rows])
+        assert load(path, "multiclass", label_names=names)[1] == [2, 0, 1, 1, 2], fmt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": "a", "label": 3}, {"text": "b", "labels": ["neutral", "positive"]}, {"text": "c", "label": "Arbitration"},
+        {"text": "d", "labels": []}]))
+    with pytest.raises(DataError) as e:
+        load(bad, "multiclass", label_names=names)
+    assert e.value.problems == [
+        f"{bad}:1: 'label' must be a class name (negative, neutral, positive) or an id 0..2; got 3",
+        f"{bad}:2: 'labels' ['neutral', 'positive']: data.mode=multiclass takes one class per row "
+        "(data.mode=multilabel for several)",
+        f"{bad}:3: 'label' must be a class name (negative, neutral, positive) or an id 0..2; got 'Arbitration'",
+        f"{bad}:4: 'labels' []: data.mode=multiclass takes one class per row (data.mode=multilabel for several)"]
+    # Digit names: the name first, for strings, numbers and whole floats alike, in every mode.
+    digits = write(tmp_path, "jsonl", [{"text": "a", "label": "1"}, {"text": "b", "label": 2},
+                                       {"text": "c", "label": 1.0}])
+    assert load(digits, "binary", label_names=["1", "2"])[1] == [0, 1, 0]
+    assert load(digits, "multiclass", label_names=["1", "2", "3"])[1] == [0, 1, 0]
+    assert load(digits, "multilabel", label_names=["1", "2", "3"])[1] == [[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]]
+    (tmp_path / "l").mkdir()
+    listed = write(tmp_path / "l", "jsonl", [{"text": "a", "labels": [1]}, {"text": "b", "labels": [3, 2]}])
+    assert load(listed, "multilabel", label_names=["1", "2", "3"])[1] == [[1.0, 0, 0], [0, 1.0, 1.0]]
+    # A pair of your own: not UNFAIR-ToS's categories, `labels` holds one class.
+    spam = tmp_path / "spam.jsonl"
+    spam.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": "a", "labels": ["spam"]}, {"text": "b", "label": "ham"}, {"text": "c", "label": 1}]))
+    assert load(spam, "binary", label_names=["ham", "spam"])[1] == [1, 0, 1]
+    arbitration = tmp_path / "arb.jsonl"
+    arbitration.write_text(json.dumps({"text": "a", "label": "Arbitration"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load(arbitration, "binary", label_names=["ham", "spam"])
+    assert e.value.problems == [f"{arbitration}:1: 'label' must be a class name (ham, spam) or an id 0..1; got 'Arbitration'"]
+    assert load(arbitration)[1] == [1]  # (under fair/unfair a category's name is unfair, as before)
+    # Categories of your own: label 0 is category 0's id, not "no category" (nor is "none").
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b", "label": "none"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load(zero, "multilabel", label_names=["Sports", "Tech"])
+    assert e.value.problems[0] == (f"{zero}:1: 'label' 0 is not a category in data.mode=multilabel (labels: [0] is "
+                                   "category 0): give categories as 'labels': [0] or by name")
+    assert e.value.problems[1].startswith(f"{zero}:2: unknown category 'none'; expected an id or one of: Sports, Tech")
+    assert load(zero, "multilabel")[1] == [[0.0] * 8] * 2  # (under the UNFAIR-ToS categories: no category)
+
+
+def test_a_pandas_list_column_reads_and_unknown_names_say_what_to_set(tmp_path):
+    """pandas' to_csv writes a list column as "['Sports', 'Tech']": it was refused on every row
+    as "not a JSON list". Names of another task under the default names now say to set
+    data.label_names, and a comma in one cell says the separator is '|'."""
+    path = tmp_path / "t.csv"
+    path.write_text("text,labels\na,\"['Sports', 'Tech']\"\nb,\"[]\"\nc,Tech\n")
+    assert load(path, "multilabel", label_names=["Sports", "Politics", "Tech"])[1] == [[1.0, 0, 1.0], [0, 0, 0], [0, 0, 1.0]]
+    (tmp_path / "b").mkdir()
+    bad = tmp_path / "b" / "t.csv"
+    bad.write_text("text,labels,\na,\"__import__('os')\",\nb,\"Sports,Tech\",\n".replace(",\n", "\n"))
+    with pytest.raises(DataError) as e:
+        load(bad, "multilabel", label_names=["Sports", "Tech"])
+    assert e.value.problems == [f"{bad}:2: unknown category \"__import__('os')\"; expected an id or one of: Sports, Tech",
+                                f"{bad}:3: unknown category 'Sports,Tech'; expected an id or one of: Sports, Tech; "
+                                "categories in one cell are separated by '|'"]
+    with pytest.raises(DataError) as e:
+        load(path, "multilabel")
+    assert e.value.problems[0].endswith("Jurisdiction, Arbitration; for your own categories set data.label_names")

@@ -40,7 +40,36 @@ def test_multilabel_lexglue_none_column_matches_sklearn():
     assert len([k for k in m if k.startswith("f1/")]) == 9
 
 
+def test_multiclass_matches_sklearn():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(90, 3, generator=g)
+    labels = torch.randint(0, 3, (90,), generator=g)
+    m = compute_metrics(logits, labels, ["negative", "neutral", "positive"])
+    pred = logits.argmax(-1).numpy()
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert m["accuracy"] == pytest.approx((pred == labels.numpy()).mean())
+    assert m["f1/neutral"] == pytest.approx(f1_score(labels, pred, labels=[1], average="macro"))
+
+
+def test_the_none_column_counts_only_where_a_row_or_prediction_has_no_category():
+    """Every row of topic data has a category: LexGLUE's none column then scored F1 0 in
+    macro-F1 and a perfect model got 0.75 on three categories. It counts where rows or
+    predictions have no category, so a prediction of none still costs what it should."""
+    labels = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+    perfect = labels * 8 - 4
+    m = compute_metrics(perfect, labels, ["Sports", "Politics", "Tech"])
+    assert m["macro_f1"] == 1.0 and "f1/none" not in m
+    empty = perfect.clone()
+    empty[0] = -4  # one row predicted with no category: none is a column again
+    m = compute_metrics(empty, labels, ["Sports", "Politics", "Tech"])
+    y_true = np.concatenate([labels.numpy(), np.zeros((4, 1))], 1).astype(int)
+    y_pred = np.concatenate([(empty > 0).numpy(), [[1], [0], [0], [0]]], 1).astype(int)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0)) and m["f1/none"] == 0
+
+
 def test_balanced_weights():
+    assert class_weights(torch.tensor([0, 1, 1, 2, 2, 2]), multilabel=False, classes=4).tolist() == pytest.approx(
+        [6 / 4, 6 / 8, 6 / 12, 1.0])  # scikit-learn's n / (k n_c); a class never seen keeps 1
     assert class_weights(torch.tensor([0, 0, 0, 1]), multilabel=False).tolist() == pytest.approx([4 / 6, 4 / 2])
     pw = class_weights(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]), multilabel=True)
     assert pw.tolist() == [1.0, 1.0]  # 2 neg / 2 pos; a never-positive category keeps 1

@@ -368,7 +368,7 @@ def test_bad_data_row_and_unreachable_model_create_nothing(tmp_path):
                     f"data.train_file={bad}", f"data.validation_file={bad}")
     assert proc.returncode == 2
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert err == [f"error: {bad}:2: 'label' must be 0, 1, fair or unfair, or a category name; got 'maybe'"]
+    assert err == [f"error: {bad}:2: 'label' must be 0, 1, fair or unfair, or an UNFAIR-ToS category name; got 'maybe'; for your own classes set data.label_names"]
     assert not (tmp_path / "o" / "clause_tiny").exists()
 
     proc = launcher("train", str(TINY), "--output-dir", str(tmp_path / "o"), "model.name=nlpaueb/legal-bert-base-uncased")
@@ -1870,3 +1870,56 @@ def test_a_category_no_training_row_has_is_named_in_a_note(tmp_path):
     whole = check(launcher(*common, "--output-dir", str(tmp_path / "w"), "data.mode=multilabel",
                            f"data.train_file={tmp_path / 'd' / 'train.jsonl'}"))
     assert "no training row has" not in whole.stdout
+
+
+def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformers(tmp_path):
+    """data.mode=multiclass: a softmax over data.label_names, labels by name or id. The run's
+    exported evaluation equals `launcher eval`'s (class-weighted loss included), `predict`'s
+    probabilities are a distribution whose likeliest class is its label, and transformers'
+    pipeline reads the same classes. Before, three classes were refused ("binary mode needs 2
+    names") or ran as three independent yes/no outputs."""
+    import random
+
+    names = ["negative", "neutral", "positive"]
+    words = {"negative": ["awful", "bad", "terrible"], "neutral": ["okay", "average", "plain"],
+             "positive": ["great", "lovely", "excellent"]}
+    rng = random.Random(0)
+
+    def rows(n: int) -> list[dict]:
+        out = []
+        for i in range(n):
+            c = rng.randrange(3)
+            out.append({"text": f"the film was {rng.choice(words[names[c]])} and {rng.choice(words[names[c]])}",
+                        "label": names[c] if i % 2 else c})  # by name and by id
+        return out
+
+    for name, n in (("train", 96), ("val", 30)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "o"), *FAST, "tracking.mlflow=false",
+                   "data.synthetic.enabled=false", "data.mode=multiclass", "data.label_names=[negative,neutral,positive]",
+                   f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'val.jsonl'}",
+                   "train.max_steps=12", "train.lr=3e-3", "eval.every_steps=6", "train.class_weighting=balanced",
+                   "eval.metric=accuracy"))
+    run = tmp_path / "o" / "clause_tiny"
+    model = run / "model"
+    after = json.loads((run / "final_metrics.json").read_text())["after"]
+    assert {f"f1/{n}" for n in names} | {"accuracy"} <= set(after) and "f1/none" not in after, after
+    config = json.loads((model / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert config["problem_type"] == "single_label_classification"
+    assert len(json.loads((model / "launcher.json").read_text())["class_weights"]) == 3
+    scored = json.loads(check(launcher("eval", str(model), "--data", str(tmp_path / "val.jsonl"))).stdout)
+    for key in ("macro_f1", "accuracy", "loss", *(f"f1/{n}" for n in names)):
+        assert scored[key] == pytest.approx(after[key], abs=1e-5), key
+    asked = [{"text": "the film was awful and bad", "labels": ["neutral"]}, {"text": "the film was lovely and great"}]
+    (tmp_path / "ask.jsonl").write_text("".join(json.dumps(r) + "\n" for r in asked))
+    answers = [json.loads(line) for line in check(launcher("predict", str(model), "--input",
+                                                           str(tmp_path / "ask.jsonl"))).stdout.splitlines()]
+    for answer in answers:
+        assert list(answer["probs"]) == names and sum(answer["probs"].values()) == pytest.approx(1, abs=1e-5)
+        assert answer["label"] == max(answer["probs"], key=answer["probs"].get)
+    assert answers[0]["input_labels"] == ["neutral"] and "labels" not in answers[0]  # (a gold column is kept apart)
+    from transformers import pipeline
+
+    read = pipeline("text-classification", model=str(model), device="cpu")([r["text"] for r in asked])
+    assert [r["label"] for r in read] == [a["label"] for a in answers]

@@ -13,9 +13,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from launcher.config import UNFAIR_TOS_CATEGORIES, DataConfig
+from launcher.config import BINARY_LABELS, UNFAIR_TOS_CATEGORIES, DataConfig
 from launcher.data.sources import BadRows, read_records  # noqa: F401  (read_records: cli, instructions)
 from launcher.errors import DataError
+
+def _python_list(text: str) -> list | None:
+    """A list written as Python writes it (single quotes), as pandas' to_csv writes a column of
+    lists; None when it is not one. ast.literal_eval reads literals only: no code runs."""
+    import ast
+
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, list) else None
+
 
 def _as_list(value: Any, where: str) -> list:
     """`labels` as a list; CSV cells hold JSON ('[0, 5]') or '|'-separated names."""
@@ -31,7 +43,9 @@ def _as_list(value: Any, where: str) -> list:
             try:
                 parsed = json.loads(text)
             except json.JSONDecodeError:
-                raise DataError(f"{where}: 'labels' is not a JSON list: {value!r}") from None
+                parsed = _python_list(text)  # pandas' to_csv of a list column: "['a', 'b']"
+                if parsed is None:
+                    raise DataError(f"{where}: 'labels' is not a JSON list: {value!r}") from None
             return list(parsed)
         return [part.strip() for part in text.split("|") if part.strip()]
     raise DataError(f"{where}: 'labels' must be a list of category ids or names; got {value!r}")
@@ -49,20 +63,46 @@ def _whole(value: Any) -> Any:
     return value
 
 
+def _named(value: Any, table: dict) -> int | None:
+    """The id of the class a label value names, case and spaces aside, or None: its text as
+    written ("1.0"), else a number as its digits (1, 1.0 and "1" all name a class "1")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    for text in (str(value), str(_whole(value))):
+        if (key := text.strip().lower()) in table:
+            return table[key]
+    return None
+
+
 class LabelEncoder:
-    """Turns a row's `label`/`labels` into the training target for one mode."""
+    """Turns a row's `label`/`labels` into the training target for one mode:
+    - multiclass (and binary under names of its own): the class id, from `label` (a class name
+      or an id) or a `labels` list of one;
+    - binary under the default names (fair/unfair): 0/1, from `label` (0, 1, fair, unfair, or an
+      UNFAIR-ToS category name: unfair) or `labels`, the clause's categories (any: unfair);
+    - multilabel: a multi-hot row over the names, from `labels` (names or ids) or `label` (one
+      name; under the default UNFAIR-ToS categories also 0, fair or none: no category).
+    A value equal to a class name is that class before it is read as an id: names may be digits
+    ("1", "2": the class named "1" is id 0)."""
 
     def __init__(self, mode: str, label_names: list[str]):
         self.mode = mode
         self.names = label_names
+        folded = [n.strip().lower() for n in label_names]
+        # The UNFAIR-ToS conventions (category lists in binary mode, label 0 as "no category")
+        # hold under the default names only: a ham/spam file's "Arbitration" was read as spam.
+        self.tos = folded == [n.lower() for n in (BINARY_LABELS if mode == "binary" else UNFAIR_TOS_CATEGORIES)]
+        self.one_class = mode == "multiclass" or (mode == "binary" and not self.tos)
         # `labels` lists hold category ids/names: in binary mode any category means unfair.
         self.categories = label_names if mode == "multilabel" else UNFAIR_TOS_CATEGORIES
-        self._by_name = {n.lower(): i for i, n in enumerate(self.categories)}
-        self._binary_by_name = {n.lower(): i for i, n in enumerate(label_names)} if mode == "binary" else {}
+        self._by_name = {n.strip().lower(): i for i, n in enumerate(self.categories)}
+        self._class_by_name = {n: i for i, n in enumerate(folded)} if mode != "multilabel" else {}
+        self._hint = "" if not self.tos else "; for your own " + (
+            "categories" if mode == "multilabel" else "classes") + " set data.label_names"
 
     def _category(self, item: Any, where: str) -> int:
-        if isinstance(item, str) and item.strip().lower() in self._by_name:  # a name first: names may be digits
-            return self._by_name[item.strip().lower()]
+        if (named := _named(item, self._by_name)) is not None:  # a name first: names may be digits
+            return named
         item = _whole(item)
         if isinstance(item, bool):
             raise DataError(f"{where}: category {item!r} is not an id or a name")
@@ -76,14 +116,36 @@ class LabelEncoder:
             if self.mode == "binary":
                 raise DataError(f"{where}: category id {item} is negative: a category id is 0 or more")
             raise DataError(f"{where}: category id {item} out of range 0..{len(self.categories) - 1}")
-        raise DataError(f"{where}: unknown category {item!r}; expected an id or one of: {', '.join(self.categories)}")
+        comma = "; categories in one cell are separated by '|'" if isinstance(item, str) and "," in item else ""
+        raise DataError(f"{where}: unknown category {item!r}; expected an id or one of: {', '.join(self.categories)}"
+                        f"{comma or self._hint}")
+
+    def _class(self, value: Any, column: str, where: str) -> int:
+        """One class of a single-label row: its name, else its id."""
+        if (named := _named(value, self._class_by_name)) is not None:
+            return named
+        value = _whole(value)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
+            return value
+        raise DataError(f"{where}: '{column}' must be a class name ({', '.join(self.names)}) or an id 0.."
+                        f"{len(self.names) - 1}; got {value!r}")
 
     def encode(self, record: dict, where: str):
-        """binary -> int 0/1; multilabel -> multi-hot list of floats."""
+        """binary and multiclass -> the class id; multilabel -> multi-hot list of floats."""
         has_labels = record.get("labels") is not None
         has_label = record.get("label") is not None and record.get("label") != ""
         if has_labels == has_label:
             raise DataError(f"{where}: needs exactly one of 'label' or 'labels'")
+        if self.one_class:
+            if not has_labels:
+                return self._class(record["label"], "label", where)
+            items = _as_list(record["labels"], where)
+            if len(items) != 1:
+                raise DataError(f"{where}: 'labels' {items!r}: data.mode={self.mode} takes one class per row "
+                                "(data.mode=multilabel for several)")
+            return self._class(items[0], "labels", where)
         if has_labels:
             items = _as_list(record["labels"], where)
             ids = [self._category(x, where) for x in items]
@@ -98,34 +160,38 @@ class LabelEncoder:
                 return int(bool(cats))
             return [1.0 if i in cats else 0.0 for i in range(len(self.categories))]
         value = record["label"]
-        if isinstance(value, str) and self.mode == "multilabel" and value.strip().lower() in self._by_name:
-            return [1.0 if i == self._by_name[value.strip().lower()] else 0.0 for i in range(len(self.categories))]
-        if not (isinstance(value, str) and value.strip().lower() in self._binary_by_name):  # (a name first)
-            value = _whole(value)
+        if self.mode == "binary":
+            return self._tos_binary(value, where)
+        if (named := _named(value, self._by_name)) is not None:  # (a category's name: names may be digits)
+            return [1.0 if i == named else 0.0 for i in range(len(self.categories))]
+        value = _whole(value)
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if self.mode == "binary":
-            if isinstance(value, (bool, int)) and int(value) in (0, 1):
-                return int(value)
-            if isinstance(value, str):
-                key = value.strip().lower()
-                if key in self._binary_by_name:
-                    return self._binary_by_name[key]
-                if key in {c.lower() for c in UNFAIR_TOS_CATEGORIES}:
-                    return 1
-            raise DataError(f"{where}: 'label' must be 0, 1, {' or '.join(self.names)}, or a category name; got {value!r}")
-        no_category = (isinstance(value, int) and not isinstance(value, bool) and value == 0) or (
-            isinstance(value, str) and value.strip().lower() in ("fair", "none")  # (a category's own name returned above)
-        )
-        if no_category:  # 0 / "fair" = no category
-            return [0.0] * len(self.categories)
+        word = value.strip().lower() if isinstance(value, str) else None
+        if self.tos and (value == 0 and not isinstance(value, bool) or word in ("fair", "none")):
+            return [0.0] * len(self.categories)  # 0 / "fair" / "none": no category (a binary file's fair clause)
         if isinstance(value, int) and not isinstance(value, bool):
             # `label: 1` is "unfair" in binary files, and `label: 0` is fair: read as category
             # ids here, a binary file trained every unfair clause as category 1.
-            raise DataError(f"{where}: 'label' {value} is not a category in data.mode=multilabel (label 0 is fair, "
-                            f"labels: [0] is category 0): give categories as 'labels': [{value}] or by name")
+            zero = "label 0 is fair, " if self.tos else ""
+            raise DataError(f"{where}: 'label' {value} is not a category in data.mode=multilabel ({zero}labels: [0] is "
+                            f"category 0): give categories as 'labels': [{value}] or by name")
         cat = self._category(value, where)
         return [1.0 if i == cat else 0.0 for i in range(len(self.categories))]
+
+    def _tos_binary(self, value: Any, where: str) -> int:
+        """A binary `label` under the default names: 0, 1, fair, unfair, or a category's name."""
+        if (named := _named(value, self._class_by_name)) is not None:
+            return named
+        value = _whole(value)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, (bool, int)) and int(value) in (0, 1):
+            return int(value)
+        if isinstance(value, str) and value.strip().lower() in {c.lower() for c in UNFAIR_TOS_CATEGORIES}:
+            return 1
+        raise DataError(f"{where}: 'label' must be 0, 1, {' or '.join(self.names)}, or an UNFAIR-ToS category name; "
+                        f"got {value!r}{self._hint}")
 
 
 def column_problems(columns: list[str], source: str) -> list[str]:
@@ -193,7 +259,7 @@ class ClauseEncoder:
 
     def __init__(self, mode: str, label_names: list[str], tokenizer=None, max_length: int = 0):
         self.encoder = LabelEncoder(mode, label_names)
-        self.empty = 0 if mode == "binary" else [0.0] * len(self.encoder.categories)
+        self.empty = [0.0] * len(self.encoder.categories) if mode == "multilabel" else 0
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def check(self, where: str, record) -> None:

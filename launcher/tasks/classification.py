@@ -176,18 +176,18 @@ def is_multilabel(model_config) -> bool:
 # ---------------------------------------------------------------- loss
 
 
-def class_weights(targets: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """Balanced weights from training label frequencies.
+def class_weights(targets: torch.Tensor, multilabel: bool, classes: int = 2) -> torch.Tensor:
+    """Balanced weights from training label frequencies (scikit-learn's "balanced").
 
-    binary: CE weight n / (2 * n_c) per class; multilabel: BCE pos_weight = n_neg / n_pos
-    per category (a category never seen positive keeps weight 1).
+    binary and multiclass: CE weight n / (k * n_c) per class of k; multilabel: BCE pos_weight =
+    n_neg / n_pos per category (a category or class never seen keeps weight 1).
     """
     if multilabel:
         pos = targets.sum(0)
         neg = targets.shape[0] - pos
         return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos))
-    counts = torch.bincount(targets, minlength=2).float()
-    return torch.where(counts > 0, targets.numel() / (2 * counts.clamp(min=1)), torch.ones_like(counts))
+    counts = torch.bincount(targets, minlength=classes).float()
+    return torch.where(counts > 0, targets.numel() / (len(counts) * counts.clamp(min=1)), torch.ones_like(counts))
 
 
 def unseen_note(train: torch.Tensor, val: torch.Tensor, names: list[str]) -> str:
@@ -286,7 +286,7 @@ def decisions(logits: torch.Tensor, multilabel: bool, cuts: np.ndarray | None = 
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str], cuts: np.ndarray | None = None) -> dict:
-    """macro_f1, micro_f1, f1/<class>, plus accuracy (binary). Inputs: all examples, once each.
+    """macro_f1, micro_f1, f1/<class>, plus accuracy (one class per row). Inputs: all examples, once each.
     cuts: the decision rule's cuts (cut_vector); None is the plain 0.5 rule."""
     logits = logits.float().cpu()
     labels = labels.cpu()
@@ -294,10 +294,14 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: lis
     if multilabel:
         y_true = labels.numpy().astype(bool)
         y_pred = decisions(logits, True, cuts)
-        # LexGLUE: an extra "none" column for clauses with no category.
-        y_true = np.concatenate([y_true, ~y_true.any(1, keepdims=True)], 1)
-        y_pred = np.concatenate([y_pred, ~y_pred.any(1, keepdims=True)], 1)
-        names = list(label_names) + ["none"]
+        # LexGLUE: an extra "none" column for clauses with no category, where there are such
+        # rows or predictions. Data whose every row has a category (topics, one-of-k labels
+        # run as multilabel) have none: its F1 of 0 capped a perfect model at k/(k+1).
+        none_true, none_pred = ~y_true.any(1, keepdims=True), ~y_pred.any(1, keepdims=True)
+        names = list(label_names)
+        if none_true.any() or none_pred.any():
+            y_true, y_pred = np.concatenate([y_true, none_true], 1), np.concatenate([y_pred, none_pred], 1)
+            names.append("none")
     else:
         pred = decisions(logits, False, cuts)
         k = logits.shape[-1]
@@ -555,7 +559,8 @@ class ClassificationTask:
 
     def prepare(self, train_ds, device) -> None:
         if self.cfg.class_weighting == "balanced":
-            self.weights_cpu = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel")
+            self.weights_cpu = class_weights(train_ds.column("labels"), self.cfg.data.mode == "multilabel",
+                                             len(self.label_names))
             self.weights = self.weights_cpu.to(device)
 
     def loss_items(self, batch) -> float:
