@@ -40,6 +40,9 @@ MODEL_SHAPE = ("task", "model.name", "model.tiny.arch", "model.tiny.hidden_size"
 # A tiny model's learned position table (BERT's, GPT-2's; a Llama's rotary positions have none)
 # is sized from these (a causal LM's leaves room for its answers).
 TINY_SHAPE = {"classification": ("data.max_length",), "causal_lm": ("data.max_length", "eval.max_new_tokens")}
+# Sets written as lists: peft matches the names (and blocks) in any order. [q_proj, v_proj] then
+# [v_proj, q_proj] was refused as weights that "do not load into this model".
+UNORDERED = ("model.lora.target_modules", "model.lora.modules_to_save", "model.lora.layers_to_transform")
 # Within data.: where and how fast the same rows are read.
 DATA_PLUMBING = ("data.cache_dir", "data.cache_shared", "data.num_proc", "data.num_workers")
 RUN_CONFIG = "config.yaml"  # beside a run, and in each checkpoint: the config it was written under
@@ -77,6 +80,10 @@ def changes(saved: Path, cfg) -> tuple[dict[str, tuple[Any, Any]], dict[str, tup
         elif _same_contents(full, path):  # the data copied elsewhere (a job's scratch): the same rows
             moved[key] = (was, path)
             before[key] = path
+    for key in UNORDERED:  # the same modules or blocks in another order: no change
+        was, then = before.get(key), now.get(key)
+        if isinstance(was, list) and isinstance(then, list) and set(map(str, was)) == set(map(str, then)):
+            before[key] = then
     diff = {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys())
             if before.get(k) != now.get(k) and not k.startswith(UNLISTED)}
     refused = {k: v for k, v in diff.items() if _defines_run(k)}

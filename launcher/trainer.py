@@ -146,10 +146,8 @@ def preflight(cfg: RunConfig, rt, task) -> Preflight:
     moved = ckpt_lib.check_layout(start.checkpoint, resumed, rt) if start.checkpoint and resumed else None
     ckpt_lib.check_writable(Path(cfg.output_dir))  # every rank: each writes its part of a checkpoint
     cache = rt.data_cache(Path(cfg.data.cache_dir or Path(cfg.output_dir) / ".cache"), cfg.data.cache_shared)
-    if start.checkpoint is not None and cfg.checkpoint.resume_changed != "allow":  # the LoRA base is read again
-        models.same_base(cfg.model.name, ckpt_lib.base_weights(start.checkpoint), "model.name",
-                         "put the run's base back there (a relative name is read from the directory you start in), or "
-                         "set checkpoint.resume_changed=allow to train these adapters on it")
+    if start.checkpoint is not None:  # the LoRA base is read again
+        _check_base(cfg, start.checkpoint, rt)
     fetched_here = hub.resolve(cfg.model, rt, cache)  # a hub model or GGUF file: once per node, then offline
     task.check_model_source()
     modeling.attn_implementation(cfg.model, cfg.train.precision)  # a kernel this precision and host can run
@@ -838,6 +836,21 @@ def _synthetic_files(task, rt, run_dir: Path) -> tuple[str, str]:
 
     rt.on_main(write)
     return str(out / "train.jsonl"), str(out / "validation.jsonl")
+
+
+def _check_base(cfg, checkpoint: Path, rt) -> None:
+    """A LoRA checkpoint's frozen base, read again from model.name, must be the one it trained
+    on; under checkpoint.resume_changed=allow another one is taken, and said (it was taken
+    without a word, and recorded nowhere but in the next checkpoint's fingerprint)."""
+    try:
+        models.same_base(cfg.model.name, ckpt_lib.base_weights(checkpoint), "model.name",
+                         "put the run's base back there (a relative name is read from the directory you start in), or "
+                         "set checkpoint.resume_changed=allow to train these adapters on it")
+    except ConfigError as e:
+        if cfg.checkpoint.resume_changed != "allow":
+            raise
+        rt.print(f"note: {e.problems[0].split('; put the run')[0]}; checkpoint.resume_changed=allow: "
+                 "the adapters go on training on this base")
 
 
 def _prepare_data(task, cache, tokenizer_dir: Path, train_source, val_source):

@@ -299,7 +299,7 @@ CASES = [
     ("hub model offline", "train", TINY, _plain("model.name=no-such-org/no-such-model"), "model.name: cannot load 'no-such-org/no-such-model'"),
     ("tracker does not answer", "train", TINY, _plain("tracking.uri=http://127.0.0.1:9"), "tracking.uri: http://127.0.0.1:9 does not answer"),
     ("LoRA target the model lacks", "train", TINY, _plain("model.lora.enabled=true", "model.lora.target_modules=[nonexistent]"),
-     "model.lora.target_modules: nonexistent not among the linear layers"),
+     "model.lora.target_modules: nonexistent not among the linear or embedding layers"),
     ("tracker URI with a query token does not answer", "train", TINY, _plain("tracking.uri=http://127.0.0.1:9/?token=s3cret"),
      "tracking.uri: http://127.0.0.1:9/?token=*** does not answer"),
     # ---- a data cache strangers could fill

@@ -334,6 +334,22 @@ def test_a_resume_with_another_best_metric_or_quantization_is_another_run(tmp_pa
     assert _defines_run("model.quantization") and not _defines_run("model.attn_implementation")
 
 
+def test_lora_modules_and_blocks_in_another_order_are_no_change(tmp_path):
+    """peft matches target_modules, modules_to_save and layers_to_transform in any order: a
+    resume with [v_proj, q_proj] after [q_proj, v_proj] was refused as weights that "do not load
+    into this model", which checkpoint.resume_changed=allow could not override."""
+    from launcher.config import dump_yaml
+    from launcher.config_changes import changes
+
+    lora = ["model.lora.enabled=true", "model.lora.target_modules=[query,value]", "model.lora.layers_to_transform=[0,1]"]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(load_config(TINY, lora)))
+    again = ["model.lora.enabled=true", "model.lora.target_modules=[value,query]", "model.lora.layers_to_transform=[1,0]"]
+    assert changes(saved, load_config(TINY, again)) == ({}, {})
+    _, refused = changes(saved, load_config(TINY, [*again, "model.lora.target_modules=[value,key]"]))
+    assert list(refused) == ["model.lora.target_modules"]
+
+
 def test_a_resume_compares_with_a_config_whose_data_is_gone_and_through_a_linked_checkpoints_folder(tmp_path):
     """The config a checkpoint was written under is read back for its fields alone: a data
     directory (save_to_disk) since deleted, or a file without a known suffix, made it fail

@@ -13,6 +13,7 @@ from launcher.errors import ConfigError
 from conftest import CONFIGS, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, task_tokenizer
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
+SFT_LORA = CONFIGS / "train" / "sft_lora_tiny.yaml"
 
 
 def _expected_trainable(base, targets, head_names, r):
@@ -254,3 +255,39 @@ def test_a_lora_plan_says_nothing_on_stderr_and_a_bad_one_one_line():
     proc = launcher("plan", str(SFT), "model.lora.enabled=true", "model.lora.layers_to_transform=[5]")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(
         "error: model.lora.layers_to_transform: 5 not a block of"), proc.stderr
+
+
+def test_an_adapter_on_a_tied_head_merges_into_the_model_it_trained(tmp_path):
+    """GPT-2's head is tied to its token embeddings. With lm_head among the targets the run
+    trains the head as E + BA while the embeddings stay E; merged into the one shared tensor,
+    the adapter changed the embeddings too, and the export evaluated 7.18 against the run's
+    1.65. The merged export is now untied and evaluates as the run did. GPT-2's own layer
+    names (Conv1D: c_attn) are targets too; they were "not among the linear layers"."""
+    from safetensors.torch import load_file
+
+    check(launcher("train", str(SFT_LORA), "--output-dir", str(tmp_path), "--run-name", "g", "model.tiny.arch=gpt2",
+                   "model.lora.target_modules=[c_attn,lm_head]", "model.lora.modules_to_save=[]", "train.max_steps=4",
+                   "eval.every_steps=4", "eval.at_start=false", "train.lr=5e-2", "tracking.mlflow=false"))
+    run = tmp_path / "g"
+    trained = json.loads((run / "final_metrics.json").read_text())["after"]["loss"]
+    scored = json.loads(check(launcher("eval", str(run / "model"), "--data", str(run / "data" / "validation.jsonl"))).stdout)
+    assert scored["loss"] == pytest.approx(trained, rel=1e-4), (scored["loss"], trained)
+    assert json.loads((run / "model" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged, base = load_file(run / "model" / "model.safetensors"), load_file(run / "model" / "base" / "model.safetensors")
+    assert torch.equal(merged["transformer.wte.weight"], base["transformer.wte.weight"])  # the embeddings as trained
+    assert not torch.equal(merged["lm_head.weight"], base["transformer.wte.weight"])  # the head with its adapter
+
+
+def test_dotted_and_embedding_names_are_targets_as_peft_matches_them(tmp_path):
+    """peft matches a name by the end of a module's dotted name: self_attn.q_proj, model.norm
+    and embed_tokens were refused (only the last part was compared, against linear layers),
+    model.norm as "not a module"."""
+    from launcher import tasks
+
+    t = tasks.for_config(load_config(SFT_LORA, ["model.lora.target_modules=[self_attn.q_proj,embed_tokens]",
+                                                "model.lora.modules_to_save=[model.norm]"]))
+    tok = task_tokenizer(t, tmp_path, [{"instruction": "a b", "output": "c d"}] * 4)
+    names = [n for n, _ in t.build_model(tok).named_modules()]
+    assert any(n.endswith("self_attn.q_proj.lora_A") for n in names) and any(n.endswith("embed_tokens.lora_embedding_A")
+                                                                            for n in names)
+    assert any(n.endswith("model.norm.modules_to_save") for n in names)

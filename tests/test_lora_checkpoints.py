@@ -178,6 +178,12 @@ def test_a_lora_checkpoint_is_merged_and_resumed_only_onto_the_base_it_was_train
         head = said if then is read else said.replace(" (its weight files differ", "")
         assert errors[0].startswith(f"error: {where}: {head}{then}: its adapters would be merged onto another model; "), errors[0]
     assert not (tmp_path / "e2").exists() and not (tmp_path / "out" / "r" / "model").exists()
+    # Allowed, the adapters go on training on the other base (in a run of their own here), and
+    # the run says so: it was taken without a word.
+    forked = [a if a != "r" else "r2" for a in train]
+    out = check(launcher(*forked, f"checkpoint.resume={ckpt}", "checkpoint.resume_changed=allow", cwd=work)).stdout
+    assert f"note: model.name: {said}{read}: its adapters would be merged onto another model; " \
+           "checkpoint.resume_changed=allow: the adapters go on training on this base" in out.splitlines(), out
 
     shutil.rmtree(work / "base")  # the run's base back: the resume goes on
     shutil.copytree(saved_models / "bert", work / "base")

@@ -508,7 +508,7 @@ def test_the_lean_loss_self_check_passes_a_plain_head_and_catches_scaled_logits(
     odd = LlamaForCausalLM(llama.config)  # a head whose forward is not nn.Linear's (a peft or bitsandbytes layer)
     odd.lm_head.__class__ = type("ScaledHead", (torch.nn.Linear,), {"forward": lambda self, x: 2 * super(type(self), self).forward(x)})
     assert not lean_loss.supported(odd)
-    assert lean_loss.self_check(odd, batch, 7) == "its output head is a ScaledHead, not a plain linear layer"
+    assert lean_loss.self_check(odd, batch, 7) == "its output head is test_sft.ScaledHead, not a plain torch.nn.Linear"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "llama-head-bias", "llama-lora"])
@@ -717,7 +717,7 @@ def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_pat
                              "l", "train.max_steps=2", "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=2"))
     # Its head trains whole (modules_to_save): the run turns the chunked loss off, and the plan,
     # which sized the chunk's logits, says so too.
-    assert any(x.startswith("train.loss_chunk_tokens: the chunked loss is off: its output head is a ModulesToSaveWrapper")
+    assert any(x.startswith("train.loss_chunk_tokens: the chunked loss is off: its output head is peft.utils.other.ModulesToSaveWrapper")
                for x in trained.stdout.splitlines() + trained.stderr.splitlines()), trained.stdout
     planned = check(launcher("plan", str(CONFIGS / "train" / "sft_lora_tiny.yaml"))).stdout
     assert "the chunked loss is off: model.lora.modules_to_save wraps the output head" in planned and "per chunk" not in planned

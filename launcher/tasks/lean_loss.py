@@ -60,7 +60,7 @@ def head_problem(model) -> str | None:
     if head is None:
         return f"{type(_unwrap(model)).__name__} has no output head"
     if type(head).forward is not torch.nn.Linear.forward:
-        return f"its output head is a {type(head).__name__}, not a plain linear layer"
+        return f"its output head is {type(head).__module__}.{type(head).__name__}, not a plain torch.nn.Linear"
     return None
 
 

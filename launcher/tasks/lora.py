@@ -11,6 +11,7 @@ else (a randomly initialised tiny model).
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 PEFT_TASK = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -22,14 +23,24 @@ def apply(model, lora_cfg, task: str):
 
     from launcher.errors import ConfigError
 
-    names = {n.split(".")[-1]: m for n, m in model.named_modules()}
+    from transformers.pytorch_utils import Conv1D
+
+    # The layers LoRA adapts: linear ones (GPT-2's are Conv1D: its c_attn was refused) and the
+    # embeddings; named as peft matches them, by the end of their dotted names (q_proj,
+    # self_attn.q_proj: the short name alone was compared, and model.norm was "not a module").
+    modules = [n for n, _ in model.named_modules() if n]
+    layers = [n for n, m in model.named_modules() if n and isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Embedding))]
+
+    def matches(name: str, among: list[str]) -> bool:
+        return any(n == name or n.endswith("." + name) for n in among)
+
     if isinstance(lora_cfg.target_modules, list):
-        linear = sorted(n for n, m in names.items() if isinstance(m, torch.nn.Linear))
-        unknown = [t for t in lora_cfg.target_modules if t not in linear]
+        unknown = [t for t in lora_cfg.target_modules if not matches(t, layers)]
         if unknown:
-            raise ConfigError(f"model.lora.target_modules: {', '.join(unknown)} not among the linear layers of "
-                              f"{type(model).__name__} ({', '.join(linear)})")
-    unknown = [m for m in lora_cfg.modules_to_save if m not in names]
+            short = sorted({n.split(".")[-1] for n in layers})
+            raise ConfigError(f"model.lora.target_modules: {', '.join(unknown)} not among the linear or embedding layers "
+                              f"of {type(model).__name__} ({', '.join(short)})")
+    unknown = [m for m in lora_cfg.modules_to_save if not matches(m, modules)]
     if unknown:
         raise ConfigError(f"model.lora.modules_to_save: {', '.join(unknown)} not a module of {type(model).__name__}")
     targets, layers = lora_cfg.target_modules, lora_cfg.layers_to_transform
@@ -41,7 +52,12 @@ def apply(model, lora_cfg, task: str):
                         modules_to_save=list(lora_cfg.modules_to_save) + new or None, use_dora=lora_cfg.use_dora,
                         exclude_modules=_trained_whole(model, lora_cfg, task) or None if targets == "all-linear" else None)
     try:
-        wrapped = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # Said by peft and handled here: GPT-2's Conv1D layers take fan_in_fan_out (peft sets
+            # it per layer), and an adapter on a tied head is merged untied (_untie_adapted_head).
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
+            wrapped = get_peft_model(model, config)
     except (ValueError, TypeError) as e:  # whatever peft refuses beyond the names checked above
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
     setattr(wrapped, "launcher_new_trained", new)  # for the run's description (classification.Task)
@@ -118,6 +134,28 @@ def _in_blocks(model, targets, layers: list[int]) -> list[str]:
     return sorted(in_block)
 
 
+def _untie_adapted_head(peft_model) -> None:
+    """A LoRA adapter on an output head tied to the input embeddings (SmolLM2's, GPT-2's, with
+    lm_head among target_modules) trained the head as E + BA while the embeddings stayed E.
+    Merged into the one shared tensor, the adapter changed the embeddings too, and the merged
+    export (still tied) was another model than the one trained. The head gets its own copy of
+    E first, and the export is untied: both tables saved, as trained."""
+    import torch
+
+    model = peft_model.get_base_model()
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    inner = getattr(head, "base_layer", None)  # (a LoRA layer wraps the head: peft's layers keep it here)
+    if inner is None or embeddings is None:
+        return
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    if not any(getattr(c, "tie_word_embeddings", False) for c in configs) \
+            and inner.weight.data_ptr() != embeddings.weight.data_ptr():
+        return
+    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    for c in configs:
+        c.tie_word_embeddings = False
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
@@ -183,4 +221,5 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
     _name_the_base(out_dir / "adapter" / "adapter_config.json", None if save_base else base_name)
     if save_base:  # random initial weights: the adapter is only usable with these
         copy.deepcopy(fresh).unload().save_pretrained(out_dir / "base", safe_serialization=True)
+    _untie_adapted_head(fresh)
     fresh.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
