@@ -10,6 +10,7 @@ else (a randomly initialised tiny model).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from pathlib import Path
@@ -52,16 +53,24 @@ def apply(model, lora_cfg, task: str):
                         modules_to_save=list(lora_cfg.modules_to_save) + new or None, use_dora=lora_cfg.use_dora,
                         exclude_modules=_trained_whole(model, lora_cfg, task) or None if targets == "all-linear" else None)
     try:
-        with warnings.catch_warnings():
-            # Said by peft and handled here: GPT-2's Conv1D layers take fan_in_fan_out (peft sets
-            # it per layer), and an adapter on a tied head is merged untied (_untie_adapted_head).
-            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
-            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
+        with _quiet_peft():
             wrapped = get_peft_model(model, config)
     except (ValueError, TypeError) as e:  # whatever peft refuses beyond the names checked above
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
     setattr(wrapped, "launcher_new_trained", new)  # for the run's description (classification.Task)
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft's warnings about what launcher handles: GPT-2's Conv1D layers take fan_in_fan_out
+    (peft sets it per layer); an adapter on a tied head is merged untied (_untie_adapted_head),
+    and its adapter/ holds the head's frozen table (save_embedding_layers)."""
+    with warnings.catch_warnings():
+        for said in ("fan_in_fan_out is set to", "Model has `tie_word_embeddings=True` and a tied layer",
+                     "Setting `save_embedding_layers` to `True`"):
+            warnings.filterwarnings("ignore", message=said)
+        yield
 
 
 def new_note(model, name: str, task: str) -> str:
@@ -198,14 +207,16 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
     if base is None and not save_base:
         with torch.device("meta"):
             base = models.from_config(model_class, base_config)
-        fresh = get_peft_model(base, copy.deepcopy(peft_config))
+        with _quiet_peft():
+            fresh = get_peft_model(base, copy.deepcopy(peft_config))
         missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
         still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
         if still_meta:
             raise RuntimeError(f"LoRA export: the gathered state lacks {still_meta[:5]}")
     else:
         base = base if base is not None else models.from_config(model_class, base_config)
-        fresh = get_peft_model(base, copy.deepcopy(peft_config))
+        with _quiet_peft():
+            fresh = get_peft_model(base, copy.deepcopy(peft_config))
         # Each trained weight in the dtype it trained in: under bf16 the base is read in bf16, as
         # the run held it, and peft's copy of the head is made from it, where the run's is fp32;
         # loaded into that copy, the trained head came out rounded to bf16.
@@ -217,7 +228,8 @@ def write(peft_config, state_dict: dict, out_dir: Path, base_config, model_class
         raise RuntimeError(f"LoRA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if dtype:  # checkpoint.export_dtype: adapters, base and merged model alike
         fresh.to(getattr(torch, dtype))
-    fresh.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    with _quiet_peft():
+        fresh.save_pretrained(out_dir / "adapter", safe_serialization=True)
     _name_the_base(out_dir / "adapter" / "adapter_config.json", None if save_base else base_name)
     if save_base:  # random initial weights: the adapter is only usable with these
         copy.deepcopy(fresh).unload().save_pretrained(out_dir / "base", safe_serialization=True)
