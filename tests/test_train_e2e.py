@@ -1845,12 +1845,12 @@ def test_an_evaluation_reaches_mlflow_when_it_is_made_not_at_the_next_flush(tmp_
         proc.wait()
 
 
-def test_a_category_no_training_row_has_is_named_in_a_note(tmp_path):
+def test_a_category_no_training_or_validation_row_has_is_named_in_a_note(tmp_path):
     """A category (or class) no training row has cannot be learned, and its F1 of 0 counts in
     every macro-F1 the run reports: the run names it, with the validation rows that have it, in
     a note (a subset of the data, or an id off by one, trained without a word). Read from the
     files here, not from the code's counts."""
-    check(launcher("synth", str(tmp_path / "d"), "--n-train", "200", "--n-validation", "60"))
+    check(launcher("synth", str(tmp_path / "d"), "--n-train", "200", "--n-validation", "120"))
     rows = [json.loads(line) for line in (tmp_path / "d" / "train.jsonl").read_text().splitlines()]
     val = [json.loads(line) for line in (tmp_path / "d" / "validation.jsonl").read_text().splitlines()]
     first = UNFAIR_TOS_CATEGORIES[0]
@@ -1869,7 +1869,13 @@ def test_a_category_no_training_row_has_is_named_in_a_note(tmp_path):
     assert f"note: no training row has 'unfair' ({sum(bool(r['labels']) for r in val)} validation rows)" in binary.stdout
     whole = check(launcher(*common, "--output-dir", str(tmp_path / "w"), "data.mode=multilabel",
                            f"data.train_file={tmp_path / 'd' / 'train.jsonl'}"))
-    assert "no training row has" not in whole.stdout
+    assert "no training row has" not in whole.stdout and "no validation row has" not in whole.stdout
+    # A category the validation rows lack scores F1 0 at every evaluation: said too.
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val if 0 not in r["labels"]))
+    lacking = check(launcher(*common[:-1], f"data.validation_file={tmp_path / 'v.jsonl'}", "--output-dir",
+                             str(tmp_path / "v"), "data.mode=multilabel", f"data.train_file={tmp_path / 'd' / 'train.jsonl'}"))
+    assert (f"note: no validation row has {first!r}: an F1 of 0 for each at every evaluation counts in the macro-F1"
+            in lacking.stdout.splitlines()), lacking.stdout
 
 
 def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformers(tmp_path):

@@ -190,21 +190,26 @@ def class_weights(targets: torch.Tensor, multilabel: bool, classes: int = 2) -> 
     return torch.where(counts > 0, targets.numel() / (len(counts) * counts.clamp(min=1)), torch.ones_like(counts))
 
 
-def unseen_note(train: torch.Tensor, val: torch.Tensor, names: list[str]) -> str:
-    """A note naming the categories (classes) no training row has: the model cannot learn them,
-    and their F1 of 0 counts in every macro-F1 the run reports (a subset of the data, a
-    label id off by one). "" when every one is seen."""
+def unseen_notes(train: torch.Tensor, val: torch.Tensor, names: list[str]) -> list[str]:
+    """Notes naming the categories (classes) no training row has, which the model cannot learn,
+    and those no validation row has, which score F1 0 at every evaluation: either F1 of 0 counts
+    in every macro-F1 the run reports (a subset of the data, a label id off by one)."""
     def counts(labels: torch.Tensor) -> torch.Tensor:
         if labels.dtype.is_floating_point:  # multi-label: one 0/1 row per example
             return labels.sum(0).long()
         return torch.bincount(labels.long(), minlength=len(names))[: len(names)]
 
     seen, scored = counts(train), counts(val)
+    notes = []
     unseen = [f"{name!r} ({int(scored[i])} validation rows)" for i, name in enumerate(names) if seen[i] == 0]
-    if not unseen:
-        return ""
-    return (f"note: no training row has {', '.join(unseen)}: the model cannot learn "
-            f"{'them' if len(unseen) > 1 else 'it'}, and an F1 of 0 for each counts in the macro-F1")
+    if unseen:
+        notes.append(f"note: no training row has {', '.join(unseen)}: the model cannot learn "
+                     f"{'them' if len(unseen) > 1 else 'it'}, and an F1 of 0 for each counts in the macro-F1")
+    unscored = [repr(name) for i, name in enumerate(names) if scored[i] == 0 and seen[i] > 0]
+    if unscored:
+        notes.append(f"note: no validation row has {', '.join(unscored)}: an F1 of 0 for each at every evaluation "
+                     "counts in the macro-F1")
+    return notes
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -531,8 +536,8 @@ class ClassificationTask:
         return len(train_ds)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        unseen = unseen_note(train_ds.column("labels"), val_ds.column("labels"), self.label_names)
-        return [note for note in (self.pad_note, self.new_note, self.fresh_note, unseen) if note], {}
+        unseen = unseen_notes(train_ds.column("labels"), val_ds.column("labels"), self.label_names)
+        return [note for note in (self.pad_note, self.new_note, self.fresh_note, *unseen) if note], {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
         """Validation batches, shortest rows first, dealt to the ranks by accelerate (its
