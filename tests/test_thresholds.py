@@ -126,18 +126,23 @@ def test_the_joint_score_a_multilabel_cut_is_tuned_on_is_evaluations_macro_f1():
     rng = np.random.default_rng(3)
     n, k = 300, 5
     truth = rng.random((n, k)) < np.array([0.02, 0.1, 0.3, 0.0, 0.05])
-    probs = np.clip(truth * rng.uniform(0.2, 0.9, (n, k)) + rng.uniform(0, 0.5, (n, k)), 1e-4, 1 - 1e-4)
-    logits = torch.logit(torch.as_tensor(probs)).float()
-    labels = torch.as_tensor(truth, dtype=torch.float)
-    names = list("abcde")
-    cuts = np.array([0.5, 0.3, 0.6, 0.5, 0.45])
-    p = clf.probabilities(logits, True).numpy()
-    for j in range(k):
-        scores = clf.joint_macro_f1(p, truth, cuts, j)
-        for g, score in zip(clf.TUNE_GRID, scores):
-            held = cuts.copy()
-            held[j] = g
-            assert score == pytest.approx(clf.compute_metrics(logits, labels, names, held)["macro_f1"], abs=1e-12), (j, g)
+    # (and rows that all have a category, topic data: the none column counts only at the cuts
+    # that leave a row predicted with none)
+    every = truth.copy()
+    every[~every.any(1), 2] = True
+    for truth, lift in ((truth, rng.uniform(0.2, 0.9, (n, k))), (every, np.where(rng.random((n, k)) < 0.9, 0.6, 0.3))):
+        probs = np.clip(truth * lift + rng.uniform(0, 0.5, (n, k)), 1e-4, 1 - 1e-4)
+        logits = torch.logit(torch.as_tensor(probs)).float()
+        labels = torch.as_tensor(truth, dtype=torch.float)
+        names = list("abcde")
+        cuts = np.array([0.5, 0.3, 0.6, 0.5, 0.45])
+        p = clf.probabilities(logits, True).numpy()
+        for j in range(k):
+            scores = clf.joint_macro_f1(p, truth, cuts, j)
+            for g, score in zip(clf.TUNE_GRID, scores):
+                held = cuts.copy()
+                held[j] = g
+                assert score == pytest.approx(clf.compute_metrics(logits, labels, names, held)["macro_f1"], abs=1e-12), (j, g)
 
 
 def test_a_stored_per_category_rule_names_what_the_model_cannot_apply(tmp_path):

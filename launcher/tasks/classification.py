@@ -387,7 +387,7 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
 
 
 def joint_macro_f1(probs: np.ndarray, truth: np.ndarray, cuts: np.ndarray, j: int, grid: np.ndarray = TUNE_GRID) -> np.ndarray:
-    """Multilabel macro-F1 as compute_metrics gives it (every category and the `none` column),
+    """Multilabel macro-F1 as compute_metrics gives it (every category, and the `none` column where it occurs),
     for each cut of category j on `grid`, the others' cuts held: one pass over the rows per
     grid point for column j and `none` only, the other columns' counts once (k categories
     then cost k passes, not k squared)."""
@@ -401,7 +401,8 @@ def joint_macro_f1(probs: np.ndarray, truth: np.ndarray, cuts: np.ndarray, j: in
     t_none = ~np.asarray(truth.any(1))[None, :]
     p_none = ~(np.asarray(p_o.any(1))[None, :] | p_j)
     f1_none = _f1((t_none & p_none).sum(1), (~t_none & p_none).sum(1), (t_none & ~p_none).sum(1))
-    return (fixed + f1_j + f1_none) / (truth.shape[1] + 1)
+    counted = t_none.any() | p_none.any(1)  # (the none column where a row or prediction has no category)
+    return (fixed + f1_j + np.where(counted, f1_none, 0.0)) / (truth.shape[1] + counted)
 
 
 # ---------------------------------------------------------------- exported models
