@@ -455,17 +455,18 @@ def _plain_lines(path: Path, wanted: str, for_prompts: bool = False) -> list[tup
     return lines
 
 
-def _read_clauses(path: Path) -> list[dict]:
-    """Rows to predict, each with its `text`: rows from JSONL (or a .json array), CSV or Parquet,
-    as `launcher eval` reads them (errors as file:line), or the plain lines of any other file."""
+def _read_clauses(path: Path, column: str = "text") -> list[dict]:
+    """Rows to predict, each with its text (in `column`, the export's data.text_column): rows
+    from JSONL (or a .json array), CSV or Parquet, as `launcher eval` reads them (errors as
+    file:line), or the plain lines of any other file."""
     from launcher.data.clauses import read_records
 
     if not path.is_file() and not _streamed(path):
         raise UserError(_not_a_file("--input", path))
     if _streamed(path) or path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
-        lines = _plain_lines(path, "rows with 'text', or one clause per line")
-        return [{"line": n, "text": line} for n, line in _some(lines, BadRows(""), path)]
+        lines = _plain_lines(path, f"rows with {column!r}, or one clause per line")
+        return [{"line": n, column: line} for n, line in _some(lines, BadRows(""), path)]
     texts: list[dict] = []
     bad = BadRows(f"--input: {path}")
     columns: dict = {}  # (ordered as the file names them)
@@ -473,17 +474,18 @@ def _read_clauses(path: Path) -> list[dict]:
         columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
         if isinstance(record, UserError):
             bad.add(record.problems)
-        elif not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            bad.add([f"{where}: expected an object with a string 'text'"])
-        elif not record["text"].strip():  # as training and eval refuse it: a prediction for no clause
-            bad.add([f"{where}: missing or empty 'text'"])
+        elif not isinstance(record, dict) or not isinstance(record.get(column), str):
+            bad.add([f"{where}: expected an object with a string {column!r}"])
+        elif not record[column].strip():  # as training and eval refuse it: a prediction for no clause
+            bad.add([f"{where}: missing or empty {column!r}"])
         else:
             texts.append(record)
-    if columns and "text" not in columns:  # one line for the file, not one per row
+    if columns and column not in columns:  # one line for the file, not one per row
         from launcher.data.clauses import column_hint
 
         listed = ", ".join(repr(c) for c in columns if isinstance(c, str))
-        raise UserError(f"--input: {path}: no 'text' column (its columns: {listed}){column_hint(list(columns))}")
+        trained = ", the model's data.text_column," if column != "text" else ""
+        raise UserError(f"--input: {path}: no {column!r} column{trained} (its columns: {listed}){column_hint(list(columns))}")
     return _some(texts, bad, path)
 
 
@@ -572,6 +574,7 @@ def _not_an_export(folder: Path) -> None:
 
 def cmd_eval(args) -> int:
     from launcher.data.clauses import LabelEncoder, parse_rows, read_records
+    from launcher.models import export_meta
     from launcher.tasks import classification as task
 
     data = Path(args.data)
@@ -596,7 +599,9 @@ def cmd_eval(args) -> int:
     _room_for_text(args.max_length, tokenizer)
     # (labels read as training read them: two classes as binary, its own names as a multiclass)
     mode = "multilabel" if multilabel else "binary" if len(names) == 2 else "multiclass"
-    texts, targets = parse_rows(read_records(data), LabelEncoder(mode, names), str(data))
+    meta = export_meta(args.model_dir)  # (and the columns training read the text and label from)
+    encoder = LabelEncoder(mode, names, meta.get("text_column") or "text", meta.get("label_column"))
+    texts, targets = parse_rows(read_records(data), encoder, str(data))
     import torch
 
     with _precision(args, args.model_dir, model, note=True):
@@ -702,12 +707,14 @@ def cmd_predict(args) -> int:
 
 
 def _predict_classes(args) -> list[str]:
+    from launcher.models import export_meta
     from launcher.tasks import classification as task
 
     if args.max_new_tokens:  # (it was ignored: a classifier writes no answer)
         raise UserError(f"--max-new-tokens: for a causal LM's answers; {args.model_dir} is a classifier")
-    rows = _read_clauses(Path(args.input))
-    texts = [row["text"] for row in rows]
+    column = export_meta(args.model_dir).get("text_column") or "text"  # (as training read its rows)
+    rows = _read_clauses(Path(args.input), column)
+    texts = [row[column] for row in rows]
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
     _room_for_text(args.max_length, tokenizer)

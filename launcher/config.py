@@ -152,6 +152,10 @@ class DataConfig:
     # Class names; null means fair/unfair (binary) or the 8 UNFAIR-ToS categories (multilabel);
     # multiclass names its own. A row's label equal to a name is that class, then an id.
     label_names: Optional[list[str]] = None
+    # classification: the column a row's text is in, and its label's (null: `label` or
+    # `labels`), e.g. sentence and sentiment; recorded in the export for eval and predict.
+    text_column: str = "text"
+    label_column: Optional[str] = None
     max_length: int = 128
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     # causal_lm: prompt for rows with `instruction` (and `input`); the response follows it.
@@ -899,6 +903,13 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
         if d.synthetic.enabled or (d.train_file is None and d.hub_dataset == DataConfig.hub_dataset):
             out.append("data.mode: multiclass needs data of its own (data.train_file, or data.hub_dataset=ID): "
                        "the UNFAIR-ToS clauses are binary or multilabel")
+    if cfg.task != "classification" and (d.text_column != "text" or d.label_column is not None):
+        out.append("data.text_column / data.label_column: for task classification (a causal LM maps its columns "
+                   "with data.prompt and data.response)")
+    if not d.text_column.strip() or (d.label_column is not None and not d.label_column.strip()):
+        out.append("data.text_column / data.label_column: a column name is empty")
+    elif d.text_column == d.label_column:
+        out.append(f"data.label_column: {d.label_column!r} is data.text_column too")
     if d.label_names is not None:
         if d.mode == "binary" and len(d.label_names) != 2:
             out.append(f"data.label_names: binary mode needs 2 names (negative, positive); got {len(d.label_names)} "

@@ -321,6 +321,9 @@ def export_meta(model_dir: str | Path, given: str = "MODEL_DIR") -> dict:
     if weights is not None and not (isinstance(weights, list)
                                     and all(type(w) in (int, float) and w >= 0 for w in weights)):
         raise ConfigError(f"{given}: {path}: class_weights: expected a list of numbers >= 0 or null; got {weights!r}")
+    for key in ("text_column", "label_column"):  # (absent: an export from before they were recorded)
+        if meta.get(key) is not None and not (isinstance(meta[key], str) and meta[key].strip()):
+            raise ConfigError(f"{given}: {path}: {key}: expected a column name or null; got {meta[key]!r}")
     return meta
 
 

@@ -92,7 +92,7 @@ def _run_cli(capsys, args):
         ("trian.lr=1", "trian: unknown key; did you mean 'train'?"),
         ("train.lr=fast", "train.lr: expected float; got 'fast'"),
         ("train.epochs=2.5", "train.epochs: expected int; got 2.5"),
-        ("data.mode=multi", "data.mode: expected one of binary, multilabel; got 'multi'"),
+        ("data.mode=multi", "data.mode: expected one of binary, multiclass, multilabel; got 'multi'"),
         ("train.global_batch_size=30", "train.global_batch_size: 30 is not divisible by train.micro_batch_size (16) x world size (1) = 16"),
         ("eval.metric=macro-f1", "eval.metric: unknown metric 'macro-f1' for task classification; did you mean 'macro_f1'?"),
         ("train.lr=-1", "train.lr: must be > 0; got -1.0"),

@@ -647,3 +647,29 @@ def test_a_pandas_list_column_reads_and_unknown_names_say_what_to_set(tmp_path):
     with pytest.raises(DataError) as e:
         load(path, "multilabel")
     assert e.value.problems[0].endswith("Jurisdiction, Arbitration; for your own categories set data.label_names")
+
+
+def test_text_and_label_come_from_the_columns_the_config_names(tmp_path):
+    """data.text_column / data.label_column: another dataset's columns (SST-2's sentence, a
+    CSV's capitalised header) are read without renaming the file; a list column or any value in
+    multilabel mode is the row's categories. A file without them is one line naming them."""
+    path = tmp_path / "t.csv"
+    path.write_text("Sentence,Sentiment\ngood film,positive\nbad film,0\n")
+    cfg = dict(mode="multiclass", label_names=["negative", "positive"], text_column="Sentence", label_column="Sentiment")
+    assert load(path, **cfg) == (["good film", "bad film"], [1, 0])
+    topics = write(tmp_path, "jsonl", [{"body": "a", "tags": ["Tech", "Sports"]}, {"body": "b", "tags": "Tech"},
+                                       {"body": "c", "tags": []}])
+    assert load(topics, "multilabel", label_names=["Sports", "Tech"], text_column="body", label_column="tags")[1] == [
+        [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]]
+    with pytest.raises(DataError) as e:
+        load(path, "multiclass", label_names=["negative", "positive"])
+    assert e.value.problems == [f"{path}: no 'text' and no 'label' or 'labels' column (its columns: 'Sentence', "
+                                "'Sentiment'); data.text_column and data.label_column name other columns"]
+    with pytest.raises(DataError) as e:
+        load(path, **{**cfg, "text_column": "review"})
+    assert e.value.problems == [f"{path}: no 'review' (data.text_column) column (its columns: 'Sentence', 'Sentiment')"]
+    (tmp_path / "e").mkdir()
+    empty = write(tmp_path / "e", "jsonl", [{"Sentence": " ", "Sentiment": 1}])
+    with pytest.raises(DataError) as e:
+        load(empty, **cfg)
+    assert e.value.problems == [f"{empty}:1: missing or empty 'Sentence'"]

@@ -1879,7 +1879,8 @@ def test_a_category_no_training_or_validation_row_has_is_named_in_a_note(tmp_pat
 
 
 def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformers(tmp_path):
-    """data.mode=multiclass: a softmax over data.label_names, labels by name or id. The run's
+    """data.mode=multiclass: a softmax over data.label_names, labels by name or id, read from
+    columns named by data.text_column and data.label_column (recorded for eval and predict). The run's
     exported evaluation equals `launcher eval`'s (class-weighted loss included), `predict`'s
     probabilities are a distribution whose likeliest class is its label, and transformers'
     pipeline reads the same classes. Before, three classes were refused ("binary mode needs 2
@@ -1899,13 +1900,15 @@ def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformer
                         "label": names[c] if i % 2 else c})  # by name and by id
         return out
 
+    # (in columns of their own, as SST-2's sentence: data.text_column and data.label_column)
     for name, n in (("train", 96), ("val", 30)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"sentence": r["text"], "sentiment": r["label"]}) + "\n"
+                                                        for r in rows(n)))
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "o"), *FAST, "tracking.mlflow=false",
                    "data.synthetic.enabled=false", "data.mode=multiclass", "data.label_names=[negative,neutral,positive]",
                    f"data.train_file={tmp_path / 'train.jsonl'}", f"data.validation_file={tmp_path / 'val.jsonl'}",
                    "train.max_steps=12", "train.lr=3e-3", "eval.every_steps=6", "train.class_weighting=balanced",
-                   "eval.metric=accuracy"))
+                   "eval.metric=accuracy", "data.text_column=sentence", "data.label_column=sentiment"))
     run = tmp_path / "o" / "clause_tiny"
     model = run / "model"
     after = json.loads((run / "final_metrics.json").read_text())["after"]
@@ -1917,7 +1920,7 @@ def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformer
     scored = json.loads(check(launcher("eval", str(model), "--data", str(tmp_path / "val.jsonl"))).stdout)
     for key in ("macro_f1", "accuracy", "loss", *(f"f1/{n}" for n in names)):
         assert scored[key] == pytest.approx(after[key], abs=1e-5), key
-    asked = [{"text": "the film was awful and bad", "labels": ["neutral"]}, {"text": "the film was lovely and great"}]
+    asked = [{"sentence": "the film was awful and bad", "labels": ["neutral"]}, {"sentence": "the film was lovely and great"}]
     (tmp_path / "ask.jsonl").write_text("".join(json.dumps(r) + "\n" for r in asked))
     answers = [json.loads(line) for line in check(launcher("predict", str(model), "--input",
                                                            str(tmp_path / "ask.jsonl"))).stdout.splitlines()]
@@ -1927,5 +1930,15 @@ def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformer
     assert answers[0]["input_labels"] == ["neutral"] and "labels" not in answers[0]  # (a gold column is kept apart)
     from transformers import pipeline
 
-    read = pipeline("text-classification", model=str(model), device="cpu")([r["text"] for r in asked])
+    read = pipeline("text-classification", model=str(model), device="cpu")([r["sentence"] for r in asked])
     assert [r["label"] for r in read] == [a["label"] for a in answers]
+    # A file without the columns the model trained on: one line naming them, for eval and predict.
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "the film was okay", "label": 1}) + "\n")
+    proc = launcher("eval", str(model), "--data", str(tmp_path / "plain.jsonl"))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {tmp_path / 'plain.jsonl'}: no 'sentence' (data.text_column) and no 'sentiment' (data.label_column) "
+        "column (its columns: 'text', 'label')"), proc.stderr
+    proc = launcher("predict", str(model), "--input", str(tmp_path / "plain.jsonl"))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: --input: {tmp_path / 'plain.jsonl'}: no 'sentence' column, the model's data.text_column, (its columns: "
+        "'text', 'label')"), proc.stderr

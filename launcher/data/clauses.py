@@ -85,9 +85,10 @@ class LabelEncoder:
     A value equal to a class name is that class before it is read as an id: names may be digits
     ("1", "2": the class named "1" is id 0)."""
 
-    def __init__(self, mode: str, label_names: list[str]):
+    def __init__(self, mode: str, label_names: list[str], text_column: str = "text", label_column: str | None = None):
         self.mode = mode
         self.names = label_names
+        self.text_column, self.label_column = text_column, label_column
         folded = [n.strip().lower() for n in label_names]
         # The UNFAIR-ToS conventions (category lists in binary mode, label 0 as "no category")
         # hold under the default names only: a ham/spam file's "Arbitration" was read as spam.
@@ -131,6 +132,21 @@ class LabelEncoder:
             return value
         raise DataError(f"{where}: '{column}' must be a class name ({', '.join(self.names)}) or an id 0.."
                         f"{len(self.names) - 1}; got {value!r}")
+
+    def view(self, record: dict) -> dict:
+        """The row as `text` and `label` or `labels`, read from data.text_column and
+        data.label_column (a list, or any value in multilabel mode, as `labels`)."""
+        if self.text_column == "text" and self.label_column is None:
+            return record
+        out = {"text": record.get(self.text_column)}
+        if self.label_column is None:
+            out.update({k: record[k] for k in ("label", "labels") if k in record})
+            return out
+        value = record.get(self.label_column)
+        listed = isinstance(value, (list, tuple)) or hasattr(value, "tolist") or (
+            self.mode == "multilabel" and not isinstance(value, (int, float)))
+        out["labels" if listed else "label"] = value
+        return out
 
     def encode(self, record: dict, where: str):
         """binary and multiclass -> the class id; multilabel -> multi-hot list of floats."""
@@ -194,16 +210,22 @@ class LabelEncoder:
                         f"got {value!r}{self._hint}")
 
 
-def column_problems(columns: list[str], source: str) -> list[str]:
-    """A file with no `text` column, or no label column, is one line naming its columns, not
-    one line per row (a header written `text, label` or with `;`)."""
+def column_problems(columns: list[str], source: str, text: str = "text", label: str | None = None) -> list[str]:
+    """A file with no text column, or no label column, is one line naming its columns, not
+    one line per row (a header written `text, label` or with `;`). text, label: the columns
+    data.text_column and data.label_column name (null: `label` or `labels`)."""
     have = set(columns)
-    missing = [name for name, ok in (("'text'", "text" in have), ("'label' or 'labels'", bool(have & {"label", "labels"})))
+    labels = {label} if label is not None else {"label", "labels"}
+    named = (" (data.text_column)" if text != "text" else "", " (data.label_column)" if label is not None else "")
+    missing = [name for name, ok in ((f"{text!r}{named[0]}", text in have),
+                                     (f"{label!r}{named[1]}" if label else "'label' or 'labels'", bool(have & labels)))
                if not ok]
     if not missing:
         return []
     listed = ", ".join(map(repr, columns)) or "none"
-    return [f"{source}: no {' and no '.join(missing)} column (its columns: {listed}){column_hint(columns)}"]
+    hint = column_hint(columns) or ("; data.text_column and data.label_column name other columns"
+                                    if text == "text" and label is None else "")
+    return [f"{source}: no {' and no '.join(missing)} column (its columns: {listed}){hint}"]
 
 
 def column_hint(columns: list) -> str:
@@ -221,7 +243,7 @@ def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], 
     then a count); a file whose columns lack `text` or a label is one line (column_problems)."""
     records = list(records)
     columns = dict.fromkeys(k for _, r in records if isinstance(r, dict) for k in r if isinstance(k, str))
-    if columns and (missing := column_problems(list(columns), source)):
+    if columns and (missing := column_problems(list(columns), source, encoder.text_column, encoder.label_column)):
         raise DataError(*missing)
     texts: list[str] = []
     targets: list = []
@@ -245,10 +267,12 @@ def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], 
 def check_clause(encoder: LabelEncoder, record, where: str):
     """A clause row's (text, target), or DataError naming `where`."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object with 'text' and 'label' or 'labels'")
+        raise DataError(f"{where}: expected an object with {encoder.text_column!r} and "
+                        + (f"{encoder.label_column!r}" if encoder.label_column else "'label' or 'labels'"))
+    record = encoder.view(record)
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: missing or empty 'text'")
+        raise DataError(f"{where}: missing or empty {encoder.text_column!r}")
     return text, encoder.encode(record, where)
 
 
@@ -257,8 +281,9 @@ class ClauseEncoder:
     A bad row gets its message in `_error` (see data/pipeline.py) and placeholder tokens.
     Without a tokenizer the rows are only checked, and `text` is returned instead."""
 
-    def __init__(self, mode: str, label_names: list[str], tokenizer=None, max_length: int = 0):
-        self.encoder = LabelEncoder(mode, label_names)
+    def __init__(self, mode: str, label_names: list[str], tokenizer=None, max_length: int = 0,
+                 columns: tuple[str, str | None] = ("text", None)):
+        self.encoder = LabelEncoder(mode, label_names, *columns)
         self.empty = [0.0] * len(self.encoder.categories) if mode == "multilabel" else 0
         self.tokenizer, self.max_length = tokenizer, max_length
 
@@ -266,7 +291,7 @@ class ClauseEncoder:
         check_clause(self.encoder, record, where)
 
     def check_columns(self, columns: list[str], source: str) -> list[str]:
-        return column_problems(columns, source)
+        return column_problems(columns, source, self.encoder.text_column, self.encoder.label_column)
 
     def __call__(self, batch: dict) -> dict:
         from launcher.data.pipeline import ROW, records
@@ -298,7 +323,7 @@ def load_split(cfg: DataConfig, split: Literal["train", "validation"], path: str
 
     cfg = dataclasses.replace(cfg, train_file=path) if split == "train" else dataclasses.replace(cfg, validation_file=path)
     source = sources.resolve(cfg, split)
-    encoder = ClauseEncoder(cfg.mode, cfg.resolved_label_names())
+    encoder = ClauseEncoder(cfg.mode, cfg.resolved_label_names(), columns=(cfg.text_column, cfg.label_column))
     with tempfile.TemporaryDirectory() as tmp:
         raw = source.read(Path(tmp), encoder.check)
         if raw.num_rows == 0:

@@ -78,7 +78,8 @@ def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):
     from launcher.data.tokenizer import train_wordpiece
 
     def train(source):
-        texts = [r["text"] for r in pipeline.first_rows(source, cache) if isinstance(r.get("text"), str)]
+        column = cfg.data.text_column
+        texts = [r[column] for r in pipeline.first_rows(source, cache) if isinstance(r.get(column), str)]
         return train_wordpiece(texts, cfg.model.tiny.vocab_size, cfg.data.max_length)
 
     key = {"kind": "wordpiece", "vocab_size": cfg.model.tiny.vocab_size, "max_length": cfg.data.max_length}
@@ -526,9 +527,9 @@ class ClassificationTask:
         from launcher.data.clauses import ClauseEncoder
 
         d = self.cfg.data
-        encode = ClauseEncoder(d.mode, self.label_names, tokenizer, d.max_length)
+        encode = ClauseEncoder(d.mode, self.label_names, tokenizer, d.max_length, (d.text_column, d.label_column))
         key = {"task": self.name, "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": d.max_length,
-               "mode": d.mode, "labels": self.label_names}
+               "mode": d.mode, "labels": self.label_names, "columns": [d.text_column, d.label_column]}
         return tuple(pipeline.prepare(pipeline.Split(src, encode, ("input_ids", "labels"), key, check=encode.check,
                                                      check_columns=encode.check_columns),
                                       cache, d.num_proc) for src in (train_source, val_source))
@@ -664,5 +665,7 @@ class ClassificationTask:
         return {"random_base": self.random_init(), "task": self.name, "mode": self.cfg.data.mode, "threshold": self.threshold,
                 "threshold_tuned": self.tuned, "labels": self.label_names,
                 "max_length": self.cfg.data.max_length,
+                # the columns the rows' text and label came from: eval and predict read them
+                "text_column": self.cfg.data.text_column, "label_column": self.cfg.data.label_column,
                 # the training loss's class weights: `launcher eval` reports the run's evaluation loss
                 "class_weights": None if self.weights_cpu is None else self.weights_cpu.tolist()}
