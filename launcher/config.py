@@ -59,7 +59,7 @@ class LoraConfig:
     # Train low-rank adapters (peft) instead of all weights; the task head stays trainable.
     enabled: bool = False
     r: int = 8
-    alpha: int = 16
+    alpha: float = 16
     dropout: float = 0.05
     # Module names to adapt (e.g. [q_proj, v_proj]); "all-linear": every linear layer but the head.
     target_modules: Any = "all-linear"

@@ -291,3 +291,14 @@ def test_dotted_and_embedding_names_are_targets_as_peft_matches_them(tmp_path):
     assert any(n.endswith("self_attn.q_proj.lora_A") for n in names) and any(n.endswith("embed_tokens.lora_embedding_A")
                                                                             for n in names)
     assert any(n.endswith("model.norm.modules_to_save") for n in names)
+
+
+def test_a_fractional_alpha_is_peft_s_scaling(tmp_path):
+    """peft takes lora_alpha as a number (alpha / r scales the adapter): 16.5 was refused as
+    "expected int"."""
+    from launcher import tasks
+
+    t = tasks.for_config(load_config(SFT_LORA, ["model.lora.alpha=16.5", "model.lora.r=4"]))
+    tok = task_tokenizer(t, tmp_path, [{"instruction": "a b", "output": "c d"}] * 4)
+    scalings = {m.scaling["default"] for m in t.build_model(tok).modules() if isinstance(getattr(m, "scaling", None), dict)}
+    assert scalings == {16.5 / 4}
