@@ -498,6 +498,11 @@ def hub_problem(name: str, error: BaseException) -> str:
     kinds = tuple(type(x) for x in chain)
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     local = Path(name).expanduser()
+    if local.is_dir() and local.name in ("adapter", "base") and (local.parent / "launcher.json").is_file():
+        # (a LoRA export's parts: eval and predict said so, train did not)
+        part = "LoRA adapter" if local.name == "adapter" else "frozen base under the LoRA adapter"
+        return (f"model.name: {name} is the {part} of the export {local.parent}; give {local.parent} (the merged "
+                "model) to train on from it")
     if local.is_dir():
         return f"model.name: {name}: not a loadable Hugging Face model directory ({first})"
     if any(issubclass(k, hub.GatedRepoError) for k in kinds) or "gated repo" in str(error).lower():

@@ -276,6 +276,11 @@ def test_an_adapter_on_a_tied_head_merges_into_the_model_it_trained(tmp_path):
     merged, base = load_file(run / "model" / "model.safetensors"), load_file(run / "model" / "base" / "model.safetensors")
     assert torch.equal(merged["transformer.wte.weight"], base["transformer.wte.weight"])  # the embeddings as trained
     assert not torch.equal(merged["lm_head.weight"], base["transformer.wte.weight"])  # the head with its adapter
+    # The export's adapter/ as model.name: one line naming the export to give (eval and predict said it).
+    proc = launcher("train", str(SFT_LORA), "--output-dir", str(tmp_path / "again"), f"model.name={run / 'model' / 'adapter'}")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: model.name: {run / 'model' / 'adapter'} is the LoRA adapter of the export {run / 'model'}; give "
+        f"{run / 'model'} (the merged model) to train on from it"), proc.stderr[-2000:]
 
 
 def test_dotted_and_embedding_names_are_targets_as_peft_matches_them(tmp_path):
