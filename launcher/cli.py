@@ -597,9 +597,11 @@ def cmd_eval(args) -> int:
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
     _room_for_text(args.max_length, tokenizer)
-    # (labels read as training read them: two classes as binary, its own names as a multiclass)
-    mode = "multilabel" if multilabel else "binary" if len(names) == 2 else "multiclass"
-    meta = export_meta(args.model_dir)  # (and the columns training read the text and label from)
+    # Labels read as training read them: in its recorded mode (an export from before multiclass,
+    # or not launcher's: two classes as binary, more as multiclass), from its columns.
+    meta = export_meta(args.model_dir)
+    recorded = meta.get("mode") if meta.get("mode") in ("binary", "multiclass") else None
+    mode = "multilabel" if multilabel else recorded or ("binary" if len(names) == 2 else "multiclass")
     encoder = LabelEncoder(mode, names, meta.get("text_column") or "text", meta.get("label_column"))
     texts, targets = parse_rows(read_records(data), encoder, str(data))
     import torch

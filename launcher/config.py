@@ -900,7 +900,8 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
                        "[negative, neutral, positive]); a row's label is a name or an id")
         if e.tune_threshold:
             out.append("eval.tune_threshold: binary and multilabel only (multiclass takes the likeliest class)")
-        if d.synthetic.enabled or (d.train_file is None and d.hub_dataset == DataConfig.hub_dataset):
+        if d.synthetic.enabled or (d.train_file is None and d.hub_dataset == DataConfig.hub_dataset
+                                   and d.hub_config == DataConfig.hub_config):  # (LexGLUE's LEDGAR is one)
             out.append("data.mode: multiclass needs data of its own (data.train_file, or data.hub_dataset=ID): "
                        "the UNFAIR-ToS clauses are binary or multilabel")
     if cfg.task != "classification" and (d.text_column != "text" or d.label_column is not None):

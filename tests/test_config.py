@@ -334,6 +334,17 @@ def test_a_resume_with_another_best_metric_or_quantization_is_another_run(tmp_pa
     assert _defines_run("model.quantization") and not _defines_run("model.attn_implementation")
 
 
+def test_multiclass_takes_a_hub_dataset_of_its_own_not_the_unfair_tos_clauses():
+    """The UNFAIR-ToS clauses are binary or multilabel; LexGLUE's other configs (LEDGAR, SCOTUS)
+    are one class per row, and were refused with them."""
+    from launcher.errors import ConfigError
+
+    mc = ["data.mode=multiclass", "data.label_names=[a,b,c]", "data.synthetic.enabled=false"]
+    assert load_config(TINY, [*mc, "data.hub_config=ledgar"]).data.hub_config == "ledgar"
+    with pytest.raises(ConfigError, match="data.mode: multiclass needs data of its own"):
+        load_config(TINY, mc)
+
+
 def test_lora_modules_and_blocks_in_another_order_are_no_change(tmp_path):
     """peft matches target_modules, modules_to_save and layers_to_transform in any order: a
     resume with [v_proj, q_proj] after [q_proj, v_proj] was refused as weights that "do not load

@@ -597,7 +597,7 @@ def test_your_own_classes_one_of_several_a_pair_and_categories(tmp_path):
         f"{bad}:2: 'labels' ['neutral', 'positive']: data.mode=multiclass takes one class per row "
         "(data.mode=multilabel for several)",
         f"{bad}:3: 'label' must be a class name (negative, neutral, positive) or an id 0..2; got 'Arbitration'",
-        f"{bad}:4: 'labels' []: data.mode=multiclass takes one class per row (data.mode=multilabel for several)"]
+        f"{bad}:4: 'labels' []: data.mode=multiclass takes one class per row (none given)"]
     # Digit names: the name first, for strings, numbers and whole floats alike, in every mode.
     digits = write(tmp_path, "jsonl", [{"text": "a", "label": "1"}, {"text": "b", "label": 2},
                                        {"text": "c", "label": 1.0}])
@@ -612,6 +612,16 @@ def test_your_own_classes_one_of_several_a_pair_and_categories(tmp_path):
     spam.write_text("".join(json.dumps(r) + "\n" for r in [
         {"text": "a", "labels": ["spam"]}, {"text": "b", "label": "ham"}, {"text": "c", "label": 1}]))
     assert load(spam, "binary", label_names=["ham", "spam"])[1] == [1, 0, 1]
+    # Two classes of your own on LexGLUE-style rows (a category list: any is the second class, as
+    # before), and true / false as the second and first class (as before; by name where named so).
+    lexglue = tmp_path / "lexglue.jsonl"
+    lexglue.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": "a", "labels": []}, {"text": "b", "labels": [3, 5]}, {"text": "c", "labels": [0]},
+        {"text": "d", "label": True}, {"text": "e", "label": False}]))
+    assert load(lexglue, "binary", label_names=["clear", "potentially unfair"])[1] == [0, 1, 1, 1, 0]
+    (tmp_path / "tf").mkdir()
+    named = write(tmp_path / "tf", "jsonl", [{"text": "a", "label": True}, {"text": "b", "label": "false"}])
+    assert load(named, "binary", label_names=["true", "false"])[1] == [0, 1]
     arbitration = tmp_path / "arb.jsonl"
     arbitration.write_text(json.dumps({"text": "a", "label": "Arbitration"}) + "\n")
     with pytest.raises(DataError) as e:
@@ -623,9 +633,10 @@ def test_your_own_classes_one_of_several_a_pair_and_categories(tmp_path):
     zero.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b", "label": "none"}) + "\n")
     with pytest.raises(DataError) as e:
         load(zero, "multilabel", label_names=["Sports", "Tech"])
-    assert e.value.problems[0] == (f"{zero}:1: 'label' 0 is not a category in data.mode=multilabel (labels: [0] is "
-                                   "category 0): give categories as 'labels': [0] or by name")
-    assert e.value.problems[1].startswith(f"{zero}:2: unknown category 'none'; expected an id or one of: Sports, Tech")
+    assert e.value.problems == [
+        f"{zero}:1: 'label' 0 is not a category in data.mode=multilabel (labels: [0] is category 0): give categories "
+        "as 'labels': [0] or by name; no category is 'labels': []",
+        f"{zero}:2: unknown category 'none'; expected one of: Sports, Tech; no category is 'labels': []"]
     assert load(zero, "multilabel")[1] == [[0.0] * 8] * 2  # (under the UNFAIR-ToS categories: no category)
 
 

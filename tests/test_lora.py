@@ -257,16 +257,17 @@ def test_a_lora_plan_says_nothing_on_stderr_and_a_bad_one_one_line():
         "error: model.lora.layers_to_transform: 5 not a block of"), proc.stderr
 
 
-def test_an_adapter_on_a_tied_head_merges_into_the_model_it_trained(tmp_path):
+@pytest.mark.parametrize("targets", ["[c_attn,lm_head]", "[wte]"], ids=["head", "embeddings"])
+def test_an_adapter_on_a_tied_head_merges_into_the_model_it_trained(tmp_path, targets):
     """GPT-2's head is tied to its token embeddings. With lm_head among the targets the run
-    trains the head as E + BA while the embeddings stay E; merged into the one shared tensor,
-    the adapter changed the embeddings too, and the export evaluated 7.18 against the run's
-    1.65. The merged export is now untied and evaluates as the run did. GPT-2's own layer
+    trains the head as E + BA while the embeddings stay E (or the other way round with wte);
+    merged into the one shared tensor, the adapter changed both, and the export evaluated 7.18
+    against the run's 1.65. The merged export is now untied and evaluates as the run did. GPT-2's own layer
     names (Conv1D: c_attn) are targets too; they were "not among the linear layers"."""
     from safetensors.torch import load_file
 
     check(launcher("train", str(SFT_LORA), "--output-dir", str(tmp_path), "--run-name", "g", "model.tiny.arch=gpt2",
-                   "model.lora.target_modules=[c_attn,lm_head]", "model.lora.modules_to_save=[]", "train.max_steps=4",
+                   f"model.lora.target_modules={targets}", "model.lora.modules_to_save=[]", "train.max_steps=4",
                    "eval.every_steps=4", "eval.at_start=false", "train.lr=5e-2", "tracking.mlflow=false"))
     run = tmp_path / "g"
     trained = json.loads((run / "final_metrics.json").read_text())["after"]["loss"]
@@ -274,8 +275,9 @@ def test_an_adapter_on_a_tied_head_merges_into_the_model_it_trained(tmp_path):
     assert scored["loss"] == pytest.approx(trained, rel=1e-4), (scored["loss"], trained)
     assert json.loads((run / "model" / "config.json").read_text())["tie_word_embeddings"] is False
     merged, base = load_file(run / "model" / "model.safetensors"), load_file(run / "model" / "base" / "model.safetensors")
-    assert torch.equal(merged["transformer.wte.weight"], base["transformer.wte.weight"])  # the embeddings as trained
-    assert not torch.equal(merged["lm_head.weight"], base["transformer.wte.weight"])  # the head with its adapter
+    adapted, frozen = ("lm_head", "transformer.wte") if targets != "[wte]" else ("transformer.wte", "lm_head")
+    assert torch.equal(merged[f"{frozen}.weight"], base["transformer.wte.weight"])  # the other table as trained
+    assert not torch.equal(merged[f"{adapted}.weight"], base["transformer.wte.weight"])  # this one with its adapter
     # The export's adapter/ as model.name: one line naming the export to give (eval and predict said it).
     proc = launcher("train", str(SFT_LORA), "--output-dir", str(tmp_path / "again"), f"model.name={run / 'model' / 'adapter'}")
     assert proc.returncode == 2 and proc.stderr.strip() == (

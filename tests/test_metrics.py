@@ -51,20 +51,27 @@ def test_multiclass_matches_sklearn():
     assert m["f1/neutral"] == pytest.approx(f1_score(labels, pred, labels=[1], average="macro"))
 
 
-def test_the_none_column_counts_only_where_a_row_or_prediction_has_no_category():
+def test_the_none_column_counts_only_where_rows_have_no_category():
     """Every row of topic data has a category: LexGLUE's none column then scored F1 0 in
-    macro-F1 and a perfect model got 0.75 on three categories. It counts where rows or
-    predictions have no category, so a prediction of none still costs what it should."""
-    labels = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+    macro-F1 and a perfect model got 0.75 on three categories. The rows alone decide the column,
+    so an evaluation's score does not jump when one prediction comes out empty (a column that
+    came and went with the predictions ranked 100 wrong rows above one empty one)."""
+    rng = np.random.default_rng(0)
+    names = ["Sports", "Politics", "Tech"]
+    labels = torch.as_tensor(np.eye(3)[rng.integers(0, 3, 1000)], dtype=torch.float)
     perfect = labels * 8 - 4
-    m = compute_metrics(perfect, labels, ["Sports", "Politics", "Tech"])
+    m = compute_metrics(perfect, labels, names)
     assert m["macro_f1"] == 1.0 and "f1/none" not in m
-    empty = perfect.clone()
-    empty[0] = -4  # one row predicted with no category: none is a column again
-    m = compute_metrics(empty, labels, ["Sports", "Politics", "Tech"])
-    y_true = np.concatenate([labels.numpy(), np.zeros((4, 1))], 1).astype(int)
-    y_pred = np.concatenate([(empty > 0).numpy(), [[1], [0], [0], [0]]], 1).astype(int)
-    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0)) and m["f1/none"] == 0
+    one_empty, many_wrong = perfect.clone(), perfect.clone()
+    one_empty[0] = -4
+    many_wrong[:100] = torch.roll(perfect[:100], 1, dims=1)
+    empty_score, wrong_score = (compute_metrics(x, labels, names)["macro_f1"] for x in (one_empty, many_wrong))
+    assert 1.0 > empty_score > wrong_score, (empty_score, wrong_score)
+    y_pred = (one_empty > 0).numpy().astype(int)
+    assert empty_score == pytest.approx(f1_score(labels.numpy().astype(int), y_pred, average="macro", zero_division=0))
+    # Rows with no category: the column counts (LexGLUE's), as before.
+    labels[:10] = 0
+    assert "f1/none" in compute_metrics(perfect, labels, names)
 
 
 def test_balanced_weights():

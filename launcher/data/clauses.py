@@ -1,7 +1,8 @@
 """Clause data: local JSONL / CSV / Parquet or the LexGLUE hub dataset -> (texts, targets).
 
-A row has `text` and either `label` (0/1 or a class name) or `labels` (a list of
-category ids or names; empty = fair). Every malformed row is reported as
+A row has `text` and either `label` (0/1 or a class name; a class's name or id in multiclass
+mode) or `labels` (a list of category ids or names; empty = fair); data.text_column and
+data.label_column name other columns. Every malformed row is reported as
 file:line (CSV and JSONL) or file: row N (Parquet), with what was wrong.
 """
 
@@ -66,7 +67,7 @@ def _whole(value: Any) -> Any:
 def _named(value: Any, table: dict) -> int | None:
     """The id of the class a label value names, case and spaces aside, or None: its text as
     written ("1.0"), else a number as its digits (1, 1.0 and "1" all name a class "1")."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    if not isinstance(value, (str, int, float)):  # (a bool as its text: classes named true and false)
         return None
     for text in (str(value), str(_whole(value))):
         if (key := text.strip().lower()) in table:
@@ -128,6 +129,8 @@ class LabelEncoder:
         value = _whole(value)
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
+        if isinstance(value, bool) and len(self.names) == 2:  # (true / false: class 1 / 0 of two, as before)
+            return int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
             return value
         raise DataError(f"{where}: '{column}' must be a class name ({', '.join(self.names)}) or an id 0.."
@@ -158,10 +161,12 @@ class LabelEncoder:
             if not has_labels:
                 return self._class(record["label"], "label", where)
             items = _as_list(record["labels"], where)
-            if len(items) != 1:
-                raise DataError(f"{where}: 'labels' {items!r}: data.mode={self.mode} takes one class per row "
-                                "(data.mode=multilabel for several)")
-            return self._class(items[0], "labels", where)
+            if len(items) == 1 and (self.mode == "multiclass" or _named(items[0], self._class_by_name) is not None):
+                return self._class(items[0], "labels", where)
+            if self.mode == "binary":  # a clause's categories, as under fair/unfair: any is the second class
+                return int(bool(sorted({self._category(x, where) for x in items})))
+            raise DataError(f"{where}: 'labels' {items!r}: data.mode=multiclass takes one class per row "
+                            f"({'none given' if not items else 'data.mode=multilabel for several'})")
         if has_labels:
             items = _as_list(record["labels"], where)
             ids = [self._category(x, where) for x in items]
@@ -186,12 +191,15 @@ class LabelEncoder:
         word = value.strip().lower() if isinstance(value, str) else None
         if self.tos and (value == 0 and not isinstance(value, bool) or word in ("fair", "none")):
             return [0.0] * len(self.categories)  # 0 / "fair" / "none": no category (a binary file's fair clause)
+        none = "" if self.tos else "; no category is 'labels': []"  # (under names of your own 0 is no "fair")
         if isinstance(value, int) and not isinstance(value, bool):
             # `label: 1` is "unfair" in binary files, and `label: 0` is fair: read as category
             # ids here, a binary file trained every unfair clause as category 1.
             zero = "label 0 is fair, " if self.tos else ""
             raise DataError(f"{where}: 'label' {value} is not a category in data.mode=multilabel ({zero}labels: [0] is "
-                            f"category 0): give categories as 'labels': [{value}] or by name")
+                            f"category 0): give categories as 'labels': [{value}] or by name{none}")
+        if word in ("fair", "none") and none:
+            raise DataError(f"{where}: unknown category {value!r}; expected one of: {', '.join(self.categories)}{none}")
         cat = self._category(value, where)
         return [1.0 if i == cat else 0.0 for i in range(len(self.categories))]
 

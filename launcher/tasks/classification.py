@@ -1,10 +1,11 @@
 """Clause classification: tokenizer + model, loss, LexGLUE-style metrics, export metadata.
 
-Binary mode is single-label softmax over (negative, positive). Multilabel mode has
-one sigmoid per category; a clause with no category is "fair". Metrics follow
-LexGLUE for UNFAIR-ToS: predictions are sigmoid > 0.5, and an extra "none"
-column (1 when a row has no category) joins both truth and prediction before
-micro/macro-F1, so fair clauses count.
+Binary mode is single-label softmax over (negative, positive), multiclass over the
+data.label_names (the likeliest class is the prediction). Multilabel mode has one
+sigmoid per category; a clause with no category is "fair". Metrics follow LexGLUE for
+UNFAIR-ToS: predictions are sigmoid > 0.5, and an extra "none" column (1 when a row
+has no category) joins both truth and prediction before micro/macro-F1, so fair
+clauses count (where rows have no category: data whose every row has one go without).
 
 The decision rule: by default a clause is positive when the positive class's
 probability is above 0.5 (binary; the same as argmax) or a category's sigmoid is
@@ -191,22 +192,20 @@ def class_weights(targets: torch.Tensor, multilabel: bool, classes: int = 2) -> 
     return torch.where(counts > 0, targets.numel() / (len(counts) * counts.clamp(min=1)), torch.ones_like(counts))
 
 
-def unseen_notes(train: torch.Tensor, val: torch.Tensor, names: list[str]) -> list[str]:
+def unseen_notes(seen, scored, names: list[str]) -> list[str]:
     """Notes naming the categories (classes) no training row has, which the model cannot learn,
     and those no validation row has, which score F1 0 at every evaluation: either F1 of 0 counts
-    in every macro-F1 the run reports (a subset of the data, a label id off by one)."""
-    def counts(labels: torch.Tensor) -> torch.Tensor:
-        if labels.dtype.is_floating_point:  # multi-label: one 0/1 row per example
-            return labels.sum(0).long()
-        return torch.bincount(labels.long(), minlength=len(names))[: len(names)]
+    in every macro-F1 the run reports (a subset of the data, a label id off by one). seen,
+    scored: rows per category or class in training and validation (TokenRows.column_sums)."""
+    def at(counts, i: int) -> int:
+        return int(counts[i]) if i < len(counts) else 0
 
-    seen, scored = counts(train), counts(val)
     notes = []
-    unseen = [f"{name!r} ({int(scored[i])} validation rows)" for i, name in enumerate(names) if seen[i] == 0]
+    unseen = [f"{name!r} ({at(scored, i)} validation rows)" for i, name in enumerate(names) if at(seen, i) == 0]
     if unseen:
         notes.append(f"note: no training row has {', '.join(unseen)}: the model cannot learn "
                      f"{'them' if len(unseen) > 1 else 'it'}, and an F1 of 0 for each counts in the macro-F1")
-    unscored = [repr(name) for i, name in enumerate(names) if scored[i] == 0 and seen[i] > 0]
+    unscored = [repr(name) for i, name in enumerate(names) if at(scored, i) == 0 and at(seen, i) > 0]
     if unscored:
         notes.append(f"note: no validation row has {', '.join(unscored)}: an F1 of 0 for each at every evaluation "
                      "counts in the macro-F1")
@@ -282,7 +281,7 @@ def cut_vector(threshold, label_names: list[str], multilabel: bool) -> np.ndarra
 
 
 def decisions(logits: torch.Tensor, multilabel: bool, cuts: np.ndarray | None = None) -> np.ndarray:
-    """Predicted labels: (n,) class ids (binary) or an (n, k) bool matrix (multilabel)."""
+    """Predicted labels: (n,) class ids (binary, multiclass) or an (n, k) bool matrix (multilabel)."""
     probs = probabilities(logits, multilabel).numpy()
     if multilabel:
         return probs > (THRESHOLD if cuts is None else cuts[None, :])
@@ -300,12 +299,14 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: lis
     if multilabel:
         y_true = labels.numpy().astype(bool)
         y_pred = decisions(logits, True, cuts)
-        # LexGLUE: an extra "none" column for clauses with no category, where there are such
-        # rows or predictions. Data whose every row has a category (topics, one-of-k labels
-        # run as multilabel) have none: its F1 of 0 capped a perfect model at k/(k+1).
+        # LexGLUE: an extra "none" column for clauses with no category, where rows have none.
+        # Data whose every row has a category (topics) have no such column: its F1 of 0 capped
+        # a perfect model at k/(k+1). Decided by the rows alone, the same at every evaluation
+        # (a column that came with one empty prediction made scores incomparable); an empty
+        # prediction costs its categories' misses.
         none_true, none_pred = ~y_true.any(1, keepdims=True), ~y_pred.any(1, keepdims=True)
         names = list(label_names)
-        if none_true.any() or none_pred.any():
+        if none_true.any():
             y_true, y_pred = np.concatenate([y_true, none_true], 1), np.concatenate([y_pred, none_pred], 1)
             names.append("none")
     else:
@@ -388,7 +389,7 @@ def tune_cuts(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str]
 
 
 def joint_macro_f1(probs: np.ndarray, truth: np.ndarray, cuts: np.ndarray, j: int, grid: np.ndarray = TUNE_GRID) -> np.ndarray:
-    """Multilabel macro-F1 as compute_metrics gives it (every category, and the `none` column where it occurs),
+    """Multilabel macro-F1 as compute_metrics gives it (every category, and the `none` column where rows have no category),
     for each cut of category j on `grid`, the others' cuts held: one pass over the rows per
     grid point for column j and `none` only, the other columns' counts once (k categories
     then cost k passes, not k squared)."""
@@ -402,8 +403,9 @@ def joint_macro_f1(probs: np.ndarray, truth: np.ndarray, cuts: np.ndarray, j: in
     t_none = ~np.asarray(truth.any(1))[None, :]
     p_none = ~(np.asarray(p_o.any(1))[None, :] | p_j)
     f1_none = _f1((t_none & p_none).sum(1), (~t_none & p_none).sum(1), (t_none & ~p_none).sum(1))
-    counted = t_none.any() | p_none.any(1)  # (the none column where a row or prediction has no category)
-    return (fixed + f1_j + np.where(counted, f1_none, 0.0)) / (truth.shape[1] + counted)
+    if not t_none.any():  # (the none column only where rows have no category, as compute_metrics)
+        return (fixed + f1_j) / truth.shape[1]
+    return (fixed + f1_j + f1_none) / (truth.shape[1] + 1)
 
 
 # ---------------------------------------------------------------- exported models
@@ -538,7 +540,7 @@ class ClassificationTask:
         return len(train_ds)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        unseen = unseen_notes(train_ds.column("labels"), val_ds.column("labels"), self.label_names)
+        unseen = unseen_notes(train_ds.column_sums("labels"), val_ds.column_sums("labels"), self.label_names)
         return [note for note in (self.pad_note, self.new_note, self.fresh_note, *unseen) if note], {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):

@@ -144,23 +144,27 @@ def _in_blocks(model, targets, layers: list[int]) -> list[str]:
 
 
 def _untie_adapted_head(peft_model) -> None:
-    """A LoRA adapter on an output head tied to the input embeddings (SmolLM2's, GPT-2's, with
-    lm_head among target_modules) trained the head as E + BA while the embeddings stayed E.
-    Merged into the one shared tensor, the adapter changed the embeddings too, and the merged
-    export (still tied) was another model than the one trained. The head gets its own copy of
-    E first, and the export is untied: both tables saved, as trained."""
+    """A LoRA adapter on one of a tied pair, the output head and the input embeddings (SmolLM2's,
+    GPT-2's, with lm_head or embed_tokens / wte among target_modules), trained that one alone: the
+    head as E + BA with the embeddings E, or the other way round. Merged into the one shared
+    tensor, the adapter changed both, and the merged export (still tied) was another model than
+    the one trained. The plain head gets its own copy of E first, and the export is untied: both
+    tables saved, as trained. (modules_to_save's head is a trained copy already.)"""
     import torch
 
     model = peft_model.get_base_model()
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    inner = getattr(head, "base_layer", None)  # (a LoRA layer wraps the head: peft's layers keep it here)
-    if inner is None or embeddings is None:
+    if head is None or embeddings is None:
+        return
+    plain_head = getattr(head, "base_layer", head)  # (peft's LoRA layers keep the wrapped layer here)
+    plain_embeddings = getattr(embeddings, "base_layer", embeddings)
+    if (plain_head is head and plain_embeddings is embeddings) or not isinstance(plain_head, torch.nn.Linear):
         return
     configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
     if not any(getattr(c, "tie_word_embeddings", False) for c in configs) \
-            and inner.weight.data_ptr() != embeddings.weight.data_ptr():
+            and plain_head.weight.data_ptr() != plain_embeddings.weight.data_ptr():
         return
-    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    plain_head.weight = torch.nn.Parameter(plain_head.weight.detach().clone(), requires_grad=False)
     for c in configs:
         c.tie_word_embeddings = False
 
