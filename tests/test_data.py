@@ -622,6 +622,12 @@ def test_your_own_classes_one_of_several_a_pair_and_categories(tmp_path):
     (tmp_path / "tf").mkdir()
     named = write(tmp_path / "tf", "jsonl", [{"text": "a", "label": True}, {"text": "b", "label": "false"}])
     assert load(named, "binary", label_names=["true", "false"])[1] == [0, 1]
+    (tmp_path / "two").mkdir()
+    both = write(tmp_path / "two", "jsonl", [{"text": "a", "labels": ["ham", "spam"]}])
+    with pytest.raises(DataError) as e:  # (it was an unknown UNFAIR-ToS category 'ham')
+        load(both, "binary", label_names=["ham", "spam"])
+    assert e.value.problems == [f"{both}:1: 'labels' ['ham', 'spam']: data.mode=binary takes one class per row "
+                                "(data.mode=multilabel for several)"]
     arbitration = tmp_path / "arb.jsonl"
     arbitration.write_text(json.dumps({"text": "a", "label": "Arbitration"}) + "\n")
     with pytest.raises(DataError) as e:

@@ -163,9 +163,10 @@ class LabelEncoder:
             items = _as_list(record["labels"], where)
             if len(items) == 1 and (self.mode == "multiclass" or _named(items[0], self._class_by_name) is not None):
                 return self._class(items[0], "labels", where)
-            if self.mode == "binary":  # a clause's categories, as under fair/unfair: any is the second class
+            if self.mode == "binary" and not any(_named(x, self._class_by_name) is not None for x in items):
+                # a clause's categories, as under fair/unfair: any is the second class
                 return int(bool(sorted({self._category(x, where) for x in items})))
-            raise DataError(f"{where}: 'labels' {items!r}: data.mode=multiclass takes one class per row "
+            raise DataError(f"{where}: 'labels' {items!r}: data.mode={self.mode} takes one class per row "
                             f"({'none given' if not items else 'data.mode=multilabel for several'})")
         if has_labels:
             items = _as_list(record["labels"], where)
