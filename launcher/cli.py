@@ -152,10 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="predict labels for texts, or a causal LM's answers to rows (JSONL out)")
     r.add_argument("model_dir")
     r.add_argument("--input", required=True, help="classifier: plain text (one clause per line) or JSONL/CSV/Parquet "
-                   "rows with a `text` field; causal LM: JSONL/CSV/Parquet rows with the columns the run's prompt needs, "
+                   "rows with a `text` field (or the column the run's data.text_column named); causal LM: JSONL/CSV/Parquet "
+                   "rows with the columns the run's prompt needs, "
                    "or one prompt per line; - (or a pipe): plain lines from standard input")
     r.add_argument("--output", help="JSONL file to write, each input row with its prediction (label or labels, "
-                   "probs; a causal LM's response too; a plain-text line's number as line), written once all are answered "
+                   "probs; a gold label or labels column kept as input_label(s); a causal LM's response too; a plain-text line's number as line), written once all are answered "
                    "(default, or -: stdout)")
     r.add_argument("--max-length", type=_count, help="classifier: default the training max_length the export recorded "
                    "(else 512); causal LM: prompts are cut only at this, or where a learned position table "
