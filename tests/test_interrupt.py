@@ -39,10 +39,15 @@ def _start(out: Path, *extra: str, env: dict | None = None, own_group: bool = Fa
 
 
 def _once_stalling(proc: subprocess.Popen, errors: Path) -> None:
-    """Waits until rank 0 sleeps inside a step (LAUNCHER_STALL), its stderr in `errors`."""
-    deadline = time.time() + 300
+    """Waits until rank 0 sleeps inside a step (LAUNCHER_STALL), its stderr in `errors`. Up to
+    10 minutes: in CI a 2-rank run beside another worker's 2-rank SmolLM2 runs on 2 cores once
+    took over 300 s to get there, its stderr still empty (alone: 45 s). A run that dies, or
+    never gets there, fails with its stderr and its ranks' progress records."""
+    deadline = time.time() + 600
     while "LAUNCHER_STALL: rank 0 sleeps" not in errors.read_text():
-        assert proc.poll() is None and time.time() < deadline, errors.read_text()[-3000:]
+        if proc.poll() is not None or time.time() > deadline:
+            progress = {p.name: p.read_text() for p in errors.parent.glob("**/ranks/*.progress")}
+            raise AssertionError(f"exit {proc.poll()}; progress {progress}; stderr:\n{errors.read_text()[-3000:]}")
         time.sleep(0.05)
 
 
