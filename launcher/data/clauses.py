@@ -205,18 +205,15 @@ class LabelEncoder:
         return [1.0 if i == cat else 0.0 for i in range(len(self.categories))]
 
     def _tos_binary(self, value: Any, where: str) -> int:
-        """A binary `label` under the default names: 0, 1, fair, unfair, or a category's name."""
-        if (named := _named(value, self._class_by_name)) is not None:
-            return named
-        value = _whole(value)
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, (bool, int)) and int(value) in (0, 1):
-            return int(value)
-        if isinstance(value, str) and value.strip().lower() in {c.lower() for c in UNFAIR_TOS_CATEGORIES}:
-            return 1
+        """A binary `label` under the default names: a class as _class reads one (fair, unfair,
+        0, 1, true, false), or a category's name (unfair)."""
+        try:
+            return self._class(value, "label", where)
+        except DataError:
+            if isinstance(value, str) and value.strip().lower() in {c.lower() for c in UNFAIR_TOS_CATEGORIES}:
+                return 1
         raise DataError(f"{where}: 'label' must be 0, 1, {' or '.join(self.names)}, or an UNFAIR-ToS category name; "
-                        f"got {value!r}{self._hint}")
+                        f"got {_whole(value)!r}{self._hint}")
 
 
 def column_problems(columns: list[str], source: str, text: str = "text", label: str | None = None) -> list[str]:
