@@ -842,15 +842,16 @@ def _check_base(cfg, checkpoint: Path, rt) -> None:
     """A LoRA checkpoint's frozen base, read again from model.name, must be the one it trained
     on; under checkpoint.resume_changed=allow another one is taken, and said (it was taken
     without a word, and recorded nowhere but in the next checkpoint's fingerprint)."""
+    allow = cfg.checkpoint.resume_changed == "allow"
     try:
         models.same_base(cfg.model.name, ckpt_lib.base_weights(checkpoint), "model.name",
+                         "checkpoint.resume_changed=allow: the adapters go on training on this base" if allow else
                          "put the run's base back there (a relative name is read from the directory you start in), or "
                          "set checkpoint.resume_changed=allow to train these adapters on it")
     except ConfigError as e:
-        if cfg.checkpoint.resume_changed != "allow":
+        if not allow:
             raise
-        rt.print(f"note: {e.problems[0].split('; put the run')[0]}; checkpoint.resume_changed=allow: "
-                 "the adapters go on training on this base")
+        rt.print(f"note: {e.problems[0]}")
 
 
 def _prepare_data(task, cache, tokenizer_dir: Path, train_source, val_source):

@@ -67,19 +67,14 @@ class TokenRows(torch.utils.data.Dataset):
         values = torch.as_tensor(np.asarray(self.ds.with_format("numpy")[name]))
         return values.float() if values.is_floating_point() else values
 
-    def column_sums(self, name: str, batch_rows: int = 65536) -> np.ndarray:
+    def column_sums(self, name: str, size: int, batch_rows: int = 65536) -> np.ndarray:
         """A label column counted without holding it whole: class ids -> rows per class; one
-        row of 0/1 per example -> its column sums (memory-mapped batches, a few MB at a time)."""
-        total: np.ndarray | None = None
+        row of 0/1 per example -> its column sums (`size` of them; memory-mapped batches)."""
+        total = np.zeros(size, dtype=np.int64)
         for start in range(0, self.ds.num_rows, batch_rows):
             part = np.asarray(self.ds.with_format("numpy")[start : start + batch_rows][name])
-            counts = part.sum(0) if part.ndim == 2 else np.bincount(part.astype(np.int64))
-            if total is None:
-                total = counts.astype(np.int64)
-            else:
-                size = max(len(total), len(counts))
-                total = np.pad(total, (0, size - len(total))) + np.pad(counts.astype(np.int64), (0, size - len(counts)))
-        return total if total is not None else np.zeros(0, dtype=np.int64)
+            total += part.sum(0).astype(np.int64) if part.ndim == 2 else np.bincount(part.astype(np.int64), minlength=size)[:size]
+        return total
 
     def order_by_length(self) -> "TokenRows":
         """The same rows, shortest first (validation: the order does not change any metric,

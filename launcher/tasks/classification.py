@@ -197,15 +197,12 @@ def unseen_notes(seen, scored, names: list[str]) -> list[str]:
     and those no validation row has, which score F1 0 at every evaluation: either F1 of 0 counts
     in every macro-F1 the run reports (a subset of the data, a label id off by one). seen,
     scored: rows per category or class in training and validation (TokenRows.column_sums)."""
-    def at(counts, i: int) -> int:
-        return int(counts[i]) if i < len(counts) else 0
-
     notes = []
-    unseen = [f"{name!r} ({at(scored, i)} validation rows)" for i, name in enumerate(names) if at(seen, i) == 0]
+    unseen = [f"{name!r} ({scored[i]} validation rows)" for i, name in enumerate(names) if seen[i] == 0]
     if unseen:
         notes.append(f"note: no training row has {', '.join(unseen)}: the model cannot learn "
                      f"{'them' if len(unseen) > 1 else 'it'}, and an F1 of 0 for each counts in the macro-F1")
-    unscored = [repr(name) for i, name in enumerate(names) if at(scored, i) == 0 and at(seen, i) > 0]
+    unscored = [repr(name) for i, name in enumerate(names) if scored[i] == 0 and seen[i] > 0]
     if unscored:
         notes.append(f"note: no validation row has {', '.join(unscored)}: an F1 of 0 for each at every evaluation "
                      "counts in the macro-F1")
@@ -540,7 +537,8 @@ class ClassificationTask:
         return len(train_ds)
 
     def describe(self, train_ds, val_ds) -> tuple[list[str], dict]:
-        unseen = unseen_notes(train_ds.column_sums("labels"), val_ds.column_sums("labels"), self.label_names)
+        k = len(self.label_names)
+        unseen = unseen_notes(train_ds.column_sums("labels", k), val_ds.column_sums("labels", k), self.label_names)
         return [note for note in (self.pad_note, self.new_note, self.fresh_note, *unseen) if note], {}
 
     def eval_loader(self, rt, val_ds, batch_size: int, tokenizer):
