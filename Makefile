@@ -85,4 +85,4 @@ test-load: venv
 	$(PY) -m pytest -q -s -m load tests/test_load.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build/torch_extensions

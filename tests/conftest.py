@@ -27,6 +27,24 @@ if "LAUNCHER_KEY_FILE" not in os.environ:
     _KEY_DIR = tempfile.mkdtemp(prefix="launcher-key-")
     atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
     os.environ["LAUNCHER_KEY_FILE"] = str(Path(_KEY_DIR) / "checkpoint.key")
+# DeepSpeed's kernels (its CPU collectives, CPU Adam) build into the suite's own folder, not the
+# user's ~/.cache/torch_extensions. torch's builder takes <folder>/<kernel>/lock at each process's
+# first load of a kernel, even one built long ago (it rechecks the build); a process killed at
+# that moment (a test session stopped with kill -9) leaves the lock, and launcher then refuses
+# every DeepSpeed launch (engines.stale_build_locks) until it is removed. In the suite's folder
+# a stale lock is the suite's own, removed at the session's start (pytest_sessionstart).
+SUITE_EXTENSIONS = ROOT / "build" / "torch_extensions"
+os.environ["TORCH_EXTENSIONS_DIR"] = str(SUITE_EXTENSIONS)
+
+
+def pytest_sessionstart(session):
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller did it
+        return
+    from launcher.engines import stale_build_locks
+
+    for lock, age in stale_build_locks():
+        lock.unlink(missing_ok=True)
+        print(f"removed {lock}, left {age // 60} minutes ago by a killed kernel build", file=sys.stderr)
 
 # Small and fast: 384 rows / 32 per step = 12 steps per epoch; 100 validation rows
 # do not divide by the eval batch, so metrics must still count each row once.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, launcher, mlflow_client
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, launcher, mlflow_client
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 
@@ -479,6 +479,31 @@ def test_the_slurm_entry_refuses_a_run_the_launch_cannot_split_once_before_any_r
         "error: train.global_batch_size: 3 is not divisible by train.micro_batch_size (16) x world size (2) = 32; "
         "no micro-batch size does on 2 ranks: use a number of ranks that divides it"]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_process_waits_on_the_kernel_build_lock_even_for_a_kernel_built_long_ago():
+    """Why a stale lock is met at all: torch's extension builder keeps its record of built
+    kernels in the process, so each process's first load of DeepSpeed's CPU collectives takes
+    <kernel>/lock (and waits while another holds it), even when the kernel was built long ago;
+    build.ninja names the checkout's own torch, so a second checkout's load builds the kernel
+    again in a shared folder. A process killed in either moment leaves the lock (the suite
+    builds into its own folder for this: conftest)."""
+    load = [sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+            "ShareMemCommBuilder().load(verbose=False)"]
+    folder = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm"
+    check(subprocess.run(load, capture_output=True, text=True, timeout=600))  # built, if not already
+    built = (folder / "deepspeed_shm_comm.so").stat().st_mtime
+    (folder / "lock").touch()  # another process's, at work
+    try:
+        proc = subprocess.Popen(load, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)  # waits on it (importing deepspeed takes 2-5 s)
+    finally:
+        (folder / "lock").unlink(missing_ok=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert (folder / "deepspeed_shm_comm.so").stat().st_mtime == built  # and then loads the built kernel
+    assert not (folder / "lock").exists()
 
 
 def test_a_deepspeed_build_lock_left_by_a_killed_build_is_one_line_not_a_silent_wait(tmp_path, monkeypatch):

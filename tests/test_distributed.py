@@ -238,7 +238,7 @@ def test_a_run_resumes_on_another_number_of_ranks_exactly(name, tmp_path, refere
 @pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero3_offload"])
 def test_zero1_and_offload_start_step_and_save(name, tmp_path):
     """Offload swaps in DeepSpeed's CPU Adam, a C++ op built on first use (about 70 s on
-    2 cores, then cached under ~/.cache/torch_extensions). Both end at a one-process run's
+    2 cores, then cached in the suite's build/torch_extensions). Both end at a one-process run's
     weights."""
     short = ["train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=0"]
     proc = check(accelerate_launch(["--config_file", str(ACCEL / f"{name}.yaml"), "--num_processes", "2"], tmp_path, "z",
