@@ -666,6 +666,25 @@ def test_a_pandas_list_column_reads_and_unknown_names_say_what_to_set(tmp_path):
     assert e.value.problems[0].endswith("Jurisdiction, Arbitration; for your own categories set data.label_names")
 
 
+def test_a_pandas_column_of_numpy_arrays_reads_as_its_categories(tmp_path):
+    """pandas' to_csv writes a column of numpy arrays as numpy prints them: "[0 5]", "[0. 5.]",
+    "[]", wrapped over lines when long; they were refused as "not a JSON list"."""
+    import numpy as np
+    import pandas as pd
+
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"text": ["a", "b", "c", "d"],
+                  "labels": [np.array([0, 5]), np.array([2.0]), np.array([], dtype=int), np.arange(8)]}).to_csv(
+        path, index=False)
+    assert "[0 5]" in path.read_text() and "[2.]" in path.read_text()
+    expected = [[1.0 if i in row else 0.0 for i in range(8)] for row in ([0, 5], [2], [], range(8))]
+    assert load(path, "multilabel")[1] == expected
+    path.write_text("text,labels\na,[0 x]\n")
+    with pytest.raises(DataError) as e:
+        load(path, "multilabel")
+    assert e.value.problems == [f"{path}:2: 'labels' is not a JSON list: '[0 x]'"]
+
+
 def test_text_and_label_come_from_the_columns_the_config_names(tmp_path):
     """data.text_column / data.label_column: another dataset's columns (SST-2's sentence, a
     CSV's capitalised header) are read without renaming the file; a list column or any value in

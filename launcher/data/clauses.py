@@ -20,9 +20,14 @@ from launcher.errors import DataError
 
 def _python_list(text: str) -> list | None:
     """A list written as Python writes it (single quotes), as pandas' to_csv writes a column of
-    lists; None when it is not one. ast.literal_eval reads literals only: no code runs."""
+    lists, or as numpy prints an array ("[0 5]", "[0. 5.]", wrapped over lines when long), as
+    to_csv writes a column of arrays; None when it is neither. ast.literal_eval reads literals
+    only: no code runs."""
     import ast
 
+    array = re.fullmatch(r"\[([-+.\deE\s]*)\]", text)
+    if array:
+        return [int(item) if re.fullmatch(r"[-+]?\d+", item) else _whole(item) for item in array.group(1).split()]
     try:
         parsed = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
