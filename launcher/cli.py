@@ -733,9 +733,17 @@ def _written_back(row: dict, prediction: dict) -> dict:
     row that the prediction also names (a gold `label`, a reference `response`) stays, as
     input_<name>: it was overwritten by the prediction without a word. So does a gold `label`
     beside a predicted `labels` (multilabel), and `labels` beside `label`: either read as the
-    prediction."""
+    prediction. Columns already named input_<name> get one more input_ (a file that predict
+    wrote, predicted again, keeps its gold input_label as input_input_label: nothing is lost)."""
     named = set(prediction) | ({"label", "labels"} if {"label", "labels"} & set(prediction) else set())
-    return {**{f"input_{k}" if k in named else k: v for k, v in row.items()}, **prediction}
+
+    def name(key: str) -> str:
+        base = key
+        while base.startswith("input_"):
+            base = base[len("input_"):]
+        return f"input_{key}" if base in named else key
+
+    return {**{name(k): v for k, v in row.items()}, **prediction}
 
 
 def _prompt_rows(path: Path, fmt, tokenizer, records: list[dict], rows: list[dict], bad: BadRows) -> None:

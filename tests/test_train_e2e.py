@@ -256,6 +256,13 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     gold.write_text("".join(json.dumps({"text": t, "label": "fair"}) + "\n" for t in texts))
     back = [json.loads(l) for l in check(launcher("predict", str(run / "model"), "--input", str(gold))).stdout.splitlines()]
     assert [(p["input_label"], p["label"]) for p in back] == [("fair", "unfair"), ("fair", "fair")]
+    # Predicted again, the gold column moves one input_ further (it was overwritten by the first prediction)
+    (tmp_path / "back.jsonl").write_text("".join(json.dumps(p) + "\n" for p in back))
+    again = [json.loads(l) for l in check(launcher("predict", str(run / "model"), "--input",
+                                                   str(tmp_path / "back.jsonl"))).stdout.splitlines()]
+    assert [(p["input_input_label"], p["input_label"], p["label"]) for p in again] == [
+        ("fair", "unfair", "unfair"), ("fair", "fair", "fair")]
+    assert [p["input_probs"] for p in again] == [p["probs"] for p in back]
     # JSON rows or a tab-separated table in a file read as plain lines: each line was "a clause".
     for name, content, said in (("x.ndjson", json.dumps({"text": texts[0]}) + "\n", "its lines are JSON rows, read only "
                                  "from a .jsonl file; rename it"),
