@@ -17,6 +17,8 @@ from launcher.data import batching, synthetic
 from launcher.data.clauses import load_split
 from launcher.errors import DataError
 
+from conftest import TINY
+
 ROWS = [
     {"text": "We may end your account at any time.", "labels": [1]},
     {"text": "You can export your data.", "labels": []},
@@ -683,6 +685,33 @@ def test_a_pandas_column_of_numpy_arrays_reads_as_its_categories(tmp_path):
     with pytest.raises(DataError) as e:
         load(path, "multilabel")
     assert e.value.problems == [f"{path}:2: 'labels' is not a JSON list: '[0 x]'"]
+
+
+def test_a_tiny_models_tokenizer_is_trained_on_the_text_column_the_config_names(tmp_path):
+    """The tokenizer cache was keyed without data.text_column: a run with a misspelt column
+    trained (and cached) a vocabulary of special tokens alone, and the corrected run reused it,
+    every text read as [UNK]. Each column has its own entry now, and a column that is not there
+    is the rows' one line before any tokenizer is trained."""
+    from launcher import tasks
+    from launcher.config import load_config
+    from launcher.data import sources
+    from launcher.data.cache import Cache
+
+    path = write(tmp_path, "jsonl", [{"text": "zzz qqq", "sentence": f"the movie was great {i}", "label": i % 2}
+                                     for i in range(50)])
+    cache = Cache(tmp_path / "cache", "test", candidate=True, others_wait=False)
+    src = sources.Source("file", str(path), "train", "data.train_file")
+
+    def tokenizer(column):
+        task = tasks.for_config(load_config(TINY, [f"data.text_column={column}"]))
+        return task.tokenizer(tmp_path / "run" / column, src, cache)
+
+    with pytest.raises(DataError) as e:
+        tokenizer("sentnce")
+    assert e.value.problems == [f"{path}: no 'sentnce' (data.text_column) column (its columns: 'text', 'sentence', "
+                                "'label')"]
+    assert "[UNK]" in tokenizer("text").tokenize("the movie")
+    assert tokenizer("sentence").tokenize("the movie") == ["the", "movie"]
 
 
 def test_text_and_label_come_from_the_columns_the_config_names(tmp_path):

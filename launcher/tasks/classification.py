@@ -26,7 +26,7 @@ import torch
 
 from launcher.config import TINY_MODEL, TaskConfig
 from launcher.data.tokenizer import settings_kept
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, DataError
 from launcher import models
 from launcher.models import from_pretrained, inference_device, pad_with_eos, position_limit, remote_code_gate
 from launcher.tasks import pooling
@@ -78,12 +78,24 @@ def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):
         return pipeline.saved_tokenizer(saved_dir)
     from launcher.data.tokenizer import train_wordpiece
 
+    column = cfg.data.text_column
+
     def train(source):
-        column = cfg.data.text_column
-        texts = [r[column] for r in pipeline.first_rows(source, cache) if isinstance(r.get(column), str)]
+        from launcher.data.clauses import column_problems
+
+        rows = list(pipeline.first_rows(source, cache))
+        if rows and (missing := column_problems(list(rows[0]), str(source), column, cfg.data.label_column)):
+            raise DataError(*missing)  # (as the rows' check says it, before a tokenizer is trained on nothing)
+        texts = [r[column] for r in rows if isinstance(r.get(column), str)]
+        if not any(t.strip() for t in texts):  # (a vocabulary of special tokens alone read every text as [UNK])
+            raise DataError(f"{source}: no '{column}' (data.text_column) text in its first rows to train the tiny "
+                            "model's tokenizer on")
         return train_wordpiece(texts, cfg.model.tiny.vocab_size, cfg.data.max_length)
 
-    key = {"kind": "wordpiece", "vocab_size": cfg.model.tiny.vocab_size, "max_length": cfg.data.max_length}
+    # The column is in the key: another column's texts (or none, from a misspelt one) trained a
+    # vocabulary that a later run with the corrected column reused from the cache.
+    key = {"kind": "wordpiece", "vocab_size": cfg.model.tiny.vocab_size, "max_length": cfg.data.max_length,
+           "column": column}
     return pipeline.tokenizer_from_cache(train_source, cache, key, train)
 
 
