@@ -609,6 +609,21 @@ def test_your_own_classes_one_of_several_a_pair_and_categories(tmp_path):
     (tmp_path / "l").mkdir()
     listed = write(tmp_path / "l", "jsonl", [{"text": "a", "labels": [1]}, {"text": "b", "labels": [3, 2]}])
     assert load(listed, "multilabel", label_names=["1", "2", "3"])[1] == [[1.0, 0, 0], [0, 1.0, 1.0]]
+    # ... and then every number is a name: a 0 or a 6 among stars "1".."5" was read as an id,
+    # silently class "1" (and a 4 among "1", "3", "5" class "5"); now refused on its line.
+    (tmp_path / "s").mkdir()
+    stars = write(tmp_path / "s", "jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": "6"},
+                                            {"text": "c", "labels": [4]}, {"text": "d", "label": 5}])
+    names = ["1", "2", "3", "4", "5"]
+    with pytest.raises(DataError) as e:
+        load(stars, "multiclass", label_names=names[::2])
+    said = "is no class: the classes are named by numbers (1, 3, 5), so a number is read as a name, not an id"
+    assert e.value.problems == [f"{stars}:1: 'label' 0 {said}", f"{stars}:2: 'label' 6 {said}",
+                                f"{stars}:3: 'labels' 4 {said}"]
+    with pytest.raises(DataError) as e:
+        load(listed, "multilabel", label_names=names[1:])
+    assert e.value.problems == [f"{listed}:1: unknown category 1; the categories are named by numbers (2, 3, 4, 5), "
+                                "so a number is read as a name, not an id"]
     # A pair of your own: not UNFAIR-ToS's categories, `labels` holds one class.
     spam = tmp_path / "spam.jsonl"
     spam.write_text("".join(json.dumps(r) + "\n" for r in [

@@ -89,7 +89,7 @@ class LabelEncoder:
     - multilabel: a multi-hot row over the names, from `labels` (names or ids) or `label` (one
       name; under the default UNFAIR-ToS categories also 0, fair or none: no category).
     A value equal to a class name is that class before it is read as an id: names may be digits
-    ("1", "2": the class named "1" is id 0)."""
+    ("1", "2": the class named "1" is id 0), and then every number is a name (0 is refused)."""
 
     def __init__(self, mode: str, label_names: list[str], text_column: str = "text", label_column: str | None = None):
         self.mode = mode
@@ -104,6 +104,10 @@ class LabelEncoder:
         self.categories = label_names if mode == "multilabel" else UNFAIR_TOS_CATEGORIES
         self._by_name = {n.strip().lower(): i for i, n in enumerate(self.categories)}
         self._class_by_name = {n: i for i, n in enumerate(folded)} if mode != "multilabel" else {}
+        # Names that are numbers ("1".."5" stars) make every number a name: read as an id when
+        # no class had its name, a 0 or a 6 was silently another class ("1", or "5" for a 2).
+        self._numbered = {table is self._by_name: any(re.fullmatch(r"[-+]?\d+", n) for n in table)
+                          for table in (self._by_name, self._class_by_name)}
         self._hint = "" if not self.tos else "; for your own " + (
             "categories" if mode == "multilabel" else "classes") + " set data.label_names"
 
@@ -115,6 +119,9 @@ class LabelEncoder:
             raise DataError(f"{where}: category {item!r} is not an id or a name")
         if isinstance(item, str) and item.strip().lstrip("-").isdigit():
             item = int(item)
+        if isinstance(item, int) and self._numbered[True]:
+            raise DataError(f"{where}: unknown category {item!r}; the categories are named by numbers "
+                            f"({', '.join(self.categories)}), so a number is read as a name, not an id")
         if isinstance(item, int):
             # In binary mode any category id counts as unfair (another taxonomy's too), but a
             # negative one is no category: -1 marks "no label" in some datasets.
@@ -131,11 +138,14 @@ class LabelEncoder:
         """One class of a single-label row: its name, else its id."""
         if (named := _named(value, self._class_by_name)) is not None:
             return named
-        value = _whole(value)
+        given, value = value, _whole(value)
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, bool) and len(self.names) == 2:  # (true / false: class 1 / 0 of two, as before)
             return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and self._numbered[False]:
+            raise DataError(f"{where}: '{column}' {given!r} is no class: the classes are named by numbers "
+                            f"({', '.join(self.names)}), so a number is read as a name, not an id")
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
             return value
         raise DataError(f"{where}: '{column}' must be a class name ({', '.join(self.names)}) or an id 0.."

@@ -84,7 +84,8 @@ def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):
         from launcher.data.clauses import column_problems
 
         rows = list(pipeline.first_rows(source, cache))
-        if rows and (missing := column_problems(list(rows[0]), str(source), column, cfg.data.label_column)):
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # (a row may lack one: the rows' check says so)
+        if rows and (missing := column_problems(columns, str(source), column, cfg.data.label_column)):
             raise DataError(*missing)  # (as the rows' check says it, before a tokenizer is trained on nothing)
         texts = [r[column] for r in rows if isinstance(r.get(column), str)]
         if not any(t.strip() for t in texts):  # (a vocabulary of special tokens alone read every text as [UNK])
