@@ -481,6 +481,40 @@ def test_the_slurm_entry_refuses_a_run_the_launch_cannot_split_once_before_any_r
     assert not (tmp_path / "out").exists()
 
 
+def test_a_trained_head_with_the_classes_in_another_order_is_one_line(tmp_path):
+    """A classifier checkpoint keeps its head when the run has as many classes (a new head is
+    made only for another count) and takes the run's names: the same classes in another order
+    trained from swapped classes without a word. One line naming the class and the model's
+    order, before anything is written; the model's own order, or names it does not have, pass."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from launcher import tasks
+    from launcher.config import load_config
+    from launcher.data import synthetic
+    from launcher.data.tokenizer import train_wordpiece
+
+    model = tmp_path / "sentiment"
+    names = ["negative", "neutral", "positive"]
+    BertForSequenceClassification(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, num_labels=3, id2label=dict(enumerate(names)),
+                                             label2id={n: i for i, n in enumerate(names)})).save_pretrained(model)
+    train_wordpiece([r["text"] for r in synthetic.generate_clauses(50)], 400, 64).save_pretrained(model)
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {i}", "label": names[i % 3]}) + "\n" for i in range(6)))
+    own = [f"model.name={model}", "data.mode=multiclass", "data.synthetic.enabled=false", f"data.train_file={data}",
+           f"data.validation_file={data}"]
+    out = tmp_path / "out"
+    proc = launcher("train", str(TINY), *own, "data.label_names=[positive,neutral,negative]", "--output-dir", str(out),
+                    timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: data.label_names: 'positive' is class 0 here but class 2 of the trained head of {model} (negative, "
+        "neutral, positive); give data.label_names in the model's order"]
+    assert not out.exists()
+    for ok in (names, ["Negative", "Neutral", "Positive"], ["ham", "spam", "eggs"]):
+        tasks.for_config(load_config(TINY, [*own, f"data.label_names=[{','.join(ok)}]"])).check_model_source()
+
+
 def test_every_process_waits_on_the_kernel_build_lock_even_for_a_kernel_built_long_ago():
     """Why a stale lock is met at all: torch's extension builder keeps its record of built
     kernels in the process, so each process's first load of DeepSpeed's CPU collectives takes

@@ -44,6 +44,8 @@ def check_model_source(cfg: TaskConfig) -> None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
         config = from_pretrained(AutoConfig, cfg.model.name, cfg.model)
+        if moved := _reordered_head(config, cfg.data.resolved_label_names(), cfg.model.name):
+            raise ConfigError(moved)
         if cfg.model.pooling != "mean" and pooling.saved(config) == "mean":
             # Its head learned means, and its export holds no [CLS] pooler: going on by the
             # model's record while the run's config said cls was the silent alternative.
@@ -63,6 +65,24 @@ def check_model_source(cfg: TaskConfig) -> None:
                 with torch.device("meta"):
                     model = model_class(config)
                 pooling.check(model, cfg.model.name)
+
+
+def _reordered_head(config, names: list[str], model_name: str) -> str:
+    """A trained classifier's head is kept when the run has as many classes (a new one is
+    made only for another count), under the run's names: one of its classes at another id
+    here trained from swapped classes without a word. One line naming it, or ""."""
+    import re
+
+    theirs = {int(i): str(n).strip().lower() for i, n in (getattr(config, "id2label", None) or {}).items()}
+    if len(theirs) != len(names) or all(re.fullmatch(r"label_\d+", n) for n in theirs.values()):
+        return ""  # (a new head, or one with transformers' placeholder names)
+    for i, name in enumerate(n.strip().lower() for n in names):
+        for j, their in sorted(theirs.items()):
+            if their == name and i != j:
+                order = ", ".join(str(config.id2label[k]) for k in sorted(config.id2label, key=int))
+                return (f"data.label_names: {names[i]!r} is class {i} here but class {j} of the trained head of "
+                        f"{model_name} ({order}); give data.label_names in the model's order")
+    return ""
 
 
 def load_tokenizer(cfg: TaskConfig, saved_dir: Path, train_source, cache):
