@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launcher.config import DataConfig, load_config
-from launcher.data import instructions
+from launcher.data import instructions, prompts
 from launcher.data.instructions import IGNORE, LMCollator, encode, encode_rows, pack
 from launcher.data.tokenizer import train_lm_tokenizer
 from launcher.errors import DataError
@@ -90,6 +90,40 @@ def test_chat_rows_train_on_every_assistant_turn_only(tok):
     assert "be brief" in masked and "hello there" in masked and "kenobi" not in masked
 
 
+def test_openai_chat_rows_read_as_that_api_writes_them(tok, tmp_path):
+    """OpenAI's chat fine-tuning rows: an assistant turn of `weight: 0` is context, untrained (the
+    weight was dropped, and the turns a user had excluded were learned), and a row is scored on
+    the last answer it trains; `developer` is the system turn; content may be a list of text
+    parts. What cannot be read (a tool turn, a tool call's null content, an image part, a weight
+    of 0.5, every answer of weight 0) is its row's one line."""
+    U, A = ({"role": "user", "content": "hello there"}, {"role": "user", "content": "what is the code word?"})
+    wrong, right = {"role": "assistant", "content": "general kenobi"}, {"role": "assistant", "content": "maple yarrow"}
+    kept: list = []
+    ids, labels, _ = encode_rows([{"messages": [U, {**wrong, "weight": 0}, A, {**right, "weight": 1}]},
+                                  {"messages": [U, wrong, A, {**right, "weight": 0}]}], DataConfig(), tok, kept=kept)
+    assert [response_text(tok, i, y) for i, y in zip(ids, labels)] == ["maple yarrow </s>", "general kenobi </s>"]
+    assert [prompts.answer(r) for r in kept] == ["maple yarrow", "general kenobi"]
+    assert "general kenobi" in tok.decode(ids[0]) and "maple yarrow" in tok.decode(ids[1])  # (kept as context)
+    parts = {"messages": [{"role": "developer", "content": "be brief"},
+                          {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]},
+                          wrong]}
+    fmt = instructions.as_format(DataConfig(), tok)
+    assert prompts.normalize(parts, fmt, "x") == {"messages": [{"role": "system", "content": "be brief"}, U, wrong]}
+    path = tmp_path / "openai.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (
+        [U, {"role": "tool", "content": "42"}, right], [U, {"role": "assistant", "content": None, "tool_calls": []}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, right],
+        [U, {**right, "weight": 0.5}], [U, {**right, "weight": 0}], [{**U, "weight": 0}, right])))
+    with pytest.raises(DataError) as e:
+        instructions.read_rows(path)
+    assert e.value.problems == [
+        f"{path}:1: messages[1] needs role (system, user or assistant) and string content; got 'tool'",
+        f"{path}:2: messages[1] needs role (system, user or assistant) and string content; got null (a tool call?)",
+        f"{path}:3: messages[0] has a content part of type 'image_url': only text parts are read",
+        f"{path}:4: messages[1] has weight 0.5: a turn's weight is 0 or 1",
+        f"{path}:5: 'messages' has no assistant turn to learn from (each has weight 0)"]
+
+
 def test_the_tokenizers_own_chat_template_is_used_when_it_has_one(tok):
     tok2 = train_lm_tokenizer(["[ user ] [ bot ] hello there general kenobi"], 200, 64)
     tok2.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {{ m.content }}{{ eos_token }}"
@@ -139,7 +173,7 @@ def test_malformed_rows_are_reported_as_file_line(tmp_path):
         f"{path}:2: missing string 'output' (or give 'messages')",
         f"{path}:3: not valid JSON (Expecting property name enclosed in double quotes)",
         f"{path}:4: 'messages' has no assistant turn to learn from",
-        f"{path}:5: messages[0] needs role (system, user or assistant) and string content",
+        f"{path}:5: messages[0] needs role (system, user or assistant) and string content; got 'wizard'",
     ]
 
 

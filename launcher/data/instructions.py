@@ -93,8 +93,10 @@ def reference_row(row: dict, labels: list[int], where) -> dict:
     its last answer asks for an earlier one, and must be scored against that one, not the lost
     last answer. `where`: (token offsets, tokens added before them (a BOS), spans, turns)."""
     offsets, shift, spans, turns = where
-    if "messages" not in row or len(spans) < 2:
+    if "messages" not in row or not spans:
         return row
+    if len(spans) == 1:  # (the row as far as it: a later answer of weight 0 is not the one it trains)
+        return prompts.through_answer(row, turns[0])
     last = next((j for j in range(len(labels) - 1, -1, -1) if labels[j] != IGNORE), None)
     if last is None or last - shift >= len(offsets):
         return row
@@ -106,8 +108,9 @@ def reference_row(row: dict, labels: list[int], where) -> dict:
 def _fit(row: dict | None, ids: list[int], labels: list[int], where, cfg) -> tuple[list, list, dict | None, str]:
     """One encoded row against max_length: (ids, labels, the row as far as the last answer the
     kept labels train (reference_row), and "fits" | "cut" | "drop")."""
-    if len(ids) <= cfg.max_length:
-        return ids, labels, row, "fits"
+    if len(ids) <= cfg.max_length:  # (as far as its last trained answer: a later one of weight 0 is context)
+        turns = where[3]
+        return ids, labels, prompts.through_answer(row, turns[-1]) if row and turns else row, "fits"
     if cfg.truncation == "drop":
         return ids, labels, row, "drop"
     ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]

@@ -232,18 +232,46 @@ def _json_cell(value, where: str, key: str):
 
 
 def _messages(messages, where: str, key: str, need_answer: bool) -> list[dict]:
+    """Checked {role, content} turns. OpenAI's chat fine-tuning rows are read as that API writes
+    them: `developer` is its newer name for the system turn, content may be a list of text
+    parts (joined), and an assistant turn's `weight: 0` keeps it as context, untrained (it was
+    dropped, and the turns a user had excluded were learned); a `weight` is 0 or 1."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         role = role.strip().lower() if isinstance(role, str) else role  # "User", as ShareGPT's `from` is read
-        if role not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: {key}[{i}] needs role (system, user or assistant) and string content")
-        out.append({"role": role, "content": m["content"]})
-    if need_answer and not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: '{key}' has no assistant turn to learn from")
+        role = "system" if role == "developer" else role
+        if role not in ROLES:
+            said = f"; got {role!r}" if isinstance(role, str) else ""
+            raise DataError(f"{where}: {key}[{i}] needs role (system, user or assistant) and string content{said}")
+        turn = {"role": role, "content": _content(m.get("content"), f"{where}: {key}[{i}]")}
+        if "weight" in m and m["weight"] is not None:
+            weight = m["weight"]
+            if weight not in (0, 1) or isinstance(weight, str):
+                raise DataError(f"{where}: {key}[{i}] has weight {weight!r}: a turn's weight is 0 or 1")
+            if weight == 0 and role == "assistant":  # (other turns are never trained)
+                turn["weight"] = 0
+        out.append(turn)
+    if need_answer and not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
+        zero = " (each has weight 0)" if any(m["role"] == "assistant" for m in out) else ""
+        raise DataError(f"{where}: '{key}' has no assistant turn to learn from{zero}")
     return out
+
+
+def _content(content, where: str) -> str:
+    """A turn's text: a string, or a list of text parts ({"type": "text", "text": ...}) joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = [p.get("type") for p in content]
+        if all(k == "text" and isinstance(p.get("text"), str) for k, p in zip(kinds, content)):
+            return "".join(p["text"] for p in content)
+        other = next(k for k, p in zip(kinds, content) if k != "text" or not isinstance(p.get("text"), str))
+        raise DataError(f"{where} has a content part of type {other!r}: only text parts are read")
+    said = "null (a tool call?)" if content is None else type(content).__name__
+    raise DataError(f"{where} needs role (system, user or assistant) and string content; got {said}")
 
 
 def answer(row: dict) -> str | None:
@@ -265,7 +293,8 @@ def through_answer(row: dict, turn: int) -> dict:
 
 def untrained_turns(row: dict, spans: list) -> int:
     """The row's answers render() found no span for (see its chat-template path)."""
-    answers = sum(m["role"] == "assistant" for m in row["messages"]) if "messages" in row else int(row.get("output") is not None)
+    answers = (sum(m["role"] == "assistant" and m.get("weight", 1) for m in row["messages"]) if "messages" in row
+               else int(row.get("output") is not None))
     return answers - len(spans)
 
 
@@ -316,7 +345,7 @@ def _last_assistant(messages: list[dict]) -> int | None:
 def _conversation(row: dict, fmt: PromptFormat) -> list[dict]:
     """The row as chat messages, with the format's system prompt first when it has none."""
     if "messages" in row:
-        messages = list(row["messages"])
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]  # (not a turn's weight)
     else:
         user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
         messages = [{"role": "user", "content": user}]
@@ -364,11 +393,13 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
         messages = _conversation(row, fmt)
         full = _apply_template(tokenizer, messages)
         spans, turns = [], []
+        weights = _weights(row, messages)
         for i, m in enumerate(messages):
             # An opening assistant turn (a ShareGPT greeting) answers nothing: no template
             # renders the empty prompt before it (transformers refuses an empty conversation;
-            # SmolLM2's adds its default system turn only to a non-empty one). Context, untrained.
-            if m["role"] != "assistant" or not any(x["role"] != "system" for x in messages[:i]):
+            # SmolLM2's adds its default system turn only to a non-empty one). Context, untrained,
+            # as is a turn of weight 0.
+            if m["role"] != "assistant" or not weights[i] or not any(x["role"] != "system" for x in messages[:i]):
                 continue
             before = _apply_template(tokenizer, messages[:i], add_generation_prompt=True)
             after = _apply_template(tokenizer, messages[: i + 1])
@@ -389,17 +420,28 @@ def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[in
         text = prompt + row["output"] + eos
         return text, [(len(prompt), len(text))], [0]
     head, tail = fmt.chat_turn_template.split("{content}", 1)
-    text, spans = "", []
-    for m in _conversation(row, fmt):
+    text, spans, turns, answers = "", [], [], 0
+    messages = _conversation(row, fmt)
+    for m, weight in zip(messages, _weights(row, messages)):
         text += head.format(role=m["role"])
         if m["role"] == "assistant":
             start = len(text)
             text += m["content"] + eos
-            spans.append((start, len(text)))
+            if weight:  # (weight 0: context, untrained)
+                spans.append((start, len(text)))
+                turns.append(answers)
+            answers += 1
         else:
             text += m["content"]
         text += tail.format(role=m["role"])
-    return text, spans, list(range(len(spans)))
+    return text, spans, turns
+
+
+def _weights(row: dict, messages: list[dict]) -> list[int]:
+    """Each rendered turn's weight (1, or 0 for an assistant turn given weight 0): the row's
+    turns, after a system turn the format puts first."""
+    own = [m.get("weight", 1) for m in row["messages"]] if "messages" in row else [1] * len(messages)
+    return [1] * (len(messages) - len(own)) + own
 
 
 def chat_template_of(fmt: PromptFormat, tokenizer) -> str:
