@@ -163,6 +163,14 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
         asked = prompts.through_answer(convo, k)
         start = last_answer_start(encode(asked, fmt, tok)[1])
         assert prompts.prompt_ids(asked, fmt, tok) == ids[:start] and tok.decode(ids[start:]).startswith(code)
+    # OpenAI's weight 0 through the real template: the excluded answer stays as context, untrained.
+    convo = prompts.normalize({"messages": [{"role": "user", "content": "Capital of France?"},
+                                            {"role": "assistant", "content": "London.", "weight": 0},
+                                            {"role": "user", "content": "Try again"},
+                                            {"role": "assistant", "content": "Paris.", "weight": 1}]}, fmt, "x")
+    ids, labels = encode(convo, fmt, tok)
+    assert tok.decode([x for x in labels if x != IGNORE]) == "Paris.<|im_end|>\n"
+    assert "<|im_start|>assistant\nLondon.<|im_end|>\n<|im_start|>user\nTry again" in tok.decode(ids)
 
 
 def test_a_plain_folder_of_the_instruct_model_answers_in_its_chat_template_as_training_renders(run):
