@@ -135,6 +135,33 @@ def test_the_tokenizers_own_chat_template_is_used_when_it_has_one(tok):
     assert "[ bot ]" in tok2.decode(ids)  # rendered by the tokenizer's template, not ours
 
 
+def test_rows_with_no_answer_to_learn_are_counted_apart_from_truncation():
+    """Under a chat template an assistant turn before any user turn (a greeting) is context: a
+    row with no other answer trains nothing. Such rows were counted as dropped by
+    data.truncation, with a note blaming the template's re-rendering (Qwen3's <think> blocks),
+    and a file of them failed as "dropped (data.max_length ...)"."""
+    import datasets
+
+    tok2 = train_lm_tokenizer(["[ user ] [ bot ] hello there general kenobi welcome"], 200, 64)
+    tok2.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {{ m.content }}{{ eos_token }}"
+                          "{% else %}[{{ m.role }}] {{ m.content }} {% endif %}{% endfor %}"
+                          "{% if add_generation_prompt %}[bot] {% endif %}")
+    U, A = {"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"}
+    greeting = {"role": "assistant", "content": "welcome"}
+    encoder = instructions.InstructionEncoder(DataConfig(max_length=64), tok2)
+    rows = [[greeting, U], [{"role": "system", "content": "be brief"}, greeting], [U, A], [greeting, U, A]]
+    _, counted = encoder.finish(datasets.Dataset.from_dict(encoder({"messages": [json.dumps(r) for r in rows]})))
+    stats = instructions.EncodeStats(**counted)
+    assert (stats.rows, stats.dropped, stats.unanswered, stats.untrained_turns, stats.examples()) == (4, 2, 2, 0, 2)
+    assert stats.line("train").startswith(
+        "train: 4 rows, 0 truncated, 0 dropped (data.truncation), 2 with no answer to learn (each assistant turn comes "
+        "before any user turn: a greeting answers nothing), ")
+    with pytest.raises(DataError) as e:
+        encoder.finish(datasets.Dataset.from_dict(encoder({"messages": [json.dumps(r) for r in rows[:2]]})))
+    assert e.value.problems == ["no usable rows: all 2 were dropped: 2 with no answer to learn (each assistant turn "
+                                "comes before any user turn: a greeting answers nothing)"]
+
+
 def test_truncation_policy_is_counted(tok):
     long = {"instruction": "hello there " * 40, "input": "", "output": "maple yarrow"}
     short = {"instruction": "be brief", "input": "", "output": "general kenobi"}

@@ -176,7 +176,7 @@ class InstructionEncoder:
             errors.append(error)
         encoded = prompts.tokenize_at(texts, [prompts.answer_cuts(span, self.fmt) for span, _ in spans], self.tokenizer)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
-                               "_truncated", "_label_tokens", "_chat", "_system", "_untrained")}
+                               "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained")}
         for (ids, offsets), (span, turn), text, error, row in zip(encoded, spans, texts, errors, rows):
             n_tokens = len(ids)
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
@@ -185,10 +185,12 @@ class InstructionEncoder:
             n_labels = sum(x != IGNORE for x in labels)
             drop = fit == "drop" or n_labels == 0 or bool(error)
             truncated = fit == "cut" and not drop  # a row is counted once: cut and kept, or dropped
+            unanswered = fit == "fits" and n_labels == 0 and not error  # (whole, yet nothing in it trains)
             for k, v in (("input_ids", ids), ("labels", labels), ("seq_lens", [len(ids)]), ("length", len(ids)),
                          ("answer", (prompts.answer(ref) or "") if ref else ""),
                          ("question", prompts.question(ref, scored=True) if ref else ""),
-                         ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_label_tokens", n_labels),
+                         ("_error", error), ("_drop", drop), ("_truncated", truncated), ("_unanswered", unanswered),
+                         ("_label_tokens", n_labels),
                          ("_chat", row is not None and "messages" in row),
                          ("_system", prompts.system_of(row, self.fmt) if row else None),
                          ("_untrained", prompts.untrained_turns(row, span) if row else 0)):
@@ -204,7 +206,8 @@ class InstructionEncoder:
         drop, truncated = table["_drop"], table["_truncated"]
         keep = pc.invert(drop)
         stats = EncodeStats(rows=table.num_rows, truncated=int(pc.sum(truncated).as_py() or 0),
-                            dropped=int(pc.sum(drop).as_py() or 0), chat_rows=int(pc.sum(table["_chat"]).as_py() or 0))
+                            dropped=int(pc.sum(drop).as_py() or 0), chat_rows=int(pc.sum(table["_chat"]).as_py() or 0),
+                            unanswered=int(pc.sum(table["_unanswered"]).as_py() or 0))
         kept = table.filter(keep)
         stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
         stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
@@ -222,10 +225,14 @@ class InstructionEncoder:
             kept, stats.capped = cap_answers(kept, cap)
             stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
             stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
-        table = kept.drop_columns(["_drop", "_truncated", "_label_tokens", "_chat", "_system", "_untrained"])
+        table = kept.drop_columns(["_drop", "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained"])
         if table.num_rows == 0:
-            raise DataError(f"no usable rows: all {stats.rows} were dropped (data.max_length {self.cfg.max_length}, "
-                            f"data.truncation {self.cfg.truncation})")
+            limit = f"data.max_length {self.cfg.max_length}, data.truncation {self.cfg.truncation}"
+            if not stats.unanswered:
+                raise DataError(f"no usable rows: all {stats.rows} were dropped ({limit})")
+            cut = stats.dropped - stats.unanswered
+            raise DataError(f"no usable rows: all {stats.rows} were dropped: " + (f"{cut} by {limit}, " if cut else "")
+                            + f"{stats.unanswered} with no answer to learn ({UNANSWERED})")
         if self.cfg.packing:
             table = table.drop_columns(["answer", "question"])
             stats.blocks_greedy = len(greedy_plan(table["length"].to_pylist(), self.cfg.max_length))
@@ -256,6 +263,9 @@ def cap_answers(table, cap: int):
 # ---------------------------------------------------------------- datasets
 
 
+UNANSWERED = "each assistant turn comes before any user turn: a greeting answers nothing"
+
+
 @dataclass
 class EncodeStats:
     rows: int = 0
@@ -269,6 +279,7 @@ class EncodeStats:
     answers: dict | None = None  # {answer: rows} when at most CLOSED_SET_MAX distinct answers
     capped: dict | None = None  # {answer: rows left out by data.max_rows_per_answer}
     untrained_turns: int = 0  # earlier answers the chat template renders otherwise once later turns follow
+    unanswered: int = 0  # of the dropped: whole rows with no answer to learn (an opening assistant turn alone)
     empty_answers: int = 0  # kept rows whose (last) answer is empty: they teach the turn's end alone
 
     def examples(self) -> int:
@@ -276,8 +287,9 @@ class EncodeStats:
         return self.rows - self.dropped - sum((self.capped or {}).values())
 
     def line(self, split: str) -> str:
-        return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped} dropped "
-                f"(data.truncation), {self.tokens:,} tokens, {self.label_tokens:,} in responses"
+        unanswered = f", {self.unanswered} with no answer to learn ({UNANSWERED})" if self.unanswered else ""
+        return (f"{split}: {self.rows} rows, {self.truncated} truncated, {self.dropped - self.unanswered} dropped "
+                f"(data.truncation){unanswered}, {self.tokens:,} tokens, {self.label_tokens:,} in responses"
                 + (f"; {self.untrained_turns} earlier assistant turns kept as context, untrained: the chat template "
                    "renders them otherwise once later turns follow (Qwen3's <think> blocks)" if self.untrained_turns else ""))
 
@@ -298,6 +310,7 @@ def encode_rows(rows: list[dict], cfg: DataConfig, tokenizer, fmt: PromptFormat 
             continue
         if all(x == IGNORE for x in labels):
             stats.dropped += 1
+            stats.unanswered += fit == "fits"
             continue
         stats.truncated += fit == "cut"  # cut and kept (a row cut past its answer is dropped)
         all_ids.append(ids)

@@ -292,10 +292,15 @@ def through_answer(row: dict, turn: int) -> dict:
 
 
 def untrained_turns(row: dict, spans: list) -> int:
-    """The row's answers render() found no span for (see its chat-template path)."""
-    answers = (sum(m["role"] == "assistant" and m.get("weight", 1) for m in row["messages"]) if "messages" in row
-               else int(row.get("output") is not None))
-    return answers - len(spans)
+    """The row's answers that render() found no span for because the chat template renders them
+    otherwise once later turns follow (see its chat-template path); not those of weight 0, nor
+    an opening assistant turn (after system turns alone: it answers nothing, and is context)."""
+    if "messages" not in row:
+        return 0
+    messages = row["messages"]
+    weighted = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1)]
+    opening = sum(all(m["role"] == "system" for m in messages[:i]) for i in weighted)
+    return max(0, len(weighted) - len(spans) - opening)  # (without a template an opening turn has its span)
 
 
 def awaits_answer(row: dict) -> bool:
