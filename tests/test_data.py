@@ -753,3 +753,15 @@ def test_text_and_label_come_from_the_columns_the_config_names(tmp_path):
     with pytest.raises(DataError) as e:
         load(empty, **cfg)
     assert e.value.problems == [f"{empty}:1: missing or empty 'Sentence'"]
+    # A problem with the label names the file's column, not the 'label' it has none of; a CSV
+    # cell holding a list of one class reads as that class, as a `labels` cell does.
+    (tmp_path / "c").mkdir()
+    cells = tmp_path / "c" / "t.csv"
+    cells.write_text('Sentence,Sentiment\na,"[1]"\nb,"[\'negative\']"\n')
+    assert load(cells, **cfg)[1] == [1, 0]
+    cells.write_text("Sentence,Sentiment\na,\nb,great\n")
+    with pytest.raises(DataError) as e:
+        load(cells, **cfg)
+    assert e.value.problems == [f"{cells}:2: missing or empty 'Sentiment'",
+                                f"{cells}:3: 'Sentiment' must be a class name (negative, positive) or an id 0..1; "
+                                "got 'great'"]

@@ -162,15 +162,29 @@ class LabelEncoder:
             return out
         value = record.get(self.label_column)
         listed = isinstance(value, (list, tuple)) or hasattr(value, "tolist") or (
-            self.mode == "multilabel" and not isinstance(value, (int, float)))
+            self.mode == "multilabel" and not isinstance(value, (int, float))) or (
+            isinstance(value, str) and value.lstrip().startswith("["))  # (a CSV cell's list, as in `labels`)
         out["labels" if listed else "label"] = value
         return out
 
     def encode(self, record: dict, where: str):
-        """binary and multiclass -> the class id; multilabel -> multi-hot list of floats."""
+        """binary and multiclass -> the class id; multilabel -> multi-hot list of floats. A
+        problem names data.label_column where it is set: the row's 'label' or 'labels' is the
+        view's name for that column, which the file does not have."""
+        if self.label_column is None:
+            return self._encode(record, where)
+        try:
+            return self._encode(record, where)
+        except DataError as e:
+            said = repr(self.label_column)
+            raise DataError(*[p.replace("'labels'", said).replace("'label'", said) for p in e.problems]) from None
+
+    def _encode(self, record: dict, where: str):
         has_labels = record.get("labels") is not None
         has_label = record.get("label") is not None and record.get("label") != ""
         if has_labels == has_label:
+            if self.label_column is not None:
+                raise DataError(f"{where}: missing or empty {self.label_column!r}")
             raise DataError(f"{where}: needs exactly one of 'label' or 'labels'")
         if self.one_class:
             if not has_labels:
