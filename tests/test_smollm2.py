@@ -164,13 +164,24 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
         start = last_answer_start(encode(asked, fmt, tok)[1])
         assert prompts.prompt_ids(asked, fmt, tok) == ids[:start] and tok.decode(ids[start:]).startswith(code)
     # OpenAI's weight 0 through the real template: the excluded answer stays as context, untrained.
+    chat = prompts.PromptFormat(chat_template=True)  # (conversations as they come; the recipe maps columns)
     convo = prompts.normalize({"messages": [{"role": "user", "content": "Capital of France?"},
                                             {"role": "assistant", "content": "London.", "weight": 0},
                                             {"role": "user", "content": "Try again"},
-                                            {"role": "assistant", "content": "Paris.", "weight": 1}]}, fmt, "x")
-    ids, labels = encode(convo, fmt, tok)
+                                            {"role": "assistant", "content": "Paris.", "weight": 1}]}, chat, "x")
+    ids, labels = encode(convo, chat, tok)
     assert tok.decode([x for x in labels if x != IGNORE]) == "Paris.<|im_end|>\n"
     assert "<|im_start|>assistant\nLondon.<|im_end|>\n<|im_start|>user\nTry again" in tok.decode(ids)
+    # Rows that ask nothing, as predict reads them, named by what they lack: a system turn alone
+    # was "the only assistant turn comes before any user turn" (the turn predict adds was counted).
+    from launcher.errors import DataError
+
+    for turns, said in (([{"role": "system", "content": "Be brief."}], "the conversation has no user turn"),
+                        ([{"role": "assistant", "content": "Hi!"}], "the conversation's only assistant turn comes "
+                                                                     "before any user turn")):
+        with pytest.raises(DataError) as e:
+            prompts.prompt_text(prompts.normalize({"messages": turns}, chat, "x", need_answer=False), chat, tok)
+        assert e.value.problems == [f"{said}: nothing to answer"]
 
 
 def test_a_plain_folder_of_the_instruct_model_answers_in_its_chat_template_as_training_renders(run):

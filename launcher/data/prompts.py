@@ -514,13 +514,15 @@ def _asked(row: dict, fmt: PromptFormat, tokenizer, bare: bool) -> tuple[str, li
         row = {"input": "", "output": None, **row}
         if bare and not fmt.chat_template and fmt.style == "chat":
             row = {"messages": [{"role": "user", "content": question(row)}]}
+    given = row
     if awaits_answer(row):  # where the next answer would start (after the last turn, for predict)
         row = with_answer(row, "")
     text, spans = render(row, fmt, tokenizer)
     if not spans:  # only an opening assistant turn (render's chat-template path), or no turn but the system's
-        has_user = "messages" not in row or any(m["role"] == "user" for m in row["messages"])
-        raise DataError("the conversation's only assistant turn comes before any user turn: nothing to answer" if has_user
-                        or any(m["role"] == "assistant" for m in row["messages"]) else
+        # (told apart on the row as given: the answer added above is an assistant turn in every row)
+        turns = given.get("messages", [{"role": "user"}])
+        raise DataError("the conversation's only assistant turn comes before any user turn: nothing to answer"
+                        if any(m["role"] in ("user", "assistant") for m in turns) else
                         "the conversation has no user turn: nothing to answer")
     return text, spans
 
