@@ -124,6 +124,26 @@ def test_openai_chat_rows_read_as_that_api_writes_them(tok, tmp_path):
         f"{path}:5: 'messages' has no assistant turn to learn from (each has weight 0)"]
 
 
+def test_dolly_rows_read_as_alpaca_rows(tok, tmp_path):
+    """databricks-dolly-15k's rows (instruction, context, response, category) failed on every row
+    as "missing string 'output'": context and response are read as input and output (an
+    Alpaca file's own output and input come first)."""
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"instruction": "Name a colour.", "context": "", "response": "Red.", "category": "open_qa"},
+        {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
+        {"instruction": "Both?", "input": "x", "output": "the output", "response": "not this"})))
+    assert instructions.read_rows(path) == [
+        {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        {"instruction": "Summarise.", "input": "A long text.", "output": "Short."},
+        {"instruction": "Both?", "input": "x", "output": "the output"}]
+    path.write_text(json.dumps({"instruction": "i", "context": 3, "response": "r"}) + "\n"
+                    + json.dumps({"instruction": "i", "response": None}) + "\n")
+    with pytest.raises(DataError) as e:
+        instructions.read_rows(path)
+    assert e.value.problems == [f"{path}:1: 'context' must be a string", f"{path}:2: 'response' must be a string"]
+
+
 def test_the_tokenizers_own_chat_template_is_used_when_it_has_one(tok):
     tok2 = train_lm_tokenizer(["[ user ] [ bot ] hello there general kenobi"], 200, 64)
     tok2.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {{ m.content }}{{ eos_token }}"

@@ -212,12 +212,16 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
     if not isinstance(record.get("instruction"), str):
         raise DataError(f"{where}: no {SHAPES} (its keys: {', '.join(map(str, record)) or 'none'}); "
                         "map columns with data.prompt / data.response")
-    output = record.get("output")
+    # Dolly's rows (databricks-dolly-15k) name them context and response: read as input and output.
+    out_key = "response" if "output" not in record and "response" in record else "output"
+    in_key = "context" if "input" not in record and "context" in record else "input"
+    output = record.get(out_key)
     if need_answer and not isinstance(output, str):
-        raise DataError(f"{where}: missing string 'output' (or give 'messages')")
-    extra = record.get("input") or ""
+        raise DataError(f"{where}: missing string 'output' (or give 'messages')" if out_key == "output" else
+                        f"{where}: 'response' must be a string")
+    extra = record.get(in_key) or ""
     if not isinstance(extra, str):
-        raise DataError(f"{where}: 'input' must be a string")
+        raise DataError(f"{where}: '{in_key}' must be a string")
     return {"instruction": record["instruction"], "input": extra, "output": output if isinstance(output, str) else None}
 
 
