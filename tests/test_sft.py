@@ -203,6 +203,18 @@ def test_truncation_policy_is_counted(tok):
     full = len(encode(short, cut, tok)[0])  # cutting only the final EOS keeps the row, truncated
     ids, labels, stats = encode_rows([short], DataConfig(max_length=full - 1), tok)
     assert (stats.truncated, stats.dropped, len(ids[0])) == (1, 0, full - 1) and labels[0][-1] != tok.eos_token_id
+    # A conversation whose answers fit but whose closing user turn does not: that turn trains
+    # nothing, so it is left out and the row fits, under either policy (it was dropped, or
+    # counted as truncated).
+    convo = {"messages": [{"role": "user", "content": "be brief"}, {"role": "assistant", "content": "general kenobi"},
+                          {"role": "user", "content": "hello there " * 20}]}
+    answered = len(encode({"messages": convo["messages"][:2]}, cut, tok)[0])
+    whole, whole_labels = encode(convo, cut, tok)
+    assert len(whole) > 32 >= answered
+    for policy in ("drop", "truncate"):
+        ids, labels, stats = encode_rows([convo], DataConfig(max_length=32, truncation=policy), tok)
+        last = max(i for i, y in enumerate(whole_labels) if y != IGNORE)
+        assert (stats.truncated, stats.dropped) == (0, 0) and ids[0] == whole[: last + 1], policy
 
 
 def test_malformed_rows_are_reported_as_file_line(tmp_path):

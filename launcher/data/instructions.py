@@ -107,7 +107,13 @@ def reference_row(row: dict, labels: list[int], where) -> dict:
 
 def _fit(row: dict | None, ids: list[int], labels: list[int], where, cfg) -> tuple[list, list, dict | None, str]:
     """One encoded row against max_length: (ids, labels, the row as far as the last answer the
-    kept labels train (reference_row), and "fits" | "cut" | "drop")."""
+    kept labels train (reference_row), and "fits" | "cut" | "drop"). Untrained tokens after the
+    last answer (a closing user turn, a template's tail) take part in no loss: when only they
+    overflow, they are left out and the row fits (it was dropped or counted as truncated)."""
+    if len(ids) > cfg.max_length:
+        last = next((i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE), -1)
+        if 0 <= last < cfg.max_length:
+            ids, labels = ids[: last + 1], labels[: last + 1]
     if len(ids) <= cfg.max_length:  # (as far as its last trained answer: a later one of weight 0 is context)
         turns = where[3]
         return ids, labels, prompts.through_answer(row, turns[-1]) if row and turns else row, "fits"
