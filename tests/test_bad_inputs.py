@@ -168,8 +168,12 @@ CASES = [
     ("duplicate label names", "train", TINY, _plain("data.label_names=[a,a]"), "data.label_names: names must be unique"),
     ("a text column for a causal LM", "train", SFT, _plain("data.text_column=sentence"),
      "data.text_column / data.label_column: for task classification (a causal LM maps its columns with data.prompt"),
-    ("one column as text and label", "train", TINY, _plain("data.text_column=x", "data.label_column=x"),
+    ("one column as text and label", "train", TINY, _write("t.jsonl", GOOD, "data.synthetic.enabled=false",
+     "data.train_file={tmp}/t.jsonl", "data.validation_file={tmp}/v.jsonl", "data.text_column=x", "data.label_column=x"),
      "data.label_column: 'x' is data.text_column too"),
+    ("a text column of synthetic clauses", "train", TINY, _plain("data.text_column=sentence"),
+     "data.text_column / data.label_column: name columns of your own data; synthetic clauses (data.synthetic.enabled) "
+     "have text and labels"),
     ("multiclass without its class names", "train", TINY, _write("t.jsonl", GOOD, "data.mode=multiclass",
      "data.synthetic.enabled=false", "data.train_file={tmp}/t.jsonl", "data.validation_file={tmp}/v.jsonl"),
      "data.label_names: data.mode=multiclass needs the class names, 2 or more"),
