@@ -103,12 +103,28 @@ def test_openai_chat_rows_read_as_that_api_writes_them(tok, tmp_path):
                                   {"messages": [U, wrong, A, {**right, "weight": 0}]}], DataConfig(), tok, kept=kept)
     assert [response_text(tok, i, y) for i, y in zip(ids, labels)] == ["maple yarrow </s>", "general kenobi </s>"]
     assert [prompts.answer(r) for r in kept] == ["maple yarrow", "general kenobi"]
-    assert "general kenobi" in tok.decode(ids[0]) and "maple yarrow" in tok.decode(ids[1])  # (kept as context)
+    # kept as context before a trained answer; after the last one it trains nothing and is left out
+    assert "general kenobi" in tok.decode(ids[0]) and "maple yarrow" not in tok.decode(ids[1])
     parts = {"messages": [{"role": "developer", "content": "be brief"},
                           {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]},
                           wrong]}
     fmt = instructions.as_format(DataConfig(), tok)
     assert prompts.normalize(parts, fmt, "x") == {"messages": [{"role": "system", "content": "be brief"}, U, wrong]}
+    # predict answers after the last turn whatever its weight (it asked before the last trained answer)
+    weighted = [U, wrong, A, {**right, "weight": 0}]
+    asked = [prompts.prompt_text(prompts.normalize({"messages": m}, fmt, "x", need_answer=False), fmt, tok)
+             for m in (weighted, [U, wrong, A, right])]
+    assert asked[0] == asked[1]
+    # A template that marks the last turn (as Qwen3 gives only it a <think> block) renders an
+    # earlier answer otherwise once turns follow: with a weight-0 answer last, the trained one had
+    # no span and the row was counted as a greeting with nothing to learn.
+    marks = train_lm_tokenizer(["[ user ] [ bot ] hello there general kenobi what is the code word ? maple yarrow "
+                                "think"], 200, 64)
+    marks.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' %}[bot] {% if loop.last %}think "
+                           "{% endif %}{{ m.content }}{{ eos_token }}{% else %}[{{ m.role }}] {{ m.content }} {% endif %}"
+                           "{% endfor %}{% if add_generation_prompt %}[bot] {% endif %}")
+    ids, labels, stats = encode_rows([{"messages": weighted}], DataConfig(), marks)
+    assert response_text(marks, ids[0], labels[0]) == "think general kenobi </s>" and stats.unanswered == 0
     path = tmp_path / "openai.jsonl"
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (
         [U, {"role": "tool", "content": "42"}, right], [U, {"role": "assistant", "content": None, "tool_calls": []}],
@@ -132,16 +148,21 @@ def test_dolly_rows_read_as_alpaca_rows(tok, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in (
         {"instruction": "Name a colour.", "context": "", "response": "Red.", "category": "open_qa"},
         {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"},
-        {"instruction": "Both?", "input": "x", "output": "the output", "response": "not this"})))
+        {"instruction": "Both?", "input": "x", "output": "the output", "response": "not this"},
+        {"instruction": "Mixed.", "input": None, "output": None, "context": "Its text.", "response": "Its answer."})))
     assert instructions.read_rows(path) == [
         {"instruction": "Name a colour.", "input": "", "output": "Red."},
         {"instruction": "Summarise.", "input": "A long text.", "output": "Short."},
-        {"instruction": "Both?", "input": "x", "output": "the output"}]
-    path.write_text(json.dumps({"instruction": "i", "context": 3, "response": "r"}) + "\n"
-                    + json.dumps({"instruction": "i", "response": None}) + "\n")
+        {"instruction": "Both?", "input": "x", "output": "the output"},
+        {"instruction": "Mixed.", "input": "Its text.", "output": "Its answer."}]  # (a file of both shapes)
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"instruction": "i", "context": 3, "response": "r"}, {"instruction": "i", "response": None},
+        {"instruction": "i", "input": "x", "context": "y", "output": "o"})))
     with pytest.raises(DataError) as e:
         instructions.read_rows(path)
-    assert e.value.problems == [f"{path}:1: 'context' must be a string", f"{path}:2: 'response' must be a string"]
+    assert e.value.problems == [f"{path}:1: 'context' must be a string",
+                                f"{path}:2: missing string 'output' (or give 'messages')",
+                                f"{path}:3: both 'input' and 'context' (Dolly's input): give one"]
 
 
 def test_the_tokenizers_own_chat_template_is_used_when_it_has_one(tok):

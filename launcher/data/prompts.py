@@ -212,9 +212,12 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
     if not isinstance(record.get("instruction"), str):
         raise DataError(f"{where}: no {SHAPES} (its keys: {', '.join(map(str, record)) or 'none'}); "
                         "map columns with data.prompt / data.response")
-    # Dolly's rows (databricks-dolly-15k) name them context and response: read as input and output.
-    out_key = "response" if "output" not in record and "response" in record else "output"
-    in_key = "context" if "input" not in record and "context" in record else "input"
+    # Dolly's rows (databricks-dolly-15k) name them context and response: read as input and
+    # output where those are absent or null (a file of both shapes has every column in each row).
+    out_key = "response" if record.get("output") is None and record.get("response") is not None else "output"
+    in_key = "context" if not record.get("input") and record.get("context") else "input"
+    if record.get("input") and record.get("context"):
+        raise DataError(f"{where}: both 'input' and 'context' (Dolly's input): give one")
     output = record.get(out_key)
     if need_answer and not isinstance(output, str):
         raise DataError(f"{where}: missing string 'output' (or give 'messages')" if out_key == "output" else
@@ -255,7 +258,7 @@ def _messages(messages, where: str, key: str, need_answer: bool) -> list[dict]:
             weight = m["weight"]
             if weight not in (0, 1) or isinstance(weight, str):
                 raise DataError(f"{where}: {key}[{i}] has weight {weight!r}: a turn's weight is 0 or 1")
-            if weight == 0 and role == "assistant":  # (other turns are never trained)
+            if weight == 0 and role == "assistant" and need_answer:  # (others never train; predict answers all)
                 turn["weight"] = 0
         out.append(turn)
     if need_answer and not any(m["role"] == "assistant" and m.get("weight", 1) for m in out):
@@ -398,6 +401,12 @@ def _over_spaces(text: str, start: int) -> int:
 
 def _render(row: dict, fmt: PromptFormat, tokenizer) -> tuple[str, list[tuple[int, int]], list[int]]:
     eos = tokenizer.eos_token or ""
+    if "messages" in row and any(not m.get("weight", 1) for m in row["messages"]):
+        # Turns after the last answer of weight 1 train nothing: rendered without them, that
+        # answer is the text's last turn, which a template renders as the full text does (a
+        # template that renders a turn otherwise once later turns follow left it no span).
+        weighted = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant" and m.get("weight", 1)]
+        row = {**row, "messages": row["messages"][: weighted[-1] + 1]} if weighted else row
     if fmt.chat_template:
         messages = _conversation(row, fmt)
         full = _apply_template(tokenizer, messages)
