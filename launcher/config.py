@@ -957,7 +957,7 @@ def validate(cfg: RunConfig, *, world_size: int = 1, check_files: bool = True) -
                        f"({t.global_batch_size})")
         if d.train_file or d.validation_file:
             out.append("data.synthetic.enabled: set data.train_file/validation_file to null, or disable synthetic data")
-        if cfg.task == "classification" and (d.text_column != "text" or d.label_column is not None):
+        if cfg.task == "classification" and (d.text_column != "text" or d.label_column not in (None, "labels")):
             # (it failed once the run directory existed, at the generated file's columns)
             out.append("data.text_column / data.label_column: name columns of your own data; synthetic clauses "
                        "(data.synthetic.enabled) have text and labels")

@@ -718,7 +718,8 @@ def test_a_tiny_models_tokenizer_is_trained_on_the_text_column_the_config_names(
     src = sources.Source("file", str(path), "train", "data.train_file")
 
     def tokenizer(column):
-        task = tasks.for_config(load_config(TINY, [f"data.text_column={column}"]))
+        task = tasks.for_config(load_config(TINY, [f"data.text_column={column}", "data.synthetic.enabled=false",
+                                                   f"data.train_file={path}", f"data.validation_file={path}"]))
         return task.tokenizer(tmp_path / "run" / column, src, cache)
 
     with pytest.raises(DataError) as e:
@@ -759,9 +760,9 @@ def test_text_and_label_come_from_the_columns_the_config_names(tmp_path):
     cells = tmp_path / "c" / "t.csv"
     cells.write_text('Sentence,Sentiment\na,"[1]"\nb,"[\'negative\']"\n')
     assert load(cells, **cfg)[1] == [1, 0]
-    cells.write_text("Sentence,Sentiment\na,\nb,great\n")
+    cells.write_text("Sentence,Sentiment\na,\nb,label\n")  # (a header row repeated in the data)
     with pytest.raises(DataError) as e:
         load(cells, **cfg)
     assert e.value.problems == [f"{cells}:2: missing or empty 'Sentiment'",
                                 f"{cells}:3: 'Sentiment' must be a class name (negative, positive) or an id 0..1; "
-                                "got 'great'"]
+                                "got 'label'"]

@@ -25,8 +25,9 @@ def _python_list(text: str) -> list | None:
     only: no code runs."""
     import ast
 
-    array = re.fullmatch(r"\[([-+.\deE\s]*)\]", text)
-    if array:
+    array = re.fullmatch(r"\[([^],'\"]*)\]", text)
+    number = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"
+    if array and all(re.fullmatch(number, item) for item in array.group(1).split()):
         return [int(item) if re.fullmatch(r"[-+]?\d+", item) else _whole(item) for item in array.group(1).split()]
     try:
         parsed = ast.literal_eval(text)
@@ -35,7 +36,7 @@ def _python_list(text: str) -> list | None:
     return parsed if isinstance(parsed, list) else None
 
 
-def _as_list(value: Any, where: str) -> list:
+def _as_list(value: Any, where: str, column: str = "'labels'") -> list:
     """`labels` as a list; CSV cells hold JSON ('[0, 5]') or '|'-separated names."""
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -51,10 +52,10 @@ def _as_list(value: Any, where: str) -> list:
             except json.JSONDecodeError:
                 parsed = _python_list(text)  # pandas' to_csv of a list column: "['a', 'b']"
                 if parsed is None:
-                    raise DataError(f"{where}: 'labels' is not a JSON list: {value!r}") from None
+                    raise DataError(f"{where}: {column} is not a JSON list: {value!r}") from None
             return list(parsed)
         return [part.strip() for part in text.split("|") if part.strip()]
-    raise DataError(f"{where}: 'labels' must be a list of category ids or names; got {value!r}")
+    raise DataError(f"{where}: {column} must be a list of category ids or names; got {value!r}")
 
 
 def _whole(value: Any) -> Any:
@@ -144,12 +145,12 @@ class LabelEncoder:
         if isinstance(value, bool) and len(self.names) == 2:  # (true / false: class 1 / 0 of two, as before)
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool) and self._numbered[False]:
-            raise DataError(f"{where}: '{column}' {given!r} is no class: the classes are named by numbers "
+            raise DataError(f"{where}: {column} {given!r} is no class: the classes are named by numbers "
                             f"({', '.join(self.names)}), so a number is read as a name, not an id")
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
             return value
-        raise DataError(f"{where}: '{column}' must be a class name ({', '.join(self.names)}) or an id 0.."
-                        f"{len(self.names) - 1}; got {value!r}")
+        ids = "" if self._numbered[False] else f" or an id 0..{len(self.names) - 1}"  # (numbers are names then)
+        raise DataError(f"{where}: {column} must be a class name ({', '.join(self.names)}){ids}; got {value!r}")
 
     def view(self, record: dict) -> dict:
         """The row as `text` and `label` or `labels`, read from data.text_column and
@@ -169,15 +170,13 @@ class LabelEncoder:
 
     def encode(self, record: dict, where: str):
         """binary and multiclass -> the class id; multilabel -> multi-hot list of floats. A
-        problem names data.label_column where it is set: the row's 'label' or 'labels' is the
-        view's name for that column, which the file does not have."""
-        if self.label_column is None:
-            return self._encode(record, where)
-        try:
-            return self._encode(record, where)
-        except DataError as e:
-            said = repr(self.label_column)
-            raise DataError(*[p.replace("'labels'", said).replace("'label'", said) for p in e.problems]) from None
+        problem names data.label_column where it is set (the view's 'label' or 'labels' is that
+        column, which the file names so)."""
+        return self._encode(record, where)
+
+    def _col(self, key: str) -> str:
+        """A label key as the file names it, quoted: data.label_column, or 'label' / 'labels'."""
+        return repr(self.label_column or key)
 
     def _encode(self, record: dict, where: str):
         has_labels = record.get("labels") is not None
@@ -188,24 +187,25 @@ class LabelEncoder:
             raise DataError(f"{where}: needs exactly one of 'label' or 'labels'")
         if self.one_class:
             if not has_labels:
-                return self._class(record["label"], "label", where)
-            items = _as_list(record["labels"], where)
+                return self._class(record["label"], self._col("label"), where)
+            items = _as_list(record["labels"], where, self._col("labels"))
             if len(items) == 1 and (self.mode == "multiclass" or _named(items[0], self._class_by_name) is not None):
-                return self._class(items[0], "labels", where)
+                return self._class(items[0], self._col("labels"), where)
             if self.mode == "binary" and not any(_named(x, self._class_by_name) is not None for x in items):
                 # a clause's categories, as under fair/unfair: any is the second class
                 return int(bool(sorted({self._category(x, where) for x in items})))
-            raise DataError(f"{where}: 'labels' {items!r}: data.mode={self.mode} takes one class per row "
+            raise DataError(f"{where}: {self._col('labels')} {items!r}: data.mode={self.mode} takes one class per row "
                             f"({'none given' if not items else 'data.mode=multilabel for several'})")
         if has_labels:
-            items = _as_list(record["labels"], where)
+            items = _as_list(record["labels"], where, self._col("labels"))
             ids = [self._category(x, where) for x in items]
             if len(items) == len(self.categories) >= 2 and len(set(ids)) < len(ids) \
                     and set(map(str, map(_whole, items))) <= {"0", "1"}:
                 # [0, 1, 0, ...] is a 0/1 vector over the categories (the common multi-label
                 # layout), not ids: read as ids every clause had categories 0 and 1
-                raise DataError(f"{where}: 'labels' {items!r} looks like a 0/1 vector over the categories; launcher "
-                                "reads 'labels' as the categories a clause has, by id or name (e.g. [1, 4], or [] for none)")
+                raise DataError(f"{where}: {self._col('labels')} {items!r} looks like a 0/1 vector over the categories; "
+                                f"launcher reads {self._col('labels')} as the categories a clause has, by id or name (e.g. "
+                                "[1, 4], or [] for none)")
             cats = sorted(set(ids))
             if self.mode == "binary":
                 return int(bool(cats))
@@ -221,13 +221,16 @@ class LabelEncoder:
         word = value.strip().lower() if isinstance(value, str) else None
         if self.tos and (value == 0 and not isinstance(value, bool) or word in ("fair", "none")):
             return [0.0] * len(self.categories)  # 0 / "fair" / "none": no category (a binary file's fair clause)
-        none = "" if self.tos else "; no category is 'labels': []"  # (under names of your own 0 is no "fair")
+        none = "" if self.tos else f"; no category is {self._col('labels')}: []"  # (under names of your own 0 is no "fair")
+        if isinstance(value, int) and not isinstance(value, bool) and self._numbered[True]:
+            self._category(value, where)  # (no name: refused as a number among categories named by numbers)
         if isinstance(value, int) and not isinstance(value, bool):
             # `label: 1` is "unfair" in binary files, and `label: 0` is fair: read as category
             # ids here, a binary file trained every unfair clause as category 1.
             zero = "label 0 is fair, " if self.tos else ""
-            raise DataError(f"{where}: 'label' {value} is not a category in data.mode=multilabel ({zero}labels: [0] is "
-                            f"category 0): give categories as 'labels': [{value}] or by name{none}")
+            raise DataError(f"{where}: {self._col('label')} {value} is not a category in data.mode=multilabel ({zero}"
+                            f"labels: [0] is category 0): give categories as {self._col('labels')}: [{value}] or by "
+                            f"name{none}")
         if word in ("fair", "none") and none:
             raise DataError(f"{where}: unknown category {value!r}; expected one of: {', '.join(self.categories)}{none}")
         cat = self._category(value, where)
@@ -237,11 +240,11 @@ class LabelEncoder:
         """A binary `label` under the default names: a class as _class reads one (fair, unfair,
         0, 1, true, false), or a category's name (unfair)."""
         try:
-            return self._class(value, "label", where)
+            return self._class(value, self._col("label"), where)
         except DataError:
             if isinstance(value, str) and value.strip().lower() in {c.lower() for c in UNFAIR_TOS_CATEGORIES}:
                 return 1
-        raise DataError(f"{where}: 'label' must be 0, 1, {' or '.join(self.names)}, or an UNFAIR-ToS category name; "
+        raise DataError(f"{where}: {self._col('label')} must be 0, 1, {' or '.join(self.names)}, or an UNFAIR-ToS category name; "
                         f"got {_whole(value)!r}{self._hint}")
 
 
