@@ -736,12 +736,13 @@ def _written_back(row: dict, prediction: dict) -> dict:
     prediction. Columns already named input_<name> get one more input_ (a file that predict
     wrote, predicted again, keeps its gold input_label as input_input_label: nothing is lost)."""
     named = set(prediction) | ({"label", "labels"} if {"label", "labels"} & set(prediction) else set())
+    taken = named & set(row)  # (a row without the column keeps its input_<name> as it is)
 
     def name(key: str) -> str:
         base = key
         while base.startswith("input_"):
             base = base[len("input_"):]
-        return f"input_{key}" if base in named else key
+        return f"input_{key}" if base in taken else key
 
     return {**{name(k): v for k, v in row.items()}, **prediction}
 

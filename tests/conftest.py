@@ -30,21 +30,45 @@ if "LAUNCHER_KEY_FILE" not in os.environ:
 # DeepSpeed's kernels (its CPU collectives, CPU Adam) build into the suite's own folder, not the
 # user's ~/.cache/torch_extensions. torch's builder takes <folder>/<kernel>/lock at each process's
 # first load of a kernel, even one built long ago (it rechecks the build); a process killed at
-# that moment (a test session stopped with kill -9) leaves the lock, and launcher then refuses
-# every DeepSpeed launch (engines.stale_build_locks) until it is removed. In the suite's folder
-# a stale lock is the suite's own, removed at the session's start (pytest_sessionstart).
+# that moment (a test session stopped with kill -9) leaves the lock, and every later DeepSpeed
+# launch waits on it (launcher refuses them once it is 10 minutes old: engines.stale_build_locks).
+# In the suite's folder a lock at the session's start is a killed session's, or another
+# session's build at work in this checkout: clear_build_locks waits for that one to end.
 SUITE_EXTENSIONS = ROOT / "build" / "torch_extensions"
 os.environ["TORCH_EXTENSIONS_DIR"] = str(SUITE_EXTENSIONS)
+
+
+def clear_build_locks(folder: Path, quiet_s: float = 120, poll_s: float = 2, say=print) -> list[Path]:
+    """Removes the kernel build locks in `folder` whose kernel folder has not changed for quiet_s
+    (a build at work writes its objects there; a check of a built kernel holds its lock for
+    well under a second), waiting while a younger one is there; the ones it removed."""
+    import time
+
+    removed: list[Path] = []
+    waited = False
+    while locks := sorted(folder.glob("*/lock")):
+        for lock in locks:
+            try:
+                changed = max(p.stat().st_mtime for p in [lock, *lock.parent.rglob("*")])
+                if time.time() - changed >= quiet_s:
+                    lock.unlink()
+                    removed.append(lock)
+                    say(f"removed {lock}: a killed kernel build left it")
+            except OSError:  # gone meanwhile: its build ended
+                pass
+        if any(lock.exists() for lock in locks):
+            if not waited:
+                say(f"waiting for a kernel build in {folder} (a lock unchanged for {quiet_s:.0f} s is removed)")
+                waited = True
+            time.sleep(poll_s)
+    return removed
 
 
 def pytest_sessionstart(session):
     if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller did it
         return
-    from launcher.engines import stale_build_locks
+    clear_build_locks(SUITE_EXTENSIONS, say=lambda line: print(line, file=sys.stderr))
 
-    for lock, age in stale_build_locks():
-        lock.unlink(missing_ok=True)
-        print(f"removed {lock}, left {age // 60} minutes ago by a killed kernel build", file=sys.stderr)
 
 # Small and fast: 384 rows / 32 per step = 12 steps per epoch; 100 validation rows
 # do not divide by the eval batch, so metrics must still count each row once.

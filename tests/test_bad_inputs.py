@@ -519,6 +519,41 @@ def test_a_trained_head_with_the_classes_in_another_order_is_one_line(tmp_path):
         tasks.for_config(load_config(TINY, [*own, f"data.label_names=[{','.join(ok)}]"])).check_model_source()
 
 
+def test_the_suite_clears_a_killed_sessions_build_lock_and_waits_out_a_build_at_work(tmp_path):
+    """conftest.clear_build_locks, run at the session's start on the suite's kernel folder: a
+    lock whose folder is quiet is removed at once; one of a build at work (its folder changing,
+    then the lock removed by the build) is waited for, not removed; a lock that stays but whose
+    folder falls quiet is removed once quiet_s has passed."""
+    import threading
+
+    from conftest import clear_build_locks
+
+    def lock(name: str, age_s: float) -> Path:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "lock"
+        path.touch()
+        os.utime(path, (time.time() - age_s,) * 2)
+        return path
+
+    killed = lock("deepspeed_shm_comm", 3600)
+    said: list = []
+    assert clear_build_locks(tmp_path, quiet_s=600, say=said.append) == [killed] and not killed.exists()
+    building = lock("cpu_adam", 0)
+
+    def build():  # writes an object, then ends and removes its lock (1.5 s before it would be quiet for 3 s)
+        time.sleep(1.5)
+        (tmp_path / "cpu_adam" / "cpu_adam.o").touch()
+        time.sleep(1.5)
+        building.unlink()
+
+    threading.Thread(target=build).start()
+    said.clear()
+    assert clear_build_locks(tmp_path, quiet_s=3, poll_s=0.1, say=said.append) == []
+    assert said == [f"waiting for a kernel build in {tmp_path} (a lock unchanged for 3 s is removed)"]
+    left = lock("fused_adam", 0)  # young, and nothing finishes it
+    assert clear_build_locks(tmp_path, quiet_s=0.5, poll_s=0.1, say=said.append) == [left] and not left.exists()
+
+
 def test_every_process_waits_on_the_kernel_build_lock_even_for_a_kernel_built_long_ago():
     """Why a stale lock is met at all: torch's extension builder keeps its record of built
     kernels in the process, so each process's first load of DeepSpeed's CPU collectives takes

@@ -197,7 +197,8 @@ class CausalLMTask:
         val_stats = instructions.EncodeStats(**val_ds.meta["stats"])
         lines = [train_stats.line("train"), val_stats.line("validation")]
         derived: dict[str, float] = {"derived.train_truncated": train_stats.truncated, "derived.train_dropped": train_stats.dropped,
-                   "derived.train_response_tokens": train_stats.label_tokens}
+                                     "derived.train_unanswered": train_stats.unanswered,
+                                     "derived.train_response_tokens": train_stats.label_tokens}
         if d.packing:
             eff = train_ds.packing_efficiency(d.max_length)
             greedy = train_stats.tokens / max(1, d.max_length * train_stats.blocks_greedy)

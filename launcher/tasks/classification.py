@@ -73,13 +73,17 @@ def _reordered_head(config, names: list[str], model_name: str) -> str:
     here trained from swapped classes without a word. One line naming it, or ""."""
     import re
 
-    theirs = {int(i): str(n).strip().lower() for i, n in (getattr(config, "id2label", None) or {}).items()}
-    if len(theirs) != len(names) or all(re.fullmatch(r"label_\d+", n) for n in theirs.values()):
-        return ""  # (a new head, or one with transformers' placeholder names)
+    try:
+        theirs = {int(i): str(n).strip().lower() for i, n in (getattr(config, "id2label", None) or {}).items()}
+    except (TypeError, ValueError):  # (ids that are no numbers: a remote-code config of its own)
+        return ""
+    if len(theirs) != len(names) or len(set(theirs.values())) < len(theirs) \
+            or all(re.fullmatch(r"label_\d+", n) for n in theirs.values()):
+        return ""  # (a new head, one with transformers' placeholder names, or names that tell no order)
     for i, name in enumerate(n.strip().lower() for n in names):
         for j, their in sorted(theirs.items()):
             if their == name and i != j:
-                order = ", ".join(str(config.id2label[k]) for k in sorted(config.id2label, key=int))
+                order = ", ".join(str(config.id2label[k]) for k in sorted(config.id2label, key=int))  # (ints above)
                 return (f"data.label_names: {names[i]!r} is class {i} here but class {j} of the trained head of "
                         f"{model_name} ({order}); give data.label_names in the model's order")
     return ""
