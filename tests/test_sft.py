@@ -37,6 +37,13 @@ def data_tok():
     return train_lm_tokenizer([instructions.render(r, DataConfig(), Plain)[0] for r in rows], 400, 64)
 
 
+def read_problems(path: Path) -> list[str]:
+    """The lines a file of instruction rows is refused with."""
+    with pytest.raises(DataError) as e:
+        instructions.read_rows(path)
+    return e.value.problems
+
+
 def response_text(tok, ids, labels) -> str:
     return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
 
@@ -130,9 +137,7 @@ def test_openai_chat_rows_read_as_that_api_writes_them(tok, tmp_path):
         [U, {"role": "tool", "content": "42"}, right], [U, {"role": "assistant", "content": None, "tool_calls": []}],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, right],
         [U, {**right, "weight": 0.5}], [U, {**right, "weight": 0}], [{**U, "weight": 0}, right])))
-    with pytest.raises(DataError) as e:
-        instructions.read_rows(path)
-    assert e.value.problems == [
+    assert read_problems(path) == [
         f"{path}:1: messages[1] needs role (system, user or assistant) and string content; got 'tool'",
         f"{path}:2: messages[1] needs role (system, user or assistant) and string content; got null (a tool call?)",
         f"{path}:3: messages[0] has a content part of type 'image_url': only text parts are read",
@@ -158,9 +163,7 @@ def test_dolly_rows_read_as_alpaca_rows(tok, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in (
         {"instruction": "i", "context": 3, "response": "r"}, {"instruction": "i", "response": None},
         {"instruction": "i", "input": "x", "context": "y", "output": "o"})))
-    with pytest.raises(DataError) as e:
-        instructions.read_rows(path)
-    assert e.value.problems == [f"{path}:1: 'context' must be a string",
+    assert read_problems(path) == [f"{path}:1: 'context' must be a string",
                                 f"{path}:2: missing string 'output' (or give 'messages')",
                                 f"{path}:3: both 'input' and 'context' (Dolly's input): give one"]
 
@@ -247,9 +250,7 @@ def test_malformed_rows_are_reported_as_file_line(tmp_path):
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
         json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}),
     ]) + "\n")
-    with pytest.raises(DataError) as e:
-        instructions.read_rows(path)
-    assert e.value.problems == [
+    assert read_problems(path) == [
         f"{path}:2: missing string 'output' (or give 'messages')",
         f"{path}:3: not valid JSON (Expecting property name enclosed in double quotes)",
         f"{path}:4: 'messages' has no assistant turn to learn from",
