@@ -360,7 +360,10 @@ def test_a_conversation_that_opens_with_the_assistant_trains_its_answers_after_a
     """ShareGPT dumps often open with a greeting from `gpt`. With the tokenizer's chat template
     the prompt before that turn is an empty conversation, which transformers refuses with a
     ValueError: data preparation died in a traceback. The greeting answers nothing: it stays as
-    context, untrained and counted, and the answer after the question trains."""
+    context, untrained, and the answer after the question trains. It is not counted among the
+    turns a template renders otherwise once later turns follow (its note blamed Qwen3's <think>
+    blocks for it); a row with the greeting alone is counted as one with no answer to learn
+    (test_sft)."""
     row = {"conversations": [{"from": "gpt", "value": "hello there"}, {"from": "human", "value": "is this clause fair?"},
                              {"from": "gpt", "value": "unfair"}]}
     for system in (None, "be brief"):
@@ -368,7 +371,7 @@ def test_a_conversation_that_opens_with_the_assistant_trains_its_answers_after_a
         normal = prompts.normalize(row, fmt, "x")
         text, spans = prompts.render(normal, fmt, chat_tok)
         assert [text[a:b].lstrip(" ") for a, b in spans] == ["unfair" + chat_tok.eos_token], (system, text, spans)
-        assert text.index("hello there") < text.index("is this clause fair?") and prompts.untrained_turns(normal, spans) == 1
+        assert text.index("hello there") < text.index("is this clause fair?") and prompts.untrained_turns(normal, spans) == 0
         ids, labels = encode(normal, DataConfig(system_prompt=system), chat_tok)
         assert chat_tok.decode([t for t in labels if t != IGNORE]).replace(" ", "") == "unfair" + chat_tok.eos_token
     with pytest.raises(DataError, match="chat template refuses this conversation"):  # one line, not a traceback
