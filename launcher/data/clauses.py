@@ -107,8 +107,8 @@ class LabelEncoder:
         self._class_by_name = {n: i for i, n in enumerate(folded)} if mode != "multilabel" else {}
         # Names that are numbers ("1".."5" stars) make every number a name: read as an id when
         # no class had its name, a 0 or a 6 was silently another class ("1", or "5" for a 2).
-        self._numbered = {table is self._by_name: any(re.fullmatch(r"[-+]?\d+", n) for n in table)
-                          for table in (self._by_name, self._class_by_name)}
+        self._numbered_categories = any(re.fullmatch(r"[-+]?\d+", n) for n in self._by_name)
+        self._numbered_classes = any(re.fullmatch(r"[-+]?\d+", n) for n in self._class_by_name)
         self._hint = "" if not self.tos else "; for your own " + (
             "categories" if mode == "multilabel" else "classes") + " set data.label_names"
 
@@ -120,7 +120,7 @@ class LabelEncoder:
             raise DataError(f"{where}: category {item!r} is not an id or a name")
         if isinstance(item, str) and item.strip().lstrip("-").isdigit():
             item = int(item)
-        if isinstance(item, int) and self._numbered[True]:
+        if isinstance(item, int) and self._numbered_categories:
             raise DataError(f"{where}: unknown category {item!r}; the categories are named by numbers "
                             f"({', '.join(self.categories)}), so a number is read as a name, not an id")
         if isinstance(item, int):
@@ -144,12 +144,12 @@ class LabelEncoder:
             value = int(value)
         if isinstance(value, bool) and len(self.names) == 2:  # (true / false: class 1 / 0 of two, as before)
             return int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and self._numbered[False]:
+        if isinstance(value, int) and not isinstance(value, bool) and self._numbered_classes:
             raise DataError(f"{where}: {column} {given!r} is no class: the classes are named by numbers "
                             f"({', '.join(self.names)}), so a number is read as a name, not an id")
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
             return value
-        ids = "" if self._numbered[False] else f" or an id 0..{len(self.names) - 1}"  # (numbers are names then)
+        ids = "" if self._numbered_classes else f" or an id 0..{len(self.names) - 1}"  # (numbers are names then)
         raise DataError(f"{where}: {column} must be a class name ({', '.join(self.names)}){ids}; got {value!r}")
 
     def view(self, record: dict) -> dict:
@@ -168,17 +168,13 @@ class LabelEncoder:
         out["labels" if listed else "label"] = value
         return out
 
-    def encode(self, record: dict, where: str):
-        """binary and multiclass -> the class id; multilabel -> multi-hot list of floats. A
-        problem names data.label_column where it is set (the view's 'label' or 'labels' is that
-        column, which the file names so)."""
-        return self._encode(record, where)
-
     def _col(self, key: str) -> str:
         """A label key as the file names it, quoted: data.label_column, or 'label' / 'labels'."""
         return repr(self.label_column or key)
 
-    def _encode(self, record: dict, where: str):
+    def encode(self, record: dict, where: str):
+        """binary and multiclass -> the class id; multilabel -> multi-hot list of floats. A
+        problem names data.label_column where it is set (_col)."""
         has_labels = record.get("labels") is not None
         has_label = record.get("label") is not None and record.get("label") != ""
         if has_labels == has_label:
@@ -222,7 +218,7 @@ class LabelEncoder:
         if self.tos and (value == 0 and not isinstance(value, bool) or word in ("fair", "none")):
             return [0.0] * len(self.categories)  # 0 / "fair" / "none": no category (a binary file's fair clause)
         none = "" if self.tos else f"; no category is {self._col('labels')}: []"  # (under names of your own 0 is no "fair")
-        if isinstance(value, int) and not isinstance(value, bool) and self._numbered[True]:
+        if isinstance(value, int) and not isinstance(value, bool) and self._numbered_categories:
             self._category(value, where)  # (no name: refused as a number among categories named by numbers)
         if isinstance(value, int) and not isinstance(value, bool):
             # `label: 1` is "unfair" in binary files, and `label: 0` is fair: read as category
