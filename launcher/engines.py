@@ -655,10 +655,15 @@ def stale_build_locks(now: float | None = None) -> list[tuple[Path, int]]:
     for name in sorted(names):
         lock = Path(root) / name / "lock"
         with contextlib.suppress(OSError):  # no lock, or gone meanwhile: the build ended
-            changed = max(p.stat().st_mtime for p in [lock, *lock.parent.rglob("*")])
-            if now - changed > BUILD_LOCK_STALE_S:
+            if quiet_for(lock, now) > BUILD_LOCK_STALE_S:
                 out.append((lock, int(now - lock.stat().st_mtime)))
     return out
+
+
+def quiet_for(lock: Path, now: float) -> float:
+    """Seconds since a build lock or anything in its build folder last changed (a build at
+    work writes its objects there). OSError when the lock is gone."""
+    return now - max(p.stat().st_mtime for p in [lock, *lock.parent.rglob("*")])
 
 
 def unwrap(engine: Engine, accelerator, model):

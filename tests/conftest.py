@@ -44,13 +44,14 @@ def clear_build_locks(folder: Path, quiet_s: float = 120, poll_s: float = 2, say
     well under a second), waiting while a younger one is there; the ones it removed."""
     import time
 
+    from launcher.engines import quiet_for
+
     removed: list[Path] = []
     waited = False
     while locks := sorted(folder.glob("*/lock")):
         for lock in locks:
             try:
-                changed = max(p.stat().st_mtime for p in [lock, *lock.parent.rglob("*")])
-                if time.time() - changed >= quiet_s:
+                if quiet_for(lock, time.time()) >= quiet_s:
                     lock.unlink()
                     removed.append(lock)
                     say(f"removed {lock}: a killed kernel build left it")
