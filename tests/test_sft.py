@@ -162,10 +162,13 @@ def test_dolly_rows_read_as_alpaca_rows(tok, tmp_path):
         {"instruction": "Mixed.", "input": "Its text.", "output": "Its answer."}]  # (a file of both shapes)
     path.write_text("".join(json.dumps(r) + "\n" for r in (
         {"instruction": "i", "context": 3, "response": "r"}, {"instruction": "i", "response": None},
-        {"instruction": "i", "input": "x", "context": "y", "output": "o"})))
+        {"instruction": "i", "input": "x", "context": "y", "output": "o"},
+        {"instruction": "i", "input": 0, "output": "o"}, {"instruction": "i", "input": [], "context": "y", "output": "o"})))
     assert read_problems(path) == [f"{path}:1: 'context' must be a string",
                                 f"{path}:2: missing string 'output' (or give 'messages')",
-                                f"{path}:3: both 'input' and 'context' (Dolly's input): give one"]
+                                f"{path}:3: both 'input' and 'context' (Dolly's input): give one",
+                                f"{path}:4: 'input' must be a string",  # (0 and [] read as no input)
+                                f"{path}:5: both 'input' and 'context' (Dolly's input): give one"]
 
 
 def test_the_tokenizers_own_chat_template_is_used_when_it_has_one(tok):
@@ -787,6 +790,10 @@ def test_capitalised_roles_and_a_conversation_in_a_csv_cell_read_as_the_jsonl_ro
     want = instructions.read_rows(plain)
     assert want == [{"messages": c} for c in convs]
     assert instructions.read_rows(caps) == want and instructions.read_rows(cells) == want  # eval's reader
+    sharegpt = tmp_path / "sharegpt.jsonl"  # (ShareGPT's `from`, padded as `role` above)
+    sharegpt.write_text("".join(json.dumps({"conversations": [{"from": f, "value": m["content"]} for m, f in
+                                                              zip(c, (" system", "Human ", " GPT"))]}) + "\n" for c in convs))
+    assert instructions.read_rows(sharegpt) == want
     raw = sources.Source("file", str(cells), "train", "data.train_file").read(tmp_path / "ds")  # training's reader
     assert [prompts.normalize(r, PromptFormat(), "row") for r in pipeline.records(raw[:])] == want
     bad = tmp_path / "bad.csv"
@@ -847,21 +854,27 @@ def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_pat
         assert json.loads((model_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
-def test_rows_with_an_empty_answer_are_counted_in_a_note(tmp_path):
+def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes(tmp_path):
     """Rows whose answer is empty (`"output": ""`, an empty assistant turn) trained without a
     word: each teaches only the end of the turn, and a file of them teaches a model to say
-    nothing. The run counts them in a note; a file without any has none."""
+    nothing. Rows whose words hold a special token's text ("</s>") are tokenized as that token,
+    which ends the row there. The run counts both in notes; a file without any has none."""
     rows = [{"instruction": f"name the colour of thing {i}", "output": "" if i % 10 == 0 else f"colour {i % 3}"}
             for i in range(30)]
     rows += [{"messages": [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": "  "}]}] * 2
+    rows += [{"instruction": "how does a row end", "output": "with </s> then more"}] * 3  # (the tokenizer's EOS as text)
     full = tmp_path / "train.jsonl"
     full.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plain = tmp_path / "plain.jsonl"
-    plain.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("output")))  # (the conversations and empty ones out)
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("output") and "<" not in r["output"]))  # (the
+    # conversations, the empty answers and the special token out)
     args = ["train", str(CONFIGS / "train" / "sft_tiny.yaml"), "--output-dir", str(tmp_path), "data.synthetic.enabled=false",
             f"data.validation_file={plain}", "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8",
             "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0", "tracking.mlflow=false"]
     out = check(launcher(*args, "--run-name", "empty", f"data.train_file={full}")).stdout.splitlines()
-    assert ("note: 5 of 32 training rows have an empty answer: they teach the model to end its turn at once") in out, out
+    assert ("note: 5 of 35 training rows have an empty answer: they teach the model to end its turn at once") in out, out
+    assert ("note: 3 of 35 training rows hold the text of a special token in their own words (</s> first): it is read as "
+            "that token, which ends a turn or a document there, as the chat template would render it; escape or drop it if "
+            "it is text") in out, out
     assert not [x for x in check(launcher(*args, "--run-name", "plain", f"data.train_file={plain}")).stdout.splitlines()
-                if "empty answer" in x]
+                if "empty answer" in x or "special token" in x]

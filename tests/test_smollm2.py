@@ -182,6 +182,23 @@ def test_a_rows_training_text_is_its_prompt_plus_the_answer_with_the_real_tokeni
         with pytest.raises(DataError) as e:
             prompts.prompt_text(prompts.normalize({"messages": turns}, chat, "x", need_answer=False), chat, tok)
         assert e.value.problems == [f"{said}: nothing to answer"]
+    # An answer quoting "<|im_end|>" is tokenized as that control token (the chat template's
+    # rendering is): it ends the turn mid-answer, so the encoder counts such rows by token.
+    import datasets
+
+    quoting = {"messages": [{"role": "user", "content": "How does a turn end?"},
+                            {"role": "assistant", "content": "With <|im_end|> after the answer."}]}
+    plain = {"messages": [quoting["messages"][0], {"role": "assistant", "content": "With a marker after the answer."}]}
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [encode(prompts.normalize(r, chat, "x"), chat, tok)[0].count(im_end) for r in (quoting, plain)] == [4, 3]
+    rows = [quoting, *[{"messages": [{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["category"]}]}
+                       for r in _clauses("validation", 2)]]
+    enc = instructions.InstructionEncoder(DataConfig(), tok, chat)
+    ds = datasets.Dataset.from_list(rows)
+    _, stats = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))
+    assert (stats["control_text"], stats["control_token"]) == (1, "<|im_end|>")
+    ds = datasets.Dataset.from_list(rows[1:])
+    assert enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))[1]["control_text"] == 0
 
 
 def test_a_plain_folder_of_the_instruct_model_answers_in_its_chat_template_as_training_renders(run):

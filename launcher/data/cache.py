@@ -48,10 +48,10 @@ from launcher import owner
 from launcher.errors import ConfigError, DataError, RunError, UserError
 from launcher.files import write_atomically
 
-CACHE_VERSION = 6  # bump when the layout or the meaning of an entry changes (3: builder recorded; 4: an
+CACHE_VERSION = 7  # bump when the layout or the meaning of an entry changes (3: builder recorded; 4: an
 # answer's labels start over its template's spaces, untrained_turns counted; 5: a conversation cut
 # before its last answer keeps the reference of the answer the cut leaves; 6: a scored row's
-# question is the one its answer replies to)
+# question is the one its answer replies to; 7: rows holding special tokens' text counted)
 
 
 def key_of(parts: dict) -> str:

@@ -157,6 +157,7 @@ class InstructionEncoder:
     def __init__(self, cfg: DataConfig, tokenizer, fmt: PromptFormat | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.fmt = fmt or as_format(cfg, tokenizer)
+        self.controls = prompts.control_tokens(tokenizer, self.fmt)
 
     def check(self, where: str, record) -> None:
         prompts.normalize(record, self.fmt, where)
@@ -182,7 +183,7 @@ class InstructionEncoder:
             errors.append(error)
         encoded = prompts.tokenize_at(texts, [prompts.answer_cuts(span, self.fmt) for span, _ in spans], self.tokenizer)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
-                               "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained")}
+                               "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained", "_control")}
         for (ids, offsets), (span, turn), text, error, row in zip(encoded, spans, texts, errors, rows):
             n_tokens = len(ids)
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
@@ -199,7 +200,8 @@ class InstructionEncoder:
                          ("_label_tokens", n_labels),
                          ("_chat", row is not None and "messages" in row),
                          ("_system", prompts.system_of(row, self.fmt) if row else None),
-                         ("_untrained", prompts.untrained_turns(row, span) if row else 0)):
+                         ("_untrained", prompts.untrained_turns(row, span) if row else 0),
+                         ("_control", (prompts.control_text(row, self.controls) or "") if row else "")):
                 out[k].append(v)
         return out
 
@@ -218,6 +220,9 @@ class InstructionEncoder:
         stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
         stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
         stats.untrained_turns = int(pc.sum(kept["_untrained"]).as_py() or 0)
+        controls = kept["_control"].filter(pc.not_equal(kept["_control"], ""))
+        stats.control_text = len(controls)
+        stats.control_token = controls[0].as_py() if len(controls) else None
         if kept.num_rows:
             stats.empty_answers = int(pc.sum(pc.equal(pc.utf8_trim_whitespace(kept["answer"]), "")).as_py() or 0)
             systems = pc.unique(kept["_system"])
@@ -231,7 +236,8 @@ class InstructionEncoder:
             kept, stats.capped = cap_answers(kept, cap)
             stats.tokens = int(pc.sum(kept["length"]).as_py() or 0)
             stats.label_tokens = int(pc.sum(kept["_label_tokens"]).as_py() or 0)
-        table = kept.drop_columns(["_drop", "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained"])
+        table = kept.drop_columns(["_drop", "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained",
+                                   "_control"])
         if table.num_rows == 0:
             limit = f"data.max_length {self.cfg.max_length}, data.truncation {self.cfg.truncation}"
             if not stats.unanswered:
@@ -287,6 +293,8 @@ class EncodeStats:
     untrained_turns: int = 0  # earlier answers the chat template renders otherwise once later turns follow
     unanswered: int = 0  # of the dropped: whole rows with no answer to learn (an opening assistant turn alone)
     empty_answers: int = 0  # kept rows whose (last) answer is empty: they teach the turn's end alone
+    control_text: int = 0  # kept rows whose own words hold a special token's text (prompts.control_text)
+    control_token: str | None = None  # the first such token, in row order
 
     def examples(self) -> int:
         """Rows that train (packed or not): those read, less the dropped and the capped."""

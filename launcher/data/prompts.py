@@ -187,7 +187,7 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
             raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects")
         out = []
         for i, t in enumerate(turns):
-            role = SHAREGPT_ROLES.get(str(t.get("from", t.get("role"))).lower()) if isinstance(t, dict) else None
+            role = SHAREGPT_ROLES.get(str(t.get("from", t.get("role"))).strip().lower()) if isinstance(t, dict) else None
             content = t.get("value", t.get("content")) if isinstance(t, dict) else None
             if role is None or not isinstance(content, str):
                 raise DataError(f"{where}: conversations[{i}] needs from (human, gpt or system) and a string value")
@@ -215,14 +215,16 @@ def normalize(record, fmt: PromptFormat, where: str, need_answer: bool = True) -
     # Dolly's rows (databricks-dolly-15k) name them context and response: read as input and
     # output where those are absent or null (a file of both shapes has every column in each row).
     out_key = "response" if record.get("output") is None and record.get("response") is not None else "output"
-    in_key = "context" if not record.get("input") and record.get("context") else "input"
-    if record.get("input") and record.get("context"):
+    given = {k: record.get(k) not in (None, "") for k in ("input", "context")}  # (0 or [] is given, and refused below)
+    in_key = "context" if given["context"] and not given["input"] else "input"
+    if given["input"] and given["context"]:
         raise DataError(f"{where}: both 'input' and 'context' (Dolly's input): give one")
     output = record.get(out_key)
     if need_answer and not isinstance(output, str):
         raise DataError(f"{where}: missing string 'output' (or give 'messages')" if out_key == "output" else
                         f"{where}: 'response' must be a string")
-    extra = record.get(in_key) or ""
+    extra = record.get(in_key)
+    extra = "" if extra is None else extra  # (0 or [] is not an empty input)
     if not isinstance(extra, str):
         raise DataError(f"{where}: '{in_key}' must be a string")
     return {"instruction": record["instruction"], "input": extra, "output": output if isinstance(output, str) else None}
@@ -279,6 +281,24 @@ def _content(content, where: str) -> str:
         raise DataError(f"{where} has a content part of type {other!r}: only text parts are read")
     said = "null (a tool call?)" if content is None else type(content).__name__
     raise DataError(f"{where} needs role (system, user or assistant) and string content; got {said}")
+
+
+def control_tokens(tokenizer, fmt: PromptFormat) -> tuple[str, ...]:
+    """The tokenizer's special tokens as text (<|im_end|>, </s>), less any that data.prompt or
+    data.response write on purpose: text of these inside a row is read as the token itself."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found = {t.content for t in decoder.values() if t.special} | set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    written = (fmt.prompt or "") + (fmt.response or "")
+    return tuple(sorted(t for t in found if t and t not in written))
+
+
+def control_text(row: dict, tokens: tuple[str, ...]) -> str | None:
+    """The first special token whose text a row's own words hold (an answer quoting
+    "<|im_end|>"): tokenized as that token, as a chat template's rendering is, it ends a turn or
+    a document in the middle of the text. None when the row holds none."""
+    texts = [m["content"] for m in row["messages"]] if "messages" in row else [
+        row[k] for k in ("instruction", "input", "output") if isinstance(row.get(k), str)]
+    return next((t for text in texts for t in tokens if t in text), None)
 
 
 def answer(row: dict) -> str | None:
