@@ -116,10 +116,10 @@ def check_ranks(run_dir: Path, world: int = 2) -> list[dict]:
     return facts
 
 
-def check_export_predicts_like_the_run(run_dir: Path):
+def check_export_predicts_like_the_run(run_dir: Path, data: Path | None = None):
     """`launcher eval` on the exported model reproduces the in-memory model's final eval."""
     final = json.loads((run_dir / "final_metrics.json").read_text())["after"]
-    proc = check(launcher("eval", str(run_dir / "model"), "--data", str(run_dir / "data" / "validation.jsonl")))
+    proc = check(launcher("eval", str(run_dir / "model"), "--data", str(data or run_dir / "data" / "validation.jsonl")))
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fresh["n"] == final["n"] == 100
     assert fresh["loss"] == pytest.approx(final["loss"], abs=1e-5)
@@ -270,6 +270,49 @@ def test_two_node_rendezvous_on_one_machine(tmp_path, reference):
     (mlrun,) = all_runs(mlflow_client(tmp_path))
     assert mlrun.data.tags["num_nodes"] == "2"
     assert max_diff(weights(tmp_path / "nodes"), weights(reference[1])) < TOL
+
+
+def _classes_file(path: Path, n: int, seed: int) -> Path:
+    """Rows of 3 classes, each named by a word in its text (so the model has something to learn)."""
+    from launcher.data import synthetic
+
+    names = ("refund", "liability", "jurisdiction")
+    rows = [{"text": f"{names[i % 3]} {r['text']}", "label": names[i % 3]} for i, r in enumerate(synthetic.generate_clauses(n, seed))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("accel,mode", [("cpu_ddp", "multiclass"), ("deepspeed_zero2", "multilabel")])
+def test_multiclass_and_multilabel_on_two_ranks_equal_one_process(accel, mode, tmp_path):
+    """Every other 2-rank classification run is binary. A 3-class file (DDP) and the 8-label
+    clauses with their cuts tuned on validation (ZeRO-2), both with balanced class weights: the
+    same weights as one process, every validation row counted once, and the same metrics for
+    every class, loss and tuned cuts."""
+    extra = ["train.class_weighting=balanced", f"data.mode={mode}"]
+    if mode == "multiclass":
+        extra += ["data.synthetic.enabled=false", "data.label_names=[refund,liability,jurisdiction]",
+                  f"data.train_file={_classes_file(tmp_path / 'train.jsonl', 384, 0)}",
+                  f"data.validation_file={_classes_file(tmp_path / 'validation.jsonl', 100, 1)}"]
+    else:
+        extra += ["eval.tune_threshold=true"]
+    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "cls", *FAST, *STEPS, *extra))
+    proc = check(accelerate_launch(["--config_file", str(ACCEL / f"{accel}.yaml"), "--num_processes", "2"],
+                                   tmp_path, "cls", *extra))
+    assert proc.stdout.count("run directory:") == 1
+    run, ref = tmp_path / "cls", tmp_path / "ref" / "cls"
+    check_ranks(run)
+    assert max_diff(weights(run), weights(ref)) < TOL
+    final, ref_final = (json.loads((d / "final_metrics.json").read_text())["after"] for d in (run, ref))
+    assert final["n"] == ref_final["n"] == 100
+    per_class = [k for k in final if k.startswith("f1/") and not k.endswith("@0.5")]  # (the 0.5 rule beside a tuned one)
+    assert len(per_class) == (3 if mode == "multiclass" else 9) and final.keys() == ref_final.keys()  # (9: "none")
+    for key in final:
+        assert final[key] == pytest.approx(ref_final[key], abs=1e-5), key
+    cuts, ref_cuts = (json.loads((d / "model" / "launcher.json").read_text())["threshold"] for d in (run, ref))
+    if mode == "multilabel":
+        assert isinstance(cuts, dict) and "decision threshold tuned on validation" in proc.stdout
+        assert cuts.keys() == ref_cuts.keys() and all(cuts[k] == pytest.approx(ref_cuts[k], abs=1e-5) for k in cuts)
+    check_export_predicts_like_the_run(run, tmp_path / "validation.jsonl" if mode == "multiclass" else None)
 
 
 @pytest.mark.parametrize("accel,extra", [("cpu_ddp", ["data.packing=true"]), ("deepspeed_zero3", ["model.lora.enabled=true"]),
