@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -430,6 +431,8 @@ def _room_for_text(asked: int | None, tokenizer) -> None:
 def _not_a_file(flag: str, path: Path) -> str:
     if path.is_dir():  # (a save_to_disk folder, which training takes, was "file not found")
         return f"{flag}: {path}: a directory; give a file (JSONL, CSV or Parquet; plain text for predict)"
+    if path.exists():  # (eval's --data <(...) was "file not found")
+        return f"{flag}: {path}: not a regular file (a pipe?); give a JSONL, CSV or Parquet file"
     return f"{flag}: {path}: file not found"
 
 
@@ -439,20 +442,23 @@ def _streamed(path: Path) -> bool:
     return str(path) == "-" or (path.exists() and not path.is_file() and not path.is_dir())
 
 
-def _plain_lines(path: Path, wanted: str, for_prompts: bool = False) -> list[tuple[int, str]]:
+def _plain_lines(path: Path, wanted: str, columns: tuple[str, ...], for_prompts: bool = False) -> list[tuple[int, str]]:
     """--input as plain text: its non-blank lines with their line numbers (the answers carry them
     as `line`: with a blank line skipped, the n-th answer was not line n), a byte-order mark
     skipped; not UTF-8 is one line."""
     try:
-        text = (sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()).decode("utf-8-sig")
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        text = raw.decode("utf-8-sig")
     except OSError as e:
         raise UserError(f"--input: {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
+        if raw[:2] == b"\x1f\x8b":  # (as the row readers say it)
+            raise UserError(f"--input: {path}: gzip-compressed, not text; decompress it first (gunzip)") from None
         raise UserError(f"--input: {path}: not UTF-8 text (byte {e.start + 1}); give JSONL, CSV or Parquet {wanted}") from None
     lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1)  # not splitlines: \x0c, U+2028 are text
              if line.strip()]
     if lines:  # no name says JSON rows there (a pipe, a .txt): they were clauses or prompts, braces and all
-        _not_a_table(path, lines[0][1], tabs=not for_prompts)  # (a prompt may hold a tab)
+        _not_a_table(path, lines[0][1], columns, tabs=not for_prompts)  # (a prompt may hold a tab)
     return lines
 
 
@@ -466,7 +472,7 @@ def _read_clauses(path: Path, column: str = "text") -> list[dict]:
         raise UserError(_not_a_file("--input", path))
     if _streamed(path) or path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
         # A CSV's header and quoted rows were read as clauses; a Parquet file failed with a traceback.
-        lines = _plain_lines(path, f"rows with {column!r}, or one clause per line")
+        lines = _plain_lines(path, f"rows with {column!r}, or one clause per line", (column,))
         return [{"line": n, column: line} for n, line in _some(lines, BadRows(""), path)]
     texts: list[dict] = []
     bad = BadRows(f"--input: {path}")
@@ -490,9 +496,10 @@ def _read_clauses(path: Path, column: str = "text") -> list[dict]:
     return _some(texts, bad, path)
 
 
-def _not_a_table(path: Path, first: str, tabs: bool = True) -> None:
-    """A file read as plain lines whose first line is a JSON row or a tab-separated header: each
-    line was predicted as a clause, JSON braces and header included."""
+def _not_a_table(path: Path, first: str, columns: tuple[str, ...], tabs: bool = True) -> None:
+    """A file read as plain lines whose first line is a JSON row, a tab-separated header, or a
+    CSV header naming a column the model reads (`columns`; a .txt saved from a spreadsheet, a
+    pipe): each line was predicted as a clause, JSON braces and header included."""
     try:
         row = json.loads(first)
     except ValueError:
@@ -502,6 +509,11 @@ def _not_a_table(path: Path, first: str, tabs: bool = True) -> None:
                         + ("give them as one" if _streamed(path) else "rename it"))
     if tabs and "\t" in first and "text" in (c.strip() for c in first.split("\t")):
         raise UserError(f"--input: {path}: a tab-separated table; give it as CSV, JSONL or Parquet with a 'text' column")
+    names = [c.strip().strip('"').strip() for c in first.split(",")]
+    if len(names) > 1 and all(re.fullmatch(r"\w+", c) for c in names) and set(names) & set(columns):  # (a clause
+        # such as "text, images and posts" has words with spaces between commas)
+        raise UserError(f"--input: {path}: a CSV table (its header: {first.strip()}), read only from a .csv file; "
+                        + ("give it as one" if _streamed(path) else "rename it"))
 
 
 def _some(rows: list, bad: BadRows, path: Path) -> list:
@@ -590,10 +602,14 @@ def cmd_eval(args) -> int:
         _within_positions(args.max_length, model)
         max_length = args.max_length or meta.get("max_length") or 512  # the training max_length the export recorded
         candidates = causal_lm.exported_candidates(meta, fmt, tokenizer)
+        notes: list[str] = []
         with _precision(args, args.model_dir, model, note=True):
-            _say(json.dumps(causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
-                                                     meta.get("max_new_tokens", 32), args.batch_size,
-                                                     meta.get("truncation", "truncate"))))  # as the run evaluated
+            metrics = causal_lm.evaluate_rows(model, tokenizer, fmt, rows, max_length, candidates,
+                                              meta.get("max_new_tokens", 32), args.batch_size,
+                                              meta.get("truncation", "truncate"), notes)  # as the run evaluated
+        for note in notes:
+            print(note, file=sys.stderr)
+        _say(json.dumps(metrics))
         return 0
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
@@ -603,13 +619,19 @@ def cmd_eval(args) -> int:
     meta = export_meta(args.model_dir)
     recorded = meta.get("mode") if meta.get("mode") in ("binary", "multiclass") else None
     mode = "multilabel" if multilabel else recorded or ("binary" if len(names) == 2 else "multiclass")
-    encoder = LabelEncoder(mode, names, meta.get("text_column") or "text", meta.get("label_column"))
+    encoder = LabelEncoder(mode, names, meta.get("text_column") or "text", meta.get("label_column"), exported=True)
     texts, targets = parse_rows(read_records(data), encoder, str(data))
     import torch
 
+    cut: list[int] = []
     with _precision(args, args.model_dir, model, note=True):
-        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
+        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size, cut)
+    _say_cut(cut, texts, model, args.max_length)
     labels = torch.tensor(targets, dtype=torch.float if multilabel else torch.long)
+    counts = labels.sum(0) if multilabel else torch.bincount(labels, minlength=len(names))
+    absent = [repr(name) for name, n in zip(names, counts.tolist()) if n == 0]
+    if absent:  # (as training says of its validation rows: an all-fair file scored macro-F1 0.5 without a word)
+        print(f"note: no row of {data} has {', '.join(absent)}: an F1 of 0 for each counts in the macro-F1", file=sys.stderr)
     metrics = task.compute_metrics(logits, labels, names, cuts)  # the export's decision rule
     if cuts is not None:  # a tuned rule: the 0.5 rule's figures beside it, nothing hidden
         metrics.update({f"{k}@0.5": v for k, v in task.compute_metrics(logits, labels, names).items()})
@@ -721,11 +743,24 @@ def _predict_classes(args) -> list[str]:
     model, tokenizer, names, multilabel, cuts = task.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(args.max_length, model)
     _room_for_text(args.max_length, tokenizer)
+    cut: list[int] = []
     with _precision(args, args.model_dir, model):
-        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size)
+        logits = task.batched_logits(model, tokenizer, texts, args.max_length, args.batch_size, cut)
+    _say_cut(cut, texts, model, args.max_length)
     probs = task.probabilities(logits, multilabel)
     return [json.dumps(_written_back(row, task.prediction_record(p, names, multilabel, cuts)), default=str) + "\n"
             for row, p in zip(rows, probs)]
+
+
+def _say_cut(cut: list[int], texts: list[str], model, max_length: int | None) -> None:
+    """A classifier's texts longer than it reads, counted on stderr (each was scored on its
+    start, without a word, where predict for a causal LM said so)."""
+    from launcher.tasks import classification as task
+
+    if cut:
+        limit, why = task.text_limit(model, max_length)
+        print(f"note: {len(cut)} of {len(texts)} texts were longer than {limit} tokens ({why}): each was scored on its "
+              f"first {limit}", file=sys.stderr)
 
 
 def _written_back(row: dict, prediction: dict) -> dict:
@@ -793,7 +828,8 @@ def _predict_causal_lm(args) -> list[str]:
     if not _streamed(path) and path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
         _prompt_rows(path, fmt, tokenizer, records, rows, bad)
     else:  # plain text, one prompt per line: the mapped column when the prompt names one, else the instruction
-        for n, line in _plain_lines(path, "rows, or one prompt per line", for_prompts=True):
+        columns = tuple(prompts.placeholders(fmt.prompt)) if fmt.prompt else ("instruction", "prompt", "messages", "conversations")
+        for n, line in _plain_lines(path, "rows, or one prompt per line", columns, for_prompts=True):
             rows.append(prompts.typed_row(line, fmt, str(path)))
             records.append({"line": n, "text": line})
     _some(rows, bad, path)

@@ -263,14 +263,56 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     assert [(p["input_input_label"], p["input_label"], p["label"]) for p in again] == [
         ("fair", "unfair", "unfair"), ("fair", "fair", "fair")]
     assert [p["input_probs"] for p in again] == [p["probs"] for p in back]
-    # JSON rows or a tab-separated table in a file read as plain lines: each line was "a clause".
+    # JSON rows, a tab-separated table or a CSV saved as .txt, read as plain lines: each line was
+    # "a clause", header included; gzip was "not UTF-8 text".
+    import gzip
+
+    (tmp_path / "x.txt.gz").write_bytes(gzip.compress(clauses.read_bytes()))
     for name, content, said in (("x.ndjson", json.dumps({"text": texts[0]}) + "\n", "its lines are JSON rows, read only "
                                  "from a .jsonl file; rename it"),
                                 ("x.tsv", f"text\tlabel\n{texts[0]}\t1\n", "a tab-separated table; give it as CSV, "
-                                 "JSONL or Parquet with a 'text' column")):
-        (tmp_path / name).write_text(content)
+                                 "JSONL or Parquet with a 'text' column"),
+                                ("sheet.txt", f'text,label\n"{texts[0]}",fair\n', "a CSV table (its header: text,label), "
+                                 "read only from a .csv file; rename it"),
+                                ("x.txt.gz", None, "gzip-compressed, not text; decompress it first (gunzip)")):
+        if content is not None:
+            (tmp_path / name).write_text(content)
         proc = launcher("predict", str(run / "model"), "--input", str(tmp_path / name))
         assert (proc.returncode, proc.stderr.strip()) == (2, f"error: --input: {tmp_path / name}: {said}")
+    (tmp_path / "words.txt").write_text("text, images and posts you share remain yours.\n")  # a clause, not a header
+    assert json.loads(check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "words.txt"))).stdout)["line"] == 1
+    # A text longer than the model reads is scored on its start, and counted (it was without a word).
+    (tmp_path / "long.txt").write_text(" ".join([texts[0]] * 60) + "\n" + texts[1] + "\n")
+    long = check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "long.txt")))
+    limit = json.loads((run / "model" / "launcher.json").read_text())["max_length"]
+    assert long.stderr.strip() == (f"note: 1 of 2 texts were longer than {limit} tokens (the training max_length): each "
+                                   f"was scored on its first {limit}")
+    assert "longer than" not in check(launcher("predict", str(run / "model"), "--input", str(clauses))).stderr
+    # eval on a file: a class no row has is said (an all-fair file scored macro-F1 0.5 without a
+    # word); its hints name no training setting, which an export does not take; a short CSV row,
+    # a byte that is not UTF-8 and a pipe are named as what they are.
+    fair = tmp_path / "fair.jsonl"
+    fair.write_text("".join(json.dumps({"text": t, "label": "fair"}) + "\n" for t in texts))
+    fair_eval = check(launcher("eval", str(run / "model"), "--data", str(fair)))
+    assert fair_eval.stderr.strip() == f"note: no row of {fair} has 'unfair': an F1 of 0 for each counts in the macro-F1"
+    assert json.loads(fair_eval.stdout)["f1/unfair"] == 0
+    assert "note:" not in check(launcher("eval", str(run / "model"), "--data", str(run / "data" / "validation.jsonl"))).stderr
+    (tmp_path / "Cap.csv").write_text("Text,Label\nWe may end it.,unfair\n")
+    (tmp_path / "odd.csv").write_text("text,label\nWe may end it.,maybe\nWe may not.\n")
+    (tmp_path / "lat.csv").write_bytes(b"text,label\nWe may end it.,unfair\nWe may n\xf6t.,fair\n")
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    for data, said in ((tmp_path / "Cap.csv", [f"{tmp_path / 'Cap.csv'}: no 'text' and no 'label' or 'labels' column (its "
+                                               "columns: 'Text', 'Label'); rename the file's columns: an exported model reads "
+                                               "the columns it was trained on"]),
+                       (tmp_path / "odd.csv", [f"{tmp_path / 'odd.csv'}:2: 'label' must be 0, 1, fair or unfair, or an "
+                                               "UNFAIR-ToS category name; got 'maybe'",
+                                               f"{tmp_path / 'odd.csv'}:3: 1 field where the header names 2"]),
+                       (tmp_path / "lat.csv", [f"{tmp_path / 'lat.csv'}:3: not valid UTF-8 (byte 9 of the line)"]),
+                       (fifo, [f"--data: {fifo}: not a regular file (a pipe?); give a JSONL, CSV or Parquet file"])):
+        proc = launcher("eval", str(run / "model"), "--data", str(data))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert [x.removeprefix("error: ") for x in proc.stderr.splitlines() if x.startswith("error:")] == said
     # The output is written whole at the end, with the umask's mode (not a temporary file's 0600).
     mask = os.umask(0o022)
     os.umask(mask)

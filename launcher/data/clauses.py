@@ -92,8 +92,11 @@ class LabelEncoder:
     A value equal to a class name is that class before it is read as an id: names may be digits
     ("1", "2": the class named "1" is id 0), and then every number is a name (0 is refused)."""
 
-    def __init__(self, mode: str, label_names: list[str], text_column: str = "text", label_column: str | None = None):
-        self.mode = mode
+    def __init__(self, mode: str, label_names: list[str], text_column: str = "text", label_column: str | None = None,
+                 exported: bool = False):
+        """exported: the classes and columns of a trained model (`launcher eval`), which no
+        data.* setting changes: messages name none."""
+        self.mode, self.exported = mode, exported
         self.names = label_names
         self.text_column, self.label_column = text_column, label_column
         folded = [n.strip().lower() for n in label_names]
@@ -109,7 +112,7 @@ class LabelEncoder:
         # no class had its name, a 0 or a 6 was silently another class ("1", or "5" for a 2).
         self._numbered_categories = any(re.fullmatch(r"[-+]?\d+", n) for n in self._by_name)
         self._numbered_classes = any(re.fullmatch(r"[-+]?\d+", n) for n in self._class_by_name)
-        self._hint = "" if not self.tos else "; for your own " + (
+        self._hint = "" if not self.tos or exported else "; for your own " + (
             "categories" if mode == "multilabel" else "classes") + " set data.label_names"
 
     def _category(self, item: Any, where: str) -> int:
@@ -244,21 +247,26 @@ class LabelEncoder:
                         f"got {_whole(value)!r}{self._hint}")
 
 
-def column_problems(columns: list[str], source: str, text: str = "text", label: str | None = None) -> list[str]:
+def column_problems(columns: list[str], source: str, text: str = "text", label: str | None = None,
+                    exported: bool = False) -> list[str]:
     """A file with no text column, or no label column, is one line naming its columns, not
     one line per row (a header written `text, label` or with `;`). text, label: the columns
-    data.text_column and data.label_column name (null: `label` or `labels`)."""
+    data.text_column and data.label_column name (null: `label` or `labels`); exported: those
+    an exported model was trained on (`launcher eval`), named as such."""
     have = set(columns)
     labels = {label} if label is not None else {"label", "labels"}
-    named = (" (data.text_column)" if text != "text" else "", " (data.label_column)" if label is not None else "")
+    setting = ("the model's data.text_column", "the model's data.label_column") if exported else ("data.text_column",
+                                                                                                "data.label_column")
+    named = (f" ({setting[0]})" if text != "text" else "", f" ({setting[1]})" if label is not None else "")
     missing = [name for name, ok in ((f"{text!r}{named[0]}", text in have),
                                      (f"{label!r}{named[1]}" if label else "'label' or 'labels'", bool(have & labels)))
                if not ok]
     if not missing:
         return []
     listed = ", ".join(map(repr, columns)) or "none"
-    hint = column_hint(columns) or ("; data.text_column and data.label_column name other columns"
-                                    if text == "text" and label is None else "")
+    hint = column_hint(columns) or ("" if text != "text" or label is not None else "; rename the file's columns: an exported "
+                                    "model reads the columns it was trained on" if exported else
+                                    "; data.text_column and data.label_column name other columns")
     return [f"{source}: no {' and no '.join(missing)} column (its columns: {listed}){hint}"]
 
 
@@ -277,7 +285,8 @@ def parse_rows(records, encoder: LabelEncoder, source: str) -> tuple[list[str], 
     then a count); a file whose columns lack `text` or a label is one line (column_problems)."""
     records = list(records)
     columns = dict.fromkeys(k for _, r in records if isinstance(r, dict) for k in r if isinstance(k, str))
-    if columns and (missing := column_problems(list(columns), source, encoder.text_column, encoder.label_column)):
+    if columns and (missing := column_problems(list(columns), source, encoder.text_column, encoder.label_column,
+                                               encoder.exported)):
         raise DataError(*missing)
     texts: list[str] = []
     targets: list = []

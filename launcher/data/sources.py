@@ -509,6 +509,12 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
             if reader.fieldnames:  # a repeated column's later copies renamed "text.1", as training's reader does
                 reader.fieldnames = _header_as_training_reads_it(path, reader.fieldnames)
             for record in reader:
+                if None in record.values():  # (DictReader fills a short row's missing fields with None: it was
+                    # "needs exactly one of 'label' or 'labels'", or "'label' is null")
+                    n, named = sum(v is not None for v in record.values()), len(reader.fieldnames or [])
+                    yield f"{path}:{reader.line_num}", DataError(
+                        f"{path}:{reader.line_num}: {n} field{'s' if n != 1 else ''} where the header names {named}")
+                    continue
                 if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
                     n = len(reader.fieldnames or []) + len(record[None])
                     cells = [v for v in [*record.values(), *record[None]] if isinstance(v, str)]
@@ -520,10 +526,22 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
                         + opened)
                     continue
                 yield f"{path}:{reader.line_num}", record
-        except UnicodeDecodeError as e:
-            yield f"{path}:{reader.line_num + 1}", DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {e.start} of its block)")
+        except UnicodeDecodeError:  # (decoded a block at a time: the reader's line number was the block's)
+            where, byte = _first_bad_byte(path)
+            yield where, DataError(f"{where}: not valid UTF-8 (byte {byte} of the line)")
         except csv.Error as e:
             yield f"{path}:{reader.line_num}", DataError(f"{path}:{reader.line_num}: not valid CSV ({e})")
+
+
+def _first_bad_byte(path: Path) -> tuple[str, int]:
+    """`file:line` of a file's first byte that is not UTF-8, and its place in that line (1-based)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start, line = raw.rfind(b"\n", 0, e.start) + 1, raw.count(b"\n", 0, e.start) + 1
+        return f"{path}:{line}", e.start - start + 1
+    return f"{path}:1", 1  # (not reached: the reader failed on some byte)
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:

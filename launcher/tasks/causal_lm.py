@@ -599,9 +599,11 @@ EVAL_CHUNK_TOKENS = 256  # `launcher eval`'s head chunk (train.loss_chunk_tokens
 
 @torch.no_grad()
 def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_length: int, candidates,
-                  max_new_tokens: int, batch_size: int = 16, truncation: str = "truncate") -> dict:
+                  max_new_tokens: int, batch_size: int = 16, truncation: str = "truncate",
+                  notes: list[str] | None = None) -> dict:
     """`launcher eval` for SFT data, one process: the training run's evaluation (loss, perplexity,
-    exact match, closed-set scores) on any rows with references."""
+    exact match, closed-set scores) on any rows with references; `notes` gets a line counting
+    the references outside the model's closed answer set."""
     from launcher.config import DataConfig
 
     kept: list[dict] = []
@@ -612,6 +614,12 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     if not eval_rows:  # (scored, nothing reads as a loss of 0 and a perplexity of 1)
         raise DataError(f"--data: no row left to evaluate: all {stats.rows} dropped (longer than max_length {max_length} "
                         f"with data.truncation={truncation}, or no answer to score)")
+    if candidates is not None and notes is not None:  # (scored without a word: no choice can be right for them)
+        known = {generation.normalize(a) for a in candidates.answers}
+        odd = [r["answer"] for r in eval_rows if generation.normalize(r["answer"]) not in known]
+        if odd:
+            notes.append(f"note: {len(odd)} of {len(eval_rows)} references are none of the model's {len(known)} answers "
+                         f"({odd[0]!r} first): no choice can match them, and each counts against choice_accuracy")
     longest = max((generation.answer_tokens(y) for y in labels), default=0)
     batches = generation.EvalBatches(eval_rows, 0, 1, batch_size, pad_id(tokenizer))
     from launcher.tasks import lean_loss

@@ -474,17 +474,30 @@ def load_exported(model_dir: str | Path, trust_remote_code: bool = False):
     return model.to(inference_device()).eval(), tokenizer, names, multilabel, cuts
 
 
+def text_limit(model, max_length: int | None = None) -> tuple[int, str]:
+    """The tokens a text is scored on, and why: max_length (--max-length), else the training
+    max_length the export recorded (else 512), within the model's positions."""
+    trained = getattr(model, "launcher_max_length", None)
+    asked: int = max_length or trained or 512
+    why = "--max-length" if max_length else "the training max_length" if trained else "no max_length recorded: 512"
+    positions: int = position_limit(model) or getattr(model.config, "max_position_embeddings", None) or asked
+    return (asked, why) if asked <= positions else (positions, "the model's positions")
+
+
 @torch.no_grad()
-def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 32) -> torch.Tensor:
-    """Logits in batches on the model's device; max_length None: the training max_length the
-    export recorded (else 512), so a model is scored on the inputs it was trained on."""
-    max_length = max_length or getattr(model, "launcher_max_length", None) or 512
-    limit = min(max_length, position_limit(model) or getattr(model.config, "max_position_embeddings", max_length))
+def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 32,
+                   cut: list[int] | None = None) -> torch.Tensor:
+    """Logits in batches on the model's device, each text's first text_limit tokens, so a model
+    is scored on the inputs it was trained on; `cut` collects the indices of longer texts."""
+    limit, _ = text_limit(model, max_length)
     out = []
     for i in range(0, len(texts), batch_size):
         # Padded on the right, as training's batches are, whatever the tokenizer's padding_side:
         # with absolute positions (GPT-2's) left padding shifts every real token's position.
         with settings_kept(tokenizer):
+            if cut is not None:  # (one token past the limit tells a longer text, without the tokenizer's long-text warning)
+                ids = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit + 1)["input_ids"]
+                cut += [i + j for j, x in enumerate(ids) if len(x) > limit]
             enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True,
                             padding_side="right", return_tensors="pt")
         enc = {k: v.to(model.device) for k, v in enc.items()}
