@@ -325,6 +325,10 @@ CASES = [
     ("JSON lines in a .json file, null later", "train", TINY, _files(GOOD + "null\n" + GOOD, name="train.json"),
      "{tmp}/train.json:41: expected a JSON object"),
     ("JSONL line an array", "train", TINY, _files(GOOD + "[1, 2]\n"), "{tmp}/train.jsonl:41: expected a JSON object"),
+    ("JSON object of columns", "train", TINY, _files('{"text": ["We may end it.", "We may not."],\n "label": [1, 0]}\n',
+                                                     name="train.json"),  # ("no 'text' text in its first rows")
+     "{tmp}/train.json: one JSON object of columns ('text', 'label': lists of 2); give rows: one JSON object per line "
+     "(.jsonl) or a JSON array of objects"),
     ("learning rate NaN", "train", TINY, _plain("train.lr=nan"), "train.lr: must be > 0 and finite; got nan"),
     ("weight decay inf", "train", TINY, _plain("train.weight_decay=.inf"), "train.weight_decay: must be >= 0 and finite; got inf"),
     ("tiny model without heads", "train", TINY, _plain("model.tiny.num_heads=0"), "model.tiny.num_heads: must be > 0; got 0"),

@@ -460,6 +460,15 @@ def test_a_key_given_twice_a_jsonl_array_and_a_utf16_file_read_alike_for_trainin
         with pytest.raises(DataError) as e:
             list(read_records(wide))  # eval and predict
         assert e.value.problems == [said]
+    # One object pretty-printed in a .json file is one row to training's reader; eval said "not
+    # valid JSON" for each of its lines. One conversation with its turns is a row, not columns.
+    pretty = tmp_path / "one.json"
+    for row in (rows[0], {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}):
+        pretty.write_text(json.dumps(row, indent=2))
+        assert list(read_records(pretty)) == [(f"{pretty}:1", row)]
+    lines = tmp_path / "lines.json"  # (JSON lines named .json: still a row per line)
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r for _, r in read_records(lines)] == rows
 
 
 @pytest.mark.parametrize("header, row, said", [

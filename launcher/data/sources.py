@@ -354,6 +354,7 @@ def _check_json(path: Path) -> None:
                 if head and head[:1] != b"{":
                     got = first[:40].decode("utf-8", "replace")
                     raise DataError(f"{path}: expected a JSON object or array first; got {got!r}")
+                _one_object(path)  # (an object of columns read as one row of lists: "no 'text' text in its first rows")
                 try:
                     if not isinstance(json.loads(first), dict):
                         return
@@ -484,6 +485,28 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: row {i}", record
 
 
+def _one_object(path: Path) -> dict | None:
+    """A .json file that is one JSON object (pretty-printed over several lines, or on one), or
+    None (JSON lines, or anything the line reader names line by line); an object of columns
+    (lists of one length) is a DataError."""
+    try:
+        if path.stat().st_size > 64 << 20:  # (a row is not that long: JSON lines, read line by line)
+            return None
+        text = path.read_text(encoding="utf-8-sig")
+        document = json.loads(text, object_pairs_hook=_unique_keys)
+    except (OSError, ValueError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return None
+    if not isinstance(document, dict):
+        return None
+    lengths = {len(v) if isinstance(v, list) else -1 for v in document.values()}
+    cells = [x for v in document.values() if isinstance(v, list) for x in v]
+    if len(document) > 1 and len(lengths) == 1 and min(lengths) > 1 and not any(isinstance(x, (dict, list)) for x in cells):
+        # pandas' to_json(orient="list") and kin: its "text" was "missing" (a conversation's turns are objects)
+        raise DataError(f"{path}: one JSON object of columns ({', '.join(map(repr, document))}: lists of "
+                        f"{min(lengths)}); give rows: one JSON object per line (.jsonl) or a JSON array of objects")
+    return document
+
+
 def _header_as_training_reads_it(path: Path, names) -> list[str]:
     """A CSV header's names as pandas (training's reader, through datasets) takes them: a
     repeated name's later copies renamed (text, text.1; csv.DictReader kept the last copy's
@@ -552,6 +575,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl") and _starts_with(path, b"["):  # one JSON array, as training's reader takes it
         yield from _json_array(path)
+    elif suffix == ".json" and (document := _one_object(path)) is not None:  # one object over several lines: one row,
+        yield f"{path}:1", document  # as training's reader takes it (it was a "not valid JSON" per line)
     elif suffix in (".jsonl", ".json"):
         with open(path, "rb") as f:
             _refuse_utf16(path, f.read(4))
