@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from launcher import __version__
-from launcher.data.sources import BadRows
+from launcher.data.sources import BadRows, ShortRow
 from launcher.errors import RunError, UserError
 from launcher.files import file_in_the_way
 
@@ -481,6 +481,8 @@ def _read_clauses(path: Path, column: str = "text") -> list[dict]:
         columns.update(dict.fromkeys(record) if isinstance(record, dict) else {})
         if isinstance(record, UserError):
             bad.add(record.problems)
+        elif isinstance(record, ShortRow) and record.get(column) is None:
+            bad.add([record.problem(where)])
         elif not isinstance(record, dict) or not isinstance(record.get(column), str):
             bad.add([f"{where}: expected an object with a string {column!r}"])
         elif not record[column].strip():  # as training and eval refuse it: a prediction for no clause
@@ -509,9 +511,9 @@ def _not_a_table(path: Path, first: str, columns: tuple[str, ...], tabs: bool = 
                         + ("give them as one" if _streamed(path) else "rename it"))
     if tabs and "\t" in first and "text" in (c.strip() for c in first.split("\t")):
         raise UserError(f"--input: {path}: a tab-separated table; give it as CSV, JSONL or Parquet with a 'text' column")
-    names = [c.strip().strip('"').strip() for c in first.split(",")]
-    if len(names) > 1 and all(re.fullmatch(r"\w+", c) for c in names) and set(names) & set(columns):  # (a clause
-        # such as "text, images and posts" has words with spaces between commas)
+    names = [c.strip().strip('"').strip().lower() for c in re.split(r"[,;]", first)]
+    if len(names) > 1 and all(re.fullmatch(r"\w+", c) for c in names) and set(names) & {c.lower() for c in columns}:
+        # (a clause such as "text, images and posts" has words with spaces between commas)
         raise UserError(f"--input: {path}: a CSV table (its header: {first.strip()}), read only from a .csv file; "
                         + ("give it as one" if _streamed(path) else "rename it"))
 

@@ -466,9 +466,29 @@ def test_a_key_given_twice_a_jsonl_array_and_a_utf16_file_read_alike_for_trainin
     for row in (rows[0], {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}):
         pretty.write_text(json.dumps(row, indent=2))
         assert list(read_records(pretty)) == [(f"{pretty}:1", row)]
+    columns = tmp_path / "columns.json"  # pandas' DataFrame.to_json(): {"text": {"0": ...}, "label": {"0": ...}}
+    columns.write_text(json.dumps({"text": {str(i): r["text"] for i, r in enumerate(rows)},
+                                   "label": {str(i): r["label"] for i, r in enumerate(rows)}}))
+    with pytest.raises(DataError) as e:
+        list(read_records(columns))
+    assert e.value.problems == [f"{columns}: one JSON object of columns ('text', 'label': lists of 6); give rows: one JSON "
+                                "object per line (.jsonl) or a JSON array of objects"]
     lines = tmp_path / "lines.json"  # (JSON lines named .json: still a row per line)
     lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r for _, r in read_records(lines)] == rows
+
+
+def test_a_byte_that_is_not_utf8_in_a_csv_is_named_by_its_line_read_a_block_at_a_time(tmp_path):
+    """The CSV reader decodes a block at a time, so its line number was the block's (line 1 for
+    a bad byte on line 3); the byte is found by reading blocks too (a refused training CSV may be
+    many GB), also where a block ends inside a character."""
+    from launcher.data import sources
+
+    bad = tmp_path / "lat.csv"
+    bad.write_bytes("text,label\nPrix en €,1\nWe may n".encode() + b"\xf6t.,0\n")
+    (where, problem), = [(w, r) for w, r in sources.read_records(bad) if isinstance(r, DataError)]
+    assert (where, problem.problems) == (f"{bad}:3", [f"{bad}:3: not valid UTF-8 (byte 9 of the line)"])
+    assert {sources._first_bad_byte(bad, block) for block in (1, 2, 3, 7, 1 << 20)} == {(f"{bad}:3", 9)}
 
 
 @pytest.mark.parametrize("header, row, said", [

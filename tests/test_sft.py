@@ -854,6 +854,18 @@ def test_a_lora_export_and_its_offline_export_generate_with_the_cache_on(tmp_pat
         assert json.loads((model_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
+def test_a_special_tokens_text_is_counted_in_a_rows_own_words_not_in_the_templates(tok):
+    """data.response may end on a special token on purpose ("{a} </s>"): a column value quoting it
+    is still counted (the token was left out of the search when a template wrote it)."""
+    import datasets
+
+    enc = instructions.InstructionEncoder(DataConfig(prompt="say {q}", response="{a} </s>"), tok)
+    rows = [{"q": "hello", "a": "general </s> kenobi"}, {"q": "hello", "a": "general kenobi"}, {"q": "</s>", "a": "maple"}]
+    ds = datasets.Dataset.from_list(rows)
+    stats = enc.finish(ds.map(enc, batched=True, remove_columns=ds.column_names))[1]
+    assert (stats["control_text"], stats["control_token"]) == (2, "</s>")
+
+
 def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes(tmp_path):
     """Rows whose answer is empty (`"output": ""`, an empty assistant turn) trained without a
     word: each teaches only the end of the turn, and a file of them teaches a model to say
@@ -874,7 +886,7 @@ def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes
     out = check(launcher(*args, "--run-name", "empty", f"data.train_file={full}")).stdout.splitlines()
     assert ("note: 5 of 35 training rows have an empty answer: they teach the model to end its turn at once") in out, out
     assert ("note: 3 of 35 training rows hold the text of a special token in their own words (</s> first): it is read as "
-            "that token, which ends a turn or a document there, as the chat template would render it; escape or drop it if "
-            "it is text") in out, out
+            "that token, not as text (a chat template's rendering does the same); escape or drop it if it is meant as "
+            "text") in out, out
     assert not [x for x in check(launcher(*args, "--run-name", "plain", f"data.train_file={plain}")).stdout.splitlines()
                 if "empty answer" in x or "special token" in x]

@@ -274,6 +274,8 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
                                  "JSONL or Parquet with a 'text' column"),
                                 ("sheet.txt", f'text,label\n"{texts[0]}",fair\n', "a CSV table (its header: text,label), "
                                  "read only from a .csv file; rename it"),
+                                ("excel.txt", f'Text;Label\n"{texts[0]}";fair\n', "a CSV table (its header: Text;Label), "
+                                 "read only from a .csv file; rename it"),
                                 ("x.txt.gz", None, "gzip-compressed, not text; decompress it first (gunzip)")):
         if content is not None:
             (tmp_path / name).write_text(content)
@@ -297,6 +299,10 @@ def test_eval_and_predict_cli(trained_binary, tmp_path):
     assert fair_eval.stderr.strip() == f"note: no row of {fair} has 'unfair': an F1 of 0 for each counts in the macro-F1"
     assert json.loads(fair_eval.stdout)["f1/unfair"] == 0
     assert "note:" not in check(launcher("eval", str(run / "model"), "--data", str(run / "data" / "validation.jsonl"))).stderr
+    # A short row lacking only a column the model does not read is predicted, as training reads it.
+    (tmp_path / "ids.csv").write_text("text,id\nWe may end it.,7\nWe may not.\n")
+    short = [json.loads(x) for x in check(launcher("predict", str(run / "model"), "--input", str(tmp_path / "ids.csv"))).stdout.splitlines()]
+    assert [(p["text"], p["id"]) for p in short] == [("We may end it.", "7"), ("We may not.", None)]
     (tmp_path / "Cap.csv").write_text("Text,Label\nWe may end it.,unfair\n")
     (tmp_path / "odd.csv").write_text("text,label\nWe may end it.,maybe\nWe may not.\n")
     (tmp_path / "lat.csv").write_bytes(b"text,label\nWe may end it.,unfair\nWe may n\xf6t.,fair\n")

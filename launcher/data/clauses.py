@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.config import BINARY_LABELS, UNFAIR_TOS_CATEGORIES, DataConfig
-from launcher.data.sources import BadRows, read_records  # noqa: F401  (read_records: cli, instructions)
+from launcher.data.sources import BadRows, ShortRow, read_records  # noqa: F401  (read_records: cli, instructions)
 from launcher.errors import DataError
 
 def _python_list(text: str) -> list | None:
@@ -312,11 +312,16 @@ def check_clause(encoder: LabelEncoder, record, where: str):
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with {encoder.text_column!r} and "
                         + (f"{encoder.label_column!r}" if encoder.label_column else "'label' or 'labels'"))
-    record = encoder.view(record)
-    text = record.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: missing or empty {encoder.text_column!r}")
-    return text, encoder.encode(record, where)
+    try:
+        row = encoder.view(record)
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: missing or empty {encoder.text_column!r}")
+        return text, encoder.encode(row, where)
+    except DataError:
+        if isinstance(record, ShortRow):  # (it was "needs exactly one of 'label' or 'labels'", or a null label)
+            raise DataError(record.problem(where)) from None
+        raise
 
 
 class ClauseEncoder:

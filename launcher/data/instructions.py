@@ -157,7 +157,7 @@ class InstructionEncoder:
     def __init__(self, cfg: DataConfig, tokenizer, fmt: PromptFormat | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.fmt = fmt or as_format(cfg, tokenizer)
-        self.controls = prompts.control_tokens(tokenizer, self.fmt)
+        self.controls = prompts.control_pattern(tokenizer)
 
     def check(self, where: str, record) -> None:
         prompts.normalize(record, self.fmt, where)
@@ -168,15 +168,17 @@ class InstructionEncoder:
     def __call__(self, batch: dict) -> dict:
         from launcher.data.pipeline import ROW, records
 
-        texts, spans, errors, rows = [], [], [], []
+        texts, spans, errors, rows, controls = [], [], [], [], []
         for record in records(batch):
             try:
                 row = prompts.normalize(record, self.fmt, ROW)
                 text, span, turn = prompts.render_turns(row, self.fmt, self.tokenizer)
                 error = ""
+                controls.append(prompts.control_text(prompts.own_words(record, row, self.fmt), self.controls) or "")
             except DataError as e:  # the message names the row (file:line) once the map is done
                 problem = e.problems[0]
                 row, text, span, turn, error = None, "", [], [], problem if problem.startswith(ROW) else f"{ROW}: {problem}"
+                controls.append("")
             rows.append(row)
             texts.append(text)
             spans.append((span, turn))
@@ -184,7 +186,7 @@ class InstructionEncoder:
         encoded = prompts.tokenize_at(texts, [prompts.answer_cuts(span, self.fmt) for span, _ in spans], self.tokenizer)
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "seq_lens", "length", "answer", "question", "_error", "_drop",
                                "_truncated", "_unanswered", "_label_tokens", "_chat", "_system", "_untrained", "_control")}
-        for (ids, offsets), (span, turn), text, error, row in zip(encoded, spans, texts, errors, rows):
+        for (ids, offsets), (span, turn), text, error, row, control in zip(encoded, spans, texts, errors, rows, controls):
             n_tokens = len(ids)
             ids, labels = _with_labels(list(ids), offsets, span, text, self.tokenizer)
             shift = len(ids) - n_tokens  # a BOS put before the text's tokens
@@ -201,7 +203,7 @@ class InstructionEncoder:
                          ("_chat", row is not None and "messages" in row),
                          ("_system", prompts.system_of(row, self.fmt) if row else None),
                          ("_untrained", prompts.untrained_turns(row, span) if row else 0),
-                         ("_control", (prompts.control_text(row, self.controls) or "") if row else "")):
+                         ("_control", control)):
                 out[k].append(v)
         return out
 

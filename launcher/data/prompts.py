@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import string
 from dataclasses import asdict, dataclass
 
@@ -283,22 +284,33 @@ def _content(content, where: str) -> str:
     raise DataError(f"{where} needs role (system, user or assistant) and string content; got {said}")
 
 
-def control_tokens(tokenizer, fmt: PromptFormat) -> tuple[str, ...]:
-    """The tokenizer's special tokens as text (<|im_end|>, </s>), less any that data.prompt or
-    data.response write on purpose: text of these inside a row is read as the token itself."""
+def control_pattern(tokenizer) -> re.Pattern | None:
+    """The tokenizer's special tokens as text (<|im_end|>, </s>), as one pattern (one search per
+    text: Llama-3 has 256 of them): text of these inside a row is read as the token itself."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     found = {t.content for t in decoder.values() if t.special} | set(getattr(tokenizer, "all_special_tokens", ()) or ())
-    written = (fmt.prompt or "") + (fmt.response or "")
-    return tuple(sorted(t for t in found if t and t not in written))
+    tokens = sorted((t for t in found if t), key=lambda t: (-len(t), t))  # (the longest first: "</s>" inside "</s>x")
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
-def control_text(row: dict, tokens: tuple[str, ...]) -> str | None:
-    """The first special token whose text a row's own words hold (an answer quoting
-    "<|im_end|>"): tokenized as that token, as a chat template's rendering is, it ends a turn or
-    a document in the middle of the text. None when the row holds none."""
-    texts = [m["content"] for m in row["messages"]] if "messages" in row else [
-        row[k] for k in ("instruction", "input", "output") if isinstance(row.get(k), str)]
-    return next((t for text in texts for t in tokens if t in text), None)
+def own_words(record: dict, row: dict, fmt: PromptFormat) -> list[str]:
+    """What a row itself says: its turns' contents, its instruction, input and output, or under
+    data.prompt / data.response the column values they fill (the templates' own text, special
+    tokens included, is written on purpose)."""
+    if fmt.prompt is not None:
+        names = placeholders(fmt.prompt) + (placeholders(fmt.response) if fmt.response else [])
+        return [str(record[n]) for n in dict.fromkeys(names) if record.get(n) is not None]
+    if "messages" in row:
+        return [m["content"] for m in row["messages"]]
+    return [row[k] for k in ("instruction", "input", "output") if isinstance(row.get(k), str)]
+
+
+def control_text(texts: list[str], pattern: re.Pattern | None) -> str | None:
+    """The first special token whose text `texts` hold (an answer quoting "<|im_end|>"), or None.
+    Tokenized as that token, as a chat template's rendering is, it is not the text it reads as."""
+    if pattern is None:
+        return None
+    return next((found.group(0) for text in texts if (found := pattern.search(text))), None)
 
 
 def answer(row: dict) -> str | None:

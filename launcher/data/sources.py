@@ -498,10 +498,13 @@ def _one_object(path: Path) -> dict | None:
         return None
     if not isinstance(document, dict):
         return None
-    lengths = {len(v) if isinstance(v, list) else -1 for v in document.values()}
-    cells = [x for v in document.values() if isinstance(v, list) for x in v]
-    if len(document) > 1 and len(lengths) == 1 and min(lengths) > 1 and not any(isinstance(x, (dict, list)) for x in cells):
-        # pandas' to_json(orient="list") and kin: its "text" was "missing" (a conversation's turns are objects)
+    columns = [list(v.values()) if isinstance(v, dict) else v for v in document.values()]  # (pandas' to_json(): {"text": {"0": ..}})
+    lengths = {len(v) if isinstance(v, list) else -1 for v in columns}
+    keyed = {tuple(v) for v in document.values() if isinstance(v, dict)}  # a column's row keys: one set for every column
+    cells = [x for v in columns if isinstance(v, list) for x in v]
+    if len(document) > 1 and len(lengths) == 1 and min(lengths) > 1 and len(keyed) <= 1 \
+            and not any(isinstance(x, (dict, list)) for x in cells):  # (a conversation's turns are objects)
+        # pandas' to_json() and a dict of lists (to_dict("list")): its "text" was "missing"
         raise DataError(f"{path}: one JSON object of columns ({', '.join(map(repr, document))}: lists of "
                         f"{min(lengths)}); give rows: one JSON object per line (.jsonl) or a JSON array of objects")
     return document
@@ -532,12 +535,9 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
             if reader.fieldnames:  # a repeated column's later copies renamed "text.1", as training's reader does
                 reader.fieldnames = _header_as_training_reads_it(path, reader.fieldnames)
             for record in reader:
-                if None in record.values():  # (DictReader fills a short row's missing fields with None: it was
-                    # "needs exactly one of 'label' or 'labels'", or "'label' is null")
-                    n, named = sum(v is not None for v in record.values()), len(reader.fieldnames or [])
-                    yield f"{path}:{reader.line_num}", DataError(
-                        f"{path}:{reader.line_num}: {n} field{'s' if n != 1 else ''} where the header names {named}")
-                    continue
+                if None in record.values():  # fewer fields than the header: DictReader filled the rest with None
+                    record = ShortRow(record, fields=sum(v is not None for v in record.values()),
+                                      named=len(reader.fieldnames or []))
                 if None in record:  # (DictReader keeps the extra fields under None; training refuses the row)
                     n = len(reader.fieldnames or []) + len(record[None])
                     cells = [v for v in [*record.values(), *record[None]] if isinstance(v, str)]
@@ -556,14 +556,44 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{reader.line_num}", DataError(f"{path}:{reader.line_num}: not valid CSV ({e})")
 
 
-def _first_bad_byte(path: Path) -> tuple[str, int]:
-    """`file:line` of a file's first byte that is not UTF-8, and its place in that line (1-based)."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        start, line = raw.rfind(b"\n", 0, e.start) + 1, raw.count(b"\n", 0, e.start) + 1
-        return f"{path}:{line}", e.start - start + 1
+class ShortRow(dict):
+    """A CSV row with fewer fields than its header, the missing ones None (training's reader
+    fills them with NaN): read as it is; where it lacks a value that is needed, it is named as
+    short (`problem`), not as a null label or a missing column."""
+
+    def __init__(self, record: dict, fields: int, named: int):
+        super().__init__(record)
+        self.fields, self.named = fields, named
+
+    def problem(self, where: str) -> str:
+        return f"{where}: {self.fields} field{'s' if self.fields != 1 else ''} where the header names {self.named}"
+
+
+def _first_bad_byte(path: Path, block: int = 1 << 20) -> tuple[str, int]:
+    """`file:line` of a file's first byte that is not UTF-8, and its place in that line (1-based);
+    read a block at a time (a training CSV the fast reader refused may be many GB)."""
+    line, line_start, base, carry = 1, 0, 0, b""  # base: the file offset of data[0]
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            data = carry + chunk
+            if not data:
+                break
+            try:
+                data.decode("utf-8")
+                good, carry, bad = data, b"", None
+            except UnicodeDecodeError as e:
+                good, bad = data[: e.start], e.start
+                if chunk and e.reason == "unexpected end of data":  # a character cut by the block's end
+                    carry, bad = data[e.start:], None
+            newline = good.rfind(b"\n")
+            line += good.count(b"\n")
+            line_start = base + newline + 1 if newline >= 0 else line_start
+            if bad is not None:
+                return f"{path}:{line}", base + bad - line_start + 1
+            base += len(good)
+            if not chunk:
+                break
     return f"{path}:1", 1  # (not reached: the reader failed on some byte)
 
 

@@ -219,9 +219,9 @@ class CausalLMTask:
             lines.append(f"note: {train_stats.empty_answers} of {train_stats.rows - train_stats.dropped} training rows have "
                          "an empty answer: they teach the model to end its turn at once")
         if train_stats.control_text:  # (as a chat template renders them; said, since it is rarely meant)
-            lines.append(f"note: {train_stats.control_text} of {train_stats.rows - train_stats.dropped} training rows hold the text of a special "
-                         f"token in their own words ({train_stats.control_token} first): it is read as that token, which ends "
-                         "a turn or a document there, as the chat template would render it; escape or drop it if it is text")
+            lines.append(f"note: {train_stats.control_text} of {train_stats.rows - train_stats.dropped} training rows hold the "
+                         f"text of a special token in their own words ({train_stats.control_token} first): it is read as that "
+                         "token, not as text (a chat template's rendering does the same); escape or drop it if it is meant as text")
             derived["derived.train_control_text"] = train_stats.control_text
         if self.answers:
             lines.append(f"closed answer set ({len(self.answers)}): {', '.join(self.answers)}; evaluation scores greedy "
