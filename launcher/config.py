@@ -227,8 +227,8 @@ class TrainConfig:
     # Peak dense TFLOP/s of one GPU at this precision, for train/mfu; null: known for
     # A100, H100 and H200 (bf16 or TF32), else no MFU is reported.
     peak_tflops: Optional[float] = None
-    # Seconds a rank may wait in a collective (e.g. while rank 0 tokenizes or
-    # writes a checkpoint) before the process group gives up.
+    # Seconds a rank may wait in a collective (e.g. while a checkpoint is written) before the
+    # process group gives up; tokenizing never waits in one (the other ranks watch the cache).
     collective_timeout_s: int = 1800
     # A rank with no progress (no step or eval batch ends) for this long writes its stacks
     # to RUN/ranks/rank-N.stack and rank 0 reports which ranks are behind and where; the run
@@ -1063,7 +1063,8 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 
 def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, type, default) rows: `launcher config --keys` prints them."""
+    """(dotted key, type, default) rows: the README's config reference is checked against them
+    (tests/test_readme.py)."""
     rows = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
