@@ -1062,6 +1062,15 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def unused_lora(lora: LoraConfig) -> list[str]:
+    """The model.lora settings given other than their defaults while model.lora.enabled is
+    false: unused, since every weight trains (a run meant as LoRA trained in full without a word)."""
+    if lora.enabled:
+        return []
+    default = LoraConfig()
+    return [f.name for f in dataclasses.fields(lora) if f.name != "enabled" and getattr(lora, f.name) != getattr(default, f.name)]
+
+
 def field_docs(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, type, default) rows: the README's config reference is checked against them
     (tests/test_readme.py)."""

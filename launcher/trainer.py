@@ -32,7 +32,7 @@ import launcher
 from launcher import checkpoint as ckpt_lib
 from launcher import (config_changes, faults, hub, models, owner, preemption, report, schedules, sizing, tasks, tracking,
                       watchdog)
-from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict
+from launcher.config import LOWER_IS_BETTER, RunConfig, dump_yaml, flatten, redact_uri, to_dict, unused_lora
 from launcher.data import batching
 from launcher.errors import ConfigError, DataError
 from launcher.files import write_atomically
@@ -197,6 +197,9 @@ def open_run(cfg: RunConfig, rt, pre: Preflight):
     if config_changes.same_path(cfg.data.train_file, cfg.data.validation_file):  # (accepted without a word)
         rt.print(f"note: data.validation_file is data.train_file ({cfg.data.train_file}): the evaluations score rows "
                  "the model trains on, which says little of how it does on new ones")
+    if unused := unused_lora(cfg.model.lora):
+        rt.print(f"note: model.lora.enabled is false: model.lora.{', '.join(unused)} set but unused; every weight trains "
+                 "(model.lora.enabled=true trains adapters)")
     if start.partial:
         rt.print(f"ignoring what a killed attempt left half-written: {', '.join(p.name for p in start.partial)} "
                  "(never loaded); removed")

@@ -870,7 +870,8 @@ def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes
     """Rows whose answer is empty (`"output": ""`, an empty assistant turn) trained without a
     word: each teaches only the end of the turn, and a file of them teaches a model to say
     nothing. Rows whose words hold a special token's text ("</s>") are tokenized as that token,
-    which ends the row there. The run counts both in notes; a file without any has none."""
+    which ends the row there. The run counts both in notes; a file without any has none. LoRA
+    settings given while LoRA is off are said to be unused (the run trained every weight)."""
     rows = [{"instruction": f"name the colour of thing {i}", "output": "" if i % 10 == 0 else f"colour {i % 3}"}
             for i in range(30)]
     rows += [{"messages": [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": "  "}]}] * 2
@@ -888,5 +889,10 @@ def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes
     assert ("note: 3 of 35 training rows hold the text of a special token in their own words (</s> first): it is read as "
             "that token, not as text (a chat template's rendering does the same); escape or drop it if it is meant as "
             "text") in out, out
-    assert not [x for x in check(launcher(*args, "--run-name", "plain", f"data.train_file={plain}")).stdout.splitlines()
-                if "empty answer" in x or "special token" in x]
+    assert "note: model.lora.enabled is false" not in "\n".join(out)
+    # LoRA settings given without model.lora.enabled train every weight: said, not silent.
+    plain_out = check(launcher(*args, "--run-name", "plain", f"data.train_file={plain}", "model.lora.r=4",
+                               "model.lora.target_modules=[q_proj]")).stdout.splitlines()
+    assert not [x for x in plain_out if "empty answer" in x or "special token" in x]
+    assert ("note: model.lora.enabled is false: model.lora.r, target_modules set but unused; every weight trains "
+            "(model.lora.enabled=true trains adapters)") in plain_out, plain_out
