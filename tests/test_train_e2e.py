@@ -1991,8 +1991,8 @@ def test_one_of_three_classes_trains_evaluates_predicts_and_loads_in_transformer
     (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "the film was okay", "label": 1}) + "\n")
     proc = launcher("eval", str(model), "--data", str(tmp_path / "plain.jsonl"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"error: {tmp_path / 'plain.jsonl'}: no 'sentence' (data.text_column) and no 'sentiment' (data.label_column) "
-        "column (its columns: 'text', 'label')"), proc.stderr
+        f"error: {tmp_path / 'plain.jsonl'}: no 'sentence' (the model's data.text_column) and no 'sentiment' (the model's "
+        "data.label_column) column (its columns: 'text', 'label')"), proc.stderr
     proc = launcher("predict", str(model), "--input", str(tmp_path / "plain.jsonl"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: --input: {tmp_path / 'plain.jsonl'}: no 'sentence' column, the model's data.text_column, (its columns: "
