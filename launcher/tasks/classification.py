@@ -495,11 +495,19 @@ def batched_logits(model, tokenizer, texts: list[str], max_length: int | None = 
         # Padded on the right, as training's batches are, whatever the tokenizer's padding_side:
         # with absolute positions (GPT-2's) left padding shifts every real token's position.
         with settings_kept(tokenizer):
-            if cut is not None:  # (one token past the limit tells a longer text, without the tokenizer's long-text warning)
-                ids = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit + 1)["input_ids"]
-                cut += [i + j for j, x in enumerate(ids) if len(x) > limit]
-            enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=limit, padding=True,
-                            padding_side="right", return_tensors="pt")
+            # Tokenized once, one token past the limit: a text that reaches it is longer (said, as
+            # `cut`), and only those are tokenized again at the limit (their special tokens end it).
+            batch = texts[i : i + batch_size]
+            enc = tokenizer(batch, truncation=True, max_length=limit + 1)
+            longer = [j for j, ids in enumerate(enc["input_ids"]) if len(ids) > limit]
+            if longer:
+                again = tokenizer([batch[j] for j in longer], truncation=True, max_length=limit)
+                for key in again:
+                    for j, value in zip(longer, again[key]):
+                        enc[key][j] = value
+            if cut is not None:
+                cut += [i + j for j in longer]
+            enc = tokenizer.pad(enc, padding=True, padding_side="right", return_tensors="pt")
         enc = {k: v.to(model.device) for k, v in enc.items()}
         out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
