@@ -771,12 +771,16 @@ def test_generation_metrics_pick_the_exported_checkpoint_and_predict_answers_row
     ev = json.loads(scored.stdout.strip().splitlines()[-1])
     for key in ("loss", "exact_match", "choice_accuracy", "choice_macro_f1", "n"):
         assert ev[key] == pytest.approx(final["after"][key], rel=1e-4), key
-    # References the answer set lacks (scored against every choice without a word) are counted.
-    assert "none of the model's" not in scored.stderr
-    odd = _write(tmp_path / "odd.jsonl", [{**r, "colour": "teal"} for r in rows[160:163]] + rows[163:170])
+    # References the answer set lacks (scored against every choice without a word) are counted,
+    # and so are empty ones (only an empty reply matches them).
+    assert "none of the model's" not in scored.stderr and "empty" not in scored.stderr
+    odd = _write(tmp_path / "odd.jsonl", [{**r, "colour": "teal"} for r in rows[160:163]]
+                 + [{**r, "colour": " "} for r in rows[163:165]] + rows[165:170])
     said = check(launcher("eval", str(run / "model"), "--data", str(odd))).stderr.splitlines()
-    assert "note: 3 of 10 references are none of the model's 4 answers ('teal' first): no choice can match them, and each " \
+    assert "note: 5 of 10 references are none of the model's 4 answers ('teal' first): no choice can match them, and each " \
            "counts against choice_accuracy" in said, said
+    assert "note: 2 of 10 references are empty: exact match counts only an empty reply right for them, and their loss " \
+           "is the end of the turn alone" in said, said
     queries = _write(tmp_path / "queries.jsonl", [{"thing": t} for t in things])  # no answer column at all
     pred_out = tmp_path / "pred.jsonl"
     check(launcher("predict", str(run / "model"), "--input", str(queries), "--output", str(pred_out)))

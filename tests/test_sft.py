@@ -869,7 +869,7 @@ def test_a_special_tokens_text_is_counted_in_a_rows_own_words_not_in_the_templat
 def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes(tmp_path):
     """Rows whose answer is empty (`"output": ""`, an empty assistant turn) trained without a
     word: each teaches only the end of the turn, and a file of them teaches a model to say
-    nothing. Rows whose words hold a special token's text ("</s>") are tokenized as that token,
+    nothing; as validation rows, only an empty reply matches them. Rows whose words hold a special token's text ("</s>") are tokenized as that token,
     which ends the row there. The run counts both in notes; a file without any has none. LoRA
     settings given while LoRA is off are said to be unused (the run trained every weight)."""
     rows = [{"instruction": f"name the colour of thing {i}", "output": "" if i % 10 == 0 else f"colour {i % 3}"}
@@ -884,8 +884,10 @@ def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes
     args = ["train", str(CONFIGS / "train" / "sft_tiny.yaml"), "--output-dir", str(tmp_path), "data.synthetic.enabled=false",
             f"data.validation_file={plain}", "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8",
             "eval.every_steps=0", "eval.at_start=false", "checkpoint.every_steps=0", "tracking.mlflow=false"]
-    out = check(launcher(*args, "--run-name", "empty", f"data.train_file={full}")).stdout.splitlines()
+    out = check(launcher(*args, "--run-name", "empty", f"data.train_file={full}", f"data.validation_file={full}")).stdout.splitlines()
     assert ("note: 5 of 35 training rows have an empty answer: they teach the model to end its turn at once") in out, out
+    assert ("note: 5 of 35 validation rows have an empty reference: exact match counts only an empty reply right for "
+            "them") in out, out
     assert ("note: 3 of 35 training rows hold the text of a special token in their own words (</s> first): it is read as "
             "that token, not as text (a chat template's rendering does the same); escape or drop it if it is meant as "
             "text") in out, out
@@ -893,6 +895,6 @@ def test_rows_with_an_empty_answer_or_a_special_tokens_text_are_counted_in_notes
     # LoRA settings given without model.lora.enabled train every weight: said, not silent.
     plain_out = check(launcher(*args, "--run-name", "plain", f"data.train_file={plain}", "model.lora.r=4",
                                "model.lora.target_modules=[q_proj]")).stdout.splitlines()
-    assert not [x for x in plain_out if "empty answer" in x or "special token" in x]
+    assert not [x for x in plain_out if "empty answer" in x or "empty reference" in x or "special token" in x]
     assert ("note: model.lora.enabled is false: model.lora.r, target_modules set but unused; every weight trains "
             "(model.lora.enabled=true trains adapters)") in plain_out, plain_out

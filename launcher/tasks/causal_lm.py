@@ -218,6 +218,9 @@ class CausalLMTask:
         if train_stats.empty_answers:  # (trained without a word: the model learns to end its turn at once)
             lines.append(f"note: {train_stats.empty_answers} of {train_stats.rows - train_stats.dropped} training rows have "
                          "an empty answer: they teach the model to end its turn at once")
+        if val_stats.empty_answers:  # (scored without a word, as `launcher eval` says of them)
+            lines.append(f"note: {val_stats.empty_answers} of {val_stats.rows - val_stats.dropped} validation rows have an "
+                         "empty reference: exact match counts only an empty reply right for them")
         if train_stats.control_text:  # (as a chat template renders them; said, since it is rarely meant)
             lines.append(f"note: {train_stats.control_text} of {train_stats.rows - train_stats.dropped} training rows hold the "
                          f"text of a special token in their own words ({train_stats.control_token} first): it is read as that "
@@ -603,7 +606,7 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
                   notes: list[str] | None = None) -> dict:
     """`launcher eval` for SFT data, one process: the training run's evaluation (loss, perplexity,
     exact match, closed-set scores) on any rows with references; `notes` gets a line counting
-    the references outside the model's closed answer set."""
+    the empty references, and one counting those outside the model's closed answer set."""
     from launcher.config import DataConfig
 
     kept: list[dict] = []
@@ -614,6 +617,10 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     if not eval_rows:  # (scored, nothing reads as a loss of 0 and a perplexity of 1)
         raise DataError(f"--data: no row left to evaluate: all {stats.rows} dropped (longer than max_length {max_length} "
                         f"with data.truncation={truncation}, or no answer to score)")
+    empty = sum(not r["answer"].strip() for r in eval_rows)
+    if empty and notes is not None:  # (scored without a word: only an empty reply matches them)
+        notes.append(f"note: {empty} of {len(eval_rows)} references are empty: exact match counts only an "
+                     "empty reply right for them, and their loss is the end of the turn alone")
     if candidates is not None and notes is not None:  # (scored without a word: no choice can be right for them)
         known = {generation.normalize(a) for a in candidates.answers}
         odd = [r["answer"] for r in eval_rows if generation.normalize(r["answer"]) not in known]
