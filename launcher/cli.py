@@ -657,10 +657,15 @@ def cmd_generate(args) -> int:
     if _exported_task(args.model_dir) != "causal_lm":
         said = "launcher.json's task" if (Path(args.model_dir) / "launcher.json").is_file() else "config.json's architectures"
         raise UserError(f"{args.model_dir}: not a causal LM (by its {said}); a classifier answers through launcher predict")
-    model, tokenizer, fmt, _ = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
+    model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(None, model, args.max_new_tokens)  # (a prompt cut to nothing was answered)
+    lengths: list[int] = []
     with _precision(args, args.model_dir, model):
-        _say(causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens))
+        answer = causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens, lengths)
+    note = causal_lm.long_prompts_note(lengths, meta, model, args.max_new_tokens)
+    if note:  # (answered without a word, from positions the model never trained on)
+        print(note, file=sys.stderr)
+    _say(answer)
     return 0
 
 
@@ -848,6 +853,9 @@ def _predict_causal_lm(args) -> list[str]:
         why = "--max-length" if args.max_length else "the model's position table less the answer's room"
         print(f"note: {len(cut)} of {len(rows)} prompts were longer than {limit} tokens ({why}): each was answered "
               "from its end", file=sys.stderr)
+    note = causal_lm.long_prompts_note([len(r["input_ids"]) for r in to_answer], meta, model, new_tokens)
+    if note:  # (answered without a word, from positions the model never trained on)
+        print(note, file=sys.stderr)
     batches = generation.EvalBatches(to_answer, 0, 1, args.batch_size, causal_lm.pad_id(tokenizer))
     with _precision(args, args.model_dir, model):
         _, answered = generation.evaluate(model, batches, tokenizer, candidates, new_tokens,

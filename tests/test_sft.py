@@ -493,7 +493,7 @@ def test_tiny_sft_learns_the_mapping_and_generates_training_answers(tmp_path):
     _plain_transformers_answers_as_the_run(run, prompts, last)
     # The same from the exported model, in a fresh process.
     gen = check(launcher("generate", str(run / "model"), "--prompt", prompts[0], "--max-new-tokens", "8"))
-    assert gen.stdout.strip().splitlines()[-1] == _answer(run, prompts[0])
+    assert gen.stdout.strip().splitlines()[-1] == _answer(run, prompts[0]) and "note:" not in gen.stderr
     ev = json.loads(check(launcher("eval", str(run / "model"), "--data", str(run / "data" / "validation.jsonl"))).stdout.strip().splitlines()[-1])
     assert ev["loss"] == pytest.approx(final["after"]["loss"], rel=1e-4) and ev["n"] == final["after"]["n"] == 64
     client = mlflow_client(tmp_path)
@@ -755,13 +755,30 @@ def test_predict_and_generate_answer_a_prompt_longer_than_the_positions_alike(ar
     ids = tokenizer(prompt)["input_ids"]
     assert len(ids) > table  # past the positions
 
-    def generate(text):
-        return check(launcher("generate", str(model), "--prompt", text, "--max-new-tokens", str(new))).stdout.strip()
+    said = []
 
-    (tmp_path / "prompts.txt").write_text(prompt + "\n")
-    (predicted,) = [json.loads(x) for x in check(launcher("predict", str(model), "--input",
-                                                          str(tmp_path / "prompts.txt"))).stdout.splitlines()]
+    def generate(text):
+        proc = check(launcher("generate", str(model), "--prompt", text, "--max-new-tokens", str(new)))
+        said.append(proc.stderr)
+        return proc.stdout.strip()
+
+    (tmp_path / "prompts.txt").write_text(prompt + "\n" + "hi\n")
+    proc = check(launcher("predict", str(model), "--input", str(tmp_path / "prompts.txt")))
+    predicted, short = [json.loads(x) for x in proc.stdout.splitlines()]
     assert predicted["response"] == generate(prompt) != ""
+    # Both say so (answered without a word before): past the rows the run trained on (max_length
+    # 64), and with rotary positions past max_position_embeddings too (a learned table cut it).
+    trained = json.loads((model / "launcher.json").read_text())["max_length"]
+    longer = f"longer than the {trained} tokens of the rows the model trained on (its run's data.max_length)"
+    past = f"past its {table} positions"
+    (note,) = [x for x in proc.stderr.splitlines() if x.startswith("note: prompts: ")]
+    assert note.startswith(f"note: prompts: 1 of 2 are {longer}") and (past in note) == (arch == "llama"), note
+    (note,) = [x for x in said[0].splitlines() if x.startswith("note: the prompt (")]
+    fed = int(note.split("(")[1].split()[0])  # the prompt's tokens as answered: cut to the table less the answer
+    assert (fed > table if arch == "llama" else fed == table - new) and longer in note and (past in note) == (arch == "llama"), note
+    assert short["response"] is not None and not [x for x in proc.stderr.splitlines() if "1 of 2" not in x and "note:" in x]
+    generate("hi")
+    assert "note:" not in said[-1], said[-1]
     if arch == "llama":  # fed whole: not the answer to the prompt's end that the old cut kept
         assert predicted["response"] != generate(tokenizer.decode(ids[-(table - new):]))
 

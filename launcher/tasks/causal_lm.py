@@ -553,14 +553,40 @@ def prompt_limit(model, max_new_tokens: int) -> int | None:
     return max(1, limit - max_new_tokens) if limit is not None else None
 
 
+def long_prompts_note(lengths: list[int], meta: dict, model, max_new_tokens: int) -> str | None:
+    """A note on prompts longer than the rows the model trained on (launcher.json's max_length),
+    or whose answer runs past its config's max_position_embeddings (rotary and relative
+    positions read them, less well; a learned table has cut them already): `generate` and
+    `predict` answered them without a word. None when every prompt fits."""
+    trained = meta.get("max_length") if isinstance(meta.get("max_length"), int) else None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    longer = sum(n > trained for n in lengths) if trained else 0
+    past = sum(n + max_new_tokens > positions for n in lengths) if isinstance(positions, int) else 0
+    if not longer and not past:
+        return None
+    one = len(lengths) == 1
+    said = []
+    if longer:
+        said.append(f"{'is' if one else f'{longer} of {len(lengths)} are'} longer than the {trained} tokens of the rows "
+                    "the model trained on (its run's data.max_length)")
+    if past:
+        said.append(f"with {max_new_tokens} new tokens runs past its {positions} positions" if one else
+                    f"{past} of {len(lengths)} run past its {positions} positions with {max_new_tokens} new tokens")
+        said[-1] += " (config.json's max_position_embeddings)"
+    which = f"the prompt ({lengths[0]} tokens)" if one else "prompts:"
+    return f"note: {which} {(', and ' if one else '; ').join(said)}: answers there are less reliable"
+
+
 @torch.no_grad()
 def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_new_tokens: int, sync=None,
-                   batch_size: int = 16) -> list[str]:
+                   batch_size: int = 16, lengths: list[int] | None = None) -> list[str]:
     """Greedy answers to typed prompts (eval.generation_prompts, `launcher generate`), batched: each
     fills data.prompt's one column as predict's plain lines do, else is the instruction. With
     a learned position table (GPT-2's), a prompt keeps the end that leaves the answer room, as
-    predict's do."""
+    predict's do. `lengths` gets each prompt's tokens as answered."""
     rows = prompt_rows([prompts.typed_row(t, fmt, "prompt") for t in texts], fmt, tokenizer, prompt_limit(model, max_new_tokens))
+    if lengths is not None:
+        lengths += [len(r["input_ids"]) for r in rows]
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
     _, answered = generation.evaluate(model, batches, tokenizer, None, max_new_tokens, sync=sync,
                                       frame=answer_frame(fmt, tokenizer))
@@ -639,6 +665,7 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     return metrics | {"truncated": stats.truncated, "dropped": stats.dropped}
 
 
-def generate(model, tokenizer, fmt: PromptFormat, prompt: str, max_new_tokens: int) -> str:
+def generate(model, tokenizer, fmt: PromptFormat, prompt: str, max_new_tokens: int,
+             lengths: list[int] | None = None) -> str:
     """Greedy answer to one prompt in the run's format, on the model's device."""
-    return answer_prompts(model, tokenizer, fmt, [prompt], max_new_tokens)[0]
+    return answer_prompts(model, tokenizer, fmt, [prompt], max_new_tokens, lengths=lengths)[0]
