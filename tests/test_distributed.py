@@ -316,7 +316,9 @@ def test_multiclass_and_multilabel_on_two_ranks_equal_one_process(accel, mode, t
 
 
 @pytest.mark.parametrize("accel,extra", [("cpu_ddp", ["data.packing=true"]), ("deepspeed_zero3", ["model.lora.enabled=true"]),
-                                         ("deepspeed_zero3", ["data.packing=true"])],
+                                         # (make test-matrix: ZeRO-3 trains the full model to one process's
+                                         # weights in the chunked-loss test below, packed rows on 2 ranks above)
+                                         pytest.param("deepspeed_zero3", ["data.packing=true"], marks=pytest.mark.matrix)],
                          ids=["ddp-packed-full", "zero3-lora", "zero3-packed-full"])
 def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
     """The causal-LM task through the same engines: same weights and generations as one
@@ -379,9 +381,13 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(run_dir / "model" / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.matrix
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resumes(tmp_path, reference):
     """A scheduler's SIGTERM to the launcher: torchrun passes it to both ranks, they agree
-    on one step, checkpoint it and exit; the same command then resumes to the same weights."""
+    on one step, checkpoint it and exit; the same command then resumes to the same weights.
+    make test-matrix: make test stops 2 ranks with a signal and resumes them to the reference
+    weights in test_interrupt (two-ranks), sends the SIGTERM through launcher.launch there
+    (ddp-SIGTERM), and through a raw accelerate launch below (a step longer than the grace)."""
     launch = ["--config_file", str(ACCEL / "cpu_ddp.yaml")]
     # (torchrun's grace after a SIGTERM is 30 s by default: the stop may take longer on a loaded machine)
     errors = tmp_path / "stderr.txt"
