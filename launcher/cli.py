@@ -660,8 +660,12 @@ def cmd_generate(args) -> int:
     model, tokenizer, fmt, meta = causal_lm.load_exported(args.model_dir, args.trust_remote_code)
     _within_positions(None, model, args.max_new_tokens)  # (a prompt cut to nothing was answered)
     lengths: list[int] = []
+    cut: list[int] = []
     with _precision(args, args.model_dir, model):
-        answer = causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens, lengths)
+        answer = causal_lm.generate(model, tokenizer, fmt, args.prompt, args.max_new_tokens, lengths, cut)
+    if cut:  # (as predict says it: the answer is to the prompt's end only)
+        print(f"note: the prompt was longer than {lengths[0]} tokens (the model's position table less the answer's "
+              "room): it was answered from its end", file=sys.stderr)
     note = causal_lm.long_prompts_note(lengths, meta, model, args.max_new_tokens)
     if note:  # (answered without a word, from positions the model never trained on)
         print(note, file=sys.stderr)

@@ -218,7 +218,7 @@ class CausalLMTask:
         if train_stats.empty_answers:  # (trained without a word: the model learns to end its turn at once)
             lines.append(f"note: {train_stats.empty_answers} of {train_stats.rows - train_stats.dropped} training rows have "
                          "an empty answer: they teach the model to end its turn at once")
-        if val_stats.empty_answers:  # (scored without a word, as `launcher eval` says of them)
+        if val_stats.empty_answers and self.cfg.eval.generate_rows != 0:  # (scored without a word, as `launcher eval` says)
             lines.append(f"note: {val_stats.empty_answers} of {val_stats.rows - val_stats.dropped} validation rows have an "
                          "empty reference: exact match counts only an empty reply right for them")
         if train_stats.control_text:  # (as a chat template renders them; said, since it is rarely meant)
@@ -554,37 +554,38 @@ def prompt_limit(model, max_new_tokens: int) -> int | None:
 
 
 def long_prompts_note(lengths: list[int], meta: dict, model, max_new_tokens: int) -> str | None:
-    """A note on prompts longer than the rows the model trained on (launcher.json's max_length),
-    or whose answer runs past its config's max_position_embeddings (rotary and relative
-    positions read them, less well; a learned table has cut them already): `generate` and
-    `predict` answered them without a word. None when every prompt fits."""
+    """A note on prompts that reach the run's data.max_length (launcher.json's; a row that long
+    had no room left for an answer, so the model never trained on one), or whose answer runs
+    past its config's max_position_embeddings (rotary and relative positions read them, less
+    well; a learned table has cut them already): `generate` and `predict` answered them without
+    a word. None when every prompt fits."""
     trained = meta.get("max_length") if isinstance(meta.get("max_length"), int) else None
-    positions = getattr(model.config, "max_position_embeddings", None)
-    longer = sum(n > trained for n in lengths) if trained else 0
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    positions = getattr(config, "max_position_embeddings", None)
+    longer = sum(n >= trained for n in lengths) if trained else 0
     past = sum(n + max_new_tokens > positions for n in lengths) if isinstance(positions, int) else 0
     if not longer and not past:
         return None
-    one = len(lengths) == 1
-    said = []
-    if longer:
-        said.append(f"{'is' if one else f'{longer} of {len(lengths)} are'} longer than the {trained} tokens of the rows "
-                    "the model trained on (its run's data.max_length)")
-    if past:
-        said.append(f"with {max_new_tokens} new tokens runs past its {positions} positions" if one else
-                    f"{past} of {len(lengths)} run past its {positions} positions with {max_new_tokens} new tokens")
-        said[-1] += " (config.json's max_position_embeddings)"
-    which = f"the prompt ({lengths[0]} tokens)" if one else "prompts:"
-    return f"note: {which} {(', and ' if one else '; ').join(said)}: answers there are less reliable"
+    reach = f"as long as the run's data.max_length ({trained}) or longer: no row it trained on had an answer past it"
+    runs = f"past the model's max_position_embeddings ({positions})"
+    if len(lengths) == 1:
+        said = [f"is {reach}"] if longer else []
+        said += [f"with {max_new_tokens} new tokens runs {runs}"] if past else []
+        return f"note: the prompt ({lengths[0]} tokens) {', and '.join(said)}: it is answered, less reliably"
+    said = [f"{longer} of {len(lengths)} prompts are {reach}"] if longer else []
+    said += [f"{past} of {len(lengths)} prompts run {runs} with {max_new_tokens} new tokens"] if past else []
+    return f"note: {'; '.join(said)}: they are answered, less reliably"
 
 
 @torch.no_grad()
 def answer_prompts(model, tokenizer, fmt: PromptFormat, texts: list[str], max_new_tokens: int, sync=None,
-                   batch_size: int = 16, lengths: list[int] | None = None) -> list[str]:
+                   batch_size: int = 16, lengths: list[int] | None = None, cut: list[int] | None = None) -> list[str]:
     """Greedy answers to typed prompts (eval.generation_prompts, `launcher generate`), batched: each
     fills data.prompt's one column as predict's plain lines do, else is the instruction. With
     a learned position table (GPT-2's), a prompt keeps the end that leaves the answer room, as
-    predict's do. `lengths` gets each prompt's tokens as answered."""
-    rows = prompt_rows([prompts.typed_row(t, fmt, "prompt") for t in texts], fmt, tokenizer, prompt_limit(model, max_new_tokens))
+    predict's do. `lengths` gets each prompt's tokens as answered, `cut` the index of each cut."""
+    rows = prompt_rows([prompts.typed_row(t, fmt, "prompt") for t in texts], fmt, tokenizer, prompt_limit(model, max_new_tokens),
+                       cut)
     if lengths is not None:
         lengths += [len(r["input_ids"]) for r in rows]
     batches = generation.EvalBatches(rows, 0, 1, batch_size, pad_id(tokenizer))
@@ -646,10 +647,10 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
     empty = sum(not r["answer"].strip() for r in eval_rows)
     if empty and notes is not None:  # (scored without a word: only an empty reply matches them)
         notes.append(f"note: {empty} of {len(eval_rows)} references are empty: exact match counts only an "
-                     "empty reply right for them, and their loss is the end of the turn alone")
+                     "empty reply right for them")
     if candidates is not None and notes is not None:  # (scored without a word: no choice can be right for them)
         known = {generation.normalize(a) for a in candidates.answers}
-        odd = [r["answer"] for r in eval_rows if generation.normalize(r["answer"]) not in known]
+        odd = [r["answer"] for r in eval_rows if generation.normalize(r["answer"]) not in known and r["answer"].strip()]
         if odd:
             notes.append(f"note: {len(odd)} of {len(eval_rows)} references are none of the model's {len(known)} answers "
                          f"({odd[0]!r} first): no choice can match them, and each counts against choice_accuracy")
@@ -666,6 +667,6 @@ def evaluate_rows(model, tokenizer, fmt: PromptFormat, rows: list[dict], max_len
 
 
 def generate(model, tokenizer, fmt: PromptFormat, prompt: str, max_new_tokens: int,
-             lengths: list[int] | None = None) -> str:
+             lengths: list[int] | None = None, cut: list[int] | None = None) -> str:
     """Greedy answer to one prompt in the run's format, on the model's device."""
-    return answer_prompts(model, tokenizer, fmt, [prompt], max_new_tokens, lengths=lengths)[0]
+    return answer_prompts(model, tokenizer, fmt, [prompt], max_new_tokens, lengths=lengths, cut=cut)[0]
