@@ -75,7 +75,7 @@ test-faults: venv
 	$(PY) -m pytest -q -m faults tests/test_faults.py
 
 # The same checks on more engines: TRL's multi_gpu / ZeRO-1 / ZeRO-3 configs, ZeRO-2 LoRA checkpoints,
-# every pretrained model (tiny BERT, tiny Llama, MiniLM) through every engine, packed SFT under ZeRO-3,
+# every pretrained model (tiny BERT, tiny Llama, MiniLM) through every engine, packed SFT under ZeRO-3, QLoRA on SmolLM2,
 # and a raw accelerate launch's SIGTERM resumed on 2 ranks.
 test-matrix: venv
 	$(PY) -m pytest -q -m matrix

@@ -454,6 +454,7 @@ def test_smollm2_through_every_engine_equals_one_process(engine, mode, run, one_
     assert [r["response"] for r in rows] == [r["response"] for r in ref_rows] and len(rows) == 12
 
 
+@pytest.mark.matrix  # the NF4 path runs in make test on a saved tiny Llama (tests/test_qlora.py)
 def test_qlora_on_smollm2_trains_and_exports_the_quantized_base_plus_the_adapter(run):
     """The real model with an NF4 base (model.quantization=nf4, from the converted directory: a
     GGUF file with quantization is refused) and the recipe's LoRA, one process: the evaluation

@@ -830,25 +830,6 @@ def test_a_resume_by_path_into_a_directory_with_that_step_or_later_is_refused(tm
         resolve_resume(run, str(back))
 
 
-def test_an_extended_run_ends_with_its_new_export_in_the_tracker(tmp_path):
-    """exported.step and its score were params, which MLflow never changes: a run extended from
-    2 steps to 4 still said it exported step 2. They are tags now, replaced at each end."""
-    args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "eval.every_steps=2",
-            "checkpoint.every_steps=2", "checkpoint.export=last"]
-    check(launcher(*args, "train.max_steps=2"))
-    extended = check(launcher(*args, "train.max_steps=4"))
-    (run,) = all_runs(mlflow_client(tmp_path))
-    final = json.loads((tmp_path / "x" / "final_metrics.json").read_text())
-    assert final["exported_step"] == 4 and run.data.tags["exported.step"] == "4"
-    # The schedule is spread over 4 steps now, so step 3's lr is not where the old one would
-    # have gone on; the run says so (it said only "train.max_steps: 2 -> 4").
-    lrs = {r["step"]: r["train/lr"] for r in map(json.loads, (tmp_path / "x" / "metrics.jsonl").read_text().splitlines())
-           if "train/lr" in r}
-    said = next(line for line in extended.stdout.splitlines() if line.startswith("learning rate: step 3 runs at "))
-    assert said.startswith(f"learning rate: step 3 runs at {lrs[3]:.3g} on the new 4-step linear schedule (the checkpoint's")
-    assert float(run.data.tags["exported.macro_f1"]) == pytest.approx(final["after"]["macro_f1"], abs=1e-9)
-
-
 def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
     """The MLflow run a resume created (tracking.mlflow was false before) held only the steps
     after the resume: metrics.jsonl's earlier values are sent to it, as to a run whose
@@ -866,15 +847,23 @@ def test_mlflow_turned_on_at_a_resume_holds_the_history_before_it(tmp_path):
 def test_changes_of_an_attempt_run_with_mlflow_off_reach_the_run_later(tmp_path):
     """An attempt run with tracking.mlflow=false logged none of its changes, and the next attempt
     logged only its own: the MLflow run never showed that eval.every_steps had changed at step 2
-    and still read 2 as its current value. The attempts' changes in config_history.jsonl are sent."""
+    and still read 2 as its current value. The attempts' changes in config_history.jsonl are sent.
+
+    The checkpoint's tracker ids were once replaced by the attempt's own: the attempt with
+    tracking.mlflow=false dropped the MLflow run id, so turning MLflow back on started a second
+    run. Now the ids merge: the third attempt continues the first attempt's run, and the steps of
+    the attempt without MLflow are sent from metrics.jsonl."""
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "x", *FAST, "train.max_steps=4",
             "checkpoint.every_steps=1"]
     check(launcher(*args, "eval.every_steps=2", "train.halt_at_step=2"))
+    (first,) = all_runs(mlflow_client(tmp_path))
     check(launcher(*args, "eval.every_steps=3", "train.halt_at_step=3", "tracking.mlflow=false"))
     check(launcher(*args, "eval.every_steps=3"))
     history = [json.loads(line) for line in (tmp_path / "x" / "config_history.jsonl").read_text().splitlines()]
     assert [h["resumed_at_step"] for h in history] == [2, 3]
     (run,) = all_runs(mlflow_client(tmp_path))
+    assert run.info.run_id == first.info.run_id and run.data.tags["launcher.attempts"] == "2"
+    assert [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
     params = run.data.params
     assert params["resumed_at_2.eval.every_steps"] == "2 -> 3" and params["resumed_at_2.tracking.mlflow"] == "True -> False"
     assert params["resumed_at_3.tracking.mlflow"] == "False -> True" and params["eval.every_steps"] == "2"
@@ -1670,15 +1659,19 @@ def test_a_kept_tokenizer_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
 
 
-def test_an_export_saves_the_tokenizer_as_loaded_whether_the_process_tokenized_or_read_the_cache(tmp_path):
+def test_an_extended_run_exports_the_same_tokenizer_and_ends_with_its_new_export_in_the_tracker(tmp_path):
     """A run tokenizes its rows and exports; extended, its second process reads them from the
     token cache and exports again: tokenizer.json is the same file both times, as the tokenizer
     loaded it (no truncation). Before, the process that tokenized saved its max_length as the
-    file's truncation, which the tokenizers library then applies to every text it encodes."""
-    exported, caches = [], []
+    file's truncation, which the tokenizers library then applies to every text it encodes.
+
+    exported.step and its score were params, which MLflow never changes: the run extended from
+    2 steps to 4 still said it exported step 2. They are tags now, replaced at each end."""
+    exported, caches, outs = [], [], []
     for steps in (2, 4):
-        check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST,
-                       f"train.max_steps={steps}", "eval.every_steps=2", "checkpoint.every_steps=2"))
+        outs.append(check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *FAST,
+                                   f"train.max_steps={steps}", "eval.every_steps=2", "checkpoint.every_steps=2",
+                                   "checkpoint.export=last")))
         exported.append((tmp_path / "r" / "model" / "tokenizer.json").read_bytes())
         caches.append(sorted(p.name for p in (tmp_path / ".cache").glob("tokens-*")))
     assert caches[0] and caches[1] == caches[0]  # the first built the token rows, the second read them
@@ -1686,6 +1679,16 @@ def test_an_export_saves_the_tokenizer_as_loaded_whether_the_process_tokenized_o
     built = json.loads(next((tmp_path / ".cache").glob("tokenizer-*/tokenizer.json")).read_text())
     saved = json.loads(exported[0])
     assert (saved["truncation"], saved["padding"]) == (built["truncation"], built["padding"])
+    (run,) = all_runs(mlflow_client(tmp_path))
+    final = json.loads((tmp_path / "r" / "final_metrics.json").read_text())
+    assert final["exported_step"] == 4 and run.data.tags["exported.step"] == "4"
+    assert float(run.data.tags["exported.macro_f1"]) == pytest.approx(final["after"]["macro_f1"], abs=1e-9)
+    # The schedule is spread over 4 steps now, so step 3's lr is not where the old one would
+    # have gone on; the run says so (it said only "train.max_steps: 2 -> 4").
+    lrs = {r["step"]: r["train/lr"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+           if "train/lr" in r}
+    said = next(line for line in outs[1].stdout.splitlines() if line.startswith("learning rate: step 3 runs at "))
+    assert said.startswith(f"learning rate: step 3 runs at {lrs[3]:.3g} on the new 4-step linear schedule (the checkpoint's")
 
 
 def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebuilds_it(tmp_path):
@@ -1716,50 +1719,14 @@ def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebui
     assert (tmp_path / "r" / "model" / "model.safetensors").is_file()
 
 
-def test_a_tracker_turned_off_for_one_attempt_keeps_its_run_for_the_next(tmp_path):
-    """The checkpoint's tracker ids were replaced by the attempt's own: an attempt with
-    tracking.mlflow=false dropped the MLflow run id, so turning MLflow back on started a
-    second run. Now the ids merge: the third attempt continues the first attempt's run."""
-    common = [*FAST, "checkpoint.every_steps=3", "eval.every_steps=1000"]
-
-    def attempt(steps: int, *extra: str):
-        return check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common,
-                              f"train.max_steps={steps}", *extra))
-
-    attempt(3)
-    (first,) = all_runs(mlflow_client(tmp_path))
-    attempt(6, "tracking.mlflow=false")
-    attempt(9)
-    (run,) = all_runs(mlflow_client(tmp_path))
-    assert run.info.run_id == first.info.run_id and run.data.tags["launcher.attempts"] == "2"
-    steps = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(1, 10))  # the attempt without MLflow: sent from metrics.jsonl
-
-
-def test_a_resume_into_another_tracking_store_starts_a_new_run_there_with_the_history(tmp_path):
+def test_a_resume_into_another_tracking_store_starts_a_new_run_there_found_again_after_a_kill(tmp_path):
     """tracking.uri changed between attempts (a team server instead of the local store): the
     recorded run id is not in the new store, and every attempt failed its start on it, exit 2.
-    Now one line says so and a new run there takes the history over from metrics.jsonl."""
-    from mlflow.tracking import MlflowClient
+    Now one line says so and a new run there takes the history over from metrics.jsonl.
 
-    common = [*FAST, "checkpoint.every_steps=3", "eval.every_steps=1000"]
-    stores = [f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db")]
-    check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common, "train.max_steps=3",
-                   f"tracking.uri={stores[0]}"))
-    (old,) = all_runs(MlflowClient(tracking_uri=stores[0]))
-    again = check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common, "train.max_steps=6",
-                           f"tracking.uri={stores[1]}"))
-    assert f"tracking: MLflow run {old.info.run_id} is not in {stores[1]}" in again.stderr
-    client = MlflowClient(tracking_uri=stores[1])
-    (new,) = all_runs(client)
-    assert new.data.tags["launcher.previous_run_id"] == old.info.run_id and new.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(new.info.run_id, "train/loss")] == list(range(1, 7))
-
-
-def test_a_replacement_tracker_run_is_found_again_after_a_kill_before_the_next_checkpoint(tmp_path):
-    """The attempt that started a new MLflow run (the recorded one not in the store) kept its id
-    only in memory until its next checkpoint: killed before that, the next attempt made a third
-    run and left the second RUNNING. job.json now holds the new id at once."""
+    That attempt kept the new run's id only in memory until its next checkpoint: killed before
+    that, the next attempt made a third run and left the second RUNNING. job.json now holds the
+    new id at once."""
     from mlflow.tracking import MlflowClient
 
     from test_faults import _kill_tree_when_stopped
@@ -1768,14 +1735,18 @@ def test_a_replacement_tracker_run_is_found_again_after_a_kill_before_the_next_c
     stores = [f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db")]
     base = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
     check(launcher(*base, "train.max_steps=3", f"tracking.uri={stores[0]}"))
+    (old,) = all_runs(MlflowClient(tracking_uri=stores[0]))
     cmd = [sys.executable, "-m", "launcher", *base, "train.max_steps=6", f"tracking.uri={stores[1]}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "step:4"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _kill_tree_when_stopped(proc)  # at step 4: its run exists, its next checkpoint (step 6) does not
+    with open(tmp_path / "killed.err", "w") as err:
+        proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE_ENV, "LAUNCHER_FAILPOINT": "step:4"},
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _kill_tree_when_stopped(proc)  # at step 4: its run exists, its next checkpoint (step 6) does not
+    assert f"tracking: MLflow run {old.info.run_id} is not in {stores[1]}" in (tmp_path / "killed.err").read_text()
     check(launcher(*base, "train.max_steps=6", f"tracking.uri={stores[1]}"))
     client = MlflowClient(tracking_uri=stores[1])
     (run,) = all_runs(client)
     assert run.info.status == "FINISHED" and run.data.tags["launcher.attempts"] == "2"
+    assert run.data.tags["launcher.previous_run_id"] == old.info.run_id
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 7))
 
 
