@@ -133,6 +133,18 @@ def all_runs(client):
     return client.search_runs([e.experiment_id for e in exps]) if exps else []
 
 
+TWELVE_STEPS = ["train.max_steps=12", "eval.every_steps=6", "checkpoint.every_steps=6"]
+
+
+@pytest.fixture(scope="session")
+def twelve_steps(tmp_path_factory) -> tuple[Path, Path]:
+    """One process, 12 steps of the small demo (FAST): the reference that runs stopped, resumed,
+    on 2 ranks or under Slurm must equal (output directory, run directory); built once per worker."""
+    out = tmp_path_factory.mktemp("twelve")
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "ref", *FAST, *TWELVE_STEPS))
+    return out, out / "ref"
+
+
 @pytest.fixture(scope="session")
 def trained_binary(tmp_path_factory):
     """One real training run of the demo recipe (100 steps), shared by the tests that read it."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, communicate_or_kill, exported_checkpoint,
+from conftest import (CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_runs, check, communicate_or_kill, exported_checkpoint,
                       launcher, mlflow_client)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -127,11 +127,10 @@ def check_export_predicts_like_the_run(run_dir: Path, data: Path | None = None):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(twelve_steps):
     """One process, same config: accumulation 2 x micro 16 instead of 2 ranks x micro 16."""
-    out = tmp_path_factory.mktemp("ref")
-    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "ref", *FAST, *STEPS))
-    return out, out / "ref"
+    assert STEPS == TWELVE_STEPS
+    return twelve_steps
 
 
 def test_ddp_two_cpu_ranks(tmp_path, reference):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, communicate_or_kill, launcher, mlflow_client
+from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_runs, check, communicate_or_kill, launcher, mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,9 @@ def _same(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *FAST, *STEPS))
-    return _weights(out / "r")
+def reference(twelve_steps):
+    assert STEPS == TWELVE_STEPS
+    return _weights(twelve_steps[1])
 
 
 def _steps_logged(out: Path) -> list[int]:

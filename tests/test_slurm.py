@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, launcher, mlflow_client
+from conftest import FAST, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_runs, check, launcher, mlflow_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -105,7 +105,7 @@ def test_cpus_threads_and_warning_lead(cluster, extra, cpus, threads, lead):
     assert f"launcher: {cpus} CPUs per node, {threads} threads per rank; stop warning {lead} s before the time limit" in out
 
 
-def test_two_node_job_trains_to_completion(cluster, tmp_path):
+def test_two_node_job_trains_to_completion(cluster, tmp_path, twelve_steps):
     job, proc = sbatch(cluster, tmp_path, *STEPS, wait=True)
     state = cluster.job_state(job)
     log = (tmp_path / f"slurm-{job}.out").read_text()
@@ -120,19 +120,18 @@ def test_two_node_job_trains_to_completion(cluster, tmp_path):
     assert mlrun.data.tags["slurm_job_id"] == job and mlrun.data.tags["num_nodes"] == "2"
     from safetensors.torch import load_file  # the weights of one process on the same config
 
-    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "ref", *FAST, *STEPS))
-    a, b = load_file(run / "model" / "model.safetensors"), load_file(tmp_path / "ref" / "ref" / "model" / "model.safetensors")
+    assert STEPS == TWELVE_STEPS
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(twelve_steps[1] / "model" / "model.safetensors")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
-def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_same_run(cluster, tmp_path):
+def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_same_run(cluster, tmp_path, twelve_steps):
     """`sbatch --nodes 1-2`: the first attempt gets both nodes; while it checkpoints and stops,
     one node is drained, so the requeued job gets one. It resumes the 2-rank checkpoint on 1
     rank (a full DDP state), in the same MLflow run, to the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    ref = tmp_path / "ref"
-    check(launcher("train", str(TINY), "--output-dir", str(ref), "--run-name", "ref", *FAST, *STEPS))
+    assert STEPS == TWELVE_STEPS
     # Rank 0 takes 10 s more in step 1 (the requeued attempt starts past it): the stop asked for
     # below, once it sleeps there, lands before the 12 steps end, however slow the signal's way
     # through Slurm (a stop before the first step is test_interrupt's).
@@ -168,7 +167,7 @@ def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_sam
     assert mlrun.data.params[f"resumed_at_{step}.world_size"] == "2 -> 1"
     client = mlflow_client(tmp_path)
     assert [m.step for m in sorted(client.get_metric_history(mlrun.info.run_id, "train/loss"), key=lambda m: m.step)] == list(range(1, 13))
-    a, b = load_file(run / "model" / "model.safetensors"), load_file(ref / "ref" / "model" / "model.safetensors")
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(twelve_steps[1] / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 

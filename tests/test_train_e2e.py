@@ -560,13 +560,24 @@ def _killed_and_resumed_in_wandb(tmp_path: Path, env: dict) -> None:
     assert rows[len(lacked):] == [_point(r) for r in local if r["step"] > 6]
 
 
-def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_place(tmp_path):
+_SIXTY = [*FAST, "train.max_steps=60", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
+
+
+@pytest.fixture(scope="module")
+def sixty_steps(tmp_path_factory) -> Path:
+    """The uninterrupted 60-step run that a run killed before its first checkpoint and started
+    again in place must equal (two tests)."""
+    out = tmp_path_factory.mktemp("sixty")
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY))
+    return out / "r"
+
+
+def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_place(tmp_path, sixty_steps):
     """A node dies (SIGKILL) before the first checkpoint; Slurm requeues the job with the same
     job id. The run directory holds no checkpoint, but RUN/job.json says it belongs to this job,
     so the job starts again from step 0 in it, continuing its MLflow run. Another job is still
     refused with exit 2 and changes nothing (the whole policy: test_config.py::test_run_directory_policy)."""
-    common = [*FAST, "train.max_steps=60", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
-    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
+    common = _SIXTY
     out, run = tmp_path / "b", tmp_path / "b" / "r"
     cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
     proc = subprocess.Popen(cmd, env={**os.environ, "SLURM_JOB_ID": "4711"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -607,7 +618,7 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     at = next(i for i, x in enumerate(lines) if x.startswith("restarting from step 0 in place: an earlier attempt of job 4711"))
     assert lines[at + 1 : at + 3] == ["restarting with a changed config (config_history.jsonl):",
                                       "  eval.every_steps: 1000 -> 900"], lines
-    a, b = _weights(tmp_path / "ref" / "r"), _weights(run)
+    a, b = _weights(sixty_steps), _weights(run)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     (mlrun,) = all_runs(mlflow_client(out))
     assert mlrun.info.run_id == job["tracker_ids"]["mlflow"] and mlrun.data.tags["launcher.attempts"] == "2"
@@ -616,14 +627,13 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     assert steps == list(range(1, 61))  # the local record holds the new attempt only
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path, sixty_steps):
     """kill -9 (a timeout's, the OOM killer's) before the first checkpoint, outside a scheduler:
     the same command refused the directory it left ("holds no complete checkpoint"), which
     held nothing to resume. Its lease names a process of this host that is gone, so the same
     run starts again from step 0 in place, in the same MLflow run, and says so; another
     config under its name is still refused."""
-    common = [*FAST, "train.max_steps=60", "checkpoint.every_steps=1000", "eval.every_steps=1000"]
-    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "ref"), "--run-name", "r", *common))
+    common = _SIXTY
     out, run = tmp_path / "k", tmp_path / "k" / "r"
     cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -653,7 +663,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
                                       "  eval.every_steps: 1000 -> 900"]
     (history,) = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
     assert history["resumed_at_step"] == 0 and history["changed"] == {"eval.every_steps": [1000, 900]}
-    a, b = _weights(tmp_path / "ref" / "r"), _weights(run)
+    a, b = _weights(sixty_steps), _weights(run)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     (mlrun,) = all_runs(mlflow_client(out))
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["launcher.attempts"] == "2"
