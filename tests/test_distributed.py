@@ -234,14 +234,24 @@ def test_a_run_resumes_on_another_number_of_ranks_exactly(name, tmp_path, refere
     assert max_diff(weights(run), weights(reference[1])) < TOL
 
 
+_SHORT = ["train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> Path:
+    """One process, 4 steps: the weights ZeRO-1 and offloaded ZeRO-3 on 2 ranks must give."""
+    out = tmp_path_factory.mktemp("four")
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "ref", *FAST, *STEPS, *_SHORT))
+    return out / "ref"
+
+
 @pytest.mark.parametrize("name", ["deepspeed_zero1", "deepspeed_zero3_offload"])
-def test_zero1_and_offload_start_step_and_save(name, tmp_path):
+def test_zero1_and_offload_start_step_and_save(name, tmp_path, four_steps):
     """Offload swaps in DeepSpeed's CPU Adam, a C++ op built on first use (about 70 s on
     2 cores, then cached in the suite's build/torch_extensions). Both end at a one-process run's
     weights."""
-    short = ["train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=0"]
     proc = check(accelerate_launch(["--config_file", str(ACCEL / f"{name}.yaml"), "--num_processes", "2"], tmp_path, "z",
-                                   *short))
+                                   *_SHORT))
     assert "(2 process(es) on 1 node(s), DEEPSPEED" in proc.stdout
     run = tmp_path / "z"
     check_ranks(run)
@@ -249,8 +259,7 @@ def test_zero1_and_offload_start_step_and_save(name, tmp_path):
         files = {p.name for p in (run / "checkpoints" / step / "pytorch_model").iterdir()}
         assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= files
     assert metric_steps(tmp_path, "train/loss")[0] == [1, 2, 3, 4]
-    check(launcher("train", str(TINY), "--output-dir", str(tmp_path / "one"), "--run-name", "ref", *FAST, *STEPS, *short))
-    assert max_diff(weights(run), weights(tmp_path / "one" / "ref")) < TOL
+    assert max_diff(weights(run), weights(four_steps)) < TOL
 
 
 def test_two_node_rendezvous_on_one_machine(tmp_path, reference):
@@ -352,15 +361,22 @@ def test_sft_on_two_ranks_equals_one_process(accel, extra, tmp_path):
         assert max_diff(adapter, _adapter(ref)) < TOL
 
 
+@pytest.fixture(scope="module")
+def sft_own_loss(tmp_path_factory) -> Path:
+    """One process of the SFT test config with the model's own loss (the output directory)."""
+    out = tmp_path_factory.mktemp("own-loss")
+    check(launcher("train", str(SFT), "--output-dir", str(out), "--run-name", "sft", *SFT_FAST, "train.loss_chunk_tokens=0"))
+    return out
+
+
 @pytest.mark.parametrize("accel", ["deepspeed_zero3", "fsdp2"])
-def test_the_chunked_loss_on_sharded_engines_equals_the_models_own_loss(accel, tmp_path):
+def test_the_chunked_loss_on_sharded_engines_equals_the_models_own_loss(accel, tmp_path, sft_own_loss):
     """ZeRO-3 and FSDP2 hold the output head's weight whole only while its module runs; the
     chunked loss runs there (lean_loss.head_computes_loss), its gradients made in the forward
     pass. Two ranks with the chunked loss (chunks of 7 tokens, so chunks straddle rows) train
     the weights, and evaluate the loss, that one process gives with the model's own loss; each
     export says which loss trained it."""
-    ref_dir = tmp_path / "ref"
-    check(launcher("train", str(SFT), "--output-dir", str(ref_dir), "--run-name", "sft", *SFT_FAST, "train.loss_chunk_tokens=0"))
+    ref_dir = sft_own_loss
     proc = check(accelerate_launch(["--config_file", str(ACCEL / f"{accel}.yaml"), "--num_processes", "2"],
                                    tmp_path, "sft", "train.loss_chunk_tokens=7", config=SFT, base=SFT_FAST))
     run, ref = tmp_path / "sft", ref_dir / "sft"
