@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_runs, check, communicate_or_kill, exported_checkpoint,
+from conftest import (CONFIGS, FAST, NO_MLFLOW, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_runs, check, communicate_or_kill, exported_checkpoint,
                       launcher, mlflow_client)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -241,7 +241,7 @@ _SHORT = ["train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=0"]
 def four_steps(tmp_path_factory) -> Path:
     """One process, 4 steps: the weights ZeRO-1 and offloaded ZeRO-3 on 2 ranks must give."""
     out = tmp_path_factory.mktemp("four")
-    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "ref", *FAST, *STEPS, *_SHORT))
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "ref", *FAST, *STEPS, *_SHORT, *NO_MLFLOW))
     return out / "ref"
 
 

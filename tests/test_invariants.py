@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, check, launcher
+from conftest import CONFIGS, FAST, NO_MLFLOW, OFFLINE_ENV, ROOT, TINY, check, launcher
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 ACCEL = CONFIGS / "accelerate"
@@ -68,12 +68,13 @@ def sft_args(tmp_path: Path) -> list[str]:
     return ["data.synthetic.enabled=false", f"data.train_file={train}", f"data.validation_file={train}",
             "data.max_length=96", "model.tiny.dropout=0", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
             "train.max_steps=2", "train.warmup_steps=0", "train.global_batch_size=8", "eval.at_start=false",
-            "eval.every_steps=0", "checkpoint.every_steps=0", "eval.max_new_tokens=2", "train.max_grad_norm=1000"]
+            "eval.every_steps=0", "checkpoint.every_steps=0", "eval.max_new_tokens=2", "train.max_grad_norm=1000",
+            *NO_MLFLOW]
 
 
 CLAUSE = FAST + ["model.tiny.dropout=0", "train.max_steps=2", "train.warmup_steps=0", "eval.at_start=false",
                  "eval.every_steps=0", "checkpoint.every_steps=0", "train.class_weighting=balanced",
-                 "train.max_grad_norm=1000"]
+                 "train.max_grad_norm=1000", *NO_MLFLOW]
 
 
 def _launch_2(tmp_path: Path, name: str, config: Path, args: list[str], accel: str = "cpu_ddp.yaml"):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FAST, TINY, check, exported_checkpoint, launcher
+from conftest import CONFIGS, FAST, NO_MLFLOW, TINY, check, exported_checkpoint, launcher
 from test_distributed import ACCEL, accelerate_launch, free_port, max_diff, weights
 from test_invariants import model_facts
 
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 TOL = 1e-5
 STEPS = ["train.max_steps=2", "train.warmup_steps=0", "eval.every_steps=0", "eval.at_start=false",
-         "checkpoint.every_steps=0", "train.global_batch_size=16", "train.micro_batch_size=8"]
+         "checkpoint.every_steps=0", "train.global_batch_size=16", "train.micro_batch_size=8", *NO_MLFLOW]
 CLAUSES = [*STEPS, "data.synthetic.n_train=64", "data.synthetic.n_validation=16", "data.max_length=64"]
 INSTRUCTIONS = [*STEPS, "data.synthetic.n_train=64", "data.synthetic.n_validation=8", "eval.max_new_tokens=2"]
 

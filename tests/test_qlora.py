@@ -21,7 +21,7 @@ import re
 
 import pytest
 
-from conftest import CONFIGS, check, launcher
+from conftest import CONFIGS, NO_MLFLOW, check, launcher
 from test_distributed import load_model_weights, max_diff, weights
 from test_pretrained import saved_models  # noqa: F401 - the fixture: a tiny BERT and Llama, save_pretrained
 
@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.slow]
 
 SFT = CONFIGS / "train" / "sft_tiny.yaml"
 STEPS = ["train.max_steps=16", "eval.every_steps=8", "checkpoint.every_steps=8", "checkpoint.export=last",
-         "data.synthetic.n_train=128", "data.synthetic.n_validation=16", "eval.max_new_tokens=2", "model.lora.enabled=true", "train.lr=5e-3"]
+         "data.synthetic.n_train=128", "data.synthetic.n_validation=16", "eval.max_new_tokens=2", "model.lora.enabled=true", "train.lr=5e-3",
+         *NO_MLFLOW]
 
 
 def _losses(run):

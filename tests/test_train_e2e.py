@@ -19,7 +19,7 @@ from launcher import owner, tracking
 from launcher.config import UNFAIR_TOS_CATEGORIES
 from launcher.tracking import _point, wandb_rows
 
-from conftest import FAST, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
+from conftest import FAST, NO_MLFLOW, OFFLINE_ENV, ROOT, TINY, all_runs, check, exported_checkpoint, launcher, mlflow_client, wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -568,7 +568,7 @@ def sixty_steps(tmp_path_factory) -> Path:
     """The uninterrupted 60-step run that a run killed before its first checkpoint and started
     again in place must equal (two tests)."""
     out = tmp_path_factory.mktemp("sixty")
-    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY))
+    check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY, *NO_MLFLOW))
     return out / "r"
 
 
@@ -1063,7 +1063,7 @@ def test_export_best_holds_the_best_evaluation_and_last_the_final_weights(tmp_pa
     improved (no full checkpoint of that step is written); checkpoint.export=last the final
     ones. Snapshots leave training alone (a LoRA snapshot merges on a copy): both runs end
     with the same last checkpoint."""
-    args = [*FAST, "train.lr=0.05", "train.max_steps=12", "eval.every_steps=2", "checkpoint.every_steps=0",
+    args = [*FAST, *NO_MLFLOW, "train.lr=0.05", "train.max_steps=12", "eval.every_steps=2", "checkpoint.every_steps=0",
             "checkpoint.keep_last=1", *(["model.lora.enabled=true", "train.lr=0.2"] if lora else [])]
     check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "best", *args))
     run = tmp_path / "best"
@@ -1266,7 +1266,7 @@ def test_a_requeue_after_an_accepted_change_that_was_never_checkpointed_follows_
     checkpoint was written under 1e-3, so the change is listed and followed again (it compared
     with config.yaml, now 1e-4, found nothing, and trained at 1e-3 under a config saying 1e-4);
     the original lr back is no change (it was refused as another run)."""
-    common = [*FAST, "checkpoint.every_steps=6", "eval.every_steps=0", "train.warmup_steps=2", "train.max_steps=12"]
+    common = [*FAST, "checkpoint.every_steps=6", "eval.every_steps=0", "train.warmup_steps=2", "train.max_steps=12", *NO_MLFLOW]
     run = tmp_path / "r"
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
     check(launcher(*args, "train.halt_at_step=6"))
@@ -1707,7 +1707,7 @@ def test_a_run_whose_saved_tokenizer_does_not_load_says_so_in_one_line_and_rebui
     the directory, as it says, rebuilds the same tokenizer from the training data and resumes."""
     from transformers import AutoTokenizer
 
-    common = [*FAST, "train.max_steps=8", "checkpoint.every_steps=4", "eval.every_steps=0"]
+    common = [*FAST, "train.max_steps=8", "checkpoint.every_steps=4", "eval.every_steps=0", *NO_MLFLOW]
     cmd = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", *common]
     check(launcher(*cmd, "train.halt_at_step=4"))
     saved = tmp_path / "r" / "tokenizer"

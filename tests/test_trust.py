@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from conftest import FAST, TINY, check, launcher
+from conftest import FAST, NO_MLFLOW, TINY, check, launcher
 
 
 def test_a_stray_fault_hook_outside_the_test_suite_is_ignored_with_one_warning(tmp_path):
     """LAUNCHER_SAVE_ERROR makes rank 0's save of step 1 fail in the test suite; in a user's run
     (no LAUNCHER_TESTING) the same variable changes nothing but a warning line."""
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "train.max_steps=2", "checkpoint.every_steps=1",
-            "eval.at_start=false", *FAST]
+            "eval.at_start=false", *FAST, *NO_MLFLOW]
     hooks = {"LAUNCHER_SAVE_ERROR": "0:1", "LAUNCHER_STALL": "0:1:600"}
     proc = check(launcher(*args, "--run-name", "user", env={**hooks, "LAUNCHER_TESTING": "0"}))
     warnings = [line for line in proc.stderr.splitlines() if "fault-injection hooks" in line]
@@ -81,7 +81,7 @@ def test_a_checkpoint_from_elsewhere_is_not_unpickled_unless_trusted(tmp_path):
     import sys
 
     base = ["train", str(TINY), "--output-dir", str(tmp_path), "train.max_steps=3", "checkpoint.every_steps=2",
-            "eval.at_start=false", "eval.every_steps=0", *FAST]
+            "eval.at_start=false", "eval.every_steps=0", *FAST, *NO_MLFLOW]
     check(launcher(*base, "--run-name", "theirs", env={"LAUNCHER_KEY_FILE": str(tmp_path / "their.key")}))
     check(launcher(*base, "--run-name", "mine"))
     theirs, mine = (tmp_path / n / "checkpoints" / "step-000002" for n in ("theirs", "mine"))
@@ -201,7 +201,7 @@ def test_a_key_that_cannot_be_made_never_costs_a_checkpoint(tmp_path):
     warning, and resume in their own run directory as always."""
     env = {"LAUNCHER_KEY_FILE": "/proc/no-such-dir/checkpoint.key"}
     args = ["train", str(TINY), "--output-dir", str(tmp_path), "--run-name", "r", "train.max_steps=4",
-            "checkpoint.every_steps=1", "eval.at_start=false", "eval.every_steps=0", *FAST]
+            "checkpoint.every_steps=1", "eval.at_start=false", "eval.every_steps=0", *FAST, *NO_MLFLOW]
     proc = check(launcher(*args, "train.halt_at_step=2", env=env))
     warnings = [line for line in proc.stderr.splitlines() if "checkpoints are written unsigned" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoints are written unsigned (/proc/no-such-dir/")
