@@ -132,7 +132,7 @@ def test_saved_tiny_bert_through_ddp_and_zero2(tmp_path, saved_models):
 
 def test_saved_tiny_llama_through_zero3_and_fsdp2_with_lora(tmp_path, saved_models):
     """Full fine-tuning of a pretrained Llama under FSDP2: the real SmolLM2 (test_smollm2.py);
-    under ZeRO-3, tiny BERT and MiniLM below."""
+    under ZeRO-3, MiniLM below (the tiny BERT and this Llama: make test-matrix)."""
     _run_matrix(tmp_path, SFT, [*INSTRUCTIONS, f"model.name={saved_models / 'llama'}"],
                 ["deepspeed_zero3+lora", "fsdp2+lora"], lora=True)
 
@@ -219,7 +219,7 @@ def test_a_new_head_is_named_in_one_line_of_ours_and_transformers_warnings_stay_
 
     def train(name: str, model: str, *more: str):
         return check(launcher("train", str(TINY), "--output-dir", str(tmp_path), "--run-name", name, *CLAUSES,
-                              f"model.name={model}", *more, unset=quiet))
+                              f"model.name={model}", "tracking.mlflow=true", *more, unset=quiet))  # (MLflow as users run it)
 
     proc = train("whole", str(saved_models / "llama_cls"))
     assert f"model: score.weight not in {saved_models / 'llama_cls'}'s weights: initialised at random" in proc.stdout.splitlines()
