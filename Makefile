@@ -54,7 +54,7 @@ tos-llm: venv
 
 # Two pytest workers (pytest-xdist), each test module on one of them (--dist loadscope: a
 # module's fixtures are built once). Most of a test's time is a launch's single-threaded
-# start-up (imports), so two at once use both cores: 68 -> 48 min for make test on 2 cores (a smaller suite; 776 tests now take 72).
+# start-up (imports), so two at once use both cores: 68 -> 48 min for make test on 2 cores (a smaller suite; 770 tests now take about 70).
 # TEST_WORKERS=0 runs everything in this process, one test at a time.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
