@@ -32,7 +32,7 @@ from conftest import (CONFIGS, FAST, NO_MLFLOW, OFFLINE_ENV, ROOT, TINY, TWELVE_
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ACCEL = CONFIGS / "accelerate"
-STEPS = ["train.max_steps=12", "eval.every_steps=6", "checkpoint.every_steps=6"]
+STEPS = TWELVE_STEPS  # the steps of the shared one-process reference (conftest.twelve_steps)
 TOL = 1e-5
 
 
@@ -129,7 +129,6 @@ def check_export_predicts_like_the_run(run_dir: Path, data: Path | None = None):
 @pytest.fixture(scope="module")
 def reference(twelve_steps):
     """One process, same config: accumulation 2 x micro 16 instead of 2 ranks x micro 16."""
-    assert STEPS == TWELVE_STEPS
     return twelve_steps
 
 

@@ -21,7 +21,7 @@ from conftest import CONFIGS, FAST, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_r
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["train.max_steps=12", "eval.every_steps=6", "checkpoint.every_steps=6"]
+STEPS = TWELVE_STEPS  # the steps of the shared one-process reference (conftest.twelve_steps)
 DDP = ["--accelerate-config", str(CONFIGS / "accelerate" / "cpu_ddp.yaml"), "--num-processes", "2"]
 
 
@@ -64,7 +64,6 @@ def _same(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def reference(twelve_steps):
-    assert STEPS == TWELVE_STEPS
     return _weights(twelve_steps[1])
 
 

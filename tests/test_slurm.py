@@ -19,7 +19,7 @@ from conftest import FAST, OFFLINE_ENV, ROOT, TINY, TWELVE_STEPS, all_runs, chec
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 SCRIPT = ROOT / "slurm" / "train.sh"
-STEPS = ["train.max_steps=12", "eval.every_steps=6", "checkpoint.every_steps=6"]
+STEPS = TWELVE_STEPS  # the steps of the shared one-process reference (conftest.twelve_steps)
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +120,6 @@ def test_two_node_job_trains_to_completion(cluster, tmp_path, twelve_steps):
     assert mlrun.data.tags["slurm_job_id"] == job and mlrun.data.tags["num_nodes"] == "2"
     from safetensors.torch import load_file  # the weights of one process on the same config
 
-    assert STEPS == TWELVE_STEPS
     a, b = load_file(run / "model" / "model.safetensors"), load_file(twelve_steps[1] / "model" / "model.safetensors")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
@@ -131,7 +130,6 @@ def test_preempted_job_checkpoints_requeues_onto_fewer_nodes_and_resumes_the_sam
     rank (a full DDP state), in the same MLflow run, to the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    assert STEPS == TWELVE_STEPS
     # Rank 0 takes 10 s more in step 1 (the requeued attempt starts past it): the stop asked for
     # below, once it sleeps there, lands before the 12 steps end, however slow the signal's way
     # through Slurm (a stop before the first step is test_interrupt's).

@@ -577,9 +577,8 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     job id. The run directory holds no checkpoint, but RUN/job.json says it belongs to this job,
     so the job starts again from step 0 in it, continuing its MLflow run. Another job is still
     refused with exit 2 and changes nothing (the whole policy: test_config.py::test_run_directory_policy)."""
-    common = _SIXTY
     out, run = tmp_path / "b", tmp_path / "b" / "r"
-    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
+    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY]
     proc = subprocess.Popen(cmd, env={**os.environ, "SLURM_JOB_ID": "4711"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     # Killed once its MLflow run exists (recorded in job.json before step 0's evaluation and 60 steps).
@@ -596,7 +595,7 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     lease = (run / owner.LEASE_FILE).read_text()
     (run / owner.LEASE_FILE).write_text(json.dumps({**json.loads(lease), "pid": os.getpid()}))
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
-    other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, env={"SLURM_JOB_ID": "4712"})
+    other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY, env={"SLURM_JOB_ID": "4712"})
     assert other.returncode == 2 and "holds no complete checkpoint" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1, other.stderr
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
@@ -604,7 +603,7 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
     # the requeue of the same job with the YAML edited meanwhile: refused as another run, or an
     # accepted change listed (the requeue was not compared with the config at all)
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
-    edited = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "train.lr=0.01",
+    edited = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY, "train.lr=0.01",
                       env={"SLURM_JOB_ID": "4711"})
     assert edited.returncode == 2 and edited.stderr.strip().splitlines() == [
         f"error: run directory {run} holds no complete checkpoint: its last attempt of job 4711 stopped before its first "
@@ -612,7 +611,7 @@ def test_requeued_job_that_died_before_its_first_checkpoint_starts_again_in_plac
         "config there"], edited.stderr[-2000:]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
 
-    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "eval.every_steps=900",
+    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY, "eval.every_steps=900",
                            env={"SLURM_JOB_ID": "4711"}))
     lines = again.stdout.splitlines()
     at = next(i for i, x in enumerate(lines) if x.startswith("restarting from step 0 in place: an earlier attempt of job 4711"))
@@ -633,9 +632,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
     held nothing to resume. Its lease names a process of this host that is gone, so the same
     run starts again from step 0 in place, in the same MLflow run, and says so; another
     config under its name is still refused."""
-    common = _SIXTY
     out, run = tmp_path / "k", tmp_path / "k" / "r"
-    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common]
+    cmd = [sys.executable, "-m", "launcher", "train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -647,14 +645,14 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path
     assert not list((run / "checkpoints").glob("step-*")), "killed too late: a checkpoint exists"
     assert json.loads((run / owner.LEASE_FILE).read_text())["pid"] == proc.pid
     # another run under its name is refused, as before: only the same run starts again there
-    other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "train.lr=0.01")
+    other = launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY, "train.lr=0.01")
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
         f"error: run directory {run} holds no complete checkpoint: its last attempt was killed (pid {proc.pid} on "
         f"{os.uname().nodename}) before its first checkpoint, with another config (train.lr: 0.001 -> 0.01); pick "
         "another --run-name, or remove it to start this config there"], other.stderr
     # with a change a resume accepts: listed, recorded and logged at step 0 (it was applied unsaid,
     # and the MLflow run kept the first attempt's value)
-    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *common, "eval.every_steps=900",
+    again = check(launcher("train", str(TINY), "--output-dir", str(out), "--run-name", "r", *_SIXTY, "eval.every_steps=900",
                            env={"SLURM_JOB_ID": ""}))
     lines = again.stdout.splitlines()
     at = lines.index(f"restarting from step 0 in place: the last attempt was killed (pid {proc.pid} on "
